@@ -1,0 +1,43 @@
+/* lumalloc: the allocation API.  The standard names (malloc, free, ...) are provided by the
+ * library when linked or LD_PRELOADed; these lum_-prefixed twins are always lumalloc's, so a
+ * program can use both allocators side by side. */
+#ifndef LUMALLOC_H
+#define LUMALLOC_H
+
+#include <stddef.h>
+#include <malloc.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LUMALLOC_VERSION_MAJOR 0
+#define LUMALLOC_VERSION_MINOR 1
+
+void *lum_malloc(size_t size);
+void *lum_calloc(size_t count, size_t size);
+void *lum_realloc(void *ptr, size_t size);
+void *lum_reallocarray(void *ptr, size_t count, size_t size);
+void lum_free(void *ptr);
+void lum_free_sized(void *ptr, size_t size);
+void lum_free_aligned_sized(void *ptr, size_t alignment, size_t size);
+void *lum_memalign(size_t alignment, size_t size);
+int lum_posix_memalign(void **out, size_t alignment, size_t size);
+void *lum_aligned_alloc(size_t alignment, size_t size);
+void *lum_valloc(size_t size);
+void *lum_pvalloc(size_t size);
+size_t lum_malloc_usable_size(const void *ptr);
+int lum_malloc_trim(size_t pad);
+struct mallinfo2 lum_mallinfo2(void);
+
+/* Returns every free page and cached mapping to the OS now; returns the bytes released. */
+size_t lum_purge(void);
+
+/* Walks all allocator metadata and checks its invariants.  Returns 0 when consistent, or the
+ * number of problems found (each described on stderr when verbose is non-zero). */
+int lum_heap_check(int verbose);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,110 @@
+/*
+ * lumalloc probe and registry contract, version 1.
+ *
+ * Shared by lib/ (which fires the probes and publishes the registry), bpf/ (which reads probe
+ * arguments) and tools/ (which read the registry with process_vm_readv).  Only fixed-width
+ * integer types: this header is included by BPF C compiled with clang -target bpf.
+ *
+ * Versioning rule: a probe's argument list never changes.  A changed list is a new probe name
+ * (e.g. `sample2`), and the old probe keeps firing until tools have moved.  Registry structs carry
+ * their own version and size so that readers can refuse layouts they do not know.
+ *
+ * USDT provider: "lumalloc".  Every probe has a semaphore (sys/sdt.h _SEMAPHORE), so the library
+ * skips tracer-only work (unwinding when the in-process profiler is off, argument building) until
+ * a tracer attaches.
+ *
+ * Probes (arguments in order; all are integers or user-space addresses):
+ *
+ *   sample        (u64 ptr, u64 requested_size, u64 usable_size, u64 weight_bytes,
+ *                  u64 frames_addr, u32 depth, u64 stack_id, u64 thread_counters_addr)
+ *       A Poisson-sampled allocation.  weight_bytes is the unbiased estimate of the bytes this
+ *       sample stands for (sum of weights over a site estimates the bytes allocated there);
+ *       objects are estimated by weight_bytes / requested_size.  frames_addr points to `depth`
+ *       u64 return addresses (innermost first) unwound in-process, valid during the probe.
+ *       stack_id is a 64-bit hash of those frames (0 if no stack was taken).
+ *
+ *   sample_free   (u64 ptr, u64 requested_size, u64 usable_size, u64 weight_bytes, u64 stack_id)
+ *       A sampled allocation is freed.  Pairs with `sample` by ptr.
+ *
+ *   large_alloc   (u64 ptr, u64 requested_size, u64 usable_size, u64 frames_addr, u32 depth,
+ *                  u64 stack_id, u64 thread_counters_addr)
+ *       An allocation at or above the large threshold (LUMALLOC_LARGE_THRESHOLD): its own mapping.
+ *
+ *   large_free    (u64 ptr, u64 usable_size)
+ *
+ *   alloc_failure (u64 requested_size, u64 alignment, u32 error, u64 frames_addr, u32 depth,
+ *                  u64 stack_id, u64 thread_counters_addr)
+ *       An allocation returned NULL (error is the errno set: ENOMEM or EINVAL), including
+ *       injected failures.
+ *
+ *   thread_start  (u32 tid, u64 thread_counters_addr)
+ *   thread_exit   (u32 tid, u64 thread_counters_addr)
+ *       A thread's heap is created / torn down.  thread_counters_addr points to its
+ *       struct lum_thread_counters_v1, which stays readable (and final) after thread_exit.
+ *
+ *   purge         (u64 bytes, u32 reason)      reason: LUM_PURGE_*
+ *   pressure      (u64 stall_us, u64 bytes_released)
+ */
+#ifndef LUMALLOC_PROBES_H
+#define LUMALLOC_PROBES_H
+
+#define LUM_PROBES_VERSION 1
+#define LUM_PROVIDER lumalloc
+
+/* Maximum in-process unwind depth (LUMALLOC_PROF_DEPTH is clamped to this). */
+#define LUM_MAX_FRAMES 64
+
+#define LUM_PURGE_DECAY 1    /* time-based decay */
+#define LUM_PURGE_EXPLICIT 2 /* lum_purge() / malloc_trim() */
+#define LUM_PURGE_PRESSURE 3 /* PSI memory-pressure trigger */
+
+/* Exact per-thread counters, updated only by the owning thread (plain stores: readers on
+ * x86-64 see whole aligned u64s).  Bytes are usable bytes, as jemalloc's thread.allocated. */
+struct lum_thread_counters_v1 {
+    uint64_t next;          /* address of the next counters block in the registry list, or 0 */
+    uint32_t tid;
+    uint32_t state;         /* LUM_THREAD_LIVE or LUM_THREAD_EXITED */
+    uint64_t alloc_count;   /* allocations served (small and large) */
+    uint64_t alloc_bytes;   /* usable bytes of those */
+    uint64_t free_count;    /* frees performed by this thread (of any thread's blocks) */
+    uint64_t free_bytes;
+    uint64_t large_count;   /* allocations that took the large path */
+    uint64_t large_bytes;
+    uint64_t failures;      /* allocations that returned NULL */
+    uint64_t sampled_count; /* samples taken */
+    uint64_t sampled_bytes; /* sum of sample weights */
+};
+
+#define LUM_THREAD_LIVE 1
+#define LUM_THREAD_EXITED 2
+
+/* Process-wide figures.  Updated with relaxed atomics on slow paths. */
+struct lum_global_counters_v1 {
+    uint64_t mapped_bytes;     /* bytes mapped from the OS (segments + large blocks + metadata) */
+    uint64_t resident_bytes;   /* mapped minus purged: an upper bound of lumalloc's RSS */
+    uint64_t metadata_bytes;   /* internal metadata mappings */
+    uint64_t retained_bytes;   /* purged but still mapped (virtual only) */
+    uint64_t large_live_bytes; /* usable bytes of live large blocks */
+    uint64_t purged_bytes;     /* total bytes ever purged */
+    uint64_t purge_events;
+    uint64_t pressure_events;  /* PSI triggers handled */
+    uint64_t exited_alloc_bytes; /* counters folded in from threads whose records were reused */
+    uint64_t exited_free_bytes;
+};
+
+#define LUM_REGISTRY_MAGIC 0x6c756d616c6c6f63ULL /* "lumalloc" */
+
+/* Exported as the data symbol `lumalloc_registry` (dynsym of liblumalloc.so, or symtab of a
+ * static executable).  Tools locate it by symbol and read it with process_vm_readv. */
+struct lum_registry_v1 {
+    uint64_t magic;            /* LUM_REGISTRY_MAGIC */
+    uint32_t version;          /* LUM_PROBES_VERSION */
+    uint32_t counters_size;    /* sizeof(struct lum_thread_counters_v1) */
+    uint64_t threads_head;     /* address of the first lum_thread_counters_v1, or 0 */
+    uint64_t generation;       /* bumped whenever the thread list changes */
+    uint64_t sample_interval;  /* mean sampling interval in bytes (0: off) */
+    uint64_t large_threshold;  /* bytes at/above which allocations take the large path */
+    struct lum_global_counters_v1 global;
+};
+
+#endif
