@@ -1,0 +1,43 @@
+/* The seam between the allocator core and observability (sampling profiler, probes, failure
+ * tools).  The core calls these only on slow paths; none of them may allocate through the
+ * public malloc API (use lum_meta_alloc from the core for internal memory). */
+#ifndef LUM_OBSERVE_H
+#define LUM_OBSERVE_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "lumalloc_probes.h"
+
+/* Once, at bootstrap, after lum_options_init(). */
+void lum_observe_init(void);
+
+/* Next sampling interval in bytes: exponential with mean lum_opt.sample_interval; INT64_MAX when
+ * sampling is off.  rng is the calling thread's state (seeded by the core, never 0). */
+int64_t lum_sampler_next_interval(uint64_t *rng);
+
+/* A sampled allocation: the core has already allocated ptr (from a sampled page, recognisable
+ * at free) and counted it.  Computes the unbiased weight, unwinds, records, fires `sample`. */
+void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable);
+/* A sampled block is being freed (before the core reuses it). */
+void lum_on_sample_free(void *ptr, size_t usable);
+
+/* Large path (own mapping).  Fires probes, large-allocation warning. */
+void lum_on_large_alloc(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable);
+void lum_on_large_free(void *ptr, size_t usable);
+
+/* Failure injection: true when this allocation must fail.  Called by the core on the slow path
+ * only while lum_fail_armed is non-zero (the core then sends every allocation down it). */
+extern volatile int lum_fail_armed;
+bool lum_fail_should_inject(size_t size);
+
+/* An allocation is about to return NULL with errno = err.  Probe, diagnostics, abort. */
+void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err);
+
+void lum_on_thread_start(struct lum_thread_counters_v1 *tc);
+void lum_on_thread_exit(struct lum_thread_counters_v1 *tc);
+
+/* Kernel-assisted memory return events (issue 7). */
+void lum_on_purge(uint64_t bytes, uint32_t reason);
+void lum_on_pressure(uint64_t stall_us, uint64_t bytes_released);
+
+#endif

@@ -1,0 +1,37 @@
+/* The option table's values.  Defaults are static initialisers (options.c), so the allocator is
+ * usable before lum_options_init() has read the environment. */
+#ifndef LUM_OPTIONS_H
+#define LUM_OPTIONS_H
+#include <stdint.h>
+#include <stdbool.h>
+
+enum lum_diag_mode { LUM_DIAG_NONE = 0, LUM_DIAG_CRITICAL = 1, LUM_DIAG_ALL = 2 };
+enum lum_purge_mode { LUM_PURGE_DONTNEED = 0, LUM_PURGE_FREE = 1 };
+
+struct lum_options {
+    uint64_t sample_interval;   /* LUMALLOC_SAMPLE_INTERVAL, bytes, 0 = off (512k) */
+    uint32_t prof_depth;        /* LUMALLOC_PROF_DEPTH (32), clamped to LUM_MAX_FRAMES */
+    bool prof;                  /* LUMALLOC_PROF: keep in-process sample records (on) */
+    const char *prof_dump;      /* LUMALLOC_PROF_DUMP: path written at exit (unset) */
+    int prof_signal;            /* LUMALLOC_PROF_SIGNAL: signal that dumps the profile (0 = none) */
+    uint64_t large_threshold;   /* LUMALLOC_LARGE_THRESHOLD: own mapping at/above (256k) */
+    uint64_t large_warn;        /* LUMALLOC_LARGE_WARN: warn once per site at/above (0 = off) */
+    uint64_t large_cache;       /* LUMALLOC_LARGE_CACHE: bytes of freed large mappings kept (64m) */
+    uint64_t fail_nth;          /* LUMALLOC_FAIL_NTH: fail the N-th allocation (0 = off) */
+    enum lum_diag_mode diag;    /* LUMALLOC_DIAG: report on failure none/critical/all (critical) */
+    bool abort_on_failure;      /* LUMALLOC_ABORT_ON_FAILURE (off) */
+    uint64_t decay_ms;          /* LUMALLOC_DECAY_MS: free pages purged after this delay (1000) */
+    enum lum_purge_mode purge_mode; /* LUMALLOC_PURGE: dontneed|free (dontneed) */
+    bool background_purge;      /* LUMALLOC_BACKGROUND_PURGE: purger thread (off) */
+    bool psi;                   /* LUMALLOC_PSI: purge on memory pressure (on) */
+    bool thp;                   /* LUMALLOC_THP: MADV_HUGEPAGE on segments (off) */
+    bool harden;                /* LUMALLOC_HARDEN: runtime hardening checks (off) */
+    bool verbose;               /* LUMALLOC_VERBOSE: print options at start-up (off) */
+};
+
+extern struct lum_options lum_opt;
+
+/* Reads LUMALLOC_* from the environment.  Runs during bootstrap: must not allocate. */
+void lum_options_init(void);
+
+#endif
