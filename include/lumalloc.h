@@ -30,6 +30,10 @@ size_t lum_malloc_usable_size(const void *ptr);
 int lum_malloc_trim(size_t pad);
 struct mallinfo2 lum_mallinfo2(void);
 
+/* C23's sized frees, which glibc 2.36 does not declare yet; lumalloc provides them. */
+void free_sized(void *ptr, size_t size);
+void free_aligned_sized(void *ptr, size_t alignment, size_t size);
+
 /* Returns every free page and cached mapping to the OS now; returns the bytes released. */
 size_t lum_purge(void);
 

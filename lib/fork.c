@@ -1,0 +1,35 @@
+/* fork() in a multi-threaded process: every allocator lock is taken before the fork so the
+ * child never inherits one held by a thread that no longer exists. */
+#include <pthread.h>
+#include "internal.h"
+
+extern lum_lock_t lum_meta_lock;
+void lum_heaps_after_fork_child(void);
+
+/* Order matters: the same order as the nesting used elsewhere (segment inside the others). */
+static lum_lock_t *const fork_locks[] = {
+    &lum_heaps_lock, &lum_abandoned_lock, &lum_sampled_lock, &lum_large_lock,
+    &lum_segment_lock, &lum_meta_lock,
+};
+#define NLOCKS (sizeof fork_locks / sizeof fork_locks[0])
+
+static void prepare(void)
+{
+    for (size_t i = 0; i < NLOCKS; i++) lum_lock(fork_locks[i]);
+}
+
+static void parent(void)
+{
+    for (size_t i = NLOCKS; i-- > 0;) lum_unlock(fork_locks[i]);
+}
+
+static void child(void)
+{
+    for (size_t i = 0; i < NLOCKS; i++) atomic_store(&fork_locks[i]->state, 0);
+    lum_heaps_after_fork_child();
+}
+
+void lum_fork_install(void)
+{
+    pthread_atfork(prepare, parent, child);
+}

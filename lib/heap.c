@@ -1,0 +1,467 @@
+/* Thread heaps: the slow paths behind malloc and free, cross-thread frees, thread start and exit,
+ * page abandonment and adoption, and the registry that tools read. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "internal.h"
+#include "observe.h"
+#include "options.h"
+
+struct lum_page lum_empty_page = { .kind = LUM_PAGE_INVALID };
+struct lum_page lum_large_sentinel = { .kind = LUM_PAGE_LARGE };
+struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
+
+#define E8(x) x, x, x, x, x, x, x, x
+#define E96(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x)
+struct lum_heap lum_empty_heap = { .current = { E96(&lum_empty_page) }, .sample_countdown = -1 };
+
+__thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec"))) = &lum_empty_heap;
+/* Set once this thread's heap has been torn down: later frees (other TLS destructors) must not
+ * build a new heap just to count them. */
+static __thread int lum_tls_exited __attribute__((tls_model("initial-exec")));
+
+LUM_EXPORT struct lum_registry_v1 lumalloc_registry = {
+    .magic = LUM_REGISTRY_MAGIC,
+    .version = LUM_PROBES_VERSION,
+    .counters_size = sizeof(struct lum_thread_counters_v1),
+};
+
+/* malloc's fast path serves sizes below this; at and above it, the large path and the large
+ * warning need the slow path. */
+size_t lum_fast_limit = LUM_SMALL_MAX + 1;
+_Atomic int lum_initialized; /* 0: no, 1: in progress (recursive calls go ahead), 2: done */
+lum_lock_t lum_heaps_lock;
+lum_lock_t lum_abandoned_lock;
+struct lum_page_list lum_abandoned[LUM_CLASSES];
+static struct lum_heap *all_heaps;
+static struct lum_heap *heap_pool;
+static pthread_key_t heap_key;
+static uint64_t rng_seed_counter;
+
+static void heap_teardown(void *arg);
+void lum_fork_install(void);
+
+void lum_global_init(void)
+{
+    static lum_lock_t init_lock;
+    lum_lock(&init_lock);
+    if (atomic_load(&lum_initialized) == 0) {
+        atomic_store(&lum_initialized, 1);
+        lum_options_init();
+        lumalloc_registry.sample_interval = lum_opt.sample_interval;
+        if (lum_opt.large_threshold > LUM_SMALL_MAX + 1) lum_opt.large_threshold = LUM_SMALL_MAX + 1;
+        if (lum_opt.large_threshold < LUM_SMALL_TABLE_MAX + 1) lum_opt.large_threshold = LUM_SMALL_TABLE_MAX + 1;
+        lumalloc_registry.large_threshold = lum_opt.large_threshold;
+        lum_fast_limit = lum_opt.large_threshold;
+        if (lum_opt.large_warn && lum_opt.large_warn < lum_fast_limit) lum_fast_limit = lum_opt.large_warn;
+        pthread_key_create(&heap_key, heap_teardown);
+        lum_fork_install();
+        atomic_store(&lum_initialized, 2);
+        lum_unlock(&init_lock);
+        lum_observe_init();
+        return;
+    }
+    lum_unlock(&init_lock);
+}
+
+static int64_t next_countdown(struct lum_heap *heap)
+{
+    if (lum_fail_armed) return -1; /* every allocation takes the slow path to meet the injector */
+    return lum_sampler_next_interval(&heap->rng);
+}
+
+void lum_heap_force_slow(void)
+{
+    if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->sample_countdown = -1;
+}
+
+static struct lum_heap *heap_create(void)
+{
+    struct lum_heap *heap;
+    lum_lock(&lum_heaps_lock);
+    heap = heap_pool;
+    if (heap) {
+        heap_pool = heap->next_pool;
+        /* The record is reused: fold its final figures into the process totals first. */
+        lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)heap->tc.alloc_bytes);
+        lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)heap->tc.free_bytes);
+    }
+    lum_unlock(&lum_heaps_lock);
+    if (!heap) {
+        heap = lum_meta_alloc(sizeof *heap);
+        if (!heap) return NULL;
+        lum_lock(&lum_heaps_lock);
+        heap->next_all = all_heaps;
+        heap->tc.next = all_heaps ? (uint64_t)(uintptr_t)&all_heaps->tc : 0;
+        all_heaps = heap;
+        lumalloc_registry.threads_head = (uint64_t)(uintptr_t)&heap->tc;
+        lum_unlock(&lum_heaps_lock);
+    }
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        heap->current[c] = &lum_empty_page;
+        heap->avail[c].head = heap->avail[c].tail = NULL;
+        heap->full[c].head = heap->full[c].tail = NULL;
+    }
+    uint64_t next = heap->tc.next;
+    memset(&heap->tc, 0, sizeof heap->tc);
+    heap->tc.next = next;
+    heap->tid = (uint32_t)syscall(SYS_gettid);
+    heap->tc.tid = heap->tid;
+    heap->tc.state = LUM_THREAD_LIVE;
+    heap->rng = (uint64_t)(uintptr_t)heap ^ ((uint64_t)heap->tid << 32) ^
+                (__atomic_add_fetch(&rng_seed_counter, 0x9e3779b97f4a7c15ULL, __ATOMIC_RELAXED));
+    if (!heap->rng) heap->rng = 1;
+    heap->alive = 1;
+    atomic_store_explicit(&heap->inbox, NULL, memory_order_relaxed);
+    heap->sample_countdown = next_countdown(heap);
+    __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
+    return heap;
+}
+
+/* The calling thread's heap, made on first use; NULL only if metadata cannot be mapped. */
+struct lum_heap *lum_heap_get(void)
+{
+    struct lum_heap *heap = lum_tls_heap;
+    if (LUM_LIKELY(heap != &lum_empty_heap)) return heap;
+    if (atomic_load_explicit(&lum_initialized, memory_order_acquire) == 0) lum_global_init();
+    heap = lum_tls_heap; /* initialisation may have allocated, and so made it */
+    if (heap != &lum_empty_heap) return heap;
+    heap = heap_create();
+    if (!heap) return NULL;
+    lum_tls_heap = heap;
+    lum_tls_exited = 0;
+    if (atomic_load(&lum_initialized) == 2) pthread_setspecific(heap_key, heap);
+    lum_on_thread_start(&heap->tc);
+    return heap;
+}
+
+/* ---- cross-thread frees ---- */
+
+static void push_atomic(_Atomic(lum_block *) *list, lum_block *b)
+{
+    lum_block *head = atomic_load_explicit(list, memory_order_relaxed);
+    do {
+        b->next = head;
+    } while (!atomic_compare_exchange_weak_explicit(list, &head, b, memory_order_release,
+                                                    memory_order_relaxed));
+}
+
+/* A block whose page this thread does not own: message it to the owner's inbox (one CAS, no
+ * lock), or leave it on the page itself while nobody owns the page. */
+static void free_remote(struct lum_page *page, lum_block *b)
+{
+    struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
+    if (owner)
+        push_atomic(&owner->inbox, b);
+    else
+        push_atomic(&page->thread_free, b);
+}
+
+static void page_unfull(struct lum_heap *heap, struct lum_page *page)
+{
+    lum_list_remove(&heap->full[page->cls], page);
+    lum_list_push_back(&heap->avail[page->cls], page);
+    page->in_full = 0;
+    page->fast_heap = heap;
+}
+
+static void page_retire(struct lum_heap *heap, struct lum_page *page)
+{
+    unsigned cls = page->cls;
+    if (heap->current[cls] == page) return; /* keep the page a ping-pong pattern is using */
+    lum_list_remove(page->in_full ? &heap->full[cls] : &heap->avail[cls], page);
+    page->fast_heap = NULL;
+    lum_page_release(page);
+}
+
+/* Called from the free fast path when a page's last block comes back. */
+LUM_NOINLINE void lum_page_empty(struct lum_heap *heap, struct lum_page *page)
+{
+    page_retire(heap, page);
+}
+
+void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b)
+{
+    b->next = page->free;
+    page->free = b;
+    if (page->in_full) page_unfull(heap, page);
+    if (--page->used == 0) page_retire(heap, page);
+}
+
+static void drain_inbox(struct lum_heap *heap)
+{
+    if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
+    lum_block *b = atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire);
+    while (b) {
+        lum_block *next = b->next;
+        struct lum_page *page = lum_page_of(b);
+        if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap)
+            lum_heap_local_free(heap, page, b);
+        else /* the page changed hands after the sender looked: forward it */
+            free_remote(page, b);
+        b = next;
+    }
+}
+
+/* ---- page supply ---- */
+
+static bool page_has_room(struct lum_page *page)
+{
+    if (page->free) return true;
+    if (lum_page_collect(page)) return true;
+    return lum_page_refill(page);
+}
+
+static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
+{
+    if (!lum_abandoned[cls].head) return NULL;
+    lum_lock(&lum_abandoned_lock);
+    struct lum_page *page = lum_abandoned[cls].head;
+    if (page) lum_list_remove(&lum_abandoned[cls], page);
+    lum_unlock(&lum_abandoned_lock);
+    if (!page) return NULL;
+    atomic_store_explicit(&page->owner, heap, memory_order_release);
+    lum_page_collect(page);
+    return page;
+}
+
+/* The current page for cls has nothing left: find the next page with room. */
+static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsigned cls)
+{
+    struct lum_page *page = heap->current[cls];
+    if (page != &lum_empty_page) {
+        if (page_has_room(page)) return page;
+        drain_inbox(heap);
+        if (page->free) return page;
+        /* Full: park it where only a free can bring it back (fast_heap NULL sends that free to
+         * the slow path, which moves it to avail again). */
+        lum_list_remove(&heap->avail[cls], page);
+        lum_list_push_back(&heap->full[cls], page);
+        page->in_full = 1;
+        page->fast_heap = NULL;
+    } else {
+        drain_inbox(heap);
+    }
+    while ((page = heap->avail[cls].head) != NULL) {
+        if (page_has_room(page)) goto found;
+        lum_list_remove(&heap->avail[cls], page);
+        lum_list_push_back(&heap->full[cls], page);
+        page->in_full = 1;
+        page->fast_heap = NULL;
+    }
+    while ((page = adopt_abandoned(heap, cls)) != NULL) {
+        if (page->used == 0 && !page->free && page->carved == page->capacity) {
+            /* cannot happen: a page with no live block has free ones; be safe anyway */
+        }
+        lum_list_push_front(&heap->avail[cls], page);
+        page->fast_heap = heap;
+        page->in_full = 0;
+        if (page_has_room(page)) goto found;
+        lum_list_remove(&heap->avail[cls], page);
+        lum_list_push_back(&heap->full[cls], page);
+        page->in_full = 1;
+        page->fast_heap = NULL;
+    }
+    page = lum_page_alloc(cls, LUM_PAGE_SMALL);
+    if (!page) {
+        heap->current[cls] = &lum_empty_page;
+        return NULL;
+    }
+    atomic_store_explicit(&page->owner, heap, memory_order_release);
+    page->fast_heap = heap;
+    lum_list_push_front(&heap->avail[cls], page);
+    lum_page_refill(page);
+found:
+    if (heap->avail[cls].head != page) {
+        lum_list_remove(&heap->avail[cls], page);
+        lum_list_push_front(&heap->avail[cls], page);
+    }
+    heap->current[cls] = page;
+    return page;
+}
+
+static unsigned class_for_alignment(size_t size, size_t alignment)
+{
+    unsigned cls = lum_size_class(size < alignment ? alignment : size);
+    /* Pages start on 64 KiB boundaries, so a block size that is a multiple of the alignment
+     * gives aligned blocks with no per-block bookkeeping; powers of two are always classes. */
+    while (lum_class_size[cls] & (alignment - 1)) cls++;
+    return cls;
+}
+
+void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err)
+{
+    if (heap) heap->tc.failures++;
+    lum_on_alloc_failure(heap ? &heap->tc : NULL, size, alignment, err);
+    errno = err;
+    return NULL;
+}
+
+/* Everything malloc's fast path does not handle: first use, sampling, failure injection,
+ * large and aligned requests, exhausted pages. */
+LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
+{
+    struct lum_heap *heap = lum_heap_get();
+    if (LUM_UNLIKELY(!heap)) return lum_alloc_failed(NULL, size, alignment, ENOMEM);
+    if (LUM_UNLIKELY(size > PTRDIFF_MAX || alignment > ((size_t)1 << 40)))
+        return lum_alloc_failed(heap, size, alignment, ENOMEM);
+    if (alignment <= LUM_ALIGN) alignment = 0;
+
+    bool sampled = false;
+    if (LUM_UNLIKELY(lum_fail_armed)) {
+        heap->sample_countdown = -1;
+        if (lum_fail_should_inject(size)) return lum_alloc_failed(heap, size, alignment, ENOMEM);
+    } else {
+        heap->sample_countdown -= (int64_t)size;
+        if (heap->sample_countdown < 0) {
+            /* sample_countdown is INT64_MAX when sampling is off, so this is a real crossing
+             * (or the first allocation of a heap whose countdown was forced negative) */
+            sampled = lum_opt.sample_interval != 0 && heap->sample_countdown > -(int64_t)size - 1;
+            heap->sample_countdown = next_countdown(heap);
+        }
+    }
+
+    if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
+        void *p = lum_large_alloc(heap, size, alignment, false, sampled);
+        return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
+    }
+    if (sampled) {
+        void *p = lum_sampled_alloc(heap, size, alignment);
+        if (p) return p;
+        return lum_alloc_failed(heap, size, alignment, ENOMEM);
+    }
+    unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
+    struct lum_page *page = heap->current[cls];
+    if (!page->free && !(page = heap_next_page(heap, cls)))
+        return lum_alloc_failed(heap, size, alignment, ENOMEM);
+    lum_block *b = page->free;
+    page->free = b->next;
+    page->used++;
+    heap->tc.alloc_count++;
+    heap->tc.alloc_bytes += page->block_size;
+    return b;
+}
+
+LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
+{
+    switch (page->kind) {
+    case LUM_PAGE_LARGE:
+        lum_large_free(p);
+        return;
+    case LUM_PAGE_SAMPLED:
+        lum_sampled_free(page, p);
+        return;
+    case LUM_PAGE_INVALID: {
+        char msg[96];
+        static const char hex[] = "0123456789abcdef";
+        uintptr_t v = (uintptr_t)p;
+        char *m = msg;
+        const char *prefix = "lumalloc: free of an address no allocation returned: 0x";
+        while (*prefix) *m++ = *prefix++;
+        for (int shift = 60; shift >= 0; shift -= 4) *m++ = hex[(v >> shift) & 15];
+        *m++ = '\n';
+        *m = 0;
+        lum_write_err(msg);
+        if (lum_opt.harden) abort();
+        return;
+    }
+    default:
+        break;
+    }
+    struct lum_heap *heap = lum_tls_heap;
+    if (heap == &lum_empty_heap && !lum_tls_exited) heap = lum_heap_get();
+    if (heap && heap != &lum_empty_heap) {
+        heap->tc.free_count++;
+        heap->tc.free_bytes += page->block_size;
+        if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) {
+            lum_heap_local_free(heap, page, p); /* our page, parked on the full list */
+            return;
+        }
+    }
+    free_remote(page, p);
+}
+
+/* ---- thread exit ---- */
+
+static void abandon_list(struct lum_page_list *list, unsigned cls)
+{
+    struct lum_page *page = list->head;
+    while (page) {
+        struct lum_page *next = page->next;
+        lum_page_collect(page);
+        page->fast_heap = NULL;
+        page->in_full = 0;
+        page->next = page->prev = NULL;
+        if (page->used == 0) {
+            lum_page_release(page);
+        } else {
+            atomic_store_explicit(&page->owner, NULL, memory_order_release);
+            lum_lock(&lum_abandoned_lock);
+            lum_list_push_back(&lum_abandoned[cls], page);
+            lum_unlock(&lum_abandoned_lock);
+        }
+        page = next;
+    }
+    list->head = list->tail = NULL;
+}
+
+/* Hands every page to the abandoned lists (adopted by whichever thread next needs that class)
+ * and recycles the heap record.  Also used in a fork child for the threads that did not
+ * survive the fork. */
+void lum_heap_abandon(struct lum_heap *heap)
+{
+    drain_inbox(heap);
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        heap->current[c] = &lum_empty_page;
+        abandon_list(&heap->avail[c], c);
+        abandon_list(&heap->full[c], c);
+    }
+    drain_inbox(heap); /* frees that raced with the abandonment: forwarded to the pages */
+    heap->tc.state = LUM_THREAD_EXITED;
+    heap->alive = 0;
+    lum_on_thread_exit(&heap->tc);
+    lum_lock(&lum_heaps_lock);
+    heap->next_pool = heap_pool;
+    heap_pool = heap;
+    lum_unlock(&lum_heaps_lock);
+    __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
+}
+
+static void heap_teardown(void *arg)
+{
+    struct lum_heap *heap = arg;
+    if (heap != lum_tls_heap || heap == &lum_empty_heap) return;
+    lum_tls_heap = &lum_empty_heap;
+    lum_tls_exited = 1;
+    lum_heap_abandon(heap);
+}
+
+void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg)
+{
+    lum_lock(&lum_heaps_lock);
+    for (struct lum_heap *h = all_heaps; h; h = h->next_all) fn(h, arg);
+    lum_unlock(&lum_heaps_lock);
+}
+
+/* In a fork child only the forking thread lives on: the others' pages are abandoned so their
+ * blocks can be freed and reused, and their heap records recycled. */
+void lum_heaps_after_fork_child(void)
+{
+    struct lum_heap *me = lum_tls_heap;
+    heap_pool = NULL;
+    for (struct lum_heap *h = all_heaps; h; h = h->next_all) {
+        if (h == me) continue;
+        if (h->alive) {
+            lum_heap_abandon(h);
+        } else {
+            h->next_pool = heap_pool;
+            heap_pool = h;
+        }
+    }
+    if (me != &lum_empty_heap) me->tid = me->tc.tid = (uint32_t)syscall(SYS_gettid);
+}

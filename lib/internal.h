@@ -1,0 +1,238 @@
+/* lumalloc internals shared by the core's files.  Layout (see README, "Design"):
+ *
+ *   segment (4 MiB, 4 MiB-aligned) = 64 slices of 64 KiB; slice 0 holds this header.
+ *   page    = a span of 1..16 slices serving one size class, owned by one thread heap.
+ *   large   = its own mapping, 4 MiB-aligned, with a header laid out like a segment's so that
+ *             free() finds its page struct the same way (every slot points at a sentinel).
+ *
+ * pointer -> segment is (p - 1) & ~(SEGMENT_SIZE - 1): the "- 1" lets a block aligned to
+ * 4 MiB or more keep its header in the preceding 4 MiB chunk.
+ */
+#ifndef LUM_INTERNAL_H
+#define LUM_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <pthread.h>
+#include "lumalloc_probes.h"
+
+#define LUM_LIKELY(x) __builtin_expect(!!(x), 1)
+#define LUM_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define LUM_NOINLINE __attribute__((noinline))
+#define LUM_COLD __attribute__((noinline, cold))
+#define LUM_EXPORT __attribute__((visibility("default")))
+
+#define LUM_SEGMENT_SHIFT 22
+#define LUM_SEGMENT_SIZE ((size_t)1 << LUM_SEGMENT_SHIFT)
+#define LUM_SEGMENT_MASK (LUM_SEGMENT_SIZE - 1)
+#define LUM_SLICE_SHIFT 16
+#define LUM_SLICE_SIZE ((size_t)1 << LUM_SLICE_SHIFT)
+#define LUM_SLICES (LUM_SEGMENT_SIZE / LUM_SLICE_SIZE) /* 64: one uint64_t bitmap */
+#define LUM_MAX_PAGE_SLICES 16
+
+#define LUM_ALIGN 16
+#define LUM_CLASSES 96                  /* 16..128 by 16, then 8 classes per doubling */
+#define LUM_SMALL_MAX ((size_t)256 << 10) /* largest size class */
+#define LUM_LARGE_HEADER 4096           /* user data of a large block starts a page in */
+#define LUM_SMALL_TABLE_MAX 1024
+
+typedef struct lum_block { struct lum_block *next; } lum_block;
+
+enum lum_page_kind {
+    LUM_PAGE_SMALL = 0,   /* ordinary size-class page */
+    LUM_PAGE_SAMPLED = 1, /* holds sampled allocations: every free takes the slow path */
+    LUM_PAGE_LARGE = 2,   /* sentinel for large blocks */
+    LUM_PAGE_INVALID = 3, /* sentinel for addresses no block can start at */
+};
+
+struct lum_heap;
+
+struct lum_page {
+    /* Hot fields first: the fast paths touch only this cache line. */
+    struct lum_heap *fast_heap; /* == owner while the owner may free here with no bookkeeping */
+    lum_block *free;
+    uint32_t used;              /* blocks handed out and not yet returned to this page's lists */
+    uint32_t block_size;
+    uint8_t cls;
+    uint8_t kind;
+    uint8_t in_full;            /* on the owner's full list */
+    uint8_t slices;             /* span length; 0 when the page struct is not in use */
+    uint32_t capacity;          /* blocks the span can hold */
+    uint32_t carved;            /* blocks carved from the span so far (the rest is untouched) */
+    uint8_t *start;
+    _Atomic(struct lum_heap *) owner; /* NULL while abandoned */
+    _Atomic(lum_block *) thread_free; /* frees that arrived while abandoned */
+    struct lum_page *next, *prev;     /* in the owner's per-class lists or a global list */
+};
+
+struct lum_segment {
+    /* Must stay first and identical in struct lum_large: free() indexes it blindly. */
+    struct lum_page *slice_page[LUM_SLICES + 1];
+    uint32_t kind;              /* LUM_SEG_SMALL or LUM_SEG_LARGE */
+    uint32_t purged_dirty;      /* pages freed since the last purge pass (decay bookkeeping) */
+    uint64_t free_slices;       /* bit i: slice i is not part of any page */
+    uint64_t purged_slices;     /* bit i: slice i was returned to the OS and is not resident */
+    uint64_t freed_at_ms[LUM_SLICES]; /* when a free slice was freed (decay) */
+    struct lum_segment *next, *prev;
+    struct lum_page pages[LUM_SLICES];
+};
+
+#define LUM_SEG_SMALL 1
+#define LUM_SEG_LARGE 2
+
+struct lum_large {
+    struct lum_page *slice_page[LUM_SLICES + 1];
+    uint32_t kind;
+    uint32_t sampled;
+    void *map_base;             /* == this header */
+    size_t map_size;            /* bytes mapped from map_base (the gap before user may be unmapped) */
+    size_t usable;
+    size_t requested;
+    uint8_t *user;
+    struct lum_large *next;     /* in the cache */
+};
+
+struct lum_page_list { struct lum_page *head, *tail; };
+
+struct lum_heap {
+    struct lum_page *current[LUM_CLASSES]; /* never NULL: lum_empty_page when there is none */
+    int64_t sample_countdown;   /* bytes until the next sample; < 0 sends malloc to the slow path */
+    struct lum_thread_counters_v1 tc;
+    _Atomic(lum_block *) inbox; /* blocks freed by other threads, drained by the owner */
+    uint64_t rng;
+    uint32_t tid;
+    uint32_t alive;
+    struct lum_page_list avail[LUM_CLASSES]; /* current page first; pages with free blocks */
+    struct lum_page_list full[LUM_CLASSES];
+    struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
+    struct lum_heap *next_pool;
+};
+
+extern struct lum_page lum_empty_page;
+extern struct lum_page lum_large_sentinel;
+extern struct lum_page lum_invalid_sentinel;
+extern struct lum_heap lum_empty_heap;
+extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec")));
+
+/* ---- size classes (size_class.c) ---- */
+extern const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
+extern const uint32_t lum_class_size[LUM_CLASSES];
+extern const uint8_t lum_class_slices[LUM_CLASSES];
+
+static inline unsigned lum_size_class(size_t size)
+{
+    if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
+        return lum_small_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
+    size_t s = size - 1;
+    unsigned k = 63 - (unsigned)__builtin_clzl(s);
+    return 8 + (k - 7) * 8 + (unsigned)((s >> (k - 3)) & 7);
+}
+
+/* ---- pointer -> metadata ---- */
+static inline struct lum_segment *lum_segment_of(const void *p)
+{
+    return (struct lum_segment *)(((uintptr_t)p - 1) & ~(uintptr_t)LUM_SEGMENT_MASK);
+}
+
+static inline struct lum_page *lum_page_of(const void *p)
+{
+    struct lum_segment *seg = lum_segment_of(p);
+    return seg->slice_page[((uintptr_t)p - (uintptr_t)seg) >> LUM_SLICE_SHIFT];
+}
+
+/* ---- os.c ---- */
+void *lum_os_map(size_t size);
+void *lum_os_map_aligned(size_t size, size_t alignment);
+void lum_os_unmap(void *p, size_t size);
+void lum_os_name(void *p, size_t size, const char *name);
+uint64_t lum_now_ms(void);
+void lum_write_err(const char *msg);
+
+/* ---- meta.c: internal memory that never goes through malloc ---- */
+void *lum_meta_alloc(size_t size);
+void lum_meta_free(void *p, size_t size);
+
+/* ---- lock.c ---- */
+typedef struct { _Atomic int state; } lum_lock_t;
+void lum_lock_slow(lum_lock_t *l);
+static inline void lum_lock(lum_lock_t *l)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong_explicit(&l->state, &expected, 1, memory_order_acquire,
+                                                 memory_order_relaxed))
+        lum_lock_slow(l);
+}
+void lum_unlock(lum_lock_t *l);
+
+/* ---- segment.c (global lock: lum_segment_lock) ---- */
+extern lum_lock_t lum_segment_lock;
+struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind);
+void lum_page_release(struct lum_page *page);
+size_t lum_segments_purge(bool all, uint32_t reason);
+void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);
+
+/* ---- page.c ---- */
+bool lum_page_refill(struct lum_page *page);
+uint32_t lum_page_collect(struct lum_page *page);
+
+/* ---- heap.c ---- */
+void *lum_malloc_slow(size_t size, size_t alignment);
+void lum_free_slow(void *p, struct lum_page *page);
+struct lum_heap *lum_heap_get(void);
+void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b);
+void lum_global_init(void);
+extern _Atomic int lum_initialized;
+extern size_t lum_fast_limit;
+void lum_heap_force_slow(void);
+void lum_heap_abandon(struct lum_heap *heap);
+extern struct lum_registry_v1 lumalloc_registry;
+extern lum_lock_t lum_heaps_lock;
+extern lum_lock_t lum_abandoned_lock;
+extern struct lum_page_list lum_abandoned[LUM_CLASSES];
+void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg);
+void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err);
+
+/* ---- sampled.c ---- */
+extern lum_lock_t lum_sampled_lock;
+void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment);
+void lum_sampled_free(struct lum_page *page, void *p);
+
+/* ---- large.c ---- */
+extern lum_lock_t lum_large_lock;
+void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool sampled);
+void lum_large_free(void *p);
+void *lum_large_realloc(void *p, size_t size);
+size_t lum_large_usable(const void *p);
+size_t lum_large_cache_purge(void);
+
+/* ---- counters ---- */
+static inline void lum_count_global(uint64_t *field, int64_t delta)
+{
+    __atomic_fetch_add(field, (uint64_t)delta, __ATOMIC_RELAXED);
+}
+
+/* ---- list helpers ---- */
+static inline void lum_list_push_front(struct lum_page_list *l, struct lum_page *p)
+{
+    p->prev = NULL;
+    p->next = l->head;
+    if (l->head) l->head->prev = p; else l->tail = p;
+    l->head = p;
+}
+static inline void lum_list_push_back(struct lum_page_list *l, struct lum_page *p)
+{
+    p->next = NULL;
+    p->prev = l->tail;
+    if (l->tail) l->tail->next = p; else l->head = p;
+    l->tail = p;
+}
+static inline void lum_list_remove(struct lum_page_list *l, struct lum_page *p)
+{
+    if (p->prev) p->prev->next = p->next; else l->head = p->next;
+    if (p->next) p->next->prev = p->prev; else l->tail = p->prev;
+    p->next = p->prev = NULL;
+}
+
+#endif

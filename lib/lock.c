@@ -1,0 +1,27 @@
+/* A futex lock for the allocator's rare global paths.  pthread_mutex would do, but this one has
+ * no dependency on libpthread's initialisation and is trivially reset in a fork child. */
+#define _GNU_SOURCE
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "internal.h"
+
+/* states: 0 free, 1 locked, 2 locked with waiters */
+void lum_lock_slow(lum_lock_t *l)
+{
+    for (int spin = 0; spin < 100; spin++) {
+        int expected = 0;
+        if (atomic_compare_exchange_weak_explicit(&l->state, &expected, 1, memory_order_acquire,
+                                                  memory_order_relaxed))
+            return;
+        __builtin_ia32_pause();
+    }
+    while (atomic_exchange_explicit(&l->state, 2, memory_order_acquire) != 0)
+        syscall(SYS_futex, &l->state, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
+}
+
+void lum_unlock(lum_lock_t *l)
+{
+    if (atomic_exchange_explicit(&l->state, 0, memory_order_release) == 2)
+        syscall(SYS_futex, &l->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}

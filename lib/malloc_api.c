@@ -1,0 +1,276 @@
+/* The malloc family: fast paths here, everything else in heap.c.  Each function exists twice:
+ * lum_* (always lumalloc's) and the standard name (an alias, so linking or LD_PRELOAD makes
+ * lumalloc the process allocator). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <malloc.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "internal.h"
+#include "observe.h"
+#include "options.h"
+#include "lumalloc.h"
+
+#define ALIAS(name) __attribute__((alias(name), visibility("default")))
+
+static inline void *alloc_small_fast(size_t size)
+{
+    struct lum_heap *heap = lum_tls_heap;
+    unsigned cls;
+    if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
+        cls = lum_small_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
+    else if (size < lum_fast_limit)
+        cls = lum_size_class(size);
+    else
+        return lum_malloc_slow(size, 0);
+    {
+        struct lum_page *page = heap->current[cls];
+        lum_block *b = page->free;
+        int64_t countdown = heap->sample_countdown - (int64_t)size;
+        if (LUM_LIKELY(b != NULL && countdown >= 0)) {
+            heap->sample_countdown = countdown;
+            page->free = b->next;
+            page->used++;
+            heap->tc.alloc_count++;
+            heap->tc.alloc_bytes += page->block_size;
+            return b;
+        }
+    }
+    return lum_malloc_slow(size, 0);
+}
+
+LUM_EXPORT void *lum_malloc(size_t size)
+{
+    return alloc_small_fast(size);
+}
+
+void lum_page_empty(struct lum_heap *heap, struct lum_page *page);
+
+static inline void free_fast(void *p)
+{
+    struct lum_page *page = lum_page_of(p);
+    struct lum_heap *heap = lum_tls_heap;
+    if (LUM_LIKELY(page->fast_heap == heap)) {
+        lum_block *b = p;
+        b->next = page->free;
+        page->free = b;
+        heap->tc.free_count++;
+        heap->tc.free_bytes += page->block_size;
+        if (LUM_UNLIKELY(--page->used == 0)) lum_page_empty(heap, page);
+        return;
+    }
+    lum_free_slow(p, page);
+}
+
+LUM_EXPORT void lum_free(void *p)
+{
+    if (LUM_LIKELY(p != NULL)) free_fast(p);
+}
+
+LUM_EXPORT size_t lum_malloc_usable_size(const void *p)
+{
+    if (!p) return 0;
+    struct lum_page *page = lum_page_of(p);
+    if (page->kind == LUM_PAGE_LARGE) return lum_large_usable(p);
+    if (page->kind == LUM_PAGE_INVALID) return 0;
+    return page->block_size;
+}
+
+/* free_sized / free_aligned_sized (C23): the size is a promise we could check in hardened mode;
+ * lookup by address is as cheap as trusting it. */
+LUM_EXPORT void lum_free_sized(void *p, size_t size)
+{
+    (void)size;
+    lum_free(p);
+}
+
+LUM_EXPORT void lum_free_aligned_sized(void *p, size_t alignment, size_t size)
+{
+    (void)alignment;
+    (void)size;
+    lum_free(p);
+}
+
+LUM_EXPORT void *lum_calloc(size_t count, size_t size)
+{
+    size_t bytes;
+    if (LUM_UNLIKELY(__builtin_mul_overflow(count, size, &bytes))) {
+        struct lum_heap *heap = lum_heap_get();
+        return lum_alloc_failed(heap, SIZE_MAX, 0, ENOMEM);
+    }
+    struct lum_heap *heap = lum_tls_heap;
+    if (bytes >= lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_armed &&
+        heap != &lum_empty_heap) {
+        /* fresh mappings are already zero: only a recycled one is cleared */
+        heap->sample_countdown -= (int64_t)bytes;
+        bool sampled = false;
+        if (heap->sample_countdown < 0) {
+            sampled = lum_opt.sample_interval != 0;
+            heap->sample_countdown = lum_sampler_next_interval(&heap->rng);
+        }
+        void *p = lum_large_alloc(heap, bytes, 0, true, sampled);
+        return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
+    }
+    void *p = alloc_small_fast(bytes);
+    if (LUM_LIKELY(p != NULL)) memset(p, 0, bytes);
+    return p;
+}
+
+LUM_EXPORT void *lum_realloc(void *p, size_t size)
+{
+    if (!p) return lum_malloc(size);
+    if (size == 0) {
+        /* glibc frees and returns NULL here; programs written for it rely on that */
+        lum_free(p);
+        return NULL;
+    }
+    struct lum_page *page = lum_page_of(p);
+    size_t old;
+    if (page->kind == LUM_PAGE_LARGE) {
+        if (size <= PTRDIFF_MAX) {
+            void *q = lum_large_realloc(p, size);
+            if (q) return q;
+        }
+        old = lum_large_usable(p);
+    } else {
+        old = page->block_size;
+        /* same class, or shrinking by less than half: stay put */
+        if (size <= old && (size >= old / 2 || old <= 16 ||
+                            (size <= LUM_SMALL_TABLE_MAX && lum_size_class(size) == page->cls)))
+            return p;
+    }
+    void *q = lum_malloc(size);
+    if (!q) return NULL; /* the old block stays valid, as C requires */
+    memcpy(q, p, old < size ? old : size);
+    lum_free(p);
+    return q;
+}
+
+LUM_EXPORT void *lum_reallocarray(void *p, size_t count, size_t size)
+{
+    size_t bytes;
+    if (__builtin_mul_overflow(count, size, &bytes)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return lum_realloc(p, bytes);
+}
+
+static inline bool is_pow2(size_t x) { return x && !(x & (x - 1)); }
+
+static void *aligned(size_t alignment, size_t size)
+{
+    if (alignment <= LUM_ALIGN) return lum_malloc(size);
+    return lum_malloc_slow(size, alignment);
+}
+
+LUM_EXPORT void *lum_memalign(size_t alignment, size_t size)
+{
+    /* glibc rounds a non-power-of-two alignment up rather than failing */
+    if (!is_pow2(alignment)) {
+        if (alignment > ((size_t)1 << 62)) { errno = EINVAL; return NULL; }
+        size_t a = 1;
+        while (a < alignment) a <<= 1;
+        alignment = a;
+    }
+    return aligned(alignment, size);
+}
+
+LUM_EXPORT int lum_posix_memalign(void **out, size_t alignment, size_t size)
+{
+    if (!is_pow2(alignment) || alignment % sizeof(void *)) return EINVAL;
+    int saved = errno;
+    void *p = aligned(alignment, size);
+    if (!p) {
+        int err = errno;
+        errno = saved;
+        return err ? err : ENOMEM;
+    }
+    *out = p;
+    return 0;
+}
+
+LUM_EXPORT void *lum_aligned_alloc(size_t alignment, size_t size)
+{
+    if (!is_pow2(alignment)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return aligned(alignment, size);
+}
+
+LUM_EXPORT void *lum_valloc(size_t size)
+{
+    return aligned((size_t)sysconf(_SC_PAGESIZE), size);
+}
+
+LUM_EXPORT void *lum_pvalloc(size_t size)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t rounded = (size + page - 1) & ~(page - 1);
+    if (rounded < size) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return aligned(page, rounded ? rounded : page);
+}
+
+LUM_EXPORT size_t lum_purge(void)
+{
+    size_t released = lum_large_cache_purge();
+    released += lum_segments_purge(true, LUM_PURGE_EXPLICIT);
+    return released;
+}
+
+LUM_EXPORT int lum_malloc_trim(size_t pad)
+{
+    (void)pad;
+    return lum_purge() > 0;
+}
+
+LUM_EXPORT struct mallinfo2 lum_mallinfo2(void)
+{
+    struct mallinfo2 mi;
+    memset(&mi, 0, sizeof mi);
+    const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+    uint64_t alloc = g->exited_alloc_bytes, freed = g->exited_free_bytes;
+    lum_lock(&lum_heaps_lock);
+    for (struct lum_thread_counters_v1 *tc = (void *)(uintptr_t)lumalloc_registry.threads_head; tc;
+         tc = (void *)(uintptr_t)tc->next) {
+        alloc += tc->alloc_bytes;
+        freed += tc->free_bytes;
+    }
+    lum_unlock(&lum_heaps_lock);
+    size_t live = alloc > freed ? (size_t)(alloc - freed) : 0;
+    mi.arena = g->mapped_bytes;
+    mi.hblkhd = g->large_live_bytes;
+    mi.uordblks = live;
+    mi.fordblks = g->resident_bytes > live ? g->resident_bytes - live : 0;
+    mi.keepcost = g->retained_bytes;
+    return mi;
+}
+
+/* ---- the standard names ---- */
+void *malloc(size_t) ALIAS("lum_malloc");
+void free(void *) ALIAS("lum_free");
+void *calloc(size_t, size_t) ALIAS("lum_calloc");
+void *realloc(void *, size_t) ALIAS("lum_realloc");
+void *reallocarray(void *, size_t, size_t) ALIAS("lum_reallocarray");
+void *memalign(size_t, size_t) ALIAS("lum_memalign");
+int posix_memalign(void **, size_t, size_t) ALIAS("lum_posix_memalign");
+void *aligned_alloc(size_t, size_t) ALIAS("lum_aligned_alloc");
+void *valloc(size_t) ALIAS("lum_valloc");
+void *pvalloc(size_t) ALIAS("lum_pvalloc");
+size_t malloc_usable_size(void *) ALIAS("lum_malloc_usable_size");
+void free_sized(void *, size_t) ALIAS("lum_free_sized");
+void free_aligned_sized(void *, size_t, size_t) ALIAS("lum_free_aligned_sized");
+int malloc_trim(size_t) ALIAS("lum_malloc_trim");
+struct mallinfo2 mallinfo2(void) ALIAS("lum_mallinfo2");
+/* glibc-internal entry points some programs and libraries call directly */
+void *__libc_malloc(size_t) ALIAS("lum_malloc");
+void __libc_free(void *) ALIAS("lum_free");
+void *__libc_calloc(size_t, size_t) ALIAS("lum_calloc");
+void *__libc_realloc(void *, size_t) ALIAS("lum_realloc");
+void *__libc_memalign(size_t, size_t) ALIAS("lum_memalign");
+void cfree(void *) ALIAS("lum_free");

@@ -1,0 +1,95 @@
+/* Thin wrappers over the kernel's memory calls, with the allocator's global accounting. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+#include "internal.h"
+
+#ifndef PR_SET_VMA
+#define PR_SET_VMA 0x53564d41
+#define PR_SET_VMA_ANON_NAME 0
+#endif
+
+void *lum_os_map(size_t size)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    lum_count_global(&lumalloc_registry.global.mapped_bytes, (int64_t)size);
+    lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)size);
+    return p;
+}
+
+/* Where the next aligned mapping probably fits: asking for it first usually costs one mmap
+ * instead of an over-sized map and two trims. */
+static _Atomic uintptr_t aligned_hint;
+
+void *lum_os_map_aligned(size_t size, size_t alignment)
+{
+    uintptr_t hint = atomic_load_explicit(&aligned_hint, memory_order_relaxed);
+    if (hint && alignment <= LUM_SEGMENT_SIZE) {
+        void *p = mmap((void *)hint, size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+        if (p != MAP_FAILED) {
+            if (((uintptr_t)p & (alignment - 1)) == 0) {
+                atomic_store_explicit(&aligned_hint, (uintptr_t)p + size, memory_order_relaxed);
+                lum_count_global(&lumalloc_registry.global.mapped_bytes, (int64_t)size);
+                lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)size);
+                return p;
+            }
+            munmap(p, size); /* old kernels treat the flag as a hint */
+        }
+    }
+    if (size + alignment < size) return NULL;
+    size_t over = size + alignment;
+    uint8_t *raw = mmap(NULL, over, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED) return NULL;
+    uint8_t *aligned = (uint8_t *)(((uintptr_t)raw + alignment - 1) & ~(uintptr_t)(alignment - 1));
+    if (aligned > raw) munmap(raw, (size_t)(aligned - raw));
+    size_t tail = (size_t)((raw + over) - (aligned + size));
+    if (tail) munmap(aligned + size, tail);
+    if (alignment <= LUM_SEGMENT_SIZE)
+        atomic_store_explicit(&aligned_hint, (uintptr_t)aligned + size, memory_order_relaxed);
+    lum_count_global(&lumalloc_registry.global.mapped_bytes, (int64_t)size);
+    lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)size);
+    return aligned;
+}
+
+void lum_os_unmap(void *p, size_t size)
+{
+    munmap(p, size);
+    lum_count_global(&lumalloc_registry.global.mapped_bytes, -(int64_t)size);
+    lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)size);
+}
+
+/* Named anonymous mappings show up as [anon:lumalloc-...] in /proc/PID/maps and smaps (5.17+). */
+void lum_os_name(void *p, size_t size, const char *name)
+{
+    static int unsupported;
+    if (unsupported) return;
+    if (prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)p, size, (unsigned long)name) != 0
+        && errno == EINVAL)
+        unsupported = 1;
+}
+
+uint64_t lum_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void lum_write_err(const char *msg)
+{
+    size_t n = strlen(msg);
+    while (n) {
+        ssize_t w = write(2, msg, n);
+        if (w <= 0) { if (w < 0 && errno == EINTR) continue; return; }
+        msg += w;
+        n -= (size_t)w;
+    }
+}

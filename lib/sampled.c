@@ -1,0 +1,67 @@
+/* Sampled allocations live on pages of their own whose fast_heap is never set, so free()
+ * recognises them with the ownership test it does anyway: no extra branch for ordinary frees.
+ * Samples are rare (one per 512 KiB by default), so one lock guards these pages. */
+#include "internal.h"
+#include "observe.h"
+
+lum_lock_t lum_sampled_lock;
+static struct lum_page_list sampled_pages[LUM_CLASSES];
+
+static unsigned sampled_class(size_t size, size_t alignment)
+{
+    unsigned cls = lum_size_class(size < alignment ? alignment : size);
+    if (alignment)
+        while (lum_class_size[cls] & (alignment - 1)) cls++;
+    return cls;
+}
+
+void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment)
+{
+    unsigned cls = sampled_class(size, alignment);
+    lum_lock(&lum_sampled_lock);
+    struct lum_page *page;
+    for (page = sampled_pages[cls].head; page; page = page->next)
+        if (page->free || lum_page_refill(page)) break;
+    if (!page) {
+        page = lum_page_alloc(cls, LUM_PAGE_SAMPLED);
+        if (!page) { lum_unlock(&lum_sampled_lock); return NULL; }
+        lum_list_push_front(&sampled_pages[cls], page);
+        lum_page_refill(page);
+    }
+    lum_block *b = page->free;
+    page->free = b->next;
+    page->used++;
+    lum_unlock(&lum_sampled_lock);
+    heap->tc.alloc_count++;
+    heap->tc.alloc_bytes += page->block_size;
+    heap->tc.sampled_count++;
+    lum_on_sample(&heap->tc, b, size, page->block_size);
+    return b;
+}
+
+void lum_sampled_free(struct lum_page *page, void *p)
+{
+    struct lum_heap *heap = lum_tls_heap;
+    lum_on_sample_free(p, page->block_size);
+    if (heap != &lum_empty_heap) {
+        heap->tc.free_count++;
+        heap->tc.free_bytes += page->block_size;
+    }
+    lum_lock(&lum_sampled_lock);
+    lum_block *b = p;
+    b->next = page->free;
+    page->free = b;
+    if (--page->used == 0 && sampled_pages[page->cls].head != page) {
+        lum_list_remove(&sampled_pages[page->cls], page);
+        lum_page_release(page);
+    }
+    lum_unlock(&lum_sampled_lock);
+}
+
+void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), void *arg)
+{
+    lum_lock(&lum_sampled_lock);
+    for (unsigned c = 0; c < LUM_CLASSES; c++)
+        for (struct lum_page *p = sampled_pages[c].head; p; p = p->next) fn(p, arg);
+    lum_unlock(&lum_sampled_lock);
+}

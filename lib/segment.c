@@ -1,0 +1,202 @@
+/* Segments: 4 MiB aligned mappings cut into 64 KiB slices; pages are runs of slices.  All of
+ * it under one lock: a thread comes here once per page (thousands of allocations), not per
+ * allocation.  Free slices are returned to the OS by decay (lum_segments_purge). */
+#define _GNU_SOURCE
+#include <string.h>
+#include <sys/mman.h>
+#include "internal.h"
+#include "options.h"
+#include "observe.h"
+
+lum_lock_t lum_segment_lock;
+static struct lum_segment *segments;     /* every small segment */
+static struct lum_segment *spare_segment; /* one wholly free segment kept to absorb churn */
+static uint64_t last_purge_ms;
+
+#define ALL_SLICES (~(uint64_t)1) /* slice 0 is the header, never free */
+
+static void segment_init(struct lum_segment *seg)
+{
+    seg->kind = LUM_SEG_SMALL;
+    for (size_t i = 0; i <= LUM_SLICES; i++) seg->slice_page[i] = &lum_invalid_sentinel;
+    seg->free_slices = ALL_SLICES;
+    seg->purged_slices = 0;
+}
+
+static struct lum_segment *segment_new(void)
+{
+    struct lum_segment *seg = spare_segment;
+    if (seg) {
+        spare_segment = NULL;
+    } else {
+        seg = lum_os_map_aligned(LUM_SEGMENT_SIZE, LUM_SEGMENT_SIZE);
+        if (!seg) return NULL;
+        lum_os_name(seg, LUM_SEGMENT_SIZE, "lumalloc");
+        if (lum_opt.thp) madvise(seg, LUM_SEGMENT_SIZE, MADV_HUGEPAGE);
+        segment_init(seg);
+    }
+    seg->prev = NULL;
+    seg->next = segments;
+    if (segments) segments->prev = seg;
+    segments = seg;
+    return seg;
+}
+
+/* Bit i of the result is set when bits i..i+n-1 of free are all set. */
+static int find_run(uint64_t free, unsigned n)
+{
+    uint64_t x = free;
+    for (unsigned i = 1; i < n && x; i++) x &= free >> i;
+    return x ? __builtin_ctzll(x) : -1;
+}
+
+struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
+{
+    unsigned n = lum_class_slices[cls];
+    struct lum_segment *seg;
+    int idx = -1;
+    lum_lock(&lum_segment_lock);
+    /* Prefer slices still resident: reusing them costs no page faults. */
+    for (seg = segments; seg; seg = seg->next) {
+        if ((unsigned)__builtin_popcountll(seg->free_slices) < n) continue;
+        if ((idx = find_run(seg->free_slices & ~seg->purged_slices, n)) >= 0) break;
+    }
+    if (idx < 0)
+        for (seg = segments; seg; seg = seg->next)
+            if ((idx = find_run(seg->free_slices, n)) >= 0) break;
+    if (idx < 0) {
+        seg = segment_new();
+        if (!seg) { lum_unlock(&lum_segment_lock); return NULL; }
+        idx = find_run(seg->free_slices, n);
+    }
+    uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
+    seg->free_slices &= ~mask;
+    uint64_t refaulted = seg->purged_slices & mask;
+    if (refaulted) {
+        seg->purged_slices &= ~mask;
+        int64_t bytes = (int64_t)__builtin_popcountll(refaulted) * (int64_t)LUM_SLICE_SIZE;
+        lum_count_global(&lumalloc_registry.global.resident_bytes, bytes);
+        lum_count_global(&lumalloc_registry.global.retained_bytes, -bytes);
+    }
+    struct lum_page *page = &seg->pages[idx];
+    for (unsigned i = 0; i < n; i++) seg->slice_page[idx + i] = page;
+    page->slices = (uint8_t)n;
+    lum_unlock(&lum_segment_lock);
+
+    page->start = (uint8_t *)seg + (size_t)idx * LUM_SLICE_SIZE;
+    page->cls = (uint8_t)cls;
+    page->kind = (uint8_t)kind;
+    page->block_size = lum_class_size[cls];
+    page->capacity = (uint32_t)(((size_t)n * LUM_SLICE_SIZE) / page->block_size);
+    page->carved = 0;
+    page->free = NULL;
+    page->used = 0;
+    page->in_full = 0;
+    page->fast_heap = NULL;
+    page->next = page->prev = NULL;
+    atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+    atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
+    return page;
+}
+
+/* Returns free, not yet purged slices whose decay has expired (or all of them) to the OS, in as
+ * few madvise calls as the runs allow.  Caller holds lum_segment_lock. */
+static size_t purge_locked(bool all, uint64_t now)
+{
+    size_t released = 0;
+    int advice = lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED;
+    for (struct lum_segment *seg = segments; seg; seg = seg->next) {
+        uint64_t candidates = seg->free_slices & ~seg->purged_slices;
+        if (!all) {
+            uint64_t c = candidates;
+            while (c) {
+                int i = __builtin_ctzll(c);
+                c &= c - 1;
+                if (now - seg->freed_at_ms[i] < lum_opt.decay_ms) candidates &= ~((uint64_t)1 << i);
+            }
+        }
+        while (candidates) {
+            int start = __builtin_ctzll(candidates);
+            /* slice 0 is never free, so the shifted run always ends in a zero bit */
+            int len = __builtin_ctzll(~(candidates >> start));
+            madvise((uint8_t *)seg + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE, advice);
+            uint64_t mask = (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
+            seg->purged_slices |= mask;
+            candidates &= ~mask;
+            released += (size_t)len * LUM_SLICE_SIZE;
+        }
+    }
+    if (spare_segment && all) {
+        lum_os_unmap(spare_segment, LUM_SEGMENT_SIZE);
+        released += LUM_SEGMENT_SIZE;
+        spare_segment = NULL;
+    }
+    return released;
+}
+
+static void account_purge(size_t released, uint32_t reason)
+{
+    if (!released) return;
+    lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)released);
+    lum_count_global(&lumalloc_registry.global.retained_bytes, (int64_t)released);
+    lum_count_global(&lumalloc_registry.global.purged_bytes, (int64_t)released);
+    lum_count_global(&lumalloc_registry.global.purge_events, 1);
+    lum_on_purge(released, reason);
+}
+
+void lum_page_release(struct lum_page *page)
+{
+    struct lum_segment *seg = (struct lum_segment *)((uintptr_t)page->start & ~(uintptr_t)LUM_SEGMENT_MASK);
+    unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)seg) >> LUM_SLICE_SHIFT);
+    unsigned n = page->slices;
+    uint64_t now = lum_now_ms();
+    size_t released = 0;
+    lum_lock(&lum_segment_lock);
+    for (unsigned i = 0; i < n; i++) {
+        seg->slice_page[idx + i] = &lum_invalid_sentinel;
+        seg->freed_at_ms[idx + i] = now;
+    }
+    uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
+    seg->free_slices |= mask;
+    page->slices = 0;
+    page->kind = LUM_PAGE_SMALL;
+    atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+    if (seg->free_slices == ALL_SLICES) {
+        /* A wholly free segment: keep one, unmap the rest at once (there is nothing to decay). */
+        if (seg->prev) seg->prev->next = seg->next; else segments = seg->next;
+        if (seg->next) seg->next->prev = seg->prev;
+        if (!spare_segment) {
+            spare_segment = seg;
+        } else {
+            size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
+            lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
+            lum_count_global(&lumalloc_registry.global.retained_bytes, -(int64_t)purged);
+            lum_os_unmap(seg, LUM_SEGMENT_SIZE);
+        }
+    }
+    /* Decay runs on the allocator's own activity; the optional purger thread covers idle time. */
+    if (lum_opt.decay_ms && now - last_purge_ms >= (lum_opt.decay_ms / 4 ? lum_opt.decay_ms / 4 : 1)) {
+        last_purge_ms = now;
+        released = purge_locked(false, now);
+    }
+    lum_unlock(&lum_segment_lock);
+    account_purge(released, LUM_PURGE_DECAY);
+}
+
+size_t lum_segments_purge(bool all, uint32_t reason)
+{
+    lum_lock(&lum_segment_lock);
+    uint64_t now = lum_now_ms();
+    last_purge_ms = now;
+    size_t released = purge_locked(all, now);
+    lum_unlock(&lum_segment_lock);
+    account_purge(released, reason);
+    return released;
+}
+
+void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg)
+{
+    lum_lock(&lum_segment_lock);
+    for (struct lum_segment *seg = segments; seg; seg = seg->next) fn(seg, arg);
+    lum_unlock(&lum_segment_lock);
+}
