@@ -106,7 +106,9 @@ static struct lum_heap *heap_create(void)
         heap->current[c] = &lum_empty_page;
         heap->avail[c].head = heap->avail[c].tail = NULL;
         heap->full[c].head = heap->full[c].tail = NULL;
+        heap->retained_count[c] = 0;
     }
+    heap->retained_bytes = 0;
     uint64_t next = heap->tc.next;
     memset(&heap->tc, 0, sizeof heap->tc);
     heap->tc.next = next;
@@ -170,10 +172,28 @@ static void page_unfull(struct lum_heap *heap, struct lum_page *page)
     page->fast_heap = heap;
 }
 
+static void retained_forget(struct lum_heap *heap, struct lum_page *page)
+{
+    if (!page->retained) return;
+    page->retained = 0;
+    heap->retained_count[page->cls]--;
+    heap->retained_bytes -= (size_t)page->slices * LUM_SLICE_SIZE;
+}
+
 static void page_retire(struct lum_heap *heap, struct lum_page *page)
 {
     unsigned cls = page->cls;
-    if (heap->current[cls] == page) return; /* keep the page a ping-pong pattern is using */
+    if (heap->current[cls] == page || page->retained) return; /* a ping-pong pattern's page */
+    /* A ring of live objects empties pages in turn and needs a fresh one just after: keep a
+     * couple per class instead of a trip through the segment lock each time. */
+    size_t bytes = (size_t)page->slices * LUM_SLICE_SIZE;
+    if (!page->in_full && heap->retained_count[cls] < LUM_RETAIN_EMPTY_PER_CLASS &&
+        heap->retained_bytes + bytes <= LUM_RETAIN_EMPTY_BYTES) {
+        page->retained = 1;
+        heap->retained_count[cls]++;
+        heap->retained_bytes += bytes;
+        return;
+    }
     lum_list_remove(page->in_full ? &heap->full[cls] : &heap->avail[cls], page);
     page->fast_heap = NULL;
     lum_page_release(page);
@@ -277,6 +297,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
     lum_list_push_front(&heap->avail[cls], page);
     lum_page_refill(page);
 found:
+    retained_forget(heap, page);
     if (heap->avail[cls].head != page) {
         lum_list_remove(&heap->avail[cls], page);
         lum_list_push_front(&heap->avail[cls], page);
@@ -396,6 +417,7 @@ static void abandon_list(struct lum_page_list *list, unsigned cls)
         lum_page_collect(page);
         page->fast_heap = NULL;
         page->in_full = 0;
+        page->retained = 0;
         page->next = page->prev = NULL;
         if (page->used == 0) {
             lum_page_release(page);
@@ -416,8 +438,10 @@ static void abandon_list(struct lum_page_list *list, unsigned cls)
 void lum_heap_abandon(struct lum_heap *heap)
 {
     drain_inbox(heap);
+    heap->retained_bytes = 0;
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         heap->current[c] = &lum_empty_page;
+        heap->retained_count[c] = 0;
         abandon_list(&heap->avail[c], c);
         abandon_list(&heap->full[c], c);
     }

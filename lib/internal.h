@@ -37,6 +37,9 @@
 #define LUM_SMALL_MAX ((size_t)256 << 10) /* largest size class */
 #define LUM_LARGE_HEADER 4096           /* user data of a large block starts a page in */
 #define LUM_SMALL_TABLE_MAX 1024
+#define LUM_MEDIUM_TABLE_MAX 8192
+#define LUM_RETAIN_EMPTY_PER_CLASS 2   /* empty pages a heap keeps per class before releasing */
+#define LUM_RETAIN_EMPTY_BYTES ((size_t)1 << 20)
 
 typedef struct lum_block { struct lum_block *next; } lum_block;
 
@@ -58,6 +61,7 @@ struct lum_page {
     uint8_t cls;
     uint8_t kind;
     uint8_t in_full;            /* on the owner's full list */
+    uint8_t retained;           /* empty, kept by its heap for reuse (counted in retained_*) */
     uint8_t slices;             /* span length; 0 when the page struct is not in use */
     uint32_t capacity;          /* blocks the span can hold */
     uint32_t carved;            /* blocks carved from the span so far (the rest is untouched) */
@@ -106,6 +110,8 @@ struct lum_heap {
     uint32_t alive;
     struct lum_page_list avail[LUM_CLASSES]; /* current page first; pages with free blocks */
     struct lum_page_list full[LUM_CLASSES];
+    uint8_t retained_count[LUM_CLASSES];
+    size_t retained_bytes;
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
     struct lum_heap *next_pool;
 };
@@ -118,6 +124,7 @@ extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-
 
 /* ---- size classes (size_class.c) ---- */
 extern const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
+extern const uint8_t lum_medium_class[LUM_MEDIUM_TABLE_MAX / 128 + 1];
 extern const uint32_t lum_class_size[LUM_CLASSES];
 extern const uint8_t lum_class_slices[LUM_CLASSES];
 
@@ -125,6 +132,7 @@ static inline unsigned lum_size_class(size_t size)
 {
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
         return lum_small_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
+    if (size <= LUM_MEDIUM_TABLE_MAX) return lum_medium_class[(size + 127) / 128];
     size_t s = size - 1;
     unsigned k = 63 - (unsigned)__builtin_clzl(s);
     return 8 + (k - 7) * 8 + (unsigned)((s >> (k - 3)) & 7);

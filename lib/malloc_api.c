@@ -20,6 +20,8 @@ static inline void *alloc_small_fast(size_t size)
     unsigned cls;
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
         cls = lum_small_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
+    else if (size <= LUM_MEDIUM_TABLE_MAX && size < lum_fast_limit)
+        cls = lum_medium_class[(size + 127) / 128];
     else if (size < lum_fast_limit)
         cls = lum_size_class(size);
     else

@@ -92,6 +92,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->free = NULL;
     page->used = 0;
     page->in_full = 0;
+    page->retained = 0;
     page->fast_heap = NULL;
     page->next = page->prev = NULL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
