@@ -1,19 +1,90 @@
-/* Minimal implementation of the observability seam; the profiler replaces it. */
-#include <stdint.h>
+/* Glue of the observability side: start-up, thread and purge events, the per-thread list used
+ * by reports, and fork safety of our locks. */
+#include <pthread.h>
+#include "obs_internal.h"
 #include "observe.h"
 #include "options.h"
+#include "probes.h"
 
-volatile int lum_fail_armed;
+__thread int lum_obs_busy LUM_TLS;
 
-void lum_observe_init(void) {}
-int64_t lum_sampler_next_interval(uint64_t *rng) { (void)rng; return INT64_MAX; }
-void lum_on_sample(struct lum_thread_counters_v1 *tc, void *p, size_t r, size_t u) { (void)tc; (void)p; (void)r; (void)u; }
-void lum_on_sample_free(void *p, size_t u) { (void)p; (void)u; }
-void lum_on_large_alloc(struct lum_thread_counters_v1 *tc, void *p, size_t r, size_t u) { (void)tc; (void)p; (void)r; (void)u; }
-void lum_on_large_free(void *p, size_t u) { (void)p; (void)u; }
-bool lum_fail_should_inject(size_t s) { (void)s; return false; }
-void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t s, size_t a, int e) { (void)tc; (void)s; (void)a; (void)e; }
-void lum_on_thread_start(struct lum_thread_counters_v1 *tc) { (void)tc; }
-void lum_on_thread_exit(struct lum_thread_counters_v1 *tc) { (void)tc; }
-void lum_on_purge(uint64_t b, uint32_t r) { (void)b; (void)r; }
-void lum_on_pressure(uint64_t s, uint64_t b) { (void)s; (void)b; }
+/* The core's registry (heap.c): thread counters blocks are chained from threads_head.  Weak so
+ * that unit tests of this side link without the core. */
+extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
+
+void lum_observe_init(void)
+{
+    lum_failure_init();
+    lum_prof_dump_init();
+}
+
+void lum_on_thread_start(struct lum_thread_counters_v1 *tc)
+{
+    if (LUM_PROBE_ON(thread_start))
+        STAP_PROBE2(lumalloc, thread_start, LUM_U32(tc ? tc->tid : 0), LUM_U64(tc));
+}
+
+void lum_on_thread_exit(struct lum_thread_counters_v1 *tc)
+{
+    if (LUM_PROBE_ON(thread_exit))
+        STAP_PROBE2(lumalloc, thread_exit, LUM_U32(tc ? tc->tid : 0), LUM_U64(tc));
+}
+
+void lum_on_purge(uint64_t bytes, uint32_t reason)
+{
+    if (LUM_PROBE_ON(purge))
+        STAP_PROBE2(lumalloc, purge, LUM_U64(bytes), LUM_U32(reason));
+}
+
+void lum_on_pressure(uint64_t stall_us, uint64_t bytes_released)
+{
+    if (LUM_PROBE_ON(pressure))
+        STAP_PROBE2(lumalloc, pressure, LUM_U64(stall_us), LUM_U64(bytes_released));
+}
+
+void lum_threads_foreach(void (*fn)(const struct lum_thread_counters_v1 *, void *), void *arg)
+{
+    if (!&lumalloc_registry)
+        return;
+    /* Blocks are never unmapped (exited threads' records are pooled), so walking the list
+     * without the core's lock reads possibly stale but always valid memory. */
+    uint64_t a = __atomic_load_n(&lumalloc_registry.threads_head, __ATOMIC_ACQUIRE);
+    for (unsigned guard = 0; a && guard < (1u << 20); guard++) {
+        const struct lum_thread_counters_v1 *tc = (const void *)(uintptr_t)a;
+        fn(tc, arg);
+        a = __atomic_load_n(&tc->next, __ATOMIC_ACQUIRE);
+    }
+}
+
+/* fork(): a child must not inherit our locks held by threads that do not exist there.  Our
+ * locks are never held while calling into the core, and the core never holds its locks while
+ * calling our hooks, so these handlers are independent of the core's own. */
+extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock;
+
+static void fork_prepare(void)
+{
+    pthread_mutex_lock(&lum_prof_lock);
+    pthread_mutex_lock(&lum_warn_lock);
+    pthread_mutex_lock(&lum_obs_arena_lock);
+}
+
+static void fork_parent(void)
+{
+    pthread_mutex_unlock(&lum_obs_arena_lock);
+    pthread_mutex_unlock(&lum_warn_lock);
+    pthread_mutex_unlock(&lum_prof_lock);
+}
+
+static void fork_child(void)
+{
+    pthread_mutex_init(&lum_obs_arena_lock, NULL);
+    pthread_mutex_init(&lum_warn_lock, NULL);
+    pthread_mutex_init(&lum_prof_lock, NULL);
+}
+
+/* A constructor, not lum_observe_init: pthread_atfork may allocate, and lum_observe_init runs
+ * inside the allocator's bootstrap. */
+__attribute__((constructor)) static void observe_ctor(void)
+{
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
+}

@@ -24,6 +24,9 @@ void lum_on_sample_free(void *ptr, size_t usable);
 /* Large path (own mapping).  Fires probes, large-allocation warning. */
 void lum_on_large_alloc(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable);
 void lum_on_large_free(void *ptr, size_t usable);
+/* An allocation at or above lum_opt.large_warn that does NOT take the large path (the large path
+ * calls lum_on_large_alloc, which warns itself): prints the once-per-site warning. */
+void lum_on_large_warn(size_t requested);
 
 /* Failure injection: true when this allocation must fail.  Called by the core on the slow path
  * only while lum_fail_armed is non-zero (the core then sends every allocation down it). */

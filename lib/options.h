@@ -7,6 +7,9 @@
 
 enum lum_diag_mode { LUM_DIAG_NONE = 0, LUM_DIAG_CRITICAL = 1, LUM_DIAG_ALL = 2 };
 enum lum_purge_mode { LUM_PURGE_DONTNEED = 0, LUM_PURGE_FREE = 1 };
+/* Same values as LUM_PROF_* in include/lumalloc_prof.h. */
+enum lum_prof_fmt { LUM_FMT_AUTO = 0, LUM_FMT_TEXT = 1, LUM_FMT_FOLDED = 2,
+                       LUM_FMT_FOLDED_ALLOC = 3, LUM_FMT_PPROF = 4 };
 
 struct lum_options {
     uint64_t sample_interval;   /* LUMALLOC_SAMPLE_INTERVAL, bytes, 0 = off (512k) */
@@ -14,6 +17,7 @@ struct lum_options {
     bool prof;                  /* LUMALLOC_PROF: keep in-process sample records (on) */
     const char *prof_dump;      /* LUMALLOC_PROF_DUMP: path written at exit (unset) */
     int prof_signal;            /* LUMALLOC_PROF_SIGNAL: signal that dumps the profile (0 = none) */
+    enum lum_prof_fmt prof_format; /* LUMALLOC_PROF_FORMAT: dump format (auto: by extension) */
     uint64_t large_threshold;   /* LUMALLOC_LARGE_THRESHOLD: own mapping at/above (256k) */
     uint64_t large_warn;        /* LUMALLOC_LARGE_WARN: warn once per site at/above (0 = off) */
     uint64_t large_cache;       /* LUMALLOC_LARGE_CACHE: bytes of freed large mappings kept (64m) */
@@ -31,7 +35,14 @@ struct lum_options {
 
 extern struct lum_options lum_opt;
 
-/* Reads LUMALLOC_* from the environment.  Runs during bootstrap: must not allocate. */
+/* Reads LUMALLOC_* from the environment.  Runs during bootstrap: must not allocate.  A bad
+ * value is reported once per option on stderr (write(2)) and the default is kept.  May be
+ * called again (tests): it re-reads the environment. */
 void lum_options_init(void);
+
+/* Sets one option by name ("sample_interval") or variable ("LUMALLOC_SAMPLE_INTERVAL") from its
+ * text form.  0, -ENOENT (unknown name) or -EINVAL (bad value: nothing changed, nothing
+ * printed).  Public as lum_options_set in lumalloc_options.h. */
+int lum_options_set(const char *name, const char *value);
 
 #endif

@@ -1,0 +1,160 @@
+/* The diagnostics report printed when an allocation fails (mode none/critical/all): what failed,
+ * where (stack), the thread's and the process's figures, the largest live sampled sites, then
+ * the application's own section.  Built in an mmap buffer and written with write(2): the
+ * process may be out of memory, so nothing here goes through malloc. */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include "obs_internal.h"
+#include "options.h"
+#include "lumalloc_failure.h"
+
+extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
+
+static lum_diagnostics_producer producer;
+static void *producer_arg;
+static int diag_fd = 2;
+
+LUM_EXPORT void lum_set_diagnostics_producer(lum_diagnostics_producer p, void *arg)
+{
+    producer_arg = arg;
+    __atomic_store_n(&producer, p, __ATOMIC_RELEASE);
+}
+
+LUM_EXPORT void lum_set_diagnostics_fd(int fd)
+{
+    diag_fd = fd;
+}
+
+LUM_EXPORT void lum_set_diagnostics_mode(enum lum_diagnostics_mode mode)
+{
+    if (mode <= LUM_DIAGNOSTICS_ALL)
+        lum_opt.diag = (enum lum_diag_mode)mode;
+}
+
+/* The producer's writer: straight to the fd, so the application's text appears even if the
+ * report buffer could not be mapped. */
+static void producer_write(const char *text, size_t len)
+{
+    if (text && len)
+        lum_write_all(diag_fd, text, len);
+}
+
+#define TOP_SITES 5
+#define TOP_FRAMES 6
+
+struct top_site {
+    int64_t live_bytes;
+    double live_objects;
+    uint32_t depth;
+    uint64_t frames[TOP_FRAMES];
+};
+
+static void collect_top(struct top_site *top, int *ntop)
+{
+    *ntop = 0;
+    /* A failure inside profiler code would find the lock held by its own thread. */
+    if (pthread_mutex_trylock(&lum_prof_lock))
+        return;
+    for (struct lum_stack *s = lum_stacktab_first(); s; s = s->anext) {
+        if (s->live_bytes <= 0)
+            continue;
+        int pos = *ntop;
+        while (pos > 0 && top[pos - 1].live_bytes < s->live_bytes)
+            pos--;
+        if (pos >= TOP_SITES)
+            continue;
+        int last = *ntop < TOP_SITES ? *ntop : TOP_SITES - 1;
+        memmove(&top[pos + 1], &top[pos], (size_t)(last - pos) * sizeof *top);
+        top[pos].live_bytes = s->live_bytes;
+        top[pos].live_objects = s->live_objects;
+        top[pos].depth = s->depth < TOP_FRAMES ? s->depth : TOP_FRAMES;
+        memcpy(top[pos].frames, s->frames, top[pos].depth * sizeof(uint64_t));
+        if (*ntop < TOP_SITES)
+            (*ntop)++;
+    }
+    pthread_mutex_unlock(&lum_prof_lock);
+}
+
+static void put_frames(struct lum_buf *b, const uint64_t *frames, uint32_t depth, const char *ind)
+{
+    char name[320];
+    for (uint32_t i = 0; i < depth; i++) {
+        /* Return addresses: symbolise the call instruction (addr - 1). */
+        lum_symbolize((uintptr_t)frames[i] - 1, name, sizeof name, LUM_SYM_OFFSET | LUM_SYM_MODULE);
+        lum_buf_printf(b, "%s#%-2u 0x%016llx %s\n", ind, i, (unsigned long long)frames[i], name);
+    }
+}
+
+static const char *errname(int err)
+{
+    switch (err) {
+    case ENOMEM: return "ENOMEM";
+    case EINVAL: return "EINVAL";
+    default: return "error";
+    }
+}
+
+void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err,
+                     bool injected, const uint64_t *frames, uint32_t depth)
+{
+    int saved_errno = errno, was_busy = lum_obs_busy;
+    lum_obs_busy = 1; /* dladdr and vsnprintf must not sample or be failed */
+    struct lum_buf b = {0};
+    lum_buf_printf(&b, "lumalloc: allocation of %zu bytes", size);
+    if (alignment)
+        lum_buf_printf(&b, " (alignment %zu)", alignment);
+    lum_buf_printf(&b, " failed: %s%s in thread %ld%s\n", errname(err),
+                   injected ? " (injected)" : "", (long)syscall(SYS_gettid),
+                   lum_fail_in_critical() ? ", inside a critical allocation scope" : "");
+    if (depth) {
+        lum_buf_puts(&b, "  stack:\n");
+        put_frames(&b, frames, depth, "    ");
+    }
+    if (tc)
+        lum_buf_printf(&b,
+                       "  thread: %llu allocations (%llu bytes), %llu frees (%llu bytes), "
+                       "%llu large (%llu bytes), %llu failures, %llu samples\n",
+                       (unsigned long long)tc->alloc_count, (unsigned long long)tc->alloc_bytes,
+                       (unsigned long long)tc->free_count, (unsigned long long)tc->free_bytes,
+                       (unsigned long long)tc->large_count, (unsigned long long)tc->large_bytes,
+                       (unsigned long long)tc->failures, (unsigned long long)tc->sampled_count);
+    if (&lumalloc_registry) {
+        const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+        lum_buf_printf(&b,
+                       "  process: mapped %llu, resident %llu, metadata %llu, retained %llu, "
+                       "large live %llu bytes\n",
+                       (unsigned long long)g->mapped_bytes, (unsigned long long)g->resident_bytes,
+                       (unsigned long long)g->metadata_bytes, (unsigned long long)g->retained_bytes,
+                       (unsigned long long)g->large_live_bytes);
+    }
+    struct top_site top[TOP_SITES];
+    int ntop;
+    collect_top(top, &ntop);
+    if (ntop) {
+        lum_buf_printf(&b, "  largest live sampled sites (estimated, 1 sample per %llu bytes):\n",
+                       (unsigned long long)lum_opt.sample_interval);
+        for (int i = 0; i < ntop; i++) {
+            lum_buf_printf(&b, "    %lld bytes in ~%.0f objects\n", (long long)top[i].live_bytes,
+                           top[i].live_objects);
+            put_frames(&b, top[i].frames, top[i].depth, "      ");
+        }
+    }
+    lum_diagnostics_producer p = __atomic_load_n(&producer, __ATOMIC_ACQUIRE);
+    if (p)
+        lum_buf_puts(&b, "  application diagnostics:\n");
+    if (b.len)
+        lum_write_all(diag_fd, b.data, b.len);
+    lum_buf_free(&b);
+    if (p)
+        p(producer_write, producer_arg);
+    lum_obs_busy = was_busy;
+    errno = saved_errno;
+}
+
+LUM_EXPORT void lum_diagnostics_report(size_t size)
+{
+    lum_diag_report(NULL, size, 0, ENOMEM, false, NULL, 0);
+}

@@ -1,0 +1,227 @@
+/* Seastar-style failure tools: an allocation-failure injector (process-wide N-th allocation, or
+ * per thread for lum_with_allocation_failures), critical allocation scopes, abort-on-failure and
+ * the alloc_failure probe.  Injection state is per thread, like Seastar's per shard: a sweep in
+ * one thread is not disturbed by allocations in others. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include "obs_internal.h"
+#include "observe.h"
+#include "options.h"
+#include "probes.h"
+#include "lumalloc_failure.h"
+
+/* Core: makes the calling thread's next allocation take the slow path (heap.c). */
+void lum_heap_force_slow(void);
+
+/* Number of armed injectors (process-wide one + per-thread ones); the core routes every
+ * allocation through lum_fail_should_inject while it is non-zero. */
+volatile int lum_fail_armed;
+
+static uint64_t global_nth;   /* fail when global_count reaches this (0: disarmed) */
+static uint64_t global_count;
+static bool abort_on_failure_set, abort_on_failure_val;
+
+struct fail_tls {
+    uint64_t count;     /* allocation points seen while armed */
+    uint64_t fail_at;   /* 0-based index of the allocation to fail */
+    bool armed;
+    bool fired;         /* an injection happened since the last arm */
+    bool pending;       /* the next lum_on_alloc_failure is the injected one */
+    int critical;       /* critical scope depth */
+    int suppress;       /* lum_fail_suppress depth */
+    int reporting;      /* inside the failure report: no nested reports */
+};
+static __thread struct fail_tls ft LUM_TLS;
+
+static void arm_inc(void)
+{
+    __atomic_fetch_add(&lum_fail_armed, 1, __ATOMIC_SEQ_CST);
+}
+
+static void arm_dec(void)
+{
+    __atomic_fetch_sub(&lum_fail_armed, 1, __ATOMIC_SEQ_CST);
+}
+
+LUM_EXPORT void lum_fail_nth(uint64_t n)
+{
+    uint64_t old = __atomic_exchange_n(&global_nth, 0, __ATOMIC_SEQ_CST);
+    if (old)
+        arm_dec();
+    if (!n)
+        return;
+    __atomic_store_n(&global_count, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&global_nth, n, __ATOMIC_SEQ_CST);
+    arm_inc();
+    lum_heap_force_slow();
+}
+
+LUM_EXPORT void lum_fail_after(uint64_t n)
+{
+    if (ft.armed)
+        arm_dec();
+    ft.count = 0;
+    ft.fail_at = n;
+    ft.armed = true;
+    ft.fired = false;
+    arm_inc();
+    /* The countdown of this thread may be far from zero: send the next allocation down the
+     * slow path now, where it will meet the injector. */
+    lum_heap_force_slow();
+}
+
+LUM_EXPORT void lum_fail_cancel(void)
+{
+    if (ft.armed) {
+        ft.armed = false;
+        arm_dec();
+    }
+}
+
+LUM_EXPORT bool lum_fail_fired(void)
+{
+    return ft.fired;
+}
+
+LUM_EXPORT uint64_t lum_fail_count(void)
+{
+    return ft.count;
+}
+
+LUM_EXPORT void lum_fail_suppress_enter(void)
+{
+    ft.suppress++;
+}
+
+LUM_EXPORT void lum_fail_suppress_leave(void)
+{
+    if (ft.suppress > 0)
+        ft.suppress--;
+}
+
+bool lum_fail_should_inject(size_t size)
+{
+    (void)size;
+    /* Our own metadata never goes through malloc, but report writers' stdio does: those and
+     * explicitly suppressed regions are never failed. */
+    if (lum_obs_busy || ft.suppress)
+        return false;
+    if (ft.armed) {
+        if (ft.count++ == ft.fail_at) {
+            ft.armed = false;
+            ft.fired = true;
+            ft.pending = true;
+            arm_dec();
+            return true;
+        }
+    }
+    uint64_t nth = __atomic_load_n(&global_nth, __ATOMIC_RELAXED);
+    if (nth) {
+        uint64_t c = __atomic_add_fetch(&global_count, 1, __ATOMIC_RELAXED);
+        if (c == nth && __atomic_compare_exchange_n(&global_nth, &nth, 0, false, __ATOMIC_SEQ_CST,
+                                                    __ATOMIC_RELAXED)) {
+            arm_dec();
+            ft.fired = true;
+            ft.pending = true;
+            return true;
+        }
+    }
+    return false;
+}
+
+LUM_EXPORT unsigned long lum_with_allocation_failures(void (*fn)(void *), void *arg)
+{
+    unsigned long runs = 0;
+    for (uint64_t i = 0;; i++) {
+        lum_fail_after(i);
+        fn(arg);
+        runs++;
+        bool fired = ft.fired;
+        lum_fail_cancel();
+        ft.fired = false;
+        /* A run in which the i-th allocation was never reached ran clean: every allocation
+         * point before it has now been failed once. */
+        if (!fired)
+            return runs;
+    }
+}
+
+LUM_EXPORT void lum_critical_scope_enter(void)
+{
+    ft.critical++;
+}
+
+LUM_EXPORT void lum_critical_scope_leave(void)
+{
+    if (ft.critical > 0)
+        ft.critical--;
+}
+
+LUM_EXPORT bool lum_in_critical_scope(void)
+{
+    return ft.critical > 0;
+}
+
+bool lum_fail_in_critical(void)
+{
+    return ft.critical > 0;
+}
+
+LUM_EXPORT void lum_set_abort_on_failure(bool on)
+{
+    abort_on_failure_val = on;
+    abort_on_failure_set = true;
+    lum_opt.abort_on_failure = on;
+}
+
+LUM_EXPORT bool lum_get_abort_on_failure(void)
+{
+    return abort_on_failure_set ? abort_on_failure_val : lum_opt.abort_on_failure;
+}
+
+void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err)
+{
+    bool injected = ft.pending;
+    ft.pending = false;
+    bool probe = LUM_PROBE_ON(alloc_failure);
+    enum lum_diag_mode mode = lum_opt.diag;
+    bool diag = !ft.reporting &&
+                (mode == LUM_DIAG_ALL || (mode == LUM_DIAG_CRITICAL && ft.critical > 0));
+    uint64_t frames[LUM_MAX_FRAMES];
+    uint32_t depth = 0;
+    uint64_t id = 0;
+    if ((probe || diag) && !lum_obs_busy && lum_opt.prof_depth) {
+        lum_obs_busy = 1;
+        depth = lum_unwind(frames, lum_opt.prof_depth, (uintptr_t)__builtin_return_address(0));
+        lum_obs_busy = 0;
+        id = lum_stack_hash(frames, depth);
+    }
+    if (probe)
+        STAP_PROBE7(lumalloc, alloc_failure, LUM_U64(size), LUM_U64(alignment), LUM_U32(err),
+                    LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
+    if (diag) {
+        ft.reporting = 1;
+        lum_diag_report(tc, size, alignment, err, injected, frames, depth);
+        ft.reporting = 0;
+    }
+    /* Injected failures are the test's own doing: aborting on them would end every sweep. */
+    if (lum_get_abort_on_failure() && !injected) {
+        char msg[160];
+        int n = snprintf(msg, sizeof msg,
+                         "lumalloc: allocation of %zu bytes failed (errno %d): aborting "
+                         "(abort_on_failure)\n", size, err);
+        if (n > 0)
+            lum_write_all(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+        abort();
+    }
+}
+
+void lum_failure_init(void)
+{
+    if (lum_opt.fail_nth)
+        lum_fail_nth(lum_opt.fail_nth);
+}

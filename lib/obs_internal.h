@@ -1,0 +1,130 @@
+/* Shared internals of the observability side (sampler, profiler tables, reports, failure tools,
+ * probes).  Nothing here may allocate through malloc: these run inside the allocator. */
+#ifndef LUM_OBS_INTERNAL_H
+#define LUM_OBS_INTERNAL_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include <pthread.h>
+#include "lumalloc_probes.h"
+
+#define LUM_EXPORT __attribute__((visibility("default")))
+#define LUM_TLS __attribute__((tls_model("initial-exec")))
+
+/* Set while this thread runs profiler/diagnostics code: allocations made by anything we call
+ * (libunwind, dladdr, stdio in reports) must not re-enter sampling, warnings or diagnostics. */
+extern __thread int lum_obs_busy LUM_TLS;
+
+/* ---- mmap-backed internal memory (obs_arena.c) ---- */
+/* Zeroed, 16-byte aligned, never returned except through lum_obs_free_pages. */
+void *lum_obs_alloc(size_t size);
+/* Page-granular buffers for reports (mmap/munmap directly). */
+void *lum_obs_pages(size_t size);
+void lum_obs_free_pages(void *p, size_t size);
+/* Growable byte buffer over mmap: used by report encoders. */
+struct lum_buf {
+    char *data;
+    size_t len, cap;
+    bool failed; /* an mmap failed: the output is truncated */
+};
+void lum_buf_put(struct lum_buf *b, const void *p, size_t n);
+void lum_buf_puts(struct lum_buf *b, const char *s);
+void lum_buf_printf(struct lum_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void lum_buf_free(struct lum_buf *b);
+/* write(2) the whole buffer, retrying on EINTR/short writes.  0 or -errno. */
+int lum_write_all(int fd, const void *p, size_t n);
+
+/* ---- unwinding (unwind.c) ---- */
+/* Unwinds the caller's stack into frames[] (innermost first), dropping lumalloc's own frames.
+ * hook_ret is __builtin_return_address(0) of the lum_on_* hook the core called.  Returns the
+ * depth.  Must be called with lum_obs_busy set. */
+uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret);
+uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
+/* Cumulative unwinding cost, for lum_prof_get_stats. */
+extern uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+
+/* ---- stack table (stacktab.c), all under lum_prof_lock ---- */
+struct lum_stack {
+    struct lum_stack *hnext;   /* hash chain */
+    struct lum_stack *anext;   /* list of all stacks, for reports */
+    uint64_t id;
+    uint32_t depth;
+    uint64_t samples;          /* cumulative samples */
+    uint64_t alloc_bytes;      /* sum of weights: estimated bytes allocated */
+    double alloc_objects;      /* sum of weight/size: estimated objects allocated */
+    uint64_t live_samples;
+    int64_t live_bytes;
+    double live_objects;
+    uint64_t frames[];
+};
+extern pthread_mutex_t lum_prof_lock;
+/* Finds or inserts; NULL when the table or memory is exhausted (counted as dropped). */
+struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint64_t id);
+struct lum_stack *lum_stacktab_first(void);
+uint64_t lum_stacktab_count(void);
+extern uint64_t lum_stacktab_dropped;
+void lum_stacktab_reset_cumulative(void);
+
+/* ---- live sampled allocations (prof_records.c), all under lum_prof_lock ---- */
+struct lum_rec {
+    struct lum_rec *next;
+    uintptr_t ptr;
+    uint64_t requested, usable, weight;
+    double objects;
+    struct lum_stack *stack; /* NULL when no stack was recorded */
+    uint64_t stack_id;
+};
+/* Inserts a record; false when memory is exhausted (counted as dropped). */
+bool lum_records_insert(const struct lum_rec *r);
+/* Removes the record of ptr into *out; false when ptr was not recorded. */
+bool lum_records_remove(uintptr_t ptr, struct lum_rec *out);
+uint64_t lum_records_live(void);
+extern uint64_t lum_records_dropped;
+
+/* ---- sampler (sampler.c) ---- */
+double lum_sample_weight(uint64_t size, uint64_t interval);
+extern uint64_t lum_prof_samples, lum_prof_sample_frees;
+
+/* ---- symbolisation (symbolize.c): only outside the allocator ---- */
+#define LUM_SYM_OFFSET 1 /* "func+0x1a" rather than "func" */
+#define LUM_SYM_DEEP 2   /* may read ELF symbol tables through libunwind (slower, may malloc) */
+#define LUM_SYM_MODULE 4 /* append " (libfoo.so)" */
+/* Writes a function name (or "module+0xoff", or "0xaddr") for the code address addr. */
+void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags);
+
+/* ---- failure tools ---- */
+/* The failure report (diagnostics.c): written with write(2) to the diagnostics fd. */
+void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err,
+                     bool injected, const uint64_t *frames, uint32_t depth);
+bool lum_fail_in_critical(void);
+void lum_failure_init(void);
+
+/* ---- thread list (observe.c): counters blocks seen by lum_on_thread_start ---- */
+/* Calls fn for each known thread counters block (registry list if the core exports it). */
+void lum_threads_foreach(void (*fn)(const struct lum_thread_counters_v1 *, void *), void *arg);
+
+/* ---- reports (prof_report.c, pprof_encode.c): run outside the allocator ---- */
+/* A copy of the stack table taken under lum_prof_lock, so that writers (which symbolise and may
+ * allocate through stdio) never hold it. */
+struct lum_snap {
+    void *mem;
+    size_t memsz;
+    struct lum_stack **v;
+    size_t n;
+    uint64_t interval;
+};
+int lum_snap_take(struct lum_snap *sn);
+void lum_snap_free(struct lum_snap *sn);
+/* Symbol cache for one report: addr -> name. */
+struct lum_symcache;
+struct lum_symcache *lum_symcache_new(void);
+const char *lum_symcache_get(struct lum_symcache *c, uintptr_t addr, unsigned flags);
+void lum_symcache_free(struct lum_symcache *c);
+/* Renders a whole profile in format f (enum lum_prof_format, not AUTO) into b. */
+int lum_prof_render(struct lum_buf *b, int f);
+int lum_pprof_encode(struct lum_buf *out, const struct lum_snap *sn, struct lum_symcache *sc);
+
+/* ---- profile dumping (prof_dump.c) ---- */
+void lum_prof_dump_init(void);
+
+#endif

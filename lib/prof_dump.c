@@ -1,0 +1,166 @@
+/* Profile dumps outside user calls: at exit (LUMALLOC_PROF_DUMP=path) and on a signal
+ * (LUMALLOC_PROF_SIGNAL).  The signal handler only posts a semaphore (async-signal-safe); a small
+ * dumper thread, started from a constructor where malloc is usable, does the work, so a dump
+ * never runs inside an interrupted malloc. */
+#define _GNU_SOURCE 1
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "obs_internal.h"
+#include "options.h"
+#include "lumalloc_prof.h"
+
+uint64_t lum_prof_dumps;
+
+static int format_for(const char *path, int f)
+{
+    if (f != LUM_PROF_AUTO)
+        return f;
+    const char *dot = strrchr(path, '.');
+    if (dot && !strchr(dot, '/')) {
+        if (!strcmp(dot, ".folded"))
+            return LUM_PROF_FOLDED;
+        if (!strcmp(dot, ".pb") || !strcmp(dot, ".pprof") || !strcmp(dot, ".proto"))
+            return LUM_PROF_PPROF;
+    }
+    return LUM_PROF_TEXT;
+}
+
+LUM_EXPORT int lum_prof_dump(const char *path, enum lum_prof_format format)
+{
+    if (!path || !*path)
+        return -EINVAL;
+    struct lum_buf b = {0};
+    int rc = lum_prof_render(&b, format_for(path, (int)format));
+    if (!rc) {
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            rc = -errno;
+        } else {
+            rc = lum_write_all(fd, b.data, b.len);
+            if (close(fd) && !rc)
+                rc = -errno;
+        }
+    }
+    lum_buf_free(&b);
+    return rc;
+}
+
+static void dump_failed(const char *path, int rc)
+{
+    char msg[512];
+    int n = snprintf(msg, sizeof msg, "lumalloc: cannot write the profile to %s: %s\n", path,
+                     strerror(-rc));
+    if (n > 0)
+        lum_write_all(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+}
+
+/* ---- signal ---- */
+
+static sem_t dump_sem;
+static volatile sig_atomic_t dumper_ready;
+static unsigned dump_seq;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    int saved = errno;
+    if (dumper_ready)
+        sem_post(&dump_sem);
+    errno = saved;
+}
+
+/* Signal dumps go to the dump path with a sequence number before the extension
+ * (prof.folded -> prof.1.folded), or to lumalloc.<pid>.<n>.txt when no path is set. */
+static void signal_path(char *buf, size_t len, unsigned seq)
+{
+    const char *p = lum_opt.prof_dump;
+    if (!p) {
+        snprintf(buf, len, "lumalloc.%d.%u.txt", (int)getpid(), seq);
+        return;
+    }
+    const char *dot = strrchr(p, '.');
+    if (dot && !strchr(dot, '/'))
+        snprintf(buf, len, "%.*s.%u%s", (int)(dot - p), p, seq, dot);
+    else
+        snprintf(buf, len, "%s.%u", p, seq);
+}
+
+static void *dumper(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        if (sem_wait(&dump_sem))
+            continue; /* EINTR */
+        char path[4200];
+        signal_path(path, sizeof path, ++dump_seq);
+        int rc = lum_prof_dump(path, (enum lum_prof_format)lum_opt.prof_format);
+        if (rc)
+            dump_failed(path, rc);
+        else
+            __atomic_fetch_add(&lum_prof_dumps, 1, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+void lum_prof_dump_init(void)
+{
+    /* Installing the handler needs no allocation, so it happens at bootstrap; the thread is
+     * started by the constructor below. */
+    static int installed;
+    if (installed || !lum_opt.prof_signal)
+        return;
+    installed = 1;
+    sem_init(&dump_sem, 0, 0);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(lum_opt.prof_signal, &sa, NULL);
+}
+
+__attribute__((constructor)) static void dumper_ctor(void)
+{
+    /* The allocator may not have bootstrapped yet (no malloc before this constructor): read
+     * the options now; lum_options_init is idempotent. */
+    if (!lum_opt.prof_signal && !getenv("LUMALLOC_PROF_SIGNAL"))
+        return;
+    if (!lum_opt.prof_signal)
+        lum_options_init();
+    lum_prof_dump_init();
+    if (!lum_opt.prof_signal)
+        return;
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    /* The dumper must not take the signal itself (it would post to itself while busy). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    if (pthread_create(&t, &attr, dumper, NULL) == 0) {
+        pthread_setname_np(t, "lumalloc-dump");
+        dumper_ready = 1;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+}
+
+__attribute__((destructor)) static void dump_at_exit(void)
+{
+    if (!lum_opt.prof_dump)
+        return;
+    int rc = lum_prof_dump(lum_opt.prof_dump, (enum lum_prof_format)lum_opt.prof_format);
+    if (rc)
+        dump_failed(lum_opt.prof_dump, rc);
+    else
+        __atomic_fetch_add(&lum_prof_dumps, 1, __ATOMIC_RELAXED);
+}

@@ -1,0 +1,120 @@
+/* Poisson sampling by bytes.  Each thread counts down a random number of bytes drawn from an
+ * exponential distribution with mean T = sample_interval; the allocation that crosses zero is
+ * sampled.  Sampling is then memoryless in bytes, so an allocation of s bytes is sampled with
+ * probability p(s) = 1 - exp(-s/T), and weighting each sample by s / p(s) makes the summed
+ * weights an unbiased estimate of the bytes allocated at a site (and weight / s of its objects),
+ * whatever the mix of sizes. */
+#include <math.h>
+#include "obs_internal.h"
+#include "observe.h"
+#include "options.h"
+#include "probes.h"
+
+uint64_t lum_prof_samples, lum_prof_sample_frees;
+
+/* Keeps the countdown far from overflow when a tiny uniform draw gives a huge interval. */
+#define MAX_INTERVAL ((int64_t)1 << 62)
+
+int64_t lum_sampler_next_interval(uint64_t *rng)
+{
+    uint64_t t = lum_opt.sample_interval;
+    if (!t)
+        return INT64_MAX;
+    uint64_t x = *rng;
+    if (!x)
+        x = 0x853c49e6748fea9bULL; /* xorshift has a fixed point at 0 */
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *rng = x;
+    uint64_t r = x * 0x2545f4914f6cdd1dULL; /* xorshift64*: the high bits are the good ones */
+    double u = (double)((r >> 11) + 1) * 0x1.0p-53; /* uniform in (0, 1]: log() stays finite */
+    double v = -log(u) * (double)t;
+    if (v >= (double)MAX_INTERVAL)
+        return MAX_INTERVAL;
+    return (int64_t)v;
+}
+
+double lum_sample_weight(uint64_t size, uint64_t interval)
+{
+    if (!size)
+        size = 1;
+    if (!interval)
+        return (double)size;
+    /* -expm1 keeps precision when s << T, the common case (p ~ s/T, w ~ T + s/2). */
+    double p = -expm1(-(double)size / (double)interval);
+    return p > 0 ? (double)size / p : (double)interval;
+}
+
+void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable)
+{
+    uint64_t s = requested ? requested : 1;
+    double w = lum_sample_weight(s, lum_opt.sample_interval);
+    uint64_t wb = (uint64_t)(w + 0.5);
+    if (tc)
+        tc->sampled_bytes += wb;
+    __atomic_fetch_add(&lum_prof_samples, 1, __ATOMIC_RELAXED);
+
+    uint64_t frames[LUM_MAX_FRAMES];
+    uint32_t depth = 0;
+    uint64_t id = 0;
+    bool probe = LUM_PROBE_ON(sample);
+    /* Unwinding only for someone who will read the stack: the in-process profiler or an
+     * attached tracer.  Never while already inside profiler code (a nested allocation from
+     * libunwind or a report writer): that is the recursion guard. */
+    if ((lum_opt.prof || probe) && !lum_obs_busy && lum_opt.prof_depth) {
+        lum_obs_busy = 1;
+        depth = lum_unwind(frames, lum_opt.prof_depth, (uintptr_t)__builtin_return_address(0));
+        lum_obs_busy = 0;
+        id = lum_stack_hash(frames, depth);
+    }
+
+    struct lum_rec r = {
+        .ptr = (uintptr_t)ptr, .requested = s, .usable = usable, .weight = wb,
+        .objects = w / (double)s, .stack_id = id,
+    };
+    pthread_mutex_lock(&lum_prof_lock);
+    if (lum_opt.prof) {
+        /* depth 0 (nested or failed unwind) still gets a site, shown as [unknown], so totals
+         * over sites add up to the process total. */
+        struct lum_stack *st = lum_stacktab_get(frames, depth, depth ? id : 1);
+        if (st) {
+            st->samples++;
+            st->alloc_bytes += wb;
+            st->alloc_objects += r.objects;
+            st->live_samples++;
+            st->live_bytes += (int64_t)wb;
+            st->live_objects += r.objects;
+        }
+        r.stack = st;
+    }
+    lum_records_insert(&r);
+    pthread_mutex_unlock(&lum_prof_lock);
+
+    if (probe)
+        STAP_PROBE8(lumalloc, sample, LUM_U64(ptr), LUM_U64(requested), LUM_U64(usable),
+                    LUM_U64(wb), LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
+}
+
+void lum_on_sample_free(void *ptr, size_t usable)
+{
+    (void)usable;
+    struct lum_rec r;
+    /* Unlocked peek: the core may route every free of a sampled page here. */
+    if (!__atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED))
+        return;
+    pthread_mutex_lock(&lum_prof_lock);
+    bool found = lum_records_remove((uintptr_t)ptr, &r);
+    if (found && r.stack) {
+        r.stack->live_samples--;
+        r.stack->live_bytes -= (int64_t)r.weight;
+        r.stack->live_objects -= r.objects;
+    }
+    pthread_mutex_unlock(&lum_prof_lock);
+    if (!found)
+        return;
+    __atomic_fetch_add(&lum_prof_sample_frees, 1, __ATOMIC_RELAXED);
+    if (LUM_PROBE_ON(sample_free))
+        STAP_PROBE5(lumalloc, sample_free, LUM_U64(ptr), LUM_U64(r.requested), LUM_U64(r.usable),
+                    LUM_U64(r.weight), LUM_U64(r.stack_id));
+}

@@ -1,0 +1,53 @@
+/* Symbolisation for reports and warnings.  dladdr covers exported symbols and is cheap; code in
+ * executables (static symbols, no -rdynamic) needs the ELF .symtab, which libunwind's
+ * get_proc_name reads, at a cost that only report writers (LUM_SYM_DEEP) pay. */
+#define _GNU_SOURCE 1
+#define UNW_LOCAL_ONLY
+#include <libunwind.h>
+#include <dlfcn.h>
+#include <stdio.h>
+#include <string.h>
+#include "obs_internal.h"
+
+static const char *base_name(const char *path)
+{
+    const char *s = strrchr(path, '/');
+    return s ? s + 1 : path;
+}
+
+void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags)
+{
+    Dl_info di;
+    memset(&di, 0, sizeof di);
+    bool found = dladdr((void *)addr, &di) != 0;
+    const char *mod = found && di.dli_fname && di.dli_fname[0] ? base_name(di.dli_fname) : NULL;
+    char modsuf[160] = "";
+    if ((flags & LUM_SYM_MODULE) && mod)
+        snprintf(modsuf, sizeof modsuf, " (%s)", mod);
+    if (found && di.dli_sname) {
+        uintptr_t off = addr - (uintptr_t)di.dli_saddr;
+        if ((flags & LUM_SYM_OFFSET) && off)
+            snprintf(buf, len, "%s+0x%lx%s", di.dli_sname, (unsigned long)off, modsuf);
+        else
+            snprintf(buf, len, "%s%s", di.dli_sname, modsuf);
+        return;
+    }
+    if (flags & LUM_SYM_DEEP) {
+        char name[256];
+        unw_word_t off = 0;
+        unw_accessors_t *acc = unw_get_accessors(unw_local_addr_space);
+        if (acc && acc->get_proc_name &&
+            acc->get_proc_name(unw_local_addr_space, addr, name, sizeof name, &off, NULL) == 0 &&
+            name[0]) {
+            if ((flags & LUM_SYM_OFFSET) && off)
+                snprintf(buf, len, "%s+0x%lx%s", name, (unsigned long)off, modsuf);
+            else
+                snprintf(buf, len, "%s%s", name, modsuf);
+            return;
+        }
+    }
+    if (mod)
+        snprintf(buf, len, "%s+0x%lx", mod, (unsigned long)(addr - (uintptr_t)di.dli_fbase));
+    else
+        snprintf(buf, len, "0x%lx", (unsigned long)addr);
+}
