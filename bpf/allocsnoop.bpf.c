@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: GPL-2.0
+/* allocsnoop: one ring-buffer event per lumalloc probe firing, with the in-process unwound
+ * stack copied from the target (the library passes frames_addr + depth).  Filtering by kind and
+ * size happens here so that filtered events cost no ring-buffer space. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/usdt.bpf.h>
+#include "allocsnoop.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+const volatile uint32_t kind_mask = 0xffffffff; /* bit per enum snoop_kind */
+const volatile uint64_t min_size = 0;
+const volatile bool want_stacks = true;
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 16 << 20);
+} events SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, SNOOP_LOST_MAX);
+    __type(key, u32);
+    __type(value, u64);
+} lost SEC(".maps");
+
+/* Bytes of frames to copy, in a form the verifier can bound: clang otherwise reuses the
+ * unclamped register for the size argument. */
+static __always_inline u64 frames_size(u32 depth)
+{
+    u64 sz = (u64)depth * sizeof(u64);
+    asm volatile("" : "+r"(sz));
+    if (sz > LUM_MAX_FRAMES * sizeof(u64))
+        sz = LUM_MAX_FRAMES * sizeof(u64);
+    asm volatile("" : "+r"(sz));
+    return sz;
+}
+
+static __always_inline void count_lost(u32 idx)
+{
+    u64 *v = bpf_map_lookup_elem(&lost, &idx);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline bool wanted(u32 kind, u64 size)
+{
+    if (!(kind_mask & (1u << kind)))
+        return false;
+    return size >= min_size;
+}
+
+static __always_inline void fill(struct snoop_event *e, u32 kind, u64 ptr, u64 size, u64 usable, u64 weight,
+                                 u64 stack_id, u64 arg, u64 arg2)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    e->ts_ns = bpf_ktime_get_ns();
+    e->pid = pt >> 32;
+    e->tid = (u32)pt;
+    e->kind = kind;
+    e->depth = 0;
+    e->ptr = ptr;
+    e->size = size;
+    e->usable = usable;
+    e->weight = weight;
+    e->stack_id = stack_id;
+    e->arg = arg;
+    e->arg2 = arg2;
+}
+
+static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 weight, u64 frames_addr, u32 depth,
+                                u64 stack_id, u64 arg, u64 arg2)
+{
+    if (!wanted(kind, size))
+        return 0;
+    if (want_stacks && frames_addr && depth) {
+        struct snoop_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+        if (!e) {
+            count_lost(SNOOP_LOST_RINGBUF);
+            return 0;
+        }
+        fill(e, kind, ptr, size, usable, weight, stack_id, arg, arg2);
+        u64 sz = frames_size(depth);
+        if (bpf_probe_read_user(e->frames, sz, (void *)frames_addr) == 0) {
+            e->depth = sz / sizeof(u64);
+        } else {
+            count_lost(SNOOP_LOST_STACK);
+        }
+        bpf_ringbuf_submit(e, 0);
+        return 0;
+    }
+    struct snoop_event *e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
+    if (!e) {
+        count_lost(SNOOP_LOST_RINGBUF);
+        return 0;
+    }
+    fill(e, kind, ptr, size, usable, weight, stack_id, arg, arg2);
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}
+
+SEC("usdt")
+int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u32 depth, u64 stack_id, u64 tc)
+{
+    return emit(SNOOP_SAMPLE, ptr, req, usable, weight, frames, depth, stack_id, tc, 0);
+}
+
+SEC("usdt")
+int BPF_USDT(on_sample_free, u64 ptr, u64 req, u64 usable, u64 weight, u64 stack_id)
+{
+    return emit(SNOOP_SAMPLE_FREE, ptr, req, usable, weight, 0, 0, stack_id, 0, 0);
+}
+
+SEC("usdt")
+int BPF_USDT(on_large_alloc, u64 ptr, u64 req, u64 usable, u64 frames, u32 depth, u64 stack_id, u64 tc)
+{
+    return emit(SNOOP_LARGE_ALLOC, ptr, req, usable, 0, frames, depth, stack_id, tc, 0);
+}
+
+SEC("usdt")
+int BPF_USDT(on_large_free, u64 ptr, u64 usable)
+{
+    return emit(SNOOP_LARGE_FREE, ptr, usable, usable, 0, 0, 0, 0, 0, 0);
+}
+
+SEC("usdt")
+int BPF_USDT(on_alloc_failure, u64 req, u64 align, u32 err, u64 frames, u32 depth, u64 stack_id, u64 tc)
+{
+    return emit(SNOOP_FAILURE, 0, req, 0, 0, frames, depth, stack_id, align, err);
+}
+
+SEC("usdt")
+int BPF_USDT(on_thread_start, u32 tid, u64 tc)
+{
+    return emit(SNOOP_THREAD_START, 0, 0, 0, 0, 0, 0, 0, tc, tid);
+}
+
+SEC("usdt")
+int BPF_USDT(on_thread_exit, u32 tid, u64 tc)
+{
+    return emit(SNOOP_THREAD_EXIT, 0, 0, 0, 0, 0, 0, 0, tc, tid);
+}
+
+SEC("usdt")
+int BPF_USDT(on_purge, u64 bytes, u32 reason)
+{
+    return emit(SNOOP_PURGE, 0, bytes, 0, 0, 0, 0, 0, reason, 0);
+}
+
+SEC("usdt")
+int BPF_USDT(on_pressure, u64 stall_us, u64 released)
+{
+    return emit(SNOOP_PRESSURE, 0, released, released, 0, 0, 0, 0, stall_us, 0);
+}

@@ -1,0 +1,49 @@
+/* Kernel -> user records of allocsnoop (bpf/allocsnoop.bpf.c -> tools/allocsnoop). */
+#ifndef LUMALLOC_BPF_ALLOCSNOOP_H
+#define LUMALLOC_BPF_ALLOCSNOOP_H
+#ifndef __bpf__
+#include <stdint.h>
+#include <stddef.h>
+#endif
+#include "lumalloc_probes.h"
+
+enum snoop_kind {
+    SNOOP_SAMPLE,
+    SNOOP_SAMPLE_FREE,
+    SNOOP_LARGE_ALLOC,
+    SNOOP_LARGE_FREE,
+    SNOOP_FAILURE,
+    SNOOP_THREAD_START,
+    SNOOP_THREAD_EXIT,
+    SNOOP_PURGE,
+    SNOOP_PRESSURE,
+    SNOOP_NKINDS
+};
+
+/* Indices of the per-CPU `lost` counter array. */
+enum snoop_lost {
+    SNOOP_LOST_RINGBUF, /* bpf_ringbuf_reserve failed: ring buffer full */
+    SNOOP_LOST_STACK,   /* frames could not be read from the target (event kept, depth 0) */
+    SNOOP_LOST_MAX
+};
+
+/* One event.  Events without a stack are submitted truncated to SNOOP_HDR_SIZE bytes, so the
+ * ring buffer is not filled with empty frame arrays. */
+struct snoop_event {
+    uint64_t ts_ns;     /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    uint32_t pid, tid;
+    uint32_t kind;      /* enum snoop_kind */
+    uint32_t depth;     /* valid entries in frames[] */
+    uint64_t ptr;       /* address (sample*, large*), 0 otherwise */
+    uint64_t size;      /* requested size; purge: bytes; pressure: stall_us */
+    uint64_t usable;    /* usable size; pressure: bytes released */
+    uint64_t weight;    /* sample weight in bytes (sample, sample_free) */
+    uint64_t stack_id;  /* library's stack hash, 0 if none */
+    uint64_t arg;       /* failure: alignment; thread_*: counters address; purge: reason */
+    uint64_t arg2;      /* failure: errno */
+    uint64_t frames[LUM_MAX_FRAMES]; /* return addresses, innermost first */
+};
+
+#define SNOOP_HDR_SIZE __builtin_offsetof(struct snoop_event, frames)
+
+#endif

@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: GPL-2.0
+/* alloctop: aggregate in the kernel.  Per-thread event counts and per-site sample weights go to
+ * hash maps read once per interval; a site's frames are copied once, the first time its stack id
+ * is seen.  Every event that cannot be stored is counted in `lost`. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/usdt.bpf.h>
+#include "alloctop.h"
+
+#ifndef EEXIST
+#define EEXIST 17
+#endif
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, TOP_MAX_THREADS);
+    __type(key, struct top_thread_key);
+    __type(value, struct top_thread_val);
+} threads SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, TOP_MAX_SITES);
+    __type(key, struct top_site_key);
+    __type(value, struct top_site_val);
+} sites SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, TOP_MAX_STACKS);
+    __type(key, struct top_site_key);
+    __type(value, struct top_stack);
+} stacks SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct top_stack);
+} scratch SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 256 << 10);
+} events SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, TOP_LOST_MAX);
+    __type(key, u32);
+    __type(value, u64);
+} lost SEC(".maps");
+
+/* Bytes of frames to copy, in a form the verifier can bound: clang otherwise reuses the
+ * unclamped register for the size argument. */
+static __always_inline u64 frames_size(u32 depth)
+{
+    u64 sz = (u64)depth * sizeof(u64);
+    asm volatile("" : "+r"(sz));
+    if (sz > LUM_MAX_FRAMES * sizeof(u64))
+        sz = LUM_MAX_FRAMES * sizeof(u64);
+    asm volatile("" : "+r"(sz));
+    return sz;
+}
+
+static __always_inline void count_lost(u32 idx)
+{
+    u64 *v = bpf_map_lookup_elem(&lost, &idx);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline struct top_thread_val *thread_val(void)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    struct top_thread_key k = {.pid = pt >> 32, .tid = (u32)pt};
+    struct top_thread_val *v = bpf_map_lookup_elem(&threads, &k);
+    if (v)
+        return v;
+    struct top_thread_val zero = {};
+    long err = bpf_map_update_elem(&threads, &k, &zero, BPF_NOEXIST);
+    if (err && err != -EEXIST) {
+        count_lost(TOP_LOST_THREADS_FULL);
+        return 0;
+    }
+    return bpf_map_lookup_elem(&threads, &k);
+}
+
+SEC("usdt")
+int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u32 depth, u64 stack_id, u64 tc)
+{
+    struct top_thread_val *tv = thread_val();
+    if (tv) {
+        __sync_fetch_and_add(&tv->samples, 1);
+        __sync_fetch_and_add(&tv->sample_bytes, weight);
+    }
+    struct top_site_key k = {.pid = bpf_get_current_pid_tgid() >> 32, .stack_id = stack_id};
+    struct top_site_val *sv = bpf_map_lookup_elem(&sites, &k);
+    if (!sv) {
+        struct top_site_val zero = {};
+        long err = bpf_map_update_elem(&sites, &k, &zero, BPF_NOEXIST);
+        if (err && err != -EEXIST) {
+            count_lost(TOP_LOST_SITES_FULL);
+            return 0;
+        }
+        sv = bpf_map_lookup_elem(&sites, &k);
+        if (!sv)
+            return 0;
+        /* First sighting of this stack: keep its frames. */
+        if (stack_id && frames && depth) {
+            u32 zk = 0;
+            struct top_stack *st = bpf_map_lookup_elem(&scratch, &zk);
+            if (st) {
+                u64 sz = frames_size(depth);
+                if (bpf_probe_read_user(st->frames, sz, (void *)frames) == 0) {
+                    st->depth = sz / sizeof(u64);
+                    err = bpf_map_update_elem(&stacks, &k, st, BPF_NOEXIST);
+                    if (err && err != -EEXIST)
+                        count_lost(TOP_LOST_STACKS_FULL);
+                }
+            }
+        }
+    }
+    __sync_fetch_and_add(&sv->count, 1);
+    __sync_fetch_and_add(&sv->weight, weight);
+    return 0;
+}
+
+SEC("usdt")
+int BPF_USDT(on_large_alloc, u64 ptr, u64 req, u64 usable, u64 frames, u32 depth, u64 stack_id, u64 tc)
+{
+    struct top_thread_val *tv = thread_val();
+    if (tv) {
+        __sync_fetch_and_add(&tv->large, 1);
+        __sync_fetch_and_add(&tv->large_bytes, usable);
+    }
+    return 0;
+}
+
+SEC("usdt")
+int BPF_USDT(on_alloc_failure, u64 req, u64 align, u32 err, u64 frames, u32 depth, u64 stack_id, u64 tc)
+{
+    struct top_thread_val *tv = thread_val();
+    if (tv)
+        __sync_fetch_and_add(&tv->failures, 1);
+    return 0;
+}
+
+static __always_inline int thread_event(u32 kind, u32 tid, u64 tc)
+{
+    struct top_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+    if (!e) {
+        count_lost(TOP_LOST_RINGBUF);
+        return 0;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->pid = bpf_get_current_pid_tgid() >> 32;
+    e->tid = tid;
+    e->kind = kind;
+    e->pad = 0;
+    e->counters_addr = tc;
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}
+
+SEC("usdt")
+int BPF_USDT(on_thread_start, u32 tid, u64 tc)
+{
+    return thread_event(TOP_THREAD_START, tid, tc);
+}
+
+SEC("usdt")
+int BPF_USDT(on_thread_exit, u32 tid, u64 tc)
+{
+    return thread_event(TOP_THREAD_EXIT, tid, tc);
+}

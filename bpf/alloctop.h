@@ -1,0 +1,57 @@
+/* Kernel -> user maps and records of alloctop (bpf/alloctop.bpf.c -> tools/alloctop).
+ * alloctop aggregates in the kernel: per-thread event counts and per-site sample weights live
+ * in hash maps that user space reads once per interval; only thread lifecycle goes through the
+ * ring buffer.  Exact per-thread byte counts come from the registry, not from here. */
+#ifndef LUMALLOC_BPF_ALLOCTOP_H
+#define LUMALLOC_BPF_ALLOCTOP_H
+#ifndef __bpf__
+#include <stdint.h>
+#endif
+#include "lumalloc_probes.h"
+
+struct top_thread_key {
+    uint32_t pid, tid;
+};
+
+struct top_thread_val {
+    uint64_t samples, sample_bytes; /* count and weight sum of `sample` events */
+    uint64_t large, large_bytes;    /* `large_alloc` events */
+    uint64_t failures;              /* `alloc_failure` events */
+};
+
+struct top_site_key {
+    uint32_t pid, pad;
+    uint64_t stack_id;              /* library's stack hash (0: no stack taken) */
+};
+
+struct top_site_val {
+    uint64_t count, weight;
+};
+
+struct top_stack {
+    uint32_t depth, pad;
+    uint64_t frames[LUM_MAX_FRAMES];
+};
+
+enum top_event_kind { TOP_THREAD_START, TOP_THREAD_EXIT };
+
+struct top_event {
+    uint64_t ts_ns;
+    uint32_t pid, tid;
+    uint32_t kind, pad;
+    uint64_t counters_addr;
+};
+
+enum top_lost {
+    TOP_LOST_RINGBUF,      /* thread event dropped: ring buffer full */
+    TOP_LOST_SITES_FULL,   /* sample not attributed to a site: sites map full */
+    TOP_LOST_STACKS_FULL,  /* stack frames not stored: stacks map full */
+    TOP_LOST_THREADS_FULL, /* event not counted per thread: threads map full */
+    TOP_LOST_MAX
+};
+
+#define TOP_MAX_SITES 16384
+#define TOP_MAX_STACKS 8192
+#define TOP_MAX_THREADS 8192
+
+#endif

@@ -1,0 +1,636 @@
+/*
+ * allocsnoop: lumalloc's sampled, large and failed allocations as they happen, with stacks
+ * unwound in-process by the library (right without frame pointers), and end-of-run reports:
+ * live (probably leaked) bytes per stack, top sites, folded stacks, pprof.
+ *
+ * Estimates: each `sample` stands for weight_bytes bytes (and weight/size objects); a sample
+ * whose pointer is seen again in `sample_free` is no longer live.  Live bytes per stack at the
+ * end are therefore an unbiased estimate of the bytes still allocated from that stack by
+ * allocations made while allocsnoop was attached.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "allocsnoop.h"
+#include "allocsnoop.skel.h"
+#include "tc.h"
+
+#define MAX_TARGETS 16
+
+static const char *const kind_names[SNOOP_NKINDS] = {"sample",        "sample_free",  "large_alloc",
+                                                     "large_free",    "alloc_failure", "thread_start",
+                                                     "thread_exit",   "purge",        "pressure"};
+
+struct stack_agg {
+    pid_t pid;
+    unsigned depth;
+    uint64_t *frames;
+    double alloc_objects, alloc_space, inuse_objects, inuse_space;
+    uint64_t samples, live_samples;
+};
+
+struct live_rec {
+    uint32_t stack;  /* index into stacks */
+    uint32_t next_free;
+    double weight, objects;
+};
+
+static struct {
+    uint32_t kinds;
+    uint64_t min_size;
+    double duration;
+    bool stacks_out, quiet, json, all_frames;
+    const char *folded, *pprof;
+    int leaks;
+} opt = {.kinds = 0xffffffff, .leaks = 10};
+
+static struct tc_target targets[MAX_TARGETS];
+static int ntargets;
+static struct tc_symbolizer *sym;
+static struct stack_agg *stacks;
+static size_t nstacks, capstacks;
+static struct tc_map64 stack_idx; /* stack key -> index+1 */
+static struct live_rec *lives;
+static size_t nlives, caplives;
+static uint32_t free_live = UINT32_MAX;
+static struct tc_map64 live_idx; /* pid/ptr key -> live index+1 */
+static uint64_t counts[SNOOP_NKINDS];
+static uint64_t start_ns;
+static double t_start;
+static volatile sig_atomic_t stop;
+static double last_snap[MAX_TARGETS];
+
+static void on_signal(int sig) { (void)sig, stop = 1; }
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: allocsnoop [options] -p PID[,PID...] | -c 'CMD ARGS'\n"
+            "  -p, --pid PID[,PID...]   attach to running processes (repeatable)\n"
+            "  -c, --command 'CMD ARGS' start CMD with the probes attached from its first instruction\n"
+            "      --preload PATH       LD_PRELOAD this liblumalloc.so into CMD (default: $LUMALLOC_LIB)\n"
+            "  -e, --events LIST        sample,sample_free,large,large_free,failure,thread,purge,pressure\n"
+            "  -m, --min-size BYTES     only events of at least this size\n"
+            "  -d, --duration SECONDS   stop after this long (default: until the targets exit or ^C)\n"
+            "  -U, --stacks             print each event's symbolised stack\n"
+            "  -q, --quiet              no per-event lines, reports only\n"
+            "  -j, --json               JSON lines (events and reports)\n"
+            "      --folded FILE        folded stacks (sampled bytes) for flame graphs\n"
+            "      --pprof FILE         pprof profile (uncompressed profile.proto)\n"
+            "      --leaks N            stacks shown in the live/leak report (default 10)\n"
+            "      --all-frames         keep the allocator's own frames in stack output\n"
+            "  -v, --verbose            libbpf diagnostics\n");
+}
+
+static uint32_t parse_kinds(const char *arg)
+{
+    uint32_t m = 0;
+    char *dup = strdup(arg), *save = NULL;
+    for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        if (!strcmp(t, "sample"))
+            m |= 1u << SNOOP_SAMPLE;
+        else if (!strcmp(t, "sample_free") || !strcmp(t, "free"))
+            m |= 1u << SNOOP_SAMPLE_FREE;
+        else if (!strcmp(t, "large") || !strcmp(t, "large_alloc"))
+            m |= 1u << SNOOP_LARGE_ALLOC;
+        else if (!strcmp(t, "large_free"))
+            m |= 1u << SNOOP_LARGE_FREE;
+        else if (!strcmp(t, "failure") || !strcmp(t, "alloc_failure"))
+            m |= 1u << SNOOP_FAILURE;
+        else if (!strcmp(t, "thread"))
+            m |= 1u << SNOOP_THREAD_START | 1u << SNOOP_THREAD_EXIT;
+        else if (!strcmp(t, "purge"))
+            m |= 1u << SNOOP_PURGE;
+        else if (!strcmp(t, "pressure"))
+            m |= 1u << SNOOP_PRESSURE;
+        else
+            tc_die("unknown event kind '%s'", t);
+    }
+    free(dup);
+    return m;
+}
+
+static uint64_t parse_size(const char *s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno || v < 0)
+        tc_die("invalid size '%s'", s);
+    switch (*end) {
+    case 'k': case 'K': v *= 1024; break;
+    case 'm': case 'M': v *= 1024 * 1024; break;
+    case 'g': case 'G': v *= 1024.0 * 1024 * 1024; break;
+    case 0: break;
+    default: tc_die("invalid size '%s'", s);
+    }
+    return (uint64_t)v;
+}
+
+static int target_index(pid_t pid)
+{
+    for (int i = 0; i < ntargets; i++)
+        if (targets[i].pid == pid)
+            return i;
+    return -1;
+}
+
+/* Keep the symbol snapshot fresh while the target lives: after it exits, only what was
+ * snapshotted can be resolved. */
+static void maybe_snapshot(pid_t pid)
+{
+    int i = target_index(pid);
+    if (i < 0)
+        return;
+    double now = tc_now();
+    if (now - last_snap[i] < 1.0 || !targets[i].alive)
+        return;
+    last_snap[i] = now;
+    tc_sym_snapshot(sym, pid, targets[i].probe_path);
+}
+
+static uint32_t stack_of(const struct snoop_event *e)
+{
+    uint64_t h = tc_hash64(0x5eed, (uint64_t)e->pid);
+    if (e->depth)
+        for (unsigned i = 0; i < e->depth; i++)
+            h = tc_hash64(h, e->frames[i]);
+    else
+        h = tc_hash64(h, e->stack_id);
+    h |= 1;
+    bool created;
+    uint64_t *v = tc_map64_put(&stack_idx, h, &created);
+    if (!v)
+        tc_die("out of memory");
+    if (!created)
+        return (uint32_t)(*v - 1);
+    if (nstacks == capstacks) {
+        capstacks = capstacks ? capstacks * 2 : 256;
+        stacks = realloc(stacks, capstacks * sizeof(*stacks));
+        if (!stacks)
+            tc_die("out of memory");
+    }
+    struct stack_agg *s = &stacks[nstacks];
+    memset(s, 0, sizeof(*s));
+    s->pid = (pid_t)e->pid;
+    s->depth = e->depth;
+    if (e->depth) {
+        s->frames = malloc(e->depth * sizeof(uint64_t));
+        if (!s->frames)
+            tc_die("out of memory");
+        memcpy(s->frames, e->frames, e->depth * sizeof(uint64_t));
+    }
+    *v = ++nstacks;
+    return (uint32_t)(nstacks - 1);
+}
+
+static uint64_t live_key(uint32_t pid, uint64_t ptr) { return (ptr ^ ((uint64_t)pid << 47)) | 1; }
+
+static void track_sample(const struct snoop_event *e)
+{
+    uint32_t si = stack_of(e);
+    struct stack_agg *s = &stacks[si];
+    double w = (double)e->weight;
+    double objs = e->size ? w / (double)e->size : 1.0;
+    s->samples++;
+    s->alloc_space += w;
+    s->alloc_objects += objs;
+    s->inuse_space += w;
+    s->inuse_objects += objs;
+    s->live_samples++;
+    uint32_t li;
+    if (free_live != UINT32_MAX) {
+        li = free_live;
+        free_live = lives[li].next_free;
+    } else {
+        if (nlives == caplives) {
+            caplives = caplives ? caplives * 2 : 1024;
+            lives = realloc(lives, caplives * sizeof(*lives));
+            if (!lives)
+                tc_die("out of memory");
+        }
+        li = (uint32_t)nlives++;
+    }
+    lives[li] = (struct live_rec){si, UINT32_MAX, w, objs};
+    uint64_t key = live_key(e->pid, e->ptr), old;
+    if (tc_map64_del(&live_idx, key, &old)) {
+        /* A sampled pointer reused without a sample_free seen (event lost): retire the old. */
+        struct live_rec *o = &lives[old - 1];
+        stacks[o->stack].inuse_space -= o->weight;
+        stacks[o->stack].inuse_objects -= o->objects;
+        stacks[o->stack].live_samples--;
+        o->next_free = free_live;
+        free_live = (uint32_t)(old - 1);
+    }
+    *tc_map64_put(&live_idx, key, NULL) = li + 1;
+}
+
+static void track_free(const struct snoop_event *e)
+{
+    uint64_t li;
+    if (!tc_map64_del(&live_idx, live_key(e->pid, e->ptr), &li))
+        return; /* sampled before we attached */
+    struct live_rec *r = &lives[li - 1];
+    struct stack_agg *s = &stacks[r->stack];
+    s->inuse_space -= r->weight;
+    s->inuse_objects -= r->objects;
+    s->live_samples--;
+    r->next_free = free_live;
+    free_live = (uint32_t)(li - 1);
+}
+
+static void print_stack_text(pid_t pid, const uint64_t *frames, unsigned depth, const char *indent, unsigned max)
+{
+    unsigned first = opt.all_frames ? 0 : tc_first_user_frame(sym, pid, frames, depth);
+    for (unsigned i = first, k = 0; i < depth && k < max; i++, k++) {
+        char tmp[PATH_MAX + 64];
+        printf("%s#%-2u %s\n", indent, k, tc_frame_str(tc_sym_resolve(sym, pid, frames[i]), tmp, sizeof(tmp)));
+    }
+    if (!depth)
+        printf("%s[no stack]\n", indent);
+}
+
+static void print_stack_json(pid_t pid, const uint64_t *frames, unsigned depth)
+{
+    unsigned first = opt.all_frames ? 0 : tc_first_user_frame(sym, pid, frames, depth);
+    fputc('[', stdout);
+    for (unsigned i = first; i < depth; i++) {
+        char tmp[PATH_MAX + 64];
+        if (i > first)
+            fputc(',', stdout);
+        tc_json_str(stdout, tc_frame_str(tc_sym_resolve(sym, pid, frames[i]), tmp, sizeof(tmp)));
+    }
+    fputc(']', stdout);
+}
+
+static int handle_event(void *ctx, void *data, size_t len)
+{
+    (void)ctx;
+    if (len < SNOOP_HDR_SIZE)
+        return 0;
+    struct snoop_event *e = data;
+    if (e->kind >= SNOOP_NKINDS)
+        return 0;
+    if (len < SNOOP_HDR_SIZE + e->depth * sizeof(uint64_t))
+        e->depth = 0;
+    counts[e->kind]++;
+    maybe_snapshot((pid_t)e->pid);
+    if (e->kind == SNOOP_SAMPLE)
+        track_sample(e);
+    else if (e->kind == SNOOP_SAMPLE_FREE)
+        track_free(e);
+    if (opt.quiet)
+        return 0;
+    double ts = start_ns && e->ts_ns > start_ns ? (double)(e->ts_ns - start_ns) * 1e-9 : 0;
+    uint32_t tid = e->tid;
+    if (e->kind == SNOOP_THREAD_START || e->kind == SNOOP_THREAD_EXIT)
+        tid = (uint32_t)e->arg2;
+    if (opt.json) {
+        printf("{\"type\":\"event\",\"ts\":%.6f,\"pid\":%u,\"tid\":%u,\"event\":\"%s\",\"size\":%llu,\"usable\":%llu,"
+               "\"ptr\":\"0x%llx\",\"weight\":%llu",
+               ts, e->pid, tid, kind_names[e->kind], (unsigned long long)e->size, (unsigned long long)e->usable,
+               (unsigned long long)e->ptr, (unsigned long long)e->weight);
+        if (e->kind == SNOOP_FAILURE)
+            printf(",\"alignment\":%llu,\"errno\":%llu", (unsigned long long)e->arg, (unsigned long long)e->arg2);
+        if (opt.stacks_out && e->depth) {
+            printf(",\"stack\":");
+            print_stack_json((pid_t)e->pid, e->frames, e->depth);
+        }
+        printf("}\n");
+        return 0;
+    }
+    char extra[96] = "";
+    if (e->kind == SNOOP_SAMPLE || e->kind == SNOOP_SAMPLE_FREE)
+        snprintf(extra, sizeof(extra), "weight=%llu", (unsigned long long)e->weight);
+    else if (e->kind == SNOOP_FAILURE)
+        snprintf(extra, sizeof(extra), "align=%llu errno=%llu", (unsigned long long)e->arg,
+                 (unsigned long long)e->arg2);
+    else if (e->kind == SNOOP_PURGE)
+        snprintf(extra, sizeof(extra), "reason=%llu", (unsigned long long)e->arg);
+    else if (e->kind == SNOOP_PRESSURE)
+        snprintf(extra, sizeof(extra), "stall_us=%llu", (unsigned long long)e->arg);
+    printf("%-12.6f %-7u %-7u %-13s %12llu 0x%-14llx %s\n", ts, e->pid, tid, kind_names[e->kind],
+           (unsigned long long)e->size, (unsigned long long)e->ptr, extra);
+    if (opt.stacks_out && e->depth)
+        print_stack_text((pid_t)e->pid, e->frames, e->depth, "        ", 64);
+    return 0;
+}
+
+static void lost_counts(struct allocsnoop_bpf *skel, uint64_t out[SNOOP_LOST_MAX])
+{
+    memset(out, 0, sizeof(uint64_t) * SNOOP_LOST_MAX);
+    int ncpu = libbpf_num_possible_cpus();
+    uint64_t *v = calloc((size_t)ncpu, sizeof(uint64_t));
+    if (!v)
+        return;
+    for (uint32_t k = 0; k < SNOOP_LOST_MAX; k++)
+        if (bpf_map_lookup_elem(bpf_map__fd(skel->maps.lost), &k, v) == 0)
+            for (int c = 0; c < ncpu; c++)
+                out[k] += v[c];
+    free(v);
+}
+
+static int cmp_inuse(const void *a, const void *b)
+{
+    double x = stacks[*(const uint32_t *)a].inuse_space, y = stacks[*(const uint32_t *)b].inuse_space;
+    return x < y ? 1 : (x > y ? -1 : 0);
+}
+
+struct site_sum {
+    const char *name;
+    pid_t pid;
+    double bytes, objects;
+    uint64_t samples;
+};
+
+static int cmp_site(const void *a, const void *b)
+{
+    double x = ((const struct site_sum *)a)->bytes, y = ((const struct site_sum *)b)->bytes;
+    return x < y ? 1 : (x > y ? -1 : 0);
+}
+
+static void reports(struct allocsnoop_bpf *skel)
+{
+    uint64_t lost[SNOOP_LOST_MAX];
+    lost_counts(skel, lost);
+    double elapsed = tc_now() - t_start;
+
+    /* Top sites: first frame outside the allocator. */
+    struct site_sum *sites = calloc(nstacks ? nstacks : 1, sizeof(*sites));
+    size_t nsites = 0;
+    double total = 0;
+    for (size_t i = 0; i < nstacks && sites; i++) {
+        struct stack_agg *s = &stacks[i];
+        const char *name = "[no stack]";
+        if (s->depth) {
+            unsigned f = tc_first_user_frame(sym, s->pid, s->frames, s->depth);
+            name = tc_sym_resolve(sym, s->pid, s->frames[f])->name;
+        }
+        total += s->alloc_space;
+        size_t k;
+        for (k = 0; k < nsites; k++)
+            if (sites[k].pid == s->pid && !strcmp(sites[k].name, name))
+                break;
+        if (k == nsites)
+            sites[nsites++] = (struct site_sum){name, s->pid, 0, 0, 0};
+        sites[k].bytes += s->alloc_space;
+        sites[k].objects += s->alloc_objects;
+        sites[k].samples += s->samples;
+    }
+    if (nsites)
+        qsort(sites, nsites, sizeof(*sites), cmp_site);
+
+    uint32_t *order = malloc((nstacks ? nstacks : 1) * sizeof(*order));
+    size_t nlive = 0;
+    for (size_t i = 0; i < nstacks && order; i++)
+        if (stacks[i].live_samples > 0)
+            order[nlive++] = (uint32_t)i;
+    if (nlive)
+        qsort(order, nlive, sizeof(*order), cmp_inuse);
+    bool leak_valid = (opt.kinds & (1u << SNOOP_SAMPLE)) && (opt.kinds & (1u << SNOOP_SAMPLE_FREE));
+
+    if (opt.json) {
+        printf("{\"type\":\"summary\",\"duration\":%.3f,\"events\":{", elapsed);
+        for (int k = 0; k < SNOOP_NKINDS; k++)
+            printf("%s\"%s\":%llu", k ? "," : "", kind_names[k], (unsigned long long)counts[k]);
+        printf("},\"lost\":{\"ringbuf\":%llu,\"stack\":%llu}}\n", (unsigned long long)lost[SNOOP_LOST_RINGBUF],
+               (unsigned long long)lost[SNOOP_LOST_STACK]);
+        for (size_t k = 0; k < nsites; k++) {
+            printf("{\"type\":\"site\",\"pid\":%d,\"function\":", (int)sites[k].pid);
+            tc_json_str(stdout, sites[k].name);
+            printf(",\"bytes\":%.0f,\"objects\":%.0f,\"samples\":%llu,\"share\":%.4f}\n", sites[k].bytes,
+                   sites[k].objects, (unsigned long long)sites[k].samples, total > 0 ? sites[k].bytes / total : 0);
+        }
+        for (size_t k = 0; leak_valid && k < nlive && (int)k < opt.leaks; k++) {
+            struct stack_agg *s = &stacks[order[k]];
+            printf("{\"type\":\"live\",\"pid\":%d,\"bytes\":%.0f,\"objects\":%.0f,\"samples\":%llu,\"stack\":",
+                   (int)s->pid, s->inuse_space, s->inuse_objects, (unsigned long long)s->live_samples);
+            print_stack_json(s->pid, s->frames, s->depth);
+            printf("}\n");
+        }
+    } else {
+        fprintf(stdout, "\n=== allocsnoop: %.1f s", elapsed);
+        for (int k = 0; k < SNOOP_NKINDS; k++)
+            if (counts[k])
+                printf(", %s %llu", kind_names[k], (unsigned long long)counts[k]);
+        printf("\nlost events: ring buffer %llu, stacks unreadable %llu\n",
+               (unsigned long long)lost[SNOOP_LOST_RINGBUF], (unsigned long long)lost[SNOOP_LOST_STACK]);
+        if (nsites) {
+            printf("\nTop allocation sites (sampled bytes):\n");
+            for (size_t k = 0; k < nsites && k < 15; k++)
+                printf("  %5.1f%%  %12.0f B  %10.0f objs  %7llu samples  %s (pid %d)\n",
+                       total > 0 ? 100 * sites[k].bytes / total : 0, sites[k].bytes, sites[k].objects,
+                       (unsigned long long)sites[k].samples, sites[k].name, (int)sites[k].pid);
+        }
+        if (!leak_valid) {
+            printf("\n(live-bytes report needs both sample and sample_free events)\n");
+        } else {
+            double live_total = 0;
+            for (size_t k = 0; k < nlive; k++)
+                live_total += stacks[order[k]].inuse_space;
+            printf("\nLive (not freed) bytes at exit, estimated from samples: %.0f B in %zu stacks\n", live_total,
+                   nlive);
+            for (size_t k = 0; k < nlive && (int)k < opt.leaks; k++) {
+                struct stack_agg *s = &stacks[order[k]];
+                printf("\n%.0f bytes in ~%.0f objects (%llu samples) still live, pid %d, allocated from:\n",
+                       s->inuse_space, s->inuse_objects, (unsigned long long)s->live_samples, (int)s->pid);
+                print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
+            }
+        }
+    }
+    free(order);
+    free(sites);
+
+    if (opt.folded || opt.pprof) {
+        struct tc_prof_stack *ps = calloc(nstacks ? nstacks : 1, sizeof(*ps));
+        if (!ps)
+            tc_die("out of memory");
+        for (size_t i = 0; i < nstacks; i++) {
+            ps[i].pid = stacks[i].pid;
+            ps[i].depth = stacks[i].depth;
+            ps[i].frames = stacks[i].frames;
+            ps[i].values[0] = llround(stacks[i].alloc_objects);
+            ps[i].values[1] = llround(stacks[i].alloc_space);
+            ps[i].values[2] = llround(stacks[i].inuse_objects);
+            ps[i].values[3] = llround(stacks[i].inuse_space);
+        }
+        int r;
+        if (opt.folded && (r = tc_write_folded(opt.folded, sym, ps, nstacks, 1)))
+            tc_warn("cannot write %s: %s", opt.folded, strerror(-r));
+        int64_t period = 0;
+        if (opt.pprof && (r = tc_write_pprof(opt.pprof, sym, ps, nstacks, (int64_t)(elapsed * 1e9), period)))
+            tc_warn("cannot write %s: %s", opt.pprof, strerror(-r));
+        free(ps);
+    }
+    fflush(stdout);
+}
+
+static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
+{
+    static const struct {
+        const char *probe;
+        int kind;
+    } probes[] = {{"sample", SNOOP_SAMPLE},           {"sample_free", SNOOP_SAMPLE_FREE},
+                  {"large_alloc", SNOOP_LARGE_ALLOC}, {"large_free", SNOOP_LARGE_FREE},
+                  {"alloc_failure", SNOOP_FAILURE},   {"thread_start", SNOOP_THREAD_START},
+                  {"thread_exit", SNOOP_THREAD_EXIT}, {"purge", SNOOP_PURGE},
+                  {"pressure", SNOOP_PRESSURE}};
+    struct bpf_program *progs[] = {skel->progs.on_sample,        skel->progs.on_sample_free,
+                                   skel->progs.on_large_alloc,   skel->progs.on_large_free,
+                                   skel->progs.on_alloc_failure, skel->progs.on_thread_start,
+                                   skel->progs.on_thread_exit,   skel->progs.on_purge,
+                                   skel->progs.on_pressure};
+    int attached = 0;
+    for (size_t i = 0; i < sizeof(probes) / sizeof(probes[0]); i++) {
+        if (!(opt.kinds & (1u << probes[i].kind)))
+            continue;
+        /* Only `sample` is mandatory: older or partial libraries may lack the others. */
+        bool required = probes[i].kind == SNOOP_SAMPLE;
+        if (tc_attach_usdt(t, progs[i], probes[i].probe, !required) == 0)
+            attached++;
+        else if (required)
+            tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)t->pid, t->probe_path);
+    }
+    if (!attached)
+        tc_die("none of the requested lumalloc probes exist in %s", t->probe_path);
+}
+
+int main(int argc, char **argv)
+{
+    tc_prog = "allocsnoop";
+    const char *command = NULL, *preload = NULL;
+    pid_t pids[MAX_TARGETS];
+    int npids = 0;
+    enum { OPT_PRELOAD = 256, OPT_FOLDED, OPT_PPROF, OPT_LEAKS, OPT_ALLFRAMES };
+    static const struct option lopts[] = {
+        {"pid", required_argument, 0, 'p'},         {"command", required_argument, 0, 'c'},
+        {"preload", required_argument, 0, OPT_PRELOAD}, {"events", required_argument, 0, 'e'},
+        {"min-size", required_argument, 0, 'm'},    {"duration", required_argument, 0, 'd'},
+        {"stacks", no_argument, 0, 'U'},            {"quiet", no_argument, 0, 'q'},
+        {"json", no_argument, 0, 'j'},              {"folded", required_argument, 0, OPT_FOLDED},
+        {"pprof", required_argument, 0, OPT_PPROF}, {"leaks", required_argument, 0, OPT_LEAKS},
+        {"all-frames", no_argument, 0, OPT_ALLFRAMES}, {"verbose", no_argument, 0, 'v'},
+        {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "p:c:e:m:d:Uqjvh", lopts, NULL)) != -1) {
+        switch (c) {
+        case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
+        case 'c': command = optarg; break;
+        case OPT_PRELOAD: preload = optarg; break;
+        case 'e': opt.kinds = parse_kinds(optarg); break;
+        case 'm': opt.min_size = parse_size(optarg); break;
+        case 'd':
+            opt.duration = atof(optarg);
+            if (opt.duration <= 0)
+                tc_die("invalid duration '%s'", optarg);
+            break;
+        case 'U': opt.stacks_out = true; break;
+        case 'q': opt.quiet = true; break;
+        case 'j': opt.json = true; break;
+        case OPT_FOLDED: opt.folded = optarg; break;
+        case OPT_PPROF: opt.pprof = optarg; break;
+        case OPT_LEAKS: opt.leaks = atoi(optarg); break;
+        case OPT_ALLFRAMES: opt.all_frames = true; break;
+        case 'v': tc_verbose++; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc || (!npids && !command) || (npids && command)) {
+        usage(stderr);
+        return 2;
+    }
+    tc_check_environment();
+    tc_libbpf_quiet();
+    for (int i = 0; i < npids; i++) {
+        struct tc_target *t = &targets[ntargets++];
+        t->pid = pids[i];
+        t->alive = true;
+        char err[512];
+        if (kill(pids[i], 0) && errno == ESRCH)
+            tc_die("no such process: %d", (int)pids[i]);
+        if (tc_target_locate(t, err, sizeof(err)))
+            tc_die("%s", err);
+    }
+    if (command)
+        tc_launch_prepare(&targets[ntargets++], command, preload);
+
+    sym = tc_sym_new();
+    struct allocsnoop_bpf *skel = allocsnoop_bpf__open();
+    if (!skel)
+        tc_die("cannot open the BPF programs: %s", strerror(errno));
+    skel->rodata->kind_mask = opt.kinds;
+    skel->rodata->min_size = opt.min_size;
+    if (allocsnoop_bpf__load(skel))
+        tc_die("cannot load the BPF programs: %s", strerror(errno));
+    for (int i = 0; i < ntargets; i++)
+        attach_target(skel, &targets[i]);
+    struct ring_buffer *rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
+    if (!rb)
+        tc_die("cannot create the ring buffer: %s", strerror(errno));
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    start_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    t_start = tc_now();
+    if (command)
+        tc_launch_go(&targets[ntargets - 1]);
+    for (int i = 0; i < ntargets; i++)
+        if (!targets[i].launched) {
+            tc_sym_snapshot(sym, targets[i].pid, targets[i].probe_path);
+            last_snap[i] = tc_now();
+        }
+    if (!opt.quiet && !opt.json)
+        printf("%-12s %-7s %-7s %-13s %12s %-16s %s\n", "TIME(s)", "PID", "TID", "EVENT", "SIZE", "ADDR", "");
+
+    while (!stop) {
+        int r = ring_buffer__poll(rb, 100);
+        if (r < 0 && r != -EINTR)
+            break;
+        if (opt.duration && tc_now() - t_start >= opt.duration)
+            break;
+        bool any_alive = false;
+        for (int i = 0; i < ntargets; i++) {
+            tc_target_poll(&targets[i]);
+            any_alive |= targets[i].alive;
+        }
+        if (!any_alive) {
+            ring_buffer__consume(rb); /* drain what the target sent before exiting */
+            break;
+        }
+        fflush(stdout);
+    }
+    ring_buffer__consume(rb);
+    for (int i = 0; i < ntargets; i++)
+        tc_detach(&targets[i]);
+    reports(skel);
+    int status = 0;
+    for (int i = 0; i < ntargets; i++)
+        if (targets[i].launched && !targets[i].alive && WIFEXITED(targets[i].exit_status))
+            status = WEXITSTATUS(targets[i].exit_status);
+    ring_buffer__free(rb);
+    allocsnoop_bpf__destroy(skel);
+    tc_sym_free(sym);
+    for (size_t i = 0; i < nstacks; i++)
+        free(stacks[i].frames);
+    free(stacks);
+    free(lives);
+    tc_map64_free(&stack_idx);
+    tc_map64_free(&live_idx);
+    return status;
+}

@@ -1,0 +1,724 @@
+/*
+ * alloctop: top for a process's allocations.  Per-thread figures are exact: they are read from
+ * the library's registry (lumalloc_registry, one counters block per thread) with
+ * process_vm_readv each interval, which costs the target nothing.  The BPF side (bpf/alloctop.bpf.c)
+ * adds what the counters cannot: allocation sites from `sample` stacks, thread lifecycle, and
+ * lost-event counts.
+ *
+ * Figures:
+ *   ALLOC/s, FREE/s   usable bytes allocated / freed by the thread per second
+ *   ALLOCS/s          allocations per second
+ *   LIVE              bytes allocated minus bytes freed by this thread (can be negative for a
+ *                     thread that frees what others allocated)
+ *   LARGE, FAIL       large-path allocations and failed allocations since the thread started
+ *   active            sum of LIVE over all threads (incl. folded-in exited ones)
+ *   frag              1 - active/resident: the share of the allocator's resident memory that
+ *                     holds no live block (free slots, partially used pages, metadata)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "alloctop.h"
+#include "alloctop.skel.h"
+#include "tc.h"
+
+#define MAX_TARGETS 16
+
+enum sort_key { SORT_ALLOC, SORT_FREE, SORT_ALLOCS, SORT_LIVE, SORT_LARGE, SORT_FAIL, SORT_TID };
+static const char *const sort_names[] = {"alloc", "free", "allocs", "live", "large", "fail", "tid"};
+
+struct comm_entry {
+    pid_t tid;
+    char comm[17];
+};
+
+struct row {
+    pid_t tid;
+    const char *comm;
+    bool exited;
+    double alloc_bps, free_bps, allocs_ps, frees_ps;
+    int64_t live;
+    const struct lum_thread_counters_v1 *c;
+};
+
+struct tstate {
+    struct tc_target t;
+    char comm[17];
+    bool located, have_reg, final_done;
+    struct lum_registry_v1 reg;
+    struct tc_thread *cur, *prev;
+    size_t ncur, nprev;
+    double t_cur, t_prev;
+    uint64_t rss;
+    struct comm_entry *comms;
+    size_t ncomms;
+    double last_snapshot;
+};
+
+static struct tstate targets[MAX_TARGETS];
+static int ntargets;
+static struct alloctop_bpf *skel;
+static struct tc_symbolizer *sym;
+static volatile sig_atomic_t stop;
+static struct termios saved_tio;
+static bool tio_saved;
+
+static struct {
+    double interval;
+    long count;
+    enum sort_key sort;
+    int rows;
+    bool no_clear, batch, json, sites, no_bpf;
+    int site_rows;
+} opt = {.interval = 1.0, .rows = 20, .site_rows = 10};
+
+static void on_signal(int sig) { (void)sig, stop = 1; }
+
+static void restore_tty(void)
+{
+    if (tio_saved)
+        tcsetattr(0, TCSANOW, &saved_tio);
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: alloctop [options] [interval [count]]\n"
+            "  -p, --pid PID[,PID...]   attach to running processes (repeatable)\n"
+            "  -c, --command 'CMD ARGS' start CMD with the probes attached from its first instruction\n"
+            "      --preload PATH       LD_PRELOAD this liblumalloc.so into CMD (default: $LUMALLOC_LIB)\n"
+            "  -s, --sort KEY           alloc|free|allocs|live|large|fail|tid (default alloc)\n"
+            "  -r, --rows N             threads shown per process (default 20)\n"
+            "  -C, --no-clear           do not clear the screen between intervals\n"
+            "  -b, --batch              batch mode (default when stdout is not a terminal)\n"
+            "  -j, --json               one JSON object per interval\n"
+            "  -S, --sites              show the top allocation sites (key 's' toggles)\n"
+            "      --no-bpf             registry counters only (no sites, no lost counts)\n"
+            "  -v, --verbose            libbpf diagnostics\n"
+            "interval in seconds (default 1), count intervals (default: until the targets exit)\n"
+            "keys: q quit, s sites, a/f/n/l/g/e/t sort by alloc/free/allocs/live/large/fail/tid\n");
+}
+
+static const char *hsize(double v, char *buf, size_t n)
+{
+    const char *u = " KMGTP";
+    int i = 0;
+    double a = v < 0 ? -v : v;
+    while (a >= 1024 && i < 5)
+        a /= 1024, v /= 1024, i++;
+    if (i == 0)
+        snprintf(buf, n, "%.0f", v);
+    else
+        snprintf(buf, n, "%.1f%c", v, u[i]);
+    return buf;
+}
+
+static const char *comm_of(struct tstate *s, pid_t tid)
+{
+    for (size_t i = 0; i < s->ncomms; i++)
+        if (s->comms[i].tid == tid)
+            return s->comms[i].comm;
+    return "?";
+}
+
+static void remember_comm(struct tstate *s, pid_t tid)
+{
+    char c[64];
+    if (tc_read_comm(s->t.pid, tid, c, sizeof(c)))
+        return;
+    for (size_t i = 0; i < s->ncomms; i++)
+        if (s->comms[i].tid == tid) {
+            snprintf(s->comms[i].comm, sizeof(s->comms[i].comm), "%.16s", c);
+            return;
+        }
+    struct comm_entry *nc = realloc(s->comms, (s->ncomms + 1) * sizeof(*nc));
+    if (!nc)
+        return;
+    s->comms = nc;
+    s->comms[s->ncomms].tid = tid;
+    snprintf(s->comms[s->ncomms].comm, sizeof(s->comms[0].comm), "%.16s", c);
+    s->ncomms++;
+}
+
+static int handle_event(void *ctx, void *data, size_t len)
+{
+    (void)ctx;
+    if (len < sizeof(struct top_event))
+        return 0;
+    const struct top_event *e = data;
+    for (int i = 0; i < ntargets; i++)
+        if (targets[i].t.pid == (pid_t)e->pid && e->kind == TOP_THREAD_START)
+            remember_comm(&targets[i], (pid_t)e->tid);
+    return 0;
+}
+
+static void lost_counts(uint64_t out[TOP_LOST_MAX])
+{
+    memset(out, 0, sizeof(uint64_t) * TOP_LOST_MAX);
+    if (!skel)
+        return;
+    int ncpu = libbpf_num_possible_cpus();
+    uint64_t *v = calloc((size_t)ncpu, sizeof(uint64_t));
+    if (!v)
+        return;
+    for (uint32_t k = 0; k < TOP_LOST_MAX; k++)
+        if (bpf_map_lookup_elem(bpf_map__fd(skel->maps.lost), &k, v) == 0)
+            for (int c = 0; c < ncpu; c++)
+                out[k] += v[c];
+    free(v);
+}
+
+static void attach_target(struct tstate *s)
+{
+    if (!skel)
+        return;
+    if (tc_attach_usdt(&s->t, skel->progs.on_sample, "sample", false))
+        tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)s->t.pid, s->t.probe_path);
+    tc_attach_usdt(&s->t, skel->progs.on_large_alloc, "large_alloc", true);
+    tc_attach_usdt(&s->t, skel->progs.on_alloc_failure, "alloc_failure", true);
+    tc_attach_usdt(&s->t, skel->progs.on_thread_start, "thread_start", true);
+    tc_attach_usdt(&s->t, skel->progs.on_thread_exit, "thread_exit", true);
+}
+
+/* Read the registry; the previous reading becomes the base of the rates. */
+static void sample_target(struct tstate *s)
+{
+    if (!s->t.alive)
+        return;
+    if (!s->located) {
+        char err[512];
+        if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr)
+            s->located = true;
+        else
+            return;
+    }
+    struct lum_registry_v1 reg;
+    struct tc_thread *nt = NULL;
+    size_t nn = 0;
+    if (tc_registry_read(&s->t, &reg, &nt, &nn) != 0) {
+        free(nt);
+        return;
+    }
+    free(s->prev);
+    s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
+    s->cur = nt, s->ncur = nn, s->t_cur = tc_now();
+    if (!s->have_reg)
+        s->t_prev = 0;
+    s->reg = reg;
+    s->have_reg = true;
+    s->rss = tc_read_rss(s->t.pid);
+    char c[64];
+    if (tc_read_comm(s->t.pid, s->t.pid, c, sizeof(c)) == 0)
+        snprintf(s->comm, sizeof(s->comm), "%.16s", c);
+    for (size_t i = 0; i < s->ncur; i++)
+        if (s->cur[i].c.state == LUM_THREAD_LIVE)
+            remember_comm(s, (pid_t)s->cur[i].c.tid);
+    if (sym && s->t_cur - s->last_snapshot > 2.0) {
+        tc_sym_snapshot(sym, s->t.pid, s->t.probe_path);
+        s->last_snapshot = s->t_cur;
+    }
+}
+
+static const struct lum_thread_counters_v1 *prev_of(struct tstate *s, uint64_t addr, uint32_t tid)
+{
+    for (size_t i = 0; i < s->nprev; i++)
+        if (s->prev[i].addr == addr && s->prev[i].c.tid == tid)
+            return &s->prev[i].c;
+    return NULL;
+}
+
+static double row_key(const struct row *r)
+{
+    switch (opt.sort) {
+    case SORT_ALLOC: return r->alloc_bps;
+    case SORT_FREE: return r->free_bps;
+    case SORT_ALLOCS: return r->allocs_ps;
+    case SORT_LIVE: return (double)r->live;
+    case SORT_LARGE: return (double)r->c->large_count;
+    case SORT_FAIL: return (double)r->c->failures;
+    case SORT_TID: return -(double)r->tid;
+    }
+    return 0;
+}
+
+static int cmp_rows(const void *a, const void *b)
+{
+    double ka = row_key(a), kb = row_key(b);
+    if (ka != kb)
+        return ka < kb ? 1 : -1;
+    return ((const struct row *)a)->tid - ((const struct row *)b)->tid;
+}
+
+static size_t build_rows(struct tstate *s, struct row **out)
+{
+    struct row *rows = calloc(s->ncur ? s->ncur : 1, sizeof(*rows));
+    if (!rows)
+        return 0;
+    double dt = s->t_prev > 0 ? s->t_cur - s->t_prev : 0;
+    for (size_t i = 0; i < s->ncur; i++) {
+        const struct lum_thread_counters_v1 *c = &s->cur[i].c, *p = prev_of(s, s->cur[i].addr, c->tid);
+        struct row *r = &rows[i];
+        r->tid = (pid_t)c->tid;
+        r->comm = comm_of(s, r->tid);
+        r->exited = c->state == LUM_THREAD_EXITED;
+        r->c = c;
+        r->live = (int64_t)(c->alloc_bytes - c->free_bytes);
+        if (dt > 0) {
+            /* A reused counters block (new tid) has no previous figures: rate from zero. */
+            r->alloc_bps = (double)(c->alloc_bytes - (p ? p->alloc_bytes : 0)) / dt;
+            r->free_bps = (double)(c->free_bytes - (p ? p->free_bytes : 0)) / dt;
+            r->allocs_ps = (double)(c->alloc_count - (p ? p->alloc_count : 0)) / dt;
+            r->frees_ps = (double)(c->free_count - (p ? p->free_count : 0)) / dt;
+        }
+    }
+    qsort(rows, s->ncur, sizeof(*rows), cmp_rows);
+    *out = rows;
+    return s->ncur;
+}
+
+static void process_totals(struct tstate *s, int64_t *active, double *frag)
+{
+    int64_t a = (int64_t)(s->reg.global.exited_alloc_bytes - s->reg.global.exited_free_bytes);
+    for (size_t i = 0; i < s->ncur; i++)
+        a += (int64_t)(s->cur[i].c.alloc_bytes - s->cur[i].c.free_bytes);
+    *active = a;
+    double f = 0;
+    if (s->reg.global.resident_bytes)
+        f = 1.0 - (double)a / (double)s->reg.global.resident_bytes;
+    *frag = f < 0 ? 0 : (f > 1 ? 1 : f);
+}
+
+/* Sites: per pid, aggregated by the symbolised allocation site (first frame outside the
+ * allocator) and its caller. */
+struct site {
+    char name[512];
+    char caller[512];
+    uint64_t count, weight;
+    uint64_t stack_id;
+};
+
+static int cmp_sites(const void *a, const void *b)
+{
+    const struct site *x = a, *y = b;
+    return x->weight < y->weight ? 1 : (x->weight > y->weight ? -1 : 0);
+}
+
+static size_t collect_sites(pid_t pid, struct site **out, uint64_t *total)
+{
+    *out = NULL;
+    *total = 0;
+    if (!skel)
+        return 0;
+    int sfd = bpf_map__fd(skel->maps.sites), stfd = bpf_map__fd(skel->maps.stacks);
+    struct top_site_key k, nk;
+    struct site *v = NULL;
+    size_t n = 0, cap = 0;
+    void *prevk = NULL;
+    while (bpf_map_get_next_key(sfd, prevk, &nk) == 0) {
+        k = nk;
+        prevk = &k;
+        if ((pid_t)k.pid != pid)
+            continue;
+        struct top_site_val val;
+        if (bpf_map_lookup_elem(sfd, &k, &val))
+            continue;
+        *total += val.weight;
+        struct top_stack st = {0};
+        char nb[512] = "[no stack]", cb[512] = "";
+        if (k.stack_id && bpf_map_lookup_elem(stfd, &k, &st) == 0 && st.depth) {
+            unsigned d = st.depth > LUM_MAX_FRAMES ? LUM_MAX_FRAMES : st.depth;
+            unsigned f = tc_first_user_frame(sym, pid, st.frames, d);
+            char tmp[PATH_MAX + 64];
+            snprintf(nb, sizeof(nb), "%s", tc_frame_str(tc_sym_resolve(sym, pid, st.frames[f]), tmp, sizeof(tmp)));
+            if (f + 1 < d)
+                snprintf(cb, sizeof(cb), "%s",
+                         tc_frame_str(tc_sym_resolve(sym, pid, st.frames[f + 1]), tmp, sizeof(tmp)));
+        } else if (k.stack_id) {
+            snprintf(nb, sizeof(nb), "[stack not stored]");
+        }
+        size_t i;
+        for (i = 0; i < n; i++)
+            if (!strcmp(v[i].name, nb) && !strcmp(v[i].caller, cb))
+                break;
+        if (i == n) {
+            if (n == cap) {
+                cap = cap ? cap * 2 : 64;
+                struct site *nv = realloc(v, cap * sizeof(*nv));
+                if (!nv)
+                    break;
+                v = nv;
+            }
+            memset(&v[n], 0, sizeof(v[n]));
+            snprintf(v[n].name, sizeof(v[n].name), "%s", nb);
+            snprintf(v[n].caller, sizeof(v[n].caller), "%s", cb);
+            v[n].stack_id = k.stack_id;
+            n++;
+        }
+        v[i].count += val.count;
+        v[i].weight += val.weight;
+    }
+    if (n)
+        qsort(v, n, sizeof(*v), cmp_sites);
+    *out = v;
+    return n;
+}
+
+static void print_json(bool final)
+{
+    uint64_t lost[TOP_LOST_MAX];
+    lost_counts(lost);
+    printf("{\"ts\":%.3f,\"interval\":%.3f,\"final\":%s,\"processes\":[", (double)time(NULL), opt.interval,
+           final ? "true" : "false");
+    bool first = true;
+    for (int i = 0; i < ntargets; i++) {
+        struct tstate *s = &targets[i];
+        if (!s->have_reg)
+            continue;
+        int64_t active;
+        double frag;
+        process_totals(s, &active, &frag);
+        printf("%s{\"pid\":%d,\"comm\":", first ? "" : ",", (int)s->t.pid);
+        first = false;
+        tc_json_str(stdout, s->comm);
+        const struct lum_global_counters_v1 *g = &s->reg.global;
+        printf(",\"alive\":%s,\"rss\":%llu,\"mapped\":%llu,\"resident\":%llu,\"active\":%lld,\"metadata\":%llu,"
+               "\"retained\":%llu,\"large_live\":%llu,\"fragmentation\":%.4f,\"sample_interval\":%llu,"
+               "\"threads\":[",
+               s->t.alive ? "true" : "false", (unsigned long long)s->rss, (unsigned long long)g->mapped_bytes,
+               (unsigned long long)g->resident_bytes, (long long)active, (unsigned long long)g->metadata_bytes,
+               (unsigned long long)g->retained_bytes, (unsigned long long)g->large_live_bytes, frag,
+               (unsigned long long)s->reg.sample_interval);
+        struct row *rows;
+        size_t n = build_rows(s, &rows);
+        for (size_t r = 0; r < n; r++) {
+            const struct lum_thread_counters_v1 *c = rows[r].c;
+            printf("%s{\"tid\":%d,\"comm\":", r ? "," : "", (int)rows[r].tid);
+            tc_json_str(stdout, rows[r].comm);
+            printf(",\"state\":\"%s\",\"alloc_bytes\":%llu,\"free_bytes\":%llu,\"alloc_count\":%llu,"
+                   "\"free_count\":%llu,\"alloc_bps\":%.0f,\"free_bps\":%.0f,\"allocs_ps\":%.1f,\"frees_ps\":%.1f,"
+                   "\"live_bytes\":%lld,\"large\":%llu,\"large_bytes\":%llu,\"failures\":%llu,\"sampled\":%llu,"
+                   "\"sampled_bytes\":%llu}",
+                   rows[r].exited ? "exited" : "live", (unsigned long long)c->alloc_bytes,
+                   (unsigned long long)c->free_bytes, (unsigned long long)c->alloc_count,
+                   (unsigned long long)c->free_count, rows[r].alloc_bps, rows[r].free_bps, rows[r].allocs_ps,
+                   rows[r].frees_ps, (long long)rows[r].live, (unsigned long long)c->large_count,
+                   (unsigned long long)c->large_bytes, (unsigned long long)c->failures,
+                   (unsigned long long)c->sampled_count, (unsigned long long)c->sampled_bytes);
+        }
+        free(rows);
+        printf("]");
+        if (opt.sites) {
+            struct site *sv;
+            uint64_t total;
+            size_t ns = collect_sites(s->t.pid, &sv, &total);
+            printf(",\"sites\":[");
+            for (size_t k = 0; k < ns && (int)k < opt.site_rows; k++) {
+                printf("%s{\"function\":", k ? "," : "");
+                tc_json_str(stdout, sv[k].name);
+                printf(",\"caller\":");
+                tc_json_str(stdout, sv[k].caller);
+                printf(",\"samples\":%llu,\"bytes\":%llu,\"share\":%.4f}", (unsigned long long)sv[k].count,
+                       (unsigned long long)sv[k].weight, total ? (double)sv[k].weight / (double)total : 0.0);
+            }
+            printf("]");
+            free(sv);
+        }
+        printf("}");
+    }
+    printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu,\"threads_full\":%llu}}\n",
+           (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
+           (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_THREADS_FULL]);
+    fflush(stdout);
+}
+
+static void print_table(bool final)
+{
+    bool clear = !opt.batch && !opt.no_clear && !final;
+    if (clear)
+        fputs("\033[H\033[2J", stdout);
+    uint64_t lost[TOP_LOST_MAX];
+    lost_counts(lost);
+    uint64_t lsum = 0;
+    for (int k = 0; k < TOP_LOST_MAX; k++)
+        lsum += lost[k];
+    time_t now = time(NULL);
+    struct tm tm;
+    localtime_r(&now, &tm);
+    printf("alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
+           tm.tm_sec, opt.interval, sort_names[opt.sort], (unsigned long long)lsum, final ? "  (final)" : "");
+    if (lsum)
+        printf("  lost: ringbuf %llu, sites map full %llu, stacks map full %llu, threads map full %llu\n",
+               (unsigned long long)lost[0], (unsigned long long)lost[1], (unsigned long long)lost[2],
+               (unsigned long long)lost[3]);
+    for (int i = 0; i < ntargets; i++) {
+        struct tstate *s = &targets[i];
+        char b1[32], b2[32], b3[32], b4[32], b5[32];
+        if (!s->have_reg) {
+            printf("\nPID %d: waiting for lumalloc's registry...\n", (int)s->t.pid);
+            continue;
+        }
+        int64_t active;
+        double frag;
+        process_totals(s, &active, &frag);
+        const struct lum_global_counters_v1 *g = &s->reg.global;
+        printf("\nPID %d (%s)%s  RSS %s  mapped %s  resident %s  active %s  frag %.1f%%  threads %zu\n",
+               (int)s->t.pid, s->comm, s->t.alive ? "" : " [exited]", hsize((double)s->rss, b1, sizeof(b1)),
+               hsize((double)g->mapped_bytes, b2, sizeof(b2)), hsize((double)g->resident_bytes, b3, sizeof(b3)),
+               hsize((double)active, b4, sizeof(b4)), frag * 100, s->ncur);
+        printf("%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
+               "LARGE", "FAIL", "SAMPLES");
+        struct row *rows;
+        size_t n = build_rows(s, &rows);
+        for (size_t r = 0; r < n && (int)r < opt.rows; r++) {
+            const struct lum_thread_counters_v1 *c = rows[r].c;
+            char cm[24];
+            snprintf(cm, sizeof(cm), "%s%s", rows[r].comm, rows[r].exited ? "*" : "");
+            printf("%8d %-16.16s %9s %9s %9.0f %9s %6llu %5llu %7llu\n", (int)rows[r].tid, cm,
+                   hsize(rows[r].alloc_bps, b1, sizeof(b1)), hsize(rows[r].free_bps, b2, sizeof(b2)),
+                   rows[r].allocs_ps, hsize((double)rows[r].live, b5, sizeof(b5)),
+                   (unsigned long long)c->large_count, (unsigned long long)c->failures,
+                   (unsigned long long)c->sampled_count);
+        }
+        if ((int)n > opt.rows)
+            printf("  ... %zu more threads\n", n - (size_t)opt.rows);
+        free(rows);
+        if (opt.sites) {
+            struct site *sv;
+            uint64_t total;
+            size_t ns = collect_sites(s->t.pid, &sv, &total);
+            printf("  top allocation sites (sampled, since attach):\n  %6s %9s %7s  %s\n", "SHARE", "BYTES",
+                   "SAMPLES", "SITE <- CALLER");
+            for (size_t k = 0; k < ns && (int)k < opt.site_rows; k++)
+                printf("  %5.1f%% %9s %7llu  %s%s%s\n", total ? 100.0 * (double)sv[k].weight / (double)total : 0,
+                       hsize((double)sv[k].weight, b1, sizeof(b1)), (unsigned long long)sv[k].count, sv[k].name,
+                       sv[k].caller[0] ? " <- " : "", sv[k].caller);
+            if (!ns)
+                printf("  (no samples yet)\n");
+            free(sv);
+        }
+    }
+    if (!opt.batch && !final)
+        printf("\n(* exited)  keys: q quit  s sites  a/f/n/l/g/e/t sort\n");
+    else
+        printf("\n");
+    fflush(stdout);
+}
+
+static void report(bool final)
+{
+    if (opt.json)
+        print_json(final);
+    else
+        print_table(final);
+}
+
+static void handle_key(int ch)
+{
+    switch (ch) {
+    case 'q': stop = 1; break;
+    case 's': opt.sites = !opt.sites; break;
+    case 'a': opt.sort = SORT_ALLOC; break;
+    case 'f': opt.sort = SORT_FREE; break;
+    case 'n': opt.sort = SORT_ALLOCS; break;
+    case 'l': opt.sort = SORT_LIVE; break;
+    case 'g': opt.sort = SORT_LARGE; break;
+    case 'e': opt.sort = SORT_FAIL; break;
+    case 't': opt.sort = SORT_TID; break;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    tc_prog = "alloctop";
+    const char *command = NULL, *preload = NULL;
+    pid_t pids[MAX_TARGETS];
+    int npids = 0;
+    enum { OPT_PRELOAD = 256, OPT_NOBPF };
+    static const struct option lopts[] = {
+        {"pid", required_argument, 0, 'p'},       {"command", required_argument, 0, 'c'},
+        {"preload", required_argument, 0, OPT_PRELOAD}, {"sort", required_argument, 0, 's'},
+        {"rows", required_argument, 0, 'r'},      {"no-clear", no_argument, 0, 'C'},
+        {"batch", no_argument, 0, 'b'},           {"json", no_argument, 0, 'j'},
+        {"sites", no_argument, 0, 'S'},           {"no-bpf", no_argument, 0, OPT_NOBPF},
+        {"verbose", no_argument, 0, 'v'},         {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "p:c:s:r:CbjSvh", lopts, NULL)) != -1) {
+        switch (c) {
+        case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
+        case 'c': command = optarg; break;
+        case OPT_PRELOAD: preload = optarg; break;
+        case 's': {
+            int k;
+            for (k = 0; k < (int)(sizeof(sort_names) / sizeof(sort_names[0])); k++)
+                if (!strcmp(optarg, sort_names[k]))
+                    break;
+            if (k == (int)(sizeof(sort_names) / sizeof(sort_names[0])))
+                tc_die("unknown sort key '%s' (alloc|free|allocs|live|large|fail|tid)", optarg);
+            opt.sort = (enum sort_key)k;
+            break;
+        }
+        case 'r': opt.rows = atoi(optarg); break;
+        case 'C': opt.no_clear = true; break;
+        case 'b': opt.batch = true; break;
+        case 'j': opt.json = true; break;
+        case 'S': opt.sites = true; break;
+        case OPT_NOBPF: opt.no_bpf = true; break;
+        case 'v': tc_verbose++; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) {
+        opt.interval = atof(argv[optind++]);
+        if (opt.interval <= 0)
+            tc_die("invalid interval '%s'", argv[optind - 1]);
+    }
+    if (optind < argc)
+        opt.count = atol(argv[optind++]);
+    if (optind < argc || (!npids && !command) || (npids && command)) {
+        usage(stderr);
+        return 2;
+    }
+    if (!isatty(1))
+        opt.batch = true;
+    if (opt.json)
+        opt.batch = true;
+
+    if (!opt.no_bpf)
+        tc_check_environment();
+    tc_libbpf_quiet();
+
+    for (int i = 0; i < npids; i++) {
+        struct tstate *s = &targets[ntargets++];
+        s->t.pid = pids[i];
+        s->t.alive = true;
+        char err[512];
+        if (kill(pids[i], 0) && errno == ESRCH)
+            tc_die("no such process: %d", (int)pids[i]);
+        if (tc_target_locate(&s->t, err, sizeof(err)))
+            tc_die("%s", err);
+        if (!s->t.registry_addr)
+            tc_die("%s does not export lumalloc_registry (library too old?)", s->t.probe_path);
+        s->located = true;
+    }
+    if (command) {
+        struct tstate *s = &targets[ntargets++];
+        tc_launch_prepare(&s->t, command, preload);
+    }
+
+    sym = tc_sym_new();
+    struct ring_buffer *rb = NULL;
+    if (!opt.no_bpf) {
+        skel = alloctop_bpf__open_and_load();
+        if (!skel)
+            tc_die("cannot load the BPF programs: %s", strerror(errno));
+        for (int i = 0; i < ntargets; i++)
+            attach_target(&targets[i]);
+        rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
+        if (!rb)
+            tc_die("cannot create the ring buffer: %s", strerror(errno));
+    }
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+    if (command)
+        tc_launch_go(&targets[ntargets - 1].t);
+
+    for (int i = 0; i < ntargets; i++) {
+        sample_target(&targets[i]); /* baseline for the first interval's rates */
+        if (targets[i].located) {
+            tc_sym_snapshot(sym, targets[i].t.pid, targets[i].t.probe_path);
+            targets[i].last_snapshot = tc_now();
+        }
+    }
+
+    bool interactive = !opt.batch && isatty(0);
+    if (interactive && tcgetattr(0, &saved_tio) == 0) {
+        struct termios t = saved_tio;
+        t.c_lflag &= ~(ICANON | ECHO);
+        t.c_cc[VMIN] = 0;
+        t.c_cc[VTIME] = 0;
+        tio_saved = true;
+        atexit(restore_tty);
+        tcsetattr(0, TCSANOW, &t);
+    }
+
+    double next = tc_now() + opt.interval;
+    long done = 0;
+    while (!stop) {
+        struct pollfd pfd[2];
+        int nfd = 0;
+        if (rb)
+            pfd[nfd++] = (struct pollfd){.fd = ring_buffer__epoll_fd(rb), .events = POLLIN};
+        if (interactive)
+            pfd[nfd++] = (struct pollfd){.fd = 0, .events = POLLIN};
+        double wait = next - tc_now();
+        /* Poll at least every 100 ms so a target's exit is noticed promptly. */
+        int ms = wait <= 0 ? 0 : (int)(wait * 1000 > 100 ? 100 : wait * 1000 + 1);
+        poll(pfd, (nfds_t)nfd, ms);
+        if (rb)
+            ring_buffer__consume(rb);
+        if (interactive) {
+            char ch;
+            bool redraw = false;
+            while (read(0, &ch, 1) == 1) {
+                handle_key(ch);
+                redraw = true;
+            }
+            if (redraw && !stop)
+                report(false);
+        }
+        bool any_alive = false, any_died = false;
+        for (int i = 0; i < ntargets; i++) {
+            if (tc_target_poll(&targets[i].t))
+                any_died = true;
+            any_alive |= targets[i].t.alive;
+        }
+        if (any_died && !any_alive)
+            break;
+        if (tc_now() >= next) {
+            for (int i = 0; i < ntargets; i++)
+                sample_target(&targets[i]);
+            report(false);
+            done++;
+            if (opt.count && done >= opt.count)
+                break;
+            next += opt.interval;
+            if (next < tc_now())
+                next = tc_now() + opt.interval;
+        }
+    }
+    restore_tty();
+    /* Final report from the last readings (symbolised from the snapshots if the target is
+     * gone). */
+    report(true);
+    int status = 0;
+    for (int i = 0; i < ntargets; i++) {
+        if (targets[i].t.launched && targets[i].t.alive) {
+            /* The tool was stopped first: leave the command running, as `perf stat -p` would. */
+        }
+        tc_detach(&targets[i].t);
+        if (targets[i].t.launched && !targets[i].t.alive && WIFEXITED(targets[i].t.exit_status))
+            status = WEXITSTATUS(targets[i].t.exit_status);
+        free(targets[i].cur);
+        free(targets[i].prev);
+        free(targets[i].comms);
+    }
+    ring_buffer__free(rb);
+    alloctop_bpf__destroy(skel);
+    tc_sym_free(sym);
+    return status;
+}

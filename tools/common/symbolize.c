@@ -1,0 +1,236 @@
+/* Symbolisation with elfutils libdwfl from snapshots of the target's mappings.
+ *
+ * Why not dwfl_linux_proc_report: it reads /proc/PID/maps at the time of the call, and the
+ * tools must keep resolving after the target exits.  Instead each snapshot reports the
+ * process's ELF files with dwfl_report_elf at their load bias, opening the files while the
+ * process is alive (through /proc/PID/map_files when the path is gone).  Separate debug info is
+ * found by build id under /usr/lib/debug/.build-id (dwfl_standard_find_debuginfo). */
+#define _GNU_SOURCE
+#include <elfutils/libdwfl.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tc.h"
+
+struct pidsym {
+    pid_t pid;
+    Dwfl *dwfl;
+    char **paths; /* reported module paths */
+    size_t npaths;
+    char *alloc_module;
+    double last_snapshot;
+    struct tc_map64 cache; /* addr -> index+1 into frames */
+};
+
+struct tc_symbolizer {
+    struct pidsym *p;
+    size_t np;
+    struct tc_frame *frames;
+    size_t nframes, capframes;
+};
+
+static char *debuginfo_path;
+static const Dwfl_Callbacks callbacks = {
+    .find_elf = dwfl_build_id_find_elf,
+    .find_debuginfo = dwfl_standard_find_debuginfo,
+    .section_address = dwfl_offline_section_address,
+    .debuginfo_path = &debuginfo_path,
+};
+
+struct tc_symbolizer *tc_sym_new(void) { return calloc(1, sizeof(struct tc_symbolizer)); }
+
+void tc_sym_free(struct tc_symbolizer *s)
+{
+    if (!s)
+        return;
+    for (size_t i = 0; i < s->np; i++) {
+        if (s->p[i].dwfl)
+            dwfl_end(s->p[i].dwfl);
+        for (size_t k = 0; k < s->p[i].npaths; k++)
+            free(s->p[i].paths[k]);
+        free(s->p[i].paths);
+        free(s->p[i].alloc_module);
+        tc_map64_free(&s->p[i].cache);
+    }
+    for (size_t i = 0; i < s->nframes; i++)
+        free((char *)s->frames[i].name);
+    free(s->frames);
+    free(s->p);
+    free(s);
+}
+
+static struct pidsym *get_pid(struct tc_symbolizer *s, pid_t pid, bool create)
+{
+    for (size_t i = 0; i < s->np; i++)
+        if (s->p[i].pid == pid)
+            return &s->p[i];
+    if (!create)
+        return NULL;
+    struct pidsym *np = realloc(s->p, (s->np + 1) * sizeof(*np));
+    if (!np)
+        return NULL;
+    s->p = np;
+    struct pidsym *p = &s->p[s->np++];
+    memset(p, 0, sizeof(*p));
+    p->pid = pid;
+    p->dwfl = dwfl_begin(&callbacks);
+    return p;
+}
+
+static bool reported(struct pidsym *p, const char *path)
+{
+    for (size_t i = 0; i < p->npaths; i++)
+        if (strcmp(p->paths[i], path) == 0)
+            return true;
+    return false;
+}
+
+void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_module)
+{
+    struct pidsym *p = get_pid(s, pid, true);
+    if (!p || !p->dwfl)
+        return;
+    if (alloc_module && !p->alloc_module)
+        p->alloc_module = strdup(alloc_module);
+    p->last_snapshot = tc_now();
+    struct tc_map *maps;
+    size_t n;
+    if (tc_read_maps(pid, &maps, &n))
+        return;
+    dwfl_report_begin_add(p->dwfl);
+    for (size_t i = 0; i < n; i++) {
+        const char *path = maps[i].path;
+        if (path[0] != '/' || maps[i].perms[2] != 'x' || reported(p, path))
+            continue;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            char mf[128];
+            snprintf(mf, sizeof(mf), "/proc/%d/map_files/%llx-%llx", (int)pid, (unsigned long long)maps[i].start,
+                     (unsigned long long)maps[i].end);
+            fd = open(mf, O_RDONLY | O_CLOEXEC);
+        }
+        if (fd < 0)
+            continue;
+        uint64_t bias = 0;
+        char fdpath[64];
+        snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
+        if (tc_elf_load_bias(path, maps, n, &bias) && tc_elf_load_bias(fdpath, maps, n, &bias)) {
+            /* Fall back: executable mapping's start minus its file offset. */
+            bias = maps[i].start - maps[i].offset;
+        }
+        bool exec_type = !tc_elf_is_dyn(fdpath);
+        /* dwfl owns fd from here on. */
+        Dwfl_Module *m = dwfl_report_elf(p->dwfl, path, path, fd, exec_type ? 0 : bias, false);
+        if (!m) {
+            if (tc_verbose)
+                tc_warn("dwfl_report_elf %s: %s", path, dwfl_errmsg(-1));
+            continue;
+        }
+        char **np = realloc(p->paths, (p->npaths + 1) * sizeof(*np));
+        if (np) {
+            p->paths = np;
+            p->paths[p->npaths++] = strdup(path);
+        }
+    }
+    dwfl_report_end(p->dwfl, NULL, NULL);
+    free(maps);
+}
+
+static bool is_alloc_symbol(const char *n)
+{
+    static const char *const names[] = {"malloc", "free", "calloc", "realloc", "reallocarray", "posix_memalign",
+                                        "aligned_alloc", "memalign", "valloc", "pvalloc", "_Znwm", "_Znam",
+                                        "_ZnwmRKSt9nothrow_t", "_ZnamRKSt9nothrow_t", "_ZnwmSt11align_val_t",
+                                        "_ZnamSt11align_val_t", "operator new", "operator new[]"};
+    if (!strncmp(n, "lum_", 4) || !strncmp(n, "__lum", 5) || !strncmp(n, "lumalloc_", 9) ||
+        !strncmp(n, "operator new", 12))
+        return true;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (!strcmp(n, names[i]))
+            return true;
+    return false;
+}
+
+const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64_t addr)
+{
+    static struct tc_frame unknown = {"[unknown]", NULL, 0, false};
+    struct pidsym *p = get_pid(s, pid, true);
+    if (!p || !p->dwfl)
+        return &unknown;
+    uint64_t *ci = tc_map64_get(&p->cache, addr ? addr : 1);
+    if (ci)
+        return &s->frames[*ci - 1];
+    Dwarf_Addr pc = addr ? addr - 1 : 0;
+    Dwfl_Module *m = dwfl_addrmodule(p->dwfl, pc);
+    if (!m && tc_now() - p->last_snapshot > 0.2 && tc_pid_alive(pid)) {
+        /* A library loaded since the last snapshot. */
+        tc_sym_snapshot(s, pid, NULL);
+        m = dwfl_addrmodule(p->dwfl, pc);
+    }
+    struct tc_frame f = {NULL, NULL, 0, false};
+    if (m) {
+        Dwarf_Addr low;
+        const char *mname = dwfl_module_info(m, NULL, &low, NULL, NULL, NULL, NULL, NULL);
+        f.module = mname;
+        f.offset = addr - low;
+        GElf_Off off;
+        GElf_Sym sym;
+        const char *name = dwfl_module_addrinfo(m, pc, &off, &sym, NULL, NULL, NULL);
+        if (name) {
+            char *dm = tc_demangle(name);
+            f.alloc_frame = is_alloc_symbol(name) || (dm && is_alloc_symbol(dm));
+            f.name = dm ? dm : strdup(name);
+            /* Drop ELF symbol versions (foo@@GLIBC_2.34): noise in stacks and flame graphs. */
+            char *at = dm ? NULL : strchr(f.name, '@');
+            if (at && at != f.name)
+                *at = 0;
+        }
+        if (mname && p->alloc_module && !strcmp(mname, p->alloc_module))
+            f.alloc_frame = true;
+    }
+    if (!f.name)
+        f.name = strdup("[unknown]");
+    if (s->nframes == s->capframes) {
+        size_t nc = s->capframes ? s->capframes * 2 : 256;
+        struct tc_frame *nf = realloc(s->frames, nc * sizeof(*nf));
+        if (!nf) {
+            free((char *)f.name);
+            return &unknown;
+        }
+        s->frames = nf;
+        s->capframes = nc;
+    }
+    s->frames[s->nframes++] = f;
+    uint64_t *slot = tc_map64_put(&p->cache, addr ? addr : 1, NULL);
+    if (slot)
+        *slot = s->nframes;
+    return &s->frames[s->nframes - 1];
+}
+
+const char *tc_frame_str(const struct tc_frame *f, char *buf, size_t n)
+{
+    if (strcmp(f->name, "[unknown]") || !f->module)
+        return f->name;
+    const char *base = strrchr(f->module, '/');
+    snprintf(buf, n, "[unknown] (%s+0x%llx)", base ? base + 1 : f->module, (unsigned long long)f->offset);
+    return buf;
+}
+
+unsigned tc_first_user_frame(struct tc_symbolizer *s, pid_t pid, const uint64_t *frames, unsigned depth)
+{
+    /* The innermost frames belong to the allocator (possibly below an unwinder's frames); the
+     * site is the frame after the last one of that leading run. */
+    int last = -1;
+    for (unsigned i = 0; i < depth && i < 16; i++) {
+        const struct tc_frame *f = tc_sym_resolve(s, pid, frames[i]);
+        if (f->alloc_frame)
+            last = (int)i;
+        else if (last >= 0)
+            break;
+    }
+    if (last < 0 || depth == 0)
+        return 0;
+    return (unsigned)last + 1 < depth ? (unsigned)last + 1 : depth - 1;
+}

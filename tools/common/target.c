@@ -1,0 +1,287 @@
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <wordexp.h>
+#include <bpf/libbpf.h>
+
+#include "tc.h"
+
+/* Pipe pair used to hold a -c child before exec: it blocks on go[0] until tc_launch_go. */
+static int go_pipe[2] = {-1, -1};
+static int err_pipe[2] = {-1, -1};
+
+int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
+{
+    struct tc_map *maps;
+    size_t n;
+    int r = tc_read_maps(t->pid, &maps, &n);
+    if (r) {
+        if (r == -ENOENT || r == -ESRCH)
+            snprintf(err, errlen, "no such process: %d", (int)t->pid);
+        else
+            snprintf(err, errlen, "cannot read /proc/%d/maps: %s", (int)t->pid, strerror(-r));
+        return -1;
+    }
+    /* Prefer a library whose name says lumalloc, then any executable mapping that carries the
+     * lumalloc USDT notes (static link, or a test double). */
+    const char *found = NULL;
+    for (int pass = 0; pass < 2 && !found; pass++) {
+        for (size_t i = 0; i < n && !found; i++) {
+            if (maps[i].path[0] != '/' || maps[i].perms[2] != 'x')
+                continue;
+            if (pass == 0 && !strstr(maps[i].path, "liblumalloc"))
+                continue;
+            if (tc_elf_has_lumalloc_probes(maps[i].path))
+                found = maps[i].path;
+        }
+    }
+    if (!found) {
+        snprintf(err, errlen,
+                 "process %d does not use lumalloc (no liblumalloc.so or lumalloc probes mapped); "
+                 "start it with LD_PRELOAD=/path/to/liblumalloc.so",
+                 (int)t->pid);
+        free(maps);
+        return -1;
+    }
+    snprintf(t->probe_path, sizeof(t->probe_path), "%s", found);
+    uint64_t sym, bias;
+    t->registry_addr = 0;
+    if (tc_elf_symbol(found, "lumalloc_registry", &sym) == 0 && tc_elf_load_bias(found, maps, n, &bias) == 0)
+        t->registry_addr = sym + bias;
+    free(maps);
+    return 0;
+}
+
+static int read_mem(pid_t pid, uint64_t addr, void *buf, size_t len)
+{
+    struct iovec l = {buf, len}, rm = {(void *)(uintptr_t)addr, len};
+    ssize_t r = process_vm_readv(pid, &l, 1, &rm, 1, 0);
+    if (r < 0)
+        return -errno;
+    return (size_t)r == len ? 0 : -EFAULT;
+}
+
+int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads, size_t *n)
+{
+    if (!t->registry_addr)
+        return -ENOENT;
+    int r = read_mem(t->pid, t->registry_addr, reg, sizeof(*reg));
+    if (r)
+        return r;
+    if (reg->magic != LUM_REGISTRY_MAGIC || reg->version != LUM_PROBES_VERSION ||
+        reg->counters_size < sizeof(struct lum_thread_counters_v1))
+        return -EPROTO;
+    size_t len = 0, cap = *n;
+    uint64_t a = reg->threads_head;
+    /* Bounded walk: a list caught mid-update must not loop forever. */
+    for (int guard = 0; a && guard < 100000; guard++) {
+        struct lum_thread_counters_v1 c;
+        if (read_mem(t->pid, a, &c, sizeof(c)))
+            break;
+        if (len == cap || !*threads) {
+            cap = cap ? cap * 2 : 64;
+            struct tc_thread *nt = realloc(*threads, cap * sizeof(**threads));
+            if (!nt)
+                return -ENOMEM;
+            *threads = nt;
+        }
+        (*threads)[len].addr = a;
+        (*threads)[len].c = c;
+        len++;
+        a = c.next;
+    }
+    *n = len;
+    return 0;
+}
+
+static bool find_in_path(const char *cmd, char *out, size_t outlen)
+{
+    if (strchr(cmd, '/')) {
+        if (!realpath(cmd, out))
+            return false;
+        return access(out, X_OK) == 0;
+    }
+    const char *path = getenv("PATH");
+    if (!path)
+        path = "/usr/local/bin:/usr/bin:/bin";
+    char *dup = strdup(path), *save = NULL;
+    bool ok = false;
+    for (char *d = strtok_r(dup, ":", &save); d && !ok; d = strtok_r(NULL, ":", &save)) {
+        char cand[PATH_MAX];
+        snprintf(cand, sizeof(cand), "%s/%s", d, cmd);
+        if (access(cand, X_OK) == 0 && realpath(cand, out))
+            ok = true;
+    }
+    free(dup);
+    (void)outlen;
+    return ok;
+}
+
+/* Where will the dynamic linker find `needed` for `exe`?  Ask it (LD_TRACE_LOADED_OBJECTS runs
+ * only the loader, not the program). */
+static bool resolve_needed(const char *exe, const char *needed, char *out, size_t outlen)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC))
+        return false;
+    pid_t c = fork();
+    if (c == 0) {
+        dup2(p[1], 1);
+        int dn = open("/dev/null", O_WRONLY);
+        dup2(dn, 2);
+        setenv("LD_TRACE_LOADED_OBJECTS", "1", 1);
+        execl(exe, exe, (char *)NULL);
+        _exit(127);
+    }
+    close(p[1]);
+    FILE *f = fdopen(p[0], "r");
+    char line[PATH_MAX + 64];
+    bool ok = false;
+    while (f && fgets(line, sizeof(line), f)) {
+        char name[PATH_MAX], path[PATH_MAX];
+        if (sscanf(line, " %4095s => %4095s", name, path) == 2 && strcmp(name, needed) == 0 && path[0] == '/') {
+            ok = realpath(path, out) != NULL;
+        }
+    }
+    if (f)
+        fclose(f);
+    waitpid(c, NULL, 0);
+    (void)outlen;
+    return ok;
+}
+
+void tc_launch_prepare(struct tc_target *t, const char *cmdline, const char *preload)
+{
+    wordexp_t we;
+    if (wordexp(cmdline, &we, WRDE_NOCMD) != 0 || we.we_wordc == 0)
+        tc_die("cannot parse command '%s'", cmdline);
+    char exe[PATH_MAX], needed[256];
+    if (!find_in_path(we.we_wordv[0], exe, sizeof(exe)))
+        tc_die("command not found: %s", we.we_wordv[0]);
+    if (!preload || !*preload)
+        preload = getenv("LUMALLOC_LIB");
+    const char *ldp = getenv("LD_PRELOAD");
+    bool set_preload = false;
+    if (preload && *preload) {
+        if (!realpath(preload, t->probe_path))
+            tc_die("preload library not found: %s", preload);
+        set_preload = true;
+    } else if (tc_elf_has_lumalloc_probes(exe)) {
+        snprintf(t->probe_path, sizeof(t->probe_path), "%s", exe);
+    } else if (tc_elf_needs(exe, "lumalloc", needed, sizeof(needed)) &&
+               resolve_needed(exe, needed, t->probe_path, sizeof(t->probe_path))) {
+        /* linked with liblumalloc.so */
+    } else if (ldp && strstr(ldp, "lumalloc")) {
+        char *dup = strdup(ldp), *save = NULL;
+        for (char *tok = strtok_r(dup, ": ", &save); tok; tok = strtok_r(NULL, ": ", &save))
+            if (strstr(tok, "lumalloc") && realpath(tok, t->probe_path))
+                break;
+        free(dup);
+    } else {
+        tc_die("%s is not linked with lumalloc: use --preload /path/to/liblumalloc.so or set LUMALLOC_LIB", exe);
+    }
+    if (!tc_elf_has_lumalloc_probes(t->probe_path))
+        tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", t->probe_path);
+
+    if (pipe2(go_pipe, O_CLOEXEC) || pipe2(err_pipe, O_CLOEXEC))
+        tc_die("pipe: %s", strerror(errno));
+    fflush(NULL);
+    pid_t c = fork();
+    if (c < 0)
+        tc_die("fork: %s", strerror(errno));
+    if (c == 0) {
+        close(go_pipe[1]);
+        close(err_pipe[0]);
+        char b;
+        if (read(go_pipe[0], &b, 1) != 1)
+            _exit(126); /* the tool went away before letting us run */
+        if (set_preload) {
+            char *v;
+            if (ldp && *ldp) {
+                if (asprintf(&v, "%s:%s", t->probe_path, ldp) < 0)
+                    _exit(126);
+            } else {
+                v = t->probe_path;
+            }
+            setenv("LD_PRELOAD", v, 1);
+        }
+        signal(SIGINT, SIG_DFL);
+        execv(exe, we.we_wordv);
+        int e = errno;
+        if (write(err_pipe[1], &e, sizeof(e))) {
+        }
+        _exit(127);
+    }
+    close(go_pipe[0]);
+    close(err_pipe[1]);
+    wordfree(&we);
+    t->pid = c;
+    t->launched = true;
+    t->alive = true;
+}
+
+void tc_launch_go(struct tc_target *t)
+{
+    char b = 'g';
+    if (write(go_pipe[1], &b, 1) != 1)
+        tc_die("cannot start the command: %s", strerror(errno));
+    close(go_pipe[1]);
+    int e;
+    /* The error pipe closes on a successful exec (CLOEXEC); data means exec failed. */
+    if (read(err_pipe[0], &e, sizeof(e)) == sizeof(e)) {
+        waitpid(t->pid, NULL, 0);
+        tc_die("cannot execute the command: %s", strerror(e));
+    }
+    close(err_pipe[0]);
+}
+
+bool tc_target_poll(struct tc_target *t)
+{
+    if (!t->alive)
+        return false;
+    if (t->launched) {
+        int st;
+        pid_t r = waitpid(t->pid, &st, WNOHANG);
+        if (r == t->pid) {
+            t->alive = false;
+            t->exit_status = st;
+            return true;
+        }
+        return false;
+    }
+    if (!tc_pid_alive(t->pid)) {
+        t->alive = false;
+        return true;
+    }
+    return false;
+}
+
+int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *probe, bool optional)
+{
+    if (t->nlinks >= (int)(sizeof(t->links) / sizeof(t->links[0])))
+        return -E2BIG;
+    struct bpf_link *l = bpf_program__attach_usdt(prog, t->pid, t->probe_path, "lumalloc", probe, NULL);
+    if (!l) {
+        int e = errno;
+        if (!optional)
+            tc_warn("cannot attach to lumalloc:%s in %s (pid %d): %s", probe, t->probe_path, (int)t->pid,
+                    strerror(e));
+        return -e;
+    }
+    t->links[t->nlinks++] = l;
+    return 0;
+}
+
+void tc_detach(struct tc_target *t)
+{
+    for (int i = 0; i < t->nlinks; i++)
+        bpf_link__destroy(t->links[i]);
+    t->nlinks = 0;
+}

@@ -1,0 +1,134 @@
+/* tools/common: what alloctop and allocsnoop share (targets, registry, symbols, output). */
+#ifndef LUMALLOC_TOOLS_COMMON_H
+#define LUMALLOC_TOOLS_COMMON_H
+#include <limits.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#include "lumalloc_probes.h"
+
+struct bpf_program;
+struct bpf_link;
+
+/* ---- errors and environment ---------------------------------------------------------------- */
+extern const char *tc_prog;
+extern int tc_verbose;
+/* One clear line on stderr, exit status 1. */
+__attribute__((noreturn, format(printf, 1, 2))) void tc_die(const char *fmt, ...);
+__attribute__((format(printf, 1, 2))) void tc_warn(const char *fmt, ...);
+/* Root or CAP_BPF+CAP_PERFMON(+CAP_SYS_PTRACE), BTF, uprobes: dies with the reason if missing. */
+void tc_check_environment(void);
+/* libbpf messages only with -v: the tools print their own one-line errors. */
+void tc_libbpf_quiet(void);
+double tc_now(void); /* CLOCK_MONOTONIC seconds */
+void tc_json_str(FILE *f, const char *s);
+/* Parse "1,2" lists into pids; returns count appended (max cap). Dies on garbage. */
+int tc_parse_pids(const char *arg, pid_t *pids, int n, int cap);
+
+/* ---- /proc ----------------------------------------------------------------------------------- */
+struct tc_map {
+    uint64_t start, end, offset, inode;
+    char perms[5];
+    char path[PATH_MAX];
+};
+int tc_read_maps(pid_t pid, struct tc_map **out, size_t *n); /* -errno */
+bool tc_pid_alive(pid_t pid);
+int tc_read_comm(pid_t pid, pid_t tid, char *buf, size_t n);
+uint64_t tc_read_rss(pid_t pid); /* bytes, 0 if unknown */
+
+/* ---- ELF --------------------------------------------------------------------------------------- */
+int tc_elf_symbol(const char *path, const char *name, uint64_t *value); /* 0 if found */
+bool tc_elf_has_lumalloc_probes(const char *path);
+bool tc_elf_is_dyn(const char *path);
+/* Load bias of `path` in a process given its mappings. */
+int tc_elf_load_bias(const char *path, const struct tc_map *maps, size_t n, uint64_t *bias);
+/* DT_NEEDED entry containing "lumalloc", if any. */
+bool tc_elf_needs(const char *path, const char *substr, char *out, size_t outlen);
+
+/* ---- targets ------------------------------------------------------------------------------------ */
+struct tc_target {
+    pid_t pid;
+    bool launched;           /* started by us with -c (we reap it) */
+    bool alive;
+    int exit_status;
+    char probe_path[PATH_MAX]; /* liblumalloc.so or the static executable that holds the probes */
+    uint64_t registry_addr;  /* 0 until located */
+    struct bpf_link *links[16];
+    int nlinks;
+};
+
+/* Find the lumalloc probes and registry in a running process.  Returns 0, or -1 with a message. */
+int tc_target_locate(struct tc_target *t, char *err, size_t errlen);
+/* Read the registry header and the thread list.  threads is realloc'd. 0 or -errno. */
+struct tc_thread {
+    uint64_t addr;
+    struct lum_thread_counters_v1 c;
+};
+int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads,
+                     size_t *n);
+
+/* -c: fork the command stopped before exec; fills t->pid and t->probe_path (the library to
+ * preload or the executable holding the probes).  tc_launch_go lets it exec. */
+void tc_launch_prepare(struct tc_target *t, const char *cmdline, const char *preload);
+void tc_launch_go(struct tc_target *t);
+/* Reap/poll: updates t->alive.  Returns true if the state changed to dead. */
+bool tc_target_poll(struct tc_target *t);
+
+/* USDT attach of one program to one probe of a target; optional probes may be missing.
+ * Returns 0, or -errno (message printed unless optional). */
+int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *probe, bool optional);
+void tc_detach(struct tc_target *t);
+
+/* ---- symbols -------------------------------------------------------------------------------- */
+struct tc_symbolizer;
+struct tc_frame {
+    const char *name;   /* function (demangled), or "[unknown]" */
+    const char *module; /* module path, or NULL */
+    uint64_t offset;    /* module-relative address when name is unknown */
+    bool alloc_frame;   /* inside the allocator (library module or malloc-family symbol) */
+};
+struct tc_symbolizer *tc_sym_new(void);
+void tc_sym_free(struct tc_symbolizer *s);
+/* Snapshot /proc/PID/maps and open its ELF files; later snapshots add new modules.  Call while
+ * the process is alive; symbolisation keeps working after it exits. */
+void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_module);
+/* Resolve a return address (looked up at addr-1).  The result is cached and owned by s. */
+const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64_t addr);
+/* Format "name" or "[unknown] (module+0xoff)" into buf. */
+const char *tc_frame_str(const struct tc_frame *f, char *buf, size_t n);
+/* First frame outside the allocator (index), or 0. */
+unsigned tc_first_user_frame(struct tc_symbolizer *s, pid_t pid, const uint64_t *frames, unsigned depth);
+
+char *tc_demangle(const char *mangled); /* malloc'd, or NULL if not a C++ name */
+
+/* ---- containers -------------------------------------------------------------------------- */
+/* u64 -> u64 open-addressing map (key 0 is reserved). */
+struct tc_map64 {
+    uint64_t *keys, *vals;
+    size_t cap, len;
+};
+uint64_t *tc_map64_get(struct tc_map64 *m, uint64_t key);
+uint64_t *tc_map64_put(struct tc_map64 *m, uint64_t key, bool *created);
+bool tc_map64_del(struct tc_map64 *m, uint64_t key, uint64_t *val);
+void tc_map64_free(struct tc_map64 *m);
+uint64_t tc_hash64(uint64_t h, uint64_t v);
+
+/* ---- profiles ------------------------------------------------------------------------------- */
+/* A stack with its four pprof values: alloc_objects, alloc_space, inuse_objects, inuse_space. */
+struct tc_prof_stack {
+    pid_t pid;
+    unsigned depth;
+    const uint64_t *frames; /* innermost first */
+    int64_t values[4];
+};
+/* Uncompressed profile.proto.  0 or -errno. */
+int tc_write_pprof(const char *path, struct tc_symbolizer *sym, const struct tc_prof_stack *stacks, size_t n,
+                   int64_t duration_ns, int64_t sample_period);
+/* Brendan Gregg's folded format, outermost first; value index into values[]. */
+int tc_write_folded(const char *path, struct tc_symbolizer *sym, const struct tc_prof_stack *stacks, size_t n,
+                    int value_index);
+
+#endif
