@@ -13,7 +13,7 @@
  * look at the live process before it exits.
  *
  * usage: tools_workload [-m MiB per light unit] [-d start_delay_ms] [-l linger_ms] [-f failures]
- *                       [-L leak_MiB] [-g large_count]
+ *                       [-L leak_MiB] [-g large_count] [-o truth_file] [-p pace_ms]
  */
 #define _GNU_SOURCE
 #include <malloc.h>
@@ -38,6 +38,7 @@ struct truth {
 
 static uint64_t unit_bytes = 64ull << 20;
 static int large_per_thread = 2;
+static long pace_ms; /* sleep between tenths of the work, so tools see the workers running */
 static volatile uint64_t sink;
 
 static void sleep_ms(long ms)
@@ -110,7 +111,12 @@ static void *worker(void *arg)
     uint64_t budget = t->units * unit_bytes, done = 0, rng = 88172645463325252ull ^ t->units;
     for (int i = 0; i < large_per_thread; i++)
         large_site(t);
+    uint64_t next_pause = budget / 10;
     while (done < budget) {
+        if (pace_ms && done >= next_pause) {
+            sleep_ms(pace_ms);
+            next_pause += budget / 10;
+        }
         rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
         size_t n = 64 + (rng % 4033); /* 64..4096 */
         /* 5:3:2 calls of the same size: exact 50/30/20 byte shares. */
@@ -156,8 +162,9 @@ int main(int argc, char **argv)
     long delay_ms = 0, linger_ms = 0;
     int failures = 3;
     uint64_t leak_mib = 8;
+    const char *truth_path = NULL;
     int c;
-    while ((c = getopt(argc, argv, "m:d:l:f:L:g:")) != -1) {
+    while ((c = getopt(argc, argv, "m:d:l:f:L:g:o:p:")) != -1) {
         switch (c) {
         case 'm': unit_bytes = strtoull(optarg, NULL, 0) << 20; break;
         case 'd': delay_ms = atol(optarg); break;
@@ -165,8 +172,10 @@ int main(int argc, char **argv)
         case 'f': failures = atoi(optarg); break;
         case 'L': leak_mib = strtoull(optarg, NULL, 0); break;
         case 'g': large_per_thread = atoi(optarg); break;
+        case 'o': truth_path = optarg; break;
+        case 'p': pace_ms = atol(optarg); break;
         default:
-            fprintf(stderr, "usage: %s [-m MiB] [-d delay_ms] [-l linger_ms] [-f failures] [-L leak_MiB] [-g large]\n",
+            fprintf(stderr, "usage: %s [-m MiB] [-d delay_ms] [-l linger_ms] [-f failures] [-L leak_MiB] [-g large] [-o truth] [-p pace_ms]\n",
                     argv[0]);
             return 2;
         }
@@ -184,9 +193,14 @@ int main(int argc, char **argv)
     for (int i = 0; i < 2; i++)
         pthread_join(th[i], NULL);
 
-    printf("{\"pid\":%d,\"threads\":[", (int)getpid());
+    FILE *out = stdout;
+    if (truth_path && !(out = fopen(truth_path, "w"))) {
+        perror(truth_path);
+        return 1;
+    }
+    fprintf(out, "{\"pid\":%d,\"threads\":[", (int)getpid());
     for (int i = 0; i < 2; i++)
-        printf("%s{\"name\":\"%s\",\"tid\":%d,\"alloc_bytes\":%llu,\"alloc_count\":%llu,\"free_bytes\":%llu,"
+        fprintf(out, "%s{\"name\":\"%s\",\"tid\":%d,\"alloc_bytes\":%llu,\"alloc_count\":%llu,\"free_bytes\":%llu,"
                "\"free_count\":%llu,\"large\":%llu}",
                i ? "," : "", w[i].name, (int)w[i].tid, (unsigned long long)w[i].alloc_bytes,
                (unsigned long long)w[i].alloc_count, (unsigned long long)w[i].free_bytes,
@@ -195,12 +209,12 @@ int main(int argc, char **argv)
     for (int i = 0; i < 2; i++)
         for (int k = 0; k < 3; k++)
             s[k] += w[i].site_bytes[k];
-    printf("],\"sites\":{\"site_a\":%llu,\"site_b\":%llu,\"site_c\":%llu,\"leak_site\":%llu},"
+    fprintf(out, "],\"sites\":{\"site_a\":%llu,\"site_b\":%llu,\"site_c\":%llu,\"leak_site\":%llu},"
            "\"leak_bytes\":%llu,\"failures\":%d,\"large\":%llu}\n",
            (unsigned long long)s[0], (unsigned long long)s[1], (unsigned long long)s[2],
            (unsigned long long)leaked_bytes, (unsigned long long)leaked_bytes, failed,
            (unsigned long long)(w[0].large + w[1].large));
-    fflush(stdout);
+    fclose(out);
     if (linger_ms)
         sleep_ms(linger_ms);
     return (int)(sink & 0);

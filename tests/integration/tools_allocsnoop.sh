@@ -1,0 +1,38 @@
+#!/bin/bash
+# allocsnoop: sites named in the right proportions (+-10%), the leak found with its stack,
+# folded and pprof outputs that parse and agree; event filters; several PIDs.
+source "$(dirname "$0")/tools_common.inc"
+
+echo "== allocsnoop -c ($MODE)"
+"$ALLOCSNOOP" -c "$WORKLOAD -m 128 -l 300 -o $TMP/truth.json" --preload "$LIB" --json -q \
+    --folded "$TMP/out.folded" --pprof "$TMP/out.pb" > "$TMP/snoop.jsonl" 2> "$TMP/snoop.err" ||
+    { cat "$TMP/snoop.err"; fail "allocsnoop exited $?"; }
+python3 "$HERE/tools_check.py" allocsnoop "$TMP/truth.json" "$TMP/snoop.jsonl" "$TMP/out.folded" "$TMP/out.pb" ||
+    fail "allocsnoop checks"
+
+echo "== allocsnoop filters, stacks, two PIDs ($MODE)"
+LD_PRELOAD=$LIB "$WORKLOAD" -d 800 -m 16 -l 300 -o /dev/null &
+P1=$!
+LD_PRELOAD=$LIB "$WORKLOAD" -d 800 -m 16 -l 300 -o /dev/null &
+P2=$!
+BG_PIDS="$P1 $P2"
+sleep 0.4
+"$ALLOCSNOOP" -p "$P1,$P2" -e large,failure -U -d 10 > "$TMP/ev.txt" 2>&1 || fail "allocsnoop -p"
+wait $P1 $P2
+grep -q "^ *[0-9.]* *$P1 .*alloc_failure" "$TMP/ev.txt" || fail "no failure event from $P1"
+grep -q "^ *[0-9.]* *$P2 .*alloc_failure" "$TMP/ev.txt" || fail "no failure event from $P2"
+grep -q "large_alloc" "$TMP/ev.txt" || fail "no large_alloc event"
+grep -Eq "^ *[0-9.]+ +[0-9]+ +[0-9]+ +sample " "$TMP/ev.txt" && fail "sample events despite -e large,failure"
+grep -q "#[0-9]* *fail_site" "$TMP/ev.txt" || fail "failure stack does not name fail_site"
+grep -q "#[0-9]* *large_site" "$TMP/ev.txt" || fail "large stack does not name large_site"
+echo "== allocsnoop --min-size ($MODE)"
+"$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" -e sample -m 3000 --json > "$TMP/ms.jsonl" 2>&1 ||
+    fail "allocsnoop --min-size"
+python3 - "$TMP/ms.jsonl" <<'PY' || fail "min-size filter"
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{"type":"event"')]
+assert ev, "no events"
+assert all(e["size"] >= 3000 for e in ev), "event below --min-size"
+print("ok   %d sample events, all >= 3000 B" % len(ev))
+PY
+echo "PASS"
