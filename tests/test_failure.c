@@ -1,0 +1,297 @@
+/* Failure tools through the real allocator: the injector (per thread and process-wide), the
+ * with_allocation_failures sweep over a function that cleans up, critical scopes and the
+ * diagnostics report with the application's producer, abort-on-failure, suppression. */
+#define _GNU_SOURCE 1
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/wait.h>
+#include <cmocka.h>
+#include "observe.h"
+#include "options.h"
+#include "lumalloc_failure.h"
+
+/* Opaque to the optimiser: malloc/free pairs must really happen. */
+static void *volatile sink;
+
+struct node {
+    struct node *next;
+    int value;
+};
+
+struct list_run {
+    int runs, failures, successes;
+    int allocs_at_failure[32];
+    int leaked;
+};
+
+static int live_nodes;
+
+/* Builds a 10-node list; on a failed allocation frees what it built (the behaviour the sweep
+ * is meant to check) and returns. */
+static void build_list(void *arg)
+{
+    struct list_run *r = arg;
+    struct node *head = NULL;
+    r->runs++;
+    for (int i = 0; i < 10; i++) {
+        struct node *n = malloc(sizeof *n);
+        if (!n) {
+            assert_int_equal(errno, ENOMEM);
+            r->allocs_at_failure[r->failures++] = i;
+            while (head) {
+                struct node *next = head->next;
+                free(head);
+                live_nodes--;
+                head = next;
+            }
+            return;
+        }
+        live_nodes++;
+        n->value = i;
+        n->next = head;
+        head = n;
+    }
+    r->successes++;
+    while (head) {
+        struct node *next = head->next;
+        free(head);
+        live_nodes--;
+        head = next;
+    }
+}
+
+static void test_with_allocation_failures_list(void **state)
+{
+    (void)state;
+    struct list_run r;
+    memset(&r, 0, sizeof r);
+    unsigned long runs = lum_with_allocation_failures(build_list, &r);
+    assert_int_equal(runs, 11);
+    assert_int_equal(r.runs, 11);
+    assert_int_equal(r.failures, 10);
+    assert_int_equal(r.successes, 1);
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(r.allocs_at_failure[i], i); /* one allocation later each time */
+    assert_int_equal(live_nodes, 0);
+    assert_int_equal(lum_fail_armed, 0);
+    /* Allocation works normally afterwards. */
+    sink = malloc(100);
+    assert_non_null(sink);
+    free(sink);
+}
+
+static void test_fail_after(void **state)
+{
+    (void)state;
+    lum_fail_after(3);
+    void *a = malloc(16), *b = malloc(5000), *c = calloc(4, 8);
+    errno = 0;
+    void *d = malloc(32);
+    int err = errno;
+    void *e = malloc(32);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_non_null(c);
+    assert_null(d);
+    assert_int_equal(err, ENOMEM);
+    assert_non_null(e); /* one-shot */
+    assert_true(lum_fail_fired());
+    assert_int_equal(lum_fail_armed, 0);
+    free(a);
+    free(b);
+    free(c);
+    free(e);
+    /* Cancel disarms before firing. */
+    lum_fail_after(0);
+    lum_fail_cancel();
+    sink = malloc(8);
+    assert_non_null(sink);
+    free(sink);
+    assert_int_equal(lum_fail_armed, 0);
+}
+
+static void test_fail_nth_process_wide(void **state)
+{
+    (void)state;
+    lum_fail_nth(2);
+    void *a = malloc(64);
+    void *b = malloc(64);
+    void *c = malloc(64);
+    assert_non_null(a);
+    assert_null(b);
+    assert_non_null(c);
+    free(a);
+    free(c);
+    assert_int_equal(lum_fail_armed, 0);
+}
+
+static void test_suppress(void **state)
+{
+    (void)state;
+    lum_fail_after(0);
+    lum_fail_suppress_enter();
+    sink = malloc(10);
+    assert_non_null(sink);
+    free(sink);
+    lum_fail_suppress_leave();
+    sink = malloc(10);
+    assert_null(sink);
+}
+
+static int capture_fd(void)
+{
+    char path[] = "/tmp/lum_diagXXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    unlink(path);
+    return fd;
+}
+
+static void reset_fd(int fd)
+{
+    assert_int_equal(ftruncate(fd, 0), 0);
+    lseek(fd, 0, SEEK_SET);
+}
+
+static char *read_fd(int fd)
+{
+    static char buf[65536];
+    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    buf[n > 0 ? n : 0] = 0;
+    return buf;
+}
+
+static void producer(lum_diagnostics_writer w, void *arg)
+{
+    const char *tag = arg;
+    w("APP-DIAG: ", 10);
+    w(tag, strlen(tag));
+    w("\n", 1);
+}
+
+static void test_diagnostics_critical_scope(void **state)
+{
+    (void)state;
+    int fd = capture_fd();
+    lum_set_diagnostics_fd(fd);
+    lum_set_diagnostics_producer(producer, "cache sizes: 42 entries");
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_CRITICAL);
+
+    /* Outside a critical scope: no report in "critical" mode. */
+    lum_fail_after(0);
+    assert_null(malloc(123));
+    assert_string_equal(read_fd(fd), "");
+
+    lum_critical_scope_enter();
+    assert_true(lum_in_critical_scope());
+    lum_fail_after(0);
+    assert_null(malloc(4321));
+    lum_critical_scope_leave();
+    assert_false(lum_in_critical_scope());
+    char *rep = read_fd(fd);
+    assert_non_null(strstr(rep, "allocation of 4321 bytes failed: ENOMEM (injected)"));
+    assert_non_null(strstr(rep, "critical allocation scope"));
+    assert_non_null(strstr(rep, "thread:"));
+    assert_non_null(strstr(rep, "stack:"));
+    assert_non_null(strstr(rep, "APP-DIAG: cache sizes: 42 entries\n"));
+    /* The producer's section comes after lumalloc's. */
+    assert_true(strstr(rep, "APP-DIAG") > strstr(rep, "thread:"));
+
+    /* "all": every failure reports; "none": never. */
+    reset_fd(fd);
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_ALL);
+    lum_fail_after(0);
+    assert_null(malloc(77));
+    assert_non_null(strstr(read_fd(fd), "allocation of 77 bytes failed"));
+    reset_fd(fd);
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_NONE);
+    lum_critical_scope_enter();
+    lum_fail_after(0);
+    assert_null(malloc(78));
+    lum_critical_scope_leave();
+    assert_string_equal(read_fd(fd), "");
+
+    /* On demand. */
+    lum_diagnostics_report(999);
+    assert_non_null(strstr(read_fd(fd), "allocation of 999 bytes failed"));
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_CRITICAL);
+    lum_set_diagnostics_producer(NULL, NULL);
+    lum_set_diagnostics_fd(2);
+    close(fd);
+}
+
+/* A producer that allocates: allowed, and never recursively reported or failed. */
+static void allocating_producer(lum_diagnostics_writer w, void *arg)
+{
+    (void)arg;
+    char *s = strdup("allocated in producer\n");
+    w(s ? s : "strdup failed\n", strlen(s ? s : "strdup failed\n"));
+    free(s);
+}
+
+static void test_producer_may_allocate(void **state)
+{
+    (void)state;
+    int fd = capture_fd();
+    lum_set_diagnostics_fd(fd);
+    lum_set_diagnostics_producer(allocating_producer, NULL);
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_ALL);
+    lum_fail_after(0);
+    assert_null(malloc(50));
+    assert_non_null(strstr(read_fd(fd), "allocated in producer"));
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_CRITICAL);
+    lum_set_diagnostics_producer(NULL, NULL);
+    lum_set_diagnostics_fd(2);
+    close(fd);
+}
+
+static void test_abort_on_failure(void **state)
+{
+    (void)state;
+    /* A real failure aborts; an injected one does not. */
+    pid_t pid = fork();
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        dup2(devnull, 2);
+        lum_set_abort_on_failure(true);
+        lum_fail_after(0);
+        if (malloc(10) != NULL)
+            _exit(3);
+        sink = malloc((size_t)1 << 62); /* beyond the address space: the mapping fails */
+        _exit(sink ? 4 : 5);
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFSIGNALED(st));
+    assert_int_equal(WTERMSIG(st), SIGABRT);
+    assert_false(lum_get_abort_on_failure());
+
+    /* Without the option, the same real failure returns NULL. */
+    errno = 0;
+    sink = malloc((size_t)1 << 62);
+    assert_null(sink);
+    assert_int_equal(errno, ENOMEM);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_with_allocation_failures_list),
+        cmocka_unit_test(test_fail_after),
+        cmocka_unit_test(test_fail_nth_process_wide),
+        cmocka_unit_test(test_suppress),
+        cmocka_unit_test(test_diagnostics_critical_scope),
+        cmocka_unit_test(test_producer_may_allocate),
+        cmocka_unit_test(test_abort_on_failure),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
