@@ -92,8 +92,17 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
     struct pidsym *p = get_pid(s, pid, true);
     if (!p || !p->dwfl)
         return;
-    if (alloc_module && !p->alloc_module)
-        p->alloc_module = strdup(alloc_module);
+    if (alloc_module && !p->alloc_module) {
+        /* Probes in the executable itself (static link): the module says nothing about which
+         * frames are the allocator's, only symbol names do. */
+        char exe[64], target[PATH_MAX];
+        snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)pid);
+        ssize_t n = readlink(exe, target, sizeof(target) - 1);
+        if (n > 0)
+            target[n] = 0;
+        if (n <= 0 || strcmp(target, alloc_module))
+            p->alloc_module = strdup(alloc_module);
+    }
     p->last_snapshot = tc_now();
     struct tc_map *maps;
     size_t n;
