@@ -409,11 +409,23 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
 
 /* ---- thread exit ---- */
 
+/* A thread that vanished in a fork may have stopped between a free-list update and the
+ * matching change to used: recount used from the list (live blocks = carved - free). */
+static void page_recount(struct lum_page *page)
+{
+    uint32_t n = 0;
+    for (lum_block *b = page->free; b && n <= page->capacity; b = b->next) n++;
+    page->used = n <= page->carved ? page->carved - n : 0;
+}
+
+static bool recount_on_abandon;
+
 static void abandon_list(struct lum_page_list *list, unsigned cls)
 {
     struct lum_page *page = list->head;
     while (page) {
         struct lum_page *next = page->next;
+        if (recount_on_abandon) page_recount(page);
         lum_page_collect(page);
         page->fast_heap = NULL;
         page->in_full = 0;
@@ -481,7 +493,9 @@ void lum_heaps_after_fork_child(void)
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) {
         if (h == me) continue;
         if (h->alive) {
+            recount_on_abandon = true;
             lum_heap_abandon(h);
+            recount_on_abandon = false;
         } else {
             h->next_pool = heap_pool;
             heap_pool = h;

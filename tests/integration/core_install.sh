@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# cmake --install gives a usable package: find_package(lumalloc) and pkg-config both build and
+# link a program that uses the lum_ API.  Usage: core_install.sh LIBLUMALLOC.so BUILD_DIR
+set -euo pipefail
+[ -n "${LUM_TEST_TRACE:-}" ] && set -x
+build=$2
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cmake --install "$build" --prefix "$work/prefix" > /dev/null
+cat > "$work/use.c" <<'C'
+#include <lumalloc.h>
+#include <stdio.h>
+int main(void) {
+    char *p = lum_malloc(100);
+    p[99] = 1;
+    printf("%d\n", lum_malloc_usable_size(p) >= 100);
+    lum_free(p);
+    return 0;
+}
+C
+mkdir -p "$work/cm"
+cat > "$work/cm/CMakeLists.txt" <<C
+cmake_minimum_required(VERSION 3.20)
+project(use C)
+find_package(lumalloc REQUIRED)
+add_executable(use $work/use.c)
+target_link_libraries(use lumalloc::lumalloc)
+C
+cmake -S "$work/cm" -B "$work/cm/b" -DCMAKE_PREFIX_PATH="$work/prefix" > /dev/null
+make -C "$work/cm/b" > /dev/null
+[ "$(LD_LIBRARY_PATH=$work/prefix/lib "$work/cm/b/use")" = 1 ] || { echo "FAIL: find_package consumer"; exit 1; }
+echo "ok: find_package(lumalloc)"
+export PKG_CONFIG_PATH=$work/prefix/lib/pkgconfig
+gcc -o "$work/use_pc" "$work/use.c" $(pkg-config --cflags --libs lumalloc)
+[ "$(LD_LIBRARY_PATH=$work/prefix/lib "$work/use_pc")" = 1 ] || { echo "FAIL: pkg-config consumer"; exit 1; }
+gcc -static-pie -o "$work/use_static" "$work/use.c" $(pkg-config --cflags --libs --static lumalloc) 2>/dev/null \
+  || gcc -o "$work/use_static" "$work/use.c" "$work/prefix/lib/liblumalloc.a" $(pkg-config --libs-only-l --static libunwind) -lm -lpthread
+[ "$("$work/use_static")" = 1 ] || { echo "FAIL: static consumer"; exit 1; }
+echo "ok: pkg-config, shared and static"
