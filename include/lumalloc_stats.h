@@ -1,0 +1,57 @@
+/* lumalloc statistics: one consistent snapshot of the figures jemalloc's mallctl gives
+ * (allocated, active, resident, mapped, retained, metadata), per size class and per thread. */
+#ifndef LUMALLOC_STATS_H
+#define LUMALLOC_STATS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LUM_STATS_CLASSES 96
+#define LUM_STATS_MAX_THREADS 256
+
+struct lum_class_stats {
+    uint32_t block_size;
+    uint32_t pages;        /* pages of this class in use */
+    uint64_t blocks;       /* blocks those pages can hold */
+    uint64_t live_blocks;  /* blocks handed out (owner-updated: exact when threads are quiet) */
+};
+
+struct lum_thread_stats {
+    uint32_t tid;
+    uint32_t live;         /* 1 running, 0 exited */
+    uint64_t alloc_count, alloc_bytes, free_count, free_bytes;
+    uint64_t large_count, large_bytes, failures, sampled_count, sampled_bytes;
+};
+
+struct lum_stats {
+    uint64_t epoch;        /* bumps with every snapshot */
+    uint64_t allocated;    /* usable bytes of live allocations (sum over threads) */
+    uint64_t active;       /* bytes of pages holding live blocks, plus large blocks */
+    uint64_t resident;     /* mapped minus purged: an upper bound of lumalloc's RSS share */
+    uint64_t mapped;       /* bytes mapped from the OS */
+    uint64_t retained;     /* purged but still mapped (address space only) */
+    uint64_t metadata;     /* internal metadata mappings */
+    uint64_t large_live;   /* usable bytes of live large blocks */
+    uint64_t purged_total, purge_events, pressure_events;
+    uint64_t segments, abandoned_pages;
+    struct lum_class_stats classes[LUM_STATS_CLASSES];
+    uint32_t nthreads;     /* entries filled in threads[] (live first) */
+    struct lum_thread_stats threads[LUM_STATS_MAX_THREADS];
+};
+
+/* Fills *out with one snapshot: all figures are read under the allocator's locks in one pass. */
+void lum_stats_snapshot(struct lum_stats *out);
+void lum_stats_print(FILE *f, const struct lum_stats *s);      /* human-readable */
+void lum_stats_print_json(FILE *f, const struct lum_stats *s); /* one JSON object, one line */
+/* glibc's malloc_stats(): the text form on stderr. */
+void lum_malloc_stats(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,157 @@
+/* Statistics snapshot.  Segment figures are read under the segment lock, thread counters under
+ * the heap-list lock; page "used" counts belong to their owners and are read racily (exact when
+ * the owners are quiet), which keeps every allocation and free free of any stats cost. */
+#include <stdio.h>
+#include <string.h>
+#include "internal.h"
+#include "lumalloc_stats.h"
+
+_Static_assert(LUM_STATS_CLASSES == LUM_CLASSES, "stats and allocator classes agree");
+
+static uint64_t stats_epoch;
+
+static void add_segment(struct lum_segment *seg, void *arg)
+{
+    struct lum_stats *s = arg;
+    s->segments++;
+    for (unsigned i = 1; i < LUM_SLICES;) {
+        struct lum_page *page = seg->slice_page[i];
+        if (page == &lum_invalid_sentinel) { i++; continue; }
+        struct lum_class_stats *c = &s->classes[page->cls];
+        c->pages++;
+        c->blocks += page->capacity;
+        uint32_t used = __atomic_load_n(&page->used, __ATOMIC_RELAXED);
+        c->live_blocks += used;
+        if (used) s->active += (uint64_t)page->slices * LUM_SLICE_SIZE;
+        i += page->slices ? page->slices : 1;
+    }
+}
+
+static void add_thread(struct lum_heap *h, void *arg)
+{
+    struct lum_stats *s = arg;
+    const struct lum_thread_counters_v1 *tc = &h->tc;
+    s->allocated += tc->alloc_bytes - tc->free_bytes; /* wraps back for cross-thread pairs */
+    if (s->nthreads >= LUM_STATS_MAX_THREADS) return;
+    struct lum_thread_stats *t = &s->threads[s->nthreads++];
+    t->tid = tc->tid;
+    t->live = tc->state == LUM_THREAD_LIVE;
+    t->alloc_count = tc->alloc_count;
+    t->alloc_bytes = tc->alloc_bytes;
+    t->free_count = tc->free_count;
+    t->free_bytes = tc->free_bytes;
+    t->large_count = tc->large_count;
+    t->large_bytes = tc->large_bytes;
+    t->failures = tc->failures;
+    t->sampled_count = tc->sampled_count;
+    t->sampled_bytes = tc->sampled_bytes;
+}
+
+LUM_EXPORT void lum_stats_snapshot(struct lum_stats *s)
+{
+    memset(s, 0, sizeof *s);
+    for (unsigned c = 0; c < LUM_CLASSES; c++) s->classes[c].block_size = lum_class_size[c];
+    lum_segments_for_each(add_segment, s);
+    lum_heaps_for_each(add_thread, s);
+    const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+    s->allocated += g->exited_alloc_bytes - g->exited_free_bytes;
+    s->large_live = __atomic_load_n(&g->large_live_bytes, __ATOMIC_RELAXED);
+    s->active += s->large_live;
+    s->mapped = __atomic_load_n(&g->mapped_bytes, __ATOMIC_RELAXED);
+    s->resident = __atomic_load_n(&g->resident_bytes, __ATOMIC_RELAXED);
+    s->retained = __atomic_load_n(&g->retained_bytes, __ATOMIC_RELAXED);
+    s->metadata = __atomic_load_n(&g->metadata_bytes, __ATOMIC_RELAXED);
+    s->purged_total = g->purged_bytes;
+    s->purge_events = g->purge_events;
+    s->pressure_events = g->pressure_events;
+    lum_lock(&lum_abandoned_lock);
+    for (unsigned c = 0; c < LUM_CLASSES; c++)
+        for (struct lum_page *p = lum_abandoned[c].head; p; p = p->next) s->abandoned_pages++;
+    lum_unlock(&lum_abandoned_lock);
+    /* live threads first: that is who a reader looks for */
+    for (uint32_t i = 0, j = 0; i < s->nthreads; i++)
+        if (s->threads[i].live) {
+            struct lum_thread_stats t = s->threads[i];
+            s->threads[i] = s->threads[j];
+            s->threads[j++] = t;
+        }
+    s->epoch = __atomic_add_fetch(&stats_epoch, 1, __ATOMIC_RELAXED);
+}
+
+LUM_EXPORT void lum_stats_print(FILE *f, const struct lum_stats *s)
+{
+    fprintf(f, "___ lumalloc statistics (epoch %llu) ___\n", (unsigned long long)s->epoch);
+    fprintf(f, "allocated %llu  active %llu  resident %llu  mapped %llu  retained %llu  metadata %llu\n",
+            (unsigned long long)s->allocated, (unsigned long long)s->active,
+            (unsigned long long)s->resident, (unsigned long long)s->mapped,
+            (unsigned long long)s->retained, (unsigned long long)s->metadata);
+    fprintf(f, "large live %llu  segments %llu  abandoned pages %llu  purged %llu in %llu passes  pressure events %llu\n",
+            (unsigned long long)s->large_live, (unsigned long long)s->segments,
+            (unsigned long long)s->abandoned_pages, (unsigned long long)s->purged_total,
+            (unsigned long long)s->purge_events, (unsigned long long)s->pressure_events);
+    fprintf(f, "%10s %8s %12s %12s %6s\n", "size", "pages", "blocks", "live", "util%");
+    for (unsigned c = 0; c < LUM_STATS_CLASSES; c++) {
+        const struct lum_class_stats *k = &s->classes[c];
+        if (!k->pages) continue;
+        fprintf(f, "%10u %8u %12llu %12llu %6.1f\n", k->block_size, k->pages,
+                (unsigned long long)k->blocks, (unsigned long long)k->live_blocks,
+                k->blocks ? 100.0 * (double)k->live_blocks / (double)k->blocks : 0.0);
+    }
+    fprintf(f, "%8s %5s %14s %14s %14s %14s %8s %6s\n", "tid", "live", "allocs", "alloc bytes",
+            "frees", "free bytes", "large", "fails");
+    for (uint32_t i = 0; i < s->nthreads; i++) {
+        const struct lum_thread_stats *t = &s->threads[i];
+        fprintf(f, "%8u %5s %14llu %14llu %14llu %14llu %8llu %6llu\n", t->tid, t->live ? "yes" : "no",
+                (unsigned long long)t->alloc_count, (unsigned long long)t->alloc_bytes,
+                (unsigned long long)t->free_count, (unsigned long long)t->free_bytes,
+                (unsigned long long)t->large_count, (unsigned long long)t->failures);
+    }
+}
+
+LUM_EXPORT void lum_stats_print_json(FILE *f, const struct lum_stats *s)
+{
+    fprintf(f, "{\"epoch\":%llu,\"allocated\":%llu,\"active\":%llu,\"resident\":%llu,\"mapped\":%llu,"
+               "\"retained\":%llu,\"metadata\":%llu,\"large_live\":%llu,\"segments\":%llu,"
+               "\"abandoned_pages\":%llu,\"purged\":%llu,\"purge_events\":%llu,\"pressure_events\":%llu,"
+               "\"classes\":[",
+            (unsigned long long)s->epoch, (unsigned long long)s->allocated,
+            (unsigned long long)s->active, (unsigned long long)s->resident,
+            (unsigned long long)s->mapped, (unsigned long long)s->retained,
+            (unsigned long long)s->metadata, (unsigned long long)s->large_live,
+            (unsigned long long)s->segments, (unsigned long long)s->abandoned_pages,
+            (unsigned long long)s->purged_total, (unsigned long long)s->purge_events,
+            (unsigned long long)s->pressure_events);
+    const char *sep = "";
+    for (unsigned c = 0; c < LUM_STATS_CLASSES; c++) {
+        const struct lum_class_stats *k = &s->classes[c];
+        if (!k->pages) continue;
+        fprintf(f, "%s{\"size\":%u,\"pages\":%u,\"blocks\":%llu,\"live\":%llu}", sep, k->block_size,
+                k->pages, (unsigned long long)k->blocks, (unsigned long long)k->live_blocks);
+        sep = ",";
+    }
+    fprintf(f, "],\"threads\":[");
+    for (uint32_t i = 0; i < s->nthreads; i++) {
+        const struct lum_thread_stats *t = &s->threads[i];
+        fprintf(f, "%s{\"tid\":%u,\"live\":%s,\"alloc_count\":%llu,\"alloc_bytes\":%llu,"
+                   "\"free_count\":%llu,\"free_bytes\":%llu,\"large_count\":%llu,\"large_bytes\":%llu,"
+                   "\"failures\":%llu,\"sampled_count\":%llu,\"sampled_bytes\":%llu}",
+                i ? "," : "", t->tid, t->live ? "true" : "false", (unsigned long long)t->alloc_count,
+                (unsigned long long)t->alloc_bytes, (unsigned long long)t->free_count,
+                (unsigned long long)t->free_bytes, (unsigned long long)t->large_count,
+                (unsigned long long)t->large_bytes, (unsigned long long)t->failures,
+                (unsigned long long)t->sampled_count, (unsigned long long)t->sampled_bytes);
+    }
+    fprintf(f, "]}\n");
+}
+
+LUM_EXPORT void lum_malloc_stats(void)
+{
+    /* The snapshot is large: keep it off the stack of whatever thread asked. */
+    struct lum_stats *s = lum_meta_alloc(sizeof *s);
+    if (!s) return;
+    lum_stats_snapshot(s);
+    lum_stats_print(stderr, s);
+    lum_meta_free(s, sizeof *s);
+}
+
+void malloc_stats(void) __attribute__((alias("lum_malloc_stats"), visibility("default")));

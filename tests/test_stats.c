@@ -1,0 +1,80 @@
+/* The statistics snapshot: figures that follow what the program did, and outputs that parse. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include "lumalloc.h"
+#include "lumalloc_stats.h"
+
+static void *(*volatile p_malloc)(size_t) = malloc;
+static struct lum_stats a, b;
+
+static void snapshot_follows_allocations(void **state)
+{
+    (void)state;
+    lum_stats_snapshot(&a);
+    enum { N = 20000 };
+    static void *v[N];
+    for (int i = 0; i < N; i++) v[i] = p_malloc(100); /* class 112 */
+    void *big = p_malloc(8u << 20);
+    lum_stats_snapshot(&b);
+    assert_true(b.epoch > a.epoch);
+    uint64_t expect = (uint64_t)N * 112 + malloc_usable_size(big);
+    /* only this thread allocates: the difference is exact */
+    assert_int_equal(b.allocated - a.allocated, expect);
+    assert_true(b.large_live - a.large_live == malloc_usable_size(big));
+    assert_true(b.mapped >= b.resident && b.resident >= b.active && b.active >= b.allocated);
+    unsigned c112 = 0;
+    while (b.classes[c112].block_size != 112) c112++;
+    assert_true(b.classes[c112].live_blocks - a.classes[c112].live_blocks == N);
+    assert_true(b.classes[c112].pages >= N * 112 / 65536);
+    assert_true(b.nthreads >= 1 && b.threads[0].live);
+    for (int i = 0; i < N; i++) free(v[i]);
+    free(big);
+    lum_stats_snapshot(&b);
+    assert_int_equal(b.allocated, a.allocated);
+}
+
+static void text_and_json_outputs(void **state)
+{
+    (void)state;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    lum_stats_snapshot(&a);
+    lum_stats_print_json(f, &a);
+    fclose(f);
+    /* one line, balanced, with the jemalloc-style keys */
+    assert_int_equal(buf[len - 1], '\n');
+    assert_null(memchr(buf, '\n', len - 1));
+    int depth = 0;
+    for (size_t i = 0; i < len; i++) {
+        depth += buf[i] == '{' || buf[i] == '[';
+        depth -= buf[i] == '}' || buf[i] == ']';
+        assert_true(depth >= 0);
+    }
+    assert_int_equal(depth, 0);
+    const char *keys[] = { "\"allocated\":", "\"active\":", "\"resident\":", "\"mapped\":",
+                           "\"retained\":", "\"metadata\":", "\"classes\":", "\"threads\":" };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) assert_non_null(strstr(buf, keys[i]));
+    free(buf);
+    f = open_memstream(&buf, &len);
+    lum_stats_print(f, &a);
+    fclose(f);
+    assert_non_null(strstr(buf, "allocated"));
+    assert_non_null(strstr(buf, "tid"));
+    free(buf);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(snapshot_follows_allocations),
+        cmocka_unit_test(text_and_json_outputs),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
