@@ -70,25 +70,42 @@ static __always_inline void fill(struct snoop_event *e, u32 kind, u64 ptr, u64 s
     e->arg2 = arg2;
 }
 
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct snoop_event);
+} scratch SEC(".maps");
+
+/* Wake the reader only when the buffer is filling up: at high event rates a wakeup per event
+ * costs more than the event (the reader also polls every 100 ms). */
+static __always_inline u64 wakeup_flags(void)
+{
+    return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > (4 << 20) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 weight, u64 frames_addr, u32 depth,
                                 u64 stack_id, u64 arg, u64 arg2)
 {
     if (!wanted(kind, size))
         return 0;
     if (want_stacks && frames_addr && depth) {
-        struct snoop_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-        if (!e) {
-            count_lost(SNOOP_LOST_RINGBUF);
+        /* Build in per-CPU scratch and output only the frames actually present: typical stacks
+         * are a few frames, the record would otherwise always carry LUM_MAX_FRAMES. */
+        u32 zero = 0;
+        struct snoop_event *e = bpf_map_lookup_elem(&scratch, &zero);
+        if (!e)
             return 0;
-        }
         fill(e, kind, ptr, size, usable, weight, stack_id, arg, arg2);
         u64 sz = frames_size(depth);
         if (bpf_probe_read_user(e->frames, sz, (void *)frames_addr) == 0) {
             e->depth = sz / sizeof(u64);
         } else {
             count_lost(SNOOP_LOST_STACK);
+            sz = 0;
         }
-        bpf_ringbuf_submit(e, 0);
+        if (bpf_ringbuf_output(&events, e, SNOOP_HDR_SIZE + sz, wakeup_flags()))
+            count_lost(SNOOP_LOST_RINGBUF);
         return 0;
     }
     struct snoop_event *e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
@@ -97,7 +114,7 @@ static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 wei
         return 0;
     }
     fill(e, kind, ptr, size, usable, weight, stack_id, arg, arg2);
-    bpf_ringbuf_submit(e, 0);
+    bpf_ringbuf_submit(e, wakeup_flags());
     return 0;
 }
 

@@ -92,11 +92,8 @@ static __always_inline struct top_thread_val *thread_val(void)
 SEC("usdt")
 int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u32 depth, u64 stack_id, u64 tc)
 {
-    struct top_thread_val *tv = thread_val();
-    if (tv) {
-        __sync_fetch_and_add(&tv->samples, 1);
-        __sync_fetch_and_add(&tv->sample_bytes, weight);
-    }
+    /* Per-thread sample counts are in the registry (sampled_count/bytes): only the site here,
+     * the sample probe is the hot one. */
     struct top_site_key k = {.pid = bpf_get_current_pid_tgid() >> 32, .stack_id = stack_id};
     struct top_site_val *sv = bpf_map_lookup_elem(&sites, &k);
     if (!sv) {

@@ -14,7 +14,7 @@ struct top_thread_key {
 };
 
 struct top_thread_val {
-    uint64_t samples, sample_bytes; /* count and weight sum of `sample` events */
+    uint64_t samples, sample_bytes; /* unused (the registry has exact per-thread sample counts) */
     uint64_t large, large_bytes;    /* `large_alloc` events */
     uint64_t failures;              /* `alloc_failure` events */
 };

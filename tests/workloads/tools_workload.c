@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -186,12 +187,21 @@ int main(int argc, char **argv)
     struct truth main_t = {.name = "main"};
     struct truth w[2] = {{.name = "wl-heavy", .units = 3}, {.name = "wl-light", .units = 1}};
     pthread_t th[2];
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int i = 0; i < 2; i++)
         pthread_create(&th[i], NULL, worker, &w[i]);
     uint64_t leaked_bytes = leak_site(&main_t, leak_mib << 20);
     int failed = fail_site(&main_t, failures);
     for (int i = 0; i < 2; i++)
         pthread_join(th[i], NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double elapsed_ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) * 1e-6;
+    /* CPU time (user+sys, whole process): on a shared, oversubscribed machine a steadier
+     * measure of a tracer's cost than wall time; uprobe traps show up as sys time. */
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu_ms = (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e3 + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-3;
 
     FILE *out = stdout;
     if (truth_path && !(out = fopen(truth_path, "w"))) {
@@ -210,10 +220,10 @@ int main(int argc, char **argv)
         for (int k = 0; k < 3; k++)
             s[k] += w[i].site_bytes[k];
     fprintf(out, "],\"sites\":{\"site_a\":%llu,\"site_b\":%llu,\"site_c\":%llu,\"leak_site\":%llu},"
-           "\"leak_bytes\":%llu,\"failures\":%d,\"large\":%llu}\n",
+           "\"leak_bytes\":%llu,\"failures\":%d,\"large\":%llu,\"elapsed_ms\":%.1f,\"cpu_ms\":%.1f}\n",
            (unsigned long long)s[0], (unsigned long long)s[1], (unsigned long long)s[2],
            (unsigned long long)leaked_bytes, (unsigned long long)leaked_bytes, failed,
-           (unsigned long long)(w[0].large + w[1].large));
+           (unsigned long long)(w[0].large + w[1].large), elapsed_ms, cpu_ms);
     fclose(out);
     if (linger_ms)
         sleep_ms(linger_ms);
