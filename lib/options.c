@@ -14,6 +14,8 @@
 #include "obs_internal.h"
 #include "lumalloc_options.h"
 
+extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
+
 struct lum_options lum_opt = {
     .sample_interval = 512 * 1024, .prof_depth = 32, .prof = true,
     .large_threshold = 256 * 1024, .large_cache = 64u << 20,
@@ -365,6 +367,10 @@ LUM_EXPORT int lum_options_set(const char *name, const char *value)
     memcpy((char *)&lum_opt + o->off, (char *)&tmp + o->off,
            o->type == T_PATH ? sizeof(char *) : o->type == T_BOOL ? sizeof(bool)
            : o->type == T_SIGNAL ? sizeof(int) : o->width);
+    /* Tools read the interval from the registry to scale what they see. */
+    if (o->off == offsetof(struct lum_options, sample_interval) && &lumalloc_registry)
+        __atomic_store_n(&lumalloc_registry.sample_interval, lum_opt.sample_interval,
+                         __ATOMIC_RELAXED);
     return 0;
 }
 

@@ -96,7 +96,9 @@ void lum_symcache_free(struct lum_symcache *c)
 const char *lum_symcache_get(struct lum_symcache *c, uintptr_t addr, unsigned flags)
 {
     if (!c) {
-        static __thread char buf[320] LUM_TLS;
+        /* No cache (mmap failed): a shared buffer rather than TLS, to keep lumalloc's static
+         * TLS small; concurrent reports in that state may garble a name, nothing worse. */
+        static char buf[320];
         lum_symbolize(addr, buf, sizeof buf, flags);
         return buf;
     }
