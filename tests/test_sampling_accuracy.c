@@ -163,6 +163,14 @@ static int collect(const struct lum_prof_site *s, void *arg)
 static void test_accuracy(void **state)
 {
     (void)state;
+    /* The allocator starts its background (purge/PSI) thread lazily, from whichever thread
+     * first has enough memory mapped; pthread_create's own allocations would then be charged
+     * to a worker inside the measured window.  Map (and free) enough here first. */
+    void *warm[40];
+    for (int i = 0; i < 40; i++)
+        warm[i] = malloc(2 << 20);
+    for (int i = 0; i < 40; i++)
+        free(warm[i]);
     assert_int_equal(lum_options_set("sample_interval", "128k"), 0);
     lum_prof_reset();
     static struct worker w[THREADS];
