@@ -45,6 +45,43 @@
  *   purge         (u64 bytes, u32 reason)      reason: LUM_PURGE_*
  *   pressure      (u64 stall_us, u64 bytes_released)
  */
+/*
+ * How lib/ fires them (notes for tracer authors; the argument lists above are the contract):
+ *
+ *   - Semaphores are `lumalloc_<probe>_semaphore` (u16, section .probes), recorded in each
+ *     stapsdt note.  While a probe's semaphore is zero the library does no work for it: no
+ *     unwinding for `sample` when the in-process profiler is off (LUMALLOC_PROF=off), none for
+ *     `large_alloc` / `alloc_failure` unless a warning or diagnostics report needs the stack.
+ *   - frames_addr: return addresses (call site + 1), innermost first, unwound with libunwind
+ *     (DWARF CFI, so right without frame pointers), at most LUMALLOC_PROF_DEPTH (32, max 64).
+ *     It points into the firing thread's stack: copy it inside the probe handler.  When
+ *     lumalloc is a shared object (linked or LD_PRELOADed) its own frames are dropped, so
+ *     frame 0 is the caller of malloc/calloc/...; when it is linked statically into the
+ *     executable, the public entry point (malloc, ...) may appear as frame 0.
+ *   - depth is 0 (and stack_id 0) when no stack was taken: nested inside profiler code, or
+ *     LUMALLOC_PROF_DEPTH=0.
+ *   - stack_id is the same 64-bit hash the in-process reports print (`stack 0x...`), so tracer
+ *     output and lum_prof_write_text() can be joined.
+ *   - sample_free fires only for allocations that were recorded as samples (the library keeps a
+ *     table of live samples, whatever LUMALLOC_PROF says), with the sample's own size, weight
+ *     and stack_id.
+ *   - A large allocation that is also sampled fires large_alloc then sample.
+ *   - thread_counters_addr points to the thread's struct lum_thread_counters_v1; sampled_bytes
+ *     there already includes this sample's weight when `sample` fires.
+ *
+ * bpftrace one-liners (LIB = path of liblumalloc.so, as mapped by the target):
+ *   estimated bytes allocated per call site:
+ *     bpftrace -p PID -e 'usdt:LIB:lumalloc:sample { @bytes[usym(*(uint64 *)arg4)] = sum(arg3); }'
+ *   estimated live bytes (samples minus their frees):
+ *     bpftrace -p PID -e 'usdt:LIB:lumalloc:sample { @live = sum(arg3); }
+ *                         usdt:LIB:lumalloc:sample_free { @freed = sum(arg3); }'
+ *   large allocations by size:
+ *     bpftrace -p PID -e 'usdt:LIB:lumalloc:large_alloc { @sizes = hist(arg1); }'
+ *   failed allocations with the caller:
+ *     bpftrace -p PID -e 'usdt:LIB:lumalloc:alloc_failure {
+ *                           printf("%d bytes, errno %d, from %s\n", arg0, arg2,
+ *                                  usym(*(uint64 *)arg3)); }'
+ */
 #ifndef LUMALLOC_PROBES_H
 #define LUMALLOC_PROBES_H
 
