@@ -38,6 +38,27 @@ static __always_inline u64 frames_size(u32 depth)
     return sz;
 }
 
+/* -c: hold a command we launched at its first event (SIGSTOP) until user space has located the
+ * registry and snapshotted its mappings (then SIGCONT).  Without this a short-lived command can
+ * exit before the tool sees its libraries, leaving its stacks unresolvable. */
+#define SIGSTOP_NR 19
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 64);
+    __type(key, u32);
+    __type(value, u8);
+} hold SEC(".maps");
+volatile uint32_t hold_active; /* fast path: no map lookup unless a hold is pending */
+
+static __always_inline void maybe_hold(void)
+{
+    if (!hold_active)
+        return;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (bpf_map_delete_elem(&hold, &pid) == 0)
+        bpf_send_signal(SIGSTOP_NR);
+}
+
 static __always_inline void count_lost(u32 idx)
 {
     u64 *v = bpf_map_lookup_elem(&lost, &idx);
@@ -77,16 +98,35 @@ struct {
     __type(value, struct snoop_event);
 } scratch SEC(".maps");
 
-/* Wake the reader only when the buffer is filling up: at high event rates a wakeup per event
- * costs more than the event (the reader also polls every 100 ms). */
-static __always_inline u64 wakeup_flags(void)
+/* Processes seen so far: the first event of a process wakes the reader at once, so that it
+ * snapshots the process's mappings for symbolisation even if the process is short-lived. */
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 1024);
+    __type(key, u32);
+    __type(value, u8);
+} seen SEC(".maps");
+
+/* Sample events wake the reader only when the buffer is filling up: at high sample rates a
+ * wakeup per event costs more than the event (the reader also polls every 100 ms).  The rare
+ * kinds (large, failure, thread, ...) wake it at once. */
+static __always_inline u64 wakeup_flags(u32 kind)
 {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (!bpf_map_lookup_elem(&seen, &pid)) {
+        u8 one = 1;
+        bpf_map_update_elem(&seen, &pid, &one, BPF_ANY);
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    if (kind != SNOOP_SAMPLE && kind != SNOOP_SAMPLE_FREE)
+        return 0;
     return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > (4 << 20) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 weight, u64 frames_addr, u32 depth,
                                 u64 stack_id, u64 arg, u64 arg2)
 {
+    maybe_hold();
     if (!wanted(kind, size))
         return 0;
     if (want_stacks && frames_addr && depth) {
@@ -104,7 +144,7 @@ static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 wei
             count_lost(SNOOP_LOST_STACK);
             sz = 0;
         }
-        if (bpf_ringbuf_output(&events, e, SNOOP_HDR_SIZE + sz, wakeup_flags()))
+        if (bpf_ringbuf_output(&events, e, SNOOP_HDR_SIZE + sz, wakeup_flags(kind)))
             count_lost(SNOOP_LOST_RINGBUF);
         return 0;
     }
@@ -114,7 +154,7 @@ static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 wei
         return 0;
     }
     fill(e, kind, ptr, size, usable, weight, stack_id, arg, arg2);
-    bpf_ringbuf_submit(e, wakeup_flags());
+    bpf_ringbuf_submit(e, wakeup_flags(kind));
     return 0;
 }
 

@@ -66,6 +66,27 @@ static __always_inline u64 frames_size(u32 depth)
     return sz;
 }
 
+/* -c: hold a command we launched at its first event (SIGSTOP) until user space has located the
+ * registry and snapshotted its mappings (then SIGCONT).  Without this a short-lived command can
+ * exit before the tool sees its libraries, leaving its stacks unresolvable. */
+#define SIGSTOP_NR 19
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 64);
+    __type(key, u32);
+    __type(value, u8);
+} hold SEC(".maps");
+volatile uint32_t hold_active; /* fast path: no map lookup unless a hold is pending */
+
+static __always_inline void maybe_hold(void)
+{
+    if (!hold_active)
+        return;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (bpf_map_delete_elem(&hold, &pid) == 0)
+        bpf_send_signal(SIGSTOP_NR);
+}
+
 static __always_inline void count_lost(u32 idx)
 {
     u64 *v = bpf_map_lookup_elem(&lost, &idx);
@@ -92,6 +113,7 @@ static __always_inline struct top_thread_val *thread_val(void)
 SEC("usdt")
 int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u32 depth, u64 stack_id, u64 tc)
 {
+    maybe_hold();
     /* Per-thread sample counts are in the registry (sampled_count/bytes): only the site here,
      * the sample probe is the hot one. */
     struct top_site_key k = {.pid = bpf_get_current_pid_tgid() >> 32, .stack_id = stack_id};
@@ -129,6 +151,7 @@ int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u3
 SEC("usdt")
 int BPF_USDT(on_large_alloc, u64 ptr, u64 req, u64 usable, u64 frames, u32 depth, u64 stack_id, u64 tc)
 {
+    maybe_hold();
     struct top_thread_val *tv = thread_val();
     if (tv) {
         __sync_fetch_and_add(&tv->large, 1);
@@ -140,6 +163,7 @@ int BPF_USDT(on_large_alloc, u64 ptr, u64 req, u64 usable, u64 frames, u32 depth
 SEC("usdt")
 int BPF_USDT(on_alloc_failure, u64 req, u64 align, u32 err, u64 frames, u32 depth, u64 stack_id, u64 tc)
 {
+    maybe_hold();
     struct top_thread_val *tv = thread_val();
     if (tv)
         __sync_fetch_and_add(&tv->failures, 1);
@@ -148,6 +172,7 @@ int BPF_USDT(on_alloc_failure, u64 req, u64 align, u32 err, u64 frames, u32 dept
 
 static __always_inline int thread_event(u32 kind, u32 tid, u64 tc)
 {
+    maybe_hold();
     struct top_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
     if (!e) {
         count_lost(TOP_LOST_RINGBUF);

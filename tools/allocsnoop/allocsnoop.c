@@ -155,7 +155,15 @@ static void maybe_snapshot(pid_t pid)
     if (i < 0)
         return;
     double now = tc_now();
-    if (now - last_snap[i] < 1.0 || !targets[i].alive)
+    if (tc_hold_ready(&targets[i])) {
+        tc_sym_snapshot(sym, pid, targets[i].probe_path);
+        last_snap[i] = now;
+        tc_hold_release(&targets[i]);
+        return;
+    }
+    /* Often at first (libraries still being loaded), then once a second. */
+    double every = now - t_start < 2.0 ? 0.1 : 1.0;
+    if (now - last_snap[i] < every || !targets[i].alive)
         return;
     last_snap[i] = now;
     tc_sym_snapshot(sym, pid, targets[i].probe_path);
@@ -588,8 +596,11 @@ int main(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     start_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
     t_start = tc_now();
-    if (command)
+    if (command) {
+        tc_hold_arm(&targets[ntargets - 1], bpf_map__fd(skel->maps.hold));
+        skel->bss->hold_active = 1;
         tc_launch_go(&targets[ntargets - 1]);
+    }
     for (int i = 0; i < ntargets; i++)
         if (!targets[i].launched) {
             tc_sym_snapshot(sym, targets[i].pid, targets[i].probe_path);
@@ -606,6 +617,7 @@ int main(int argc, char **argv)
             break;
         bool any_alive = false;
         for (int i = 0; i < ntargets; i++) {
+            maybe_snapshot(targets[i].pid);
             tc_target_poll(&targets[i]);
             any_alive |= targets[i].alive;
         }

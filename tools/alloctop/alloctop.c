@@ -64,7 +64,7 @@ struct tstate {
     uint64_t rss;
     struct comm_entry *comms;
     size_t ncomms;
-    double last_snapshot;
+    double last_snapshot, first_seen;
 };
 
 static struct tstate targets[MAX_TARGETS];
@@ -225,10 +225,26 @@ static void sample_target(struct tstate *s)
     for (size_t i = 0; i < s->ncur; i++)
         if (s->cur[i].c.state == LUM_THREAD_LIVE)
             remember_comm(s, (pid_t)s->cur[i].c.tid);
-    if (sym && s->t_cur - s->last_snapshot > 2.0) {
+    if (sym && s->t_cur - s->last_snapshot > (s->t_cur - s->first_seen < 2.0 ? 0.2 : 2.0)) {
         tc_sym_snapshot(sym, s->t.pid, s->t.probe_path);
         s->last_snapshot = s->t_cur;
     }
+}
+
+/* Locate the registry and snapshot the mappings as soon as the library is mapped, so a
+ * short-lived command is still symbolised and counted from its start. */
+static void locate_early(struct tstate *s)
+{
+    char err[512];
+    if (tc_target_locate(&s->t, err, sizeof(err)) || !s->t.registry_addr)
+        return;
+    s->located = true;
+    s->first_seen = tc_now();
+    if (sym) {
+        tc_sym_snapshot(sym, s->t.pid, s->t.probe_path);
+        s->last_snapshot = tc_now();
+    }
+    sample_target(s);
 }
 
 static const struct lum_thread_counters_v1 *prev_of(struct tstate *s, uint64_t addr, uint32_t tid)
@@ -634,8 +650,13 @@ int main(int argc, char **argv)
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGPIPE, SIG_IGN);
-    if (command)
+    if (command) {
+        if (skel) {
+            tc_hold_arm(&targets[ntargets - 1].t, bpf_map__fd(skel->maps.hold));
+            skel->bss->hold_active = 1;
+        }
         tc_launch_go(&targets[ntargets - 1].t);
+    }
 
     for (int i = 0; i < ntargets; i++) {
         sample_target(&targets[i]); /* baseline for the first interval's rates */
@@ -683,6 +704,13 @@ int main(int argc, char **argv)
         }
         bool any_alive = false, any_died = false;
         for (int i = 0; i < ntargets; i++) {
+            if (tc_hold_ready(&targets[i].t)) {
+                /* Stopped at its first event: libraries are mapped, the registry exists. */
+                locate_early(&targets[i]);
+                tc_hold_release(&targets[i].t);
+            } else if (!targets[i].located && targets[i].t.alive) {
+                locate_early(&targets[i]); /* -c: the library appears once ld.so has run */
+            }
             if (tc_target_poll(&targets[i].t))
                 any_died = true;
             any_alive |= targets[i].t.alive;

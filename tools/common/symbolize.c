@@ -100,7 +100,7 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
         ssize_t n = readlink(exe, target, sizeof(target) - 1);
         if (n > 0)
             target[n] = 0;
-        if (n <= 0 || strcmp(target, alloc_module))
+        if (n > 0 && strcmp(target, alloc_module))
             p->alloc_module = strdup(alloc_module);
     }
     p->last_snapshot = tc_now();
@@ -173,10 +173,16 @@ const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64
         return &s->frames[*ci - 1];
     Dwarf_Addr pc = addr ? addr - 1 : 0;
     Dwfl_Module *m = dwfl_addrmodule(p->dwfl, pc);
-    if (!m && tc_now() - p->last_snapshot > 0.2 && tc_pid_alive(pid)) {
+    bool alive = false;
+    if (!m && (alive = tc_pid_alive(pid)) && tc_now() - p->last_snapshot > 0.01) {
         /* A library loaded since the last snapshot. */
         tc_sym_snapshot(s, pid, NULL);
         m = dwfl_addrmodule(p->dwfl, pc);
+    }
+    if (!m && alive) {
+        /* Not cached: a later snapshot may still find the module. */
+        static struct tc_frame unknown_now = {"[unknown]", NULL, 0, false};
+        return &unknown_now;
     }
     struct tc_frame f = {NULL, NULL, 0, false};
     if (m) {

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <wordexp.h>
+#include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
 #include "tc.h"
@@ -240,6 +241,58 @@ void tc_launch_go(struct tc_target *t)
         tc_die("cannot execute the command: %s", strerror(e));
     }
     close(err_pipe[0]);
+}
+
+static pid_t held_pids[64];
+static int nheld;
+
+static void release_all_held(void)
+{
+    for (int i = 0; i < nheld; i++)
+        if (held_pids[i] > 0)
+            kill(held_pids[i], SIGCONT);
+}
+
+void tc_hold_arm(struct tc_target *t, int hold_map_fd)
+{
+    uint32_t pid = (uint32_t)t->pid;
+    uint8_t one = 1;
+    if (nheld >= 64 || bpf_map_update_elem(hold_map_fd, &pid, &one, BPF_ANY))
+        return;
+    if (nheld == 0)
+        atexit(release_all_held);
+    held_pids[nheld++] = t->pid;
+    t->held = true;
+}
+
+static char proc_state(pid_t pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *rp = strrchr(buf, ')');
+    return rp && rp[1] == ' ' ? rp[2] : 0;
+}
+
+bool tc_hold_ready(struct tc_target *t)
+{
+    return t->held && t->alive && proc_state(t->pid) == 'T';
+}
+
+void tc_hold_release(struct tc_target *t)
+{
+    if (!t->held)
+        return;
+    kill(t->pid, SIGCONT);
+    t->held = false;
+    for (int i = 0; i < nheld; i++)
+        if (held_pids[i] == t->pid)
+            held_pids[i] = 0;
 }
 
 bool tc_target_poll(struct tc_target *t)

@@ -53,6 +53,7 @@ struct tc_target {
     pid_t pid;
     bool launched;           /* started by us with -c (we reap it) */
     bool alive;
+    bool held;               /* hold armed, not yet released */
     int exit_status;
     char probe_path[PATH_MAX]; /* liblumalloc.so or the static executable that holds the probes */
     uint64_t registry_addr;  /* 0 until located */
@@ -74,6 +75,13 @@ int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, str
  * preload or the executable holding the probes).  tc_launch_go lets it exec. */
 void tc_launch_prepare(struct tc_target *t, const char *cmdline, const char *preload);
 void tc_launch_go(struct tc_target *t);
+/* -c hold protocol (see maybe_hold in the bpf/ programs): the BPF side stops a launched command at its
+ * first event; the tool snapshots it, then tc_hold_release continues it.  tc_hold_arm inserts
+ * the pid into the `hold` map; an atexit hook continues held commands if the tool exits first. */
+void tc_hold_arm(struct tc_target *t, int hold_map_fd);
+/* True if t is held and now stopped: the caller does its work, then calls tc_hold_release. */
+bool tc_hold_ready(struct tc_target *t);
+void tc_hold_release(struct tc_target *t);
 /* Reap/poll: updates t->alive.  Returns true if the state changed to dead. */
 bool tc_target_poll(struct tc_target *t);
 
