@@ -37,6 +37,16 @@ void free_aligned_sized(void *ptr, size_t alignment, size_t size);
 /* Returns every free page and cached mapping to the OS now; returns the bytes released. */
 size_t lum_purge(void);
 
+/* Behaves as if the kernel had reported memory pressure: every cache and free page goes back to
+ * the OS now (on the background thread if it runs).  For tests, and for programs with pressure
+ * signals of their own (cgroup v1 memory.pressure_level, an orchestrator's hint).  Returns the
+ * bytes released when done synchronously, 0 when handed to the background thread. */
+size_t lum_memory_pressure(void);
+
+/* Non-zero once the background thread (decay and PSI) is running: bit 0 running, bit 1 a PSI
+ * memory-pressure trigger is armed. */
+int lum_background_running(void);
+
 /* Walks all allocator metadata and checks its invariants.  Returns 0 when consistent, or the
  * number of problems found (each described on stderr when verbose is non-zero). */
 int lum_heap_check(int verbose);

@@ -287,6 +287,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         page->in_full = 1;
         page->fast_heap = NULL;
     }
+    lum_background_maybe_start();
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
         heap->current[cls] = &lum_empty_page;
@@ -348,6 +349,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     }
 
     if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
+        lum_background_maybe_start();
         void *p = lum_large_alloc(heap, size, alignment, false, sampled);
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
@@ -475,6 +477,28 @@ static void heap_teardown(void *arg)
     lum_tls_heap = &lum_empty_heap;
     lum_tls_exited = 1;
     lum_heap_abandon(heap);
+}
+
+/* Abandoned pages whose blocks have all come back: return them to their segments. */
+size_t lum_abandoned_reclaim(void)
+{
+    size_t bytes = 0;
+    lum_lock(&lum_abandoned_lock);
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        struct lum_page *page = lum_abandoned[c].head;
+        while (page) {
+            struct lum_page *next = page->next;
+            lum_page_collect(page);
+            if (page->used == 0) {
+                lum_list_remove(&lum_abandoned[c], page);
+                bytes += (size_t)page->slices * LUM_SLICE_SIZE;
+                lum_page_release(page);
+            }
+            page = next;
+        }
+    }
+    lum_unlock(&lum_abandoned_lock);
+    return bytes;
 }
 
 void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg)

@@ -96,6 +96,7 @@ struct lum_large {
     size_t requested;
     uint8_t *user;
     struct lum_large *next;     /* in the cache */
+    uint64_t freed_ms;          /* when it entered the cache (decay) */
 };
 
 struct lum_page_list { struct lum_page *head, *tail; };
@@ -207,6 +208,13 @@ extern lum_lock_t lum_sampled_lock;
 void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment);
 void lum_sampled_free(struct lum_page *page, void *p);
 
+/* ---- background.c ---- */
+void lum_background_maybe_start(void);
+void lum_background_note_dirty(void);
+void lum_background_after_fork_child(void);
+size_t lum_abandoned_reclaim(void);
+bool lum_segments_dirty(void);
+
 /* ---- large.c ---- */
 extern lum_lock_t lum_large_lock;
 void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool sampled);
@@ -214,6 +222,8 @@ void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);
 size_t lum_large_usable(const void *p);
 size_t lum_large_cache_purge(void);
+size_t lum_large_cache_decay(void);
+size_t lum_large_cache_bytes(void);
 
 /* ---- counters ---- */
 static inline void lum_count_global(uint64_t *field, int64_t delta)

@@ -112,6 +112,7 @@ void lum_large_free(void *p)
     if ((uint8_t *)p - (uint8_t *)l == LUM_LARGE_HEADER && l->map_size <= lum_opt.large_cache / 4) {
         lum_lock(&lum_large_lock);
         l->next = cache;
+        l->freed_ms = lum_now_ms();
         cache = l;
         cache_bytes += l->map_size;
         struct lum_large *evict = NULL;
@@ -133,6 +134,7 @@ void lum_large_free(void *p)
             lum_os_unmap(evict, evict->map_size);
             evict = next;
         }
+        lum_background_note_dirty();
         return;
     }
     lum_os_unmap(l->map_base, l->map_size);
@@ -152,6 +154,32 @@ size_t lum_large_cache_purge(void)
         l = next;
     }
     return bytes;
+}
+
+/* Unmaps cached mappings that have waited longer than the decay time (newest are first). */
+size_t lum_large_cache_decay(void)
+{
+    uint64_t now = lum_now_ms();
+    lum_lock(&lum_large_lock);
+    struct lum_large **link = &cache;
+    while (*link && now - (*link)->freed_ms < lum_opt.decay_ms) link = &(*link)->next;
+    struct lum_large *old = *link;
+    *link = NULL;
+    size_t bytes = 0;
+    for (struct lum_large *l = old; l; l = l->next) bytes += l->map_size;
+    cache_bytes -= bytes;
+    lum_unlock(&lum_large_lock);
+    while (old) {
+        struct lum_large *next = old->next;
+        lum_os_unmap(old, old->map_size);
+        old = next;
+    }
+    return bytes;
+}
+
+size_t lum_large_cache_bytes(void)
+{
+    return __atomic_load_n(&cache_bytes, __ATOMIC_RELAXED);
 }
 
 /* Grows or shrinks a large block in place or by moving its pages; NULL means "copy instead". */

@@ -11,6 +11,7 @@
 lum_lock_t lum_segment_lock;
 static struct lum_segment *segments;     /* every small segment */
 static struct lum_segment *spare_segment; /* one wholly free segment kept to absorb churn */
+static uint64_t spare_since_ms;
 static uint64_t last_purge_ms;
 
 #define ALL_SLICES (~(uint64_t)1) /* slice 0 is the header, never free */
@@ -56,14 +57,23 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     struct lum_segment *seg;
     int idx = -1;
     lum_lock(&lum_segment_lock);
-    /* Prefer slices still resident: reusing them costs no page faults. */
-    for (seg = segments; seg; seg = seg->next) {
-        if ((unsigned)__builtin_popcountll(seg->free_slices) < n) continue;
-        if ((idx = find_run(seg->free_slices & ~seg->purged_slices, n)) >= 0) break;
+    /* Pack densely (as TCMalloc's Temeraire does for huge pages): take the fullest segment that
+     * fits, so emptier ones drain and go back whole; and prefer slices still resident, which
+     * cost no page faults. */
+    for (int pass = 0; pass < 2 && idx < 0; pass++) {
+        unsigned best_free = 65;
+        struct lum_segment *best = NULL;
+        int best_idx = -1;
+        for (struct lum_segment *s = segments; s; s = s->next) {
+            unsigned nfree = (unsigned)__builtin_popcountll(s->free_slices);
+            if (nfree < n || nfree >= best_free) continue;
+            uint64_t candidates = pass == 0 ? s->free_slices & ~s->purged_slices : s->free_slices;
+            int at = find_run(candidates, n);
+            if (at >= 0) { best = s; best_idx = at; best_free = nfree; }
+        }
+        seg = best;
+        idx = best_idx;
     }
-    if (idx < 0)
-        for (seg = segments; seg; seg = seg->next)
-            if ((idx = find_run(seg->free_slices, n)) >= 0) break;
     if (idx < 0) {
         seg = segment_new();
         if (!seg) { lum_unlock(&lum_segment_lock); return NULL; }
@@ -127,7 +137,7 @@ static size_t purge_locked(bool all, uint64_t now)
             released += (size_t)len * LUM_SLICE_SIZE;
         }
     }
-    if (spare_segment && all) {
+    if (spare_segment && (all || now - spare_since_ms >= lum_opt.decay_ms)) {
         lum_os_unmap(spare_segment, LUM_SEGMENT_SIZE);
         released += LUM_SEGMENT_SIZE;
         spare_segment = NULL;
@@ -168,6 +178,7 @@ void lum_page_release(struct lum_page *page)
         if (seg->next) seg->next->prev = seg->prev;
         if (!spare_segment) {
             spare_segment = seg;
+            spare_since_ms = now;
         } else {
             size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
             lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
@@ -182,6 +193,18 @@ void lum_page_release(struct lum_page *page)
     }
     lum_unlock(&lum_segment_lock);
     account_purge(released, LUM_PURGE_DECAY);
+    lum_background_note_dirty();
+}
+
+bool lum_segments_dirty(void)
+{
+    bool dirty = false;
+    lum_lock(&lum_segment_lock);
+    for (struct lum_segment *seg = segments; seg && !dirty; seg = seg->next)
+        dirty = (seg->free_slices & ~seg->purged_slices) != 0;
+    dirty = dirty || spare_segment;
+    lum_unlock(&lum_segment_lock);
+    return dirty;
 }
 
 size_t lum_segments_purge(bool all, uint32_t reason)

@@ -1,0 +1,225 @@
+/* The background thread: returns decayed memory while the program is idle, and releases every
+ * cache at once when the kernel reports memory pressure (a PSI trigger).
+ *
+ * It starts lazily, the first time lumalloc has mapped LUM_BG_START_BYTES: short-lived and
+ * small processes never get a thread, and nothing is started while both LUMALLOC_PSI and
+ * LUMALLOC_BACKGROUND_PURGE are off. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include "internal.h"
+#include "lumalloc.h"
+#include "observe.h"
+#include "options.h"
+
+#define LUM_BG_START_BYTES ((uint64_t)64 << 20)
+/* some 100 ms of stall in any 1 s window (2 s for unprivileged processes, as the kernel demands) */
+#define PSI_TRIGGER "some 100000 1000000"
+#define PSI_TRIGGER_UNPRIVILEGED "some 150000 2000000"
+
+static _Atomic int bg_state;      /* 0 not started, 1 starting/running, 2 failed: never retry */
+static int wake_fd = -1;          /* eventfd: new dirty memory, or a pressure request */
+static int psi_fd = -1;
+static _Atomic int dirty;         /* free memory not yet purged since the thread last looked */
+static _Atomic int pressure_requested;
+static char psi_path[256];
+
+/* The cgroup's own memory.pressure when the process sits in a cgroup v2 group (that is the
+ * limit that will bite), else the system-wide file. */
+static void choose_psi_path(void)
+{
+    char cg[200] = "";
+    int fd = open("/proc/self/cgroup", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        char buf[1024];
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n > 0) {
+            buf[n] = 0;
+            char *line = strstr(buf, "0::");
+            if (line && (line == buf || line[-1] == '\n')) {
+                line += 3;
+                size_t len = strcspn(line, "\n");
+                if (len < sizeof cg) { memcpy(cg, line, len); cg[len] = 0; }
+            }
+        }
+    }
+    const char *roots[] = { "/sys/fs/cgroup", "/sys/fs/cgroup/unified" };
+    if (cg[0] && strcmp(cg, "/") != 0)
+        for (size_t i = 0; i < 2; i++) {
+            snprintf(psi_path, sizeof psi_path, "%s%s/memory.pressure", roots[i], cg);
+            if (access(psi_path, W_OK) == 0) return;
+        }
+    snprintf(psi_path, sizeof psi_path, "/proc/pressure/memory");
+}
+
+static int open_psi_trigger(void)
+{
+    choose_psi_path();
+    int fd = open(psi_path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return -1; /* no PSI in this kernel: degrade to decay only */
+    if (write(fd, PSI_TRIGGER, strlen(PSI_TRIGGER) + 1) < 0 &&
+        write(fd, PSI_TRIGGER_UNPRIVILEGED, strlen(PSI_TRIGGER_UNPRIVILEGED) + 1) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Total "some" stall time (µs) of the pressure file, to report how bad it was. */
+static uint64_t psi_total_us(void)
+{
+    int fd = open(psi_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    char buf[256];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *t = strstr(buf, "total=");
+    return t ? strtoull(t + 6, NULL, 10) : 0;
+}
+
+static size_t release_everything(uint32_t reason)
+{
+    size_t released = lum_large_cache_purge();
+    released += lum_abandoned_reclaim();
+    released += lum_segments_purge(true, reason);
+    return released;
+}
+
+static void *bg_main(void *arg)
+{
+    (void)arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* never steal the application's signals */
+    uint64_t last_total = psi_fd >= 0 ? psi_total_us() : 0;
+    for (;;) {
+        struct pollfd fds[2] = { { .fd = wake_fd, .events = POLLIN }, { .fd = psi_fd, .events = POLLPRI } };
+        int timeout = -1;
+        if (atomic_load(&dirty)) {
+            uint64_t half = lum_opt.decay_ms / 2;
+            timeout = half < 10 ? 10 : half > 60000 ? 60000 : (int)half;
+        }
+        int n = poll(fds, psi_fd >= 0 ? 2 : 1, timeout);
+        if (n < 0 && errno != EINTR) break;
+        if (n > 0 && (fds[0].revents & POLLIN)) {
+            uint64_t v;
+            if (read(wake_fd, &v, sizeof v) < 0) { /* nothing to do: a spurious wake */ }
+        }
+        bool pressure = atomic_exchange(&pressure_requested, 0);
+        uint64_t stall = 0;
+        if (n > 0 && psi_fd >= 0 && (fds[1].revents & POLLPRI)) {
+            pressure = true;
+            uint64_t total = psi_total_us();
+            stall = total - last_total;
+            last_total = total;
+        }
+        if (n > 0 && psi_fd >= 0 && (fds[1].revents & (POLLERR | POLLHUP))) {
+            close(psi_fd); /* the cgroup went away: decay keeps working */
+            psi_fd = -1;
+        }
+        if (pressure) {
+            size_t released = release_everything(LUM_PURGE_PRESSURE);
+            lum_count_global(&lumalloc_registry.global.pressure_events, 1);
+            lum_on_pressure(stall, released);
+            atomic_store(&dirty, 0);
+            continue;
+        }
+        /* decay: what has been free for decay_ms goes back; look again while any is left */
+        atomic_store(&dirty, 0);
+        lum_segments_purge(false, LUM_PURGE_DECAY);
+        lum_large_cache_decay();
+        if (lum_segments_dirty() || lum_large_cache_bytes()) atomic_store(&dirty, 1);
+    }
+    atomic_store(&bg_state, 2);
+    return NULL;
+}
+
+static void bg_start(void)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&bg_state, &expected, 1)) return;
+    wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd < 0) { atomic_store(&bg_state, 2); return; }
+    psi_fd = lum_opt.psi ? open_psi_trigger() : -1;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    pthread_t t;
+    if (pthread_create(&t, &attr, bg_main, NULL) != 0) {
+        close(wake_fd);
+        wake_fd = -1;
+        if (psi_fd >= 0) close(psi_fd);
+        psi_fd = -1;
+        atomic_store(&bg_state, 2);
+    } else {
+        pthread_setname_np(t, "lumalloc-bg");
+    }
+    pthread_attr_destroy(&attr);
+}
+
+/* From the malloc slow path: cheap unless this is the moment to start. */
+void lum_background_maybe_start(void)
+{
+    if (LUM_LIKELY(atomic_load_explicit(&bg_state, memory_order_relaxed) != 0)) return;
+    if (!lum_opt.psi && !lum_opt.background_purge) return;
+    if (__atomic_load_n(&lumalloc_registry.global.mapped_bytes, __ATOMIC_RELAXED) < LUM_BG_START_BYTES) return;
+    bg_start();
+}
+
+static void wake(void)
+{
+    if (wake_fd < 0) return;
+    uint64_t one = 1;
+    if (write(wake_fd, &one, sizeof one) < 0) { /* counter full: the thread is awake anyway */ }
+}
+
+/* Free memory appeared that decay should return later: wake the thread once per clean state. */
+void lum_background_note_dirty(void)
+{
+    if (atomic_load_explicit(&dirty, memory_order_relaxed)) return;
+    if (atomic_exchange(&dirty, 1) == 0 && atomic_load_explicit(&bg_state, memory_order_relaxed) == 1)
+        wake();
+}
+
+LUM_EXPORT size_t lum_memory_pressure(void)
+{
+    if (atomic_load(&bg_state) == 1) {
+        atomic_store(&pressure_requested, 1);
+        wake();
+        return 0;
+    }
+    /* no thread: do the work here, synchronously */
+    size_t released = release_everything(LUM_PURGE_PRESSURE);
+    lum_count_global(&lumalloc_registry.global.pressure_events, 1);
+    lum_on_pressure(0, released);
+    return released;
+}
+
+LUM_EXPORT int lum_background_running(void)
+{
+    if (atomic_load(&bg_state) != 1) return 0;
+    return 1 | (psi_fd >= 0 ? 2 : 0);
+}
+
+/* A fork child has no background thread: let it start its own when it needs one. */
+void lum_background_after_fork_child(void)
+{
+    if (atomic_load(&bg_state) != 1) return;
+    if (wake_fd >= 0) close(wake_fd);
+    if (psi_fd >= 0) close(psi_fd);
+    wake_fd = psi_fd = -1;
+    atomic_store(&dirty, 0);
+    atomic_store(&bg_state, 0);
+}
