@@ -91,6 +91,7 @@ static void usage(FILE *f)
             "      --pprof FILE         pprof profile (uncompressed profile.proto)\n"
             "      --leaks N            stacks shown in the live/leak report (default 10)\n"
             "      --all-frames         keep the allocator's own frames in stack output\n"
+            "      --ringbuf-kib N      ring buffer size (default 16384 KiB)\n"
             "  -v, --verbose            libbpf diagnostics\n");
 }
 
@@ -521,7 +522,8 @@ int main(int argc, char **argv)
     const char *command = NULL, *preload = NULL;
     pid_t pids[MAX_TARGETS];
     int npids = 0;
-    enum { OPT_PRELOAD = 256, OPT_FOLDED, OPT_PPROF, OPT_LEAKS, OPT_ALLFRAMES };
+    enum { OPT_PRELOAD = 256, OPT_FOLDED, OPT_PPROF, OPT_LEAKS, OPT_ALLFRAMES, OPT_RINGBUF };
+    long ringbuf_kib = 0;
     static const struct option lopts[] = {
         {"pid", required_argument, 0, 'p'},         {"command", required_argument, 0, 'c'},
         {"preload", required_argument, 0, OPT_PRELOAD}, {"events", required_argument, 0, 'e'},
@@ -530,6 +532,7 @@ int main(int argc, char **argv)
         {"json", no_argument, 0, 'j'},              {"folded", required_argument, 0, OPT_FOLDED},
         {"pprof", required_argument, 0, OPT_PPROF}, {"leaks", required_argument, 0, OPT_LEAKS},
         {"all-frames", no_argument, 0, OPT_ALLFRAMES}, {"verbose", no_argument, 0, 'v'},
+        {"ringbuf-kib", required_argument, 0, OPT_RINGBUF},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "p:c:e:m:d:Uqjvh", lopts, NULL)) != -1) {
@@ -551,6 +554,12 @@ int main(int argc, char **argv)
         case OPT_PPROF: opt.pprof = optarg; break;
         case OPT_LEAKS: opt.leaks = atoi(optarg); break;
         case OPT_ALLFRAMES: opt.all_frames = true; break;
+        case OPT_RINGBUF:
+            /* Power of two, at least a page: the kernel's rule for ring buffers. */
+            ringbuf_kib = atol(optarg);
+            if (ringbuf_kib < 4 || (ringbuf_kib & (ringbuf_kib - 1)))
+                tc_die("--ringbuf-kib must be a power of two >= 4");
+            break;
         case 'v': tc_verbose++; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -581,6 +590,8 @@ int main(int argc, char **argv)
         tc_die("cannot open the BPF programs: %s", strerror(errno));
     skel->rodata->kind_mask = opt.kinds;
     skel->rodata->min_size = opt.min_size;
+    if (ringbuf_kib)
+        bpf_map__set_max_entries(skel->maps.events, (uint32_t)ringbuf_kib * 1024);
     if (allocsnoop_bpf__load(skel))
         tc_die("cannot load the BPF programs: %s", strerror(errno));
     for (int i = 0; i < ntargets; i++)

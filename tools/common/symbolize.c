@@ -113,7 +113,12 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
         const char *path = maps[i].path;
         if (path[0] != '/' || maps[i].perms[2] != 'x' || reported(p, path))
             continue;
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        /* Through the process's root first (containers), then map_files (deleted files). */
+        char rooted[PATH_MAX + 32];
+        snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)pid, path);
+        int fd = open(rooted, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
             char mf[128];
             snprintf(mf, sizeof(mf), "/proc/%d/map_files/%llx-%llx", (int)pid, (unsigned long long)maps[i].start,
@@ -125,7 +130,7 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
         uint64_t bias = 0;
         char fdpath[64];
         snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
-        if (tc_elf_load_bias(path, maps, n, &bias) && tc_elf_load_bias(fdpath, maps, n, &bias)) {
+        if (tc_elf_load_bias(fdpath, path, maps, n, &bias)) {
             /* Fall back: executable mapping's start minus its file offset. */
             bias = maps[i].start - maps[i].offset;
         }

@@ -33,13 +33,16 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
     /* Prefer a library whose name says lumalloc, then any executable mapping that carries the
      * lumalloc USDT notes (static link, or a test double). */
     const char *found = NULL;
+    char rooted[PATH_MAX + 32];
     for (int pass = 0; pass < 2 && !found; pass++) {
         for (size_t i = 0; i < n && !found; i++) {
             if (maps[i].path[0] != '/' || maps[i].perms[2] != 'x')
                 continue;
             if (pass == 0 && !strstr(maps[i].path, "liblumalloc"))
                 continue;
-            if (tc_elf_has_lumalloc_probes(maps[i].path))
+            /* Through /proc/PID/root: the process may live in another mount namespace. */
+            snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)t->pid, maps[i].path);
+            if (tc_elf_has_lumalloc_probes(rooted))
                 found = maps[i].path;
         }
     }
@@ -51,10 +54,15 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
         free(maps);
         return -1;
     }
-    snprintf(t->probe_path, sizeof(t->probe_path), "%s", found);
+    /* A process in another mount namespace (container): reach its files through its root. */
+    if (access(found, R_OK) == 0)
+        snprintf(t->probe_path, sizeof(t->probe_path), "%s", found);
+    else
+        snprintf(t->probe_path, sizeof(t->probe_path), "/proc/%d/root%s", (int)t->pid, found);
     uint64_t sym, bias;
     t->registry_addr = 0;
-    if (tc_elf_symbol(found, "lumalloc_registry", &sym) == 0 && tc_elf_load_bias(found, maps, n, &bias) == 0)
+    if (tc_elf_symbol(t->probe_path, "lumalloc_registry", &sym) == 0 &&
+        tc_elf_load_bias(t->probe_path, found, maps, n, &bias) == 0)
         t->registry_addr = sym + bias;
     free(maps);
     return 0;

@@ -43,8 +43,8 @@ uint64_t tc_read_rss(pid_t pid); /* bytes, 0 if unknown */
 int tc_elf_symbol(const char *path, const char *name, uint64_t *value); /* 0 if found */
 bool tc_elf_has_lumalloc_probes(const char *path);
 bool tc_elf_is_dyn(const char *path);
-/* Load bias of `path` in a process given its mappings. */
-int tc_elf_load_bias(const char *path, const struct tc_map *maps, size_t n, uint64_t *bias);
+/* Load bias of the ELF file at `path` (opened), mapped as `map_path` in a process's mappings. */
+int tc_elf_load_bias(const char *path, const char *map_path, const struct tc_map *maps, size_t n, uint64_t *bias);
 /* DT_NEEDED entry containing "lumalloc", if any. */
 bool tc_elf_needs(const char *path, const char *substr, char *out, size_t outlen);
 
@@ -55,7 +55,7 @@ struct tc_target {
     bool alive;
     bool held;               /* hold armed, not yet released */
     int exit_status;
-    char probe_path[PATH_MAX]; /* liblumalloc.so or the static executable that holds the probes */
+    char probe_path[PATH_MAX + 32]; /* liblumalloc.so or the executable holding the probes */
     uint64_t registry_addr;  /* 0 until located */
     struct bpf_link *links[16];
     int nlinks;
