@@ -13,6 +13,7 @@ char LICENSE[] SEC("license") = "GPL";
 const volatile uint32_t kind_mask = 0xffffffff; /* bit per enum snoop_kind */
 const volatile uint64_t min_size = 0;
 const volatile bool want_stacks = true;
+const volatile uint64_t wakeup_bytes = 4 << 20; /* wake the reader past this much unread data */
 
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -120,7 +121,7 @@ static __always_inline u64 wakeup_flags(u32 kind)
     }
     if (kind != SNOOP_SAMPLE && kind != SNOOP_SAMPLE_FREE)
         return 0;
-    return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > (4 << 20) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+    return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 weight, u64 frames_addr, u32 depth,

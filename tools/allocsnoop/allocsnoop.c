@@ -592,6 +592,7 @@ int main(int argc, char **argv)
     skel->rodata->min_size = opt.min_size;
     if (ringbuf_kib)
         bpf_map__set_max_entries(skel->maps.events, (uint32_t)ringbuf_kib * 1024);
+    skel->rodata->wakeup_bytes = bpf_map__max_entries(skel->maps.events) / 4;
     if (allocsnoop_bpf__load(skel))
         tc_die("cannot load the BPF programs: %s", strerror(errno));
     for (int i = 0; i < ntargets; i++)
