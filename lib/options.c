@@ -341,8 +341,13 @@ void lum_options_init(void)
             apply(&table[i], table[i].def, &lum_opt);
         }
     }
-    if (lum_opt.verbose)
+    /* Once: init may run twice at start-up (the allocator's bootstrap and the profile dumper's
+     * constructor, whichever comes first). */
+    static bool printed;
+    if (lum_opt.verbose && !printed) {
+        printed = true;
         print_options_fd(2);
+    }
 }
 
 static const struct opt *find(const char *name)

@@ -273,6 +273,9 @@ static void test_verbose_prints_table_at_init(void **state)
     const char *err = init_capturing_stderr();
     assert_non_null(strstr(err, "LUMALLOC_SAMPLE_INTERVAL"));
     assert_non_null(strstr(err, "description"));
+    /* Printed once per process, however many times the environment is read. */
+    err = init_capturing_stderr();
+    assert_string_equal(err, "");
     unsetenv("LUMALLOC_VERBOSE");
     lum_options_set("verbose", "off");
 }
