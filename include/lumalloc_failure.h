@@ -16,7 +16,9 @@ extern "C" {
 #endif
 
 /* Process-wide: the n-th allocation from now (1 = the next one), in any thread, fails; once.
- * 0 disarms.  LUMALLOC_FAIL_NTH=n does this at start-up. */
+ * 0 disarms.  LUMALLOC_FAIL_NTH=n does this at start-up (counting from the first allocation).
+ * When armed at run time, the calling thread counts at once; other threads join the count at
+ * their next slow-path allocation (at most one sampling interval later). */
 void lum_fail_nth(uint64_t n);
 
 /* Calling thread: n allocations succeed, then the next one fails; once.  Disarms itself. */
