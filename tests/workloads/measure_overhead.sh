@@ -20,14 +20,15 @@ PY
 }
 for i in $(seq "$N"); do
     run none env LD_PRELOAD=$LIB $W -o $tmp/t.json
-    run alloctop "$T/alloctop" -c "$W -o $tmp/t.json" --preload "$LIB" --sites -b 1
+    run alloctop "$T/alloctop" -c "$W -o $tmp/t.json" --preload "$LIB" -b 1
+    run alloctop_sites "$T/alloctop" -c "$W -o $tmp/t.json" --preload "$LIB" --sites -b 1
     run allocsnoop "$T/allocsnoop" -c "$W -o $tmp/t.json" --preload "$LIB" -q --folded $tmp/f
     run allocsnoop_U "$T/allocsnoop" -c "$W -o $tmp/t.json" --preload "$LIB" -U
 done
 col() { awk -v c="$2" '{print $c}' "$tmp/$1" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 bw=$(col none 1); bc_=$(col none 2)
 printf "%-13s %10s %8s %10s %8s %12s\n" run wall_ms Δwall cpu_ms Δcpu tool_cpu_ms
-for l in none alloctop allocsnoop allocsnoop_U; do
+for l in none alloctop alloctop_sites allocsnoop allocsnoop_U; do
     w=$(col $l 1); c=$(col $l 2); tc=$(col $l 3)
     printf "%-13s %10.1f %+7.1f%% %10.1f %+7.1f%% %12.1f\n" $l "$w" "$(echo "($w/$bw-1)*100" | bc -l)" \
         "$c" "$(echo "($c/$bc_-1)*100" | bc -l)" "$tc"

@@ -65,6 +65,7 @@ struct tstate {
     struct comm_entry *comms;
     size_t ncomms;
     double last_snapshot, first_seen;
+    struct bpf_link *sample_link;
 };
 
 static struct tstate targets[MAX_TARGETS];
@@ -104,7 +105,8 @@ static void usage(FILE *f)
             "  -C, --no-clear           do not clear the screen between intervals\n"
             "  -b, --batch              batch mode (default when stdout is not a terminal)\n"
             "  -j, --json               one JSON object per interval\n"
-            "  -S, --sites              show the top allocation sites (key 's' toggles)\n"
+            "  -S, --sites              show the top allocation sites (key 's' toggles); attaches the\n"
+            "                           frequent `sample` probe, the table alone does not\n"
             "      --no-bpf             registry counters only (no sites, no lost counts)\n"
             "  -v, --verbose            libbpf diagnostics\n"
             "interval in seconds (default 1), count intervals (default: until the targets exit)\n"
@@ -180,16 +182,37 @@ static void lost_counts(uint64_t out[TOP_LOST_MAX])
     free(v);
 }
 
+/* The `sample` probe is the only frequent one, and only the sites view needs it: attach it
+ * only while sites are shown, so the default table costs the target (almost) nothing — the
+ * per-thread figures come from the registry. */
+static void set_sample_probe(struct tstate *s, bool on)
+{
+    if (!skel || on == (s->sample_link != NULL) || !s->t.alive)
+        return;
+    if (!on) {
+        bpf_link__destroy(s->sample_link);
+        s->sample_link = NULL;
+        return;
+    }
+    s->sample_link = bpf_program__attach_usdt(skel->progs.on_sample, s->t.pid, s->t.probe_path, "lumalloc",
+                                              "sample", NULL);
+    if (!s->sample_link)
+        tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", s->t.probe_path, (int)s->t.pid,
+               strerror(errno));
+}
+
 static void attach_target(struct tstate *s)
 {
     if (!skel)
         return;
-    if (tc_attach_usdt(&s->t, skel->progs.on_sample, "sample", false))
+    int ok = 0;
+    ok += tc_attach_usdt(&s->t, skel->progs.on_thread_start, "thread_start", true) == 0;
+    ok += tc_attach_usdt(&s->t, skel->progs.on_thread_exit, "thread_exit", true) == 0;
+    set_sample_probe(s, opt.sites);
+    if (!ok && !s->sample_link)
         tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)s->t.pid, s->t.probe_path);
     tc_attach_usdt(&s->t, skel->progs.on_large_alloc, "large_alloc", true);
     tc_attach_usdt(&s->t, skel->progs.on_alloc_failure, "alloc_failure", true);
-    tc_attach_usdt(&s->t, skel->progs.on_thread_start, "thread_start", true);
-    tc_attach_usdt(&s->t, skel->progs.on_thread_exit, "thread_exit", true);
 }
 
 /* Read the registry; the previous reading becomes the base of the rates. */
@@ -544,7 +567,11 @@ static void handle_key(int ch)
 {
     switch (ch) {
     case 'q': stop = 1; break;
-    case 's': opt.sites = !opt.sites; break;
+    case 's':
+        opt.sites = !opt.sites;
+        for (int i = 0; i < ntargets; i++)
+            set_sample_probe(&targets[i], opt.sites);
+        break;
     case 'a': opt.sort = SORT_ALLOC; break;
     case 'f': opt.sort = SORT_FREE; break;
     case 'n': opt.sort = SORT_ALLOCS; break;
@@ -739,6 +766,7 @@ int main(int argc, char **argv)
             /* The tool was stopped first: leave the command running, as `perf stat -p` would. */
         }
         tc_detach(&targets[i].t);
+        bpf_link__destroy(targets[i].sample_link);
         if (targets[i].t.launched && !targets[i].t.alive && WIFEXITED(targets[i].t.exit_status))
             status = WEXITSTATUS(targets[i].t.exit_status);
         free(targets[i].cur);
