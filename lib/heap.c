@@ -207,7 +207,10 @@ LUM_NOINLINE void lum_page_empty(struct lum_heap *heap, struct lum_page *page)
 
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b)
 {
-    b->next = page->free;
+#if LUM_HARDENED
+    lum_hardened_check_free(page, b);
+#endif
+    lum_free_set_next(page, b, page->free);
     page->free = b;
     if (page->in_full) page_unfull(heap, page);
     if (--page->used == 0) page_retire(heap, page);
@@ -363,7 +366,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (!page->free && !(page = heap_next_page(heap, cls)))
         return lum_alloc_failed(heap, size, alignment, ENOMEM);
     lum_block *b = page->free;
-    page->free = b->next;
+    page->free = lum_free_next(page, b);
     page->used++;
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;
@@ -390,7 +393,7 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
         *m++ = '\n';
         *m = 0;
         lum_write_err(msg);
-        if (lum_opt.harden) abort();
+        if (lum_opt.harden || LUM_HARDENED) abort();
         return;
     }
     default:
@@ -416,7 +419,7 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
 static void page_recount(struct lum_page *page)
 {
     uint32_t n = 0;
-    for (lum_block *b = page->free; b && n <= page->capacity; b = b->next) n++;
+    for (lum_block *b = page->free; b && n <= page->capacity; b = lum_free_next(page, b)) n++;
     page->used = n <= page->carved ? page->carved - n : 0;
 }
 

@@ -21,7 +21,7 @@ static void check_free_list(struct check *c, struct lum_page *page)
 {
     uint32_t n = 0;
     size_t span = (size_t)page->slices * LUM_SLICE_SIZE;
-    for (lum_block *b = page->free; b; b = b->next) {
+    for (lum_block *b = page->free; b; b = lum_free_next(page, b)) {
         uintptr_t off = (uintptr_t)b - (uintptr_t)page->start;
         if (off >= span || off % page->block_size) { report(c, "free-list entry outside its page or misaligned", b); return; }
         if ((off / page->block_size) >= page->carved) { report(c, "free-list entry in uncarved space", b); return; }
@@ -40,17 +40,17 @@ static void check_segment(struct lum_segment *seg, void *arg)
         struct lum_page *page = seg->slice_page[i];
         bool free_bit = (seg->free_slices >> i) & 1;
         if (page == &lum_invalid_sentinel) {
-            if (!free_bit) report(c, "slice neither free nor in a page", (char *)seg + i * LUM_SLICE_SIZE);
+            if (!free_bit) report(c, "slice neither free nor in a page", lum_seg_base(seg) + i * LUM_SLICE_SIZE);
             i++;
             continue;
         }
-        if (free_bit) report(c, "free slice mapped to a page", (char *)seg + i * LUM_SLICE_SIZE);
+        if (free_bit) report(c, "free slice mapped to a page", lum_seg_base(seg) + i * LUM_SLICE_SIZE);
         if (page != &seg->pages[i]) { report(c, "slice map does not point at the span's head", page); i++; continue; }
         if (page->slices == 0 || i + page->slices > LUM_SLICES) { report(c, "page span out of range", page); i++; continue; }
         for (unsigned j = 1; j < page->slices; j++)
             if (seg->slice_page[i + j] != page) report(c, "span slice points elsewhere", page);
         if (page->block_size != lum_class_size[page->cls]) report(c, "block size does not match class", page);
-        if (page->start != (uint8_t *)seg + (size_t)i * LUM_SLICE_SIZE) report(c, "page start wrong", page);
+        if (page->start != lum_seg_base(seg) + (size_t)i * LUM_SLICE_SIZE) report(c, "page start wrong", page);
         if (page->carved > page->capacity) report(c, "carved beyond capacity", page);
         struct lum_heap *owner = atomic_load(&page->owner);
         if (page->kind == LUM_PAGE_SMALL && owner == c->me) check_free_list(c, page);

@@ -32,10 +32,20 @@
 #define LUM_SLICES (LUM_SEGMENT_SIZE / LUM_SLICE_SIZE) /* 64: one uint64_t bitmap */
 #define LUM_MAX_PAGE_SLICES 16
 
+/* Hardened builds (liblumalloc-hardened): encoded free lists, double/invalid free detection,
+ * guard pages, randomised slot order.  The header moves one page into its slice so a guard page
+ * can sit in front of it. */
+#ifndef LUM_HARDENED
+#define LUM_HARDENED 0
+#endif
+#define LUM_GUARD_SIZE ((size_t)4096)
+#define LUM_HEADER_OFFSET (LUM_HARDENED ? LUM_GUARD_SIZE : 0)
+
 #define LUM_ALIGN 16
 #define LUM_CLASSES 96                  /* 16..128 by 16, then 8 classes per doubling */
 #define LUM_SMALL_MAX ((size_t)256 << 10) /* largest size class */
-#define LUM_LARGE_HEADER 4096           /* user data of a large block starts a page in */
+/* user data of a large block starts a page after its header (two with the hardened guard) */
+#define LUM_LARGE_HEADER (4096 + LUM_HEADER_OFFSET)
 #define LUM_SMALL_TABLE_MAX 1024
 #define LUM_MEDIUM_TABLE_MAX 8192
 #define LUM_RETAIN_EMPTY_PER_CLASS 2   /* empty pages a heap keeps per class before releasing */
@@ -69,6 +79,9 @@ struct lum_page {
     _Atomic(struct lum_heap *) owner; /* NULL while abandoned */
     _Atomic(lum_block *) thread_free; /* frees that arrived while abandoned */
     struct lum_page *next, *prev;     /* in the owner's per-class lists or a global list */
+#if LUM_HARDENED
+    uintptr_t key;                    /* free-list pointer encoding */
+#endif
 };
 
 struct lum_segment {
@@ -90,13 +103,14 @@ struct lum_large {
     struct lum_page *slice_page[LUM_SLICES + 1];
     uint32_t kind;
     uint32_t sampled;
-    void *map_base;             /* == this header */
+    void *map_base;             /* start of the mapping (the header sits LUM_HEADER_OFFSET in) */
     size_t map_size;            /* bytes mapped from map_base (the gap before user may be unmapped) */
     size_t usable;
     size_t requested;
     uint8_t *user;
     struct lum_large *next;     /* in the cache */
     uint64_t freed_ms;          /* when it entered the cache (decay) */
+    uint32_t cached;            /* in the cache: a free of it now is a double free */
 };
 
 struct lum_page_list { struct lum_page *head, *tail; };
@@ -140,16 +154,65 @@ static inline unsigned lum_size_class(size_t size)
 }
 
 /* ---- pointer -> metadata ---- */
+static inline uintptr_t lum_segment_base(const void *p)
+{
+    return ((uintptr_t)p - 1) & ~(uintptr_t)LUM_SEGMENT_MASK;
+}
+
 static inline struct lum_segment *lum_segment_of(const void *p)
 {
-    return (struct lum_segment *)(((uintptr_t)p - 1) & ~(uintptr_t)LUM_SEGMENT_MASK);
+    return (struct lum_segment *)(lum_segment_base(p) + LUM_HEADER_OFFSET);
 }
+
+static inline uint8_t *lum_seg_base(const struct lum_segment *seg)
+{
+    return (uint8_t *)seg - LUM_HEADER_OFFSET;
+}
+
+#if LUM_HARDENED
+bool lum_hardened_owned(uintptr_t base);
+#endif
 
 static inline struct lum_page *lum_page_of(const void *p)
 {
-    struct lum_segment *seg = lum_segment_of(p);
-    return seg->slice_page[((uintptr_t)p - (uintptr_t)seg) >> LUM_SLICE_SHIFT];
+    uintptr_t base = lum_segment_base(p);
+#if LUM_HARDENED
+    /* never read metadata through a pointer we did not hand out */
+    extern struct lum_page lum_invalid_sentinel;
+    if (LUM_UNLIKELY(!lum_hardened_owned(base))) return &lum_invalid_sentinel;
+#endif
+    struct lum_segment *seg = (struct lum_segment *)(base + LUM_HEADER_OFFSET);
+    return seg->slice_page[((uintptr_t)p - base) >> LUM_SLICE_SHIFT];
 }
+
+/* ---- page free lists: plain, or encoded in hardened builds ---- */
+#if LUM_HARDENED
+LUM_COLD void lum_hardened_fail(const char *what, const void *p, size_t size);
+static inline lum_block *lum_free_next(const struct lum_page *page, const lum_block *b)
+{
+    uintptr_t v = (uintptr_t)b->next ^ page->key ^ ((uintptr_t)b >> 4);
+    if (v && (v - (uintptr_t)page->start >= (uintptr_t)page->slices * LUM_SLICE_SIZE ||
+              (v - (uintptr_t)page->start) % page->block_size))
+        lum_hardened_fail("free list corrupted (a freed block was written to) near", b, page->block_size);
+    return (lum_block *)v;
+}
+static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, lum_block *next)
+{
+    b->next = (lum_block *)((uintptr_t)next ^ page->key ^ ((uintptr_t)b >> 4));
+}
+void lum_hardened_check_free(const struct lum_page *page, const void *p);
+#else
+static inline lum_block *lum_free_next(const struct lum_page *page, const lum_block *b)
+{
+    (void)page;
+    return b->next;
+}
+static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, lum_block *next)
+{
+    (void)page;
+    b->next = next;
+}
+#endif
 
 /* ---- os.c ---- */
 void *lum_os_map(size_t size);
@@ -158,6 +221,11 @@ void lum_os_unmap(void *p, size_t size);
 void lum_os_name(void *p, size_t size, const char *name);
 uint64_t lum_now_ms(void);
 void lum_write_err(const char *msg);
+void lum_os_guard(void *p, size_t size);
+#if LUM_HARDENED
+void lum_hardened_own(uintptr_t base, bool owned);
+uint64_t lum_hardened_random(void);
+#endif
 
 /* ---- meta.c: internal memory that never goes through malloc ---- */
 void *lum_meta_alloc(size_t size);

@@ -2,6 +2,7 @@
  * segment so free() finds it by address mask).  Freed mappings go to a bounded cache; growth
  * by realloc moves page tables with mremap instead of copying bytes. */
 #define _GNU_SOURCE
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include "internal.h"
@@ -24,6 +25,7 @@ static struct lum_large *cache_take(size_t map_size)
         if (l->map_size >= map_size && l->map_size / 2 <= map_size) {
             *link = l->next;
             cache_bytes -= l->map_size;
+            l->cached = 0;
             hit = l;
             break;
         }
@@ -33,19 +35,22 @@ static struct lum_large *cache_take(size_t map_size)
 }
 
 /* Maps size bytes whose start is 4 MiB-aligned and whose byte at offset is alignment-aligned. */
+/* Maps size bytes whose start is 4 MiB-aligned and whose byte at offset is alignment-aligned. */
 static uint8_t *map_for(size_t size, size_t offset, size_t alignment)
 {
     if (alignment <= LUM_SEGMENT_SIZE) return lum_os_map_aligned(size, LUM_SEGMENT_SIZE);
     /* offset == LUM_SEGMENT_SIZE: align the user address, the header sits 4 MiB before it */
-    uint8_t *base = lum_os_map_aligned(size + alignment, alignment);
-    if (!base) return NULL;
-    uint8_t *user = base + alignment; /* alignment-aligned, and base + alignment - offset is too */
-    uint8_t *hdr = user - offset;
-    lum_os_unmap(base, (size_t)(hdr - base));
-    size_t tail = (size_t)((base + size + alignment) - (hdr + size));
-    if (tail) lum_os_unmap(hdr + size, tail);
-    return hdr;
+    uint8_t *raw = lum_os_map_aligned(size + alignment, alignment);
+    if (!raw) return NULL;
+    uint8_t *user = raw + alignment; /* alignment-aligned, and user - offset is 4 MiB-aligned */
+    uint8_t *base = user - offset;
+    lum_os_unmap(raw, (size_t)(base - raw));
+    size_t tail = (size_t)((raw + size + alignment) - (base + size));
+    if (tail) lum_os_unmap(base + size, tail);
+    return base;
 }
+
+static struct lum_large *header_of(const void *p) { return (struct lum_large *)lum_segment_of(p); }
 
 static void header_init(struct lum_large *l)
 {
@@ -53,31 +58,43 @@ static void header_init(struct lum_large *l)
     l->kind = LUM_SEG_LARGE;
 }
 
+/* Hardened builds put a guard page after every large block (and one before its header). */
+#define TRAILER (LUM_HARDENED ? LUM_GUARD_SIZE : 0)
+
 void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool sampled)
 {
     size_t offset = LUM_LARGE_HEADER;
     if (alignment > LUM_LARGE_HEADER) offset = alignment < LUM_SEGMENT_SIZE ? alignment : LUM_SEGMENT_SIZE;
     size_t usable = page_round(size ? size : 1);
-    if (usable < size || usable + offset < usable) return NULL;
-    size_t map_size = offset + usable;
+    if (usable < size || usable + offset + TRAILER < usable) return NULL;
+    size_t map_size = offset + usable + TRAILER;
     struct lum_large *l = NULL;
+    uint8_t *base;
     bool fresh = true;
     if (offset == LUM_LARGE_HEADER && (l = cache_take(map_size)) != NULL) {
         fresh = false;
-        usable = l->map_size - offset;
+        base = l->map_base;
         map_size = l->map_size;
+        usable = map_size - offset - TRAILER;
     } else {
-        l = (struct lum_large *)map_for(map_size, offset, alignment);
-        if (!l) return NULL;
+        base = map_for(map_size, offset, alignment);
+        if (!base) return NULL;
+        l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l);
-        lum_os_name(l, map_size, "lumalloc-large");
+        lum_os_name(base, map_size, "lumalloc-large");
+#if LUM_HARDENED
+        lum_os_guard(base, LUM_GUARD_SIZE);
+        lum_os_guard(base + map_size - LUM_GUARD_SIZE, LUM_GUARD_SIZE);
+        lum_hardened_own((uintptr_t)base, true);
+#endif
     }
-    l->map_base = l;
+    l->map_base = base;
     l->map_size = map_size;
     l->usable = usable;
     l->requested = size;
-    l->user = (uint8_t *)l + offset;
+    l->user = base + offset;
     l->sampled = sampled;
+    l->cached = 0;
     l->next = NULL;
     if (zero && !fresh) memset(l->user, 0, size);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable);
@@ -95,12 +112,34 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
 
 size_t lum_large_usable(const void *p)
 {
-    return ((struct lum_large *)lum_segment_of(p))->usable;
+    return header_of(p)->usable;
+}
+
+static void large_unmap(struct lum_large *l)
+{
+#if LUM_HARDENED
+    lum_hardened_own((uintptr_t)l->map_base, false);
+#endif
+    lum_os_unmap(l->map_base, l->map_size);
 }
 
 void lum_large_free(void *p)
 {
-    struct lum_large *l = (struct lum_large *)lum_segment_of(p);
+    struct lum_large *l = header_of(p);
+    if (LUM_UNLIKELY(l->cached || p != l->user)) {
+        /* a block already in the cache, or an address inside a large block */
+        if (lum_opt.harden || LUM_HARDENED) {
+#if LUM_HARDENED
+            lum_hardened_fail(l->cached ? "double free of" : "invalid free (not the start of a block) at",
+                              p, l->usable);
+#else
+            lum_write_err(l->cached ? "lumalloc: double free of a large block\n"
+                                    : "lumalloc: invalid free inside a large block\n");
+            abort();
+#endif
+        }
+        return;
+    }
     struct lum_heap *heap = lum_tls_heap;
     if (l->sampled) lum_on_sample_free(p, l->usable);
     lum_on_large_free(p, l->usable);
@@ -109,10 +148,12 @@ void lum_large_free(void *p)
         heap->tc.free_bytes += l->usable;
     }
     lum_count_global(&lumalloc_registry.global.large_live_bytes, -(int64_t)l->usable);
-    if ((uint8_t *)p - (uint8_t *)l == LUM_LARGE_HEADER && l->map_size <= lum_opt.large_cache / 4) {
+    if ((size_t)((uint8_t *)p - (uint8_t *)l->map_base) == LUM_LARGE_HEADER &&
+        l->map_size <= lum_opt.large_cache / 4) {
         lum_lock(&lum_large_lock);
         l->next = cache;
         l->freed_ms = lum_now_ms();
+        l->cached = 1;
         cache = l;
         cache_bytes += l->map_size;
         struct lum_large *evict = NULL;
@@ -131,13 +172,13 @@ void lum_large_free(void *p)
         lum_unlock(&lum_large_lock);
         while (evict) {
             struct lum_large *next = evict->next;
-            lum_os_unmap(evict, evict->map_size);
+            large_unmap(evict);
             evict = next;
         }
         lum_background_note_dirty();
         return;
     }
-    lum_os_unmap(l->map_base, l->map_size);
+    large_unmap(l);
 }
 
 size_t lum_large_cache_purge(void)
@@ -150,7 +191,7 @@ size_t lum_large_cache_purge(void)
     lum_unlock(&lum_large_lock);
     while (l) {
         struct lum_large *next = l->next;
-        lum_os_unmap(l, l->map_size);
+        large_unmap(l);
         l = next;
     }
     return bytes;
@@ -171,7 +212,7 @@ size_t lum_large_cache_decay(void)
     lum_unlock(&lum_large_lock);
     while (old) {
         struct lum_large *next = old->next;
-        lum_os_unmap(old, old->map_size);
+        large_unmap(old);
         old = next;
     }
     return bytes;
@@ -185,23 +226,26 @@ size_t lum_large_cache_bytes(void)
 /* Grows or shrinks a large block in place or by moving its pages; NULL means "copy instead". */
 void *lum_large_realloc(void *p, size_t size)
 {
-    struct lum_large *l = (struct lum_large *)lum_segment_of(p);
-    size_t offset = (size_t)((uint8_t *)p - (uint8_t *)l);
+    struct lum_large *l = header_of(p);
+    uint8_t *base = l->map_base;
+    size_t offset = (size_t)((uint8_t *)p - base);
     if (size <= l->usable && size >= l->usable / 2) {
         l->requested = size;
         return p;
     }
-    if (l->sampled || offset != LUM_LARGE_HEADER || size < lum_opt.large_threshold) return NULL;
+    /* Hardened blocks carry guard pages that mremap would have to move too: copy instead. */
+    if (LUM_HARDENED || l->sampled || offset != LUM_LARGE_HEADER || size < lum_opt.large_threshold)
+        return NULL;
     size_t usable = page_round(size);
     if (usable < size) return NULL;
     size_t map_size = offset + usable;
     struct lum_heap *heap = lum_tls_heap;
-    void *moved = mremap(l, l->map_size, map_size, 0);
+    void *moved = mremap(base, l->map_size, map_size, 0);
     if (moved == MAP_FAILED) {
         /* Reserve an aligned destination, then let the kernel move the page tables there. */
         void *dst = lum_os_map_aligned(map_size, LUM_SEGMENT_SIZE);
         if (!dst) return NULL;
-        moved = mremap(l, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+        moved = mremap(base, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
         if (moved == MAP_FAILED) {
             lum_os_unmap(dst, map_size);
             return NULL;
@@ -210,7 +254,8 @@ void *lum_large_realloc(void *p, size_t size)
         lum_count_global(&lumalloc_registry.global.mapped_bytes, -(int64_t)map_size);
         lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)map_size);
     }
-    l = moved;
+    base = moved;
+    l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
     int64_t delta = (int64_t)map_size - (int64_t)l->map_size;
     lum_count_global(&lumalloc_registry.global.mapped_bytes, delta);
     lum_count_global(&lumalloc_registry.global.resident_bytes, delta);
@@ -225,11 +270,11 @@ void *lum_large_realloc(void *p, size_t size)
         heap->tc.large_bytes += usable;
     }
     lum_on_large_free(p, l->usable);
-    l->map_base = l;
+    l->map_base = base;
     l->map_size = map_size;
     l->usable = usable;
     l->requested = size;
-    l->user = (uint8_t *)l + offset;
+    l->user = base + offset;
     if (heap != &lum_empty_heap) lum_on_large_alloc(&heap->tc, l->user, size, usable);
     return l->user;
 }

@@ -32,7 +32,7 @@ static inline void *alloc_small_fast(size_t size)
         int64_t countdown = heap->sample_countdown - (int64_t)size;
         if (LUM_LIKELY(b != NULL && countdown >= 0)) {
             heap->sample_countdown = countdown;
-            page->free = b->next;
+            page->free = lum_free_next(page, b);
             page->used++;
             heap->tc.alloc_count++;
             heap->tc.alloc_bytes += page->block_size;
@@ -55,7 +55,10 @@ static inline void free_fast(void *p)
     struct lum_heap *heap = lum_tls_heap;
     if (LUM_LIKELY(page->fast_heap == heap)) {
         lum_block *b = p;
-        b->next = page->free;
+#if LUM_HARDENED
+        lum_hardened_check_free(page, b);
+#endif
+        lum_free_set_next(page, b, page->free);
         page->free = b;
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;

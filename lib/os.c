@@ -76,6 +76,20 @@ void lum_os_name(void *p, size_t size, const char *name)
         unsupported = 1;
 }
 
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102
+#endif
+
+/* A page that faults on any access: MADV_GUARD_INSTALL (6.13+) needs no VMA of its own;
+ * mprotect is the fallback everywhere else. */
+void lum_os_guard(void *p, size_t size)
+{
+    static int no_guard_advice;
+    if (!no_guard_advice && madvise(p, size, MADV_GUARD_INSTALL) == 0) return;
+    no_guard_advice = 1;
+    mprotect(p, size, PROT_NONE);
+}
+
 uint64_t lum_now_ms(void)
 {
     struct timespec ts;

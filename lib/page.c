@@ -13,10 +13,27 @@ bool lum_page_refill(struct lum_page *page)
     if (n > page->capacity - page->carved) n = page->capacity - page->carved;
     size_t bs = page->block_size;
     uint8_t *first = page->start + (size_t)page->carved * bs;
+#if LUM_HARDENED
+    /* randomised slot order: the next block handed out is not the neighbour of the last */
+    uint32_t order[CARVE_BYTES / LUM_ALIGN];
+    for (uint32_t i = 0; i < n; i++) order[i] = i;
+    uint64_t r = lum_hardened_random();
+    for (uint32_t i = n - 1; i > 0; i--) {
+        r ^= r << 13; r ^= r >> 7; r ^= r << 17;
+        uint32_t j = (uint32_t)(r % (i + 1));
+        uint32_t t = order[i]; order[i] = order[j]; order[j] = t;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        lum_block *b = (lum_block *)(first + (size_t)order[i] * bs);
+        lum_free_set_next(page, b, page->free);
+        page->free = b;
+    }
+#else
     uint8_t *p = first;
     for (uint32_t i = 1; i < n; i++, p += bs) ((lum_block *)p)->next = (lum_block *)(p + bs);
     ((lum_block *)p)->next = page->free;
     page->free = (lum_block *)first;
+#endif
     page->carved += n;
     return true;
 }
@@ -26,11 +43,18 @@ uint32_t lum_page_collect(struct lum_page *page)
     if (!atomic_load_explicit(&page->thread_free, memory_order_relaxed)) return 0;
     lum_block *list = atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
     if (!list) return 0;
-    uint32_t n = 1;
-    lum_block *last = list;
-    while (last->next) { last = last->next; n++; }
-    last->next = page->free;
-    page->free = list;
+    uint32_t n = 0;
+    /* thread_free is linked plainly (pushed by other threads); re-link onto the page list */
+    while (list) {
+        lum_block *next = list->next;
+#if LUM_HARDENED
+        lum_hardened_check_free(page, list);
+#endif
+        lum_free_set_next(page, list, page->free);
+        page->free = list;
+        list = next;
+        n++;
+    }
     page->used -= n;
     return n;
 }

@@ -29,7 +29,7 @@ void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment)
         lum_page_refill(page);
     }
     lum_block *b = page->free;
-    page->free = b->next;
+    page->free = lum_free_next(page, b);
     page->used++;
     lum_unlock(&lum_sampled_lock);
     heap->tc.alloc_count++;
@@ -49,7 +49,10 @@ void lum_sampled_free(struct lum_page *page, void *p)
     }
     lum_lock(&lum_sampled_lock);
     lum_block *b = p;
-    b->next = page->free;
+#if LUM_HARDENED
+    lum_hardened_check_free(page, b);
+#endif
+    lum_free_set_next(page, b, page->free);
     page->free = b;
     if (--page->used == 0 && sampled_pages[page->cls].head != page) {
         lum_list_remove(&sampled_pages[page->cls], page);

@@ -30,10 +30,18 @@ static struct lum_segment *segment_new(void)
     if (seg) {
         spare_segment = NULL;
     } else {
-        seg = lum_os_map_aligned(LUM_SEGMENT_SIZE, LUM_SEGMENT_SIZE);
-        if (!seg) return NULL;
-        lum_os_name(seg, LUM_SEGMENT_SIZE, "lumalloc");
-        if (lum_opt.thp) madvise(seg, LUM_SEGMENT_SIZE, MADV_HUGEPAGE);
+        uint8_t *base = lum_os_map_aligned(LUM_SEGMENT_SIZE, LUM_SEGMENT_SIZE);
+        if (!base) return NULL;
+        lum_os_name(base, LUM_SEGMENT_SIZE, "lumalloc");
+        if (lum_opt.thp) madvise(base, LUM_SEGMENT_SIZE, MADV_HUGEPAGE);
+#if LUM_HARDENED
+        /* guards on both sides of the metadata: an overrun from the previous segment's last
+         * block, or an underrun from slice 1, faults instead of corrupting it */
+        lum_os_guard(base, LUM_GUARD_SIZE);
+        lum_os_guard(base + LUM_SLICE_SIZE - LUM_GUARD_SIZE, LUM_GUARD_SIZE);
+        lum_hardened_own((uintptr_t)base, true);
+#endif
+        seg = (struct lum_segment *)(base + LUM_HEADER_OFFSET);
         segment_init(seg);
     }
     seg->prev = NULL;
@@ -41,6 +49,14 @@ static struct lum_segment *segment_new(void)
     if (segments) segments->prev = seg;
     segments = seg;
     return seg;
+}
+
+static void segment_unmap(struct lum_segment *seg)
+{
+#if LUM_HARDENED
+    lum_hardened_own((uintptr_t)lum_seg_base(seg), false);
+#endif
+    lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE);
 }
 
 /* Bit i of the result is set when bits i..i+n-1 of free are all set. */
@@ -93,7 +109,10 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->slices = (uint8_t)n;
     lum_unlock(&lum_segment_lock);
 
-    page->start = (uint8_t *)seg + (size_t)idx * LUM_SLICE_SIZE;
+    page->start = lum_seg_base(seg) + (size_t)idx * LUM_SLICE_SIZE;
+#if LUM_HARDENED
+    page->key = (uintptr_t)lum_hardened_random() | 1;
+#endif
     page->cls = (uint8_t)cls;
     page->kind = (uint8_t)kind;
     page->block_size = lum_class_size[cls];
@@ -130,7 +149,7 @@ static size_t purge_locked(bool all, uint64_t now)
             int start = __builtin_ctzll(candidates);
             /* slice 0 is never free, so the shifted run always ends in a zero bit */
             int len = __builtin_ctzll(~(candidates >> start));
-            madvise((uint8_t *)seg + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE, advice);
+            madvise(lum_seg_base(seg) + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE, advice);
             uint64_t mask = (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
             seg->purged_slices |= mask;
             candidates &= ~mask;
@@ -138,7 +157,7 @@ static size_t purge_locked(bool all, uint64_t now)
         }
     }
     if (spare_segment && (all || now - spare_since_ms >= lum_opt.decay_ms)) {
-        lum_os_unmap(spare_segment, LUM_SEGMENT_SIZE);
+        segment_unmap(spare_segment);
         released += LUM_SEGMENT_SIZE;
         spare_segment = NULL;
     }
@@ -157,8 +176,8 @@ static void account_purge(size_t released, uint32_t reason)
 
 void lum_page_release(struct lum_page *page)
 {
-    struct lum_segment *seg = (struct lum_segment *)((uintptr_t)page->start & ~(uintptr_t)LUM_SEGMENT_MASK);
-    unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)seg) >> LUM_SLICE_SHIFT);
+    struct lum_segment *seg = lum_segment_of(page->start);
+    unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     unsigned n = page->slices;
     uint64_t now = lum_now_ms();
     size_t released = 0;
@@ -183,7 +202,7 @@ void lum_page_release(struct lum_page *page)
             size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
             lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
             lum_count_global(&lumalloc_registry.global.retained_bytes, -(int64_t)purged);
-            lum_os_unmap(seg, LUM_SEGMENT_SIZE);
+            segment_unmap(seg);
         }
     }
     /* Decay runs on the allocator's own activity; the optional purger thread covers idle time. */

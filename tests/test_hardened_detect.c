@@ -1,0 +1,158 @@
+/* The hardened library catches what corrupts heaps: each detection is shown to fire (in a child
+ * process, with its message checked) and ordinary use to be undisturbed. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include "lumalloc.h"
+
+static void *(*volatile p_malloc)(size_t) = malloc;
+static void (*volatile p_free)(void *) = free;
+
+/* Runs fn in a child with stderr captured; returns the signal that ended it (0 if none). */
+static int run_child(void (*fn)(void), char *err, size_t errlen)
+{
+    int pipefd[2];
+    assert_int_equal(pipe(pipefd), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* cmocka catches SIGSEGV/SIGABRT to report them: the child must die of them instead */
+        signal(SIGSEGV, SIG_DFL);
+        signal(SIGABRT, SIG_DFL);
+        dup2(pipefd[1], 2);
+        close(pipefd[0]);
+        fn();
+        _exit(0);
+    }
+    close(pipefd[1]);
+    size_t n = 0;
+    ssize_t r;
+    while (n < errlen - 1 && (r = read(pipefd[0], err + n, errlen - 1 - n)) > 0) n += (size_t)r;
+    err[n] = 0;
+    close(pipefd[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+}
+
+static char *victim;
+
+static void do_double_free(void)
+{
+    victim = p_malloc(48);
+    char *other = p_malloc(48);
+    p_free(victim);
+    p_free(other);
+    p_free(victim);
+}
+
+static void do_interior_free(void)
+{
+    char *p = p_malloc(100);
+    p_free(p + 16);
+}
+
+static void do_foreign_free(void)
+{
+    static char not_ours[64];
+    p_free(not_ours + 16);
+}
+
+static void do_use_after_free_write(void)
+{
+    char *a = p_malloc(64);
+    char *b = p_malloc(64);
+    p_free(a);
+    p_free(b);
+    memset(b, 0x41, 16); /* overwrite the encoded free-list pointer */
+    for (int i = 0; i < 4; i++) (void)p_malloc(64);
+}
+
+static void do_large_double_free(void)
+{
+    char *p = p_malloc(1 << 20);
+    p_free(p);
+    p_free(p);
+}
+
+static void do_overrun_large(void)
+{
+    char *p = p_malloc(300000);
+    size_t usable = malloc_usable_size(p);
+    memset(p, 1, usable + 100); /* runs into the trailing guard page */
+}
+
+static void expect(void (*fn)(void), int sig, const char *message)
+{
+    char err[1024];
+    int got = run_child(fn, err, sizeof err);
+    printf("# %s -> signal %d: %s", message ? message : "overrun", got, err[0] ? err : "(nothing)\n");
+    assert_int_equal(got, sig);
+    if (message) assert_non_null(strstr(err, message));
+}
+
+static void double_free_is_detected(void **s) { (void)s; expect(do_double_free, SIGABRT, "double free of 0x"); }
+static void interior_free_is_detected(void **s) { (void)s; expect(do_interior_free, SIGABRT, "invalid free"); }
+static void foreign_free_is_detected(void **s) { (void)s; expect(do_foreign_free, SIGABRT, "no allocation returned"); }
+static void free_list_corruption_is_detected(void **s) { (void)s; expect(do_use_after_free_write, SIGABRT, "free list corrupted"); }
+static void large_double_free_is_detected(void **s) { (void)s; expect(do_large_double_free, SIGABRT, "double free of"); }
+static void guard_page_stops_overrun(void **s) { (void)s; expect(do_overrun_large, SIGSEGV, NULL); }
+
+static void slot_order_is_randomised(void **state)
+{
+    (void)state;
+    /* consecutive allocations are not simply neighbours */
+    int adjacent = 0;
+    char *prev = p_malloc(32);
+    for (int i = 0; i < 200; i++) {
+        char *p = p_malloc(32);
+        if (p == prev + 32) adjacent++;
+        prev = p;
+    }
+    printf("# %d of 200 consecutive 32-byte blocks were neighbours\n", adjacent);
+    assert_true(adjacent < 50);
+}
+
+static void ordinary_use_is_undisturbed(void **state)
+{
+    (void)state;
+    void *v[5000];
+    for (int round = 0; round < 5; round++) {
+        for (int i = 0; i < 5000; i++) {
+            v[i] = p_malloc((size_t)(i * 37 % 9000) + 1);
+            memset(v[i], i, (size_t)(i * 37 % 9000) + 1);
+        }
+        for (int i = 0; i < 5000; i += 2) p_free(v[i]);
+        for (int i = 1; i < 5000; i += 2) p_free(v[i]);
+    }
+    char *big = NULL;
+    for (size_t n = 1 << 18; n < (64u << 20); n *= 2) {
+        big = realloc(big, n);
+        big[n - 1] = 1;
+    }
+    free(big);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(double_free_is_detected),
+        cmocka_unit_test(interior_free_is_detected),
+        cmocka_unit_test(foreign_free_is_detected),
+        cmocka_unit_test(free_list_corruption_is_detected),
+        cmocka_unit_test(large_double_free_is_detected),
+        cmocka_unit_test(guard_page_stops_overrun),
+        cmocka_unit_test(slot_order_is_randomised),
+        cmocka_unit_test(ordinary_use_is_undisturbed),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
