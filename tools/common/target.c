@@ -18,6 +18,41 @@
 static int go_pipe[2] = {-1, -1};
 static int err_pipe[2] = {-1, -1};
 
+/* Where liblumalloc.so probably is, for the "start it with LD_PRELOAD=..." hint. */
+static const char *suggest_lib(void)
+{
+    static char buf[PATH_MAX];
+    const char *env = getenv("LUMALLOC_LIB");
+    if (env && *env && realpath(env, buf))
+        return buf;
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n > 0) {
+        self[n] = 0;
+        char *slash = strrchr(self, '/');
+        if (slash) {
+            *slash = 0;
+            /* build tree (build/tools/alloctop -> build/lib) or install (sbin -> lib) */
+            static const char *const rel[] = {"/../lib", "/../lib/x86_64-linux-gnu"};
+            for (size_t i = 0; i < sizeof(rel) / sizeof(rel[0]); i++) {
+                char cand[PATH_MAX + 64], dir[PATH_MAX];
+                snprintf(cand, sizeof(cand), "%s%s", self, rel[i]);
+                if (!realpath(cand, dir))
+                    continue;
+                snprintf(buf, sizeof(buf), "%.4000s/liblumalloc.so", dir);
+                if (access(buf, R_OK) == 0)
+                    return buf;
+            }
+        }
+    }
+    static const char *const std[] = {"/usr/local/lib/liblumalloc.so", "/usr/lib/x86_64-linux-gnu/liblumalloc.so",
+                                      "/usr/lib/liblumalloc.so"};
+    for (size_t i = 0; i < sizeof(std) / sizeof(std[0]); i++)
+        if (access(std[i], R_OK) == 0)
+            return std[i];
+    return "/path/to/liblumalloc.so";
+}
+
 int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
 {
     struct tc_map *maps;
@@ -49,8 +84,8 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
     if (!found) {
         snprintf(err, errlen,
                  "process %d does not use lumalloc (no liblumalloc.so or lumalloc probes mapped); "
-                 "start it with LD_PRELOAD=/path/to/liblumalloc.so",
-                 (int)t->pid);
+                 "start it with LD_PRELOAD=%s",
+                 (int)t->pid, suggest_lib());
         free(maps);
         return -1;
     }
@@ -194,7 +229,7 @@ void tc_launch_prepare(struct tc_target *t, const char *cmdline, const char *pre
                 break;
         free(dup);
     } else {
-        tc_die("%s is not linked with lumalloc: use --preload /path/to/liblumalloc.so or set LUMALLOC_LIB", exe);
+        tc_die("%s is not linked with lumalloc: use --preload %s or set LUMALLOC_LIB", exe, suggest_lib());
     }
     if (!tc_elf_has_lumalloc_probes(t->probe_path))
         tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", t->probe_path);
