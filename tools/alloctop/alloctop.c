@@ -230,7 +230,12 @@ static void sample_target(struct tstate *s)
     struct lum_registry_v1 reg;
     struct tc_thread *nt = NULL;
     size_t nn = 0;
-    if (tc_registry_read(&s->t, &reg, &nt, &nn) != 0) {
+    int r = tc_registry_read(&s->t, &reg, &nt, &nn);
+    if (r == -EPROTO)
+        tc_die("pid %d: lumalloc_registry has magic %#llx version %u counters size %u; this alloctop reads "
+               "version %d",
+               (int)s->t.pid, (unsigned long long)reg.magic, reg.version, reg.counters_size, LUM_PROBES_VERSION);
+    if (r != 0) {
         free(nt);
         return;
     }
