@@ -119,6 +119,8 @@ int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, str
     int r = read_mem(t->pid, t->registry_addr, reg, sizeof(*reg));
     if (r)
         return r;
+    if (reg->magic == 0)
+        return -EAGAIN; /* not initialised yet (library constructor still to run) */
     if (reg->magic != LUM_REGISTRY_MAGIC || reg->version != LUM_PROBES_VERSION ||
         reg->counters_size < sizeof(struct lum_thread_counters_v1))
         return -EPROTO;
