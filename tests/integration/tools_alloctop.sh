@@ -29,4 +29,15 @@ wait "$WPID"
 grep -q "TID COMM" "$TMP/table.txt" || fail "no table header"
 grep -q "RSS" "$TMP/table.txt" || fail "no process totals"
 [ "$(grep -c '^alloctop ' "$TMP/table.txt")" -ge 3 ] || fail "expected 3 intervals"
+echo "== alloctop interactive: clears the screen, 's' shows sites, 'q' quits ($MODE)"
+LD_PRELOAD=$LIB "$WORKLOAD" -d 300 -m 64 -p 150 -l 3000 -o /dev/null &
+WPID=$!
+BG_PIDS=$WPID
+(sleep 1.2; printf s; sleep 1.2; printf q) |
+    timeout 20 script -q -e -c "$ALLOCTOP -p $WPID 0.3" /dev/null > "$TMP/tty.txt" 2>&1 || fail "interactive alloctop"
+kill -0 "$WPID" 2>/dev/null || fail "alloctop did not quit on 'q' before the target exited"
+grep -q $'\033\[H\033\[2J' "$TMP/tty.txt" || fail "screen not cleared"
+grep -q "top allocation sites" "$TMP/tty.txt" || fail "'s' did not show the sites"
+grep -q "site_a <- worker" "$TMP/tty.txt" || fail "sites view lacks site_a"
+kill "$WPID"
 echo "PASS"
