@@ -18,7 +18,8 @@ struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
 
 #define E8(x) x, x, x, x, x, x, x, x
 #define E96(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x)
-struct lum_heap lum_empty_heap = { .current = { E96(&lum_empty_page) }, .sample_countdown = -1 };
+#define E65(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), x
+struct lum_heap lum_empty_heap = { .direct = { E65(&lum_empty_page) }, .current = { E96(&lum_empty_page) } };
 
 __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec"))) = &lum_empty_heap;
 /* Set once this thread's heap has been torn down: later frees (other TLS destructors) must not
@@ -69,15 +70,33 @@ void lum_global_init(void)
     lum_unlock(&init_lock);
 }
 
-static int64_t next_countdown(struct lum_heap *heap)
+/* The next sample point after `from` bytes (or 0 while failure injection needs every
+ * allocation on the slow path). */
+static uint64_t next_sample_after(struct lum_heap *heap, uint64_t from)
 {
-    if (lum_fail_armed) return -1; /* every allocation takes the slow path to meet the injector */
-    return lum_sampler_next_interval(&heap->rng);
+    if (lum_fail_armed) return 0;
+    int64_t interval = lum_sampler_next_interval(&heap->rng);
+    if (interval == INT64_MAX || from + (uint64_t)interval < from) return UINT64_MAX;
+    return from + (uint64_t)interval;
 }
 
 void lum_heap_force_slow(void)
 {
-    if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->sample_countdown = -1;
+    if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->next_sample = 0;
+}
+
+/* Decides whether an allocation of `usable` bytes is sampled: it is when the next sample point
+ * falls inside it (probability 1 - exp(-usable / interval), the sampler's weight inverts it). */
+bool lum_heap_take_sample(struct lum_heap *heap, size_t usable)
+{
+    uint64_t start = heap->tc.alloc_bytes;
+    if (heap->next_sample == 0) { /* back from failure injection: re-arm, no sample */
+        heap->next_sample = next_sample_after(heap, start);
+        return false;
+    }
+    if (start + usable < heap->next_sample) return false;
+    heap->next_sample = next_sample_after(heap, start + usable);
+    return true;
 }
 
 static struct lum_heap *heap_create(void)
@@ -103,7 +122,7 @@ static struct lum_heap *heap_create(void)
         lum_unlock(&lum_heaps_lock);
     }
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        heap->current[c] = &lum_empty_page;
+        lum_heap_set_current(heap, c, &lum_empty_page);
         heap->avail[c].head = heap->avail[c].tail = NULL;
         heap->full[c].head = heap->full[c].tail = NULL;
         heap->retained_count[c] = 0;
@@ -120,7 +139,7 @@ static struct lum_heap *heap_create(void)
     if (!heap->rng) heap->rng = 1;
     heap->alive = 1;
     atomic_store_explicit(&heap->inbox, NULL, memory_order_relaxed);
-    heap->sample_countdown = next_countdown(heap);
+    heap->next_sample = next_sample_after(heap, 0);
     __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
     return heap;
 }
@@ -293,7 +312,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
     lum_background_maybe_start();
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
-        heap->current[cls] = &lum_empty_page;
+        lum_heap_set_current(heap, cls, &lum_empty_page);
         return NULL;
     }
     atomic_store_explicit(&page->owner, heap, memory_order_release);
@@ -306,7 +325,7 @@ found:
         lum_list_remove(&heap->avail[cls], page);
         lum_list_push_front(&heap->avail[cls], page);
     }
-    heap->current[cls] = page;
+    lum_heap_set_current(heap, cls, page);
     return page;
 }
 
@@ -337,31 +356,23 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         return lum_alloc_failed(heap, size, alignment, ENOMEM);
     if (alignment <= LUM_ALIGN) alignment = 0;
 
-    bool sampled = false;
     if (LUM_UNLIKELY(lum_fail_armed)) {
-        heap->sample_countdown = -1;
+        heap->next_sample = 0;
         if (lum_fail_should_inject(size)) return lum_alloc_failed(heap, size, alignment, ENOMEM);
-    } else {
-        heap->sample_countdown -= (int64_t)size;
-        if (heap->sample_countdown < 0) {
-            /* sample_countdown is INT64_MAX when sampling is off, so this is a real crossing
-             * (or the first allocation of a heap whose countdown was forced negative) */
-            sampled = lum_opt.sample_interval != 0 && heap->sample_countdown > -(int64_t)size - 1;
-            heap->sample_countdown = next_countdown(heap);
-        }
     }
 
     if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
         lum_background_maybe_start();
+        bool sampled = !lum_fail_armed && lum_heap_take_sample(heap, (size + 4095) & ~(size_t)4095);
         void *p = lum_large_alloc(heap, size, alignment, false, sampled);
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
-    if (sampled) {
+    unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
+    if (!lum_fail_armed && lum_heap_take_sample(heap, lum_class_size[cls])) {
         void *p = lum_sampled_alloc(heap, size, alignment);
         if (p) return p;
         return lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
-    unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
     struct lum_page *page = heap->current[cls];
     if (!page->free && !(page = heap_next_page(heap, cls)))
         return lum_alloc_failed(heap, size, alignment, ENOMEM);
@@ -457,7 +468,7 @@ void lum_heap_abandon(struct lum_heap *heap)
     drain_inbox(heap);
     heap->retained_bytes = 0;
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        heap->current[c] = &lum_empty_page;
+        lum_heap_set_current(heap, c, &lum_empty_page);
         heap->retained_count[c] = 0;
         abandon_list(&heap->avail[c], c);
         abandon_list(&heap->full[c], c);

@@ -115,10 +115,19 @@ struct lum_large {
 
 struct lum_page_list { struct lum_page *head, *tail; };
 
+#define LUM_DIRECT_SLOTS (LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1)
+
 struct lum_heap {
+    /* current[] by (size + 15) / 16 for sizes up to 1 KiB: malloc's fast path skips the class
+     * table (mimalloc's "direct pages"); kept in step with current[] by lum_heap_set_current */
+    struct lum_page *direct[LUM_DIRECT_SLOTS];
     struct lum_page *current[LUM_CLASSES]; /* never NULL: lum_empty_page when there is none */
-    int64_t sample_countdown;   /* bytes until the next sample; < 0 sends malloc to the slow path */
     struct lum_thread_counters_v1 tc;
+    /* The sampler's next point on this thread's stream of allocated (usable) bytes: malloc's
+     * fast path serves only while tc.alloc_bytes stays below it, so the exact byte counter is
+     * the sampling clock too.  0 forces every allocation down the slow path (failure
+     * injection); UINT64_MAX means sampling is off. */
+    uint64_t next_sample;
     _Atomic(lum_block *) inbox; /* blocks freed by other threads, drained by the owner */
     uint64_t rng;
     uint32_t tid;
@@ -151,6 +160,15 @@ static inline unsigned lum_size_class(size_t size)
     size_t s = size - 1;
     unsigned k = 63 - (unsigned)__builtin_clzl(s);
     return 8 + (k - 7) * 8 + (unsigned)((s >> (k - 3)) & 7);
+}
+
+static inline void lum_heap_set_current(struct lum_heap *heap, unsigned cls, struct lum_page *page)
+{
+    heap->current[cls] = page;
+    if (lum_class_size[cls] > LUM_SMALL_TABLE_MAX) return;
+    /* the slots of one class are contiguous: those whose rounded size lands in it */
+    unsigned first = cls == 0 ? 0 : lum_class_size[cls - 1] / LUM_ALIGN + 1;
+    for (unsigned i = first; i <= lum_class_size[cls] / LUM_ALIGN; i++) heap->direct[i] = page;
 }
 
 /* ---- pointer -> metadata ---- */
@@ -263,6 +281,7 @@ void lum_global_init(void);
 extern _Atomic int lum_initialized;
 extern size_t lum_fast_limit;
 void lum_heap_force_slow(void);
+bool lum_heap_take_sample(struct lum_heap *heap, size_t usable);
 void lum_heap_abandon(struct lum_heap *heap);
 extern struct lum_registry_v1 lumalloc_registry;
 extern lum_lock_t lum_heaps_lock;

@@ -17,25 +17,23 @@
 static inline void *alloc_small_fast(size_t size)
 {
     struct lum_heap *heap = lum_tls_heap;
-    unsigned cls;
+    struct lum_page *page;
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
-        cls = lum_small_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
+        page = heap->direct[(size + LUM_ALIGN - 1) / LUM_ALIGN];
     else if (size <= LUM_MEDIUM_TABLE_MAX && size < lum_fast_limit)
-        cls = lum_medium_class[(size + 127) / 128];
+        page = heap->current[lum_medium_class[(size + 127) / 128]];
     else if (size < lum_fast_limit)
-        cls = lum_size_class(size);
+        page = heap->current[lum_size_class(size)];
     else
         return lum_malloc_slow(size, 0);
     {
-        struct lum_page *page = heap->current[cls];
         lum_block *b = page->free;
-        int64_t countdown = heap->sample_countdown - (int64_t)size;
-        if (LUM_LIKELY(b != NULL && countdown >= 0)) {
-            heap->sample_countdown = countdown;
+        uint64_t bytes = heap->tc.alloc_bytes + page->block_size;
+        if (LUM_LIKELY(b != NULL && bytes < heap->next_sample)) {
+            heap->tc.alloc_bytes = bytes;
             page->free = lum_free_next(page, b);
             page->used++;
             heap->tc.alloc_count++;
-            heap->tc.alloc_bytes += page->block_size;
             return b;
         }
     }
@@ -108,12 +106,7 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
     if (bytes >= lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_armed &&
         heap != &lum_empty_heap) {
         /* fresh mappings are already zero: only a recycled one is cleared */
-        heap->sample_countdown -= (int64_t)bytes;
-        bool sampled = false;
-        if (heap->sample_countdown < 0) {
-            sampled = lum_opt.sample_interval != 0;
-            heap->sample_countdown = lum_sampler_next_interval(&heap->rng);
-        }
+        bool sampled = lum_heap_take_sample(heap, (bytes + 4095) & ~(size_t)4095);
         void *p = lum_large_alloc(heap, bytes, 0, true, sampled);
         return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
     }

@@ -49,7 +49,11 @@ double lum_sample_weight(uint64_t size, uint64_t interval)
 void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable)
 {
     uint64_t s = requested ? requested : 1;
-    double w = lum_sample_weight(s, lum_opt.sample_interval);
+    /* The allocator samples by usable bytes (its exact byte counter is the sampling clock), so
+     * the chance of this sample is p(usable); s / p(usable) keeps the estimate of requested
+     * bytes unbiased (Horvitz-Thompson). */
+    uint64_t u = usable ? usable : s;
+    double w = lum_sample_weight(u, lum_opt.sample_interval) * (double)s / (double)u;
     uint64_t wb = (uint64_t)(w + 0.5);
     if (tc)
         tc->sampled_bytes += wb;
