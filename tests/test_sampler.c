@@ -151,6 +151,14 @@ static void test_sample_hooks(void **state)
     assert_int_equal(after.live_samples, before.live_samples);
     assert_int_equal(after.sample_frees - before.sample_frees, 4);
 
+    /* The allocator samples by usable bytes: a 100-byte request served from a 128-byte block
+     * was sampled with p(128), and stands for 100 / p(128) requested bytes. */
+    uint64_t sb = tc.sampled_bytes;
+    lum_on_sample(&tc, blocks[2], 100, 128);
+    double want = 100.0 / -expm1(-128.0 / (double)lum_opt.sample_interval);
+    assert_int_equal(tc.sampled_bytes - sb, (uint64_t)(want + 0.5));
+    lum_on_sample_free(blocks[2], 128);
+
     /* Recursion guard: inside profiler code a sample is counted but nothing is unwound. */
     lum_prof_get_stats(&before);
     lum_obs_busy = 1;
