@@ -361,6 +361,8 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         if (lum_fail_should_inject(size)) return lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
 
+    if (LUM_UNLIKELY(lum_opt.large_warn && size >= lum_opt.large_warn && size < lum_opt.large_threshold))
+        lum_on_large_warn(size); /* the large path warns by itself */
     if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
         lum_background_maybe_start();
         bool sampled = !lum_fail_armed && lum_heap_take_sample(heap, (size + 4095) & ~(size_t)4095);
@@ -371,11 +373,13 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (!lum_fail_armed && lum_heap_take_sample(heap, lum_class_size[cls])) {
         void *p = lum_sampled_alloc(heap, size, alignment);
         if (p) return p;
-        return lum_alloc_failed(heap, size, alignment, ENOMEM);
+        /* no memory for a sampled page: an unsampled block beats a failure */
     }
     struct lum_page *page = heap->current[cls];
-    if (!page->free && !(page = heap_next_page(heap, cls)))
-        return lum_alloc_failed(heap, size, alignment, ENOMEM);
+    if (!page->free && !(page = heap_next_page(heap, cls))) {
+        void *p = lum_sampled_take_unsampled(heap, cls);
+        return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
+    }
     lum_block *b = page->free;
     page->free = lum_free_next(page, b);
     page->used++;

@@ -294,6 +294,7 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
 extern lum_lock_t lum_sampled_lock;
 void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment);
 void lum_sampled_free(struct lum_page *page, void *p);
+void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 
 /* ---- background.c ---- */
 void lum_background_maybe_start(void);

@@ -234,12 +234,14 @@ void *lum_large_realloc(void *p, size_t size)
         return p;
     }
     /* Hardened blocks carry guard pages that mremap would have to move too: copy instead. */
-    if (LUM_HARDENED || l->sampled || offset != LUM_LARGE_HEADER || size < lum_opt.large_threshold)
+    if (LUM_HARDENED || offset != LUM_LARGE_HEADER || size < lum_opt.large_threshold)
         return NULL;
     size_t usable = page_round(size);
     if (usable < size) return NULL;
     size_t map_size = offset + usable;
     struct lum_heap *heap = lum_tls_heap;
+    /* decided before the counters move: the sampling clock is this thread's byte counter */
+    bool sample_new = heap != &lum_empty_heap && lum_heap_take_sample(heap, usable);
     void *moved = mremap(base, l->map_size, map_size, 0);
     if (moved == MAP_FAILED) {
         /* Reserve an aligned destination, then let the kernel move the page tables there. */
@@ -269,12 +271,23 @@ void *lum_large_realloc(void *p, size_t size)
         heap->tc.large_count++;
         heap->tc.large_bytes += usable;
     }
+    /* For the profiler a realloc is a free and an allocation: the old sample ends, and the
+     * new block is sampled (or not) like any allocation of its size. */
+    if (l->sampled) lum_on_sample_free(p, l->usable);
     lum_on_large_free(p, l->usable);
     l->map_base = base;
     l->map_size = map_size;
     l->usable = usable;
     l->requested = size;
     l->user = base + offset;
-    if (heap != &lum_empty_heap) lum_on_large_alloc(&heap->tc, l->user, size, usable);
+    l->sampled = 0;
+    if (heap != &lum_empty_heap) {
+        lum_on_large_alloc(&heap->tc, l->user, size, usable);
+        if (sample_new) {
+            l->sampled = 1;
+            heap->tc.sampled_count++;
+            lum_on_sample(&heap->tc, l->user, size, usable);
+        }
+    }
     return l->user;
 }

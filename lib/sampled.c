@@ -39,6 +39,28 @@ void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment)
     return b;
 }
 
+/* Near the memory limit a class may have free slots only on sampled pages: hand one out as an
+ * ordinary (unsampled) block rather than fail.  Its free still passes through
+ * lum_on_sample_free, which ignores addresses it has no sample for. */
+void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
+{
+    lum_lock(&lum_sampled_lock);
+    struct lum_page *page;
+    for (page = sampled_pages[cls].head; page; page = page->next)
+        if (page->free || lum_page_refill(page)) break;
+    if (!page) {
+        lum_unlock(&lum_sampled_lock);
+        return NULL;
+    }
+    lum_block *b = page->free;
+    page->free = lum_free_next(page, b);
+    page->used++;
+    lum_unlock(&lum_sampled_lock);
+    heap->tc.alloc_count++;
+    heap->tc.alloc_bytes += page->block_size;
+    return b;
+}
+
 void lum_sampled_free(struct lum_page *page, void *p)
 {
     struct lum_heap *heap = lum_tls_heap;
