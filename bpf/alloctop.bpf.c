@@ -44,7 +44,7 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
-    __uint(max_entries, 256 << 10);
+    __uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
 struct {
@@ -184,6 +184,7 @@ static __always_inline int thread_event(u32 kind, u32 tid, u64 tc)
     e->kind = kind;
     e->pad = 0;
     e->counters_addr = tc;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
     bpf_ringbuf_submit(e, 0);
     return 0;
 }
@@ -198,4 +199,56 @@ SEC("usdt")
 int BPF_USDT(on_thread_exit, u32 tid, u64 tc)
 {
     return thread_event(TOP_THREAD_EXIT, tid, tc);
+}
+
+/* pid -> address of its lumalloc_registry, filled in by user space once located. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 64);
+    __type(key, u32);
+    __type(value, u64);
+} registries SEC(".maps");
+
+/* Final registry reading.  Since Linux 6.16 sched_process_exit fires before exit_mm() and says
+ * whether this is the last thread (group_dead): the process's memory is still mapped and every
+ * counter is final.  The map entry is also the once-guard. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(on_do_exit, struct task_struct *task, bool group_dead)
+{
+    if (!group_dead)
+        return 0;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    u64 *raddr = bpf_map_lookup_elem(&registries, &pid);
+    if (!raddr)
+        return 0;
+    u64 addr = *raddr;
+    if (bpf_map_delete_elem(&registries, &pid))
+        return 0; /* another thread got there first */
+    struct top_final *f = bpf_ringbuf_reserve(&events, sizeof(*f), 0);
+    if (!f) {
+        count_lost(TOP_LOST_RINGBUF);
+        return 0;
+    }
+    f->ts_ns = bpf_ktime_get_ns();
+    f->pid = pid;
+    f->kind = TOP_FINAL;
+    f->nthreads = 0;
+    f->truncated = 0;
+    if (bpf_probe_read_user(&f->reg, sizeof(f->reg), (void *)addr)) {
+        bpf_ringbuf_discard(f, 0);
+        return 0;
+    }
+    u64 a = f->reg.threads_head;
+    for (int i = 0; i < TOP_FINAL_MAX_THREADS; i++) {
+        if (!a)
+            break;
+        f->threads[i].addr = a;
+        if (bpf_probe_read_user(&f->threads[i].c, sizeof(f->threads[i].c), (void *)a))
+            break;
+        f->nthreads = i + 1;
+        a = f->threads[i].c.next;
+    }
+    f->truncated = f->nthreads == TOP_FINAL_MAX_THREADS && a;
+    bpf_ringbuf_submit(f, BPF_RB_FORCE_WAKEUP);
+    return 0;
 }

@@ -33,13 +33,30 @@ struct top_stack {
     uint64_t frames[LUM_MAX_FRAMES];
 };
 
-enum top_event_kind { TOP_THREAD_START, TOP_THREAD_EXIT };
+enum top_event_kind { TOP_THREAD_START, TOP_THREAD_EXIT, TOP_FINAL };
 
 struct top_event {
     uint64_t ts_ns;
     uint32_t pid, tid;
     uint32_t kind, pad;
     uint64_t counters_addr;
+    char comm[16]; /* the thread's name when the probe fired (it may be gone when we look) */
+};
+
+/* The registry as it was when the process began to exit, read by the BPF side at do_exit()
+ * (the process's memory is gone by the time user space notices the exit).  Same prefix as
+ * struct top_event. */
+#define TOP_FINAL_MAX_THREADS 256
+struct top_final_thread {
+    uint64_t addr;
+    struct lum_thread_counters_v1 c;
+};
+struct top_final {
+    uint64_t ts_ns;
+    uint32_t pid, nthreads;
+    uint32_t kind, truncated; /* kind = TOP_FINAL; truncated: more threads than fit */
+    struct lum_registry_v1 reg;
+    struct top_final_thread threads[TOP_FINAL_MAX_THREADS];
 };
 
 enum top_lost {

@@ -19,6 +19,11 @@ sleep 0.5
 wait "$WPID" || fail "workload failed"
 python3 "$HERE/tools_check.py" alloctop "$TMP/truth_p.json" "$TMP/top_p.jsonl" || fail "alloctop -p checks"
 
+echo "== alloctop: exact final figures of a command that exits within the first interval ($MODE)"
+"$ALLOCTOP" -c "$WORKLOAD -m 32 -o $TMP/truth_x.json" --preload "$LIB" --json 30 > "$TMP/top_x.jsonl" \
+    2> "$TMP/top_x.err" || { cat "$TMP/top_x.err"; fail "alloctop -c (short) exited $?"; }
+python3 "$HERE/tools_check.py" alloctop-exit "$TMP/truth_x.json" "$TMP/top_x.jsonl" || fail "exit-time figures"
+
 echo "== alloctop batch table ($MODE)"
 LD_PRELOAD=$LIB "$WORKLOAD" -d 600 -m 64 -l 600 -o /dev/null &
 WPID=$!

@@ -104,11 +104,18 @@ static NOINL void large_site(struct truth *t)
     t->large++;
 }
 
+static pthread_barrier_t start_barrier;
+
 static void *worker(void *arg)
 {
     struct truth *t = arg;
     t->tid = gettid();
     pthread_setname_np(pthread_self(), t->name);
+    /* Both workers have their allocator state before either finishes: an allocator may reuse
+     * an exited thread's counters record for a thread that starts later (folding the old
+     * figures into process totals), and the tests compare per-thread figures. */
+    counted_free(t, counted_malloc(t, 64));
+    pthread_barrier_wait(&start_barrier);
     uint64_t budget = t->units * unit_bytes, done = 0, rng = 88172645463325252ull ^ t->units;
     for (int i = 0; i < large_per_thread; i++)
         large_site(t);
@@ -187,6 +194,7 @@ int main(int argc, char **argv)
     struct truth main_t = {.name = "main"};
     struct truth w[2] = {{.name = "wl-heavy", .units = 3}, {.name = "wl-light", .units = 1}};
     pthread_t th[2];
+    pthread_barrier_init(&start_barrier, NULL, 2);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int i = 0; i < 2; i++)

@@ -66,11 +66,13 @@ struct tstate {
     size_t ncomms;
     double last_snapshot, first_seen;
     struct bpf_link *sample_link;
+    bool registered; /* registry address handed to the BPF exit hook */
 };
 
 static struct tstate targets[MAX_TARGETS];
 static int ntargets;
 static struct alloctop_bpf *skel;
+static struct bpf_link *exit_link;
 static struct tc_symbolizer *sym;
 static volatile sig_atomic_t stop;
 static struct termios saved_tio;
@@ -135,11 +137,8 @@ static const char *comm_of(struct tstate *s, pid_t tid)
     return "?";
 }
 
-static void remember_comm(struct tstate *s, pid_t tid)
+static void set_comm(struct tstate *s, pid_t tid, const char *c)
 {
-    char c[64];
-    if (tc_read_comm(s->t.pid, tid, c, sizeof(c)))
-        return;
     for (size_t i = 0; i < s->ncomms; i++)
         if (s->comms[i].tid == tid) {
             snprintf(s->comms[i].comm, sizeof(s->comms[i].comm), "%.16s", c);
@@ -154,15 +153,66 @@ static void remember_comm(struct tstate *s, pid_t tid)
     s->ncomms++;
 }
 
+static void remember_comm(struct tstate *s, pid_t tid)
+{
+    char c[64];
+    if (tc_read_comm(s->t.pid, tid, c, sizeof(c)) == 0)
+        set_comm(s, tid, c);
+}
+
+static void register_registry(struct tstate *s)
+{
+    if (!skel || !s->t.registry_addr || s->registered)
+        return;
+    uint32_t pid = (uint32_t)s->t.pid;
+    uint64_t addr = s->t.registry_addr;
+    if (bpf_map_update_elem(bpf_map__fd(skel->maps.registries), &pid, &addr, BPF_ANY) == 0)
+        s->registered = true;
+}
+
+/* The registry as the BPF side read it when the process began to exit: the exact last figures. */
+static void apply_final(const struct top_final *f)
+{
+    for (int i = 0; i < ntargets; i++) {
+        struct tstate *s = &targets[i];
+        if (s->t.pid != (pid_t)f->pid || f->reg.magic != LUM_REGISTRY_MAGIC)
+            continue;
+        struct tc_thread *nt = calloc(f->nthreads ? f->nthreads : 1, sizeof(*nt));
+        if (!nt)
+            return;
+        for (uint32_t k = 0; k < f->nthreads && k < TOP_FINAL_MAX_THREADS; k++) {
+            nt[k].addr = f->threads[k].addr;
+            nt[k].c = f->threads[k].c;
+        }
+        free(s->prev);
+        s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
+        s->cur = nt, s->ncur = f->nthreads, s->t_cur = tc_now();
+        s->reg = f->reg;
+        s->have_reg = true;
+        s->final_done = true;
+        if (f->truncated)
+            tc_warn("pid %d: more than %d threads at exit, final figures cover the first %d", (int)f->pid,
+                    TOP_FINAL_MAX_THREADS, TOP_FINAL_MAX_THREADS);
+    }
+}
+
 static int handle_event(void *ctx, void *data, size_t len)
 {
     (void)ctx;
     if (len < sizeof(struct top_event))
         return 0;
     const struct top_event *e = data;
+    if (e->kind == TOP_FINAL && len >= sizeof(struct top_final)) {
+        apply_final(data);
+        return 0;
+    }
     for (int i = 0; i < ntargets; i++)
-        if (targets[i].t.pid == (pid_t)e->pid && e->kind == TOP_THREAD_START)
-            remember_comm(&targets[i], (pid_t)e->tid);
+        if (targets[i].t.pid == (pid_t)e->pid && (e->kind == TOP_THREAD_START || e->kind == TOP_THREAD_EXIT)) {
+            char c[17];
+            memcpy(c, e->comm, 16);
+            c[16] = 0;
+            set_comm(&targets[i], (pid_t)e->tid, c);
+        }
     return 0;
 }
 
@@ -218,7 +268,7 @@ static void attach_target(struct tstate *s)
 /* Read the registry; the previous reading becomes the base of the rates. */
 static void sample_target(struct tstate *s)
 {
-    if (!s->t.alive)
+    if (!s->t.alive || s->final_done)
         return;
     if (!s->located) {
         char err[512];
@@ -227,6 +277,7 @@ static void sample_target(struct tstate *s)
         else
             return;
     }
+    register_registry(s);
     struct lum_registry_v1 reg;
     struct tc_thread *nt = NULL;
     size_t nn = 0;
@@ -671,8 +722,23 @@ int main(int argc, char **argv)
     struct ring_buffer *rb = NULL;
     if (!opt.no_bpf) {
         skel = alloctop_bpf__open_and_load();
+        bool exit_hook = true;
+        if (!skel) {
+            /* Older kernels (no group_dead argument): run without the exit-time reading. */
+            skel = alloctop_bpf__open();
+            if (skel) {
+                bpf_program__set_autoload(skel->progs.on_do_exit, false);
+                exit_hook = false;
+                if (alloctop_bpf__load(skel)) {
+                    alloctop_bpf__destroy(skel);
+                    skel = NULL;
+                }
+            }
+        }
         if (!skel)
             tc_die("cannot load the BPF programs: %s", strerror(errno));
+        if (exit_hook && !(exit_link = bpf_program__attach(skel->progs.on_do_exit)) && tc_verbose)
+            tc_warn("no exit-time registry reading (tp_btf/sched_process_exit): %s", strerror(errno));
         for (int i = 0; i < ntargets; i++)
             attach_target(&targets[i]);
         rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
@@ -762,6 +828,8 @@ int main(int argc, char **argv)
         }
     }
     restore_tty();
+    if (rb)
+        ring_buffer__consume(rb); /* exit-time registry readings */
     /* Final report from the last readings (symbolised from the snapshots if the target is
      * gone). */
     report(true);
@@ -779,6 +847,7 @@ int main(int argc, char **argv)
         free(targets[i].comms);
     }
     ring_buffer__free(rb);
+    bpf_link__destroy(exit_link);
     alloctop_bpf__destroy(skel);
     tc_sym_free(sym);
     return status;
