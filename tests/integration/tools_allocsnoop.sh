@@ -35,6 +35,16 @@ assert ev, "no events"
 assert all(e["size"] >= 3000 for e in ev), "event below --min-size"
 print("ok   %d sample events, all >= 3000 B" % len(ev))
 PY
+if [ "$MODE" = real ]; then
+    echo "== -c finds liblumalloc.so through DT_NEEDED, and through LUMALLOC_LIB"
+    "$ALLOCSNOOP" -c "$WORKLOAD_LINKED -m 8 -o /dev/null" -e failure -U > "$TMP/linked.txt" 2>&1 ||
+        { cat "$TMP/linked.txt"; fail "allocsnoop -c on a linked executable"; }
+    grep -q "#0 *fail_site" "$TMP/linked.txt" || fail "no failure events from the linked executable"
+    LUMALLOC_LIB=$LIB "$ALLOCSNOOP" -c "$WORKLOAD -m 8 -o /dev/null" -e failure > "$TMP/env.txt" 2>&1 ||
+        { cat "$TMP/env.txt"; fail "allocsnoop -c with LUMALLOC_LIB"; }
+    [ "$(grep -c alloc_failure "$TMP/env.txt")" -ge 3 ] || fail "LUMALLOC_LIB not preloaded"
+fi
+
 echo "== lost events are counted, never silently dropped ($MODE)"
 LUMALLOC_SAMPLE_INTERVAL=1 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" --ringbuf-kib 4 -q --json \
     > "$TMP/lost.jsonl" 2>&1 || fail "allocsnoop --ringbuf-kib"
