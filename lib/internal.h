@@ -92,6 +92,7 @@ struct lum_segment {
     uint64_t free_slices;       /* bit i: slice i is not part of any page */
     uint64_t purged_slices;     /* bit i: slice i was returned to the OS and is not resident */
     uint64_t freed_at_ms[LUM_SLICES]; /* when a free slice was freed (decay) */
+    uint64_t empty_since_ms;    /* when the segment last became wholly free (0: it is not) */
     struct lum_segment *next, *prev;
     struct lum_page pages[LUM_SLICES];
 };

@@ -10,8 +10,6 @@
 
 lum_lock_t lum_segment_lock;
 static struct lum_segment *segments;     /* every small segment */
-static struct lum_segment *spare_segment; /* one wholly free segment kept to absorb churn */
-static uint64_t spare_since_ms;
 static uint64_t last_purge_ms;
 
 #define ALL_SLICES (~(uint64_t)1) /* slice 0 is the header, never free */
@@ -24,26 +22,29 @@ static void segment_init(struct lum_segment *seg)
     seg->purged_slices = 0;
 }
 
+static void segment_unmap(struct lum_segment *seg)
+{
+#if LUM_HARDENED
+    lum_hardened_own((uintptr_t)lum_seg_base(seg), false);
+#endif
+    lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE);
+}
+
 static struct lum_segment *segment_new(void)
 {
-    struct lum_segment *seg = spare_segment;
-    if (seg) {
-        spare_segment = NULL;
-    } else {
-        uint8_t *base = lum_os_map_aligned(LUM_SEGMENT_SIZE, LUM_SEGMENT_SIZE);
-        if (!base) return NULL;
-        lum_os_name(base, LUM_SEGMENT_SIZE, "lumalloc");
-        if (lum_opt.thp) madvise(base, LUM_SEGMENT_SIZE, MADV_HUGEPAGE);
+    uint8_t *base = lum_os_map_aligned(LUM_SEGMENT_SIZE, LUM_SEGMENT_SIZE);
+    if (!base) return NULL;
+    lum_os_name(base, LUM_SEGMENT_SIZE, "lumalloc");
+    if (lum_opt.thp) madvise(base, LUM_SEGMENT_SIZE, MADV_HUGEPAGE);
 #if LUM_HARDENED
-        /* guards on both sides of the metadata: an overrun from the previous segment's last
-         * block, or an underrun from slice 1, faults instead of corrupting it */
-        lum_os_guard(base, LUM_GUARD_SIZE);
-        lum_os_guard(base + LUM_SLICE_SIZE - LUM_GUARD_SIZE, LUM_GUARD_SIZE);
-        lum_hardened_own((uintptr_t)base, true);
+    /* guards on both sides of the metadata: an overrun from the previous segment's last
+     * block, or an underrun from slice 1, faults instead of corrupting it */
+    lum_os_guard(base, LUM_GUARD_SIZE);
+    lum_os_guard(base + LUM_SLICE_SIZE - LUM_GUARD_SIZE, LUM_GUARD_SIZE);
+    lum_hardened_own((uintptr_t)base, true);
 #endif
-        seg = (struct lum_segment *)(base + LUM_HEADER_OFFSET);
-        segment_init(seg);
-    }
+    struct lum_segment *seg = (struct lum_segment *)(base + LUM_HEADER_OFFSET);
+    segment_init(seg);
     seg->prev = NULL;
     seg->next = segments;
     if (segments) segments->prev = seg;
@@ -51,12 +52,21 @@ static struct lum_segment *segment_new(void)
     return seg;
 }
 
-static void segment_unmap(struct lum_segment *seg)
+static void segment_remove(struct lum_segment *seg)
 {
-#if LUM_HARDENED
-    lum_hardened_own((uintptr_t)lum_seg_base(seg), false);
-#endif
-    lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE);
+    if (seg->prev) seg->prev->next = seg->next; else segments = seg->next;
+    if (seg->next) seg->next->prev = seg->prev;
+}
+
+/* Unmaps a wholly free segment, settling the accounting of its purged slices. */
+static size_t segment_release(struct lum_segment *seg)
+{
+    size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
+    lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
+    lum_count_global(&lumalloc_registry.global.retained_bytes, -(int64_t)purged);
+    segment_remove(seg);
+    segment_unmap(seg);
+    return LUM_SEGMENT_SIZE - purged;
 }
 
 /* Bit i of the result is set when bits i..i+n-1 of free are all set. */
@@ -97,6 +107,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
     seg->free_slices &= ~mask;
+    seg->empty_since_ms = 0;
     uint64_t refaulted = seg->purged_slices & mask;
     if (refaulted) {
         seg->purged_slices &= ~mask;
@@ -131,11 +142,23 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
 
 /* Returns free, not yet purged slices whose decay has expired (or all of them) to the OS, in as
  * few madvise calls as the runs allow.  Caller holds lum_segment_lock. */
-static size_t purge_locked(bool all, uint64_t now)
+/* Returns free, not yet purged slices whose decay has expired (or all of them) to the OS, in as
+ * few madvise calls as the runs allow, and unmaps segments that have been wholly free as long.
+ * Caller holds lum_segment_lock. */
+static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
 {
     size_t released = 0;
     int advice = lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED;
-    for (struct lum_segment *seg = segments; seg; seg = seg->next) {
+    struct lum_segment *seg = segments;
+    while (seg) {
+        struct lum_segment *next = seg->next;
+        if (seg->free_slices == ALL_SLICES &&
+            (all || now - seg->empty_since_ms >= lum_opt.decay_ms)) {
+            /* a wholly free segment is unmapped whole: one call, and no header left behind */
+            *unmapped += segment_release(seg);
+            seg = next;
+            continue;
+        }
         uint64_t candidates = seg->free_slices & ~seg->purged_slices;
         if (!all) {
             uint64_t c = candidates;
@@ -155,23 +178,22 @@ static size_t purge_locked(bool all, uint64_t now)
             candidates &= ~mask;
             released += (size_t)len * LUM_SLICE_SIZE;
         }
-    }
-    if (spare_segment && (all || now - spare_since_ms >= lum_opt.decay_ms)) {
-        segment_unmap(spare_segment);
-        released += LUM_SEGMENT_SIZE;
-        spare_segment = NULL;
+        seg = next;
     }
     return released;
 }
 
-static void account_purge(size_t released, uint32_t reason)
+/* madvised bytes stay mapped (resident -> retained); unmapped ones were settled by
+ * segment_release.  Returns all that left RSS. */
+static size_t account_purge(size_t madvised, size_t unmapped, uint32_t reason)
 {
-    if (!released) return;
-    lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)released);
-    lum_count_global(&lumalloc_registry.global.retained_bytes, (int64_t)released);
-    lum_count_global(&lumalloc_registry.global.purged_bytes, (int64_t)released);
+    if (!madvised && !unmapped) return 0;
+    lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)madvised);
+    lum_count_global(&lumalloc_registry.global.retained_bytes, (int64_t)madvised);
+    lum_count_global(&lumalloc_registry.global.purged_bytes, (int64_t)(madvised + unmapped));
     lum_count_global(&lumalloc_registry.global.purge_events, 1);
-    lum_on_purge(released, reason);
+    lum_on_purge(madvised + unmapped, reason);
+    return madvised + unmapped;
 }
 
 void lum_page_release(struct lum_page *page)
@@ -180,7 +202,7 @@ void lum_page_release(struct lum_page *page)
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     unsigned n = page->slices;
     uint64_t now = lum_now_ms();
-    size_t released = 0;
+    size_t released = 0, unmapped = 0;
     lum_lock(&lum_segment_lock);
     for (unsigned i = 0; i < n; i++) {
         seg->slice_page[idx + i] = &lum_invalid_sentinel;
@@ -191,27 +213,16 @@ void lum_page_release(struct lum_page *page)
     page->slices = 0;
     page->kind = LUM_PAGE_SMALL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
-    if (seg->free_slices == ALL_SLICES) {
-        /* A wholly free segment: keep one, unmap the rest at once (there is nothing to decay). */
-        if (seg->prev) seg->prev->next = seg->next; else segments = seg->next;
-        if (seg->next) seg->next->prev = seg->prev;
-        if (!spare_segment) {
-            spare_segment = seg;
-            spare_since_ms = now;
-        } else {
-            size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
-            lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
-            lum_count_global(&lumalloc_registry.global.retained_bytes, -(int64_t)purged);
-            segment_unmap(seg);
-        }
-    }
+    /* A wholly free segment stays mapped until it has been so for the decay time: waves of
+     * threads (or a ring of objects) that empty it and fill it again pay no page faults. */
+    if (seg->free_slices == ALL_SLICES) seg->empty_since_ms = now;
     /* Decay runs on the allocator's own activity; the optional purger thread covers idle time. */
     if (lum_opt.decay_ms && now - last_purge_ms >= (lum_opt.decay_ms / 4 ? lum_opt.decay_ms / 4 : 1)) {
         last_purge_ms = now;
-        released = purge_locked(false, now);
+        released = purge_locked(false, now, &unmapped);
     }
     lum_unlock(&lum_segment_lock);
-    account_purge(released, LUM_PURGE_DECAY);
+    account_purge(released, unmapped, LUM_PURGE_DECAY);
     lum_background_note_dirty();
 }
 
@@ -220,8 +231,7 @@ bool lum_segments_dirty(void)
     bool dirty = false;
     lum_lock(&lum_segment_lock);
     for (struct lum_segment *seg = segments; seg && !dirty; seg = seg->next)
-        dirty = (seg->free_slices & ~seg->purged_slices) != 0;
-    dirty = dirty || spare_segment;
+        dirty = (seg->free_slices & ~seg->purged_slices) != 0 || seg->free_slices == ALL_SLICES;
     lum_unlock(&lum_segment_lock);
     return dirty;
 }
@@ -231,10 +241,10 @@ size_t lum_segments_purge(bool all, uint32_t reason)
     lum_lock(&lum_segment_lock);
     uint64_t now = lum_now_ms();
     last_purge_ms = now;
-    size_t released = purge_locked(all, now);
+    size_t unmapped = 0;
+    size_t released = purge_locked(all, now, &unmapped);
     lum_unlock(&lum_segment_lock);
-    account_purge(released, reason);
-    return released;
+    return account_purge(released, unmapped, reason);
 }
 
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg)

@@ -10,6 +10,29 @@
 
 uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
 
+/* unw_backtrace's fast path keeps a per-thread trace cache that libunwind maps and clears on a
+ * thread's first use (~30 page faults): worth it for threads that sample often, a tax on
+ * short-lived ones.  A thread's first samples walk with unw_step instead, which needs no
+ * per-thread state. */
+#define LUM_STEP_UNWIND_SAMPLES 8
+static __thread uint32_t thread_unwinds __attribute__((tls_model("initial-exec")));
+
+static int step_backtrace(void **buf, int max)
+{
+    unw_context_t ctx;
+    unw_cursor_t cursor;
+    if (unw_getcontext(&ctx) < 0 || unw_init_local(&cursor, &ctx) < 0) return 0;
+    int n = 0;
+    do {
+        unw_word_t ip;
+        if (unw_get_reg(&cursor, UNW_REG_IP, &ip) < 0 || ip == 0) break;
+        buf[n++] = (void *)(uintptr_t)ip;
+    } while (n < max && unw_step(&cursor) > 0);
+    /* the first frames are this helper and lum_unwind: the skipping in lum_unwind drops every
+     * frame inside lumalloc, these included */
+    return n;
+}
+
 /* lumalloc's own executable range when it is a separate object (liblumalloc.so, LD_PRELOAD):
  * leading frames inside it are allocator internals and are dropped.  When lumalloc is linked
  * into the executable (lumalloc_static) that range would cover the program too, so only the
@@ -86,7 +109,8 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
     if (!self_state)
         locate_self();
     uint64_t t0 = now_ns();
-    int n = unw_backtrace(buf, (int)(max + SLACK));
+    int n = thread_unwinds++ < LUM_STEP_UNWIND_SAMPLES ? step_backtrace(buf, (int)(max + SLACK))
+                                                       : unw_backtrace(buf, (int)(max + SLACK));
     uint64_t t1 = now_ns();
     if (n < 0)
         n = 0;
