@@ -20,10 +20,10 @@ PY
 }
 for i in $(seq "$N"); do
     run none env LD_PRELOAD=$LIB $W -o $tmp/t.json
-    run alloctop "$T/alloctop" -c "$W -o $tmp/t.json" --preload "$LIB" -b 1
-    run alloctop_sites "$T/alloctop" -c "$W -o $tmp/t.json" --preload "$LIB" --sites -b 1
-    run allocsnoop "$T/allocsnoop" -c "$W -o $tmp/t.json" --preload "$LIB" -q --folded $tmp/f
-    run allocsnoop_U "$T/allocsnoop" -c "$W -o $tmp/t.json" --preload "$LIB" -U
+    run alloctop "$T/alloctop/alloctop" -c "$W -o $tmp/t.json" --preload "$LIB" -b 1
+    run alloctop_sites "$T/alloctop/alloctop" -c "$W -o $tmp/t.json" --preload "$LIB" --sites -b 1
+    run allocsnoop "$T/allocsnoop/allocsnoop" -c "$W -o $tmp/t.json" --preload "$LIB" -q --folded $tmp/f
+    run allocsnoop_U "$T/allocsnoop/allocsnoop" -c "$W -o $tmp/t.json" --preload "$LIB" -U
 done
 col() { awk -v c="$2" '{print $c}' "$tmp/$1" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 bw=$(col none 1); bc_=$(col none 2)

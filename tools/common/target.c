@@ -32,8 +32,8 @@ static const char *suggest_lib(void)
         char *slash = strrchr(self, '/');
         if (slash) {
             *slash = 0;
-            /* build tree (build/tools/alloctop -> build/lib) or install (sbin -> lib) */
-            static const char *const rel[] = {"/../lib", "/../lib/x86_64-linux-gnu"};
+            /* build tree (build/tools/alloctop/alloctop -> build/lib) or install (sbin -> lib) */
+            static const char *const rel[] = {"/../../lib", "/../lib", "/../lib/x86_64-linux-gnu"};
             for (size_t i = 0; i < sizeof(rel) / sizeof(rel[0]); i++) {
                 char cand[PATH_MAX + 64], dir[PATH_MAX];
                 snprintf(cand, sizeof(cand), "%s%s", self, rel[i]);
