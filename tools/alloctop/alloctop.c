@@ -777,6 +777,7 @@ int main(int argc, char **argv)
 
     double next = tc_now() + opt.interval;
     long done = 0;
+    bool count_reached = false;
     while (!stop) {
         struct pollfd pfd[2];
         int nfd = 0;
@@ -820,8 +821,10 @@ int main(int argc, char **argv)
                 sample_target(&targets[i]);
             report(false);
             done++;
-            if (opt.count && done >= opt.count)
+            if (opt.count && done >= opt.count) {
+                count_reached = true; /* the last table was just printed: no separate final one */
                 break;
+            }
             next += opt.interval;
             if (next < tc_now())
                 next = tc_now() + opt.interval;
@@ -831,8 +834,9 @@ int main(int argc, char **argv)
     if (rb)
         ring_buffer__consume(rb); /* exit-time registry readings */
     /* Final report from the last readings (symbolised from the snapshots if the target is
-     * gone). */
-    report(true);
+     * gone; exact exit-time figures when the BPF exit hook caught the exit). */
+    if (!count_reached)
+        report(true);
     int status = 0;
     for (int i = 0; i < ntargets; i++) {
         if (targets[i].t.launched && targets[i].t.alive) {
