@@ -1,0 +1,78 @@
+/* Unit checks of tools/common pieces that the integration tests exercise only indirectly:
+ * the u64 hash map (randomised against a reference, with deletions: the live-sample table of
+ * allocsnoop depends on backward-shift deletion being right) and frame formatting. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tc.h"
+
+static int failures;
+#define CHECK(c, ...)                                                                                          \
+    do {                                                                                                       \
+        if (!(c)) {                                                                                            \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                        \
+            printf(__VA_ARGS__);                                                                               \
+            printf("\n");                                                                                      \
+            failures++;                                                                                        \
+        }                                                                                                      \
+    } while (0)
+
+static void map64_random(void)
+{
+    enum { KEYS = 4096, OPS = 300000 };
+    static uint64_t ref[KEYS];
+    static int has[KEYS];
+    struct tc_map64 m = {0};
+    uint64_t rng = 88172645463325252ull;
+    for (int it = 0; it < OPS && !failures; it++) {
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        int k = (int)(rng % KEYS), op = (int)((rng >> 20) % 3);
+        uint64_t key = (uint64_t)k << 4 | 1; /* pointer-like keys */
+        if (op == 0) {
+            bool created;
+            uint64_t *v = tc_map64_put(&m, key, &created);
+            CHECK(v, "put returned NULL");
+            CHECK(created == !has[k], "put: created %d for key present %d", created, has[k]);
+            *v = (uint64_t)it;
+            ref[k] = (uint64_t)it;
+            has[k] = 1;
+        } else if (op == 1) {
+            uint64_t v = 0;
+            bool d = tc_map64_del(&m, key, &v);
+            CHECK(d == (bool)has[k] && (!d || v == ref[k]), "del mismatch at op %d", it);
+            has[k] = 0;
+        } else {
+            uint64_t *v = tc_map64_get(&m, key);
+            CHECK((v != NULL) == (bool)has[k] && (!v || *v == ref[k]), "get mismatch at op %d", it);
+        }
+    }
+    size_t n = 0;
+    for (int k = 0; k < KEYS; k++)
+        n += (size_t)has[k];
+    CHECK(m.len == n, "len %zu != %zu", m.len, n);
+    tc_map64_free(&m);
+}
+
+static void frame_format(void)
+{
+    char buf[256];
+    struct tc_frame named = {"site_a", "/usr/bin/x", 0x10, false};
+    struct tc_frame unknown = {"[unknown]", "/usr/lib/libfoo.so.1", 0x1234, false};
+    struct tc_frame nomod = {"[unknown]", NULL, 0, false};
+    CHECK(!strcmp(tc_frame_str(&named, buf, sizeof(buf)), "site_a"), "named frame");
+    CHECK(!strcmp(tc_frame_str(&unknown, buf, sizeof(buf)), "[unknown] (libfoo.so.1+0x1234)"), "got %s", buf);
+    CHECK(!strcmp(tc_frame_str(&nomod, buf, sizeof(buf)), "[unknown]"), "unknown without module");
+    char *d = tc_demangle("_ZN7lumtest4PoolIdE4fillEm");
+    CHECK(d && !strcmp(d, "lumtest::Pool<double>::fill(unsigned long)"), "demangle: %s", d ? d : "(null)");
+    free(d);
+    CHECK(tc_demangle("malloc") == NULL, "C name left alone");
+}
+
+int main(void)
+{
+    map64_random();
+    frame_format();
+    printf(failures ? "%d failure(s)\n" : "PASS\n", failures);
+    return failures != 0;
+}
