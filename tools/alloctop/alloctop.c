@@ -286,6 +286,9 @@ static void sample_target(struct tstate *s)
         tc_die("pid %d: lumalloc_registry has magic %#llx version %u counters size %u; this alloctop reads "
                "version %d",
                (int)s->t.pid, (unsigned long long)reg.magic, reg.version, reg.counters_size, LUM_PROBES_VERSION);
+    if (r == -EPERM || r == -EACCES)
+        tc_die("cannot read the memory of pid %d (process_vm_readv: %s): needs CAP_SYS_PTRACE or the same user",
+               (int)s->t.pid, strerror(-r));
     if (r != 0) {
         free(nt);
         return;
