@@ -59,6 +59,9 @@ static uint64_t xorshift(uint64_t *s)
     return *s = x;
 }
 
+/* LUM_STRESS_SCALE=N (scripts/soak.sh) multiplies every phase's duration and bounds. */
+static uint64_t scale = 1;
+
 static _Atomic long errors;
 static char first_error[256];
 static _Atomic int first_error_taken;
@@ -287,7 +290,7 @@ static void mixed_workload(void **state)
     enum { T = 4 };
     pthread_t th[T];
     struct worker w[T];
-    uint64_t deadline = now_ns() + 2500000000ULL;
+    uint64_t deadline = now_ns() + 2500000000ULL * scale;
     atomic_store(&stop_flag, 0);
     for (int i = 0; i < T; i++) {
         w[i] = (struct worker){.id = i, .table = 400, .allow_huge = 1, .deadline = deadline};
@@ -319,8 +322,8 @@ static _Atomic long produced, consumed;
 static void *producer(void *arg)
 {
     uint64_t rng = 0xabcdef12345ULL + (uintptr_t)arg;
-    uint64_t deadline = now_ns() + 2000000000ULL;
-    for (long i = 0; i < 200000 && now_ns() < deadline; i++) {
+    uint64_t deadline = now_ns() + 2000000000ULL * scale;
+    for (long i = 0; i < 200000 * (long)scale && now_ns() < deadline; i++) {
         struct blk b;
         if (!make(&b, &rng, (i & 63) == 0)) continue;
         pthread_mutex_lock(&queue.m);
@@ -403,9 +406,9 @@ static void thread_churn_handoff(void **state)
 {
     (void)state;
     enum { WAVE = 4, THREADS = 600 };
-    uint64_t deadline = now_ns() + 3000000000ULL;
+    uint64_t deadline = now_ns() + 3000000000ULL * scale;
     int done = 0;
-    for (int t = 0; t < THREADS && now_ns() < deadline; t += WAVE) {
+    for (int t = 0; t < THREADS * (int)scale && now_ns() < deadline; t += WAVE) {
         pthread_t th[WAVE];
         struct worker w[WAVE];
         for (int i = 0; i < WAVE; i++) {
@@ -441,8 +444,8 @@ static void fork_under_load(void **state)
     struct blk mine[64];
     for (int i = 0; i < 64; i++) make(&mine[i], &rng, 1);
     int forks = 0;
-    uint64_t deadline = now_ns() + 2500000000ULL;
-    for (int round = 0; round < 40 && now_ns() < deadline; round++) {
+    uint64_t deadline = now_ns() + 2500000000ULL * scale;
+    for (int round = 0; round < 40 * (int)scale && now_ns() < deadline; round++) {
         usleep(10000);
         pid_t pid = fork();
         assert_true(pid >= 0);
@@ -490,6 +493,8 @@ static void fork_under_load(void **state)
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
+    const char *sc = getenv("LUM_STRESS_SCALE");
+    if (sc && atoi(sc) > 0) scale = (uint64_t)atoi(sc);
     /* the allocator's first use happens in one thread, as in any real program (where the C
      * library and ld.so allocate first); see core_sanitizers.sh for concurrent first use */
     lum_free(lum_malloc(1));
