@@ -75,9 +75,10 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
                 continue;
             if (pass == 0 && !strstr(maps[i].path, "liblumalloc"))
                 continue;
-            /* Through /proc/PID/root: the process may live in another mount namespace. */
+            /* Through /proc/PID/root: the process may live in another mount namespace (that
+             * needs ptrace access; fall back to our own view of the path). */
             snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)t->pid, maps[i].path);
-            if (tc_elf_has_lumalloc_probes(rooted))
+            if (tc_elf_has_lumalloc_probes(rooted) || tc_elf_has_lumalloc_probes(maps[i].path))
                 found = maps[i].path;
         }
     }
@@ -90,7 +91,8 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
         return -1;
     }
     /* A process in another mount namespace (container): reach its files through its root. */
-    if (access(found, R_OK) == 0)
+    snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)t->pid, found);
+    if (access(found, R_OK) == 0 || access(rooted, R_OK) != 0)
         snprintf(t->probe_path, sizeof(t->probe_path), "%s", found);
     else
         snprintf(t->probe_path, sizeof(t->probe_path), "/proc/%d/root%s", (int)t->pid, found);
@@ -368,9 +370,9 @@ int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *pr
     struct bpf_link *l = bpf_program__attach_usdt(prog, t->pid, t->probe_path, "lumalloc", probe, NULL);
     if (!l) {
         int e = errno;
-        if (!optional)
-            tc_warn("cannot attach to lumalloc:%s in %s (pid %d): %s", probe, t->probe_path, (int)t->pid,
-                    strerror(e));
+        if (!optional || e == EACCES || e == EPERM)
+            tc_die("cannot attach to lumalloc:%s in %s (pid %d): %s%s", probe, t->probe_path, (int)t->pid,
+                   strerror(e), e == EACCES || e == EPERM ? " (run as root)" : "");
         return -e;
     }
     t->links[t->nlinks++] = l;
