@@ -213,6 +213,33 @@ LUM_EXPORT int lum_background_running(void)
     return 1 | (psi_fd >= 0 ? 2 : 0);
 }
 
+/* Freed memory kept resident for reuse may not outgrow the live heap: before lumalloc maps
+ * more, anything over max(LUM_DIRTY_FLOOR, live / 4) is returned at once.  Decay alone would
+ * let a program whose working set changes shape (small blocks, then large ones) hold both
+ * for the decay time, and a cgroup limit kills it before PSI can say anything (no swap, no
+ * stall). */
+#define LUM_DIRTY_FLOOR ((size_t)8 << 20)
+
+size_t lum_dirty_limit(size_t dirty)
+{
+    uint64_t resident = __atomic_load_n(&lumalloc_registry.global.resident_bytes, __ATOMIC_RELAXED);
+    size_t live = resident > dirty ? (size_t)(resident - dirty) : 0;
+    return live / 4 > LUM_DIRTY_FLOOR ? live / 4 : LUM_DIRTY_FLOOR;
+}
+
+/* Before new memory is mapped: for a large block (large == true) neither the cache (nothing in
+ * it fitted) nor free slices can serve, so both go if over the limit; for a page, free slices
+ * are about to be reused, so only the cache goes (segment.c checks itself before mapping a
+ * new segment). */
+void lum_dirty_limit_check(bool large)
+{
+    size_t seg_dirty = large ? lum_segments_dirty_bytes() : 0, cached = lum_large_cache_bytes();
+    size_t dirty = seg_dirty + cached;
+    if (LUM_LIKELY(dirty <= LUM_DIRTY_FLOOR) || dirty <= lum_dirty_limit(dirty)) return;
+    if (cached) lum_large_cache_purge();
+    if (seg_dirty) lum_segments_purge(true, LUM_PURGE_LIMIT);
+}
+
 /* A fork child has no background thread: let it start its own when it needs one. */
 void lum_background_after_fork_child(void)
 {

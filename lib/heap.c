@@ -310,6 +310,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         page->fast_heap = NULL;
     }
     lum_background_maybe_start();
+    lum_dirty_limit_check(false);
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
         lum_heap_set_current(heap, cls, &lum_empty_page);

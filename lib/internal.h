@@ -303,6 +303,9 @@ void lum_background_note_dirty(void);
 void lum_background_after_fork_child(void);
 size_t lum_abandoned_reclaim(void);
 bool lum_segments_dirty(void);
+size_t lum_segments_dirty_bytes(void);
+void lum_dirty_limit_check(bool large);
+size_t lum_dirty_limit(size_t dirty);
 
 /* ---- large.c ---- */
 extern lum_lock_t lum_large_lock;

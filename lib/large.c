@@ -77,6 +77,7 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
         map_size = l->map_size;
         usable = map_size - offset - TRAILER;
     } else {
+        lum_dirty_limit_check(true);
         base = map_for(map_size, offset, alignment);
         if (!base) return NULL;
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);

@@ -11,8 +11,14 @@
 lum_lock_t lum_segment_lock;
 static struct lum_segment *segments;     /* every small segment */
 static uint64_t last_purge_ms;
+/* Free slices still resident (freed, not yet purged): what decay would give back.  Under the
+ * segment lock; read racily by the dirty-limit check. */
+static size_t dirty_bytes;
 
 #define ALL_SLICES (~(uint64_t)1) /* slice 0 is the header, never free */
+
+static size_t purge_locked(bool all, uint64_t now, size_t *unmapped);
+static size_t account_purge(size_t madvised, size_t unmapped, uint32_t reason);
 
 static void segment_init(struct lum_segment *seg)
 {
@@ -62,6 +68,7 @@ static void segment_remove(struct lum_segment *seg)
 static size_t segment_release(struct lum_segment *seg)
 {
     size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
+    dirty_bytes -= (size_t)__builtin_popcountll(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE;
     lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
     lum_count_global(&lumalloc_registry.global.retained_bytes, -(int64_t)purged);
     segment_remove(seg);
@@ -100,12 +107,22 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         seg = best;
         idx = best_idx;
     }
+    size_t limit_purged = 0, limit_unmapped = 0;
     if (idx < 0) {
+        /* Free slices exist but no run fits: before mapping more, give them back if they
+         * outgrew the live heap (see lum_dirty_limit). */
+        if (dirty_bytes > lum_dirty_limit(dirty_bytes))
+            limit_purged = purge_locked(true, lum_now_ms(), &limit_unmapped);
         seg = segment_new();
-        if (!seg) { lum_unlock(&lum_segment_lock); return NULL; }
+        if (!seg) {
+            lum_unlock(&lum_segment_lock);
+            account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
+            return NULL;
+        }
         idx = find_run(seg->free_slices, n);
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
+    dirty_bytes -= (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE;
     seg->free_slices &= ~mask;
     seg->empty_since_ms = 0;
     uint64_t refaulted = seg->purged_slices & mask;
@@ -119,6 +136,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     for (unsigned i = 0; i < n; i++) seg->slice_page[idx + i] = page;
     page->slices = (uint8_t)n;
     lum_unlock(&lum_segment_lock);
+    account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
 
     page->start = lum_seg_base(seg) + (size_t)idx * LUM_SLICE_SIZE;
 #if LUM_HARDENED
@@ -177,6 +195,7 @@ static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
             seg->purged_slices |= mask;
             candidates &= ~mask;
             released += (size_t)len * LUM_SLICE_SIZE;
+            dirty_bytes -= (size_t)len * LUM_SLICE_SIZE;
         }
         seg = next;
     }
@@ -210,6 +229,7 @@ void lum_page_release(struct lum_page *page)
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
     seg->free_slices |= mask;
+    dirty_bytes += (size_t)n * LUM_SLICE_SIZE;
     page->slices = 0;
     page->kind = LUM_PAGE_SMALL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
@@ -224,6 +244,11 @@ void lum_page_release(struct lum_page *page)
     lum_unlock(&lum_segment_lock);
     account_purge(released, unmapped, LUM_PURGE_DECAY);
     lum_background_note_dirty();
+}
+
+size_t lum_segments_dirty_bytes(void)
+{
+    return __atomic_load_n(&dirty_bytes, __ATOMIC_RELAXED);
 }
 
 bool lum_segments_dirty(void)
