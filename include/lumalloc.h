@@ -5,6 +5,7 @@
 #define LUMALLOC_H
 
 #include <stddef.h>
+#include <stdio.h>
 #include <malloc.h>
 
 #ifdef __cplusplus
@@ -29,6 +30,9 @@ void *lum_pvalloc(size_t size);
 size_t lum_malloc_usable_size(const void *ptr);
 int lum_malloc_trim(size_t pad);
 struct mallinfo2 lum_mallinfo2(void);
+struct mallinfo lum_mallinfo(void); /* glibc's deprecated int form */
+int lum_mallopt(int param, int value); /* accepted and ignored: glibc's tunables */
+int lum_malloc_info(int options, FILE *fp); /* glibc-style XML with lumalloc's figures */
 
 /* C23's sized frees, which glibc 2.36 does not declare yet; lumalloc provides them. */
 void free_sized(void *ptr, size_t size);

@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <malloc.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -250,6 +251,56 @@ LUM_EXPORT struct mallinfo2 lum_mallinfo2(void)
     return mi;
 }
 
+/* mallopt: glibc's tunables describe its own arenas; accepting them (and changing nothing)
+ * is what a replacement allocator must do so programs that set them keep working. */
+LUM_EXPORT int lum_mallopt(int param, int value)
+{
+    (void)param;
+    (void)value;
+    return 1;
+}
+
+/* The pre-2.33 mallinfo with int fields, saturated rather than wrapped. */
+LUM_EXPORT struct mallinfo lum_mallinfo(void)
+{
+    struct mallinfo2 m2 = lum_mallinfo2();
+    struct mallinfo mi;
+    memset(&mi, 0, sizeof mi);
+#define SAT(x) ((x) > (size_t)INT32_MAX ? INT32_MAX : (int)(x))
+    mi.arena = SAT(m2.arena);
+    mi.hblkhd = SAT(m2.hblkhd);
+    mi.uordblks = SAT(m2.uordblks);
+    mi.fordblks = SAT(m2.fordblks);
+    mi.keepcost = SAT(m2.keepcost);
+#undef SAT
+    return mi;
+}
+
+/* malloc_info: glibc writes XML; lumalloc writes the same element structure with its own
+ * figures (options must be 0, as in glibc). */
+LUM_EXPORT int lum_malloc_info(int options, FILE *fp)
+{
+    if (options != 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct mallinfo2 mi = lum_mallinfo2();
+    const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+    fprintf(fp, "<malloc version=\"lumalloc-%d.%d\">\n"
+                "<total type=\"allocated\" size=\"%zu\"/>\n"
+                "<total type=\"mapped\" size=\"%llu\"/>\n"
+                "<total type=\"resident\" size=\"%llu\"/>\n"
+                "<total type=\"retained\" size=\"%llu\"/>\n"
+                "<total type=\"large\" size=\"%llu\"/>\n"
+                "<system type=\"current\" size=\"%llu\"/>\n"
+                "</malloc>\n",
+            LUMALLOC_VERSION_MAJOR, LUMALLOC_VERSION_MINOR, mi.uordblks,
+            (unsigned long long)g->mapped_bytes, (unsigned long long)g->resident_bytes,
+            (unsigned long long)g->retained_bytes, (unsigned long long)g->large_live_bytes,
+            (unsigned long long)g->mapped_bytes);
+    return 0;
+}
+
 /* ---- the standard names ---- */
 void *malloc(size_t) ALIAS("lum_malloc");
 void free(void *) ALIAS("lum_free");
@@ -266,6 +317,12 @@ void free_sized(void *, size_t) ALIAS("lum_free_sized");
 void free_aligned_sized(void *, size_t, size_t) ALIAS("lum_free_aligned_sized");
 int malloc_trim(size_t) ALIAS("lum_malloc_trim");
 struct mallinfo2 mallinfo2(void) ALIAS("lum_mallinfo2");
+struct mallinfo mallinfo(void) ALIAS("lum_mallinfo");
+int mallopt(int, int) ALIAS("lum_mallopt");
+int malloc_info(int, FILE *) ALIAS("lum_malloc_info");
+void *__libc_valloc(size_t) ALIAS("lum_valloc");
+void *__libc_pvalloc(size_t) ALIAS("lum_pvalloc");
+int __posix_memalign(void **, size_t, size_t) ALIAS("lum_posix_memalign");
 /* glibc-internal entry points some programs and libraries call directly */
 void *__libc_malloc(size_t) ALIAS("lum_malloc");
 void __libc_free(void *) ALIAS("lum_free");

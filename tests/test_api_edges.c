@@ -200,6 +200,20 @@ static void lum_prefix_twins_work(void **state)
     lum_free(q);
     struct mallinfo2 mi = lum_mallinfo2();
     assert_true(mi.arena > 0);
+    /* glibc's other introspection entry points answer with lumalloc's figures */
+    assert_int_equal(mallopt(M_ARENA_MAX, 2), 1);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations" /* still called by old programs */
+    assert_true(mallinfo().arena > 0);
+#pragma GCC diagnostic pop
+    char *xml = NULL;
+    size_t xlen = 0;
+    FILE *f = open_memstream(&xml, &xlen);
+    assert_int_equal(malloc_info(0, f), 0);
+    fclose(f);
+    assert_non_null(strstr(xml, "<malloc version=\"lumalloc"));
+    free(xml);
+    assert_int_equal(malloc_info(1, stdout), -1);
     assert_true(lum_malloc_trim(0) >= 0);
     assert_int_equal(lum_heap_check(1), 0);
 }
