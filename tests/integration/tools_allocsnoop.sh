@@ -4,7 +4,7 @@
 source "$(dirname "$0")/tools_common.inc"
 
 echo "== allocsnoop -c ($MODE)"
-"$ALLOCSNOOP" -c "$WORKLOAD -m 128 -l 300 -o $TMP/truth.json" --preload "$LIB" --json -q \
+"$ALLOCSNOOP" -c "$WORKLOAD -m 128 -G 2 -l 300 -o $TMP/truth.json" --preload "$LIB" --json -q \
     --folded "$TMP/out.folded" --pprof "$TMP/out.pb" > "$TMP/snoop.jsonl" 2> "$TMP/snoop.err" ||
     { cat "$TMP/snoop.err"; fail "allocsnoop exited $?"; }
 python3 "$HERE/tools_check.py" allocsnoop "$TMP/truth.json" "$TMP/snoop.jsonl" "$TMP/out.folded" "$TMP/out.pb" ||

@@ -13,7 +13,7 @@
  * look at the live process before it exits.
  *
  * usage: tools_workload [-m MiB per light unit] [-d start_delay_ms] [-l linger_ms] [-f failures]
- *                       [-L leak_MiB] [-g large_count] [-o truth_file] [-p pace_ms]
+ *                       [-L leak_MiB] [-g large_count] [-o truth_file] [-p pace_ms] [-G large_leaks]
  */
 #define _GNU_SOURCE
 #include <malloc.h>
@@ -151,6 +151,17 @@ static NOINL uint64_t leak_site(struct truth *t, uint64_t bytes)
     return total;
 }
 
+static NOINL uint64_t large_leak_site(struct truth *t, int count)
+{
+    uint64_t bytes = 0;
+    for (int i = 0; i < count; i++) {
+        void *p = counted_malloc(t, 3u << 20);
+        bytes += malloc_usable_size(p);
+        sink += (uintptr_t)p & 1; /* never freed */
+    }
+    return bytes;
+}
+
 static NOINL int fail_site(struct truth *t, int count)
 {
     volatile size_t huge = (size_t)1 << 62;
@@ -168,11 +179,11 @@ static NOINL int fail_site(struct truth *t, int count)
 int main(int argc, char **argv)
 {
     long delay_ms = 0, linger_ms = 0;
-    int failures = 3;
+    int failures = 3, large_leaks = 0;
     uint64_t leak_mib = 8;
     const char *truth_path = NULL;
     int c;
-    while ((c = getopt(argc, argv, "m:d:l:f:L:g:o:p:")) != -1) {
+    while ((c = getopt(argc, argv, "m:d:l:f:L:g:o:p:G:")) != -1) {
         switch (c) {
         case 'm': unit_bytes = strtoull(optarg, NULL, 0) << 20; break;
         case 'd': delay_ms = atol(optarg); break;
@@ -182,8 +193,9 @@ int main(int argc, char **argv)
         case 'g': large_per_thread = atoi(optarg); break;
         case 'o': truth_path = optarg; break;
         case 'p': pace_ms = atol(optarg); break;
+        case 'G': large_leaks = atoi(optarg); break;
         default:
-            fprintf(stderr, "usage: %s [-m MiB] [-d delay_ms] [-l linger_ms] [-f failures] [-L leak_MiB] [-g large] [-o truth] [-p pace_ms]\n",
+            fprintf(stderr, "usage: %s [-m MiB] [-d delay_ms] [-l linger_ms] [-f failures] [-L leak_MiB] [-g large] [-o truth] [-p pace_ms] [-G large_leaks]\n",
                     argv[0]);
             return 2;
         }
@@ -201,6 +213,7 @@ int main(int argc, char **argv)
         pthread_create(&th[i], NULL, worker, &w[i]);
     uint64_t leaked_bytes = leak_site(&main_t, leak_mib << 20);
     int failed = fail_site(&main_t, failures);
+    uint64_t large_leaked = large_leak_site(&main_t, large_leaks);
     for (int i = 0; i < 2; i++)
         pthread_join(th[i], NULL);
     clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -228,10 +241,11 @@ int main(int argc, char **argv)
         for (int k = 0; k < 3; k++)
             s[k] += w[i].site_bytes[k];
     fprintf(out, "],\"sites\":{\"site_a\":%llu,\"site_b\":%llu,\"site_c\":%llu,\"leak_site\":%llu},"
-           "\"leak_bytes\":%llu,\"failures\":%d,\"large\":%llu,\"elapsed_ms\":%.1f,\"cpu_ms\":%.1f}\n",
+           "\"leak_bytes\":%llu,\"failures\":%d,\"large\":%llu,\"elapsed_ms\":%.1f,\"cpu_ms\":%.1f,\"large_leaks\":%d,\"large_leak_bytes\":%llu}\n",
            (unsigned long long)s[0], (unsigned long long)s[1], (unsigned long long)s[2],
            (unsigned long long)leaked_bytes, (unsigned long long)leaked_bytes, failed,
-           (unsigned long long)(w[0].large + w[1].large), elapsed_ms, cpu_ms);
+           (unsigned long long)(w[0].large + w[1].large), elapsed_ms, cpu_ms, large_leaks,
+           (unsigned long long)large_leaked);
     fclose(out);
     if (linger_ms)
         sleep_ms(linger_ms);

@@ -39,6 +39,7 @@ struct stack_agg {
     uint64_t *frames;
     double alloc_objects, alloc_space, inuse_objects, inuse_space;
     uint64_t samples, live_samples;
+    uint64_t large_live_bytes, large_live_count; /* exact: large_alloc minus large_free */
 };
 
 struct live_rec {
@@ -66,6 +67,7 @@ static struct live_rec *lives;
 static size_t nlives, caplives;
 static uint32_t free_live = UINT32_MAX;
 static struct tc_map64 live_idx; /* pid/ptr key -> live index+1 */
+static struct tc_map64 large_idx; /* pid/ptr key -> stack index << 40 | usable size */
 static uint64_t counts[SNOOP_NKINDS];
 static uint64_t start_ns;
 static double t_start;
@@ -260,6 +262,28 @@ static void track_free(const struct snoop_event *e)
     free_live = (uint32_t)(li - 1);
 }
 
+/* Large blocks are not sampled: every one is an event, so what is still live is exact. */
+static void track_large(const struct snoop_event *e)
+{
+    uint64_t key = live_key(e->pid, e->ptr), old;
+    if (e->kind == SNOOP_LARGE_ALLOC) {
+        uint32_t si = stack_of(e);
+        uint64_t sz = e->usable & ((1ull << 40) - 1);
+        if (tc_map64_del(&large_idx, key, &old)) { /* lost large_free: retire the old block */
+            stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
+            stacks[old >> 40].large_live_count--;
+        }
+        stacks[si].large_live_bytes += sz;
+        stacks[si].large_live_count++;
+        uint64_t *v = tc_map64_put(&large_idx, key, NULL);
+        if (v)
+            *v = (uint64_t)si << 40 | sz;
+    } else if (tc_map64_del(&large_idx, key, &old)) {
+        stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
+        stacks[old >> 40].large_live_count--;
+    }
+}
+
 static void print_stack_text(pid_t pid, const uint64_t *frames, unsigned depth, const char *indent, unsigned max)
 {
     unsigned first = opt.all_frames ? 0 : tc_first_user_frame(sym, pid, frames, depth);
@@ -300,6 +324,8 @@ static int handle_event(void *ctx, void *data, size_t len)
         track_sample(e);
     else if (e->kind == SNOOP_SAMPLE_FREE)
         track_free(e);
+    else if (e->kind == SNOOP_LARGE_ALLOC || e->kind == SNOOP_LARGE_FREE)
+        track_large(e);
     if (opt.quiet)
         return 0;
     double ts = start_ns && e->ts_ns > start_ns ? (double)(e->ts_ns - start_ns) * 1e-9 : 0;
@@ -357,6 +383,12 @@ static int cmp_inuse(const void *a, const void *b)
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
+static int cmp_large(const void *a, const void *b)
+{
+    uint64_t x = stacks[*(const uint32_t *)a].large_live_bytes, y = stacks[*(const uint32_t *)b].large_live_bytes;
+    return x < y ? 1 : (x > y ? -1 : 0);
+}
+
 struct site_sum {
     const char *name;
     pid_t pid;
@@ -409,6 +441,14 @@ static void reports(struct allocsnoop_bpf *skel)
     if (nlive)
         qsort(order, nlive, sizeof(*order), cmp_inuse);
     bool leak_valid = (opt.kinds & (1u << SNOOP_SAMPLE)) && (opt.kinds & (1u << SNOOP_SAMPLE_FREE));
+    bool large_valid = (opt.kinds & (1u << SNOOP_LARGE_ALLOC)) && (opt.kinds & (1u << SNOOP_LARGE_FREE));
+    uint32_t *lorder = malloc((nstacks ? nstacks : 1) * sizeof(*lorder));
+    size_t nlarge = 0;
+    for (size_t i = 0; i < nstacks && lorder; i++)
+        if (stacks[i].large_live_count > 0)
+            lorder[nlarge++] = (uint32_t)i;
+    if (nlarge)
+        qsort(lorder, nlarge, sizeof(*lorder), cmp_large);
 
     if (opt.json) {
         printf("{\"type\":\"summary\",\"duration\":%.3f,\"events\":{", elapsed);
@@ -426,6 +466,13 @@ static void reports(struct allocsnoop_bpf *skel)
             struct stack_agg *s = &stacks[order[k]];
             printf("{\"type\":\"live\",\"pid\":%d,\"bytes\":%.0f,\"objects\":%.0f,\"samples\":%llu,\"stack\":",
                    (int)s->pid, s->inuse_space, s->inuse_objects, (unsigned long long)s->live_samples);
+            print_stack_json(s->pid, s->frames, s->depth);
+            printf("}\n");
+        }
+        for (size_t k = 0; large_valid && k < nlarge && (int)k < opt.leaks; k++) {
+            struct stack_agg *s = &stacks[lorder[k]];
+            printf("{\"type\":\"live_large\",\"pid\":%d,\"bytes\":%llu,\"blocks\":%llu,\"stack\":", (int)s->pid,
+                   (unsigned long long)s->large_live_bytes, (unsigned long long)s->large_live_count);
             print_stack_json(s->pid, s->frames, s->depth);
             printf("}\n");
         }
@@ -459,6 +506,20 @@ static void reports(struct allocsnoop_bpf *skel)
             }
         }
     }
+    if (!opt.json && large_valid && nlarge) {
+        uint64_t lt = 0, lc = 0;
+        for (size_t k = 0; k < nlarge; k++)
+            lt += stacks[lorder[k]].large_live_bytes, lc += stacks[lorder[k]].large_live_count;
+        printf("\nLive large blocks at exit (exact, allocated while attached): %llu B in %llu blocks\n",
+               (unsigned long long)lt, (unsigned long long)lc);
+        for (size_t k = 0; k < nlarge && (int)k < opt.leaks; k++) {
+            struct stack_agg *s = &stacks[lorder[k]];
+            printf("\n%llu bytes in %llu large blocks still live, pid %d, allocated from:\n",
+                   (unsigned long long)s->large_live_bytes, (unsigned long long)s->large_live_count, (int)s->pid);
+            print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
+        }
+    }
+    free(lorder);
     free(order);
     free(sites);
 
@@ -656,5 +717,6 @@ int main(int argc, char **argv)
     free(lives);
     tc_map64_free(&stack_idx);
     tc_map64_free(&live_idx);
+    tc_map64_free(&large_idx);
     return status;
 }
