@@ -5,6 +5,8 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+/* Each (pid, probe, call site) attachment takes a spec slot: room for many targets. */
+#define BPF_USDT_MAX_SPEC_CNT 4096
 #include <bpf/usdt.bpf.h>
 #include "allocsnoop.h"
 

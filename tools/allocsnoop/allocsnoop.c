@@ -70,7 +70,7 @@ static struct tc_map64 live_idx; /* pid/ptr key -> live index+1 */
 static struct tc_map64 large_idx; /* pid/ptr key -> stack index << 40 | usable size */
 static uint64_t counts[SNOOP_NKINDS];
 static uint64_t start_ns;
-static double t_start;
+static double t_start, t_end;
 static volatile sig_atomic_t stop;
 static double last_snap[MAX_TARGETS];
 
@@ -406,7 +406,7 @@ static void reports(struct allocsnoop_bpf *skel)
 {
     uint64_t lost[SNOOP_LOST_MAX];
     lost_counts(skel, lost);
-    double elapsed = tc_now() - t_start;
+    double elapsed = (t_end ? t_end : tc_now()) - t_start;
 
     /* Top sites: first frame outside the allocator. */
     struct site_sum *sites = calloc(nstacks ? nstacks : 1, sizeof(*sites));
@@ -701,9 +701,12 @@ int main(int argc, char **argv)
         fflush(stdout);
     }
     ring_buffer__consume(rb);
+    t_end = tc_now();
+    /* Reports first: unregistering a uprobe waits for RCU grace periods (~0.1 s per probe on
+     * this kind of machine), the user should not wait for that to see the results. */
+    reports(skel);
     for (int i = 0; i < ntargets; i++)
         tc_detach(&targets[i]);
-    reports(skel);
     int status = 0;
     for (int i = 0; i < ntargets; i++)
         if (targets[i].launched && !targets[i].alive && WIFEXITED(targets[i].exit_status))
