@@ -124,6 +124,15 @@ static void large_unmap(struct lum_large *l)
     lum_os_unmap(l->map_base, l->map_size);
 }
 
+static void large_unmap_list(struct lum_large *l)
+{
+    while (l) {
+        struct lum_large *next = l->next;
+        large_unmap(l);
+        l = next;
+    }
+}
+
 void lum_large_free(void *p)
 {
     struct lum_large *l = header_of(p);
@@ -171,11 +180,7 @@ void lum_large_free(void *p)
             cache_bytes = kept + q->map_size;
         }
         lum_unlock(&lum_large_lock);
-        while (evict) {
-            struct lum_large *next = evict->next;
-            large_unmap(evict);
-            evict = next;
-        }
+        large_unmap_list(evict);
         lum_background_note_dirty();
         return;
     }
@@ -190,11 +195,7 @@ size_t lum_large_cache_purge(void)
     cache = NULL;
     cache_bytes = 0;
     lum_unlock(&lum_large_lock);
-    while (l) {
-        struct lum_large *next = l->next;
-        large_unmap(l);
-        l = next;
-    }
+    large_unmap_list(l);
     return bytes;
 }
 
@@ -211,11 +212,7 @@ size_t lum_large_cache_decay(void)
     for (struct lum_large *l = old; l; l = l->next) bytes += l->map_size;
     cache_bytes -= bytes;
     lum_unlock(&lum_large_lock);
-    while (old) {
-        struct lum_large *next = old->next;
-        large_unmap(old);
-        old = next;
-    }
+    large_unmap_list(old);
     return bytes;
 }
 

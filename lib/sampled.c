@@ -15,39 +15,18 @@ static unsigned sampled_class(size_t size, size_t alignment)
     return cls;
 }
 
-void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment)
+/* Pops a block of class cls from the sampled pages; a new sampled page is made only when
+ * may_grow.  Counts the allocation for heap. */
+static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow, uint32_t *block_size)
 {
-    unsigned cls = sampled_class(size, alignment);
     lum_lock(&lum_sampled_lock);
     struct lum_page *page;
     for (page = sampled_pages[cls].head; page; page = page->next)
         if (page->free || lum_page_refill(page)) break;
-    if (!page) {
-        page = lum_page_alloc(cls, LUM_PAGE_SAMPLED);
-        if (!page) { lum_unlock(&lum_sampled_lock); return NULL; }
+    if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
         lum_list_push_front(&sampled_pages[cls], page);
         lum_page_refill(page);
     }
-    lum_block *b = page->free;
-    page->free = lum_free_next(page, b);
-    page->used++;
-    lum_unlock(&lum_sampled_lock);
-    heap->tc.alloc_count++;
-    heap->tc.alloc_bytes += page->block_size;
-    heap->tc.sampled_count++;
-    lum_on_sample(&heap->tc, b, size, page->block_size);
-    return b;
-}
-
-/* Near the memory limit a class may have free slots only on sampled pages: hand one out as an
- * ordinary (unsampled) block rather than fail.  Its free still passes through
- * lum_on_sample_free, which ignores addresses it has no sample for. */
-void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
-{
-    lum_lock(&lum_sampled_lock);
-    struct lum_page *page;
-    for (page = sampled_pages[cls].head; page; page = page->next)
-        if (page->free || lum_page_refill(page)) break;
     if (!page) {
         lum_unlock(&lum_sampled_lock);
         return NULL;
@@ -56,9 +35,29 @@ void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
     page->free = lum_free_next(page, b);
     page->used++;
     lum_unlock(&lum_sampled_lock);
+    *block_size = page->block_size;
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;
     return b;
+}
+
+void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment)
+{
+    uint32_t usable;
+    lum_block *b = sampled_pop(heap, sampled_class(size, alignment), true, &usable);
+    if (!b) return NULL;
+    heap->tc.sampled_count++;
+    lum_on_sample(&heap->tc, b, size, usable);
+    return b;
+}
+
+/* Near the memory limit a class may have free slots only on sampled pages: hand one out as an
+ * ordinary (unsampled) block rather than fail.  Its free still passes through
+ * lum_on_sample_free, which ignores addresses it has no sample for. */
+void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
+{
+    uint32_t usable;
+    return sampled_pop(heap, cls, false, &usable);
 }
 
 void lum_sampled_free(struct lum_page *page, void *p)
