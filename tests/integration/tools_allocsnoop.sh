@@ -11,9 +11,9 @@ python3 "$HERE/tools_check.py" allocsnoop "$TMP/truth.json" "$TMP/snoop.jsonl" "
     fail "allocsnoop checks"
 
 echo "== allocsnoop filters, stacks, two PIDs ($MODE)"
-LD_PRELOAD=$LIB "$WORKLOAD" -d 800 -m 16 -l 300 -o /dev/null &
+LD_PRELOAD=$LIB "$WORKLOAD" -d 2500 -m 16 -l 300 -o /dev/null &
 P1=$!
-LD_PRELOAD=$LIB "$WORKLOAD" -d 800 -m 16 -l 300 -o /dev/null &
+LD_PRELOAD=$LIB "$WORKLOAD" -d 2500 -m 16 -l 300 -o /dev/null &
 P2=$!
 BG_PIDS="$P1 $P2"
 sleep 0.4
