@@ -10,6 +10,16 @@ echo "== allocsnoop -c ($MODE)"
 python3 "$HERE/tools_check.py" allocsnoop "$TMP/truth.json" "$TMP/snoop.jsonl" "$TMP/out.folded" "$TMP/out.pb" ||
     fail "allocsnoop checks"
 
+if command -v protoc > /dev/null; then
+    # Independent check of the encoder: protoc decodes it with profile.proto's schema.
+    protoc --proto_path="$HERE" --decode=perftools.profiles.Profile tools_profile.proto < "$TMP/out.pb" \
+        > "$TMP/out.pb.txt" 2> "$TMP/protoc.err" || { cat "$TMP/protoc.err"; fail "protoc cannot decode the profile"; }
+    n=$(grep -c '^sample {' "$TMP/out.pb.txt")
+    [ "$n" -gt 0 ] || fail "protoc sees no samples"
+    [ "$(grep -c '^string_table:' "$TMP/out.pb.txt")" -gt 4 ] || fail "protoc sees no string table"
+    echo "ok   protoc decodes the profile ($n samples)"
+fi
+
 echo "== allocsnoop filters, stacks, two PIDs ($MODE)"
 LD_PRELOAD=$LIB "$WORKLOAD" -d 2500 -m 16 -l 300 -o /dev/null &
 P1=$!
