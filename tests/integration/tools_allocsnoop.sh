@@ -35,6 +35,19 @@ grep -q "large_alloc" "$TMP/ev.txt" || fail "no large_alloc event"
 grep -Eq "^ *[0-9.]+ +[0-9]+ +[0-9]+ +sample " "$TMP/ev.txt" && fail "sample events despite -e large,failure"
 grep -q "#[0-9]* *fail_site" "$TMP/ev.txt" || fail "failure stack does not name fail_site"
 grep -q "#[0-9]* *large_site" "$TMP/ev.txt" || fail "large stack does not name large_site"
+echo "== allocsnoop -b: every process mapping the library ($MODE)"
+"$ALLOCSNOOP" -b "${LIB:-$WORKLOAD}" -e failure -U -d 4 > "$TMP/bw.txt" 2>&1 &
+SN=$!
+sleep 1.5
+LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -L 0 -o /dev/null & Q1=$!
+LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -L 0 -o /dev/null & Q2=$!
+wait $Q1 $Q2
+wait $SN || fail "allocsnoop -b"
+for q in $Q1 $Q2; do
+    grep -q "^ *[0-9.]* *$q .*alloc_failure" "$TMP/bw.txt" || { cat "$TMP/bw.txt"; fail "-b: no failure from $q"; }
+done
+grep -q "#0 *fail_site" "$TMP/bw.txt" || fail "-b: stacks not symbolised"
+
 echo "== allocsnoop --min-size ($MODE)"
 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" -e sample -m 3000 --json > "$TMP/ms.jsonl" 2>&1 ||
     fail "allocsnoop --min-size"

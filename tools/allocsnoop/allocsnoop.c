@@ -79,9 +79,10 @@ static void on_signal(int sig) { (void)sig, stop = 1; }
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: allocsnoop [options] -p PID[,PID...] | -c 'CMD ARGS'\n"
+            "usage: allocsnoop [options] -p PID[,PID...] | -c 'CMD ARGS' | -b PATH\n"
             "  -p, --pid PID[,PID...]   attach to running processes (repeatable)\n"
             "  -c, --command 'CMD ARGS' start CMD with the probes attached from its first instruction\n"
+            "  -b, --binary PATH        every process that maps PATH (liblumalloc.so or a static executable)\n"
             "      --preload PATH       LD_PRELOAD this liblumalloc.so into CMD (default: $LUMALLOC_LIB)\n"
             "  -e, --events LIST        sample,sample_free,large,large_free,failure,thread,purge,pressure\n"
             "  -m, --min-size BYTES     only events of at least this size\n"
@@ -152,11 +153,26 @@ static int target_index(pid_t pid)
 
 /* Keep the symbol snapshot fresh while the target lives: after it exits, only what was
  * snapshotted can be resolved. */
+static const char *binary_path;     /* -b: every process that maps this file */
+static struct tc_map64 pid_snap;    /* -b: pid -> time of its last snapshot (ms since start) */
+
 static void maybe_snapshot(pid_t pid)
 {
     int i = target_index(pid);
-    if (i < 0)
+    if (i < 0) {
+        if (!binary_path || pid <= 0)
+            return;
+        /* A process found through -b: snapshot on its first event, then once a second. */
+        uint64_t now_ms = (uint64_t)((tc_now() - t_start) * 1000) + 1;
+        bool created;
+        uint64_t *last = tc_map64_put(&pid_snap, (uint64_t)pid, &created);
+        if (!last || (!created && now_ms - *last < 1000))
+            return;
+        *last = now_ms;
+        if (tc_pid_alive(pid))
+            tc_sym_snapshot(sym, pid, binary_path);
         return;
+    }
     double now = tc_now();
     if (tc_hold_ready(&targets[i])) {
         tc_sym_snapshot(sym, pid, targets[i].probe_path);
@@ -587,6 +603,7 @@ int main(int argc, char **argv)
     long ringbuf_kib = 0;
     static const struct option lopts[] = {
         {"pid", required_argument, 0, 'p'},         {"command", required_argument, 0, 'c'},
+        {"binary", required_argument, 0, 'b'},
         {"preload", required_argument, 0, OPT_PRELOAD}, {"events", required_argument, 0, 'e'},
         {"min-size", required_argument, 0, 'm'},    {"duration", required_argument, 0, 'd'},
         {"stacks", no_argument, 0, 'U'},            {"quiet", no_argument, 0, 'q'},
@@ -596,10 +613,11 @@ int main(int argc, char **argv)
         {"ringbuf-kib", required_argument, 0, OPT_RINGBUF},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     int c;
-    while ((c = getopt_long(argc, argv, "p:c:e:m:d:Uqjvh", lopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "p:c:b:e:m:d:Uqjvh", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
+        case 'b': binary_path = optarg; break;
         case OPT_PRELOAD: preload = optarg; break;
         case 'e': opt.kinds = parse_kinds(optarg); break;
         case 'm': opt.min_size = parse_size(optarg); break;
@@ -626,11 +644,23 @@ int main(int argc, char **argv)
         default: usage(stderr); return 2;
         }
     }
-    if (optind < argc || (!npids && !command) || (npids && command)) {
+    if (optind < argc || (!!npids + !!command + !!binary_path) != 1) {
         usage(stderr);
         return 2;
     }
     tc_check_environment();
+    static char binary_real[PATH_MAX];
+    if (binary_path) {
+        if (!realpath(binary_path, binary_real))
+            tc_die("no such file: %s", binary_path);
+        if (!tc_elf_has_lumalloc_probes(binary_real))
+            tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", binary_real);
+        binary_path = binary_real;
+        struct tc_target *t = &targets[ntargets++];
+        t->pid = -1; /* all processes: the uprobes follow the file */
+        t->alive = true;
+        snprintf(t->probe_path, sizeof(t->probe_path), "%s", binary_real);
+    }
     tc_libbpf_quiet();
     for (int i = 0; i < npids; i++) {
         struct tc_target *t = &targets[ntargets++];
@@ -675,7 +705,7 @@ int main(int argc, char **argv)
         tc_launch_go(&targets[ntargets - 1]);
     }
     for (int i = 0; i < ntargets; i++)
-        if (!targets[i].launched) {
+        if (!targets[i].launched && targets[i].pid > 0) {
             tc_sym_snapshot(sym, targets[i].pid, targets[i].probe_path);
             last_snap[i] = tc_now();
         }
@@ -690,6 +720,10 @@ int main(int argc, char **argv)
             break;
         bool any_alive = false;
         for (int i = 0; i < ntargets; i++) {
+            if (targets[i].pid < 0) { /* -b: runs until -d or ^C */
+                any_alive = true;
+                continue;
+            }
             maybe_snapshot(targets[i].pid);
             tc_target_poll(&targets[i]);
             any_alive |= targets[i].alive;
@@ -721,5 +755,6 @@ int main(int argc, char **argv)
     tc_map64_free(&stack_idx);
     tc_map64_free(&live_idx);
     tc_map64_free(&large_idx);
+    tc_map64_free(&pid_snap);
     return status;
 }
