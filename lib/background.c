@@ -139,6 +139,7 @@ static void *bg_main(void *arg)
         atomic_store(&dirty, 0);
         lum_segments_purge(false, LUM_PURGE_DECAY);
         lum_large_cache_decay();
+        lum_segments_collapse();
         if (lum_segments_dirty() || lum_large_cache_bytes()) atomic_store(&dirty, 1);
     }
     atomic_store(&bg_state, 2);

@@ -93,6 +93,7 @@ struct lum_segment {
     uint64_t purged_slices;     /* bit i: slice i was returned to the OS and is not resident */
     uint64_t freed_at_ms[LUM_SLICES]; /* when a free slice was freed (decay) */
     uint64_t empty_since_ms;    /* when the segment last became wholly free (0: it is not) */
+    uint32_t collapsed;         /* MADV_COLLAPSE done (huge-page mode) */
     struct lum_segment *next, *prev;
     struct lum_page pages[LUM_SLICES];
 };
@@ -304,6 +305,7 @@ void lum_background_after_fork_child(void);
 size_t lum_abandoned_reclaim(void);
 bool lum_segments_dirty(void);
 size_t lum_segments_dirty_bytes(void);
+void lum_segments_collapse(void);
 void lum_dirty_limit_check(bool large);
 size_t lum_dirty_limit(size_t dirty);
 

@@ -2,6 +2,7 @@
  * it under one lock: a thread comes here once per page (thousands of allocations), not per
  * allocation.  Free slices are returned to the OS by decay (lum_segments_purge). */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
 #include "internal.h"
@@ -26,6 +27,7 @@ static void segment_init(struct lum_segment *seg)
     for (size_t i = 0; i <= LUM_SLICES; i++) seg->slice_page[i] = &lum_invalid_sentinel;
     seg->free_slices = ALL_SLICES;
     seg->purged_slices = 0;
+    seg->collapsed = 0;
 }
 
 static void segment_unmap(struct lum_segment *seg)
@@ -244,6 +246,33 @@ void lum_page_release(struct lum_page *page)
     lum_unlock(&lum_segment_lock);
     account_purge(released, unmapped, LUM_PURGE_DECAY);
     lum_background_note_dirty();
+}
+
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+
+/* Huge-page mode: a segment that is nearly full is worth backing with huge pages now rather
+ * than when khugepaged gets to it.  Collapsing takes milliseconds, so the candidates are chosen
+ * under the lock and collapsed outside it (a segment unmapped meanwhile just fails the call). */
+void lum_segments_collapse(void)
+{
+    static int unsupported;
+    if (!lum_opt.thp || unsupported) return;
+    uint8_t *todo[16];
+    int n = 0;
+    lum_lock(&lum_segment_lock);
+    for (struct lum_segment *seg = segments; seg && n < 16; seg = seg->next) {
+        if (seg->collapsed || __builtin_popcountll(seg->free_slices) > LUM_SLICES / 8) continue;
+        seg->collapsed = 1;
+        todo[n++] = lum_seg_base(seg);
+    }
+    lum_unlock(&lum_segment_lock);
+    for (int i = 0; i < n; i++)
+        if (madvise(todo[i], LUM_SEGMENT_SIZE, MADV_COLLAPSE) != 0 && errno == EINVAL) {
+            unsupported = 1; /* kernel before 6.1: khugepaged alone will do */
+            break;
+        }
 }
 
 size_t lum_segments_dirty_bytes(void)
