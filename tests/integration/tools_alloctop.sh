@@ -24,6 +24,34 @@ echo "== alloctop: exact final figures of a command that exits within the first 
     2> "$TMP/top_x.err" || { cat "$TMP/top_x.err"; fail "alloctop -c (short) exited $?"; }
 python3 "$HERE/tools_check.py" alloctop-exit "$TMP/truth_x.json" "$TMP/top_x.jsonl" || fail "exit-time figures"
 
+echo "== alloctop -B: processes found by the file they map, started after alloctop ($MODE)"
+"$ALLOCTOP" -B "${LIB:-$WORKLOAD}" --json --sites 0.3 14 > "$TMP/top_b.jsonl" 2> "$TMP/top_b.err" &
+TB=$!
+sleep 1.5
+LD_PRELOAD=$LIB "$WORKLOAD" -m 64 -p 40 -l 400 -o "$TMP/truth_b1.json" & Q1=$!
+LD_PRELOAD=$LIB "$WORKLOAD" -m 32 -p 40 -l 400 -o "$TMP/truth_b2.json" & Q2=$!
+wait $Q1 $Q2
+wait $TB || { cat "$TMP/top_b.err"; fail "alloctop -B exited $?"; }
+python3 - "$TMP/top_b.jsonl" "$TMP/truth_b1.json" "$TMP/truth_b2.json" <<'PY' || fail "alloctop -B figures"
+import json, sys
+objs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for tp in sys.argv[2:]:
+    truth = json.load(open(tp))
+    last = None
+    for o in objs:
+        for p in o["processes"]:
+            if p["pid"] == truth["pid"]:
+                last = p
+    assert last is not None, "pid %d never shown" % truth["pid"]
+    assert not last["alive"], "pid %d not seen exiting" % truth["pid"]
+    by_tid = {t["tid"]: t for t in last["threads"]}
+    for w in truth["threads"]:
+        got = by_tid[w["tid"]]["alloc_bytes"]
+        assert abs(got / w["alloc_bytes"] - 1) <= 0.05, (w, got)
+    assert last["sites"] and last["sites"][0]["function"] == "site_a", last["sites"][:2]
+    print("ok   pid %d: exact per-thread figures at exit, top site site_a" % truth["pid"])
+PY
+
 echo "== alloctop batch table ($MODE)"
 LD_PRELOAD=$LIB "$WORKLOAD" -d 600 -m 64 -l 600 -o /dev/null &
 WPID=$!

@@ -613,11 +613,12 @@ int main(int argc, char **argv)
         {"ringbuf-kib", required_argument, 0, OPT_RINGBUF},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     int c;
-    while ((c = getopt_long(argc, argv, "p:c:b:e:m:d:Uqjvh", lopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "p:c:b:B:e:m:d:Uqjvh", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
-        case 'b': binary_path = optarg; break;
+        case 'b':
+        case 'B': binary_path = optarg; break;
         case OPT_PRELOAD: preload = optarg; break;
         case 'e': opt.kinds = parse_kinds(optarg); break;
         case 'm': opt.min_size = parse_size(optarg); break;

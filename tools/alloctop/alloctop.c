@@ -16,6 +16,7 @@
  *                     holds no live block (free slots, partially used pages, metadata)
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <poll.h>
@@ -34,7 +35,7 @@
 #include "alloctop.skel.h"
 #include "tc.h"
 
-#define MAX_TARGETS 16
+#define MAX_TARGETS 64
 
 enum sort_key { SORT_ALLOC, SORT_FREE, SORT_ALLOCS, SORT_LIVE, SORT_LARGE, SORT_FAIL, SORT_TID };
 static const char *const sort_names[] = {"alloc", "free", "allocs", "live", "large", "fail", "tid"};
@@ -67,10 +68,14 @@ struct tstate {
     double last_snapshot, first_seen;
     struct bpf_link *sample_link;
     bool registered; /* registry address handed to the BPF exit hook */
+    bool via_binary; /* found by -b: the probes are attached to the file, not to this pid */
+    bool shown_dead; /* reported once as exited (then dropped, with -b) */
 };
 
 static struct tstate targets[MAX_TARGETS];
 static int ntargets;
+static const char *binary_path; /* -b */
+static struct tstate bin_state;  /* -b: the attachment to the file (pid -1) */
 static struct alloctop_bpf *skel;
 static struct bpf_link *exit_link;
 static struct tc_symbolizer *sym;
@@ -101,6 +106,7 @@ static void usage(FILE *f)
             "usage: alloctop [options] [interval [count]]\n"
             "  -p, --pid PID[,PID...]   attach to running processes (repeatable)\n"
             "  -c, --command 'CMD ARGS' start CMD with the probes attached from its first instruction\n"
+            "  -B, --binary PATH        every process that maps PATH (liblumalloc.so or static executable)\n"
             "      --preload PATH       LD_PRELOAD this liblumalloc.so into CMD (default: $LUMALLOC_LIB)\n"
             "  -s, --sort KEY           alloc|free|allocs|live|large|fail|tid (default alloc)\n"
             "  -r, --rows N             threads shown per process (default 20)\n"
@@ -237,7 +243,7 @@ static void lost_counts(uint64_t out[TOP_LOST_MAX])
  * per-thread figures come from the registry. */
 static void set_sample_probe(struct tstate *s, bool on)
 {
-    if (!skel || on == (s->sample_link != NULL) || !s->t.alive)
+    if (!skel || on == (s->sample_link != NULL) || !s->t.alive || s->via_binary)
         return;
     if (!on) {
         bpf_link__destroy(s->sample_link);
@@ -630,6 +636,8 @@ static void handle_key(int ch)
         opt.sites = !opt.sites;
         for (int i = 0; i < ntargets; i++)
             set_sample_probe(&targets[i], opt.sites);
+        if (binary_path)
+            set_sample_probe(&bin_state, opt.sites);
         break;
     case 'a': opt.sort = SORT_ALLOC; break;
     case 'f': opt.sort = SORT_FREE; break;
@@ -641,6 +649,75 @@ static void handle_key(int ch)
     }
 }
 
+/* -b: processes that map the file, found in /proc; the uprobes already follow the file. */
+static void discover_binary(void)
+{
+    DIR *d = opendir("/proc");
+    if (!d)
+        return;
+    static bool warned;
+    struct dirent *de;
+    char path[64], line[PATH_MAX + 128];
+    while ((de = readdir(d))) {
+        char *end;
+        long pid = strtol(de->d_name, &end, 10);
+        if (*end || pid <= 0 || pid == getpid())
+            continue;
+        bool known = false;
+        for (int i = 0; i < ntargets && !known; i++)
+            known = targets[i].t.pid == (pid_t)pid;
+        if (known)
+            continue;
+        snprintf(path, sizeof(path), "/proc/%ld/maps", pid);
+        FILE *f = fopen(path, "re");
+        if (!f)
+            continue;
+        bool uses = false;
+        size_t blen = strlen(binary_path);
+        while (!uses && fgets(line, sizeof(line), f)) {
+            char *p = strchr(line, '/');
+            uses = p && !strncmp(p, binary_path, blen) && (p[blen] == '\n' || p[blen] == 0);
+        }
+        fclose(f);
+        if (!uses)
+            continue;
+        if (ntargets == MAX_TARGETS) {
+            if (!warned)
+                tc_warn("more than %d processes map %s: showing the first ones", MAX_TARGETS, binary_path);
+            warned = true;
+            break;
+        }
+        struct tstate *s = &targets[ntargets++];
+        memset(s, 0, sizeof(*s));
+        s->t.pid = (pid_t)pid;
+        s->t.alive = true;
+        s->via_binary = true;
+        locate_early(s);
+    }
+    closedir(d);
+}
+
+/* -b: processes that exited and were reported once are dropped. */
+static void drop_reported_dead(void)
+{
+    int w = 0;
+    for (int i = 0; i < ntargets; i++) {
+        struct tstate *s = &targets[i];
+        if (s->via_binary && !s->t.alive && s->shown_dead) {
+            free(s->cur);
+            free(s->prev);
+            free(s->comms);
+            continue;
+        }
+        if (!s->t.alive)
+            s->shown_dead = true;
+        if (w != i)
+            targets[w] = *s;
+        w++;
+    }
+    ntargets = w;
+}
+
 int main(int argc, char **argv)
 {
     tc_prog = "alloctop";
@@ -650,6 +727,7 @@ int main(int argc, char **argv)
     enum { OPT_PRELOAD = 256, OPT_NOBPF };
     static const struct option lopts[] = {
         {"pid", required_argument, 0, 'p'},       {"command", required_argument, 0, 'c'},
+        {"binary", required_argument, 0, 'B'},
         {"preload", required_argument, 0, OPT_PRELOAD}, {"sort", required_argument, 0, 's'},
         {"rows", required_argument, 0, 'r'},      {"no-clear", no_argument, 0, 'C'},
         {"batch", no_argument, 0, 'b'},           {"json", no_argument, 0, 'j'},
@@ -657,10 +735,11 @@ int main(int argc, char **argv)
         {"verbose", no_argument, 0, 'v'},         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
-    while ((c = getopt_long(argc, argv, "p:c:s:r:CbjSvh", lopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "p:c:B:s:r:CbjSvh", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
+        case 'B': binary_path = optarg; break;
         case OPT_PRELOAD: preload = optarg; break;
         case 's': {
             int k;
@@ -690,9 +769,20 @@ int main(int argc, char **argv)
     }
     if (optind < argc)
         opt.count = atol(argv[optind++]);
-    if (optind < argc || (!npids && !command) || (npids && command)) {
+    if (optind < argc || (!!npids + !!command + !!binary_path) != 1) {
         usage(stderr);
         return 2;
+    }
+    static char binary_real[PATH_MAX];
+    if (binary_path) {
+        if (!realpath(binary_path, binary_real))
+            tc_die("no such file: %s", binary_path);
+        if (!tc_elf_has_lumalloc_probes(binary_real))
+            tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", binary_real);
+        binary_path = binary_real;
+        bin_state.t.pid = -1;
+        bin_state.t.alive = true;
+        snprintf(bin_state.t.probe_path, sizeof(bin_state.t.probe_path), "%s", binary_real);
     }
     if (!isatty(1))
         opt.batch = true;
@@ -744,6 +834,8 @@ int main(int argc, char **argv)
             tc_warn("no exit-time registry reading (tp_btf/sched_process_exit): %s", strerror(errno));
         for (int i = 0; i < ntargets; i++)
             attach_target(&targets[i]);
+        if (binary_path)
+            attach_target(&bin_state);
         rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
         if (!rb)
             tc_die("cannot create the ring buffer: %s", strerror(errno));
@@ -759,6 +851,8 @@ int main(int argc, char **argv)
         tc_launch_go(&targets[ntargets - 1].t);
     }
 
+    if (binary_path)
+        discover_binary();
     for (int i = 0; i < ntargets; i++) {
         sample_target(&targets[i]); /* baseline for the first interval's rates */
         if (targets[i].located) {
@@ -817,12 +911,16 @@ int main(int argc, char **argv)
                 any_died = true;
             any_alive |= targets[i].t.alive;
         }
-        if (any_died && !any_alive)
+        if (any_died && !any_alive && !binary_path)
             break;
         if (tc_now() >= next) {
+            if (binary_path)
+                discover_binary();
             for (int i = 0; i < ntargets; i++)
                 sample_target(&targets[i]);
             report(false);
+            if (binary_path)
+                drop_reported_dead();
             done++;
             if (opt.count && done >= opt.count) {
                 count_reached = true; /* the last table was just printed: no separate final one */
@@ -853,6 +951,8 @@ int main(int argc, char **argv)
         free(targets[i].prev);
         free(targets[i].comms);
     }
+    tc_detach(&bin_state.t);
+    bpf_link__destroy(bin_state.sample_link);
     ring_buffer__free(rb);
     bpf_link__destroy(exit_link);
     alloctop_bpf__destroy(skel);
