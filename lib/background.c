@@ -26,8 +26,12 @@
 #define PSI_TRIGGER_UNPRIVILEGED "some 150000 2000000"
 
 static _Atomic int bg_state;      /* 0 not started, 1 starting/running, 2 failed: never retry */
-static int wake_fd = -1;          /* eventfd: new dirty memory, or a pressure request */
-static int psi_fd = -1;
+static _Atomic int bg_running;    /* the thread exists: wake() may write to its eventfd */
+/* eventfd: new dirty memory, or a pressure request.  Published only once the thread runs and
+ * never closed while it does (a fork child, single-threaded, resets it): a writer on another
+ * thread can never hit a descriptor number the application has reused. */
+static _Atomic int lumalloc_bg_wake_fd = -1;
+static int psi_fd = -1;           /* owned by the background thread once it runs */
 static _Atomic int dirty;         /* free memory not yet purged since the thread last looked */
 static _Atomic int pressure_requested;
 static char psi_path[256];
@@ -99,6 +103,7 @@ static size_t release_everything(uint32_t reason)
 static void *bg_main(void *arg)
 {
     (void)arg;
+    int wake_fd = atomic_load(&lumalloc_bg_wake_fd);
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* never steal the application's signals */
@@ -126,7 +131,7 @@ static void *bg_main(void *arg)
         }
         if (n > 0 && psi_fd >= 0 && (fds[1].revents & (POLLERR | POLLHUP))) {
             close(psi_fd); /* the cgroup went away: decay keeps working */
-            psi_fd = -1;
+            __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED);
         }
         if (pressure) {
             size_t released = release_everything(LUM_PURGE_PRESSURE);
@@ -142,6 +147,7 @@ static void *bg_main(void *arg)
         lum_segments_collapse();
         if (lum_segments_dirty() || lum_large_cache_bytes()) atomic_store(&dirty, 1);
     }
+    atomic_store(&bg_running, 0);
     atomic_store(&bg_state, 2);
     return NULL;
 }
@@ -150,22 +156,25 @@ static void bg_start(void)
 {
     int expected = 0;
     if (!atomic_compare_exchange_strong(&bg_state, &expected, 1)) return;
-    wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (wake_fd < 0) { atomic_store(&bg_state, 2); return; }
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0) { atomic_store(&bg_state, 2); return; }
     psi_fd = lum_opt.psi ? open_psi_trigger() : -1;
+    atomic_store(&lumalloc_bg_wake_fd, fd); /* read by bg_main; wake() waits for bg_running */
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 64 * 1024);
     pthread_t t;
     if (pthread_create(&t, &attr, bg_main, NULL) != 0) {
-        close(wake_fd);
-        wake_fd = -1;
+        /* never started: state 2 keeps wake() away from fd before it is closed */
+        atomic_store(&bg_state, 2);
+        atomic_store(&lumalloc_bg_wake_fd, -1);
+        close(fd);
         if (psi_fd >= 0) close(psi_fd);
         psi_fd = -1;
-        atomic_store(&bg_state, 2);
     } else {
         pthread_setname_np(t, "lumalloc-bg");
+        atomic_store(&bg_running, 1);
     }
     pthread_attr_destroy(&attr);
 }
@@ -181,22 +190,22 @@ void lum_background_maybe_start(void)
 
 static void wake(void)
 {
-    if (wake_fd < 0) return;
+    if (!atomic_load_explicit(&bg_running, memory_order_acquire)) return;
+    int fd = atomic_load_explicit(&lumalloc_bg_wake_fd, memory_order_relaxed);
     uint64_t one = 1;
-    if (write(wake_fd, &one, sizeof one) < 0) { /* counter full: the thread is awake anyway */ }
+    if (fd >= 0 && write(fd, &one, sizeof one) < 0) { /* counter full: the thread is awake anyway */ }
 }
 
 /* Free memory appeared that decay should return later: wake the thread once per clean state. */
 void lum_background_note_dirty(void)
 {
     if (atomic_load_explicit(&dirty, memory_order_relaxed)) return;
-    if (atomic_exchange(&dirty, 1) == 0 && atomic_load_explicit(&bg_state, memory_order_relaxed) == 1)
-        wake();
+    if (atomic_exchange(&dirty, 1) == 0) wake();
 }
 
 LUM_EXPORT size_t lum_memory_pressure(void)
 {
-    if (atomic_load(&bg_state) == 1) {
+    if (atomic_load(&bg_running)) {
         atomic_store(&pressure_requested, 1);
         wake();
         return 0;
@@ -210,8 +219,8 @@ LUM_EXPORT size_t lum_memory_pressure(void)
 
 LUM_EXPORT int lum_background_running(void)
 {
-    if (atomic_load(&bg_state) != 1) return 0;
-    return 1 | (psi_fd >= 0 ? 2 : 0);
+    if (!atomic_load(&bg_running)) return 0;
+    return 1 | (__atomic_load_n(&psi_fd, __ATOMIC_RELAXED) >= 0 ? 2 : 0);
 }
 
 /* Freed memory kept resident for reuse may not outgrow the live heap: before lumalloc maps
@@ -244,10 +253,12 @@ void lum_dirty_limit_check(bool large)
 /* A fork child has no background thread: let it start its own when it needs one. */
 void lum_background_after_fork_child(void)
 {
-    if (atomic_load(&bg_state) != 1) return;
-    if (wake_fd >= 0) close(wake_fd);
+    if (!atomic_load(&bg_running)) return;
+    int fd = atomic_exchange(&lumalloc_bg_wake_fd, -1);
+    if (fd >= 0) close(fd);
     if (psi_fd >= 0) close(psi_fd);
-    wake_fd = psi_fd = -1;
+    psi_fd = -1;
+    atomic_store(&bg_running, 0);
     atomic_store(&dirty, 0);
     atomic_store(&bg_state, 0);
 }

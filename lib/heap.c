@@ -58,8 +58,9 @@ void lum_global_init(void)
         if (lum_opt.large_threshold > LUM_SMALL_MAX + 1) lum_opt.large_threshold = LUM_SMALL_MAX + 1;
         if (lum_opt.large_threshold < LUM_SMALL_TABLE_MAX + 1) lum_opt.large_threshold = LUM_SMALL_TABLE_MAX + 1;
         lumalloc_registry.large_threshold = lum_opt.large_threshold;
-        lum_fast_limit = lum_opt.large_threshold;
-        if (lum_opt.large_warn && lum_opt.large_warn < lum_fast_limit) lum_fast_limit = lum_opt.large_warn;
+        size_t fast_limit = lum_opt.large_threshold;
+        if (lum_opt.large_warn && lum_opt.large_warn < fast_limit) fast_limit = lum_opt.large_warn;
+        __atomic_store_n(&lum_fast_limit, fast_limit, __ATOMIC_RELAXED);
         pthread_key_create(&heap_key, heap_teardown);
         lum_fork_install();
         atomic_store(&lum_initialized, 2);
@@ -188,7 +189,7 @@ static void page_unfull(struct lum_heap *heap, struct lum_page *page)
     lum_list_remove(&heap->full[page->cls], page);
     lum_list_push_back(&heap->avail[page->cls], page);
     page->in_full = 0;
-    page->fast_heap = heap;
+    lum_page_set_fast(page, heap);
 }
 
 static void retained_forget(struct lum_heap *heap, struct lum_page *page)
@@ -214,7 +215,7 @@ static void page_retire(struct lum_heap *heap, struct lum_page *page)
         return;
     }
     lum_list_remove(page->in_full ? &heap->full[cls] : &heap->avail[cls], page);
-    page->fast_heap = NULL;
+    lum_page_set_fast(page, NULL);
     lum_page_release(page);
 }
 
@@ -261,7 +262,8 @@ static bool page_has_room(struct lum_page *page)
 
 static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
 {
-    if (!lum_abandoned[cls].head) return NULL;
+    /* unlocked peek: a stale answer only delays adoption to the next slow path */
+    if (!__atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED)) return NULL;
     lum_lock(&lum_abandoned_lock);
     struct lum_page *page = lum_abandoned[cls].head;
     if (page) lum_list_remove(&lum_abandoned[cls], page);
@@ -285,7 +287,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         lum_list_remove(&heap->avail[cls], page);
         lum_list_push_back(&heap->full[cls], page);
         page->in_full = 1;
-        page->fast_heap = NULL;
+        lum_page_set_fast(page, NULL);
     } else {
         drain_inbox(heap);
     }
@@ -294,20 +296,20 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         lum_list_remove(&heap->avail[cls], page);
         lum_list_push_back(&heap->full[cls], page);
         page->in_full = 1;
-        page->fast_heap = NULL;
+        lum_page_set_fast(page, NULL);
     }
     while ((page = adopt_abandoned(heap, cls)) != NULL) {
         if (page->used == 0 && !page->free && page->carved == page->capacity) {
             /* cannot happen: a page with no live block has free ones; be safe anyway */
         }
         lum_list_push_front(&heap->avail[cls], page);
-        page->fast_heap = heap;
+        lum_page_set_fast(page, heap);
         page->in_full = 0;
         if (page_has_room(page)) goto found;
         lum_list_remove(&heap->avail[cls], page);
         lum_list_push_back(&heap->full[cls], page);
         page->in_full = 1;
-        page->fast_heap = NULL;
+        lum_page_set_fast(page, NULL);
     }
     lum_background_maybe_start();
     lum_dirty_limit_check(false);
@@ -317,7 +319,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         return NULL;
     }
     atomic_store_explicit(&page->owner, heap, memory_order_release);
-    page->fast_heap = heap;
+    lum_page_set_fast(page, heap);
     lum_list_push_front(&heap->avail[cls], page);
     lum_page_refill(page);
 found:
@@ -448,7 +450,7 @@ static void abandon_list(struct lum_page_list *list, unsigned cls)
         struct lum_page *next = page->next;
         if (recount_on_abandon) page_recount(page);
         lum_page_collect(page);
-        page->fast_heap = NULL;
+        lum_page_set_fast(page, NULL);
         page->in_full = 0;
         page->retained = 0;
         page->next = page->prev = NULL;

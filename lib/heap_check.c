@@ -54,7 +54,7 @@ static void check_segment(struct lum_segment *seg, void *arg)
         if (page->carved > page->capacity) report(c, "carved beyond capacity", page);
         struct lum_heap *owner = atomic_load(&page->owner);
         if (page->kind == LUM_PAGE_SMALL && owner == c->me) check_free_list(c, page);
-        if (page->kind == LUM_PAGE_SMALL && page->fast_heap && page->fast_heap != owner)
+        if (page->kind == LUM_PAGE_SMALL && lum_page_fast(page) && lum_page_fast(page) != owner)
             report(c, "fast path owner differs from owner", page);
         i += page->slices;
     }

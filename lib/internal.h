@@ -63,8 +63,11 @@ enum lum_page_kind {
 struct lum_heap;
 
 struct lum_page {
-    /* Hot fields first: the fast paths touch only this cache line. */
-    struct lum_heap *fast_heap; /* == owner while the owner may free here with no bookkeeping */
+    /* Hot fields first: the fast paths touch only this cache line.
+     * fast_heap is read by free() on every thread and written by the owner: relaxed atomics
+     * (plain moves on x86) make that race well defined; any thread but the owner sees the
+     * owner or NULL, never its own heap, and takes the slow path either way. */
+    _Atomic(struct lum_heap *) fast_heap; /* == owner while it may free here with no bookkeeping */
     lum_block *free;
     uint32_t used;              /* blocks handed out and not yet returned to this page's lists */
     uint32_t block_size;
@@ -162,6 +165,16 @@ static inline unsigned lum_size_class(size_t size)
     size_t s = size - 1;
     unsigned k = 63 - (unsigned)__builtin_clzl(s);
     return 8 + (k - 7) * 8 + (unsigned)((s >> (k - 3)) & 7);
+}
+
+static inline void lum_page_set_fast(struct lum_page *page, struct lum_heap *heap)
+{
+    atomic_store_explicit(&page->fast_heap, heap, memory_order_relaxed);
+}
+
+static inline struct lum_heap *lum_page_fast(const struct lum_page *page)
+{
+    return atomic_load_explicit(&((struct lum_page *)page)->fast_heap, memory_order_relaxed);
 }
 
 static inline void lum_heap_set_current(struct lum_heap *heap, unsigned cls, struct lum_page *page)
@@ -282,6 +295,8 @@ void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block
 void lum_global_init(void);
 extern _Atomic int lum_initialized;
 extern size_t lum_fast_limit;
+/* Set once at initialisation while other threads may already allocate: relaxed (a plain load). */
+static inline size_t lum_fast_limit_get(void) { return __atomic_load_n(&lum_fast_limit, __ATOMIC_RELAXED); }
 void lum_heap_force_slow(void);
 bool lum_heap_take_sample(struct lum_heap *heap, size_t usable);
 void lum_heap_abandon(struct lum_heap *heap);
@@ -326,23 +341,29 @@ static inline void lum_count_global(uint64_t *field, int64_t delta)
 }
 
 /* ---- list helpers ---- */
+/* Heads are stored with relaxed atomics: the abandoned lists' heads are peeked without the
+ * lock (a plain store on x86, like any other). */
+static inline void lum_list_set_head(struct lum_page_list *l, struct lum_page *p)
+{
+    __atomic_store_n(&l->head, p, __ATOMIC_RELAXED);
+}
 static inline void lum_list_push_front(struct lum_page_list *l, struct lum_page *p)
 {
     p->prev = NULL;
     p->next = l->head;
     if (l->head) l->head->prev = p; else l->tail = p;
-    l->head = p;
+    lum_list_set_head(l, p);
 }
 static inline void lum_list_push_back(struct lum_page_list *l, struct lum_page *p)
 {
     p->next = NULL;
     p->prev = l->tail;
-    if (l->tail) l->tail->next = p; else l->head = p;
+    if (l->tail) l->tail->next = p; else lum_list_set_head(l, p);
     l->tail = p;
 }
 static inline void lum_list_remove(struct lum_page_list *l, struct lum_page *p)
 {
-    if (p->prev) p->prev->next = p->next; else l->head = p->next;
+    if (p->prev) p->prev->next = p->next; else lum_list_set_head(l, p->next);
     if (p->next) p->next->prev = p->prev; else l->tail = p->prev;
     p->next = p->prev = NULL;
 }

@@ -17,14 +17,14 @@ static size_t page_round(size_t n) { return (n + 4095) & ~(size_t)4095; }
 
 static struct lum_large *cache_take(size_t map_size)
 {
-    if (!cache) return NULL;
+    if (!__atomic_load_n(&cache, __ATOMIC_RELAXED)) return NULL; /* peek: the lock decides */
     lum_lock(&lum_large_lock);
     struct lum_large **link = &cache, *hit = NULL;
     for (struct lum_large *l = cache; l; link = &l->next, l = l->next) {
         /* reuse only mappings that fit without wasting more than half */
         if (l->map_size >= map_size && l->map_size / 2 <= map_size) {
-            *link = l->next;
-            cache_bytes -= l->map_size;
+            __atomic_store_n(link, l->next, __ATOMIC_RELAXED);
+            __atomic_sub_fetch(&cache_bytes, l->map_size, __ATOMIC_RELAXED);
             l->cached = 0;
             hit = l;
             break;
@@ -164,8 +164,8 @@ void lum_large_free(void *p)
         l->next = cache;
         l->freed_ms = lum_now_ms();
         l->cached = 1;
-        cache = l;
-        cache_bytes += l->map_size;
+        __atomic_store_n(&cache, l, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&cache_bytes, l->map_size, __ATOMIC_RELAXED);
         struct lum_large *evict = NULL;
         if (cache_bytes > lum_opt.large_cache) {
             /* drop the oldest entries: walk to the point where the budget is met */
@@ -177,7 +177,7 @@ void lum_large_free(void *p)
             }
             evict = q->next;
             q->next = NULL;
-            cache_bytes = kept + q->map_size;
+            __atomic_store_n(&cache_bytes, kept + q->map_size, __ATOMIC_RELAXED);
         }
         lum_unlock(&lum_large_lock);
         large_unmap_list(evict);
@@ -192,8 +192,8 @@ size_t lum_large_cache_purge(void)
     lum_lock(&lum_large_lock);
     struct lum_large *l = cache;
     size_t bytes = cache_bytes;
-    cache = NULL;
-    cache_bytes = 0;
+    __atomic_store_n(&cache, NULL, __ATOMIC_RELAXED);
+    __atomic_store_n(&cache_bytes, 0, __ATOMIC_RELAXED);
     lum_unlock(&lum_large_lock);
     large_unmap_list(l);
     return bytes;
@@ -207,10 +207,10 @@ size_t lum_large_cache_decay(void)
     struct lum_large **link = &cache;
     while (*link && now - (*link)->freed_ms < lum_opt.decay_ms) link = &(*link)->next;
     struct lum_large *old = *link;
-    *link = NULL;
+    __atomic_store_n(link, NULL, __ATOMIC_RELAXED);
     size_t bytes = 0;
     for (struct lum_large *l = old; l; l = l->next) bytes += l->map_size;
-    cache_bytes -= bytes;
+    __atomic_sub_fetch(&cache_bytes, bytes, __ATOMIC_RELAXED);
     lum_unlock(&lum_large_lock);
     large_unmap_list(old);
     return bytes;

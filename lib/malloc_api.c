@@ -21,9 +21,9 @@ static inline void *alloc_small_fast(size_t size)
     struct lum_page *page;
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
         page = heap->direct[(size + LUM_ALIGN - 1) / LUM_ALIGN];
-    else if (size <= LUM_MEDIUM_TABLE_MAX && size < lum_fast_limit)
+    else if (size <= LUM_MEDIUM_TABLE_MAX && size < lum_fast_limit_get())
         page = heap->current[lum_medium_class[(size + 127) / 128]];
-    else if (size < lum_fast_limit)
+    else if (size < lum_fast_limit_get())
         page = heap->current[lum_size_class(size)];
     else
         return lum_malloc_slow(size, 0);
@@ -52,7 +52,7 @@ static inline void free_fast(void *p)
 {
     struct lum_page *page = lum_page_of(p);
     struct lum_heap *heap = lum_tls_heap;
-    if (LUM_LIKELY(page->fast_heap == heap)) {
+    if (LUM_LIKELY(lum_page_fast(page) == heap)) {
         lum_block *b = p;
 #if LUM_HARDENED
         lum_hardened_check_free(page, b);

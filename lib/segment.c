@@ -70,7 +70,7 @@ static void segment_remove(struct lum_segment *seg)
 static size_t segment_release(struct lum_segment *seg)
 {
     size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
-    dirty_bytes -= (size_t)__builtin_popcountll(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE;
+    __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
     lum_count_global(&lumalloc_registry.global.retained_bytes, -(int64_t)purged);
     segment_remove(seg);
@@ -113,7 +113,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     if (idx < 0) {
         /* Free slices exist but no run fits: before mapping more, give them back if they
          * outgrew the live heap (see lum_dirty_limit). */
-        if (dirty_bytes > lum_dirty_limit(dirty_bytes))
+        if (lum_segments_dirty_bytes() > lum_dirty_limit(lum_segments_dirty_bytes()))
             limit_purged = purge_locked(true, lum_now_ms(), &limit_unmapped);
         seg = segment_new();
         if (!seg) {
@@ -124,7 +124,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         idx = find_run(seg->free_slices, n);
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
-    dirty_bytes -= (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE;
+    __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     seg->free_slices &= ~mask;
     seg->empty_since_ms = 0;
     uint64_t refaulted = seg->purged_slices & mask;
@@ -153,7 +153,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->used = 0;
     page->in_full = 0;
     page->retained = 0;
-    page->fast_heap = NULL;
+    lum_page_set_fast(page, NULL);
     page->next = page->prev = NULL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
     atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
@@ -197,7 +197,7 @@ static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
             seg->purged_slices |= mask;
             candidates &= ~mask;
             released += (size_t)len * LUM_SLICE_SIZE;
-            dirty_bytes -= (size_t)len * LUM_SLICE_SIZE;
+            __atomic_sub_fetch(&dirty_bytes, (size_t)len * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
         }
         seg = next;
     }
@@ -231,7 +231,7 @@ void lum_page_release(struct lum_page *page)
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
     seg->free_slices |= mask;
-    dirty_bytes += (size_t)n * LUM_SLICE_SIZE;
+    __atomic_add_fetch(&dirty_bytes, (size_t)n * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     page->slices = 0;
     page->kind = LUM_PAGE_SMALL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);

@@ -61,11 +61,11 @@ static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
     if (!mine)
         return 0;
     if (!info->dlpi_name || !info->dlpi_name[0]) {
-        self_state = 2;
+        __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
     } else {
-        self_lo = lo;
-        self_hi = hi;
-        self_state = 1;
+        __atomic_store_n(&self_lo, lo, __ATOMIC_RELAXED);
+        __atomic_store_n(&self_hi, hi, __ATOMIC_RELAXED);
+        __atomic_store_n(&self_state, 1, __ATOMIC_RELEASE);
     }
     return 1;
 }
@@ -74,7 +74,7 @@ static void locate_self(void)
 {
     /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
     if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
-        self_state = 2;
+        __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
 }
 
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth)
@@ -106,7 +106,8 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
         max = LUM_MAX_FRAMES;
     if (!max)
         return 0;
-    if (!self_state)
+    /* racing first samples may both look: they find the same answer */
+    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
         locate_self();
     uint64_t t0 = now_ns();
     int n = thread_unwinds++ < LUM_STEP_UNWIND_SAMPLES ? step_backtrace(buf, (int)(max + SLACK))
@@ -115,8 +116,9 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
     if (n < 0)
         n = 0;
     int start = 0;
-    if (self_state == 1) {
-        while (start < n && (uintptr_t)buf[start] >= self_lo && (uintptr_t)buf[start] < self_hi)
+    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1) {
+        uintptr_t lo = __atomic_load_n(&self_lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&self_hi, __ATOMIC_RELAXED);
+        while (start < n && (uintptr_t)buf[start] >= lo && (uintptr_t)buf[start] < hi)
             start++;
     } else {
         /* Drop our own frames up to the return into the core (hook_ret) and that frame too,

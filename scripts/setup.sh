@@ -10,6 +10,7 @@ packages=(
   valgrind python3 procps
   libjemalloc2 libgoogle-perftools4 libmimalloc2.0 heaptrack
   redis-server redis-tools sqlite3 gnuplot-nox
+  git libpython3.11-testsuite libclang-rt-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do
