@@ -101,6 +101,9 @@ struct lum_segment {
     struct lum_page pages[LUM_SLICES];
 };
 
+/* the part of slice 0 a segment's metadata touches */
+#define LUM_HEADER_BYTES ((LUM_HEADER_OFFSET + sizeof(struct lum_segment) + 4095) & ~(size_t)4095)
+
 #define LUM_SEG_SMALL 1
 #define LUM_SEG_LARGE 2
 
@@ -250,7 +253,8 @@ static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, 
 /* ---- os.c ---- */
 void *lum_os_map(size_t size);
 void *lum_os_map_aligned(size_t size, size_t alignment);
-void lum_os_unmap(void *p, size_t size);
+void lum_os_unmap(void *p, size_t size, size_t resident);
+void lum_os_account(int64_t mapped, int64_t resident);
 void lum_os_name(void *p, size_t size, const char *name);
 uint64_t lum_now_ms(void);
 void lum_write_err(const char *msg);

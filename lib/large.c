@@ -44,9 +44,9 @@ static uint8_t *map_for(size_t size, size_t offset, size_t alignment)
     if (!raw) return NULL;
     uint8_t *user = raw + alignment; /* alignment-aligned, and user - offset is 4 MiB-aligned */
     uint8_t *base = user - offset;
-    lum_os_unmap(raw, (size_t)(base - raw));
+    lum_os_unmap(raw, (size_t)(base - raw), 0);
     size_t tail = (size_t)((raw + size + alignment) - (base + size));
-    if (tail) lum_os_unmap(base + size, tail);
+    if (tail) lum_os_unmap(base + size, tail, 0);
     return base;
 }
 
@@ -82,6 +82,7 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
         if (!base) return NULL;
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l);
+        lum_os_account(0, (int64_t)map_size); /* handed to the program: counted as touched */
         lum_os_name(base, map_size, "lumalloc-large");
 #if LUM_HARDENED
         lum_os_guard(base, LUM_GUARD_SIZE);
@@ -121,7 +122,7 @@ static void large_unmap(struct lum_large *l)
 #if LUM_HARDENED
     lum_hardened_own((uintptr_t)l->map_base, false);
 #endif
-    lum_os_unmap(l->map_base, l->map_size);
+    lum_os_unmap(l->map_base, l->map_size, l->map_size);
 }
 
 static void large_unmap_list(struct lum_large *l)
@@ -247,18 +248,17 @@ void *lum_large_realloc(void *p, size_t size)
         if (!dst) return NULL;
         moved = mremap(base, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
         if (moved == MAP_FAILED) {
-            lum_os_unmap(dst, map_size);
+            lum_os_unmap(dst, map_size, 0);
             return NULL;
         }
-        /* dst's reservation was replaced by the moved pages; the old range is gone */
-        lum_count_global(&lumalloc_registry.global.mapped_bytes, -(int64_t)map_size);
-        lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)map_size);
+        /* dst's reservation was replaced by the moved pages: undo its accounting, the delta
+         * below covers the block */
+        lum_os_account(-(int64_t)map_size, 0);
     }
     base = moved;
     l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
     int64_t delta = (int64_t)map_size - (int64_t)l->map_size;
-    lum_count_global(&lumalloc_registry.global.mapped_bytes, delta);
-    lum_count_global(&lumalloc_registry.global.resident_bytes, delta);
+    lum_os_account(delta, delta);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable - (int64_t)l->usable);
     if (heap != &lum_empty_heap) {
         /* counted as a free of the old block and an allocation of the new one */

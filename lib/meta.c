@@ -25,6 +25,7 @@ void *lum_meta_alloc(size_t size)
     if (c >= META_CLASSES || bytes > META_CHUNK / 4) {
         void *p = lum_os_map((size + 4095) & ~(size_t)4095);
         if (p) {
+            lum_os_account(0, (int64_t)((size + 4095) & ~(size_t)4095));
             lum_count_global(&lumalloc_registry.global.metadata_bytes, (int64_t)((size + 4095) & ~(size_t)4095));
             lum_os_name(p, (size + 4095) & ~(size_t)4095, "lumalloc-meta");
         }
@@ -42,6 +43,7 @@ void *lum_meta_alloc(size_t size)
         uint8_t *chunk = lum_os_map(META_CHUNK);
         if (!chunk) { lum_unlock(&lum_meta_lock); return NULL; }
         lum_os_name(chunk, META_CHUNK, "lumalloc-meta");
+        lum_os_account(0, (int64_t)META_CHUNK);
         lum_count_global(&lumalloc_registry.global.metadata_bytes, (int64_t)META_CHUNK);
         meta_bump = chunk;
         meta_end = chunk + META_CHUNK;
@@ -61,7 +63,7 @@ void lum_meta_free(void *p, size_t size)
     if (c >= META_CLASSES || bytes > META_CHUNK / 4) {
         size_t len = (size + 4095) & ~(size_t)4095;
         lum_count_global(&lumalloc_registry.global.metadata_bytes, -(int64_t)len);
-        lum_os_unmap(p, len);
+        lum_os_unmap(p, len, len);
         return;
     }
     lum_lock(&lum_meta_lock);

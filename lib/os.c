@@ -18,8 +18,7 @@ void *lum_os_map(size_t size)
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
     if (p == MAP_FAILED) return NULL;
-    lum_count_global(&lumalloc_registry.global.mapped_bytes, (int64_t)size);
-    lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)size);
+    lum_os_account((int64_t)size, 0);
     return p;
 }
 
@@ -36,8 +35,7 @@ void *lum_os_map_aligned(size_t size, size_t alignment)
         if (p != MAP_FAILED) {
             if (((uintptr_t)p & (alignment - 1)) == 0) {
                 atomic_store_explicit(&aligned_hint, (uintptr_t)p + size, memory_order_relaxed);
-                lum_count_global(&lumalloc_registry.global.mapped_bytes, (int64_t)size);
-                lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)size);
+                lum_os_account((int64_t)size, 0);
                 return p;
             }
             munmap(p, size); /* old kernels treat the flag as a hint */
@@ -54,16 +52,25 @@ void *lum_os_map_aligned(size_t size, size_t alignment)
     if (tail) munmap(aligned + size, tail);
     if (alignment <= LUM_SEGMENT_SIZE)
         atomic_store_explicit(&aligned_hint, (uintptr_t)aligned + size, memory_order_relaxed);
-    lum_count_global(&lumalloc_registry.global.mapped_bytes, (int64_t)size);
-    lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)size);
+    lum_os_account((int64_t)size, 0);
     return aligned;
 }
 
-void lum_os_unmap(void *p, size_t size)
+/* The accounting model: mapping adds address space (mapped, and retained until touched);
+ * memory becomes resident when lumalloc hands it out (a slice to a page, a large block, a
+ * metadata chunk) and goes back to retained when purged.  resident is thus lumalloc's share of
+ * RSS as an upper bound, without counting address space nobody has touched. */
+void lum_os_account(int64_t mapped, int64_t resident)
+{
+    if (mapped) lum_count_global(&lumalloc_registry.global.mapped_bytes, mapped);
+    if (resident) lum_count_global(&lumalloc_registry.global.resident_bytes, resident);
+    if (mapped - resident) lum_count_global(&lumalloc_registry.global.retained_bytes, mapped - resident);
+}
+
+void lum_os_unmap(void *p, size_t size, size_t resident)
 {
     munmap(p, size);
-    lum_count_global(&lumalloc_registry.global.mapped_bytes, -(int64_t)size);
-    lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)size);
+    lum_os_account(-(int64_t)size, -(int64_t)resident);
 }
 
 /* Named anonymous mappings show up as [anon:lumalloc-...] in /proc/PID/maps and smaps (5.17+). */

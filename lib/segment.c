@@ -26,7 +26,7 @@ static void segment_init(struct lum_segment *seg)
     seg->kind = LUM_SEG_SMALL;
     for (size_t i = 0; i <= LUM_SLICES; i++) seg->slice_page[i] = &lum_invalid_sentinel;
     seg->free_slices = ALL_SLICES;
-    seg->purged_slices = 0;
+    seg->purged_slices = ALL_SLICES; /* never touched: not resident, like a purged slice */
     seg->collapsed = 0;
 }
 
@@ -35,7 +35,9 @@ static void segment_unmap(struct lum_segment *seg)
 #if LUM_HARDENED
     lum_hardened_own((uintptr_t)lum_seg_base(seg), false);
 #endif
-    lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE);
+    size_t resident = LUM_HEADER_BYTES +
+                      (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
+    lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE, resident);
 }
 
 static struct lum_segment *segment_new(void)
@@ -53,6 +55,7 @@ static struct lum_segment *segment_new(void)
 #endif
     struct lum_segment *seg = (struct lum_segment *)(base + LUM_HEADER_OFFSET);
     segment_init(seg);
+    lum_os_account(0, (int64_t)LUM_HEADER_BYTES);
     seg->prev = NULL;
     seg->next = segments;
     if (segments) segments->prev = seg;
@@ -69,13 +72,11 @@ static void segment_remove(struct lum_segment *seg)
 /* Unmaps a wholly free segment, settling the accounting of its purged slices. */
 static size_t segment_release(struct lum_segment *seg)
 {
-    size_t purged = (size_t)__builtin_popcountll(seg->purged_slices) * LUM_SLICE_SIZE;
+    size_t resident = (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
     __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
-    lum_count_global(&lumalloc_registry.global.resident_bytes, (int64_t)purged);
-    lum_count_global(&lumalloc_registry.global.retained_bytes, -(int64_t)purged);
     segment_remove(seg);
     segment_unmap(seg);
-    return LUM_SEGMENT_SIZE - purged;
+    return resident + LUM_HEADER_BYTES;
 }
 
 /* Bit i of the result is set when bits i..i+n-1 of free are all set. */
@@ -131,8 +132,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     if (refaulted) {
         seg->purged_slices &= ~mask;
         int64_t bytes = (int64_t)__builtin_popcountll(refaulted) * (int64_t)LUM_SLICE_SIZE;
-        lum_count_global(&lumalloc_registry.global.resident_bytes, bytes);
-        lum_count_global(&lumalloc_registry.global.retained_bytes, -bytes);
+        lum_os_account(0, bytes);
     }
     struct lum_page *page = &seg->pages[idx];
     for (unsigned i = 0; i < n; i++) seg->slice_page[idx + i] = page;
@@ -209,8 +209,7 @@ static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
 static size_t account_purge(size_t madvised, size_t unmapped, uint32_t reason)
 {
     if (!madvised && !unmapped) return 0;
-    lum_count_global(&lumalloc_registry.global.resident_bytes, -(int64_t)madvised);
-    lum_count_global(&lumalloc_registry.global.retained_bytes, (int64_t)madvised);
+    lum_os_account(0, -(int64_t)madvised);
     lum_count_global(&lumalloc_registry.global.purged_bytes, (int64_t)(madvised + unmapped));
     lum_count_global(&lumalloc_registry.global.purge_events, 1);
     lum_on_purge(madvised + unmapped, reason);

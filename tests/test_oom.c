@@ -30,7 +30,8 @@
 #include "lumalloc_failure.h"
 
 #define HEADROOM (96u << 20)
-#define MAXBLOCKS 2000000
+/* enough that even 48-byte blocks with no per-block header (91.5 MiB per 2M) reach the limit */
+#define MAXBLOCKS 4000000
 
 static size_t vm_size(void)
 {

@@ -28,6 +28,8 @@ static void snapshot_follows_allocations(void **state)
     assert_int_equal(b.allocated - a.allocated, expect);
     assert_true(b.large_live - a.large_live == malloc_usable_size(big));
     assert_true(b.mapped >= b.resident && b.resident >= b.active && b.active >= b.allocated);
+    /* every mapped byte is either resident (handed out) or retained (address space only) */
+    assert_int_equal(b.mapped, b.resident + b.retained);
     unsigned c112 = 0;
     while (b.classes[c112].block_size != 112) c112++;
     assert_true(b.classes[c112].live_blocks - a.classes[c112].live_blocks == N);
@@ -35,8 +37,10 @@ static void snapshot_follows_allocations(void **state)
     assert_true(b.nthreads >= 1 && b.threads[0].live);
     for (int i = 0; i < N; i++) free(v[i]);
     free(big);
+    lum_purge();
     lum_stats_snapshot(&b);
     assert_int_equal(b.allocated, a.allocated);
+    assert_int_equal(b.mapped, b.resident + b.retained);
 }
 
 static void text_and_json_outputs(void **state)
