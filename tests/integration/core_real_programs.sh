@@ -82,9 +82,14 @@ int main() {
             }
         });
     for (auto &t : ts) t.join();
-    long sum = 0;
-    for (auto &kv : shared) for (int x : kv.second) sum += x;
-    std::printf("%zu %ld\n", shared.size(), sum > 0 ? 1L : 0L);
+    // which thread wrote a key last depends on scheduling: print only what must hold whatever
+    // the interleaving (every vector whole and uniform, every key present)
+    long bad = 0;
+    for (auto &kv : shared) {
+        if (kv.second.size() >= 100) bad++;
+        for (int x : kv.second) if (x != kv.second[0] || x < 0 || x > 7) { bad++; break; }
+    }
+    std::printf("%zu keys, %ld inconsistent\n", shared.size(), bad);
 }
 CPP
 g++ -O2 -pthread -o "$work/threads" "$work/threads.cpp"
