@@ -101,7 +101,7 @@ static uint64_t intern(struct strtab *t, const char *s)
 int tc_write_pprof(const char *path, struct tc_symbolizer *sym, const struct tc_prof_stack *stacks, size_t n,
                    int64_t duration_ns, int64_t sample_period)
 {
-    FILE *f = fopen(path, "we");
+    FILE *f = tc_open_report(path);
     if (!f)
         return -errno;
     struct buf out = {0}, m = {0}, sub = {0};
@@ -190,7 +190,7 @@ int tc_write_pprof(const char *path, struct tc_symbolizer *sym, const struct tc_
 int tc_write_folded(const char *path, struct tc_symbolizer *sym, const struct tc_prof_stack *stacks, size_t n,
                     int value_index)
 {
-    FILE *f = fopen(path, "we");
+    FILE *f = tc_open_report(path);
     if (!f)
         return -errno;
     for (size_t i = 0; i < n; i++) {

@@ -19,6 +19,9 @@ extern int tc_verbose;
 /* One clear line on stderr, exit status 1. */
 __attribute__((noreturn, format(printf, 1, 2))) void tc_die(const char *fmt, ...);
 __attribute__((format(printf, 1, 2))) void tc_warn(const char *fmt, ...);
+/* Opens a report file for writing: created 0644 under the invoking user's umask, so a report
+ * is never world-writable whatever the umask (tools run as root). */
+FILE *tc_open_report(const char *path);
 /* Root or CAP_BPF+CAP_PERFMON(+CAP_SYS_PTRACE), BTF, uprobes: dies with the reason if missing. */
 void tc_check_environment(void);
 /* libbpf messages only with -v: the tools print their own one-line errors. */
