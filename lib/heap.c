@@ -385,6 +385,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     }
     lum_block *b = page->free;
     page->free = lum_free_next(page, b);
+    lum_block_handed_out(b);
     page->used++;
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;

@@ -237,7 +237,12 @@ static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, 
     b->next = (lum_block *)((uintptr_t)next ^ page->key ^ ((uintptr_t)b >> 4));
 }
 void lum_hardened_check_free(const struct lum_page *page, const void *p);
+/* A block handed out must not keep its encoded next pointer: the double-free filter would take
+ * it for a free block (and walk the free list) at every free of a block whose owner never
+ * writes its first word. */
+static inline void lum_block_handed_out(lum_block *b) { b->next = NULL; }
 #else
+static inline void lum_block_handed_out(lum_block *b) { (void)b; }
 static inline lum_block *lum_free_next(const struct lum_page *page, const lum_block *b)
 {
     (void)page;

@@ -33,6 +33,7 @@ static inline void *alloc_small_fast(size_t size)
         if (LUM_LIKELY(b != NULL && bytes < heap->next_sample)) {
             heap->tc.alloc_bytes = bytes;
             page->free = lum_free_next(page, b);
+            lum_block_handed_out(b);
             page->used++;
             heap->tc.alloc_count++;
             return b;

@@ -33,6 +33,7 @@ static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow
     }
     lum_block *b = page->free;
     page->free = lum_free_next(page, b);
+    lum_block_handed_out(b);
     page->used++;
     lum_unlock(&lum_sampled_lock);
     *block_size = page->block_size;
