@@ -6,7 +6,8 @@
  *   - if LUMBENCH_GATE=path is set, the program waits until that file exists before
  *     starting its timed section (lets a tracer attach first);
  *   - it prints "key=value" lines on stdout, at least "elapsed=<seconds>" for the timed
- *     section and "check=<n>" (a checksum so the compiler keeps the work). */
+ *     section, "cpu=<seconds>" (process CPU time in it) and "check=<n>" (a checksum so the
+ *     compiler keeps the work). */
 #ifndef BENCH_COMMON_H
 #define BENCH_COMMON_H
 #define _GNU_SOURCE
@@ -74,8 +75,21 @@ static inline long rss_kib(void) {
   return res < 0 ? -1 : res * (sysconf(_SC_PAGESIZE) / 1024);
 }
 
+static inline double cpu_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+static double bench_cpu0;
+/* Start of the timed section: returns the wall clock and notes the process CPU clock. */
+static inline double bench_start(void) {
+  bench_cpu0 = cpu_s();
+  return now_s();
+}
+/* elapsed: wall seconds of the timed section; cpu: CPU seconds of all the process's threads
+ * in it (less sensitive to other jobs on a shared machine than wall time). */
 static inline void bench_report(double t0, unsigned long long check) {
-  printf("elapsed=%.6f\ncheck=%llu\n", now_s() - t0, check);
+  printf("elapsed=%.6f\ncpu=%.6f\ncheck=%llu\n", now_s() - t0, cpu_s() - bench_cpu0, check);
   fflush(stdout);
 }
 

@@ -12,7 +12,7 @@ int main(int argc, char **argv) {
   void **blocks = malloc(cap * sizeof(void *));
   long rss0 = rss_kib();
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   while (total < bytes) {
     uint64_t r = rng_next(&s);
     size_t sz;

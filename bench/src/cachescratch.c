@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
     a[t].iters = iters; a[t].size = size; a[t].writes = writes;
   }
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (int t = 0; t < threads; t++) pthread_create(&th[t], NULL, run, &a[t]);
   unsigned long long check = 0;
   for (int t = 0; t < threads; t++) { pthread_join(th[t], NULL); check += a[t].check; }

@@ -10,7 +10,7 @@ int main(int argc, char **argv) {
   void *batch[BATCH];
   unsigned long long check = 0;
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (long i = 0; i < iters;) {
     for (int j = 0; j < BATCH; j++, i++) {
       size_t sz = 16 + (rng_next(&s) & 0xF0);

@@ -16,7 +16,7 @@ int main(int argc, char **argv) {
   struct node *forever = NULL;
   unsigned long long check = 0;
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (long i = 0; i < ops; i++) {
     int phase = (int)(i * phases / ops);
     size_t sz;

@@ -11,7 +11,7 @@ int main(int argc, char **argv) {
   uint64_t s = 99;
   unsigned long long check = 0;
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (long i = 0; i < ops; i++) {
     int k = (int)rng_below(&s, SLOTS);
     if (!buf[k] || (rng_next(&s) & 3) == 0) {

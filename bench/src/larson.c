@@ -29,7 +29,7 @@ int main(int argc, char **argv) {
   pthread_t *th = calloc((size_t)threads, sizeof *th);
   for (int t = 0; t < threads; t++) w[t].slots = calloc((size_t)nslots, sizeof(void *));
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   unsigned long long check = 0;
   for (long r = 0; r < rounds; r++) {
     /* rotate slot arrays: thread t gets the array thread t-1 filled last round */

@@ -9,7 +9,7 @@ int main(int argc, char **argv) {
   char *p = NULL;
   unsigned long long check = 0;
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (size_t n = step; n <= target; n += step) {
     p = realloc(p, n);
     if (!p) { printf("error=realloc failed at %zu\n", n); return 1; }

@@ -11,7 +11,7 @@ int main(int argc, char **argv) {
   void **ring = calloc((size_t)live, sizeof(void *));
   unsigned long long check = 0;
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (long i = 0; i < ops; i++) {
     long k = i % live;
     if (ring[k]) {

@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
   pthread_t *th = calloc((size_t)wave, sizeof *th);
   unsigned long long check = 0;
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (long done = 0; done < threads; done += wave) {
     for (int t = 0; t < wave; t++) {
       a[t].allocs = allocs; a[t].seed = (uint64_t)(done + t + 1) * 2654435761u;

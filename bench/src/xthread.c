@@ -61,7 +61,7 @@ int main(int argc, char **argv) {
   memset(ps, 0, sizeof(struct pair) * (size_t)pairs);
   pthread_t *th = malloc(sizeof(pthread_t) * 2 * (size_t)pairs);
   bench_gate();
-  double t0 = now_s();
+  double t0 = bench_start();
   for (int i = 0; i < pairs; i++) {
     ps[i].objects = objects; ps[i].batch = batch; ps[i].id = i;
     pthread_create(&th[2 * i], NULL, consumer, &ps[i]);
