@@ -228,13 +228,13 @@ LUM_EXPORT int lum_background_running(void)
  * let a program whose working set changes shape (small blocks, then large ones) hold both
  * for the decay time, and a cgroup limit kills it before PSI can say anything (no swap, no
  * stall). */
-#define LUM_DIRTY_FLOOR ((size_t)8 << 20)
+#define LUM_DIRTY_FLOOR ((size_t)4 << 20)
 
 size_t lum_dirty_limit(size_t dirty)
 {
     uint64_t resident = __atomic_load_n(&lumalloc_registry.global.resident_bytes, __ATOMIC_RELAXED);
     size_t live = resident > dirty ? (size_t)(resident - dirty) : 0;
-    return live / 4 > LUM_DIRTY_FLOOR ? live / 4 : LUM_DIRTY_FLOOR;
+    return live / 8 > LUM_DIRTY_FLOOR ? live / 8 : LUM_DIRTY_FLOOR;
 }
 
 /* Before new memory is mapped: for a large block (large == true) neither the cache (nothing in

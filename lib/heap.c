@@ -86,17 +86,19 @@ void lum_heap_force_slow(void)
     if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->next_sample = 0;
 }
 
-/* Decides whether an allocation of `usable` bytes is sampled: it is when the next sample point
- * falls inside it (probability 1 - exp(-usable / interval), the sampler's weight inverts it). */
-bool lum_heap_take_sample(struct lum_heap *heap, size_t usable)
+/* Decides whether an allocation whose ordinary block is `window` bytes is sampled: it is when
+ * the next sample point falls inside it (probability 1 - exp(-window / interval), which the
+ * sampler's weight inverts).  A sampled block may be larger (`advance`, the bytes the counter
+ * will move by): the next point is drawn from where the counter will then stand. */
+bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
 {
     uint64_t start = heap->tc.alloc_bytes;
     if (heap->next_sample == 0) { /* back from failure injection: re-arm, no sample */
         heap->next_sample = next_sample_after(heap, start);
         return false;
     }
-    if (start + usable < heap->next_sample) return false;
-    heap->next_sample = next_sample_after(heap, start + usable);
+    if (start + window < heap->next_sample) return false;
+    heap->next_sample = next_sample_after(heap, start + advance);
     return true;
 }
 
@@ -368,13 +370,15 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         lum_on_large_warn(size); /* the large path warns by itself */
     if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
         lum_background_maybe_start();
-        bool sampled = !lum_fail_armed && lum_heap_take_sample(heap, (size + 4095) & ~(size_t)4095);
+        size_t pages = (size + 4095) & ~(size_t)4095;
+        bool sampled = !lum_fail_armed && lum_heap_take_sample(heap, pages, pages);
         void *p = lum_large_alloc(heap, size, alignment, false, sampled);
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
-    if (!lum_fail_armed && lum_heap_take_sample(heap, lum_class_size[cls])) {
-        void *p = lum_sampled_alloc(heap, size, alignment);
+    if (!lum_fail_armed &&
+        lum_heap_take_sample(heap, lum_class_size[cls], lum_class_size[lum_sampled_class(cls)])) {
+        void *p = lum_sampled_alloc(heap, size, cls);
         if (p) return p;
         /* no memory for a sampled page: an unsampled block beats a failure */
     }

@@ -307,7 +307,7 @@ extern size_t lum_fast_limit;
 /* Set once at initialisation while other threads may already allocate: relaxed (a plain load). */
 static inline size_t lum_fast_limit_get(void) { return __atomic_load_n(&lum_fast_limit, __ATOMIC_RELAXED); }
 void lum_heap_force_slow(void);
-bool lum_heap_take_sample(struct lum_heap *heap, size_t usable);
+bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance);
 void lum_heap_abandon(struct lum_heap *heap);
 extern struct lum_registry_v1 lumalloc_registry;
 extern lum_lock_t lum_heaps_lock;
@@ -318,7 +318,8 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
 
 /* ---- sampled.c ---- */
 extern lum_lock_t lum_sampled_lock;
-void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment);
+void *lum_sampled_alloc(struct lum_heap *heap, size_t size, unsigned cls);
+unsigned lum_sampled_class(unsigned cls);
 void lum_sampled_free(struct lum_page *page, void *p);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 

@@ -240,7 +240,7 @@ void *lum_large_realloc(void *p, size_t size)
     size_t map_size = offset + usable;
     struct lum_heap *heap = lum_tls_heap;
     /* decided before the counters move: the sampling clock is this thread's byte counter */
-    bool sample_new = heap != &lum_empty_heap && lum_heap_take_sample(heap, usable);
+    bool sample_new = heap != &lum_empty_heap && lum_heap_take_sample(heap, usable, usable);
     void *moved = mremap(base, l->map_size, map_size, 0);
     if (moved == MAP_FAILED) {
         /* Reserve an aligned destination, then let the kernel move the page tables there. */

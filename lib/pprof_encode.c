@@ -11,11 +11,17 @@
  * Location addresses are call instructions (return address - 1) so that pprof's own
  * symbolisation lands on the calling line. */
 #include <fcntl.h>
-#include <math.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include "obs_internal.h"
+
+/* Estimated counts are non-negative doubles (libm's llround would be lumalloc's only use of
+ * libm): round half up, clamp at zero. */
+static uint64_t round_count(double x)
+{
+    return x > 0 ? (uint64_t)(x + 0.5) : 0;
+}
 
 /* ---- protobuf primitives ---- */
 
@@ -315,10 +321,10 @@ int lum_pprof_encode(struct lum_buf *out, const struct lum_snap *sn, struct lum_
         w.n += packed.n;
         packed.n = 0;
         /* int64 values, all non-negative here, so plain varints. */
-        pb_varint(&packed, (uint64_t)llround(s->alloc_objects));
+        pb_varint(&packed, round_count(s->alloc_objects));
         pb_varint(&packed, s->alloc_bytes);
-        pb_varint(&packed, (uint64_t)llround(live_o));
-        pb_varint(&packed, (uint64_t)llround(live_b));
+        pb_varint(&packed, round_count(live_o));
+        pb_varint(&packed, round_count(live_b));
         pb_varint(&w, 2 << 3 | 2);
         pb_varint(&w, packed.n);
         memcpy(w.d + w.n, packed.d, packed.n);

@@ -7,11 +7,13 @@
 lum_lock_t lum_sampled_lock;
 static struct lum_page_list sampled_pages[LUM_CLASSES];
 
-static unsigned sampled_class(size_t size, size_t alignment)
+/* Sampled blocks use the power-of-two classes only: at most 15 sampled pages in a process
+ * instead of one per class in use (a small program would spend megabytes on them), at the cost
+ * of some slack in one block per 512 KiB allocated.  A power of two at or above an aligned
+ * class's size is a multiple of its alignment too. */
+unsigned lum_sampled_class(unsigned cls)
 {
-    unsigned cls = lum_size_class(size < alignment ? alignment : size);
-    if (alignment)
-        while (lum_class_size[cls] & (alignment - 1)) cls++;
+    while (lum_class_size[cls] & (lum_class_size[cls] - 1)) cls++;
     return cls;
 }
 
@@ -42,13 +44,14 @@ static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow
     return b;
 }
 
-void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment)
+void *lum_sampled_alloc(struct lum_heap *heap, size_t size, unsigned cls)
 {
     uint32_t usable;
-    lum_block *b = sampled_pop(heap, sampled_class(size, alignment), true, &usable);
+    lum_block *b = sampled_pop(heap, lum_sampled_class(cls), true, &usable);
     if (!b) return NULL;
     heap->tc.sampled_count++;
-    lum_on_sample(&heap->tc, b, size, usable);
+    /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
+    lum_on_sample(&heap->tc, b, size, lum_class_size[cls]);
     return b;
 }
 
@@ -58,7 +61,7 @@ void *lum_sampled_alloc(struct lum_heap *heap, size_t size, size_t alignment)
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
 {
     uint32_t usable;
-    return sampled_pop(heap, cls, false, &usable);
+    return sampled_pop(heap, lum_sampled_class(cls), false, &usable);
 }
 
 void lum_sampled_free(struct lum_page *page, void *p)

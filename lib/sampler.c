@@ -4,7 +4,7 @@
  * probability p(s) = 1 - exp(-s/T), and weighting each sample by s / p(s) makes the summed
  * weights an unbiased estimate of the bytes allocated at a site (and weight / s of its objects),
  * whatever the mix of sizes. */
-#include <math.h>
+#include "lmath.h"
 #include "obs_internal.h"
 #include "observe.h"
 #include "options.h"
@@ -29,7 +29,7 @@ int64_t lum_sampler_next_interval(uint64_t *rng)
     *rng = x;
     uint64_t r = x * 0x2545f4914f6cdd1dULL; /* xorshift64*: the high bits are the good ones */
     double u = (double)((r >> 11) + 1) * 0x1.0p-53; /* uniform in (0, 1]: log() stays finite */
-    double v = -log(u) * (double)t;
+    double v = -lum_log(u) * (double)t;
     if (v >= (double)MAX_INTERVAL)
         return MAX_INTERVAL;
     return (int64_t)v;
@@ -42,7 +42,7 @@ double lum_sample_weight(uint64_t size, uint64_t interval)
     if (!interval)
         return (double)size;
     /* -expm1 keeps precision when s << T, the common case (p ~ s/T, w ~ T + s/2). */
-    double p = -expm1(-(double)size / (double)interval);
+    double p = -lum_expm1_neg((double)size / (double)interval);
     return p > 0 ? (double)size / p : (double)interval;
 }
 

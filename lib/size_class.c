@@ -1,5 +1,7 @@
 /* Generated size-class tables (see internal.h): 16..128 by 16, then 8 classes per doubling,
- * so internal waste stays at or under 12.5% above 128 bytes.  Static data: malloc may run
+ * so internal waste stays at or under 12.5% above 128 bytes.  A page spans the fewest slices
+ * that hold 4 blocks with at most 12.5% left over: small spans keep free slices reusable by
+ * every class.  Static data: malloc may run
  * before any constructor. */
 #include "internal.h"
 
@@ -31,7 +33,7 @@ const uint8_t lum_class_slices[LUM_CLASSES] = {
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-    1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
-    4, 4, 4, 4, 4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8,
-    16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 2, 1, 1, 1,
+    2, 2, 4, 2, 4, 2, 2, 2, 4, 4, 8, 4, 8, 4, 4, 4,
+    8, 8, 16, 8, 16, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16,
 };

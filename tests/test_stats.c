@@ -19,11 +19,15 @@ static void snapshot_follows_allocations(void **state)
     lum_stats_snapshot(&a);
     enum { N = 20000 };
     static void *v[N];
-    for (int i = 0; i < N; i++) v[i] = p_malloc(100); /* class 112 */
+    uint64_t expect = 0;
+    for (int i = 0; i < N; i++) {
+        v[i] = p_malloc(100); /* class 112; sampled ones live in the power-of-two class 128 */
+        expect += malloc_usable_size(v[i]);
+    }
     void *big = p_malloc(8u << 20);
+    expect += malloc_usable_size(big);
     lum_stats_snapshot(&b);
     assert_true(b.epoch > a.epoch);
-    uint64_t expect = (uint64_t)N * 112 + malloc_usable_size(big);
     /* only this thread allocates: the difference is exact */
     assert_int_equal(b.allocated - a.allocated, expect);
     assert_true(b.large_live - a.large_live == malloc_usable_size(big));
@@ -32,7 +36,10 @@ static void snapshot_follows_allocations(void **state)
     assert_int_equal(b.mapped, b.resident + b.retained);
     unsigned c112 = 0;
     while (b.classes[c112].block_size != 112) c112++;
-    assert_true(b.classes[c112].live_blocks - a.classes[c112].live_blocks == N);
+    unsigned c128 = c112 + 1;
+    assert_int_equal(b.classes[c128].block_size, 128);
+    assert_true(b.classes[c112].live_blocks - a.classes[c112].live_blocks +
+                b.classes[c128].live_blocks - a.classes[c128].live_blocks == N);
     assert_true(b.classes[c112].pages >= N * 112 / 65536);
     assert_true(b.nthreads >= 1 && b.threads[0].live);
     for (int i = 0; i < N; i++) free(v[i]);

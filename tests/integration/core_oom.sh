@@ -175,6 +175,8 @@ int main(void)
     fflush(stdout);
     for (int i = 0; i < 600 && lum_probe_semaphore("alloc_failure") == 0; i++) usleep(50000);
     if (lum_probe_semaphore("alloc_failure") == 0) { puts("no tracer"); return 2; }
+    /* bpftrace raises the semaphore before its uprobe is live: give the attach time to finish */
+    usleep(1000000);
     int failed = 0;
     for (int i = 0; i < 5; i++) { errno = 0; if (!malloc(((size_t)1 << 47) + (size_t)i * 4096) && errno == ENOMEM) failed++; }
     /* more than the 47-bit user address space: no mapping can satisfy these */
