@@ -224,7 +224,7 @@ LUM_EXPORT int lum_background_running(void)
 }
 
 /* Freed memory kept resident for reuse may not outgrow the live heap: before lumalloc maps
- * more, anything over max(LUM_DIRTY_FLOOR, live / 4) is returned at once.  Decay alone would
+ * more, anything over max(LUM_DIRTY_FLOOR, live / 8) is returned at once.  Decay alone would
  * let a program whose working set changes shape (small blocks, then large ones) hold both
  * for the decay time, and a cgroup limit kills it before PSI can say anything (no swap, no
  * stall). */
