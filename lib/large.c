@@ -15,23 +15,33 @@ static size_t cache_bytes;
 
 static size_t page_round(size_t n) { return (n + 4095) & ~(size_t)4095; }
 
+/* Best fit from the cache.  A mapping much larger than needed is shrunk in place (mremap drops
+ * its tail), so the pages it already has are reused instead of faulting in a fresh mapping. */
 static struct lum_large *cache_take(size_t map_size)
 {
     if (!__atomic_load_n(&cache, __ATOMIC_RELAXED)) return NULL; /* peek: the lock decides */
     lum_lock(&lum_large_lock);
-    struct lum_large **link = &cache, *hit = NULL;
-    for (struct lum_large *l = cache; l; link = &l->next, l = l->next) {
-        /* reuse only mappings that fit without wasting more than half */
-        if (l->map_size >= map_size && l->map_size / 2 <= map_size) {
-            __atomic_store_n(link, l->next, __ATOMIC_RELAXED);
-            __atomic_sub_fetch(&cache_bytes, l->map_size, __ATOMIC_RELAXED);
-            l->cached = 0;
-            hit = l;
-            break;
+    struct lum_large **link = &cache, **best_link = NULL, *best = NULL;
+    for (struct lum_large *l = cache; l; link = &l->next, l = l->next)
+        if (l->map_size >= map_size && (!best || l->map_size < best->map_size)) {
+            best = l;
+            best_link = link;
+            if (l->map_size == map_size) break;
         }
+    if (best) {
+        __atomic_store_n(best_link, best->next, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&cache_bytes, best->map_size, __ATOMIC_RELAXED);
+        best->cached = 0;
     }
     lum_unlock(&lum_large_lock);
-    return hit;
+    if (best && best->map_size / 2 > map_size && !LUM_HARDENED) {
+        /* hardened mappings end in a guard page: they are reused whole instead */
+        if (mremap(best->map_base, best->map_size, map_size, 0) != MAP_FAILED) {
+            lum_os_account(-(int64_t)(best->map_size - map_size), -(int64_t)(best->map_size - map_size));
+            best->map_size = map_size;
+        }
+    }
+    return best;
 }
 
 /* Maps size bytes whose start is 4 MiB-aligned and whose byte at offset is alignment-aligned. */
