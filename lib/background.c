@@ -142,6 +142,7 @@ static void *bg_main(void *arg)
         }
         /* decay: what has been free for decay_ms goes back; look again while any is left */
         atomic_store(&dirty, 0);
+        lum_abandoned_reclaim(); /* pages of exited threads that others have emptied since */
         lum_segments_purge(false, LUM_PURGE_DECAY);
         lum_large_cache_decay();
         lum_segments_collapse();
@@ -253,7 +254,7 @@ void lum_dirty_limit_check(bool large)
 /* A fork child has no background thread: let it start its own when it needs one. */
 void lum_background_after_fork_child(void)
 {
-    if (!atomic_load(&bg_running)) return;
+    /* whatever the parent's thread was doing (even half started), the child has none */
     int fd = atomic_exchange(&lumalloc_bg_wake_fd, -1);
     if (fd >= 0) close(fd);
     if (psi_fd >= 0) close(psi_fd);

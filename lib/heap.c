@@ -45,13 +45,19 @@ static pthread_key_t heap_key;
 static uint64_t rng_seed_counter;
 
 static void heap_teardown(void *arg);
+static void forward_inbox(struct lum_heap *heap);
 void lum_fork_install(void);
+/* Set while this thread initialises: its own nested allocations go ahead with the defaults,
+ * while other threads wait for initialisation to finish. */
+static __thread int lum_tls_initializing __attribute__((tls_model("initial-exec")));
 
 void lum_global_init(void)
 {
     static lum_lock_t init_lock;
+    if (lum_tls_initializing) return;
     lum_lock(&init_lock);
     if (atomic_load(&lum_initialized) == 0) {
+        lum_tls_initializing = 1;
         atomic_store(&lum_initialized, 1);
         lum_options_init();
         lumalloc_registry.sample_interval = lum_opt.sample_interval;
@@ -64,6 +70,9 @@ void lum_global_init(void)
         pthread_key_create(&heap_key, heap_teardown);
         lum_fork_install();
         atomic_store(&lum_initialized, 2);
+        lum_tls_initializing = 0;
+        /* a heap made by an allocation nested in the above still needs its exit hook */
+        if (lum_tls_heap != &lum_empty_heap) pthread_setspecific(heap_key, lum_tls_heap);
         lum_unlock(&init_lock);
         lum_observe_init();
         return;
@@ -109,11 +118,16 @@ static struct lum_heap *heap_create(void)
     heap = heap_pool;
     if (heap) {
         heap_pool = heap->next_pool;
-        /* The record is reused: fold its final figures into the process totals first. */
+        /* The record is reused: fold its final figures into the process totals, and clear
+         * them, in one step under the lock (readers sum both under it). */
         lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)heap->tc.alloc_bytes);
         lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)heap->tc.free_bytes);
+        uint64_t next = heap->tc.next;
+        memset(&heap->tc, 0, sizeof heap->tc);
+        heap->tc.next = next;
     }
     lum_unlock(&lum_heaps_lock);
+    if (heap) forward_inbox(heap); /* frees that reached it after its thread left */
     if (!heap) {
         heap = lum_meta_alloc(sizeof *heap);
         if (!heap) return NULL;
@@ -131,9 +145,6 @@ static struct lum_heap *heap_create(void)
         heap->retained_count[c] = 0;
     }
     heap->retained_bytes = 0;
-    uint64_t next = heap->tc.next;
-    memset(&heap->tc, 0, sizeof heap->tc);
-    heap->tc.next = next;
     heap->tid = (uint32_t)syscall(SYS_gettid);
     heap->tc.tid = heap->tid;
     heap->tc.state = LUM_THREAD_LIVE;
@@ -141,7 +152,6 @@ static struct lum_heap *heap_create(void)
                 (__atomic_add_fetch(&rng_seed_counter, 0x9e3779b97f4a7c15ULL, __ATOMIC_RELAXED));
     if (!heap->rng) heap->rng = 1;
     heap->alive = 1;
-    atomic_store_explicit(&heap->inbox, NULL, memory_order_relaxed);
     heap->next_sample = next_sample_after(heap, 0);
     __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
     return heap;
@@ -152,7 +162,7 @@ struct lum_heap *lum_heap_get(void)
 {
     struct lum_heap *heap = lum_tls_heap;
     if (LUM_LIKELY(heap != &lum_empty_heap)) return heap;
-    if (atomic_load_explicit(&lum_initialized, memory_order_acquire) == 0) lum_global_init();
+    if (atomic_load_explicit(&lum_initialized, memory_order_acquire) != 2) lum_global_init();
     heap = lum_tls_heap; /* initialisation may have allocated, and so made it */
     if (heap != &lum_empty_heap) return heap;
     heap = heap_create();
@@ -180,10 +190,25 @@ static void push_atomic(_Atomic(lum_block *) *list, lum_block *b)
 static void free_remote(struct lum_page *page, lum_block *b)
 {
     struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
-    if (owner)
+    if (owner) {
         push_atomic(&owner->inbox, b);
-    else
+    } else {
         push_atomic(&page->thread_free, b);
+        lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+    }
+}
+
+/* A heap record whose thread has gone (pooled, or a fork child's dead thread) owns no pages:
+ * whatever reached its inbox late goes on to the pages' current owners. */
+static void forward_inbox(struct lum_heap *heap)
+{
+    if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
+    lum_block *b = atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire);
+    while (b) {
+        lum_block *next = b->next;
+        free_remote(lum_page_of(b), b);
+        b = next;
+    }
 }
 
 static void page_unfull(struct lum_heap *heap, struct lum_page *page)
@@ -262,17 +287,23 @@ static bool page_has_room(struct lum_page *page)
     return lum_page_refill(page);
 }
 
+/* Takes an abandoned page of cls onto heap's avail list.  Ownership and list change together
+ * under the lock, so a fork never sees a page that belongs to a heap but sits on no list. */
 static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
 {
     /* unlocked peek: a stale answer only delays adoption to the next slow path */
     if (!__atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED)) return NULL;
     lum_lock(&lum_abandoned_lock);
     struct lum_page *page = lum_abandoned[cls].head;
-    if (page) lum_list_remove(&lum_abandoned[cls], page);
+    if (page) {
+        lum_list_remove(&lum_abandoned[cls], page);
+        atomic_store_explicit(&page->owner, heap, memory_order_release);
+        page->in_full = 0;
+        lum_list_push_front(&heap->avail[cls], page);
+        lum_page_set_fast(page, heap);
+    }
     lum_unlock(&lum_abandoned_lock);
-    if (!page) return NULL;
-    atomic_store_explicit(&page->owner, heap, memory_order_release);
-    lum_page_collect(page);
+    if (page) lum_page_collect(page);
     return page;
 }
 
@@ -285,11 +316,12 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         drain_inbox(heap);
         if (page->free) return page;
         /* Full: park it where only a free can bring it back (fast_heap NULL sends that free to
-         * the slow path, which moves it to avail again). */
+         * the slow path, which moves it to avail again), and stop serving from it. */
         lum_list_remove(&heap->avail[cls], page);
         lum_list_push_back(&heap->full[cls], page);
         page->in_full = 1;
         lum_page_set_fast(page, NULL);
+        lum_heap_set_current(heap, cls, &lum_empty_page);
     } else {
         drain_inbox(heap);
     }
@@ -301,20 +333,12 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         lum_page_set_fast(page, NULL);
     }
     while ((page = adopt_abandoned(heap, cls)) != NULL) {
-        if (page->used == 0 && !page->free && page->carved == page->capacity) {
-            /* cannot happen: a page with no live block has free ones; be safe anyway */
-        }
-        lum_list_push_front(&heap->avail[cls], page);
-        lum_page_set_fast(page, heap);
-        page->in_full = 0;
         if (page_has_room(page)) goto found;
         lum_list_remove(&heap->avail[cls], page);
         lum_list_push_back(&heap->full[cls], page);
         page->in_full = 1;
         lum_page_set_fast(page, NULL);
     }
-    lum_background_maybe_start();
-    lum_dirty_limit_check(false);
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
         lum_heap_set_current(heap, cls, &lum_empty_page);
@@ -365,14 +389,14 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         heap->next_sample = 0;
         if (lum_fail_should_inject(size)) return lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
+    /* Here, before any list is touched: starting the background thread allocates (glibc's
+     * pthread_create), and that nested malloc must find this heap consistent. */
+    lum_background_maybe_start();
 
     if (LUM_UNLIKELY(lum_opt.large_warn && size >= lum_opt.large_warn && size < lum_opt.large_threshold))
         lum_on_large_warn(size); /* the large path warns by itself */
     if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
-        lum_background_maybe_start();
-        size_t pages = (size + 4095) & ~(size_t)4095;
-        bool sampled = !lum_fail_armed && lum_heap_take_sample(heap, pages, pages);
-        void *p = lum_large_alloc(heap, size, alignment, false, sampled);
+        void *p = lum_large_alloc(heap, size, alignment, false, !lum_fail_armed);
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
@@ -383,6 +407,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         /* no memory for a sampled page: an unsampled block beats a failure */
     }
     struct lum_page *page = heap->current[cls];
+    if (!page->free) lum_dirty_limit_check(false); /* may need a new page: before, not during */
     if (!page->free && !(page = heap_next_page(heap, cls))) {
         void *p = lum_sampled_take_unsampled(heap, cls);
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
@@ -450,9 +475,9 @@ static bool recount_on_abandon;
 
 static void abandon_list(struct lum_page_list *list, unsigned cls)
 {
-    struct lum_page *page = list->head;
-    while (page) {
-        struct lum_page *next = page->next;
+    struct lum_page *page;
+    while ((page = list->head) != NULL) {
+        lum_list_remove(list, page);
         if (recount_on_abandon) page_recount(page);
         lum_page_collect(page);
         lum_page_set_fast(page, NULL);
@@ -467,9 +492,7 @@ static void abandon_list(struct lum_page_list *list, unsigned cls)
             lum_list_push_back(&lum_abandoned[cls], page);
             lum_unlock(&lum_abandoned_lock);
         }
-        page = next;
     }
-    list->head = list->tail = NULL;
 }
 
 /* Hands every page to the abandoned lists (adopted by whichever thread next needs that class)
@@ -477,6 +500,11 @@ static void abandon_list(struct lum_page_list *list, unsigned cls)
  * survive the fork. */
 void lum_heap_abandon(struct lum_heap *heap)
 {
+    heap->tc.state = LUM_THREAD_EXITED;
+    lum_on_thread_exit(&heap->tc); /* before the record can be reused */
+    /* Under the heap-list lock (first in fork's order), so a fork sees the heap either whole
+     * or fully abandoned, never half of each. */
+    lum_lock(&lum_heaps_lock);
     drain_inbox(heap);
     heap->retained_bytes = 0;
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
@@ -486,10 +514,7 @@ void lum_heap_abandon(struct lum_heap *heap)
         abandon_list(&heap->full[c], c);
     }
     drain_inbox(heap); /* frees that raced with the abandonment: forwarded to the pages */
-    heap->tc.state = LUM_THREAD_EXITED;
     heap->alive = 0;
-    lum_on_thread_exit(&heap->tc);
-    lum_lock(&lum_heaps_lock);
     heap->next_pool = heap_pool;
     heap_pool = heap;
     lum_unlock(&lum_heaps_lock);
@@ -509,6 +534,9 @@ static void heap_teardown(void *arg)
 size_t lum_abandoned_reclaim(void)
 {
     size_t bytes = 0;
+    lum_lock(&lum_heaps_lock);
+    for (struct lum_heap *h = heap_pool; h; h = h->next_pool) forward_inbox(h);
+    lum_unlock(&lum_heaps_lock);
     lum_lock(&lum_abandoned_lock);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         struct lum_page *page = lum_abandoned[c].head;
@@ -547,6 +575,7 @@ void lum_heaps_after_fork_child(void)
             lum_heap_abandon(h);
             recount_on_abandon = false;
         } else {
+            forward_inbox(h);
             h->next_pool = heap_pool;
             heap_pool = h;
         }

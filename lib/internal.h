@@ -336,7 +336,7 @@ size_t lum_dirty_limit(size_t dirty);
 
 /* ---- large.c ---- */
 extern lum_lock_t lum_large_lock;
-void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool sampled);
+void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool may_sample);
 void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);
 size_t lum_large_usable(const void *p);

@@ -71,7 +71,7 @@ static void header_init(struct lum_large *l)
 /* Hardened builds put a guard page after every large block (and one before its header). */
 #define TRAILER (LUM_HARDENED ? LUM_GUARD_SIZE : 0)
 
-void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool sampled)
+void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool may_sample)
 {
     size_t offset = LUM_LARGE_HEADER;
     if (alignment > LUM_LARGE_HEADER) offset = alignment < LUM_SEGMENT_SIZE ? alignment : LUM_SEGMENT_SIZE;
@@ -100,6 +100,8 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
         lum_hardened_own((uintptr_t)base, true);
 #endif
     }
+    /* decided over the bytes the counter will really move by (a cached mapping may be larger) */
+    bool sampled = may_sample && lum_heap_take_sample(heap, usable, usable);
     l->map_base = base;
     l->map_size = map_size;
     l->usable = usable;
@@ -249,52 +251,63 @@ void *lum_large_realloc(void *p, size_t size)
     if (usable < size) return NULL;
     size_t map_size = offset + usable;
     struct lum_heap *heap = lum_tls_heap;
-    /* decided before the counters move: the sampling clock is this thread's byte counter */
-    bool sample_new = heap != &lum_empty_heap && lum_heap_take_sample(heap, usable, usable);
+    struct lum_thread_counters_v1 *tc = heap != &lum_empty_heap ? &heap->tc : NULL;
+    size_t old_usable = l->usable;
     void *moved = mremap(base, l->map_size, map_size, 0);
     if (moved == MAP_FAILED) {
         /* Reserve an aligned destination, then let the kernel move the page tables there. */
         void *dst = lum_os_map_aligned(map_size, LUM_SEGMENT_SIZE);
         if (!dst) return NULL;
+        /* The old address stops being this block before the move: report it now, so another
+         * thread that maps and samples the same range afterwards is not confused with it. */
+        if (l->sampled) {
+            lum_on_sample_free(p, old_usable);
+            l->sampled = 0;
+        }
+        lum_on_large_free(p, old_usable);
         moved = mremap(base, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
         if (moved == MAP_FAILED) {
             lum_os_unmap(dst, map_size, 0);
+            if (tc) lum_on_large_alloc(tc, p, l->requested, old_usable); /* still here after all */
             return NULL;
         }
         /* dst's reservation was replaced by the moved pages: undo its accounting, the delta
          * below covers the block */
         lum_os_account(-(int64_t)map_size, 0);
+    } else {
+        if (l->sampled) {
+            lum_on_sample_free(p, old_usable);
+            l->sampled = 0;
+        }
+        lum_on_large_free(p, old_usable);
     }
     base = moved;
     l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
     int64_t delta = (int64_t)map_size - (int64_t)l->map_size;
     lum_os_account(delta, delta);
-    lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable - (int64_t)l->usable);
-    if (heap != &lum_empty_heap) {
-        /* counted as a free of the old block and an allocation of the new one */
-        heap->tc.free_count++;
-        heap->tc.free_bytes += l->usable;
-        heap->tc.alloc_count++;
-        heap->tc.alloc_bytes += usable;
-        heap->tc.large_count++;
-        heap->tc.large_bytes += usable;
+    lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable - (int64_t)old_usable);
+    /* For the profiler a realloc is a free and an allocation: the new block is sampled (or
+     * not) like any allocation of its size, decided before the counters move. */
+    bool sample_new = tc && lum_heap_take_sample(heap, usable, usable);
+    if (tc) {
+        tc->free_count++;
+        tc->free_bytes += old_usable;
+        tc->alloc_count++;
+        tc->alloc_bytes += usable;
+        tc->large_count++;
+        tc->large_bytes += usable;
     }
-    /* For the profiler a realloc is a free and an allocation: the old sample ends, and the
-     * new block is sampled (or not) like any allocation of its size. */
-    if (l->sampled) lum_on_sample_free(p, l->usable);
-    lum_on_large_free(p, l->usable);
     l->map_base = base;
     l->map_size = map_size;
     l->usable = usable;
     l->requested = size;
     l->user = base + offset;
-    l->sampled = 0;
-    if (heap != &lum_empty_heap) {
-        lum_on_large_alloc(&heap->tc, l->user, size, usable);
+    if (tc) {
+        lum_on_large_alloc(tc, l->user, size, usable);
         if (sample_new) {
             l->sampled = 1;
-            heap->tc.sampled_count++;
-            lum_on_sample(&heap->tc, l->user, size, usable);
+            tc->sampled_count++;
+            lum_on_sample(tc, l->user, size, usable);
         }
     }
     return l->user;

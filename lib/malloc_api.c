@@ -108,9 +108,8 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
     if (bytes >= lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_armed &&
         heap != &lum_empty_heap) {
         /* fresh mappings are already zero: only a recycled one is cleared */
-        size_t pages = (bytes + 4095) & ~(size_t)4095;
-        bool sampled = lum_heap_take_sample(heap, pages, pages);
-        void *p = lum_large_alloc(heap, bytes, 0, true, sampled);
+        lum_background_maybe_start();
+        void *p = lum_large_alloc(heap, bytes, 0, true, true);
         return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
     }
     void *p = alloc_small_fast(bytes);

@@ -262,7 +262,10 @@ void lum_segments_collapse(void)
     int n = 0;
     lum_lock(&lum_segment_lock);
     for (struct lum_segment *seg = segments; seg && n < 16; seg = seg->next) {
-        if (seg->collapsed || __builtin_popcountll(seg->free_slices) > LUM_SLICES / 8) continue;
+        /* a collapse faults in free slices too: skip segments with purged ones */
+        if (seg->collapsed || __builtin_popcountll(seg->free_slices) > LUM_SLICES / 8 ||
+            (seg->free_slices & seg->purged_slices))
+            continue;
         seg->collapsed = 1;
         todo[n++] = lum_seg_base(seg);
     }
