@@ -254,11 +254,7 @@ LUM_NOINLINE void lum_page_empty(struct lum_heap *heap, struct lum_page *page)
 
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b)
 {
-#if LUM_HARDENED
-    lum_hardened_check_free(page, b);
-#endif
-    lum_free_set_next(page, b, page->free);
-    page->free = b;
+    lum_page_push_free(page, b);
     if (page->in_full) page_unfull(heap, page);
     if (--page->used == 0) page_retire(heap, page);
 }

@@ -255,6 +255,17 @@ static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, 
 }
 #endif
 
+/* Returns block b to its page's free list (the owner, or the sampled-page lock, holds the page). */
+static inline void lum_page_push_free(struct lum_page *page, lum_block *b)
+{
+#if LUM_HARDENED
+    lum_hardened_check_free(page, b);
+#endif
+    lum_free_set_next(page, b, page->free);
+    page->free = b;
+}
+
+
 /* ---- os.c ---- */
 void *lum_os_map(size_t size);
 void *lum_os_map_aligned(size_t size, size_t alignment);

@@ -54,12 +54,7 @@ static inline void free_fast(void *p)
     struct lum_page *page = lum_page_of(p);
     struct lum_heap *heap = lum_tls_heap;
     if (LUM_LIKELY(lum_page_fast(page) == heap)) {
-        lum_block *b = p;
-#if LUM_HARDENED
-        lum_hardened_check_free(page, b);
-#endif
-        lum_free_set_next(page, b, page->free);
-        page->free = b;
+        lum_page_push_free(page, p);
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
         if (LUM_UNLIKELY(--page->used == 0)) lum_page_empty(heap, page);

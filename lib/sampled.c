@@ -73,12 +73,7 @@ void lum_sampled_free(struct lum_page *page, void *p)
         heap->tc.free_bytes += page->block_size;
     }
     lum_lock(&lum_sampled_lock);
-    lum_block *b = p;
-#if LUM_HARDENED
-    lum_hardened_check_free(page, b);
-#endif
-    lum_free_set_next(page, b, page->free);
-    page->free = b;
+    lum_page_push_free(page, p);
     if (--page->used == 0 && sampled_pages[page->cls].head != page) {
         lum_list_remove(&sampled_pages[page->cls], page);
         lum_page_release(page);

@@ -381,16 +381,7 @@ static int handle_event(void *ctx, void *data, size_t len)
 
 static void lost_counts(struct allocsnoop_bpf *skel, uint64_t out[SNOOP_LOST_MAX])
 {
-    memset(out, 0, sizeof(uint64_t) * SNOOP_LOST_MAX);
-    int ncpu = libbpf_num_possible_cpus();
-    uint64_t *v = calloc((size_t)ncpu, sizeof(uint64_t));
-    if (!v)
-        return;
-    for (uint32_t k = 0; k < SNOOP_LOST_MAX; k++)
-        if (bpf_map_lookup_elem(bpf_map__fd(skel->maps.lost), &k, v) == 0)
-            for (int c = 0; c < ncpu; c++)
-                out[k] += v[c];
-    free(v);
+    tc_sum_percpu(bpf_map__fd(skel->maps.lost), out, SNOOP_LOST_MAX);
 }
 
 static int cmp_inuse(const void *a, const void *b)

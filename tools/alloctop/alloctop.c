@@ -225,17 +225,8 @@ static int handle_event(void *ctx, void *data, size_t len)
 static void lost_counts(uint64_t out[TOP_LOST_MAX])
 {
     memset(out, 0, sizeof(uint64_t) * TOP_LOST_MAX);
-    if (!skel)
-        return;
-    int ncpu = libbpf_num_possible_cpus();
-    uint64_t *v = calloc((size_t)ncpu, sizeof(uint64_t));
-    if (!v)
-        return;
-    for (uint32_t k = 0; k < TOP_LOST_MAX; k++)
-        if (bpf_map_lookup_elem(bpf_map__fd(skel->maps.lost), &k, v) == 0)
-            for (int c = 0; c < ncpu; c++)
-                out[k] += v[c];
-    free(v);
+    if (skel)
+        tc_sum_percpu(bpf_map__fd(skel->maps.lost), out, TOP_LOST_MAX);
 }
 
 /* The `sample` probe is the only frequent one, and only the sites view needs it: attach it

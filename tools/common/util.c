@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/capability.h>
+#include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
 #include "tc.h"
@@ -34,6 +35,20 @@ FILE *tc_open_report(const char *path)
     FILE *f = fdopen(fd, "w");
     if (!f) close(fd);
     return f;
+}
+
+void tc_sum_percpu(int map_fd, uint64_t *out, uint32_t n)
+{
+    memset(out, 0, sizeof(uint64_t) * n);
+    int ncpu = libbpf_num_possible_cpus();
+    uint64_t *v = ncpu > 0 ? calloc((size_t)ncpu, sizeof(uint64_t)) : NULL;
+    if (!v)
+        return;
+    for (uint32_t k = 0; k < n; k++)
+        if (bpf_map_lookup_elem(map_fd, &k, v) == 0)
+            for (int c = 0; c < ncpu; c++)
+                out[k] += v[c];
+    free(v);
 }
 
 void tc_warn(const char *fmt, ...)
