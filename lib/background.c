@@ -95,7 +95,7 @@ static uint64_t psi_total_us(void)
 static size_t release_everything(uint32_t reason)
 {
     size_t released = lum_large_cache_purge();
-    released += lum_abandoned_reclaim();
+    released += lum_abandoned_reclaim(true);
     released += lum_segments_purge(true, reason);
     return released;
 }
@@ -142,11 +142,11 @@ static void *bg_main(void *arg)
         }
         /* decay: what has been free for decay_ms goes back; look again while any is left */
         atomic_store(&dirty, 0);
-        lum_abandoned_reclaim(); /* pages of exited threads that others have emptied since */
+        lum_abandoned_reclaim(false); /* pages of exited threads emptied since, or unused */
         lum_segments_purge(false, LUM_PURGE_DECAY);
         lum_large_cache_decay();
         lum_segments_collapse();
-        if (lum_segments_dirty() || lum_large_cache_bytes()) atomic_store(&dirty, 1);
+        if (lum_segments_dirty() || lum_large_cache_bytes() || !lum_abandoned_idle()) atomic_store(&dirty, 1);
     }
     atomic_store(&bg_running, 0);
     atomic_store(&bg_state, 2);

@@ -211,6 +211,50 @@ static void forward_inbox(struct lum_heap *heap)
     }
 }
 
+/* Empty pages of exited threads kept on the abandoned lists, counted by the bytes carved in
+ * them (about what they hold resident).  Under lum_abandoned_lock. */
+static size_t abandoned_empty_bytes;
+#define LUM_ABANDONED_EMPTY_MAX ((size_t)4 << 20)
+
+static size_t page_carved_bytes(const struct lum_page *page)
+{
+    return (size_t)page->carved * page->block_size;
+}
+
+/* Puts a page its owner lets go of on the abandoned list; false (the caller releases it) for an
+ * empty page over the bound. */
+static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
+{
+    bool empty = page->used == 0;
+    lum_lock(&lum_abandoned_lock);
+    if (empty && abandoned_empty_bytes + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
+        lum_unlock(&lum_abandoned_lock);
+        atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+        return false;
+    }
+    atomic_store_explicit(&page->owner, NULL, memory_order_release);
+    /* pages with live blocks first: adopting those fills their holes */
+    if (empty) {
+        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes + page_carved_bytes(page), __ATOMIC_RELAXED);
+        lum_list_push_back(&lum_abandoned[cls], page);
+    } else {
+        lum_list_push_front(&lum_abandoned[cls], page);
+    }
+    page->abandoned = 1 + empty;
+    page->abandoned_ms = now;
+    lum_unlock(&lum_abandoned_lock);
+    return true;
+}
+
+/* Takes page off lum_abandoned[cls] (caller holds lum_abandoned_lock). */
+static void abandoned_unlink(struct lum_page *page)
+{
+    lum_list_remove(&lum_abandoned[page->cls], page);
+    if (page->abandoned == 2)
+        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes - page_carved_bytes(page), __ATOMIC_RELAXED);
+    page->abandoned = 0;
+}
+
 static void page_unfull(struct lum_heap *heap, struct lum_page *page)
 {
     lum_list_remove(&heap->full[page->cls], page);
@@ -234,7 +278,8 @@ static void page_retire(struct lum_heap *heap, struct lum_page *page)
     /* A ring of live objects empties pages in turn and needs a fresh one just after: keep a
      * couple per class instead of a trip through the segment lock each time. */
     size_t bytes = (size_t)page->slices * LUM_SLICE_SIZE;
-    if (!page->in_full && heap->retained_count[cls] < LUM_RETAIN_EMPTY_PER_CLASS &&
+    bool allocating = heap->current[cls] != &lum_empty_page;
+    if (!page->in_full && allocating && heap->retained_count[cls] < LUM_RETAIN_EMPTY_PER_CLASS &&
         heap->retained_bytes + bytes <= LUM_RETAIN_EMPTY_BYTES) {
         page->retained = 1;
         heap->retained_count[cls]++;
@@ -243,6 +288,11 @@ static void page_retire(struct lum_heap *heap, struct lum_page *page)
     }
     lum_list_remove(page->in_full ? &heap->full[cls] : &heap->avail[cls], page);
     lum_page_set_fast(page, NULL);
+    page->in_full = 0;
+    page->next = page->prev = NULL;
+    /* A page of a class this heap does not allocate from (one it adopted by freeing into it)
+     * goes back where a thread that needs the class will look first. */
+    if (!allocating && abandon_page(page, cls, lum_now_ms())) return;
     lum_page_release(page);
 }
 
@@ -276,6 +326,8 @@ static void drain_inbox(struct lum_heap *heap)
 
 /* ---- page supply ---- */
 
+
+
 static bool page_has_room(struct lum_page *page)
 {
     if (page->free) return true;
@@ -292,7 +344,7 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
     lum_lock(&lum_abandoned_lock);
     struct lum_page *page = lum_abandoned[cls].head;
     if (page) {
-        lum_list_remove(&lum_abandoned[cls], page);
+        abandoned_unlink(page);
         atomic_store_explicit(&page->owner, heap, memory_order_release);
         page->in_full = 0;
         lum_list_push_front(&heap->avail[cls], page);
@@ -301,6 +353,27 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
     lum_unlock(&lum_abandoned_lock);
     if (page) lum_page_collect(page);
     return page;
+}
+
+/* A free into a page nobody owns (its thread exited): the freeing thread takes the page over,
+ * as mimalloc's reclaim-on-free does.  Left alone, the page would keep its freed blocks on
+ * thread_free until some thread needed that class or the background thread came by, and a
+ * program whose threads come and go would pin memory in every class they touched. */
+static bool adopt_on_free(struct lum_heap *heap, struct lum_page *page)
+{
+    lum_lock(&lum_abandoned_lock);
+    bool taken = page->abandoned;
+    if (taken) {
+        unsigned cls = page->cls;
+        abandoned_unlink(page);
+        atomic_store_explicit(&page->owner, heap, memory_order_release);
+        page->in_full = 0;
+        lum_list_push_back(&heap->avail[cls], page);
+        lum_page_set_fast(page, heap);
+    }
+    lum_unlock(&lum_abandoned_lock);
+    if (taken) lum_page_collect(page);
+    return taken;
 }
 
 /* The current page for cls has nothing left: find the next page with room. */
@@ -335,6 +408,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         page->in_full = 1;
         lum_page_set_fast(page, NULL);
     }
+    lum_abandoned_decay();
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
         lum_heap_set_current(heap, cls, &lum_empty_page);
@@ -448,8 +522,9 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
     if (heap && heap != &lum_empty_heap) {
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
-        if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) {
-            lum_heap_local_free(heap, page, p); /* our page, parked on the full list */
+        struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
+        if (owner == heap || (owner == NULL && adopt_on_free(heap, page))) {
+            lum_heap_local_free(heap, page, p); /* our page: parked on the full list, or adopted */
             return;
         }
     }
@@ -469,7 +544,12 @@ static void page_recount(struct lum_page *page)
 
 static bool recount_on_abandon;
 
-static void abandon_list(struct lum_page_list *list, unsigned cls)
+/* An exited thread's empty pages are kept, free lists and all, for the next thread that needs
+ * their class (bounded, and for the decay time): a thread-per-request server then reuses the
+ * same memory for the same classes.  Released to their segments instead, a slice would host
+ * one class's page after another's, and the set of pages ever touched would creep over the
+ * whole segment. */
+static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
 {
     struct lum_page *page;
     while ((page = list->head) != NULL) {
@@ -480,16 +560,10 @@ static void abandon_list(struct lum_page_list *list, unsigned cls)
         page->in_full = 0;
         page->retained = 0;
         page->next = page->prev = NULL;
-        if (page->used == 0) {
-            lum_page_release(page);
-        } else {
-            atomic_store_explicit(&page->owner, NULL, memory_order_release);
-            lum_lock(&lum_abandoned_lock);
-            lum_list_push_back(&lum_abandoned[cls], page);
-            lum_unlock(&lum_abandoned_lock);
-        }
+        if (!abandon_page(page, cls, now)) lum_page_release(page);
     }
 }
+
 
 /* Hands every page to the abandoned lists (adopted by whichever thread next needs that class)
  * and recycles the heap record.  Also used in a fork child for the threads that did not
@@ -503,11 +577,12 @@ void lum_heap_abandon(struct lum_heap *heap)
     lum_lock(&lum_heaps_lock);
     drain_inbox(heap);
     heap->retained_bytes = 0;
+    uint64_t now = lum_now_ms();
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         lum_heap_set_current(heap, c, &lum_empty_page);
         heap->retained_count[c] = 0;
-        abandon_list(&heap->avail[c], c);
-        abandon_list(&heap->full[c], c);
+        abandon_list(&heap->avail[c], c, now);
+        abandon_list(&heap->full[c], c, now);
     }
     drain_inbox(heap); /* frees that raced with the abandonment: forwarded to the pages */
     heap->alive = 0;
@@ -526,10 +601,10 @@ static void heap_teardown(void *arg)
     lum_heap_abandon(heap);
 }
 
-/* Abandoned pages whose blocks have all come back: return them to their segments. */
-size_t lum_abandoned_reclaim(void)
+size_t lum_abandoned_reclaim(bool all)
 {
     size_t bytes = 0;
+    uint64_t now = lum_now_ms();
     lum_lock(&lum_heaps_lock);
     for (struct lum_heap *h = heap_pool; h; h = h->next_pool) forward_inbox(h);
     lum_unlock(&lum_heaps_lock);
@@ -539,8 +614,8 @@ size_t lum_abandoned_reclaim(void)
         while (page) {
             struct lum_page *next = page->next;
             lum_page_collect(page);
-            if (page->used == 0) {
-                lum_list_remove(&lum_abandoned[c], page);
+            if (page->used == 0 && (all || now - page->abandoned_ms >= lum_opt.decay_ms)) {
+                abandoned_unlink(page);
                 bytes += (size_t)page->slices * LUM_SLICE_SIZE;
                 lum_page_release(page);
             }
@@ -549,6 +624,22 @@ size_t lum_abandoned_reclaim(void)
     }
     lum_unlock(&lum_abandoned_lock);
     return bytes;
+}
+
+/* No empty abandoned page waits for its decay (the background thread may stop looking). */
+bool lum_abandoned_idle(void)
+{
+    return __atomic_load_n(&abandoned_empty_bytes, __ATOMIC_RELAXED) == 0;
+}
+
+void lum_abandoned_decay(void)
+{
+    static uint64_t last_ms;
+    uint64_t now = lum_now_ms(), last = __atomic_load_n(&last_ms, __ATOMIC_RELAXED);
+    uint64_t period = lum_opt.decay_ms / 4 ? lum_opt.decay_ms / 4 : 1;
+    if (now - last < period || lum_abandoned_idle()) return;
+    if (!__atomic_compare_exchange_n(&last_ms, &last, now, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return;
+    lum_abandoned_reclaim(false);
 }
 
 void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg)

@@ -75,6 +75,7 @@ struct lum_page {
     uint8_t kind;
     uint8_t in_full;            /* on the owner's full list */
     uint8_t retained;           /* empty, kept by its heap for reuse (counted in retained_*) */
+    uint8_t abandoned;          /* on lum_abandoned[cls] (under lum_abandoned_lock) */
     uint8_t slices;             /* span length; 0 when the page struct is not in use */
     uint32_t capacity;          /* blocks the span can hold */
     uint32_t carved;            /* blocks carved from the span so far (the rest is untouched) */
@@ -82,6 +83,7 @@ struct lum_page {
     _Atomic(struct lum_heap *) owner; /* NULL while abandoned */
     _Atomic(lum_block *) thread_free; /* frees that arrived while abandoned */
     struct lum_page *next, *prev;     /* in the owner's per-class lists or a global list */
+    uint64_t abandoned_ms;            /* when it went on the abandoned list (decay of empty ones) */
 #if LUM_HARDENED
     uintptr_t key;                    /* free-list pointer encoding */
 #endif
@@ -338,7 +340,13 @@ void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 void lum_background_maybe_start(void);
 void lum_background_note_dirty(void);
 void lum_background_after_fork_child(void);
-size_t lum_abandoned_reclaim(void);
+/* Returns abandoned pages whose blocks have all come back to their segments: every one (all),
+ * or those abandoned at least the decay time ago. */
+size_t lum_abandoned_reclaim(bool all);
+/* Abandoned empty pages are kept for the next thread to need their class, for the decay
+ * time: the slow path calls this to let them go when no background thread runs. */
+void lum_abandoned_decay(void);
+bool lum_abandoned_idle(void);
 bool lum_segments_dirty(void);
 size_t lum_segments_dirty_bytes(void);
 void lum_segments_collapse(void);

@@ -214,7 +214,7 @@ LUM_EXPORT void *lum_pvalloc(size_t size)
 LUM_EXPORT size_t lum_purge(void)
 {
     size_t released = lum_large_cache_purge();
-    lum_abandoned_reclaim();
+    lum_abandoned_reclaim(true);
     released += lum_segments_purge(true, LUM_PURGE_EXPLICIT);
     return released;
 }

@@ -2,8 +2,9 @@
  * collecting blocks freed while the page had no owner. */
 #include "internal.h"
 
-/* Carve at most this many bytes at a time: a fresh page is faulted in as it is used. */
-#define CARVE_BYTES 8192
+/* Carve at most one OS page at a time: a fresh page is faulted in as it is used, and a class a
+ * thread barely uses costs it 4 KiB, not more. */
+#define CARVE_BYTES 4096
 
 bool lum_page_refill(struct lum_page *page)
 {

@@ -153,6 +153,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->used = 0;
     page->in_full = 0;
     page->retained = 0;
+    page->abandoned = 0;
     lum_page_set_fast(page, NULL);
     page->next = page->prev = NULL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);

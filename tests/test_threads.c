@@ -152,6 +152,81 @@ static void thread_churn_keeps_rss_bounded(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+/* ---- pages of exited threads serve the next thread of the same class ---- */
+
+/* the first size: a class the other tests here never use (they leave pages of theirs about) */
+#define HANDOVER_CLASSES 12
+#define HANDOVER_BLOCKS 4
+#define HANDOVER_THREADS 400
+static const size_t handover_sizes[HANDOVER_CLASSES] = {12288, 48, 112, 208, 416, 832, 1664, 2560, 64, 160, 320, 640};
+
+struct handover {
+    uint64_t rng;
+    void *keep[HANDOVER_CLASSES];
+    uintptr_t slices[HANDOVER_THREADS * HANDOVER_BLOCKS]; /* those the first class's blocks used */
+    int nslices;
+};
+
+static void note_slice(struct handover *h, void *p)
+{
+    uintptr_t s = (uintptr_t)p >> 16;
+    for (int i = 0; i < h->nslices; i++)
+        if (h->slices[i] == s) return;
+    h->slices[h->nslices++] = s;
+}
+
+static void *hand_over(void *arg)
+{
+    struct handover *h = arg;
+    int order[HANDOVER_CLASSES];
+    for (int i = 0; i < HANDOVER_CLASSES; i++) order[i] = i;
+    for (int i = HANDOVER_CLASSES - 1; i > 0; i--) { /* a new order of first use every time */
+        int j = (int)(xorshift(&h->rng) % (uint64_t)(i + 1)), t = order[i];
+        order[i] = order[j];
+        order[j] = t;
+    }
+    for (int k = 0; k < HANDOVER_CLASSES; k++) {
+        int c = order[k];
+        void *mine[HANDOVER_BLOCKS];
+        for (int i = 0; i < HANDOVER_BLOCKS; i++) {
+            mine[i] = p_malloc(handover_sizes[c]);
+            memset(mine[i], c, handover_sizes[c]);
+            if (c == 0) note_slice(h, mine[i]);
+        }
+        /* one block of the others outlives the thread (the main thread frees it); the first
+         * class's page is empty when the thread exits */
+        h->keep[c] = c ? mine[0] : NULL;
+        for (int i = c ? 1 : 0; i < HANDOVER_BLOCKS; i++) free(mine[i]);
+    }
+    return NULL;
+}
+
+/* Each thread's pages are abandoned at its exit, empty or with one live block that the main
+ * thread then frees (adopting the page and, as it does not allocate from that class, handing
+ * it back empty).  The next thread must find those pages again, whatever order it uses its
+ * classes in: if an empty page went back to its segment instead, the next thread's first class
+ * would take its slice, and over many threads every class would touch every slice (RSS
+ * creeping over whole segments). */
+static void exited_threads_pages_serve_the_next_thread(void **state)
+{
+    (void)state;
+    static struct handover h = { .rng = 0x9e3779b97f4a7c15ULL };
+    for (int i = 0; i < HANDOVER_THREADS; i++) {
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, hand_over, &h), 0);
+        pthread_join(t, NULL);
+        for (int c = 1; c < HANDOVER_CLASSES; c++) {
+            assert_int_equal(((unsigned char *)h.keep[c])[1], c);
+            free(h.keep[c]);
+        }
+    }
+    printf("# %d threads: blocks of %zu B were in %d distinct 64 KiB slices\n", HANDOVER_THREADS,
+           handover_sizes[0], h.nslices);
+    /* one page serves them all (one more for the sampled blocks among them) */
+    assert_true(h.nslices <= 2);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
 /* ---- fork while other threads allocate ---- */
 
 static void *allocate_forever(void *arg)
@@ -242,6 +317,7 @@ int main(void)
         cmocka_unit_test(per_thread_counters_are_exact),
         cmocka_unit_test(cross_thread_frees_keep_contents),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
+        cmocka_unit_test(exited_threads_pages_serve_the_next_thread),
         cmocka_unit_test(fork_under_load),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
