@@ -185,17 +185,59 @@ static void push_atomic(_Atomic(lum_block *) *list, lum_block *b)
                                                     memory_order_relaxed));
 }
 
-/* A block whose page this thread does not own: message it to the owner's inbox (one CAS, no
- * lock), or leave it on the page itself while nobody owns the page. */
+/* A page's thread_free list carries this mark (and no blocks) while the page sits on its
+ * owner's full list: the owner would not look at the page again by itself, so the first remote
+ * free after the mark takes it off and sends its block to the owner's inbox, which brings the
+ * page back to the avail list.  Mark and list share one word, so a free either lands on the list
+ * before the owner parks the page (and the owner sees it) or finds the mark (mimalloc's
+ * delayed free). */
+#define LUM_TF_FULL ((lum_block *)(uintptr_t)1)
+
+/* A block whose page this thread does not own.  It goes on the page's own thread_free list (one
+ * CAS on a line the owner seldom touches; the owner collects the list when it next looks for
+ * room in that page), to the owner's inbox when the page is parked full, or stays on the page
+ * while nobody owns it. */
 static void free_remote(struct lum_page *page, lum_block *b)
 {
     struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
-    if (owner) {
-        push_atomic(&owner->inbox, b);
-    } else {
-        push_atomic(&page->thread_free, b);
-        lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+    lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+    for (;;) {
+        if (head == LUM_TF_FULL) {
+            if (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head, NULL, memory_order_acq_rel,
+                                                       memory_order_relaxed))
+                continue;
+            /* the mark was the current owner's: look it up again (the page may have changed
+             * hands since the load above; a stale owner's inbox forwards, see drain_inbox) */
+            owner = atomic_load_explicit(&page->owner, memory_order_acquire);
+            if (owner) {
+                push_atomic(&owner->inbox, b);
+                return;
+            }
+            head = NULL;
+        }
+        b->next = head;
+        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, b, memory_order_release,
+                                                  memory_order_relaxed))
+            break;
     }
+    if (!owner) lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+}
+
+/* The owner parks a page with no room on its full list only if no remote free has arrived since
+ * it last collected: false when one has (the caller collects it and goes on with the page). */
+static bool page_mark_full(struct lum_page *page)
+{
+    lum_block *expected = NULL;
+    return atomic_compare_exchange_strong_explicit(&page->thread_free, &expected, LUM_TF_FULL,
+                                                   memory_order_acq_rel, memory_order_acquire);
+}
+
+static void page_unmark_full(struct lum_page *page)
+{
+    lum_block *expected = LUM_TF_FULL;
+    /* fails when a remote free took the mark off already: nothing to do then */
+    atomic_compare_exchange_strong_explicit(&page->thread_free, &expected, NULL, memory_order_acq_rel,
+                                            memory_order_relaxed);
 }
 
 /* A heap record whose thread has gone (pooled, or a fork child's dead thread) owns no pages:
@@ -257,6 +299,7 @@ static void abandoned_unlink(struct lum_page *page)
 
 static void page_unfull(struct lum_heap *heap, struct lum_page *page)
 {
+    page_unmark_full(page);
     lum_list_remove(&heap->full[page->cls], page);
     lum_list_push_back(&heap->avail[page->cls], page);
     page->in_full = 0;
@@ -376,6 +419,22 @@ static bool adopt_on_free(struct lum_heap *heap, struct lum_page *page)
     return taken;
 }
 
+/* Moves a page with no room to the full list, where only a free brings it back (fast_heap NULL
+ * sends the owner's frees to the slow path, the full mark sends remote ones to the inbox).
+ * False when remote frees arrived meanwhile: they are collected and the page has room. */
+static bool page_park_full(struct lum_heap *heap, struct lum_page *page)
+{
+    if (!page_mark_full(page)) {
+        lum_page_collect(page);
+        return false;
+    }
+    lum_list_remove(&heap->avail[page->cls], page);
+    lum_list_push_back(&heap->full[page->cls], page);
+    page->in_full = 1;
+    lum_page_set_fast(page, NULL);
+    return true;
+}
+
 /* The current page for cls has nothing left: find the next page with room. */
 static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsigned cls)
 {
@@ -384,30 +443,15 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         if (page_has_room(page)) return page;
         drain_inbox(heap);
         if (page->free) return page;
-        /* Full: park it where only a free can bring it back (fast_heap NULL sends that free to
-         * the slow path, which moves it to avail again), and stop serving from it. */
-        lum_list_remove(&heap->avail[cls], page);
-        lum_list_push_back(&heap->full[cls], page);
-        page->in_full = 1;
-        lum_page_set_fast(page, NULL);
+        if (!page_park_full(heap, page)) return page;
         lum_heap_set_current(heap, cls, &lum_empty_page);
     } else {
         drain_inbox(heap);
     }
-    while ((page = heap->avail[cls].head) != NULL) {
-        if (page_has_room(page)) goto found;
-        lum_list_remove(&heap->avail[cls], page);
-        lum_list_push_back(&heap->full[cls], page);
-        page->in_full = 1;
-        lum_page_set_fast(page, NULL);
-    }
-    while ((page = adopt_abandoned(heap, cls)) != NULL) {
-        if (page_has_room(page)) goto found;
-        lum_list_remove(&heap->avail[cls], page);
-        lum_list_push_back(&heap->full[cls], page);
-        page->in_full = 1;
-        lum_page_set_fast(page, NULL);
-    }
+    while ((page = heap->avail[cls].head) != NULL)
+        if (page_has_room(page) || !page_park_full(heap, page)) goto found;
+    while ((page = adopt_abandoned(heap, cls)) != NULL)
+        if (page_has_room(page) || !page_park_full(heap, page)) goto found;
     lum_abandoned_decay();
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
@@ -555,6 +599,7 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
     while ((page = list->head) != NULL) {
         lum_list_remove(list, page);
         if (recount_on_abandon) page_recount(page);
+        if (page->in_full) page_unmark_full(page);
         lum_page_collect(page);
         lum_page_set_fast(page, NULL);
         page->in_full = 0;

@@ -41,9 +41,9 @@ bool lum_page_refill(struct lum_page *page)
 
 uint32_t lum_page_collect(struct lum_page *page)
 {
-    if (!atomic_load_explicit(&page->thread_free, memory_order_relaxed)) return 0;
+    /* nothing, or only the owner's full mark (1: heap.c), which stays */
+    if ((uintptr_t)atomic_load_explicit(&page->thread_free, memory_order_relaxed) <= 1) return 0;
     lum_block *list = atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
-    if (!list) return 0;
     uint32_t n = 0;
     /* thread_free is linked plainly (pushed by other threads); re-link onto the page list */
     while (list) {
