@@ -514,7 +514,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
-    if (!lum_fail_armed &&
+    if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample &&
         lum_heap_take_sample(heap, lum_class_size[cls], lum_class_size[lum_sampled_class(cls)])) {
         void *p = lum_sampled_alloc(heap, size, cls);
         if (p) return p;
