@@ -39,6 +39,11 @@ int lum_write_all(int fd, const void *p, size_t n);
  * hook_ret is __builtin_return_address(0) of the lum_on_* hook the core called.  Returns the
  * depth.  Must be called with lum_obs_busy set. */
 uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret);
+/* The same from a frame of the caller's caller known without unwinding: its code address, and
+ * rsp and rbp as they were there (see lum_on_sample).  Skips the context capture and the walk
+ * through the innermost frames; falls back to lum_unwind when the rule cache cannot take it. */
+uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
+                         uintptr_t hook_ret);
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
 /* Cumulative unwinding cost, for lum_prof_get_stats. */
 extern uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;

@@ -59,7 +59,7 @@ void lum_threads_foreach(void (*fn)(const struct lum_thread_counters_v1 *, void 
 /* fork(): a child must not inherit our locks held by threads that do not exist there.  Our
  * locks are never held while calling into the core, and the core never holds its locks while
  * calling our hooks, so these handlers are independent of the core's own. */
-extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock;
+extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
 
 static void fork_prepare(void)
 {
@@ -80,6 +80,8 @@ static void fork_child(void)
     pthread_mutex_init(&lum_obs_arena_lock, NULL);
     pthread_mutex_init(&lum_warn_lock, NULL);
     pthread_mutex_init(&lum_prof_lock, NULL);
+    /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
+    pthread_mutex_init(&lum_unwind_rules_lock, NULL);
 }
 
 /* A constructor, not lum_observe_init: pthread_atfork may allocate, and lum_observe_init runs

@@ -1,30 +1,52 @@
 /* Live sampled allocations, keyed by address: a free of a sampled block finds its weight and
  * stack here, so live-heap estimates and the sample_free probe carry the same figures as the
- * sample.  Chained hash over a fixed bucket array, nodes recycled through a free list. */
+ * sample.  Chained hash, nodes recycled through a free list.  The bucket array is sized to what
+ * is live (one bucket per record at most, from 512 buckets, 4 KiB) and doubled as it fills:
+ * a fixed 64k-bucket array cost every process up to 512 KiB of RSS, touched at random. */
 #include <string.h>
 #include "obs_internal.h"
 
-#define NBUCKETS (1u << 16)
+#define MIN_BITS 9
+#define MAX_BITS 24
 
 uint64_t lum_records_dropped;
 static struct lum_rec **buckets;
+static unsigned bits;
 static struct lum_rec *free_nodes;
 static uint64_t live;
 
-static inline size_t bucket_of(uintptr_t p)
+static inline size_t bucket_of(uintptr_t p, unsigned b)
 {
-    uint64_t h = (uint64_t)p * 0x9e3779b97f4a7c15ULL;
-    return (size_t)(h >> 48) & (NBUCKETS - 1);
+    return (size_t)(((uint64_t)p * 0x9e3779b97f4a7c15ULL) >> (64 - b));
+}
+
+/* Moves every record to a table of 2^nb buckets; keeps the old one if mmap fails. */
+static void rehash(unsigned nb)
+{
+    struct lum_rec **nbk = lum_obs_pages(sizeof *nbk << nb);
+    if (!nbk)
+        return;
+    for (size_t i = 0; buckets && i < (size_t)1 << bits; i++) {
+        for (struct lum_rec *n = buckets[i], *next; n; n = next) {
+            next = n->next;
+            struct lum_rec **b = &nbk[bucket_of(n->ptr, nb)];
+            n->next = *b;
+            *b = n;
+        }
+    }
+    if (buckets)
+        lum_obs_free_pages(buckets, sizeof *buckets << bits);
+    buckets = nbk;
+    bits = nb;
 }
 
 bool lum_records_insert(const struct lum_rec *r)
 {
+    if (!buckets || (live >= (uint64_t)1 << bits && bits < MAX_BITS))
+        rehash(buckets ? bits + 1 : MIN_BITS);
     if (!buckets) {
-        buckets = lum_obs_alloc(NBUCKETS * sizeof *buckets);
-        if (!buckets) {
-            lum_records_dropped++;
-            return false;
-        }
+        lum_records_dropped++;
+        return false;
     }
     struct lum_rec *n = free_nodes;
     if (n) {
@@ -37,7 +59,7 @@ bool lum_records_insert(const struct lum_rec *r)
         }
     }
     *n = *r;
-    struct lum_rec **b = &buckets[bucket_of(r->ptr)];
+    struct lum_rec **b = &buckets[bucket_of(r->ptr, bits)];
     n->next = *b;
     *b = n;
     live++;
@@ -48,7 +70,7 @@ bool lum_records_remove(uintptr_t ptr, struct lum_rec *out)
 {
     if (!buckets)
         return false;
-    for (struct lum_rec **pp = &buckets[bucket_of(ptr)]; *pp; pp = &(*pp)->next) {
+    for (struct lum_rec **pp = &buckets[bucket_of(ptr, bits)]; *pp; pp = &(*pp)->next) {
         struct lum_rec *n = *pp;
         if (n->ptr != ptr)
             continue;

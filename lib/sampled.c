@@ -13,8 +13,15 @@ static struct lum_page_list sampled_pages[LUM_CLASSES];
  * class's size is a multiple of its alignment too. */
 unsigned lum_sampled_class(unsigned cls)
 {
-    while (lum_class_size[cls] & (lum_class_size[cls] - 1)) cls++;
-    return cls;
+    /* The malloc slow path asks on every sampling check: remembered per class (as class + 1,
+     * 0 = not yet known; racing threads store the same value). */
+    static uint8_t memo[LUM_CLASSES];
+    unsigned c = __atomic_load_n(&memo[cls], __ATOMIC_RELAXED);
+    if (c)
+        return c - 1;
+    for (c = cls; lum_class_size[c] & (lum_class_size[c] - 1); c++) {}
+    __atomic_store_n(&memo[cls], (uint8_t)(c + 1), __ATOMIC_RELAXED);
+    return c;
 }
 
 /* Pops a block of class cls from the sampled pages; a new sampled page is made only when
@@ -37,6 +44,13 @@ static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
     page->used++;
+    /* A page with nothing left to hand out goes to the back, so the next pop finds a page with
+     * free blocks first instead of walking past the full ones (lum_sampled_free brings it back
+     * to the front). */
+    if (!page->free && page->carved >= page->capacity && page->next) {
+        lum_list_remove(&sampled_pages[cls], page);
+        lum_list_push_back(&sampled_pages[cls], page);
+    }
     lum_unlock(&lum_sampled_lock);
     *block_size = page->block_size;
     heap->tc.alloc_count++;
@@ -73,10 +87,21 @@ void lum_sampled_free(struct lum_page *page, void *p)
         heap->tc.free_bytes += page->block_size;
     }
     lum_lock(&lum_sampled_lock);
+    bool was_full = !page->free && page->carved >= page->capacity;
     lum_page_push_free(page, p);
     if (--page->used == 0 && sampled_pages[page->cls].head != page) {
         lum_list_remove(&sampled_pages[page->cls], page);
         lum_page_release(page);
+    } else if (was_full && sampled_pages[page->cls].head != page) {
+        /* Only the head may stay empty (a spare): an empty head pushed down goes back now, or
+         * it would pin its segment for good. */
+        struct lum_page *old = sampled_pages[page->cls].head;
+        lum_list_remove(&sampled_pages[page->cls], page);
+        lum_list_push_front(&sampled_pages[page->cls], page);
+        if (old->used == 0) {
+            lum_list_remove(&sampled_pages[page->cls], old);
+            lum_page_release(old);
+        }
     }
     lum_unlock(&lum_sampled_lock);
 }

@@ -4,7 +4,9 @@
 #include <string.h>
 #include "obs_internal.h"
 
-#define NBUCKETS (1u << 16)
+/* The bucket array starts at 256 buckets (2 KiB) and doubles when the stacks outnumber the
+ * buckets: a fixed 64k-bucket array cost every process up to 512 KiB of RSS. */
+#define MIN_BITS 8
 /* Bounds metadata if a program has pathological numbers of distinct stacks (JIT code, deep
  * recursion): beyond this, samples are still counted per thread but not per stack. */
 #define MAX_STACKS (1u << 20)
@@ -13,19 +15,41 @@ pthread_mutex_t lum_prof_lock = PTHREAD_MUTEX_INITIALIZER;
 uint64_t lum_stacktab_dropped;
 
 static struct lum_stack **buckets;
+static unsigned bits;
 static struct lum_stack *all;
 static uint64_t nstacks;
 
+static inline size_t bucket_of(uint64_t id, unsigned b)
+{
+    return (size_t)((id * 0x9e3779b97f4a7c15ULL) >> (64 - b));
+}
+
+/* Moves every stack to a table of 2^nb buckets; keeps the old one if mmap fails. */
+static void rehash(unsigned nb)
+{
+    struct lum_stack **nbk = lum_obs_pages(sizeof *nbk << nb);
+    if (!nbk)
+        return;
+    for (struct lum_stack *s = all; s; s = s->anext) {
+        struct lum_stack **b = &nbk[bucket_of(s->id, nb)];
+        s->hnext = *b;
+        *b = s;
+    }
+    if (buckets)
+        lum_obs_free_pages(buckets, sizeof *buckets << bits);
+    buckets = nbk;
+    bits = nb;
+}
+
 struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint64_t id)
 {
+    if (!buckets || (nstacks >= (uint64_t)1 << bits && (1ull << bits) < MAX_STACKS))
+        rehash(buckets ? bits + 1 : MIN_BITS);
     if (!buckets) {
-        buckets = lum_obs_alloc(NBUCKETS * sizeof *buckets);
-        if (!buckets) {
-            lum_stacktab_dropped++;
-            return NULL;
-        }
+        lum_stacktab_dropped++;
+        return NULL;
     }
-    struct lum_stack **b = &buckets[(id ^ (id >> 29)) & (NBUCKETS - 1)];
+    struct lum_stack **b = &buckets[bucket_of(id, bits)];
     for (struct lum_stack *s = *b; s; s = s->hnext)
         if (s->id == id && s->depth == depth && !memcmp(s->frames, frames, depth * sizeof *frames))
             return s;

@@ -1,37 +1,42 @@
-/* In-process unwinding at sample time.  libunwind's unw_backtrace follows DWARF CFI, so stacks
- * are right in code built without frame pointers, and it does not call malloc (it caches
- * per-thread state in mmap-backed pools); measured ~3 us for ~18 frames on this machine. */
+/* In-process unwinding at sample time, right for code built without frame pointers.
+ *
+ * libunwind follows DWARF CFI and does not call malloc, but a walk through it costs ~80
+ * instructions a frame plus ~160 to set up a cursor (unw_backtrace, measured with callgrind;
+ * its per-thread trace cache also costs each sampling thread ~30 pages), and a sample's stack
+ * is mostly the same few frames again and again.  So the walk is split:
+ *
+ * - a rule cache, keyed by code address, says how to get from one frame to its caller on
+ *   x86-64: CFA = rsp + k or rbp + 16, the return address at CFA - 8, rbp restored from
+ *   CFA + off or unchanged, or "outermost frame".  A walk whose every address is in the cache
+ *   costs ~30 instructions a frame and touches nothing but the stack and the cache;
+ * - on a miss, libunwind walks the stack with unw_step from the same context, and the rule of
+ *   each frame is read off what it found: the caller's rsp is the CFA, unw_get_save_loc says
+ *   where rbp and the return address were saved.  A frame that sets up rbp as a frame pointer
+ *   (rbp saved at CFA - 16 and pointing at it) gets the rbp rule, which stays right where rsp
+ *   moves (alloca, VLAs); any other frame has a fixed rsp offset at a call site.  Frames that
+ *   fit neither (signal frames, rbp restored from a register, odd save slots) are not cached,
+ *   so a stack through them always takes the libunwind walk.
+ *
+ * Every address computed from a cached rule is checked to lie on this thread's stack between
+ * the current frame and the top the last libunwind walk reached; a check that fails falls back
+ * to libunwind, so a rule can make a walk slower but never read wild memory.  The sampler
+ * starts the walk in its caller (lum_unwind_from), which also skips the context capture.
+ * Building with -DLUM_UNWIND_VERIFY checks every cached walk against libunwind's on stderr. */
 #define _GNU_SOURCE 1
 #define UNW_LOCAL_ONLY
 #include <libunwind.h>
 #include <link.h>
+#include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include "obs_internal.h"
 
 uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
-
-/* unw_backtrace's fast path keeps a per-thread trace cache that libunwind maps and clears on a
- * thread's first use (~30 page faults): worth it for threads that sample often, a tax on
- * short-lived ones.  A thread's first samples walk with unw_step instead, which needs no
- * per-thread state. */
-#define LUM_STEP_UNWIND_SAMPLES 8
-static __thread uint32_t thread_unwinds __attribute__((tls_model("initial-exec")));
-
-static int step_backtrace(void **buf, int max)
-{
-    unw_context_t ctx;
-    unw_cursor_t cursor;
-    if (unw_getcontext(&ctx) < 0 || unw_init_local(&cursor, &ctx) < 0) return 0;
-    int n = 0;
-    do {
-        unw_word_t ip;
-        if (unw_get_reg(&cursor, UNW_REG_IP, &ip) < 0 || ip == 0) break;
-        buf[n++] = (void *)(uintptr_t)ip;
-    } while (n < max && unw_step(&cursor) > 0);
-    /* the first frames are this helper and lum_unwind: the skipping in lum_unwind drops every
-     * frame inside lumalloc, these included */
-    return n;
-}
+/* Frames walked beyond the requested depth, for lumalloc's own (this function, the hook, the
+ * core's slow path and entry point, possibly a few more when the core's call chain is deep). */
+#define LUM_UNWIND_SLACK 12
+/* Serialises additions to the rule cache (x86-64); reset in fork children by observe.c. */
+pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* lumalloc's own executable range when it is a separate object (liblumalloc.so, LD_PRELOAD):
  * leading frames inside it are allocator internals and are dropped.  When lumalloc is linked
@@ -88,6 +93,243 @@ uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth)
     return h ? h : 1; /* 0 means "no stack" in the probe contract */
 }
 
+/* ---- the libunwind walk (every architecture; the rule cache's fallback on x86-64) ---- */
+
+#if defined(__x86_64__)
+#define RULES 1
+/* Rule of one code address.  Entries are written once (fields, then ip with a release store)
+ * and never changed, so readers need no lock: an ip read with acquire guards its fields. */
+struct rule {
+    uint64_t ip;       /* 0: empty slot */
+    int32_t cfa_off;   /* CFA = (rbp or rsp) + cfa_off */
+    int16_t rbp_off;   /* rbp saved at CFA + rbp_off; 0: rbp unchanged */
+    uint8_t flags;
+};
+#define R_CFA_RBP 1u /* CFA from rbp, not rsp */
+#define R_LAST 2u    /* outermost frame: libunwind's step ended here */
+#define R_SELF 4u    /* inside liblumalloc.so (when it is a separate object) */
+
+struct rtab {
+    uint32_t shift;  /* 64 - log2(slots) */
+    uint32_t used;   /* under rules_lock */
+    struct rule e[];
+};
+/* Starts at 256 slots (4 KiB): a program's sampled stacks go through a few dozen distinct
+ * return addresses; grows at 3/4 full.  A replaced table is left in place (a walk on another
+ * thread may be reading it); together the old ones are smaller than the current one. */
+#define RTAB_MIN_BITS 8
+#define RTAB_MAX_BITS 20
+static struct rtab *rtab;
+
+/* Highest stack address the last libunwind walk of this thread reached: cached rules may only
+ * lead to addresses below it. */
+static __thread uintptr_t stack_top LUM_TLS;
+
+static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
+{
+    return (size_t)((ip * 0x9e3779b97f4a7c15ULL) >> t->shift);
+}
+
+static void rule_put(struct rtab *t, const struct rule *r)
+{
+    size_t mask = ((size_t)1 << (64 - t->shift)) - 1;
+    size_t i = rule_slot(t, r->ip);
+    while (t->e[i].ip) {
+        if (t->e[i].ip == r->ip)
+            return;
+        i = (i + 1) & mask;
+    }
+    t->e[i].cfa_off = r->cfa_off;
+    t->e[i].rbp_off = r->rbp_off;
+    t->e[i].flags = r->flags;
+    __atomic_store_n(&t->e[i].ip, r->ip, __ATOMIC_RELEASE);
+    t->used++;
+}
+
+static struct rtab *rtab_new(uint32_t bits)
+{
+    struct rtab *t = lum_obs_alloc(sizeof *t + ((size_t)1 << bits) * sizeof(struct rule));
+    if (t)
+        t->shift = 64 - bits;
+    return t;
+}
+
+/* Adds rules learnt by one libunwind walk.  A busy lock just skips the learning. */
+static void rules_learn(const struct rule *nr, int n)
+{
+    if (!n || pthread_mutex_trylock(&lum_unwind_rules_lock))
+        return;
+    struct rtab *t = rtab;
+    if (!t && !(t = rtab_new(RTAB_MIN_BITS)))
+        goto out;
+    for (int i = 0; i < n; i++) {
+        uint32_t bits = 64 - t->shift;
+        if ((uint64_t)(t->used + 1) * 4 > ((uint64_t)3 << bits)) {
+            struct rtab *g = bits < RTAB_MAX_BITS ? rtab_new(bits + 1) : NULL;
+            if (!g)
+                break;
+            for (size_t j = 0; j < ((size_t)1 << bits); j++)
+                if (t->e[j].ip)
+                    rule_put(g, &t->e[j]);
+            t = g;
+        }
+        rule_put(t, &nr[i]);
+    }
+out:
+    __atomic_store_n(&rtab, t, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lum_unwind_rules_lock);
+}
+
+/* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).
+ * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The
+ * number of frames stored, or -1 on the first address without a rule or the first check that
+ * fails; *walked counts every frame walked.
+ *
+ * Safety: every CFA must lie in (sp, top], this thread's stack between the current frame and
+ * the top the last libunwind walk reached, all of it mapped (the walk starts in a frame of
+ * this very call chain, with this function's own frames below it).  The words read at
+ * CFA - 8 and CFA + rbp_off then are too: learnt rbp slots lie at or above the frame's rsp,
+ * and the rbp rule reads CFA - 16, at most 15 bytes below a frame's rsp, which is still on
+ * the live stack below it. */
+static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
+                      bool skip_self, uint32_t *walked)
+{
+    const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
+    if (!t)
+        return -1;
+    /* locals, so that the stores into out[] do not make the compiler reload them */
+    const struct rule *e = t->e;
+    const unsigned shift = t->shift;
+    const size_t mask = SIZE_MAX >> shift;
+    const uintptr_t top = stack_top;
+    if (sp >= top)
+        return -1;
+    unsigned lead = skip_self ? R_SELF : 0; /* 0 once past the leading frames of lumalloc */
+    uint32_t d = 0, n = 0;
+    for (;;) {
+        size_t i = (size_t)((ip * 0x9e3779b97f4a7c15ULL) >> shift);
+        const struct rule *r;
+        for (;;) {
+            r = &e[i];
+            uint64_t k = __atomic_load_n(&r->ip, __ATOMIC_ACQUIRE);
+            if (k == ip)
+                break;
+            if (!k)
+                return -1;
+            i = (i + 1) & mask;
+        }
+        unsigned f = r->flags;
+        n++;
+        if (!(f & lead)) {
+            lead = 0;
+            out[d++] = ip;
+            if (d >= max)
+                break;
+        } else if (n > LUM_UNWIND_SLACK) {
+            return -1; /* not a stack we expect: libunwind and the generic skipping decide */
+        }
+        if (f & R_LAST)
+            break;
+        uintptr_t cfa = (f & R_CFA_RBP ? bp : sp) + (uintptr_t)(intptr_t)r->cfa_off;
+        if (cfa - sp - 1 >= top - sp) /* cfa <= sp || cfa > top, with sp < top */
+            return -1;
+        if (r->rbp_off)
+            bp = *(const uintptr_t *)(cfa + (uintptr_t)(intptr_t)r->rbp_off);
+        ip = *(const uintptr_t *)(cfa - 8);
+        sp = cfa;
+        if (!ip)
+            break;
+    }
+    *walked = n;
+    return (int)d;
+}
+#endif
+
+/* The libunwind walk from ctx; on x86-64 it also learns the rule of each frame it steps over.
+ * noinline: its cursor and learnt rules (~2.5 KiB) stay off the stack of the cached walk. */
+static __attribute__((noinline)) int step_walk(unw_context_t *ctx, uint64_t *buf, int max)
+{
+    unw_cursor_t cursor;
+    if (unw_init_local(&cursor, ctx) < 0)
+        return 0;
+    int n = 0;
+#ifdef RULES
+    enum { LEARN = LUM_MAX_FRAMES + 16 };
+    struct rule nr[LEARN];
+    int nn = 0;
+    bool lost = false;
+    unw_word_t sp, bp;
+    unw_save_loc_t bl;
+    if (unw_get_reg(&cursor, UNW_REG_SP, &sp) < 0 || unw_get_reg(&cursor, UNW_X86_64_RBP, &bp) < 0 ||
+        unw_get_save_loc(&cursor, UNW_X86_64_RBP, &bl) < 0)
+        return 0;
+    uintptr_t top = sp;
+#endif
+    for (;;) {
+        unw_word_t ip;
+        if (unw_get_reg(&cursor, UNW_REG_IP, &ip) < 0 || ip == 0)
+            break;
+        buf[n++] = ip;
+        if (n >= max)
+            break;
+#ifdef RULES
+        bool signal = unw_is_signal_frame(&cursor) > 0;
+#endif
+        int s = unw_step(&cursor);
+#ifdef RULES
+        unsigned self = self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
+        if (s == 0 && !signal && !lost && nn < LEARN)
+            nr[nn++] = (struct rule){.ip = ip, .flags = R_LAST | self};
+#endif
+        if (s <= 0)
+            break;
+#ifdef RULES
+        if (lost)
+            continue;
+        unw_word_t cfa, nbp;
+        unw_save_loc_t nbl, ril;
+        if (unw_get_reg(&cursor, UNW_REG_SP, &cfa) < 0 || unw_get_reg(&cursor, UNW_X86_64_RBP, &nbp) < 0 ||
+            unw_get_save_loc(&cursor, UNW_X86_64_RBP, &nbl) < 0 ||
+            unw_get_save_loc(&cursor, UNW_X86_64_RIP, &ril) < 0) {
+            lost = true; /* lost track of the registers: learn nothing more from this walk */
+            continue;
+        }
+        struct rule r = {.ip = ip, .flags = (uint8_t)self};
+        bool ok = !signal && cfa > sp && cfa - sp < (1u << 30) && !(cfa & 7) && ril.type == UNW_SLT_MEMORY &&
+                  ril.u.addr == cfa - 8 && nbl.type == UNW_SLT_MEMORY && bl.type == UNW_SLT_MEMORY;
+        if (ok && nbl.u.addr != bl.u.addr) {
+            /* this frame saved rbp: where, relative to the CFA, and is rbp its frame pointer? */
+            intptr_t off = (intptr_t)(nbl.u.addr - cfa);
+            ok = off < 0 && off >= INT16_MIN && nbl.u.addr >= sp;
+            r.rbp_off = (int16_t)off;
+            if (off == -16 && bp == cfa - 16) {
+                r.flags |= R_CFA_RBP;
+                r.cfa_off = 16;
+            }
+        }
+        if (ok && !(r.flags & R_CFA_RBP))
+            r.cfa_off = (int32_t)(cfa - sp);
+        if (ok && nn < LEARN)
+            nr[nn++] = r;
+        sp = cfa;
+        bp = nbp;
+        bl = nbl;
+        if (cfa > top)
+            top = cfa;
+#endif
+    }
+#ifdef RULES
+    stack_top = top;
+    rules_learn(nr, nn);
+#endif
+    return n;
+}
+
+/* Unwinding cost is timed on one unwind in TIME_EVERY per thread (and scaled): a
+ * clock_gettime pair cost more than a cached walk. */
+#define TIME_EVERY 16
+static __thread uint32_t thread_unwinds LUM_TLS;
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -95,38 +337,22 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* noinline: the frame it unwinds from must be a real frame for the skipping below. */
-__attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret)
+/* Drops lumalloc's own leading frames from the n frames in buf and copies at most max of the
+ * rest to frames. */
+static uint32_t skip_copy(const uint64_t *buf, int n, uint64_t *frames, uint32_t max, uintptr_t hook_ret)
 {
-    /* Slack for the frames dropped below (this function, the hook, the core's slow path and
-     * entry point, possibly a few more when the core's call chain is deep). */
-    enum { SLACK = 12 };
-    void *buf[LUM_MAX_FRAMES + SLACK];
-    if (max > LUM_MAX_FRAMES)
-        max = LUM_MAX_FRAMES;
-    if (!max)
-        return 0;
-    /* racing first samples may both look: they find the same answer */
-    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
-        locate_self();
-    uint64_t t0 = now_ns();
-    int n = thread_unwinds++ < LUM_STEP_UNWIND_SAMPLES ? step_backtrace(buf, (int)(max + SLACK))
-                                                       : unw_backtrace(buf, (int)(max + SLACK));
-    uint64_t t1 = now_ns();
-    if (n < 0)
-        n = 0;
     int start = 0;
     if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1) {
         uintptr_t lo = __atomic_load_n(&self_lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&self_hi, __ATOMIC_RELAXED);
-        while (start < n && (uintptr_t)buf[start] >= lo && (uintptr_t)buf[start] < hi)
+        while (start < n && buf[start] >= lo && buf[start] < hi)
             start++;
     } else {
         /* Drop our own frames up to the return into the core (hook_ret) and that frame too,
          * the core's slow path: its entry point (malloc/calloc/...) stays as the innermost
          * frame, which reads well in reports. */
         start = 1;
-        for (int i = 0; i < n && i < SLACK; i++) {
-            if ((uintptr_t)buf[i] == hook_ret) {
+        for (int i = 0; i < n && i < LUM_UNWIND_SLACK; i++) {
+            if (buf[i] == hook_ret) {
                 start = i + 1;
                 break;
             }
@@ -134,9 +360,113 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
     }
     uint32_t d = 0;
     for (int i = start; i < n && d < max; i++)
-        frames[d++] = (uint64_t)(uintptr_t)buf[i];
-    __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&lum_unwind_ns, t1 - t0, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&lum_unwind_frames, (uint64_t)n, __ATOMIC_RELAXED);
+        frames[d++] = buf[i];
     return d;
+}
+
+static void unwind_account(bool timed, uint64_t t0, uint32_t walked)
+{
+    if (timed)
+        __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * TIME_EVERY, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&lum_unwind_frames, walked, __ATOMIC_RELAXED);
+}
+
+#ifdef RULES
+/* The cached walk from (ip, sp, bp) into frames[], lumalloc's own frames dropped; -1 when the
+ * cache cannot take it.  As a separate object, lumalloc's frames are known by address and are
+ * skipped as the walk goes; linked into the program, the generic skipping needs the whole walk
+ * (in buf). */
+static int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *frames, uint32_t max,
+                       uintptr_t hook_ret, uint64_t *buf, uint32_t *walked)
+{
+    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1)
+        return rules_walk(ip, sp, bp, frames, max, true, walked);
+    int got = rules_walk(ip, sp, bp, buf, max + LUM_UNWIND_SLACK, false, walked);
+    return got < 0 ? -1 : (int)skip_copy(buf, got, frames, max, hook_ret);
+}
+#endif
+
+/* noinline: the frame it unwinds from must be a real frame for the skipping. */
+__attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret)
+{
+    if (max > LUM_MAX_FRAMES)
+        max = LUM_MAX_FRAMES;
+    if (!max)
+        return 0;
+    /* racing first samples may both look: they find the same answer */
+    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
+        locate_self();
+    bool timed = thread_unwinds++ % TIME_EVERY == 0;
+    uint64_t t0 = timed ? now_ns() : 0;
+    unw_context_t ctx;
+    uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
+    int n = 0;
+    uint32_t d = 0;
+    if (unw_getcontext(&ctx) == 0) {
+        int got = -1;
+#ifdef RULES
+        uint32_t walked = 0;
+        got = cached_walk((uintptr_t)ctx.uc_mcontext.gregs[REG_RIP], (uintptr_t)ctx.uc_mcontext.gregs[REG_RSP],
+                          (uintptr_t)ctx.uc_mcontext.gregs[REG_RBP], frames, max, hook_ret, buf, &walked);
+        n = (int)walked;
+#ifdef LUM_UNWIND_VERIFY
+        if (got >= 0) {
+            uint64_t chk[LUM_MAX_FRAMES];
+            int m = step_walk(&ctx, buf, (int)(max + LUM_UNWIND_SLACK));
+            uint32_t dm = skip_copy(buf, m, chk, max, hook_ret);
+            if (dm != (uint32_t)got || memcmp(chk, frames, dm * sizeof *chk)) {
+                char msg[160];
+                int l = snprintf(msg, sizeof msg, "lum_unwind verify: rules %d frames, libunwind %u\n", got, dm);
+                lum_write_all(2, msg, (size_t)l);
+                for (uint32_t i = 0; i < (uint32_t)got || i < dm; i++) {
+                    l = snprintf(msg, sizeof msg, "  %2u %#lx %#lx\n", i,
+                                 (unsigned long)(i < (uint32_t)got ? frames[i] : 0),
+                                 (unsigned long)(i < dm ? chk[i] : 0));
+                    lum_write_all(2, msg, (size_t)l);
+                }
+            }
+        }
+#endif
+#endif
+        if (got >= 0) {
+            d = (uint32_t)got;
+        } else {
+            n = step_walk(&ctx, buf, (int)(max + LUM_UNWIND_SLACK));
+            d = skip_copy(buf, n, frames, max, hook_ret);
+        }
+    }
+    unwind_account(timed, t0, (uint32_t)n);
+    return d;
+}
+
+uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
+                         uintptr_t hook_ret)
+{
+#ifdef RULES
+    if (max > LUM_MAX_FRAMES)
+        max = LUM_MAX_FRAMES;
+    if (max && __atomic_load_n(&self_state, __ATOMIC_ACQUIRE)) {
+        bool timed = thread_unwinds % TIME_EVERY == 0;
+        uint64_t t0 = timed ? now_ns() : 0;
+        uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
+        uint32_t walked;
+        int got = cached_walk(ip, sp, bp, frames, max, hook_ret, buf, &walked);
+        if (got >= 0) {
+            thread_unwinds++;
+            unwind_account(timed, t0, walked);
+#ifdef LUM_UNWIND_VERIFY
+            uint64_t chk[LUM_MAX_FRAMES];
+            uint32_t dm = lum_unwind(chk, max, hook_ret);
+            if (dm != (uint32_t)got || memcmp(chk, frames, dm * sizeof *chk))
+                lum_write_all(2, "lum_unwind_from verify: differs\n", 32);
+#endif
+            return (uint32_t)got;
+        }
+    }
+#else
+    (void)ip, (void)sp, (void)bp;
+#endif
+    /* the first unwind, or a frame the cache cannot take: the whole walk, which learns */
+    return lum_unwind(frames, max, hook_ret);
 }
