@@ -23,6 +23,7 @@ struct {
 } events SEC(".maps");
 
 #define LUM_BPF_LOST_MAX SNOOP_LOST_MAX
+#define LUM_USDT_FAST
 #include "common.bpf.h"
 
 static __always_inline bool wanted(u32 kind, u64 size)
@@ -32,31 +33,6 @@ static __always_inline bool wanted(u32 kind, u64 size)
     return size >= min_size;
 }
 
-static __always_inline void fill(struct snoop_event *e, u32 kind, u64 ptr, u64 size, u64 usable, u64 weight,
-                                 u64 stack_id, u64 arg, u64 arg2)
-{
-    u64 pt = bpf_get_current_pid_tgid();
-    e->ts_ns = bpf_ktime_get_ns();
-    e->pid = pt >> 32;
-    e->tid = (u32)pt;
-    e->kind = kind;
-    e->depth = 0;
-    e->ptr = ptr;
-    e->size = size;
-    e->usable = usable;
-    e->weight = weight;
-    e->stack_id = stack_id;
-    e->arg = arg;
-    e->arg2 = arg2;
-}
-
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, u32);
-    __type(value, struct snoop_event);
-} scratch SEC(".maps");
-
 /* Processes seen so far: the first event of a process wakes the reader at once, so that it
  * snapshots the process's mappings for symbolisation even if the process is short-lived. */
 struct {
@@ -65,22 +41,47 @@ struct {
     __type(key, u32);
     __type(value, u8);
 } seen SEC(".maps");
+/* The last pid found in `seen`: with one busy target the hash is not touched per event (each
+ * cache line a program touches is likely a miss, the target having just evicted it). */
+volatile uint32_t seen_last;
 
 /* Sample events wake the reader only when the buffer is filling up: at high sample rates a
  * wakeup per event costs more than the event (the reader also polls every 100 ms).  The rare
  * kinds (large, failure, thread, ...) wake it at once. */
-static __always_inline u64 wakeup_flags(u32 kind)
+static __always_inline u64 wakeup_flags(u32 kind, u32 pid)
 {
-    u32 pid = bpf_get_current_pid_tgid() >> 32;
-    if (!bpf_map_lookup_elem(&seen, &pid)) {
-        u8 one = 1;
-        bpf_map_update_elem(&seen, &pid, &one, BPF_ANY);
-        return BPF_RB_FORCE_WAKEUP;
+    if (pid != seen_last) {
+        if (!bpf_map_lookup_elem(&seen, &pid)) {
+            u8 one = 1;
+            bpf_map_update_elem(&seen, &pid, &one, BPF_ANY);
+            seen_last = pid;
+            return BPF_RB_FORCE_WAKEUP;
+        }
+        seen_last = pid;
     }
     if (kind != SNOOP_SAMPLE && kind != SNOOP_SAMPLE_FREE)
         return 0;
     return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
+
+/* Reserve a record with room for n frames and read the stack straight into it (no per-CPU
+ * scratch and copy): records come in four sizes, so a typical shallow stack takes 64 bytes of
+ * frames, not LUM_MAX_FRAMES * 8.  The consumer reads `depth` frames, whatever the record size. */
+#define RESERVE_STACK(n)                                                                           \
+    do {                                                                                           \
+        e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE + (n) * sizeof(u64), 0);                  \
+        if (!e)                                                                                    \
+            break;                                                                                 \
+        u64 rd = sz;                                                                               \
+        asm volatile("" : "+r"(rd));                                                               \
+        if (rd > (n) * sizeof(u64))                                                                \
+            rd = (n) * sizeof(u64);                                                                \
+        if (bpf_probe_read_user(e->frames, rd, (void *)frames_addr) == 0) {                        \
+            got = rd / sizeof(u64);                                                                \
+        } else {                                                                                   \
+            count_lost(SNOOP_LOST_STACK);                                                          \
+        }                                                                                          \
+    } while (0)
 
 static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 weight, u64 frames_addr, u32 depth,
                                 u64 stack_id, u64 arg, u64 arg2)
@@ -88,85 +89,115 @@ static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 wei
     maybe_hold();
     if (!wanted(kind, size))
         return 0;
-    if (want_stacks && frames_addr && depth) {
-        /* Build in per-CPU scratch and output only the frames actually present: typical stacks
-         * are a few frames, the record would otherwise always carry LUM_MAX_FRAMES. */
-        u32 zero = 0;
-        struct snoop_event *e = bpf_map_lookup_elem(&scratch, &zero);
-        if (!e)
-            return 0;
-        fill(e, kind, ptr, size, usable, weight, stack_id, arg, arg2);
-        u64 sz = frames_size(depth);
-        if (bpf_probe_read_user(e->frames, sz, (void *)frames_addr) == 0) {
-            e->depth = sz / sizeof(u64);
-        } else {
-            count_lost(SNOOP_LOST_STACK);
-            sz = 0;
-        }
-        if (bpf_ringbuf_output(&events, e, SNOOP_HDR_SIZE + sz, wakeup_flags(kind)))
-            count_lost(SNOOP_LOST_RINGBUF);
-        return 0;
-    }
-    struct snoop_event *e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
+    struct snoop_event *e;
+    u32 got = 0;
+    u64 sz = want_stacks && frames_addr ? frames_size(depth) : 0;
+    if (!sz)
+        e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
+    else if (sz <= 8 * sizeof(u64))
+        RESERVE_STACK(8);
+    else if (sz <= 16 * sizeof(u64))
+        RESERVE_STACK(16);
+    else if (sz <= 32 * sizeof(u64))
+        RESERVE_STACK(32);
+    else
+        RESERVE_STACK(LUM_MAX_FRAMES);
     if (!e) {
         count_lost(SNOOP_LOST_RINGBUF);
         return 0;
     }
-    fill(e, kind, ptr, size, usable, weight, stack_id, arg, arg2);
-    bpf_ringbuf_submit(e, wakeup_flags(kind));
+    u64 pt = bpf_get_current_pid_tgid();
+    e->ts_ns = bpf_ktime_get_ns();
+    e->pid = pt >> 32;
+    e->tid = (u32)pt;
+    e->kind = kind;
+    e->depth = got;
+    e->ptr = ptr;
+    e->size = size;
+    e->usable = usable;
+    e->weight = weight;
+    e->stack_id = stack_id;
+    e->arg = arg;
+    e->arg2 = arg2;
+    bpf_ringbuf_submit(e, wakeup_flags(kind, pt >> 32));
     return 0;
 }
 
+/* Arguments through lum_usdt_args() (common.bpf.h): one spec lookup, one register copy and one
+ * read of the stack-passed arguments per event instead of libbpf's two or three helper calls per
+ * argument.  On a failed fetch the arguments are zero, as with BPF_USDT(). */
+#define ARGS(n)                                                                                    \
+    u64 a[n];                                                                                      \
+    lum_usdt_args(ctx, a, n)
+
 SEC("usdt")
-int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u32 depth, u64 stack_id, u64 tc)
+int on_sample(struct pt_regs *ctx)
 {
-    return emit(SNOOP_SAMPLE, ptr, req, usable, weight, frames, depth, stack_id, tc, 0);
+    /* ptr, req, usable, weight, frames, depth, stack_id, tc */
+    ARGS(8);
+    return emit(SNOOP_SAMPLE, a[0], a[1], a[2], a[3], a[4], (u32)a[5], a[6], a[7], 0);
 }
 
 SEC("usdt")
-int BPF_USDT(on_sample_free, u64 ptr, u64 req, u64 usable, u64 weight, u64 stack_id)
+int on_sample_free(struct pt_regs *ctx)
 {
-    return emit(SNOOP_SAMPLE_FREE, ptr, req, usable, weight, 0, 0, stack_id, 0, 0);
+    /* ptr, req, usable, weight, stack_id */
+    ARGS(5);
+    return emit(SNOOP_SAMPLE_FREE, a[0], a[1], a[2], a[3], 0, 0, a[4], 0, 0);
 }
 
 SEC("usdt")
-int BPF_USDT(on_large_alloc, u64 ptr, u64 req, u64 usable, u64 frames, u32 depth, u64 stack_id, u64 tc)
+int on_large_alloc(struct pt_regs *ctx)
 {
-    return emit(SNOOP_LARGE_ALLOC, ptr, req, usable, 0, frames, depth, stack_id, tc, 0);
+    /* ptr, req, usable, frames, depth, stack_id, tc */
+    ARGS(7);
+    return emit(SNOOP_LARGE_ALLOC, a[0], a[1], a[2], 0, a[3], (u32)a[4], a[5], a[6], 0);
 }
 
 SEC("usdt")
-int BPF_USDT(on_large_free, u64 ptr, u64 usable)
+int on_large_free(struct pt_regs *ctx)
 {
-    return emit(SNOOP_LARGE_FREE, ptr, usable, usable, 0, 0, 0, 0, 0, 0);
+    /* ptr, usable */
+    ARGS(2);
+    return emit(SNOOP_LARGE_FREE, a[0], a[1], a[1], 0, 0, 0, 0, 0, 0);
 }
 
 SEC("usdt")
-int BPF_USDT(on_alloc_failure, u64 req, u64 align, u32 err, u64 frames, u32 depth, u64 stack_id, u64 tc)
+int on_alloc_failure(struct pt_regs *ctx)
 {
-    return emit(SNOOP_FAILURE, 0, req, 0, 0, frames, depth, stack_id, align, err);
+    /* req, align, err, frames, depth, stack_id, tc */
+    ARGS(7);
+    return emit(SNOOP_FAILURE, 0, a[0], 0, 0, a[3], (u32)a[4], a[5], a[1], (u32)a[2]);
 }
 
 SEC("usdt")
-int BPF_USDT(on_thread_start, u32 tid, u64 tc)
+int on_thread_start(struct pt_regs *ctx)
 {
-    return emit(SNOOP_THREAD_START, 0, 0, 0, 0, 0, 0, 0, tc, tid);
+    /* tid, tc */
+    ARGS(2);
+    return emit(SNOOP_THREAD_START, 0, 0, 0, 0, 0, 0, 0, a[1], (u32)a[0]);
 }
 
 SEC("usdt")
-int BPF_USDT(on_thread_exit, u32 tid, u64 tc)
+int on_thread_exit(struct pt_regs *ctx)
 {
-    return emit(SNOOP_THREAD_EXIT, 0, 0, 0, 0, 0, 0, 0, tc, tid);
+    /* tid, tc */
+    ARGS(2);
+    return emit(SNOOP_THREAD_EXIT, 0, 0, 0, 0, 0, 0, 0, a[1], (u32)a[0]);
 }
 
 SEC("usdt")
-int BPF_USDT(on_purge, u64 bytes, u32 reason)
+int on_purge(struct pt_regs *ctx)
 {
-    return emit(SNOOP_PURGE, 0, bytes, 0, 0, 0, 0, 0, reason, 0);
+    /* bytes, reason */
+    ARGS(2);
+    return emit(SNOOP_PURGE, 0, a[0], 0, 0, 0, 0, 0, (u32)a[1], 0);
 }
 
 SEC("usdt")
-int BPF_USDT(on_pressure, u64 stall_us, u64 released)
+int on_pressure(struct pt_regs *ctx)
 {
-    return emit(SNOOP_PRESSURE, 0, released, released, 0, 0, 0, 0, stall_us, 0);
+    /* stall_us, released */
+    ARGS(2);
+    return emit(SNOOP_PRESSURE, 0, a[1], a[1], 0, 0, 0, 0, a[0], 0);
 }
