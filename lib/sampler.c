@@ -55,6 +55,16 @@ double lum_sample_weight(uint64_t size, uint64_t interval)
     return p > 0 ? (double)size / p : (double)interval;
 }
 
+static __thread struct lum_stack *last_stack LUM_TLS;
+
+static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t depth)
+{
+    for (uint32_t i = 0; i < depth; i++)
+        if (a[i] != b[i])
+            return false;
+    return true;
+}
+
 void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable)
 {
     uint64_t s = requested ? requested : 1;
@@ -90,8 +100,15 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
 #endif
             depth = lum_unwind(frames, lum_opt.prof_depth, ret);
         lum_obs_busy = 0;
-        id = lum_stack_hash(frames, depth);
     }
+    /* A thread's samples often come from the same stack (a hot loop): comparing the frames
+     * with the last stack it recorded skips hashing them and the table lookup.  Table
+     * entries never change or go away, so reading one without the lock is fine. */
+    struct lum_stack *st = last_stack;
+    if (st && depth && st->depth == depth && same_frames(st->frames, frames, depth))
+        id = st->id;
+    else
+        st = NULL, id = lum_stack_hash(frames, depth);
 
     struct lum_rec r = {
         .ptr = (uintptr_t)ptr, .requested = s, .usable = usable, .weight = wb,
@@ -103,7 +120,8 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
     if (lum_opt.prof) {
         /* depth 0 (nested or failed unwind) still gets a site, shown as [unknown], so totals
          * over sites add up to the process total. */
-        struct lum_stack *st = lum_stacktab_get(frames, depth, depth ? id : 1);
+        if (!st)
+            last_stack = st = lum_stacktab_get(frames, depth, depth ? id : 1);
         if (st) {
             st->samples++;
             st->alloc_bytes += wb;

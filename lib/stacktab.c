@@ -41,8 +41,23 @@ static void rehash(unsigned nb)
     bits = nb;
 }
 
+static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t depth)
+{
+    /* a few words: an inline loop beats a call to memcmp */
+    for (uint32_t i = 0; i < depth; i++)
+        if (a[i] != b[i])
+            return false;
+    return true;
+}
+
 struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint64_t id)
 {
+    if (buckets) {
+        for (struct lum_stack *s = buckets[bucket_of(id, bits)]; s; s = s->hnext)
+            if (s->id == id && s->depth == depth && same_frames(s->frames, frames, depth))
+                return s;
+    }
+    /* a new stack: grow the table first if the stacks outnumber its buckets */
     if (!buckets || (nstacks >= (uint64_t)1 << bits && (1ull << bits) < MAX_STACKS))
         rehash(buckets ? bits + 1 : MIN_BITS);
     if (!buckets) {
@@ -50,9 +65,6 @@ struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint6
         return NULL;
     }
     struct lum_stack **b = &buckets[bucket_of(id, bits)];
-    for (struct lum_stack *s = *b; s; s = s->hnext)
-        if (s->id == id && s->depth == depth && !memcmp(s->frames, frames, depth * sizeof *frames))
-            return s;
     if (nstacks >= MAX_STACKS) {
         lum_stacktab_dropped++;
         return NULL;

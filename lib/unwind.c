@@ -191,54 +191,79 @@ out:
  * CFA - 8 and CFA + rbp_off then are too: learnt rbp slots lie at or above the frame's rsp,
  * and the rbp rule reads CFA - 16, at most 15 bytes below a frame's rsp, which is still on
  * the live stack below it. */
+struct rules_view {
+    const struct rule *e;
+    unsigned shift;
+    size_t mask;
+};
+
+static inline const struct rule *rule_find(const struct rules_view *v, uintptr_t ip)
+{
+    for (size_t i = (size_t)((ip * 0x9e3779b97f4a7c15ULL) >> v->shift);; i = (i + 1) & v->mask) {
+        const struct rule *r = &v->e[i];
+        uint64_t k = __atomic_load_n(&r->ip, __ATOMIC_ACQUIRE);
+        if (k == ip)
+            return r;
+        if (!k)
+            return NULL;
+    }
+}
+
+/* Applies r to the frame (*ip, *sp, *bp): 1 on to the caller, 0 at the end of the stack, -1
+ * when a check fails. */
+static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, uintptr_t *bp,
+                            uintptr_t top)
+{
+    unsigned f = r->flags;
+    if (f & R_LAST)
+        return 0;
+    uintptr_t cfa = (f & R_CFA_RBP ? *bp : *sp) + (uintptr_t)(intptr_t)r->cfa_off;
+    if (cfa - *sp - 1 >= top - *sp) /* cfa <= sp || cfa > top, with sp < top */
+        return -1;
+    if (r->rbp_off)
+        *bp = *(const uintptr_t *)(cfa + (uintptr_t)(intptr_t)r->rbp_off);
+    *ip = *(const uintptr_t *)(cfa - 8);
+    *sp = cfa;
+    return *ip != 0;
+}
+
 static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
                       bool skip_self, uint32_t *walked)
 {
     const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
-    if (!t)
-        return -1;
-    /* locals, so that the stores into out[] do not make the compiler reload them */
-    const struct rule *e = t->e;
-    const unsigned shift = t->shift;
-    const size_t mask = SIZE_MAX >> shift;
     const uintptr_t top = stack_top;
-    if (sp >= top)
+    if (!t || sp >= top)
         return -1;
-    unsigned lead = skip_self ? R_SELF : 0; /* 0 once past the leading frames of lumalloc */
-    uint32_t d = 0, n = 0;
-    for (;;) {
-        size_t i = (size_t)((ip * 0x9e3779b97f4a7c15ULL) >> shift);
-        const struct rule *r;
-        for (;;) {
-            r = &e[i];
-            uint64_t k = __atomic_load_n(&r->ip, __ATOMIC_ACQUIRE);
-            if (k == ip)
-                break;
-            if (!k)
-                return -1;
-            i = (i + 1) & mask;
-        }
-        unsigned f = r->flags;
-        n++;
-        if (!(f & lead)) {
-            lead = 0;
-            out[d++] = ip;
-            if (d >= max)
-                break;
-        } else if (n > LUM_UNWIND_SLACK) {
+    /* a local copy, so that the stores into out[] do not make the compiler reload it */
+    const struct rules_view v = {t->e, t->shift, SIZE_MAX >> t->shift};
+    uint32_t n = 0, d = 0;
+    const struct rule *r = rule_find(&v, ip);
+    if (!r)
+        return -1;
+    /* lumalloc's own leading frames: walked, not stored */
+    while (skip_self && (r->flags & R_SELF)) {
+        if (++n > LUM_UNWIND_SLACK)
             return -1; /* not a stack we expect: libunwind and the generic skipping decide */
+        int st = rule_step(r, &ip, &sp, &bp, top);
+        if (st <= 0) {
+            *walked = n;
+            return st < 0 ? -1 : 0;
         }
-        if (f & R_LAST)
-            break;
-        uintptr_t cfa = (f & R_CFA_RBP ? bp : sp) + (uintptr_t)(intptr_t)r->cfa_off;
-        if (cfa - sp - 1 >= top - sp) /* cfa <= sp || cfa > top, with sp < top */
+        if (!(r = rule_find(&v, ip)))
             return -1;
-        if (r->rbp_off)
-            bp = *(const uintptr_t *)(cfa + (uintptr_t)(intptr_t)r->rbp_off);
-        ip = *(const uintptr_t *)(cfa - 8);
-        sp = cfa;
-        if (!ip)
+    }
+    for (;;) {
+        out[d++] = ip;
+        n++;
+        if (d >= max)
             break;
+        int st = rule_step(r, &ip, &sp, &bp, top);
+        if (st < 0)
+            return -1;
+        if (!st)
+            break;
+        if (!(r = rule_find(&v, ip)))
+            return -1;
     }
     *walked = n;
     return (int)d;
@@ -377,13 +402,21 @@ static void unwind_account(bool timed, uint64_t t0, uint32_t walked)
  * cache cannot take it.  As a separate object, lumalloc's frames are known by address and are
  * skipped as the walk goes; linked into the program, the generic skipping needs the whole walk
  * (in buf). */
-static int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *frames, uint32_t max,
-                       uintptr_t hook_ret, uint64_t *buf, uint32_t *walked)
+static __attribute__((noinline)) int cached_walk_linked(uintptr_t ip, uintptr_t sp, uintptr_t bp,
+                                                        uint64_t *frames, uint32_t max,
+                                                        uintptr_t hook_ret, uint32_t *walked)
+{
+    uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
+    int got = rules_walk(ip, sp, bp, buf, max + LUM_UNWIND_SLACK, false, walked);
+    return got < 0 ? -1 : (int)skip_copy(buf, got, frames, max, hook_ret);
+}
+
+static inline int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *frames, uint32_t max,
+                              uintptr_t hook_ret, uint32_t *walked)
 {
     if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1)
         return rules_walk(ip, sp, bp, frames, max, true, walked);
-    int got = rules_walk(ip, sp, bp, buf, max + LUM_UNWIND_SLACK, false, walked);
-    return got < 0 ? -1 : (int)skip_copy(buf, got, frames, max, hook_ret);
+    return cached_walk_linked(ip, sp, bp, frames, max, hook_ret, walked);
 }
 #endif
 
@@ -408,7 +441,7 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
 #ifdef RULES
         uint32_t walked = 0;
         got = cached_walk((uintptr_t)ctx.uc_mcontext.gregs[REG_RIP], (uintptr_t)ctx.uc_mcontext.gregs[REG_RSP],
-                          (uintptr_t)ctx.uc_mcontext.gregs[REG_RBP], frames, max, hook_ret, buf, &walked);
+                          (uintptr_t)ctx.uc_mcontext.gregs[REG_RBP], frames, max, hook_ret, &walked);
         n = (int)walked;
 #ifdef LUM_UNWIND_VERIFY
         if (got >= 0) {
@@ -449,9 +482,8 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
     if (max && __atomic_load_n(&self_state, __ATOMIC_ACQUIRE)) {
         bool timed = thread_unwinds % TIME_EVERY == 0;
         uint64_t t0 = timed ? now_ns() : 0;
-        uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
         uint32_t walked;
-        int got = cached_walk(ip, sp, bp, frames, max, hook_ret, buf, &walked);
+        int got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked);
         if (got >= 0) {
             thread_unwinds++;
             unwind_account(timed, t0, walked);

@@ -181,6 +181,61 @@ static void test_sample_hooks(void **state)
     assert_int_equal(lum_options_set("prof", "on"), 0);
 }
 
+/* The unwinder caches a rule per return address, learnt from libunwind's walks.  Frames with a
+ * variable stack size (alloca) are the case a wrong rule would get wrong: walk the same
+ * recursion at several depths and alloca sizes, each twice (the first walk may be libunwind's,
+ * the second is the cache's), and check the stacks agree with each other and with the shape
+ * of the recursion. */
+static __attribute__((noinline)) uint32_t unwind_at(int n, size_t pad, uint64_t *frames)
+{
+    volatile char *buf = __builtin_alloca(pad);
+    buf[0] = (char)n;
+    uint32_t d;
+    if (n) {
+        d = unwind_at(n - 1, pad, frames);
+    } else {
+        lum_obs_busy = 1;
+        d = lum_unwind(frames, LUM_MAX_FRAMES, 0); /* 0: drop only lum_unwind's own frame */
+        lum_obs_busy = 0;
+    }
+    __asm__ volatile("" ::: "memory"); /* not a tail call: keep this frame */
+    return d + (uint32_t)buf[0] * 0;
+}
+
+static void test_cached_unwind(void **state)
+{
+    (void)state;
+    static const size_t pads[] = {16, 5000, 200, 70000};
+    uint64_t ref[LUM_MAX_FRAMES], a[LUM_MAX_FRAMES], b[LUM_MAX_FRAMES];
+    uint32_t ref_tail = 0;
+    for (size_t p = 0; p < sizeof pads / sizeof *pads; p++) {
+        for (int n = 0; n <= 6; n++) {
+            uint32_t d[2];
+            uint64_t *dst[2] = {a, b};
+            for (volatile int i = 0; i < 2; i++) /* one call site (volatile: not unrolled) */
+                d[i] = unwind_at(n, pads[p], dst[i]);
+            uint32_t da = d[0], db = d[1];
+            assert_int_equal(da, db);
+            assert_memory_equal(a, b, da * sizeof *a);
+            assert_true(da > (uint32_t)n + 2);
+            /* a[0] is unwind_at's call of lum_unwind, a[1..n] its recursive call site, then
+             * its caller (this function: the compiler may copy the call site) and what is
+             * above it, the same for every depth and size */
+            for (int k = 2; k <= n; k++)
+                assert_true(a[k] == a[1]);
+            if (n)
+                assert_true(a[n + 1] != a[1]);
+            uint32_t tail = da - (uint32_t)n - 2;
+            if (!ref_tail) {
+                ref_tail = tail;
+                memcpy(ref, a + n + 2, tail * sizeof *a);
+            }
+            assert_int_equal(tail, ref_tail);
+            assert_memory_equal(ref, a + n + 2, tail * sizeof *a);
+        }
+    }
+}
+
 static void test_probe_semaphores_zero(void **state)
 {
     (void)state;
@@ -200,6 +255,7 @@ int main(void)
         cmocka_unit_test(test_weight_formula),
         cmocka_unit_test(test_estimator_unbiased),
         cmocka_unit_test(test_sample_hooks),
+        cmocka_unit_test(test_cached_unwind),
         cmocka_unit_test(test_probe_semaphores_zero),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
