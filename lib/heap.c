@@ -229,7 +229,8 @@ static bool page_mark_full(struct lum_page *page)
 {
     lum_block *expected = NULL;
     return atomic_compare_exchange_strong_explicit(&page->thread_free, &expected, LUM_TF_FULL,
-                                                   memory_order_acq_rel, memory_order_acquire);
+                                                   memory_order_acq_rel, memory_order_acquire) ||
+           expected == LUM_TF_FULL;
 }
 
 static void page_unmark_full(struct lum_page *page)
@@ -265,14 +266,36 @@ static size_t page_carved_bytes(const struct lum_page *page)
 
 /* Puts a page its owner lets go of on the abandoned list; false (the caller releases it) for an
  * empty page over the bound. */
+static void abandoned_unlink(struct lum_page *page);
+
+/* The oldest empty abandoned page (empty ones sit at the tails of the class lists, oldest
+ * first), or NULL.  Under lum_abandoned_lock. */
+static struct lum_page *oldest_empty_abandoned(void)
+{
+    struct lum_page *oldest = NULL;
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        struct lum_page *p = lum_abandoned[c].tail;
+        if (!p || p->abandoned != 2) continue;
+        while (p->prev && p->prev->abandoned == 2) p = p->prev;
+        if (!oldest || p->abandoned_ms < oldest->abandoned_ms) oldest = p;
+    }
+    return oldest;
+}
+
 static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
 {
     bool empty = page->used == 0;
     lum_lock(&lum_abandoned_lock);
-    if (empty && abandoned_empty_bytes + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
-        lum_unlock(&lum_abandoned_lock);
-        atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
-        return false;
+    /* over the bound, the oldest go first: they are the least likely to be wanted again */
+    while (empty && abandoned_empty_bytes + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
+        struct lum_page *old = oldest_empty_abandoned();
+        if (!old) {
+            lum_unlock(&lum_abandoned_lock);
+            atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+            return false;
+        }
+        abandoned_unlink(old);
+        lum_page_release(old);
     }
     atomic_store_explicit(&page->owner, NULL, memory_order_release);
     /* pages with live blocks first: adopting those fills their holes */
@@ -599,7 +622,9 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
     while ((page = list->head) != NULL) {
         lum_list_remove(list, page);
         if (recount_on_abandon) page_recount(page);
-        if (page->in_full) page_unmark_full(page);
+        /* unconditionally: a fork child's dead thread may have stopped between marking a page
+         * and moving it to the full list */
+        page_unmark_full(page);
         lum_page_collect(page);
         lum_page_set_fast(page, NULL);
         page->in_full = 0;

@@ -257,6 +257,7 @@ static void fork_under_load(void **state)
             void *v[1000];
             for (int i = 0; i < 1000; i++) v[i] = make_block(8 + (size_t)i * 13);
             for (int i = 0; i < 1000; i++) check_and_free(v[i]);
+            v[0] = NULL; /* short_lived frees what it is handed: not a block freed already */
             pthread_t ct;
             pthread_create(&ct, NULL, short_lived, &v[0]);
             pthread_join(ct, NULL);
