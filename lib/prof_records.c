@@ -40,29 +40,45 @@ static void rehash(unsigned nb)
     bits = nb;
 }
 
-bool lum_records_insert(const struct lum_rec *r)
+static inline void link_node(struct lum_rec *n, const struct lum_rec *r)
 {
-    if (!buckets || (live >= (uint64_t)1 << bits && bits < MAX_BITS))
-        rehash(buckets ? bits + 1 : MIN_BITS);
-    if (!buckets) {
-        lum_records_dropped++;
-        return false;
-    }
-    struct lum_rec *n = free_nodes;
-    if (n) {
-        free_nodes = n->next;
-    } else {
-        n = lum_obs_alloc(sizeof *n);
-        if (!n) {
-            lum_records_dropped++;
-            return false;
-        }
-    }
     *n = *r;
     struct lum_rec **b = &buckets[bucket_of(r->ptr, bits)];
     n->next = *b;
     *b = n;
     live++;
+}
+
+/* The rare cases out of line (first use, growth, no recycled node), so that the common insert
+ * is a leaf that saves no registers. */
+static __attribute__((noinline, cold)) bool insert_slow(const struct lum_rec *r)
+{
+    if (!buckets || (live >= (uint64_t)1 << bits && bits < MAX_BITS))
+        rehash(buckets ? bits + 1 : MIN_BITS);
+    struct lum_rec *n = free_nodes;
+    if (n)
+        free_nodes = n->next;
+    else
+        n = lum_obs_alloc(sizeof *n);
+    if (!buckets || !n) {
+        if (n) {
+            n->next = free_nodes;
+            free_nodes = n;
+        }
+        lum_records_dropped++;
+        return false;
+    }
+    link_node(n, r);
+    return true;
+}
+
+bool lum_records_insert(const struct lum_rec *r)
+{
+    struct lum_rec *n = free_nodes;
+    if (!n || !buckets || live >= (uint64_t)1 << bits)
+        return insert_slow(r);
+    free_nodes = n->next;
+    link_node(n, r);
     return true;
 }
 
