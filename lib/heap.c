@@ -401,6 +401,17 @@ static bool page_has_room(struct lum_page *page)
     return lum_page_refill(page);
 }
 
+/* Moves an abandoned page to heap's avail list (caller holds lum_abandoned_lock). */
+static void adopt_locked(struct lum_heap *heap, struct lum_page *page, bool front)
+{
+    abandoned_unlink(page);
+    atomic_store_explicit(&page->owner, heap, memory_order_release);
+    page->in_full = 0;
+    if (front) lum_list_push_front(&heap->avail[page->cls], page);
+    else lum_list_push_back(&heap->avail[page->cls], page);
+    lum_page_set_fast(page, heap);
+}
+
 /* Takes an abandoned page of cls onto heap's avail list.  Ownership and list change together
  * under the lock, so a fork never sees a page that belongs to a heap but sits on no list. */
 static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
@@ -409,13 +420,7 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
     if (!__atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED)) return NULL;
     lum_lock(&lum_abandoned_lock);
     struct lum_page *page = lum_abandoned[cls].head;
-    if (page) {
-        abandoned_unlink(page);
-        atomic_store_explicit(&page->owner, heap, memory_order_release);
-        page->in_full = 0;
-        lum_list_push_front(&heap->avail[cls], page);
-        lum_page_set_fast(page, heap);
-    }
+    if (page) adopt_locked(heap, page, true);
     lum_unlock(&lum_abandoned_lock);
     if (page) lum_page_collect(page);
     return page;
@@ -429,14 +434,7 @@ static bool adopt_on_free(struct lum_heap *heap, struct lum_page *page)
 {
     lum_lock(&lum_abandoned_lock);
     bool taken = page->abandoned;
-    if (taken) {
-        unsigned cls = page->cls;
-        abandoned_unlink(page);
-        atomic_store_explicit(&page->owner, heap, memory_order_release);
-        page->in_full = 0;
-        lum_list_push_back(&heap->avail[cls], page);
-        lum_page_set_fast(page, heap);
-    }
+    if (taken) adopt_locked(heap, page, false); /* behind the pages it allocates from */
     lum_unlock(&lum_abandoned_lock);
     if (taken) lum_page_collect(page);
     return taken;
