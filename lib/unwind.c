@@ -121,9 +121,14 @@ struct rtab {
 #define RTAB_MAX_BITS 20
 static struct rtab *rtab;
 
-/* Highest stack address the last libunwind walk of this thread reached: cached rules may only
- * lead to addresses below it. */
-static __thread uintptr_t stack_top LUM_TLS;
+/* The stack the last libunwind walk of this thread went through: from stack_low (where it
+ * started, less STACK_BELOW of room for deeper calls) to stack_top (the highest CFA it
+ * reached).  A cached walk must start in that range and may only lead to addresses below the
+ * top.  A thread that moves to another
+ * stack (coroutines, an alternate signal stack) starts outside it and takes libunwind's walk,
+ * which moves the range there. */
+#define STACK_BELOW (256u << 10)
+static __thread uintptr_t stack_top LUM_TLS, stack_low LUM_TLS;
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
 {
@@ -185,12 +190,12 @@ out:
  * number of frames stored, or -1 on the first address without a rule or the first check that
  * fails; *walked counts every frame walked.
  *
- * Safety: every CFA must lie in (sp, top], this thread's stack between the current frame and
- * the top the last libunwind walk reached, all of it mapped (the walk starts in a frame of
- * this very call chain, with this function's own frames below it).  The words read at
- * CFA - 8 and CFA + rbp_off then are too: learnt rbp slots lie at or above the frame's rsp,
- * and the rbp rule reads CFA - 16, at most 15 bytes below a frame's rsp, which is still on
- * the live stack below it. */
+ * Safety: the walk starts in the stack the last libunwind walk went through (stack_low,
+ * stack_top) and every CFA must lie in (sp, top]: the stack between the current frame and the
+ * top, all of it mapped (the walk starts in a frame of this very call chain, with this
+ * function's own frames below it).  The words read at CFA - 8 and CFA + rbp_off then are too:
+ * learnt rbp slots lie at or above the frame's rsp, and the rbp rule reads CFA - 16, at most
+ * 15 bytes below a frame's rsp, which is still on the live stack below it. */
 struct rules_view {
     const struct rule *e;
     unsigned shift;
@@ -232,7 +237,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
 {
     const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
     const uintptr_t top = stack_top;
-    if (!t || sp >= top)
+    if (!t || sp >= top || sp < stack_low)
         return -1;
     /* a local copy, so that the stores into out[] do not make the compiler reload it */
     const struct rules_view v = {t->e, t->shift, SIZE_MAX >> t->shift};
@@ -288,7 +293,7 @@ static __attribute__((noinline)) int step_walk(unw_context_t *ctx, uint64_t *buf
     if (unw_get_reg(&cursor, UNW_REG_SP, &sp) < 0 || unw_get_reg(&cursor, UNW_X86_64_RBP, &bp) < 0 ||
         unw_get_save_loc(&cursor, UNW_X86_64_RBP, &bl) < 0)
         return 0;
-    uintptr_t top = sp;
+    uintptr_t top = sp, start_sp = sp;
 #endif
     for (;;) {
         unw_word_t ip;
@@ -345,6 +350,7 @@ static __attribute__((noinline)) int step_walk(unw_context_t *ctx, uint64_t *buf
     }
 #ifdef RULES
     stack_top = top;
+    stack_low = start_sp > STACK_BELOW ? start_sp - STACK_BELOW : 0;
     rules_learn(nr, nn);
 #endif
     return n;
