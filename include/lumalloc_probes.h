@@ -52,7 +52,7 @@
  *     stapsdt note.  While a probe's semaphore is zero the library does no work for it: no
  *     unwinding for `sample` when the in-process profiler is off (LUMALLOC_PROF=off), none for
  *     `large_alloc` / `alloc_failure` unless a warning or diagnostics report needs the stack.
- *   - frames_addr: return addresses (call site + 1), innermost first, unwound with libunwind
+ *   - frames_addr: return addresses (call site + 1), innermost first, unwound from DWARF CFI
  *     (DWARF CFI, so right without frame pointers), at most LUMALLOC_PROF_DEPTH (32, max 64).
  *     It points into the firing thread's stack: copy it inside the probe handler.  When
  *     lumalloc is a shared object (linked or LD_PRELOADed) its own frames are dropped, so

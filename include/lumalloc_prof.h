@@ -77,7 +77,7 @@ struct lum_prof_stats {
     uint64_t dropped_stacks; /* samples not attributed to a stack (table full / no memory) */
     uint64_t dropped_records;
     uint64_t unwinds;        /* in-process unwinds (samples, large warnings, failures) */
-    uint64_t unwind_ns;      /* total time in unw_backtrace */
+    uint64_t unwind_ns;      /* total time unwinding (estimated: one unwind in 16 is timed) */
     uint64_t unwind_frames;  /* total frames unwound */
     uint64_t large_warnings; /* large-allocation warnings printed */
     uint64_t dumps;          /* profiles written by the exit/signal dumper */
