@@ -426,18 +426,40 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
     return page;
 }
 
-/* A free into a page nobody owns (its thread exited): the freeing thread takes the page over,
- * as mimalloc's reclaim-on-free does.  Left alone, the page would keep its freed blocks on
- * thread_free until some thread needed that class or the background thread came by, and a
- * program whose threads come and go would pin memory in every class they touched. */
-static bool adopt_on_free(struct lum_heap *heap, struct lum_page *page)
+/* A free into a page nobody owns (its thread exited).  A thread that allocates from the page's
+ * class takes the page over, as mimalloc's reclaim-on-free does: it will collect what others
+ * free there when it next looks for room.  Any other thread frees in place under the lock that
+ * guards ownerless pages: adopted by it, the page would keep other threads' frees on its
+ * thread_free list for as long as that thread lived (it never looks for room in a class it does
+ * not allocate from).  Left on the page's thread_free instead, blocks would wait for some thread
+ * to need the class or for the background thread.  False when the page is not abandoned (being
+ * abandoned right now: the caller sends the block on as a remote free). */
+static bool free_into_abandoned(struct lum_heap *heap, struct lum_page *page, lum_block *b)
 {
     lum_lock(&lum_abandoned_lock);
-    bool taken = page->abandoned;
-    if (taken) adopt_locked(heap, page, false); /* behind the pages it allocates from */
+    if (!page->abandoned) {
+        lum_unlock(&lum_abandoned_lock);
+        return false;
+    }
+    unsigned cls = page->cls;
+    if (heap->current[cls] != &lum_empty_page) {
+        adopt_locked(heap, page, false); /* behind the pages it allocates from */
+        lum_unlock(&lum_abandoned_lock);
+        lum_page_collect(page);
+        lum_heap_local_free(heap, page, b);
+        return true;
+    }
+    lum_page_collect(page);
+    lum_page_push_free(page, b);
+    if (--page->used != 0) {
+        lum_unlock(&lum_abandoned_lock);
+        return true;
+    }
+    /* now empty: filed again as an empty page (or released over the bound) */
+    abandoned_unlink(page);
     lum_unlock(&lum_abandoned_lock);
-    if (taken) lum_page_collect(page);
-    return taken;
+    if (!abandon_page(page, cls, lum_now_ms())) lum_page_release(page);
+    return true;
 }
 
 /* Moves a page with no room to the full list, where only a free brings it back (fast_heap NULL
@@ -588,10 +610,11 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
         struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
-        if (owner == heap || (owner == NULL && adopt_on_free(heap, page))) {
-            lum_heap_local_free(heap, page, p); /* our page: parked on the full list, or adopted */
+        if (owner == heap) {
+            lum_heap_local_free(heap, page, p); /* our page, parked on the full list */
             return;
         }
+        if (owner == NULL && free_into_abandoned(heap, page, p)) return;
     }
     free_remote(page, p);
 }
