@@ -630,8 +630,6 @@ static void page_recount(struct lum_page *page)
     page->used = n <= page->carved ? page->carved - n : 0;
 }
 
-static bool recount_on_abandon;
-
 /* An exited thread's empty pages are kept, free lists and all, for the next thread that needs
  * their class (bounded, and for the decay time): a thread-per-request server then reuses the
  * same memory for the same classes.  Released to their segments instead, a slice would host
@@ -642,7 +640,6 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
     struct lum_page *page;
     while ((page = list->head) != NULL) {
         lum_list_remove(list, page);
-        if (recount_on_abandon) page_recount(page);
         /* unconditionally: a fork child's dead thread may have stopped between marking a page
          * and moving it to the full list */
         page_unmark_full(page);
@@ -742,21 +739,75 @@ void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg)
 
 /* In a fork child only the forking thread lives on: the others' pages are abandoned so their
  * blocks can be freed and reused, and their heap records recycled. */
+/* Marks a heap whose thread did not survive a fork (in the child, while it is rebuilt). */
+#define LUM_HEAP_DEAD 2
+
+/* Chains (through page->next) the small pages that heaps of dead threads own. */
+static void collect_dead_pages(struct lum_segment *seg, void *arg)
+{
+    struct lum_page **chain = arg;
+    for (unsigned i = 0; i < LUM_SLICES; i++) {
+        struct lum_page *page = &seg->pages[i];
+        if (!page->slices || page->kind != LUM_PAGE_SMALL || seg->slice_page[i] != page) continue;
+        struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
+        if (!owner || owner->alive != LUM_HEAP_DEAD) continue;
+        page->next = *chain;
+        *chain = page;
+    }
+}
+
+/* In a fork child, the threads that did not survive may have stopped in the middle of an
+ * update of their own page lists (those take no lock), and walking such a list can link a page
+ * into two lists and hang the child.  So their pages are found from the segments' slice maps
+ * instead, which change only under the segment lock that fork's prepare handler held, and are
+ * recounted (a thread may have stopped mid-free) and abandoned one by one.  A page caught
+ * between its allocation and its first owner has none and is lost: a few KiB at worst. */
 void lum_heaps_after_fork_child(void)
 {
     struct lum_heap *me = lum_tls_heap;
     heap_pool = NULL;
+    bool any_dead = false;
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) {
-        if (h == me) continue;
-        if (h->alive) {
-            recount_on_abandon = true;
-            lum_heap_abandon(h);
-            recount_on_abandon = false;
-        } else {
-            forward_inbox(h);
-            h->next_pool = heap_pool;
-            heap_pool = h;
+        if (h != me && h->alive) {
+            h->alive = LUM_HEAP_DEAD;
+            any_dead = true;
         }
     }
+    if (any_dead) {
+        struct lum_page *chain = NULL;
+        lum_segments_for_each(collect_dead_pages, &chain);
+        uint64_t now = lum_now_ms();
+        while (chain) {
+            struct lum_page *page = chain;
+            chain = page->next;
+            page->next = page->prev = NULL;
+            page->in_full = 0;
+            page->retained = 0;
+            lum_page_set_fast(page, NULL);
+            page_recount(page);
+            page_unmark_full(page);
+            lum_page_collect(page);
+            if (!abandon_page(page, page->cls, now)) lum_page_release(page);
+        }
+    }
+    for (struct lum_heap *h = all_heaps; h; h = h->next_all) {
+        if (h == me) continue;
+        if (h->alive == LUM_HEAP_DEAD) {
+            h->tc.state = LUM_THREAD_EXITED;
+            lum_on_thread_exit(&h->tc);
+            for (unsigned c = 0; c < LUM_CLASSES; c++) {
+                lum_heap_set_current(h, c, &lum_empty_page);
+                h->avail[c].head = h->avail[c].tail = NULL;
+                h->full[c].head = h->full[c].tail = NULL;
+                h->retained_count[c] = 0;
+            }
+            h->retained_bytes = 0;
+            h->alive = 0;
+        }
+        forward_inbox(h); /* its pages have no owner now: blocks go on to them */
+        h->next_pool = heap_pool;
+        heap_pool = h;
+    }
+    if (any_dead) __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
     if (me != &lum_empty_heap) me->tid = me->tc.tid = (uint32_t)syscall(SYS_gettid);
 }

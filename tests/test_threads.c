@@ -299,7 +299,7 @@ static void *allocate_forever(void *arg)
     while (!stop_flag) {
         uint64_t r = xorshift(&rng);
         free(ring[r % 128]);
-        ring[r % 128] = p_malloc(r % 5000);
+        ring[r % 128] = p_malloc(r & 1 ? r % 5000 : 9000 + r % 60000); /* pages of 1-16 slices */
     }
     for (int i = 0; i < 128; i++) free(ring[i]);
     return NULL;
@@ -311,7 +311,7 @@ static void fork_under_load(void **state)
     pthread_t t[4];
     stop_flag = 0;
     for (int i = 0; i < 4; i++) pthread_create(&t[i], NULL, allocate_forever, NULL);
-    for (int round = 0; round < 50; round++) {
+    for (int round = 0; round < 200; round++) { /* a child once met a torn list 1 fork in ~500 */
         pid_t pid = fork();
         assert_true(pid >= 0);
         if (pid == 0) {
