@@ -111,6 +111,18 @@ bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
     return true;
 }
 
+/* Empties a heap record's page lists (a fresh record, or a dead thread's in a fork child). */
+static void heap_forget_pages(struct lum_heap *heap)
+{
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        lum_heap_set_current(heap, c, &lum_empty_page);
+        heap->avail[c].head = heap->avail[c].tail = NULL;
+        heap->full[c].head = heap->full[c].tail = NULL;
+        heap->retained_count[c] = 0;
+    }
+    heap->retained_bytes = 0;
+}
+
 static struct lum_heap *heap_create(void)
 {
     struct lum_heap *heap;
@@ -138,13 +150,7 @@ static struct lum_heap *heap_create(void)
         lumalloc_registry.threads_head = (uint64_t)(uintptr_t)&heap->tc;
         lum_unlock(&lum_heaps_lock);
     }
-    for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        lum_heap_set_current(heap, c, &lum_empty_page);
-        heap->avail[c].head = heap->avail[c].tail = NULL;
-        heap->full[c].head = heap->full[c].tail = NULL;
-        heap->retained_count[c] = 0;
-    }
-    heap->retained_bytes = 0;
+    heap_forget_pages(heap);
     heap->tid = (uint32_t)syscall(SYS_gettid);
     heap->tc.tid = heap->tid;
     heap->tc.state = LUM_THREAD_LIVE;
@@ -795,13 +801,7 @@ void lum_heaps_after_fork_child(void)
         if (h->alive == LUM_HEAP_DEAD) {
             h->tc.state = LUM_THREAD_EXITED;
             lum_on_thread_exit(&h->tc);
-            for (unsigned c = 0; c < LUM_CLASSES; c++) {
-                lum_heap_set_current(h, c, &lum_empty_page);
-                h->avail[c].head = h->avail[c].tail = NULL;
-                h->full[c].head = h->full[c].tail = NULL;
-                h->retained_count[c] = 0;
-            }
-            h->retained_bytes = 0;
+            heap_forget_pages(h); /* its lists may be torn: its pages were taken from the segments */
             h->alive = 0;
         }
         forward_inbox(h); /* its pages have no owner now: blocks go on to them */
