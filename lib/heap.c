@@ -631,9 +631,16 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
  * matching change to used: recount used from the list (live blocks = carved - free). */
 static void page_recount(struct lum_page *page)
 {
-    uint32_t n = 0;
-    for (lum_block *b = page->free; b && n <= page->capacity; b = lum_free_next(page, b)) n++;
-    page->used = n <= page->carved ? page->carved - n : 0;
+    /* A thread stopped inside lum_page_refill has linked blocks past `carved` without moving
+     * it: those count as carved, or they would be carved (handed out) a second time. */
+    uint32_t n = 0, top = page->carved;
+    for (lum_block *b = page->free; b && n <= page->capacity; b = lum_free_next(page, b)) {
+        n++;
+        uint32_t idx = (uint32_t)(((uintptr_t)b - (uintptr_t)page->start) / page->block_size);
+        if (idx >= top && idx < page->capacity) top = idx + 1;
+    }
+    page->carved = top;
+    page->used = n <= top ? top - n : 0;
 }
 
 /* An exited thread's empty pages are kept, free lists and all, for the next thread that needs
@@ -712,6 +719,12 @@ size_t lum_abandoned_reclaim(bool all)
                 abandoned_unlink(page);
                 bytes += (size_t)page->slices * LUM_SLICE_SIZE;
                 lum_page_release(page);
+            } else if (page->used == 0 && page->abandoned == 1) {
+                /* emptied by others' frees since: filed as empty, so decay comes back for it */
+                lum_list_remove(&lum_abandoned[c], page);
+                lum_list_push_back(&lum_abandoned[c], page);
+                page->abandoned = 2;
+                __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes + page_carved_bytes(page), __ATOMIC_RELAXED);
             }
             page = next;
         }

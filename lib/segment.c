@@ -134,12 +134,9 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         int64_t bytes = (int64_t)__builtin_popcountll(refaulted) * (int64_t)LUM_SLICE_SIZE;
         lum_os_account(0, bytes);
     }
+    /* Filled in before the slices point at it and before the lock goes: a fork child (whose
+     * prepare handler holds this lock) finds every page in a segment whole. */
     struct lum_page *page = &seg->pages[idx];
-    for (unsigned i = 0; i < n; i++) seg->slice_page[idx + i] = page;
-    page->slices = (uint8_t)n;
-    lum_unlock(&lum_segment_lock);
-    account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
-
     page->start = lum_seg_base(seg) + (size_t)idx * LUM_SLICE_SIZE;
 #if LUM_HARDENED
     page->key = (uintptr_t)lum_hardened_random() | 1;
@@ -158,6 +155,10 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->next = page->prev = NULL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
     atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
+    for (unsigned i = 0; i < n; i++) seg->slice_page[idx + i] = page;
+    page->slices = (uint8_t)n;
+    lum_unlock(&lum_segment_lock);
+    account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
     return page;
 }
 
