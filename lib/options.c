@@ -15,6 +15,8 @@
 #include "lumalloc_options.h"
 
 extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
+/* The core re-draws a thread's next sample point (weak: unit tests of this side link without it). */
+void lum_heap_force_slow(void) __attribute__((weak));
 
 struct lum_options lum_opt = {
     .sample_interval = 512 * 1024, .prof_depth = 32, .prof = true,
@@ -372,10 +374,17 @@ LUM_EXPORT int lum_options_set(const char *name, const char *value)
     memcpy((char *)&lum_opt + o->off, (char *)&tmp + o->off,
            o->type == T_PATH ? sizeof(char *) : o->type == T_BOOL ? sizeof(bool)
            : o->type == T_SIGNAL ? sizeof(int) : o->width);
-    /* Tools read the interval from the registry to scale what they see. */
-    if (o->off == offsetof(struct lum_options, sample_interval) && &lumalloc_registry)
-        __atomic_store_n(&lumalloc_registry.sample_interval, lum_opt.sample_interval,
-                         __ATOMIC_RELAXED);
+    if (o->off == offsetof(struct lum_options, sample_interval)) {
+        /* Tools read the interval from the registry to scale what they see. */
+        if (&lumalloc_registry)
+            __atomic_store_n(&lumalloc_registry.sample_interval, lum_opt.sample_interval,
+                             __ATOMIC_RELAXED);
+        /* The calling thread's next sample point was drawn with the old interval (at 512k it
+         * is past 2 MiB one time in 50): draw it again with the new one.  Other threads
+         * change over at their next sample. */
+        if (lum_heap_force_slow)
+            lum_heap_force_slow();
+    }
     return 0;
 }
 
