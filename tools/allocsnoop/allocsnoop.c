@@ -645,10 +645,7 @@ int main(int argc, char **argv)
     tc_check_environment();
     static char binary_real[PATH_MAX];
     if (binary_path) {
-        if (!realpath(binary_path, binary_real))
-            tc_die("no such file: %s", binary_path);
-        if (!tc_elf_has_lumalloc_probes(binary_real))
-            tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", binary_real);
+        tc_resolve_probed_binary(binary_path, binary_real);
         binary_path = binary_real;
         struct tc_target *t = &targets[ntargets++];
         t->pid = -1; /* all processes: the uprobes follow the file */

@@ -766,10 +766,7 @@ int main(int argc, char **argv)
     }
     static char binary_real[PATH_MAX];
     if (binary_path) {
-        if (!realpath(binary_path, binary_real))
-            tc_die("no such file: %s", binary_path);
-        if (!tc_elf_has_lumalloc_probes(binary_real))
-            tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", binary_real);
+        tc_resolve_probed_binary(binary_path, binary_real);
         binary_path = binary_real;
         bin_state.t.pid = -1;
         bin_state.t.alive = true;

@@ -1,5 +1,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
 #include <gelf.h>
 #include <libelf.h>
 #include <string.h>
@@ -183,4 +185,12 @@ bool tc_elf_needs(const char *path, const char *substr, char *out, size_t outlen
     }
     elf_close(&h);
     return found;
+}
+
+void tc_resolve_probed_binary(const char *path, char *real)
+{
+    if (!realpath(path, real))
+        tc_die("no such file: %s", path);
+    if (!tc_elf_has_lumalloc_probes(real))
+        tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", real);
 }

@@ -47,6 +47,9 @@ uint64_t tc_read_rss(pid_t pid); /* bytes, 0 if unknown */
 /* ---- ELF --------------------------------------------------------------------------------------- */
 int tc_elf_symbol(const char *path, const char *name, uint64_t *value); /* 0 if found */
 bool tc_elf_has_lumalloc_probes(const char *path);
+/* -b PATH: its real path in `real` (PATH_MAX bytes), or a one-line error and exit when the file
+ * is missing or has no lumalloc probes. */
+void tc_resolve_probed_binary(const char *path, char *real);
 bool tc_elf_is_dyn(const char *path);
 /* Load bias of the ELF file at `path` (opened), mapped as `map_path` in a process's mappings. */
 int tc_elf_load_bias(const char *path, const char *map_path, const struct tc_map *maps, size_t n, uint64_t *bias);
