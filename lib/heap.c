@@ -281,11 +281,24 @@ static struct lum_page *oldest_empty_abandoned(void)
     struct lum_page *oldest = NULL;
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         struct lum_page *p = lum_abandoned[c].tail;
-        if (!p || p->abandoned != 2) continue;
-        while (p->prev && p->prev->abandoned == 2) p = p->prev;
+        if (!p || p->abandoned != LUM_ABANDONED_EMPTY) continue;
+        while (p->prev && p->prev->abandoned == LUM_ABANDONED_EMPTY) p = p->prev;
         if (!oldest || p->abandoned_ms < oldest->abandoned_ms) oldest = p;
     }
     return oldest;
+}
+
+/* Puts page on lum_abandoned[cls] (caller holds lum_abandoned_lock): pages with live blocks
+ * first, since adopting those fills their holes; empty ones at the back, oldest first. */
+static void abandoned_file(struct lum_page *page, unsigned cls, bool empty)
+{
+    if (empty) {
+        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes + page_carved_bytes(page), __ATOMIC_RELAXED);
+        lum_list_push_back(&lum_abandoned[cls], page);
+    } else {
+        lum_list_push_front(&lum_abandoned[cls], page);
+    }
+    page->abandoned = empty ? LUM_ABANDONED_EMPTY : LUM_ABANDONED_WITH_BLOCKS;
 }
 
 static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
@@ -304,14 +317,7 @@ static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
         lum_page_release(old);
     }
     atomic_store_explicit(&page->owner, NULL, memory_order_release);
-    /* pages with live blocks first: adopting those fills their holes */
-    if (empty) {
-        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes + page_carved_bytes(page), __ATOMIC_RELAXED);
-        lum_list_push_back(&lum_abandoned[cls], page);
-    } else {
-        lum_list_push_front(&lum_abandoned[cls], page);
-    }
-    page->abandoned = 1 + empty;
+    abandoned_file(page, cls, empty);
     page->abandoned_ms = now;
     lum_unlock(&lum_abandoned_lock);
     return true;
@@ -321,7 +327,7 @@ static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
 static void abandoned_unlink(struct lum_page *page)
 {
     lum_list_remove(&lum_abandoned[page->cls], page);
-    if (page->abandoned == 2)
+    if (page->abandoned == LUM_ABANDONED_EMPTY)
         __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes - page_carved_bytes(page), __ATOMIC_RELAXED);
     page->abandoned = 0;
 }
@@ -719,12 +725,10 @@ size_t lum_abandoned_reclaim(bool all)
                 abandoned_unlink(page);
                 bytes += (size_t)page->slices * LUM_SLICE_SIZE;
                 lum_page_release(page);
-            } else if (page->used == 0 && page->abandoned == 1) {
+            } else if (page->used == 0 && page->abandoned == LUM_ABANDONED_WITH_BLOCKS) {
                 /* emptied by others' frees since: filed as empty, so decay comes back for it */
-                lum_list_remove(&lum_abandoned[c], page);
-                lum_list_push_back(&lum_abandoned[c], page);
-                page->abandoned = 2;
-                __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes + page_carved_bytes(page), __ATOMIC_RELAXED);
+                abandoned_unlink(page);
+                abandoned_file(page, c, true);
             }
             page = next;
         }
