@@ -77,6 +77,10 @@ static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
 
 static void locate_self(void)
 {
+    /* libunwind's default register-state cache is global, behind a mutex: a fork while another
+     * thread walked left the child's first walk blocked on it forever (1 fork child in a few
+     * thousand under sampling threads).  The per-thread cache takes no lock. */
+    unw_set_caching_policy(unw_local_addr_space, UNW_CACHE_PER_THREAD);
     /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
     if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
         __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
