@@ -228,67 +228,6 @@ static void exited_threads_pages_serve_the_next_thread(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
-/* ---- an exited thread's blocks freed by threads that do not allocate their class ---- */
-
-#define PIN_BLOCKS 2000
-#define PIN_SIZE 22000 /* a class no other test here uses */
-static void *pin_blocks[PIN_BLOCKS];
-static pthread_barrier_t pin_barrier;
-
-static void *pin_producer(void *arg)
-{
-    (void)arg;
-    for (int i = 0; i < PIN_BLOCKS; i++) {
-        pin_blocks[i] = p_malloc(PIN_SIZE);
-        memset(pin_blocks[i], 1, 64);
-    }
-    return NULL;
-}
-
-static void *pin_consumer(void *arg)
-{
-    long first = (long)arg;
-    if (first == 1) pthread_barrier_wait(&pin_barrier); /* the evens first, then the odds */
-    for (int i = (int)first; i < PIN_BLOCKS; i += 2) free(pin_blocks[i]);
-    if (first == 0) pthread_barrier_wait(&pin_barrier);
-    pthread_barrier_wait(&pin_barrier); /* all freed */
-    pthread_barrier_wait(&pin_barrier); /* stay alive until the main thread has looked */
-    return NULL;
-}
-
-/* Two long-lived threads that never allocate the class free an exited thread's blocks.  If the
- * first of them took the pages over, the second one's frees would wait on those pages until
- * the first exited (it never looks for room in that class): 40 MiB pinned. */
-static void freeing_others_blocks_pins_nothing(void **state)
-{
-    (void)state;
-    pthread_t p, c[2];
-    assert_int_equal(pthread_create(&p, NULL, pin_producer, NULL), 0);
-    pthread_join(p, NULL);
-    pthread_barrier_init(&pin_barrier, NULL, 3);
-    for (long i = 0; i < 2; i++) assert_int_equal(pthread_create(&c[i], NULL, pin_consumer, (void *)i), 0);
-    pthread_barrier_wait(&pin_barrier); /* evens freed */
-    pthread_barrier_wait(&pin_barrier); /* odds freed, consumers still alive */
-    lum_purge();
-    static struct lum_stats s;
-    lum_stats_snapshot(&s);
-    unsigned pages = 0;
-    uint64_t live = 0;
-    for (int k = 0; k < LUM_STATS_CLASSES; k++)
-        if (s.classes[k].block_size >= PIN_SIZE && s.classes[k].block_size < PIN_SIZE * 9 / 8) {
-            pages = s.classes[k].pages;
-            live = s.classes[k].live_blocks;
-        }
-    printf("# %d blocks of %d B freed by two other threads: %u pages, %llu live blocks left\n",
-           PIN_BLOCKS, PIN_SIZE, pages, (unsigned long long)live);
-    pthread_barrier_wait(&pin_barrier);
-    for (int i = 0; i < 2; i++) pthread_join(c[i], NULL);
-    assert_int_equal(live, 0);
-    assert_int_equal(pages, 0);
-    pthread_barrier_destroy(&pin_barrier);
-    assert_int_equal(lum_heap_check(1), 0);
-}
-
 /* ---- fork while other threads allocate ---- */
 
 static void *allocate_forever(void *arg)
@@ -381,7 +320,6 @@ int main(void)
         cmocka_unit_test(cross_thread_frees_keep_contents),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(exited_threads_pages_serve_the_next_thread),
-        cmocka_unit_test(freeing_others_blocks_pins_nothing),
         cmocka_unit_test(fork_under_load),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
