@@ -157,7 +157,7 @@ static struct lum_heap *heap_create(void)
     heap->rng = (uint64_t)(uintptr_t)heap ^ ((uint64_t)heap->tid << 32) ^
                 (__atomic_add_fetch(&rng_seed_counter, 0x9e3779b97f4a7c15ULL, __ATOMIC_RELAXED));
     if (!heap->rng) heap->rng = 1;
-    heap->alive = 1;
+    __atomic_store_n(&heap->alive, 1, __ATOMIC_RELAXED); /* read by remote frees: see free_remote */
     heap->next_sample = next_sample_after(heap, 0);
     __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
     return heap;
@@ -217,6 +217,12 @@ static void free_remote(struct lum_page *page, lum_block *b)
             owner = atomic_load_explicit(&page->owner, memory_order_acquire);
             if (owner) {
                 push_atomic(&owner->inbox, b);
+                /* The owner may be exiting: it clears alive and then drains its inbox a last
+                 * time.  With a full fence on each side, either that drain sees this block or
+                 * this load sees alive clear and the block is sent on here; otherwise it would
+                 * wait in a pooled record, pinning its page, until a new thread reused it. */
+                atomic_thread_fence(memory_order_seq_cst);
+                if (!__atomic_load_n(&owner->alive, __ATOMIC_RELAXED)) forward_inbox(owner);
                 return;
             }
             head = NULL;
@@ -691,8 +697,10 @@ void lum_heap_abandon(struct lum_heap *heap)
         abandon_list(&heap->avail[c], c, now);
         abandon_list(&heap->full[c], c, now);
     }
+    /* alive clears before the last drain, with a fence between: see free_remote */
+    __atomic_store_n(&heap->alive, 0, __ATOMIC_RELAXED);
+    atomic_thread_fence(memory_order_seq_cst);
     drain_inbox(heap); /* frees that raced with the abandonment: forwarded to the pages */
-    heap->alive = 0;
     heap->next_pool = heap_pool;
     heap_pool = heap;
     lum_unlock(&lum_heaps_lock);
