@@ -154,6 +154,8 @@ struct lum_heap {
     size_t retained_bytes;
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
     struct lum_heap *next_pool;
+    struct lum_page *empty_big; /* the emptied current page of > 1 slice kept (lum_page_empty) */
+    uint8_t empty_big_cls;      /* its class, checked before the page is read */
 };
 
 extern struct lum_page lum_empty_page;
