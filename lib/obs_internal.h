@@ -96,6 +96,8 @@ extern uint64_t lum_prof_samples, lum_prof_sample_frees;
 #define LUM_SYM_MODULE 4 /* append " (libfoo.so)" */
 /* Writes a function name (or "module+0xoff", or "0xaddr") for the code address addr. */
 void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags);
+/* The function holding addr by the ELF symbol tables (libunwind's reader, loaded on demand). */
+bool lum_unwind_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off);
 
 /* ---- failure tools ---- */
 /* The failure report (diagnostics.c): written with write(2) to the diagnostics fd. */

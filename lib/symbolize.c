@@ -2,8 +2,6 @@
  * executables (static symbols, no -rdynamic) needs the ELF .symtab, which libunwind's
  * get_proc_name reads, at a cost that only report writers (LUM_SYM_DEEP) pay. */
 #define _GNU_SOURCE 1
-#define UNW_LOCAL_ONLY
-#include <libunwind.h>
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
@@ -34,11 +32,8 @@ void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags)
     }
     if (flags & LUM_SYM_DEEP) {
         char name[256];
-        unw_word_t off = 0;
-        unw_accessors_t *acc = unw_get_accessors(unw_local_addr_space);
-        if (acc && acc->get_proc_name &&
-            acc->get_proc_name(unw_local_addr_space, addr, name, sizeof name, &off, NULL) == 0 &&
-            name[0]) {
+        uint64_t off = 0;
+        if (lum_unwind_proc_name(addr, name, sizeof name, &off)) {
             if ((flags & LUM_SYM_OFFSET) && off)
                 snprintf(buf, len, "%s+0x%lx%s", name, (unsigned long)off, modsuf);
             else

@@ -24,12 +24,100 @@
  * Building with -DLUM_UNWIND_VERIFY checks every cached walk against libunwind's on stderr. */
 #define _GNU_SOURCE 1
 #define UNW_LOCAL_ONLY
+#include <dlfcn.h>
 #include <libunwind.h>
 #include <link.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include "obs_internal.h"
+
+/* libunwind is loaded at the first unwind, not linked: a process that never samples (sampling
+ * off, or a small program) never maps it nor the liblzma it pulls in (~110 KiB of RSS, two
+ * fewer libraries to load at start-up).  Its functions are called through this table. */
+#define LUM_STR_(x) #x
+#define LUM_STR(x) LUM_STR_(x) /* the symbol a libunwind macro stands for, e.g. _ULx86_64_step */
+static struct {
+    __typeof__(unw_tdep_getcontext) *getcontext;
+    __typeof__(unw_init_local) *init_local;
+    __typeof__(unw_step) *step;
+    __typeof__(unw_get_reg) *get_reg;
+    __typeof__(unw_get_save_loc) *get_save_loc;
+    __typeof__(unw_is_signal_frame) *is_signal_frame;
+    __typeof__(unw_set_caching_policy) *set_caching_policy;
+    __typeof__(unw_get_accessors) *get_accessors;
+    unw_addr_space_t *local_addr_space;
+} U;
+/* 0: not tried; 1: U is ready; -1: libunwind cannot be loaded; below -1: being loaded by a
+ * thread of the process whose pid is -(state + 2) (a fork child whose loading thread did not
+ * survive the fork tries again). */
+static long load_state;
+/* dlopen allocates: its nested mallocs may be sampled, and must not try to load again */
+static __thread int loading LUM_TLS;
+
+static bool unwind_load(void);
+
+/* The name of the function holding addr from the object's symbol tables (libunwind reads the
+ * ELF .symtab), for reports. */
+bool lum_unwind_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
+{
+    if (!unwind_load())
+        return false;
+    unw_word_t o = 0;
+    unw_accessors_t *acc = U.get_accessors(*U.local_addr_space);
+    if (!acc || !acc->get_proc_name ||
+        acc->get_proc_name(*U.local_addr_space, addr, name, len, &o, NULL) != 0 || !name[0])
+        return false;
+    *off = o;
+    return true;
+}
+
+static void *unw_sym(void *lib, const char *name)
+{
+    void *p = dlsym(RTLD_DEFAULT, name); /* a program linked with libunwind has it already */
+    return p ? p : lib ? dlsym(lib, name) : NULL;
+}
+
+static bool unwind_load(void)
+{
+    long st = __atomic_load_n(&load_state, __ATOMIC_ACQUIRE);
+    if (__builtin_expect(st == 1, 1))
+        return true;
+    if (st == -1 || loading)
+        return false;
+    long me = -((long)getpid() + 2);
+    if (st == me) /* another thread of this process is loading it: no stack this time */
+        return false;
+    if (!__atomic_compare_exchange_n(&load_state, &st, me, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return st == 1;
+    loading = 1;
+    void *lib = NULL;
+    if (!dlsym(RTLD_DEFAULT, LUM_STR(unw_init_local))) {
+        lib = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
+        if (!lib)
+            lib = dlopen("libunwind.so", RTLD_NOW | RTLD_LOCAL);
+    }
+    U.getcontext = (__typeof__(U.getcontext))unw_sym(lib, LUM_STR(unw_tdep_getcontext));
+    U.init_local = (__typeof__(U.init_local))unw_sym(lib, LUM_STR(unw_init_local));
+    U.step = (__typeof__(U.step))unw_sym(lib, LUM_STR(unw_step));
+    U.get_reg = (__typeof__(U.get_reg))unw_sym(lib, LUM_STR(unw_get_reg));
+    U.get_save_loc = (__typeof__(U.get_save_loc))unw_sym(lib, LUM_STR(unw_get_save_loc));
+    U.is_signal_frame = (__typeof__(U.is_signal_frame))unw_sym(lib, LUM_STR(unw_is_signal_frame));
+    U.set_caching_policy = (__typeof__(U.set_caching_policy))unw_sym(lib, LUM_STR(unw_set_caching_policy));
+    U.get_accessors = (__typeof__(U.get_accessors))unw_sym(lib, LUM_STR(unw_get_accessors));
+    U.local_addr_space = (unw_addr_space_t *)unw_sym(lib, LUM_STR(unw_local_addr_space));
+    bool ok = U.getcontext && U.init_local && U.step && U.get_reg && U.get_save_loc &&
+              U.is_signal_frame && U.set_caching_policy && U.get_accessors && U.local_addr_space;
+    if (ok)
+        /* libunwind's default register-state cache is global, behind a mutex: a fork while
+         * another thread walked left the child's first walk blocked on it forever (1 fork child
+         * in a few thousand under sampling threads).  The per-thread cache takes no lock. */
+        U.set_caching_policy(*U.local_addr_space, UNW_CACHE_PER_THREAD);
+    loading = 0;
+    __atomic_store_n(&load_state, ok ? 1L : -1L, __ATOMIC_RELEASE);
+    return ok;
+}
 
 uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
 /* Frames walked beyond the requested depth, for lumalloc's own (this function, the hook, the
@@ -77,10 +165,6 @@ static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
 
 static void locate_self(void)
 {
-    /* libunwind's default register-state cache is global, behind a mutex: a fork while another
-     * thread walked left the child's first walk blocked on it forever (1 fork child in a few
-     * thousand under sampling threads).  The per-thread cache takes no lock. */
-    unw_set_caching_policy(unw_local_addr_space, UNW_CACHE_PER_THREAD);
     /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
     if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
         __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
@@ -284,7 +368,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
 static __attribute__((noinline)) int step_walk(unw_context_t *ctx, uint64_t *buf, int max)
 {
     unw_cursor_t cursor;
-    if (unw_init_local(&cursor, ctx) < 0)
+    if (U.init_local(&cursor, ctx) < 0)
         return 0;
     int n = 0;
 #ifdef RULES
@@ -294,22 +378,22 @@ static __attribute__((noinline)) int step_walk(unw_context_t *ctx, uint64_t *buf
     bool lost = false;
     unw_word_t sp, bp;
     unw_save_loc_t bl;
-    if (unw_get_reg(&cursor, UNW_REG_SP, &sp) < 0 || unw_get_reg(&cursor, UNW_X86_64_RBP, &bp) < 0 ||
-        unw_get_save_loc(&cursor, UNW_X86_64_RBP, &bl) < 0)
+    if (U.get_reg(&cursor, UNW_REG_SP, &sp) < 0 || U.get_reg(&cursor, UNW_X86_64_RBP, &bp) < 0 ||
+        U.get_save_loc(&cursor, UNW_X86_64_RBP, &bl) < 0)
         return 0;
     uintptr_t top = sp, start_sp = sp;
 #endif
     for (;;) {
         unw_word_t ip;
-        if (unw_get_reg(&cursor, UNW_REG_IP, &ip) < 0 || ip == 0)
+        if (U.get_reg(&cursor, UNW_REG_IP, &ip) < 0 || ip == 0)
             break;
         buf[n++] = ip;
         if (n >= max)
             break;
 #ifdef RULES
-        bool signal = unw_is_signal_frame(&cursor) > 0;
+        bool signal = U.is_signal_frame(&cursor) > 0;
 #endif
-        int s = unw_step(&cursor);
+        int s = U.step(&cursor);
 #ifdef RULES
         unsigned self = self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
         if (s == 0 && !signal && !lost && nn < LEARN)
@@ -322,9 +406,9 @@ static __attribute__((noinline)) int step_walk(unw_context_t *ctx, uint64_t *buf
             continue;
         unw_word_t cfa, nbp;
         unw_save_loc_t nbl, ril;
-        if (unw_get_reg(&cursor, UNW_REG_SP, &cfa) < 0 || unw_get_reg(&cursor, UNW_X86_64_RBP, &nbp) < 0 ||
-            unw_get_save_loc(&cursor, UNW_X86_64_RBP, &nbl) < 0 ||
-            unw_get_save_loc(&cursor, UNW_X86_64_RIP, &ril) < 0) {
+        if (U.get_reg(&cursor, UNW_REG_SP, &cfa) < 0 || U.get_reg(&cursor, UNW_X86_64_RBP, &nbp) < 0 ||
+            U.get_save_loc(&cursor, UNW_X86_64_RBP, &nbl) < 0 ||
+            U.get_save_loc(&cursor, UNW_X86_64_RIP, &ril) < 0) {
             lost = true; /* lost track of the registers: learn nothing more from this walk */
             continue;
         }
@@ -435,7 +519,7 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
 {
     if (max > LUM_MAX_FRAMES)
         max = LUM_MAX_FRAMES;
-    if (!max)
+    if (!max || !unwind_load())
         return 0;
     /* racing first samples may both look: they find the same answer */
     if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
@@ -446,7 +530,7 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
     uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
     int n = 0;
     uint32_t d = 0;
-    if (unw_getcontext(&ctx) == 0) {
+    if (U.getcontext(&ctx) == 0) {
         int got = -1;
 #ifdef RULES
         uint32_t walked = 0;
