@@ -89,6 +89,11 @@ static bool unwind_load(void)
     long me = -((long)getpid() + 2);
     if (st == me) /* another thread of this process is loading it: no stack this time */
         return false;
+    /* Not while the loader is adding or removing an object (this thread's malloc may have been
+     * called from inside dlopen): a dlopen nested there trips glibc's consistency assertions.
+     * A later sample tries again. */
+    if (__atomic_load_n(&_r_debug.r_state, __ATOMIC_RELAXED) != RT_CONSISTENT)
+        return false;
     if (!__atomic_compare_exchange_n(&load_state, &st, me, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return st == 1;
     loading = 1;
