@@ -44,6 +44,17 @@
  *
  *   purge         (u64 bytes, u32 reason)      reason: LUM_PURGE_*
  *   pressure      (u64 stall_us, u64 bytes_released)
+ *
+ *   sample_batch  (u64 buf_addr, u64 bytes, u32 nrecords)          (added in version 1, additive)
+ *       The same events as `sample` and `sample_free`, many per firing: buf_addr points to
+ *       `bytes` bytes (at most LUM_BATCH_BYTES) holding `nrecords` records, each a
+ *       struct lum_batch_rec_v1 (below) followed by its frames, in the order the library saw
+ *       the events (one process-wide order, under the lock every sample takes).  Valid during
+ *       the probe: copy the `bytes` bytes inside the handler.  It costs a tracer one probe hit per
+ *       few hundred events instead of two per sampled block, which is what makes a tracer that
+ *       wants every sample affordable on an allocation-heavy process.
+ *       Records are only written while this probe's semaphore is set; `sample` and `sample_free`
+ *       keep firing, each behind its own semaphore, for tracers attached to them.
  */
 /*
  * How lib/ fires them (notes for tracer authors; the argument lists above are the contract):
@@ -68,6 +79,20 @@
  *   - A large allocation that is also sampled fires large_alloc then sample.
  *   - thread_counters_addr points to the thread's struct lum_thread_counters_v1; sampled_bytes
  *     there already includes this sample's weight when `sample` fires.
+ *   - sample_batch: the library fires it when the next record would not fit, when the oldest
+ *     waiting record is older than LUM_BATCH_MAX_AGE_MS at the next sampled event, from a
+ *     background thread (`lumalloc-batch`, running only while the semaphore is set) every
+ *     LUM_BATCH_FLUSH_MS so an idle process does not hold records, when a thread exits, at
+ *     process exit (exit() or return from main; a process killed by a signal or _exit()
+ *     loses at most the last LUM_BATCH_FLUSH_MS of records), and before any other probe fires
+ *     (large_alloc, large_free, alloc_failure, thread_start, thread_exit, purge, pressure), so
+ *     a tracer attached to sample_batch and those probes sees one process's events in order.
+ *     A fork child starts with an empty buffer (the parent's records are the parent's).
+ *     The firing thread may be any thread (records carry their own tid).
+ *   - Record timestamps are CLOCK_MONOTONIC nanoseconds, the clock of bpf_ktime_get_ns().
+ *   - A record's `size` is what to skip to reach the next one: readers skip kinds they do not
+ *     know, and later versions may append fields before the frames (frames start at
+ *     `size - depth * 8`).
  *
  * bpftrace one-liners (LIB = path of liblumalloc.so, as mapped by the target):
  *   estimated bytes allocated per call site:
@@ -77,6 +102,8 @@
  *                         usdt:LIB:lumalloc:sample_free { @freed = sum(arg3); }'
  *   large allocations by size:
  *     bpftrace -p PID -e 'usdt:LIB:lumalloc:large_alloc { @sizes = hist(arg1); }'
+ *   sampled events per batch (records per sample_batch firing):
+ *     bpftrace -p PID -e 'usdt:LIB:lumalloc:sample_batch { @records = hist(arg2); }'
  *   failed allocations with the caller:
  *     bpftrace -p PID -e 'usdt:LIB:lumalloc:alloc_failure {
  *                           printf("%d bytes, errno %d, from %s\n", arg0, arg2,
@@ -112,6 +139,31 @@ struct lum_thread_counters_v1 {
     uint64_t sampled_count; /* samples taken */
     uint64_t sampled_bytes; /* sum of sample weights */
 };
+
+/* ---- sample_batch records ---- */
+#define LUM_BATCH_BYTES 65536     /* largest `bytes` a sample_batch firing passes */
+#define LUM_BATCH_MAX_AGE_MS 20   /* a sampled event flushes records older than this */
+#define LUM_BATCH_FLUSH_MS 25     /* the background flush period */
+
+#define LUM_BATCH_SAMPLE 1        /* a `sample`: all fields, depth frames follow */
+#define LUM_BATCH_FREE 2          /* a `sample_free`: the sample's own sizes, weight, stack_id */
+
+/* One record: this header, then `depth` u64 return addresses (innermost first, as `sample`'s
+ * frames).  8-byte aligned; the next record starts `size` bytes after this one. */
+struct lum_batch_rec_v1 {
+    uint32_t size;           /* bytes of this record, frames included (a multiple of 8) */
+    uint16_t kind;           /* LUM_BATCH_SAMPLE or LUM_BATCH_FREE */
+    uint16_t depth;          /* frames that follow (0 for a free, or when no stack was taken) */
+    uint32_t tid;            /* thread that allocated / freed */
+    uint32_t reserved;       /* 0 */
+    uint64_t ts_ns;          /* CLOCK_MONOTONIC */
+    uint64_t ptr;
+    uint64_t requested_size;
+    uint64_t usable_size;
+    uint64_t weight_bytes;   /* as `sample` / `sample_free` */
+    uint64_t stack_id;
+};
+#define LUM_BATCH_REC_SIZE 64 /* sizeof(struct lum_batch_rec_v1), frames excluded */
 
 #define LUM_THREAD_LIVE 1
 #define LUM_THREAD_EXITED 2

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#include "batch.h"
 #include "obs_internal.h"
 #include "observe.h"
 #include "options.h"
@@ -200,9 +201,11 @@ void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t
         lum_obs_busy = 0;
         id = lum_stack_hash(frames, depth);
     }
-    if (probe)
+    if (probe) {
+        lum_batch_before_probe();
         STAP_PROBE7(lumalloc, alloc_failure, LUM_U64(size), LUM_U64(alignment), LUM_U32(err),
                     LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
+    }
     if (diag) {
         ft.reporting = 1;
         lum_diag_report(tc, size, alignment, err, injected, frames, depth);

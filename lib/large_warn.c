@@ -3,6 +3,7 @@
  * warning.  Runs inside malloc, so the report is built in an mmap buffer and written with
  * write(2); symbols come from dladdr only (no ELF reading inside the allocator). */
 #include <stdio.h>
+#include "batch.h"
 #include "obs_internal.h"
 #include "observe.h"
 #include "options.h"
@@ -83,9 +84,11 @@ void lum_on_large_alloc(struct lum_thread_counters_v1 *tc, void *ptr, size_t req
     uint64_t frames[LUM_MAX_FRAMES], id;
     uint32_t depth = stack_and_warn(requested, warning, (uintptr_t)__builtin_return_address(0),
                                     frames, &id);
-    if (probe)
+    if (probe) {
+        lum_batch_before_probe();
         STAP_PROBE7(lumalloc, large_alloc, LUM_U64(ptr), LUM_U64(requested), LUM_U64(usable),
                     LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
+    }
 }
 
 void lum_on_large_warn(size_t requested)
@@ -98,6 +101,8 @@ void lum_on_large_warn(size_t requested)
 
 void lum_on_large_free(void *ptr, size_t usable)
 {
-    if (LUM_PROBE_ON(large_free))
+    if (LUM_PROBE_ON(large_free)) {
+        lum_batch_before_probe();
         STAP_PROBE2(lumalloc, large_free, LUM_U64(ptr), LUM_U64(usable));
+    }
 }

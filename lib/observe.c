@@ -1,6 +1,7 @@
 /* Glue of the observability side: start-up, thread and purge events, the per-thread list used
  * by reports, and fork safety of our locks. */
 #include <pthread.h>
+#include "batch.h"
 #include "obs_internal.h"
 #include "observe.h"
 #include "options.h"
@@ -20,26 +21,35 @@ void lum_observe_init(void)
 
 void lum_on_thread_start(struct lum_thread_counters_v1 *tc)
 {
-    if (LUM_PROBE_ON(thread_start))
+    if (LUM_PROBE_ON(thread_start)) {
+        lum_batch_before_probe();
         STAP_PROBE2(lumalloc, thread_start, LUM_U32(tc ? tc->tid : 0), LUM_U64(tc));
+    }
 }
 
 void lum_on_thread_exit(struct lum_thread_counters_v1 *tc)
 {
+    /* Whatever thread_exit's semaphore: a thread pool winding down may be the last activity
+     * for a while, and its samples should not wait for the flusher. */
+    lum_batch_before_probe();
     if (LUM_PROBE_ON(thread_exit))
         STAP_PROBE2(lumalloc, thread_exit, LUM_U32(tc ? tc->tid : 0), LUM_U64(tc));
 }
 
 void lum_on_purge(uint64_t bytes, uint32_t reason)
 {
-    if (LUM_PROBE_ON(purge))
+    if (LUM_PROBE_ON(purge)) {
+        lum_batch_before_probe();
         STAP_PROBE2(lumalloc, purge, LUM_U64(bytes), LUM_U32(reason));
+    }
 }
 
 void lum_on_pressure(uint64_t stall_us, uint64_t bytes_released)
 {
-    if (LUM_PROBE_ON(pressure))
+    if (LUM_PROBE_ON(pressure)) {
+        lum_batch_before_probe();
         STAP_PROBE2(lumalloc, pressure, LUM_U64(stall_us), LUM_U64(bytes_released));
+    }
 }
 
 void lum_threads_foreach(void (*fn)(const struct lum_thread_counters_v1 *, void *), void *arg)

@@ -17,7 +17,7 @@
 
 #define LUM_PROBE_LIST(X) \
     X(sample) X(sample_free) X(large_alloc) X(large_free) X(alloc_failure) \
-    X(thread_start) X(thread_exit) X(purge) X(pressure)
+    X(thread_start) X(thread_exit) X(purge) X(pressure) X(sample_batch)
 
 #define LUM_SEM_DECL(name) extern volatile unsigned short lumalloc_##name##_semaphore;
 LUM_PROBE_LIST(LUM_SEM_DECL)

@@ -4,6 +4,7 @@
  * probability p(s) = 1 - exp(-s/T), and weighting each sample by s / p(s) makes the summed
  * weights an unbiased estimate of the bytes allocated at a site (and weight / s of its objects),
  * whatever the mix of sizes. */
+#include "batch.h"
 #include "lmath.h"
 #include "obs_internal.h"
 #include "observe.h"
@@ -80,11 +81,11 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
     uint64_t frames[LUM_MAX_FRAMES];
     uint32_t depth = 0;
     uint64_t id = 0;
-    bool probe = LUM_PROBE_ON(sample);
+    bool probe = LUM_PROBE_ON(sample), batch = LUM_PROBE_ON(sample_batch), start = false;
     /* Unwinding only for someone who will read the stack: the in-process profiler or an
      * attached tracer.  Never while already inside profiler code (a nested allocation from
      * libunwind or a report writer): that is the recursion guard. */
-    if ((lum_opt.prof || probe) && !lum_obs_busy && lum_opt.prof_depth) {
+    if ((lum_opt.prof || probe || batch) && !lum_obs_busy && lum_opt.prof_depth) {
         lum_obs_busy = 1;
         uintptr_t ret = (uintptr_t)__builtin_return_address(0);
 #if defined(__x86_64__)
@@ -133,7 +134,11 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
         r.stack = st;
     }
     lum_records_insert(&r);
+    if (batch)
+        start = lum_batch_add_sample(r.ptr, requested, usable, wb, id, frames, depth);
     pthread_mutex_unlock(&lum_prof_lock);
+    if (start)
+        lum_batch_start_flusher();
 
     if (probe)
         STAP_PROBE8(lumalloc, sample, LUM_U64(ptr), LUM_U64(requested), LUM_U64(usable),
@@ -154,9 +159,15 @@ void lum_on_sample_free(void *ptr, size_t usable)
         r.stack->live_bytes -= (int64_t)r.weight;
         r.stack->live_objects -= r.objects;
     }
-    if (found)
+    bool start = false;
+    if (found) {
         __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
+        if (LUM_PROBE_ON(sample_batch))
+            start = lum_batch_add_free(r.ptr, r.requested, r.usable, r.weight, r.stack_id);
+    }
     pthread_mutex_unlock(&lum_prof_lock);
+    if (start)
+        lum_batch_start_flusher();
     if (!found)
         return;
     if (LUM_PROBE_ON(sample_free))
