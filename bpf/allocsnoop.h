@@ -24,6 +24,7 @@ enum snoop_kind {
 enum snoop_lost {
     SNOOP_LOST_RINGBUF, /* bpf_ringbuf_reserve failed: ring buffer full */
     SNOOP_LOST_STACK,   /* frames could not be read from the target (event kept, depth 0) */
+    SNOOP_LOST_BATCH,   /* records of a sample_batch that could not be read from the target */
     SNOOP_LOST_MAX
 };
 
@@ -45,5 +46,21 @@ struct snoop_event {
 };
 
 #define SNOOP_HDR_SIZE __builtin_offsetof(struct snoop_event, frames)
+
+/* A sample_batch firing: the library's buffer as it was, nrecords struct lum_batch_rec_v1
+ * records in `bytes` bytes (include/lumalloc_probes.h), parsed in user space.  The header
+ * shares snoop_event's first fields, so `kind` tells the two apart.  Submitted in one of a few
+ * reserved sizes (the verifier wants a constant): data[] may run past `bytes`. */
+#define SNOOP_BATCH 0x100
+struct snoop_batch {
+    uint64_t ts_ns;     /* when the batch was published */
+    uint32_t pid, tid;  /* tid: the thread that published it (records carry their own) */
+    uint32_t kind;      /* SNOOP_BATCH */
+    uint32_t nrecords;
+    uint64_t bytes;
+    uint64_t data[];
+};
+
+#define SNOOP_BATCH_HDR_SIZE __builtin_offsetof(struct snoop_batch, data)
 
 #endif

@@ -44,11 +44,16 @@ static __always_inline void maybe_hold(void)
         bpf_send_signal(SIGSTOP_NR);
 }
 
-static __always_inline void count_lost(u32 idx)
+static __always_inline void count_lost_n(u32 idx, u64 n)
 {
     u64 *v = bpf_map_lookup_elem(&lost, &idx);
     if (v)
-        (*v)++;
+        *v += n;
+}
+
+static __always_inline void count_lost(u32 idx)
+{
+    count_lost_n(idx, 1);
 }
 
 

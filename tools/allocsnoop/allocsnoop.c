@@ -52,7 +52,7 @@ static struct {
     uint32_t kinds;
     uint64_t min_size;
     double duration;
-    bool stacks_out, quiet, json, all_frames;
+    bool stacks_out, quiet, json, all_frames, no_batch;
     const char *folded, *pprof;
     int leaks;
 } opt = {.kinds = 0xffffffff, .leaks = 10};
@@ -69,6 +69,7 @@ static uint32_t free_live = UINT32_MAX;
 static struct tc_map64 live_idx; /* pid/ptr key -> live index+1 */
 static struct tc_map64 large_idx; /* pid/ptr key -> stack index << 40 | usable size */
 static uint64_t counts[SNOOP_NKINDS];
+static uint64_t batches, batch_malformed; /* sample_batch firings received; records unparsable */
 static uint64_t start_ns;
 static double t_start, t_end;
 static volatile sig_atomic_t stop;
@@ -97,6 +98,8 @@ static void usage(FILE *f)
             "      --leaks N            stacks shown in the live/leak report (default 10)\n"
             "      --all-frames         keep the allocator's own frames in stack output\n"
             "      --ringbuf-kib N      ring buffer size (default 16384 KiB)\n"
+            "      --no-batch           per-event sample/sample_free probes even where the library has\n"
+            "                           sample_batch (two probe hits per sampled block instead of ~1/300)\n"
             "  -v, --verbose            libbpf diagnostics\n");
 }
 
@@ -326,16 +329,8 @@ static void print_stack_json(pid_t pid, const uint64_t *frames, unsigned depth)
     fputc(']', stdout);
 }
 
-static int handle_event(void *ctx, void *data, size_t len)
+static void process_event(struct snoop_event *e)
 {
-    (void)ctx;
-    if (len < SNOOP_HDR_SIZE)
-        return 0;
-    struct snoop_event *e = data;
-    if (e->kind >= SNOOP_NKINDS)
-        return 0;
-    if (len < SNOOP_HDR_SIZE + e->depth * sizeof(uint64_t))
-        e->depth = 0;
     counts[e->kind]++;
     maybe_snapshot((pid_t)e->pid);
     if (e->kind == SNOOP_SAMPLE)
@@ -345,7 +340,7 @@ static int handle_event(void *ctx, void *data, size_t len)
     else if (e->kind == SNOOP_LARGE_ALLOC || e->kind == SNOOP_LARGE_FREE)
         track_large(e);
     if (opt.quiet)
-        return 0;
+        return;
     double ts = start_ns && e->ts_ns > start_ns ? (double)(e->ts_ns - start_ns) * 1e-9 : 0;
     uint32_t tid = e->tid;
     if (e->kind == SNOOP_THREAD_START || e->kind == SNOOP_THREAD_EXIT)
@@ -362,7 +357,7 @@ static int handle_event(void *ctx, void *data, size_t len)
             print_stack_json((pid_t)e->pid, e->frames, e->depth);
         }
         printf("}\n");
-        return 0;
+        return;
     }
     char extra[96] = "";
     if (e->kind == SNOOP_SAMPLE || e->kind == SNOOP_SAMPLE_FREE)
@@ -378,6 +373,73 @@ static int handle_event(void *ctx, void *data, size_t len)
            (unsigned long long)e->size, (unsigned long long)e->ptr, extra);
     if (opt.stacks_out && e->depth)
         print_stack_text((pid_t)e->pid, e->frames, e->depth, "        ", 64);
+    return;
+}
+
+/* One sample_batch firing: its records become the events the per-event probes would have
+ * sent, in the library's order.  Kind and size filters apply here (the BPF side copies the
+ * batch whole). */
+static void handle_batch(const struct snoop_batch *b, size_t len)
+{
+    batches++;
+    size_t bytes = len - SNOOP_BATCH_HDR_SIZE;
+    if (b->bytes < bytes)
+        bytes = b->bytes;
+    const char *p = (const char *)b->data, *end = p + bytes;
+    uint32_t seen = 0;
+    struct snoop_event e;
+    while (seen < b->nrecords && end - p >= LUM_BATCH_REC_SIZE) {
+        struct lum_batch_rec_v1 r;
+        memcpy(&r, p, sizeof(r));
+        if (r.size < LUM_BATCH_REC_SIZE || (r.size & 7) || r.size > (size_t)(end - p))
+            break;
+        seen++;
+        const char *rec = p;
+        p += r.size;
+        uint32_t kind;
+        if (r.kind == LUM_BATCH_SAMPLE)
+            kind = SNOOP_SAMPLE;
+        else if (r.kind == LUM_BATCH_FREE)
+            kind = SNOOP_SAMPLE_FREE;
+        else
+            continue; /* a later version's kind */
+        if (!(opt.kinds & (1u << kind)) || r.requested_size < opt.min_size)
+            continue;
+        uint32_t depth = r.depth;
+        if (depth > LUM_MAX_FRAMES || depth * sizeof(uint64_t) > r.size - LUM_BATCH_REC_SIZE)
+            depth = 0;
+        e.ts_ns = r.ts_ns;
+        e.pid = b->pid;
+        e.tid = r.tid;
+        e.kind = kind;
+        e.depth = depth;
+        e.ptr = r.ptr;
+        e.size = r.requested_size;
+        e.usable = r.usable_size;
+        e.weight = r.weight_bytes;
+        e.stack_id = r.stack_id;
+        e.arg = e.arg2 = 0;
+        memcpy(e.frames, rec + r.size - depth * sizeof(uint64_t), depth * sizeof(uint64_t));
+        process_event(&e);
+    }
+    batch_malformed += b->nrecords - seen;
+}
+
+static int handle_event(void *ctx, void *data, size_t len)
+{
+    (void)ctx;
+    if (len < SNOOP_HDR_SIZE)
+        return 0;
+    struct snoop_event *e = data;
+    if (e->kind == SNOOP_BATCH && len >= SNOOP_BATCH_HDR_SIZE) {
+        handle_batch(data, len);
+        return 0;
+    }
+    if (e->kind >= SNOOP_NKINDS)
+        return 0;
+    if (len < SNOOP_HDR_SIZE + e->depth * sizeof(uint64_t))
+        e->depth = 0;
+    process_event(e);
     return 0;
 }
 
@@ -415,6 +477,8 @@ static void reports(struct allocsnoop_bpf *skel)
 {
     uint64_t lost[SNOOP_LOST_MAX];
     lost_counts(skel, lost);
+    /* A batch the target's memory would not give up, or records it could not be parsed into. */
+    uint64_t lost_batch = lost[SNOOP_LOST_BATCH] + batch_malformed;
     double elapsed = (t_end ? t_end : tc_now()) - t_start;
 
     /* Top sites: first frame outside the allocator. */
@@ -463,8 +527,9 @@ static void reports(struct allocsnoop_bpf *skel)
         printf("{\"type\":\"summary\",\"duration\":%.3f,\"events\":{", elapsed);
         for (int k = 0; k < SNOOP_NKINDS; k++)
             printf("%s\"%s\":%llu", k ? "," : "", kind_names[k], (unsigned long long)counts[k]);
-        printf("},\"lost\":{\"ringbuf\":%llu,\"stack\":%llu}}\n", (unsigned long long)lost[SNOOP_LOST_RINGBUF],
-               (unsigned long long)lost[SNOOP_LOST_STACK]);
+        printf("},\"batches\":%llu,\"lost\":{\"ringbuf\":%llu,\"stack\":%llu,\"batch\":%llu}}\n",
+               (unsigned long long)batches, (unsigned long long)lost[SNOOP_LOST_RINGBUF],
+               (unsigned long long)lost[SNOOP_LOST_STACK], (unsigned long long)lost_batch);
         for (size_t k = 0; k < nsites; k++) {
             printf("{\"type\":\"site\",\"pid\":%d,\"function\":", (int)sites[k].pid);
             tc_json_str(stdout, sites[k].name);
@@ -490,8 +555,11 @@ static void reports(struct allocsnoop_bpf *skel)
         for (int k = 0; k < SNOOP_NKINDS; k++)
             if (counts[k])
                 printf(", %s %llu", kind_names[k], (unsigned long long)counts[k]);
-        printf("\nlost events: ring buffer %llu, stacks unreadable %llu\n",
-               (unsigned long long)lost[SNOOP_LOST_RINGBUF], (unsigned long long)lost[SNOOP_LOST_STACK]);
+        printf("\nlost events: ring buffer %llu, stacks unreadable %llu", (unsigned long long)lost[SNOOP_LOST_RINGBUF],
+               (unsigned long long)lost[SNOOP_LOST_STACK]);
+        if (lost_batch)
+            printf(", batched records unreadable %llu", (unsigned long long)lost_batch);
+        printf("\n");
         if (nsites) {
             printf("\nTop allocation sites (sampled bytes):\n");
             for (size_t k = 0; k < nsites && k < 15; k++)
@@ -572,11 +640,24 @@ static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
                                    skel->progs.on_thread_exit,   skel->progs.on_purge,
                                    skel->progs.on_pressure};
     int attached = 0;
+    /* Samples and their frees come batched where the library has sample_batch (one probe hit
+     * per few hundred events), one by one from older libraries. */
+    bool batched = false;
+    if ((opt.kinds & (1u << SNOOP_SAMPLE | 1u << SNOOP_SAMPLE_FREE)) && !opt.no_batch &&
+        tc_attach_usdt(t, skel->progs.on_sample_batch, "sample_batch", true) == 0) {
+        batched = true;
+        attached++;
+    }
+    if (tc_verbose)
+        fprintf(stderr, "allocsnoop: pid %d: samples through %s\n", (int)t->pid,
+                batched ? "sample_batch" : "sample/sample_free");
     for (size_t i = 0; i < sizeof(probes) / sizeof(probes[0]); i++) {
         if (!(opt.kinds & (1u << probes[i].kind)))
             continue;
+        if (batched && (probes[i].kind == SNOOP_SAMPLE || probes[i].kind == SNOOP_SAMPLE_FREE))
+            continue;
         /* Only `sample` is mandatory: older or partial libraries may lack the others. */
-        bool required = probes[i].kind == SNOOP_SAMPLE;
+        bool required = probes[i].kind == SNOOP_SAMPLE && !batched;
         if (tc_attach_usdt(t, progs[i], probes[i].probe, !required) == 0)
             attached++;
         else if (required)
@@ -592,7 +673,7 @@ int main(int argc, char **argv)
     const char *command = NULL, *preload = NULL;
     pid_t pids[MAX_TARGETS];
     int npids = 0;
-    enum { OPT_PRELOAD = 256, OPT_FOLDED, OPT_PPROF, OPT_LEAKS, OPT_ALLFRAMES, OPT_RINGBUF };
+    enum { OPT_PRELOAD = 256, OPT_FOLDED, OPT_PPROF, OPT_LEAKS, OPT_ALLFRAMES, OPT_RINGBUF, OPT_NOBATCH };
     long ringbuf_kib = 0;
     static const struct option lopts[] = {
         {"pid", required_argument, 0, 'p'},         {"command", required_argument, 0, 'c'},
@@ -603,7 +684,7 @@ int main(int argc, char **argv)
         {"json", no_argument, 0, 'j'},              {"folded", required_argument, 0, OPT_FOLDED},
         {"pprof", required_argument, 0, OPT_PPROF}, {"leaks", required_argument, 0, OPT_LEAKS},
         {"all-frames", no_argument, 0, OPT_ALLFRAMES}, {"verbose", no_argument, 0, 'v'},
-        {"ringbuf-kib", required_argument, 0, OPT_RINGBUF},
+        {"ringbuf-kib", required_argument, 0, OPT_RINGBUF}, {"no-batch", no_argument, 0, OPT_NOBATCH},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "p:c:b:B:e:m:d:Uqjvh", lopts, NULL)) != -1) {
@@ -633,6 +714,7 @@ int main(int argc, char **argv)
             if (ringbuf_kib < 4 || (ringbuf_kib & (ringbuf_kib - 1)))
                 tc_die("--ringbuf-kib must be a power of two >= 4");
             break;
+        case OPT_NOBATCH: opt.no_batch = true; break;
         case 'v': tc_verbose++; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
