@@ -20,6 +20,7 @@
 
 uint32_t lum_batch_count;
 void (*lum_batch_test_hook)(const void *buf, uint64_t bytes, uint32_t nrecords);
+bool lum_batch_test_no_flusher;
 
 static uint64_t batch_buf[LUM_BATCH_BYTES / sizeof(uint64_t)] __attribute__((aligned(64)));
 static uint32_t batch_used;      /* bytes */
@@ -81,7 +82,7 @@ static bool after_append(uint64_t now)
 {
     if (batch_final || now - batch_first_ns >= (uint64_t)LUM_BATCH_MAX_AGE_MS * 1000000u)
         flush_locked();
-    if (flusher_state)
+    if (flusher_state || lum_batch_test_no_flusher)
         return false;
     flusher_state = 1;
     return true;

@@ -30,7 +30,9 @@ static inline void lum_batch_before_probe(void)
         lum_batch_sync();
 }
 
-/* For unit tests: called with each batch as it is published (under lum_prof_lock). */
+/* For unit tests: called with each batch as it is published (under lum_prof_lock), and a way
+ * to keep the flusher thread from starting so that the other flushes can be told apart. */
 extern void (*lum_batch_test_hook)(const void *buf, uint64_t bytes, uint32_t nrecords);
+extern bool lum_batch_test_no_flusher;
 
 #endif

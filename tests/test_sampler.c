@@ -241,7 +241,7 @@ static void test_probe_semaphores_zero(void **state)
     (void)state;
     static const char *const probes[] = {"sample", "sample_free", "large_alloc", "large_free",
                                          "alloc_failure", "thread_start", "thread_exit",
-                                         "purge", "pressure"};
+                                         "purge", "pressure", "sample_batch"};
     for (size_t i = 0; i < sizeof probes / sizeof *probes; i++)
         assert_int_equal(lum_probe_semaphore(probes[i]), 0);
     assert_int_equal(lum_probe_semaphore("nope"), -1);
