@@ -71,6 +71,51 @@ if [ "$MODE" = real ]; then
     [ "$(grep -c alloc_failure "$TMP/env.txt")" -ge 3 ] || fail "LUMALLOC_LIB not preloaded"
 fi
 
+echo "== samples batched where the library has sample_batch, per event otherwise; in order ($MODE)"
+# The real library (preloaded or static) has sample_batch; the fake one only the per-event probes.
+want=sample_batch; [ "$MODE" = fake ] && want=sample/sample_free
+for how in default no-batch; do
+    extra=; [ $how = no-batch ] && extra=--no-batch
+    "$ALLOCSNOOP" -v $extra -c "$WORKLOAD -m 32 -o /dev/null" ${LIB:+--preload "$LIB"} --json -U \
+        > "$TMP/order.$how.jsonl" 2> "$TMP/order.$how.err" || { cat "$TMP/order.$how.err"; fail "allocsnoop $extra"; }
+    exp=$want; [ $how = no-batch ] && exp=sample/sample_free
+    grep -q "samples through $exp\$" "$TMP/order.$how.err" ||
+        fail "$how: expected samples through $exp: $(grep 'samples through' "$TMP/order.$how.err")"
+    python3 - "$TMP/order.$how.jsonl" "$exp" <<'PY' || fail "$how: events"
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+ev = [l for l in lines if l["type"] == "event"]
+summ = [l for l in lines if l["type"] == "summary"][0]
+batched = sys.argv[2] == "sample_batch"
+assert (summ["batches"] > 0) == batched, summ
+assert summ["lost"]["ringbuf"] == 0 and summ["lost"]["batch"] == 0, summ
+kinds = {}
+for e in ev:
+    kinds[e["event"]] = kinds.get(e["event"], 0) + 1
+assert kinds.get("sample", 0) > 100 and kinds.get("sample_free", 0) > 50, kinds
+for k in ("large_alloc", "alloc_failure", "thread_start", "thread_exit"):
+    assert kinds.get(k, 0) > 0, (k, kinds)
+assert sum(kinds.values()) == sum(summ["events"].values()), (kinds, summ["events"])
+# Batched, one process's events come in the order they happened, whatever the kind (the
+# library publishes its batch before any other probe fires).  Per event, threads on different
+# CPUs race for ring-buffer slots, so only the batched path is held to it.
+ts = [e["ts"] for e in ev]
+if batched:
+    assert all(a <= b for a, b in zip(ts, ts[1:])), "events out of order"
+live = set()
+for e in ev:
+    if e["event"] == "sample":
+        assert e["stack"] and e["weight"] > 0 and e["usable"] >= e["size"], e
+        live.add(e["ptr"])
+    elif e["event"] == "sample_free" and batched:
+        assert e["ptr"] in live, "free of a sample never seen: %s" % e
+        live.discard(e["ptr"])
+names = {f for e in ev if e["event"] == "sample" for f in e["stack"]}
+assert {"site_a", "site_b", "site_c"} <= names, sorted(names)[:20]
+print("ok   %s: %d events in order (%s), %d batches" % (sys.argv[2], len(ev), kinds, summ["batches"]))
+PY
+done
+
 echo "== lost events are counted, never silently dropped ($MODE)"
 LUMALLOC_SAMPLE_INTERVAL=1 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" --ringbuf-kib 4 -q --json \
     > "$TMP/lost.jsonl" 2>&1 || fail "allocsnoop --ringbuf-kib"

@@ -376,6 +376,78 @@ static void process_event(struct snoop_event *e)
     return;
 }
 
+/* Batched samples reach us later than the events of other probes, so with batching on those
+ * wait here, in timestamp order, until they can be placed: an event at time t goes out once a
+ * batch of its process published after t has been read (the library publishes every record
+ * written before a publication: earlier records are all in that batch or before it), or once
+ * REORDER_WAIT_NS have passed (the library's flusher publishes every LUM_BATCH_FLUSH_MS; the
+ * wait also covers our 100 ms poll). */
+#define REORDER_WAIT_NS 500000000ull
+static bool reorder;             /* some target sends samples through sample_batch */
+static struct tc_map64 batch_seen; /* pid -> every record up to this time has been read */
+static struct snoop_event **pend;
+static size_t npend, cappend, pend_head;
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void pend_push(const struct snoop_event *e)
+{
+    if (pend_head && pend_head == npend)
+        pend_head = npend = 0;
+    if (npend == cappend) {
+        if (pend_head) { /* reuse the room of what went out */
+            memmove(pend, pend + pend_head, (npend - pend_head) * sizeof(*pend));
+            npend -= pend_head;
+            pend_head = 0;
+        }
+        if (npend == cappend) {
+            cappend = cappend ? cappend * 2 : 64;
+            pend = realloc(pend, cappend * sizeof(*pend));
+            if (!pend)
+                tc_die("out of memory");
+        }
+    }
+    size_t sz = SNOOP_HDR_SIZE + e->depth * sizeof(uint64_t);
+    struct snoop_event *c = malloc(sizeof(*c));
+    if (!c)
+        tc_die("out of memory");
+    memcpy(c, e, sz);
+    /* Nearly sorted already (ring order): insert from the back. */
+    size_t i = npend;
+    while (i > pend_head && pend[i - 1]->ts_ns > c->ts_ns) {
+        pend[i] = pend[i - 1];
+        i--;
+    }
+    pend[i] = c;
+    npend++;
+}
+
+/* Lets out, oldest first, the waiting events that can be placed (all of them with force). */
+static void pend_release(uint64_t now, bool force)
+{
+    while (pend_head < npend) {
+        struct snoop_event *e = pend[pend_head];
+        uint64_t *seen = tc_map64_get(&batch_seen, (uint64_t)e->pid + 1);
+        if (!force && !(seen && *seen >= e->ts_ns) && (now < e->ts_ns || now - e->ts_ns < REORDER_WAIT_NS))
+            break;
+        pend_head++;
+        process_event(e);
+        free(e);
+    }
+}
+
+static void note_batch_time(uint32_t pid, uint64_t ts)
+{
+    uint64_t *v = tc_map64_put(&batch_seen, (uint64_t)pid + 1, NULL);
+    if (v && *v < ts)
+        *v = ts;
+}
+
 /* One sample_batch firing: its records become the events the per-event probes would have
  * sent, in the library's order.  Kind and size filters apply here (the BPF side copies the
  * batch whole). */
@@ -420,9 +492,15 @@ static void handle_batch(const struct snoop_batch *b, size_t len)
         e.stack_id = r.stack_id;
         e.arg = e.arg2 = 0;
         memcpy(e.frames, rec + r.size - depth * sizeof(uint64_t), depth * sizeof(uint64_t));
+        if (npend > pend_head) { /* what happened before this record goes first */
+            note_batch_time(b->pid, r.ts_ns);
+            pend_release(mono_ns(), false);
+        }
         process_event(&e);
     }
     batch_malformed += b->nrecords - seen;
+    note_batch_time(b->pid, b->ts_ns);
+    pend_release(mono_ns(), false);
 }
 
 static int handle_event(void *ctx, void *data, size_t len)
@@ -439,7 +517,12 @@ static int handle_event(void *ctx, void *data, size_t len)
         return 0;
     if (len < SNOOP_HDR_SIZE + e->depth * sizeof(uint64_t))
         e->depth = 0;
-    process_event(e);
+    if (reorder) {
+        pend_push(e);
+        pend_release(mono_ns(), false);
+    } else {
+        process_event(e);
+    }
     return 0;
 }
 
@@ -646,6 +729,7 @@ static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
     if ((opt.kinds & (1u << SNOOP_SAMPLE | 1u << SNOOP_SAMPLE_FREE)) && !opt.no_batch &&
         tc_attach_usdt(t, skel->progs.on_sample_batch, "sample_batch", true) == 0) {
         batched = true;
+        reorder = true;
         attached++;
     }
     if (tc_verbose)
@@ -789,6 +873,8 @@ int main(int argc, char **argv)
         int r = ring_buffer__poll(rb, 100);
         if (r < 0 && r != -EINTR)
             break;
+        if (npend > pend_head)
+            pend_release(mono_ns(), false);
         if (opt.duration && tc_now() - t_start >= opt.duration)
             break;
         bool any_alive = false;
@@ -803,11 +889,13 @@ int main(int argc, char **argv)
         }
         if (!any_alive) {
             ring_buffer__consume(rb); /* drain what the target sent before exiting */
+            pend_release(0, true);
             break;
         }
         fflush(stdout);
     }
     ring_buffer__consume(rb);
+    pend_release(0, true);
     t_end = tc_now();
     /* Reports first: unregistering a uprobe waits for RCU grace periods (~0.1 s per probe on
      * this kind of machine), the user should not wait for that to see the results. */
@@ -829,5 +917,7 @@ int main(int argc, char **argv)
     tc_map64_free(&live_idx);
     tc_map64_free(&large_idx);
     tc_map64_free(&pid_snap);
+    tc_map64_free(&batch_seen);
+    free(pend);
     return status;
 }
