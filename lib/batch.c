@@ -62,7 +62,7 @@ static struct lum_batch_rec_v1 *append(uint16_t kind, uint32_t depth, uint64_t *
         if (!self_pid) /* sampled before our constructor ran (a tracer attached at exec) */
             self_pid = getpid();
         batch_first_ns = *now;
-        batch_pid = self_pid;
+        __atomic_store_n(&batch_pid, self_pid, __ATOMIC_RELAXED);
     }
     if (!my_tid)
         my_tid = (uint32_t)gettid();
@@ -123,7 +123,7 @@ void lum_batch_sync(void)
      * not survive) while lum_prof_lock is still the parent's, held across fork() until our
      * side re-initialises it: the parent's records tell us we are there.  getpid() is a real
      * system call, paid only when records wait and another probe is about to fire. */
-    if (batch_pid != getpid())
+    if (__atomic_load_n(&batch_pid, __ATOMIC_RELAXED) != getpid())
         return;
     pthread_mutex_lock(&lum_prof_lock);
     flush_locked();
