@@ -30,6 +30,9 @@ static pid_t self_pid;
 static bool batch_final;         /* past the exit flush: every record goes out at once */
 /* The flusher thread: 0 none, 1 starting or running, 2 could not be started (not retried). */
 static int flusher_state;
+/* Our constructor has run, so libc is initialised: a tracer attached at exec sees samples from
+ * the dynamic loader's own allocations, too early to start a thread. */
+static bool batch_ready;
 static __thread uint32_t my_tid LUM_TLS;
 
 static inline uint64_t now_ns(void)
@@ -82,7 +85,7 @@ static bool after_append(uint64_t now)
 {
     if (batch_final || now - batch_first_ns >= (uint64_t)LUM_BATCH_MAX_AGE_MS * 1000000u)
         flush_locked();
-    if (flusher_state || lum_batch_test_no_flusher)
+    if (flusher_state || lum_batch_test_no_flusher || !__atomic_load_n(&batch_ready, __ATOMIC_RELAXED))
         return false;
     flusher_state = 1;
     return true;
@@ -208,4 +211,5 @@ __attribute__((constructor)) static void batch_ctor(void)
 {
     self_pid = getpid();
     pthread_atfork(NULL, NULL, batch_fork_child);
+    __atomic_store_n(&batch_ready, true, __ATOMIC_RELAXED);
 }
