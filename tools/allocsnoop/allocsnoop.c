@@ -373,7 +373,6 @@ static void process_event(struct snoop_event *e)
            (unsigned long long)e->size, (unsigned long long)e->ptr, extra);
     if (opt.stacks_out && e->depth)
         print_stack_text((pid_t)e->pid, e->frames, e->depth, "        ", 64);
-    return;
 }
 
 /* Batched samples reach us later than the events of other probes, so with batching on those
