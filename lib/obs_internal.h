@@ -39,6 +39,8 @@ int lum_write_all(int fd, const void *p, size_t n);
  * hook_ret is __builtin_return_address(0) of the lum_on_* hook the core called.  Returns the
  * depth.  Must be called with lum_obs_busy set. */
 uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret);
+void lum_unwind_preload(void);
+extern pthread_rwlock_t lum_unwind_fork_lock;
 /* The same from a frame of the caller's caller known without unwinding: its code address, and
  * rsp and rbp as they were there (see lum_on_sample).  Skips the context capture and the walk
  * through the innermost frames; falls back to lum_unwind when the rule cache cannot take it. */

@@ -2,6 +2,7 @@
  * by reports, and fork safety of our locks. */
 #include <pthread.h>
 #include "batch.h"
+#include "internal.h"
 #include "obs_internal.h"
 #include "observe.h"
 #include "options.h"
@@ -73,7 +74,8 @@ extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
 
 static void fork_prepare(void)
 {
-    pthread_mutex_lock(&lum_prof_lock);
+    pthread_mutex_lock(&lum_prof_lock); /* report writers take it before the unwind lock */
+    pthread_rwlock_wrlock(&lum_unwind_fork_lock);
     pthread_mutex_lock(&lum_warn_lock);
     pthread_mutex_lock(&lum_obs_arena_lock);
 }
@@ -82,6 +84,7 @@ static void fork_parent(void)
 {
     pthread_mutex_unlock(&lum_obs_arena_lock);
     pthread_mutex_unlock(&lum_warn_lock);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
     pthread_mutex_unlock(&lum_prof_lock);
 }
 
@@ -89,6 +92,7 @@ static void fork_child(void)
 {
     pthread_mutex_init(&lum_obs_arena_lock, NULL);
     pthread_mutex_init(&lum_warn_lock, NULL);
+    pthread_rwlock_init(&lum_unwind_fork_lock, NULL);
     pthread_mutex_init(&lum_prof_lock, NULL);
     /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
     pthread_mutex_init(&lum_unwind_rules_lock, NULL);
@@ -98,5 +102,11 @@ static void fork_child(void)
  * inside the allocator's bootstrap. */
 __attribute__((constructor)) static void observe_ctor(void)
 {
+    /* The allocator's handlers first: prepare handlers run in reverse order, so ours run before
+     * the allocator's locks are taken, as a thread inside libunwind may be allocating. */
+    if (atomic_load_explicit(&lum_initialized, memory_order_acquire) != 2)
+        lum_global_init();
     pthread_atfork(fork_prepare, fork_parent, fork_child);
+    if (lum_opt.sample_interval)
+        lum_unwind_preload();
 }

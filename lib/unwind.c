@@ -58,6 +58,13 @@ static __thread int loading LUM_TLS;
 
 static bool unwind_load(void);
 
+/* Held for reading while this library is inside libunwind or dl_iterate_phdr, for writing by
+ * fork's prepare handler (observe.c).  Both take locks of their own (libunwind's, the loader's
+ * write lock) that glibc does not reset in a fork child: a fork while a sampling thread was in
+ * there left the child's first walk blocked on them forever (about 1 fork child in 20 in
+ * test_observe_fork).  Recursive read locks are fine: glibc's default prefers readers. */
+pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
+
 /* The name of the function holding addr from the object's symbol tables (libunwind reads the
  * ELF .symtab), for reports. */
 bool lum_unwind_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
@@ -65,12 +72,14 @@ bool lum_unwind_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
     if (!unwind_load())
         return false;
     unw_word_t o = 0;
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     unw_accessors_t *acc = U.get_accessors(*U.local_addr_space);
-    if (!acc || !acc->get_proc_name ||
-        acc->get_proc_name(*U.local_addr_space, addr, name, len, &o, NULL) != 0 || !name[0])
-        return false;
-    *off = o;
-    return true;
+    bool ok = acc && acc->get_proc_name &&
+              acc->get_proc_name(*U.local_addr_space, addr, name, len, &o, NULL) == 0 && name[0];
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    if (ok)
+        *off = o;
+    return ok;
 }
 
 static void *unw_sym(void *lib, const char *name)
@@ -87,8 +96,14 @@ static bool unwind_load(void)
     if (st == -1 || loading)
         return false;
     long me = -((long)getpid() + 2);
-    if (st == me) /* another thread of this process is loading it: no stack this time */
-        return false;
+    if (st == me) {
+        /* Another thread is loading it, which takes a few ms: wait, or this thread's samples
+         * meanwhile would have no stack.  Bounded, since this thread may hold the loader's lock
+         * (a malloc from a constructor that dlopen runs) that the loading thread needs. */
+        for (int i = 0; i < 2500 && (st = __atomic_load_n(&load_state, __ATOMIC_ACQUIRE)) == me; i++)
+            nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
+        return st == 1;
+    }
     /* Not while the loader is adding or removing an object (this thread's malloc may have been
      * called from inside dlopen): a dlopen nested there trips glibc's consistency assertions.
      * A later sample tries again. */
@@ -97,6 +112,7 @@ static bool unwind_load(void)
     if (!__atomic_compare_exchange_n(&load_state, &st, me, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return st == 1;
     loading = 1;
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     void *lib = NULL;
     if (!dlsym(RTLD_DEFAULT, LUM_STR(unw_init_local))) {
         lib = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
@@ -119,6 +135,7 @@ static bool unwind_load(void)
          * another thread walked left the child's first walk blocked on it forever (1 fork child
          * in a few thousand under sampling threads).  The per-thread cache takes no lock. */
         U.set_caching_policy(*U.local_addr_space, UNW_CACHE_PER_THREAD);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
     loading = 0;
     __atomic_store_n(&load_state, ok ? 1L : -1L, __ATOMIC_RELEASE);
     return ok;
@@ -173,6 +190,18 @@ static void locate_self(void)
     /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
     if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
         __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
+}
+
+/* At start-up, when sampling is on: loaded from a constructor, before other threads exist and
+ * outside any malloc, the first samples neither wait for it nor go without a stack. */
+void lum_unwind_preload(void)
+{
+    if (!unwind_load())
+        return;
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
+    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
+        locate_self();
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth)
@@ -526,6 +555,7 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
         max = LUM_MAX_FRAMES;
     if (!max || !unwind_load())
         return 0;
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     /* racing first samples may both look: they find the same answer */
     if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
         locate_self();
@@ -568,6 +598,7 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
             d = skip_copy(buf, n, frames, max, hook_ret);
         }
     }
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
     unwind_account(timed, t0, (uint32_t)n);
     return d;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# libunwind is loaded at the first unwind, not at start-up: under LD_PRELOAD=liblumalloc.so a
-# process that takes no sample maps neither libunwind nor liblzma; one that samples loads it,
-# and so does a fork child whose parent never did; stacks are unwound and named either way.
+# libunwind is not a link dependency: under LD_PRELOAD=liblumalloc.so a process with sampling
+# off maps neither libunwind nor liblzma; with sampling on it is loaded at start-up (so the first
+# samples neither wait nor go without a stack); sampling switched on at run time loads it at the
+# first sample, in a fork child whose parent never did too; stacks are unwound and named.
 # Usage: core_lazy_unwind.sh LIBLUMALLOC.so BUILD_DIR
 set -euo pipefail
 lib=$(realpath "$1")
@@ -12,6 +13,8 @@ fail() { echo "FAIL: $*"; exit 1; }
 readelf -d "$lib" | grep -q 'NEEDED.*libunwind' && fail "liblumalloc.so still has a DT_NEEDED entry for libunwind"
 
 cat > "$work/prog.c" <<'EOF'
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,8 +44,15 @@ int main(int argc, char **argv)
         churn();
         return mapped("libunwind") || mapped("liblzma") ? 1 : 0;
     }
-    /* sampling on, first sample in a fork child */
-    if (mapped("libunwind")) return 2;
+    if (!strcmp(argv[1], "on")) { /* sampling on from the start: loaded by then */
+        if (!mapped("libunwind")) return 2;
+        churn();
+        return 0;
+    }
+    /* "late": sampling off at start, switched on at run time; first sample in a fork child */
+    if (mapped("libunwind")) return 6;
+    int (*set)(const char *, const char *) = (int (*)(const char *, const char *))dlsym(RTLD_DEFAULT, "lum_options_set");
+    if (!set || set("sample_interval", "64k") != 0) return 7;
     pid_t pid = fork();
     if (pid == 0) {
         churn();
@@ -51,11 +61,12 @@ int main(int argc, char **argv)
     int st;
     if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st)) return 4;
     if (WEXITSTATUS(st)) return WEXITSTATUS(st);
+    if (mapped("libunwind")) return 8;
     churn();
     return mapped("libunwind") ? 0 : 5;
 }
 EOF
-cc -O1 -o "$work/prog" "$work/prog.c"
+cc -O1 -o "$work/prog" "$work/prog.c" -ldl
 
 rc=0
 timeout 60 env LUMALLOC_SAMPLE_INTERVAL=0 LD_PRELOAD="$lib" "$work/prog" off || rc=$?
@@ -64,7 +75,11 @@ echo "ok   sampling off: neither libunwind nor liblzma mapped"
 
 rc=0
 timeout 60 env LUMALLOC_SAMPLE_INTERVAL=64k LUMALLOC_PROF_DUMP="$work/prof.txt" LD_PRELOAD="$lib" "$work/prog" on || rc=$?
-[ "$rc" = 0 ] || fail "sampling on: exit $rc (2: loaded before any sample, 3: not in the fork child, 5: not in the parent)"
-echo "ok   loaded at the first sample, in a fork child and in its parent"
+[ "$rc" = 0 ] || fail "sampling on: exit $rc (2: not loaded at start-up)"
+echo "ok   sampling on: loaded at start-up"
+rc=0
+timeout 60 env LUMALLOC_SAMPLE_INTERVAL=0 LD_PRELOAD="$lib" "$work/prog" late || rc=$?
+[ "$rc" = 0 ] || fail "sampling on at run time: exit $rc (6: loaded before, 3: not in the fork child, 8: in the parent before its first sample, 5: not in the parent after)"
+echo "ok   sampling switched on at run time: loaded at the first sample, in a fork child and in its parent"
 grep -q 'churn' "$work/prof.txt" || { cat "$work/prof.txt"; fail "no stack through churn() in the profile"; }
 echo "ok   stacks unwound and named"
