@@ -20,7 +20,6 @@
 #include "observe.h"
 #include "options.h"
 
-#define LUM_BG_START_BYTES ((uint64_t)64 << 20)
 /* some 100 ms of stall in any 1 s window (2 s for unprivileged processes, as the kernel demands) */
 #define PSI_TRIGGER "some 100000 1000000"
 #define PSI_TRIGGER_UNPRIVILEGED "some 150000 2000000"
@@ -229,7 +228,6 @@ LUM_EXPORT int lum_background_running(void)
  * let a program whose working set changes shape (small blocks, then large ones) hold both
  * for the decay time, and a cgroup limit kills it before PSI can say anything (no swap, no
  * stall). */
-#define LUM_DIRTY_FLOOR ((size_t)4 << 20)
 
 size_t lum_dirty_limit(size_t dirty)
 {

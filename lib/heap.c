@@ -577,8 +577,9 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
  * large and aligned requests, exhausted pages. */
 LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
 {
-    struct lum_heap *heap = lum_heap_get();
-    if (LUM_UNLIKELY(!heap)) return lum_alloc_failed(NULL, size, alignment, ENOMEM);
+    struct lum_heap *heap = lum_tls_heap;
+    if (LUM_UNLIKELY(heap == &lum_empty_heap) && !(heap = lum_heap_get()))
+        return lum_alloc_failed(NULL, size, alignment, ENOMEM);
     if (LUM_UNLIKELY(size > PTRDIFF_MAX || alignment > ((size_t)1 << 40)))
         return lum_alloc_failed(heap, size, alignment, ENOMEM);
     if (alignment <= LUM_ALIGN) alignment = 0;
@@ -589,7 +590,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     }
     /* Here, before any list is touched: starting the background thread allocates (glibc's
      * pthread_create), and that nested malloc must find this heap consistent. */
-    lum_background_maybe_start();
+    lum_background_poll();
 
     if (LUM_UNLIKELY(lum_opt.large_warn && size >= lum_opt.large_warn && size < lum_opt.large_threshold))
         lum_on_large_warn(size); /* the large path warns by itself */
@@ -605,7 +606,9 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         /* no memory for a sampled page: an unsampled block beats a failure */
     }
     struct lum_page *page = heap->current[cls];
-    if (!page->free) lum_dirty_limit_check(false); /* may need a new page: before, not during */
+    /* may need a new page: before, not during (the check is on the large cache alone) */
+    if (!page->free && LUM_UNLIKELY(__atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) > LUM_DIRTY_FLOOR))
+        lum_dirty_limit_check(false);
     if (!page->free && !(page = heap_next_page(heap, cls))) {
         void *p = lum_sampled_take_unsampled(heap, cls);
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);

@@ -346,6 +346,15 @@ void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 
 /* ---- background.c ---- */
 void lum_background_maybe_start(void);
+/* lumalloc starts the background thread once it has mapped this much */
+#define LUM_BG_START_BYTES ((uint64_t)64 << 20)
+/* For the malloc slow path: below the start threshold (most processes, all their lives) one
+ * load instead of a call that reads three variables. */
+static inline void lum_background_poll(void)
+{
+    if (LUM_UNLIKELY(__atomic_load_n(&lumalloc_registry.global.mapped_bytes, __ATOMIC_RELAXED) >= LUM_BG_START_BYTES))
+        lum_background_maybe_start();
+}
 void lum_background_note_dirty(void);
 void lum_background_after_fork_child(void);
 /* Returns abandoned pages whose blocks have all come back to their segments: every one (all),
@@ -370,6 +379,9 @@ size_t lum_large_usable(const void *p);
 size_t lum_large_cache_purge(void);
 size_t lum_large_cache_decay(void);
 size_t lum_large_cache_bytes(void);
+/* freed mappings kept resident: what lum_dirty_limit_check(false) looks at (its floor) */
+extern size_t lum_large_cached;
+#define LUM_DIRTY_FLOOR ((size_t)4 << 20)
 
 /* ---- counters ---- */
 static inline void lum_count_global(uint64_t *field, int64_t delta)

@@ -11,7 +11,7 @@
 
 lum_lock_t lum_large_lock;
 static struct lum_large *cache;     /* most recently freed first */
-static size_t cache_bytes;
+size_t lum_large_cached; /* bytes in the cache (internal.h) */
 
 static size_t page_round(size_t n) { return (n + 4095) & ~(size_t)4095; }
 
@@ -30,7 +30,7 @@ static struct lum_large *cache_take(size_t map_size)
         }
     if (best) {
         __atomic_store_n(best_link, best->next, __ATOMIC_RELAXED);
-        __atomic_sub_fetch(&cache_bytes, best->map_size, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&lum_large_cached, best->map_size, __ATOMIC_RELAXED);
         best->cached = 0;
     }
     lum_unlock(&lum_large_lock);
@@ -178,9 +178,9 @@ void lum_large_free(void *p)
         l->freed_ms = lum_now_ms();
         l->cached = 1;
         __atomic_store_n(&cache, l, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&cache_bytes, l->map_size, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&lum_large_cached, l->map_size, __ATOMIC_RELAXED);
         struct lum_large *evict = NULL;
-        if (cache_bytes > lum_opt.large_cache) {
+        if (lum_large_cached > lum_opt.large_cache) {
             /* drop the oldest entries: walk to the point where the budget is met */
             size_t kept = 0;
             struct lum_large *q = cache;
@@ -190,7 +190,7 @@ void lum_large_free(void *p)
             }
             evict = q->next;
             q->next = NULL;
-            __atomic_store_n(&cache_bytes, kept + q->map_size, __ATOMIC_RELAXED);
+            __atomic_store_n(&lum_large_cached, kept + q->map_size, __ATOMIC_RELAXED);
         }
         lum_unlock(&lum_large_lock);
         large_unmap_list(evict);
@@ -204,9 +204,9 @@ size_t lum_large_cache_purge(void)
 {
     lum_lock(&lum_large_lock);
     struct lum_large *l = cache;
-    size_t bytes = cache_bytes;
+    size_t bytes = lum_large_cached;
     __atomic_store_n(&cache, NULL, __ATOMIC_RELAXED);
-    __atomic_store_n(&cache_bytes, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&lum_large_cached, 0, __ATOMIC_RELAXED);
     lum_unlock(&lum_large_lock);
     large_unmap_list(l);
     return bytes;
@@ -223,7 +223,7 @@ size_t lum_large_cache_decay(void)
     __atomic_store_n(link, NULL, __ATOMIC_RELAXED);
     size_t bytes = 0;
     for (struct lum_large *l = old; l; l = l->next) bytes += l->map_size;
-    __atomic_sub_fetch(&cache_bytes, bytes, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&lum_large_cached, bytes, __ATOMIC_RELAXED);
     lum_unlock(&lum_large_lock);
     large_unmap_list(old);
     return bytes;
@@ -231,7 +231,7 @@ size_t lum_large_cache_decay(void)
 
 size_t lum_large_cache_bytes(void)
 {
-    return __atomic_load_n(&cache_bytes, __ATOMIC_RELAXED);
+    return __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED);
 }
 
 /* Grows or shrinks a large block in place or by moving its pages; NULL means "copy instead". */
