@@ -187,6 +187,37 @@ static void realloc_keeps_contents_on_every_path(void **state)
     free(b);
 }
 
+static void realloc_small_steps_get_room_to_grow(void **state)
+{
+    (void)state;
+    /* A buffer grown by an eighth at a time (CPython's lists) crossed a size class, and was
+     * copied, at every step: it is now given room for the next few. */
+    size_t n = 4096;
+    unsigned char *p = lum_malloc(n);
+    assert_non_null(p);
+    for (size_t j = 0; j < n; j++) p[j] = (unsigned char)(j * 5 + 1);
+    unsigned moves = 0;
+    for (int i = 0; i < 16; i++) {
+        size_t m = n + n / 8;
+        unsigned char *q = lum_realloc(p, m);
+        assert_non_null(q);
+        if (q != p) moves++;
+        for (size_t j = 0; j < n; j++)
+            if (q[j] != (unsigned char)(j * 5 + 1)) fail_msg("byte %zu lost growing to %zu", j, m);
+        for (size_t j = n; j < m; j++) q[j] = (unsigned char)(j * 5 + 1);
+        p = q;
+        n = m;
+    }
+    assert_true(moves <= 8);
+    lum_free(p);
+    /* growth by doubling already leaves room: no padding on top */
+    p = lum_malloc(4096);
+    p = lum_realloc(p, 8192);
+    assert_non_null(p);
+    assert_true(lum_malloc_usable_size(p) < 8192 + 4096);
+    lum_free(p);
+}
+
 static void lum_prefix_twins_work(void **state)
 {
     (void)state;
@@ -229,6 +260,7 @@ int main(void)
         cmocka_unit_test(free_null_and_realloc_null),
         cmocka_unit_test(calloc_zeroes_recycled_memory),
         cmocka_unit_test(realloc_keeps_contents_on_every_path),
+        cmocka_unit_test(realloc_small_steps_get_room_to_grow),
         cmocka_unit_test(lum_prefix_twins_work),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
