@@ -128,7 +128,11 @@ void lum_batch_sync(void)
      * system call, paid only when records wait and another probe is about to fire. */
     if (__atomic_load_n(&batch_pid, __ATOMIC_RELAXED) != getpid())
         return;
-    pthread_mutex_lock(&lum_prof_lock);
+    /* Never wait: a purge fires this with the allocator's locks held, and fork takes
+     * lum_prof_lock before those.  A busy lock means a sample is being recorded this moment; the
+     * next event or the flusher publishes the batch, and tracers order events by timestamp. */
+    if (pthread_mutex_trylock(&lum_prof_lock) != 0)
+        return;
     flush_locked();
     pthread_mutex_unlock(&lum_prof_lock);
 }

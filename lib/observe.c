@@ -74,8 +74,10 @@ extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
 
 static void fork_prepare(void)
 {
-    pthread_mutex_lock(&lum_prof_lock); /* report writers take it before the unwind lock */
+    /* A thread inside libunwind or dlopen holds the unwind lock and may then take
+     * lum_prof_lock (a sampled malloc or free in there): the unwind lock comes first. */
     pthread_rwlock_wrlock(&lum_unwind_fork_lock);
+    pthread_mutex_lock(&lum_prof_lock);
     pthread_mutex_lock(&lum_warn_lock);
     pthread_mutex_lock(&lum_obs_arena_lock);
 }
@@ -84,8 +86,8 @@ static void fork_parent(void)
 {
     pthread_mutex_unlock(&lum_obs_arena_lock);
     pthread_mutex_unlock(&lum_warn_lock);
-    pthread_rwlock_unlock(&lum_unwind_fork_lock);
     pthread_mutex_unlock(&lum_prof_lock);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
 static void fork_child(void)
