@@ -46,6 +46,9 @@ static uint64_t rng_seed_counter;
 
 static void heap_teardown(void *arg);
 static void forward_inbox(struct lum_heap *heap);
+static void forward_pooled_inbox(struct lum_heap *heap);
+/* Set while this thread holds lum_heaps_lock and may free blocks on (abandonment, reclaim). */
+static __thread int holding_heaps_lock __attribute__((tls_model("initial-exec")));
 void lum_fork_install(void);
 /* Set while this thread initialises: its own nested allocations go ahead with the defaults,
  * while other threads wait for initialisation to finish. */
@@ -131,6 +134,7 @@ static struct lum_heap *heap_create(void)
     heap = heap_pool;
     if (heap) {
         heap_pool = heap->next_pool;
+        heap->pooled = false;
         /* The record is reused: fold its final figures into the process totals, and clear
          * them, in one step under the lock (readers sum both under it). */
         lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)heap->tc.alloc_bytes);
@@ -223,7 +227,8 @@ static void free_remote(struct lum_page *page, lum_block *b)
                  * this load sees alive clear and the block is sent on here; otherwise it would
                  * wait in a pooled record, pinning its page, until a new thread reused it. */
                 atomic_thread_fence(memory_order_seq_cst);
-                if (!__atomic_load_n(&owner->alive, __ATOMIC_RELAXED)) forward_inbox(owner);
+                if (!__atomic_load_n(&owner->alive, __ATOMIC_RELAXED) && !holding_heaps_lock)
+                    forward_pooled_inbox(owner);
                 return;
             }
             head = NULL;
@@ -260,6 +265,23 @@ static void forward_inbox(struct lum_heap *heap)
 {
     if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
     lum_block *b = atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire);
+    while (b) {
+        lum_block *next = b->next;
+        free_remote(lum_page_of(b), b);
+        b = next;
+    }
+}
+
+/* For a free that raced with its owner's exit (see free_remote).  Only while the record is in
+ * the pool: once a new thread has it, its inbox holds blocks sent for that thread's parked pages,
+ * which a forward would put back on those pages' lists behind the full mark.  An exiting owner
+ * holds lum_heaps_lock from its last drain until the record is pooled, so a free that saw alive
+ * clear finds it pooled here. */
+static void forward_pooled_inbox(struct lum_heap *heap)
+{
+    lum_lock(&lum_heaps_lock);
+    lum_block *b = heap->pooled ? atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire) : NULL;
+    lum_unlock(&lum_heaps_lock);
     while (b) {
         lum_block *next = b->next;
         free_remote(lum_page_of(b), b);
@@ -714,6 +736,7 @@ void lum_heap_abandon(struct lum_heap *heap)
     /* Under the heap-list lock (first in fork's order), so a fork sees the heap either whole
      * or fully abandoned, never half of each. */
     lum_lock(&lum_heaps_lock);
+    holding_heaps_lock = 1;
     drain_inbox(heap);
     heap->retained_bytes = 0;
     uint64_t now = lum_now_ms();
@@ -729,6 +752,8 @@ void lum_heap_abandon(struct lum_heap *heap)
     drain_inbox(heap); /* frees that raced with the abandonment: forwarded to the pages */
     heap->next_pool = heap_pool;
     heap_pool = heap;
+    heap->pooled = true;
+    holding_heaps_lock = 0;
     lum_unlock(&lum_heaps_lock);
     __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
 }
@@ -747,7 +772,9 @@ size_t lum_abandoned_reclaim(bool all)
     size_t bytes = 0;
     uint64_t now = lum_now_ms();
     lum_lock(&lum_heaps_lock);
+    holding_heaps_lock = 1;
     for (struct lum_heap *h = heap_pool; h; h = h->next_pool) forward_inbox(h);
+    holding_heaps_lock = 0;
     lum_unlock(&lum_heaps_lock);
     lum_lock(&lum_abandoned_lock);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
@@ -858,6 +885,7 @@ void lum_heaps_after_fork_child(void)
         forward_inbox(h); /* its pages have no owner now: blocks go on to them */
         h->next_pool = heap_pool;
         heap_pool = h;
+        h->pooled = true;
     }
     if (any_dead) __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
     if (me != &lum_empty_heap) me->tid = me->tc.tid = (uint32_t)syscall(SYS_gettid);

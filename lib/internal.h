@@ -154,6 +154,7 @@ struct lum_heap {
     size_t retained_bytes;
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
     struct lum_heap *next_pool;
+    bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
     struct lum_page *empty_big; /* the emptied current page of > 1 slice kept (lum_page_empty) */
     uint8_t empty_big_cls;      /* its class, checked before the page is read */
 };
