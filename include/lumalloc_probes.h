@@ -69,8 +69,10 @@
  *     lumalloc is a shared object (linked or LD_PRELOADed) its own frames are dropped, so
  *     frame 0 is the caller of malloc/calloc/...; when it is linked statically into the
  *     executable, the public entry point (malloc, ...) may appear as frame 0.
- *   - depth is 0 (and stack_id 0) when no stack was taken: nested inside profiler code, or
- *     LUMALLOC_PROF_DEPTH=0.
+ *   - depth is 0 (and stack_id 0) when no stack was taken: nested inside profiler code,
+ *     LUMALLOC_PROF_DEPTH=0, libunwind not loadable (said once on stderr), or, for a sample
+ *     taken while sampling switched on at run time loads libunwind, the dynamic loader busy
+ *     with another dlopen/dlclose or the load taking over 50 ms.
  *   - stack_id is the same 64-bit hash the in-process reports print (`stack 0x...`), so tracer
  *     output and lum_prof_write_text() can be joined.
  *   - sample_free fires only for allocations that were recorded as samples (the library keeps a

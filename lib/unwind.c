@@ -57,6 +57,7 @@ static long load_state;
 static __thread int loading LUM_TLS;
 
 static bool unwind_load(void);
+static uint64_t now_ns(void);
 
 /* Held for reading while this library is inside libunwind or dl_iterate_phdr, for writing by
  * fork's prepare handler (observe.c).  Both take locks of their own (libunwind's, the loader's
@@ -100,7 +101,8 @@ static bool unwind_load(void)
         /* Another thread is loading it, which takes a few ms: wait, or this thread's samples
          * meanwhile would have no stack.  Bounded, since this thread may hold the loader's lock
          * (a malloc from a constructor that dlopen runs) that the loading thread needs. */
-        for (int i = 0; i < 2500 && (st = __atomic_load_n(&load_state, __ATOMIC_ACQUIRE)) == me; i++)
+        uint64_t deadline = now_ns() + 50000000u; /* a deadline: timer slack stretches sleeps */
+        while ((st = __atomic_load_n(&load_state, __ATOMIC_ACQUIRE)) == me && now_ns() < deadline)
             nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
         return st == 1;
     }
@@ -131,10 +133,12 @@ static bool unwind_load(void)
     bool ok = U.getcontext && U.init_local && U.step && U.get_reg && U.get_save_loc &&
               U.is_signal_frame && U.set_caching_policy && U.get_accessors && U.local_addr_space;
     if (ok)
-        /* libunwind's default register-state cache is global, behind a mutex: a fork while
-         * another thread walked left the child's first walk blocked on it forever (1 fork child
-         * in a few thousand under sampling threads).  The per-thread cache takes no lock. */
+        /* Debian 12's libunwind has no per-thread cache and falls back to its global one, behind
+         * a mutex: fork safety comes from lum_unwind_fork_lock, not from this. */
         U.set_caching_policy(*U.local_addr_space, UNW_CACHE_PER_THREAD);
+    else
+        lum_write_all(2, "lumalloc: libunwind.so.8 cannot be loaded: samples will have no stack\n",
+                      sizeof "lumalloc: libunwind.so.8 cannot be loaded: samples will have no stack\n" - 1);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
     loading = 0;
     __atomic_store_n(&load_state, ok ? 1L : -1L, __ATOMIC_RELEASE);
