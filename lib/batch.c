@@ -162,18 +162,7 @@ void lum_batch_start_flusher(void)
      * into a batch that is starting its own flusher. */
     int busy = lum_obs_busy;
     lum_obs_busy = 1;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 64 * 1024);
-    /* Born with every signal blocked: it must never run the application's handlers. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    pthread_t t;
-    int r = pthread_create(&t, &attr, flusher_main, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
+    int r = lum_obs_thread_start(flusher_main, 64 * 1024, "lumalloc-batch");
     if (r) {
         /* Full buffers, old records, thread exit and process exit still flush. */
         pthread_mutex_lock(&lum_prof_lock);

@@ -40,6 +40,7 @@ int lum_write_all(int fd, const void *p, size_t n);
  * depth.  Must be called with lum_obs_busy set. */
 uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret);
 void lum_unwind_preload(void);
+int lum_obs_thread_start(void *(*fn)(void *), size_t stack, const char *name);
 extern pthread_rwlock_t lum_unwind_fork_lock;
 /* The same from a frame of the caller's caller known without unwinding: its code address, and
  * rsp and rbp as they were there (see lum_on_sample).  Skips the context capture and the walk

@@ -1,6 +1,8 @@
 /* Glue of the observability side: start-up, thread and purge events, the per-thread list used
  * by reports, and fork safety of our locks. */
+#define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include "batch.h"
 #include "internal.h"
 #include "obs_internal.h"
@@ -65,6 +67,27 @@ void lum_threads_foreach(void (*fn)(const struct lum_thread_counters_v1 *, void 
         fn(tc, arg);
         a = __atomic_load_n(&tc->next, __ATOMIC_ACQUIRE);
     }
+}
+
+/* The profiler's own threads (flusher, dumper): detached, small, and born with every signal
+ * blocked, so they never run the application's handlers nor take a signal meant for another
+ * thread.  0 or pthread_create's error. */
+int lum_obs_thread_start(void *(*fn)(void *), size_t stack, const char *name)
+{
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, stack);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    pthread_t t;
+    int r = pthread_create(&t, &attr, fn, NULL);
+    if (r == 0)
+        pthread_setname_np(t, name);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    return r;
 }
 
 /* fork(): a child must not inherit our locks held by threads that do not exist there.  Our

@@ -137,21 +137,9 @@ __attribute__((constructor)) static void dumper_ctor(void)
     lum_prof_dump_init();
     if (!lum_opt.prof_signal)
         return;
-    pthread_t t;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 256 * 1024);
     /* The dumper must not take the signal itself (it would post to itself while busy). */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    if (pthread_create(&t, &attr, dumper, NULL) == 0) {
-        pthread_setname_np(t, "lumalloc-dump");
+    if (lum_obs_thread_start(dumper, 256 * 1024, "lumalloc-dump") == 0)
         dumper_ready = 1;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
 }
 
 __attribute__((destructor)) static void dump_at_exit(void)
