@@ -67,6 +67,16 @@ static __always_inline u64 wakeup_flags(u32 kind, u32 pid)
 /* Reserve a record with room for n frames and read the stack straight into it (no per-CPU
  * scratch and copy): records come in four sizes, so a typical shallow stack takes 64 bytes of
  * frames, not LUM_MAX_FRAMES * 8.  The consumer reads `depth` frames, whatever the record size. */
+/* When and by whom, the same for every record type; returns pid_tgid for the wakeup policy. */
+static __always_inline u64 stamp_header(uint64_t *ts_ns, uint32_t *pid, uint32_t *tid)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    *ts_ns = bpf_ktime_get_ns();
+    *pid = pt >> 32;
+    *tid = (u32)pt;
+    return pt;
+}
+
 #define RESERVE_STACK(n)                                                                           \
     do {                                                                                           \
         e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE + (n) * sizeof(u64), 0);                  \
@@ -106,10 +116,7 @@ static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 wei
         count_lost(SNOOP_LOST_RINGBUF);
         return 0;
     }
-    u64 pt = bpf_get_current_pid_tgid();
-    e->ts_ns = bpf_ktime_get_ns();
-    e->pid = pt >> 32;
-    e->tid = (u32)pt;
+    u64 pt = stamp_header(&e->ts_ns, &e->pid, &e->tid);
     e->kind = kind;
     e->depth = got;
     e->ptr = ptr;
@@ -251,10 +258,7 @@ int on_sample_batch(struct pt_regs *ctx)
         count_lost_n(unreadable ? SNOOP_LOST_BATCH : SNOOP_LOST_RINGBUF, n);
         return 0;
     }
-    u64 pt = bpf_get_current_pid_tgid();
-    b->ts_ns = bpf_ktime_get_ns();
-    b->pid = pt >> 32;
-    b->tid = (u32)pt;
+    u64 pt = stamp_header(&b->ts_ns, &b->pid, &b->tid);
     b->kind = SNOOP_BATCH;
     b->nrecords = n;
     b->bytes = bytes;
