@@ -259,17 +259,22 @@ static void page_unmark_full(struct lum_page *page)
                                             memory_order_relaxed);
 }
 
-/* A heap record whose thread has gone (pooled, or a fork child's dead thread) owns no pages:
- * whatever reached its inbox late goes on to the pages' current owners. */
-static void forward_inbox(struct lum_heap *heap)
+/* Sends each block of a list taken off an inbox on to its page's current owner. */
+static void forward_blocks(lum_block *b)
 {
-    if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
-    lum_block *b = atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire);
     while (b) {
         lum_block *next = b->next;
         free_remote(lum_page_of(b), b);
         b = next;
     }
+}
+
+/* A heap record whose thread has gone (pooled, or a fork child's dead thread) owns no pages:
+ * whatever reached its inbox late goes on to the pages' current owners. */
+static void forward_inbox(struct lum_heap *heap)
+{
+    if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
+    forward_blocks(atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire));
 }
 
 /* For a free that raced with its owner's exit (see free_remote).  Only while the record is in
@@ -282,11 +287,7 @@ static void forward_pooled_inbox(struct lum_heap *heap)
     lum_lock(&lum_heaps_lock);
     lum_block *b = heap->pooled ? atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire) : NULL;
     lum_unlock(&lum_heaps_lock);
-    while (b) {
-        lum_block *next = b->next;
-        free_remote(lum_page_of(b), b);
-        b = next;
-    }
+    forward_blocks(b);
 }
 
 /* Empty pages of exited threads kept on the abandoned lists, counted by the bytes carved in
