@@ -12,7 +12,8 @@
 #define LUM_TLS __attribute__((tls_model("initial-exec")))
 
 /* Set while this thread runs profiler/diagnostics code: allocations made by anything we call
- * (libunwind, dladdr, stdio in reports) must not re-enter sampling, warnings or diagnostics. */
+ * (dladdr, libunwind's ELF reader, stdio in reports) must not re-enter sampling, warnings or
+ * diagnostics. */
 extern __thread int lum_obs_busy LUM_TLS;
 
 /* ---- mmap-backed internal memory (obs_arena.c) ---- */
@@ -39,17 +40,34 @@ int lum_write_all(int fd, const void *p, size_t n);
  * hook_ret is __builtin_return_address(0) of the lum_on_* hook the core called.  Returns the
  * depth.  Must be called with lum_obs_busy set. */
 uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret);
+/* Looks up lumalloc's own code range; from the constructor, outside any malloc. */
 void lum_unwind_preload(void);
 int lum_obs_thread_start(void *(*fn)(void *), size_t stack, const char *name);
 extern pthread_rwlock_t lum_unwind_fork_lock;
 /* The same from a frame of the caller's caller known without unwinding: its code address, and
  * rsp and rbp as they were there (see lum_on_sample).  Skips the context capture and the walk
- * through the innermost frames; falls back to lum_unwind when the rule cache cannot take it. */
+ * through the innermost frames. */
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
                          uintptr_t hook_ret);
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
 /* Cumulative unwinding cost, for lum_prof_get_stats. */
 extern uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+
+/* ---- DWARF call frame information (cfi.c) ---- */
+/* How to get from a frame to its caller (x86-64): CFA = (rbp if cfa_rbp, else rsp) + cfa_off,
+ * the return address at CFA - 8, rbp saved at CFA + rbp_off (0: unchanged). */
+struct lum_cfi_rule {
+    int32_t cfa_off;
+    int16_t rbp_off;
+    bool cfa_rbp;
+};
+#define LUM_CFI_OK 1
+#define LUM_CFI_LAST 0  /* the outermost frame (return address undefined) */
+#define LUM_CFI_NONE -1 /* no rule of that form: no tables, signal frame, expressions */
+/* The rule of the frame whose code address is the return address ra (looked up at ra - 1).
+ * Takes lum_unwind_fork_lock for reading and the loader's lock; no malloc. */
+int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
+extern uint64_t lum_cfi_object_scans;
 
 /* ---- stack table (stacktab.c), all under lum_prof_lock ---- */
 struct lum_stack {
@@ -99,8 +117,6 @@ extern uint64_t lum_prof_samples, lum_prof_sample_frees;
 #define LUM_SYM_MODULE 4 /* append " (libfoo.so)" */
 /* Writes a function name (or "module+0xoff", or "0xaddr") for the code address addr. */
 void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags);
-/* The function holding addr by the ELF symbol tables (libunwind's reader, loaded on demand). */
-bool lum_unwind_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off);
 
 /* ---- failure tools ---- */
 /* The failure report (diagnostics.c): written with write(2) to the diagnostics fd. */

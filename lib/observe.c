@@ -97,8 +97,9 @@ extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
 
 static void fork_prepare(void)
 {
-    /* A thread inside libunwind or dlopen holds the unwind lock and may then take
-     * lum_prof_lock (a sampled malloc or free in there): the unwind lock comes first. */
+    /* A thread inside dl_iterate_phdr (a walk, or libunwind's symbol reader in a report)
+     * holds the unwind lock and may then take lum_prof_lock (a sampled malloc or free in
+     * there): the unwind lock comes first. */
     pthread_rwlock_wrlock(&lum_unwind_fork_lock);
     pthread_mutex_lock(&lum_prof_lock);
     pthread_mutex_lock(&lum_warn_lock);
@@ -128,7 +129,7 @@ static void fork_child(void)
 __attribute__((constructor)) static void observe_ctor(void)
 {
     /* The allocator's handlers first: prepare handlers run in reverse order, so ours run before
-     * the allocator's locks are taken, as a thread inside libunwind may be allocating. */
+     * the allocator's locks are taken, as a thread holding the unwind lock may be allocating. */
     if (atomic_load_explicit(&lum_initialized, memory_order_acquire) != 2)
         lum_global_init();
     pthread_atfork(fork_prepare, fork_parent, fork_child);

@@ -1,161 +1,55 @@
-/* In-process unwinding at sample time, right for code built without frame pointers.
+/* In-process unwinding at sample time, right for code built without frame pointers (x86-64).
  *
- * libunwind follows DWARF CFI and does not call malloc, but a walk through it costs ~80
- * instructions a frame plus ~160 to set up a cursor (unw_backtrace, measured with callgrind;
- * its per-thread trace cache also costs each sampling thread ~30 pages), and a sample's stack
- * is mostly the same few frames again and again.  So the walk is split:
+ * A walk follows the DWARF call frame information that every object carries in .eh_frame, as
+ * an exception unwinder would, but reading and running those tables (cfi.c) costs a few
+ * thousand instructions a frame, and a sample's stack is mostly the same few frames again and
+ * again.  So the walk is split:
  *
- * - a rule cache, keyed by code address, says how to get from one frame to its caller on
- *   x86-64: CFA = rsp + k or rbp + 16, the return address at CFA - 8, rbp restored from
- *   CFA + off or unchanged, or "outermost frame".  A walk whose every address is in the cache
- *   costs ~30 instructions a frame and touches nothing but the stack and the cache;
- * - on a miss, libunwind walks the stack with unw_step from the same context, and the rule of
- *   each frame is read off what it found: the caller's rsp is the CFA, unw_get_save_loc says
- *   where rbp and the return address were saved.  A frame that sets up rbp as a frame pointer
- *   (rbp saved at CFA - 16 and pointing at it) gets the rbp rule, which stays right where rsp
- *   moves (alloca, VLAs); any other frame has a fixed rsp offset at a call site.  Frames that
- *   fit neither (signal frames, rbp restored from a register, odd save slots) are not cached,
- *   so a stack through them always takes the libunwind walk.
+ * - a rule cache, keyed by return address, says how to get from one frame to its caller:
+ *   CFA = rsp + k or rbp + k, the return address at CFA - 8, rbp restored from CFA + off or
+ *   unchanged, or "the walk ends here".  A walk whose every address is in the cache costs ~30
+ *   instructions a frame and touches nothing but the stack and the cache;
+ * - on a miss, cfi.c derives the rule of that address from the object's tables, and the walk
+ *   goes on with it and caches it.  Frames whose rule does not fit that form (signal
+ *   trampolines, CFA by expression, rbp kept in a register, no tables at all) are cached as
+ *   "ends here": the stack is cut short there, and costs nothing more the next time.
  *
- * Every address computed from a cached rule is checked to lie on this thread's stack between
- * the current frame and the top the last libunwind walk reached; a check that fails falls back
- * to libunwind, so a rule can make a walk slower but never read wild memory.  The sampler
- * starts the walk in its caller (lum_unwind_from), which also skips the context capture.
- * Building with -DLUM_UNWIND_VERIFY checks every cached walk against libunwind's on stderr. */
+ * Every address read is checked to lie on this thread's stack, between the frame being
+ * unwound and the top of a range of stack pages this thread has checked to be readable (one
+ * syscall a new page, see stack_reach): a wrong rule can cut a stack short but never read wild
+ * memory.  The sampler starts the walk in its caller (lum_unwind_from), lum_unwind in its own;
+ * every frame's code address is then a return address.  Building with -DLUM_UNWIND_VERIFY
+ * checks every walk against libunwind's on stderr (the library then links libunwind). */
 #define _GNU_SOURCE 1
-#define UNW_LOCAL_ONLY
-#include <dlfcn.h>
-#include <libunwind.h>
 #include <link.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include "obs_internal.h"
+#ifdef LUM_UNWIND_VERIFY
+#define UNW_LOCAL_ONLY
+#include <libunwind.h>
+#endif
 
-/* libunwind is loaded at the first unwind, not linked: a process that never samples (sampling
- * off, or a small program) never maps it nor the liblzma it pulls in (~110 KiB of RSS, two
- * fewer libraries to load at start-up).  Its functions are called through this table. */
-#define LUM_STR_(x) #x
-#define LUM_STR(x) LUM_STR_(x) /* the symbol a libunwind macro stands for, e.g. _ULx86_64_step */
-static struct {
-    __typeof__(unw_tdep_getcontext) *getcontext;
-    __typeof__(unw_init_local) *init_local;
-    __typeof__(unw_step) *step;
-    __typeof__(unw_get_reg) *get_reg;
-    __typeof__(unw_get_save_loc) *get_save_loc;
-    __typeof__(unw_is_signal_frame) *is_signal_frame;
-    __typeof__(unw_set_caching_policy) *set_caching_policy;
-    __typeof__(unw_get_accessors) *get_accessors;
-    unw_addr_space_t *local_addr_space;
-} U;
-/* 0: not tried; 1: U is ready; -1: libunwind cannot be loaded; below -1: being loaded by a
- * thread of the process whose pid is -(state + 2) (a fork child whose loading thread did not
- * survive the fork tries again). */
-static long load_state;
-/* dlopen allocates: its nested mallocs may be sampled, and must not try to load again */
-static __thread int loading LUM_TLS;
-
-static bool unwind_load(void);
-static uint64_t now_ns(void);
-
-/* Held for reading while this library is inside libunwind or dl_iterate_phdr, for writing by
- * fork's prepare handler (observe.c).  Both take locks of their own (libunwind's, the loader's
- * write lock) that glibc does not reset in a fork child: a fork while a sampling thread was in
- * there left the child's first walk blocked on them forever (about 1 fork child in 20 in
- * test_observe_fork).  Recursive read locks are fine: glibc's default prefers readers. */
+/* Held for reading while this library is inside dl_iterate_phdr, for writing by fork's prepare
+ * handler (observe.c): the loader's lock, which glibc does not reset in a fork child, is then
+ * never held by a walking thread at a fork.  Recursive read locks are fine: glibc's default
+ * prefers readers. */
 pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
-
-/* The name of the function holding addr from the object's symbol tables (libunwind reads the
- * ELF .symtab), for reports. */
-bool lum_unwind_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
-{
-    if (!unwind_load())
-        return false;
-    unw_word_t o = 0;
-    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
-    unw_accessors_t *acc = U.get_accessors(*U.local_addr_space);
-    bool ok = acc && acc->get_proc_name &&
-              acc->get_proc_name(*U.local_addr_space, addr, name, len, &o, NULL) == 0 && name[0];
-    pthread_rwlock_unlock(&lum_unwind_fork_lock);
-    if (ok)
-        *off = o;
-    return ok;
-}
-
-static void *unw_sym(void *lib, const char *name)
-{
-    void *p = dlsym(RTLD_DEFAULT, name); /* a program linked with libunwind has it already */
-    return p ? p : lib ? dlsym(lib, name) : NULL;
-}
-
-static bool unwind_load(void)
-{
-    long st = __atomic_load_n(&load_state, __ATOMIC_ACQUIRE);
-    if (__builtin_expect(st == 1, 1))
-        return true;
-    if (st == -1 || loading)
-        return false;
-    long me = -((long)getpid() + 2);
-    if (st == me) {
-        /* Another thread is loading it, which takes a few ms: wait, or this thread's samples
-         * meanwhile would have no stack.  Bounded, since this thread may hold the loader's lock
-         * (a malloc from a constructor that dlopen runs) that the loading thread needs. */
-        uint64_t deadline = now_ns() + 50000000u; /* a deadline: timer slack stretches sleeps */
-        while ((st = __atomic_load_n(&load_state, __ATOMIC_ACQUIRE)) == me && now_ns() < deadline)
-            nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
-        return st == 1;
-    }
-    /* Not while the loader is adding or removing an object (this thread's malloc may have been
-     * called from inside dlopen): a dlopen nested there trips glibc's consistency assertions.
-     * A later sample tries again. */
-    if (__atomic_load_n(&_r_debug.r_state, __ATOMIC_RELAXED) != RT_CONSISTENT)
-        return false;
-    if (!__atomic_compare_exchange_n(&load_state, &st, me, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-        return st == 1;
-    loading = 1;
-    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
-    void *lib = NULL;
-    if (!dlsym(RTLD_DEFAULT, LUM_STR(unw_init_local))) {
-        lib = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
-        if (!lib)
-            lib = dlopen("libunwind.so", RTLD_NOW | RTLD_LOCAL);
-    }
-    U.getcontext = (__typeof__(U.getcontext))unw_sym(lib, LUM_STR(unw_tdep_getcontext));
-    U.init_local = (__typeof__(U.init_local))unw_sym(lib, LUM_STR(unw_init_local));
-    U.step = (__typeof__(U.step))unw_sym(lib, LUM_STR(unw_step));
-    U.get_reg = (__typeof__(U.get_reg))unw_sym(lib, LUM_STR(unw_get_reg));
-    U.get_save_loc = (__typeof__(U.get_save_loc))unw_sym(lib, LUM_STR(unw_get_save_loc));
-    U.is_signal_frame = (__typeof__(U.is_signal_frame))unw_sym(lib, LUM_STR(unw_is_signal_frame));
-    U.set_caching_policy = (__typeof__(U.set_caching_policy))unw_sym(lib, LUM_STR(unw_set_caching_policy));
-    U.get_accessors = (__typeof__(U.get_accessors))unw_sym(lib, LUM_STR(unw_get_accessors));
-    U.local_addr_space = (unw_addr_space_t *)unw_sym(lib, LUM_STR(unw_local_addr_space));
-    bool ok = U.getcontext && U.init_local && U.step && U.get_reg && U.get_save_loc &&
-              U.is_signal_frame && U.set_caching_policy && U.get_accessors && U.local_addr_space;
-    if (ok)
-        /* Debian 12's libunwind has no per-thread cache and falls back to its global one, behind
-         * a mutex: fork safety comes from lum_unwind_fork_lock, not from this. */
-        U.set_caching_policy(*U.local_addr_space, UNW_CACHE_PER_THREAD);
-    else
-        lum_write_all(2, "lumalloc: libunwind.so.8 cannot be loaded: samples will have no stack\n",
-                      sizeof "lumalloc: libunwind.so.8 cannot be loaded: samples will have no stack\n" - 1);
-    pthread_rwlock_unlock(&lum_unwind_fork_lock);
-    loading = 0;
-    __atomic_store_n(&load_state, ok ? 1L : -1L, __ATOMIC_RELEASE);
-    return ok;
-}
 
 uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
 /* Frames walked beyond the requested depth, for lumalloc's own (this function, the hook, the
  * core's slow path and entry point, possibly a few more when the core's call chain is deep). */
 #define LUM_UNWIND_SLACK 12
-/* Serialises additions to the rule cache (x86-64); reset in fork children by observe.c. */
+/* Serialises additions to the rule cache; reset in fork children by observe.c. */
 pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* lumalloc's own executable range when it is a separate object (liblumalloc.so, LD_PRELOAD):
  * leading frames inside it are allocator internals and are dropped.  When lumalloc is linked
  * into the executable (lumalloc_static) that range would cover the program too, so only the
- * frames up to the hook's caller are dropped (see lum_unwind). */
+ * frames up to the hook's caller are dropped (see skip_copy). */
 static uintptr_t self_lo, self_hi;
 static int self_state; /* 0: not yet looked up, 1: separate object, 2: inside the executable */
 
@@ -192,20 +86,16 @@ static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
 static void locate_self(void)
 {
     /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
         __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
-/* At start-up, when sampling is on: loaded from a constructor, before other threads exist and
- * outside any malloc, the first samples neither wait for it nor go without a stack. */
 void lum_unwind_preload(void)
 {
-    if (!unwind_load())
-        return;
-    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
         locate_self();
-    pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth)
@@ -219,11 +109,54 @@ uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth)
     return h ? h : 1; /* 0 means "no stack" in the probe contract */
 }
 
-/* ---- the libunwind walk (every architecture; the rule cache's fallback on x86-64) ---- */
+/* Drops lumalloc's own leading frames from the n frames in buf and copies at most max of the
+ * rest to frames. */
+static uint32_t skip_copy(const uint64_t *buf, int n, uint64_t *frames, uint32_t max, uintptr_t hook_ret)
+{
+    int start = 0;
+    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1) {
+        uintptr_t lo = __atomic_load_n(&self_lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&self_hi, __ATOMIC_RELAXED);
+        while (start < n && buf[start] >= lo && buf[start] < hi)
+            start++;
+    } else {
+        /* Drop our own frames up to the return into the core (hook_ret) and that frame too,
+         * the core's slow path: its entry point (malloc/calloc/...) stays as the innermost
+         * frame, which reads well in reports. */
+        for (int i = 0; i < n && i < LUM_UNWIND_SLACK; i++) {
+            if (buf[i] == hook_ret) {
+                start = i + 1;
+                break;
+            }
+        }
+    }
+    uint32_t d = 0;
+    for (int i = start; i < n && d < max; i++)
+        frames[d++] = buf[i];
+    return d;
+}
+
+/* Unwinding cost is timed on one unwind in TIME_EVERY per thread (and scaled): a
+ * clock_gettime pair cost more than a cached walk. */
+#define TIME_EVERY 16
+static __thread uint32_t thread_unwinds LUM_TLS;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void unwind_account(bool timed, uint64_t t0, uint32_t walked)
+{
+    if (timed)
+        __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * TIME_EVERY, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&lum_unwind_frames, walked, __ATOMIC_RELAXED);
+}
 
 #if defined(__x86_64__)
-#define RULES 1
-/* Rule of one code address.  Entries are written once (fields, then ip with a release store)
+/* Rule of one return address.  Entries are written once (fields, then ip with a release store)
  * and never changed, so readers need no lock: an ip read with acquire guards its fields. */
 struct rule {
     uint64_t ip;       /* 0: empty slot */
@@ -232,7 +165,7 @@ struct rule {
     uint8_t flags;
 };
 #define R_CFA_RBP 1u /* CFA from rbp, not rsp */
-#define R_LAST 2u    /* outermost frame: libunwind's step ended here */
+#define R_LAST 2u    /* the walk ends at this frame: outermost, or no rule of this form */
 #define R_SELF 4u    /* inside liblumalloc.so (when it is a separate object) */
 
 struct rtab {
@@ -242,19 +175,12 @@ struct rtab {
 };
 /* Starts at 256 slots (4 KiB): a program's sampled stacks go through a few dozen distinct
  * return addresses; grows at 3/4 full.  A replaced table is left in place (a walk on another
- * thread may be reading it); together the old ones are smaller than the current one. */
+ * thread may be reading it); together the old ones are smaller than the current one.  Rules
+ * are never dropped: code unloaded by dlclose and another object loaded at the same address
+ * would keep the old rules (a wrong or short stack, never a wild read). */
 #define RTAB_MIN_BITS 8
 #define RTAB_MAX_BITS 20
 static struct rtab *rtab;
-
-/* The stack the last libunwind walk of this thread went through: from stack_low (where it
- * started, less STACK_BELOW of room for deeper calls) to stack_top (the highest CFA it
- * reached).  A cached walk must start in that range and may only lead to addresses below the
- * top.  A thread that moves to another
- * stack (coroutines, an alternate signal stack) starts outside it and takes libunwind's walk,
- * which moves the range there. */
-#define STACK_BELOW (256u << 10)
-static __thread uintptr_t stack_top LUM_TLS, stack_low LUM_TLS;
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
 {
@@ -285,7 +211,7 @@ static struct rtab *rtab_new(uint32_t bits)
     return t;
 }
 
-/* Adds rules learnt by one libunwind walk.  A busy lock just skips the learning. */
+/* Adds rules learnt by one walk.  A busy lock just skips the learning. */
 static void rules_learn(const struct rule *nr, int n)
 {
     if (!n || pthread_mutex_trylock(&lum_unwind_rules_lock))
@@ -311,17 +237,69 @@ out:
     pthread_mutex_unlock(&lum_unwind_rules_lock);
 }
 
-/* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).
- * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The
- * number of frames stored, or -1 on the first address without a rule or the first check that
- * fails; *walked counts every frame walked.
- *
- * Safety: the walk starts in the stack the last libunwind walk went through (stack_low,
- * stack_top) and every CFA must lie in (sp, top]: the stack between the current frame and the
- * top, all of it mapped (the walk starts in a frame of this very call chain, with this
- * function's own frames below it).  The words read at CFA - 8 and CFA + rbp_off then are too:
- * learnt rbp slots lie at or above the frame's rsp, and the rbp rule reads CFA - 16, at most
- * 15 bytes below a frame's rsp, which is still on the live stack below it. */
+/* Stack pages this thread has found readable: [stack_lo, stack_hi), one contiguous run that a
+ * walk started in.  A walk must start in it and may read only between its frame and the top;
+ * a thread that moves to another stack (coroutines, an alternate signal stack) starts outside
+ * it, and the run moves there. */
+static __thread uintptr_t stack_lo LUM_TLS, stack_hi LUM_TLS;
+#define PAGE 4096u
+/* at most this many pages checked by one walk, and this far below the run it may grow down */
+#define REACH_PAGES 1024u
+#define GROW_DOWN (256u << 10)
+
+/* Whether the 8 bytes at a can be read, without touching them: rt_sigprocmask copies the new
+ * set from user memory before it looks at `how`, so an invalid how fails with EFAULT on memory
+ * that cannot be read and EINVAL otherwise, changing nothing (abseil's AddressIsReadable).
+ * Only EINVAL counts: a seccomp filter that answers with another error proves nothing.  Raw,
+ * so that errno is left alone. */
+static bool readable(uintptr_t a)
+{
+    register long r10 __asm__("r10") = 8; /* sizeof the kernel's sigset_t */
+    long ret;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "0"((long)SYS_rt_sigprocmask), "D"(-1L), "S"(a), "d"(0L), "r"(r10)
+                     : "rcx", "r11", "memory");
+    return ret == -22; /* EINVAL */
+}
+
+/* Makes sp the start of a walk: in the run, or the run grows down to it, or moves to it. */
+static bool stack_from(uintptr_t sp)
+{
+    uintptr_t lo = stack_lo, page = sp & ~(uintptr_t)(PAGE - 1);
+    if (sp >= lo && sp < stack_hi)
+        return true;
+    if (sp < lo && lo - page <= GROW_DOWN) {
+        uintptr_t a = lo;
+        while (a > page && readable(a - PAGE))
+            a -= PAGE;
+        if (a == page) {
+            stack_lo = page;
+            return true;
+        }
+    }
+    if (!readable(page))
+        return false;
+    stack_lo = page;
+    stack_hi = page + PAGE;
+    return true;
+}
+
+/* Grows the run up to cover [.., end), checking each new page; *budget bounds the syscalls
+ * one walk makes. */
+static bool stack_reach(uintptr_t end, unsigned *budget)
+{
+    uintptr_t hi = stack_hi;
+    while (hi < end) {
+        if (!*budget || !readable(hi))
+            break;
+        --*budget;
+        hi += PAGE;
+    }
+    stack_hi = hi;
+    return hi >= end;
+}
+
 struct rules_view {
     const struct rule *e;
     unsigned shift;
@@ -340,30 +318,46 @@ static inline const struct rule *rule_find(const struct rules_view *v, uintptr_t
     }
 }
 
+/* The CFA rule r gives for the frame (sp, bp). */
+static inline uintptr_t rule_cfa(const struct rule *r, uintptr_t sp, uintptr_t bp)
+{
+    return (r->flags & R_CFA_RBP ? bp : sp) + (uintptr_t)(intptr_t)r->cfa_off;
+}
+
 /* Applies r to the frame (*ip, *sp, *bp): 1 on to the caller, 0 at the end of the stack, -1
- * when a check fails. */
+ * when a check fails.  Every word read lies in [*sp, top): the return address at CFA - 8 with
+ * sp <= CFA - 8 and CFA <= top, the rbp slot at or above sp and below the CFA (cfi.c only
+ * gives negative slots). */
 static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, uintptr_t *bp,
                             uintptr_t top)
 {
     unsigned f = r->flags;
     if (f & R_LAST)
         return 0;
-    uintptr_t cfa = (f & R_CFA_RBP ? *bp : *sp) + (uintptr_t)(intptr_t)r->cfa_off;
-    if (cfa - *sp - 1 >= top - *sp) /* cfa <= sp || cfa > top, with sp < top */
+    uintptr_t cfa = rule_cfa(r, *sp, *bp);
+    if (cfa < *sp + 8 || cfa > top)
         return -1;
-    if (r->rbp_off)
-        *bp = *(const uintptr_t *)(cfa + (uintptr_t)(intptr_t)r->rbp_off);
+    if (r->rbp_off) {
+        uintptr_t slot = cfa + (uintptr_t)(intptr_t)r->rbp_off;
+        if (slot < *sp)
+            return -1;
+        *bp = *(const uintptr_t *)slot;
+    }
     *ip = *(const uintptr_t *)(cfa - 8);
     *sp = cfa;
     return *ip != 0;
 }
 
+/* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).
+ * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The
+ * number of frames stored, or -1 on the first address without a rule or the first check that
+ * fails (the full walk then takes it); *walked counts every frame walked. */
 static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
                       bool skip_self, uint32_t *walked)
 {
     const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
-    const uintptr_t top = stack_top;
-    if (!t || sp >= top || sp < stack_low)
+    const uintptr_t top = stack_hi;
+    if (!t || sp >= top || sp < stack_lo)
         return -1;
     /* a local copy, so that the stores into out[] do not make the compiler reload it */
     const struct rules_view v = {t->e, t->shift, SIZE_MAX >> t->shift};
@@ -374,7 +368,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
     /* lumalloc's own leading frames: walked, not stored */
     while (skip_self && (r->flags & R_SELF)) {
         if (++n > LUM_UNWIND_SLACK)
-            return -1; /* not a stack we expect: libunwind and the generic skipping decide */
+            return -1; /* not a stack we expect: the full walk and the generic skipping decide */
         int st = rule_step(r, &ip, &sp, &bp, top);
         if (st <= 0) {
             *walked = n;
@@ -399,137 +393,68 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
     *walked = n;
     return (int)d;
 }
-#endif
 
-/* The libunwind walk from ctx; on x86-64 it also learns the rule of each frame it steps over.
- * noinline: its cursor and learnt rules (~2.5 KiB) stay off the stack of the cached walk. */
-static __attribute__((noinline)) int step_walk(unw_context_t *ctx, uint64_t *buf, int max)
+/* The rule of ip from the call frame information. */
+static struct rule rule_derive(uintptr_t ip)
 {
-    unw_cursor_t cursor;
-    if (U.init_local(&cursor, ctx) < 0)
-        return 0;
-    int n = 0;
-#ifdef RULES
-    enum { LEARN = LUM_MAX_FRAMES + 16 };
+    struct lum_cfi_rule c;
+    int k = lum_cfi_rule(ip, &c);
+    unsigned self = self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
+    struct rule r = {.ip = ip, .flags = (uint8_t)self};
+    if (k != LUM_CFI_OK) {
+        r.flags |= R_LAST;
+        return r;
+    }
+    r.cfa_off = c.cfa_off;
+    r.rbp_off = c.rbp_off;
+    if (c.cfa_rbp)
+        r.flags |= R_CFA_RBP;
+    return r;
+}
+
+/* The walk that takes any stack: cached rules where there are, derived ones elsewhere (and
+ * learnt), stack pages checked as it goes.  Every frame into buf, at most max.  noinline: its
+ * learnt rules (~1.2 KiB) stay off the stack of the cached walk. */
+static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *buf, int max,
+                                               uint32_t *walked)
+{
+    enum { LEARN = LUM_MAX_FRAMES + LUM_UNWIND_SLACK };
     struct rule nr[LEARN];
-    int nn = 0;
-    bool lost = false;
-    unw_word_t sp, bp;
-    unw_save_loc_t bl;
-    if (U.get_reg(&cursor, UNW_REG_SP, &sp) < 0 || U.get_reg(&cursor, UNW_X86_64_RBP, &bp) < 0 ||
-        U.get_save_loc(&cursor, UNW_X86_64_RBP, &bl) < 0)
+    int nn = 0, n = 0;
+    unsigned budget = REACH_PAGES;
+    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
+        locate_self(); /* racing first samples may both look: they find the same answer */
+    *walked = 0;
+    if (!stack_from(sp))
         return 0;
-    uintptr_t top = sp, start_sp = sp;
-#endif
-    for (;;) {
-        unw_word_t ip;
-        if (U.get_reg(&cursor, UNW_REG_IP, &ip) < 0 || ip == 0)
-            break;
+    const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
+    struct rules_view v = {0};
+    if (t)
+        v = (struct rules_view){t->e, t->shift, SIZE_MAX >> t->shift};
+    while (ip && n < max) {
         buf[n++] = ip;
         if (n >= max)
             break;
-#ifdef RULES
-        bool signal = U.is_signal_frame(&cursor) > 0;
-#endif
-        int s = U.step(&cursor);
-#ifdef RULES
-        unsigned self = self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
-        if (s == 0 && !signal && !lost && nn < LEARN)
-            nr[nn++] = (struct rule){.ip = ip, .flags = R_LAST | self};
-#endif
-        if (s <= 0)
+        const struct rule *r = t ? rule_find(&v, ip) : NULL;
+        if (!r) {
+            if (nn == LEARN)
+                break;
+            nr[nn] = rule_derive(ip);
+            r = &nr[nn++];
+        }
+        if (r->flags & R_LAST)
             break;
-#ifdef RULES
-        if (lost)
-            continue;
-        unw_word_t cfa, nbp;
-        unw_save_loc_t nbl, ril;
-        if (U.get_reg(&cursor, UNW_REG_SP, &cfa) < 0 || U.get_reg(&cursor, UNW_X86_64_RBP, &nbp) < 0 ||
-            U.get_save_loc(&cursor, UNW_X86_64_RBP, &nbl) < 0 ||
-            U.get_save_loc(&cursor, UNW_X86_64_RIP, &ril) < 0) {
-            lost = true; /* lost track of the registers: learn nothing more from this walk */
-            continue;
-        }
-        struct rule r = {.ip = ip, .flags = (uint8_t)self};
-        bool ok = !signal && cfa > sp && cfa - sp < (1u << 30) && !(cfa & 7) && ril.type == UNW_SLT_MEMORY &&
-                  ril.u.addr == cfa - 8 && nbl.type == UNW_SLT_MEMORY && bl.type == UNW_SLT_MEMORY;
-        if (ok && nbl.u.addr != bl.u.addr) {
-            /* this frame saved rbp: where, relative to the CFA, and is rbp its frame pointer? */
-            intptr_t off = (intptr_t)(nbl.u.addr - cfa);
-            ok = off < 0 && off >= INT16_MIN && nbl.u.addr >= sp;
-            r.rbp_off = (int16_t)off;
-            if (off == -16 && bp == cfa - 16) {
-                r.flags |= R_CFA_RBP;
-                r.cfa_off = 16;
-            }
-        }
-        if (ok && !(r.flags & R_CFA_RBP))
-            r.cfa_off = (int32_t)(cfa - sp);
-        if (ok && nn < LEARN)
-            nr[nn++] = r;
-        sp = cfa;
-        bp = nbp;
-        bl = nbl;
-        if (cfa > top)
-            top = cfa;
-#endif
+        uintptr_t cfa = rule_cfa(r, sp, bp);
+        if (cfa < sp + 8 || (cfa > stack_hi && !stack_reach(cfa, &budget)))
+            break;
+        if (rule_step(r, &ip, &sp, &bp, stack_hi) <= 0)
+            break;
     }
-#ifdef RULES
-    stack_top = top;
-    stack_low = start_sp > STACK_BELOW ? start_sp - STACK_BELOW : 0;
     rules_learn(nr, nn);
-#endif
+    *walked = (uint32_t)n;
     return n;
 }
 
-/* Unwinding cost is timed on one unwind in TIME_EVERY per thread (and scaled): a
- * clock_gettime pair cost more than a cached walk. */
-#define TIME_EVERY 16
-static __thread uint32_t thread_unwinds LUM_TLS;
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Drops lumalloc's own leading frames from the n frames in buf and copies at most max of the
- * rest to frames. */
-static uint32_t skip_copy(const uint64_t *buf, int n, uint64_t *frames, uint32_t max, uintptr_t hook_ret)
-{
-    int start = 0;
-    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1) {
-        uintptr_t lo = __atomic_load_n(&self_lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&self_hi, __ATOMIC_RELAXED);
-        while (start < n && buf[start] >= lo && buf[start] < hi)
-            start++;
-    } else {
-        /* Drop our own frames up to the return into the core (hook_ret) and that frame too,
-         * the core's slow path: its entry point (malloc/calloc/...) stays as the innermost
-         * frame, which reads well in reports. */
-        start = 1;
-        for (int i = 0; i < n && i < LUM_UNWIND_SLACK; i++) {
-            if (buf[i] == hook_ret) {
-                start = i + 1;
-                break;
-            }
-        }
-    }
-    uint32_t d = 0;
-    for (int i = start; i < n && d < max; i++)
-        frames[d++] = buf[i];
-    return d;
-}
-
-static void unwind_account(bool timed, uint64_t t0, uint32_t walked)
-{
-    if (timed)
-        __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * TIME_EVERY, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&lum_unwind_frames, walked, __ATOMIC_RELAXED);
-}
-
-#ifdef RULES
 /* The cached walk from (ip, sp, bp) into frames[], lumalloc's own frames dropped; -1 when the
  * cache cannot take it.  As a separate object, lumalloc's frames are known by address and are
  * skipped as the walk goes; linked into the program, the generic skipping needs the whole walk
@@ -550,89 +475,72 @@ static inline int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t
         return rules_walk(ip, sp, bp, frames, max, true, walked);
     return cached_walk_linked(ip, sp, bp, frames, max, hook_ret, walked);
 }
+
+static __attribute__((noinline)) uint32_t full_unwind(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp,
+                                                      uintptr_t bp, uintptr_t hook_ret, uint32_t *walked)
+{
+    uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
+    int n = full_walk(ip, sp, bp, buf, (int)(max + LUM_UNWIND_SLACK), walked);
+    return skip_copy(buf, n, frames, max, hook_ret);
+}
 #endif
 
-/* noinline: the frame it unwinds from must be a real frame for the skipping. */
-__attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret)
-{
-    if (max > LUM_MAX_FRAMES)
-        max = LUM_MAX_FRAMES;
-    if (!max || !unwind_load())
-        return 0;
-    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
-    /* racing first samples may both look: they find the same answer */
-    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
-        locate_self();
-    bool timed = thread_unwinds++ % TIME_EVERY == 0;
-    uint64_t t0 = timed ? now_ns() : 0;
-    unw_context_t ctx;
-    uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
-    int n = 0;
-    uint32_t d = 0;
-    if (U.getcontext(&ctx) == 0) {
-        int got = -1;
-#ifdef RULES
-        uint32_t walked = 0;
-        got = cached_walk((uintptr_t)ctx.uc_mcontext.gregs[REG_RIP], (uintptr_t)ctx.uc_mcontext.gregs[REG_RSP],
-                          (uintptr_t)ctx.uc_mcontext.gregs[REG_RBP], frames, max, hook_ret, &walked);
-        n = (int)walked;
 #ifdef LUM_UNWIND_VERIFY
-        if (got >= 0) {
-            uint64_t chk[LUM_MAX_FRAMES];
-            int m = step_walk(&ctx, buf, (int)(max + LUM_UNWIND_SLACK));
-            uint32_t dm = skip_copy(buf, m, chk, max, hook_ret);
-            if (dm != (uint32_t)got || memcmp(chk, frames, dm * sizeof *chk)) {
-                char msg[160];
-                int l = snprintf(msg, sizeof msg, "lum_unwind verify: rules %d frames, libunwind %u\n", got, dm);
-                lum_write_all(2, msg, (size_t)l);
-                for (uint32_t i = 0; i < (uint32_t)got || i < dm; i++) {
-                    l = snprintf(msg, sizeof msg, "  %2u %#lx %#lx\n", i,
-                                 (unsigned long)(i < (uint32_t)got ? frames[i] : 0),
-                                 (unsigned long)(i < dm ? chk[i] : 0));
-                    lum_write_all(2, msg, (size_t)l);
-                }
-            }
-        }
-#endif
-#endif
-        if (got >= 0) {
-            d = (uint32_t)got;
-        } else {
-            n = step_walk(&ctx, buf, (int)(max + LUM_UNWIND_SLACK));
-            d = skip_copy(buf, n, frames, max, hook_ret);
-        }
+/* libunwind's walk of the same stack, lumalloc's frames dropped the same way, on stderr when it
+ * differs.  Ours ends at a signal frame where libunwind's goes on: only a prefix is checked
+ * then. */
+static __attribute__((noinline)) void verify(const uint64_t *frames, uint32_t got, uint32_t max, uintptr_t hook_ret)
+{
+    uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK + 8], chk[LUM_MAX_FRAMES];
+    int m = unw_backtrace((void **)buf, (int)(sizeof buf / sizeof buf[0]));
+    uint32_t dm = skip_copy(buf, m, chk, max, hook_ret);
+    if (dm == got && !memcmp(chk, frames, dm * sizeof *chk))
+        return;
+    char msg[160];
+    int l = snprintf(msg, sizeof msg, "lum_unwind verify: ours %u frames, libunwind %u\n", got, dm);
+    lum_write_all(2, msg, (size_t)l);
+    for (uint32_t i = 0; i < got || i < dm; i++) {
+        l = snprintf(msg, sizeof msg, "  %2u %#lx %#lx\n", i, (unsigned long)(i < got ? frames[i] : 0),
+                     (unsigned long)(i < dm ? chk[i] : 0));
+        lum_write_all(2, msg, (size_t)l);
     }
-    pthread_rwlock_unlock(&lum_unwind_fork_lock);
-    unwind_account(timed, t0, (uint32_t)n);
-    return d;
 }
+#endif
 
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
                          uintptr_t hook_ret)
 {
-#ifdef RULES
     if (max > LUM_MAX_FRAMES)
         max = LUM_MAX_FRAMES;
-    if (max && __atomic_load_n(&self_state, __ATOMIC_ACQUIRE)) {
-        bool timed = thread_unwinds % TIME_EVERY == 0;
-        uint64_t t0 = timed ? now_ns() : 0;
-        uint32_t walked;
-        int got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked);
-        if (got >= 0) {
-            thread_unwinds++;
-            unwind_account(timed, t0, walked);
+    if (!max)
+        return 0;
+#if defined(__x86_64__)
+    bool timed = thread_unwinds++ % TIME_EVERY == 0;
+    uint64_t t0 = timed ? now_ns() : 0;
+    uint32_t walked = 0;
+    int got = -1;
+    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
+        got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked);
+    if (got < 0)
+        got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked);
+    unwind_account(timed, t0, walked);
 #ifdef LUM_UNWIND_VERIFY
-            uint64_t chk[LUM_MAX_FRAMES];
-            uint32_t dm = lum_unwind(chk, max, hook_ret);
-            if (dm != (uint32_t)got || memcmp(chk, frames, dm * sizeof *chk))
-                lum_write_all(2, "lum_unwind_from verify: differs\n", 32);
+    verify(frames, (uint32_t)got, max, hook_ret);
 #endif
-            return (uint32_t)got;
-        }
-    }
+    return (uint32_t)got;
 #else
-    (void)ip, (void)sp, (void)bp;
+    (void)frames, (void)ip, (void)sp, (void)bp, (void)hook_ret;
+    return 0; /* the rule form and the reader are x86-64's */
 #endif
-    /* the first unwind, or a frame the cache cannot take: the whole walk, which learns */
-    return lum_unwind(frames, max, hook_ret);
+}
+
+/* noinline, with a frame of its own: the walk starts in its caller, at the return address. */
+__attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret)
+{
+    const uintptr_t *fp = __builtin_frame_address(0);
+    /* gcc gives this function a standard frame (see lum_on_sample): the caller's rbp at fp[0],
+     * the return address at fp[1], the caller's rsp at the call at fp + 2 */
+    if (fp[1] != (uintptr_t)__builtin_return_address(0))
+        return 0;
+    return lum_unwind_from(frames, max, fp[1], (uintptr_t)(fp + 2), fp[0], hook_ret);
 }

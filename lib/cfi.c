@@ -1,0 +1,556 @@
+/* The unwind rule of a code address from the DWARF call frame information in .eh_frame (x86-64).
+ *
+ * The sampler's walk (unwind.c) knows one kind of frame: CFA = rsp + k or rbp + k, the return
+ * address at CFA - 8, rbp saved at CFA + off or unchanged, or outermost.  This reads the same
+ * facts off the object's own tables, as an exception unwinder would: the object holding the pc
+ * (dl_iterate_phdr), its .eh_frame_hdr binary-search table, the FDE and its CIE, and the CFA
+ * program run up to the pc.  Whatever does not fit that rule (signal trampolines, CFA or
+ * registers given by expressions, rbp kept in another register) ends the walk there: a frame
+ * the walk cannot follow makes a shorter stack, never a wrong read.
+ *
+ * No malloc, no locks of its own: everything runs inside dl_iterate_phdr's callback, under the
+ * loader's lock, so an object cannot be unmapped while its tables are read and the small cache
+ * of objects below (which makes a miss cost one callback, not a walk over every object) is only
+ * touched by one thread at a time.  Every read of the tables is checked against the bounds of
+ * the segment that holds them. */
+#define _GNU_SOURCE 1
+#include <link.h>
+#include <stddef.h>
+#include <string.h>
+#include "obs_internal.h"
+
+#if defined(__x86_64__)
+
+#define DW_EH_PE_omit 0xff
+#define DW_EH_PE_indirect 0x80
+
+enum { REG_RBP = 6, REG_RSP = 7, REG_RA = 16 };
+/* how a register is recovered at the pc */
+enum { RS_SAME, RS_UNDEF, RS_OFFSET, RS_OTHER };
+
+struct reg_rule {
+    uint8_t how;
+    int64_t off; /* RS_OFFSET: saved at CFA + off */
+};
+
+struct cfa_state {
+    uint8_t cfa_reg;
+    bool cfa_expr; /* CFA given by an expression: not a rule we can take */
+    int64_t cfa_off;
+    struct reg_rule rbp, ra;
+};
+
+/* A run of readable bytes: every read of the tables goes through one. */
+struct rd {
+    const uint8_t *p, *end;
+    bool bad;
+};
+
+static inline bool rd_has(struct rd *r, size_t n)
+{
+    if (r->bad || (size_t)(r->end - r->p) < n) {
+        r->bad = true;
+        return false;
+    }
+    return true;
+}
+
+#define RD_FIXED(name, type)                              \
+    static type name(struct rd *r)                        \
+    {                                                     \
+        type v = 0;                                       \
+        if (rd_has(r, sizeof v)) {                        \
+            memcpy(&v, r->p, sizeof v);                   \
+            r->p += sizeof v;                             \
+        }                                                 \
+        return v;                                         \
+    }
+RD_FIXED(rd_u8, uint8_t)
+RD_FIXED(rd_u16, uint16_t)
+RD_FIXED(rd_u32, uint32_t)
+RD_FIXED(rd_u64, uint64_t)
+
+static uint64_t rd_uleb(struct rd *r)
+{
+    uint64_t v = 0;
+    for (unsigned shift = 0; rd_has(r, 1); shift += 7) {
+        uint8_t b = *r->p++;
+        if (shift < 64)
+            v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80))
+            return v;
+    }
+    return 0;
+}
+
+static int64_t rd_sleb(struct rd *r)
+{
+    uint64_t v = 0;
+    unsigned shift = 0;
+    for (; rd_has(r, 1);) {
+        uint8_t b = *r->p++;
+        if (shift < 64)
+            v |= (uint64_t)(b & 0x7f) << shift;
+        shift += 7;
+        if (!(b & 0x80)) {
+            if (shift < 64 && (b & 0x40))
+                v |= ~(uint64_t)0 << shift;
+            return (int64_t)v;
+        }
+    }
+    return 0;
+}
+
+/* Where the tables of one object are, and the bounds every read of them is checked against. */
+struct obj {
+    uintptr_t text_lo, text_hi;   /* its executable segments */
+    const uint8_t *hdr;           /* .eh_frame_hdr */
+    const uint8_t *hdr_end;       /* end of the segment holding it */
+    const uint8_t *seg_lo, *seg_hi; /* the segment holding .eh_frame */
+};
+
+/* A pointer in encoding enc at r's position; datarel is relative to base (.eh_frame_hdr).
+ * With deref, an indirect pointer is loaded (from the object's own data, within seg). */
+static uintptr_t rd_enc(struct rd *r, uint8_t enc, uintptr_t base, const struct obj *o)
+{
+    if (enc == DW_EH_PE_omit)
+        return 0;
+    uintptr_t at = (uintptr_t)r->p, v;
+    switch (enc & 0x0f) {
+    case 0x00: v = (uintptr_t)rd_u64(r); break;                   /* absptr */
+    case 0x01: v = (uintptr_t)rd_uleb(r); break;                  /* uleb128 */
+    case 0x02: v = rd_u16(r); break;                              /* udata2 */
+    case 0x03: v = rd_u32(r); break;                              /* udata4 */
+    case 0x04: v = (uintptr_t)rd_u64(r); break;                   /* udata8 */
+    case 0x09: v = (uintptr_t)rd_sleb(r); break;                  /* sleb128 */
+    case 0x0a: v = (uintptr_t)(intptr_t)(int16_t)rd_u16(r); break; /* sdata2 */
+    case 0x0b: v = (uintptr_t)(intptr_t)(int32_t)rd_u32(r); break; /* sdata4 */
+    case 0x0c: v = (uintptr_t)rd_u64(r); break;                   /* sdata8 */
+    default: r->bad = true; return 0;
+    }
+    switch (enc & 0x70) {
+    case 0x00: break;
+    case 0x10: v += at; break;   /* pcrel */
+    case 0x30: v += base; break; /* datarel */
+    default: r->bad = true; return 0; /* textrel, funcrel, aligned: not used on x86-64 */
+    }
+    if (enc & DW_EH_PE_indirect) {
+        /* the pointer is in the object's GOT: read only if it lies in a segment we know */
+        const uint8_t *q = (const uint8_t *)v;
+        bool in = (q >= o->seg_lo && q + 8 <= o->seg_hi) || (q >= o->hdr && q + 8 <= o->hdr_end);
+        if (!in) {
+            r->bad = true;
+            return 0;
+        }
+        memcpy(&v, q, sizeof v);
+    }
+    return v;
+}
+
+/* One CIE's facts. */
+struct cie {
+    uint64_t code_align;
+    int64_t data_align;
+    uint64_t ra_reg;
+    uint8_t fde_enc;
+    bool aug_z, signal;
+    struct rd insns; /* initial instructions */
+};
+
+/* A CIE or FDE record at p: its contents after the length field, within the segment. */
+static bool record_at(const struct obj *o, const uint8_t *p, struct rd *out)
+{
+    struct rd r = {p, o->seg_hi, false};
+    if (p < o->seg_lo)
+        return false;
+    uint64_t len = rd_u32(&r);
+    if (len == 0xffffffffu)
+        len = rd_u64(&r);
+    if (r.bad || len == 0 || len > (uint64_t)(o->seg_hi - r.p))
+        return false;
+    *out = (struct rd){r.p, r.p + len, false};
+    return true;
+}
+
+static bool parse_cie(const struct obj *o, const uint8_t *p, struct cie *c)
+{
+    struct rd r;
+    if (!record_at(o, p, &r) || rd_u32(&r) != 0) /* a CIE's id is 0 in .eh_frame */
+        return false;
+    uint8_t version = rd_u8(&r);
+    if (version != 1 && version != 3)
+        return false;
+    const char *aug = (const char *)r.p;
+    size_t alen = strnlen(aug, (size_t)(r.end - r.p));
+    if (!rd_has(&r, alen + 1))
+        return false;
+    r.p += alen + 1;
+    memset(c, 0, sizeof *c);
+    c->fde_enc = 0; /* absptr when there is no 'R' */
+    if (alen >= 2 && aug[0] == 'e' && aug[1] == 'h')
+        return false; /* the old GNU "eh" augmentation: not emitted by any current toolchain */
+    c->code_align = rd_uleb(&r);
+    c->data_align = rd_sleb(&r);
+    c->ra_reg = version == 1 ? rd_u8(&r) : rd_uleb(&r);
+    if (alen && aug[0] == 'z') {
+        c->aug_z = true;
+        uint64_t dlen = rd_uleb(&r);
+        if (!rd_has(&r, dlen))
+            return false;
+        struct rd d = {r.p, r.p + dlen, false};
+        r.p += dlen;
+        for (size_t i = 1; i < alen; i++) {
+            switch (aug[i]) {
+            case 'R': c->fde_enc = rd_u8(&d); break;
+            case 'L': (void)rd_u8(&d); break;
+            case 'P': {
+                uint8_t penc = rd_u8(&d);
+                (void)rd_enc(&d, penc & 0x7f, 0, o); /* skipped, never loaded */
+                break;
+            }
+            case 'S': c->signal = true; break;
+            default: i = alen; break; /* the rest of the data is skipped by its length */
+            }
+        }
+        if (d.bad)
+            return false;
+    } else if (alen) {
+        return false; /* an augmentation we cannot skip */
+    }
+    c->insns = r;
+    return !r.bad;
+}
+
+/* Runs the CFA program in r while its location stays at or below pc; initial is the state
+ * after the CIE's instructions (for DW_CFA_restore), NULL while running those.  false when
+ * the program is malformed or needs more than the remember stack holds. */
+static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t pc, struct cfa_state *s,
+                    const struct cfa_state *initial, const struct obj *o)
+{
+    struct cfa_state stack[8];
+    unsigned depth = 0;
+    while (r->p < r->end && !r->bad) {
+        uint8_t op = rd_u8(r);
+        uint64_t reg = 0, adv = 0;
+        int64_t off = 0;
+        switch (op >> 6) {
+        case 1: adv = (op & 0x3f) * c->code_align; goto advance;
+        case 2: reg = op & 0x3f; off = (int64_t)rd_uleb(r) * c->data_align; goto offset;
+        case 3: reg = op & 0x3f; goto restore;
+        default: break;
+        }
+        switch (op) {
+        case 0x00: break; /* nop */
+        case 0x01: {      /* set_loc */
+            uintptr_t nl = rd_enc(r, c->fde_enc, 0, o);
+            if (nl > pc)
+                return !r->bad;
+            loc = nl;
+            break;
+        }
+        case 0x02: adv = rd_u8(r) * c->code_align; goto advance;
+        case 0x03: adv = rd_u16(r) * c->code_align; goto advance;
+        case 0x04: adv = rd_u32(r) * c->code_align; goto advance;
+        case 0x05: reg = rd_uleb(r); off = (int64_t)rd_uleb(r) * c->data_align; goto offset;
+        case 0x11: reg = rd_uleb(r); off = rd_sleb(r) * c->data_align; goto offset;
+        case 0x2f: reg = rd_uleb(r); off = -(int64_t)rd_uleb(r) * c->data_align; goto offset;
+        case 0x06: reg = rd_uleb(r); goto restore;
+        case 0x07: /* undefined */
+        case 0x08: /* same_value */
+            reg = rd_uleb(r);
+            if (reg == REG_RBP)
+                s->rbp.how = op == 0x07 ? RS_UNDEF : RS_SAME;
+            else if (reg == c->ra_reg)
+                s->ra.how = op == 0x07 ? RS_UNDEF : RS_SAME;
+            break;
+        case 0x09: /* register: a value kept in another register */
+            reg = rd_uleb(r);
+            (void)rd_uleb(r);
+            goto other;
+        case 0x14: /* val_offset */
+        case 0x15: /* val_offset_sf */
+            reg = rd_uleb(r);
+            if (op == 0x14)
+                (void)rd_uleb(r);
+            else
+                (void)rd_sleb(r);
+            goto other;
+        case 0x10: /* expression */
+        case 0x16: { /* val_expression */
+            reg = rd_uleb(r);
+            uint64_t n = rd_uleb(r);
+            if (!rd_has(r, n))
+                return false;
+            r->p += n;
+            goto other;
+        }
+        case 0x0a: /* remember_state */
+            if (depth == sizeof stack / sizeof stack[0])
+                return false;
+            stack[depth++] = *s;
+            break;
+        case 0x0b: /* restore_state: the CFA rule too, as gcc's epilogues expect */
+            if (!depth)
+                return false;
+            *s = stack[--depth];
+            break;
+        case 0x0c: /* def_cfa */
+            s->cfa_reg = (uint8_t)rd_uleb(r);
+            s->cfa_off = (int64_t)rd_uleb(r);
+            s->cfa_expr = false;
+            break;
+        case 0x12: /* def_cfa_sf */
+            s->cfa_reg = (uint8_t)rd_uleb(r);
+            s->cfa_off = rd_sleb(r) * c->data_align;
+            s->cfa_expr = false;
+            break;
+        case 0x0d: s->cfa_reg = (uint8_t)rd_uleb(r); s->cfa_expr = false; break;
+        case 0x0e: s->cfa_off = (int64_t)rd_uleb(r); break;
+        case 0x13: s->cfa_off = rd_sleb(r) * c->data_align; break;
+        case 0x0f: { /* def_cfa_expression */
+            uint64_t n = rd_uleb(r);
+            if (!rd_has(r, n))
+                return false;
+            r->p += n;
+            s->cfa_expr = true;
+            break;
+        }
+        case 0x2e: (void)rd_uleb(r); break; /* GNU_args_size: the CFA rule already says it */
+        default: return false;               /* an opcode we do not know: cannot go on */
+        }
+        continue;
+    advance:
+        if (loc + adv > pc)
+            return !r->bad;
+        loc += adv;
+        continue;
+    offset:
+        if (reg == REG_RBP)
+            s->rbp = (struct reg_rule){RS_OFFSET, off};
+        else if (reg == c->ra_reg)
+            s->ra = (struct reg_rule){RS_OFFSET, off};
+        continue;
+    restore:
+        if (!initial)
+            return false; /* restore inside a CIE has nothing to restore to */
+        if (reg == REG_RBP)
+            s->rbp = initial->rbp;
+        else if (reg == c->ra_reg)
+            s->ra = initial->ra;
+        continue;
+    other:
+        if (reg == REG_RBP)
+            s->rbp.how = RS_OTHER;
+        else if (reg == c->ra_reg)
+            s->ra.how = RS_OTHER;
+        continue;
+    }
+    return !r->bad;
+}
+
+/* The FDE covering pc by the .eh_frame_hdr table: its record, or NULL. */
+static const uint8_t *find_fde(const struct obj *o, uintptr_t pc)
+{
+    struct rd r = {o->hdr, o->hdr_end, false};
+    uint8_t version = rd_u8(&r), ptr_enc = rd_u8(&r), cnt_enc = rd_u8(&r), tab_enc = rd_u8(&r);
+    if (r.bad || version != 1)
+        return NULL;
+    (void)rd_enc(&r, ptr_enc, (uintptr_t)o->hdr, o);
+    uint64_t n = rd_enc(&r, cnt_enc, (uintptr_t)o->hdr, o);
+    /* the table is sorted pairs of datarel sdata4 (every linker writes that); anything else
+     * would need a linear search through .eh_frame, which a sample cannot afford */
+    if (r.bad || tab_enc != 0x3b || !n || n > (uint64_t)(r.end - r.p) / 8)
+        return NULL;
+    const uint8_t *tab = r.p;
+    uintptr_t hdr = (uintptr_t)o->hdr;
+    size_t lo = 0, hi = (size_t)n;
+    while (hi - lo > 1) { /* the last entry whose start is <= pc */
+        size_t mid = lo + (hi - lo) / 2;
+        int32_t start;
+        memcpy(&start, tab + mid * 8, 4);
+        if (hdr + (uintptr_t)(intptr_t)start <= pc)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    int32_t start, fde;
+    memcpy(&start, tab + lo * 8, 4);
+    memcpy(&fde, tab + lo * 8 + 4, 4);
+    if (hdr + (uintptr_t)(intptr_t)start > pc)
+        return NULL;
+    return (const uint8_t *)(hdr + (uintptr_t)(intptr_t)fde);
+}
+
+/* The rule for the return address ra in object o. */
+static int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out)
+{
+    /* a return address may follow a call that ends its function (noreturn callees): the call
+     * itself, at ra - 1, is in the function that made it */
+    uintptr_t pc = ra - 1;
+    const uint8_t *fp = find_fde(o, pc);
+    struct rd r;
+    if (!fp || !record_at(o, fp, &r))
+        return LUM_CFI_NONE;
+    const uint8_t *idp = r.p;
+    uint32_t id = rd_u32(&r);
+    struct cie c;
+    if (!id || r.bad || !parse_cie(o, idp - id, &c))
+        return LUM_CFI_NONE;
+    uintptr_t begin = rd_enc(&r, c.fde_enc, 0, o);
+    uintptr_t range = rd_enc(&r, c.fde_enc & 0x0f, 0, o);
+    if (r.bad || pc < begin || pc - begin >= range)
+        return LUM_CFI_NONE;
+    if (c.aug_z) {
+        uint64_t n = rd_uleb(&r);
+        if (!rd_has(&r, n))
+            return LUM_CFI_NONE;
+        r.p += n;
+    }
+    if (c.signal)
+        return LUM_CFI_NONE; /* a signal trampoline: the caller's registers are in a ucontext */
+    struct cfa_state s = {.cfa_reg = REG_RSP, .cfa_off = 8, .rbp = {RS_SAME, 0}, .ra = {RS_SAME, 0}};
+    struct rd ci = c.insns;
+    if (!run_cfa(&ci, &c, 0, UINTPTR_MAX, &s, NULL, o))
+        return LUM_CFI_NONE;
+    struct cfa_state initial = s;
+    if (!run_cfa(&r, &c, begin, pc, &s, &initial, o))
+        return LUM_CFI_NONE;
+
+    if (c.ra_reg != REG_RA)
+        return LUM_CFI_NONE;
+    if (s.ra.how == RS_UNDEF)
+        return LUM_CFI_LAST; /* _start, a thread's clone: the outermost frame */
+    if (s.cfa_expr || s.ra.how != RS_OFFSET || s.ra.off != -8 ||
+        (s.cfa_reg != REG_RSP && s.cfa_reg != REG_RBP) || s.cfa_off <= 0 || s.cfa_off > INT32_MAX)
+        return LUM_CFI_NONE;
+    *out = (struct lum_cfi_rule){.cfa_off = (int32_t)s.cfa_off, .cfa_rbp = s.cfa_reg == REG_RBP};
+    if (s.rbp.how == RS_OFFSET) {
+        /* a save slot inside the frame, below the return address: with an rsp-based CFA, at
+         * or above the frame's rsp (the walk checks the same for rbp-based ones) */
+        if (s.rbp.off > -8 || s.rbp.off < INT16_MIN || (!out->cfa_rbp && s.rbp.off < -s.cfa_off))
+            return LUM_CFI_NONE;
+        out->rbp_off = (int16_t)s.rbp.off;
+    } else if (s.rbp.how == RS_OTHER) {
+        return LUM_CFI_NONE;
+    }
+    return LUM_CFI_OK;
+}
+
+/* Objects seen by earlier lookups, valid while the loader's add and remove counts are those of
+ * gen_adds and gen_subs.  Only touched inside dl_iterate_phdr's callback. */
+#define OBJS 32
+static struct obj objs[OBJS];
+static unsigned nobjs, next_obj;
+static unsigned long long gen_adds, gen_subs;
+uint64_t lum_cfi_object_scans; /* lookups that walked the loader's list (tests) */
+
+struct find {
+    uintptr_t ra;
+    struct lum_cfi_rule *out;
+    int result;
+    bool first;
+};
+
+static const struct obj *cached_obj(uintptr_t pc)
+{
+    for (unsigned i = 0; i < nobjs; i++)
+        if (pc >= objs[i].text_lo && pc < objs[i].text_hi)
+            return &objs[i];
+    return NULL;
+}
+
+static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    struct find *f = arg;
+    uintptr_t pc = f->ra - 1;
+    if (f->first) {
+        f->first = false;
+        if (size < offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ||
+            info->dlpi_adds != gen_adds || info->dlpi_subs != gen_subs) {
+            /* dlopen or dlclose since: addresses may mean other objects now */
+            nobjs = next_obj = 0;
+            gen_adds = size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ? info->dlpi_adds : 0;
+            gen_subs = size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ? info->dlpi_subs : 0;
+        }
+        const struct obj *o = cached_obj(pc);
+        if (o) {
+            f->result = o->hdr ? rule_in(o, f->ra, f->out) : LUM_CFI_NONE;
+            return 1;
+        }
+        __atomic_fetch_add(&lum_cfi_object_scans, 1, __ATOMIC_RELAXED);
+    }
+    struct obj o = {.text_lo = UINTPTR_MAX};
+    bool mine = false;
+    const ElfW(Phdr) *eh = NULL;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type == PT_GNU_EH_FRAME)
+            eh = ph;
+        if (ph->p_type != PT_LOAD || !(ph->p_flags & PF_X))
+            continue;
+        uintptr_t a = info->dlpi_addr + ph->p_vaddr, b = a + ph->p_memsz;
+        if (pc >= a && pc < b)
+            mine = true;
+        if (a < o.text_lo)
+            o.text_lo = a;
+        if (b > o.text_hi)
+            o.text_hi = b;
+    }
+    if (!mine)
+        return 0;
+    if (eh) {
+        uintptr_t hdr = info->dlpi_addr + eh->p_vaddr;
+        /* the segments holding .eh_frame_hdr and .eh_frame bound every read */
+        for (int i = 0; i < info->dlpi_phnum; i++) {
+            const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+            uintptr_t a = info->dlpi_addr + ph->p_vaddr, b = a + ph->p_filesz;
+            if (ph->p_type == PT_LOAD && (ph->p_flags & PF_R) && hdr >= a && hdr < b) {
+                o.hdr = (const uint8_t *)hdr;
+                o.hdr_end = (const uint8_t *)b;
+            }
+        }
+        if (o.hdr) {
+            struct rd r = {o.hdr, o.hdr_end, false};
+            uint8_t version = rd_u8(&r), ptr_enc = rd_u8(&r);
+            rd_u16(&r);
+            uintptr_t ehf = rd_enc(&r, ptr_enc, hdr, &o);
+            o.hdr = NULL;
+            for (int i = 0; !r.bad && version == 1 && i < info->dlpi_phnum; i++) {
+                const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+                uintptr_t a = info->dlpi_addr + ph->p_vaddr, b = a + ph->p_filesz;
+                if (ph->p_type == PT_LOAD && (ph->p_flags & PF_R) && ehf >= a && ehf < b) {
+                    o.hdr = (const uint8_t *)hdr;
+                    o.seg_lo = (const uint8_t *)a;
+                    o.seg_hi = (const uint8_t *)b;
+                }
+            }
+        }
+    }
+    /* remembered even without tables: the next lookup in it is as cheap */
+    unsigned slot = nobjs < OBJS ? nobjs++ : (next_obj++ % OBJS);
+    objs[slot] = o;
+    f->result = o.hdr ? rule_in(&objs[slot], f->ra, f->out) : LUM_CFI_NONE;
+    return 1;
+}
+
+int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
+{
+    struct find f = {.ra = ra, .out = out, .result = LUM_CFI_NONE, .first = true};
+    *out = (struct lum_cfi_rule){0};
+    if (ra < 2)
+        return LUM_CFI_NONE;
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
+    dl_iterate_phdr(find_cb, &f);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    return f.result;
+}
+
+#else
+
+int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
+{
+    (void)ra, (void)out;
+    return LUM_CFI_NONE;
+}
+
+#endif

@@ -1,0 +1,293 @@
+/* The sampler's own unwinder (rule cache + .eh_frame reader) against libunwind's unw_backtrace,
+ * on the kinds of frames real stacks have: deep recursion without frame pointers, rbp frames
+ * with alloca and VLAs, callbacks through libc (qsort) and through lumalloc itself, a PIE main
+ * down to _start, a thread down to clone3, and a signal handler, where the walk must end
+ * cleanly at the signal trampoline.  Each walk is done twice: the first derives the rules from
+ * the tables, the second takes them from the cache. */
+#define _GNU_SOURCE 1
+#define UNW_LOCAL_ONLY
+#include <alloca.h>
+#include <libunwind.h>
+#include <link.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <cmocka.h>
+#include "lumalloc_failure.h"
+#include "obs_internal.h"
+
+#define NOINL __attribute__((noinline))
+#define MAXF LUM_MAX_FRAMES
+
+/* Our walk: frames from the return address into the caller of ours()'s caller. */
+static NOINL uint32_t ours(uint64_t *f, uint32_t max)
+{
+    lum_obs_busy = 1;
+    /* hook_ret = our return address: the linked-in skipping drops frames up to and with it */
+    uint32_t n = lum_unwind(f, max, (uintptr_t)__builtin_return_address(0));
+    lum_obs_busy = 0;
+    return n;
+}
+
+/* libunwind's walk, from the same frame as ours(). */
+static NOINL uint32_t theirs(uint64_t *f, uint32_t max)
+{
+    void *buf[MAXF + 32];
+    int n = unw_backtrace(buf, MAXF + 32);
+    uintptr_t me = (uintptr_t)__builtin_return_address(0);
+    int i = 0;
+    while (i < n && (uintptr_t)buf[i] != me)
+        i++;
+    uint32_t d = 0;
+    for (i++; i < n && d < max; i++)
+        f[d++] = (uint64_t)(uintptr_t)buf[i];
+    return d;
+}
+
+static void dump(const char *what, const uint64_t *a, uint32_t na, const uint64_t *b, uint32_t nb)
+{
+    fprintf(stderr, "%s: ours %u frames, libunwind %u\n", what, na, nb);
+    for (uint32_t i = 0; i < na || i < nb; i++)
+        fprintf(stderr, "  %2u %#lx %#lx\n", i, (unsigned long)(i < na ? a[i] : 0), (unsigned long)(i < nb ? b[i] : 0));
+}
+
+enum { SAME, PREFIX };
+static volatile int compared;
+static volatile uint32_t last_depth;
+
+/* Both walks from the caller's frame: identical (SAME), or ours a strict prefix of libunwind's
+ * that ends at the signal trampoline (PREFIX). */
+static NOINL int compare(const char *what, int how, uint32_t max)
+{
+    uint64_t a[MAXF], a2[MAXF], b[MAXF];
+    uint32_t na = ours(a, max);
+    uint32_t na2 = ours(a2, max); /* the same walk, now from the rule cache */
+    uint32_t nb = theirs(b, max);
+    bool ok = na == na2 && !memcmp(a, a2, na * sizeof *a) && na >= 2;
+    if (how == SAME)
+        ok = ok && na == nb && !memcmp(a, b, na * sizeof *a);
+    else
+        ok = ok && na < nb && !memcmp(a, b, na * sizeof *a);
+    if (!ok) {
+        dump(what, a, na, b, nb);
+        dump("  (cached)", a2, na2, b, nb);
+    }
+    assert_true(ok);
+    compared++;
+    last_depth = na;
+    return (int)na;
+}
+
+/* ---- deep recursion without frame pointers ---- */
+__attribute__((noinline, optimize("omit-frame-pointer"))) static int recurse(int n, uint32_t max)
+{
+    volatile char pad[24 + (n % 3) * 40];
+    pad[0] = (char)n;
+    if (n == 0)
+        return compare("recursion", SAME, max) + pad[0];
+    return recurse(n - 1, max) + pad[0]; /* not a tail call */
+}
+
+static void test_recursion(void **state)
+{
+    (void)state;
+    recurse(20, MAXF); /* the whole stack, down to _start */
+    assert_true(last_depth > 21 && last_depth < MAXF);
+    recurse(200, MAXF); /* cut at the depth */
+    assert_int_equal(last_depth, MAXF);
+    recurse(200, 7);
+    assert_int_equal(last_depth, 7);
+}
+
+/* ---- rbp frames whose rsp moves (alloca, VLAs), between frames without one ---- */
+__attribute__((noinline, optimize("no-omit-frame-pointer"))) static int with_alloca(int n)
+{
+    char *p = alloca((size_t)n);
+    memset(p, 1, (size_t)n);
+    return compare("alloca", SAME, MAXF) + p[n - 1];
+}
+
+__attribute__((noinline, optimize("omit-frame-pointer"))) static int plain(int n)
+{
+    volatile int x = n;
+    return with_alloca(x) + x;
+}
+
+__attribute__((noinline, optimize("no-omit-frame-pointer"))) static int with_vla(int n)
+{
+    char v[n];
+    memset(v, 2, sizeof v);
+    return plain(n * 3 + 5) + v[n - 1];
+}
+
+static void test_alloca_vla(void **state)
+{
+    (void)state;
+    with_vla(17);
+    with_vla(1000); /* other sizes, same code: the cached rules must still hold */
+    with_vla(33);
+}
+
+/* ---- a callback through libc ---- */
+static int qsort_calls;
+static int by_value(const void *x, const void *y)
+{
+    if (!qsort_calls++)
+        compare("qsort", SAME, MAXF);
+    return *(const int *)x - *(const int *)y;
+}
+
+static void test_qsort(void **state)
+{
+    (void)state;
+    int v[64];
+    for (int i = 0; i < 64; i++)
+        v[i] = (i * 37) % 64;
+    qsort(v, 64, sizeof v[0], by_value);
+    assert_true(qsort_calls > 0);
+}
+
+/* ---- a callback through lumalloc's own code ---- */
+static int sweep_calls;
+static void sweep_fn(void *arg)
+{
+    (void)arg;
+    sweep_calls++;
+    compare("lumalloc callback", SAME, MAXF); /* no allocation: one run */
+}
+
+static void test_own_library(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_with_allocation_failures(sweep_fn, NULL), 1);
+    assert_int_equal(sweep_calls, 1);
+}
+
+/* ---- the main thread of a PIE, down to _start ---- */
+static int find_exe(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    (void)size;
+    uintptr_t pc = *(uintptr_t *)arg;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        uintptr_t a = info->dlpi_addr + ph->p_vaddr;
+        if (ph->p_type == PT_LOAD && pc >= a && pc < a + ph->p_memsz)
+            return info->dlpi_name[0] ? 2 : 1; /* "": the executable */
+    }
+    return 0;
+}
+
+static void test_pie_main(void **state)
+{
+    (void)state;
+    uint64_t a[MAXF];
+    uint32_t n = ours(a, MAXF);
+    assert_true(n >= 3 && n < MAXF);
+    /* the outermost frame is _start, in the executable, which is position-independent */
+    uintptr_t last = (uintptr_t)a[n - 1];
+    assert_int_equal(dl_iterate_phdr(find_exe, &last), 1);
+    uintptr_t main_addr = (uintptr_t)&test_pie_main;
+    assert_true(main_addr > 0x10000000u); /* PIE: loaded high, not at 0x400000 */
+    compare("main thread", SAME, MAXF);
+}
+
+/* ---- a thread, down to clone3 ---- */
+static void *thread_fn(void *arg)
+{
+    (void)arg;
+    compare("thread", SAME, MAXF);
+    recurse(10, MAXF);
+    return NULL;
+}
+
+static void test_thread(void **state)
+{
+    (void)state;
+    pthread_t t;
+    int before = compared;
+    assert_int_equal(pthread_create(&t, NULL, thread_fn, NULL), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(compared, before + 2);
+}
+
+/* ---- a signal handler: the walk ends at the trampoline ---- */
+static volatile int in_handler;
+static NOINL void handler_work(void)
+{
+    compare("signal handler", PREFIX, MAXF);
+    in_handler++; /* volatile: compare is not a tail call */
+}
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+    handler_work();
+    in_handler++;
+}
+
+static void test_signal(void **state)
+{
+    (void)state;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
+    int before = compared;
+    raise(SIGUSR1);
+    raise(SIGUSR1); /* again, through the cached "ends here" rule */
+    assert_int_equal(compared, before + 2);
+    assert_int_equal(last_depth, 3); /* handler_work's caller, the handler's, the trampoline */
+    signal(SIGUSR1, SIG_DFL);
+}
+
+/* ---- the reader alone ---- */
+static NOINL uintptr_t here(void)
+{
+    return (uintptr_t)__builtin_return_address(0);
+}
+
+static void test_reader(void **state)
+{
+    (void)state;
+    struct lum_cfi_rule r;
+    uintptr_t ra = here();
+    assert_int_equal(lum_cfi_rule(ra, &r), LUM_CFI_OK);
+    assert_true(r.cfa_off >= 8);
+    /* a second object lookup in the same object does not walk the loader's list again */
+    uintptr_t ra2 = here();
+    uint64_t scans = lum_cfi_object_scans;
+    assert_int_equal(lum_cfi_rule(ra2, &r), LUM_CFI_OK);
+    assert_int_equal(lum_cfi_rule(ra, &r), LUM_CFI_OK);
+    assert_true(lum_cfi_object_scans == scans);
+    /* code outside any object (JIT-like) has no rule, and the answer is clean */
+    void *m = mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(m != MAP_FAILED);
+    assert_int_equal(lum_cfi_rule((uintptr_t)m + 100, &r), LUM_CFI_NONE);
+    munmap(m, 4096);
+    assert_int_equal(lum_cfi_rule(1, &r), LUM_CFI_NONE);
+    /* libc's functions have tables too */
+    uintptr_t in_libc = (uintptr_t)&qsort + 1; /* looked up at qsort itself */
+    assert_true(lum_cfi_rule(in_libc, &r) != LUM_CFI_NONE);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_reader),
+        cmocka_unit_test(test_recursion),
+        cmocka_unit_test(test_alloca_vla),
+        cmocka_unit_test(test_qsort),
+        cmocka_unit_test(test_own_library),
+        cmocka_unit_test(test_pie_main),
+        cmocka_unit_test(test_thread),
+        cmocka_unit_test(test_signal),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
