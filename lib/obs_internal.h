@@ -12,7 +12,7 @@
 #define LUM_TLS __attribute__((tls_model("initial-exec")))
 
 /* Set while this thread runs profiler/diagnostics code: allocations made by anything we call
- * (dladdr, libunwind's ELF reader, stdio in reports) must not re-enter sampling, warnings or
+ * (dladdr, the ELF symbol reader, stdio in reports) must not re-enter sampling, warnings or
  * diagnostics. */
 extern __thread int lum_obs_busy LUM_TLS;
 
@@ -113,10 +113,12 @@ extern uint64_t lum_prof_samples, lum_prof_sample_frees;
 
 /* ---- symbolisation (symbolize.c): only outside the allocator ---- */
 #define LUM_SYM_OFFSET 1 /* "func+0x1a" rather than "func" */
-#define LUM_SYM_DEEP 2   /* may read ELF symbol tables through libunwind (slower, may malloc) */
+#define LUM_SYM_DEEP 2   /* may read the object's ELF symbol tables (slower, opens files) */
 #define LUM_SYM_MODULE 4 /* append " (libfoo.so)" */
 /* Writes a function name (or "module+0xoff", or "0xaddr") for the code address addr. */
 void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags);
+/* The closest function at or below addr by its object's .symtab/.dynsym (elfsym.c). */
+bool lum_elf_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off);
 
 /* ---- failure tools ---- */
 /* The failure report (diagnostics.c): written with write(2) to the diagnostics fd. */

@@ -97,9 +97,8 @@ extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
 
 static void fork_prepare(void)
 {
-    /* A thread inside dl_iterate_phdr (a walk, or libunwind's symbol reader in a report)
-     * holds the unwind lock and may then take lum_prof_lock (a sampled malloc or free in
-     * there): the unwind lock comes first. */
+    /* A walking thread holds the unwind lock around dl_iterate_phdr: the unwind lock comes
+     * first, before any lock such a thread could go on to take. */
     pthread_rwlock_wrlock(&lum_unwind_fork_lock);
     pthread_mutex_lock(&lum_prof_lock);
     pthread_mutex_lock(&lum_warn_lock);

@@ -234,7 +234,7 @@ static void render_folded(struct lum_buf *b, struct lum_snap *sn, struct lum_sym
 int lum_prof_render(struct lum_buf *b, int f)
 {
     int was_busy = lum_obs_busy;
-    /* Allocations made while reporting (libunwind's ELF reader, stdio) are not profiled. */
+    /* Allocations made while reporting (the ELF symbol reader, stdio) are not profiled. */
     lum_obs_busy = 1;
     struct lum_snap sn;
     int rc = lum_snap_take(&sn);

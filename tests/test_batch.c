@@ -80,9 +80,9 @@ static int setup(void **state)
     lum_batch_test_no_flusher = true; /* once started it runs as long as the semaphore is set */
     assert_int_equal(lum_options_set("sample_interval", "1"), 0); /* every allocation sampled */
     lumalloc_sample_batch_semaphore = 1;
-    /* The first unwind loads libunwind, whose own allocations are samples too: done here, the
-     * tests below see only their own blocks.  Several: the first allocation after the interval
-     * changed may come before the sampler. */
+    /* The first samples come first, so that the tests below see only their own blocks (the
+     * unwinder allocates nothing through malloc, but stdio and cmocka may).  Several: the
+     * first allocation after the interval changed may come before the sampler. */
     for (int i = 0; i < 8; i++) {
         sink = malloc(64);
         free(sink);

@@ -181,11 +181,11 @@ static void test_sample_hooks(void **state)
     assert_int_equal(lum_options_set("prof", "on"), 0);
 }
 
-/* The unwinder caches a rule per return address, learnt from libunwind's walks.  Frames with a
- * variable stack size (alloca) are the case a wrong rule would get wrong: walk the same
- * recursion at several depths and alloca sizes, each twice (the first walk may be libunwind's,
- * the second is the cache's), and check the stacks agree with each other and with the shape
- * of the recursion. */
+/* The unwinder caches a rule per return address, derived from the call frame information.
+ * Frames with a variable stack size (alloca) are the case a wrong rule would get wrong: walk the
+ * same recursion at several depths and alloca sizes, each twice (the first walk may derive the
+ * rules, the second is the cache's), and check the stacks agree with each other and with the
+ * shape of the recursion. */
 static __attribute__((noinline)) uint32_t unwind_at(int n, size_t pad, uint64_t *frames)
 {
     volatile char *buf = __builtin_alloca(pad);
@@ -195,7 +195,7 @@ static __attribute__((noinline)) uint32_t unwind_at(int n, size_t pad, uint64_t 
         d = unwind_at(n - 1, pad, frames);
     } else {
         lum_obs_busy = 1;
-        d = lum_unwind(frames, LUM_MAX_FRAMES, 0); /* 0: drop only lum_unwind's own frame */
+        d = lum_unwind(frames, LUM_MAX_FRAMES, 0); /* 0: drop nothing (from lum_unwind's caller) */
         lum_obs_busy = 0;
     }
     __asm__ volatile("" ::: "memory"); /* not a tail call: keep this frame */

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sampling unwinds with lumalloc's own .eh_frame reader: libunwind is not a link dependency, and
-# under LD_PRELOAD=liblumalloc.so a process maps neither libunwind nor liblzma, with sampling off,
-# on from the start, or switched on at run time (in a fork child too), while its samples get
-# stacks.  libunwind's ELF symbol reader is loaded only when a report names functions: the
-# profile written at exit names churn(), a static function only .symtab knows.
+# lumalloc unwinds with its own .eh_frame reader and names functions with its own ELF symbol
+# reader: libunwind is not a link dependency, and under LD_PRELOAD=liblumalloc.so a process maps
+# neither libunwind nor liblzma, with sampling off, on from the start, or switched on at run time
+# (in a fork child too), while its samples get stacks, nor after writing a report that names
+# churn(), a static function only .symtab knows.
 # Usage: core_lazy_unwind.sh LIBLUMALLOC.so BUILD_DIR
 set -euo pipefail
 lib=$(realpath "$1")
@@ -53,7 +53,13 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "off") || !strcmp(argv[1], "on")) { /* whatever sampling does */
         churn();
         if (!strcmp(argv[1], "on") && frames_unwound() < 100) return 9;
-        return mapped("libunwind") || mapped("liblzma") ? 1 : 0;
+        if (mapped("libunwind") || mapped("liblzma")) return 1;
+        if (!strcmp(argv[1], "on")) { /* a report that names functions, written in-process */
+            int (*dump)(const char *, int) = (int (*)(const char *, int))dlsym(RTLD_DEFAULT, "lum_prof_dump");
+            if (!dump || dump(argv[2], 0) != 0) return 10;
+            if (mapped("libunwind") || mapped("liblzma")) return 11;
+        }
+        return 0;
     }
     /* "late": sampling off at start, switched on at run time; first sample in a fork child */
     int (*set)(const char *, const char *) = (int (*)(const char *, const char *))dlsym(RTLD_DEFAULT, "lum_options_set");
@@ -79,12 +85,14 @@ timeout 60 env LUMALLOC_SAMPLE_INTERVAL=0 LD_PRELOAD="$lib" "$work/prog" off || 
 echo "ok   sampling off: neither libunwind nor liblzma mapped"
 
 rc=0
-timeout 60 env LUMALLOC_SAMPLE_INTERVAL=64k LUMALLOC_PROF_DUMP="$work/prof.txt" LD_PRELOAD="$lib" "$work/prog" on || rc=$?
-[ "$rc" = 0 ] || fail "sampling on: libunwind or liblzma mapped while sampling (exit $rc; 9: no frames unwound)"
-echo "ok   sampling on: neither libunwind nor liblzma mapped"
-grep -q 'churn' "$work/prof.txt" || { cat "$work/prof.txt"; fail "no stack through churn() in the profile"; }
-grep -Eq '^ +[0-9]+ bytes .* [1-9][0-9]* samples' "$work/prof.txt" || { cat "$work/prof.txt"; fail "no samples"; }
-echo "ok   stacks unwound, and named at exit"
+timeout 60 env LUMALLOC_SAMPLE_INTERVAL=64k LUMALLOC_PROF_DUMP="$work/prof.txt" LD_PRELOAD="$lib" "$work/prog" on "$work/inproc.txt" || rc=$?
+[ "$rc" = 0 ] || fail "sampling on: exit $rc (1: libunwind or liblzma mapped while sampling, 9: no frames unwound, 10: no report, 11: mapped by the report)"
+echo "ok   sampling on: neither libunwind nor liblzma mapped, while sampling nor by a report"
+for f in prof.txt inproc.txt; do
+    grep -q 'churn' "$work/$f" || { cat "$work/$f"; fail "no stack through churn() in $f"; }
+    grep -Eq '^ +[0-9]+ bytes .* [1-9][0-9]* samples' "$work/$f" || { cat "$work/$f"; fail "no samples in $f"; }
+done
+echo "ok   stacks unwound, and named in-process and at exit"
 
 rc=0
 timeout 60 env LUMALLOC_SAMPLE_INTERVAL=0 LUMALLOC_PROF_DUMP="$work/late.txt" LD_PRELOAD="$lib" "$work/prog" late || rc=$?

@@ -1,0 +1,144 @@
+/* Function names from an object's own ELF symbol tables, for reports: dladdr knows only the
+ * exported symbols (.dynsym), and a program's static functions, or any function of an executable
+ * linked without -rdynamic, are only in .symtab.  The object's file is mapped read-only and its
+ * SHT_SYMTAB and SHT_DYNSYM sections searched for the closest function at or below the address,
+ * as libunwind's get_proc_name does (this replaces it: no library to load for a report).
+ *
+ * A few mapped files are kept, so that a report naming hundreds of frames maps each object
+ * once.  The cache is only tried (trylock): a report that finds it busy, or a fork child whose
+ * parent forked in the middle of a report, maps and unmaps the file for each lookup instead. */
+#define _GNU_SOURCE 1
+#include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <link.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "obs_internal.h"
+
+struct elf_file {
+    const uint8_t *data;
+    size_t size;
+    uintptr_t base; /* load bias of the object it was mapped for */
+    char path[240];
+};
+
+#define FILES 4
+static struct elf_file files[FILES];
+static unsigned next_file;
+static pthread_mutex_t files_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static bool map_file(const char *path, struct elf_file *f)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    struct stat st;
+    void *p = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= (off_t)sizeof(ElfW(Ehdr)))
+        p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED)
+        return false;
+    f->data = p;
+    f->size = (size_t)st.st_size;
+    return true;
+}
+
+/* The section header i, or NULL when the file does not hold it. */
+static const ElfW(Shdr) *section(const struct elf_file *f, const ElfW(Ehdr) *eh, unsigned i)
+{
+    if (i >= eh->e_shnum)
+        return NULL;
+    return (const ElfW(Shdr) *)(f->data + eh->e_shoff + (size_t)i * sizeof(ElfW(Shdr)));
+}
+
+static bool in_file(const struct elf_file *f, uint64_t off, uint64_t len)
+{
+    return off <= f->size && len <= f->size - off;
+}
+
+/* The closest function symbol at or below the file address rel. */
+static bool lookup(const struct elf_file *f, uintptr_t rel, char *name, size_t len, uint64_t *off)
+{
+    const ElfW(Ehdr) *eh = (const ElfW(Ehdr) *)f->data;
+    if (memcmp(eh->e_ident, ELFMAG, SELFMAG) || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
+        eh->e_shentsize != sizeof(ElfW(Shdr)) || !in_file(f, eh->e_shoff, (uint64_t)eh->e_shnum * sizeof(ElfW(Shdr))))
+        return false;
+    uint64_t best = UINT64_MAX;
+    const char *best_name = NULL;
+    size_t best_max = 0;
+    for (unsigned i = 0; i < eh->e_shnum; i++) {
+        const ElfW(Shdr) *sh = section(f, eh, i);
+        if ((sh->sh_type != SHT_SYMTAB && sh->sh_type != SHT_DYNSYM) || sh->sh_entsize != sizeof(ElfW(Sym)) ||
+            !in_file(f, sh->sh_offset, sh->sh_size))
+            continue;
+        const ElfW(Shdr) *str = section(f, eh, sh->sh_link);
+        if (!str || !in_file(f, str->sh_offset, str->sh_size))
+            continue;
+        const ElfW(Sym) *sym = (const ElfW(Sym) *)(f->data + sh->sh_offset);
+        size_t n = sh->sh_size / sizeof *sym;
+        const char *strtab = (const char *)f->data + str->sh_offset;
+        for (size_t k = 0; k < n; k++) {
+            unsigned type = ELF64_ST_TYPE(sym[k].st_info);
+            if ((type != STT_FUNC && type != STT_GNU_IFUNC) || sym[k].st_shndx == SHN_UNDEF ||
+                sym[k].st_value > rel || rel - sym[k].st_value >= best || sym[k].st_name >= str->sh_size)
+                continue;
+            best = rel - sym[k].st_value;
+            best_name = strtab + sym[k].st_name;
+            best_max = str->sh_size - sym[k].st_name;
+        }
+    }
+    if (!best_name || !best_max || !best_name[0])
+        return false;
+    size_t l = strnlen(best_name, best_max);
+    if (l >= len)
+        l = len - 1;
+    memcpy(name, best_name, l);
+    name[l] = 0;
+    *off = best;
+    return true;
+}
+
+bool lum_elf_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
+{
+    Dl_info di;
+    struct link_map *lm = NULL;
+    if (!len || !dladdr1((void *)addr, &di, (void **)&lm, RTLD_DL_LINKMAP) || !lm)
+        return false;
+    /* the executable's own entry has no name: its file is /proc/self/exe */
+    const char *path = lm->l_name && lm->l_name[0] ? lm->l_name : "/proc/self/exe";
+    if (strlen(path) >= sizeof files[0].path)
+        return false;
+    uintptr_t rel = addr - lm->l_addr;
+    if (pthread_mutex_trylock(&files_lock)) {
+        struct elf_file f;
+        if (!map_file(path, &f))
+            return false;
+        bool ok = lookup(&f, rel, name, len, off);
+        munmap((void *)f.data, f.size);
+        return ok;
+    }
+    struct elf_file *f = NULL;
+    for (unsigned i = 0; i < FILES; i++)
+        if (files[i].data && files[i].base == lm->l_addr && !strcmp(files[i].path, path))
+            f = &files[i];
+    if (!f) {
+        f = &files[next_file++ % FILES];
+        if (f->data)
+            munmap((void *)f->data, f->size);
+        f->data = NULL;
+        if (map_file(path, f)) {
+            f->base = lm->l_addr;
+            strcpy(f->path, path);
+        } else {
+            f = NULL;
+        }
+    }
+    bool ok = f && lookup(f, rel, name, len, off);
+    pthread_mutex_unlock(&files_lock);
+    return ok;
+}
