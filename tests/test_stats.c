@@ -16,9 +16,10 @@ static struct lum_stats a, b;
 static void snapshot_follows_allocations(void **state)
 {
     (void)state;
-    /* The first sample loads libunwind (dlopen/dlsym allocate on this thread): let it happen
-     * before the window whose allocations must add up exactly.  16 MiB at the default 512 KiB
-     * interval misses a sample with probability e^-32. */
+    /* The first samples come before the window whose allocations must add up exactly (the
+     * unwinder allocates nothing through malloc, but the window should hold only the test's own
+     * allocations whatever a first sample does).  16 MiB at the default 512 KiB interval misses
+     * a sample with probability e^-32. */
     for (int i = 0; i < 256; i++)
         free(p_malloc(64 << 10));
     lum_stats_snapshot(&a);
