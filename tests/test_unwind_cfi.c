@@ -277,6 +277,67 @@ static void test_reader(void **state)
     assert_true(lum_cfi_rule(in_libc, &r) != LUM_CFI_NONE);
 }
 
+/* ---- every function of libc and of this executable ---- */
+struct sweep {
+    const char *name; /* substring of the object's name; "" for the executable */
+    unsigned fdes, ok, last, none;
+};
+
+static int sweep_object(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    (void)size;
+    struct sweep *sw = arg;
+    const char *n = info->dlpi_name ? info->dlpi_name : "";
+    if (sw->name[0] ? !strstr(n, sw->name) : n[0] != 0)
+        return 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        if (info->dlpi_phdr[i].p_type != PT_GNU_EH_FRAME)
+            continue;
+        const uint8_t *hdr = (const uint8_t *)(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+        /* version 1, eh_frame_ptr pcrel sdata4, fde_count udata4, table datarel sdata4 */
+        if (hdr[0] != 1 || hdr[1] != 0x1b || hdr[2] != 0x03 || hdr[3] != 0x3b)
+            return 1;
+        uint32_t count;
+        memcpy(&count, hdr + 8, 4);
+        const int32_t *tab = (const int32_t *)(hdr + 12);
+        for (uint32_t k = 0; k < count; k++) {
+            uintptr_t start = (uintptr_t)hdr + (uintptr_t)(intptr_t)tab[2 * k];
+            uintptr_t next = k + 1 < count ? (uintptr_t)hdr + (uintptr_t)(intptr_t)tab[2 * k + 2] : start + 2;
+            /* as if returning to the function's first byte + 1, and to its middle */
+            uintptr_t pcs[2] = {start + 1, start + (next - start) / 2 + 1};
+            for (int j = 0; j < 2; j++) {
+                struct lum_cfi_rule r;
+                int got = lum_cfi_rule(pcs[j], &r);
+                if (got == LUM_CFI_OK) {
+                    sw->ok++;
+                    assert_true(r.cfa_off >= 8);
+                    assert_true(r.rbp_off <= 0);
+                } else {
+                    got == LUM_CFI_LAST ? sw->last++ : sw->none++;
+                }
+            }
+            sw->fdes++;
+        }
+    }
+    return 1;
+}
+
+static void test_every_function(void **state)
+{
+    (void)state;
+    static struct sweep objs[] = {{"libc.so", 0, 0, 0, 0}, {"", 0, 0, 0, 0}};
+    for (size_t i = 0; i < sizeof objs / sizeof objs[0]; i++) {
+        struct sweep *sw = &objs[i];
+        dl_iterate_phdr(sweep_object, sw);
+        fprintf(stderr, "%s: %u FDEs, %u lookups: %u rules, %u outermost, %u not of that form\n",
+                sw->name[0] ? sw->name : "executable", sw->fdes, sw->ok + sw->last + sw->none, sw->ok,
+                sw->last, sw->none);
+        assert_true(sw->fdes > 10);
+        /* nearly everything compiled code does fits the rule form */
+        assert_true(sw->ok * 100 >= (sw->ok + sw->last + sw->none) * 95);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -288,6 +349,7 @@ int main(void)
         cmocka_unit_test(test_pie_main),
         cmocka_unit_test(test_thread),
         cmocka_unit_test(test_signal),
+        cmocka_unit_test(test_every_function),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
