@@ -131,10 +131,10 @@ void lum_batch_sync(void)
     /* Never wait: a purge fires this with the allocator's locks held, and fork takes
      * lum_prof_lock before those.  A busy lock means a sample is being recorded this moment; the
      * next event or the flusher publishes the batch, and tracers order events by timestamp. */
-    if (pthread_mutex_trylock(&lum_prof_lock) != 0)
+    if (!lum_trylock(&lum_prof_lock))
         return;
     flush_locked();
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
 }
 
 static void *flusher_main(void *arg)
@@ -144,13 +144,13 @@ static void *flusher_main(void *arg)
     const struct timespec period = {0, LUM_BATCH_FLUSH_MS * 1000000L};
     for (;;) {
         nanosleep(&period, NULL);
-        pthread_mutex_lock(&lum_prof_lock);
+        lum_lock(&lum_prof_lock);
         flush_locked();
         /* The tracer went away: nothing more will be written, so nothing to wait for. */
         bool done = !LUM_PROBE_ON(sample_batch);
         if (done)
             flusher_state = 0;
-        pthread_mutex_unlock(&lum_prof_lock);
+        lum_unlock(&lum_prof_lock);
         if (done)
             return NULL;
     }
@@ -165,9 +165,9 @@ void lum_batch_start_flusher(void)
     int r = lum_obs_thread_start(flusher_main, 64 * 1024, "lumalloc-batch");
     if (r) {
         /* Full buffers, old records, thread exit and process exit still flush. */
-        pthread_mutex_lock(&lum_prof_lock);
+        lum_lock(&lum_prof_lock);
         flusher_state = 2;
-        pthread_mutex_unlock(&lum_prof_lock);
+        lum_unlock(&lum_prof_lock);
     }
     lum_obs_busy = busy;
 }
@@ -178,10 +178,10 @@ void lum_batch_start_flusher(void)
 __attribute__((destructor)) static void batch_at_exit(void)
 {
     for (int i = 0; i < 200; i++) {
-        if (pthread_mutex_trylock(&lum_prof_lock) == 0) {
+        if (lum_trylock(&lum_prof_lock)) {
             flush_locked();
             batch_final = true;
-            pthread_mutex_unlock(&lum_prof_lock);
+            lum_unlock(&lum_prof_lock);
             return;
         }
         const struct timespec wait = {0, 50000};

@@ -56,7 +56,7 @@ static void collect_top(struct top_site *top, int *ntop)
 {
     *ntop = 0;
     /* A failure inside profiler code would find the lock held by its own thread. */
-    if (pthread_mutex_trylock(&lum_prof_lock))
+    if (!lum_trylock(&lum_prof_lock))
         return;
     for (struct lum_stack *s = lum_stacktab_first(); s; s = s->anext) {
         if (s->live_bytes <= 0)
@@ -75,7 +75,7 @@ static void collect_top(struct top_site *top, int *ntop)
         if (*ntop < TOP_SITES)
             (*ntop)++;
     }
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
 }
 
 static void put_frames(struct lum_buf *b, const uint64_t *frames, uint32_t depth, const char *ind)

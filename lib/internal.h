@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <pthread.h>
+#include "lock.h"
 #include "lumalloc_probes.h"
 
 #define LUM_LIKELY(x) __builtin_expect(!!(x), 1)
@@ -294,18 +295,6 @@ uint64_t lum_hardened_random(void);
 /* ---- meta.c: internal memory that never goes through malloc ---- */
 void *lum_meta_alloc(size_t size);
 void lum_meta_free(void *p, size_t size);
-
-/* ---- lock.c ---- */
-typedef struct { _Atomic int state; } lum_lock_t;
-void lum_lock_slow(lum_lock_t *l);
-static inline void lum_lock(lum_lock_t *l)
-{
-    int expected = 0;
-    if (!atomic_compare_exchange_strong_explicit(&l->state, &expected, 1, memory_order_acquire,
-                                                 memory_order_relaxed))
-        lum_lock_slow(l);
-}
-void lum_unlock(lum_lock_t *l);
 
 /* ---- segment.c (global lock: lum_segment_lock) ---- */
 extern lum_lock_t lum_segment_lock;

@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdbool.h>
 #include <pthread.h>
+#include "lock.h"
 #include "lumalloc_probes.h"
 
 #define LUM_EXPORT __attribute__((visibility("default")))
@@ -83,7 +84,7 @@ struct lum_stack {
     double live_objects;
     uint64_t frames[];
 };
-extern pthread_mutex_t lum_prof_lock;
+extern lum_lock_t lum_prof_lock;
 /* Finds or inserts; NULL when the table or memory is exhausted (counted as dropped). */
 struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint64_t id);
 struct lum_stack *lum_stacktab_first(void);

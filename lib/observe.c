@@ -100,7 +100,7 @@ static void fork_prepare(void)
     /* A walking thread holds the unwind lock around dl_iterate_phdr: the unwind lock comes
      * first, before any lock such a thread could go on to take. */
     pthread_rwlock_wrlock(&lum_unwind_fork_lock);
-    pthread_mutex_lock(&lum_prof_lock);
+    lum_lock(&lum_prof_lock);
     pthread_mutex_lock(&lum_warn_lock);
     pthread_mutex_lock(&lum_obs_arena_lock);
 }
@@ -109,7 +109,7 @@ static void fork_parent(void)
 {
     pthread_mutex_unlock(&lum_obs_arena_lock);
     pthread_mutex_unlock(&lum_warn_lock);
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
@@ -118,7 +118,7 @@ static void fork_child(void)
     pthread_mutex_init(&lum_obs_arena_lock, NULL);
     pthread_mutex_init(&lum_warn_lock, NULL);
     pthread_rwlock_init(&lum_unwind_fork_lock, NULL);
-    pthread_mutex_init(&lum_prof_lock, NULL);
+    lum_lock_reset(&lum_prof_lock);
     /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
     pthread_mutex_init(&lum_unwind_rules_lock, NULL);
 }

@@ -15,7 +15,7 @@ int lum_snap_take(struct lum_snap *sn)
 {
     memset(sn, 0, sizeof *sn);
     sn->interval = lum_opt.sample_interval;
-    pthread_mutex_lock(&lum_prof_lock);
+    lum_lock(&lum_prof_lock);
     size_t n = 0, frames = 0;
     for (struct lum_stack *s = lum_stacktab_first(); s; s = s->anext) {
         n++;
@@ -27,7 +27,7 @@ int lum_snap_take(struct lum_snap *sn)
     /* mmap under the lock: a syscall, not an allocation through malloc. */
     char *mem = n ? lum_obs_pages(sz) : NULL;
     if (n && !mem) {
-        pthread_mutex_unlock(&lum_prof_lock);
+        lum_unlock(&lum_prof_lock);
         return -ENOMEM;
     }
     sn->mem = mem;
@@ -40,7 +40,7 @@ int lum_snap_take(struct lum_snap *sn)
         sn->v[sn->n++] = (struct lum_stack *)p;
         p += (one + 15) & ~(size_t)15;
     }
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
     return 0;
 }
 
@@ -320,20 +320,20 @@ LUM_EXPORT int lum_prof_foreach_site(int (*fn)(const struct lum_prof_site *, voi
 
 LUM_EXPORT void lum_prof_reset(void)
 {
-    pthread_mutex_lock(&lum_prof_lock);
+    lum_lock(&lum_prof_lock);
     lum_stacktab_reset_cumulative();
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
 }
 
 LUM_EXPORT void lum_prof_get_stats(struct lum_prof_stats *out)
 {
     memset(out, 0, sizeof *out);
-    pthread_mutex_lock(&lum_prof_lock);
+    lum_lock(&lum_prof_lock);
     out->live_samples = lum_records_live();
     out->stacks = lum_stacktab_count();
     out->dropped_stacks = lum_stacktab_dropped;
     out->dropped_records = lum_records_dropped;
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
     out->samples = __atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED);
     out->sample_frees = __atomic_load_n(&lum_prof_sample_frees, __ATOMIC_RELAXED);
     out->unwinds = __atomic_load_n(&lum_unwind_count, __ATOMIC_RELAXED);

@@ -115,7 +115,7 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
         .ptr = (uintptr_t)ptr, .requested = s, .usable = usable, .weight = wb,
         .objects = w / (double)s, .stack_id = id,
     };
-    pthread_mutex_lock(&lum_prof_lock);
+    lum_lock(&lum_prof_lock);
     /* counted under the lock, which every sample takes anyway: no locked add */
     __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
     if (lum_opt.prof) {
@@ -136,7 +136,7 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
     lum_records_insert(&r);
     if (batch)
         start = lum_batch_add_sample(r.ptr, requested, usable, wb, id, frames, depth);
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
     if (start)
         lum_batch_start_flusher();
 
@@ -152,7 +152,7 @@ void lum_on_sample_free(void *ptr, size_t usable)
     /* Unlocked peek: the core may route every free of a sampled page here. */
     if (!__atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED))
         return;
-    pthread_mutex_lock(&lum_prof_lock);
+    lum_lock(&lum_prof_lock);
     bool found = lum_records_remove((uintptr_t)ptr, &r);
     if (found && r.stack) {
         r.stack->live_samples--;
@@ -165,7 +165,7 @@ void lum_on_sample_free(void *ptr, size_t usable)
         if (LUM_PROBE_ON(sample_batch))
             start = lum_batch_add_free(r.ptr, r.requested, r.usable, r.weight, r.stack_id);
     }
-    pthread_mutex_unlock(&lum_prof_lock);
+    lum_unlock(&lum_prof_lock);
     if (start)
         lum_batch_start_flusher();
     if (!found)

@@ -11,7 +11,7 @@
  * recursion): beyond this, samples are still counted per thread but not per stack. */
 #define MAX_STACKS (1u << 20)
 
-pthread_mutex_t lum_prof_lock = PTHREAD_MUTEX_INITIALIZER;
+lum_lock_t lum_prof_lock = LUM_LOCK_INIT;
 uint64_t lum_stacktab_dropped;
 
 static struct lum_stack **buckets;
