@@ -622,11 +622,20 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
-    if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample &&
-        lum_heap_take_sample(heap, lum_class_size[cls], lum_class_size[lum_sampled_class(cls)])) {
-        void *p = lum_sampled_alloc(heap, size, cls);
-        if (p) return p;
-        /* no memory for a sampled page: an unsampled block beats a failure */
+    if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample) {
+        unsigned scls = lum_sampled_class(cls);
+        if (lum_heap_take_sample(heap, lum_class_size[cls], lum_class_size[scls])) {
+            void *p = lum_sampled_alloc(heap, scls);
+            if (p) {
+                /* Recorded from here rather than inside lum_sampled_alloc: the unwind starts in
+                 * the hook's caller, and every frame of ours it walks through costs ~40
+                 * instructions (callgrind).  The sample was drawn over the ordinary class's
+                 * size: that is what its weight inverts. */
+                lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
+                return p;
+            }
+            /* no memory for a sampled page: an unsampled block beats a failure */
+        }
     }
     struct lum_page *page = heap->current[cls];
     /* may need a new page: before, not during (the check is on the large cache alone) */

@@ -329,7 +329,8 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
 
 /* ---- sampled.c ---- */
 extern lum_lock_t lum_sampled_lock;
-void *lum_sampled_alloc(struct lum_heap *heap, size_t size, unsigned cls);
+/* A block of sampled class scls (lum_sampled_class), counted; the caller records the sample. */
+void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls);
 unsigned lum_sampled_class(unsigned cls);
 void lum_sampled_free(struct lum_page *page, void *p);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);

@@ -26,7 +26,7 @@ unsigned lum_sampled_class(unsigned cls)
 
 /* Pops a block of class cls from the sampled pages; a new sampled page is made only when
  * may_grow.  Counts the allocation for heap. */
-static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow, uint32_t *block_size)
+static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow)
 {
     lum_lock(&lum_sampled_lock);
     struct lum_page *page;
@@ -52,20 +52,15 @@ static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow
         lum_list_push_back(&sampled_pages[cls], page);
     }
     lum_unlock(&lum_sampled_lock);
-    *block_size = page->block_size;
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;
     return b;
 }
 
-void *lum_sampled_alloc(struct lum_heap *heap, size_t size, unsigned cls)
+void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls)
 {
-    uint32_t usable;
-    lum_block *b = sampled_pop(heap, lum_sampled_class(cls), true, &usable);
-    if (!b) return NULL;
-    heap->tc.sampled_count++;
-    /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
-    lum_on_sample(&heap->tc, b, size, lum_class_size[cls]);
+    lum_block *b = sampled_pop(heap, scls, true);
+    if (b) heap->tc.sampled_count++;
     return b;
 }
 
@@ -74,8 +69,7 @@ void *lum_sampled_alloc(struct lum_heap *heap, size_t size, unsigned cls)
  * lum_on_sample_free, which ignores addresses it has no sample for. */
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
 {
-    uint32_t usable;
-    return sampled_pop(heap, lum_sampled_class(cls), false, &usable);
+    return sampled_pop(heap, lum_sampled_class(cls), false);
 }
 
 void lum_sampled_free(struct lum_page *page, void *p)
