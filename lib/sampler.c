@@ -21,16 +21,7 @@ int64_t lum_sampler_next_interval(uint64_t *rng)
     uint64_t t = lum_opt.sample_interval;
     if (!t)
         return INT64_MAX;
-    uint64_t x = *rng;
-    if (!x)
-        x = 0x853c49e6748fea9bULL; /* xorshift has a fixed point at 0 */
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *rng = x;
-    uint64_t r = x * 0x2545f4914f6cdd1dULL; /* xorshift64*: the high bits are the good ones */
-    double u = (double)((r >> 11) + 1) * 0x1.0p-53; /* uniform in (0, 1]: log() stays finite */
-    double v = -lum_log(u) * (double)t;
+    double v = lum_exp_variate(rng) * (double)t;
     if (v >= (double)MAX_INTERVAL)
         return MAX_INTERVAL;
     return (int64_t)v;
