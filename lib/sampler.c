@@ -27,7 +27,8 @@ int64_t lum_sampler_next_interval(uint64_t *rng)
     return (int64_t)v;
 }
 
-double lum_sample_weight(uint64_t size, uint64_t interval)
+/* Inline for lum_on_sample, which calls it on every sample. */
+static inline double sample_weight(uint64_t size, uint64_t interval)
 {
     if (!size)
         size = 1;
@@ -47,6 +48,11 @@ double lum_sample_weight(uint64_t size, uint64_t interval)
     return p > 0 ? (double)size / p : (double)interval;
 }
 
+double lum_sample_weight(uint64_t size, uint64_t interval)
+{
+    return sample_weight(size, interval);
+}
+
 static __thread struct lum_stack *last_stack LUM_TLS;
 
 static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t depth)
@@ -64,7 +70,7 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
      * the chance of this sample is p(usable); s / p(usable) keeps the estimate of requested
      * bytes unbiased (Horvitz-Thompson). */
     uint64_t u = usable ? usable : s;
-    double w = lum_sample_weight(u, lum_opt.sample_interval) * (double)s / (double)u;
+    double w = sample_weight(u, lum_opt.sample_interval) * (double)s / (double)u;
     uint64_t wb = (uint64_t)(w + 0.5);
     if (tc)
         tc->sampled_bytes += wb;
