@@ -596,6 +596,34 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
     return NULL;
 }
 
+/* A sampled block of class cls for this allocation when the next sample point falls inside
+ * it; NULL when it does not, or when there is no memory for a sampled page (an unsampled block
+ * beats a failure).  always_inline: lum_on_sample must be called from the function malloc's
+ * fast path jumped to, as the unwind walks every frame of ours (~40 instructions each). */
+static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls)
+{
+    unsigned scls = lum_sampled_class(cls);
+    if (!lum_heap_take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
+    void *p = lum_sampled_alloc(heap, scls);
+    /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
+    if (p) lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
+    return p;
+}
+
+/* malloc's fast path found the next sample point inside this allocation's block: the common
+ * case without lum_malloc_slow's checks (they cost ~40 instructions a sample), anything
+ * unusual (first use, failure injection, its re-arming, a size to warn about) through it. */
+LUM_NOINLINE void *lum_malloc_sample(size_t size)
+{
+    struct lum_heap *heap = lum_tls_heap;
+    if (LUM_UNLIKELY(heap == &lum_empty_heap || lum_fail_armed || heap->next_sample == 0 ||
+                     (lum_opt.large_warn && size >= lum_opt.large_warn)))
+        return lum_malloc_slow(size, 0);
+    unsigned cls = lum_size_class(size);
+    void *p = heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample ? sample_alloc(heap, size, cls) : NULL;
+    return p ? p : lum_malloc_slow(size, 0);
+}
+
 /* Everything malloc's fast path does not handle: first use, sampling, failure injection,
  * large and aligned requests, exhausted pages. */
 LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
@@ -623,19 +651,8 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
     if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample) {
-        unsigned scls = lum_sampled_class(cls);
-        if (lum_heap_take_sample(heap, lum_class_size[cls], lum_class_size[scls])) {
-            void *p = lum_sampled_alloc(heap, scls);
-            if (p) {
-                /* Recorded from here rather than inside lum_sampled_alloc: the unwind starts in
-                 * the hook's caller, and every frame of ours it walks through costs ~40
-                 * instructions (callgrind).  The sample was drawn over the ordinary class's
-                 * size: that is what its weight inverts. */
-                lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
-                return p;
-            }
-            /* no memory for a sampled page: an unsampled block beats a failure */
-        }
+        void *p = sample_alloc(heap, size, cls);
+        if (p) return p;
     }
     struct lum_page *page = heap->current[cls];
     /* may need a new page: before, not during (the check is on the large cache alone) */

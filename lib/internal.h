@@ -309,6 +309,8 @@ uint32_t lum_page_collect(struct lum_page *page);
 
 /* ---- heap.c ---- */
 void *lum_malloc_slow(size_t size, size_t alignment);
+/* malloc's fast path when the allocation reaches the thread's next sample point. */
+void *lum_malloc_sample(size_t size);
 void lum_free_slow(void *p, struct lum_page *page);
 struct lum_heap *lum_heap_get(void);
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b);

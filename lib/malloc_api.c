@@ -30,16 +30,17 @@ static inline void *alloc_small_fast(size_t size)
     {
         lum_block *b = page->free;
         uint64_t bytes = heap->tc.alloc_bytes + page->block_size;
-        if (LUM_LIKELY(b != NULL && bytes < heap->next_sample)) {
-            heap->tc.alloc_bytes = bytes;
-            page->free = lum_free_next(page, b);
-            lum_block_handed_out(b);
-            page->used++;
-            heap->tc.alloc_count++;
-            return b;
-        }
+        /* The two tests each have their own way out, at no cost here.  An exhausted page
+         * first: lum_malloc_slow also samples. */
+        if (LUM_UNLIKELY(b == NULL)) return lum_malloc_slow(size, 0);
+        if (LUM_UNLIKELY(bytes >= heap->next_sample)) return lum_malloc_sample(size);
+        heap->tc.alloc_bytes = bytes;
+        page->free = lum_free_next(page, b);
+        lum_block_handed_out(b);
+        page->used++;
+        heap->tc.alloc_count++;
+        return b;
     }
-    return lum_malloc_slow(size, 0);
 }
 
 LUM_EXPORT void *lum_malloc(size_t size)
