@@ -84,23 +84,25 @@ static double exp_neg(double x)
     return 1 + lum_expm1_neg(x);
 }
 
-/* ~100k instructions, once.  lum_zig_k last, each with a release store: a draw that finds an
+/* Once, ~15k instructions.  lum_zig_k last, each with a release store: a draw that finds an
  * entry set (acquire) finds the rest of the tables too. */
 static void zig_build(void)
 {
     uint64_t k[LUM_ZIG_N];
-    double d = ZR, t = d, q = ZV / exp_neg(d);
+    double d = ZR, t = d, f = exp_neg(d), q = ZV / f;
     k[0] = (uint64_t)(d / q * ZM);
     k[1] = 0;
     lum_zig_w[0] = q / ZM;
     lum_zig_w[LUM_ZIG_N - 1] = d / ZM;
     zf[0] = 1;
-    zf[LUM_ZIG_N - 1] = exp_neg(d);
+    zf[LUM_ZIG_N - 1] = f;
     for (int i = LUM_ZIG_N - 2; i >= 1; i--) {
-        d = -lum_log(ZV / d + exp_neg(d));
+        /* equal areas: x_i (exp(-x_i) - exp(-x_{i+1})) = ZV, with exp(-x) carried along */
+        f += ZV / d;
+        d = -lum_log(f);
         k[i + 1] = (uint64_t)(d / t * ZM);
         t = d;
-        zf[i] = exp_neg(d);
+        zf[i] = f;
         lum_zig_w[i] = d / ZM;
     }
     for (int i = 0; i < LUM_ZIG_N; i++)
