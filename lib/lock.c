@@ -20,8 +20,8 @@ void lum_lock_slow(lum_lock_t *l)
         syscall(SYS_futex, &l->state, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
 }
 
-void lum_unlock(lum_lock_t *l)
+/* lum_unlock found waiters */
+void lum_unlock_wake(lum_lock_t *l)
 {
-    if (atomic_exchange_explicit(&l->state, 0, memory_order_release) == 2)
-        syscall(SYS_futex, &l->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    syscall(SYS_futex, &l->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }

@@ -22,7 +22,13 @@ static inline bool lum_trylock(lum_lock_t *l)
     return atomic_compare_exchange_strong_explicit(&l->state, &expected, 1, memory_order_acquire,
                                                    memory_order_relaxed);
 }
-void lum_unlock(lum_lock_t *l);
+void lum_unlock_wake(lum_lock_t *l);
+/* Inline too: a sample and its free let go of two locks each. */
+static inline void lum_unlock(lum_lock_t *l)
+{
+    if (atomic_exchange_explicit(&l->state, 0, memory_order_release) == 2)
+        lum_unlock_wake(l);
+}
 /* In a fork child, for a lock the parent's other threads may have held. */
 static inline void lum_lock_reset(lum_lock_t *l)
 {
