@@ -611,8 +611,9 @@ static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap 
 }
 
 /* malloc's fast path found the next sample point inside this allocation's block: the common
- * case without lum_malloc_slow's checks (they cost ~40 instructions a sample), anything
- * unusual (first use, failure injection, its re-arming, a size to warn about) through it. */
+ * case without lum_malloc_slow's checks and register saves (a few dozen instructions a
+ * sample), anything unusual (first use, failure injection, its re-arming, a size to warn
+ * about) through it. */
 LUM_NOINLINE void *lum_malloc_sample(size_t size)
 {
     struct lum_heap *heap = lum_tls_heap;
