@@ -102,7 +102,7 @@ void lum_heap_force_slow(void)
  * the next sample point falls inside it (probability 1 - exp(-window / interval), which the
  * sampler's weight inverts).  A sampled block may be larger (`advance`, the bytes the counter
  * will move by): the next point is drawn from where the counter will then stand. */
-bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
+static inline bool take_sample(struct lum_heap *heap, size_t window, size_t advance)
 {
     uint64_t start = heap->tc.alloc_bytes;
     if (heap->next_sample == 0) { /* back from failure injection: re-arm, no sample */
@@ -112,6 +112,11 @@ bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
     if (start + window < heap->next_sample) return false;
     heap->next_sample = next_sample_after(heap, start + advance);
     return true;
+}
+
+bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
+{
+    return take_sample(heap, window, advance);
 }
 
 /* Empties a heap record's page lists (a fresh record, or a dead thread's in a fork child). */
@@ -603,7 +608,7 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
 static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls)
 {
     unsigned scls = lum_sampled_class(cls);
-    if (!lum_heap_take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
+    if (!take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
     void *p = lum_sampled_alloc(heap, scls);
     /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
     if (p) lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
