@@ -10,6 +10,7 @@
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
+#include "internal.h"
 #include "options.h"
 #include "obs_internal.h"
 #include "lumalloc_options.h"
@@ -89,7 +90,7 @@ static const struct opt table[] = {
 #define NOPT (sizeof table / sizeof table[0])
 
 static bool reported[NOPT];
-static char prof_dump_buf[4096];
+#define PATH_BYTES 4096
 
 /* ---- parsing: pure functions on the text, no allocation ---- */
 
@@ -262,11 +263,19 @@ static bool apply(const struct opt *o, const char *text, struct lum_options *opt
         return false;
     case T_PATH: {
         size_t n = strlen(text);
-        if (n >= sizeof prof_dump_buf)
+        if (n >= PATH_BYTES)
             return false;
-        /* A static copy: the environment may be changed by the program later. */
-        memcpy(prof_dump_buf, text, n + 1);
-        *(const char **)field = n ? prof_dump_buf : NULL;
+        /* A copy (the environment may be changed by the program later) in metadata memory:
+         * as a 4 KiB static buffer it sat among the hot variables in .bss and cost every
+         * process one more resident page.  A path replaced later is not freed: a dump may
+         * be reading it. */
+        char *copy = NULL;
+        if (n) {
+            if (!(copy = lum_meta_alloc(n + 1)))
+                return false;
+            memcpy(copy, text, n + 1);
+        }
+        *(const char **)field = copy;
         return true;
     }
     case T_SIGNAL: {
@@ -305,7 +314,7 @@ static void accepted_forms(const struct opt *o, char *buf, size_t len)
         break;
     }
     case T_PATH:
-        snprintf(buf, len, "a file path shorter than %zu bytes", sizeof prof_dump_buf);
+        snprintf(buf, len, "a file path shorter than %d bytes", PATH_BYTES);
         break;
     case T_SIGNAL:
         snprintf(buf, len, "a catchable signal name or number (e.g. USR2, SIGUSR1, 12, "
