@@ -552,9 +552,25 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
 {
     struct lum_page *page = heap->current[cls];
     if (page != &lum_empty_page) {
-        if (page_has_room(page)) return page;
+        if (page->free || lum_page_collect(page)) return page;
         drain_inbox(heap);
         if (page->free) return page;
+        /* Holes in the class's other pages before fresh memory in this one: carving touches
+         * memory the process never had, while blocks freed elsewhere are resident already
+         * (larson: a new thread's own pages grew while the pages it adopted from the previous
+         * generation filled with holes; -9% peak RSS, -1.5% instructions).  Only a page with
+         * four carves' worth of free blocks (carved - used: its local list), or the switches
+         * cost more than the carving (with one: larson +3.4% instructions); and not for blocks
+         * over 2 KiB, carved one at a time, where the look would cost every slow path
+         * (ring +1.9%). */
+        uint32_t carve = page->block_size >= 4096 ? 1 : 4096 / page->block_size;
+        struct lum_page *q = carve > 1 ? page->next : NULL;
+        for (unsigned i = 0; q && i < 4; q = q->next, i++)
+            if (q->free && q->carved - q->used >= 4 * carve) {
+                page = q;
+                goto found;
+            }
+        if (lum_page_refill(page)) return page;
         if (!page_park_full(heap, page)) return page;
         lum_heap_set_current(heap, cls, &lum_empty_page);
     } else {
