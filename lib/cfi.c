@@ -34,7 +34,7 @@ struct reg_rule {
 };
 
 struct cfa_state {
-    uint8_t cfa_reg;
+    uint64_t cfa_reg; /* as read: a register number past 255 must not alias rsp or rbp */
     bool cfa_expr; /* CFA given by an expression: not a rule we can take */
     int64_t cfa_off;
     struct reg_rule rbp, ra;
@@ -48,7 +48,8 @@ struct rd {
 
 static inline bool rd_has(struct rd *r, size_t n)
 {
-    if (r->bad || (size_t)(r->end - r->p) < n) {
+    /* p past end (a record placed outside its bounds) must not turn into a huge size_t */
+    if (r->bad || r->p > r->end || (size_t)(r->end - r->p) < n) {
         r->bad = true;
         return false;
     }
@@ -109,6 +110,12 @@ struct obj {
     const uint8_t *seg_lo, *seg_hi; /* the segment holding .eh_frame */
 };
 
+/* Whether the 8 bytes at q lie in [lo, hi): q is any value a table holds, so q + 8 may wrap. */
+static inline bool within8(const uint8_t *q, const uint8_t *lo, const uint8_t *hi)
+{
+    return lo && q >= lo && q < hi && (size_t)(hi - q) >= 8;
+}
+
 /* A pointer in encoding enc at r's position; datarel is relative to base (.eh_frame_hdr).
  * With deref, an indirect pointer is loaded (from the object's own data, within seg). */
 static uintptr_t rd_enc(struct rd *r, uint8_t enc, uintptr_t base, const struct obj *o)
@@ -137,7 +144,7 @@ static uintptr_t rd_enc(struct rd *r, uint8_t enc, uintptr_t base, const struct 
     if (enc & DW_EH_PE_indirect) {
         /* the pointer is in the object's GOT: read only if it lies in a segment we know */
         const uint8_t *q = (const uint8_t *)v;
-        bool in = (q >= o->seg_lo && q + 8 <= o->seg_hi) || (q >= o->hdr && q + 8 <= o->hdr_end);
+        bool in = within8(q, o->seg_lo, o->seg_hi) || within8(q, o->hdr, o->hdr_end);
         if (!in) {
             r->bad = true;
             return 0;
@@ -161,7 +168,8 @@ struct cie {
 static bool record_at(const struct obj *o, const uint8_t *p, struct rd *out)
 {
     struct rd r = {p, o->seg_hi, false};
-    if (p < o->seg_lo)
+    /* p comes from a table entry or a CIE offset: anything, including past the segment */
+    if (p < o->seg_lo || p >= o->seg_hi)
         return false;
     uint64_t len = rd_u32(&r);
     if (len == 0xffffffffu)
@@ -295,16 +303,16 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
             *s = stack[--depth];
             break;
         case 0x0c: /* def_cfa */
-            s->cfa_reg = (uint8_t)rd_uleb(r);
+            s->cfa_reg = rd_uleb(r);
             s->cfa_off = (int64_t)rd_uleb(r);
             s->cfa_expr = false;
             break;
         case 0x12: /* def_cfa_sf */
-            s->cfa_reg = (uint8_t)rd_uleb(r);
+            s->cfa_reg = rd_uleb(r);
             s->cfa_off = rd_sleb(r) * c->data_align;
             s->cfa_expr = false;
             break;
-        case 0x0d: s->cfa_reg = (uint8_t)rd_uleb(r); s->cfa_expr = false; break;
+        case 0x0d: s->cfa_reg = rd_uleb(r); s->cfa_expr = false; break;
         case 0x0e: s->cfa_off = (int64_t)rd_uleb(r); break;
         case 0x13: s->cfa_off = rd_sleb(r) * c->data_align; break;
         case 0x0f: { /* def_cfa_expression */
@@ -421,7 +429,7 @@ static int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out)
     if (s.ra.how == RS_UNDEF)
         return LUM_CFI_LAST; /* _start, a thread's clone: the outermost frame */
     if (s.cfa_expr || s.ra.how != RS_OFFSET || s.ra.off != -8 ||
-        (s.cfa_reg != REG_RSP && s.cfa_reg != REG_RBP) || s.cfa_off <= 0 || s.cfa_off > INT32_MAX)
+        (s.cfa_reg != REG_RSP && s.cfa_reg != REG_RBP) || s.cfa_off < 8 || s.cfa_off > INT32_MAX)
         return LUM_CFI_NONE;
     *out = (struct lum_cfi_rule){.cfa_off = (int32_t)s.cfa_off, .cfa_rbp = s.cfa_reg == REG_RBP};
     if (s.rbp.how == RS_OFFSET) {
