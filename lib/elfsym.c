@@ -4,6 +4,12 @@
  * SHT_SYMTAB and SHT_DYNSYM sections searched for the closest function at or below the address,
  * as libunwind's get_proc_name does (this replaces it: no library to load for a report).
  *
+ * The file at the object's path may no longer be the one that was loaded (a package upgrade
+ * renames a new file over it, a library is rebuilt while the program runs): its names would be
+ * another build's.  So a file is only read when its program headers and notes (the build ID) are
+ * the loaded image's, compared under the loader's lock (dl_iterate_phdr), which also keeps the
+ * object from being unloaded while its headers are read.
+ *
  * A few mapped files are kept, so that a report naming hundreds of frames maps each object
  * once.  The cache is only tried (trylock): a report that finds it busy, or a fork child whose
  * parent forked in the middle of a report, maps and unmaps the file for each lookup instead. */
@@ -61,6 +67,53 @@ static bool in_file(const struct elf_file *f, uint64_t off, uint64_t len)
     return off <= f->size && len <= f->size - off;
 }
 
+struct same_image {
+    const struct elf_file *f;
+    uintptr_t base;
+    const char *name; /* the link map's: "" for the executable */
+    bool same;
+};
+
+/* Whether the file's program headers, and the bytes of its PT_NOTE segments, are the loaded
+ * object's. */
+static bool image_matches(const struct elf_file *f, const struct dl_phdr_info *info)
+{
+    const ElfW(Ehdr) *eh = (const ElfW(Ehdr) *)f->data;
+    size_t phsz = (size_t)info->dlpi_phnum * sizeof(ElfW(Phdr));
+    if (memcmp(eh->e_ident, ELFMAG, SELFMAG) || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
+        eh->e_phentsize != sizeof(ElfW(Phdr)) || eh->e_phnum != info->dlpi_phnum || !in_file(f, eh->e_phoff, phsz) ||
+        memcmp(f->data + eh->e_phoff, info->dlpi_phdr, phsz))
+        return false;
+    for (unsigned i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *n = &info->dlpi_phdr[i];
+        if (n->p_type != PT_NOTE)
+            continue;
+        if (!in_file(f, n->p_offset, n->p_filesz))
+            return false;
+        /* compared only where a loaded segment holds the note's bytes */
+        for (unsigned j = 0; j < info->dlpi_phnum; j++) {
+            const ElfW(Phdr) *l = &info->dlpi_phdr[j];
+            if (l->p_type == PT_LOAD && n->p_vaddr >= l->p_vaddr && n->p_vaddr - l->p_vaddr <= l->p_filesz &&
+                n->p_filesz <= l->p_filesz - (n->p_vaddr - l->p_vaddr)) {
+                if (memcmp(f->data + n->p_offset, (const void *)(info->dlpi_addr + n->p_vaddr), n->p_filesz))
+                    return false;
+                break;
+            }
+        }
+    }
+    return true;
+}
+
+static int same_image_cb(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    (void)size;
+    struct same_image *s = arg;
+    if (info->dlpi_addr != s->base || strcmp(info->dlpi_name ? info->dlpi_name : "", s->name))
+        return 0;
+    s->same = image_matches(s->f, info);
+    return 1;
+}
+
 /* The closest function symbol at or below the file address rel. */
 static bool lookup(const struct elf_file *f, uintptr_t rel, char *name, size_t len, uint64_t *off)
 {
@@ -103,12 +156,22 @@ static bool lookup(const struct elf_file *f, uintptr_t rel, char *name, size_t l
     return true;
 }
 
+/* The lookup in f, when f is the file of the object loaded at base under the name lname. */
+static bool lookup_loaded(const struct elf_file *f, uintptr_t base, const char *lname, uintptr_t rel, char *name,
+                          size_t len, uint64_t *off)
+{
+    struct same_image s = {f, base, lname, false};
+    dl_iterate_phdr(same_image_cb, &s);
+    return s.same && lookup(f, rel, name, len, off);
+}
+
 bool lum_elf_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
 {
     Dl_info di;
     struct link_map *lm = NULL;
     if (!len || !dladdr1((void *)addr, &di, (void **)&lm, RTLD_DL_LINKMAP) || !lm)
         return false;
+    const char *lname = lm->l_name ? lm->l_name : "";
     /* the executable's own entry has no name: its file is /proc/self/exe */
     const char *path = lm->l_name && lm->l_name[0] ? lm->l_name : "/proc/self/exe";
     if (strlen(path) >= sizeof files[0].path)
@@ -118,7 +181,7 @@ bool lum_elf_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
         struct elf_file f;
         if (!map_file(path, &f))
             return false;
-        bool ok = lookup(&f, rel, name, len, off);
+        bool ok = lookup_loaded(&f, lm->l_addr, lname, rel, name, len, off);
         munmap((void *)f.data, f.size);
         return ok;
     }
@@ -138,7 +201,7 @@ bool lum_elf_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
             f = NULL;
         }
     }
-    bool ok = f && lookup(f, rel, name, len, off);
+    bool ok = f && lookup_loaded(f, lm->l_addr, lname, rel, name, len, off);
     pthread_mutex_unlock(&files_lock);
     return ok;
 }
