@@ -553,12 +553,33 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
     return f.result;
 }
 
+static int subs_cb(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    if (size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs)
+        *(uint64_t *)arg = info->dlpi_subs;
+    return 1;
+}
+
+uint64_t lum_cfi_unloads(void)
+{
+    uint64_t subs = 0;
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
+    dl_iterate_phdr(subs_cb, &subs);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    return subs;
+}
+
 #else
 
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
 {
     (void)ra, (void)out;
     return LUM_CFI_NONE;
+}
+
+uint64_t lum_cfi_unloads(void)
+{
+    return 0;
 }
 
 #endif

@@ -68,6 +68,9 @@ struct lum_cfi_rule {
 /* The rule of the frame whose code address is the return address ra (looked up at ra - 1).
  * Takes lum_unwind_fork_lock for reading and the loader's lock; no malloc. */
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
+/* How many objects the loader has unloaded so far (dlclose): code addresses may mean other
+ * code once it moves.  One dl_iterate_phdr callback, under lum_unwind_fork_lock; no malloc. */
+uint64_t lum_cfi_unloads(void);
 extern uint64_t lum_cfi_object_scans;
 
 /* ---- stack table (stacktab.c), all under lum_prof_lock ---- */

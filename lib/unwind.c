@@ -159,7 +159,7 @@ static void unwind_account(bool timed, uint64_t t0, uint32_t walked)
 /* Rule of one return address.  Entries are written once (fields, then ip with a release store)
  * and never changed, so readers need no lock: an ip read with acquire guards its fields. */
 struct rule {
-    uint64_t ip;       /* 0: empty slot */
+    uint64_t ip;       /* the key (rule_key): 0 is an empty slot */
     int32_t cfa_off;   /* CFA = (rbp or rsp) + cfa_off */
     int16_t rbp_off;   /* rbp saved at CFA + rbp_off; 0: rbp unchanged */
     uint8_t flags;
@@ -174,13 +174,43 @@ struct rtab {
     struct rule e[];
 };
 /* Starts at 256 slots (4 KiB): a program's sampled stacks go through a few dozen distinct
- * return addresses; grows at 3/4 full.  A replaced table is left in place (a walk on another
- * thread may be reading it); together the old ones are smaller than the current one.  Rules
- * are never dropped: code unloaded by dlclose and another object loaded at the same address
- * would keep the old rules (a wrong or short stack, never a wild read). */
+ * return addresses; rebuilt at 3/4 full.  A replaced table is left in place (a walk on another
+ * thread may be reading it); a rebuilt table is at most half full, so the old ones come to at
+ * most 64 bytes a rule ever learnt. */
 #define RTAB_MIN_BITS 8
 #define RTAB_MAX_BITS 20
 static struct rtab *rtab;
+
+/* A rule describes the code at its address while that code stays loaded: after a dlclose the
+ * next dlopen often maps another object at the same address, and the old rule would read its
+ * frames with the wrong offsets.  So the top 16 bits of a rule's key (user addresses stay below
+ * 2^47) hold the generation of the loader's unload count it was learnt in: a walk looks up only
+ * rules of the generation it started in, and a rebuilt table keeps only those. */
+static uint64_t rules_unloads; /* lum_cfi_unloads() when rules_gen last moved */
+static uint32_t rules_gen;
+
+static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
+{
+    return (uint64_t)ip ^ ((uint64_t)(gen & 0xffffu) << 48);
+}
+
+/* The generation for a walk starting now, after a look at the loader's unload count (probe) or
+ * as the last look left it.  A look costs one dl_iterate_phdr callback, ~370 instructions with
+ * its locks (ring: +0.8 % instructions when every sample looks), so walks look one in
+ * TIME_EVERY per thread, and before every walk that derives rules, when it is cheap next to the
+ * walk.  The count is stored after the generation moves, so a thread that sees the new count
+ * also sees the new generation (two threads may both move it: a harmless extra step). */
+static uint32_t rules_generation(bool probe)
+{
+    if (!probe)
+        return __atomic_load_n(&rules_gen, __ATOMIC_ACQUIRE);
+    uint64_t u = lum_cfi_unloads();
+    if (u != __atomic_load_n(&rules_unloads, __ATOMIC_ACQUIRE)) {
+        __atomic_fetch_add(&rules_gen, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&rules_unloads, u, __ATOMIC_RELEASE);
+    }
+    return __atomic_load_n(&rules_gen, __ATOMIC_ACQUIRE);
+}
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
 {
@@ -211,8 +241,8 @@ static struct rtab *rtab_new(uint32_t bits)
     return t;
 }
 
-/* Adds rules learnt by one walk.  A busy lock just skips the learning. */
-static void rules_learn(const struct rule *nr, int n)
+/* Adds rules learnt by one walk of generation gen.  A busy lock just skips the learning. */
+static void rules_learn(const struct rule *nr, int n, uint32_t gen)
 {
     if (!n || pthread_mutex_trylock(&lum_unwind_rules_lock))
         return;
@@ -222,11 +252,18 @@ static void rules_learn(const struct rule *nr, int n)
     for (int i = 0; i < n; i++) {
         uint32_t bits = 64 - t->shift;
         if ((uint64_t)(t->used + 1) * 4 > ((uint64_t)3 << bits)) {
-            struct rtab *g = bits < RTAB_MAX_BITS ? rtab_new(bits + 1) : NULL;
+            /* rebuilt with this generation's rules only, at most half full */
+            size_t live = (size_t)(n - i);
+            for (size_t j = 0; j < ((size_t)1 << bits); j++)
+                live += t->e[j].ip && (t->e[j].ip >> 48) == (gen & 0xffffu);
+            uint32_t nb = bits;
+            while (live * 2 > ((size_t)1 << nb))
+                nb++;
+            struct rtab *g = nb <= RTAB_MAX_BITS ? rtab_new(nb) : NULL;
             if (!g)
                 break;
             for (size_t j = 0; j < ((size_t)1 << bits); j++)
-                if (t->e[j].ip)
+                if (t->e[j].ip && (t->e[j].ip >> 48) == (gen & 0xffffu))
                     rule_put(g, &t->e[j]);
             t = g;
         }
@@ -353,7 +390,7 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
  * number of frames stored, or -1 on the first address without a rule or the first check that
  * fails (the full walk then takes it); *walked counts every frame walked. */
 static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
-                      bool skip_self, uint32_t *walked)
+                      bool skip_self, uint32_t *walked, uint32_t gen)
 {
     const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
     const uintptr_t top = stack_hi;
@@ -362,7 +399,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
     /* a local copy, so that the stores into out[] do not make the compiler reload it */
     const struct rules_view v = {t->e, t->shift, SIZE_MAX >> t->shift};
     uint32_t n = 0, d = 0;
-    const struct rule *r = rule_find(&v, ip);
+    const struct rule *r = rule_find(&v, rule_key(ip, gen));
     if (!r)
         return -1;
     /* lumalloc's own leading frames: walked, not stored */
@@ -374,7 +411,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
             *walked = n;
             return st < 0 ? -1 : 0;
         }
-        if (!(r = rule_find(&v, ip)))
+        if (!(r = rule_find(&v, rule_key(ip, gen))))
             return -1;
     }
     for (;;) {
@@ -387,20 +424,20 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
             return -1;
         if (!st)
             break;
-        if (!(r = rule_find(&v, ip)))
+        if (!(r = rule_find(&v, rule_key(ip, gen))))
             return -1;
     }
     *walked = n;
     return (int)d;
 }
 
-/* The rule of ip from the call frame information. */
-static struct rule rule_derive(uintptr_t ip)
+/* The rule of ip from the call frame information, keyed for generation gen. */
+static struct rule rule_derive(uintptr_t ip, uint32_t gen)
 {
     struct lum_cfi_rule c;
     int k = lum_cfi_rule(ip, &c);
     unsigned self = self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
-    struct rule r = {.ip = ip, .flags = (uint8_t)self};
+    struct rule r = {.ip = rule_key(ip, gen), .flags = (uint8_t)self};
     if (k != LUM_CFI_OK) {
         r.flags |= R_LAST;
         return r;
@@ -416,7 +453,7 @@ static struct rule rule_derive(uintptr_t ip)
  * learnt), stack pages checked as it goes.  Every frame into buf, at most max.  noinline: its
  * learnt rules (~1.2 KiB) stay off the stack of the cached walk. */
 static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *buf, int max,
-                                               uint32_t *walked)
+                                               uint32_t *walked, uint32_t gen)
 {
     enum { LEARN = LUM_MAX_FRAMES + LUM_UNWIND_SLACK };
     struct rule nr[LEARN];
@@ -435,11 +472,11 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
         buf[n++] = ip;
         if (n >= max)
             break;
-        const struct rule *r = t ? rule_find(&v, ip) : NULL;
+        const struct rule *r = t ? rule_find(&v, rule_key(ip, gen)) : NULL;
         if (!r) {
             if (nn == LEARN)
                 break;
-            nr[nn] = rule_derive(ip);
+            nr[nn] = rule_derive(ip, gen);
             r = &nr[nn++];
         }
         if (r->flags & R_LAST)
@@ -450,7 +487,7 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
         if (rule_step(r, &ip, &sp, &bp, stack_hi) <= 0)
             break;
     }
-    rules_learn(nr, nn);
+    rules_learn(nr, nn, gen);
     *walked = (uint32_t)n;
     return n;
 }
@@ -461,26 +498,27 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
  * (in buf). */
 static __attribute__((noinline)) int cached_walk_linked(uintptr_t ip, uintptr_t sp, uintptr_t bp,
                                                         uint64_t *frames, uint32_t max,
-                                                        uintptr_t hook_ret, uint32_t *walked)
+                                                        uintptr_t hook_ret, uint32_t *walked, uint32_t gen)
 {
     uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
-    int got = rules_walk(ip, sp, bp, buf, max + LUM_UNWIND_SLACK, false, walked);
+    int got = rules_walk(ip, sp, bp, buf, max + LUM_UNWIND_SLACK, false, walked, gen);
     return got < 0 ? -1 : (int)skip_copy(buf, got, frames, max, hook_ret);
 }
 
 static inline int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *frames, uint32_t max,
-                              uintptr_t hook_ret, uint32_t *walked)
+                              uintptr_t hook_ret, uint32_t *walked, uint32_t gen)
 {
     if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1)
-        return rules_walk(ip, sp, bp, frames, max, true, walked);
-    return cached_walk_linked(ip, sp, bp, frames, max, hook_ret, walked);
+        return rules_walk(ip, sp, bp, frames, max, true, walked, gen);
+    return cached_walk_linked(ip, sp, bp, frames, max, hook_ret, walked, gen);
 }
 
 static __attribute__((noinline)) uint32_t full_unwind(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp,
-                                                      uintptr_t bp, uintptr_t hook_ret, uint32_t *walked)
+                                                      uintptr_t bp, uintptr_t hook_ret, uint32_t *walked,
+                                                      uint32_t gen)
 {
     uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
-    int n = full_walk(ip, sp, bp, buf, (int)(max + LUM_UNWIND_SLACK), walked);
+    int n = full_walk(ip, sp, bp, buf, (int)(max + LUM_UNWIND_SLACK), walked, gen);
     return skip_copy(buf, n, frames, max, hook_ret);
 }
 #endif
@@ -517,12 +555,12 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
 #if defined(__x86_64__)
     bool timed = thread_unwinds++ % TIME_EVERY == 0;
     uint64_t t0 = timed ? now_ns() : 0;
-    uint32_t walked = 0;
+    uint32_t walked = 0, gen = rules_generation(timed);
     int got = -1;
     if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
-        got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked);
+        got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked, gen);
     if (got < 0)
-        got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked);
+        got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, timed ? gen : rules_generation(true));
     unwind_account(timed, t0, walked);
 #ifdef LUM_UNWIND_VERIFY
     verify(frames, (uint32_t)got, max, hook_ret);

@@ -1,0 +1,85 @@
+/* The unwinder's rule cache across dlclose and dlopen: rules are learnt per code address, and
+ * the next dlopen often maps another object where the closed one was.  libcfi_plug_a.so and
+ * libcfi_plug_b.so have plug() at the same offset and the return address inside it at the same
+ * offset, with frames of different sizes: walked through b after a, at the same address, the
+ * stack must be b's, not one read with a's frame size.  The loader's unload count is looked at
+ * by one walk in 16 a thread (and by walks that derive rules), so the walk is right at the
+ * latest from the 16th walk after the reload on. */
+#define _GNU_SOURCE 1
+#include <dlfcn.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <cmocka.h>
+#include "obs_internal.h"
+
+#define WALKS_TO_NOTICE 16
+
+static uint64_t frames[LUM_MAX_FRAMES];
+static uint32_t depth;
+
+/* Called by plug: the walk starts after plug's frame (hook_ret = the return into plug). */
+static __attribute__((noinline)) unsigned from_plug(void)
+{
+    lum_obs_busy = 1;
+    depth = lum_unwind(frames, LUM_MAX_FRAMES, (uintptr_t)__builtin_return_address(0));
+    lum_obs_busy = 0;
+    return depth;
+}
+
+/* O0: one call site of plug however many walks (no peeled or unrolled copies) */
+static __attribute__((noinline, optimize("O0"))) uintptr_t through(const char *path, uint64_t *out, uint32_t *n, int walks)
+{
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    assert_non_null(h);
+    unsigned (*plug)(unsigned (*)(void)) = (unsigned (*)(unsigned (*)(void)))dlsym(h, "plug");
+    assert_non_null(plug);
+    for (int i = 0; i < walks; i++) {
+        plug(from_plug);
+        __asm__ volatile("" ::: "memory");
+    }
+    memcpy(out, frames, depth * sizeof *frames);
+    *n = depth;
+    dlclose(h);
+    return (uintptr_t)plug;
+}
+
+static __attribute__((optimize("O0"))) void test_reload_same_address(void **state)
+{
+    (void)state;
+    uint64_t a[LUM_MAX_FRAMES], b[LUM_MAX_FRAMES];
+    uint32_t na = 0, nb = 0;
+    uintptr_t pa = 0, pb = 0;
+    /* one call site for both (O0: the loop is not unrolled), so every frame beyond plug is the
+     * same; a: learnt, then from the cache */
+    static const char *const paths[2] = {CFI_PLUG_A, CFI_PLUG_B};
+    const int walks[2] = {2, WALKS_TO_NOTICE + 1};
+    uint64_t *outs[2] = {a, b};
+    uint32_t *ns[2] = {&na, &nb};
+    uintptr_t ps[2] = {0, 1};
+    for (int i = 0; i < 2; i++)
+        ps[i] = through(paths[i], outs[i], ns[i], walks[i]);
+    pa = ps[0], pb = ps[1];
+    if (pa != pb)
+        skip(); /* not mapped at the same address: nothing to show */
+    assert_true(na >= 3);
+    if (nb != na || memcmp(a, b, na * sizeof *a)) {
+        fprintf(stderr, "through a: %u frames, through b at the same address: %u\n", na, nb);
+        for (uint32_t i = 0; i < na || i < nb; i++)
+            fprintf(stderr, "  %2u %#lx %#lx\n", i, (unsigned long)(i < na ? a[i] : 0),
+                    (unsigned long)(i < nb ? b[i] : 0));
+    }
+    assert_int_equal(nb, na);
+    assert_memory_equal(a, b, na * sizeof *a);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_reload_same_address),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
