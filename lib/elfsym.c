@@ -161,7 +161,10 @@ static bool lookup_loaded(const struct elf_file *f, uintptr_t base, const char *
                           size_t len, uint64_t *off)
 {
     struct same_image s = {f, base, lname, false};
+    /* like the unwinder's: a fork then never finds the loader's lock held by this thread */
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     dl_iterate_phdr(same_image_cb, &s);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
     return s.same && lookup(f, rel, name, len, off);
 }
 

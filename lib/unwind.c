@@ -184,8 +184,10 @@ static struct rtab *rtab;
 /* A rule describes the code at its address while that code stays loaded: after a dlclose the
  * next dlopen often maps another object at the same address, and the old rule would read its
  * frames with the wrong offsets.  So the top 16 bits of a rule's key (user addresses stay below
- * 2^47) hold the generation of the loader's unload count it was learnt in: a walk looks up only
- * rules of the generation it started in, and a rebuilt table keeps only those. */
+ * 2^47; only code mapped above it on a 5-level-paging machine, by an explicit hint, could share
+ * a key with another generation's) hold the generation of the loader's unload count it was
+ * learnt in: a walk looks up only rules of the generation it started in, and a rebuilt table
+ * keeps only those. */
 static uint64_t rules_unloads; /* lum_cfi_unloads() when rules_gen last moved */
 static uint32_t rules_gen;
 
