@@ -369,6 +369,7 @@ static void abandoned_unlink(struct lum_page *page)
 
 static void page_unfull(struct lum_heap *heap, struct lum_page *page)
 {
+    page->used = lum_page_live(page);
     page_unmark_full(page);
     lum_list_remove(&heap->full[page->cls], page);
     lum_list_push_back(&heap->avail[page->cls], page);
@@ -414,13 +415,18 @@ static void page_retire(struct lum_heap *heap, struct lum_page *page)
     page_retire_as(heap, page, heap->current[page->cls] != &lum_empty_page);
 }
 
-/* Called from the free fast path when a page's last block comes back.  A current page stays
+/* Called from the free fast path when a page's used count reaches 0: a parked page has gathered
+ * the free blocks it waited for (park_bias), or its last block came back.  A current page stays
  * current when it empties (a ping-pong pattern's page), but of the pages of more than one slice
  * (blocks of 10 KiB and up) only the last one to empty does: the one before is retired like
  * any other page.  Kept forever, each held up to 1 MiB of touched memory that no other class
  * could use and no purge could reach (python3 with PYTHONMALLOC=malloc: 3 MiB at its peak). */
 LUM_NOINLINE void lum_page_empty(struct lum_heap *heap, struct lum_page *page)
 {
+    if (page->in_full && page->park_bias) {
+        page_unfull(heap, page);
+        return;
+    }
     unsigned cls = page->cls;
     if (page->slices > 1 && heap->current[cls] == page) {
         struct lum_page *old = heap->empty_big;
@@ -531,9 +537,22 @@ static bool free_into_abandoned(struct lum_heap *heap, struct lum_page *page, lu
     return true;
 }
 
-/* Moves a page with no room to the full list, where only a free brings it back (fast_heap NULL
- * sends the owner's frees to the slow path, the full mark sends remote ones to the inbox).
- * False when remote frees arrived meanwhile: they are collected and the page has room. */
+/* Free blocks a parked page gathers before it goes back to the avail list.  Taken back at its
+ * first free (as it was), a page came back to malloc with one or two free blocks: on a heap
+ * where long-lived blocks are spread over many pages (bench fragment) one malloc in seven went
+ * to the slow path for a page switch and a park, and every first free into a parked page took
+ * the slow path too.  A sixteenth of the page bounds the free blocks left waiting (heap_next_page
+ * still takes them before mapping more). */
+static uint32_t page_unpark_at(const struct lum_page *page)
+{
+    return page->capacity / 16 > 1 ? page->capacity / 16 : 1;
+}
+
+/* Moves a page with no room to the back of the full list.  The owner's frees into it stay on
+ * the fast path: park_bias makes the free that brings its free blocks to page_unpark_at find
+ * used == 0 and call lum_page_empty, which takes it back.  The full mark sends remote frees to
+ * the inbox, which takes it back at once.  False when remote frees arrived meanwhile: they are
+ * collected and the page has room. */
 static bool page_park_full(struct lum_heap *heap, struct lum_page *page)
 {
     if (!page_mark_full(page)) {
@@ -543,8 +562,33 @@ static bool page_park_full(struct lum_heap *heap, struct lum_page *page)
     lum_list_remove(&heap->avail[page->cls], page);
     lum_list_push_back(&heap->full[page->cls], page);
     page->in_full = 1;
-    lum_page_set_fast(page, NULL);
+    /* all blocks are carved (page_has_room failed) and none is free: used is every block */
+    uint32_t at = page_unpark_at(page);
+    page->park_bias = page->used > at ? page->used - at : 0;
+    page->used -= page->park_bias;
     return true;
+}
+
+/* Parked pages looked at before mapping a new one. */
+#define LUM_UNPARK_TRIES 4
+
+/* Before a new page is mapped: a parked page with free blocks, though fewer than it waits for
+ * (the head of the full list has waited longest; pages held full by long-lived blocks go to
+ * the back), so waiting costs no memory.  NULL when those looked at have none. */
+static struct lum_page *heap_unpark_any(struct lum_heap *heap, unsigned cls)
+{
+    struct lum_page_list *full = &heap->full[cls];
+    for (unsigned i = 0; i < LUM_UNPARK_TRIES && full->head; i++) {
+        struct lum_page *page = full->head;
+        if (page->free) {
+            page_unfull(heap, page);
+            return page;
+        }
+        if (full->head == full->tail) break;
+        lum_list_remove(full, page);
+        lum_list_push_back(full, page);
+    }
+    return NULL;
 }
 
 /* The current page for cls has nothing left: find the next page with room. */
@@ -580,6 +624,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         if (page_has_room(page) || !page_park_full(heap, page)) goto found;
     while ((page = adopt_abandoned(heap, cls)) != NULL)
         if (page_has_room(page) || !page_park_full(heap, page)) goto found;
+    if ((page = heap_unpark_any(heap, cls)) != NULL) goto found;
     lum_abandoned_decay();
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
@@ -765,6 +810,7 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
         /* unconditionally: a fork child's dead thread may have stopped between marking a page
          * and moving it to the full list */
         page_unmark_full(page);
+        page->used = lum_page_live(page);
         lum_page_collect(page);
         lum_page_set_fast(page, NULL);
         page->in_full = 0;

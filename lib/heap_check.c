@@ -27,7 +27,7 @@ static void check_free_list(struct check *c, struct lum_page *page)
         if ((off / page->block_size) >= page->carved) { report(c, "free-list entry in uncarved space", b); return; }
         if (++n > page->capacity) { report(c, "free list longer than the page (cycle?)", page); return; }
     }
-    if (page->used + n > page->carved) report(c, "used + free exceeds carved blocks", page);
+    if (lum_page_live(page) + n > page->carved) report(c, "used + free exceeds carved blocks", page);
 }
 
 static void check_segment(struct lum_segment *seg, void *arg)

@@ -90,7 +90,13 @@ struct __attribute__((aligned(32))) lum_page {
     _Atomic(struct lum_heap *) owner; /* NULL while abandoned */
     _Atomic(lum_block *) thread_free; /* frees that arrived while abandoned */
     struct lum_page *next, *prev;     /* in the owner's per-class lists or a global list */
-    uint64_t abandoned_ms;            /* when it went on the abandoned list (decay of empty ones) */
+    union {
+        uint64_t abandoned_ms;        /* when it went on the abandoned list (decay of empty ones) */
+        /* While parked on its owner's full list (in_full; never abandoned then): live blocks
+         * not counted in used, so that the free fast path's `--used == 0` fires when the page
+         * has gathered enough free blocks to be worth taking back (heap.c, page_park_full). */
+        uint32_t park_bias;
+    };
 #if LUM_HARDENED
     uintptr_t key;                    /* free-list pointer encoding */
 #endif
@@ -190,6 +196,12 @@ static inline void lum_page_set_fast(struct lum_page *page, struct lum_heap *hea
 static inline struct lum_heap *lum_page_fast(const struct lum_page *page)
 {
     return atomic_load_explicit(&((struct lum_page *)page)->fast_heap, memory_order_relaxed);
+}
+
+/* Blocks handed out from a page and not yet back (used leaves out park_bias while parked). */
+static inline uint32_t lum_page_live(const struct lum_page *page)
+{
+    return page->used + (page->in_full ? page->park_bias : 0);
 }
 
 static inline void lum_heap_set_current(struct lum_heap *heap, unsigned cls, struct lum_page *page)

@@ -20,7 +20,8 @@ static void add_segment(struct lum_segment *seg, void *arg)
         struct lum_class_stats *c = &s->classes[page->cls];
         c->pages++;
         c->blocks += page->capacity;
-        uint32_t used = __atomic_load_n(&page->used, __ATOMIC_RELAXED);
+        uint32_t used = __atomic_load_n(&page->used, __ATOMIC_RELAXED) +
+                        (__atomic_load_n(&page->in_full, __ATOMIC_RELAXED) ? __atomic_load_n(&page->park_bias, __ATOMIC_RELAXED) : 0);
         c->live_blocks += used;
         if (used) s->active += (uint64_t)page->slices * LUM_SLICE_SIZE;
         i += page->slices ? page->slices : 1;
