@@ -12,7 +12,8 @@
 #include "observe.h"
 #include "options.h"
 
-struct lum_page lum_empty_page = { .kind = LUM_PAGE_INVALID };
+/* its class indexes the heaps' always empty cache slot */
+struct lum_page lum_empty_page = { .kind = LUM_PAGE_INVALID, .cls = LUM_CLASSES };
 struct lum_page lum_large_sentinel = { .kind = LUM_PAGE_LARGE };
 struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
 
@@ -127,6 +128,8 @@ static void heap_forget_pages(struct lum_heap *heap)
         heap->avail[c].head = heap->avail[c].tail = NULL;
         heap->full[c].head = heap->full[c].tail = NULL;
         heap->retained_count[c] = 0;
+        heap->cache[c] = NULL;
+        heap->cache_room[c] = lum_cache_max[c];
     }
     heap->retained_bytes = 0;
     heap->empty_big = NULL;
@@ -450,6 +453,21 @@ void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block
     if (--page->used == 0) page_retire(heap, page);
 }
 
+/* Returns every cached block to its page (thread exit, explicit purge), so pages can empty. */
+void lum_heap_cache_flush(struct lum_heap *heap)
+{
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        lum_block *b = heap->cache[c];
+        heap->cache[c] = NULL;
+        heap->cache_room[c] = lum_cache_max[c];
+        while (b) {
+            lum_block *next = b->next;
+            lum_heap_local_free(heap, lum_page_of(b), b);
+            b = next;
+        }
+    }
+}
+
 static void drain_inbox(struct lum_heap *heap)
 {
     if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
@@ -484,7 +502,10 @@ static void adopt_locked(struct lum_heap *heap, struct lum_page *page, bool fron
     page->in_full = 0;
     if (front) lum_list_push_front(&heap->avail[page->cls], page);
     else lum_list_push_back(&heap->avail[page->cls], page);
-    lum_page_set_fast(page, heap);
+    /* Adopted by a free, a page keeps the free path slow until it becomes current: on the fast
+     * path the thread's cache would take its frees, and a thread that frees what others left
+     * and seldom allocates (threadchurn's main thread) kept ~90 such pages from emptying. */
+    if (front) lum_page_set_fast(page, heap);
 }
 
 /* Takes an abandoned page of cls onto heap's avail list.  Ownership and list change together
@@ -636,6 +657,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
     lum_list_push_front(&heap->avail[cls], page);
     lum_page_refill(page);
 found:
+    lum_page_set_fast(page, heap); /* one adopted by a free had it clear (adopt_locked) */
     retained_forget(heap, page);
     if (heap->avail[cls].head != page) {
         lum_list_remove(&heap->avail[cls], page);
@@ -770,8 +792,8 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
         struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
-        if (owner == heap) {
-            lum_heap_local_free(heap, page, p); /* our page, parked on the full list */
+        if (owner == heap) { /* our page, adopted by a free (see free_into_abandoned) */
+            lum_heap_local_free(heap, page, p);
             return;
         }
         if (owner == NULL && free_into_abandoned(heap, page, p)) return;
@@ -833,6 +855,7 @@ void lum_heap_abandon(struct lum_heap *heap)
     lum_lock(&lum_heaps_lock);
     holding_heaps_lock = 1;
     drain_inbox(heap);
+    lum_heap_cache_flush(heap);
     heap->retained_bytes = 0;
     uint64_t now = lum_now_ms();
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
@@ -935,6 +958,30 @@ static void collect_dead_pages(struct lum_segment *seg, void *arg)
     }
 }
 
+/* A dead thread's cached blocks go back on their pages' lists, where page_recount counts them
+ * free (left cached, they would count as live, and their pages never empty).  A push or pop
+ * stopped half-way leaves the list whole (its head moves last) with a count off by one: the
+ * walk is bounded and stops at a block that is not one of the heap's own of that class. */
+static void salvage_dead_cache(struct lum_heap *h)
+{
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        lum_block *b = h->cache[c];
+        for (unsigned n = 0; b && n <= LUM_CACHE_BLOCKS; n++) {
+            struct lum_page *page = lum_page_of(b);
+            uintptr_t off = (uintptr_t)b - (uintptr_t)page->start;
+            if (page->kind != LUM_PAGE_SMALL || !page->slices || page->cls != c ||
+                atomic_load_explicit(&page->owner, memory_order_relaxed) != h ||
+                off >= (uintptr_t)page->carved * page->block_size || off % page->block_size)
+                break;
+            lum_block *next = b->next;
+            lum_page_push_free(page, b);
+            b = next;
+        }
+        h->cache[c] = NULL;
+        h->cache_room[c] = lum_cache_max[c];
+    }
+}
+
 /* In a fork child, the threads that did not survive may have stopped in the middle of an
  * update of their own page lists (those take no lock), and walking such a list can link a page
  * into two lists and hang the child.  So their pages are found from the segments' slice maps
@@ -953,6 +1000,8 @@ void lum_heaps_after_fork_child(void)
         }
     }
     if (any_dead) {
+        for (struct lum_heap *h = all_heaps; h; h = h->next_all)
+            if (h->alive == LUM_HEAP_DEAD) salvage_dead_cache(h);
         struct lum_page *chain = NULL;
         lum_segments_for_each(collect_dead_pages, &chain);
         uint64_t now = lum_now_ms();

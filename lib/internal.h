@@ -51,6 +51,7 @@
 #define LUM_MEDIUM_TABLE_MAX 8192
 #define LUM_RETAIN_EMPTY_PER_CLASS 2   /* empty pages a heap keeps per class before releasing */
 #define LUM_RETAIN_EMPTY_BYTES ((size_t)1 << 20)
+#define LUM_CACHE_BLOCKS 16            /* most blocks a heap's cache keeps per class */
 
 typedef struct lum_block { struct lum_block *next; } lum_block;
 
@@ -141,6 +142,15 @@ struct lum_page_list { struct lum_page *head, *tail; };
 #define LUM_DIRECT_SLOTS (LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1)
 
 struct lum_heap {
+    /* Blocks this thread freed into its own pages, per class, handed out again before any
+     * page's list, last freed first (lum_cache_max bounds each class).  A page's own list
+     * recycles only that page's blocks, so where frees land on other pages of the class than
+     * the current one (any queue-like lifetime) malloc handed out blocks freed long ago, out of
+     * cache; from here it gets the one freed last.  Cached blocks still count in their page's
+     * used.  Slot LUM_CLASSES is lum_empty_page's class and stays empty.  cache_room counts
+     * down from lum_cache_max (one test on the free path, no table). */
+    lum_block *cache[LUM_CLASSES + 1];
+    uint8_t cache_room[LUM_CLASSES];
     /* current[] by (size + 15) / 16 for sizes up to 1 KiB: malloc's fast path skips the class
      * table (mimalloc's "direct pages"); kept in step with current[] by lum_heap_set_current */
     struct lum_page *direct[LUM_DIRECT_SLOTS];
@@ -177,6 +187,7 @@ extern const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
 extern const uint8_t lum_medium_class[LUM_MEDIUM_TABLE_MAX / 128 + 1];
 extern const uint32_t lum_class_size[LUM_CLASSES];
 extern const uint8_t lum_class_slices[LUM_CLASSES];
+extern const uint8_t lum_cache_max[LUM_CLASSES];
 
 static inline unsigned lum_size_class(size_t size)
 {
@@ -326,6 +337,7 @@ void *lum_malloc_sample(size_t size);
 void lum_free_slow(void *p, struct lum_page *page);
 struct lum_heap *lum_heap_get(void);
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b);
+void lum_heap_cache_flush(struct lum_heap *heap);
 void lum_global_init(void);
 extern _Atomic int lum_initialized;
 extern size_t lum_fast_limit;

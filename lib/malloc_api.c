@@ -15,7 +15,7 @@
 
 #define ALIAS(name) __attribute__((alias(name), visibility("default")))
 
-static inline void *alloc_small_fast(size_t size)
+static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size)
 {
     struct lum_heap *heap = lum_tls_heap;
     struct lum_page *page;
@@ -28,10 +28,20 @@ static inline void *alloc_small_fast(size_t size)
     else
         return lum_malloc_slow(size, 0);
     {
-        lum_block *b = page->free;
+        unsigned cls = page->cls;
+        lum_block *b = heap->cache[cls];
         uint64_t bytes = heap->tc.alloc_bytes + page->block_size;
+        if (LUM_LIKELY(b != NULL)) {
+            if (LUM_UNLIKELY(bytes >= heap->next_sample)) return lum_malloc_sample(size);
+            heap->tc.alloc_bytes = bytes;
+            heap->cache[cls] = b->next;
+            heap->cache_room[cls]++;
+            heap->tc.alloc_count++;
+            return b;
+        }
         /* The two tests each have their own way out, at no cost here.  An exhausted page
          * first: lum_malloc_slow also samples. */
+        b = page->free;
         if (LUM_UNLIKELY(b == NULL)) return lum_malloc_slow(size, 0);
         if (LUM_UNLIKELY(bytes >= heap->next_sample)) return lum_malloc_sample(size);
         heap->tc.alloc_bytes = bytes;
@@ -55,9 +65,18 @@ static inline void free_fast(void *p)
     struct lum_page *page = lum_page_of(p);
     struct lum_heap *heap = lum_tls_heap;
     if (LUM_LIKELY(lum_page_fast(page) == heap)) {
-        lum_page_push_free(page, p);
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
+#if !LUM_HARDENED /* the cache's links are plain: hardened builds keep every free on its page */
+        unsigned cls = page->cls;
+        if (LUM_LIKELY(heap->cache_room[cls] != 0)) {
+            heap->cache_room[cls]--;
+            ((lum_block *)p)->next = heap->cache[cls];
+            heap->cache[cls] = p;
+            return;
+        }
+#endif
+        lum_page_push_free(page, p);
         if (LUM_UNLIKELY(--page->used == 0)) lum_page_empty(heap, page);
         return;
     }
@@ -223,6 +242,7 @@ LUM_EXPORT void *lum_pvalloc(size_t size)
 
 LUM_EXPORT size_t lum_purge(void)
 {
+    if (lum_tls_heap != &lum_empty_heap) lum_heap_cache_flush(lum_tls_heap); /* its pages may empty */
     size_t released = lum_large_cache_purge();
     lum_abandoned_reclaim(true);
     released += lum_segments_purge(true, LUM_PURGE_EXPLICIT);

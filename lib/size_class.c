@@ -37,3 +37,14 @@ const uint8_t lum_class_slices[LUM_CLASSES] = {
     2, 2, 4, 2, 4, 2, 2, 2, 4, 4, 8, 4, 8, 4, 4, 4,
     8, 8, 16, 8, 16, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16,
 };
+
+/* How many freed blocks a heap keeps per class (see struct lum_heap's cache): 16, and at most
+ * 64 KiB of them; none above 16 KiB, where a block is a page's sizeable share. */
+const uint8_t lum_cache_max[LUM_CLASSES] = {
+    16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16,
+    16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16,
+    16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16,
+    14, 12, 11, 10, 9, 9, 8, 8, 7, 6, 5, 5, 4, 4, 4, 4,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+};
