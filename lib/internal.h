@@ -148,9 +148,10 @@ struct lum_heap {
      * the current one (any queue-like lifetime) malloc handed out blocks freed long ago, out of
      * cache; from here it gets the one freed last.  Cached blocks still count in their page's
      * used.  Slot LUM_CLASSES is lum_empty_page's class and stays empty.  cache_room counts
-     * down from lum_cache_max (one test on the free path, no table). */
+     * down from lum_cache_max (one test on the free path, no table); free decrements it first
+     * and tests the sign, so it reads -1 for a moment when the cache is full. */
     lum_block *cache[LUM_CLASSES + 1];
-    uint8_t cache_room[LUM_CLASSES];
+    int8_t cache_room[LUM_CLASSES];
     /* current[] by (size + 15) / 16 for sizes up to 1 KiB: malloc's fast path skips the class
      * table (mimalloc's "direct pages"); kept in step with current[] by lum_heap_set_current */
     struct lum_page *direct[LUM_DIRECT_SLOTS];

@@ -69,12 +69,14 @@ static inline void free_fast(void *p)
         heap->tc.free_bytes += page->block_size;
 #if !LUM_HARDENED /* the cache's links are plain: hardened builds keep every free on its page */
         unsigned cls = page->cls;
-        if (LUM_LIKELY(heap->cache_room[cls] != 0)) {
-            heap->cache_room[cls]--;
+        /* Decrement first: the borrow out of 0 is the test, one instruction fewer than a
+         * compare before the decrement. */
+        if (LUM_LIKELY(--heap->cache_room[cls] >= 0)) {
             ((lum_block *)p)->next = heap->cache[cls];
             heap->cache[cls] = p;
             return;
         }
+        heap->cache_room[cls] = 0;
 #endif
         lum_page_push_free(page, p);
         if (LUM_UNLIKELY(--page->used == 0)) lum_page_empty(heap, page);

@@ -33,8 +33,10 @@ static void add_thread(struct lum_heap *h, void *arg)
     struct lum_stats *s = arg;
     const struct lum_thread_counters_v1 *tc = &h->tc;
     s->allocated += tc->alloc_bytes - tc->free_bytes; /* wraps back for cross-thread pairs */
-    for (unsigned c = 0; c < LUM_CLASSES; c++) /* freed, though their pages count them used */
-        s->classes[c].live_blocks -= (uint8_t)(lum_cache_max[c] - __atomic_load_n(&h->cache_room[c], __ATOMIC_RELAXED));
+    for (unsigned c = 0; c < LUM_CLASSES; c++) { /* freed, though their pages count them used */
+        int8_t room = __atomic_load_n(&h->cache_room[c], __ATOMIC_RELAXED);
+        s->classes[c].live_blocks -= (uint64_t)(lum_cache_max[c] - (room < 0 ? 0 : room));
+    }
     if (s->nthreads >= LUM_STATS_MAX_THREADS) return;
     struct lum_thread_stats *t = &s->threads[s->nthreads++];
     t->tid = tc->tid;
