@@ -81,7 +81,7 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
     bool probe = LUM_PROBE_ON(sample), batch = LUM_PROBE_ON(sample_batch), start = false;
     /* Unwinding only for someone who will read the stack: the in-process profiler or an
      * attached tracer.  Never while already inside profiler code (a nested allocation from
-     * libunwind or a report writer): that is the recursion guard. */
+     * a report writer's stdio): that is the recursion guard. */
     if ((lum_opt.prof || probe || batch) && !lum_obs_busy && lum_opt.prof_depth) {
         lum_obs_busy = 1;
         uintptr_t ret = (uintptr_t)__builtin_return_address(0);
