@@ -120,6 +120,15 @@ bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
     return take_sample(heap, window, advance);
 }
 
+/* Empties class c's cache and gives it its full room again; returns the blocks it held. */
+static lum_block *cache_take(struct lum_heap *heap, unsigned c)
+{
+    lum_block *b = heap->cache[c];
+    heap->cache[c] = NULL;
+    heap->cache_room[c] = (int8_t)lum_cache_max[c];
+    return b;
+}
+
 /* Empties a heap record's page lists (a fresh record, or a dead thread's in a fork child). */
 static void heap_forget_pages(struct lum_heap *heap)
 {
@@ -128,8 +137,7 @@ static void heap_forget_pages(struct lum_heap *heap)
         heap->avail[c].head = heap->avail[c].tail = NULL;
         heap->full[c].head = heap->full[c].tail = NULL;
         heap->retained_count[c] = 0;
-        heap->cache[c] = NULL;
-        heap->cache_room[c] = lum_cache_max[c];
+        cache_take(heap, c); /* its blocks are on pages this record no longer has */
     }
     heap->retained_bytes = 0;
     heap->empty_big = NULL;
@@ -457,9 +465,7 @@ void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block
 void lum_heap_cache_flush(struct lum_heap *heap)
 {
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        lum_block *b = heap->cache[c];
-        heap->cache[c] = NULL;
-        heap->cache_room[c] = lum_cache_max[c];
+        lum_block *b = cache_take(heap, c);
         while (b) {
             lum_block *next = b->next;
             lum_heap_local_free(heap, lum_page_of(b), b);
@@ -965,7 +971,7 @@ static void collect_dead_pages(struct lum_segment *seg, void *arg)
 static void salvage_dead_cache(struct lum_heap *h)
 {
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        lum_block *b = h->cache[c];
+        lum_block *b = cache_take(h, c);
         for (unsigned n = 0; b && n <= LUM_CACHE_BLOCKS; n++) {
             struct lum_page *page = lum_page_of(b);
             uintptr_t off = (uintptr_t)b - (uintptr_t)page->start;
@@ -977,8 +983,6 @@ static void salvage_dead_cache(struct lum_heap *h)
             lum_page_push_free(page, b);
             b = next;
         }
-        h->cache[c] = NULL;
-        h->cache_room[c] = lum_cache_max[c];
     }
 }
 
