@@ -47,12 +47,16 @@ int lum_obs_thread_start(void *(*fn)(void *), size_t stack, const char *name);
 extern pthread_rwlock_t lum_unwind_fork_lock;
 /* The same from a frame of the caller's caller known without unwinding: its code address, and
  * rsp and rbp as they were there (see lum_on_sample).  Skips the context capture and the walk
- * through the innermost frames. */
+ * through the innermost frames.  *same (when not NULL) is set to a nonzero value naming the
+ * frames stored when this thread's next call with the same max may store exactly these again:
+ * a call that sets it to the same value stored the same frames; otherwise to 0. */
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
-                         uintptr_t hook_ret);
+                         uintptr_t hook_ret, uint64_t *same);
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
 /* Cumulative unwinding cost, for lum_prof_get_stats. */
 extern uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+/* Walks this thread took from its memo of the last walk (unwind.c), for tests. */
+extern __thread uint64_t lum_unwind_memo_hits LUM_TLS;
 
 /* ---- DWARF call frame information (cfi.c) ---- */
 /* How to get from a frame to its caller (x86-64): CFA = (rbp if cfa_rbp, else rsp) + cfa_off,

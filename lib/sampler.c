@@ -54,6 +54,8 @@ double lum_sample_weight(uint64_t size, uint64_t interval)
 }
 
 static __thread struct lum_stack *last_stack LUM_TLS;
+/* The unwinder's name for last_stack's frames (see lum_unwind_from), 0 when none. */
+static __thread uint64_t last_same LUM_TLS;
 
 static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t depth)
 {
@@ -77,7 +79,7 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
 
     uint64_t frames[LUM_MAX_FRAMES];
     uint32_t depth = 0;
-    uint64_t id = 0;
+    uint64_t id = 0, same = 0;
     bool probe = LUM_PROBE_ON(sample), batch = LUM_PROBE_ON(sample_batch), start = false;
     /* Unwinding only for someone who will read the stack: the in-process profiler or an
      * attached tracer.  Never while already inside profiler code (a nested allocation from
@@ -93,7 +95,7 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
          * address check guards against a compiler that lays the frame out otherwise. */
         const uintptr_t *fp = __builtin_frame_address(0);
         if (fp[1] == ret)
-            depth = lum_unwind_from(frames, lum_opt.prof_depth, ret, (uintptr_t)(fp + 2), fp[0], ret);
+            depth = lum_unwind_from(frames, lum_opt.prof_depth, ret, (uintptr_t)(fp + 2), fp[0], ret, &same);
         else
 #endif
             depth = lum_unwind(frames, lum_opt.prof_depth, ret);
@@ -103,7 +105,9 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
      * with the last stack it recorded skips hashing them and the table lookup.  Table
      * entries never change or go away, so reading one without the lock is fine. */
     struct lum_stack *st = last_stack;
-    if (st && depth && st->depth == depth && same_frames(st->frames, frames, depth))
+    if (st && depth && same && same == last_same)
+        id = st->id; /* the unwinder vouches that these are last_stack's frames */
+    else if (st && depth && st->depth == depth && same_frames(st->frames, frames, depth))
         id = st->id;
     else
         st = NULL, id = lum_stack_hash(frames, depth);
@@ -120,6 +124,7 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
          * over sites add up to the process total. */
         if (!st)
             last_stack = st = lum_stacktab_get(frames, depth, depth ? id : 1);
+        last_same = st ? same : 0;
         if (st) {
             st->samples++;
             st->alloc_bytes += wb;

@@ -387,12 +387,55 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
     return *ip != 0;
 }
 
+/* The last cached walk of this thread from its first stored frame on: a sample's stack is
+ * mostly the one before it (a hot loop), and re-reading the words that walk read costs a
+ * fraction of walking again.  The walk is a function of its key frame (ip, sp; bp only when a
+ * rule reads it before a slot restores it), the generation, max, the rules (never changed once
+ * learnt, for a generation) and the words it read: when those are all as they were, and the
+ * checked stack run still reaches as high, the walk would store the same frames.  So a hit
+ * compares every word the walk read (each return address and each saved rbp, at its offset
+ * from the key's sp) and copies the frames out; any difference walks again.  A stack that
+ * differs only deep down differs in a return address that the walk read, or in none that it
+ * read, and then the walk's frames are the same. */
+#define MEMO_FRAMES (LUM_MAX_FRAMES + LUM_UNWIND_SLACK) /* the deepest walk */
+#define MEMO_RBP 32 /* bits of a mask */
+struct walk_memo {
+    uintptr_t ip, sp, bp, top; /* the key frame; top: the highest CFA the walk reached */
+    uint32_t gen, max, d, nret, nb; /* d frames; nret return-address and nb rbp slots read */
+    uint8_t busy, valid, uses_bp;
+    uint32_t roff[MEMO_FRAMES];      /* frames[i + 1] (0 for i + 1 == d) was read at sp + roff[i] */
+    uint32_t boff[MEMO_RBP];         /* a saved rbp bval[i] was read at sp + boff[i] */
+    uintptr_t bval[MEMO_RBP];
+    uint64_t frames[MEMO_FRAMES + 1];
+};
+static __thread struct walk_memo memo LUM_TLS;
+static __thread uint64_t memo_seq LUM_TLS; /* bumped at each recording: names the memo's frames */
+__thread uint64_t lum_unwind_memo_hits LUM_TLS;
+
+/* Whether every word m's walk read from the key frame at sp on still holds its value; stores
+ * the frames into out[] as it checks them. */
+static inline bool memo_holds(const struct walk_memo *m, uintptr_t sp, uint64_t *out)
+{
+    out[0] = m->frames[0];
+    for (uint32_t i = 0; i < m->nret; i++) {
+        uintptr_t v = *(const uintptr_t *)(sp + m->roff[i]);
+        if (v != m->frames[i + 1])
+            return false;
+        out[i + 1] = v; /* out[d] = 0 when the walk read it: within max, then */
+    }
+    for (uint32_t i = 0; i < m->nb; i++)
+        if (*(const uintptr_t *)(sp + m->boff[i]) != m->bval[i])
+            return false;
+    return true;
+}
+
 /* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).
  * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The
  * number of frames stored, or -1 on the first address without a rule or the first check that
- * fails (the full walk then takes it); *walked counts every frame walked. */
+ * fails (the full walk then takes it); *walked counts every frame walked.  When the frames
+ * stored are this thread's memo's, *seq is set to the memo's recording (memo_seq). */
 static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
-                      bool skip_self, uint32_t *walked, uint32_t gen)
+                      bool skip_self, uint32_t *walked, uint32_t gen, uint64_t *seq)
 {
     const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
     const uintptr_t top = stack_hi;
@@ -401,36 +444,121 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
     /* a local copy, so that the stores into out[] do not make the compiler reload it */
     const struct rules_view v = {t->e, t->shift, SIZE_MAX >> t->shift};
     uint32_t n = 0, d = 0;
-    const struct rule *r = rule_find(&v, rule_key(ip, gen));
-    if (!r)
-        return -1;
-    /* lumalloc's own leading frames: walked, not stored */
-    while (skip_self && (r->flags & R_SELF)) {
-        if (++n > LUM_UNWIND_SLACK)
-            return -1; /* not a stack we expect: the full walk and the generic skipping decide */
-        int st = rule_step(r, &ip, &sp, &bp, top);
-        if (st <= 0) {
-            *walked = n;
-            return st < 0 ? -1 : 0;
+    const struct rule *r;
+    /* lumalloc's own leading frames: walked, not stored.  Known by address, as rule_derive
+     * marks them (R_SELF), so that a memo hit needs no rule for the key frame. */
+    if (skip_self) {
+        const uintptr_t lo = __atomic_load_n(&self_lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&self_hi, __ATOMIC_RELAXED);
+        while (ip >= lo && ip < hi) {
+            if (++n > LUM_UNWIND_SLACK)
+                return -1; /* not a stack we expect: the full walk and the generic skipping decide */
+            if (!(r = rule_find(&v, rule_key(ip, gen))))
+                return -1;
+            int st = rule_step(r, &ip, &sp, &bp, top);
+            if (st <= 0) {
+                *walked = n;
+                return st < 0 ? -1 : 0;
+            }
         }
-        if (!(r = rule_find(&v, rule_key(ip, gen))))
-            return -1;
     }
+    /* A walk nested in another's recording (a signal handler's) neither reads nor records
+     * the memo: it records into a scratch copy. */
+    struct walk_memo scratch, *m = &memo;
+    if (m->busy) {
+        m = &scratch;
+    } else {
+        m->busy = 1;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        if (m->valid && m->ip == ip && m->sp == sp && m->gen == gen && m->max == max &&
+            (!m->uses_bp || m->bp == bp) && m->top <= top && memo_holds(m, sp, out)) {
+            d = m->d;
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);
+            m->busy = 0;
+            *walked = n + d;
+            *seq = memo_seq;
+            lum_unwind_memo_hits++;
+            return (int)d;
+        }
+        m->valid = 0;
+    }
+    if (!(r = rule_find(&v, rule_key(ip, gen))))
+        goto fail;
+    const uintptr_t kip = ip, ksp = sp, kbp = bp;
+    /* Only the saved rbp words that a later CFA reads are checked on a hit: bsrc is the one
+     * the current bp came from (-1: the key's bp), need the ones read. */
+    uint32_t nret = 0, nb = 0, need = 0;
+    int bsrc = -1;
+    bool uses_bp = false;
+    int res;
     for (;;) {
+        m->frames[d] = ip;
         out[d++] = ip;
         n++;
         if (d >= max)
             break;
-        int st = rule_step(r, &ip, &sp, &bp, top);
-        if (st < 0)
-            return -1;
-        if (!st)
+        /* rule_step, noting what it reads */
+        unsigned f = r->flags;
+        if (f & R_LAST)
             break;
+        if (f & R_CFA_RBP) {
+            if (bsrc < 0)
+                uses_bp = true;
+            else if (bsrc < MEMO_RBP)
+                need |= 1u << bsrc;
+        }
+        uintptr_t cfa = rule_cfa(r, sp, bp);
+        if (cfa < sp + 8 || cfa > top)
+            goto fail;
+        if (r->rbp_off) {
+            uintptr_t slot = cfa + (uintptr_t)(intptr_t)r->rbp_off;
+            if (slot < sp)
+                goto fail;
+            bp = *(const uintptr_t *)slot;
+            if (nb < MEMO_RBP) {
+                m->boff[nb] = (uint32_t)(slot - ksp);
+                m->bval[nb] = bp;
+            }
+            bsrc = (int)nb++;
+        }
+        ip = *(const uintptr_t *)(cfa - 8);
+        sp = cfa;
+        m->roff[nret++] = (uint32_t)(cfa - 8 - ksp);
+        if (!ip) {
+            m->frames[d] = 0;
+            break;
+        }
         if (!(r = rule_find(&v, rule_key(ip, gen))))
-            return -1;
+            goto fail;
     }
     *walked = n;
-    return (int)d;
+    res = (int)d;
+    if (m == &memo) {
+        /* offsets kept in 32 bits: a walk reaching further is not remembered */
+        if (nb <= MEMO_RBP && sp - ksp <= UINT32_MAX) {
+            uint32_t kept = 0;
+            for (uint32_t i = 0; i < nb; i++)
+                if (need & (1u << i)) {
+                    m->boff[kept] = m->boff[i];
+                    m->bval[kept++] = m->bval[i];
+                }
+            nb = kept;
+            m->ip = kip, m->sp = ksp, m->bp = kbp, m->top = sp;
+            m->gen = gen, m->max = max, m->d = d, m->nret = nret, m->nb = nb;
+            m->uses_bp = uses_bp;
+            m->valid = 1;
+            *seq = ++memo_seq;
+        }
+        goto out;
+    }
+    return res;
+fail:
+    res = -1;
+    if (m != &memo)
+        return res;
+out:
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    m->busy = 0;
+    return res;
 }
 
 /* The rule of ip from the call frame information, keyed for generation gen. */
@@ -503,15 +631,16 @@ static __attribute__((noinline)) int cached_walk_linked(uintptr_t ip, uintptr_t 
                                                         uintptr_t hook_ret, uint32_t *walked, uint32_t gen)
 {
     uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
-    int got = rules_walk(ip, sp, bp, buf, max + LUM_UNWIND_SLACK, false, walked, gen);
+    uint64_t seq = 0; /* buf's frames, not frames': not passed on */
+    int got = rules_walk(ip, sp, bp, buf, max + LUM_UNWIND_SLACK, false, walked, gen, &seq);
     return got < 0 ? -1 : (int)skip_copy(buf, got, frames, max, hook_ret);
 }
 
 static inline int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *frames, uint32_t max,
-                              uintptr_t hook_ret, uint32_t *walked, uint32_t gen)
+                              uintptr_t hook_ret, uint32_t *walked, uint32_t gen, uint64_t *seq)
 {
     if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1)
-        return rules_walk(ip, sp, bp, frames, max, true, walked, gen);
+        return rules_walk(ip, sp, bp, frames, max, true, walked, gen, seq);
     return cached_walk_linked(ip, sp, bp, frames, max, hook_ret, walked, gen);
 }
 
@@ -548,8 +677,9 @@ static __attribute__((noinline)) void verify(const uint64_t *frames, uint32_t go
 #endif
 
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
-                         uintptr_t hook_ret)
+                         uintptr_t hook_ret, uint64_t *same)
 {
+    uint64_t seq = 0;
     if (max > LUM_MAX_FRAMES)
         max = LUM_MAX_FRAMES;
     if (!max)
@@ -560,15 +690,19 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
     uint32_t walked = 0, gen = rules_generation(timed);
     int got = -1;
     if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
-        got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked, gen);
+        got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked, gen, &seq);
     if (got < 0)
-        got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, timed ? gen : rules_generation(true));
+        seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, timed ? gen : rules_generation(true));
     unwind_account(timed, t0, walked);
 #ifdef LUM_UNWIND_VERIFY
     verify(frames, (uint32_t)got, max, hook_ret);
 #endif
+    if (same)
+        *same = seq;
     return (uint32_t)got;
 #else
+    if (same)
+        *same = 0;
     (void)frames, (void)ip, (void)sp, (void)bp, (void)hook_ret;
     return 0; /* the rule form and the reader are x86-64's */
 #endif
@@ -582,5 +716,5 @@ __attribute__((noinline)) uint32_t lum_unwind(uint64_t *frames, uint32_t max, ui
      * the return address at fp[1], the caller's rsp at the call at fp + 2 */
     if (fp[1] != (uintptr_t)__builtin_return_address(0))
         return 0;
-    return lum_unwind_from(frames, max, fp[1], (uintptr_t)(fp + 2), fp[0], hook_ret);
+    return lum_unwind_from(frames, max, fp[1], (uintptr_t)(fp + 2), fp[0], hook_ret, NULL);
 }

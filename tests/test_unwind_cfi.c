@@ -247,6 +247,114 @@ static void test_signal(void **state)
     signal(SIGUSR1, SIG_DFL);
 }
 
+/* ---- the memo of the last walk: a hit only when the stack read is the same ---- */
+static volatile int memo_sink;
+static volatile uintptr_t memo_fake; /* when set: written over memo_leaf's return address slot */
+static uintptr_t memo_fp;            /* memo_leaf's frame, the same whichever caller */
+
+/* One walk (the memo's key frame is ours()'s), checked against libunwind's.  A frame pointer:
+ * memo_leaf's return address slot is at fp + 8. */
+__attribute__((noinline, optimize("no-omit-frame-pointer"))) static uint32_t memo_leaf(uint64_t *f)
+{
+    uintptr_t *slot = (uintptr_t *)__builtin_frame_address(0) + 1, saved = *slot;
+    memo_fp = (uintptr_t)__builtin_frame_address(0);
+    if (memo_fake)
+        *(volatile uintptr_t *)slot = memo_fake;
+    uint32_t n = ours(f, 16);
+    *(volatile uintptr_t *)slot = saved;
+    if (!memo_fake) {
+        uint64_t b[MAXF];
+        uint32_t nb = theirs(b, 16);
+        assert_int_equal(n, nb);
+        assert_memory_equal(f, b, nb * sizeof *b);
+    }
+    memo_sink++; /* no tail call */
+    return n;
+}
+
+static NOINL uint32_t memo_mid(uint64_t *f)
+{
+    uint32_t r = memo_leaf(f);
+    memo_sink++;
+    return r;
+}
+
+static NOINL uint32_t memo_mid2(uint64_t *f)
+{
+    uint32_t r = memo_mid(f);
+    memo_sink++;
+    return r;
+}
+
+/* Two callers alike but for their return addresses: memo_leaf's frames sit at the same place
+ * under either, so only a word deeper down tells their stacks apart. */
+static NOINL uint32_t memo_caller_a(uint64_t *f)
+{
+    uint32_t r = memo_mid2(f);
+    memo_sink += 1;
+    return r;
+}
+
+static NOINL uint32_t memo_caller_b(uint64_t *f)
+{
+    uint32_t r = memo_mid2(f);
+    memo_sink += 2;
+    return r;
+}
+
+static NOINL uint32_t memo_run(int b, uint64_t *f)
+{
+    uint32_t r = b ? memo_caller_b(f) : memo_caller_a(f);
+    memo_sink++;
+    return r;
+}
+
+static void test_memo(void **state)
+{
+    (void)state;
+    /* walks in turn from one call site: A and B (another caller further up) to learn their
+     * rules, A, A again, B, A, A with memo_leaf's return address overwritten, A as it was */
+    static const int caller[] = {0, 1, 0, 0, 1, 0, 0, 0};
+    static const uintptr_t fake[] = {0, 0, 0, 0, 0, 0, 0x1000, 0};
+    enum { STEPS = sizeof caller / sizeof caller[0] };
+    uint64_t f[STEPS][MAXF], hit[STEPS];
+    uint32_t n[STEPS];
+    uintptr_t fp[STEPS];
+    for (int i = 0; i < STEPS; i++) {
+        uint64_t h = lum_unwind_memo_hits;
+        memo_fake = fake[i];
+        n[i] = memo_run(caller[i], f[i]);
+        memo_fake = 0;
+        hit[i] = lum_unwind_memo_hits - h;
+        fp[i] = memo_fp;
+    }
+    for (int i = 1; i < STEPS; i++)
+        assert_int_equal(fp[i], fp[0]); /* else this would not test the memo */
+    assert_true(n[0] >= 6);
+    /* the same stack again: the memo's, and the same frames */
+    assert_int_equal(hit[3], 1);
+    assert_int_equal(n[3], n[0]);
+    assert_memory_equal(f[3], f[0], n[0] * sizeof *f[0]);
+    /* the same first frames, another caller further up: walked, not the memo's */
+    assert_int_equal(hit[4], 0);
+    assert_int_equal(n[4], n[0]);
+    assert_memory_equal(f[4], f[0], 2 * sizeof *f[0]); /* memo_mid's, memo_mid2's */
+    assert_true(f[4][2] != f[0][2]);                    /* memo_caller_b's */
+    assert_true(f[4][3] != f[0][3]);                    /* memo_run's call of it */
+    assert_memory_equal(f[4] + 4, f[0] + 4, (n[0] - 4) * sizeof *f[0]);
+    assert_memory_equal(f[4], f[1], n[0] * sizeof *f[0]);
+    assert_int_equal(hit[5], 0);
+    assert_memory_equal(f[5], f[0], n[0] * sizeof *f[0]);
+    /* a return address overwritten since the last walk from the same frame: seen */
+    assert_int_equal(hit[6], 0);
+    assert_int_equal(n[6], 1); /* no code at 0x1000: the walk ends there */
+    assert_int_equal(f[6][0], 0x1000);
+    /* and put back: not the memo's cut walk */
+    assert_int_equal(hit[7], 0);
+    assert_int_equal(n[7], n[0]);
+    assert_memory_equal(f[7], f[0], n[0] * sizeof *f[0]);
+}
+
 /* ---- the reader alone ---- */
 static NOINL uintptr_t here(void)
 {
@@ -349,6 +457,7 @@ int main(void)
         cmocka_unit_test(test_pie_main),
         cmocka_unit_test(test_thread),
         cmocka_unit_test(test_signal),
+        cmocka_unit_test(test_memo),
         cmocka_unit_test(test_every_function),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
