@@ -694,13 +694,17 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
  * it; NULL when it does not, or when there is no memory for a sampled page (an unsampled block
  * beats a failure).  always_inline: lum_on_sample must be called from the function malloc's
  * fast path jumped to, as the unwind walks every frame of ours (~40 instructions each). */
-static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls)
+static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls,
+                                                               const uintptr_t *at)
 {
     unsigned scls = lum_sampled_class(cls);
     if (!take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
     void *p = lum_sampled_alloc(heap, scls);
     /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
-    if (p) lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
+    if (p) {
+        if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at);
+        else lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
+    }
     return p;
 }
 
@@ -714,8 +718,14 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
     if (LUM_UNLIKELY(heap == &lum_empty_heap || lum_fail_armed || heap->next_sample == 0 ||
                      (lum_opt.large_warn && size >= lum_opt.large_warn)))
         return lum_malloc_slow(size, 0);
+    /* The walk starts in our caller: malloc jumps here (no frame of its own), so that is the
+     * program's code, and none of lumalloc's frames is walked.  __builtin_frame_address gives
+     * this function a standard frame: the caller's rbp at fp[0], the return address at fp[1]
+     * (checked, in case a compiler lays it out otherwise). */
+    const uintptr_t *fp = __builtin_frame_address(0);
+    if (fp[1] != (uintptr_t)__builtin_return_address(0)) fp = NULL;
     unsigned cls = lum_size_class(size);
-    void *p = heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample ? sample_alloc(heap, size, cls) : NULL;
+    void *p = heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample ? sample_alloc(heap, size, cls, fp) : NULL;
     return p ? p : lum_malloc_slow(size, 0);
 }
 
@@ -746,7 +756,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
     if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample) {
-        void *p = sample_alloc(heap, size, cls);
+        void *p = sample_alloc(heap, size, cls, NULL);
         if (p) return p;
     }
     struct lum_page *page = heap->current[cls];

@@ -18,6 +18,12 @@ int64_t lum_sampler_next_interval(uint64_t *rng);
 /* A sampled allocation: the core has already allocated ptr (from a sampled page, recognisable
  * at free) and counted it.  Computes the unbiased weight, unwinds, records, fires `sample`. */
 void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable);
+/* The same, unwinding from the frame whose rbp-chain slot is `at` (at[0] its caller's rbp, at[1]
+ * the return address, at + 2 the caller's rsp): the sampling path passes its own frame, so the
+ * walk starts in the caller of the allocator's entry point instead of walking the allocator's
+ * frames.  NULL: from the caller of lum_on_sample_at, unwound. */
+void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
+                      const uintptr_t *at);
 /* A sampled block is being freed (before the core reuses it). */
 void lum_on_sample_free(void *ptr, size_t usable);
 

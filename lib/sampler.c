@@ -65,7 +65,8 @@ static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t de
     return true;
 }
 
-void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable)
+void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
+                      const uintptr_t *at)
 {
     uint64_t s = requested ? requested : 1;
     /* The allocator samples by usable bytes (its exact byte counter is the sampling clock), so
@@ -86,19 +87,15 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
      * a report writer's stdio): that is the recursion guard. */
     if ((lum_opt.prof || probe || batch) && !lum_obs_busy && lum_opt.prof_depth) {
         lum_obs_busy = 1;
-        uintptr_t ret = (uintptr_t)__builtin_return_address(0);
 #if defined(__x86_64__)
-        /* __builtin_frame_address makes gcc give this function a standard frame (push rbp;
-         * mov rsp, rbp): the caller's rbp is saved at fp[0], the return address at fp[1], and
-         * the caller's rsp at the call is fp + 16, so the unwind can start in the caller
-         * without capturing a context or walking this frame and lum_unwind's.  The return
-         * address check guards against a compiler that lays the frame out otherwise. */
-        const uintptr_t *fp = __builtin_frame_address(0);
-        if (fp[1] == ret)
-            depth = lum_unwind_from(frames, lum_opt.prof_depth, ret, (uintptr_t)(fp + 2), fp[0], ret, &same);
+        /* From the frame `at` names (see observe.h): no context capture, and none of the
+         * frames in between walked.  hook_ret 0: no frame to drop up to, the walk starts
+         * outside the hooks already. */
+        if (at)
+            depth = lum_unwind_from(frames, lum_opt.prof_depth, at[1], (uintptr_t)(at + 2), at[0], 0, &same);
         else
 #endif
-            depth = lum_unwind(frames, lum_opt.prof_depth, ret);
+            depth = lum_unwind(frames, lum_opt.prof_depth, (uintptr_t)__builtin_return_address(0));
         lum_obs_busy = 0;
     }
     /* A thread's samples often come from the same stack (a hot loop): comparing the frames
@@ -145,6 +142,21 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
     if (probe)
         STAP_PROBE8(lumalloc, sample, LUM_U64(ptr), LUM_U64(requested), LUM_U64(usable),
                     LUM_U64(wb), LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
+}
+
+/* __builtin_frame_address makes gcc give this function a standard frame (push rbp; mov rsp,
+ * rbp): the caller's rbp is saved at fp[0], the return address at fp[1], and the caller's rsp at
+ * the call is fp + 2, so the unwind can start in the caller.  The return address check guards
+ * against a compiler that lays the frame out otherwise. */
+__attribute__((noinline)) void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested,
+                                             size_t usable)
+{
+    const uintptr_t *fp = __builtin_frame_address(0);
+    if (fp[1] != (uintptr_t)__builtin_return_address(0))
+        fp = NULL;
+    lum_on_sample_at(tc, ptr, requested, usable, fp);
+    /* not a tail call: the walk reads this frame's return address */
+    __asm__ volatile("" ::: "memory");
 }
 
 void lum_on_sample_free(void *ptr, size_t usable)

@@ -414,7 +414,7 @@ __thread uint64_t lum_unwind_memo_hits LUM_TLS;
 
 /* Whether every word m's walk read from the key frame at sp on still holds its value; stores
  * the frames into out[] as it checks them. */
-static inline bool memo_holds(const struct walk_memo *m, uintptr_t sp, uint64_t *out)
+static inline __attribute__((always_inline)) bool memo_holds(const struct walk_memo *m, uintptr_t sp, uint64_t *out)
 {
     out[0] = m->frames[0];
     for (uint32_t i = 0; i < m->nret; i++) {
@@ -676,6 +676,30 @@ static __attribute__((noinline)) void verify(const uint64_t *frames, uint32_t go
 }
 #endif
 
+#if defined(__x86_64__)
+/* rules_walk's memo hit, ahead of everything else the walk sets up (its rule view, its stack
+ * checks, the frame of a function that can record): most samples end here.  Only for a walk
+ * from a frame outside lumalloc (the memo's key frames are never inside it), with lumalloc a
+ * separate object (self_state 1: frames go straight to out[]).  Busy first, as in rules_walk:
+ * a signal handler's walk must not rewrite the memo under the checks. */
+static inline int memo_hit(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max, uint32_t gen)
+{
+    struct walk_memo *m = &memo;
+    if (m->busy)
+        return -1;
+    m->busy = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    int d = -1;
+    if (m->valid && m->ip == ip && m->sp == sp && m->gen == gen && m->max == max &&
+        (!m->uses_bp || m->bp == bp) && m->top <= stack_hi && sp >= stack_lo && sp < stack_hi &&
+        memo_holds(m, sp, out))
+        d = (int)m->d;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    m->busy = 0;
+    return d;
+}
+#endif
+
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
                          uintptr_t hook_ret, uint64_t *same)
 {
@@ -686,6 +710,17 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
         return 0;
 #if defined(__x86_64__)
     bool timed = thread_unwinds++ % TIME_EVERY == 0;
+    if (!timed && __atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1) {
+        int d = memo_hit(ip, sp, bp, frames, max, rules_generation(false));
+        if (d >= 0) {
+            lum_unwind_memo_hits++;
+            __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
+            if (same)
+                *same = memo_seq;
+            return (uint32_t)d;
+        }
+    }
     uint64_t t0 = timed ? now_ns() : 0;
     uint32_t walked = 0, gen = rules_generation(timed);
     int got = -1;
