@@ -89,7 +89,7 @@ void lum_global_init(void)
 static uint64_t next_sample_after(struct lum_heap *heap, uint64_t from)
 {
     if (lum_fail_armed) return 0;
-    int64_t interval = lum_sampler_next_interval(&heap->rng);
+    int64_t interval = lum_sampler_draw(&heap->rng);
     if (interval == INT64_MAX || from + (uint64_t)interval < from) return UINT64_MAX;
     return from + (uint64_t)interval;
 }

@@ -358,7 +358,15 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
 extern lum_lock_t lum_sampled_lock;
 /* A block of sampled class scls (lum_sampled_class), counted; the caller records the sample. */
 void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls);
-unsigned lum_sampled_class(unsigned cls);
+/* The sampling path asks on every sample: remembered per class (as class + 1, 0 = not yet
+ * known; racing threads store the same value). */
+extern uint8_t lum_sampled_memo[LUM_CLASSES];
+unsigned lum_sampled_class_slow(unsigned cls);
+static inline unsigned lum_sampled_class(unsigned cls)
+{
+    unsigned c = __atomic_load_n(&lum_sampled_memo[cls], __ATOMIC_RELAXED);
+    return c ? c - 1 : lum_sampled_class_slow(cls);
+}
 void lum_sampled_free(struct lum_page *page, void *p);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 

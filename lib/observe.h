@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <stdbool.h>
 #include "lumalloc_probes.h"
+#include "lmath.h"
+#include "options.h"
 
 /* Once, at bootstrap, after lum_options_init(). */
 void lum_observe_init(void);
@@ -14,6 +16,19 @@ void lum_observe_init(void);
 /* Next sampling interval in bytes: exponential with mean lum_opt.sample_interval; INT64_MAX when
  * sampling is off.  rng is the calling thread's state (seeded by the core, never 0). */
 int64_t lum_sampler_next_interval(uint64_t *rng);
+/* The same, inline for the core's sampling path (a call and its checks were ~20 of a sample's
+ * instructions). */
+static inline int64_t lum_sampler_draw(uint64_t *rng)
+{
+    uint64_t t = lum_opt.sample_interval;
+    if (!t)
+        return INT64_MAX;
+    double v = lum_exp_variate(rng) * (double)t;
+    /* keeps the countdown far from overflow when a tiny uniform draw gives a huge interval */
+    if (v >= (double)((int64_t)1 << 62))
+        return (int64_t)1 << 62;
+    return (int64_t)v;
+}
 
 /* A sampled allocation: the core has already allocated ptr (from a sampled page, recognisable
  * at free) and counted it.  Computes the unbiased weight, unwinds, records, fires `sample`. */

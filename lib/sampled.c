@@ -6,21 +6,22 @@
 
 lum_lock_t lum_sampled_lock;
 static struct lum_page_list sampled_pages[LUM_CLASSES];
+/* An emptied page kept off the list for the class's next new page: where sampled blocks live a
+ * while (bench ring), pages filled and emptied in turn, and making and releasing one cost ~20
+ * instructions a sample.  A class keeps at most one empty page, head or spare (see keep_empty). */
+static struct lum_page *spare[LUM_CLASSES];
 
 /* Sampled blocks use the power-of-two classes only: at most 15 sampled pages in a process
  * instead of one per class in use (a small program would spend megabytes on them), at the cost
  * of some slack in one block per 512 KiB allocated.  A power of two at or above an aligned
  * class's size is a multiple of its alignment too. */
-unsigned lum_sampled_class(unsigned cls)
+uint8_t lum_sampled_memo[LUM_CLASSES];
+
+unsigned lum_sampled_class_slow(unsigned cls)
 {
-    /* The malloc slow path asks on every sampling check: remembered per class (as class + 1,
-     * 0 = not yet known; racing threads store the same value). */
-    static uint8_t memo[LUM_CLASSES];
-    unsigned c = __atomic_load_n(&memo[cls], __ATOMIC_RELAXED);
-    if (c)
-        return c - 1;
+    unsigned c;
     for (c = cls; lum_class_size[c] & (lum_class_size[c] - 1); c++) {}
-    __atomic_store_n(&memo[cls], (uint8_t)(c + 1), __ATOMIC_RELAXED);
+    __atomic_store_n(&lum_sampled_memo[cls], (uint8_t)(c + 1), __ATOMIC_RELAXED);
     return c;
 }
 
@@ -32,7 +33,12 @@ static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow
     struct lum_page *page;
     for (page = sampled_pages[cls].head; page; page = page->next)
         if (page->free || lum_page_refill(page)) break;
-    if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
+    if (!page && may_grow && spare[cls]) {
+        page = spare[cls];
+        spare[cls] = NULL;
+        lum_list_push_front(&sampled_pages[cls], page);
+        if (!page->free) lum_page_refill(page);
+    } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
         lum_list_push_front(&sampled_pages[cls], page);
         lum_page_refill(page);
     }
@@ -72,6 +78,17 @@ void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
     return sampled_pop(heap, lum_sampled_class(cls), false);
 }
 
+/* An empty page off the list: the spare when the class has no empty page, else released (a
+ * class keeps at most one empty page, as many as before the spare). */
+static void keep_empty(unsigned cls, struct lum_page *page)
+{
+    struct lum_page *head = sampled_pages[cls].head;
+    if (!spare[cls] && !(head && head->used == 0))
+        spare[cls] = page;
+    else
+        lum_page_release(page);
+}
+
 void lum_sampled_free(struct lum_page *page, void *p)
 {
     struct lum_heap *heap = lum_tls_heap;
@@ -81,20 +98,27 @@ void lum_sampled_free(struct lum_page *page, void *p)
         heap->tc.free_bytes += page->block_size;
     }
     lum_lock(&lum_sampled_lock);
+    unsigned cls = page->cls;
     bool was_full = !page->free && page->carved >= page->capacity;
     lum_page_push_free(page, p);
-    if (--page->used == 0 && sampled_pages[page->cls].head != page) {
-        lum_list_remove(&sampled_pages[page->cls], page);
-        lum_page_release(page);
-    } else if (was_full && sampled_pages[page->cls].head != page) {
-        /* Only the head may stay empty (a spare): an empty head pushed down goes back now, or
-         * it would pin its segment for good. */
-        struct lum_page *old = sampled_pages[page->cls].head;
-        lum_list_remove(&sampled_pages[page->cls], page);
-        lum_list_push_front(&sampled_pages[page->cls], page);
+    if (--page->used == 0) {
+        if (sampled_pages[cls].head != page) {
+            lum_list_remove(&sampled_pages[cls], page);
+            keep_empty(cls, page);
+        } else if (spare[cls]) {
+            /* the head is the class's empty page now */
+            lum_page_release(spare[cls]);
+            spare[cls] = NULL;
+        }
+    } else if (was_full && sampled_pages[cls].head != page) {
+        /* An empty head pushed down is taken off the list, or it would pin its segment for
+         * good. */
+        struct lum_page *old = sampled_pages[cls].head;
+        lum_list_remove(&sampled_pages[cls], page);
+        lum_list_push_front(&sampled_pages[cls], page);
         if (old->used == 0) {
-            lum_list_remove(&sampled_pages[page->cls], old);
-            lum_page_release(old);
+            lum_list_remove(&sampled_pages[cls], old);
+            keep_empty(cls, old);
         }
     }
     lum_unlock(&lum_sampled_lock);
@@ -103,7 +127,9 @@ void lum_sampled_free(struct lum_page *page, void *p)
 void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), void *arg)
 {
     lum_lock(&lum_sampled_lock);
-    for (unsigned c = 0; c < LUM_CLASSES; c++)
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
         for (struct lum_page *p = sampled_pages[c].head; p; p = p->next) fn(p, arg);
+        if (spare[c]) fn(spare[c], arg);
+    }
     lum_unlock(&lum_sampled_lock);
 }

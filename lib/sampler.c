@@ -13,18 +13,9 @@
 
 uint64_t lum_prof_samples, lum_prof_sample_frees;
 
-/* Keeps the countdown far from overflow when a tiny uniform draw gives a huge interval. */
-#define MAX_INTERVAL ((int64_t)1 << 62)
-
 int64_t lum_sampler_next_interval(uint64_t *rng)
 {
-    uint64_t t = lum_opt.sample_interval;
-    if (!t)
-        return INT64_MAX;
-    double v = lum_exp_variate(rng) * (double)t;
-    if (v >= (double)MAX_INTERVAL)
-        return MAX_INTERVAL;
-    return (int64_t)v;
+    return lum_sampler_draw(rng);
 }
 
 /* Inline for lum_on_sample, which calls it on every sample. */
