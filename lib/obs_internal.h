@@ -108,10 +108,13 @@ struct lum_rec {
     struct lum_stack *stack; /* NULL when no stack was recorded */
     uint64_t stack_id;
 };
-/* Inserts a record; false when memory is exhausted (counted as dropped). */
-bool lum_records_insert(const struct lum_rec *r);
-/* Removes the record of ptr into *out; false when ptr was not recorded. */
-bool lum_records_remove(uintptr_t ptr, struct lum_rec *out);
+/* A record for ptr, linked, every other field left for the caller to fill (no copy of a
+ * record built elsewhere); NULL when memory is exhausted (counted as dropped). */
+struct lum_rec *lum_records_add(uintptr_t ptr);
+/* Unlinks the record of ptr, NULL when ptr was not recorded; the caller reads it, then gives it
+ * back with lum_records_put. */
+struct lum_rec *lum_records_take(uintptr_t ptr);
+void lum_records_put(struct lum_rec *n);
 uint64_t lum_records_live(void);
 extern uint64_t lum_records_dropped;
 

@@ -40,18 +40,19 @@ static void rehash(unsigned nb)
     bits = nb;
 }
 
-static inline void link_node(struct lum_rec *n, const struct lum_rec *r)
+static inline struct lum_rec *link_node(struct lum_rec *n, uintptr_t ptr)
 {
-    *n = *r;
-    struct lum_rec **b = &buckets[bucket_of(r->ptr, bits)];
+    struct lum_rec **b = &buckets[bucket_of(ptr, bits)];
+    n->ptr = ptr;
     n->next = *b;
     *b = n;
     live++;
+    return n;
 }
 
 /* The rare cases out of line (first use, growth, no recycled node), so that the common insert
  * is a leaf that saves no registers. */
-static __attribute__((noinline, cold)) bool insert_slow(const struct lum_rec *r)
+static __attribute__((noinline, cold)) struct lum_rec *add_slow(uintptr_t ptr)
 {
     if (!buckets || (live >= (uint64_t)1 << bits && bits < MAX_BITS))
         rehash(buckets ? bits + 1 : MIN_BITS);
@@ -66,38 +67,39 @@ static __attribute__((noinline, cold)) bool insert_slow(const struct lum_rec *r)
             free_nodes = n;
         }
         lum_records_dropped++;
-        return false;
+        return NULL;
     }
-    link_node(n, r);
-    return true;
+    return link_node(n, ptr);
 }
 
-bool lum_records_insert(const struct lum_rec *r)
+struct lum_rec *lum_records_add(uintptr_t ptr)
 {
     struct lum_rec *n = free_nodes;
     if (!n || !buckets || live >= (uint64_t)1 << bits)
-        return insert_slow(r);
+        return add_slow(ptr);
     free_nodes = n->next;
-    link_node(n, r);
-    return true;
+    return link_node(n, ptr);
 }
 
-bool lum_records_remove(uintptr_t ptr, struct lum_rec *out)
+struct lum_rec *lum_records_take(uintptr_t ptr)
 {
     if (!buckets)
-        return false;
+        return NULL;
     for (struct lum_rec **pp = &buckets[bucket_of(ptr, bits)]; *pp; pp = &(*pp)->next) {
         struct lum_rec *n = *pp;
         if (n->ptr != ptr)
             continue;
         *pp = n->next;
-        *out = *n;
-        n->next = free_nodes;
-        free_nodes = n;
         live--;
-        return true;
+        return n;
     }
-    return false;
+    return NULL;
+}
+
+void lum_records_put(struct lum_rec *n)
+{
+    n->next = free_nodes;
+    free_nodes = n;
 }
 
 uint64_t lum_records_live(void)

@@ -10,6 +10,7 @@
 #include "observe.h"
 #include "options.h"
 #include "probes.h"
+#include "unwind_memo.h"
 
 uint64_t lum_prof_samples, lum_prof_sample_frees;
 
@@ -82,9 +83,11 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
         /* From the frame `at` names (see observe.h): no context capture, and none of the
          * frames in between walked.  hook_ret 0: no frame to drop up to, the walk starts
          * outside the hooks already. */
-        if (at)
-            depth = lum_unwind_from(frames, lum_opt.prof_depth, at[1], (uintptr_t)(at + 2), at[0], 0, &same);
-        else
+        if (at) {
+            int d = lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same);
+            depth = d >= 0 ? (uint32_t)d
+                           : lum_unwind_from(frames, lum_opt.prof_depth, at[1], (uintptr_t)(at + 2), at[0], 0, &same);
+        } else
 #endif
             depth = lum_unwind(frames, lum_opt.prof_depth, (uintptr_t)__builtin_return_address(0));
         lum_obs_busy = 0;
@@ -100,10 +103,7 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
     else
         st = NULL, id = lum_stack_hash(frames, depth);
 
-    struct lum_rec r = {
-        .ptr = (uintptr_t)ptr, .requested = s, .usable = usable, .weight = wb,
-        .objects = w / (double)s, .stack_id = id,
-    };
+    double objects = w / (double)s;
     lum_lock(&lum_prof_lock);
     /* counted under the lock, which every sample takes anyway: no locked add */
     __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
@@ -116,16 +116,25 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
         if (st) {
             st->samples++;
             st->alloc_bytes += wb;
-            st->alloc_objects += r.objects;
+            st->alloc_objects += objects;
             st->live_samples++;
             st->live_bytes += (int64_t)wb;
-            st->live_objects += r.objects;
+            st->live_objects += objects;
         }
-        r.stack = st;
+    } else {
+        st = NULL;
     }
-    lum_records_insert(&r);
+    struct lum_rec *r = lum_records_add((uintptr_t)ptr);
+    if (r) {
+        r->requested = s;
+        r->usable = usable;
+        r->weight = wb;
+        r->objects = objects;
+        r->stack = st;
+        r->stack_id = id;
+    }
     if (batch)
-        start = lum_batch_add_sample(r.ptr, requested, usable, wb, id, frames, depth);
+        start = lum_batch_add_sample((uintptr_t)ptr, requested, usable, wb, id, frames, depth);
     lum_unlock(&lum_prof_lock);
     if (start)
         lum_batch_start_flusher();
@@ -153,29 +162,31 @@ __attribute__((noinline)) void lum_on_sample(struct lum_thread_counters_v1 *tc, 
 void lum_on_sample_free(void *ptr, size_t usable)
 {
     (void)usable;
-    struct lum_rec r;
     /* Unlocked peek: the core may route every free of a sampled page here. */
     if (!__atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED))
         return;
-    lum_lock(&lum_prof_lock);
-    bool found = lum_records_remove((uintptr_t)ptr, &r);
-    if (found && r.stack) {
-        r.stack->live_samples--;
-        r.stack->live_bytes -= (int64_t)r.weight;
-        r.stack->live_objects -= r.objects;
-    }
+    uint64_t requested = 0, rusable = 0, weight = 0, stack_id = 0;
     bool start = false;
-    if (found) {
+    lum_lock(&lum_prof_lock);
+    struct lum_rec *r = lum_records_take((uintptr_t)ptr);
+    if (r) {
+        requested = r->requested, rusable = r->usable, weight = r->weight, stack_id = r->stack_id;
+        if (r->stack) {
+            r->stack->live_samples--;
+            r->stack->live_bytes -= (int64_t)weight;
+            r->stack->live_objects -= r->objects;
+        }
+        lum_records_put(r);
         __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
         if (LUM_PROBE_ON(sample_batch))
-            start = lum_batch_add_free(r.ptr, r.requested, r.usable, r.weight, r.stack_id);
+            start = lum_batch_add_free((uintptr_t)ptr, requested, rusable, weight, stack_id);
     }
     lum_unlock(&lum_prof_lock);
     if (start)
         lum_batch_start_flusher();
-    if (!found)
+    if (!r)
         return;
     if (LUM_PROBE_ON(sample_free))
-        STAP_PROBE5(lumalloc, sample_free, LUM_U64(ptr), LUM_U64(r.requested), LUM_U64(r.usable),
-                    LUM_U64(r.weight), LUM_U64(r.stack_id));
+        STAP_PROBE5(lumalloc, sample_free, LUM_U64(ptr), LUM_U64(requested), LUM_U64(rusable),
+                    LUM_U64(weight), LUM_U64(stack_id));
 }

@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "obs_internal.h"
+#include "unwind_memo.h"
 #ifdef LUM_UNWIND_VERIFY
 #define UNW_LOCAL_ONLY
 #include <libunwind.h>
@@ -40,9 +41,6 @@
 pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
-/* Frames walked beyond the requested depth, for lumalloc's own (this function, the hook, the
- * core's slow path and entry point, possibly a few more when the core's call chain is deep). */
-#define LUM_UNWIND_SLACK 12
 /* Serialises additions to the rule cache; reset in fork children by observe.c. */
 pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -51,7 +49,7 @@ pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
  * into the executable (lumalloc_static) that range would cover the program too, so only the
  * frames up to the hook's caller are dropped (see skip_copy). */
 static uintptr_t self_lo, self_hi;
-static int self_state; /* 0: not yet looked up, 1: separate object, 2: inside the executable */
+int lum_self_state; /* 0: not yet looked up, 1: separate object, 2: inside the executable */
 
 static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
 {
@@ -74,11 +72,11 @@ static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
     if (!mine)
         return 0;
     if (!info->dlpi_name || !info->dlpi_name[0]) {
-        __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
+        __atomic_store_n(&lum_self_state, 2, __ATOMIC_RELEASE);
     } else {
         __atomic_store_n(&self_lo, lo, __ATOMIC_RELAXED);
         __atomic_store_n(&self_hi, hi, __ATOMIC_RELAXED);
-        __atomic_store_n(&self_state, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&lum_self_state, 1, __ATOMIC_RELEASE);
     }
     return 1;
 }
@@ -88,13 +86,13 @@ static void locate_self(void)
     /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
-        __atomic_store_n(&self_state, 2, __ATOMIC_RELEASE);
+        __atomic_store_n(&lum_self_state, 2, __ATOMIC_RELEASE);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
 void lum_unwind_preload(void)
 {
-    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
+    if (!__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
         locate_self();
 }
 
@@ -114,7 +112,7 @@ uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth)
 static uint32_t skip_copy(const uint64_t *buf, int n, uint64_t *frames, uint32_t max, uintptr_t hook_ret)
 {
     int start = 0;
-    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1) {
+    if (__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) == 1) {
         uintptr_t lo = __atomic_load_n(&self_lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&self_hi, __ATOMIC_RELAXED);
         while (start < n && buf[start] >= lo && buf[start] < hi)
             start++;
@@ -135,10 +133,7 @@ static uint32_t skip_copy(const uint64_t *buf, int n, uint64_t *frames, uint32_t
     return d;
 }
 
-/* Unwinding cost is timed on one unwind in TIME_EVERY per thread (and scaled): a
- * clock_gettime pair cost more than a cached walk. */
-#define TIME_EVERY 16
-static __thread uint32_t thread_unwinds LUM_TLS;
+__thread uint32_t lum_thread_unwinds LUM_TLS;
 
 static uint64_t now_ns(void)
 {
@@ -150,7 +145,7 @@ static uint64_t now_ns(void)
 static void unwind_account(bool timed, uint64_t t0, uint32_t walked)
 {
     if (timed)
-        __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * TIME_EVERY, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * LUM_TIME_EVERY, __ATOMIC_RELAXED);
     __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&lum_unwind_frames, walked, __ATOMIC_RELAXED);
 }
@@ -188,8 +183,8 @@ static struct rtab *rtab;
  * a key with another generation's) hold the generation of the loader's unload count it was
  * learnt in: a walk looks up only rules of the generation it started in, and a rebuilt table
  * keeps only those. */
-static uint64_t rules_unloads; /* lum_cfi_unloads() when rules_gen last moved */
-static uint32_t rules_gen;
+static uint64_t rules_unloads; /* lum_cfi_unloads() when lum_rules_gen last moved */
+uint32_t lum_rules_gen;
 
 static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
 {
@@ -199,19 +194,19 @@ static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
 /* The generation for a walk starting now, after a look at the loader's unload count (probe) or
  * as the last look left it.  A look costs one dl_iterate_phdr callback, ~370 instructions with
  * its locks (ring: +0.8 % instructions when every sample looks), so walks look one in
- * TIME_EVERY per thread, and before every walk that derives rules, when it is cheap next to the
+ * LUM_TIME_EVERY per thread, and before every walk that derives rules, when it is cheap next to the
  * walk.  The count is stored after the generation moves, so a thread that sees the new count
  * also sees the new generation (two threads may both move it: a harmless extra step). */
 static uint32_t rules_generation(bool probe)
 {
     if (!probe)
-        return __atomic_load_n(&rules_gen, __ATOMIC_ACQUIRE);
+        return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
     uint64_t u = lum_cfi_unloads();
     if (u != __atomic_load_n(&rules_unloads, __ATOMIC_ACQUIRE)) {
-        __atomic_fetch_add(&rules_gen, 1, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&lum_rules_gen, 1, __ATOMIC_RELEASE);
         __atomic_store_n(&rules_unloads, u, __ATOMIC_RELEASE);
     }
-    return __atomic_load_n(&rules_gen, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
 }
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
@@ -276,11 +271,11 @@ out:
     pthread_mutex_unlock(&lum_unwind_rules_lock);
 }
 
-/* Stack pages this thread has found readable: [stack_lo, stack_hi), one contiguous run that a
+/* Stack pages this thread has found readable: [lum_stack_lo, lum_stack_hi), one contiguous run that a
  * walk started in.  A walk must start in it and may read only between its frame and the top;
  * a thread that moves to another stack (coroutines, an alternate signal stack) starts outside
  * it, and the run moves there. */
-static __thread uintptr_t stack_lo LUM_TLS, stack_hi LUM_TLS;
+__thread uintptr_t lum_stack_lo LUM_TLS, lum_stack_hi LUM_TLS;
 #define PAGE 4096u
 /* at most this many pages checked by one walk, and this far below the run it may grow down */
 #define REACH_PAGES 1024u
@@ -305,22 +300,22 @@ static bool readable(uintptr_t a)
 /* Makes sp the start of a walk: in the run, or the run grows down to it, or moves to it. */
 static bool stack_from(uintptr_t sp)
 {
-    uintptr_t lo = stack_lo, page = sp & ~(uintptr_t)(PAGE - 1);
-    if (sp >= lo && sp < stack_hi)
+    uintptr_t lo = lum_stack_lo, page = sp & ~(uintptr_t)(PAGE - 1);
+    if (sp >= lo && sp < lum_stack_hi)
         return true;
     if (sp < lo && lo - page <= GROW_DOWN) {
         uintptr_t a = lo;
         while (a > page && readable(a - PAGE))
             a -= PAGE;
         if (a == page) {
-            stack_lo = page;
+            lum_stack_lo = page;
             return true;
         }
     }
     if (!readable(page))
         return false;
-    stack_lo = page;
-    stack_hi = page + PAGE;
+    lum_stack_lo = page;
+    lum_stack_hi = page + PAGE;
     return true;
 }
 
@@ -328,14 +323,14 @@ static bool stack_from(uintptr_t sp)
  * one walk makes. */
 static bool stack_reach(uintptr_t end, unsigned *budget)
 {
-    uintptr_t hi = stack_hi;
+    uintptr_t hi = lum_stack_hi;
     while (hi < end) {
         if (!*budget || !readable(hi))
             break;
         --*budget;
         hi += PAGE;
     }
-    stack_hi = hi;
+    lum_stack_hi = hi;
     return hi >= end;
 }
 
@@ -387,66 +382,29 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
     return *ip != 0;
 }
 
-/* The last cached walk of this thread from its first stored frame on: a sample's stack is
- * mostly the one before it (a hot loop), and re-reading the words that walk read costs a
- * fraction of walking again.  The walk is a function of its key frame (ip, sp; bp only when a
- * rule reads it before a slot restores it), the generation, max, the rules (never changed once
- * learnt, for a generation) and the words it read: when those are all as they were, and the
- * checked stack run still reaches as high, the walk would store the same frames.  So a hit
- * compares every word the walk read (each return address and each saved rbp, at its offset
- * from the key's sp) and copies the frames out; any difference walks again.  A stack that
- * differs only deep down differs in a return address that the walk read, or in none that it
- * read, and then the walk's frames are the same. */
-#define MEMO_FRAMES (LUM_MAX_FRAMES + LUM_UNWIND_SLACK) /* the deepest walk */
-#define MEMO_RBP 32 /* bits of a mask */
-struct walk_memo {
-    uintptr_t ip, sp, bp, top; /* the key frame; top: the highest CFA the walk reached */
-    uint32_t gen, max, d, nret, nb; /* d frames; nret return-address and nb rbp slots read */
-    uint8_t busy, valid, uses_bp;
-    uint32_t roff[MEMO_FRAMES];      /* frames[i + 1] (0 for i + 1 == d) was read at sp + roff[i] */
-    uint32_t boff[MEMO_RBP];         /* a saved rbp bval[i] was read at sp + boff[i] */
-    uintptr_t bval[MEMO_RBP];
-    uint64_t frames[MEMO_FRAMES + 1];
-};
-static __thread struct walk_memo memo LUM_TLS;
-static __thread uint64_t memo_seq LUM_TLS; /* bumped at each recording: names the memo's frames */
+/* The memo (unwind_memo.h): recorded by rules_walk, its hit read inline by the sampler too. */
+__thread struct lum_walk_memo lum_memo LUM_TLS;
+__thread uint64_t lum_memo_seq LUM_TLS; /* bumped at each recording: names the memo's frames */
 __thread uint64_t lum_unwind_memo_hits LUM_TLS;
-
-/* Whether every word m's walk read from the key frame at sp on still holds its value; stores
- * the frames into out[] as it checks them. */
-static inline __attribute__((always_inline)) bool memo_holds(const struct walk_memo *m, uintptr_t sp, uint64_t *out)
-{
-    out[0] = m->frames[0];
-    for (uint32_t i = 0; i < m->nret; i++) {
-        uintptr_t v = *(const uintptr_t *)(sp + m->roff[i]);
-        if (v != m->frames[i + 1])
-            return false;
-        out[i + 1] = v; /* out[d] = 0 when the walk read it: within max, then */
-    }
-    for (uint32_t i = 0; i < m->nb; i++)
-        if (*(const uintptr_t *)(sp + m->boff[i]) != m->bval[i])
-            return false;
-    return true;
-}
 
 /* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).
  * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The
  * number of frames stored, or -1 on the first address without a rule or the first check that
  * fails (the full walk then takes it); *walked counts every frame walked.  When the frames
- * stored are this thread's memo's, *seq is set to the memo's recording (memo_seq). */
+ * stored are this thread's lum_memo's, *seq is set to the lum_memo's recording (lum_memo_seq). */
 static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
                       bool skip_self, uint32_t *walked, uint32_t gen, uint64_t *seq)
 {
     const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
-    const uintptr_t top = stack_hi;
-    if (!t || sp >= top || sp < stack_lo)
+    const uintptr_t top = lum_stack_hi;
+    if (!t || sp >= top || sp < lum_stack_lo)
         return -1;
     /* a local copy, so that the stores into out[] do not make the compiler reload it */
     const struct rules_view v = {t->e, t->shift, SIZE_MAX >> t->shift};
     uint32_t n = 0, d = 0;
     const struct rule *r;
     /* lumalloc's own leading frames: walked, not stored.  Known by address, as rule_derive
-     * marks them (R_SELF), so that a memo hit needs no rule for the key frame. */
+     * marks them (R_SELF), so that a lum_memo hit needs no rule for the key frame. */
     if (skip_self) {
         const uintptr_t lo = __atomic_load_n(&self_lo, __ATOMIC_RELAXED), hi = __atomic_load_n(&self_hi, __ATOMIC_RELAXED);
         while (ip >= lo && ip < hi) {
@@ -462,20 +420,20 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         }
     }
     /* A walk nested in another's recording (a signal handler's) neither reads nor records
-     * the memo: it records into a scratch copy. */
-    struct walk_memo scratch, *m = &memo;
+     * the lum_memo: it records into a scratch copy. */
+    struct lum_walk_memo scratch, *m = &lum_memo;
     if (m->busy) {
         m = &scratch;
     } else {
         m->busy = 1;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
         if (m->valid && m->ip == ip && m->sp == sp && m->gen == gen && m->max == max &&
-            (!m->uses_bp || m->bp == bp) && m->top <= top && memo_holds(m, sp, out)) {
+            (!m->uses_bp || m->bp == bp) && m->top <= top && lum_memo_holds(m, sp, out)) {
             d = m->d;
             __atomic_signal_fence(__ATOMIC_SEQ_CST);
             m->busy = 0;
             *walked = n + d;
-            *seq = memo_seq;
+            *seq = lum_memo_seq;
             lum_unwind_memo_hits++;
             return (int)d;
         }
@@ -532,7 +490,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
     }
     *walked = n;
     res = (int)d;
-    if (m == &memo) {
+    if (m == &lum_memo) {
         /* offsets kept in 32 bits: a walk reaching further is not remembered */
         if (nb <= MEMO_RBP && sp - ksp <= UINT32_MAX) {
             uint32_t kept = 0;
@@ -546,14 +504,14 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
             m->gen = gen, m->max = max, m->d = d, m->nret = nret, m->nb = nb;
             m->uses_bp = uses_bp;
             m->valid = 1;
-            *seq = ++memo_seq;
+            *seq = ++lum_memo_seq;
         }
         goto out;
     }
     return res;
 fail:
     res = -1;
-    if (m != &memo)
+    if (m != &lum_memo)
         return res;
 out:
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -566,7 +524,7 @@ static struct rule rule_derive(uintptr_t ip, uint32_t gen)
 {
     struct lum_cfi_rule c;
     int k = lum_cfi_rule(ip, &c);
-    unsigned self = self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
+    unsigned self = lum_self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
     struct rule r = {.ip = rule_key(ip, gen), .flags = (uint8_t)self};
     if (k != LUM_CFI_OK) {
         r.flags |= R_LAST;
@@ -589,7 +547,7 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
     struct rule nr[LEARN];
     int nn = 0, n = 0;
     unsigned budget = REACH_PAGES;
-    if (!__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
+    if (!__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
         locate_self(); /* racing first samples may both look: they find the same answer */
     *walked = 0;
     if (!stack_from(sp))
@@ -612,9 +570,9 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
         if (r->flags & R_LAST)
             break;
         uintptr_t cfa = rule_cfa(r, sp, bp);
-        if (cfa < sp + 8 || (cfa > stack_hi && !stack_reach(cfa, &budget)))
+        if (cfa < sp + 8 || (cfa > lum_stack_hi && !stack_reach(cfa, &budget)))
             break;
-        if (rule_step(r, &ip, &sp, &bp, stack_hi) <= 0)
+        if (rule_step(r, &ip, &sp, &bp, lum_stack_hi) <= 0)
             break;
     }
     rules_learn(nr, nn, gen);
@@ -639,7 +597,7 @@ static __attribute__((noinline)) int cached_walk_linked(uintptr_t ip, uintptr_t 
 static inline int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *frames, uint32_t max,
                               uintptr_t hook_ret, uint32_t *walked, uint32_t gen, uint64_t *seq)
 {
-    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1)
+    if (__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) == 1)
         return rules_walk(ip, sp, bp, frames, max, true, walked, gen, seq);
     return cached_walk_linked(ip, sp, bp, frames, max, hook_ret, walked, gen);
 }
@@ -676,30 +634,6 @@ static __attribute__((noinline)) void verify(const uint64_t *frames, uint32_t go
 }
 #endif
 
-#if defined(__x86_64__)
-/* rules_walk's memo hit, ahead of everything else the walk sets up (its rule view, its stack
- * checks, the frame of a function that can record): most samples end here.  Only for a walk
- * from a frame outside lumalloc (the memo's key frames are never inside it), with lumalloc a
- * separate object (self_state 1: frames go straight to out[]).  Busy first, as in rules_walk:
- * a signal handler's walk must not rewrite the memo under the checks. */
-static inline int memo_hit(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max, uint32_t gen)
-{
-    struct walk_memo *m = &memo;
-    if (m->busy)
-        return -1;
-    m->busy = 1;
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    int d = -1;
-    if (m->valid && m->ip == ip && m->sp == sp && m->gen == gen && m->max == max &&
-        (!m->uses_bp || m->bp == bp) && m->top <= stack_hi && sp >= stack_lo && sp < stack_hi &&
-        memo_holds(m, sp, out))
-        d = (int)m->d;
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    m->busy = 0;
-    return d;
-}
-#endif
-
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
                          uintptr_t hook_ret, uint64_t *same)
 {
@@ -709,22 +643,11 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
     if (!max)
         return 0;
 #if defined(__x86_64__)
-    bool timed = thread_unwinds++ % TIME_EVERY == 0;
-    if (!timed && __atomic_load_n(&self_state, __ATOMIC_ACQUIRE) == 1) {
-        int d = memo_hit(ip, sp, bp, frames, max, rules_generation(false));
-        if (d >= 0) {
-            lum_unwind_memo_hits++;
-            __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
-            __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
-            if (same)
-                *same = memo_seq;
-            return (uint32_t)d;
-        }
-    }
+    bool timed = lum_thread_unwinds++ % LUM_TIME_EVERY == 0;
     uint64_t t0 = timed ? now_ns() : 0;
     uint32_t walked = 0, gen = rules_generation(timed);
     int got = -1;
-    if (__atomic_load_n(&self_state, __ATOMIC_ACQUIRE))
+    if (__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
         got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked, gen, &seq);
     if (got < 0)
         seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, timed ? gen : rules_generation(true));

@@ -1,0 +1,100 @@
+/* The unwinder's per-thread memo of its last walk (unwind.c), and its hit, inline for the
+ * sampler: most samples repeat the stack before them, and a hit then costs a few dozen
+ * instructions with no call.  Only unwind.c records into it. */
+#ifndef LUM_UNWIND_MEMO_H
+#define LUM_UNWIND_MEMO_H
+#include "obs_internal.h"
+
+/* Frames walked beyond the requested depth, for lumalloc's own (this function, the hook, the
+ * core's slow path and entry point, possibly a few more when the core's call chain is deep). */
+#define LUM_UNWIND_SLACK 12
+/* Unwinding cost is timed on one unwind in LUM_TIME_EVERY per thread (and scaled): a
+ * clock_gettime pair cost more than a cached walk.  Those walks also look at the loader's
+ * unload count (see rules_generation in unwind.c). */
+#define LUM_TIME_EVERY 16
+
+/* The last cached walk of this thread from its first stored frame on: a sample's stack is
+ * mostly the one before it (a hot loop), and re-reading the words that walk read costs a
+ * fraction of walking again.  The walk is a function of its key frame (ip, sp; bp only when a
+ * rule reads it before a slot restores it), the generation, max, the rules (never changed once
+ * learnt, for a generation) and the words it read: when those are all as they were, and the
+ * checked stack run still reaches as high, the walk would store the same frames.  So a hit
+ * compares every word the walk read (each return address and each saved rbp, at its offset
+ * from the key's sp) and copies the frames out; any difference walks again.  A stack that
+ * differs only deep down differs in a return address that the walk read, or in none that it
+ * read, and then the walk's frames are the same. */
+#define MEMO_FRAMES (LUM_MAX_FRAMES + LUM_UNWIND_SLACK) /* the deepest walk */
+#define MEMO_RBP 32 /* bits of a mask */
+struct lum_walk_memo {
+    uintptr_t ip, sp, bp, top; /* the key frame; top: the highest CFA the walk reached */
+    uint32_t gen, max, d, nret, nb; /* d frames; nret return-address and nb rbp slots read */
+    uint8_t busy, valid, uses_bp;
+    uint32_t roff[MEMO_FRAMES];      /* frames[i + 1] (0 for i + 1 == d) was read at sp + roff[i] */
+    uint32_t boff[MEMO_RBP];         /* a saved rbp bval[i] was read at sp + boff[i] */
+    uintptr_t bval[MEMO_RBP];
+    uint64_t frames[MEMO_FRAMES + 1];
+};
+
+/* Whether every word m's walk read from the key frame at sp on still holds its value; stores
+ * the frames into out[] as it checks them. */
+static inline __attribute__((always_inline)) bool lum_memo_holds(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out)
+{
+    out[0] = m->frames[0];
+    for (uint32_t i = 0; i < m->nret; i++) {
+        uintptr_t v = *(const uintptr_t *)(sp + m->roff[i]);
+        if (v != m->frames[i + 1])
+            return false;
+        out[i + 1] = v; /* out[d] = 0 when the walk read it: within max, then */
+    }
+    for (uint32_t i = 0; i < m->nb; i++)
+        if (*(const uintptr_t *)(sp + m->boff[i]) != m->bval[i])
+            return false;
+    return true;
+}
+
+extern __thread struct lum_walk_memo lum_memo LUM_TLS;
+extern __thread uint64_t lum_memo_seq LUM_TLS;
+extern __thread uint32_t lum_thread_unwinds LUM_TLS;
+/* Stack pages this thread has found readable (unwind.c, stack_reach). */
+extern __thread uintptr_t lum_stack_lo LUM_TLS, lum_stack_hi LUM_TLS;
+extern uint32_t lum_rules_gen;
+extern int lum_self_state;
+
+/* The walk from the frame at (at[0] its caller's rbp, at[1] the return address, at + 2 the
+ * caller's rsp) when this thread's memo still holds for it: its depth, the frames in out[] and
+ * *same as lum_unwind_from sets it, counted as an unwind.  -1 when the memo does not hold or
+ * when this unwind is one of the timed ones: lum_unwind_from then does it all.  Only with
+ * lumalloc a separate object (lum_self_state 1: the memo's frames are the stored ones) and
+ * for a key outside it.  Busy first, as in rules_walk: a signal handler's walk must not
+ * rewrite the memo under the checks. */
+static inline int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at, uint64_t *same)
+{
+#if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
+    uint32_t n = lum_thread_unwinds;
+    struct lum_walk_memo *m = &lum_memo;
+    if (n % LUM_TIME_EVERY == 0 || m->busy || __atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) != 1)
+        return -1;
+    m->busy = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    uintptr_t sp = (uintptr_t)(at + 2);
+    int d = -1;
+    if (m->valid && m->ip == at[1] && m->sp == sp && m->max == max &&
+        m->gen == __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE) && (!m->uses_bp || m->bp == at[0]) &&
+        m->top <= lum_stack_hi && sp >= lum_stack_lo && lum_memo_holds(m, sp, out))
+        d = (int)m->d;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    m->busy = 0;
+    if (d < 0)
+        return -1;
+    lum_thread_unwinds = n + 1;
+    lum_unwind_memo_hits++;
+    __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
+    *same = lum_memo_seq;
+    return d;
+#else
+    (void)out, (void)max, (void)at, (void)same;
+    return -1;
+#endif
+}
+#endif
