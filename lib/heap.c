@@ -86,7 +86,7 @@ void lum_global_init(void)
 
 /* The next sample point after `from` bytes (or 0 while failure injection needs every
  * allocation on the slow path). */
-static uint64_t next_sample_after(struct lum_heap *heap, uint64_t from)
+static inline __attribute__((always_inline)) uint64_t next_sample_after(struct lum_heap *heap, uint64_t from)
 {
     if (lum_fail_armed) return 0;
     int64_t interval = lum_sampler_draw(&heap->rng);

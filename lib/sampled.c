@@ -27,7 +27,7 @@ unsigned lum_sampled_class_slow(unsigned cls)
 
 /* Pops a block of class cls from the sampled pages; a new sampled page is made only when
  * may_grow.  Counts the allocation for heap. */
-static lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow)
+static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow)
 {
     lum_lock(&lum_sampled_lock);
     struct lum_page *page;
