@@ -702,7 +702,14 @@ static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap 
     void *p = lum_sampled_alloc(heap, scls);
     /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
     if (p) {
-        if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at);
+        uint64_t t = lum_opt.sample_interval;
+        if (LUM_UNLIKELY(heap->wf_interval != t)) {
+            memset(heap->wf, 0, sizeof heap->wf);
+            heap->wf_interval = t;
+        }
+        double f = heap->wf[cls];
+        if (LUM_UNLIKELY(f == 0)) f = heap->wf[cls] = lum_sample_factor(lum_class_size[cls], t);
+        if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at, f);
         else lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
     }
     return p;

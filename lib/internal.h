@@ -164,6 +164,10 @@ struct lum_heap {
     uint64_t next_sample;
     _Atomic(lum_block *) inbox; /* blocks freed by other threads, drained by the owner */
     uint64_t rng;
+    /* lum_sample_factor of each class's size at interval wf_interval, 0 until asked: per
+     * thread, so no lock or race when the interval changes (the table is then cleared). */
+    uint64_t wf_interval;
+    double wf[LUM_CLASSES];
     uint32_t tid;
     uint32_t alive;
     struct lum_page_list avail[LUM_CLASSES]; /* current page first; pages with free blocks */

@@ -38,7 +38,10 @@ void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requeste
  * walk starts in the caller of the allocator's entry point instead of walking the allocator's
  * frames.  NULL: from the caller of lum_on_sample_at, unwound. */
 void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                      const uintptr_t *at);
+                      const uintptr_t *at, double factor);
+/* A sample's weight is its requested size times lum_sample_factor(usable, interval): the core
+ * keeps the factor per class (lum_on_sample_at's factor; 0: computed there). */
+double lum_sample_factor(uint64_t usable, uint64_t interval);
 /* A sampled block is being freed (before the core reuses it). */
 void lum_on_sample_free(void *ptr, size_t usable);
 

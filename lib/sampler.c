@@ -57,15 +57,25 @@ static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t de
     return true;
 }
 
+double lum_sample_factor(uint64_t usable, uint64_t interval)
+{
+    uint64_t u = usable ? usable : 1;
+    return sample_weight(u, interval) / (double)u;
+}
+
 void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                      const uintptr_t *at)
+                      const uintptr_t *at, double factor)
 {
     uint64_t s = requested ? requested : 1;
     /* The allocator samples by usable bytes (its exact byte counter is the sampling clock), so
      * the chance of this sample is p(usable); s / p(usable) keeps the estimate of requested
-     * bytes unbiased (Horvitz-Thompson). */
-    uint64_t u = usable ? usable : s;
-    double w = sample_weight(u, lum_opt.sample_interval) * (double)s / (double)u;
+     * bytes unbiased (Horvitz-Thompson): w = s * (weight(usable) / usable), the factor, which
+     * the core keeps per class. */
+    if (factor <= 0) {
+        uint64_t u = usable ? usable : s;
+        factor = sample_weight(u, lum_opt.sample_interval) / (double)u;
+    }
+    double w = factor * (double)s;
     uint64_t wb = (uint64_t)(w + 0.5);
     if (tc)
         tc->sampled_bytes += wb;
@@ -103,7 +113,7 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
     else
         st = NULL, id = lum_stack_hash(frames, depth);
 
-    double objects = w / (double)s;
+    double objects = factor; /* w / s */
     lum_lock(&lum_prof_lock);
     /* counted under the lock, which every sample takes anyway: no locked add */
     __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
@@ -154,7 +164,7 @@ __attribute__((noinline)) void lum_on_sample(struct lum_thread_counters_v1 *tc, 
     const uintptr_t *fp = __builtin_frame_address(0);
     if (fp[1] != (uintptr_t)__builtin_return_address(0))
         fp = NULL;
-    lum_on_sample_at(tc, ptr, requested, usable, fp);
+    lum_on_sample_at(tc, ptr, requested, usable, fp, 0);
     /* not a tail call: the walk reads this frame's return address */
     __asm__ volatile("" ::: "memory");
 }
