@@ -108,13 +108,7 @@ struct lum_rec {
     struct lum_stack *stack; /* NULL when no stack was recorded */
     uint64_t stack_id;
 };
-/* A record for ptr, linked, every other field left for the caller to fill (no copy of a
- * record built elsewhere); NULL when memory is exhausted (counted as dropped). */
-struct lum_rec *lum_records_add(uintptr_t ptr);
-/* Unlinks the record of ptr, NULL when ptr was not recorded; the caller reads it, then gives it
- * back with lum_records_put. */
-struct lum_rec *lum_records_take(uintptr_t ptr);
-void lum_records_put(struct lum_rec *n);
+/* Adding, taking and giving back a record: inline, in prof_records.h. */
 uint64_t lum_records_live(void);
 extern uint64_t lum_records_dropped;
 

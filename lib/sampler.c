@@ -10,6 +10,7 @@
 #include "observe.h"
 #include "options.h"
 #include "probes.h"
+#include "prof_records.h"
 #include "unwind_memo.h"
 
 uint64_t lum_prof_samples, lum_prof_sample_frees;
