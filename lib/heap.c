@@ -84,14 +84,20 @@ void lum_global_init(void)
     lum_unlock(&init_lock);
 }
 
+/* A sample point drawn after `from` bytes (UINT64_MAX: sampling is off). */
+static inline __attribute__((always_inline)) uint64_t next_point(struct lum_heap *heap, uint64_t from)
+{
+    int64_t interval = lum_sampler_draw(&heap->rng);
+    if (interval == INT64_MAX || from + (uint64_t)interval < from) return UINT64_MAX;
+    return from + (uint64_t)interval;
+}
+
 /* The next sample point after `from` bytes (or 0 while failure injection needs every
  * allocation on the slow path). */
 static inline __attribute__((always_inline)) uint64_t next_sample_after(struct lum_heap *heap, uint64_t from)
 {
     if (lum_fail_armed) return 0;
-    int64_t interval = lum_sampler_draw(&heap->rng);
-    if (interval == INT64_MAX || from + (uint64_t)interval < from) return UINT64_MAX;
-    return from + (uint64_t)interval;
+    return next_point(heap, from);
 }
 
 void lum_heap_force_slow(void)
@@ -690,28 +696,34 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
     return NULL;
 }
 
+/* Records the sample p of class cls: its weight factor from the thread's table, then the
+ * sampler.  at: the frame to unwind from (lum_on_sample_at), NULL: lum_on_sample's caller.
+ * always_inline: lum_on_sample must be called from the function malloc's fast path jumped to,
+ * as the unwind walks every frame of ours (~40 instructions each). */
+static inline __attribute__((always_inline)) void record_sample(struct lum_heap *heap, void *p, size_t size,
+                                                                unsigned cls, const uintptr_t *at)
+{
+    /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
+    uint64_t t = lum_opt.sample_interval;
+    if (LUM_UNLIKELY(heap->wf_interval != t)) {
+        memset(heap->wf, 0, sizeof heap->wf);
+        heap->wf_interval = t;
+    }
+    double f = heap->wf[cls];
+    if (LUM_UNLIKELY(f == 0)) f = heap->wf[cls] = lum_sample_factor(lum_class_size[cls], t);
+    if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at, f);
+    else lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
+}
+
 /* A sampled block of class cls for this allocation when the next sample point falls inside
  * it; NULL when it does not, or when there is no memory for a sampled page (an unsampled block
- * beats a failure).  always_inline: lum_on_sample must be called from the function malloc's
- * fast path jumped to, as the unwind walks every frame of ours (~40 instructions each). */
-static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls,
-                                                               const uintptr_t *at)
+ * beats a failure). */
+static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls)
 {
     unsigned scls = lum_sampled_class(cls);
     if (!take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
     void *p = lum_sampled_alloc(heap, scls);
-    /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
-    if (p) {
-        uint64_t t = lum_opt.sample_interval;
-        if (LUM_UNLIKELY(heap->wf_interval != t)) {
-            memset(heap->wf, 0, sizeof heap->wf);
-            heap->wf_interval = t;
-        }
-        double f = heap->wf[cls];
-        if (LUM_UNLIKELY(f == 0)) f = heap->wf[cls] = lum_sample_factor(lum_class_size[cls], t);
-        if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at, f);
-        else lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
-    }
+    if (p) record_sample(heap, p, size, cls, NULL);
     return p;
 }
 
@@ -732,8 +744,16 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
     const uintptr_t *fp = __builtin_frame_address(0);
     if (fp[1] != (uintptr_t)__builtin_return_address(0)) fp = NULL;
     unsigned cls = lum_size_class(size);
-    void *p = heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample ? sample_alloc(heap, size, cls, fp) : NULL;
-    return p ? p : lum_malloc_slow(size, 0);
+    uint64_t start = heap->tc.alloc_bytes;
+    if (start + lum_class_size[cls] < heap->next_sample) return lum_malloc_slow(size, 0);
+    /* take_sample's work, its checks done above; the next point is drawn from where the
+     * counter will stand after the sampled block */
+    unsigned scls = lum_sampled_class(cls);
+    heap->next_sample = next_point(heap, start + lum_class_size[scls]);
+    void *p = lum_sampled_alloc(heap, scls);
+    if (LUM_UNLIKELY(!p)) return lum_malloc_slow(size, 0);
+    record_sample(heap, p, size, cls, fp);
+    return p;
 }
 
 /* Everything malloc's fast path does not handle: first use, sampling, failure injection,
@@ -763,7 +783,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
     if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample) {
-        void *p = sample_alloc(heap, size, cls, NULL);
+        void *p = sample_alloc(heap, size, cls);
         if (p) return p;
     }
     struct lum_page *page = heap->current[cls];
