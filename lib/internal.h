@@ -43,12 +43,14 @@
 #define LUM_HEADER_OFFSET (LUM_HARDENED ? LUM_GUARD_SIZE : 0)
 
 #define LUM_ALIGN 16
-#define LUM_CLASSES 96                  /* 16..128 by 16, then 8 classes per doubling */
+#define LUM_CLASSES 96                  /* see scripts/gen_size_classes.py */
 #define LUM_SMALL_MAX ((size_t)256 << 10) /* largest size class */
 /* user data of a large block starts a page after its header (two with the hardened guard) */
 #define LUM_LARGE_HEADER (4096 + LUM_HEADER_OFFSET)
 #define LUM_SMALL_TABLE_MAX 1024
-#define LUM_MEDIUM_TABLE_MAX 8192
+#define LUM_MEDIUM_TABLE_MAX 16384
+#define LUM_MEDIUM_STEP 64
+#define LUM_FIRST_QUARTER_CLASS 80    /* the first class above the medium table: 4 per doubling */
 #define LUM_RETAIN_EMPTY_PER_CLASS 2   /* empty pages a heap keeps per class before releasing */
 #define LUM_RETAIN_EMPTY_BYTES ((size_t)1 << 20)
 #define LUM_CACHE_BLOCKS 16            /* most blocks a heap's cache keeps per class */
@@ -189,7 +191,7 @@ extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-
 
 /* ---- size classes (size_class.c) ---- */
 extern const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
-extern const uint8_t lum_medium_class[LUM_MEDIUM_TABLE_MAX / 128 + 1];
+extern const uint8_t lum_medium_class[LUM_MEDIUM_TABLE_MAX / LUM_MEDIUM_STEP + 1];
 extern const uint32_t lum_class_size[LUM_CLASSES];
 extern const uint8_t lum_class_slices[LUM_CLASSES];
 extern const uint8_t lum_cache_max[LUM_CLASSES];
@@ -198,10 +200,10 @@ static inline unsigned lum_size_class(size_t size)
 {
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
         return lum_small_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
-    if (size <= LUM_MEDIUM_TABLE_MAX) return lum_medium_class[(size + 127) / 128];
+    if (size <= LUM_MEDIUM_TABLE_MAX) return lum_medium_class[(size + LUM_MEDIUM_STEP - 1) / LUM_MEDIUM_STEP];
     size_t s = size - 1;
-    unsigned k = 63 - (unsigned)__builtin_clzl(s);
-    return 8 + (k - 7) * 8 + (unsigned)((s >> (k - 3)) & 7);
+    unsigned k = 63 - (unsigned)__builtin_clzl(s); /* >= 14 */
+    return LUM_FIRST_QUARTER_CLASS + (k - 14) * 4 + (unsigned)((s >> (k - 2)) & 3);
 }
 
 static inline void lum_page_set_fast(struct lum_page *page, struct lum_heap *heap)

@@ -22,7 +22,7 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size)
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
         page = heap->direct[(size + LUM_ALIGN - 1) / LUM_ALIGN];
     else if (size <= LUM_MEDIUM_TABLE_MAX && size < lum_fast_limit_get())
-        page = heap->current[lum_medium_class[(size + 127) / 128]];
+        page = heap->current[lum_medium_class[(size + LUM_MEDIUM_STEP - 1) / LUM_MEDIUM_STEP]];
     else if (size < lum_fast_limit_get())
         page = heap->current[lum_size_class(size)];
     else
