@@ -15,8 +15,39 @@ size_t lum_large_cached; /* bytes in the cache (internal.h) */
 
 static size_t page_round(size_t n) { return (n + 4095) & ~(size_t)4095; }
 
+static void large_unmap_list(struct lum_large *l);
+
+/* Moves a cached mapping's pages into one of map_size bytes, 4 MiB-aligned like any; false
+ * when the kernel will not (the mapping is untouched then). */
+static bool grow_mapping(struct lum_large **lp, size_t map_size)
+{
+    struct lum_large *l = *lp;
+    int64_t delta = (int64_t)map_size - (int64_t)l->map_size; /* read while l is mapped */
+    void *moved = mremap(l->map_base, l->map_size, map_size, 0);
+    if (moved == MAP_FAILED) {
+        void *dst = lum_os_map_aligned(map_size, LUM_SEGMENT_SIZE);
+        if (!dst) return false;
+        moved = mremap(l->map_base, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+        if (moved == MAP_FAILED) {
+            lum_os_unmap(dst, map_size, 0);
+            return false;
+        }
+        lum_os_account(-(int64_t)map_size, 0); /* dst's reservation became the block */
+    }
+    lum_os_account(delta, delta); /* handed to the program: counted as touched */
+    l = (struct lum_large *)((uint8_t *)moved + LUM_HEADER_OFFSET);
+    l->map_base = moved;
+    l->map_size = map_size;
+    *lp = l;
+    return true;
+}
+
 /* Best fit from the cache.  A mapping much larger than needed is shrunk in place (mremap drops
- * its tail), so the pages it already has are reused instead of faulting in a fresh mapping. */
+ * its tail), so the pages it already has are reused instead of faulting in a fresh mapping.
+ * When none is large enough, the largest is grown (mremap keeps its pages) and the rest are
+ * unmapped: a fresh mapping next to them would hold both resident until decay, where glibc's
+ * heap serves the larger block from the freed memory (bench python, PYTHONMALLOC=malloc: its
+ * 344 KiB buffers, then 1.1 MiB ones). */
 static struct lum_large *cache_take(size_t map_size)
 {
     if (!__atomic_load_n(&cache, __ATOMIC_RELAXED)) return NULL; /* peek: the lock decides */
@@ -28,13 +59,32 @@ static struct lum_large *cache_take(size_t map_size)
             best_link = link;
             if (l->map_size == map_size) break;
         }
+    struct lum_large *rest = NULL;
     if (best) {
         __atomic_store_n(best_link, best->next, __ATOMIC_RELAXED);
         __atomic_sub_fetch(&lum_large_cached, best->map_size, __ATOMIC_RELAXED);
         best->cached = 0;
+    } else if (cache && !LUM_HARDENED) { /* hardened mappings end in a guard page: never grown */
+        rest = cache;
+        __atomic_store_n(&cache, NULL, __ATOMIC_RELAXED);
+        __atomic_store_n(&lum_large_cached, 0, __ATOMIC_RELAXED);
+        struct lum_large **big = &rest;
+        for (struct lum_large **q = &rest; *q; q = &(*q)->next)
+            if ((*q)->map_size > (*big)->map_size) big = q;
+        best = *big;
+        *big = best->next;
+        best->cached = 0;
     }
     lum_unlock(&lum_large_lock);
-    if (best && best->map_size / 2 > map_size && !LUM_HARDENED) {
+    large_unmap_list(rest);
+    if (!best) return NULL;
+    if (best->map_size < map_size) {
+        if (!grow_mapping(&best, map_size)) {
+            best->next = NULL;
+            large_unmap_list(best);
+            return NULL;
+        }
+    } else if (best->map_size / 2 > map_size && !LUM_HARDENED) {
         /* hardened mappings end in a guard page: they are reused whole instead */
         if (mremap(best->map_base, best->map_size, map_size, 0) != MAP_FAILED) {
             lum_os_account(-(int64_t)(best->map_size - map_size), -(int64_t)(best->map_size - map_size));

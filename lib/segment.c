@@ -111,12 +111,14 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         idx = best_idx;
     }
     size_t limit_purged = 0, limit_unmapped = 0;
+    bool mapped_new = false;
     if (idx < 0) {
         /* Free slices exist but no run fits: before mapping more, give them back if they
          * outgrew the live heap (see lum_dirty_limit). */
         if (lum_segments_dirty_bytes() > lum_dirty_limit(lum_segments_dirty_bytes()))
             limit_purged = purge_locked(true, lum_now_ms(), &limit_unmapped);
         seg = segment_new();
+        mapped_new = true;
         if (!seg) {
             lum_unlock(&lum_segment_lock);
             account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
@@ -159,6 +161,10 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->slices = (uint8_t)n;
     lum_unlock(&lum_segment_lock);
     account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
+    /* Freed large blocks can never become pages: with a segment mapped anyway, keeping them
+     * would hold both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them
+     * at its peak).  A large block asked for later grows whatever the cache then has. */
+    if (mapped_new && lum_large_cache_bytes()) lum_large_cache_purge();
     return page;
 }
 

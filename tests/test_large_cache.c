@@ -1,0 +1,81 @@
+/* The cache of freed large mappings never holds memory next to a fresh mapping it could have
+ * been: a larger block grows a cached mapping (its pages serve again), and a new segment lets
+ * the cache go (its memory can never become pages). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include "lumalloc.h"
+#include "lumalloc_options.h"
+#include "lumalloc_stats.h"
+
+static void *(*volatile p_malloc)(size_t) = malloc;
+static struct lum_stats s1, s2;
+
+static int setup(void **state)
+{
+    (void)state;
+    /* a sampled block is counted differently; none here */
+    return lum_options_set("sample_interval", "0");
+}
+
+static void a_larger_block_grows_a_cached_mapping(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned char *a = p_malloc(300 << 10);
+    assert_non_null(a);
+    memset(a, 1, 300 << 10);
+    free(a); /* into the cache */
+    lum_stats_snapshot(&s1);
+    unsigned char *b = p_malloc(1 << 20);
+    assert_non_null(b);
+    memset(b, 2, 1 << 20);
+    lum_stats_snapshot(&s2);
+    /* a fresh mapping would add 1 MiB and its header, with the cached 300 KiB still mapped */
+    assert_true(s2.mapped - s1.mapped <= (1 << 20) - (300 << 10) + 4096);
+    assert_true(s2.large_live >= 1 << 20);
+    unsigned char *c = p_malloc(300 << 10); /* nothing cached now: a fresh mapping */
+    assert_non_null(c);
+    memset(c, 3, 300 << 10);
+    for (size_t i = 0; i < 1 << 20; i += 4093) assert_int_equal(b[i], 2);
+    free(c);
+    free(b);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+static void a_new_segment_lets_the_cache_go(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned char *a = p_malloc(300 << 10);
+    assert_non_null(a);
+    memset(a, 1, 300 << 10);
+    free(a); /* into the cache */
+    lum_stats_snapshot(&s1);
+    enum { MAX = 4096 };
+    static void *blocks[MAX];
+    int n = 0;
+    do {
+        blocks[n] = p_malloc(8192);
+        assert_non_null(blocks[n]);
+        lum_stats_snapshot(&s2);
+    } while (s2.segments == s1.segments && ++n < MAX);
+    assert_true(n < MAX);
+    /* the new segment's 4 MiB, less the cached mapping given back */
+    assert_true(s2.mapped - s1.mapped < ((size_t)4 << 20));
+    for (int i = 0; i <= n; i++) free(blocks[i]);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(a_larger_block_grows_a_cached_mapping),
+        cmocka_unit_test(a_new_segment_lets_the_cache_go),
+    };
+    return cmocka_run_group_tests(tests, setup, NULL);
+}
