@@ -49,8 +49,8 @@
 #define LUM_LARGE_HEADER (4096 + LUM_HEADER_OFFSET)
 #define LUM_SMALL_TABLE_MAX 1024
 #define LUM_MEDIUM_TABLE_MAX 16384
-#define LUM_MEDIUM_STEP 64
-#define LUM_FIRST_QUARTER_CLASS 80    /* the first class above the medium table: 4 per doubling */
+#define LUM_MEDIUM_STEP 32
+#define LUM_BIG_STEP 4096
 #define LUM_RETAIN_EMPTY_PER_CLASS 2   /* empty pages a heap keeps per class before releasing */
 #define LUM_RETAIN_EMPTY_BYTES ((size_t)1 << 20)
 #define LUM_CACHE_BLOCKS 16            /* most blocks a heap's cache keeps per class */
@@ -192,6 +192,7 @@ extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-
 /* ---- size classes (size_class.c) ---- */
 extern const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
 extern const uint8_t lum_medium_class[LUM_MEDIUM_TABLE_MAX / LUM_MEDIUM_STEP + 1];
+extern const uint8_t lum_big_class[LUM_SMALL_MAX / LUM_BIG_STEP + 1];
 extern const uint32_t lum_class_size[LUM_CLASSES];
 extern const uint8_t lum_class_slices[LUM_CLASSES];
 extern const uint8_t lum_cache_max[LUM_CLASSES];
@@ -201,9 +202,7 @@ static inline unsigned lum_size_class(size_t size)
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
         return lum_small_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
     if (size <= LUM_MEDIUM_TABLE_MAX) return lum_medium_class[(size + LUM_MEDIUM_STEP - 1) / LUM_MEDIUM_STEP];
-    size_t s = size - 1;
-    unsigned k = 63 - (unsigned)__builtin_clzl(s); /* >= 14 */
-    return LUM_FIRST_QUARTER_CLASS + (k - 14) * 4 + (unsigned)((s >> (k - 2)) & 3);
+    return lum_big_class[(size + LUM_BIG_STEP - 1) / LUM_BIG_STEP]; /* size <= LUM_SMALL_MAX */
 }
 
 static inline void lum_page_set_fast(struct lum_page *page, struct lum_heap *heap)
