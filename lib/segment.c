@@ -224,6 +224,23 @@ static size_t account_purge(size_t madvised, size_t unmapped, uint32_t reason)
     return madvised + unmapped;
 }
 
+/* The next page on these slices may serve any class and carves lazily from their start: one
+ * whose blocks go little further than its first carve left the rest of the span it inherited
+ * resident and idle, while the classes that carve deep took fresh slices, so the touched part of
+ * every slice that changed hands crept to the whole span (larson: each generation of threads
+ * recycles the last one's pages across classes).  What this page carved past its first 4 KiB
+ * goes back at once (outside the lock; the next carve faults it in again); a page that never
+ * carved further, the common case for a class a thread barely uses, costs no call.  The slices
+ * stay counted resident (figures stay an upper bound) and decay purges them whole later.  Not in
+ * huge-page mode, where it would split the huge page. */
+static void release_tail(const struct lum_page *page)
+{
+    size_t touched = ((size_t)page->carved * page->block_size + 4095) & ~(size_t)4095;
+    if (touched <= 4096 || lum_opt.thp) return;
+    madvise(page->start + 4096, touched - 4096,
+            lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+}
+
 void lum_page_release(struct lum_page *page)
 {
     struct lum_segment *seg = lum_segment_of(page->start);
@@ -231,6 +248,7 @@ void lum_page_release(struct lum_page *page)
     unsigned n = page->slices;
     uint64_t now = lum_now_ms();
     size_t released = 0, unmapped = 0;
+    release_tail(page);
     lum_lock(&lum_segment_lock);
     for (unsigned i = 0; i < n; i++) {
         seg->slice_page[idx + i] = &lum_invalid_sentinel;
