@@ -520,14 +520,38 @@ static void adopt_locked(struct lum_heap *heap, struct lum_page *page, bool fron
     if (front) lum_page_set_fast(page, heap);
 }
 
-/* Takes an abandoned page of cls onto heap's avail list.  Ownership and list change together
- * under the lock, so a fork never sees a page that belongs to a heap but sits on no list. */
+/* Abandoned pages with live blocks looked at for one that is at most half full. */
+#define LUM_ADOPT_LOOK 4
+
+/* Takes an abandoned page of cls onto heap's avail list, for a thread that needs room in the
+ * class.  Ownership and list change together under the lock, so a fork never sees a page that
+ * belongs to a heap but sits on no list.
+ * An empty page first (the newest: the most likely still cached).  A page with live blocks only
+ * when they fill at most half of it: the blocks of a denser one are somebody's data, which the
+ * thread that frees them takes over with the page (free_into_abandoned), so its frees stay
+ * local and its holes refill at once.  Taken by the first thread to need the class instead,
+ * every one of those frees went to that thread's pages as a remote free, to wait there until
+ * it came round to the page, while the freeing thread took fresh memory (larson, where each
+ * generation of threads frees what the last one left: 1.3-1.6 MiB of freed blocks waited at
+ * the peak, and the pages in use crept by a generation's holes; peak RSS 17.6 -> 14.7 MiB).
+ * The holes of a denser page left to its freeing thread are fewer than its live blocks. */
 static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
 {
     /* unlocked peek: a stale answer only delays adoption to the next slow path */
     if (!__atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED)) return NULL;
     lum_lock(&lum_abandoned_lock);
-    struct lum_page *page = lum_abandoned[cls].head;
+    struct lum_page *page = lum_abandoned[cls].tail; /* empty ones sit at the back */
+    if (page && page->abandoned != LUM_ABANDONED_EMPTY) {
+        struct lum_page *q = lum_abandoned[cls].head;
+        page = NULL;
+        for (unsigned i = 0; q && i < LUM_ADOPT_LOOK; q = q->next, i++) {
+            lum_page_collect(q); /* frees that reached it while nobody owned it */
+            if (q->used * 2 <= q->capacity) {
+                page = q;
+                break;
+            }
+        }
+    }
     if (page) adopt_locked(heap, page, true);
     lum_unlock(&lum_abandoned_lock);
     if (page) lum_page_collect(page);
