@@ -526,16 +526,19 @@ static void adopt_locked(struct lum_heap *heap, struct lum_page *page, bool fron
 /* Takes an abandoned page of cls onto heap's avail list, for a thread that needs room in the
  * class.  Ownership and list change together under the lock, so a fork never sees a page that
  * belongs to a heap but sits on no list.
- * An empty page first (the newest: the most likely still cached).  A page with live blocks only
- * when they fill at most half of it: the blocks of a denser one are somebody's data, which the
- * thread that frees them takes over with the page (free_into_abandoned), so its frees stay
- * local and its holes refill at once.  Taken by the first thread to need the class instead,
- * every one of those frees went to that thread's pages as a remote free, to wait there until
- * it came round to the page, while the freeing thread took fresh memory (larson, where each
- * generation of threads frees what the last one left: 1.3-1.6 MiB of freed blocks waited at
- * the peak, and the pages in use crept by a generation's holes; peak RSS 17.6 -> 14.7 MiB).
- * The holes of a denser page left to its freeing thread are fewer than its live blocks. */
-static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
+ * An empty page first (the newest: the most likely still cached); then, unless `any`, a page
+ * with live blocks only when they fill at most half of it.  The blocks of a denser page are
+ * somebody's data, often about to be freed by the thread that took it over, which then takes
+ * the page with them (free_into_abandoned): its frees stay local and its holes refill at once.
+ * Taken by the first thread to need the class instead, every one of those frees went to that
+ * thread's pages as a remote free, to wait there until it came round to the page, while the
+ * freeing thread carved fresh memory (larson, where each generation of threads frees what the
+ * last one left: 1.3-1.6 MiB of freed blocks waited at the peak, and the pages in use crept by
+ * a generation's holes; peak RSS 17.6 -> 14.7 MiB).  Denser pages, if they have any room
+ * (`any`), are taken only by a thread that already has a page of the class and would otherwise
+ * map a new one: data nobody frees keeps its holes in use at the cost of one page per class and
+ * thread. */
+static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls, bool any)
 {
     /* unlocked peek: a stale answer only delays adoption to the next slow path */
     if (!__atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED)) return NULL;
@@ -546,7 +549,7 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls)
         page = NULL;
         for (unsigned i = 0; q && i < LUM_ADOPT_LOOK; q = q->next, i++) {
             lum_page_collect(q); /* frees that reached it while nobody owned it */
-            if (q->used * 2 <= q->capacity) {
+            if (any ? q->used < q->capacity : q->used * 2 <= q->capacity) {
                 page = q;
                 break;
             }
@@ -679,9 +682,13 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
     }
     while ((page = heap->avail[cls].head) != NULL)
         if (page_has_room(page) || !page_park_full(heap, page)) goto found;
-    while ((page = adopt_abandoned(heap, cls)) != NULL)
+    while ((page = adopt_abandoned(heap, cls, false)) != NULL)
         if (page_has_room(page) || !page_park_full(heap, page)) goto found;
     if ((page = heap_unpark_any(heap, cls)) != NULL) goto found;
+    /* denser abandoned pages before fresh memory, once this heap has a page of the class */
+    if (heap->full[cls].head || heap->avail[cls].head)
+        while ((page = adopt_abandoned(heap, cls, true)) != NULL)
+            if (page_has_room(page) || !page_park_full(heap, page)) goto found;
     lum_abandoned_decay();
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {

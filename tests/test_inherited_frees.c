@@ -1,7 +1,8 @@
-/* Blocks an exited thread left behind, freed by the thread that took over its data while a third
- * thread allocates the same class: the frees count free at once, on pages the freeing thread
- * now owns, instead of waiting as remote frees on pages of the thread that happened to need the
- * class first (which never looks at them while it is idle).  Its own process: pages left by
+/* Pages an exited thread left with live blocks.  Freed by the thread that took over its data
+ * while a third thread allocates the same class, the blocks count free at once, on pages the
+ * freeing thread now owns, instead of waiting as remote frees on pages of the thread that
+ * happened to need the class first (which never looks at them while it is idle).  Left alone,
+ * their holes still serve a thread that allocates the class.  Its own process: pages left by
  * other tests would change which thread holds which page. */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -87,10 +88,55 @@ static void inherited_frees_count_at_once(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
+/* The other side: data an exited thread left with holes in it, which no thread frees.  A
+ * thread that allocates the class takes one page of its own, and then fills those holes rather
+ * than carve fresh memory. */
+#define BLOCK2 512 /* another one-slice class: 128 blocks a page */
+#define NBLOCKS2 512
+static void *kept[NBLOCKS2];
+
+static void *holer(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < NBLOCKS2; i++) kept[i] = p_malloc(BLOCK2);
+    for (int i = 0; i < NBLOCKS2; i += 4) {
+        free(kept[i]);
+        kept[i] = NULL;
+    }
+    return NULL; /* its pages, three quarters full, go to the abandoned lists */
+}
+
+static void holes_of_left_data_are_reused(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, holer, NULL), 0);
+    pthread_join(t, NULL);
+    void *mine[2 * NBLOCKS2 / 4];
+    for (int i = 0; i < 2 * NBLOCKS2 / 4; i++) mine[i] = p_malloc(BLOCK2);
+    unsigned reused = 0;
+    for (int i = 0; i < 2 * NBLOCKS2 / 4; i++) {
+        uintptr_t p = (uintptr_t)mine[i];
+        for (int j = 1; j < NBLOCKS2; j++)
+            if (kept[j] && (p >> 16) == ((uintptr_t)kept[j] >> 16)) { /* on one of the left pages */
+                reused++;
+                break;
+            }
+    }
+    printf("# %u of %d allocations filled holes in the left pages (%d holes)\n", reused,
+           2 * NBLOCKS2 / 4, NBLOCKS2 / 4);
+    assert_true(reused >= NBLOCKS2 / 8);
+    for (int i = 0; i < 2 * NBLOCKS2 / 4; i++) free(mine[i]);
+    for (int i = 0; i < NBLOCKS2; i++) free(kept[i]);
+    lum_options_set("sample_interval", "512k");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(inherited_frees_count_at_once),
+        cmocka_unit_test(holes_of_left_data_are_reused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
