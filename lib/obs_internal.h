@@ -76,6 +76,11 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
  * code once it moves.  One dl_iterate_phdr callback, under lum_unwind_fork_lock; no malloc. */
 uint64_t lum_cfi_unloads(void);
 extern uint64_t lum_cfi_object_scans;
+/* Read the tables from the objects' files where they can (default); false: always through
+ * the mapping (tests that damage the tables in memory).  lum_cfi_file_lookups counts the
+ * times the file was used. */
+extern bool lum_cfi_read_files;
+extern uint64_t lum_cfi_file_lookups;
 
 /* ---- stack table (stacktab.c), all under lum_prof_lock ---- */
 struct lum_stack {

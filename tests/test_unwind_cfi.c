@@ -414,8 +414,18 @@ static int sweep_object(struct dl_phdr_info *info, size_t size, void *arg)
             /* as if returning to the function's first byte + 1, and to its middle */
             uintptr_t pcs[2] = {start + 1, start + (next - start) / 2 + 1};
             for (int j = 0; j < 2; j++) {
-                struct lum_cfi_rule r;
+                struct lum_cfi_rule r, m;
                 int got = lum_cfi_rule(pcs[j], &r);
+                /* the tables read through the mapping say the same as the file */
+                lum_cfi_read_files = false;
+                int got_m = lum_cfi_rule(pcs[j], &m);
+                lum_cfi_read_files = true;
+                assert_int_equal(got, got_m);
+                if (got == LUM_CFI_OK) {
+                    assert_int_equal(r.cfa_off, m.cfa_off);
+                    assert_int_equal(r.rbp_off, m.rbp_off);
+                    assert_int_equal(r.cfa_rbp, m.cfa_rbp);
+                }
                 if (got == LUM_CFI_OK) {
                     sw->ok++;
                     assert_true(r.cfa_off >= 8);
@@ -436,7 +446,10 @@ static void test_every_function(void **state)
     static struct sweep objs[] = {{"libc.so", 0, 0, 0, 0}, {"", 0, 0, 0, 0}};
     for (size_t i = 0; i < sizeof objs / sizeof objs[0]; i++) {
         struct sweep *sw = &objs[i];
+        uint64_t from_files = lum_cfi_file_lookups;
         dl_iterate_phdr(sweep_object, sw);
+        /* both objects have a build-id: their tables were read from their files */
+        assert_true(lum_cfi_file_lookups - from_files >= sw->fdes);
         fprintf(stderr, "%s: %u FDEs, %u lookups: %u rules, %u outermost, %u not of that form\n",
                 sw->name[0] ? sw->name : "executable", sw->fdes, sw->ok + sw->last + sw->none, sw->ok,
                 sw->last, sw->none);
