@@ -172,8 +172,6 @@ struct lum_heap {
     double wf[LUM_CLASSES];
     uint32_t tid;
     uint32_t alive;
-    struct lum_page_list avail[LUM_CLASSES]; /* current page first; pages with free blocks */
-    struct lum_page_list full[LUM_CLASSES];
     uint8_t retained_count[LUM_CLASSES];
     size_t retained_bytes;
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
@@ -181,6 +179,11 @@ struct lum_heap {
     bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
     struct lum_page *empty_big; /* the emptied current page of > 1 slice kept (lum_page_empty) */
     uint8_t empty_big_cls;      /* its class, checked before the page is read */
+    /* Last, and the full lists at the very end: a record is 4 KiB-aligned (meta.c) and
+     * everything up to here fits its first page, so a thread that never parks a full page of a
+     * class past the first few (most small programs) leaves the second page untouched. */
+    struct lum_page_list avail[LUM_CLASSES]; /* current page first; pages with free blocks */
+    struct lum_page_list full[LUM_CLASSES];
 };
 
 extern struct lum_page lum_empty_page;

@@ -39,17 +39,21 @@ void *lum_meta_alloc(size_t size)
         memset(p, 0, bytes);
         return p;
     }
-    if (!meta_bump || (size_t)(meta_end - meta_bump) < bytes) {
+    /* Blocks of a page or more start on a page: a heap record (8 KiB class, 5.5 KiB used)
+     * then touches the pages it uses and no neighbour's (the gap is address space only). */
+    uint8_t *at = meta_bump;
+    if (at && bytes >= 4096) at = (uint8_t *)(((uintptr_t)at + 4095) & ~(uintptr_t)4095);
+    if (!meta_bump || (size_t)(meta_end - at) < bytes) {
         uint8_t *chunk = lum_os_map(META_CHUNK);
         if (!chunk) { lum_unlock(&lum_meta_lock); return NULL; }
         lum_os_name(chunk, META_CHUNK, "lumalloc-meta");
         lum_os_account(0, (int64_t)META_CHUNK);
         lum_count_global(&lumalloc_registry.global.metadata_bytes, (int64_t)META_CHUNK);
-        meta_bump = chunk;
+        meta_bump = at = chunk;
         meta_end = chunk + META_CHUNK;
     }
-    p = meta_bump;
-    meta_bump += bytes;
+    p = at;
+    meta_bump = at + bytes;
     lum_unlock(&lum_meta_lock);
     return p; /* fresh mmap memory is zero */
 }
