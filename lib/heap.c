@@ -140,8 +140,9 @@ static void heap_forget_pages(struct lum_heap *heap)
 {
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         lum_heap_set_current(heap, c, &lum_empty_page);
-        heap->avail[c].head = heap->avail[c].tail = NULL;
-        /* written only when set: a fresh record's full lists stay untouched (struct lum_heap) */
+        /* written only when set: a fresh record's lists of big classes and full lists stay
+         * untouched (struct lum_heap) */
+        if (heap->avail[c].head || heap->avail[c].tail) heap->avail[c].head = heap->avail[c].tail = NULL;
         if (heap->full[c].head || heap->full[c].tail) heap->full[c].head = heap->full[c].tail = NULL;
         heap->retained_count[c] = 0;
         cache_take(heap, c); /* its blocks are on pages this record no longer has */

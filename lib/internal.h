@@ -179,9 +179,10 @@ struct lum_heap {
     bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
     struct lum_page *empty_big; /* the emptied current page of > 1 slice kept (lum_page_empty) */
     uint8_t empty_big_cls;      /* its class, checked before the page is read */
-    /* Last, and the full lists at the very end: a record is 4 KiB-aligned (meta.c) and
-     * everything up to here fits its first page, so a thread that never parks a full page of a
-     * class past the first few (most small programs) leaves the second page untouched. */
+    /* Last, and the full lists at the very end: a record is 4 KiB-aligned (meta.c) and its
+     * first page ends within avail, at the lists of the biggest classes (4 KiB and up with
+     * today's tables), so a thread that uses none of those and never parks a full page (most
+     * small programs) leaves the second page untouched. */
     struct lum_page_list avail[LUM_CLASSES]; /* current page first; pages with free blocks */
     struct lum_page_list full[LUM_CLASSES];
 };
