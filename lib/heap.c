@@ -816,6 +816,13 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
     if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample) {
+        /* A tail call: reached from malloc (its exhausted page), lum_malloc_sample walks from
+         * malloc's caller, where the unwinder's memo holds, instead of from here (~250
+         * instructions less a sample).  Its way back here is closed: the checks that send it
+         * back hold, and a failed sampled page moves the next point on. */
+        if (!alignment && heap == lum_tls_heap && heap->next_sample != 0 &&
+            !(lum_opt.large_warn && size >= lum_opt.large_warn))
+            return lum_malloc_sample(size);
         void *p = sample_alloc(heap, size, cls);
         if (p) return p;
     }
@@ -836,32 +843,26 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     return b;
 }
 
-LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
+/* Out of line, with its buffer: in lum_free_slow they made every slow free (a sampled block's,
+ * a large one's, another thread's) save four registers and make room first. */
+static __attribute__((noinline, cold)) void free_invalid(void *p)
 {
-    switch (page->kind) {
-    case LUM_PAGE_LARGE:
-        lum_large_free(p);
-        return;
-    case LUM_PAGE_SAMPLED:
-        lum_sampled_free(page, p);
-        return;
-    case LUM_PAGE_INVALID: {
-        char msg[96];
-        static const char hex[] = "0123456789abcdef";
-        uintptr_t v = (uintptr_t)p;
-        char *m = msg;
-        const char *prefix = "lumalloc: free of an address no allocation returned: 0x";
-        while (*prefix) *m++ = *prefix++;
-        for (int shift = 60; shift >= 0; shift -= 4) *m++ = hex[(v >> shift) & 15];
-        *m++ = '\n';
-        *m = 0;
-        lum_write_err(msg);
-        if (lum_opt.harden || LUM_HARDENED) abort();
-        return;
-    }
-    default:
-        break;
-    }
+    char msg[96];
+    static const char hex[] = "0123456789abcdef";
+    uintptr_t v = (uintptr_t)p;
+    char *m = msg;
+    const char *prefix = "lumalloc: free of an address no allocation returned: 0x";
+    while (*prefix) *m++ = *prefix++;
+    for (int shift = 60; shift >= 0; shift -= 4) *m++ = hex[(v >> shift) & 15];
+    *m++ = '\n';
+    *m = 0;
+    lum_write_err(msg);
+    if (lum_opt.harden || LUM_HARDENED) abort();
+}
+
+/* Another thread's block (or ours on an adopted page). */
+static LUM_NOINLINE void free_foreign(void *p, struct lum_page *page)
+{
     struct lum_heap *heap = lum_tls_heap;
     if (heap == &lum_empty_heap && !lum_tls_exited) heap = lum_heap_get();
     if (heap && heap != &lum_empty_heap) {
@@ -875,6 +876,25 @@ LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
         if (owner == NULL && free_into_abandoned(heap, page, p)) return;
     }
     free_remote(page, p);
+}
+
+/* Only tail calls: no registers saved, no frame, for whichever kind of free comes here. */
+LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
+{
+    switch (page->kind) {
+    case LUM_PAGE_LARGE:
+        lum_large_free(p);
+        return;
+    case LUM_PAGE_SAMPLED:
+        lum_sampled_free(page, p);
+        return;
+    case LUM_PAGE_INVALID:
+        free_invalid(p);
+        return;
+    default:
+        free_foreign(p, page);
+        return;
+    }
 }
 
 /* ---- thread exit ---- */
