@@ -783,7 +783,7 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
      * counter will stand after the sampled block */
     unsigned scls = lum_sampled_class(cls);
     heap->next_sample = next_point(heap, start + lum_class_size[scls]);
-    void *p = lum_sampled_alloc(heap, scls);
+    void *p = lum_sampled_alloc_fast(heap, scls);
     if (LUM_UNLIKELY(!p)) return lum_malloc_slow(size, 0);
     record_sample(heap, p, size, cls, fp);
     return p;

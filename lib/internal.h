@@ -378,6 +378,31 @@ static inline unsigned lum_sampled_class(unsigned cls)
 }
 void lum_sampled_free(struct lum_page *page, void *p);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
+extern struct lum_page_list lum_sampled_pages[LUM_CLASSES];
+/* Under lum_sampled_lock: page, the head of class cls's list, handed out its last free block. */
+void lum_sampled_emptied(struct lum_page *page, unsigned cls);
+/* lum_sampled_alloc for the sampling path, inline: its common case (the head page has a free
+ * block) without a call and the register saves of the whole pop (~15 instructions a sample);
+ * anything else through lum_sampled_alloc. */
+static inline __attribute__((always_inline)) void *lum_sampled_alloc_fast(struct lum_heap *heap, unsigned scls)
+{
+    lum_lock(&lum_sampled_lock);
+    struct lum_page *page = lum_sampled_pages[scls].head;
+    lum_block *b;
+    if (LUM_UNLIKELY(!page || !(b = page->free))) {
+        lum_unlock(&lum_sampled_lock);
+        return lum_sampled_alloc(heap, scls);
+    }
+    page->free = lum_free_next(page, b);
+    lum_block_handed_out(b);
+    page->used++;
+    if (LUM_UNLIKELY(!page->free)) lum_sampled_emptied(page, scls);
+    lum_unlock(&lum_sampled_lock);
+    heap->tc.alloc_count++;
+    heap->tc.alloc_bytes += page->block_size;
+    heap->tc.sampled_count++;
+    return b;
+}
 
 /* ---- background.c ---- */
 void lum_background_maybe_start(void);

@@ -5,7 +5,7 @@
 #include "observe.h"
 
 lum_lock_t lum_sampled_lock;
-static struct lum_page_list sampled_pages[LUM_CLASSES];
+struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* An emptied page kept off the list for the class's next new page: where sampled blocks live a
  * while (bench ring), pages filled and emptied in turn, and making and releasing one cost ~20
  * instructions a sample.  A class keeps at most one empty page, head or spare (see keep_empty). */
@@ -30,21 +30,32 @@ unsigned lum_sampled_class_slow(unsigned cls)
     return c;
 }
 
+/* A page with nothing left to hand out goes to the back, so the next pop finds a page with
+ * free blocks first instead of walking past the full ones (lum_sampled_free brings it back to
+ * the front). */
+void lum_sampled_emptied(struct lum_page *page, unsigned cls)
+{
+    if (page->carved >= page->capacity && page->next) {
+        lum_list_remove(&lum_sampled_pages[cls], page);
+        lum_list_push_back(&lum_sampled_pages[cls], page);
+    }
+}
+
 /* Pops a block of class cls from the sampled pages; a new sampled page is made only when
  * may_grow.  Counts the allocation for heap. */
 static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow)
 {
     lum_lock(&lum_sampled_lock);
     struct lum_page *page;
-    for (page = sampled_pages[cls].head; page; page = page->next)
+    for (page = lum_sampled_pages[cls].head; page; page = page->next)
         if (page->free || lum_page_refill(page)) break;
     if (!page && may_grow && spare[cls]) {
         page = spare[cls];
         spare[cls] = NULL;
-        lum_list_push_front(&sampled_pages[cls], page);
+        lum_list_push_front(&lum_sampled_pages[cls], page);
         if (!page->free) lum_page_refill(page);
     } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
-        lum_list_push_front(&sampled_pages[cls], page);
+        lum_list_push_front(&lum_sampled_pages[cls], page);
         lum_page_refill(page);
     }
     if (!page) {
@@ -55,13 +66,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
     page->used++;
-    /* A page with nothing left to hand out goes to the back, so the next pop finds a page with
-     * free blocks first instead of walking past the full ones (lum_sampled_free brings it back
-     * to the front). */
-    if (!page->free && page->carved >= page->capacity && page->next) {
-        lum_list_remove(&sampled_pages[cls], page);
-        lum_list_push_back(&sampled_pages[cls], page);
-    }
+    if (!page->free) lum_sampled_emptied(page, cls);
     lum_unlock(&lum_sampled_lock);
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;
@@ -87,7 +92,7 @@ void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
  * class keeps at most one empty page, as many as before the spare). */
 static void keep_empty(unsigned cls, struct lum_page *page)
 {
-    struct lum_page *head = sampled_pages[cls].head;
+    struct lum_page *head = lum_sampled_pages[cls].head;
     if (!spare[cls] && !(head && head->used == 0))
         spare[cls] = page;
     else
@@ -107,22 +112,22 @@ void lum_sampled_free(struct lum_page *page, void *p)
     bool was_full = !page->free && page->carved >= page->capacity;
     lum_page_push_free(page, p);
     if (--page->used == 0) {
-        if (sampled_pages[cls].head != page) {
-            lum_list_remove(&sampled_pages[cls], page);
+        if (lum_sampled_pages[cls].head != page) {
+            lum_list_remove(&lum_sampled_pages[cls], page);
             keep_empty(cls, page);
         } else if (spare[cls]) {
             /* the head is the class's empty page now */
             lum_page_release(spare[cls]);
             spare[cls] = NULL;
         }
-    } else if (was_full && sampled_pages[cls].head != page) {
+    } else if (was_full && lum_sampled_pages[cls].head != page) {
         /* An empty head pushed down is taken off the list, or it would pin its segment for
          * good. */
-        struct lum_page *old = sampled_pages[cls].head;
-        lum_list_remove(&sampled_pages[cls], page);
-        lum_list_push_front(&sampled_pages[cls], page);
+        struct lum_page *old = lum_sampled_pages[cls].head;
+        lum_list_remove(&lum_sampled_pages[cls], page);
+        lum_list_push_front(&lum_sampled_pages[cls], page);
         if (old->used == 0) {
-            lum_list_remove(&sampled_pages[cls], old);
+            lum_list_remove(&lum_sampled_pages[cls], old);
             keep_empty(cls, old);
         }
     }
@@ -133,7 +138,7 @@ void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), void *arg)
 {
     lum_lock(&lum_sampled_lock);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        for (struct lum_page *p = sampled_pages[c].head; p; p = p->next) fn(p, arg);
+        for (struct lum_page *p = lum_sampled_pages[c].head; p; p = p->next) fn(p, arg);
         if (spare[c]) fn(spare[c], arg);
     }
     lum_unlock(&lum_sampled_lock);
