@@ -170,12 +170,10 @@ __attribute__((noinline)) void lum_on_sample(struct lum_thread_counters_v1 *tc, 
     __asm__ volatile("" ::: "memory");
 }
 
-void lum_on_sample_free(void *ptr, size_t usable)
+/* A sampled free with a tracer attached (batch or sample_free probe): the record's fields are
+ * kept for the probe past the lock. */
+static __attribute__((noinline)) void sample_free_traced(void *ptr)
 {
-    (void)usable;
-    /* Unlocked peek: the core may route every free of a sampled page here. */
-    if (!__atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED))
-        return;
     uint64_t requested = 0, rusable = 0, weight = 0, stack_id = 0;
     bool start = false;
     lum_lock(&lum_prof_lock);
@@ -200,4 +198,31 @@ void lum_on_sample_free(void *ptr, size_t usable)
     if (LUM_PROBE_ON(sample_free))
         STAP_PROBE5(lumalloc, sample_free, LUM_U64(ptr), LUM_U64(requested), LUM_U64(rusable),
                     LUM_U64(weight), LUM_U64(stack_id));
+}
+
+void lum_on_sample_free(void *ptr, size_t usable)
+{
+    (void)usable;
+    /* Unlocked peek: the core may route every free of a sampled page here. */
+    if (!__atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED))
+        return;
+    /* Untraced, nothing outlives the lock: no registers to save for a probe (~10 instructions
+     * a sampled free). */
+    if (LUM_PROBE_ON(sample_batch) || LUM_PROBE_ON(sample_free)) {
+        sample_free_traced(ptr);
+        return;
+    }
+    lum_lock(&lum_prof_lock);
+    struct lum_rec *r = lum_records_take((uintptr_t)ptr);
+    if (r) {
+        struct lum_stack *st = r->stack;
+        if (st) {
+            st->live_samples--;
+            st->live_bytes -= (int64_t)r->weight;
+            st->live_objects -= r->objects;
+        }
+        lum_records_put(r);
+        __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
+    }
+    lum_unlock(&lum_prof_lock);
 }
