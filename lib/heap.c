@@ -878,23 +878,24 @@ static LUM_NOINLINE void free_foreign(void *p, struct lum_page *page)
     free_remote(page, p);
 }
 
-/* Only tail calls: no registers saved, no frame, for whichever kind of free comes here. */
+/* Only tail calls, arguments in place: no registers saved, no frame, for whichever kind of
+ * free comes here.  Another thread's block first, the common one in threaded programs. */
 LUM_NOINLINE void lum_free_slow(void *p, struct lum_page *page)
 {
-    switch (page->kind) {
-    case LUM_PAGE_LARGE:
-        lum_large_free(p);
-        return;
-    case LUM_PAGE_SAMPLED:
-        lum_sampled_free(page, p);
-        return;
-    case LUM_PAGE_INVALID:
-        free_invalid(p);
-        return;
-    default:
+    unsigned kind = page->kind;
+    if (LUM_LIKELY(kind == LUM_PAGE_SMALL)) {
         free_foreign(p, page);
         return;
     }
+    if (kind == LUM_PAGE_SAMPLED) {
+        lum_sampled_free(p, page);
+        return;
+    }
+    if (kind == LUM_PAGE_LARGE) {
+        lum_large_free(p);
+        return;
+    }
+    free_invalid(p);
 }
 
 /* ---- thread exit ---- */

@@ -376,7 +376,7 @@ static inline unsigned lum_sampled_class(unsigned cls)
     unsigned c = __atomic_load_n(&lum_sampled_memo[cls], __ATOMIC_RELAXED);
     return c ? c - 1 : lum_sampled_class_slow(cls);
 }
-void lum_sampled_free(struct lum_page *page, void *p);
+void lum_sampled_free(void *p, struct lum_page *page);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 extern struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Under lum_sampled_lock: page, the head of class cls's list, handed out its last free block. */

@@ -99,7 +99,7 @@ static void keep_empty(unsigned cls, struct lum_page *page)
         lum_page_release(page);
 }
 
-void lum_sampled_free(struct lum_page *page, void *p)
+void lum_sampled_free(void *p, struct lum_page *page)
 {
     struct lum_heap *heap = lum_tls_heap;
     lum_on_sample_free(p, page->block_size);
