@@ -152,16 +152,11 @@ static long sys4(long n, long a, long b, long c, long d)
     return r;
 }
 
-/* Copies the n bytes at a (checked by the caller to lie in the tables' segment) to dst. */
-static bool src_read(const struct src *s, const uint8_t *a, void *dst, size_t n)
+/* The n bytes at offset off of the file fd into dst: false on an error or past the file's end. */
+static bool file_read(int fd, void *dst, size_t n, uint64_t off)
 {
-    if (s->fd < 0) {
-        memcpy(dst, a, n);
-        return true;
-    }
     for (size_t done = 0; done < n;) {
-        long r = sys4(SYS_pread64, s->fd, (long)((uint8_t *)dst + done), (long)(n - done),
-                      (long)((uintptr_t)a - s->o->file_delta + done));
+        long r = sys4(SYS_pread64, fd, (long)((uint8_t *)dst + done), (long)(n - done), (long)(off + done));
         if (r == -EINTR)
             continue;
         if (r <= 0)
@@ -169,6 +164,15 @@ static bool src_read(const struct src *s, const uint8_t *a, void *dst, size_t n)
         done += (size_t)r;
     }
     return true;
+}
+
+/* Copies the n bytes at a (checked by the caller to lie in the tables' segment) to dst: from the
+ * file, or from the mapping when the file does not give them (a read error, or a file with the
+ * same build-id cut short): the mapping holds them whatever became of the file since. */
+static void src_read(const struct src *s, const uint8_t *a, void *dst, size_t n)
+{
+    if (s->fd < 0 || !file_read(s->fd, dst, n, (uint64_t)((uintptr_t)a - s->o->file_delta)))
+        memcpy(dst, a, n);
 }
 
 /* The object's file, opened for this lookup if it still holds the mapped build (else -1). */
@@ -180,11 +184,7 @@ static int src_open(const struct obj *o)
     if (fd < 0)
         return -1;
     uint8_t note[96];
-    struct src s = {o, (int)fd};
-    struct obj at_note = *o;
-    at_note.file_delta = (uintptr_t)o->note - (uintptr_t)o->note_off;
-    s.o = &at_note;
-    if (o->note_len > sizeof note || !src_read(&s, o->note, note, o->note_len) ||
+    if (o->note_len > sizeof note || !file_read((int)fd, note, o->note_len, o->note_off) ||
         memcmp(note, o->note, o->note_len) != 0) {
         sys4(SYS_close, fd, 0, 0, 0);
         return -1;
@@ -262,8 +262,7 @@ static bool record_at(const struct src *s, const uint8_t *p, uint8_t *buf, struc
     size_t have = (size_t)(o->seg_hi - p) < RECORD_BUF ? (size_t)(o->seg_hi - p) : RECORD_BUF;
     const uint8_t *base = p;
     if (s->fd >= 0) {
-        if (!src_read(s, p, buf, have))
-            return false;
+        src_read(s, p, buf, have);
         base = buf;
     }
     struct rd r = {base, s->fd >= 0 ? buf + have : o->seg_hi, false, 0};
@@ -464,8 +463,7 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
     /* the header: 4 bytes, then two pointers of at most 8 bytes each */
     uint8_t head[20];
     size_t hn = (size_t)(o->hdr_end - o->hdr) < sizeof head ? (size_t)(o->hdr_end - o->hdr) : sizeof head;
-    if (!src_read(s, o->hdr, head, hn))
-        return NULL;
+    src_read(s, o->hdr, head, hn);
     struct rd r = {head, head + hn, false, (intptr_t)(o->hdr - head)};
     uint8_t version = rd_u8(&r), ptr_enc = rd_u8(&r), cnt_enc = rd_u8(&r), tab_enc = rd_u8(&r);
     if (r.bad || version != 1)
@@ -486,14 +484,13 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
         size_t mid = lo + (hi - lo) / 2;
         int32_t start;
         if (s->fd >= 0 && chunk_lo == SIZE_MAX && hi - lo <= 64) {
-            if (!src_read(s, tab + lo * 8, chunk, (hi - lo) * 8))
-                return NULL;
+            src_read(s, tab + lo * 8, chunk, (hi - lo) * 8);
             chunk_lo = lo;
         }
         if (chunk_lo != SIZE_MAX)
             start = chunk[2 * (mid - chunk_lo)];
-        else if (!src_read(s, tab + mid * 8, &start, 4))
-            return NULL;
+        else
+            src_read(s, tab + mid * 8, &start, 4);
         if (hdr + (uintptr_t)(intptr_t)start <= pc)
             lo = mid;
         else
@@ -502,8 +499,8 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
     int32_t e[2];
     if (chunk_lo != SIZE_MAX)
         e[0] = chunk[2 * (lo - chunk_lo)], e[1] = chunk[2 * (lo - chunk_lo) + 1];
-    else if (!src_read(s, tab + lo * 8, e, 8))
-        return NULL;
+    else
+        src_read(s, tab + lo * 8, e, 8);
     if (hdr + (uintptr_t)(intptr_t)e[0] > pc)
         return NULL;
     return (const uint8_t *)(hdr + (uintptr_t)(intptr_t)e[1]);
@@ -719,10 +716,10 @@ static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
             uint8_t head[12];
             size_t hn = (size_t)(o.hdr_end - o.hdr) < sizeof head ? (size_t)(o.hdr_end - o.hdr) : sizeof head;
             struct src s = {&o, src_open(&o)};
-            bool got = src_read(&s, o.hdr, head, hn);
+            src_read(&s, o.hdr, head, hn);
             if (s.fd >= 0)
                 sys4(SYS_close, s.fd, 0, 0, 0);
-            struct rd r = {head, head + hn, !got, (intptr_t)(o.hdr - head)};
+            struct rd r = {head, head + hn, false, (intptr_t)(o.hdr - head)};
             uint8_t version = rd_u8(&r), ptr_enc = rd_u8(&r);
             rd_u16(&r);
             uintptr_t ehf = rd_enc(&r, ptr_enc, hdr, &o);
