@@ -1,0 +1,90 @@
+/* Sampled blocks come from power-of-two classes, blocks under 256 bytes from the 256-byte one:
+ * with every allocation sampled, each still holds its size (malloc_usable_size says so), keeps
+ * the alignment asked for (memalign and aligned_alloc reach the sampling path too), keeps its
+ * bytes through realloc, and the thread's exact counters come back level once all are freed. */
+#include <malloc.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include "internal.h"
+#include "lumalloc_options.h"
+
+#define N 4200
+static void *blocks[N];
+
+static void fill(void *p, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++) ((uint8_t *)p)[i] = (uint8_t)(seed + i * 7);
+}
+
+static bool holds(const void *p, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++)
+        if (((const uint8_t *)p)[i] != (uint8_t)(seed + i * 7)) return false;
+    return true;
+}
+
+static void every_block_sampled_still_fits(void **state)
+{
+    (void)state;
+    free(malloc(1)); /* the thread's heap */
+    struct lum_heap *heap = lum_tls_heap;
+    assert_int_equal(lum_options_set("sample_interval", "1"), 0);
+    uint64_t live0 = heap->tc.alloc_bytes - heap->tc.free_bytes, sampled0 = heap->tc.sampled_count;
+    for (size_t s = 0; s < N; s++) {
+        blocks[s] = malloc(s);
+        assert_non_null(blocks[s]);
+        assert_true(malloc_usable_size(blocks[s]) >= s);
+        assert_int_equal((uintptr_t)blocks[s] % 16, 0);
+        fill(blocks[s], s, (unsigned)s);
+    }
+    assert_true(heap->tc.sampled_count - sampled0 >= N / 2);
+    for (size_t s = 0; s < N; s++) {
+        assert_true(holds(blocks[s], s, (unsigned)s));
+        /* up, then down past half: moved, the bytes kept */
+        size_t up = s * 3 + 40, down = s / 3;
+        void *q = realloc(blocks[s], up);
+        assert_non_null(q);
+        assert_true(malloc_usable_size(q) >= up);
+        assert_true(holds(q, s, (unsigned)s));
+        q = realloc(q, down ? down : 1);
+        assert_non_null(q);
+        assert_true(malloc_usable_size(q) >= down);
+        assert_true(holds(q, down, (unsigned)s));
+        blocks[s] = q;
+    }
+    for (size_t s = 0; s < N; s++) free(blocks[s]);
+    /* aligned requests of every power of two up to a slice, small and around the alignment */
+    for (size_t al = 32; al <= LUM_SLICE_SIZE; al *= 2) {
+        size_t sizes[] = {1, 24, 200, al - 1, al, al + 1, 3 * al};
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+            void *p = aligned_alloc(al, sizes[i]);
+            void *m = memalign(al, sizes[i]);
+            assert_non_null(p);
+            assert_non_null(m);
+            assert_int_equal((uintptr_t)p % al, 0);
+            assert_int_equal((uintptr_t)m % al, 0);
+            assert_true(malloc_usable_size(p) >= sizes[i]);
+            assert_true(malloc_usable_size(m) >= sizes[i]);
+            fill(p, sizes[i], 3);
+            fill(m, sizes[i], 5);
+            assert_true(holds(p, sizes[i], 3));
+            free(p);
+            free(m);
+        }
+    }
+    lum_options_set("sample_interval", "512k");
+    assert_int_equal(heap->tc.alloc_bytes - heap->tc.free_bytes, live0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(every_block_sampled_still_fits),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
