@@ -31,6 +31,7 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include "obs_internal.h"
+#include "options.h"
 
 #if defined(__x86_64__)
 
@@ -178,7 +179,7 @@ static void src_read(const struct src *s, const uint8_t *a, void *dst, size_t n)
 /* The object's file, opened for this lookup if it still holds the mapped build (else -1). */
 static int src_open(const struct obj *o)
 {
-    if (!o->path || !lum_cfi_read_files)
+    if (!o->path || !lum_cfi_read_files || !lum_opt.unwind_files)
         return -1;
     long fd = sys4(SYS_openat, AT_FDCWD, (long)o->path, O_RDONLY | O_CLOEXEC, 0);
     if (fd < 0)
@@ -705,7 +706,7 @@ static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
          * offset (and both tables lie in it: checked below).  The main program's entry has no
          * name. */
         const char *path = info->dlpi_name && info->dlpi_name[0] ? info->dlpi_name : "/proc/self/exe";
-        if (o.hdr && strchr(path, '/') && !has_textrel(info)) {
+        if (o.hdr && !(hseg->p_flags & PF_W) && strchr(path, '/') && !has_textrel(info)) {
             find_note(info, &o);
             if (o.note) {
                 o.path = path;

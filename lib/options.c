@@ -23,6 +23,7 @@ struct lum_options lum_opt = {
     .sample_interval = 512 * 1024, .prof_depth = 32, .prof = true,
     .large_threshold = 256 * 1024, .large_cache = 64u << 20,
     .diag = LUM_DIAG_CRITICAL, .decay_ms = 1000, .purge_mode = LUM_PURGE_DONTNEED, .psi = true,
+    .unwind_files = true,
 };
 
 enum opt_type { T_SIZE, T_UINT, T_BOOL, T_ENUM, T_PATH, T_SIGNAL };
@@ -85,6 +86,8 @@ static const struct opt table[] = {
      "runtime hardening checks (double free, foreign pointers)"},
     {"verbose", "LUMALLOC_VERBOSE", T_BOOL, F(verbose), "off", 0, false, NULL,
      "print the options on stderr at start-up"},
+    {"unwind_files", "LUMALLOC_UNWIND_FILES", T_BOOL, F(unwind_files), "on", 0, false, NULL,
+     "read unwind tables from the objects' files (off: through their mappings, no open at a sample)"},
 };
 #undef F
 #define NOPT (sizeof table / sizeof table[0])

@@ -31,6 +31,7 @@ struct lum_options {
     bool thp;                   /* LUMALLOC_THP: MADV_HUGEPAGE on segments (off) */
     bool harden;                /* LUMALLOC_HARDEN: runtime hardening checks (off) */
     bool verbose;               /* LUMALLOC_VERBOSE: print options at start-up (off) */
+    bool unwind_files;          /* LUMALLOC_UNWIND_FILES: unwind tables read from files (on) */
 };
 
 extern struct lum_options lum_opt;

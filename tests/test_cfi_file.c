@@ -19,6 +19,7 @@
 #include <unistd.h>
 #include <cmocka.h>
 #include "obs_internal.h"
+#include "options.h"
 
 static char dir[] = "/tmp/test_cfi_file.XXXXXX";
 static const char *const fns[] = {"victim_leaf", "victim_pushes", "victim_vla", "victim_early_out"};
@@ -145,6 +146,18 @@ static void test_short_file_first(void **state)
     dlclose(h);
 }
 
+/* LUMALLOC_UNWIND_FILES=off (a sandbox that kills on openat): the mapping only, same rules. */
+static void test_files_off(void **state)
+{
+    (void)state;
+    char path[96];
+    void *h = load("libd.so", path, sizeof path);
+    assert_int_equal(lum_options_set("unwind_files", "off"), 0);
+    check_rules(h, false);
+    assert_int_equal(lum_options_set("unwind_files", "on"), 0);
+    dlclose(h);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -154,7 +167,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "new"};
+    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "libd.so", "new"};
     char p[96];
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", dir, names[i]);
@@ -171,6 +184,7 @@ int main(void)
         cmocka_unit_test(test_other_file),
         cmocka_unit_test(test_short_file_known),
         cmocka_unit_test(test_short_file_first),
+        cmocka_unit_test(test_files_off),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

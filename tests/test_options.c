@@ -149,6 +149,7 @@ static void test_bad_value_reported_once_default_kept(void **state)
         {"LUMALLOC_THP", "always", "thp", "off"},
         {"LUMALLOC_HARDEN", "+", "harden", "off"},
         {"LUMALLOC_VERBOSE", "loud", "verbose", "off"},
+        {"LUMALLOC_UNWIND_FILES", "maybe", "unwind_files", "on"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         const struct bad_case *c = &cases[i];
