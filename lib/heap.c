@@ -163,9 +163,10 @@ static struct lum_heap *heap_create(void)
          * them, in one step under the lock (readers sum both under it). */
         lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)heap->tc.alloc_bytes);
         lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)heap->tc.free_bytes);
-        uint64_t next = heap->tc.next;
-        memset(&heap->tc, 0, sizeof heap->tc);
-        heap->tc.next = next;
+        /* Everything but the link: readers walk the list without the lock (tools, through
+         * process_vm_readv), and a link zeroed for a moment would cut it short for them. */
+        _Static_assert(offsetof(struct lum_thread_counters_v1, next) == 0, "the link leads");
+        memset((char *)&heap->tc + sizeof heap->tc.next, 0, sizeof heap->tc - sizeof heap->tc.next);
     }
     lum_unlock(&lum_heaps_lock);
     if (heap) forward_inbox(heap); /* frees that reached it after its thread left */
@@ -176,7 +177,8 @@ static struct lum_heap *heap_create(void)
         heap->next_all = all_heaps;
         heap->tc.next = all_heaps ? (uint64_t)(uintptr_t)&all_heaps->tc : 0;
         all_heaps = heap;
-        lumalloc_registry.threads_head = (uint64_t)(uintptr_t)&heap->tc;
+        /* release: a reader walking without the lock must find the link already written */
+        __atomic_store_n(&lumalloc_registry.threads_head, (uint64_t)(uintptr_t)&heap->tc, __ATOMIC_RELEASE);
         lum_unlock(&lum_heaps_lock);
     }
     heap_forget_pages(heap);
