@@ -114,6 +114,11 @@
 #ifndef LUMALLOC_PROBES_H
 #define LUMALLOC_PROBES_H
 
+/* BPF C gets its fixed-width types from vmlinux.h and has no libc headers. */
+#ifndef __bpf__
+#include <stdint.h>
+#endif
+
 #define LUM_PROBES_VERSION 1
 #define LUM_PROVIDER lumalloc
 

@@ -38,3 +38,15 @@ gcc -o "$work/use_static" "$work/use.c" $(pkg-config --cflags lumalloc) "$work/p
   -lm -lpthread -ldl
 [ "$("$work/use_static")" = 1 ] || { echo "FAIL: static consumer"; exit 1; }
 echo "ok: pkg-config, shared and static"
+# every installed header stands alone, in C and (a service written in C++ includes them too) C++
+for h in "$work"/prefix/include/lumalloc*.h; do
+  echo "#include <$(basename "$h")>" > "$work/alone.c"
+  gcc -std=gnu11 -Wall -Wextra -Werror -I"$work/prefix/include" -c "$work/alone.c" -o /dev/null ||
+    { echo "FAIL: $(basename "$h") does not compile alone (C)"; exit 1; }
+  if command -v g++ > /dev/null; then
+    cp "$work/alone.c" "$work/alone.cc"
+    g++ -Wall -Wextra -Werror -I"$work/prefix/include" -c "$work/alone.cc" -o /dev/null ||
+      { echo "FAIL: $(basename "$h") does not compile alone (C++)"; exit 1; }
+  fi
+done
+echo "ok: every installed header compiles alone"
