@@ -218,9 +218,11 @@ static void test_accuracy(void **state)
                names[k], (unsigned long long)t.bytes[k], (unsigned long long)t.objects[k], rb, ro,
                (unsigned long long)e.samples[k]);
         assert_true(fabs(rb - 1) < 0.10);
-        /* Objects at the mixed site: each small-size sample stands for T/s objects, so the
-         * object estimate's sd is ~4% here (bytes: ~2%); 20% keeps it at 5 sd. */
-        assert_true(fabs(ro - 1) < (k == 2 ? 0.20 : 0.10));
+        /* Objects at the mixed site: a sample of an s-byte block stands for ~T/s objects, so
+         * the estimate's sd is ~4% (bytes: ~2%) but its tail is long: one sample of a 16-32 B
+         * block (~0.6% of runs) alone adds 12-25% of the site's 33k objects.  30% leaves that
+         * tail room; a biased estimator still fails here and at the other sites' 10%. */
+        assert_true(fabs(ro - 1) < (k == 2 ? 0.30 : 0.10));
         site_samples += e.samples[k];
         site_bytes += e.raw_bytes[k];
     }
