@@ -670,14 +670,19 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
          * four carves' worth of free blocks (carved - used: its local list), or the switches
          * cost more than the carving (with one: larson +3.4% instructions); and not for blocks
          * over 2 KiB, carved one at a time, where the look would cost every slow path
-         * (ring +1.9%). */
+         * (ring +1.9%).  Other threads' frees count too, collected first: a producer whose
+         * blocks all die on a consumer thread otherwise carved every page to its end while the
+         * pages behind it held the freed blocks (bench xthread: 1.6 MiB more carved at the
+         * peak, peak RSS 20.0 -> 19.0 MiB). */
         uint32_t carve = page->block_size >= 4096 ? 1 : 4096 / page->block_size;
         struct lum_page *q = carve > 1 ? page->next : NULL;
-        for (unsigned i = 0; q && i < 4; q = q->next, i++)
+        for (unsigned i = 0; q && i < 4; q = q->next, i++) {
+            lum_page_collect(q);
             if (q->free && q->carved - q->used >= 4 * carve) {
                 page = q;
                 goto found;
             }
+        }
         if (lum_page_refill(page)) return page;
         if (!page_park_full(heap, page)) return page;
         lum_heap_set_current(heap, cls, &lum_empty_page);
