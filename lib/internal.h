@@ -333,6 +333,7 @@ void lum_meta_free(void *p, size_t size);
 extern lum_lock_t lum_segment_lock;
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind);
 void lum_page_release(struct lum_page *page);
+void lum_page_uncarve(struct lum_page *page);
 size_t lum_segments_purge(bool all, uint32_t reason);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);
 

@@ -241,6 +241,19 @@ static void release_tail(const struct lum_page *page)
             lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
 }
 
+/* An empty page kept for its class gives back the memory its blocks touched and carves afresh
+ * when next used: for blocks this big a kept page holds as much resident as a page's worth of
+ * small blocks, which no other class can reuse (see the callers).  The caller owns the page and
+ * nothing points into it. */
+void lum_page_uncarve(struct lum_page *page)
+{
+    size_t touched = ((size_t)page->carved * page->block_size + 4095) & ~(size_t)4095;
+    page->carved = 0;
+    page->free = NULL;
+    if (!touched || lum_opt.thp) return;
+    madvise(page->start, touched, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+}
+
 void lum_page_release(struct lum_page *page)
 {
     struct lum_segment *seg = lum_segment_of(page->start);

@@ -1,5 +1,6 @@
 /* Which page a thread takes blocks from when its current page runs out: blocks that came back
- * to its other pages (by its own frees or by other threads') before memory it never touched.
+ * to its other pages (by its own frees or by other threads') before memory it never touched;
+ * and what an emptied page keeps resident.
  * Its own process: the tests count on the classes they use having no pages from elsewhere. */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -9,6 +10,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include "internal.h"
 #include "lumalloc.h"
@@ -79,10 +82,60 @@ static void remote_frees_are_reused_before_fresh_carving(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
+static size_t resident_bytes(const void *p, size_t len)
+{
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095, e = ((uintptr_t)p + len + 4095) & ~(uintptr_t)4095;
+    static unsigned char vec[1024];
+    assert_true((e - a) / 4096 <= sizeof vec);
+    assert_int_equal(mincore((void *)a, e - a, vec), 0);
+    size_t n = 0;
+    for (size_t i = 0; i < (e - a) / 4096; i++) n += vec[i] & 1;
+    return n * 4096;
+}
+
+/* A block of the size that the sampler took (the interval is set to 1 byte: the next one is). */
+static char *sampled_block(size_t size)
+{
+    for (int i = 0; i < 100; i++) {
+        char *p = p_malloc(size);
+        assert_non_null(p);
+        if (lum_page_of(p)->kind == LUM_PAGE_SAMPLED) return p;
+        free(p);
+    }
+    fail_msg("no sampled block of %zu B", size);
+    return NULL;
+}
+
+/* A sampled block of 32 KiB or more leaves nothing resident once freed: its page, kept empty
+ * for the class's next sample, carves afresh.  A small one's page keeps its carved blocks. */
+static void emptied_big_sampled_page_keeps_nothing(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "1"), 0); /* every allocation sampled */
+    const size_t big = 100000, small = 2000;
+    char *p = sampled_block(big), *q = sampled_block(small);
+    struct lum_page *bp = lum_page_of(p), *sp = lum_page_of(q);
+    memset(p, 1, big);
+    memset(q, 1, small);
+    assert_true(resident_bytes(p, big) >= big);
+    lum_options_set("sample_interval", "0");
+    uintptr_t pa = (uintptr_t)p;
+    free(p);
+    free(q);
+    size_t left = resident_bytes((void *)(pa + 4096), big - 4096);
+    printf("# after the free: %zu bytes of the %zu B block resident (page carved %u), small block's "
+           "page carved %u\n", left, big, bp->carved, sp->carved);
+    assert_int_equal(left, 0);
+    if (bp->slices && bp->kind == LUM_PAGE_SAMPLED) assert_int_equal(bp->carved, 0); /* kept, not released */
+    assert_true(sp->carved > 0);
+    lum_options_set("sample_interval", "512k");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(remote_frees_are_reused_before_fresh_carving),
+        cmocka_unit_test(emptied_big_sampled_page_keeps_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
