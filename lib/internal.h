@@ -49,7 +49,7 @@
 #define LUM_LARGE_HEADER (4096 + LUM_HEADER_OFFSET)
 #define LUM_SMALL_TABLE_MAX 1024
 #define LUM_MEDIUM_TABLE_MAX 16384
-#define LUM_MEDIUM_STEP 32
+#define LUM_MEDIUM_STEP 16
 #define LUM_BIG_STEP 4096
 #define LUM_RETAIN_EMPTY_PER_CLASS 2   /* empty pages a heap keeps per class before releasing */
 #define LUM_RETAIN_EMPTY_BYTES ((size_t)1 << 20)
