@@ -511,10 +511,21 @@ static void drain_inbox(struct lum_heap *heap)
 
 
 
-static bool page_has_room(struct lum_page *page)
+/* Collects the blocks other threads freed into one of heap's pages, counting their bytes for
+ * heap_release_idle. */
+static inline uint32_t heap_collect(struct lum_heap *heap, struct lum_page *page)
+{
+    /* lum_page_collect's own first test, here: most looks find nothing, and skip the call */
+    if ((uintptr_t)atomic_load_explicit(&page->thread_free, memory_order_relaxed) <= 1) return 0;
+    uint32_t n = lum_page_collect(page);
+    heap->remote_collected += (size_t)n * page->block_size;
+    return n;
+}
+
+static bool page_has_room(struct lum_heap *heap, struct lum_page *page)
 {
     if (page->free) return true;
-    if (lum_page_collect(page)) return true;
+    if (heap_collect(heap, page)) return true;
     return lum_page_refill(page);
 }
 
@@ -628,7 +639,7 @@ static uint32_t page_unpark_at(const struct lum_page *page)
 static bool page_park_full(struct lum_heap *heap, struct lum_page *page)
 {
     if (!page_mark_full(page)) {
-        lum_page_collect(page);
+        heap_collect(heap, page);
         return false;
     }
     lum_list_remove(&heap->avail[page->cls], page);
@@ -663,12 +674,42 @@ static struct lum_page *heap_unpark_any(struct lum_heap *heap, unsigned cls)
     return NULL;
 }
 
+/* Pages of other classes looked at before a new page is mapped. */
+#define LUM_IDLE_LOOK 64
+
+/* Before a page for cls is mapped: the empty pages of other classes go back to their segments,
+ * so that the heap's memory follows what it holds live rather than the sum of each class's own
+ * peak.  These are pages emptied by other threads' frees: nobody counts those as they arrive,
+ * so such a page stays on its list, resident, until its owner looks at it again (bench xthread,
+ * where every free is remote).  Pages kept on purpose (retained: a ring's next page) stay. */
+static void heap_release_idle(struct lum_heap *heap, unsigned cls)
+{
+    /* only where other threads' frees could have emptied a page since the last look: a thread
+     * whose blocks all come back by its own frees retires its empty pages as they empty */
+    if (heap->remote_collected < LUM_SLICE_SIZE) return;
+    heap->remote_collected = 0;
+    unsigned looked = 0;
+    for (unsigned c = 0; c < LUM_CLASSES && looked < LUM_IDLE_LOOK; c++) {
+        struct lum_page *q = c == cls ? NULL : heap->avail[c].head;
+        while (q && looked < LUM_IDLE_LOOK) {
+            struct lum_page *next = q->next;
+            looked++;
+            if (q != heap->current[c] && !q->retained && (heap_collect(heap, q), q->used == 0)) {
+                lum_list_remove(&heap->avail[c], q);
+                lum_page_set_fast(q, NULL);
+                lum_page_release(q);
+            }
+            q = next;
+        }
+    }
+}
+
 /* The current page for cls has nothing left: find the next page with room. */
 static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsigned cls)
 {
     struct lum_page *page = heap->current[cls];
     if (page != &lum_empty_page) {
-        if (page->free || lum_page_collect(page)) return page;
+        if (page->free || heap_collect(heap, page)) return page;
         drain_inbox(heap);
         if (page->free) return page;
         /* Holes in the class's other pages before fresh memory in this one: carving touches
@@ -685,7 +726,7 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         uint32_t carve = page->block_size >= 4096 ? 1 : 4096 / page->block_size;
         struct lum_page *q = carve > 1 ? page->next : NULL;
         for (unsigned i = 0; q && i < 4; q = q->next, i++) {
-            lum_page_collect(q);
+            heap_collect(heap, q);
             if (q->free && q->carved - q->used >= 4 * carve) {
                 page = q;
                 goto found;
@@ -698,15 +739,16 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
         drain_inbox(heap);
     }
     while ((page = heap->avail[cls].head) != NULL)
-        if (page_has_room(page) || !page_park_full(heap, page)) goto found;
+        if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
     while ((page = adopt_abandoned(heap, cls, false)) != NULL)
-        if (page_has_room(page) || !page_park_full(heap, page)) goto found;
+        if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
     if ((page = heap_unpark_any(heap, cls)) != NULL) goto found;
     /* denser abandoned pages before fresh memory, once this heap has a page of the class */
     if (heap->full[cls].head || heap->avail[cls].head)
         while ((page = adopt_abandoned(heap, cls, true)) != NULL)
-            if (page_has_room(page) || !page_park_full(heap, page)) goto found;
+            if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
     lum_abandoned_decay();
+    heap_release_idle(heap, cls);
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
     if (!page) {
         lum_heap_set_current(heap, cls, &lum_empty_page);

@@ -174,6 +174,7 @@ struct lum_heap {
     uint32_t alive;
     uint8_t retained_count[LUM_CLASSES];
     size_t retained_bytes;
+    size_t remote_collected; /* bytes of other threads' frees collected since heap_release_idle looked */
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
     struct lum_heap *next_pool;
     bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */

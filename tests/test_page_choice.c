@@ -164,12 +164,62 @@ static void emptied_big_pages_keep_nothing(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
+/* Pages of one class emptied by another thread's frees go back to their segment when the
+ * owner needs a page for another class (the scan runs once the owner has collected a slice's
+ * worth of such frees), instead of staying resident for a class that may not need them. */
+static void remotely_emptied_pages_go_back_for_other_classes(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    const size_t a = 1100, b = 1150; /* classes 1120 and 1184, unused so far */
+    struct lum_page *pages[4];
+    int first[5], n = 0, np = 0;
+    while (np < 4 && n < MAXB) {
+        blocks[n] = p_malloc(a);
+        struct lum_page *pg = lum_page_of(blocks[n]);
+        if (np == 0 || pg != pages[np - 1]) {
+            first[np] = n;
+            pages[np++] = pg;
+        }
+        n++;
+    }
+    assert_int_equal(np, 4);
+    first[4] = n;
+    /* another thread frees every block of the first three pages */
+    struct frees f = { blocks, first[3] };
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, free_them, &f), 0);
+    pthread_join(t, NULL);
+    /* the owner takes the freed blocks of two of them back (collecting two slices' worth)... */
+    static void *again[MAXB];
+    int m = first[2] - first[0]; /* the fourth page's carved blocks, then the first two pages */
+    for (int i = 0; i < m; i++) again[i] = p_malloc(a);
+    /* one of the three still holds the other thread's frees, uncollected: empty once they are */
+    int idle = -1;
+    for (int k = 0; k < 3; k++)
+        if (lum_tls_heap->current[pages[k]->cls] != pages[k] && (lum_page_collect(pages[k]), pages[k]->used == 0))
+            idle = k;
+    assert_true(idle >= 0);
+    struct lum_page *page = pages[idle];
+    /* ...and needs a page for another class: the empty one is given back */
+    void *other = p_malloc(b);
+    struct lum_page *now = lum_page_of(blocks[first[idle]]);
+    printf("# after a page of %zu B was needed, the emptied page of %zu B blocks is %s\n", b, a,
+           now != page ? "free" : now->cls != lum_size_class(a) ? "reused by another class" : "still kept");
+    assert_false(now == page && page->slices && page->cls == lum_size_class(a));
+    free(other);
+    for (int i = 0; i < m; i++) free(again[i]);
+    for (int i = first[3]; i < n; i++) free(blocks[i]);
+    lum_options_set("sample_interval", "512k");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(remote_frees_are_reused_before_fresh_carving),
         cmocka_unit_test(emptied_big_sampled_page_keeps_nothing),
         cmocka_unit_test(emptied_big_pages_keep_nothing),
+        cmocka_unit_test(remotely_emptied_pages_go_back_for_other_classes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
