@@ -104,7 +104,7 @@ LUM_EXPORT void lum_fail_suppress_leave(void)
         ft.suppress--;
 }
 
-bool lum_fail_should_inject(size_t size)
+LUM_COLD_TEXT bool lum_fail_should_inject(size_t size)
 {
     (void)size;
     /* Our own metadata never goes through malloc, but report writers' stdio does: those and
@@ -184,7 +184,7 @@ LUM_EXPORT bool lum_get_abort_on_failure(void)
     return abort_on_failure_set ? abort_on_failure_val : lum_opt.abort_on_failure;
 }
 
-void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err)
+LUM_COLD_TEXT void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err)
 {
     bool injected = ft.pending;
     ft.pending = false;

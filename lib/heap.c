@@ -1086,7 +1086,7 @@ void lum_abandoned_decay(void)
     lum_abandoned_reclaim(false);
 }
 
-void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg)
+LUM_COLD_TEXT void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg)
 {
     lum_lock(&lum_heaps_lock);
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) fn(h, arg);
@@ -1140,7 +1140,7 @@ static void salvage_dead_cache(struct lum_heap *h)
  * instead, which change only under the segment lock that fork's prepare handler held, and are
  * recounted (a thread may have stopped mid-free) and abandoned one by one.  A page caught
  * between its allocation and its first owner has none and is lost: a few KiB at worst. */
-void lum_heaps_after_fork_child(void)
+LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
 {
     struct lum_heap *me = lum_tls_heap;
     heap_pool = NULL;

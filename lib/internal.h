@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <pthread.h>
+#include "cold_text.h"
 #include "lock.h"
 #include "lumalloc_probes.h"
 

@@ -38,7 +38,7 @@ static bool first_time(uint64_t id)
     return fresh;
 }
 
-static void warn(size_t requested, const uint64_t *frames, uint32_t depth)
+LUM_COLD_TEXT static void warn(size_t requested, const uint64_t *frames, uint32_t depth)
 {
     struct lum_buf b = {0};
     char name[320];
@@ -57,7 +57,7 @@ static void warn(size_t requested, const uint64_t *frames, uint32_t depth)
 }
 
 /* Unwinds (unless nested in profiler code), warns once per site.  Returns the depth. */
-static uint32_t stack_and_warn(size_t requested, bool warning, uintptr_t hook_ret,
+LUM_COLD_TEXT static uint32_t stack_and_warn(size_t requested, bool warning, uintptr_t hook_ret,
                                uint64_t *frames, uint64_t *id)
 {
     uint32_t depth = 0;

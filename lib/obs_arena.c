@@ -75,7 +75,7 @@ static bool buf_reserve(struct lum_buf *b, size_t extra)
     return true;
 }
 
-void lum_buf_put(struct lum_buf *b, const void *p, size_t n)
+LUM_COLD_TEXT void lum_buf_put(struct lum_buf *b, const void *p, size_t n)
 {
     if (!buf_reserve(b, n))
         return;
@@ -90,7 +90,7 @@ void lum_buf_puts(struct lum_buf *b, const char *s)
 
 /* vsnprintf into the buffer: glibc's vsnprintf on a plain %d/%s/%lu/%f format does not
  * allocate, so this is safe in diagnostics; reports avoid %ls and positional arguments. */
-void lum_buf_printf(struct lum_buf *b, const char *fmt, ...)
+LUM_COLD_TEXT void lum_buf_printf(struct lum_buf *b, const char *fmt, ...)
 {
     char tmp[512];
     va_list ap;

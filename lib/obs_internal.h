@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdbool.h>
 #include <pthread.h>
+#include "cold_text.h"
 #include "lock.h"
 #include "lumalloc_probes.h"
 

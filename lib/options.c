@@ -112,7 +112,7 @@ static bool parse_u64(const char *s, uint64_t *out, const char **end)
     return true;
 }
 
-static bool is_off_word(const char *s)
+LUM_COLD_TEXT static bool is_off_word(const char *s)
 {
     return !strcasecmp(s, "off") || !strcasecmp(s, "none") || !strcasecmp(s, "no") ||
            !strcasecmp(s, "false") || !strcasecmp(s, "disabled");
@@ -226,7 +226,7 @@ static uint64_t load_uint(const void *field, unsigned width)
 }
 
 /* Parses text for option o and stores it in *opts only when valid. */
-static bool apply(const struct opt *o, const char *text, struct lum_options *opts)
+LUM_COLD_TEXT static bool apply(const struct opt *o, const char *text, struct lum_options *opts)
 {
     void *field = (char *)opts + o->off;
     uint64_t v;
@@ -326,7 +326,7 @@ static void accepted_forms(const struct opt *o, char *buf, size_t len)
     }
 }
 
-static void report_bad(size_t i, const char *text)
+LUM_COLD_TEXT static void report_bad(size_t i, const char *text)
 {
     if (reported[i])
         return;
@@ -416,7 +416,7 @@ static void format_size(uint64_t v, char *buf, size_t len)
         snprintf(buf, len, "%llu", (unsigned long long)v);
 }
 
-static void format_value(const struct opt *o, char *buf, size_t len)
+LUM_COLD_TEXT static void format_value(const struct opt *o, char *buf, size_t len)
 {
     const void *field = (const char *)&lum_opt + o->off;
     switch (o->type) {
@@ -470,7 +470,7 @@ static void format_value(const struct opt *o, char *buf, size_t len)
     }
 }
 
-static void format_table(struct lum_buf *b)
+LUM_COLD_TEXT static void format_table(struct lum_buf *b)
 {
     lum_buf_printf(b, "%-18s %-28s %-12s %-10s %s\n", "option", "variable", "value", "default",
                    "description");
@@ -484,7 +484,7 @@ static void format_table(struct lum_buf *b)
     }
 }
 
-static void json_string(struct lum_buf *b, const char *s)
+LUM_COLD_TEXT static void json_string(struct lum_buf *b, const char *s)
 {
     lum_buf_puts(b, "\"");
     for (; *s; s++) {
@@ -499,7 +499,7 @@ static void json_string(struct lum_buf *b, const char *s)
     lum_buf_puts(b, "\"");
 }
 
-static void format_json(struct lum_buf *b)
+LUM_COLD_TEXT static void format_json(struct lum_buf *b)
 {
     lum_buf_puts(b, "{\"options\":[");
     for (size_t i = 0; i < NOPT; i++) {

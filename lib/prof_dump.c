@@ -32,7 +32,7 @@ static int format_for(const char *path, int f)
     return LUM_PROF_TEXT;
 }
 
-LUM_EXPORT int lum_prof_dump(const char *path, enum lum_prof_format format)
+LUM_COLD_TEXT LUM_EXPORT int lum_prof_dump(const char *path, enum lum_prof_format format)
 {
     if (!path || !*path)
         return -EINVAL;
@@ -92,7 +92,7 @@ static void signal_path(char *buf, size_t len, unsigned seq)
         snprintf(buf, len, "%s.%u", p, seq);
 }
 
-static void *dumper(void *arg)
+LUM_COLD_TEXT static void *dumper(void *arg)
 {
     (void)arg;
     for (;;) {

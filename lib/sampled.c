@@ -153,7 +153,7 @@ void lum_sampled_free(void *p, struct lum_page *page)
     lum_unlock(&lum_sampled_lock);
 }
 
-void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), void *arg)
+LUM_COLD_TEXT void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), void *arg)
 {
     lum_lock(&lum_sampled_lock);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {

@@ -172,7 +172,7 @@ __attribute__((noinline)) void lum_on_sample(struct lum_thread_counters_v1 *tc, 
 
 /* A sampled free with a tracer attached (batch or sample_free probe): the record's fields are
  * kept for the probe past the lock. */
-static __attribute__((noinline)) void sample_free_traced(void *ptr)
+static LUM_COLD_TEXT void sample_free_traced(void *ptr)
 {
     uint64_t requested = 0, rusable = 0, weight = 0, stack_id = 0;
     bool start = false;

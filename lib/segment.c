@@ -342,7 +342,7 @@ size_t lum_segments_purge(bool all, uint32_t reason)
     return account_purge(released, unmapped, reason);
 }
 
-void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg)
+LUM_COLD_TEXT void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg)
 {
     lum_lock(&lum_segment_lock);
     for (struct lum_segment *seg = segments; seg; seg = seg->next) fn(seg, arg);
