@@ -12,6 +12,11 @@
 #include "observe.h"
 #include "options.h"
 
+/* A heap record's first page holds the lists up to the 4 KiB class (56 in size_class.c): see
+ * struct lum_heap's avail. */
+_Static_assert(offsetof(struct lum_heap, avail) + 57 * sizeof(struct lum_page_list) <= 4096,
+               "the 4 KiB class's lists moved to the heap record's second page");
+
 /* its class indexes the heaps' always empty cache slot */
 struct lum_page lum_empty_page = { .kind = LUM_PAGE_INVALID, .cls = LUM_CLASSES };
 struct lum_page lum_large_sentinel = { .kind = LUM_PAGE_LARGE };
@@ -148,7 +153,7 @@ static void heap_forget_pages(struct lum_heap *heap)
         cache_take(heap, c); /* its blocks are on pages this record no longer has */
     }
     heap->retained_bytes = 0;
-    heap->empty_big = NULL;
+    if (heap->empty_big) heap->empty_big = NULL;
 }
 
 static struct lum_heap *heap_create(void)

@@ -172,21 +172,26 @@ struct lum_heap {
     uint64_t wf_interval;
     double wf[LUM_CLASSES];
     uint32_t tid;
-    uint32_t alive;
+    /* The byte-sized fields share one word with tid: the 16 bytes of padding they cost apart
+     * would push the 4 KiB class's list onto the record's second page (see avail). */
+    uint8_t alive;
+    bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
+    uint8_t empty_big_cls;      /* empty_big's class, checked before the page is read */
     uint8_t retained_count[LUM_CLASSES];
     size_t retained_bytes;
     size_t remote_collected; /* bytes of other threads' frees collected since heap_release_idle looked */
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
     struct lum_heap *next_pool;
-    bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
-    struct lum_page *empty_big; /* the emptied current page of > 1 slice kept (lum_page_empty) */
-    uint8_t empty_big_cls;      /* its class, checked before the page is read */
     /* Last, and the full lists at the very end: a record is 4 KiB-aligned (meta.c) and its
-     * first page ends within avail, at the lists of the biggest classes (4 KiB and up with
-     * today's tables), so a thread that uses none of those and never parks a full page (most
-     * small programs) leaves the second page untouched. */
+     * first page ends within avail, at the lists of the classes above 4 KiB with today's
+     * tables, so a thread that uses none of those and never parks a full page leaves the
+     * second page untouched.  The 4 KiB class itself must stay on the first page: stdio's
+     * buffers are 4 KiB, and most programs allocate one (checked below heap.c's includes). */
     struct lum_page_list avail[LUM_CLASSES]; /* current page first; pages with free blocks */
     struct lum_page_list full[LUM_CLASSES];
+    /* The emptied current page of > 1 slice kept (lum_page_empty): with the lists of those
+     * classes (blocks of 10 KiB and up), on the second page. */
+    struct lum_page *empty_big;
 };
 
 extern struct lum_page lum_empty_page;
