@@ -49,6 +49,17 @@ void *lum_obs_alloc(size_t size)
     return p; /* fresh anonymous pages are zero */
 }
 
+void *lum_obs_table(size_t size)
+{
+    return size < 4096 ? lum_obs_alloc(size) : lum_obs_pages(size);
+}
+
+void lum_obs_free_table(void *p, size_t size)
+{
+    if (size >= 4096)
+        lum_obs_free_pages(p, size);
+}
+
 static bool buf_reserve(struct lum_buf *b, size_t extra)
 {
     if (b->failed)

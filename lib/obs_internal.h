@@ -24,6 +24,11 @@ void *lum_obs_alloc(size_t size);
 /* Page-granular buffers for reports (mmap/munmap directly). */
 void *lum_obs_pages(size_t size);
 void lum_obs_free_pages(void *p, size_t size);
+/* Zeroed hash-table arrays that grow by doubling: under a page from the arena (a small program
+ * then adds no page of its own for a table; a grown-out one stays in the arena, less than a
+ * page per table in all), a page or more in their own mapping, unmapped when replaced. */
+void *lum_obs_table(size_t size);
+void lum_obs_free_table(void *p, size_t size);
 /* Growable byte buffer over mmap: used by report encoders. */
 struct lum_buf {
     char *data;

@@ -1,13 +1,14 @@
 /* Live sampled allocations, keyed by address: a free of a sampled block finds its weight and
  * stack here, so live-heap estimates and the sample_free probe carry the same figures as the
  * sample.  Chained hash, nodes recycled through a free list.  The bucket array is sized to what
- * is live (one bucket per record at most, from 512 buckets, 4 KiB) and doubled as it fills:
- * a fixed 64k-bucket array cost every process up to 512 KiB of RSS, touched at random.  The
+ * is live (one bucket per record at most, from 64 buckets, 512 bytes in the arena) and doubled
+ * as it fills: a fixed 64k-bucket array cost every process up to 512 KiB of RSS, touched at
+ * random, and a first table of 4 KiB a page in a program that has a few samples live.  The
  * common operations are inline (prof_records.h); the rare ones here. */
 #include <string.h>
 #include "prof_records.h"
 
-#define MIN_BITS 9
+#define MIN_BITS 6
 #define MAX_BITS 24
 
 uint64_t lum_records_dropped;
@@ -17,7 +18,7 @@ struct lum_records lum_records;
 static void rehash(unsigned nb)
 {
     struct lum_records *t = &lum_records;
-    struct lum_rec **nbk = lum_obs_pages(sizeof *nbk << nb);
+    struct lum_rec **nbk = lum_obs_table(sizeof *nbk << nb);
     if (!nbk)
         return;
     for (size_t i = 0; t->buckets && i < (size_t)1 << t->bits; i++) {
@@ -29,7 +30,7 @@ static void rehash(unsigned nb)
         }
     }
     if (t->buckets)
-        lum_obs_free_pages(t->buckets, sizeof *t->buckets << t->bits);
+        lum_obs_free_table(t->buckets, sizeof *t->buckets << t->bits);
     t->buckets = nbk;
     t->bits = nb;
 }

@@ -4,9 +4,10 @@
 #include <string.h>
 #include "obs_internal.h"
 
-/* The bucket array starts at 256 buckets (2 KiB) and doubles when the stacks outnumber the
- * buckets: a fixed 64k-bucket array cost every process up to 512 KiB of RSS. */
-#define MIN_BITS 8
+/* The bucket array starts at 64 buckets (512 bytes, in the arena with the stacks) and doubles
+ * when the stacks outnumber the buckets: a fixed 64k-bucket array cost every process up to
+ * 512 KiB of RSS, and a first table in a mapping of its own a page. */
+#define MIN_BITS 6
 /* Bounds metadata if a program has pathological numbers of distinct stacks (JIT code, deep
  * recursion): beyond this, samples are still counted per thread but not per stack. */
 #define MAX_STACKS (1u << 20)
@@ -27,7 +28,7 @@ static inline size_t bucket_of(uint64_t id, unsigned b)
 /* Moves every stack to a table of 2^nb buckets; keeps the old one if mmap fails. */
 static void rehash(unsigned nb)
 {
-    struct lum_stack **nbk = lum_obs_pages(sizeof *nbk << nb);
+    struct lum_stack **nbk = lum_obs_table(sizeof *nbk << nb);
     if (!nbk)
         return;
     for (struct lum_stack *s = all; s; s = s->anext) {
@@ -36,7 +37,7 @@ static void rehash(unsigned nb)
         *b = s;
     }
     if (buckets)
-        lum_obs_free_pages(buckets, sizeof *buckets << bits);
+        lum_obs_free_table(buckets, sizeof *buckets << bits);
     buckets = nbk;
     bits = nb;
 }

@@ -168,11 +168,12 @@ struct rtab {
     uint32_t used;   /* under rules_lock */
     struct rule e[];
 };
-/* Starts at 256 slots (4 KiB): a program's sampled stacks go through a few dozen distinct
- * return addresses; rebuilt at 3/4 full.  A replaced table is left in place (a walk on another
- * thread may be reading it); a rebuilt table is at most half full, so the old ones come to at
- * most 64 bytes a rule ever learnt. */
-#define RTAB_MIN_BITS 8
+/* Starts at 64 slots (1 KiB: with the first stacks and records, one page of the arena): a
+ * program's sampled stacks go through a few dozen distinct return addresses; rebuilt at 3/4
+ * full.  A replaced table is left in place (a walk on another thread may be reading it); a
+ * rebuilt table is at most half full, so the old ones come to at most 64 bytes a rule ever
+ * learnt. */
+#define RTAB_MIN_BITS 6
 #define RTAB_MAX_BITS 20
 static struct rtab *rtab;
 
