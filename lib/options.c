@@ -46,48 +46,88 @@ static const char *const purge_words[] = {"dontneed", "free", NULL};
 static const char *const fmt_words[] = {"auto", "text", "folded", "folded-alloc", "pprof", NULL};
 
 #define F(field) offsetof(struct lum_options, field), sizeof(((struct lum_options *)0)->field)
+/* What each option does: printed only when asked (LUMALLOC_VERBOSE, lum_options_print), so the
+ * text lies in the library's cold read-only mapping (lib/cold_text.ld), not with the names
+ * getenv looks up at every start. */
+static const char desc_sample_interval[] LUM_COLD_RODATA =
+    "mean bytes between Poisson samples of allocations (0/off: no sampling)";
+static const char desc_prof[] LUM_COLD_RODATA =
+    "unwind sampled allocations and keep in-process profiles";
+static const char desc_prof_depth[] LUM_COLD_RODATA = "frames unwound per sample (at most 64)";
+static const char desc_prof_dump[] LUM_COLD_RODATA =
+    "write the profile to this path at exit (format by extension)";
+static const char desc_prof_format[] LUM_COLD_RODATA =
+    "dump format: auto (.folded/.pb/.txt), text, folded, folded-alloc, pprof";
+static const char desc_prof_signal[] LUM_COLD_RODATA =
+    "signal that dumps the profile, e.g. USR2 (off: none)";
+static const char desc_large_threshold[] LUM_COLD_RODATA =
+    "allocations at or above this size get their own mapping";
+static const char desc_large_warn[] LUM_COLD_RODATA =
+    "warn once per call site, with its stack, at or above this size (off: never)";
+static const char desc_large_cache[] LUM_COLD_RODATA =
+    "bytes of freed large mappings kept for reuse";
+static const char desc_fail_nth[] LUM_COLD_RODATA =
+    "inject a failure into the N-th allocation of the process (off: never)";
+static const char desc_diag[] LUM_COLD_RODATA =
+    "diagnostics report on allocation failure: none, critical (in critical scopes), all";
+static const char desc_abort_on_failure[] LUM_COLD_RODATA =
+    "abort() when an allocation fails (injected failures excepted)";
+static const char desc_decay_ms[] LUM_COLD_RODATA =
+    "free pages are returned to the OS after this many milliseconds";
+static const char desc_purge[] LUM_COLD_RODATA =
+    "how pages are returned: dontneed (MADV_DONTNEED) or free (MADV_FREE)";
+static const char desc_background_purge[] LUM_COLD_RODATA = "purge from a background thread";
+static const char desc_psi[] LUM_COLD_RODATA =
+    "release free memory at once on a /proc/pressure/memory trigger";
+static const char desc_thp[] LUM_COLD_RODATA = "MADV_HUGEPAGE on segments";
+static const char desc_harden[] LUM_COLD_RODATA =
+    "runtime hardening checks (double free, foreign pointers)";
+static const char desc_verbose[] LUM_COLD_RODATA = "print the options on stderr at start-up";
+static const char desc_unwind_files[] LUM_COLD_RODATA =
+    "read unwind tables from the objects' files (off: through their mappings, no open at a sample)";
+
 static const struct opt table[] = {
     {"sample_interval", "LUMALLOC_SAMPLE_INTERVAL", T_SIZE, F(sample_interval), "512k",
      (uint64_t)1 << 40, true, NULL,
-     "mean bytes between Poisson samples of allocations (0/off: no sampling)"},
+     desc_sample_interval},
     {"prof", "LUMALLOC_PROF", T_BOOL, F(prof), "on", 0, false, NULL,
-     "unwind sampled allocations and keep in-process profiles"},
+     desc_prof},
     {"prof_depth", "LUMALLOC_PROF_DEPTH", T_UINT, F(prof_depth), "32", 1024, false, NULL,
-     "frames unwound per sample (at most 64)"},
+     desc_prof_depth},
     {"prof_dump", "LUMALLOC_PROF_DUMP", T_PATH, offsetof(struct lum_options, prof_dump), 0, "",
-     0, false, NULL, "write the profile to this path at exit (format by extension)"},
+     0, false, NULL, desc_prof_dump},
     {"prof_format", "LUMALLOC_PROF_FORMAT", T_ENUM, F(prof_format), "auto", 0, false, fmt_words,
-     "dump format: auto (.folded/.pb/.txt), text, folded, folded-alloc, pprof"},
+     desc_prof_format},
     {"prof_signal", "LUMALLOC_PROF_SIGNAL", T_SIGNAL, F(prof_signal), "off", 0, false, NULL,
-     "signal that dumps the profile, e.g. USR2 (off: none)"},
+     desc_prof_signal},
     {"large_threshold", "LUMALLOC_LARGE_THRESHOLD", T_SIZE, F(large_threshold), "256k",
-     (uint64_t)1 << 40, false, NULL, "allocations at or above this size get their own mapping"},
+     (uint64_t)1 << 40, false, NULL, desc_large_threshold},
     {"large_warn", "LUMALLOC_LARGE_WARN", T_SIZE, F(large_warn), "off", 0, true, NULL,
-     "warn once per call site, with its stack, at or above this size (off: never)"},
+     desc_large_warn},
     {"large_cache", "LUMALLOC_LARGE_CACHE", T_SIZE, F(large_cache), "64m", 0, true, NULL,
-     "bytes of freed large mappings kept for reuse"},
+     desc_large_cache},
     {"fail_nth", "LUMALLOC_FAIL_NTH", T_UINT, F(fail_nth), "off", 0, true, NULL,
-     "inject a failure into the N-th allocation of the process (off: never)"},
+     desc_fail_nth},
     {"diag", "LUMALLOC_DIAG", T_ENUM, F(diag), "critical", 0, false, diag_words,
-     "diagnostics report on allocation failure: none, critical (in critical scopes), all"},
+     desc_diag},
     {"abort_on_failure", "LUMALLOC_ABORT_ON_FAILURE", T_BOOL, F(abort_on_failure), "off", 0,
-     false, NULL, "abort() when an allocation fails (injected failures excepted)"},
+     false, NULL, desc_abort_on_failure},
     {"decay_ms", "LUMALLOC_DECAY_MS", T_UINT, F(decay_ms), "1000", 0, false, NULL,
-     "free pages are returned to the OS after this many milliseconds"},
+     desc_decay_ms},
     {"purge", "LUMALLOC_PURGE", T_ENUM, F(purge_mode), "dontneed", 0, false, purge_words,
-     "how pages are returned: dontneed (MADV_DONTNEED) or free (MADV_FREE)"},
+     desc_purge},
     {"background_purge", "LUMALLOC_BACKGROUND_PURGE", T_BOOL, F(background_purge), "off", 0,
-     false, NULL, "purge from a background thread"},
+     false, NULL, desc_background_purge},
     {"psi", "LUMALLOC_PSI", T_BOOL, F(psi), "on", 0, false, NULL,
-     "release free memory at once on a /proc/pressure/memory trigger"},
+     desc_psi},
     {"thp", "LUMALLOC_THP", T_BOOL, F(thp), "off", 0, false, NULL,
-     "MADV_HUGEPAGE on segments"},
+     desc_thp},
     {"harden", "LUMALLOC_HARDEN", T_BOOL, F(harden), "off", 0, false, NULL,
-     "runtime hardening checks (double free, foreign pointers)"},
+     desc_harden},
     {"verbose", "LUMALLOC_VERBOSE", T_BOOL, F(verbose), "off", 0, false, NULL,
-     "print the options on stderr at start-up"},
+     desc_verbose},
     {"unwind_files", "LUMALLOC_UNWIND_FILES", T_BOOL, F(unwind_files), "on", 0, false, NULL,
-     "read unwind tables from the objects' files (off: through their mappings, no open at a sample)"},
+     desc_unwind_files},
 };
 #undef F
 #define NOPT (sizeof table / sizeof table[0])
