@@ -85,13 +85,13 @@ static double exp_neg(double x)
 }
 
 /* Once, ~15k instructions.  lum_zig_k last, each with a release store: a draw that finds an
- * entry set (acquire) finds the rest of the tables too. */
+ * entry set (acquire) finds the rest of the tables too.  Each k is x_{i-1} / x_i * ZM, taken
+ * from the widths once they are all written (ZM is a power of two: the same doubles as the
+ * abscissas' ratio), so that no 2 KiB array of them sits on the stack of the thread that
+ * samples first. */
 static void zig_build(void)
 {
-    uint64_t k[LUM_ZIG_N];
-    double d = ZR, t = d, f = exp_neg(d), q = ZV / f;
-    k[0] = (uint64_t)(d / q * ZM);
-    k[1] = 0;
+    double d = ZR, f = exp_neg(d), q = ZV / f;
     lum_zig_w[0] = q / ZM;
     lum_zig_w[LUM_ZIG_N - 1] = d / ZM;
     zf[0] = 1;
@@ -100,13 +100,13 @@ static void zig_build(void)
         /* equal areas: x_i (exp(-x_i) - exp(-x_{i+1})) = ZV, with exp(-x) carried along */
         f += ZV / d;
         d = -lum_log(f);
-        k[i + 1] = (uint64_t)(d / t * ZM);
-        t = d;
         zf[i] = f;
         lum_zig_w[i] = d / ZM;
     }
-    for (int i = 0; i < LUM_ZIG_N; i++)
-        __atomic_store_n(&lum_zig_k[i], k[i], __ATOMIC_RELEASE);
+    __atomic_store_n(&lum_zig_k[0], (uint64_t)(lum_zig_w[LUM_ZIG_N - 1] / lum_zig_w[0] * ZM), __ATOMIC_RELEASE);
+    __atomic_store_n(&lum_zig_k[1], 0, __ATOMIC_RELEASE);
+    for (int i = 2; i < LUM_ZIG_N; i++)
+        __atomic_store_n(&lum_zig_k[i], (uint64_t)(lum_zig_w[i - 1] / lum_zig_w[i] * ZM), __ATOMIC_RELEASE);
 }
 
 /* uniform in (0, 1]: log() stays finite */

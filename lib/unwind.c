@@ -421,25 +421,24 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         }
     }
     /* A walk nested in another's recording (a signal handler's) neither reads nor records
-     * the lum_memo: it records into a scratch copy. */
-    struct lum_walk_memo scratch, *m = &lum_memo;
-    if (m->busy) {
-        m = &scratch;
-    } else {
-        m->busy = 1;
+     * the lum_memo: it takes the full walk.  A scratch copy of the memo here cost every
+     * sample 1.3 KiB more stack (in many a thread a page more resident) for so rare a case. */
+    struct lum_walk_memo *m = &lum_memo;
+    if (m->busy)
+        return -1;
+    m->busy = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    if (m->valid && m->ip == ip && m->sp == sp && m->gen == gen && m->max == max &&
+        (!m->uses_bp || m->bp == bp) && m->top <= top && lum_memo_holds(m, sp, out)) {
+        d = m->d;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        if (m->valid && m->ip == ip && m->sp == sp && m->gen == gen && m->max == max &&
-            (!m->uses_bp || m->bp == bp) && m->top <= top && lum_memo_holds(m, sp, out)) {
-            d = m->d;
-            __atomic_signal_fence(__ATOMIC_SEQ_CST);
-            m->busy = 0;
-            *walked = n + d;
-            *seq = lum_memo_seq;
-            lum_unwind_memo_hits++;
-            return (int)d;
-        }
-        m->valid = 0;
+        m->busy = 0;
+        *walked = n + d;
+        *seq = lum_memo_seq;
+        lum_unwind_memo_hits++;
+        return (int)d;
     }
+    m->valid = 0;
     if (!(r = rule_find(&v, rule_key(ip, gen))))
         goto fail;
     const uintptr_t kip = ip, ksp = sp, kbp = bp;
@@ -491,29 +490,24 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
     }
     *walked = n;
     res = (int)d;
-    if (m == &lum_memo) {
-        /* offsets kept in 32 bits: a walk reaching further is not remembered */
-        if (nb <= MEMO_RBP && sp - ksp <= UINT32_MAX) {
-            uint32_t kept = 0;
-            for (uint32_t i = 0; i < nb; i++)
-                if (need & (1u << i)) {
-                    m->boff[kept] = m->boff[i];
-                    m->bval[kept++] = m->bval[i];
-                }
-            nb = kept;
-            m->ip = kip, m->sp = ksp, m->bp = kbp, m->top = sp;
-            m->gen = gen, m->max = max, m->d = d, m->nret = nret, m->nb = nb;
-            m->uses_bp = uses_bp;
-            m->valid = 1;
-            *seq = ++lum_memo_seq;
-        }
-        goto out;
+    /* offsets kept in 32 bits: a walk reaching further is not remembered */
+    if (nb <= MEMO_RBP && sp - ksp <= UINT32_MAX) {
+        uint32_t kept = 0;
+        for (uint32_t i = 0; i < nb; i++)
+            if (need & (1u << i)) {
+                m->boff[kept] = m->boff[i];
+                m->bval[kept++] = m->bval[i];
+            }
+        nb = kept;
+        m->ip = kip, m->sp = ksp, m->bp = kbp, m->top = sp;
+        m->gen = gen, m->max = max, m->d = d, m->nret = nret, m->nb = nb;
+        m->uses_bp = uses_bp;
+        m->valid = 1;
+        *seq = ++lum_memo_seq;
     }
-    return res;
+    goto out;
 fail:
     res = -1;
-    if (m != &lum_memo)
-        return res;
 out:
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     m->busy = 0;
@@ -540,16 +534,20 @@ static struct rule rule_derive(uintptr_t ip, uint32_t gen)
 
 /* The walk that takes any stack: cached rules where there are, derived ones elsewhere (and
  * learnt), stack pages checked as it goes.  Every frame into buf, at most max.  noinline: its
- * learnt rules (~1.2 KiB) stay off the stack of the cached walk. */
-static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *buf, int max,
-                                               uint32_t *walked, uint32_t gen)
+ * learnt rules stay off the stack of the cached walk. */
+static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *buf, int keep,
+                                               int max, bool skip_self, uint32_t *walked, uint32_t gen)
 {
-    enum { LEARN = LUM_MAX_FRAMES + LUM_UNWIND_SLACK };
+    /* Learnt in batches of LEARN: the rules of a whole walk (76 frames, 1.2 KiB) on the stack
+     * took a new thread's first sample (always a full walk: it has no stack run yet) a page
+     * deeper in many a thread. */
+    enum { LEARN = 16 };
     struct rule nr[LEARN];
     int nn = 0, n = 0;
     unsigned budget = REACH_PAGES;
-    if (!__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
-        locate_self(); /* racing first samples may both look: they find the same answer */
+    int d = 0;
+    const uintptr_t lo = skip_self ? __atomic_load_n(&self_lo, __ATOMIC_RELAXED) : 0,
+                    hi = skip_self ? __atomic_load_n(&self_hi, __ATOMIC_RELAXED) : 0;
     *walked = 0;
     if (!stack_from(sp))
         return 0;
@@ -558,13 +556,24 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
     if (t)
         v = (struct rules_view){t->e, t->shift, SIZE_MAX >> t->shift};
     while (ip && n < max) {
-        buf[n++] = ip;
+        n++;
+        /* lumalloc's own leading frames (skip_self): walked, not stored */
+        if (ip >= lo && ip < hi) {
+            if (!d)
+                goto step;
+        }
+        buf[d++] = ip;
+        if (d >= keep)
+            break;
+    step:
         if (n >= max)
             break;
         const struct rule *r = t ? rule_find(&v, rule_key(ip, gen)) : NULL;
         if (!r) {
-            if (nn == LEARN)
-                break;
+            if (nn == LEARN) {
+                rules_learn(nr, nn, gen);
+                nn = 0;
+            }
             nr[nn] = rule_derive(ip, gen);
             r = &nr[nn++];
         }
@@ -578,7 +587,7 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
     }
     rules_learn(nr, nn, gen);
     *walked = (uint32_t)n;
-    return n;
+    return d;
 }
 
 /* The cached walk from (ip, sp, bp) into frames[], lumalloc's own frames dropped; -1 when the
@@ -603,13 +612,31 @@ static inline int cached_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t
     return cached_walk_linked(ip, sp, bp, frames, max, hook_ret, walked, gen);
 }
 
+/* Linked into the program, lumalloc's frames are found by the generic skipping, which needs
+ * the whole walk (in buf). */
+static __attribute__((noinline)) uint32_t full_unwind_linked(uint64_t *frames, uint32_t max, uintptr_t ip,
+                                                             uintptr_t sp, uintptr_t bp, uintptr_t hook_ret,
+                                                             uint32_t *walked, uint32_t gen)
+{
+    uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
+    int n = full_walk(ip, sp, bp, buf, (int)(max + LUM_UNWIND_SLACK), (int)(max + LUM_UNWIND_SLACK), false,
+                      walked, gen);
+    return skip_copy(buf, n, frames, max, hook_ret);
+}
+
+/* As a separate object, lumalloc's frames are known by address and skipped as the walk goes,
+ * the rest stored straight into frames: no buffer of the whole walk on the stack of a thread's
+ * first sample (always a full walk). */
 static __attribute__((noinline)) uint32_t full_unwind(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp,
                                                       uintptr_t bp, uintptr_t hook_ret, uint32_t *walked,
                                                       uint32_t gen)
 {
-    uint64_t buf[LUM_MAX_FRAMES + LUM_UNWIND_SLACK];
-    int n = full_walk(ip, sp, bp, buf, (int)(max + LUM_UNWIND_SLACK), walked, gen);
-    return skip_copy(buf, n, frames, max, hook_ret);
+    if (!__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
+        locate_self(); /* racing first samples may both look: they find the same answer */
+    if (__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) == 1)
+        return (uint32_t)full_walk(ip, sp, bp, frames, (int)max, (int)(max + LUM_UNWIND_SLACK), true, walked,
+                                   gen);
+    return full_unwind_linked(frames, max, ip, sp, bp, hook_ret, walked, gen);
 }
 #endif
 
