@@ -796,7 +796,8 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
  * always_inline: lum_on_sample must be called from the function malloc's fast path jumped to,
  * as the unwind walks every frame of ours (~40 instructions each). */
 static inline __attribute__((always_inline)) void record_sample(struct lum_heap *heap, void *p, size_t size,
-                                                                unsigned cls, const uintptr_t *at)
+                                                                unsigned cls, const uintptr_t *at,
+                                                                struct lum_sample_rec *rec)
 {
     /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
     uint64_t t = lum_opt.sample_interval;
@@ -806,8 +807,8 @@ static inline __attribute__((always_inline)) void record_sample(struct lum_heap 
     }
     double f = heap->wf[cls];
     if (LUM_UNLIKELY(f == 0)) f = heap->wf[cls] = lum_sample_factor(lum_class_size[cls], t);
-    if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at, f);
-    else lum_on_sample(&heap->tc, p, size, lum_class_size[cls]);
+    if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at, f, rec);
+    else lum_on_sample_rec(&heap->tc, p, size, lum_class_size[cls], rec);
 }
 
 /* A sampled block of class cls for this allocation when the next sample point falls inside
@@ -817,8 +818,9 @@ static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap 
 {
     unsigned scls = lum_sampled_class(cls);
     if (!take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
-    void *p = lum_sampled_alloc(heap, scls);
-    if (p) record_sample(heap, p, size, cls, NULL);
+    struct lum_sample_rec *rec;
+    void *p = lum_sampled_alloc(heap, scls, &rec);
+    if (p) record_sample(heap, p, size, cls, NULL, rec);
     return p;
 }
 
@@ -845,9 +847,10 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
      * counter will stand after the sampled block */
     unsigned scls = lum_sampled_class(cls);
     heap->next_sample = next_point(heap, start + lum_class_size[scls]);
-    void *p = lum_sampled_alloc_fast(heap, scls);
+    struct lum_sample_rec *rec;
+    void *p = lum_sampled_alloc_fast(heap, scls, &rec);
     if (LUM_UNLIKELY(!p)) return lum_malloc_slow(size, 0);
-    record_sample(heap, p, size, cls, fp);
+    record_sample(heap, p, size, cls, fp, rec);
     return p;
 }
 

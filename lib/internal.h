@@ -19,6 +19,7 @@
 #include "cold_text.h"
 #include "lock.h"
 #include "lumalloc_probes.h"
+#include "observe.h"
 
 #define LUM_LIKELY(x) __builtin_expect(!!(x), 1)
 #define LUM_UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -101,6 +102,8 @@ struct __attribute__((aligned(32))) lum_page {
          * has gathered enough free blocks to be worth taking back (heap.c, page_park_full). */
         uint32_t park_bias;
     };
+    /* A sampled page's record slots, one a block (sampled.c); NULL on other pages. */
+    struct lum_sample_rec *recs;
 #if LUM_HARDENED
     uintptr_t key;                    /* free-list pointer encoding */
 #endif
@@ -374,7 +377,12 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
 /* ---- sampled.c ---- */
 extern lum_lock_t lum_sampled_lock;
 /* A block of sampled class scls (lum_sampled_class), counted; the caller records the sample. */
-void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls);
+void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_rec **rec);
+/* The record slot of block p of sampled page page (sampled blocks are powers of two). */
+static inline struct lum_sample_rec *lum_sampled_rec(const struct lum_page *page, const void *p)
+{
+    return page->recs + (((uintptr_t)p - (uintptr_t)page->start) >> __builtin_ctz(page->block_size));
+}
 /* The sampling path asks on every sample: remembered per class (as class + 1, 0 = not yet
  * known; racing threads store the same value). */
 extern uint8_t lum_sampled_memo[LUM_CLASSES];
@@ -392,14 +400,15 @@ void lum_sampled_emptied(struct lum_page *page, unsigned cls);
 /* lum_sampled_alloc for the sampling path, inline: its common case (the head page has a free
  * block) without a call and the register saves of the whole pop (~15 instructions a sample);
  * anything else through lum_sampled_alloc. */
-static inline __attribute__((always_inline)) void *lum_sampled_alloc_fast(struct lum_heap *heap, unsigned scls)
+static inline __attribute__((always_inline)) void *lum_sampled_alloc_fast(struct lum_heap *heap, unsigned scls,
+                                                                          struct lum_sample_rec **rec)
 {
     lum_lock(&lum_sampled_lock);
     struct lum_page *page = lum_sampled_pages[scls].head;
     lum_block *b;
     if (LUM_UNLIKELY(!page || !(b = page->free))) {
         lum_unlock(&lum_sampled_lock);
-        return lum_sampled_alloc(heap, scls);
+        return lum_sampled_alloc(heap, scls, rec);
     }
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
@@ -409,6 +418,7 @@ static inline __attribute__((always_inline)) void *lum_sampled_alloc_fast(struct
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;
     heap->tc.sampled_count++;
+    *rec = lum_sampled_rec(page, b);
     return b;
 }
 

@@ -9,6 +9,7 @@
 #include "cold_text.h"
 #include "lock.h"
 #include "lumalloc_probes.h"
+#include "observe.h"
 
 #define LUM_EXPORT __attribute__((visibility("default")))
 #define LUM_TLS __attribute__((tls_model("initial-exec")))
@@ -114,12 +115,10 @@ void lum_stacktab_reset_cumulative(void);
 struct lum_rec {
     struct lum_rec *next;
     uintptr_t ptr;
-    uint64_t requested, usable, weight;
-    double objects;
-    struct lum_stack *stack; /* NULL when no stack was recorded */
-    uint64_t stack_id;
+    struct lum_sample_rec s;
 };
-/* Adding, taking and giving back a record: inline, in prof_records.h. */
+/* Adding, taking and giving back a record: inline, in prof_records.h.  Live: the table's and the
+ * records kept in sampled blocks' slots (lum_sample_rec). */
 uint64_t lum_records_live(void);
 extern uint64_t lum_records_dropped;
 

@@ -30,20 +30,40 @@ static inline int64_t lum_sampler_draw(uint64_t *rng)
     return (int64_t)v;
 }
 
+/* The record of a sampled block kept in its block's slot on a sampled page (sampled.c keeps one
+ * a slot), so that neither the sample nor its free hashes, links or unlinks it: the core finds
+ * it from the block's address, whichever thread frees it.  usable is 0 while the slot holds no
+ * live sample (a slot's block freed, or handed out unsampled), which the core keeps true by
+ * giving back a slot array only when all its blocks are free. */
+struct lum_stack;
+struct lum_sample_rec {
+    uint64_t requested, usable, weight;
+    double objects;
+    struct lum_stack *stack; /* NULL when no stack was recorded */
+    uint64_t stack_id;
+};
+
 /* A sampled allocation: the core has already allocated ptr (from a sampled page, recognisable
- * at free) and counted it.  Computes the unbiased weight, unwinds, records, fires `sample`. */
+ * at free) and counted it.  Computes the unbiased weight, unwinds, records, fires `sample`.
+ * The record goes to a table keyed by ptr (found again by lum_on_sample_free). */
 void lum_on_sample(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable);
+/* The same, the record into rec (found again by lum_on_sample_free_rec). */
+void lum_on_sample_rec(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
+                       struct lum_sample_rec *rec);
 /* The same, unwinding from the frame whose rbp-chain slot is `at` (at[0] its caller's rbp, at[1]
  * the return address, at + 2 the caller's rsp): the sampling path passes its own frame, so the
  * walk starts in the caller of the allocator's entry point instead of walking the allocator's
  * frames.  NULL: from the caller of lum_on_sample_at, unwound. */
 void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                      const uintptr_t *at, double factor);
+                      const uintptr_t *at, double factor, struct lum_sample_rec *rec);
 /* A sample's weight is its requested size times lum_sample_factor(usable, interval): the core
  * keeps the factor per class (lum_on_sample_at's factor; 0: computed there). */
 double lum_sample_factor(uint64_t usable, uint64_t interval);
 /* A sampled block is being freed (before the core reuses it). */
 void lum_on_sample_free(void *ptr, size_t usable);
+/* The same for a block whose record is rec (lum_on_sample_rec, lum_on_sample_at): nothing when
+ * rec holds no sample. */
+void lum_on_sample_free_rec(void *ptr, struct lum_sample_rec *rec);
 
 /* Large path (own mapping).  Fires probes, large-allocation warning. */
 void lum_on_large_alloc(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable);

@@ -56,5 +56,5 @@ struct lum_rec *lum_records_add_slow(uintptr_t ptr)
 
 uint64_t lum_records_live(void)
 {
-    return lum_records.live;
+    return lum_records.live + lum_records.slot_live;
 }

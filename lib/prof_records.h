@@ -9,6 +9,7 @@ struct lum_records {
     unsigned bits;
     struct lum_rec *free_nodes;
     uint64_t live;
+    uint64_t slot_live; /* records in sampled blocks' slots (lum_sample_rec), not in the table */
 };
 extern struct lum_records lum_records;
 /* First use, growth, no recycled node: out of line. */

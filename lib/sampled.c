@@ -22,6 +22,31 @@ static struct lum_page *spare[LUM_CLASSES];
 
 uint8_t lum_sampled_memo[LUM_CLASSES];
 
+/* Record slot arrays (lum_sample_rec, one a block) of released sampled pages, for the class's
+ * next page, linked through their first word: a page is released only when all its blocks are
+ * free, so all its slots are empty.  A page keeps its array while it is the spare. */
+static void *recs_free[LUM_CLASSES];
+
+static struct lum_sample_rec *recs_get(unsigned cls, uint32_t capacity)
+{
+    void *r = recs_free[cls];
+    if (r) {
+        recs_free[cls] = *(void **)r;
+        ((struct lum_sample_rec *)r)->requested = 0;
+        return r;
+    }
+    return lum_meta_alloc((size_t)capacity * sizeof(struct lum_sample_rec));
+}
+
+/* Gives back a sampled page with its record slots; under lum_sampled_lock. */
+static void sampled_page_release(struct lum_page *page)
+{
+    *(void **)page->recs = recs_free[page->cls];
+    recs_free[page->cls] = page->recs;
+    page->recs = NULL;
+    lum_page_release(page);
+}
+
 unsigned lum_sampled_class_slow(unsigned cls)
 {
     unsigned c;
@@ -43,7 +68,8 @@ void lum_sampled_emptied(struct lum_page *page, unsigned cls)
 
 /* Pops a block of class cls from the sampled pages; a new sampled page is made only when
  * may_grow.  Counts the allocation for heap. */
-static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow)
+static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow,
+                                                                   struct lum_sample_rec **rec)
 {
     lum_lock(&lum_sampled_lock);
     struct lum_page *page;
@@ -55,8 +81,13 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
         lum_list_push_front(&lum_sampled_pages[cls], page);
         if (!page->free) lum_page_refill(page);
     } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
-        lum_list_push_front(&lum_sampled_pages[cls], page);
-        lum_page_refill(page);
+        if (!(page->recs = recs_get(cls, page->capacity))) {
+            lum_page_release(page);
+            page = NULL;
+        } else {
+            lum_list_push_front(&lum_sampled_pages[cls], page);
+            lum_page_refill(page);
+        }
     }
     if (!page) {
         lum_unlock(&lum_sampled_lock);
@@ -70,12 +101,13 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
     lum_unlock(&lum_sampled_lock);
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;
+    *rec = lum_sampled_rec(page, b);
     return b;
 }
 
-void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls)
+void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_rec **rec)
 {
-    lum_block *b = sampled_pop(heap, scls, true);
+    lum_block *b = sampled_pop(heap, scls, true, rec);
     if (b) heap->tc.sampled_count++;
     return b;
 }
@@ -85,7 +117,8 @@ void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls)
  * lum_on_sample_free, which ignores addresses it has no sample for. */
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
 {
-    return sampled_pop(heap, lum_sampled_class(cls), false);
+    struct lum_sample_rec *rec; /* empty, and left so: the free finds no sample */
+    return sampled_pop(heap, lum_sampled_class(cls), false, &rec);
 }
 
 /* Sampled blocks this big leave nothing resident on their class's empty page: the page keeps
@@ -111,14 +144,18 @@ static void keep_empty(unsigned cls, struct lum_page *page)
         spare[cls] = page;
         emptied_kept(page);
     } else {
-        lum_page_release(page);
+        sampled_page_release(page);
     }
 }
 
 void lum_sampled_free(void *p, struct lum_page *page)
 {
     struct lum_heap *heap = lum_tls_heap;
-    lum_on_sample_free(p, page->block_size);
+#if LUM_HARDENED
+    /* an address inside a block names no record: lum_page_push_free reports it below */
+    if (!(((uintptr_t)p - (uintptr_t)page->start) & (page->block_size - 1)))
+#endif
+        lum_on_sample_free_rec(p, lum_sampled_rec(page, p));
     if (heap != &lum_empty_heap) {
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
@@ -135,7 +172,7 @@ void lum_sampled_free(void *p, struct lum_page *page)
             emptied_kept(page);
             if (spare[cls]) {
                 /* the head is the class's empty page now */
-                lum_page_release(spare[cls]);
+                sampled_page_release(spare[cls]);
                 spare[cls] = NULL;
             }
         }

@@ -65,7 +65,7 @@ double lum_sample_factor(uint64_t usable, uint64_t interval)
 }
 
 void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                      const uintptr_t *at, double factor)
+                      const uintptr_t *at, double factor, struct lum_sample_rec *rec)
 {
     uint64_t s = requested ? requested : 1;
     /* The allocator samples by usable bytes (its exact byte counter is the sampling clock), so
@@ -135,14 +135,19 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
     } else {
         st = NULL;
     }
-    struct lum_rec *r = lum_records_add((uintptr_t)ptr);
-    if (r) {
-        r->requested = s;
-        r->usable = usable;
-        r->weight = wb;
-        r->objects = objects;
-        r->stack = st;
-        r->stack_id = id;
+    if (rec) {
+        lum_records.slot_live++;
+    } else {
+        struct lum_rec *r = lum_records_add((uintptr_t)ptr);
+        rec = r ? &r->s : NULL;
+    }
+    if (rec) {
+        rec->requested = s;
+        rec->usable = usable ? usable : 1; /* never 0: that is an empty slot */
+        rec->weight = wb;
+        rec->objects = objects;
+        rec->stack = st;
+        rec->stack_id = id;
     }
     if (batch)
         start = lum_batch_add_sample((uintptr_t)ptr, requested, usable, wb, id, frames, depth);
@@ -165,39 +170,67 @@ __attribute__((noinline)) void lum_on_sample(struct lum_thread_counters_v1 *tc, 
     const uintptr_t *fp = __builtin_frame_address(0);
     if (fp[1] != (uintptr_t)__builtin_return_address(0))
         fp = NULL;
-    lum_on_sample_at(tc, ptr, requested, usable, fp, 0);
+    lum_on_sample_at(tc, ptr, requested, usable, fp, 0, NULL);
     /* not a tail call: the walk reads this frame's return address */
     __asm__ volatile("" ::: "memory");
 }
 
-/* A sampled free with a tracer attached (batch or sample_free probe): the record's fields are
- * kept for the probe past the lock. */
-static LUM_COLD_TEXT void sample_free_traced(void *ptr)
+__attribute__((noinline)) void lum_on_sample_rec(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested,
+                                                 size_t usable, struct lum_sample_rec *rec)
 {
-    uint64_t requested = 0, rusable = 0, weight = 0, stack_id = 0;
-    bool start = false;
+    const uintptr_t *fp = __builtin_frame_address(0);
+    if (fp[1] != (uintptr_t)__builtin_return_address(0))
+        fp = NULL;
+    lum_on_sample_at(tc, ptr, requested, usable, fp, 0, rec);
+    __asm__ volatile("" ::: "memory");
+}
+
+/* Drops a record's share of its stack's live figures; under lum_prof_lock. */
+static inline void rec_release(const struct lum_sample_rec *r)
+{
+    struct lum_stack *st = r->stack;
+    if (st) {
+        st->live_samples--;
+        st->live_bytes -= (int64_t)r->weight;
+        st->live_objects -= r->objects;
+    }
+    __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
+}
+
+/* A sampled free with a tracer attached (batch or sample_free probe): the record's fields are
+ * kept for the probe past the lock.  slot: the block's own record (lum_on_sample_free_rec), or
+ * NULL: the table's. */
+static LUM_COLD_TEXT void sample_free_traced(void *ptr, struct lum_sample_rec *slot)
+{
+    struct lum_sample_rec r = {0};
+    bool start = false, found = false;
     lum_lock(&lum_prof_lock);
-    struct lum_rec *r = lum_records_take((uintptr_t)ptr);
-    if (r) {
-        requested = r->requested, rusable = r->usable, weight = r->weight, stack_id = r->stack_id;
-        if (r->stack) {
-            r->stack->live_samples--;
-            r->stack->live_bytes -= (int64_t)weight;
-            r->stack->live_objects -= r->objects;
+    if (slot) {
+        if ((found = slot->usable != 0)) {
+            r = *slot;
+            slot->usable = 0;
+            lum_records.slot_live--;
         }
-        lum_records_put(r);
-        __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
+    } else {
+        struct lum_rec *n = lum_records_take((uintptr_t)ptr);
+        if ((found = n != NULL)) {
+            r = n->s;
+            lum_records_put(n);
+        }
+    }
+    if (found) {
+        rec_release(&r);
         if (LUM_PROBE_ON(sample_batch))
-            start = lum_batch_add_free((uintptr_t)ptr, requested, rusable, weight, stack_id);
+            start = lum_batch_add_free((uintptr_t)ptr, r.requested, r.usable, r.weight, r.stack_id);
     }
     lum_unlock(&lum_prof_lock);
     if (start)
         lum_batch_start_flusher();
-    if (!r)
+    if (!found)
         return;
     if (LUM_PROBE_ON(sample_free))
-        STAP_PROBE5(lumalloc, sample_free, LUM_U64(ptr), LUM_U64(requested), LUM_U64(rusable),
-                    LUM_U64(weight), LUM_U64(stack_id));
+        STAP_PROBE5(lumalloc, sample_free, LUM_U64(ptr), LUM_U64(r.requested), LUM_U64(r.usable),
+                    LUM_U64(r.weight), LUM_U64(r.stack_id));
 }
 
 void lum_on_sample_free(void *ptr, size_t usable)
@@ -209,20 +242,30 @@ void lum_on_sample_free(void *ptr, size_t usable)
     /* Untraced, nothing outlives the lock: no registers to save for a probe (~10 instructions
      * a sampled free). */
     if (LUM_PROBE_ON(sample_batch) || LUM_PROBE_ON(sample_free)) {
-        sample_free_traced(ptr);
+        sample_free_traced(ptr, NULL);
         return;
     }
     lum_lock(&lum_prof_lock);
     struct lum_rec *r = lum_records_take((uintptr_t)ptr);
     if (r) {
-        struct lum_stack *st = r->stack;
-        if (st) {
-            st->live_samples--;
-            st->live_bytes -= (int64_t)r->weight;
-            st->live_objects -= r->objects;
-        }
+        rec_release(&r->s);
         lum_records_put(r);
-        __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
     }
+    lum_unlock(&lum_prof_lock);
+}
+
+void lum_on_sample_free_rec(void *ptr, struct lum_sample_rec *rec)
+{
+    /* The slot is the block's: whoever frees the block reads it, no other thread writes it. */
+    if (!rec->usable)
+        return;
+    if (LUM_PROBE_ON(sample_batch) || LUM_PROBE_ON(sample_free)) {
+        sample_free_traced(ptr, rec);
+        return;
+    }
+    lum_lock(&lum_prof_lock);
+    rec_release(rec);
+    rec->usable = 0;
+    lum_records.slot_live--;
     lum_unlock(&lum_prof_lock);
 }
