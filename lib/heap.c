@@ -11,6 +11,7 @@
 #include "internal.h"
 #include "observe.h"
 #include "options.h"
+#include "sampler_fast.h"
 
 /* A heap record's first page holds the lists up to the 4 KiB class (56 in size_class.c): see
  * struct lum_heap's avail. */
@@ -807,7 +808,7 @@ static inline __attribute__((always_inline)) void record_sample(struct lum_heap 
     }
     double f = heap->wf[cls];
     if (LUM_UNLIKELY(f == 0)) f = heap->wf[cls] = lum_sample_factor(lum_class_size[cls], t);
-    if (at) lum_on_sample_at(&heap->tc, p, size, lum_class_size[cls], at, f, rec);
+    if (at) lum_sample_fast(&heap->tc, p, size, lum_class_size[cls], at, f, rec);
     else lum_on_sample_rec(&heap->tc, p, size, lum_class_size[cls], rec);
 }
 

@@ -3,6 +3,7 @@
  * Samples are rare (one per 512 KiB by default), so one lock guards these pages. */
 #include "internal.h"
 #include "observe.h"
+#include "sampler_fast.h"
 
 lum_lock_t lum_sampled_lock;
 struct lum_page_list lum_sampled_pages[LUM_CLASSES];
@@ -155,7 +156,7 @@ void lum_sampled_free(void *p, struct lum_page *page)
     /* an address inside a block names no record: lum_page_push_free reports it below */
     if (!(((uintptr_t)p - (uintptr_t)page->start) & (page->block_size - 1)))
 #endif
-        lum_on_sample_free_rec(p, lum_sampled_rec(page, p));
+        lum_sample_free_fast(p, lum_sampled_rec(page, p));
     if (heap != &lum_empty_heap) {
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;

@@ -11,6 +11,7 @@
 #include "options.h"
 #include "probes.h"
 #include "prof_records.h"
+#include "sampler_fast.h"
 #include "unwind_memo.h"
 
 uint64_t lum_prof_samples, lum_prof_sample_frees;
@@ -46,9 +47,8 @@ double lum_sample_weight(uint64_t size, uint64_t interval)
     return sample_weight(size, interval);
 }
 
-static __thread struct lum_stack *last_stack LUM_TLS;
-/* The unwinder's name for last_stack's frames (see lum_unwind_from), 0 when none. */
-static __thread uint64_t last_same LUM_TLS;
+__thread struct lum_stack *lum_last_stack LUM_TLS;
+__thread uint64_t lum_last_same LUM_TLS;
 
 static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t depth)
 {
@@ -64,8 +64,69 @@ double lum_sample_factor(uint64_t usable, uint64_t interval)
     return sample_weight(u, interval) / (double)u;
 }
 
-void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                      const uintptr_t *at, double factor, struct lum_sample_rec *rec)
+/* A sample once unwound: its stack's figures, its record, the batch and the probe. */
+static inline __attribute__((always_inline)) void commit(void *ptr, size_t requested, size_t usable, uint64_t wb,
+                                                         double objects, const uint64_t *frames, uint32_t depth,
+                                                         uint64_t same, struct lum_sample_rec *rec, bool probe,
+                                                         bool batch, struct lum_thread_counters_v1 *tc)
+{
+    uint64_t s = requested ? requested : 1, id;
+    bool start = false;
+    /* A thread's samples often come from the same stack (a hot loop): comparing the frames
+     * with the last stack it recorded skips hashing them and the table lookup.  Table
+     * entries never change or go away, so reading one without the lock is fine. */
+    struct lum_stack *st = lum_last_stack;
+    if (st && depth && same && same == lum_last_same)
+        id = st->id; /* the unwinder vouches that these are lum_last_stack's frames */
+    else if (st && depth && st->depth == depth && same_frames(st->frames, frames, depth))
+        id = st->id;
+    else
+        st = NULL, id = lum_stack_hash(frames, depth);
+
+    lum_lock(&lum_prof_lock);
+    /* counted under the lock, which every sample takes anyway: no locked add */
+    __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
+    if (lum_opt.prof) {
+        /* depth 0 (nested or failed unwind) still gets a site, shown as [unknown], so totals
+         * over sites add up to the process total. */
+        if (!st)
+            lum_last_stack = st = lum_stacktab_get(frames, depth, depth ? id : 1);
+        lum_last_same = st ? same : 0;
+        if (st)
+            lum_stack_add_sample(st, wb, objects);
+    } else {
+        st = NULL;
+    }
+    if (rec) {
+        lum_records.slot_live++;
+    } else {
+        struct lum_rec *r = lum_records_add((uintptr_t)ptr);
+        rec = r ? &r->s : NULL;
+    }
+    if (rec)
+        lum_sample_rec_fill(rec, s, usable, wb, objects, st, id);
+    if (batch)
+        start = lum_batch_add_sample((uintptr_t)ptr, requested, usable, wb, id, frames, depth);
+    lum_unlock(&lum_prof_lock);
+    if (start)
+        lum_batch_start_flusher();
+
+    if (probe)
+        STAP_PROBE8(lumalloc, sample, LUM_U64(ptr), LUM_U64(requested), LUM_U64(usable),
+                    LUM_U64(wb), LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
+}
+
+void lum_sample_commit(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable, uint64_t wb,
+                       double objects, const uint64_t *frames, uint32_t depth, uint64_t same,
+                       struct lum_sample_rec *rec)
+{
+    commit(ptr, requested, usable, wb, objects, frames, depth, same, rec, false, false, tc);
+}
+
+/* try_memo: the unwinder's memo is still to be tried (lum_sample_fast has not). */
+static inline __attribute__((always_inline)) void on_sample(struct lum_thread_counters_v1 *tc, void *ptr,
+                                                            size_t requested, size_t usable, const uintptr_t *at,
+                                                            double factor, struct lum_sample_rec *rec, bool try_memo)
 {
     uint64_t s = requested ? requested : 1;
     /* The allocator samples by usable bytes (its exact byte counter is the sampling clock), so
@@ -76,15 +137,14 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
         uint64_t u = usable ? usable : s;
         factor = sample_weight(u, lum_opt.sample_interval) / (double)u;
     }
-    double w = factor * (double)s;
-    uint64_t wb = (uint64_t)(w + 0.5);
+    uint64_t wb = lum_sample_bytes(factor, s);
     if (tc)
         tc->sampled_bytes += wb;
 
     uint64_t frames[LUM_MAX_FRAMES];
     uint32_t depth = 0;
-    uint64_t id = 0, same = 0;
-    bool probe = LUM_PROBE_ON(sample), batch = LUM_PROBE_ON(sample_batch), start = false;
+    uint64_t same = 0;
+    bool probe = LUM_PROBE_ON(sample), batch = LUM_PROBE_ON(sample_batch);
     /* Unwinding only for someone who will read the stack: the in-process profiler or an
      * attached tracer.  Never while already inside profiler code (a nested allocation from
      * a report writer's stdio): that is the recursion guard. */
@@ -95,7 +155,7 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
          * frames in between walked.  hook_ret 0: no frame to drop up to, the walk starts
          * outside the hooks already. */
         if (at) {
-            int d = lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same);
+            int d = try_memo ? lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same) : -1;
             depth = d >= 0 ? (uint32_t)d
                            : lum_unwind_from(frames, lum_opt.prof_depth, at[1], (uintptr_t)(at + 2), at[0], 0, &same);
         } else
@@ -103,61 +163,19 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
             depth = lum_unwind(frames, lum_opt.prof_depth, (uintptr_t)__builtin_return_address(0));
         lum_obs_busy = 0;
     }
-    /* A thread's samples often come from the same stack (a hot loop): comparing the frames
-     * with the last stack it recorded skips hashing them and the table lookup.  Table
-     * entries never change or go away, so reading one without the lock is fine. */
-    struct lum_stack *st = last_stack;
-    if (st && depth && same && same == last_same)
-        id = st->id; /* the unwinder vouches that these are last_stack's frames */
-    else if (st && depth && st->depth == depth && same_frames(st->frames, frames, depth))
-        id = st->id;
-    else
-        st = NULL, id = lum_stack_hash(frames, depth);
+    commit(ptr, requested, usable, wb, factor /* w / s */, frames, depth, same, rec, probe, batch, tc);
+}
 
-    double objects = factor; /* w / s */
-    lum_lock(&lum_prof_lock);
-    /* counted under the lock, which every sample takes anyway: no locked add */
-    __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
-    if (lum_opt.prof) {
-        /* depth 0 (nested or failed unwind) still gets a site, shown as [unknown], so totals
-         * over sites add up to the process total. */
-        if (!st)
-            last_stack = st = lum_stacktab_get(frames, depth, depth ? id : 1);
-        last_same = st ? same : 0;
-        if (st) {
-            st->samples++;
-            st->alloc_bytes += wb;
-            st->alloc_objects += objects;
-            st->live_samples++;
-            st->live_bytes += (int64_t)wb;
-            st->live_objects += objects;
-        }
-    } else {
-        st = NULL;
-    }
-    if (rec) {
-        lum_records.slot_live++;
-    } else {
-        struct lum_rec *r = lum_records_add((uintptr_t)ptr);
-        rec = r ? &r->s : NULL;
-    }
-    if (rec) {
-        rec->requested = s;
-        rec->usable = usable ? usable : 1; /* never 0: that is an empty slot */
-        rec->weight = wb;
-        rec->objects = objects;
-        rec->stack = st;
-        rec->stack_id = id;
-    }
-    if (batch)
-        start = lum_batch_add_sample((uintptr_t)ptr, requested, usable, wb, id, frames, depth);
-    lum_unlock(&lum_prof_lock);
-    if (start)
-        lum_batch_start_flusher();
+void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
+                      const uintptr_t *at, double factor, struct lum_sample_rec *rec)
+{
+    on_sample(tc, ptr, requested, usable, at, factor, rec, true);
+}
 
-    if (probe)
-        STAP_PROBE8(lumalloc, sample, LUM_U64(ptr), LUM_U64(requested), LUM_U64(usable),
-                    LUM_U64(wb), LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
+void lum_sample_walk(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
+                     const uintptr_t *at, double factor, struct lum_sample_rec *rec)
+{
+    on_sample(tc, ptr, requested, usable, at, factor, rec, false);
 }
 
 /* __builtin_frame_address makes gcc give this function a standard frame (push rbp; mov rsp,
@@ -185,18 +203,6 @@ __attribute__((noinline)) void lum_on_sample_rec(struct lum_thread_counters_v1 *
     __asm__ volatile("" ::: "memory");
 }
 
-/* Drops a record's share of its stack's live figures; under lum_prof_lock. */
-static inline void rec_release(const struct lum_sample_rec *r)
-{
-    struct lum_stack *st = r->stack;
-    if (st) {
-        st->live_samples--;
-        st->live_bytes -= (int64_t)r->weight;
-        st->live_objects -= r->objects;
-    }
-    __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
-}
-
 /* A sampled free with a tracer attached (batch or sample_free probe): the record's fields are
  * kept for the probe past the lock.  slot: the block's own record (lum_on_sample_free_rec), or
  * NULL: the table's. */
@@ -219,7 +225,7 @@ static LUM_COLD_TEXT void sample_free_traced(void *ptr, struct lum_sample_rec *s
         }
     }
     if (found) {
-        rec_release(&r);
+        lum_sample_rec_release(&r);
         if (LUM_PROBE_ON(sample_batch))
             start = lum_batch_add_free((uintptr_t)ptr, r.requested, r.usable, r.weight, r.stack_id);
     }
@@ -248,7 +254,7 @@ void lum_on_sample_free(void *ptr, size_t usable)
     lum_lock(&lum_prof_lock);
     struct lum_rec *r = lum_records_take((uintptr_t)ptr);
     if (r) {
-        rec_release(&r->s);
+        lum_sample_rec_release(&r->s);
         lum_records_put(r);
     }
     lum_unlock(&lum_prof_lock);
@@ -264,7 +270,7 @@ void lum_on_sample_free_rec(void *ptr, struct lum_sample_rec *rec)
         return;
     }
     lum_lock(&lum_prof_lock);
-    rec_release(rec);
+    lum_sample_rec_release(rec);
     rec->usable = 0;
     lum_records.slot_live--;
     lum_unlock(&lum_prof_lock);

@@ -388,6 +388,11 @@ __thread struct lum_walk_memo lum_memo LUM_TLS;
 __thread uint64_t lum_memo_seq LUM_TLS; /* bumped at each recording: names the memo's frames */
 __thread uint64_t lum_unwind_memo_hits LUM_TLS;
 
+bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out)
+{
+    return lum_memo_holds(m, sp, out);
+}
+
 /* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).
  * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The
  * number of frames stored, or -1 on the first address without a rule or the first check that

@@ -52,6 +52,11 @@ static inline __attribute__((always_inline)) bool lum_memo_holds(const struct lu
     return true;
 }
 
+/* lum_memo_holds out of line, for lum_unwind_memo_at: inlined into the sampling path, where
+ * every register is taken, its loops spilled and reloaded each word (~15 instructions more a
+ * sample than the call). */
+bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out);
+
 extern __thread struct lum_walk_memo lum_memo LUM_TLS;
 extern __thread uint64_t lum_memo_seq LUM_TLS;
 extern __thread uint32_t lum_thread_unwinds LUM_TLS;
@@ -80,7 +85,7 @@ static inline int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_
     int d = -1;
     if (m->valid && m->ip == at[1] && m->sp == sp && m->max == max &&
         m->gen == __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE) && (!m->uses_bp || m->bp == at[0]) &&
-        m->top <= lum_stack_hi && sp >= lum_stack_lo && lum_memo_holds(m, sp, out))
+        m->top <= lum_stack_hi && sp >= lum_stack_lo && lum_memo_holds_at(m, sp, out))
         d = (int)m->d;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     m->busy = 0;
