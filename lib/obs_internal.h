@@ -62,8 +62,6 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
 /* Cumulative unwinding cost, for lum_prof_get_stats. */
 extern uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
-/* Walks this thread took from its memo of the last walk (unwind.c), for tests. */
-extern __thread uint64_t lum_unwind_memo_hits LUM_TLS;
 
 /* ---- DWARF call frame information (cfi.c) ---- */
 /* How to get from a frame to its caller (x86-64): CFA = (rbp if cfa_rbp, else rsp) + cfa_off,

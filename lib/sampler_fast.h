@@ -11,7 +11,7 @@
 #include "prof_records.h"
 #include "unwind_memo.h"
 
-/* The stack this thread last recorded, and the unwinder's name for its frames (lum_memo_seq
+/* The stack this thread last recorded, and the unwinder's name for its frames (lum_memo.seq
  * when they were the memo's, else 0).  Written by the sampler only, read by this thread only. */
 extern __thread struct lum_stack *lum_last_stack LUM_TLS;
 extern __thread uint64_t lum_last_same LUM_TLS;

@@ -133,7 +133,6 @@ static uint32_t skip_copy(const uint64_t *buf, int n, uint64_t *frames, uint32_t
     return d;
 }
 
-__thread uint32_t lum_thread_unwinds LUM_TLS;
 
 static uint64_t now_ns(void)
 {
@@ -272,11 +271,10 @@ out:
     pthread_mutex_unlock(&lum_unwind_rules_lock);
 }
 
-/* Stack pages this thread has found readable: [lum_stack_lo, lum_stack_hi), one contiguous run that a
- * walk started in.  A walk must start in it and may read only between its frame and the top;
+/* Stack pages this thread has found readable: [lum_memo.stack_lo, lum_memo.stack_hi), one
+ * contiguous run that a walk started in.  A walk must start in it and may read only between its frame and the top;
  * a thread that moves to another stack (coroutines, an alternate signal stack) starts outside
  * it, and the run moves there. */
-__thread uintptr_t lum_stack_lo LUM_TLS, lum_stack_hi LUM_TLS;
 #define PAGE 4096u
 /* at most this many pages checked by one walk, and this far below the run it may grow down */
 #define REACH_PAGES 1024u
@@ -301,22 +299,22 @@ static bool readable(uintptr_t a)
 /* Makes sp the start of a walk: in the run, or the run grows down to it, or moves to it. */
 static bool stack_from(uintptr_t sp)
 {
-    uintptr_t lo = lum_stack_lo, page = sp & ~(uintptr_t)(PAGE - 1);
-    if (sp >= lo && sp < lum_stack_hi)
+    uintptr_t lo = lum_memo.stack_lo, page = sp & ~(uintptr_t)(PAGE - 1);
+    if (sp >= lo && sp < lum_memo.stack_hi)
         return true;
     if (sp < lo && lo - page <= GROW_DOWN) {
         uintptr_t a = lo;
         while (a > page && readable(a - PAGE))
             a -= PAGE;
         if (a == page) {
-            lum_stack_lo = page;
+            lum_memo.stack_lo = page;
             return true;
         }
     }
     if (!readable(page))
         return false;
-    lum_stack_lo = page;
-    lum_stack_hi = page + PAGE;
+    lum_memo.stack_lo = page;
+    lum_memo.stack_hi = page + PAGE;
     return true;
 }
 
@@ -324,14 +322,14 @@ static bool stack_from(uintptr_t sp)
  * one walk makes. */
 static bool stack_reach(uintptr_t end, unsigned *budget)
 {
-    uintptr_t hi = lum_stack_hi;
+    uintptr_t hi = lum_memo.stack_hi;
     while (hi < end) {
         if (!*budget || !readable(hi))
             break;
         --*budget;
         hi += PAGE;
     }
-    lum_stack_hi = hi;
+    lum_memo.stack_hi = hi;
     return hi >= end;
 }
 
@@ -385,8 +383,6 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
 
 /* The memo (unwind_memo.h): recorded by rules_walk, its hit read inline by the sampler too. */
 __thread struct lum_walk_memo lum_memo LUM_TLS;
-__thread uint64_t lum_memo_seq LUM_TLS; /* bumped at each recording: names the memo's frames */
-__thread uint64_t lum_unwind_memo_hits LUM_TLS;
 
 bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out)
 {
@@ -397,13 +393,13 @@ bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *ou
  * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The
  * number of frames stored, or -1 on the first address without a rule or the first check that
  * fails (the full walk then takes it); *walked counts every frame walked.  When the frames
- * stored are this thread's lum_memo's, *seq is set to the lum_memo's recording (lum_memo_seq). */
+ * stored are this thread's lum_memo's, *seq is set to the lum_memo's recording (lum_memo.seq). */
 static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
                       bool skip_self, uint32_t *walked, uint32_t gen, uint64_t *seq)
 {
     const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
-    const uintptr_t top = lum_stack_hi;
-    if (!t || sp >= top || sp < lum_stack_lo)
+    const uintptr_t top = lum_memo.stack_hi;
+    if (!t || sp >= top || sp < lum_memo.stack_lo)
         return -1;
     /* a local copy, so that the stores into out[] do not make the compiler reload it */
     const struct rules_view v = {t->e, t->shift, SIZE_MAX >> t->shift};
@@ -439,8 +435,8 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
         m->busy = 0;
         *walked = n + d;
-        *seq = lum_memo_seq;
-        lum_unwind_memo_hits++;
+        *seq = lum_memo.seq;
+        lum_memo.hits++;
         return (int)d;
     }
     m->valid = 0;
@@ -508,7 +504,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         m->gen = gen, m->max = max, m->d = d, m->nret = nret, m->nb = nb;
         m->uses_bp = uses_bp;
         m->valid = 1;
-        *seq = ++lum_memo_seq;
+        *seq = ++lum_memo.seq;
     }
     goto out;
 fail:
@@ -585,9 +581,9 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
         if (r->flags & R_LAST)
             break;
         uintptr_t cfa = rule_cfa(r, sp, bp);
-        if (cfa < sp + 8 || (cfa > lum_stack_hi && !stack_reach(cfa, &budget)))
+        if (cfa < sp + 8 || (cfa > lum_memo.stack_hi && !stack_reach(cfa, &budget)))
             break;
-        if (rule_step(r, &ip, &sp, &bp, lum_stack_hi) <= 0)
+        if (rule_step(r, &ip, &sp, &bp, lum_memo.stack_hi) <= 0)
             break;
     }
     rules_learn(nr, nn, gen);
@@ -676,7 +672,7 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
     if (!max)
         return 0;
 #if defined(__x86_64__)
-    bool timed = lum_thread_unwinds++ % LUM_TIME_EVERY == 0;
+    bool timed = lum_memo.unwinds++ % LUM_TIME_EVERY == 0;
     uint64_t t0 = timed ? now_ns() : 0;
     uint32_t walked = 0, gen = rules_generation(timed);
     int got = -1;

@@ -26,6 +26,13 @@
 #define MEMO_FRAMES (LUM_MAX_FRAMES + LUM_UNWIND_SLACK) /* the deepest walk */
 #define MEMO_RBP 32 /* bits of a mask */
 struct lum_walk_memo {
+    /* The thread's unwinding state, with the memo: one thread-local block, so that the
+     * sampling path reaches all of it from one address (each thread-local of its own cost a
+     * load of its offset). */
+    uint64_t seq;                   /* bumped at each recording: names the memo's frames */
+    uint64_t hits;                  /* walks taken from the memo (for tests) */
+    uintptr_t stack_lo, stack_hi;   /* stack pages this thread has found readable (stack_reach) */
+    uint32_t unwinds;               /* walks so far: one in LUM_TIME_EVERY is timed */
     uintptr_t ip, sp, bp, top; /* the key frame; top: the highest CFA the walk reached */
     uint32_t gen, max, d, nret, nb; /* d frames; nret return-address and nb rbp slots read */
     uint8_t busy, valid, uses_bp;
@@ -58,10 +65,6 @@ static inline __attribute__((always_inline)) bool lum_memo_holds(const struct lu
 bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out);
 
 extern __thread struct lum_walk_memo lum_memo LUM_TLS;
-extern __thread uint64_t lum_memo_seq LUM_TLS;
-extern __thread uint32_t lum_thread_unwinds LUM_TLS;
-/* Stack pages this thread has found readable (unwind.c, stack_reach). */
-extern __thread uintptr_t lum_stack_lo LUM_TLS, lum_stack_hi LUM_TLS;
 extern uint32_t lum_rules_gen;
 extern int lum_self_state;
 
@@ -75,7 +78,7 @@ extern int lum_self_state;
 static inline int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at, uint64_t *same)
 {
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
-    uint32_t n = lum_thread_unwinds;
+    uint32_t n = lum_memo.unwinds;
     struct lum_walk_memo *m = &lum_memo;
     if (n % LUM_TIME_EVERY == 0 || m->busy || __atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) != 1)
         return -1;
@@ -85,17 +88,17 @@ static inline int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_
     int d = -1;
     if (m->valid && m->ip == at[1] && m->sp == sp && m->max == max &&
         m->gen == __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE) && (!m->uses_bp || m->bp == at[0]) &&
-        m->top <= lum_stack_hi && sp >= lum_stack_lo && lum_memo_holds_at(m, sp, out))
+        m->top <= lum_memo.stack_hi && sp >= lum_memo.stack_lo && lum_memo_holds_at(m, sp, out))
         d = (int)m->d;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     m->busy = 0;
     if (d < 0)
         return -1;
-    lum_thread_unwinds = n + 1;
-    lum_unwind_memo_hits++;
+    lum_memo.unwinds = n + 1;
+    lum_memo.hits++;
     __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
-    *same = lum_memo_seq;
+    *same = lum_memo.seq;
     return d;
 #else
     (void)out, (void)max, (void)at, (void)same;

@@ -22,6 +22,7 @@
 #include <cmocka.h>
 #include "lumalloc_failure.h"
 #include "obs_internal.h"
+#include "unwind_memo.h"
 
 #define NOINL __attribute__((noinline))
 #define MAXF LUM_MAX_FRAMES
@@ -321,11 +322,11 @@ static void test_memo(void **state)
     uint32_t n[STEPS];
     uintptr_t fp[STEPS];
     for (int i = 0; i < STEPS; i++) {
-        uint64_t h = lum_unwind_memo_hits;
+        uint64_t h = lum_memo.hits;
         memo_fake = fake[i];
         n[i] = memo_run(caller[i], f[i]);
         memo_fake = 0;
-        hit[i] = lum_unwind_memo_hits - h;
+        hit[i] = lum_memo.hits - h;
         fp[i] = memo_fp;
     }
     for (int i = 1; i < STEPS; i++)
