@@ -58,6 +58,11 @@ static void collect_top(struct top_site *top, int *ntop)
     /* A failure inside profiler code would find the lock held by its own thread. */
     if (!lum_trylock(&lum_prof_lock))
         return;
+    /* the figures' lock (obs_internal.h): a failure in the core may come with it held */
+    if (!lum_trylock(&lum_sampled_lock)) {
+        lum_unlock(&lum_prof_lock);
+        return;
+    }
     for (struct lum_stack *s = lum_stacktab_first(); s; s = s->anext) {
         if (s->live_bytes <= 0)
             continue;
@@ -75,6 +80,7 @@ static void collect_top(struct top_site *top, int *ntop)
         if (*ntop < TOP_SITES)
             (*ntop)++;
     }
+    lum_unlock(&lum_sampled_lock);
     lum_unlock(&lum_prof_lock);
 }
 

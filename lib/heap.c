@@ -792,13 +792,8 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
     return NULL;
 }
 
-/* Records the sample p of class cls: its weight factor from the thread's table, then the
- * sampler.  at: the frame to unwind from (lum_on_sample_at), NULL: lum_on_sample's caller.
- * always_inline: lum_on_sample must be called from the function malloc's fast path jumped to,
- * as the unwind walks every frame of ours (~40 instructions each). */
-static inline __attribute__((always_inline)) void record_sample(struct lum_heap *heap, void *p, size_t size,
-                                                                unsigned cls, const uintptr_t *at,
-                                                                struct lum_sample_rec *rec)
+/* The weight factor of a sample of class cls, from the thread's table (see lum_sample_factor). */
+static inline __attribute__((always_inline)) double sample_factor(struct lum_heap *heap, unsigned cls)
 {
     /* the sample was drawn over the ordinary class's size: that is what its weight inverts */
     uint64_t t = lum_opt.sample_interval;
@@ -808,8 +803,15 @@ static inline __attribute__((always_inline)) void record_sample(struct lum_heap 
     }
     double f = heap->wf[cls];
     if (LUM_UNLIKELY(f == 0)) f = heap->wf[cls] = lum_sample_factor(lum_class_size[cls], t);
-    if (at) lum_sample_fast(&heap->tc, p, size, lum_class_size[cls], at, f, rec);
-    else lum_on_sample_rec(&heap->tc, p, size, lum_class_size[cls], rec);
+    return f;
+}
+
+/* Records the sample p of class cls, unwound from lum_on_sample_rec's caller: always_inline, as
+ * the unwind walks every frame of ours (~40 instructions each). */
+static inline __attribute__((always_inline)) void record_sample(struct lum_heap *heap, void *p, size_t size,
+                                                                unsigned cls, struct lum_sample_rec *rec)
+{
+    lum_on_sample_rec(&heap->tc, p, size, lum_class_size[cls], rec);
 }
 
 /* A sampled block of class cls for this allocation when the next sample point falls inside
@@ -821,7 +823,7 @@ static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap 
     if (!take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
     struct lum_sample_rec *rec;
     void *p = lum_sampled_alloc(heap, scls, &rec);
-    if (p) record_sample(heap, p, size, cls, NULL, rec);
+    if (p) record_sample(heap, p, size, cls, rec);
     return p;
 }
 
@@ -848,10 +850,28 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
      * counter will stand after the sampled block */
     unsigned scls = lum_sampled_class(cls);
     heap->next_sample = next_point(heap, start + lum_class_size[scls]);
+    double f = sample_factor(heap, cls);
+    size_t usable = lum_class_size[cls];
     struct lum_sample_rec *rec;
-    void *p = lum_sampled_alloc_fast(heap, scls, &rec);
-    if (LUM_UNLIKELY(!p)) return lum_malloc_slow(size, 0);
-    record_sample(heap, p, size, cls, fp, rec);
+    struct lum_sample_rest rest;
+    struct lum_page *page;
+    void *p = lum_sampled_pop_locked(scls, &page);
+    if (LUM_LIKELY(p != NULL)) {
+        /* the sample recorded under the lock the block was taken under (sampler_fast.h) */
+        rec = lum_sampled_rec(page, p);
+        bool done = lum_sample_locked(&heap->tc, fp, size, usable, f, rec, &rest);
+        lum_unlock(&lum_sampled_lock);
+        lum_sampled_count(heap, page);
+        if (LUM_LIKELY(done)) return p;
+    } else if ((p = lum_sampled_alloc(heap, scls, &rec)) != NULL) {
+        lum_lock(&lum_sampled_lock);
+        bool done = lum_sample_locked(&heap->tc, fp, size, usable, f, rec, &rest);
+        lum_unlock(&lum_sampled_lock);
+        if (done) return p;
+    } else {
+        return lum_malloc_slow(size, 0);
+    }
+    lum_sample_rest(&rest, &heap->tc, p, size, usable, fp, f, rec);
     return p;
 }
 

@@ -398,28 +398,33 @@ extern struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Under lum_sampled_lock: page, the head of class cls's list, handed out its last free block. */
 void lum_sampled_emptied(struct lum_page *page, unsigned cls);
 /* lum_sampled_alloc for the sampling path, inline: its common case (the head page has a free
- * block) without a call and the register saves of the whole pop (~15 instructions a sample);
- * anything else through lum_sampled_alloc. */
-static inline __attribute__((always_inline)) void *lum_sampled_alloc_fast(struct lum_heap *heap, unsigned scls,
-                                                                          struct lum_sample_rec **rec)
+ * block) without a call and the register saves of the whole pop (~15 instructions a sample).
+ * The block comes back with lum_sampled_lock still held, so that the sample is recorded under
+ * the same lock (see sampler_fast.h); the caller unlocks, then counts it (lum_sampled_count).
+ * NULL, the lock released, when the head page has no free block: lum_sampled_alloc then. */
+static inline __attribute__((always_inline)) lum_block *lum_sampled_pop_locked(unsigned scls,
+                                                                              struct lum_page **pagep)
 {
     lum_lock(&lum_sampled_lock);
     struct lum_page *page = lum_sampled_pages[scls].head;
     lum_block *b;
     if (LUM_UNLIKELY(!page || !(b = page->free))) {
         lum_unlock(&lum_sampled_lock);
-        return lum_sampled_alloc(heap, scls, rec);
+        return NULL;
     }
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
     page->used++;
     if (LUM_UNLIKELY(!page->free)) lum_sampled_emptied(page, scls);
-    lum_unlock(&lum_sampled_lock);
+    *pagep = page;
+    return b;
+}
+
+static inline void lum_sampled_count(struct lum_heap *heap, const struct lum_page *page)
+{
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += page->block_size;
     heap->tc.sampled_count++;
-    *rec = lum_sampled_rec(page, b);
-    return b;
 }
 
 /* ---- background.c ---- */

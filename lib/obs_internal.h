@@ -87,7 +87,14 @@ extern uint64_t lum_cfi_object_scans;
 extern bool lum_cfi_read_files;
 extern uint64_t lum_cfi_file_lookups;
 
-/* ---- stack table (stacktab.c), all under lum_prof_lock ---- */
+/* ---- stack table (stacktab.c), all under lum_prof_lock ----
+ * except the figures a sample or a sampled free changes (a stack's samples, alloc_* and live_*,
+ * lum_prof_samples, lum_prof_sample_frees, lum_records.slot_live and the records in sampled
+ * blocks' slots): those are written under the core's lum_sampled_lock, which the core's sampling
+ * path and sampled free hold anyway for the sampled block (one lock a sample instead of two).
+ * Whoever holds lum_prof_lock takes lum_sampled_lock inside it, never the other way round: the
+ * order fork's handlers take them in (ours run before the core's). */
+extern lum_lock_t lum_sampled_lock;
 struct lum_stack {
     struct lum_stack *hnext;   /* hash chain */
     struct lum_stack *anext;   /* list of all stacks, for reports */

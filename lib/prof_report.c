@@ -34,12 +34,14 @@ int lum_snap_take(struct lum_snap *sn)
     sn->memsz = n ? sz : 0;
     sn->v = (struct lum_stack **)mem;
     char *p = mem + n * sizeof(struct lum_stack *);
+    lum_lock(&lum_sampled_lock); /* the figures' lock (obs_internal.h) */
     for (struct lum_stack *s = lum_stacktab_first(); s && sn->n < n; s = s->anext) {
         size_t one = sizeof *s + s->depth * sizeof(uint64_t);
         memcpy(p, s, one);
         sn->v[sn->n++] = (struct lum_stack *)p;
         p += (one + 15) & ~(size_t)15;
     }
+    lum_unlock(&lum_sampled_lock);
     lum_unlock(&lum_prof_lock);
     return 0;
 }
@@ -321,7 +323,9 @@ LUM_EXPORT int lum_prof_foreach_site(int (*fn)(const struct lum_prof_site *, voi
 LUM_EXPORT void lum_prof_reset(void)
 {
     lum_lock(&lum_prof_lock);
+    lum_lock(&lum_sampled_lock);
     lum_stacktab_reset_cumulative();
+    lum_unlock(&lum_sampled_lock);
     lum_unlock(&lum_prof_lock);
 }
 
@@ -329,7 +333,9 @@ LUM_EXPORT void lum_prof_get_stats(struct lum_prof_stats *out)
 {
     memset(out, 0, sizeof *out);
     lum_lock(&lum_prof_lock);
+    lum_lock(&lum_sampled_lock);
     out->live_samples = lum_records_live();
+    lum_unlock(&lum_sampled_lock);
     out->stacks = lum_stacktab_count();
     out->dropped_stacks = lum_stacktab_dropped;
     out->dropped_records = lum_records_dropped;

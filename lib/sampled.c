@@ -3,6 +3,7 @@
  * Samples are rare (one per 512 KiB by default), so one lock guards these pages. */
 #include "internal.h"
 #include "observe.h"
+#include "probes.h"
 #include "sampler_fast.h"
 
 lum_lock_t lum_sampled_lock;
@@ -152,16 +153,23 @@ static void keep_empty(unsigned cls, struct lum_page *page)
 void lum_sampled_free(void *p, struct lum_page *page)
 {
     struct lum_heap *heap = lum_tls_heap;
+    struct lum_sample_rec *rec = lum_sampled_rec(page, p);
 #if LUM_HARDENED
     /* an address inside a block names no record: lum_page_push_free reports it below */
-    if (!(((uintptr_t)p - (uintptr_t)page->start) & (page->block_size - 1)))
+    if (((uintptr_t)p - (uintptr_t)page->start) & (page->block_size - 1)) rec = NULL;
 #endif
-        lum_sample_free_fast(p, lum_sampled_rec(page, p));
+    /* a tracer's free keeps the record's fields for its probe past the lock: out of line */
+    if (LUM_PROBE_ON(sample_batch) || LUM_PROBE_ON(sample_free)) {
+        if (rec) lum_on_sample_free_rec(p, rec);
+        rec = NULL;
+    }
     if (heap != &lum_empty_heap) {
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
     }
     lum_lock(&lum_sampled_lock);
+    /* the record's share of its stack's figures goes under the lock the page needs anyway */
+    if (rec) lum_sample_free_locked(rec);
     unsigned cls = page->cls;
     bool was_full = !page->free && page->carved >= page->capacity;
     lum_page_push_free(page, p);

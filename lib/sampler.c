@@ -47,9 +47,6 @@ double lum_sample_weight(uint64_t size, uint64_t interval)
     return sample_weight(size, interval);
 }
 
-__thread struct lum_stack *lum_last_stack LUM_TLS;
-__thread uint64_t lum_last_same LUM_TLS;
-
 static inline bool same_frames(const uint64_t *a, const uint64_t *b, uint32_t depth)
 {
     for (uint32_t i = 0; i < depth; i++)
@@ -75,36 +72,40 @@ static inline __attribute__((always_inline)) void commit(void *ptr, size_t reque
     /* A thread's samples often come from the same stack (a hot loop): comparing the frames
      * with the last stack it recorded skips hashing them and the table lookup.  Table
      * entries never change or go away, so reading one without the lock is fine. */
-    struct lum_stack *st = lum_last_stack;
-    if (st && depth && same && same == lum_last_same)
-        id = st->id; /* the unwinder vouches that these are lum_last_stack's frames */
+    struct lum_stack *st = lum_memo.last_stack;
+    if (st && depth && same && same == lum_memo.last_same)
+        id = st->id; /* the unwinder vouches that these are lum_memo.last_stack's frames */
     else if (st && depth && st->depth == depth && same_frames(st->frames, frames, depth))
         id = st->id;
     else
         st = NULL, id = lum_stack_hash(frames, depth);
 
     lum_lock(&lum_prof_lock);
-    /* counted under the lock, which every sample takes anyway: no locked add */
-    __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
     if (lum_opt.prof) {
         /* depth 0 (nested or failed unwind) still gets a site, shown as [unknown], so totals
          * over sites add up to the process total. */
         if (!st)
-            lum_last_stack = st = lum_stacktab_get(frames, depth, depth ? id : 1);
-        lum_last_same = st ? same : 0;
-        if (st)
-            lum_stack_add_sample(st, wb, objects);
+            lum_memo.last_stack = st = lum_stacktab_get(frames, depth, depth ? id : 1);
+        lum_memo.last_same = st ? same : 0;
     } else {
         st = NULL;
     }
-    if (rec) {
-        lum_records.slot_live++;
-    } else {
+    bool slot = rec != NULL;
+    if (!slot) {
         struct lum_rec *r = lum_records_add((uintptr_t)ptr);
         rec = r ? &r->s : NULL;
     }
+    /* The figures a sample changes are the sampled pages' lock's (see obs_internal.h), so
+     * that the core's sampling path records under the lock it takes anyway. */
+    lum_lock(&lum_sampled_lock);
+    __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
+    if (st)
+        lum_stack_add_sample(st, wb, objects);
+    if (slot)
+        lum_records.slot_live++;
     if (rec)
         lum_sample_rec_fill(rec, s, usable, wb, objects, st, id);
+    lum_unlock(&lum_sampled_lock);
     if (batch)
         start = lum_batch_add_sample((uintptr_t)ptr, requested, usable, wb, id, frames, depth);
     lum_unlock(&lum_prof_lock);
@@ -209,23 +210,26 @@ __attribute__((noinline)) void lum_on_sample_rec(struct lum_thread_counters_v1 *
 static LUM_COLD_TEXT void sample_free_traced(void *ptr, struct lum_sample_rec *slot)
 {
     struct lum_sample_rec r = {0};
-    bool start = false, found = false;
+    struct lum_rec *n = NULL;
+    bool start = false, found;
     lum_lock(&lum_prof_lock);
     if (slot) {
-        if ((found = slot->usable != 0)) {
+        /* the block's slot: only whoever frees the block writes it now */
+        if ((found = slot->usable != 0))
             r = *slot;
+    } else if ((found = (n = lum_records_take((uintptr_t)ptr)) != NULL)) {
+        r = n->s;
+    }
+    if (found) {
+        lum_lock(&lum_sampled_lock);
+        lum_sample_rec_release(&r);
+        if (slot) {
             slot->usable = 0;
             lum_records.slot_live--;
         }
-    } else {
-        struct lum_rec *n = lum_records_take((uintptr_t)ptr);
-        if ((found = n != NULL)) {
-            r = n->s;
+        lum_unlock(&lum_sampled_lock);
+        if (n)
             lum_records_put(n);
-        }
-    }
-    if (found) {
-        lum_sample_rec_release(&r);
         if (LUM_PROBE_ON(sample_batch))
             start = lum_batch_add_free((uintptr_t)ptr, r.requested, r.usable, r.weight, r.stack_id);
     }
@@ -245,8 +249,6 @@ void lum_on_sample_free(void *ptr, size_t usable)
     /* Unlocked peek: the core may route every free of a sampled page here. */
     if (!__atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED))
         return;
-    /* Untraced, nothing outlives the lock: no registers to save for a probe (~10 instructions
-     * a sampled free). */
     if (LUM_PROBE_ON(sample_batch) || LUM_PROBE_ON(sample_free)) {
         sample_free_traced(ptr, NULL);
         return;
@@ -254,7 +256,9 @@ void lum_on_sample_free(void *ptr, size_t usable)
     lum_lock(&lum_prof_lock);
     struct lum_rec *r = lum_records_take((uintptr_t)ptr);
     if (r) {
+        lum_lock(&lum_sampled_lock);
         lum_sample_rec_release(&r->s);
+        lum_unlock(&lum_sampled_lock);
         lum_records_put(r);
     }
     lum_unlock(&lum_prof_lock);
@@ -269,9 +273,7 @@ void lum_on_sample_free_rec(void *ptr, struct lum_sample_rec *rec)
         sample_free_traced(ptr, rec);
         return;
     }
-    lum_lock(&lum_prof_lock);
-    lum_sample_rec_release(rec);
-    rec->usable = 0;
-    lum_records.slot_live--;
-    lum_unlock(&lum_prof_lock);
+    lum_lock(&lum_sampled_lock);
+    lum_sample_free_locked(rec);
+    lum_unlock(&lum_sampled_lock);
 }

@@ -11,11 +11,6 @@
 #include "prof_records.h"
 #include "unwind_memo.h"
 
-/* The stack this thread last recorded, and the unwinder's name for its frames (lum_memo.seq
- * when they were the memo's, else 0).  Written by the sampler only, read by this thread only. */
-extern __thread struct lum_stack *lum_last_stack LUM_TLS;
-extern __thread uint64_t lum_last_same LUM_TLS;
-
 /* The rest of a sample whose frames are unwound (sampler.c). */
 void lum_sample_commit(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable, uint64_t wb,
                        double objects, const uint64_t *frames, uint32_t depth, uint64_t same,
@@ -65,58 +60,86 @@ static inline void lum_sample_rec_release(const struct lum_sample_rec *r)
     __atomic_store_n(&lum_prof_sample_frees, lum_prof_sample_frees + 1, __ATOMIC_RELAXED);
 }
 
-/* lum_on_sample_at(tc, ptr, requested, usable, at, factor, rec) for the core's sampling path:
- * at its frame (non-NULL), factor > 0, rec the block's slot. */
-static inline __attribute__((always_inline)) void lum_sample_fast(struct lum_thread_counters_v1 *tc, void *ptr,
+/* What lum_sample_locked left for lum_sample_rest. */
+struct lum_sample_rest {
+    int d;              /* frames from the memo; -1: to walk (the memo missed); -2: the whole
+                         * sample to lum_on_sample_at */
+    uint64_t same, wb;
+    uint64_t frames[LUM_MAX_FRAMES];
+};
+
+/* The core's sample of block ptr (slot rec), under lum_sampled_lock, taken for the block: when
+ * no tracer is attached and the memo's frames are the thread's last stack's (see commit in
+ * sampler.c), records it all under that lock and returns true.  The memo's check reads only
+ * this thread's stack and its own state, a few dozen instructions: anything longer (a walk, a
+ * new stack) is left in *r for lum_sample_rest, after the lock.  at: the sampling path's frame
+ * (see observe.h); factor > 0. */
+static inline __attribute__((always_inline)) bool lum_sample_locked(struct lum_thread_counters_v1 *tc,
+                                                                    const uintptr_t *at, size_t requested,
+                                                                    size_t usable, double factor,
+                                                                    struct lum_sample_rec *rec,
+                                                                    struct lum_sample_rest *r)
+{
+    r->d = -2;
+#if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
+    struct lum_stack *st = lum_memo.last_stack;
+    if (__builtin_expect(st == NULL || !at || !lum_opt.prof || LUM_PROBE_ON(sample) ||
+                             LUM_PROBE_ON(sample_batch) || lum_obs_busy || !lum_opt.prof_depth, 0))
+        return false;
+    uint64_t same = 0;
+    lum_obs_busy = 1;
+    int d = lum_unwind_memo_at(r->frames, lum_opt.prof_depth, at, &same);
+    lum_obs_busy = 0;
+    uint64_t s = requested ? requested : 1;
+    uint64_t wb = lum_sample_bytes(factor, s);
+    if (__builtin_expect(d <= 0 || same != lum_memo.last_same, 0)) {
+        r->d = d, r->same = same, r->wb = wb;
+        return false;
+    }
+    tc->sampled_bytes += wb;
+    __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
+    lum_stack_add_sample(st, wb, factor);
+    lum_records.slot_live++;
+    rec->requested = s;
+    rec->usable = usable; /* a class size: never 0, which is an empty slot */
+    rec->weight = wb;
+    rec->objects = factor;
+    rec->stack = st;
+    rec->stack_id = st->id;
+    return true;
+#else
+    (void)tc, (void)at, (void)requested, (void)usable, (void)factor, (void)rec;
+    return false;
+#endif
+}
+
+/* After the lock, the sample lum_sample_locked did not record. */
+static inline __attribute__((always_inline)) void lum_sample_rest(const struct lum_sample_rest *r,
+                                                                  struct lum_thread_counters_v1 *tc, void *ptr,
                                                                   size_t requested, size_t usable,
                                                                   const uintptr_t *at, double factor,
                                                                   struct lum_sample_rec *rec)
 {
-#if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
-    struct lum_stack *st = lum_last_stack;
-    if (__builtin_expect(st != NULL, 1) && lum_opt.prof && !LUM_PROBE_ON(sample) && !LUM_PROBE_ON(sample_batch) &&
-        !lum_obs_busy && lum_opt.prof_depth) {
-        uint64_t frames[LUM_MAX_FRAMES], same = 0;
-        lum_obs_busy = 1;
-        int d = lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same);
-        lum_obs_busy = 0;
-        if (d < 0) {
-            lum_sample_walk(tc, ptr, requested, usable, at, factor, rec);
-            return;
-        }
-        uint64_t s = requested ? requested : 1;
-        uint64_t wb = lum_sample_bytes(factor, s);
-        tc->sampled_bytes += wb;
-        if (__builtin_expect(!d || same != lum_last_same, 0)) {
-            lum_sample_commit(tc, ptr, requested, usable, wb, factor, frames, (uint32_t)d, same, rec);
-            return;
-        }
-        /* the memo's frames are lum_last_stack's (see commit in sampler.c) */
-        lum_lock(&lum_prof_lock);
-        __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
-        lum_stack_add_sample(st, wb, factor);
-        lum_records.slot_live++;
-        lum_sample_rec_fill(rec, s, usable, wb, factor, st, st->id);
-        lum_unlock(&lum_prof_lock);
-        return;
+    if (r->d >= 0) {
+        tc->sampled_bytes += r->wb;
+        lum_sample_commit(tc, ptr, requested, usable, r->wb, factor, r->frames, (uint32_t)r->d, r->same, rec);
+    } else if (r->d == -1) {
+        lum_sample_walk(tc, ptr, requested, usable, at, factor, rec);
+    } else if (at) {
+        lum_on_sample_at(tc, ptr, requested, usable, at, factor, rec);
+    } else {
+        lum_on_sample_rec(tc, ptr, requested, usable, rec);
     }
-#endif
-    lum_on_sample_at(tc, ptr, requested, usable, at, factor, rec);
 }
 
-/* lum_on_sample_free_rec, for the core's sampled free. */
-static inline __attribute__((always_inline)) void lum_sample_free_fast(void *ptr, struct lum_sample_rec *rec)
+/* lum_on_sample_free_rec, for the core's sampled free, under lum_sampled_lock: a traced free
+ * (probe fields kept past the lock) is out of line, before the lock (lum_sample_free_traced). */
+static inline __attribute__((always_inline)) void lum_sample_free_locked(struct lum_sample_rec *rec)
 {
     if (!rec->usable)
         return;
-    if (LUM_PROBE_ON(sample_batch) || LUM_PROBE_ON(sample_free)) {
-        lum_on_sample_free_rec(ptr, rec);
-        return;
-    }
-    lum_lock(&lum_prof_lock);
     lum_sample_rec_release(rec);
     rec->usable = 0;
     lum_records.slot_live--;
-    lum_unlock(&lum_prof_lock);
 }
 #endif

@@ -33,6 +33,10 @@ struct lum_walk_memo {
     uint64_t hits;                  /* walks taken from the memo (for tests) */
     uintptr_t stack_lo, stack_hi;   /* stack pages this thread has found readable (stack_reach) */
     uint32_t unwinds;               /* walks so far: one in LUM_TIME_EVERY is timed */
+    /* The sampler's: the stack this thread last recorded, and the unwinder's name for its
+     * frames (seq when they were the memo's, else 0); read and written by this thread only. */
+    struct lum_stack *last_stack;
+    uint64_t last_same;
     uintptr_t ip, sp, bp, top; /* the key frame; top: the highest CFA the walk reached */
     uint32_t gen, max, d, nret, nb; /* d frames; nret return-address and nb rbp slots read */
     uint8_t busy, valid, uses_bp;
@@ -75,7 +79,7 @@ extern int lum_self_state;
  * lumalloc a separate object (lum_self_state 1: the memo's frames are the stored ones) and
  * for a key outside it.  Busy first, as in rules_walk: a signal handler's walk must not
  * rewrite the memo under the checks. */
-static inline int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at, uint64_t *same)
+static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at, uint64_t *same)
 {
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
