@@ -384,6 +384,18 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
 /* The memo (unwind_memo.h): recorded by rules_walk, its hit read inline by the sampler too. */
 __thread struct lum_walk_memo lum_memo LUM_TLS;
 
+uint64_t lum_unwind_timed_begin(void)
+{
+    uint64_t t0 = now_ns();
+    rules_generation(true);
+    return t0 ? t0 : 1;
+}
+
+void lum_unwind_timed_end(uint64_t t0)
+{
+    __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * LUM_TIME_EVERY, __ATOMIC_RELAXED);
+}
+
 bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out)
 {
     return lum_memo_holds(m, sp, out);

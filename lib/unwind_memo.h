@@ -63,6 +63,10 @@ static inline __attribute__((always_inline)) bool lum_memo_holds(const struct lu
     return true;
 }
 
+/* For lum_unwind_memo_at's timed unwinds (one in LUM_TIME_EVERY): the start time, after a look
+ * at the loader's unload count (rules_generation in unwind.c); the time taken, scaled. */
+uint64_t lum_unwind_timed_begin(void);
+void lum_unwind_timed_end(uint64_t t0);
 /* lum_memo_holds out of line, for lum_unwind_memo_at: inlined into the sampling path, where
  * every register is taken, its loops spilled and reloaded each word (~15 instructions more a
  * sample than the call). */
@@ -74,8 +78,8 @@ extern int lum_self_state;
 
 /* The walk from the frame at (at[0] its caller's rbp, at[1] the return address, at + 2 the
  * caller's rsp) when this thread's memo still holds for it: its depth, the frames in out[] and
- * *same as lum_unwind_from sets it, counted as an unwind.  -1 when the memo does not hold or
- * when this unwind is one of the timed ones: lum_unwind_from then does it all.  Only with
+ * *same as lum_unwind_from sets it, counted (and one in LUM_TIME_EVERY timed) as an unwind.
+ * -1 when the memo does not hold: lum_unwind_from then does it all.  Only with
  * lumalloc a separate object (lum_self_state 1: the memo's frames are the stored ones) and
  * for a key outside it.  Busy first, as in rules_walk: a signal handler's walk must not
  * rewrite the memo under the checks. */
@@ -84,8 +88,13 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
     struct lum_walk_memo *m = &lum_memo;
-    if (n % LUM_TIME_EVERY == 0 || m->busy || __atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) != 1)
+    if (m->busy || __atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) != 1)
         return -1;
+    /* A timed one looks at the loader's unload count first: a moved generation fails the
+     * check below, and the walk learns the new rules. */
+    uint64_t t0 = 0;
+    if (__builtin_expect(n % LUM_TIME_EVERY == 0, 0))
+        t0 = lum_unwind_timed_begin();
     m->busy = 1;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     uintptr_t sp = (uintptr_t)(at + 2);
@@ -97,7 +106,9 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     m->busy = 0;
     if (d < 0)
-        return -1;
+        return -1; /* lum_unwind_from walks (and, for a timed one, looks and times again) */
+    if (__builtin_expect(t0 != 0, 0))
+        lum_unwind_timed_end(t0);
     lum_memo.unwinds = n + 1;
     lum_memo.hits++;
     __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
