@@ -86,13 +86,14 @@ static inline __attribute__((always_inline)) bool lum_sample_locked(struct lum_t
     if (__builtin_expect(st == NULL || !at || !lum_opt.prof || LUM_PROBE_ON(sample) ||
                              LUM_PROBE_ON(sample_batch) || lum_obs_busy || !lum_opt.prof_depth, 0))
         return false;
-    uint64_t same = 0;
+    uint64_t same = 0, last = lum_memo.last_same;
     lum_obs_busy = 1;
-    int d = lum_unwind_memo_at(r->frames, lum_opt.prof_depth, at, &same);
+    /* the frames are copied out only when they are not the last stack's (last) */
+    int d = lum_unwind_memo_at(r->frames, lum_opt.prof_depth, at, &same, last);
     lum_obs_busy = 0;
     uint64_t s = requested ? requested : 1;
     uint64_t wb = lum_sample_bytes(factor, s);
-    if (__builtin_expect(d <= 0 || same != lum_memo.last_same, 0)) {
+    if (__builtin_expect(d <= 0 || same != last, 0)) {
         r->d = d, r->same = same, r->wb = wb;
         return false;
     }

@@ -396,9 +396,15 @@ void lum_unwind_timed_end(uint64_t t0)
     __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * LUM_TIME_EVERY, __ATOMIC_RELAXED);
 }
 
-bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out)
+bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp)
 {
-    return lum_memo_holds(m, sp, out);
+    for (uint32_t i = 0; i < m->nret; i++)
+        if (*(const uintptr_t *)(sp + m->roff[i]) != m->frames[i + 1])
+            return false;
+    for (uint32_t i = 0; i < m->nb; i++)
+        if (*(const uintptr_t *)(sp + m->boff[i]) != m->bval[i])
+            return false;
+    return true;
 }
 
 /* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).

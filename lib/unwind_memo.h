@@ -67,23 +67,24 @@ static inline __attribute__((always_inline)) bool lum_memo_holds(const struct lu
  * at the loader's unload count (rules_generation in unwind.c); the time taken, scaled. */
 uint64_t lum_unwind_timed_begin(void);
 void lum_unwind_timed_end(uint64_t t0);
-/* lum_memo_holds out of line, for lum_unwind_memo_at: inlined into the sampling path, where
- * every register is taken, its loops spilled and reloaded each word (~15 instructions more a
- * sample than the call). */
-bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp, uint64_t *out);
+/* lum_memo_holds without the copy, out of line, for lum_unwind_memo_at: inlined into the
+ * sampling path, where every register is taken, its loops spilled and reloaded each word (~15
+ * instructions more a sample than the call). */
+bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp);
 
 extern __thread struct lum_walk_memo lum_memo LUM_TLS;
 extern uint32_t lum_rules_gen;
 extern int lum_self_state;
 
 /* The walk from the frame at (at[0] its caller's rbp, at[1] the return address, at + 2 the
- * caller's rsp) when this thread's memo still holds for it: its depth, the frames in out[] and
- * *same as lum_unwind_from sets it, counted (and one in LUM_TIME_EVERY timed) as an unwind.
+ * caller's rsp) when this thread's memo still holds for it: its depth, the frames in out[]
+ * (unless *same comes out as want, 0: always) and *same as lum_unwind_from sets it, counted (and one in LUM_TIME_EVERY timed) as an unwind.
  * -1 when the memo does not hold: lum_unwind_from then does it all.  Only with
  * lumalloc a separate object (lum_self_state 1: the memo's frames are the stored ones) and
  * for a key outside it.  Busy first, as in rules_walk: a signal handler's walk must not
  * rewrite the memo under the checks. */
-static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at, uint64_t *same)
+static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at,
+                                                                    uint64_t *same, uint64_t want)
 {
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
@@ -101,8 +102,16 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     int d = -1;
     if (m->valid && m->ip == at[1] && m->sp == sp && m->max == max &&
         m->gen == __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE) && (!m->uses_bp || m->bp == at[0]) &&
-        m->top <= lum_memo.stack_hi && sp >= lum_memo.stack_lo && lum_memo_holds_at(m, sp, out))
+        m->top <= lum_memo.stack_hi && sp >= lum_memo.stack_lo && lum_memo_holds_at(m, sp)) {
         d = (int)m->d;
+        /* The frames are copied out only for a caller that will read them: not when they are
+         * those it names by want (the sampler's last stack, see commit in sampler.c), the
+         * common case.  Before busy is cleared: a signal handler's walk may record the memo
+         * again after. */
+        if (m->seq != want)
+            for (uint32_t i = 0; i <= m->nret; i++)
+                out[i] = m->frames[i];
+    }
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     m->busy = 0;
     if (d < 0)
@@ -116,7 +125,7 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     *same = lum_memo.seq;
     return d;
 #else
-    (void)out, (void)max, (void)at, (void)same;
+    (void)out, (void)max, (void)at, (void)same, (void)want;
     return -1;
 #endif
 }
