@@ -9,7 +9,9 @@ struct lum_records {
     unsigned bits;
     struct lum_rec *free_nodes;
     uint64_t live;
-    uint64_t slot_live; /* records in sampled blocks' slots (lum_sample_rec), not in the table */
+    /* records in sampled blocks' slots (lum_sample_rec), not in the table: under
+     * lum_sampled_lock, like the slots (see obs_internal.h) */
+    uint64_t slot_live;
 };
 extern struct lum_records lum_records;
 /* First use, growth, no recycled node: out of line. */

@@ -1,6 +1,8 @@
 /* Sampled allocations live on pages of their own whose fast_heap is never set, so free()
  * recognises them with the ownership test it does anyway: no extra branch for ordinary frees.
- * Samples are rare (one per 512 KiB by default), so one lock guards these pages. */
+ * Samples are rare (one per 512 KiB by default), so one lock guards these pages, and with them
+ * the profiler's figures a sample or its free changes (see obs_internal.h), so that each takes
+ * one lock. */
 #include "internal.h"
 #include "observe.h"
 #include "probes.h"

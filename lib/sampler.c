@@ -124,7 +124,7 @@ void lum_sample_commit(struct lum_thread_counters_v1 *tc, void *ptr, size_t requ
     commit(ptr, requested, usable, wb, objects, frames, depth, same, rec, false, false, tc);
 }
 
-/* try_memo: the unwinder's memo is still to be tried (lum_sample_fast has not). */
+/* try_memo: the unwinder's memo is still to be tried (lum_sample_locked has not). */
 static inline __attribute__((always_inline)) void on_sample(struct lum_thread_counters_v1 *tc, void *ptr,
                                                             size_t requested, size_t usable, const uintptr_t *at,
                                                             double factor, struct lum_sample_rec *rec, bool try_memo)

@@ -1,8 +1,9 @@
-/* The sampler's common case, inline for the core's sampling path and its sampled free: a sample
- * from the same stack as this thread's last one (the unwinder's memo holds and names the stack
- * the thread last recorded), no tracer attached, the record in the block's slot.  Out of line,
- * lum_on_sample_at and lum_on_sample_free_rec were a call, a second frame of saved registers
- * and the same checks again (~40 instructions a sample).  Anything else goes through them. */
+/* The sampler's common case, inline for the core's sampling path and its sampled free, under
+ * the sampled pages' lock the core holds for the block: a sample from the same stack as this
+ * thread's last one (the unwinder's memo holds and names the stack the thread last recorded),
+ * no tracer attached, the record in the block's slot.  Out of line, lum_on_sample_at and
+ * lum_on_sample_free_rec were a call, a second frame of saved registers, the same checks again
+ * and a second lock (~60 instructions a sample).  Anything else goes through them. */
 #ifndef LUM_SAMPLER_FAST_H
 #define LUM_SAMPLER_FAST_H
 #include "obs_internal.h"
@@ -15,7 +16,7 @@
 void lum_sample_commit(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable, uint64_t wb,
                        double objects, const uint64_t *frames, uint32_t depth, uint64_t same,
                        struct lum_sample_rec *rec);
-/* lum_on_sample_at without trying the memo (lum_sample_fast did). */
+/* lum_on_sample_at without trying the memo (lum_sample_locked did). */
 void lum_sample_walk(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
                      const uintptr_t *at, double factor, struct lum_sample_rec *rec);
 
@@ -26,7 +27,7 @@ static inline uint64_t lum_sample_bytes(double factor, uint64_t s)
     return (uint64_t)(int64_t)(factor * (double)(int64_t)s + 0.5);
 }
 
-/* Under lum_prof_lock. */
+/* Under lum_sampled_lock (see obs_internal.h). */
 static inline void lum_stack_add_sample(struct lum_stack *st, uint64_t wb, double objects)
 {
     st->samples++;
@@ -48,7 +49,7 @@ static inline void lum_sample_rec_fill(struct lum_sample_rec *rec, uint64_t s, u
     rec->stack_id = id;
 }
 
-/* Drops a record's share of its stack's live figures; under lum_prof_lock. */
+/* Drops a record's share of its stack's live figures; under lum_sampled_lock. */
 static inline void lum_sample_rec_release(const struct lum_sample_rec *r)
 {
     struct lum_stack *st = r->stack;
