@@ -366,6 +366,13 @@ static void abandoned_file(struct lum_page *page, unsigned cls, bool empty)
 static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
 {
     bool empty = page->used == 0;
+    /* An empty page that carved nothing (lum_page_uncarve) holds no memory worth keeping, and
+     * would add nothing to abandoned_empty_bytes, by which decay decides whether to look at
+     * the lists at all: kept, it stayed there for good. */
+    if (empty && page->carved == 0) {
+        atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+        return false;
+    }
     lum_lock(&lum_abandoned_lock);
     /* over the bound, the oldest go first: they are the least likely to be wanted again */
     while (empty && abandoned_empty_bytes + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {

@@ -9,8 +9,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include "lumalloc.h"
+#include "lumalloc_options.h"
 #include "lumalloc_stats.h"
 
 #define PIN_BLOCKS 20000
@@ -75,10 +77,57 @@ static void freeing_others_blocks_pins_nothing(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+#define BIG_SIZE 20000 /* blocks over 16 KiB: their empty pages are uncarved (lum_page_uncarve) */
+
+static void *big_user(void *arg)
+{
+    (void)arg;
+    void *b[8];
+    for (int i = 0; i < 8; i++) {
+        b[i] = p_malloc(BIG_SIZE);
+        memset(b[i], 1, BIG_SIZE);
+    }
+    for (int i = 0; i < 8; i++) free(b[i]);
+    return NULL;
+}
+
+static unsigned class_pages(size_t size)
+{
+    static struct lum_stats s;
+    lum_stats_snapshot(&s);
+    for (int k = 0; k < LUM_STATS_CLASSES; k++)
+        if (s.classes[k].block_size >= size) return (unsigned)s.classes[k].pages;
+    return 0;
+}
+
+/* An exited thread's empty pages are kept for the decay time at most, those of big blocks too.
+ * Emptied, such a page carves afresh (nothing carved): kept on the abandoned lists it counted
+ * nothing towards the empty bytes there, which decay looks at before it looks for pages, and
+ * stayed for good, its slices taken from every other class. */
+static void exited_threads_empty_big_pages_decay(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0); /* every block on the class's pages */
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, big_user, NULL), 0);
+    pthread_join(t, NULL);
+    unsigned at_exit = class_pages(BIG_SIZE);
+    usleep(1100 * 1000); /* the default decay time, 1 s */
+    /* decay runs before a page is mapped: this class has none here */
+    void *p = p_malloc(6000);
+    unsigned after = class_pages(BIG_SIZE);
+    printf("# pages of %d B blocks after their thread exited: %u, after the decay time: %u\n", BIG_SIZE,
+           at_exit, after);
+    free(p);
+    lum_options_set("sample_interval", "512k");
+    assert_int_equal(after, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(freeing_others_blocks_pins_nothing),
+        cmocka_unit_test(exited_threads_empty_big_pages_decay),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
