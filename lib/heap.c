@@ -155,6 +155,8 @@ static void heap_forget_pages(struct lum_heap *heap)
     }
     heap->retained_bytes = 0;
     if (heap->empty_big) heap->empty_big = NULL;
+    /* what a dead thread collected is no reason for its successor to scan early */
+    if (heap->remote_collected) heap->remote_collected = 0;
 }
 
 static struct lum_heap *heap_create(void)
