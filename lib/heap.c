@@ -385,7 +385,7 @@ static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
             return false;
         }
         abandoned_unlink(old);
-        lum_page_release(old);
+        lum_page_release(old, false);
     }
     atomic_store_explicit(&page->owner, NULL, memory_order_release);
     abandoned_file(page, cls, empty);
@@ -449,7 +449,8 @@ static void page_retire_as(struct lum_heap *heap, struct lum_page *page, bool al
     /* A page of a class this heap does not allocate from (one it adopted by freeing into it)
      * goes back where a thread that needs the class will look first. */
     if (!allocating && abandon_page(page, cls, lum_now_ms())) return;
-    lum_page_release(page);
+    /* a class this heap allocates may get the page's span back for its next pages */
+    lum_page_release(page, allocating);
 }
 
 static void page_retire(struct lum_heap *heap, struct lum_page *page)
@@ -631,7 +632,7 @@ static bool free_into_abandoned(struct lum_heap *heap, struct lum_page *page, lu
     /* now empty: filed again as an empty page (or released over the bound) */
     abandoned_unlink(page);
     lum_unlock(&lum_abandoned_lock);
-    if (!abandon_page(page, cls, lum_now_ms())) lum_page_release(page);
+    if (!abandon_page(page, cls, lum_now_ms())) lum_page_release(page, false);
     return true;
 }
 
@@ -712,7 +713,7 @@ static void heap_release_idle(struct lum_heap *heap, unsigned cls)
             if (q != heap->current[c] && !q->retained && (heap_collect(heap, q), q->used == 0)) {
                 lum_list_remove(&heap->avail[c], q);
                 lum_page_set_fast(q, NULL);
-                lum_page_release(q);
+                lum_page_release(q, false);
             }
             q = next;
         }
@@ -1030,7 +1031,7 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
         page->in_full = 0;
         page->retained = 0;
         page->next = page->prev = NULL;
-        if (!abandon_page(page, cls, now)) lum_page_release(page);
+        if (!abandon_page(page, cls, now)) lum_page_release(page, false);
     }
 }
 
@@ -1095,7 +1096,7 @@ size_t lum_abandoned_reclaim(bool all)
             if (page->used == 0 && (all || now - page->abandoned_ms >= lum_opt.decay_ms)) {
                 abandoned_unlink(page);
                 bytes += (size_t)page->slices * LUM_SLICE_SIZE;
-                lum_page_release(page);
+                lum_page_release(page, false);
             } else if (page->used == 0 && page->abandoned == LUM_ABANDONED_WITH_BLOCKS) {
                 /* emptied by others' frees since: filed as empty, so decay comes back for it */
                 abandoned_unlink(page);
@@ -1205,7 +1206,7 @@ LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
             page_recount(page);
             page_unmark_full(page);
             lum_page_collect(page);
-            if (!abandon_page(page, page->cls, now)) lum_page_release(page);
+            if (!abandon_page(page, page->cls, now)) lum_page_release(page, false);
         }
     }
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) {

@@ -55,6 +55,7 @@
 #define LUM_BIG_STEP 4096
 #define LUM_RETAIN_EMPTY_PER_CLASS 2   /* empty pages a heap keeps per class before releasing */
 #define LUM_RETAIN_EMPTY_BYTES ((size_t)1 << 20)
+#define LUM_KEEP_SPAN_AFTER 4         /* pages of a class released in a row before spans are kept */
 #define LUM_CACHE_BLOCKS 16            /* most blocks a heap's cache keeps per class */
 
 typedef struct lum_block { struct lum_block *next; } lum_block;
@@ -119,6 +120,12 @@ struct lum_segment {
     uint64_t freed_at_ms[LUM_SLICES]; /* when a free slice was freed (decay) */
     uint64_t empty_since_ms;    /* when the segment last became wholly free (0: it is not) */
     uint32_t collapsed;         /* MADV_COLLAPSE done (huge-page mode) */
+    /* Per slice, while it is resident: how many of its 4 KiB pages some page ever carved into
+     * (0-16), and the class of the last ordinary page on it (LUM_CLASSES: none or another
+     * kind).  A released page leaves its carved span resident for the next page of its class
+     * on these slices; a page of another class has it returned first (segment.c). */
+    uint8_t slice_touched[LUM_SLICES];
+    uint8_t slice_cls[LUM_SLICES];
     struct lum_segment *next, *prev;
     struct lum_page pages[LUM_SLICES];
 };
@@ -342,7 +349,7 @@ void lum_meta_free(void *p, size_t size);
 /* ---- segment.c (global lock: lum_segment_lock) ---- */
 extern lum_lock_t lum_segment_lock;
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind);
-void lum_page_release(struct lum_page *page);
+void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 size_t lum_segments_purge(bool all, uint32_t reason);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);

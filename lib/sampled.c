@@ -48,7 +48,7 @@ static void sampled_page_release(struct lum_page *page)
     *(void **)page->recs = recs_free[page->cls];
     recs_free[page->cls] = page->recs;
     page->recs = NULL;
-    lum_page_release(page);
+    lum_page_release(page, false);
 }
 
 unsigned lum_sampled_class_slow(unsigned cls)
@@ -86,7 +86,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
         if (!page->free) lum_page_refill(page);
     } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
         if (!(page->recs = recs_get(cls, page->capacity))) {
-            lum_page_release(page);
+            lum_page_release(page, false);
             page = NULL;
         } else {
             lum_list_push_front(&lum_sampled_pages[cls], page);

@@ -87,6 +87,70 @@ static int find_run(uint64_t free, unsigned n)
     return x ? __builtin_ctzll(x) : -1;
 }
 
+/* The next page on a run of slices carves lazily from its start, and finds resident whatever
+ * the pages before it carved there.  A page of the same class is likely to carve as deep: it
+ * takes that span as it is, and faults none of it in again (bench sqlite: a phase frees ~500
+ * pages of one class and the next carves as many again; python with PYTHONMALLOC=malloc, ~200
+ * a round).  A page of another class may carve far less and leave the rest resident and idle,
+ * while the classes that carve deep take fresh slices, so the touched part of every slice that
+ * changed hands crept to the whole span (larson: each generation of threads recycles the last
+ * one's pages across classes): it gets the span past its first 4 KiB returned, and this gives
+ * the bytes to madvise (0: none).  Spans are kept only when a class empties page after page
+ * (class_run); a page released now and then returns its span at once (note_span),
+ * as it would sit idle (bench ring, fragment, larson: +0.2-0.5 MiB peak RSS when every span was
+ * kept).  The slices stay counted resident either way (figures stay an upper bound), and decay
+ * purges free ones whole.  Not in huge-page mode, where it would split the huge page.  tag: the
+ * class of an ordinary page, LUM_CLASSES for any other kind.  Caller holds lum_segment_lock. */
+static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag)
+{
+    size_t end = 0;
+    bool same = true;
+    for (unsigned i = 0; i < n; i++) {
+        if (!seg->slice_touched[idx + i]) continue;
+        end = (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096;
+        same &= seg->slice_cls[idx + i] == tag && tag != LUM_CLASSES;
+    }
+    if (same || end <= 4096 || lum_opt.thp) return 0;
+    for (unsigned i = 1; i < n; i++) seg->slice_touched[idx + i] = 0;
+    seg->slice_touched[idx] = 1;
+    return end - 4096;
+}
+
+/* Per class: its ordinary pages released since one was last taken from a segment (saturating).
+ * A class that empties page after page (a phase dropping its data: bench sqlite ~500 pages of
+ * one class, python with PYTHONMALLOC=malloc ~200 a round) usually fills as many again soon:
+ * past LUM_KEEP_SPAN_AFTER in a row, their spans stay for its next pages, which then carve
+ * without a page fault.  A page now and then (a ring of objects, threads taking and giving
+ * back pages of a class in turn) goes back trimmed, as its span would sit idle.  Written under
+ * lum_segment_lock, read before it (a stale count only moves one decision). */
+static uint8_t class_run[LUM_CLASSES];
+
+/* Notes the span a page carved on its slices for the next page on them (inherit_span), or
+ * (keep false) gives the bytes past its first 4 KiB to return at once (0: none; not in
+ * huge-page mode, where it would split the huge page).  Called before the slices are free. */
+static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_page *page, bool keep)
+{
+    size_t touched = (size_t)page->carved * page->block_size;
+    uint8_t tag = page->kind == LUM_PAGE_SMALL ? page->cls : LUM_CLASSES;
+    if (!keep || lum_opt.thp) {
+        /* the slices may hold an older span (kept for a class that did not come back) */
+        size_t end = 0;
+        for (unsigned i = 0; i < page->slices; i++)
+            if (seg->slice_touched[idx + i]) end = (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096;
+        if (touched < end) touched = end;
+        touched = (touched + 4095) & ~(size_t)4095;
+        memset(seg->slice_touched + idx, 0, page->slices);
+        seg->slice_touched[idx] = 1;
+        return touched > 4096 && !lum_opt.thp ? touched - 4096 : 0;
+    }
+    for (unsigned i = 0; i < page->slices; i++, touched = touched > LUM_SLICE_SIZE ? touched - LUM_SLICE_SIZE : 0) {
+        size_t pages = touched >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (touched + 4095) / 4096;
+        if (pages > seg->slice_touched[idx + i]) seg->slice_touched[idx + i] = (uint8_t)pages;
+        seg->slice_cls[idx + i] = tag;
+    }
+    return 0;
+}
+
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
 {
     unsigned n = lum_class_slices[cls];
@@ -127,6 +191,8 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         idx = find_run(seg->free_slices, n);
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
+    size_t tail = inherit_span(seg, (unsigned)idx, n, kind == LUM_PAGE_SMALL ? cls : LUM_CLASSES);
+    if (kind == LUM_PAGE_SMALL) __atomic_store_n(&class_run[cls], 0, __ATOMIC_RELAXED);
     __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     seg->free_slices &= ~mask;
     seg->empty_since_ms = 0;
@@ -160,6 +226,8 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     for (unsigned i = 0; i < n; i++) seg->slice_page[idx + i] = page;
     page->slices = (uint8_t)n;
     lum_unlock(&lum_segment_lock);
+    /* nobody carves the page before it is returned: its span can go back outside the lock */
+    if (tail) madvise(page->start + 4096, tail, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
     account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
     /* Freed large blocks can never become pages: with a segment mapped anyway, keeping them
      * would hold both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them
@@ -203,6 +271,7 @@ static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
             madvise(lum_seg_base(seg) + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE, advice);
             uint64_t mask = (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
             seg->purged_slices |= mask;
+            memset(seg->slice_touched + start, 0, (size_t)len);
             candidates &= ~mask;
             released += (size_t)len * LUM_SLICE_SIZE;
             __atomic_sub_fetch(&dirty_bytes, (size_t)len * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
@@ -224,45 +293,43 @@ static size_t account_purge(size_t madvised, size_t unmapped, uint32_t reason)
     return madvised + unmapped;
 }
 
-/* The next page on these slices may serve any class and carves lazily from their start: one
- * whose blocks go little further than its first carve left the rest of the span it inherited
- * resident and idle, while the classes that carve deep took fresh slices, so the touched part of
- * every slice that changed hands crept to the whole span (larson: each generation of threads
- * recycles the last one's pages across classes).  What this page carved past its first 4 KiB
- * goes back at once (outside the lock; the next carve faults it in again); a page that never
- * carved further, the common case for a class a thread barely uses, costs no call.  The slices
- * stay counted resident (figures stay an upper bound) and decay purges them whole later.  Not in
- * huge-page mode, where it would split the huge page. */
-static void release_tail(const struct lum_page *page)
-{
-    size_t touched = ((size_t)page->carved * page->block_size + 4095) & ~(size_t)4095;
-    if (touched <= 4096 || lum_opt.thp) return;
-    madvise(page->start + 4096, touched - 4096,
-            lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
-}
-
 /* An empty page kept for its class gives back the memory its blocks touched and carves afresh
  * when next used: for blocks this big a kept page holds as much resident as a page's worth of
  * small blocks, which no other class can reuse (see the callers).  The caller owns the page and
  * nothing points into it. */
 void lum_page_uncarve(struct lum_page *page)
 {
-    size_t touched = ((size_t)page->carved * page->block_size + 4095) & ~(size_t)4095;
+    struct lum_segment *seg = lum_segment_of(page->start);
+    unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
+    size_t touched = (size_t)page->carved * page->block_size;
+    /* a span it took over from an earlier page of its class goes too (its own slices: no lock) */
+    for (unsigned i = 0; i < page->slices; i++)
+        if (seg->slice_touched[idx + i] && (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096 > touched)
+            touched = (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096;
+    touched = (touched + 4095) & ~(size_t)4095;
     page->carved = 0;
     page->free = NULL;
     if (!touched || lum_opt.thp) return;
     madvise(page->start, touched, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+    memset(seg->slice_touched + idx, 0, page->slices);
 }
 
-void lum_page_release(struct lum_page *page)
+void lum_page_release(struct lum_page *page, bool may_keep_span)
 {
     struct lum_segment *seg = lum_segment_of(page->start);
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     unsigned n = page->slices;
     uint64_t now = lum_now_ms();
     size_t released = 0, unmapped = 0;
-    release_tail(page);
+    /* Before the slices are free: no page can be carving them while their span goes back, and
+     * their entries are nobody else's to touch until then. */
+    bool small = page->kind == LUM_PAGE_SMALL;
+    unsigned cls = page->cls;
+    bool keep = may_keep_span && small && __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER;
+    size_t tail = note_span(seg, idx, page, keep);
+    if (tail) madvise(page->start + 4096, tail, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
     lum_lock(&lum_segment_lock);
+    if (small && class_run[cls] < UINT8_MAX) __atomic_store_n(&class_run[cls], class_run[cls] + 1, __ATOMIC_RELAXED);
     for (unsigned i = 0; i < n; i++) {
         seg->slice_page[idx + i] = &lum_invalid_sentinel;
         seg->freed_at_ms[idx + i] = now;

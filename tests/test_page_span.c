@@ -1,0 +1,139 @@
+/* What a page given back to its segment leaves resident.  One now and then leaves at most its
+ * first 4 KiB: the next page on its slices may serve a class that carves little, and would
+ * otherwise hold the rest resident and idle.  A class emptying page after page keeps the spans
+ * for its own next pages, which carve them without a page fault; a page of another class taken
+ * on such slices finds only the first 4 KiB resident.  Its own process: pages left by other
+ * programs' tests would change which page is released and where the next one goes. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <cmocka.h>
+#include "lumalloc.h"
+#include "lumalloc_options.h"
+#include "internal.h" /* LUM_KEEP_SPAN_AFTER, LUM_RETAIN_EMPTY_PER_CLASS */
+
+#define SLICE ((uintptr_t)64 << 10)
+#define BLOCK 1024 /* a one-slice class: 64 blocks a page */
+#define OTHER 2048 /* another one-slice class, not used before */
+#define PAGES 6
+#define NBLOCKS (PAGES * 64)
+#define BULK_PAGES 16
+static void *blocks[BULK_PAGES * 64];
+
+static unsigned resident_pages(uintptr_t start)
+{
+    unsigned char vec[SLICE / 4096];
+    assert_int_equal(mincore((void *)start, SLICE, vec), 0);
+    unsigned n = 0;
+    for (unsigned i = 0; i < SLICE / 4096; i++) n += vec[i] & 1;
+    return n;
+}
+
+/* Six pages filled and emptied in turn: the heap keeps two empty pages of the class and its
+ * current one, and gives the other three back (fewer than LUM_KEEP_SPAN_AFTER in a row); each
+ * of those was carved (and touched) whole. */
+static void released_page_keeps_only_its_first_carve(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0); /* no block on a sampled page */
+    for (int i = 0; i < NBLOCKS; i++) {
+        blocks[i] = malloc(BLOCK);
+        assert_non_null(blocks[i]);
+        memset(blocks[i], 1, BLOCK);
+    }
+    uintptr_t slices[NBLOCKS];
+    unsigned nslices = 0;
+    for (int i = 0; i < NBLOCKS; i++) {
+        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
+        if (nslices == 0 || slices[nslices - 1] != s) slices[nslices++] = s;
+    }
+    assert_true(nslices >= PAGES);
+    for (unsigned i = 0; i < nslices; i++) assert_int_equal(resident_pages(slices[i]), SLICE / 4096);
+    for (int i = 0; i < NBLOCKS; i++) free(blocks[i]);
+    unsigned trimmed = 0;
+    for (unsigned i = 0; i < nslices; i++) {
+        unsigned n = resident_pages(slices[i]);
+        printf("# slice %u: %u of %u pages resident\n", i, n, (unsigned)(SLICE / 4096));
+        if (n <= 1) trimmed++;
+        else assert_int_equal(n, SLICE / 4096); /* kept by the heap: untouched */
+    }
+    assert_true(trimmed >= 1);
+    lum_options_set("sample_interval", "512k");
+}
+
+static bool in(uintptr_t s, const uintptr_t *set, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (set[i] == s) return true;
+    return false;
+}
+
+/* Sixteen pages emptied in a row: past the first LUM_KEEP_SPAN_AFTER released, the spans stay. */
+static void bulk_release_keeps_spans_for_the_class(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    const unsigned n = BULK_PAGES * 64;
+    for (unsigned i = 0; i < n; i++) {
+        blocks[i] = malloc(BLOCK);
+        assert_non_null(blocks[i]);
+        memset(blocks[i], 1, BLOCK);
+    }
+    uintptr_t slices[BULK_PAGES * 64];
+    unsigned nslices = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
+        if (!in(s, slices, nslices)) slices[nslices++] = s;
+    }
+    assert_true(nslices >= BULK_PAGES);
+    for (unsigned i = 0; i < n; i++) free(blocks[i]);
+    uintptr_t whole[BULK_PAGES * 64];
+    unsigned nwhole = 0, trimmed = 0;
+    for (unsigned i = 0; i < nslices; i++) {
+        unsigned r = resident_pages(slices[i]);
+        if (r == SLICE / 4096) whole[nwhole++] = slices[i];
+        else if (r <= 1) trimmed++;
+    }
+    printf("# %u slices: %u whole, %u trimmed\n", nslices, nwhole, trimmed);
+    /* the heap's current and retained pages, and every release after the first few */
+    assert_int_equal(trimmed, LUM_KEEP_SPAN_AFTER);
+    assert_int_equal(nwhole, nslices - LUM_KEEP_SPAN_AFTER);
+
+    /* a page of another class on these slices: any span it got was returned first */
+    void *other = malloc(OTHER);
+    assert_non_null(other);
+    uintptr_t os = (uintptr_t)other & ~(SLICE - 1);
+    if (in(os, slices, nslices)) assert_true(resident_pages(os) <= 2);
+
+    /* The class's own pages again, each block looked at as it comes (its page has carved
+     * little so far): a slice that was whole is whole still. */
+    unsigned reused = 0;
+    for (unsigned i = 0; i < n; i++) {
+        blocks[i] = malloc(BLOCK);
+        assert_non_null(blocks[i]);
+        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
+        if (s == os || !in(s, whole, nwhole)) continue;
+        assert_int_equal(resident_pages(s), SLICE / 4096);
+        reused++;
+    }
+    printf("# %u blocks on slices whose span was kept\n", reused);
+    assert_true(reused > (LUM_RETAIN_EMPTY_PER_CLASS + 1) * 64); /* beyond the pages the heap kept */
+    for (unsigned i = 0; i < n; i++) free(blocks[i]);
+    free(other);
+    lum_options_set("sample_interval", "512k");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(released_page_keeps_only_its_first_carve),
+        cmocka_unit_test(bulk_release_keeps_spans_for_the_class),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
