@@ -1,0 +1,95 @@
+/* Empty pages of exited threads that later threads leave alone go back after a bounded number
+ * of thread exits (heap.c, abandoned_release_stale), while a page that threads keep taking
+ * stays pooled.  Its own process: pages other tests leave behind would count in the class. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <cmocka.h>
+#include "lumalloc.h"
+#include "lumalloc_stats.h"
+
+#define CLASS_SIZE 7000 /* a class nothing else in this process allocates */
+static void *(*volatile p_malloc)(size_t) = malloc;
+
+static void *use_class(void *arg)
+{
+    (void)arg;
+    char *p = p_malloc(CLASS_SIZE);
+    memset(p, 1, CLASS_SIZE);
+    free(p);
+    return NULL;
+}
+
+/* A thread with a heap of its own (so its exit counts) that never touches the class. */
+static void *other_class(void *arg)
+{
+    (void)arg;
+    char *p = p_malloc(24);
+    memset(p, 1, 24);
+    free(p);
+    return NULL;
+}
+
+static void run_threads(void *(*fn)(void *), int n)
+{
+    for (int i = 0; i < n; i++) {
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, fn, NULL), 0);
+        pthread_join(t, NULL);
+    }
+}
+
+static unsigned class_pages(void)
+{
+    static struct lum_stats s;
+    lum_stats_snapshot(&s);
+    for (int k = 0; k < LUM_STATS_CLASSES; k++)
+        if (s.classes[k].block_size >= CLASS_SIZE) return s.classes[k].pages;
+    fail_msg("no class holds %d bytes", CLASS_SIZE);
+    return 0;
+}
+
+/* Kept across a few exits (the next thread that needs the class takes it back), released once
+ * many threads have come and gone without it. */
+static void unused_page_goes_after_many_exits(void **state)
+{
+    (void)state;
+    unsigned base = class_pages();
+    run_threads(use_class, 1);
+    assert_int_equal(class_pages(), base + 1);
+    run_threads(other_class, 4);
+    assert_int_equal(class_pages(), base + 1);
+    run_threads(other_class, 40);
+    assert_int_equal(class_pages(), base);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+/* A thread that takes the page over and exits files it afresh: its wait starts again. */
+static void adopted_page_waits_again(void **state)
+{
+    (void)state;
+    unsigned base = class_pages();
+    run_threads(use_class, 1);
+    run_threads(other_class, 10);
+    run_threads(use_class, 1); /* adopts the pooled page: no second page */
+    assert_int_equal(class_pages(), base + 1);
+    run_threads(other_class, 10); /* 21 exits since the first filing, 10 since the second */
+    assert_int_equal(class_pages(), base + 1);
+    run_threads(other_class, 40);
+    assert_int_equal(class_pages(), base);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(unused_page_goes_after_many_exits),
+        cmocka_unit_test(adopted_page_waits_again),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
