@@ -408,16 +408,16 @@ static void abandoned_unlink(struct lum_page *page)
 }
 
 /* At each thread exit: empty abandoned pages that no thread took through the last
- * LUM_STALE_EXITS exits go back, carve and slice.  Without this the pool of exited threads'
- * pages grows to the most pages of each class that threads ever held at once (a page a class a
+ * LUM_STALE_EXITS exits go back, carve and slice.  Otherwise the pool of exited threads' pages
+ * grows to the most pages of each class that threads ever held at once (a page a class a
  * thread): a class most threads barely use keeps a page for every thread that once used it at
- * the same time as the others, each at least a 4 KiB carve, for the decay time, which a
- * thread-per-request program never reaches while it keeps starting threads (bench threadchurn:
- * 72-110 pooled pages after 500 threads, 105-133 after 4000).  Counted in exits, not time, it
- * costs only the pages a thread's class mix leaves out for a while: one page every four exits
- * there, where giving back every exited thread's carve took 2.6 madvise calls an exit and
- * doubled the run time.  Looked at every exit, so no page waits longer than the bound plus one
- * and the 16-bit clock cannot wrap past a waiting page. */
+ * the same time as the others, each at least a 4 KiB carve, for the decay time (1 s by default,
+ * longer than all of bench threadchurn: 72-110 pooled pages after 500 threads, 105-133 after
+ * 4000).  Counted in exits, not time, it costs only the pages a thread's class mix leaves out
+ * for a while: a page every two to four exits there, where giving back every exited thread's
+ * carve took 2.6 madvise calls an exit and doubled the run time.  Looked at every exit, so no
+ * page waits longer than the bound plus one and the 16-bit clock cannot wrap past a waiting
+ * page. */
 static void abandoned_release_stale(void)
 {
     struct lum_page *stale = NULL;
