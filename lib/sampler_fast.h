@@ -102,12 +102,7 @@ static inline __attribute__((always_inline)) bool lum_sample_locked(struct lum_t
     __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
     lum_stack_add_sample(st, wb, factor);
     lum_records.slot_live++;
-    rec->requested = s;
-    rec->usable = usable; /* a class size: never 0, which is an empty slot */
-    rec->weight = wb;
-    rec->objects = factor;
-    rec->stack = st;
-    rec->stack_id = st->id;
+    lum_sample_rec_fill(rec, s, usable, wb, factor, st, st->id);
     return true;
 #else
     (void)tc, (void)at, (void)requested, (void)usable, (void)factor, (void)rec;

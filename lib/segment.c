@@ -87,6 +87,21 @@ static int find_run(uint64_t free, unsigned n)
     return x ? __builtin_ctzll(x) : -1;
 }
 
+/* Gives pages back the configured way (LUMALLOC_PURGE); their slices stay mapped. */
+static void return_pages(void *p, size_t len)
+{
+    madvise(p, len, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+}
+
+/* Where the span recorded for slices idx..idx+n-1 ends, in bytes from their start (0: none). */
+static size_t recorded_span(const struct lum_segment *seg, unsigned idx, unsigned n)
+{
+    size_t end = 0;
+    for (unsigned i = 0; i < n; i++)
+        if (seg->slice_touched[idx + i]) end = (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096;
+    return end;
+}
+
 /* The next page on a run of slices carves lazily from its start, and finds resident whatever
  * the pages before it carved there.  A page of the same class is likely to carve as deep: it
  * takes that span as it is, and faults none of it in again (bench sqlite: a phase frees ~500
@@ -103,13 +118,10 @@ static int find_run(uint64_t free, unsigned n)
  * class of an ordinary page, LUM_CLASSES for any other kind.  Caller holds lum_segment_lock. */
 static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag)
 {
-    size_t end = 0;
+    size_t end = recorded_span(seg, idx, n);
     bool same = true;
-    for (unsigned i = 0; i < n; i++) {
-        if (!seg->slice_touched[idx + i]) continue;
-        end = (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096;
-        same &= seg->slice_cls[idx + i] == tag && tag != LUM_CLASSES;
-    }
+    for (unsigned i = 0; i < n; i++)
+        if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != LUM_CLASSES;
     if (same || end <= 4096 || lum_opt.thp) return 0;
     for (unsigned i = 1; i < n; i++) seg->slice_touched[idx + i] = 0;
     seg->slice_touched[idx] = 1;
@@ -134,9 +146,7 @@ static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_
     uint8_t tag = page->kind == LUM_PAGE_SMALL ? page->cls : LUM_CLASSES;
     if (!keep || lum_opt.thp) {
         /* the slices may hold an older span (kept for a class that did not come back) */
-        size_t end = 0;
-        for (unsigned i = 0; i < page->slices; i++)
-            if (seg->slice_touched[idx + i]) end = (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096;
+        size_t end = recorded_span(seg, idx, page->slices);
         if (touched < end) touched = end;
         touched = (touched + 4095) & ~(size_t)4095;
         memset(seg->slice_touched + idx, 0, page->slices);
@@ -227,7 +237,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->slices = (uint8_t)n;
     lum_unlock(&lum_segment_lock);
     /* nobody carves the page before it is returned: its span can go back outside the lock */
-    if (tail) madvise(page->start + 4096, tail, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+    if (tail) return_pages(page->start + 4096, tail);
     account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
     /* Freed large blocks can never become pages: with a segment mapped anyway, keeping them
      * would hold both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them
@@ -244,7 +254,6 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
 static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
 {
     size_t released = 0;
-    int advice = lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED;
     struct lum_segment *seg = segments;
     while (seg) {
         struct lum_segment *next = seg->next;
@@ -268,7 +277,7 @@ static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
             int start = __builtin_ctzll(candidates);
             /* slice 0 is never free, so the shifted run always ends in a zero bit */
             int len = __builtin_ctzll(~(candidates >> start));
-            madvise(lum_seg_base(seg) + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE, advice);
+            return_pages(lum_seg_base(seg) + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE);
             uint64_t mask = (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
             seg->purged_slices |= mask;
             memset(seg->slice_touched + start, 0, (size_t)len);
@@ -303,14 +312,13 @@ void lum_page_uncarve(struct lum_page *page)
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     size_t touched = (size_t)page->carved * page->block_size;
     /* a span it took over from an earlier page of its class goes too (its own slices: no lock) */
-    for (unsigned i = 0; i < page->slices; i++)
-        if (seg->slice_touched[idx + i] && (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096 > touched)
-            touched = (size_t)i * LUM_SLICE_SIZE + (size_t)seg->slice_touched[idx + i] * 4096;
+    size_t end = recorded_span(seg, idx, page->slices);
+    if (touched < end) touched = end;
     touched = (touched + 4095) & ~(size_t)4095;
     page->carved = 0;
     page->free = NULL;
     if (!touched || lum_opt.thp) return;
-    madvise(page->start, touched, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+    return_pages(page->start, touched);
     memset(seg->slice_touched + idx, 0, page->slices);
 }
 
@@ -327,7 +335,7 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
     unsigned cls = page->cls;
     bool keep = may_keep_span && small && __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER;
     size_t tail = note_span(seg, idx, page, keep);
-    if (tail) madvise(page->start + 4096, tail, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+    if (tail) return_pages(page->start + 4096, tail);
     lum_lock(&lum_segment_lock);
     if (small && class_run[cls] < UINT8_MAX) __atomic_store_n(&class_run[cls], class_run[cls] + 1, __ATOMIC_RELAXED);
     for (unsigned i = 0; i < n; i++) {
