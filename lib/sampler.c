@@ -127,7 +127,8 @@ void lum_sample_commit(struct lum_thread_counters_v1 *tc, void *ptr, size_t requ
 /* try_memo: the unwinder's memo is still to be tried (lum_sample_locked has not). */
 static inline __attribute__((always_inline)) void on_sample(struct lum_thread_counters_v1 *tc, void *ptr,
                                                             size_t requested, size_t usable, const uintptr_t *at,
-                                                            double factor, struct lum_sample_rec *rec, bool try_memo)
+                                                            double factor, struct lum_sample_rec *rec, bool try_memo,
+                                                            uint64_t *frames)
 {
     uint64_t s = requested ? requested : 1;
     /* The allocator samples by usable bytes (its exact byte counter is the sampling clock), so
@@ -142,7 +143,6 @@ static inline __attribute__((always_inline)) void on_sample(struct lum_thread_co
     if (tc)
         tc->sampled_bytes += wb;
 
-    uint64_t frames[LUM_MAX_FRAMES];
     uint32_t depth = 0;
     uint64_t same = 0;
     bool probe = LUM_PROBE_ON(sample), batch = LUM_PROBE_ON(sample_batch);
@@ -170,13 +170,15 @@ static inline __attribute__((always_inline)) void on_sample(struct lum_thread_co
 void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
                       const uintptr_t *at, double factor, struct lum_sample_rec *rec)
 {
-    on_sample(tc, ptr, requested, usable, at, factor, rec, true);
+    uint64_t frames[LUM_MAX_FRAMES];
+    on_sample(tc, ptr, requested, usable, at, factor, rec, true, frames);
 }
 
 void lum_sample_walk(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                     const uintptr_t *at, double factor, struct lum_sample_rec *rec)
+                     const uintptr_t *at, double factor, struct lum_sample_rec *rec, bool try_memo,
+                     uint64_t *frames)
 {
-    on_sample(tc, ptr, requested, usable, at, factor, rec, false);
+    on_sample(tc, ptr, requested, usable, at, factor, rec, try_memo, frames);
 }
 
 /* __builtin_frame_address makes gcc give this function a standard frame (push rbp; mov rsp,

@@ -16,9 +16,13 @@
 void lum_sample_commit(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable, uint64_t wb,
                        double objects, const uint64_t *frames, uint32_t depth, uint64_t same,
                        struct lum_sample_rec *rec);
-/* lum_on_sample_at without trying the memo (lum_sample_locked did). */
+/* lum_on_sample_at into the caller's frames[LUM_MAX_FRAMES], trying the memo only when
+ * lum_sample_locked has not.  The sampling path lends the buffer lum_sample_locked had: a
+ * second one here put a thread's sample 8.5 KiB below its stack's top, a page deeper than a
+ * thread that never samples (glibc keeps a cached stack's top 20 KiB resident). */
 void lum_sample_walk(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                     const uintptr_t *at, double factor, struct lum_sample_rec *rec);
+                     const uintptr_t *at, double factor, struct lum_sample_rec *rec, bool try_memo,
+                     uint64_t *frames);
 
 /* A sample's weight in bytes: factor (weight / usable, see sampler.c) times its requested size,
  * rounded; well below 2^63, so a signed conversion does. */
@@ -111,7 +115,7 @@ static inline __attribute__((always_inline)) bool lum_sample_locked(struct lum_t
 }
 
 /* After the lock, the sample lum_sample_locked did not record. */
-static inline __attribute__((always_inline)) void lum_sample_rest(const struct lum_sample_rest *r,
+static inline __attribute__((always_inline)) void lum_sample_rest(struct lum_sample_rest *r,
                                                                   struct lum_thread_counters_v1 *tc, void *ptr,
                                                                   size_t requested, size_t usable,
                                                                   const uintptr_t *at, double factor,
@@ -120,10 +124,8 @@ static inline __attribute__((always_inline)) void lum_sample_rest(const struct l
     if (r->d >= 0) {
         tc->sampled_bytes += r->wb;
         lum_sample_commit(tc, ptr, requested, usable, r->wb, factor, r->frames, (uint32_t)r->d, r->same, rec);
-    } else if (r->d == -1) {
-        lum_sample_walk(tc, ptr, requested, usable, at, factor, rec);
-    } else if (at) {
-        lum_on_sample_at(tc, ptr, requested, usable, at, factor, rec);
+    } else if (r->d == -1 || at) {
+        lum_sample_walk(tc, ptr, requested, usable, at, factor, rec, r->d != -1, r->frames);
     } else {
         lum_on_sample_rec(tc, ptr, requested, usable, rec);
     }
