@@ -333,6 +333,10 @@ static size_t abandoned_empty_bytes;
 /* Thread exits so far (wrapping), under lum_abandoned_lock: the clock of abandoned_release_stale. */
 static uint16_t abandon_exits;
 #define LUM_STALE_EXITS 16
+/* Stale pages (see abandoned_release_stale) kept while they carve no more than this in all. */
+#define LUM_STALE_KEEP ((size_t)32 << 10)
+/* Stale pages ranked by age at one exit; older ones beyond go back whatever their bytes. */
+#define LUM_STALE_RANK 32
 #define LUM_ABANDONED_EMPTY_MAX ((size_t)4 << 20)
 
 static size_t page_carved_bytes(const struct lum_page *page)
@@ -411,32 +415,49 @@ static void abandoned_unlink(struct lum_page *page)
 }
 
 /* At each thread exit: empty abandoned pages that no thread took through the last
- * LUM_STALE_EXITS exits go back, carve and slice.  Otherwise the pool of exited threads' pages
- * grows to the most pages of each class that threads ever held at once (a page a class a
- * thread): a class most threads barely use keeps a page for every thread that once used it at
- * the same time as the others, each at least a 4 KiB carve, for the decay time (1 s by default,
- * longer than all of bench threadchurn: 72-110 pooled pages after 500 threads, 105-133 after
- * 4000).  Counted in exits, not time, it costs only the pages a thread's class mix leaves out
- * for a while: a page every two to four exits there, where giving back every exited thread's
- * carve took 2.6 madvise calls an exit and doubled the run time.  Looked at every exit, so no
- * page waits longer than the bound plus one and the 16-bit clock cannot wrap past a waiting
- * page. */
+ * LUM_STALE_EXITS exits go back, carve and slice, oldest first, down to LUM_STALE_KEEP bytes of
+ * such pages.  Otherwise the pool of exited threads' pages grows to the most pages of each
+ * class that threads ever held at once (a page a class a thread): a class most threads barely
+ * use keeps a page for every thread that once used it at the same time as the others, each at
+ * least a 4 KiB carve, for the decay time (1 s by default, longer than all of bench
+ * threadchurn: 72-110 pooled pages after 500 threads, 105-133 after 4000).  Counted in exits,
+ * not time, it costs only the pages a thread's class mix leaves out for a while; giving back
+ * every exited thread's carve took 2.6 madvise calls an exit and doubled the run time.  The
+ * few stale pages kept are those a later thread's mix wants again: given back at once, bench
+ * threadchurn made 0.3 madvise calls an exit and faulted the page back in soon after (0.1 with
+ * 32 KiB kept, ~0.13 faults an exit fewer, peak RSS +50-60 KiB).  Looked at every exit, so no
+ * page over the bytes waits longer than the bound plus one; a kept page's age may wrap the
+ * 16-bit clock, and it then waits again, within the same bytes (and decay's time limit). */
 static void abandoned_release_stale(void)
 {
-    struct lum_page *stale = NULL;
+    struct lum_page *stale = NULL, *rank[LUM_STALE_RANK];
+    unsigned n = 0;
+    size_t kept = 0;
     lum_lock(&lum_abandoned_lock);
     uint16_t now = ++abandon_exits;
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         struct lum_page *p = lum_abandoned[c].tail; /* the empty ones, newest first */
         while (p && p->abandoned == LUM_ABANDONED_EMPTY) {
             struct lum_page *prev = p->prev;
-            if ((uint16_t)(now - p->abandoned_exits) > LUM_STALE_EXITS) {
+            uint16_t age = (uint16_t)(now - p->abandoned_exits);
+            if (age > LUM_STALE_EXITS && n < LUM_STALE_RANK) {
+                unsigned i = n++; /* rank[] oldest first */
+                for (; i && (uint16_t)(now - rank[i - 1]->abandoned_exits) < age; i--) rank[i] = rank[i - 1];
+                rank[i] = p;
+                kept += page_carved_bytes(p);
+            } else if (age > LUM_STALE_EXITS) {
                 abandoned_unlink(p);
                 p->next = stale;
                 stale = p;
             }
             p = prev;
         }
+    }
+    for (unsigned i = 0; i < n && kept > LUM_STALE_KEEP; i++) {
+        kept -= page_carved_bytes(rank[i]);
+        abandoned_unlink(rank[i]);
+        rank[i]->next = stale;
+        stale = rank[i];
     }
     lum_unlock(&lum_abandoned_lock);
     while (stale) {

@@ -16,7 +16,23 @@
 #define CLASS_SIZE 7000 /* a class nothing else in this process allocates */
 static void *(*volatile p_malloc)(size_t) = malloc;
 
+/* Carves more than the stale pages kept (heap.c, LUM_STALE_KEEP: 32 KiB) in one page. */
+#define CLASS_BLOCKS 6
+
 static void *use_class(void *arg)
+{
+    (void)arg;
+    char *p[CLASS_BLOCKS];
+    for (int i = 0; i < CLASS_BLOCKS; i++) {
+        p[i] = p_malloc(CLASS_SIZE);
+        memset(p[i], 1, CLASS_SIZE);
+    }
+    for (int i = 0; i < CLASS_BLOCKS; i++) free(p[i]);
+    return NULL;
+}
+
+/* One block: a stale page that carves less than the bytes kept. */
+static void *use_class_once(void *arg)
 {
     (void)arg;
     char *p = p_malloc(CLASS_SIZE);
@@ -85,11 +101,27 @@ static void adopted_page_waits_again(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+/* A few stale bytes stay pooled (a later thread's mix may want them back), until more come:
+ * then the oldest go first. */
+static void small_stale_page_stays_until_more_come(void **state)
+{
+    (void)state;
+    unsigned base = class_pages();
+    run_threads(use_class_once, 1);
+    run_threads(other_class, 40);
+    assert_int_equal(class_pages(), base + 1);
+    run_threads(use_class, 1); /* adopts it and carves past the bytes kept */
+    run_threads(other_class, 40);
+    assert_int_equal(class_pages(), base);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(unused_page_goes_after_many_exits),
         cmocka_unit_test(adopted_page_waits_again),
+        cmocka_unit_test(small_stale_page_stays_until_more_come),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
