@@ -1120,8 +1120,9 @@ void lum_heap_abandon(struct lum_heap *heap)
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         lum_heap_set_current(heap, c, &lum_empty_page);
         heap->retained_count[c] = 0;
-        abandon_list(&heap->avail[c], c, now);
-        abandon_list(&heap->full[c], c, now);
+        /* most of a thread's 192 lists are empty: a call each cost ~14 instructions */
+        if (heap->avail[c].head) abandon_list(&heap->avail[c], c, now);
+        if (heap->full[c].head) abandon_list(&heap->full[c], c, now);
     }
     /* alive clears before the last drain, with a fence between: see free_remote */
     __atomic_store_n(&heap->alive, 0, __ATOMIC_RELAXED);
