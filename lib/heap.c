@@ -1117,8 +1117,8 @@ void lum_heap_abandon(struct lum_heap *heap)
     lum_heap_cache_flush(heap);
     heap->retained_bytes = 0;
     uint64_t now = lum_now_ms();
+    lum_heap_clear_current(heap); /* class by class, ~1,200 instructions an exit more */
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        lum_heap_set_current(heap, c, &lum_empty_page);
         heap->retained_count[c] = 0;
         /* most of a thread's 192 lists are empty: a call each cost ~14 instructions */
         if (heap->avail[c].head) abandon_list(&heap->avail[c], c, now);

@@ -252,6 +252,14 @@ static inline void lum_heap_set_current(struct lum_heap *heap, unsigned cls, str
     for (unsigned i = first; i <= lum_class_size[cls] / LUM_ALIGN; i++) heap->direct[i] = page;
 }
 
+/* lum_heap_set_current(heap, c, &lum_empty_page) for every class, in two plain fills: every
+ * direct slot belongs to one class. */
+static inline void lum_heap_clear_current(struct lum_heap *heap)
+{
+    for (unsigned c = 0; c < LUM_CLASSES; c++) heap->current[c] = &lum_empty_page;
+    for (unsigned i = 0; i < LUM_DIRECT_SLOTS; i++) heap->direct[i] = &lum_empty_page;
+}
+
 /* ---- pointer -> metadata ---- */
 static inline uintptr_t lum_segment_base(const void *p)
 {
