@@ -1130,7 +1130,7 @@ void lum_heap_abandon(struct lum_heap *heap)
     drain_inbox(heap); /* frees that raced with the abandonment: forwarded to the pages */
     /* what heap_create does not reset for a pooled record (heap_forget_pages' other fields are
      * reset above) */
-    heap->empty_big = NULL;
+    if (heap->empty_big) heap->empty_big = NULL; /* on the record's second page: see struct lum_heap */
     heap->remote_collected = 0;
     heap->next_pool = heap_pool;
     heap_pool = heap;
