@@ -128,11 +128,36 @@ struct lum_segment {
     uint8_t slice_touched[LUM_SLICES];
     uint8_t slice_cls[LUM_SLICES];
     struct lum_segment *next, *prev;
-    struct lum_page pages[LUM_SLICES];
+    /* The page structs, further into slice 0 by the segment's colour (segment.c). */
+    struct lum_page *pages;
+    uint32_t colour;
 };
 
-/* the part of slice 0 a segment's metadata touches */
-#define LUM_HEADER_BYTES ((LUM_HEADER_OFFSET + sizeof(struct lum_segment) + 4095) & ~(size_t)4095)
+/* Every segment is 4 MiB-aligned, so a header at a fixed offset in each would fall on the same
+ * sets of a cache that indexes by the low 16 address bits (a 512 KiB 8-way L2): free() reads a
+ * page struct and its slice map entry, and with seven segments (bench ring, 25 MiB) those lines
+ * fought over 8 ways per set with each other and with the blocks.  Segments take turns at
+ * LUM_SEG_COLOURS offsets, 8 KiB apart, for their page structs, which slice 0 has room for (it
+ * holds nothing else).  Colour 0 shares the header's first 4 KiB page; the others take one more. */
+#define LUM_SEG_COLOURS (LUM_HARDENED ? 6 : 7) /* what slice 0 has room for */
+#define LUM_SEG_COLOUR_STEP ((size_t)8192)
+#define LUM_SEG_PAGES_AT(colour) \
+    ((LUM_HEADER_OFFSET + sizeof(struct lum_segment) + 63) / 64 * 64 + (size_t)(colour) * LUM_SEG_COLOUR_STEP)
+_Static_assert(LUM_SEG_PAGES_AT(LUM_SEG_COLOURS - 1) + LUM_SLICES * sizeof(struct lum_page) <=
+                   LUM_SLICE_SIZE - (LUM_HARDENED ? LUM_GUARD_SIZE : 0),
+               "every colour's page structs fit in slice 0 (before its hardened guard)");
+
+/* the 4 KiB pages of slice 0 that a segment's metadata touches */
+static inline size_t lum_seg_header_bytes(uint32_t colour)
+{
+    size_t pages_at = LUM_SEG_PAGES_AT(colour), pages_end = pages_at + LUM_SLICES * sizeof(struct lum_page);
+    size_t fixed_end = LUM_HEADER_OFFSET + sizeof(struct lum_segment);
+    size_t first = (pages_at / 4096) * 4096;
+    /* the fixed part's pages, and the page structs' (some of which may be the same) */
+    size_t fixed_pages = (fixed_end + 4095) / 4096 * 4096;
+    size_t struct_pages = (pages_end + 4095) / 4096 * 4096 - first;
+    return first < fixed_pages ? (pages_end + 4095) / 4096 * 4096 : fixed_pages + struct_pages;
+}
 
 #define LUM_SEG_SMALL 1
 #define LUM_SEG_LARGE 2

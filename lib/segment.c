@@ -28,6 +28,10 @@ static void segment_init(struct lum_segment *seg)
     seg->free_slices = ALL_SLICES;
     seg->purged_slices = ALL_SLICES; /* never touched: not resident, like a purged slice */
     seg->collapsed = 0;
+    static uint32_t next_colour; /* under lum_segment_lock, like every segment_new */
+    seg->colour = next_colour;
+    next_colour = (next_colour + 1) % LUM_SEG_COLOURS;
+    seg->pages = (struct lum_page *)(lum_seg_base(seg) + LUM_SEG_PAGES_AT(seg->colour));
 }
 
 static void segment_unmap(struct lum_segment *seg)
@@ -35,7 +39,7 @@ static void segment_unmap(struct lum_segment *seg)
 #if LUM_HARDENED
     lum_hardened_own((uintptr_t)lum_seg_base(seg), false);
 #endif
-    size_t resident = LUM_HEADER_BYTES +
+    size_t resident = lum_seg_header_bytes(seg->colour) +
                       (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
     lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE, resident);
 }
@@ -55,7 +59,7 @@ static struct lum_segment *segment_new(void)
 #endif
     struct lum_segment *seg = (struct lum_segment *)(base + LUM_HEADER_OFFSET);
     segment_init(seg);
-    lum_os_account(0, (int64_t)LUM_HEADER_BYTES);
+    lum_os_account(0, (int64_t)lum_seg_header_bytes(seg->colour));
     seg->prev = NULL;
     seg->next = segments;
     if (segments) segments->prev = seg;
@@ -72,11 +76,12 @@ static void segment_remove(struct lum_segment *seg)
 /* Unmaps a wholly free segment, settling the accounting of its purged slices. */
 static size_t segment_release(struct lum_segment *seg)
 {
-    size_t resident = (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
+    size_t resident = (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE +
+                      lum_seg_header_bytes(seg->colour);
     __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     segment_remove(seg);
     segment_unmap(seg);
-    return resident + LUM_HEADER_BYTES;
+    return resident;
 }
 
 /* Bit i of the result is set when bits i..i+n-1 of free are all set. */
