@@ -482,7 +482,8 @@ static void page_unfull(struct lum_heap *heap, struct lum_page *page)
 /* Empty pages a heap keeps for blocks over 16 KiB keep nothing resident: such a page holds a
  * few blocks, carved one at a time, and kept carved it held up to 256 KiB that no other class
  * could use (bench python, PYTHONMALLOC=malloc: ~290 KiB at the peak in the 24-64 KiB classes).
- * The next block of the class is written by the program anyway, faulting its pages back in. */
+ * The next block of the class is written by the program anyway, faulting its pages back in.
+ * Not the current page that empties (lum_page_empty): that one is refilled next. */
 #define LUM_UNCARVE_OVER ((uint32_t)16 << 10)
 
 static void retained_forget(struct lum_heap *heap, struct lum_page *page)
@@ -530,7 +531,10 @@ static void page_retire(struct lum_heap *heap, struct lum_page *page)
  * current when it empties (a ping-pong pattern's page), but of the pages of more than one slice
  * (blocks of 10 KiB and up) only the last one to empty does: the one before is retired like
  * any other page.  Kept forever, each held up to 1 MiB of touched memory that no other class
- * could use and no purge could reach (python3 with PYTHONMALLOC=malloc: 3 MiB at its peak). */
+ * could use and no purge could reach (python3 with PYTHONMALLOC=malloc: 3 MiB at its peak).
+ * The one that stays keeps its carve: the class's next blocks come from it, and uncarved at
+ * every empty it faulted in again each time a few big blocks were taken and all given back
+ * (two 40 KB blocks a round: 20 faults and a madvise call a round, glibc none). */
 LUM_NOINLINE void lum_page_empty(struct lum_heap *heap, struct lum_page *page)
 {
     if (page->in_full && page->park_bias) {
@@ -543,7 +547,6 @@ LUM_NOINLINE void lum_page_empty(struct lum_heap *heap, struct lum_page *page)
         unsigned ocls = heap->empty_big_cls;
         heap->empty_big = page;
         heap->empty_big_cls = (uint8_t)cls;
-        if (page->block_size > LUM_UNCARVE_OVER) lum_page_uncarve(page);
         /* still current (so still this heap's and mapped) before it is read */
         if (old && old != page && heap->current[ocls] == old && old->used == 0) {
             lum_heap_set_current(heap, ocls, &lum_empty_page);

@@ -2,8 +2,9 @@
  * first 4 KiB: the next page on its slices may serve a class that carves little, and would
  * otherwise hold the rest resident and idle.  A class emptying page after page keeps the spans
  * for its own next pages, which carve them without a page fault; a page of another class taken
- * on such slices finds only the first 4 KiB resident.  Its own process: pages left by other
- * programs' tests would change which page is released and where the next one goes. */
+ * on such slices finds only the first 4 KiB resident.  A class's current page of big blocks
+ * keeps its carve when it empties.  Its own process: pages left by other programs' tests would
+ * change which page is released and where the next one goes. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -21,6 +22,7 @@
 #define SLICE ((uintptr_t)64 << 10)
 #define BLOCK 1024 /* a one-slice class: 64 blocks a page */
 #define OTHER 2048 /* another one-slice class, not used before */
+#define BIG 40000  /* a class of two-slice pages */
 #define PAGES 6
 #define NBLOCKS (PAGES * 64)
 #define BULK_PAGES 16
@@ -129,11 +131,35 @@ static void bulk_release_keeps_spans_for_the_class(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
+/* Two big blocks taken and given back, round after round: their page stays the class's
+ * current one and keeps its carve, so the next round finds the same memory resident. */
+static void emptied_current_big_page_keeps_its_carve(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    assert_true(lum_class_slices[lum_size_class(BIG)] > 1);
+    char *a = malloc(BIG), *b = malloc(BIG);
+    assert_non_null(a);
+    assert_non_null(b);
+    memset(a, 1, BIG);
+    memset(b, 1, BIG);
+    uintptr_t s = (uintptr_t)a & ~(SLICE - 1);
+    unsigned before = resident_pages(s);
+    free(a);
+    free(b);
+    assert_int_equal(resident_pages(s), before);
+    char *c = malloc(BIG);
+    assert_true(c == a || c == b);
+    free(c);
+    lum_options_set("sample_interval", "512k");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(released_page_keeps_only_its_first_carve),
         cmocka_unit_test(bulk_release_keeps_spans_for_the_class),
+        cmocka_unit_test(emptied_current_big_page_keeps_its_carve),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
