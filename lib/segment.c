@@ -107,6 +107,34 @@ static size_t recorded_span(const struct lum_segment *seg, unsigned idx, unsigne
     return end;
 }
 
+/* Per class: how deep (4 KiB pages, saturating) its last page given back or uncarved had
+ * carved, so that a page of the class taking over another class's span keeps as much of it as
+ * the class is likely to carve again.  Written without the lock (one racy byte: a stale depth
+ * only moves one decision). */
+static uint8_t class_depth[LUM_CLASSES];
+
+static void note_depth(const struct lum_page *page)
+{
+    if (page->kind != LUM_PAGE_SMALL || !page->carved) return; /* uncarved: told already */
+    size_t pages = ((size_t)page->carved * page->block_size + 4095) / 4096;
+    __atomic_store_n(&class_depth[page->cls], (uint8_t)(pages > UINT8_MAX ? UINT8_MAX : pages), __ATOMIC_RELAXED);
+}
+
+/* What a page of class tag (LUM_CLASSES: no class) keeps of a span it takes over: what the
+ * class last carved, at least the first 4 KiB. */
+static size_t class_depth_bytes(unsigned tag)
+{
+    unsigned pages = tag < LUM_CLASSES ? __atomic_load_n(&class_depth[tag], __ATOMIC_RELAXED) : 0;
+    return (size_t)(pages ? pages : 1) * 4096;
+}
+
+/* Records that slices idx..idx+n-1 hold bytes resident from their start. */
+static void set_span(struct lum_segment *seg, unsigned idx, unsigned n, size_t bytes)
+{
+    for (unsigned i = 0; i < n; i++, bytes = bytes > LUM_SLICE_SIZE ? bytes - LUM_SLICE_SIZE : 0)
+        seg->slice_touched[idx + i] = (uint8_t)(bytes >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (bytes + 4095) / 4096);
+}
+
 /* The next page on a run of slices carves lazily from its start, and finds resident whatever
  * the pages before it carved there.  A page of the same class is likely to carve as deep: it
  * takes that span as it is, and faults none of it in again (bench sqlite: a phase frees ~500
@@ -114,23 +142,26 @@ static size_t recorded_span(const struct lum_segment *seg, unsigned idx, unsigne
  * a round).  A page of another class may carve far less and leave the rest resident and idle,
  * while the classes that carve deep take fresh slices, so the touched part of every slice that
  * changed hands crept to the whole span (larson: each generation of threads recycles the last
- * one's pages across classes): it gets the span past its first 4 KiB returned, and this gives
- * the bytes to madvise (0: none).  Spans are kept only when a class empties page after page
- * (class_run); a page released now and then returns its span at once (note_span),
- * as it would sit idle (bench ring, fragment, larson: +0.2-0.5 MiB peak RSS when every span was
- * kept).  The slices stay counted resident either way (figures stay an upper bound), and decay
- * purges free ones whole.  Not in huge-page mode, where it would split the huge page.  tag: the
- * class of an ordinary page, LUM_CLASSES for any other kind.  Caller holds lum_segment_lock. */
-static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag)
+ * one's pages across classes): it keeps as much as its class carved last time (class_depth, at
+ * least 4 KiB) and gets the rest returned; this gives the bytes to madvise from *keep on (0:
+ * none).  Returning all past the first 4 KiB, as this did, had most of it faulted in again at
+ * once (python with PYTHONMALLOC=malloc: 93% of those pages within ~50 ms).  Spans are kept
+ * only when a class empties page after page (class_run); a page released now and then returns
+ * its span at once (note_span), as it would sit idle (bench ring, fragment, larson: +0.2-0.5
+ * MiB peak RSS when every span was kept).  The slices stay counted resident either way
+ * (figures stay an upper bound), and decay purges free ones whole.  Not in huge-page mode,
+ * where it would split the huge page.  tag: the class of an ordinary page, LUM_CLASSES for any
+ * other kind.  Caller holds lum_segment_lock. */
+static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag, size_t *keep)
 {
     size_t end = recorded_span(seg, idx, n);
     bool same = true;
     for (unsigned i = 0; i < n; i++)
         if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != LUM_CLASSES;
-    if (same || end <= 4096 || lum_opt.thp) return 0;
-    for (unsigned i = 1; i < n; i++) seg->slice_touched[idx + i] = 0;
-    seg->slice_touched[idx] = 1;
-    return end - 4096;
+    *keep = class_depth_bytes(tag);
+    if (same || end <= *keep || lum_opt.thp) return 0;
+    set_span(seg, idx, n, *keep);
+    return end - *keep;
 }
 
 /* Per class: its ordinary pages released since one was last taken from a segment (saturating).
@@ -206,7 +237,8 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         idx = find_run(seg->free_slices, n);
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
-    size_t tail = inherit_span(seg, (unsigned)idx, n, kind == LUM_PAGE_SMALL ? cls : LUM_CLASSES);
+    size_t keep = 0;
+    size_t tail = inherit_span(seg, (unsigned)idx, n, kind == LUM_PAGE_SMALL ? cls : LUM_CLASSES, &keep);
     if (kind == LUM_PAGE_SMALL) __atomic_store_n(&class_run[cls], 0, __ATOMIC_RELAXED);
     __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     seg->free_slices &= ~mask;
@@ -242,7 +274,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->slices = (uint8_t)n;
     lum_unlock(&lum_segment_lock);
     /* nobody carves the page before it is returned: its span can go back outside the lock */
-    if (tail) return_pages(page->start + 4096, tail);
+    if (tail) return_pages(page->start + keep, tail);
     account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
     /* Freed large blocks can never become pages: with a segment mapped anyway, keeping them
      * would hold both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them
@@ -316,6 +348,7 @@ void lum_page_uncarve(struct lum_page *page)
     struct lum_segment *seg = lum_segment_of(page->start);
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     size_t touched = (size_t)page->carved * page->block_size;
+    note_depth(page);
     /* a span it took over from an earlier page of its class goes too (its own slices: no lock) */
     size_t end = recorded_span(seg, idx, page->slices);
     if (touched < end) touched = end;
@@ -338,6 +371,7 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
      * their entries are nobody else's to touch until then. */
     bool small = page->kind == LUM_PAGE_SMALL;
     unsigned cls = page->cls;
+    note_depth(page);
     bool keep = may_keep_span && small && __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER;
     size_t tail = note_span(seg, idx, page, keep);
     if (tail) return_pages(page->start + 4096, tail);

@@ -2,9 +2,10 @@
  * first 4 KiB: the next page on its slices may serve a class that carves little, and would
  * otherwise hold the rest resident and idle.  A class emptying page after page keeps the spans
  * for its own next pages, which carve them without a page fault; a page of another class taken
- * on such slices finds only the first 4 KiB resident.  A class's current page of big blocks
- * keeps its carve when it empties.  Its own process: pages left by other programs' tests would
- * change which page is released and where the next one goes. */
+ * on such slices finds as much resident as its class carved last time (the first 4 KiB for a
+ * class that never gave a page back).  A class's current page of big blocks keeps its carve
+ * when it empties.  Its own process: pages left by other programs' tests would change which
+ * page is released and where the next one goes. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -22,6 +23,7 @@
 #define SLICE ((uintptr_t)64 << 10)
 #define BLOCK 1024 /* a one-slice class: 64 blocks a page */
 #define OTHER 2048 /* another one-slice class, not used before */
+#define DEEP 4096  /* a third one-slice class, not used before: 16 blocks a page */
 #define BIG 40000  /* a class of two-slice pages */
 #define PAGES 6
 #define NBLOCKS (PAGES * 64)
@@ -131,6 +133,63 @@ static void bulk_release_keeps_spans_for_the_class(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
+/* A class whose pages carve whole (DEEP, pages filled and given back) takes over slices whose
+ * spans another class (BLOCK) left: it keeps them whole, where it used to get all past the
+ * first 4 KiB returned and fault it in again as it carved. */
+static void other_class_keeps_what_it_carved_last(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    /* more pages than its heap keeps empty (and its cache of freed blocks holds) go back,
+     * carved whole */
+    enum { PER = SLICE / DEEP, FIRST_PAGES = LUM_RETAIN_EMPTY_PER_CLASS + 6, DEEP_PAGES = 2 * BULK_PAGES };
+    static void *deep[DEEP_PAGES * PER];
+    for (unsigned i = 0; i < FIRST_PAGES * PER; i++) {
+        deep[i] = malloc(DEEP);
+        assert_non_null(deep[i]);
+        memset(deep[i], 1, DEEP);
+    }
+    for (unsigned i = 0; i < FIRST_PAGES * PER; i++) free(deep[i]);
+
+    const unsigned n = BULK_PAGES * 64;
+    for (unsigned i = 0; i < n; i++) {
+        blocks[i] = malloc(BLOCK);
+        assert_non_null(blocks[i]);
+        memset(blocks[i], 1, BLOCK);
+    }
+    static uintptr_t slices[BULK_PAGES * 64];
+    unsigned nslices = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
+        if (!in(s, slices, nslices)) slices[nslices++] = s;
+    }
+    for (unsigned i = 0; i < n; i++) free(blocks[i]);
+    /* the slices BLOCK gave back with their spans whole (not the pages its heap kept) */
+    static uintptr_t whole[BULK_PAGES * 64];
+    unsigned nwhole = 0;
+    for (unsigned i = 0; i < nslices; i++) {
+        struct lum_segment *seg = lum_segment_of((void *)slices[i]);
+        unsigned idx = (unsigned)((slices[i] - (uintptr_t)lum_seg_base(seg)) / SLICE);
+        if ((seg->free_slices >> idx & 1) && resident_pages(slices[i]) == SLICE / 4096) whole[nwhole++] = slices[i];
+    }
+    assert_true(nwhole > 0);
+
+    unsigned taken = 0;
+    for (unsigned i = 0; i < DEEP_PAGES * PER; i++) {
+        deep[i] = malloc(DEEP);
+        assert_non_null(deep[i]);
+        uintptr_t s = (uintptr_t)deep[i] & ~(SLICE - 1);
+        if (((uintptr_t)deep[i] & (SLICE - 1)) != 0 || !in(s, whole, nwhole)) continue;
+        /* the page's first block, on a span BLOCK left: nothing of it was given back */
+        assert_int_equal(resident_pages(s), SLICE / 4096);
+        taken++;
+    }
+    printf("# %u of %u whole spans taken over by the deep class\n", taken, nwhole);
+    assert_true(taken > 0);
+    for (unsigned i = 0; i < DEEP_PAGES * PER; i++) free(deep[i]);
+    lum_options_set("sample_interval", "512k");
+}
+
 /* Two big blocks taken and given back, round after round: their page stays the class's
  * current one and keeps its carve, so the next round finds the same memory resident. */
 static void emptied_current_big_page_keeps_its_carve(void **state)
@@ -159,6 +218,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(released_page_keeps_only_its_first_carve),
         cmocka_unit_test(bulk_release_keeps_spans_for_the_class),
+        cmocka_unit_test(other_class_keeps_what_it_carved_last),
         cmocka_unit_test(emptied_current_big_page_keeps_its_carve),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
