@@ -244,9 +244,11 @@ void lum_dirty_limit_check(bool large)
 {
     size_t seg_dirty = large ? lum_segments_dirty_bytes() : 0, cached = lum_large_cache_bytes();
     size_t dirty = seg_dirty + cached;
-    if (LUM_LIKELY(dirty <= LUM_DIRTY_FLOOR) || dirty <= lum_dirty_limit(dirty)) return;
+    if (LUM_LIKELY(dirty <= LUM_DIRTY_FLOOR)) return;
+    size_t limit = lum_dirty_limit(dirty);
+    if (dirty <= limit) return;
     if (cached) lum_large_cache_purge();
-    if (seg_dirty) lum_segments_purge(true, LUM_PURGE_LIMIT);
+    if (seg_dirty) lum_segments_purge_excess(limit / 2);
 }
 
 /* A fork child has no background thread: let it start its own when it needs one. */

@@ -386,6 +386,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind);
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 size_t lum_segments_purge(bool all, uint32_t reason);
+size_t lum_segments_purge_excess(size_t target);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);
 
 /* ---- page.c ---- */

@@ -3,9 +3,10 @@
  * otherwise hold the rest resident and idle.  A class emptying page after page keeps the spans
  * for its own next pages, which carve them without a page fault; a page of another class taken
  * on such slices finds as much resident as its class carved last time (the first 4 KiB for a
- * class that never gave a page back).  A class's current page of big blocks keeps its carve
- * when it empties.  Its own process: pages left by other programs' tests would change which
- * page is released and where the next one goes. */
+ * class that never gave a page back).  Over the dirty limit, free slices go back oldest first.
+ * A class's current page of big blocks keeps its carve when it empties.  Its own process:
+ * pages left by other programs' tests would change which page is released and where the next
+ * one goes. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <cmocka.h>
 #include "lumalloc.h"
 #include "lumalloc_options.h"
@@ -190,6 +192,56 @@ static void other_class_keeps_what_it_carved_last(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
+static bool slice_free(uintptr_t s)
+{
+    struct lum_segment *seg = lum_segment_of((void *)s);
+    return seg->free_slices >> ((s - (uintptr_t)lum_seg_base(seg)) / SLICE) & 1;
+}
+
+/* Two generations of free slices, the older freed 300 ms before the younger: a purge down to
+ * what is left once the older are gone takes them and leaves the younger resident. */
+static void excess_goes_back_oldest_first(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    const unsigned n = BULK_PAGES * 64;
+    static void *young[BULK_PAGES * 64];
+    static uintptr_t old_s[BULK_PAGES * 64], young_s[BULK_PAGES * 64];
+    unsigned nold = 0, nyoung = 0;
+    for (unsigned i = 0; i < n; i++) {
+        blocks[i] = malloc(BLOCK);
+        young[i] = malloc(OTHER);
+        assert_non_null(blocks[i]);
+        assert_non_null(young[i]);
+        memset(blocks[i], 1, BLOCK);
+        memset(young[i], 1, OTHER);
+    }
+    for (unsigned i = 0; i < n; i++) free(blocks[i]);
+    for (unsigned i = 0; i < n; i++) {
+        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
+        if (slice_free(s) && !in(s, old_s, nold)) old_s[nold++] = s;
+    }
+    struct timespec nap = {0, 300 * 1000 * 1000};
+    nanosleep(&nap, NULL);
+    size_t before = lum_segments_dirty_bytes();
+    for (unsigned i = 0; i < n; i++) free(young[i]);
+    for (unsigned i = 0; i < n; i++) {
+        uintptr_t s = (uintptr_t)young[i] & ~(SLICE - 1);
+        if (slice_free(s) && !in(s, young_s, nyoung) && !in(s, old_s, nold)) young_s[nyoung++] = s;
+    }
+    size_t added = lum_segments_dirty_bytes() - before;
+    printf("# %u older free slices, %u younger; %zu KiB dirty, %zu of it younger\n", nold, nyoung,
+           lum_segments_dirty_bytes() >> 10, added >> 10);
+    assert_true(nold > 0 && nyoung > 0);
+    lum_segments_purge_excess(added);
+    for (unsigned i = 0; i < nold; i++)
+        if (slice_free(old_s[i])) assert_int_equal(resident_pages(old_s[i]), 0);
+    unsigned kept = 0;
+    for (unsigned i = 0; i < nyoung; i++) kept += resident_pages(young_s[i]) > 0;
+    assert_int_equal(kept, nyoung);
+    lum_options_set("sample_interval", "512k");
+}
+
 /* Two big blocks taken and given back, round after round: their page stays the class's
  * current one and keeps its carve, so the next round finds the same memory resident. */
 static void emptied_current_big_page_keeps_its_carve(void **state)
@@ -219,6 +271,7 @@ int main(void)
         cmocka_unit_test(released_page_keeps_only_its_first_carve),
         cmocka_unit_test(bulk_release_keeps_spans_for_the_class),
         cmocka_unit_test(other_class_keeps_what_it_carved_last),
+        cmocka_unit_test(excess_goes_back_oldest_first),
         cmocka_unit_test(emptied_current_big_page_keeps_its_carve),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
