@@ -242,7 +242,7 @@ size_t lum_dirty_limit(size_t dirty)
  * new segment). */
 void lum_dirty_limit_check(bool large)
 {
-    size_t seg_dirty = large ? lum_segments_dirty_bytes() : 0, cached = lum_large_cache_bytes();
+    size_t seg_dirty = large ? lum_segments_dirty_resident() : 0, cached = lum_large_cache_bytes();
     size_t dirty = seg_dirty + cached;
     if (LUM_LIKELY(dirty <= LUM_DIRTY_FLOOR)) return;
     size_t limit = lum_dirty_limit(dirty);

@@ -491,6 +491,7 @@ void lum_abandoned_decay(void);
 bool lum_abandoned_idle(void);
 bool lum_segments_dirty(void);
 size_t lum_segments_dirty_bytes(void);
+size_t lum_segments_dirty_resident(void);
 void lum_segments_collapse(void);
 void lum_dirty_limit_check(bool large);
 size_t lum_dirty_limit(size_t dirty);

@@ -3,10 +3,10 @@
  * otherwise hold the rest resident and idle.  A class emptying page after page keeps the spans
  * for its own next pages, which carve them without a page fault; a page of another class taken
  * on such slices finds as much resident as its class carved last time (the first 4 KiB for a
- * class that never gave a page back).  Over the dirty limit, free slices go back oldest first.
- * A class's current page of big blocks keeps its carve when it empties.  Its own process:
- * pages left by other programs' tests would change which page is released and where the next
- * one goes. */
+ * class that never gave a page back).  The dirty limit weighs what free slices hold resident,
+ * and over it they go back oldest first.  A class's current page of big blocks keeps its carve
+ * when it empties.  Its own process: pages left by other programs' tests would change which
+ * page is released and where the next one goes. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -198,6 +198,40 @@ static bool slice_free(uintptr_t s)
     return seg->free_slices >> ((s - (uintptr_t)lum_seg_base(seg)) / SLICE) & 1;
 }
 
+/* The dirty limit weighs what free slices hold resident: a trimmed one 4 KiB, one whose span
+ * was kept all of it, not 64 KiB each. */
+static void dirty_figure_is_what_free_slices_hold(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    const unsigned n = BULK_PAGES * 64;
+    for (unsigned i = 0; i < n; i++) {
+        blocks[i] = malloc(BLOCK);
+        assert_non_null(blocks[i]);
+        memset(blocks[i], 1, BLOCK);
+    }
+    static uintptr_t slices[BULK_PAGES * 64];
+    unsigned nslices = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
+        if (!in(s, slices, nslices)) slices[nslices++] = s;
+    }
+    size_t before = lum_segments_dirty_resident(), slices_before = lum_segments_dirty_bytes();
+    for (unsigned i = 0; i < n; i++) free(blocks[i]);
+    size_t held = 0;
+    unsigned freed = 0;
+    for (unsigned i = 0; i < nslices; i++)
+        if (slice_free(slices[i])) {
+            held += (size_t)resident_pages(slices[i]) * 4096;
+            freed++;
+        }
+    printf("# %u slices given back, %zu KiB of them resident\n", freed, held >> 10);
+    assert_true(freed > 0);
+    assert_int_equal(lum_segments_dirty_bytes() - slices_before, (size_t)freed * SLICE);
+    assert_int_equal(lum_segments_dirty_resident() - before, held);
+    lum_options_set("sample_interval", "512k");
+}
+
 /* Two generations of free slices, the older freed 300 ms before the younger: a purge down to
  * what is left once the older are gone takes them and leaves the younger resident. */
 static void excess_goes_back_oldest_first(void **state)
@@ -271,6 +305,7 @@ int main(void)
         cmocka_unit_test(released_page_keeps_only_its_first_carve),
         cmocka_unit_test(bulk_release_keeps_spans_for_the_class),
         cmocka_unit_test(other_class_keeps_what_it_carved_last),
+        cmocka_unit_test(dirty_figure_is_what_free_slices_hold),
         cmocka_unit_test(excess_goes_back_oldest_first),
         cmocka_unit_test(emptied_current_big_page_keeps_its_carve),
     };
