@@ -1106,8 +1106,9 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
 
 
 /* Hands every page to the abandoned lists (adopted by whichever thread next needs that class)
- * and recycles the heap record.  Also used in a fork child for the threads that did not
- * survive the fork. */
+ * and recycles the heap record, leaving it as heap_forget_pages would (heap_create reuses it
+ * without that pass).  Only for a live thread's orderly exit: a fork child rebuilds the records
+ * of threads that did not survive with heap_forget_pages, as their lists may be torn. */
 void lum_heap_abandon(struct lum_heap *heap)
 {
     heap->tc.state = LUM_THREAD_EXITED;
