@@ -194,8 +194,8 @@ static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
 /* The generation for a walk starting now, after a look at the loader's unload count (probe) or
  * as the last look left it.  A look costs one dl_iterate_phdr callback, ~370 instructions with
  * its locks (ring: +0.8 % instructions when every sample looks), so walks look one in
- * LUM_TIME_EVERY per thread, and before every walk that derives rules, when it is cheap next to the
- * walk.  The count is stored after the generation moves, so a thread that sees the new count
+ * LUM_UNLOAD_EVERY per thread, and before every walk that derives rules, when it is cheap next
+ * to the walk.  The count is stored after the generation moves, so a thread that sees the new count
  * also sees the new generation (two threads may both move it: a harmless extra step). */
 static uint32_t rules_generation(bool probe)
 {
@@ -384,10 +384,10 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
 /* The memo (unwind_memo.h): recorded by rules_walk, its hit read inline by the sampler too. */
 __thread struct lum_walk_memo lum_memo LUM_TLS;
 
-uint64_t lum_unwind_timed_begin(void)
+uint64_t lum_unwind_timed_begin(uint32_t n)
 {
     uint64_t t0 = now_ns();
-    rules_generation(true);
+    rules_generation(n % LUM_UNLOAD_EVERY == 0);
     return t0 ? t0 : 1;
 }
 
@@ -690,14 +690,15 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
     if (!max)
         return 0;
 #if defined(__x86_64__)
-    bool timed = lum_memo.unwinds++ % LUM_TIME_EVERY == 0;
+    uint32_t n = lum_memo.unwinds++;
+    bool timed = n % LUM_TIME_EVERY == 0, look = n % LUM_UNLOAD_EVERY == 0;
     uint64_t t0 = timed ? now_ns() : 0;
-    uint32_t walked = 0, gen = rules_generation(timed);
+    uint32_t walked = 0, gen = rules_generation(look);
     int got = -1;
     if (__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
         got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked, gen, &seq);
     if (got < 0)
-        seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, timed ? gen : rules_generation(true));
+        seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, look ? gen : rules_generation(true));
     unwind_account(timed, t0, walked);
 #ifdef LUM_UNWIND_VERIFY
     verify(frames, (uint32_t)got, max, hook_ret);

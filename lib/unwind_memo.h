@@ -9,9 +9,12 @@
  * core's slow path and entry point, possibly a few more when the core's call chain is deep). */
 #define LUM_UNWIND_SLACK 12
 /* Unwinding cost is timed on one unwind in LUM_TIME_EVERY per thread (and scaled): a
- * clock_gettime pair cost more than a cached walk.  Those walks also look at the loader's
- * unload count (see rules_generation in unwind.c). */
+ * clock_gettime pair cost more than a cached walk. */
 #define LUM_TIME_EVERY 16
+/* One unwind in LUM_UNLOAD_EVERY per thread, a timed one, looks at the loader's unload count
+ * (see rules_generation in unwind.c): a look is ~330 instructions with dl_iterate_phdr's locks,
+ * ~20 a sample at one in 16 (ring), ~5 at one in 64.  A multiple of LUM_TIME_EVERY. */
+#define LUM_UNLOAD_EVERY 64
 
 /* The last cached walk of this thread from its first stored frame on: a sample's stack is
  * mostly the one before it (a hot loop), and re-reading the words that walk read costs a
@@ -63,9 +66,10 @@ static inline __attribute__((always_inline)) bool lum_memo_holds(const struct lu
     return true;
 }
 
-/* For lum_unwind_memo_at's timed unwinds (one in LUM_TIME_EVERY): the start time, after a look
- * at the loader's unload count (rules_generation in unwind.c); the time taken, scaled. */
-uint64_t lum_unwind_timed_begin(void);
+/* For lum_unwind_memo_at's timed unwinds (one in LUM_TIME_EVERY): the start time, for the
+ * unwind n of the thread, after a look at the loader's unload count when n is one in
+ * LUM_UNLOAD_EVERY (rules_generation in unwind.c); the time taken, scaled. */
+uint64_t lum_unwind_timed_begin(uint32_t n);
 void lum_unwind_timed_end(uint64_t t0);
 /* lum_memo_holds without the copy, out of line, for lum_unwind_memo_at: inlined into the
  * sampling path, where every register is taken, its loops spilled and reloaded each word (~15
@@ -91,11 +95,11 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     struct lum_walk_memo *m = &lum_memo;
     if (m->busy || __atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) != 1)
         return -1;
-    /* A timed one looks at the loader's unload count first: a moved generation fails the
+    /* A timed one may look at the loader's unload count first: a moved generation fails the
      * check below, and the walk learns the new rules. */
     uint64_t t0 = 0;
     if (__builtin_expect(n % LUM_TIME_EVERY == 0, 0))
-        t0 = lum_unwind_timed_begin();
+        t0 = lum_unwind_timed_begin(n);
     m->busy = 1;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     uintptr_t sp = (uintptr_t)(at + 2);

@@ -3,8 +3,8 @@
  * libcfi_plug_b.so have plug() at the same offset and the return address inside it at the same
  * offset, with frames of different sizes: walked through b after a, at the same address, the
  * stack must be b's, not one read with a's frame size.  The loader's unload count is looked at
- * by one walk in 16 a thread (and by walks that derive rules), so the walk is right at the
- * latest from the 16th walk after the reload on. */
+ * by one walk in 64 a thread (and by walks that derive rules), so the walk is right at the
+ * latest from the 64th walk after the reload on. */
 #define _GNU_SOURCE 1
 #include <dlfcn.h>
 #include <setjmp.h>
@@ -16,7 +16,7 @@
 #include <cmocka.h>
 #include "obs_internal.h"
 
-#define WALKS_TO_NOTICE 16
+#define WALKS_TO_NOTICE 64
 
 static uint64_t frames[LUM_MAX_FRAMES];
 static uint32_t depth;
