@@ -10,10 +10,32 @@
 
 lum_lock_t lum_sampled_lock;
 struct lum_page_list lum_sampled_pages[LUM_CLASSES];
-/* An emptied page kept off the list for the class's next new page: where sampled blocks live a
- * while (bench ring), pages filled and emptied in turn, and making and releasing one cost ~20
- * instructions a sample.  A class keeps at most one empty page, head or spare (see keep_empty). */
-static struct lum_page *spare[LUM_CLASSES];
+/* Emptied pages kept off the list for the class's next new pages: where sampled blocks live a
+ * while (bench ring), pages fill and empty in turn, and making and releasing one costs ~800
+ * instructions.  With one empty page a class (head or spare), ring still made and released a
+ * page every ~50 samples (~20 instructions a sample): its classes' live samples come and go by a
+ * few pages.  Three (head and spares, see keep_empty) make that one in ~200 (one seed: 470.8 ->
+ * 460.9 instructions a sample), at most two more empty pages a class than one: a big class's
+ * page is uncarved when kept (emptied_kept), a small class's keeps what it carved. */
+#define SAMPLED_EMPTY_MAX 3
+static struct lum_page *spare[LUM_CLASSES]; /* linked through next */
+static uint8_t spare_n[LUM_CLASSES];
+
+static struct lum_page *spare_pop(unsigned cls)
+{
+    struct lum_page *p = spare[cls];
+    spare[cls] = p->next;
+    p->next = NULL;
+    spare_n[cls]--;
+    return p;
+}
+
+static void spare_push(unsigned cls, struct lum_page *p)
+{
+    p->next = spare[cls];
+    spare[cls] = p;
+    spare_n[cls]++;
+}
 
 /* Sampled blocks use the power-of-two classes only, and none under 256 bytes: at most 11
  * sampled pages in a process instead of one per class in use (a small program would spend
@@ -80,8 +102,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
     for (page = lum_sampled_pages[cls].head; page; page = page->next)
         if (page->free || lum_page_refill(page)) break;
     if (!page && may_grow && spare[cls]) {
-        page = spare[cls];
-        spare[cls] = NULL;
+        page = spare_pop(cls);
         lum_list_push_front(&lum_sampled_pages[cls], page);
         if (!page->free) lum_page_refill(page);
     } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
@@ -144,8 +165,8 @@ static void emptied_kept(struct lum_page *page)
 static void keep_empty(unsigned cls, struct lum_page *page)
 {
     struct lum_page *head = lum_sampled_pages[cls].head;
-    if (!spare[cls] && !(head && head->used == 0)) {
-        spare[cls] = page;
+    if (spare_n[cls] + (head && head->used == 0) < SAMPLED_EMPTY_MAX) {
+        spare_push(cls, page);
         emptied_kept(page);
     } else {
         sampled_page_release(page);
@@ -181,10 +202,9 @@ void lum_sampled_free(void *p, struct lum_page *page)
             keep_empty(cls, page);
         } else {
             emptied_kept(page);
-            if (spare[cls]) {
-                /* the head is the class's empty page now */
-                sampled_page_release(spare[cls]);
-                spare[cls] = NULL;
+            if (spare_n[cls] + 1 > SAMPLED_EMPTY_MAX) {
+                /* the head is one of the class's empty pages now */
+                sampled_page_release(spare_pop(cls));
             }
         }
     } else if (was_full && lum_sampled_pages[cls].head != page) {
@@ -206,7 +226,7 @@ LUM_COLD_TEXT void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), v
     lum_lock(&lum_sampled_lock);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         for (struct lum_page *p = lum_sampled_pages[c].head; p; p = p->next) fn(p, arg);
-        if (spare[c]) fn(spare[c], arg);
+        for (struct lum_page *p = spare[c]; p; p = p->next) fn(p, arg);
     }
     lum_unlock(&lum_sampled_lock);
 }
