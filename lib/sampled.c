@@ -82,8 +82,12 @@ unsigned lum_sampled_class_slow(unsigned cls)
 }
 
 /* A page with nothing left to hand out goes to the back, so the next pop finds a page with
- * free blocks first instead of walking past the full ones (lum_sampled_free brings it back to
- * the front). */
+ * free blocks first instead of walking past the full ones.  A free into a full page leaves it
+ * where it is, among the full pages in the order they filled: bringing it to the front (as
+ * before) handed its one free block out at the next sample, and the page went to the back again
+ * (ring, sampled blocks freed oldest first: two list moves a sample, ~25 instructions).  Left
+ * there, its turn comes when the pages before it have filled, by when the oldest have had most
+ * of their blocks freed, or all (then they are kept empty or released, see keep_empty). */
 void lum_sampled_emptied(struct lum_page *page, unsigned cls)
 {
     if (page->carved >= page->capacity && page->next) {
@@ -98,9 +102,21 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
                                                                    struct lum_sample_rec **rec)
 {
     lum_lock(&lum_sampled_lock);
-    struct lum_page *page;
-    for (page = lum_sampled_pages[cls].head; page; page = page->next)
+    /* Full pages at the head go to the back, behind the pages that have had frees since they
+     * filled, so that the core's inline pop (lum_sampled_pop_locked, the head only) finds a
+     * free block next time; first: the first page moved, where the turn ends. */
+    struct lum_page *page, *first = NULL;
+    while ((page = lum_sampled_pages[cls].head) != NULL && page != first) {
         if (page->free || lum_page_refill(page)) break;
+        if (!page->next) {
+            page = NULL;
+            break;
+        }
+        lum_list_remove(&lum_sampled_pages[cls], page);
+        lum_list_push_back(&lum_sampled_pages[cls], page);
+        if (!first) first = page;
+    }
+    if (page == first) page = NULL;
     if (!page && may_grow && spare[cls]) {
         page = spare_pop(cls);
         lum_list_push_front(&lum_sampled_pages[cls], page);
@@ -194,7 +210,6 @@ void lum_sampled_free(void *p, struct lum_page *page)
     /* the record's share of its stack's figures goes under the lock the page needs anyway */
     if (rec) lum_sample_free_locked(rec);
     unsigned cls = page->cls;
-    bool was_full = !page->free && page->carved >= page->capacity;
     lum_page_push_free(page, p);
     if (--page->used == 0) {
         if (lum_sampled_pages[cls].head != page) {
@@ -206,16 +221,6 @@ void lum_sampled_free(void *p, struct lum_page *page)
                 /* the head is one of the class's empty pages now */
                 sampled_page_release(spare_pop(cls));
             }
-        }
-    } else if (was_full && lum_sampled_pages[cls].head != page) {
-        /* An empty head pushed down is taken off the list, or it would pin its segment for
-         * good. */
-        struct lum_page *old = lum_sampled_pages[cls].head;
-        lum_list_remove(&lum_sampled_pages[cls], page);
-        lum_list_push_front(&lum_sampled_pages[cls], page);
-        if (old->used == 0) {
-            lum_list_remove(&lum_sampled_pages[cls], old);
-            keep_empty(cls, old);
         }
     }
     lum_unlock(&lum_sampled_lock);
