@@ -12,12 +12,12 @@ lum_lock_t lum_sampled_lock;
 struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Emptied pages kept off the list for the class's next new pages: where sampled blocks live a
  * while (bench ring), pages fill and empty in turn, and making and releasing one costs ~800
- * instructions.  With one empty page a class (head or spare), ring still made and released a
- * page every ~50 samples (~20 instructions a sample): its classes' live samples come and go by a
- * few pages.  Three (head and spares, see keep_empty) make that one in ~200 (one seed: 470.8 ->
- * 460.9 instructions a sample), at most two more empty pages a class than one: a big class's
- * page is uncarved when kept (emptied_kept), a small class's keeps what it carved. */
-#define SAMPLED_EMPTY_MAX 3
+ * instructions.  A class keeps at most SAMPLED_EMPTY_MAX empty pages, head or spares (see
+ * keep_empty): with one, ring still made and released a page every ~50 samples, as its classes'
+ * live samples came and went by a page or two; two save ~4 instructions a sample with the
+ * bigger sampled pages (segment.c), 10 with 64 KiB ones.  A big class's kept page is uncarved
+ * (emptied_kept); a small class's keeps what it carved. */
+#define SAMPLED_EMPTY_MAX 2
 static struct lum_page *spare[LUM_CLASSES]; /* linked through next */
 static uint8_t spare_n[LUM_CLASSES];
 

@@ -210,9 +210,25 @@ static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_
     return 0;
 }
 
-struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
+/* Sampled pages of big classes span more slices than their class's pages: at 64 KiB a 16 KiB
+ * class's page held four blocks, and a program whose samples of it live a while (bench ring)
+ * filled, turned and emptied one every few samples (~50 instructions a sample).  16 blocks a
+ * page, up to 4 slices; carved lazily, so what no block uses stays untouched. */
+#define SAMPLED_PAGE_BLOCKS 16
+#define SAMPLED_PAGE_SLICES_MAX 4
+
+static unsigned page_slices(unsigned cls, enum lum_page_kind kind)
 {
     unsigned n = lum_class_slices[cls];
+    if (kind != LUM_PAGE_SAMPLED) return n;
+    size_t want = ((size_t)SAMPLED_PAGE_BLOCKS * lum_class_size[cls] + LUM_SLICE_SIZE - 1) / LUM_SLICE_SIZE;
+    if (want > SAMPLED_PAGE_SLICES_MAX) want = SAMPLED_PAGE_SLICES_MAX;
+    return want > n ? (unsigned)want : n;
+}
+
+struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
+{
+    unsigned n = page_slices(cls, kind);
     struct lum_segment *seg;
     int idx = -1;
     lum_lock(&lum_segment_lock);
