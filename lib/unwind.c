@@ -313,6 +313,9 @@ static bool stack_from(uintptr_t sp)
     }
     if (!readable(page))
         return false;
+    /* The memo's words lie in the old run, which may not be mapped any more (a coroutine's
+     * freed stack): the memo goes, so that its check needs no look at the run. */
+    lum_memo.key = 0;
     lum_memo.stack_lo = page;
     lum_memo.stack_hi = page + PAGE;
     return true;
@@ -447,7 +450,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         return -1;
     m->busy = 1;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    if (m->valid && m->ip == ip && m->sp == sp && m->gen == gen && m->max == max &&
+    if (m->key == lum_memo_key(gen, max) && m->ip == ip && m->sp == sp &&
         (!m->uses_bp || m->bp == bp) && m->top <= top && lum_memo_holds(m, sp, out)) {
         d = m->d;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -457,7 +460,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         lum_memo.hits++;
         return (int)d;
     }
-    m->valid = 0;
+    m->key = 0;
     if (!(r = rule_find(&v, rule_key(ip, gen))))
         goto fail;
     const uintptr_t kip = ip, ksp = sp, kbp = bp;
@@ -519,9 +522,9 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
             }
         nb = kept;
         m->ip = kip, m->sp = ksp, m->bp = kbp, m->top = sp;
-        m->gen = gen, m->max = max, m->d = d, m->nret = nret, m->nb = nb;
+        m->d = d, m->nret = nret, m->nb = nb;
         m->uses_bp = uses_bp;
-        m->valid = 1;
+        m->key = lum_memo_key(gen, max);
         *seq = ++lum_memo.seq;
     }
     goto out;

@@ -34,20 +34,28 @@ struct lum_walk_memo {
      * load of its offset). */
     uint64_t seq;                   /* bumped at each recording: names the memo's frames */
     uint64_t hits;                  /* walks taken from the memo (for tests) */
-    uintptr_t stack_lo, stack_hi;   /* stack pages this thread has found readable (stack_reach) */
+    uintptr_t stack_lo, stack_hi;   /* stack pages this thread has found readable (stack_reach);
+                                     * a move of the run drops the memo (stack_from) */
     uint32_t unwinds;               /* walks so far: one in LUM_TIME_EVERY is timed */
     /* The sampler's: the stack this thread last recorded, and the unwinder's name for its
      * frames (seq when they were the memo's, else 0); read and written by this thread only. */
     struct lum_stack *last_stack;
     uint64_t last_same;
     uintptr_t ip, sp, bp, top; /* the key frame; top: the highest CFA the walk reached */
-    uint32_t gen, max, d, nret, nb; /* d frames; nret return-address and nb rbp slots read */
-    uint8_t busy, valid, uses_bp;
+    uint64_t key;              /* lum_memo_key of the walk's generation and max; 0: no memo */
+    uint32_t d, nret, nb;      /* d frames; nret return-address and nb rbp slots read */
+    uint8_t busy, uses_bp;
     uint32_t roff[MEMO_FRAMES];      /* frames[i + 1] (0 for i + 1 == d) was read at sp + roff[i] */
     uint32_t boff[MEMO_RBP];         /* a saved rbp bval[i] was read at sp + boff[i] */
     uintptr_t bval[MEMO_RBP];
     uint64_t frames[MEMO_FRAMES + 1];
 };
+
+/* A walk's generation and max in one word, for one compare; never 0 (max > 0). */
+static inline uint64_t lum_memo_key(uint32_t gen, uint32_t max)
+{
+    return (uint64_t)gen << 32 | max;
+}
 
 /* Whether every word m's walk read from the key frame at sp on still holds its value; stores
  * the frames into out[] as it checks them. */
@@ -104,9 +112,10 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     uintptr_t sp = (uintptr_t)(at + 2);
     int d = -1;
-    if (m->valid && m->ip == at[1] && m->sp == sp && m->max == max &&
-        m->gen == __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE) && (!m->uses_bp || m->bp == at[0]) &&
-        m->top <= lum_memo.stack_hi && sp >= lum_memo.stack_lo && lum_memo_holds_at(m, sp)) {
+    /* The words the walk read are still on this thread's stack run: the run only grows while
+     * the memo stands (stack_from drops it when the run moves). */
+    if (m->key == lum_memo_key(__atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE), max) && m->ip == at[1] &&
+        m->sp == sp && (!m->uses_bp || m->bp == at[0]) && lum_memo_holds_at(m, sp)) {
         d = (int)m->d;
         /* The frames are copied out only for a caller that will read them: not when they are
          * those it names by want (the sampler's last stack, see commit in sampler.c), the
