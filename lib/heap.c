@@ -913,8 +913,9 @@ static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap 
 LUM_NOINLINE void *lum_malloc_sample(size_t size)
 {
     struct lum_heap *heap = lum_tls_heap;
-    if (LUM_UNLIKELY(heap == &lum_empty_heap || lum_fail_armed || heap->next_sample == 0 ||
-                     (lum_opt.large_warn && size >= lum_opt.large_warn)))
+    /* lum_empty_heap's next_sample is 0 for good (lum_heap_force_slow leaves it alone): that
+     * check is the first use's too */
+    if (LUM_UNLIKELY(heap->next_sample == 0 || lum_fail_armed || (lum_opt.large_warn && size >= lum_opt.large_warn)))
         return lum_malloc_slow(size, 0);
     /* The walk starts in our caller: malloc jumps here (no frame of its own), so that is the
      * program's code, and none of lumalloc's frames is walked.  __builtin_frame_address gives

@@ -92,10 +92,11 @@ static inline __attribute__((always_inline)) bool lum_sample_locked(struct lum_t
                              LUM_PROBE_ON(sample_batch) || lum_obs_busy || !lum_opt.prof_depth, 0))
         return false;
     uint64_t same = 0, last = lum_memo.last_same;
-    lum_obs_busy = 1;
-    /* the frames are copied out only when they are not the last stack's (last) */
+    /* No lum_obs_busy around it: the check allocates nothing, and a signal handler's sample
+     * meanwhile would wait for the lock held here whatever it said.  The memo's own busy
+     * keeps a handler's walk from rewriting it.  The frames are copied out only when they are
+     * not the last stack's (last). */
     int d = lum_unwind_memo_at(r->frames, lum_opt.prof_depth, at, &same, last);
-    lum_obs_busy = 0;
     uint64_t s = requested ? requested : 1;
     uint64_t wb = lum_sample_bytes(factor, s);
     if (__builtin_expect(d <= 0 || same != last, 0)) {

@@ -197,16 +197,21 @@ static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
  * LUM_UNLOAD_EVERY per thread, and before every walk that derives rules, when it is cheap next
  * to the walk.  The count is stored after the generation moves, so a thread that sees the new count
  * also sees the new generation (two threads may both move it: a harmless extra step). */
-static uint32_t rules_generation(bool probe)
+static uint32_t rules_generation_look(bool wait)
 {
-    if (!probe)
-        return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
-    uint64_t u = lum_cfi_unloads();
-    if (u != __atomic_load_n(&rules_unloads, __ATOMIC_ACQUIRE)) {
+    uint64_t u = lum_cfi_unloads(wait);
+    if (u != UINT64_MAX && u != __atomic_load_n(&rules_unloads, __ATOMIC_ACQUIRE)) {
         __atomic_fetch_add(&lum_rules_gen, 1, __ATOMIC_RELEASE);
         __atomic_store_n(&rules_unloads, u, __ATOMIC_RELEASE);
     }
     return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
+}
+
+static uint32_t rules_generation(bool probe)
+{
+    if (!probe)
+        return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
+    return rules_generation_look(true);
 }
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
@@ -390,7 +395,11 @@ __thread struct lum_walk_memo lum_memo LUM_TLS;
 uint64_t lum_unwind_timed_begin(uint32_t n)
 {
     uint64_t t0 = now_ns();
-    rules_generation(n % LUM_UNLOAD_EVERY == 0);
+    /* The sampler's memo check runs under lum_sampled_lock, which a fork's prepare handler
+     * takes after lum_unwind_fork_lock: waiting for the latter here would deadlock with it.
+     * A look the lock refuses is left to the next one. */
+    if (n % LUM_UNLOAD_EVERY == 0)
+        rules_generation_look(false);
     return t0 ? t0 : 1;
 }
 
@@ -450,7 +459,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         return -1;
     m->busy = 1;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    if (m->key == lum_memo_key(gen, max) && m->ip == ip && m->sp == sp &&
+    if (m->key == lum_memo_key(gen, max, skip_self) && m->ip == ip && m->sp == sp &&
         (!m->uses_bp || m->bp == bp) && m->top <= top && lum_memo_holds(m, sp, out)) {
         d = m->d;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -524,7 +533,7 @@ static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, u
         m->ip = kip, m->sp = ksp, m->bp = kbp, m->top = sp;
         m->d = d, m->nret = nret, m->nb = nb;
         m->uses_bp = uses_bp;
-        m->key = lum_memo_key(gen, max);
+        m->key = lum_memo_key(gen, max, skip_self);
         *seq = ++lum_memo.seq;
     }
     goto out;

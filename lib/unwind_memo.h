@@ -51,10 +51,12 @@ struct lum_walk_memo {
     uint64_t frames[MEMO_FRAMES + 1];
 };
 
-/* A walk's generation and max in one word, for one compare; never 0 (max > 0). */
-static inline uint64_t lum_memo_key(uint32_t gen, uint32_t max)
+/* A walk's generation, max and kind (self: lumalloc's own leading frames skipped, which only
+ * a separate lumalloc, lum_self_state 1 for good, does) in one word, for one compare; never 0
+ * (max > 0, below 2^31). */
+static inline uint64_t lum_memo_key(uint32_t gen, uint32_t max, bool self)
 {
-    return (uint64_t)gen << 32 | max;
+    return (uint64_t)gen << 32 | (uint64_t)self << 31 | max;
 }
 
 /* Whether every word m's walk read from the key frame at sp on still holds its value; stores
@@ -91,9 +93,9 @@ extern int lum_self_state;
 /* The walk from the frame at (at[0] its caller's rbp, at[1] the return address, at + 2 the
  * caller's rsp) when this thread's memo still holds for it: its depth, the frames in out[]
  * (unless *same comes out as want, 0: always) and *same as lum_unwind_from sets it, counted (and one in LUM_TIME_EVERY timed) as an unwind.
- * -1 when the memo does not hold: lum_unwind_from then does it all.  Only with
- * lumalloc a separate object (lum_self_state 1: the memo's frames are the stored ones) and
- * for a key outside it.  Busy first, as in rules_walk: a signal handler's walk must not
+ * -1 when the memo does not hold: lum_unwind_from then does it all.  Only for a memo of a
+ * walk that skipped lumalloc's own frames (its key says so: lumalloc a separate object, whose
+ * memo's frames are the stored ones) and for a key frame outside lumalloc.  Busy first, as in rules_walk: a signal handler's walk must not
  * rewrite the memo under the checks. */
 static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at,
                                                                     uint64_t *same, uint64_t want)
@@ -101,7 +103,7 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
     struct lum_walk_memo *m = &lum_memo;
-    if (m->busy || __atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE) != 1)
+    if (m->busy)
         return -1;
     /* A timed one may look at the loader's unload count first: a moved generation fails the
      * check below, and the walk learns the new rules. */
@@ -114,7 +116,7 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     int d = -1;
     /* The words the walk read are still on this thread's stack run: the run only grows while
      * the memo stands (stack_from drops it when the run moves). */
-    if (m->key == lum_memo_key(__atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE), max) && m->ip == at[1] &&
+    if (m->key == lum_memo_key(__atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE), max, true) && m->ip == at[1] &&
         m->sp == sp && (!m->uses_bp || m->bp == at[0]) && lum_memo_holds_at(m, sp)) {
         d = (int)m->d;
         /* The frames are copied out only for a caller that will read them: not when they are
