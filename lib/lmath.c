@@ -79,44 +79,13 @@ double lum_expm1_neg(double x)
  * draw (Doornik 2005: sharing them correlates the two), both from its high bits: xorshift64*'s
  * low bits are its weak ones. */
 #define ZR 7.69711747013104972   /* where the tail starts */
-#define ZV 3.949659822581572e-3  /* the area of every layer */
-#define ZM 0x1.0p53              /* the abscissa: 53 bits of the draw, below the index's 8 */
-/* lum_zig_k[i]: x_{i-1} / x_i scaled by ZM, below which a point of layer i is inside the
- * curve; lum_zig_w[i] = x_i / ZM; zf[i] = exp(-x_i).  All zero until built: every draw then
- * takes the slow path, which builds them. */
-uint64_t lum_zig_k[LUM_ZIG_N];
-double lum_zig_w[LUM_ZIG_N];
-static double zf[LUM_ZIG_N];
-static int zstate; /* 0: not built, 1: being built, 2: ready */
+/* The tables (lum_zig_k, lum_zig_w, lum_zig_f) are constants from scripts/gen_zig_tables.py
+ * (lib/zig_tables.c): built by the first draw, they cost a short run ~2 instructions a sample
+ * (bench ring's quick run). */
 
 static double exp_neg(double x)
 {
     return 1 + lum_expm1_neg(x);
-}
-
-/* Once, ~15k instructions.  lum_zig_k last, each with a release store: a draw that finds an
- * entry set (acquire) finds the rest of the tables too.  Each k is x_{i-1} / x_i * ZM, taken
- * from the widths once they are all written (ZM is a power of two: the same doubles as the
- * abscissas' ratio), so that no 2 KiB array of them sits on the stack of the thread that
- * samples first. */
-static void zig_build(void)
-{
-    double d = ZR, f = exp_neg(d), q = ZV / f;
-    lum_zig_w[0] = q / ZM;
-    lum_zig_w[LUM_ZIG_N - 1] = d / ZM;
-    zf[0] = 1;
-    zf[LUM_ZIG_N - 1] = f;
-    for (int i = LUM_ZIG_N - 2; i >= 1; i--) {
-        /* equal areas: x_i (exp(-x_i) - exp(-x_{i+1})) = ZV, with exp(-x) carried along */
-        f += ZV / d;
-        d = -lum_log(f);
-        zf[i] = f;
-        lum_zig_w[i] = d / ZM;
-    }
-    __atomic_store_n(&lum_zig_k[0], (uint64_t)(lum_zig_w[LUM_ZIG_N - 1] / lum_zig_w[0] * ZM), __ATOMIC_RELEASE);
-    __atomic_store_n(&lum_zig_k[1], 0, __ATOMIC_RELEASE);
-    for (int i = 2; i < LUM_ZIG_N; i++)
-        __atomic_store_n(&lum_zig_k[i], (uint64_t)(lum_zig_w[i - 1] / lum_zig_w[i] * ZM), __ATOMIC_RELEASE);
 }
 
 /* uniform in (0, 1]: log() stays finite */
@@ -127,15 +96,6 @@ static inline double uniform01(uint64_t *rng)
 
 double lum_exp_variate_slow(uint64_t *rng, uint64_t r)
 {
-    int st = __atomic_load_n(&zstate, __ATOMIC_ACQUIRE);
-    if (st != 2) {
-        /* the first thread to get here builds the tables; one that finds another building
-         * uses -log(u) meanwhile */
-        if (st != 0 || !__atomic_compare_exchange_n(&zstate, &st, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-            return -lum_log(uniform01(rng));
-        zig_build();
-        __atomic_store_n(&zstate, 2, __ATOMIC_RELEASE);
-    }
     for (;;) {
         uint64_t j = (r >> 3) & (((uint64_t)1 << 53) - 1);
         unsigned i = (unsigned)(r >> 56);
@@ -144,7 +104,7 @@ double lum_exp_variate_slow(uint64_t *rng, uint64_t r)
             return x;
         if (i == 0) /* the tail beyond ZR is ZR plus an exponential, by memorylessness */
             return ZR - lum_log(uniform01(rng));
-        if (zf[i] + uniform01(rng) * (zf[i - 1] - zf[i]) < exp_neg(x))
+        if (lum_zig_f[i] + uniform01(rng) * (lum_zig_f[i - 1] - lum_zig_f[i]) < exp_neg(x))
             return x;
         r = lum_rand64(rng);
     }

@@ -8,7 +8,7 @@ double lum_expm1_neg(double x);  /* exp(-x) - 1 for x >= 0 */
 static inline uint64_t lum_rand64(uint64_t *state)
 {
     uint64_t x = *state;
-    if (!x)
+    if (__builtin_expect(!x, 0))
         x = 0x853c49e6748fea9bULL; /* xorshift has a fixed point at 0 */
     x ^= x >> 12;
     x ^= x << 25;
@@ -20,8 +20,9 @@ static inline uint64_t lum_rand64(uint64_t *state)
 /* Exponential with mean 1 from the generator state *rng, by the ziggurat (lmath.c).  Inline:
  * 98.9 % of draws end after the one compare here. */
 #define LUM_ZIG_N 256
-extern uint64_t lum_zig_k[LUM_ZIG_N];
-extern double lum_zig_w[LUM_ZIG_N];
+extern const uint64_t lum_zig_k[LUM_ZIG_N];
+extern const double lum_zig_w[LUM_ZIG_N];
+extern const double lum_zig_f[LUM_ZIG_N];
 double lum_exp_variate_slow(uint64_t *rng, uint64_t r);
 static inline double lum_exp_variate(uint64_t *rng)
 {
@@ -29,7 +30,7 @@ static inline double lum_exp_variate(uint64_t *rng)
      * are its weak ones) */
     uint64_t r = lum_rand64(rng), j = (r >> 3) & (((uint64_t)1 << 53) - 1);
     unsigned i = (unsigned)(r >> 56);
-    if (__builtin_expect(j < __atomic_load_n(&lum_zig_k[i], __ATOMIC_ACQUIRE), 1))
+    if (__builtin_expect(j < lum_zig_k[i], 1))
         return (double)j * lum_zig_w[i];
     return lum_exp_variate_slow(rng, r);
 }
