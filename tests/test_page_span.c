@@ -80,23 +80,28 @@ static bool in(uintptr_t s, const uintptr_t *set, unsigned n)
     return false;
 }
 
+/* blocks[0..n) get n touched blocks of BLOCK; their distinct slices go to slices[]: how many. */
+static unsigned fill_blocks(unsigned n, uintptr_t *slices)
+{
+    unsigned nslices = 0;
+    for (unsigned i = 0; i < n; i++) {
+        blocks[i] = malloc(BLOCK);
+        assert_non_null(blocks[i]);
+        memset(blocks[i], 1, BLOCK);
+        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
+        if (!in(s, slices, nslices)) slices[nslices++] = s;
+    }
+    return nslices;
+}
+
 /* Sixteen pages emptied in a row: past the first LUM_KEEP_SPAN_AFTER released, the spans stay. */
 static void bulk_release_keeps_spans_for_the_class(void **state)
 {
     (void)state;
     assert_int_equal(lum_options_set("sample_interval", "0"), 0);
     const unsigned n = BULK_PAGES * 64;
-    for (unsigned i = 0; i < n; i++) {
-        blocks[i] = malloc(BLOCK);
-        assert_non_null(blocks[i]);
-        memset(blocks[i], 1, BLOCK);
-    }
-    uintptr_t slices[BULK_PAGES * 64];
-    unsigned nslices = 0;
-    for (unsigned i = 0; i < n; i++) {
-        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
-        if (!in(s, slices, nslices)) slices[nslices++] = s;
-    }
+    static uintptr_t slices[BULK_PAGES * 64];
+    unsigned nslices = fill_blocks(n, slices);
     assert_true(nslices >= BULK_PAGES);
     for (unsigned i = 0; i < n; i++) free(blocks[i]);
     uintptr_t whole[BULK_PAGES * 64];
@@ -154,17 +159,8 @@ static void other_class_keeps_what_it_carved_last(void **state)
     for (unsigned i = 0; i < FIRST_PAGES * PER; i++) free(deep[i]);
 
     const unsigned n = BULK_PAGES * 64;
-    for (unsigned i = 0; i < n; i++) {
-        blocks[i] = malloc(BLOCK);
-        assert_non_null(blocks[i]);
-        memset(blocks[i], 1, BLOCK);
-    }
     static uintptr_t slices[BULK_PAGES * 64];
-    unsigned nslices = 0;
-    for (unsigned i = 0; i < n; i++) {
-        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
-        if (!in(s, slices, nslices)) slices[nslices++] = s;
-    }
+    unsigned nslices = fill_blocks(n, slices);
     for (unsigned i = 0; i < n; i++) free(blocks[i]);
     /* the slices BLOCK gave back with their spans whole (not the pages its heap kept) */
     static uintptr_t whole[BULK_PAGES * 64];
@@ -205,17 +201,8 @@ static void dirty_figure_is_what_free_slices_hold(void **state)
     (void)state;
     assert_int_equal(lum_options_set("sample_interval", "0"), 0);
     const unsigned n = BULK_PAGES * 64;
-    for (unsigned i = 0; i < n; i++) {
-        blocks[i] = malloc(BLOCK);
-        assert_non_null(blocks[i]);
-        memset(blocks[i], 1, BLOCK);
-    }
     static uintptr_t slices[BULK_PAGES * 64];
-    unsigned nslices = 0;
-    for (unsigned i = 0; i < n; i++) {
-        uintptr_t s = (uintptr_t)blocks[i] & ~(SLICE - 1);
-        if (!in(s, slices, nslices)) slices[nslices++] = s;
-    }
+    unsigned nslices = fill_blocks(n, slices);
     size_t before = lum_segments_dirty_resident(), slices_before = lum_segments_dirty_bytes();
     for (unsigned i = 0; i < n; i++) free(blocks[i]);
     size_t held = 0;
