@@ -36,6 +36,12 @@ static void check_segment(struct lum_segment *seg, void *arg)
     if (seg->kind != LUM_SEG_SMALL) { report(c, "segment with a bad kind", seg); return; }
     if (seg->free_slices & 1) report(c, "header slice marked free", seg);
     if (seg->slice_page[0] != &lum_invalid_sentinel) report(c, "header slice maps to a page", seg);
+    /* every page struct below is reached through seg->pages: a wild one would send the checks
+     * (and page_alloc) anywhere */
+    if (seg->colour >= LUM_SEG_COLOURS || (uint8_t *)seg->pages != lum_seg_base(seg) + LUM_SEG_PAGES_AT(seg->colour)) {
+        report(c, "page structs not where the segment's colour puts them", seg);
+        return;
+    }
     for (unsigned i = 1; i < LUM_SLICES;) {
         struct lum_page *page = seg->slice_page[i];
         bool free_bit = (seg->free_slices >> i) & 1;

@@ -81,6 +81,14 @@ static void segments_take_turns_at_colours(void **state)
         const struct lum_page *page = lum_page_of(blocks[i]);
         assert_true(page >= seg->pages && page < seg->pages + LUM_SLICES);
     }
+    /* the heap check knows where a segment's page structs belong */
+    assert_int_equal(lum_heap_check(0), 0);
+    struct lum_segment *seg = lum_segment_of(blocks[0]);
+    uint32_t colour = seg->colour;
+    seg->colour = (colour + 1) % LUM_SEG_COLOURS;
+    assert_true(lum_heap_check(0) > 0);
+    seg->colour = colour;
+    assert_int_equal(lum_heap_check(0), 0);
     for (unsigned i = 0; i < n; i++) free(blocks[i]);
 }
 
