@@ -120,6 +120,14 @@ static size_t recorded_span(const struct lum_segment *seg, unsigned idx, unsigne
     return end;
 }
 
+/* What a page on slices idx.. has resident from its start, rounded to 4 KiB: its own carve,
+ * or the span it took over (recorded on its slices) when that reaches further. */
+static size_t resident_span(const struct lum_segment *seg, unsigned idx, const struct lum_page *page)
+{
+    size_t touched = (size_t)page->carved * page->block_size, end = recorded_span(seg, idx, page->slices);
+    return ((touched > end ? touched : end) + 4095) & ~(size_t)4095;
+}
+
 /* Per class: how deep (4 KiB pages, saturating) its last page given back or uncarved had
  * carved, so that a page of the class taking over another class's span keeps as much of it as
  * the class is likely to carve again.  Written without the lock (one racy byte: a stale depth
@@ -195,11 +203,8 @@ static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_
     uint8_t tag = page->kind == LUM_PAGE_SMALL ? page->cls : LUM_CLASSES;
     if (!keep || lum_opt.thp) {
         /* the slices may hold an older span (kept for a class that did not come back) */
-        size_t end = recorded_span(seg, idx, page->slices);
-        if (touched < end) touched = end;
-        touched = (touched + 4095) & ~(size_t)4095;
-        memset(seg->slice_touched + idx, 0, page->slices);
-        seg->slice_touched[idx] = 1;
+        touched = resident_span(seg, idx, page);
+        set_span(seg, idx, page->slices, 4096);
         return touched > 4096 && !lum_opt.thp ? touched - 4096 : 0;
     }
     for (unsigned i = 0; i < page->slices; i++, touched = touched > LUM_SLICE_SIZE ? touched - LUM_SLICE_SIZE : 0) {
@@ -399,12 +404,9 @@ void lum_page_uncarve(struct lum_page *page)
 {
     struct lum_segment *seg = lum_segment_of(page->start);
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
-    size_t touched = (size_t)page->carved * page->block_size;
     note_depth(page);
     /* a span it took over from an earlier page of its class goes too (its own slices: no lock) */
-    size_t end = recorded_span(seg, idx, page->slices);
-    if (touched < end) touched = end;
-    touched = (touched + 4095) & ~(size_t)4095;
+    size_t touched = resident_span(seg, idx, page);
     page->carved = 0;
     page->free = NULL;
     if (!touched || lum_opt.thp) return;
