@@ -2,7 +2,8 @@
  * on the kinds of frames real stacks have: deep recursion without frame pointers, rbp frames
  * with alloca and VLAs, callbacks through libc (qsort) and through lumalloc itself, a PIE main
  * down to _start, a thread down to clone3, and a signal handler, where the walk must end
- * cleanly at the signal trampoline.  Each walk is done twice: the first derives the rules from
+ * cleanly at the signal trampoline; and the memo of the last walk, on one stack and across a
+ * switch to a coroutine's.  Each walk is done twice: the first derives the rules from
  * the tables, the second takes them from the cache. */
 #define _GNU_SOURCE 1
 #define UNW_LOCAL_ONLY
@@ -19,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <cmocka.h>
 #include "lumalloc_failure.h"
 #include "obs_internal.h"
@@ -356,6 +358,97 @@ static void test_memo(void **state)
     assert_memory_equal(f[7], f[0], n[0] * sizeof *f[0]);
 }
 
+/* ---- the memo across a stack switch (coroutines): dropped, never read from the old stack ---- */
+static ucontext_t co_main, co_ctx;
+static uint64_t co_f[3][MAXF], co_hit[3];
+static uint32_t co_n[3];
+static bool co_run_here; /* the thread's stack run (lum_memo.stack_lo..hi) moved to the coroutine's */
+
+static NOINL void co_walks(void)
+{
+    for (int i = 0; i < 3; i++) {
+        uint64_t h = lum_memo.hits;
+        co_n[i] = memo_run(0, co_f[i]);
+        co_hit[i] = lum_memo.hits - h;
+    }
+    co_run_here = memo_fp >= lum_memo.stack_lo && memo_fp < lum_memo.stack_hi;
+}
+
+static void co_entry(void)
+{
+    co_walks();
+    swapcontext(&co_ctx, &co_main);
+}
+
+static uint32_t main_walk(uint64_t *f, uint64_t *hit)
+{
+    uint64_t h = lum_memo.hits;
+    uint32_t n = memo_run(0, f);
+    *hit = lum_memo.hits - h;
+    return n;
+}
+
+/* Walks from main_walk's calls at different lines: frame 4, where it returns to, differs. */
+static void same_but_call_site(const uint64_t *a, const uint64_t *b, uint32_t n)
+{
+    assert_memory_equal(a, b, 4 * sizeof *a);
+    assert_true(a[4] != b[4]);
+    assert_memory_equal(a + 5, b + 5, (n - 5) * sizeof *a);
+}
+
+static void test_memo_stack_switch(void **state)
+{
+    (void)state;
+    enum { STACK = 256 << 10 };
+    uint64_t f[3][MAXF], hit[3];
+    uint32_t n[3];
+    /* rules learnt by the first walk, the memo recorded by the next */
+    for (int i = 0; i < 3; i++) n[0] = main_walk(f[0], &hit[0]);
+    assert_int_equal(hit[0], 1); /* the thread's own stack: the memo's */
+    uintptr_t main_fp = memo_fp;
+    /* a coroutine on a stack of its own, later unmapped, as a coroutine library frees it */
+    void *stack = mmap(NULL, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(stack != MAP_FAILED);
+    assert_int_equal(getcontext(&co_ctx), 0);
+    co_ctx.uc_stack.ss_sp = stack;
+    co_ctx.uc_stack.ss_size = STACK;
+    co_ctx.uc_link = &co_main;
+    makecontext(&co_ctx, co_entry, 0);
+    assert_int_equal(swapcontext(&co_main, &co_ctx), 0);
+    assert_true(memo_fp >= (uintptr_t)stack && memo_fp < (uintptr_t)stack + STACK);
+    assert_true(co_run_here);
+    /* its first walk starts on another stack: walked, not the main stack's memo */
+    assert_int_equal(co_hit[0], 0);
+    assert_true(co_n[0] >= 5);
+    assert_memory_equal(co_f[0], f[0], 4 * sizeof *f[0]); /* memo_mid .. memo_run's call */
+    assert_true(co_f[0][4] != f[0][4]);                   /* co_walks's, not main_walk's */
+    /* then (its frames' rules learnt) the memo serves the coroutine's own stack */
+    assert_int_equal(co_hit[2], 1);
+    assert_int_equal(co_n[2], co_n[0]);
+    assert_memory_equal(co_f[2], co_f[0], co_n[0] * sizeof *co_f[0]);
+    /* back on the thread's stack: walked again (the memo was the coroutine's), same frames */
+    n[1] = main_walk(f[1], &hit[1]);
+    assert_int_equal(memo_fp, main_fp);
+    assert_true(main_fp >= lum_memo.stack_lo && main_fp < lum_memo.stack_hi);
+    assert_true(lum_memo.stack_lo >= (uintptr_t)stack + STACK || lum_memo.stack_hi <= (uintptr_t)stack);
+    assert_int_equal(hit[1], 0);
+    assert_int_equal(n[1], n[0]);
+    same_but_call_site(f[1], f[0], n[0]);
+    /* the coroutine once more, its stack then unmapped: the next walk on the thread's stack
+     * must not read the memo's words there (a fault, were it to) */
+    co_ctx.uc_stack.ss_sp = stack;
+    co_ctx.uc_stack.ss_size = STACK;
+    makecontext(&co_ctx, co_entry, 0);
+    assert_int_equal(swapcontext(&co_main, &co_ctx), 0);
+    assert_int_equal(co_hit[0], 0);
+    assert_int_equal(co_hit[2], 1);
+    assert_int_equal(munmap(stack, STACK), 0);
+    n[2] = main_walk(f[2], &hit[2]);
+    assert_int_equal(hit[2], 0);
+    assert_int_equal(n[2], n[0]);
+    same_but_call_site(f[2], f[0], n[0]);
+}
+
 /* ---- the reader alone ---- */
 static NOINL uintptr_t here(void)
 {
@@ -472,6 +565,7 @@ int main(void)
         cmocka_unit_test(test_thread),
         cmocka_unit_test(test_signal),
         cmocka_unit_test(test_memo),
+        cmocka_unit_test(test_memo_stack_switch),
         cmocka_unit_test(test_every_function),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
