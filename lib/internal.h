@@ -171,8 +171,7 @@ struct lum_large {
     size_t usable;
     size_t requested;
     uint8_t *user;
-    struct lum_large *next;     /* in the cache */
-    uint64_t freed_ms;          /* when it entered the cache (decay) */
+    uint64_t origin;            /* its mapping: see struct piece in large.c */
     uint32_t cached;            /* in the cache: a free of it now is a double free */
 };
 

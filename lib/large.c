@@ -1,6 +1,7 @@
 /* Large blocks: one mapping each, 4 MiB-aligned, header in the first 4 KiB (laid out like a
- * segment so free() finds it by address mask).  Freed mappings go to a bounded cache; growth
- * by realloc moves page tables with mremap instead of copying bytes. */
+ * segment so free() finds it by address mask).  Freed blocks, and the tails realloc cuts off,
+ * stay resident in a bounded cache of address ranges; growth by realloc moves page tables
+ * with mremap instead of copying bytes, unless a cached range can take the block. */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
@@ -10,88 +11,233 @@
 #include "options.h"
 
 lum_lock_t lum_large_lock;
-static struct lum_large *cache;     /* most recently freed first */
 size_t lum_large_cached; /* bytes in the cache (internal.h) */
 
+/* The cache holds freed address ranges, still resident, rather than whole mappings, with
+ * their records here rather than in a header: a block that realloc shrinks leaves its tail
+ * in place as a range (no syscall; the pages serve the next block instead of being dropped
+ * and faulted in again), a cached range larger than a block serves it from its head and
+ * keeps the rest, and one smaller is grown into it.  Bench large (blocks of 64 KiB..32 MiB,
+ * vectors grown by half and shrunk back): the ranges dropped by shrinking and by trimming
+ * cached mappings to size were faulted in again. */
+#define CACHE_SLOTS 32
+/* a smaller rest stays with the block it belongs to (or goes with it) */
+#define PIECE_MIN ((size_t)64 << 10)
+
+struct piece {
+    uint8_t *addr;
+    size_t len;
+    uint64_t freed_ms;
+    /* the mapping the range is part of: ranges of one origin that touch are in one VMA, so
+     * mremap may treat them as one (it refuses ranges across VMAs) */
+    uint64_t origin;
+};
+static struct piece pieces[CACHE_SLOTS]; /* oldest first */
+static unsigned npieces;
+static uint64_t origins;
+
 static size_t page_round(size_t n) { return (n + 4095) & ~(size_t)4095; }
+static bool seg_aligned(const void *p) { return ((uintptr_t)p & (LUM_SEGMENT_SIZE - 1)) == 0; }
+static uint64_t new_origin(void) { return __atomic_add_fetch(&origins, 1, __ATOMIC_RELAXED); }
 
-static void large_unmap_list(struct lum_large *l);
-
-/* Moves a cached mapping's pages into one of map_size bytes, 4 MiB-aligned like any; false
- * when the kernel will not (the mapping is untouched then). */
-static bool grow_mapping(struct lum_large **lp, size_t map_size)
+static void unmap_range(uint8_t *addr, size_t len)
 {
-    struct lum_large *l = *lp;
-    int64_t delta = (int64_t)map_size - (int64_t)l->map_size; /* read while l is mapped */
-    void *moved = mremap(l->map_base, l->map_size, map_size, 0);
-    if (moved == MAP_FAILED) {
-        void *dst = lum_os_map_aligned(map_size, LUM_SEGMENT_SIZE);
-        if (!dst) return false;
-        moved = mremap(l->map_base, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
-        if (moved == MAP_FAILED) {
-            lum_os_unmap(dst, map_size, 0);
-            return false;
-        }
-        lum_os_account(-(int64_t)map_size, 0); /* dst's reservation became the block */
+#if LUM_HARDENED
+    lum_hardened_own((uintptr_t)addr, false); /* hardened ranges are whole mappings */
+#endif
+    lum_os_unmap(addr, len, len);
+}
+
+/* Caller holds the lock. */
+static void piece_remove(unsigned i)
+{
+    __atomic_sub_fetch(&lum_large_cached, pieces[i].len, __ATOMIC_RELAXED);
+    memmove(&pieces[i], &pieces[i + 1], (npieces - i - 1) * sizeof pieces[0]);
+    __atomic_store_n(&npieces, npieces - 1, __ATOMIC_RELAXED);
+}
+
+/* Caller holds the lock: moves the oldest ranges to out until keep bytes remain. */
+static unsigned evict_locked(size_t keep, struct piece *out)
+{
+    unsigned n = 0;
+    while (npieces && lum_large_cached > keep) {
+        out[n++] = pieces[0];
+        piece_remove(0);
     }
-    lum_os_account(delta, delta); /* handed to the program: counted as touched */
-    l = (struct lum_large *)((uint8_t *)moved + LUM_HEADER_OFFSET);
-    l->map_base = moved;
-    l->map_size = map_size;
-    *lp = l;
+    return n;
+}
+
+static void unmap_pieces(const struct piece *p, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) unmap_range(p[i].addr, p[i].len);
+}
+
+/* Keeps a freed, resident range for reuse; false (nothing done) when it is larger than the
+ * cache may hold. */
+static bool cache_put(uint8_t *addr, size_t len, uint64_t origin)
+{
+    if (len > lum_opt.large_cache / 2) return false;
+    struct piece evict[CACHE_SLOTS];
+    unsigned n = 0;
+    lum_lock(&lum_large_lock);
+    if (lum_large_cached + len > lum_opt.large_cache)
+        n = evict_locked(lum_opt.large_cache - len, evict);
+    if (npieces == CACHE_SLOTS) {
+        evict[n++] = pieces[0];
+        piece_remove(0);
+    }
+    pieces[npieces] = (struct piece){ addr, len, lum_now_ms(), origin };
+    __atomic_store_n(&npieces, npieces + 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&lum_large_cached, len, __ATOMIC_RELAXED);
+    lum_unlock(&lum_large_lock);
+    unmap_pieces(evict, n);
+    lum_background_note_dirty();
     return true;
 }
 
-/* Best fit from the cache.  A mapping much larger than needed is shrunk in place (mremap drops
- * its tail), so the pages it already has are reused instead of faulting in a fresh mapping.
- * When none is large enough, the largest is grown (mremap keeps its pages) and the rest are
- * unmapped: a fresh mapping next to them would hold both resident until decay, where glibc's
- * heap serves the larger block from the freed memory (bench python, PYTHONMALLOC=malloc: its
- * 344 KiB buffers, then 1.1 MiB ones). */
-static struct lum_large *cache_take(size_t map_size)
+/* Unmaps the oldest cached ranges until keep bytes remain. */
+static void cache_trim(size_t keep)
 {
-    if (!__atomic_load_n(&cache, __ATOMIC_RELAXED)) return NULL; /* peek: the lock decides */
+    struct piece old[CACHE_SLOTS];
     lum_lock(&lum_large_lock);
-    struct lum_large **link = &cache, **best_link = NULL, *best = NULL;
-    for (struct lum_large *l = cache; l; link = &l->next, l = l->next)
-        if (l->map_size >= map_size && (!best || l->map_size < best->map_size)) {
-            best = l;
-            best_link = link;
-            if (l->map_size == map_size) break;
+    unsigned n = evict_locked(keep, old);
+    lum_unlock(&lum_large_lock);
+    unmap_pieces(old, n);
+}
+
+/* The highest resident total the program's own memory (all but the cache) has reached. */
+static size_t live_high;
+
+/* Before fresh memory is handed out: cached ranges may keep the resident total up to what
+ * live memory alone has reached (and LUM_DIRTY_FLOOR over it), no further.  So reuse never
+ * raises the peak: bench large peaked with 50 MiB cached as its live blocks reached 354 MiB,
+ * where the next fresh blocks would have served from ranges freed on the way there. */
+static void make_room(size_t fresh)
+{
+    size_t cached = __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED);
+    uint64_t resident = __atomic_load_n(&lumalloc_registry.global.resident_bytes, __ATOMIC_RELAXED);
+    size_t live = resident > cached ? (size_t)(resident - cached) : 0;
+    size_t after = live + fresh, high = __atomic_load_n(&live_high, __ATOMIC_RELAXED);
+    if (after > high) __atomic_store_n(&live_high, high = after, __ATOMIC_RELAXED);
+    if (cached > high + LUM_DIRTY_FLOOR - after) cache_trim(high + LUM_DIRTY_FLOOR - after);
+}
+
+/* Moves len bytes at src into a fresh 4 MiB-aligned mapping of map_size bytes (map_size >=
+ * len: the rest is new memory); NULL when the kernel will not (src is unmapped then). */
+static uint8_t *move_range(uint8_t *src, size_t len, size_t map_size)
+{
+    uint8_t *dst = lum_os_map_aligned(map_size, LUM_SEGMENT_SIZE);
+    if (dst && mremap(src, len, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst) == MAP_FAILED) {
+        lum_os_unmap(dst, map_size, 0);
+        dst = NULL;
+    }
+    if (!dst) {
+        unmap_range(src, len);
+        return NULL;
+    }
+    /* dst's reservation became the block: its cached pages plus new memory handed out */
+    lum_os_account(-(int64_t)map_size, 0);
+    lum_os_account((int64_t)(map_size - len), (int64_t)(map_size - len));
+    lum_os_name(dst, map_size, "lumalloc-large");
+    return dst;
+}
+
+/* A mapping for a large block of *map_size bytes from the cache, NULL when it has none; sets
+ * *map_size to what the block really gets (a rest too small to keep comes with it) and
+ * *origin.  Best fit: a range that starts 4 MiB-aligned serves in place from its head (no
+ * syscall), any other is moved to an aligned address (mremap moves page tables, not bytes).
+ * When none is large enough, the largest is grown (mremap keeps its pages); the rest are
+ * unmapped unless they add up to a block as large, which they may serve next: a program whose
+ * buffers only grow would hold them next to the new memory until decay, where glibc's heap
+ * serves the larger block from the freed memory (bench python, PYTHONMALLOC=malloc: its
+ * 344 KiB buffers, then 1.1 MiB ones).  Without may_grow, only a range as large will do. */
+static uint8_t *cache_take(size_t *map_size, uint64_t *origin, bool may_grow)
+{
+    if (!__atomic_load_n(&npieces, __ATOMIC_RELAXED)) return NULL; /* peek: the lock decides */
+    size_t want = *map_size;
+    struct piece evict[CACHE_SLOTS], got = { 0 };
+    unsigned n = 0;
+    enum { IN_PLACE, MOVE, GROW } how = IN_PLACE;
+    lum_lock(&lum_large_lock);
+    int fit = -1, fit_aligned = -1, largest = -1;
+    for (unsigned i = 0; i < npieces; i++) {
+        size_t len = pieces[i].len;
+        if (len >= want) {
+            if (fit < 0 || len < pieces[fit].len) fit = (int)i;
+            if (seg_aligned(pieces[i].addr) && (fit_aligned < 0 || len < pieces[fit_aligned].len))
+                fit_aligned = (int)i;
         }
-    struct lum_large *rest = NULL;
-    if (best) {
-        __atomic_store_n(best_link, best->next, __ATOMIC_RELAXED);
-        __atomic_sub_fetch(&lum_large_cached, best->map_size, __ATOMIC_RELAXED);
-        best->cached = 0;
-    } else if (cache && !LUM_HARDENED) { /* hardened mappings end in a guard page: never grown */
-        rest = cache;
-        __atomic_store_n(&cache, NULL, __ATOMIC_RELAXED);
-        __atomic_store_n(&lum_large_cached, 0, __ATOMIC_RELAXED);
-        struct lum_large **big = &rest;
-        for (struct lum_large **q = &rest; *q; q = &(*q)->next)
-            if ((*q)->map_size > (*big)->map_size) big = q;
-        best = *big;
-        *big = best->next;
-        best->cached = 0;
+        if (largest < 0 || len > pieces[largest].len) largest = (int)i;
+    }
+    if (LUM_HARDENED) {
+        /* hardened mappings end in a guard page: they are reused whole, never cut or grown */
+        if (fit >= 0) {
+            got = pieces[fit];
+            piece_remove((unsigned)fit);
+        }
+    } else if (fit_aligned >= 0 || fit >= 0) {
+        struct piece *p = &pieces[fit_aligned >= 0 ? fit_aligned : fit];
+        got = *p;
+        how = fit_aligned >= 0 ? IN_PLACE : MOVE;
+        if (p->len - want >= PIECE_MIN) {
+            got.len = want;
+            __atomic_sub_fetch(&lum_large_cached, want, __ATOMIC_RELAXED);
+            p->len -= want;
+            if (how == IN_PLACE) p->addr += want; /* the rest stays: a range like any other */
+            else got.addr = p->addr + p->len;     /* moved from the tail: the head stays */
+        } else {
+            piece_remove((unsigned)(p - pieces));
+        }
+    } else if (may_grow) {
+        got = pieces[largest];
+        how = GROW;
+        piece_remove((unsigned)largest);
+        if (lum_large_cached < want) n = evict_locked(0, evict);
     }
     lum_unlock(&lum_large_lock);
-    large_unmap_list(rest);
-    if (!best) return NULL;
-    if (best->map_size < map_size) {
-        if (!grow_mapping(&best, map_size)) {
-            best->next = NULL;
-            large_unmap_list(best);
-            return NULL;
-        }
-    } else if (best->map_size / 2 > map_size && !LUM_HARDENED) {
-        /* hardened mappings end in a guard page: they are reused whole instead */
-        if (mremap(best->map_base, best->map_size, map_size, 0) != MAP_FAILED) {
-            lum_os_account(-(int64_t)(best->map_size - map_size), -(int64_t)(best->map_size - map_size));
-            best->map_size = map_size;
-        }
+    unmap_pieces(evict, n);
+    if (!got.addr) return NULL;
+    if (how == IN_PLACE) {
+        *map_size = got.len;
+        *origin = got.origin;
+        return got.addr;
     }
-    return best;
+    if (how == GROW) make_room(want - got.len);
+    if (how == GROW && seg_aligned(got.addr) && mremap(got.addr, got.len, want, 0) != MAP_FAILED) {
+        lum_os_account((int64_t)(want - got.len), (int64_t)(want - got.len));
+        *origin = got.origin;
+        return got.addr;
+    }
+    uint8_t *dst = move_range(got.addr, got.len, how == GROW ? want : got.len);
+    if (!dst) return NULL;
+    *map_size = how == GROW ? want : got.len;
+    *origin = new_origin();
+    return dst;
+}
+
+/* Takes up to need bytes from the head of the cached range at addr, of origin, for the block
+ * that ends there (a rest too small to keep comes too); returns the bytes taken, 0 if none. */
+static size_t cache_take_next(uint8_t *addr, size_t need, uint64_t origin)
+{
+    if (!__atomic_load_n(&npieces, __ATOMIC_RELAXED)) return 0;
+    size_t took = 0;
+    lum_lock(&lum_large_lock);
+    for (unsigned i = 0; i < npieces; i++) {
+        struct piece *p = &pieces[i];
+        if (p->addr != addr || p->origin != origin) continue;
+        if (p->len >= need && p->len - need >= PIECE_MIN) {
+            took = need;
+            p->addr += need;
+            p->len -= need;
+            __atomic_sub_fetch(&lum_large_cached, need, __ATOMIC_RELAXED);
+        } else {
+            took = p->len;
+            piece_remove(i);
+        }
+        break;
+    }
+    lum_unlock(&lum_large_lock);
+    return took;
 }
 
 /* Maps size bytes whose start is 4 MiB-aligned and whose byte at offset is alignment-aligned. */
@@ -129,17 +275,20 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     if (usable < size || usable + offset + TRAILER < usable) return NULL;
     size_t map_size = offset + usable + TRAILER;
     struct lum_large *l = NULL;
-    uint8_t *base;
+    uint8_t *base = NULL;
+    uint64_t origin = 0;
     bool fresh = true;
-    if (offset == LUM_LARGE_HEADER && (l = cache_take(map_size)) != NULL) {
+    if (offset == LUM_LARGE_HEADER && (base = cache_take(&map_size, &origin, true)) != NULL) {
         fresh = false;
-        base = l->map_base;
-        map_size = l->map_size;
+        l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
+        header_init(l); /* a range cut from a cached one has none */
         usable = map_size - offset - TRAILER;
     } else {
         lum_dirty_limit_check(true);
+        make_room(map_size);
         base = map_for(map_size, offset, alignment);
         if (!base) return NULL;
+        origin = new_origin();
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l);
         lum_os_account(0, (int64_t)map_size); /* handed to the program: counted as touched */
@@ -159,7 +308,7 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     l->user = base + offset;
     l->sampled = sampled;
     l->cached = 0;
-    l->next = NULL;
+    l->origin = origin;
     if (zero && !fresh) memset(l->user, 0, size);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable);
     heap->tc.alloc_count++;
@@ -177,23 +326,6 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
 size_t lum_large_usable(const void *p)
 {
     return header_of(p)->usable;
-}
-
-static void large_unmap(struct lum_large *l)
-{
-#if LUM_HARDENED
-    lum_hardened_own((uintptr_t)l->map_base, false);
-#endif
-    lum_os_unmap(l->map_base, l->map_size, l->map_size);
-}
-
-static void large_unmap_list(struct lum_large *l)
-{
-    while (l) {
-        struct lum_large *next = l->next;
-        large_unmap(l);
-        l = next;
-    }
 }
 
 void lum_large_free(void *p)
@@ -221,61 +353,42 @@ void lum_large_free(void *p)
         heap->tc.free_bytes += l->usable;
     }
     lum_count_global(&lumalloc_registry.global.large_live_bytes, -(int64_t)l->usable);
-    if ((size_t)((uint8_t *)p - (uint8_t *)l->map_base) == LUM_LARGE_HEADER &&
-        l->map_size <= lum_opt.large_cache / 4) {
-        lum_lock(&lum_large_lock);
-        l->next = cache;
-        l->freed_ms = lum_now_ms();
-        l->cached = 1;
-        __atomic_store_n(&cache, l, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&lum_large_cached, l->map_size, __ATOMIC_RELAXED);
-        struct lum_large *evict = NULL;
-        if (lum_large_cached > lum_opt.large_cache) {
-            /* drop the oldest entries: walk to the point where the budget is met */
-            size_t kept = 0;
-            struct lum_large *q = cache;
-            while (q->next && kept + q->map_size + q->next->map_size <= lum_opt.large_cache) {
-                kept += q->map_size;
-                q = q->next;
-            }
-            evict = q->next;
-            q->next = NULL;
-            __atomic_store_n(&lum_large_cached, kept + q->map_size, __ATOMIC_RELAXED);
-        }
-        lum_unlock(&lum_large_lock);
-        large_unmap_list(evict);
-        lum_background_note_dirty();
-        return;
+    uint8_t *base = l->map_base;
+    size_t map_size = l->map_size;
+    if ((size_t)((uint8_t *)p - base) == LUM_LARGE_HEADER) {
+        l->cached = 1; /* stays while the range keeps its head: a second free is caught */
+        if (cache_put(base, map_size, l->origin)) return;
+        l->cached = 0;
     }
-    large_unmap(l);
+    unmap_range(base, map_size);
 }
 
 size_t lum_large_cache_purge(void)
 {
+    struct piece all[CACHE_SLOTS];
     lum_lock(&lum_large_lock);
-    struct lum_large *l = cache;
     size_t bytes = lum_large_cached;
-    __atomic_store_n(&cache, NULL, __ATOMIC_RELAXED);
-    __atomic_store_n(&lum_large_cached, 0, __ATOMIC_RELAXED);
+    unsigned n = evict_locked(0, all);
     lum_unlock(&lum_large_lock);
-    large_unmap_list(l);
+    unmap_pieces(all, n);
     return bytes;
 }
 
-/* Unmaps cached mappings that have waited longer than the decay time (newest are first). */
+/* Unmaps cached ranges that have waited longer than the decay time (oldest are first). */
 size_t lum_large_cache_decay(void)
 {
+    struct piece old[CACHE_SLOTS];
+    unsigned n = 0;
     uint64_t now = lum_now_ms();
-    lum_lock(&lum_large_lock);
-    struct lum_large **link = &cache;
-    while (*link && now - (*link)->freed_ms < lum_opt.decay_ms) link = &(*link)->next;
-    struct lum_large *old = *link;
-    __atomic_store_n(link, NULL, __ATOMIC_RELAXED);
     size_t bytes = 0;
-    for (struct lum_large *l = old; l; l = l->next) bytes += l->map_size;
-    __atomic_sub_fetch(&lum_large_cached, bytes, __ATOMIC_RELAXED);
+    lum_lock(&lum_large_lock);
+    while (npieces && now - pieces[0].freed_ms >= lum_opt.decay_ms) {
+        bytes += pieces[0].len;
+        old[n++] = pieces[0];
+        piece_remove(0);
+    }
     lum_unlock(&lum_large_lock);
-    large_unmap_list(old);
+    unmap_pieces(old, n);
     return bytes;
 }
 
@@ -303,7 +416,39 @@ void *lum_large_realloc(void *p, size_t size)
     struct lum_heap *heap = lum_tls_heap;
     struct lum_thread_counters_v1 *tc = heap != &lum_empty_heap ? &heap->tc : NULL;
     size_t old_usable = l->usable;
-    void *moved = mremap(base, l->map_size, map_size, 0);
+    uint64_t origin = l->origin;
+    uint8_t *copy_to = NULL;
+    void *moved = MAP_FAILED;
+    if (map_size < l->map_size && l->map_size - map_size >= PIECE_MIN &&
+        cache_put(base + map_size, l->map_size - map_size, l->origin)) {
+        /* the tail stays where it is, resident, for the next block to take */
+        l->map_size = map_size;
+        moved = base;
+    } else if (map_size > l->map_size) {
+        /* what follows may be cached: the tail this block left, or the rest of the range it
+         * was cut from; its pages serve without a syscall */
+        l->map_size += cache_take_next(base + l->map_size, map_size - l->map_size, l->origin);
+        if (l->map_size >= map_size) {
+            map_size = l->map_size;
+            usable = map_size - offset;
+            moved = base;
+        } else if (map_size - l->map_size >= l->map_size / 4) {
+            /* Copying into a cached range costs less than faulting in the growth: memcpy
+             * ~0.1 ns a byte here, a fault ~2.5 us a page (0.6 ns a byte), so from a quarter
+             * of the block on (the kernel cannot add the cached pages to the block's own:
+             * mremap will not resize a range across VMAs).  TCMalloc copies every time. */
+            size_t got = map_size;
+            if ((copy_to = cache_take(&got, &origin, false)) != NULL) {
+                map_size = got;
+                usable = map_size - offset;
+                moved = copy_to;
+            }
+        }
+    }
+    if (moved == MAP_FAILED) {
+        if (map_size > l->map_size) make_room(map_size - l->map_size);
+        moved = mremap(base, l->map_size, map_size, 0);
+    }
     if (moved == MAP_FAILED) {
         /* Reserve an aligned destination, then let the kernel move the page tables there. */
         void *dst = lum_os_map_aligned(map_size, LUM_SEGMENT_SIZE);
@@ -324,12 +469,27 @@ void *lum_large_realloc(void *p, size_t size)
         /* dst's reservation was replaced by the moved pages: undo its accounting, the delta
          * below covers the block */
         lum_os_account(-(int64_t)map_size, 0);
+        origin = new_origin();
     } else {
         if (l->sampled) {
             lum_on_sample_free(p, old_usable);
             l->sampled = 0;
         }
         lum_on_large_free(p, old_usable);
+    }
+    if (copy_to) {
+        struct lum_large *to = (struct lum_large *)(copy_to + LUM_HEADER_OFFSET);
+        header_init(to);
+        to->map_size = map_size; /* from the cache: resident already, nothing to account */
+        to->sampled = 0;
+        to->cached = 0;
+        memcpy(copy_to + offset, p, old_usable < usable ? old_usable : usable);
+        /* the old block goes to the cache as if freed (a free of p now is a double free);
+         * once there another thread may take it: l is not read again */
+        size_t old_map = l->map_size;
+        uint64_t old_origin = l->origin;
+        l->cached = 1;
+        if (!cache_put(base, old_map, old_origin)) unmap_range(base, old_map);
     }
     base = moved;
     l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
@@ -352,6 +512,7 @@ void *lum_large_realloc(void *p, size_t size)
     l->usable = usable;
     l->requested = size;
     l->user = base + offset;
+    l->origin = origin;
     if (tc) {
         lum_on_large_alloc(tc, l->user, size, usable);
         if (sample_new) {

@@ -65,7 +65,7 @@ static const char desc_large_threshold[] LUM_COLD_RODATA =
 static const char desc_large_warn[] LUM_COLD_RODATA =
     "warn once per call site, with its stack, at or above this size (off: never)";
 static const char desc_large_cache[] LUM_COLD_RODATA =
-    "bytes of freed large mappings kept for reuse";
+    "bytes of freed large blocks kept resident for reuse";
 static const char desc_fail_nth[] LUM_COLD_RODATA =
     "inject a failure into the N-th allocation of the process (off: never)";
 static const char desc_diag[] LUM_COLD_RODATA =

@@ -1,6 +1,8 @@
 /* The cache of freed large mappings never holds memory next to a fresh mapping it could have
  * been: a larger block grows a cached mapping (its pages serve again), and a new segment lets
- * the cache go (its memory can never become pages). */
+ * the cache go (its memory can never become pages).  What realloc cuts off a block serves the
+ * next one; a block grown by realloc moves into a cached range large enough; and the cache
+ * gives way before fresh memory would raise the resident total over live memory's peak. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,6 +15,7 @@
 #include "lumalloc_stats.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
+static void *(*volatile p_realloc)(void *, size_t) = realloc;
 static struct lum_stats s1, s2;
 
 static int setup(void **state)
@@ -72,11 +75,82 @@ static void a_new_segment_lets_the_cache_go(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+static void a_shrunk_tail_serves_the_next_block(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned char *a = p_malloc(4 << 20);
+    assert_non_null(a);
+    memset(a, 1, 4 << 20);
+    unsigned char *a2 = p_realloc(a, 512 << 10);
+    assert_ptr_equal(a2, a); /* shrunk in place */
+    lum_stats_snapshot(&s1);
+    unsigned char *b = p_malloc(3 << 20);
+    assert_non_null(b);
+    memset(b, 2, 3 << 20);
+    lum_stats_snapshot(&s2);
+    /* a fresh mapping would add 3 MiB and its header */
+    assert_true(s2.mapped < s1.mapped + (1 << 20));
+    for (size_t i = 0; i < 512 << 10; i += 4093) assert_int_equal(a2[i], 1);
+    free(b);
+    free(a2);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+static void growth_moves_into_a_cached_range(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned char *c = p_malloc(4 << 20);
+    unsigned char *a = p_malloc(1 << 20);
+    assert_non_null(c);
+    assert_non_null(a);
+    memset(c, 1, 4 << 20);
+    for (size_t i = 0; i < 1 << 20; i++) a[i] = (unsigned char)(i * 7);
+    free(c); /* into the cache */
+    lum_stats_snapshot(&s1);
+    unsigned char *b = p_realloc(a, 3 << 20);
+    assert_non_null(b);
+    memset(b + (1 << 20), 2, 2 << 20);
+    lum_stats_snapshot(&s2);
+    /* growing in place or moving would add 2 MiB of new memory */
+    assert_true(s2.mapped <= s1.mapped);
+    for (size_t i = 0; i < 1 << 20; i++) assert_int_equal(b[i], (unsigned char)(i * 7));
+    free(b);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+static void the_cache_gives_way_at_a_new_peak(void **state)
+{
+    (void)state;
+    lum_purge();
+    /* well over what the earlier tests had live: these make the peak */
+    unsigned char *a = p_malloc(10 << 20), *b = p_malloc(10 << 20);
+    assert_non_null(a);
+    assert_non_null(b);
+    memset(a, 1, 10 << 20);
+    memset(b, 2, 10 << 20);
+    free(a); /* cached: 10 MiB, nothing as large as b grown next */
+    lum_stats_snapshot(&s1);
+    unsigned char *c = p_realloc(b, 30 << 20);
+    assert_non_null(c);
+    lum_stats_snapshot(&s2);
+    /* 20 MiB of new memory; the cached 10 MiB gave way but for the floor (2 MiB) */
+    assert_true(s2.resident <= s1.resident + (12 << 20) + 4096);
+    assert_true(s2.resident >= s1.resident + (8 << 20));
+    for (size_t i = 0; i < 10 << 20; i += 4093) assert_int_equal(c[i], 2);
+    free(c);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(a_larger_block_grows_a_cached_mapping),
         cmocka_unit_test(a_new_segment_lets_the_cache_go),
+        cmocka_unit_test(a_shrunk_tail_serves_the_next_block),
+        cmocka_unit_test(growth_moves_into_a_cached_range),
+        cmocka_unit_test(the_cache_gives_way_at_a_new_peak),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
