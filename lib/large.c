@@ -111,14 +111,20 @@ static size_t live_high;
 /* Before fresh memory is handed out: cached ranges may keep the resident total up to what
  * live memory alone has reached (and LUM_DIRTY_FLOOR over it), no further.  So reuse never
  * raises the peak: bench large peaked with 50 MiB cached as its live blocks reached 354 MiB,
- * where the next fresh blocks would have served from ranges freed on the way there. */
-static void make_room(size_t fresh)
+ * where the next fresh blocks would have served from ranges freed on the way there.  leaving:
+ * live bytes about to be cached (a block realloc copies out of), resident meanwhile but no
+ * part of the live memory's mark. */
+static void make_room(size_t fresh, size_t leaving)
 {
     size_t cached = __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED);
     uint64_t resident = __atomic_load_n(&lumalloc_registry.global.resident_bytes, __ATOMIC_RELAXED);
     size_t live = resident > cached ? (size_t)(resident - cached) : 0;
     size_t after = live + fresh, high = __atomic_load_n(&live_high, __ATOMIC_RELAXED);
-    if (after > high) __atomic_store_n(&live_high, high = after, __ATOMIC_RELAXED);
+    if (after - leaving > high) __atomic_store_n(&live_high, high = after - leaving, __ATOMIC_RELAXED);
+    if (after > high + LUM_DIRTY_FLOOR) {
+        cache_trim(0);
+        return;
+    }
     if (cached > high + LUM_DIRTY_FLOOR - after) cache_trim(high + LUM_DIRTY_FLOOR - after);
 }
 
@@ -150,8 +156,9 @@ static uint8_t *move_range(uint8_t *src, size_t len, size_t map_size)
  * unmapped unless they add up to a block as large, which they may serve next: a program whose
  * buffers only grow would hold them next to the new memory until decay, where glibc's heap
  * serves the larger block from the freed memory (bench python, PYTHONMALLOC=malloc: its
- * 344 KiB buffers, then 1.1 MiB ones).  Without may_grow, only a range as large will do. */
-static uint8_t *cache_take(size_t *map_size, uint64_t *origin, bool may_grow)
+ * 344 KiB buffers, then 1.1 MiB ones).  Only a range of grow_from bytes or more is grown;
+ * leaving as for make_room. */
+static uint8_t *cache_take(size_t *map_size, uint64_t *origin, size_t grow_from, size_t leaving)
 {
     if (!__atomic_load_n(&npieces, __ATOMIC_RELAXED)) return NULL; /* peek: the lock decides */
     size_t want = *map_size;
@@ -188,7 +195,7 @@ static uint8_t *cache_take(size_t *map_size, uint64_t *origin, bool may_grow)
         } else {
             piece_remove((unsigned)(p - pieces));
         }
-    } else if (may_grow) {
+    } else if (largest >= 0 && pieces[largest].len >= grow_from) {
         got = pieces[largest];
         how = GROW;
         piece_remove((unsigned)largest);
@@ -202,7 +209,7 @@ static uint8_t *cache_take(size_t *map_size, uint64_t *origin, bool may_grow)
         *origin = got.origin;
         return got.addr;
     }
-    if (how == GROW) make_room(want - got.len);
+    if (how == GROW) make_room(want - got.len, leaving);
     if (how == GROW && seg_aligned(got.addr) && mremap(got.addr, got.len, want, 0) != MAP_FAILED) {
         lum_os_account((int64_t)(want - got.len), (int64_t)(want - got.len));
         *origin = got.origin;
@@ -278,14 +285,14 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     uint8_t *base = NULL;
     uint64_t origin = 0;
     bool fresh = true;
-    if (offset == LUM_LARGE_HEADER && (base = cache_take(&map_size, &origin, true)) != NULL) {
+    if (offset == LUM_LARGE_HEADER && (base = cache_take(&map_size, &origin, 0, 0)) != NULL) {
         fresh = false;
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l); /* a range cut from a cached one has none */
         usable = map_size - offset - TRAILER;
     } else {
         lum_dirty_limit_check(true);
-        make_room(map_size);
+        make_room(map_size, 0);
         base = map_for(map_size, offset, alignment);
         if (!base) return NULL;
         origin = new_origin();
@@ -436,9 +443,11 @@ void *lum_large_realloc(void *p, size_t size)
             /* Copying into a cached range costs less than faulting in the growth: memcpy
              * ~0.1 ns a byte here, a fault ~2.5 us a page (0.6 ns a byte), so from a quarter
              * of the block on (the kernel cannot add the cached pages to the block's own:
-             * mremap will not resize a range across VMAs).  TCMalloc copies every time. */
+             * mremap will not resize a range across VMAs).  TCMalloc copies every time.  A
+             * range smaller than the new size still pays when it is a quarter larger than
+             * the block: it is grown, and only the rest is new. */
             size_t got = map_size;
-            if ((copy_to = cache_take(&got, &origin, false)) != NULL) {
+            if ((copy_to = cache_take(&got, &origin, l->map_size + l->map_size / 4, l->map_size)) != NULL) {
                 map_size = got;
                 usable = map_size - offset;
                 moved = copy_to;
@@ -446,7 +455,7 @@ void *lum_large_realloc(void *p, size_t size)
         }
     }
     if (moved == MAP_FAILED) {
-        if (map_size > l->map_size) make_room(map_size - l->map_size);
+        if (map_size > l->map_size) make_room(map_size - l->map_size, 0);
         moved = mremap(base, l->map_size, map_size, 0);
     }
     if (moved == MAP_FAILED) {
