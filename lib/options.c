@@ -21,7 +21,7 @@ void lum_heap_force_slow(void) __attribute__((weak));
 
 struct lum_options lum_opt = {
     .sample_interval = 512 * 1024, .prof_depth = 32, .prof = true,
-    .large_threshold = 256 * 1024, .large_cache = 64u << 20,
+    .large_threshold = 256 * 1024, .large_cache = 128u << 20,
     .diag = LUM_DIAG_CRITICAL, .decay_ms = 1000, .purge_mode = LUM_PURGE_DONTNEED, .psi = true,
     .unwind_files = true,
 };
@@ -104,7 +104,7 @@ static const struct opt table[] = {
      (uint64_t)1 << 40, false, NULL, desc_large_threshold},
     {"large_warn", "LUMALLOC_LARGE_WARN", T_SIZE, F(large_warn), "off", 0, true, NULL,
      desc_large_warn},
-    {"large_cache", "LUMALLOC_LARGE_CACHE", T_SIZE, F(large_cache), "64m", 0, true, NULL,
+    {"large_cache", "LUMALLOC_LARGE_CACHE", T_SIZE, F(large_cache), "128m", 0, true, NULL,
      desc_large_cache},
     {"fail_nth", "LUMALLOC_FAIL_NTH", T_UINT, F(fail_nth), "off", 0, true, NULL,
      desc_fail_nth},

@@ -138,7 +138,7 @@ static void test_bad_value_reported_once_default_kept(void **state)
         {"LUMALLOC_PROF_SIGNAL", "SIGNOPE", "prof_signal", "off"},
         {"LUMALLOC_LARGE_THRESHOLD", "big", "large_threshold", "256k"},
         {"LUMALLOC_LARGE_WARN", "1x", "large_warn", "off"},
-        {"LUMALLOC_LARGE_CACHE", "k", "large_cache", "64m"},
+        {"LUMALLOC_LARGE_CACHE", "k", "large_cache", "128m"},
         {"LUMALLOC_FAIL_NTH", "third", "fail_nth", "off"},
         {"LUMALLOC_DIAG", "some", "diag", "critical"},
         {"LUMALLOC_ABORT_ON_FAILURE", "2", "abort_on_failure", "off"},
