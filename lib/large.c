@@ -144,7 +144,6 @@ static uint8_t *move_range(uint8_t *src, size_t len, size_t map_size)
     /* dst's reservation became the block: its cached pages plus new memory handed out */
     lum_os_account(-(int64_t)map_size, 0);
     lum_os_account((int64_t)(map_size - len), (int64_t)(map_size - len));
-    lum_os_name(dst, map_size, "lumalloc-large");
     return dst;
 }
 
