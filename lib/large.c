@@ -502,6 +502,10 @@ void *lum_large_realloc(void *p, size_t size)
     base = moved;
     l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
     int64_t delta = (int64_t)map_size - (int64_t)l->map_size;
+    /* A block grows when it is full, so its new part will be written too: faulted in by one
+     * call it costs ~2.3 us a page, one fault at a time ~3.0 (this VM).  realloc_grow 1g 1m:
+     * sys 0.74 -> 0.57 s; bench large 0.34 -> 0.29 s. */
+    if (delta >= (int64_t)PIECE_MIN && !copy_to) lum_os_populate(base + l->map_size, (size_t)delta);
     lum_os_account(delta, delta);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable - (int64_t)old_usable);
     /* For the profiler a realloc is a free and an allocation: the new block is sampled (or
