@@ -93,7 +93,11 @@ void lum_os_populate(void *p, size_t size)
 {
     static int unsupported;
     if (unsupported) return;
+    /* a hint: its failure (ENOMEM in a cgroup at its limit) leaves the pages to fault as they
+     * would have, and the successful realloc the caller's errno */
+    int saved = errno;
     if (madvise(p, size, MADV_POPULATE_WRITE) != 0 && errno == EINVAL) unsupported = 1;
+    errno = saved;
 }
 
 #ifndef MADV_GUARD_INSTALL
