@@ -22,7 +22,6 @@ static inline uint64_t lum_rand64(uint64_t *state)
 #define LUM_ZIG_N 256
 extern const uint64_t lum_zig_k[LUM_ZIG_N];
 extern const double lum_zig_w[LUM_ZIG_N];
-extern const double lum_zig_f[LUM_ZIG_N];
 double lum_exp_variate_slow(uint64_t *rng, uint64_t r);
 static inline double lum_exp_variate(uint64_t *rng)
 {
