@@ -895,8 +895,9 @@ static inline __attribute__((always_inline)) void record_sample(struct lum_heap 
 
 /* A sampled block of class cls for this allocation when the next sample point falls inside
  * it; NULL when it does not, or when there is no memory for a sampled page (an unsampled block
- * beats a failure). */
-static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls)
+ * beats a failure).  Out of line, in the warm text (lib/CMakeLists.txt): only aligned requests
+ * and the large-warning option take it, lum_malloc_sample the rest. */
+static LUM_NOINLINE void *sample_alloc(struct lum_heap *heap, size_t size, unsigned cls)
 {
     unsigned scls = lum_sampled_class(cls);
     if (!take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
@@ -904,6 +905,19 @@ static inline __attribute__((always_inline)) void *sample_alloc(struct lum_heap 
     void *p = lum_sampled_alloc(heap, scls, &rec);
     if (p) record_sample(heap, p, size, cls, rec);
     return p;
+}
+
+/* lum_sample_locked under lum_sampled_lock, out of line for lum_malloc_sample's branch that
+ * had to make (or take a spare) sampled page, one sample in many: inlined a second time there,
+ * it made the hot text ~0.8 KiB longer, resident in every program (lib/CMakeLists.txt). */
+static LUM_NOINLINE bool sample_locked_out(struct lum_thread_counters_v1 *tc, const uintptr_t *at, size_t size,
+                                           size_t usable, double f, struct lum_sample_rec *rec,
+                                           struct lum_sample_rest *rest)
+{
+    lum_lock(&lum_sampled_lock);
+    bool done = lum_sample_locked(tc, at, size, usable, f, rec, rest);
+    lum_unlock(&lum_sampled_lock);
+    return done;
 }
 
 /* malloc's fast path found the next sample point inside this allocation's block: the common
@@ -944,10 +958,7 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
         lum_sampled_count(heap, page);
         if (LUM_LIKELY(done)) return p;
     } else if ((p = lum_sampled_alloc(heap, scls, &rec)) != NULL) {
-        lum_lock(&lum_sampled_lock);
-        bool done = lum_sample_locked(&heap->tc, fp, size, usable, f, rec, &rest);
-        lum_unlock(&lum_sampled_lock);
-        if (done) return p;
+        if (sample_locked_out(&heap->tc, fp, size, usable, f, rec, &rest)) return p;
     } else {
         return lum_malloc_slow(size, 0);
     }
