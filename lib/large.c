@@ -398,11 +398,6 @@ size_t lum_large_cache_decay(void)
     return bytes;
 }
 
-size_t lum_large_cache_bytes(void)
-{
-    return __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED);
-}
-
 /* Grows or shrinks a large block in place or by moving its pages; NULL means "copy instead". */
 void *lum_large_realloc(void *p, size_t size)
 {
