@@ -9,7 +9,8 @@
 #    copied with the standard names (malloc, free, ...) made local, and programs written against
 #    the lum_* API are linked with that copy: lumalloc's code runs instrumented, and every
 #    cross-thread hand-off of a block must be ordered by the allocator's own synchronisation.  The
-#    programs: tests/test_stress.c, and a first use of the allocator from two threads at once.
+#    programs: tests/test_stress.c, tests/test_large_ranges.c, and a first use of the allocator
+#    from two threads at once.
 #    Sampling is off there (LUMALLOC_SAMPLE_INTERVAL=0): libunwind's per-thread cache destructor
 #    crashes under TSan at thread exit, which is not the allocator's doing.  Any race report fails
 #    the test (TSAN_OPTIONS=halt_on_error=0 so that one run lists every race, one line per distinct
@@ -54,7 +55,7 @@ run_test() { # label, timeout, command...   (a failure is reported and counted, 
 }
 
 # ---- UBSan ----
-ubsan_tests="test_threads test_api_edges test_stats test_stress test_oom test_failure_sweep"
+ubsan_tests="test_threads test_api_edges test_stats test_stress test_oom test_failure_sweep test_large_ranges"
 configure undefined
 make -C "$build/sanitize-undefined" -j"$jobs" $ubsan_tests > "$build/sanitize-undefined.build.log" 2>&1 \
   || { grep -E "error|Error" "$build/sanitize-undefined.build.log" | head -20; fail "UBSan build"; }
@@ -104,9 +105,11 @@ int main(void)
 C
 tsan_cc "$dir/test_stress_tsan" "$src/tests/test_stress.c"
 tsan_cc "$dir/first_use_tsan" "$dir/first_use.c"
+tsan_cc "$dir/test_large_ranges_tsan" "$src/tests/test_large_ranges.c"
 export LUMALLOC_SAMPLE_INTERVAL=0
 # halt_on_error=0: every race of the run is listed (the exit status is still 66 after a report)
 TSAN_OPTIONS=halt_on_error=0:second_deadlock_stack=1 run_test "TSan test_stress" 300 "$dir/test_stress_tsan"
+TSAN_OPTIONS=halt_on_error=0 run_test "TSan test_large_ranges" 300 "$dir/test_large_ranges_tsan"
 for i in 1 2 3; do
   TSAN_OPTIONS=halt_on_error=0 run_test "TSan first use from two threads ($i)" 60 "$dir/first_use_tsan"
 done
