@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -359,6 +360,47 @@ static void failures_under_an_address_space_limit_leave_it_consistent(void **sta
     assert_back_at(&base, "after the limited load and lum_purge");
 }
 
+/* ---- calloc ---- */
+
+/* Pages of [p, p + len) that are resident (len a multiple of 4 KiB, p page-aligned). */
+static size_t resident_pages(const void *p, size_t len)
+{
+    static unsigned char vec[(64 << 20) / 4096];
+    size_t n = len / 4096, count = 0;
+    assert_true(n <= sizeof vec);
+    assert_int_equal(mincore((void *)p, len, vec), 0);
+    for (size_t i = 0; i < n; i++) count += vec[i] & 1;
+    return count;
+}
+
+/* A calloc served by growing a smaller cached range (nothing cached fits): the range's pages
+ * were written and are zeroed, the part grown on is new memory, zero already, and stays
+ * untouched: a calloc'ed block is not necessarily written whole. */
+static void calloc_zeroes_the_reused_part_only(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned char *a = lum_malloc(1 << 20);
+    assert_non_null(a);
+    memset(a, 0xa5, 1 << 20);
+    lum_free(a); /* cached, dirty */
+    unsigned char *c = lum_calloc(1, 32 << 20);
+    assert_non_null(c);
+    for (size_t i = 0; i < (size_t)32 << 20; i += 512) assert_int_equal(c[i], 0);
+    lum_free(c);
+    lum_purge();
+    c = lum_malloc(1 << 20);
+    assert_non_null(c);
+    memset(c, 0xa5, 1 << 20);
+    lum_free(c);
+    c = lum_calloc(1, 32 << 20);
+    assert_non_null(c);
+    /* the reused MiB (and a page or two around it), not the 31 MiB grown on */
+    assert_true(resident_pages(c, 32 << 20) <= 258);
+    assert_true(c[(32 << 20) - 1] == 0 && c[(1 << 20) - 4096] == 0);
+    lum_free(c);
+}
+
 /* ---- double frees of large blocks whose ranges the cache cut up (harden on) ---- */
 
 /* Runs fn in a child with stderr captured; returns the signal that ended it (0 if none). */
@@ -460,6 +502,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(randomized_load_returns_to_baseline),
         cmocka_unit_test(failures_under_an_address_space_limit_leave_it_consistent),
+        cmocka_unit_test(calloc_zeroes_the_reused_part_only),
         cmocka_unit_test(double_free_after_shrink_is_caught),
         cmocka_unit_test(double_free_after_growth_copied_is_caught),
         cmocka_unit_test(double_free_inside_a_cut_range_is_caught),
