@@ -148,8 +148,8 @@ static uint8_t *move_range(uint8_t *src, size_t len, size_t map_size)
 }
 
 /* A mapping for a large block of *map_size bytes from the cache, NULL when it has none; sets
- * *map_size to what the block really gets (a rest too small to keep comes with it) and
- * *origin.  Best fit: a range that starts 4 MiB-aligned serves in place from its head (no
+ * *map_size to what the block really gets (a rest too small to keep comes with it), *origin,
+ * and *reused to how many bytes from its start were cached (the rest is new memory, zero).  Best fit: a range that starts 4 MiB-aligned serves in place from its head (no
  * syscall), any other is moved to an aligned address (mremap moves page tables, not bytes).
  * When none is large enough, the largest is grown (mremap keeps its pages); the rest are
  * unmapped unless they add up to a block as large, which they may serve next: a program whose
@@ -157,7 +157,8 @@ static uint8_t *move_range(uint8_t *src, size_t len, size_t map_size)
  * serves the larger block from the freed memory (bench python, PYTHONMALLOC=malloc: its
  * 344 KiB buffers, then 1.1 MiB ones).  Only a range of grow_from bytes or more is grown;
  * leaving as for make_room. */
-static uint8_t *cache_take(size_t *map_size, uint64_t *origin, size_t grow_from, size_t leaving)
+static uint8_t *cache_take(size_t *map_size, uint64_t *origin, size_t *reused, size_t grow_from,
+                           size_t leaving)
 {
     if (!__atomic_load_n(&npieces, __ATOMIC_RELAXED)) return NULL; /* peek: the lock decides */
     size_t want = *map_size;
@@ -203,6 +204,7 @@ static uint8_t *cache_take(size_t *map_size, uint64_t *origin, size_t grow_from,
     lum_unlock(&lum_large_lock);
     unmap_pieces(evict, n);
     if (!got.addr) return NULL;
+    *reused = got.len;
     if (how == IN_PLACE) {
         *map_size = got.len;
         *origin = got.origin;
@@ -283,9 +285,8 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     struct lum_large *l = NULL;
     uint8_t *base = NULL;
     uint64_t origin = 0;
-    bool fresh = true;
-    if (offset == LUM_LARGE_HEADER && (base = cache_take(&map_size, &origin, 0, 0)) != NULL) {
-        fresh = false;
+    size_t reused = 0; /* bytes from base that held data: calloc zeroes their part */
+    if (offset == LUM_LARGE_HEADER && (base = cache_take(&map_size, &origin, &reused, 0, 0)) != NULL) {
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l); /* a range cut from a cached one has none */
         usable = map_size - offset - TRAILER;
@@ -315,7 +316,9 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     l->sampled = sampled;
     l->cached = 0;
     l->origin = origin;
-    if (zero && !fresh) memset(l->user, 0, size);
+    /* only what was cached: a range grown to size has new memory after it, zero already and
+     * not necessarily ever written (a memset of it would fault it all in) */
+    if (zero && reused > offset) memset(l->user, 0, size < reused - offset ? size : reused - offset);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable);
     heap->tc.alloc_count++;
     heap->tc.alloc_bytes += usable;
@@ -440,8 +443,8 @@ void *lum_large_realloc(void *p, size_t size)
              * mremap will not resize a range across VMAs).  TCMalloc copies every time.  A
              * range smaller than the new size still pays when it is a quarter larger than
              * the block: it is grown, and only the rest is new. */
-            size_t got = map_size;
-            if ((copy_to = cache_take(&got, &origin, l->map_size + l->map_size / 4, l->map_size)) != NULL) {
+            size_t got = map_size, reused;
+            if ((copy_to = cache_take(&got, &origin, &reused, l->map_size + l->map_size / 4, l->map_size)) != NULL) {
                 map_size = got;
                 usable = map_size - offset;
                 moved = copy_to;
