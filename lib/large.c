@@ -120,7 +120,12 @@ static void make_room(size_t fresh, size_t leaving)
     uint64_t resident = __atomic_load_n(&lumalloc_registry.global.resident_bytes, __ATOMIC_RELAXED);
     size_t live = resident > cached ? (size_t)(resident - cached) : 0;
     size_t after = live + fresh, high = __atomic_load_n(&live_high, __ATOMIC_RELAXED);
-    if (after - leaving > high) __atomic_store_n(&live_high, high = after - leaving, __ATOMIC_RELAXED);
+    /* live is read from two figures other threads move meanwhile: a range taken out of the
+     * cache and unmapped between the two loads makes it short by that range, and after less
+     * than leaving; unchecked, the mark wrapped to ~2^64 and high + LUM_DIRTY_FLOOR below
+     * back to a few MiB, so that every later make_room emptied the cache */
+    size_t mark = after > leaving ? after - leaving : 0;
+    if (mark > high) __atomic_store_n(&live_high, high = mark, __ATOMIC_RELAXED);
     if (after > high + LUM_DIRTY_FLOOR) {
         cache_trim(0);
         return;
