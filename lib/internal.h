@@ -368,6 +368,7 @@ void lum_os_unmap(void *p, size_t size, size_t resident);
 void lum_os_account(int64_t mapped, int64_t resident);
 void lum_os_name(void *p, size_t size, const char *name);
 void lum_os_populate(void *p, size_t size);
+void *lum_os_remap(void *old, size_t old_size, size_t new_size, int flags, void *new_addr);
 uint64_t lum_now_ms(void);
 void lum_write_err(const char *msg);
 void lum_os_guard(void *p, size_t size);

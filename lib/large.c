@@ -138,7 +138,7 @@ static void make_room(size_t fresh, size_t leaving)
 static uint8_t *move_range(uint8_t *src, size_t len, size_t map_size)
 {
     uint8_t *dst = lum_os_map_aligned(map_size, LUM_SEGMENT_SIZE);
-    if (dst && mremap(src, len, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst) == MAP_FAILED) {
+    if (dst && lum_os_remap(src, len, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst) == MAP_FAILED) {
         lum_os_unmap(dst, map_size, 0);
         dst = NULL;
     }
@@ -216,7 +216,7 @@ static uint8_t *cache_take(size_t *map_size, uint64_t *origin, size_t *reused, s
         return got.addr;
     }
     if (how == GROW) make_room(want - got.len, leaving);
-    if (how == GROW && seg_aligned(got.addr) && mremap(got.addr, got.len, want, 0) != MAP_FAILED) {
+    if (how == GROW && seg_aligned(got.addr) && lum_os_remap(got.addr, got.len, want, 0, NULL) != MAP_FAILED) {
         lum_os_account((int64_t)(want - got.len), (int64_t)(want - got.len));
         *origin = got.origin;
         return got.addr;
@@ -458,7 +458,7 @@ void *lum_large_realloc(void *p, size_t size)
     }
     if (moved == MAP_FAILED) {
         if (map_size > l->map_size) make_room(map_size - l->map_size, 0);
-        moved = mremap(base, l->map_size, map_size, 0);
+        moved = lum_os_remap(base, l->map_size, map_size, 0, NULL);
     }
     if (moved == MAP_FAILED) {
         /* Reserve an aligned destination, then let the kernel move the page tables there. */
@@ -471,7 +471,7 @@ void *lum_large_realloc(void *p, size_t size)
             l->sampled = 0;
         }
         lum_on_large_free(p, old_usable);
-        moved = mremap(base, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+        moved = lum_os_remap(base, l->map_size, map_size, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
         if (moved == MAP_FAILED) {
             lum_os_unmap(dst, map_size, 0);
             if (tc) lum_on_large_alloc(tc, p, l->requested, old_usable); /* still here after all */

@@ -83,6 +83,29 @@ void lum_os_name(void *p, size_t size, const char *name)
         unsupported = 1;
 }
 
+#if defined(__SANITIZE_THREAD__)
+void __tsan_acquire(void *addr);
+void __tsan_release(void *addr);
+static char remap_order;
+#endif
+
+/* mremap, in an order ThreadSanitizer can see: it does not intercept mremap, so the shadow of
+ * a range moved away keeps the accesses made there, and the block that later grows over the
+ * address in place (or is cut from such a block) looks as if it raced with them.  The kernel
+ * orders the calls (mmap_lock); each one here releases what its thread did before and
+ * acquires what the calls before it released.  Nothing is emitted outside TSan builds. */
+void *lum_os_remap(void *old, size_t old_size, size_t new_size, int flags, void *new_addr)
+{
+#if defined(__SANITIZE_THREAD__)
+    __tsan_release(&remap_order);
+#endif
+    void *p = mremap(old, old_size, new_size, flags, new_addr);
+#if defined(__SANITIZE_THREAD__)
+    __tsan_acquire(&remap_order);
+#endif
+    return p;
+}
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
