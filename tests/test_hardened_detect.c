@@ -12,37 +12,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include "test_support.h"
 #include "lumalloc.h"
 #include "lumalloc_options.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
 static void (*volatile p_free)(void *) = free;
-
-/* Runs fn in a child with stderr captured; returns the signal that ended it (0 if none). */
-static int run_child(void (*fn)(void), char *err, size_t errlen)
-{
-    int pipefd[2];
-    assert_int_equal(pipe(pipefd), 0);
-    pid_t pid = fork();
-    if (pid == 0) {
-        /* cmocka catches SIGSEGV/SIGABRT to report them: the child must die of them instead */
-        signal(SIGSEGV, SIG_DFL);
-        signal(SIGABRT, SIG_DFL);
-        dup2(pipefd[1], 2);
-        close(pipefd[0]);
-        fn();
-        _exit(0);
-    }
-    close(pipefd[1]);
-    size_t n = 0;
-    ssize_t r;
-    while (n < errlen - 1 && (r = read(pipefd[0], err + n, errlen - 1 - n)) > 0) n += (size_t)r;
-    err[n] = 0;
-    close(pipefd[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
-}
 
 static char *victim;
 

@@ -31,20 +31,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include "test_support.h"
 #include "lumalloc.h"
 #include "lumalloc_options.h"
 #include "lumalloc_stats.h"
 
-#if defined(__SANITIZE_THREAD__)
-#define UNDER_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define UNDER_TSAN 1
-#endif
-#endif
-#ifndef UNDER_TSAN
-#define UNDER_TSAN 0
-#endif
 
 extern size_t lum_large_cached; /* lib/large.c: bytes of freed ranges held */
 
@@ -96,15 +87,6 @@ static void error(const char *fmt, ...)
         pthread_mutex_unlock(&err_lock);
         va_end(ap);
     }
-}
-
-static uint64_t xorshift(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *s = x;
 }
 
 static uint64_t stamp(uint64_t tag, size_t page) { return tag * 0x9e3779b97f4a7c15ULL ^ page; }
@@ -403,38 +385,22 @@ static void calloc_zeroes_the_reused_part_only(void **state)
 
 /* ---- double frees of large blocks whose ranges the cache cut up (harden on) ---- */
 
-/* Runs fn in a child with stderr captured; returns the signal that ended it (0 if none). */
-static int run_child(void (*fn)(void), char *err, size_t errlen)
+/* The double free to catch, run by hardened() in a child. */
+static void (*harden_target)(void);
+
+static void hardened(void)
 {
-    int pipefd[2];
-    assert_int_equal(pipe(pipefd), 0);
-    pid_t pid = fork();
-    if (pid == 0) {
-        /* cmocka catches SIGABRT to report it: the child must die of it instead */
-        signal(SIGABRT, SIG_DFL);
-        dup2(pipefd[1], 2);
-        close(pipefd[0]);
-        lum_purge(); /* nothing cached: the ranges below are the only ones */
-        if (lum_options_set("harden", "1") != 0) _exit(3);
-        fn();
-        _exit(0);
-    }
-    close(pipefd[1]);
-    size_t n = 0;
-    ssize_t r;
-    while (n < errlen - 1 && (r = read(pipefd[0], err + n, errlen - 1 - n)) > 0) n += (size_t)r;
-    err[n] = 0;
-    close(pipefd[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    return WIFSIGNALED(status) ? WTERMSIG(status) : -WEXITSTATUS(status);
+    lum_purge(); /* nothing cached: the ranges below are the only ones */
+    if (lum_options_set("harden", "1") != 0) _exit(3);
+    harden_target();
 }
 
 static void expect_double_free(void (*fn)(void))
 {
     if (UNDER_TSAN) skip(); /* fork of a threaded TSan process: not this test's business */
     char err[1024];
-    int got = run_child(fn, err, sizeof err);
+    harden_target = fn;
+    int got = run_child(hardened, err, sizeof err);
     printf("# signal %d: %s", got, err[0] ? err : "(nothing)\n");
     assert_int_equal(got, SIGABRT);
     assert_non_null(strstr(err, "double free of a large block"));

@@ -1,0 +1,58 @@
+/* What several unit tests share: whether they run under ThreadSanitizer, a cheap random
+ * sequence, and a child process whose stderr is read back.  Include after cmocka.h. */
+#ifndef LUM_TEST_SUPPORT_H
+#define LUM_TEST_SUPPORT_H
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#if defined(__SANITIZE_THREAD__)
+#define UNDER_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define UNDER_TSAN 1
+#endif
+#endif
+#ifndef UNDER_TSAN
+#define UNDER_TSAN 0
+#endif
+
+static inline uint64_t xorshift(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+/* Runs fn in a child with its stderr captured into err; returns the signal that ended it, or
+ * minus its exit status. */
+static inline int run_child(void (*fn)(void), char *err, size_t errlen)
+{
+    int pipefd[2];
+    assert_int_equal(pipe(pipefd), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* cmocka catches SIGSEGV/SIGABRT to report them: the child must die of them instead */
+        signal(SIGSEGV, SIG_DFL);
+        signal(SIGABRT, SIG_DFL);
+        dup2(pipefd[1], 2);
+        close(pipefd[0]);
+        fn();
+        _exit(0);
+    }
+    close(pipefd[1]);
+    size_t n = 0;
+    ssize_t r;
+    while (n < errlen - 1 && (r = read(pipefd[0], err + n, errlen - 1 - n)) > 0) n += (size_t)r;
+    err[n] = 0;
+    close(pipefd[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) ? WTERMSIG(status) : -WEXITSTATUS(status);
+}
+#endif
