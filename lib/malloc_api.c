@@ -64,7 +64,7 @@ static inline void free_fast(void *p)
 {
     struct lum_page *page = lum_page_of(p);
     struct lum_heap *heap = lum_tls_heap;
-    if (LUM_LIKELY(lum_page_fast(page) == heap)) {
+    if (LUM_LIKELY(lum_page_fast_is(page, heap))) {
         heap->tc.free_count++;
         heap->tc.free_bytes += page->block_size;
 #if !LUM_HARDENED /* the cache's links are plain: hardened builds keep every free on its page */
