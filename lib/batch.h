@@ -8,7 +8,7 @@
 
 /* Records waiting in the buffer.  Written under lum_prof_lock; read without it only as a hint
  * (is there anything to flush?). */
-extern uint32_t lum_batch_count;
+extern LUM_HIDDEN uint32_t lum_batch_count;
 
 /* Under lum_prof_lock.  Each returns true when the caller must call lum_batch_start_flusher()
  * once it has dropped the lock (the flusher thread is not running yet). */
@@ -33,6 +33,6 @@ static inline void lum_batch_before_probe(void)
 /* For unit tests: called with each batch as it is published (under lum_prof_lock), and a way
  * to keep the flusher thread from starting so that the other flushes can be told apart. */
 extern void (*lum_batch_test_hook)(const void *buf, uint64_t bytes, uint32_t nrecords);
-extern bool lum_batch_test_no_flusher;
+extern LUM_HIDDEN bool lum_batch_test_no_flusher;
 
 #endif

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <pthread.h>
 #include "cold_text.h"
+#include "hidden.h"
 #include "lock.h"
 #include "lumalloc_probes.h"
 #include "observe.h"
@@ -229,19 +230,19 @@ struct lum_heap {
     struct lum_page *empty_big;
 };
 
-extern struct lum_page lum_empty_page;
-extern struct lum_page lum_large_sentinel;
-extern struct lum_page lum_invalid_sentinel;
-extern struct lum_heap lum_empty_heap;
+extern LUM_HIDDEN struct lum_page lum_empty_page;
+extern LUM_HIDDEN struct lum_page lum_large_sentinel;
+extern LUM_HIDDEN struct lum_page lum_invalid_sentinel;
+extern LUM_HIDDEN struct lum_heap lum_empty_heap;
 extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec")));
 
 /* ---- size classes (size_class.c) ---- */
-extern const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
-extern const uint8_t lum_medium_class[LUM_MEDIUM_TABLE_MAX / LUM_MEDIUM_STEP + 1];
-extern const uint8_t lum_big_class[LUM_SMALL_MAX / LUM_BIG_STEP + 1];
-extern const uint32_t lum_class_size[LUM_CLASSES];
-extern const uint8_t lum_class_slices[LUM_CLASSES];
-extern const uint8_t lum_cache_max[LUM_CLASSES];
+extern LUM_HIDDEN const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
+extern LUM_HIDDEN const uint8_t lum_medium_class[LUM_MEDIUM_TABLE_MAX / LUM_MEDIUM_STEP + 1];
+extern LUM_HIDDEN const uint8_t lum_big_class[LUM_SMALL_MAX / LUM_BIG_STEP + 1];
+extern LUM_HIDDEN const uint32_t lum_class_size[LUM_CLASSES];
+extern LUM_HIDDEN const uint8_t lum_class_slices[LUM_CLASSES];
+extern LUM_HIDDEN const uint8_t lum_cache_max[LUM_CLASSES];
 
 static inline unsigned lum_size_class(size_t size)
 {
@@ -396,7 +397,7 @@ void *lum_meta_alloc(size_t size);
 void lum_meta_free(void *p, size_t size);
 
 /* ---- segment.c (global lock: lum_segment_lock) ---- */
-extern lum_lock_t lum_segment_lock;
+extern LUM_HIDDEN lum_lock_t lum_segment_lock;
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind);
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
@@ -417,22 +418,22 @@ struct lum_heap *lum_heap_get(void);
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b);
 void lum_heap_cache_flush(struct lum_heap *heap);
 void lum_global_init(void);
-extern _Atomic int lum_initialized;
-extern size_t lum_fast_limit;
+extern LUM_HIDDEN _Atomic int lum_initialized;
+extern LUM_HIDDEN size_t lum_fast_limit;
 /* Set once at initialisation while other threads may already allocate: relaxed (a plain load). */
 static inline size_t lum_fast_limit_get(void) { return __atomic_load_n(&lum_fast_limit, __ATOMIC_RELAXED); }
 void lum_heap_force_slow(void);
 bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance);
 void lum_heap_abandon(struct lum_heap *heap);
 extern struct lum_registry_v1 lumalloc_registry;
-extern lum_lock_t lum_heaps_lock;
-extern lum_lock_t lum_abandoned_lock;
-extern struct lum_page_list lum_abandoned[LUM_CLASSES];
+extern LUM_HIDDEN lum_lock_t lum_heaps_lock;
+extern LUM_HIDDEN lum_lock_t lum_abandoned_lock;
+extern LUM_HIDDEN struct lum_page_list lum_abandoned[LUM_CLASSES];
 void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg);
 void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err);
 
 /* ---- sampled.c ---- */
-extern lum_lock_t lum_sampled_lock;
+extern LUM_HIDDEN lum_lock_t lum_sampled_lock;
 /* A block of sampled class scls (lum_sampled_class), counted; the caller records the sample. */
 void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_rec **rec);
 /* The record slot of block p of sampled page page (sampled blocks are powers of two). */
@@ -442,7 +443,7 @@ static inline struct lum_sample_rec *lum_sampled_rec(const struct lum_page *page
 }
 /* The sampling path asks on every sample: remembered per class (as class + 1, 0 = not yet
  * known; racing threads store the same value). */
-extern uint8_t lum_sampled_memo[LUM_CLASSES];
+extern LUM_HIDDEN uint8_t lum_sampled_memo[LUM_CLASSES];
 unsigned lum_sampled_class_slow(unsigned cls);
 static inline unsigned lum_sampled_class(unsigned cls)
 {
@@ -451,7 +452,7 @@ static inline unsigned lum_sampled_class(unsigned cls)
 }
 void lum_sampled_free(void *p, struct lum_page *page);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
-extern struct lum_page_list lum_sampled_pages[LUM_CLASSES];
+extern LUM_HIDDEN struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Under lum_sampled_lock: page, the head of class cls's list, handed out its last free block. */
 void lum_sampled_emptied(struct lum_page *page, unsigned cls);
 /* lum_sampled_alloc for the sampling path, inline: its common case (the head page has a free
@@ -512,7 +513,7 @@ void lum_dirty_limit_check(bool large);
 size_t lum_dirty_limit(size_t dirty);
 
 /* ---- large.c ---- */
-extern lum_lock_t lum_large_lock;
+extern LUM_HIDDEN lum_lock_t lum_large_lock;
 void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool may_sample);
 void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);
@@ -520,7 +521,7 @@ size_t lum_large_usable(const void *p);
 size_t lum_large_cache_purge(void);
 size_t lum_large_cache_decay(void);
 /* freed mappings kept resident: what lum_dirty_limit_check(false) looks at (its floor) */
-extern size_t lum_large_cached;
+extern LUM_HIDDEN size_t lum_large_cached;
 /* Inline: the segment path reads it, and nothing else of large.c's runs in a program without
  * large blocks (its text is warm, lib/CMakeLists.txt). */
 static inline size_t lum_large_cache_bytes(void)

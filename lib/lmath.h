@@ -2,6 +2,7 @@
 #ifndef LUM_LMATH_H
 #define LUM_LMATH_H
 #include <stdint.h>
+#include "hidden.h"
 double lum_log(double x);        /* x > 0, finite */
 double lum_expm1_neg(double x);  /* exp(-x) - 1 for x >= 0 */
 /* xorshift64* step; a zero state is moved off its fixed point. */
@@ -20,8 +21,8 @@ static inline uint64_t lum_rand64(uint64_t *state)
 /* Exponential with mean 1 from the generator state *rng, by the ziggurat (lmath.c).  Inline:
  * 98.9 % of draws end after the one compare here. */
 #define LUM_ZIG_N 256
-extern const uint64_t lum_zig_k[LUM_ZIG_N];
-extern const double lum_zig_w[LUM_ZIG_N];
+extern LUM_HIDDEN const uint64_t lum_zig_k[LUM_ZIG_N];
+extern LUM_HIDDEN const double lum_zig_w[LUM_ZIG_N];
 double lum_exp_variate_slow(uint64_t *rng, uint64_t r);
 static inline double lum_exp_variate(uint64_t *rng)
 {

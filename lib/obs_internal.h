@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <pthread.h>
 #include "cold_text.h"
+#include "hidden.h"
 #include "lock.h"
 #include "lumalloc_probes.h"
 #include "observe.h"
@@ -51,7 +52,7 @@ uint32_t lum_unwind(uint64_t *frames, uint32_t max, uintptr_t hook_ret);
 /* Looks up lumalloc's own code range; from the constructor, outside any malloc. */
 void lum_unwind_preload(void);
 int lum_obs_thread_start(void *(*fn)(void *), size_t stack, const char *name);
-extern pthread_rwlock_t lum_unwind_fork_lock;
+extern LUM_HIDDEN pthread_rwlock_t lum_unwind_fork_lock;
 /* The same from a frame of the caller's caller known without unwinding: its code address, and
  * rsp and rbp as they were there (see lum_on_sample).  Skips the context capture and the walk
  * through the innermost frames.  *same (when not NULL) is set to a nonzero value naming the
@@ -61,7 +62,7 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
                          uintptr_t hook_ret, uint64_t *same);
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
 /* Cumulative unwinding cost, for lum_prof_get_stats. */
-extern uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+extern LUM_HIDDEN uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
 
 /* ---- DWARF call frame information (cfi.c) ---- */
 /* How to get from a frame to its caller (x86-64): CFA = (rbp if cfa_rbp, else rsp) + cfa_off,
@@ -82,12 +83,12 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
  * With wait false, UINT64_MAX when the lock is not to be had at once (a fork's prepare holds
  * it, and may be waiting for a lock the caller holds). */
 uint64_t lum_cfi_unloads(bool wait);
-extern uint64_t lum_cfi_object_scans;
+extern LUM_HIDDEN uint64_t lum_cfi_object_scans;
 /* Read the tables from the objects' files where they can (default); false: always through
  * the mapping (tests that damage the tables in memory).  lum_cfi_file_lookups counts the
  * times the file was used. */
-extern bool lum_cfi_read_files;
-extern uint64_t lum_cfi_file_lookups;
+extern LUM_HIDDEN bool lum_cfi_read_files;
+extern LUM_HIDDEN uint64_t lum_cfi_file_lookups;
 
 /* ---- stack table (stacktab.c), all under lum_prof_lock ----
  * except the figures a sample or a sampled free changes (a stack's samples, alloc_* and live_*,
@@ -96,7 +97,7 @@ extern uint64_t lum_cfi_file_lookups;
  * path and sampled free hold anyway for the sampled block (one lock a sample instead of two).
  * Whoever holds lum_prof_lock takes lum_sampled_lock inside it, never the other way round: the
  * order fork's handlers take them in (ours run before the core's). */
-extern lum_lock_t lum_sampled_lock;
+extern LUM_HIDDEN lum_lock_t lum_sampled_lock;
 struct lum_stack {
     struct lum_stack *hnext;   /* hash chain */
     struct lum_stack *anext;   /* list of all stacks, for reports */
@@ -110,12 +111,12 @@ struct lum_stack {
     double live_objects;
     uint64_t frames[];
 };
-extern lum_lock_t lum_prof_lock;
+extern LUM_HIDDEN lum_lock_t lum_prof_lock;
 /* Finds or inserts; NULL when the table or memory is exhausted (counted as dropped). */
 struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint64_t id);
 struct lum_stack *lum_stacktab_first(void);
 uint64_t lum_stacktab_count(void);
-extern uint64_t lum_stacktab_dropped;
+extern LUM_HIDDEN uint64_t lum_stacktab_dropped;
 void lum_stacktab_reset_cumulative(void);
 
 /* ---- live sampled allocations (prof_records.c), all under lum_prof_lock ---- */
@@ -127,11 +128,11 @@ struct lum_rec {
 /* Adding, taking and giving back a record: inline, in prof_records.h.  Live: the table's and the
  * records kept in sampled blocks' slots (lum_sample_rec). */
 uint64_t lum_records_live(void);
-extern uint64_t lum_records_dropped;
+extern LUM_HIDDEN uint64_t lum_records_dropped;
 
 /* ---- sampler (sampler.c) ---- */
 double lum_sample_weight(uint64_t size, uint64_t interval);
-extern uint64_t lum_prof_samples, lum_prof_sample_frees;
+extern LUM_HIDDEN uint64_t lum_prof_samples, lum_prof_sample_frees;
 
 /* ---- symbolisation (symbolize.c): only outside the allocator ---- */
 #define LUM_SYM_OFFSET 1 /* "func+0x1a" rather than "func" */

@@ -74,7 +74,7 @@ void lum_on_large_warn(size_t requested);
 
 /* Failure injection: true when this allocation must fail.  Called by the core on the slow path
  * only while lum_fail_armed is non-zero (the core then sends every allocation down it). */
-extern volatile int lum_fail_armed;
+extern LUM_HIDDEN volatile int lum_fail_armed;
 bool lum_fail_should_inject(size_t size);
 
 /* An allocation is about to return NULL with errno = err.  Probe, diagnostics, abort. */

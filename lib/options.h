@@ -4,6 +4,7 @@
 #define LUM_OPTIONS_H
 #include <stdint.h>
 #include <stdbool.h>
+#include "hidden.h"
 
 enum lum_diag_mode { LUM_DIAG_NONE = 0, LUM_DIAG_CRITICAL = 1, LUM_DIAG_ALL = 2 };
 enum lum_purge_mode { LUM_PURGE_DONTNEED = 0, LUM_PURGE_FREE = 1 };
@@ -34,7 +35,7 @@ struct lum_options {
     bool unwind_files;          /* LUMALLOC_UNWIND_FILES: unwind tables read from files (on) */
 };
 
-extern struct lum_options lum_opt;
+extern LUM_HIDDEN struct lum_options lum_opt;
 
 /* Reads LUMALLOC_* from the environment.  Runs during bootstrap: must not allocate.  A bad
  * value is reported once per option on stderr (write(2)) and the default is kept.  May be

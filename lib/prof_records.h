@@ -13,7 +13,7 @@ struct lum_records {
      * lum_sampled_lock, like the slots (see obs_internal.h) */
     uint64_t slot_live;
 };
-extern struct lum_records lum_records;
+extern LUM_HIDDEN struct lum_records lum_records;
 /* First use, growth, no recycled node: out of line. */
 __attribute__((cold)) struct lum_rec *lum_records_add_slow(uintptr_t ptr);
 

@@ -87,8 +87,8 @@ void lum_unwind_timed_end(uint64_t t0);
 bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp);
 
 extern __thread struct lum_walk_memo lum_memo LUM_TLS;
-extern uint32_t lum_rules_gen;
-extern int lum_self_state;
+extern LUM_HIDDEN uint32_t lum_rules_gen;
+extern LUM_HIDDEN int lum_self_state;
 
 /* The walk from the frame at (at[0] its caller's rbp, at[1] the return address, at + 2 the
  * caller's rsp) when this thread's memo still holds for it: its depth, the frames in out[]
