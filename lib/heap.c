@@ -26,7 +26,8 @@ struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
 #define E8(x) x, x, x, x, x, x, x, x
 #define E96(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x)
 #define E65(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), x
-struct lum_heap lum_empty_heap = { .direct = { E65(&lum_empty_page) }, .current = { E96(&lum_empty_page) } };
+struct lum_heap lum_empty_heap = { .direct = { E65(&lum_empty_page) }, .current = { E96(&lum_empty_page) },
+                                   .sample_left = LUM_SAMPLE_FORCED };
 
 __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec"))) = &lum_empty_heap;
 /* Set once this thread's heap has been torn down: later frees (other TLS destructors) must not
@@ -90,25 +91,32 @@ void lum_global_init(void)
     lum_unlock(&init_lock);
 }
 
-/* A sample point drawn after `from` bytes (UINT64_MAX: sampling is off). */
-static inline __attribute__((always_inline)) uint64_t next_point(struct lum_heap *heap, uint64_t from)
+/* Larger sizes than any allocation can have: a draw (at most 2^62) plus one of them cannot
+ * wrap sample_left. */
+#define SAMPLE_AFTER_MAX ((uint64_t)1 << 61)
+
+/* sample_left for a point drawn `after` bytes (below SAMPLE_AFTER_MAX) from where the counter
+ * stands (the allocation being made will count them): the point itself is the byte no
+ * allocation may reach unsampled.  LUM_SAMPLE_OFF when sampling is off. */
+static inline __attribute__((always_inline)) int64_t next_point(struct lum_heap *heap, uint64_t after)
 {
     int64_t interval = lum_sampler_draw(&heap->rng);
-    if (interval == INT64_MAX || from + (uint64_t)interval < from) return UINT64_MAX;
-    return from + (uint64_t)interval;
+    if (interval == INT64_MAX) return LUM_SAMPLE_OFF;
+    return interval + (int64_t)after - 1;
 }
 
-/* The next sample point after `from` bytes (or 0 while failure injection needs every
- * allocation on the slow path). */
-static inline __attribute__((always_inline)) uint64_t next_sample_after(struct lum_heap *heap, uint64_t from)
+/* next_point for any size, or LUM_SAMPLE_FORCED while failure injection needs every
+ * allocation on the slow path. */
+static inline __attribute__((always_inline)) int64_t next_sample_after(struct lum_heap *heap, uint64_t after)
 {
-    if (lum_fail_armed) return 0;
-    return next_point(heap, from);
+    if (lum_fail_armed) return LUM_SAMPLE_FORCED;
+    if (after >= SAMPLE_AFTER_MAX) return LUM_SAMPLE_OFF;
+    return next_point(heap, after);
 }
 
 void lum_heap_force_slow(void)
 {
-    if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->next_sample = 0;
+    if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->sample_left = LUM_SAMPLE_FORCED;
 }
 
 /* Decides whether an allocation whose ordinary block is `window` bytes is sampled: it is when
@@ -117,13 +125,13 @@ void lum_heap_force_slow(void)
  * will move by): the next point is drawn from where the counter will then stand. */
 static inline bool take_sample(struct lum_heap *heap, size_t window, size_t advance)
 {
-    uint64_t start = heap->tc.alloc_bytes;
-    if (heap->next_sample == 0) { /* back from failure injection: re-arm, no sample */
-        heap->next_sample = next_sample_after(heap, start);
+    int64_t left = heap->sample_left;
+    if (lum_sample_forced(left)) { /* back from failure injection: re-arm, no sample */
+        heap->sample_left = next_sample_after(heap, 0);
         return false;
     }
-    if (start + window < heap->next_sample) return false;
-    heap->next_sample = next_sample_after(heap, start + advance);
+    if (left >= 0 && (uint64_t)left >= window) return false;
+    heap->sample_left = next_sample_after(heap, advance);
     return true;
 }
 
@@ -200,7 +208,7 @@ static struct lum_heap *heap_create(void)
                 (__atomic_add_fetch(&rng_seed_counter, 0x9e3779b97f4a7c15ULL, __ATOMIC_RELAXED));
     if (!heap->rng) heap->rng = 1;
     __atomic_store_n(&heap->alive, 1, __ATOMIC_RELAXED); /* read by remote frees: see free_remote */
-    heap->next_sample = next_sample_after(heap, 0);
+    heap->sample_left = next_sample_after(heap, 0);
     __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
     return heap;
 }
@@ -923,32 +931,36 @@ static LUM_NOINLINE bool sample_locked_out(struct lum_thread_counters_v1 *tc, co
 /* malloc's fast path found the next sample point inside this allocation's block: the common
  * case without lum_malloc_slow's checks and register saves (a few dozen instructions a
  * sample), anything unusual (first use, failure injection, its re-arming, a size to warn
- * about) through it. */
+ * about) through it.  Both callers have taken the block's size off sample_left already (the
+ * fast path's subtraction is its test); a way to lum_malloc_slow gives it back. */
 LUM_NOINLINE void *lum_malloc_sample(size_t size)
 {
     struct lum_heap *heap = lum_tls_heap;
-    /* lum_empty_heap's next_sample is 0 for good (lum_heap_force_slow leaves it alone): that
-     * check is the first use's too */
-    if (LUM_UNLIKELY(heap->next_sample == 0 || lum_fail_armed || (lum_opt.large_warn && size >= lum_opt.large_warn)))
-        return lum_malloc_slow(size, 0);
-    /* The walk starts in our caller: malloc jumps here (no frame of its own), so that is the
-     * program's code, and none of lumalloc's frames is walked.  __builtin_frame_address gives
-     * this function a standard frame: the caller's rbp at fp[0], the return address at fp[1]
-     * (checked, in case a compiler lays it out otherwise). */
-    const uintptr_t *fp = __builtin_frame_address(0);
-    if (fp[1] != (uintptr_t)__builtin_return_address(0)) fp = NULL;
+    int64_t left = heap->sample_left;
+    /* Forced: lum_malloc_slow sets sample_left anew, and lum_empty_heap's is LUM_SAMPLE_FORCED
+     * for good (lum_heap_force_slow leaves it alone, nothing charges it): that check is the
+     * first use's too. */
+    if (LUM_UNLIKELY(lum_sample_forced(left))) return lum_malloc_slow(size, 0);
     unsigned cls = lum_size_class(size);
-    uint64_t start = heap->tc.alloc_bytes;
-    if (start + lum_class_size[cls] < heap->next_sample) return lum_malloc_slow(size, 0);
+    /* left >= 0: no point inside the block after all (a check only).  A size to warn about:
+     * large_warn - 1 wraps to SIZE_MAX when it is 0 (off), one test for both. */
+    if (LUM_UNLIKELY(left >= 0 || lum_fail_armed || size > lum_opt.large_warn - 1)) goto give_back;
     /* take_sample's work, its checks done above; the next point is drawn from where the
-     * counter will stand after the sampled block */
+     * counter will stand after the sampled block (the ordinary block's charge is dropped) */
     unsigned scls = lum_sampled_class(cls);
-    heap->next_sample = next_point(heap, start + lum_class_size[scls]);
+    heap->sample_left = next_point(heap, lum_class_size[scls]);
     double f = sample_factor(heap, cls);
     size_t usable = lum_class_size[cls];
     struct lum_sample_rec *rec;
     struct lum_sample_rest rest;
     struct lum_page *page;
+    /* The walk starts in our caller: malloc jumps here (no frame of its own), so that is the
+     * program's code, and none of lumalloc's frames is walked.  __builtin_frame_address gives
+     * this function a standard frame: the caller's rbp at fp[0], the return address at fp[1]
+     * (checked, in case a compiler lays it out otherwise).  Taken here, where the class's
+     * figures are no longer needed: earlier, GCC kept it on the stack. */
+    const uintptr_t *fp = __builtin_frame_address(0);
+    if (fp[1] != (uintptr_t)__builtin_return_address(0)) fp = NULL;
     void *p = lum_sampled_pop_locked(scls, &page);
     if (LUM_LIKELY(p != NULL)) {
         /* the sample recorded under the lock the block was taken under (sampler_fast.h) */
@@ -964,6 +976,9 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
     }
     lum_sample_rest(&rest, &heap->tc, p, size, usable, fp, f, rec);
     return p;
+give_back: /* the charge was the page's block_size, its class's size */
+    heap->sample_left = left + (int64_t)lum_class_size[cls];
+    return lum_malloc_slow(size, 0);
 }
 
 /* Everything malloc's fast path does not handle: first use, sampling, failure injection,
@@ -978,7 +993,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (alignment <= LUM_ALIGN) alignment = 0;
 
     if (LUM_UNLIKELY(lum_fail_armed)) {
-        heap->next_sample = 0;
+        heap->sample_left = LUM_SAMPLE_FORCED;
         if (lum_fail_should_inject(size)) return lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     /* Here, before any list is touched: starting the background thread allocates (glibc's
@@ -992,14 +1007,16 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
-    if (!lum_fail_armed && heap->tc.alloc_bytes + lum_class_size[cls] >= heap->next_sample) {
+    if (!lum_fail_armed && heap->sample_left < (int64_t)lum_class_size[cls]) {
         /* A tail call: reached from malloc (its exhausted page), lum_malloc_sample walks from
          * malloc's caller, where the unwinder's memo holds, instead of from here (~250
          * instructions less a sample).  Its way back here is closed: the checks that send it
          * back hold, and a failed sampled page moves the next point on. */
-        if (!alignment && heap == lum_tls_heap && heap->next_sample != 0 &&
-            !(lum_opt.large_warn && size >= lum_opt.large_warn))
+        if (!alignment && heap == lum_tls_heap && !lum_sample_forced(heap->sample_left) &&
+            !(lum_opt.large_warn && size >= lum_opt.large_warn)) {
+            heap->sample_left -= (int64_t)lum_class_size[cls]; /* as the fast path enters it */
             return lum_malloc_sample(size);
+        }
         void *p = sample_alloc(heap, size, cls);
         if (p) return p;
     }
@@ -1016,7 +1033,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     lum_block_handed_out(b);
     page->used++;
     heap->tc.alloc_count++;
-    heap->tc.alloc_bytes += page->block_size;
+    lum_heap_count_alloc(heap, page->block_size);
     return b;
 }
 

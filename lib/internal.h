@@ -196,11 +196,15 @@ struct lum_heap {
     struct lum_page *direct[LUM_DIRECT_SLOTS];
     struct lum_page *current[LUM_CLASSES]; /* never NULL: lum_empty_page when there is none */
     struct lum_thread_counters_v1 tc;
-    /* The sampler's next point on this thread's stream of allocated (usable) bytes: malloc's
-     * fast path serves only while tc.alloc_bytes stays below it, so the exact byte counter is
-     * the sampling clock too.  0 forces every allocation down the slow path (failure
-     * injection); UINT64_MAX means sampling is off. */
-    uint64_t next_sample;
+    /* The bytes this thread may still allocate before the sampler's next point on its stream
+     * of allocated (usable) bytes: an allocation whose block would take it below 0 holds the
+     * point, and is sampled.  Every move of tc.alloc_bytes moves it the other way
+     * (lum_heap_count_alloc).  A countdown beside the exact counter, not a point on it, so
+     * that malloc's fast path subtracts in memory and branches on the sign (GCC will not
+     * branch on "<= 0" straight from a subtraction in memory): one instruction less than
+     * adding to the counter and comparing with a point.  Special values: LUM_SAMPLE_FORCED,
+     * LUM_SAMPLE_OFF. */
+    int64_t sample_left;
     _Atomic(lum_block *) inbox; /* blocks freed by other threads, drained by the owner */
     uint64_t rng;
     /* lum_sample_factor of each class's size at interval wf_interval, 0 until asked: per
@@ -280,6 +284,33 @@ static inline bool lum_page_fast_is(const struct lum_page *page, const struct lu
 static inline uint32_t lum_page_live(const struct lum_page *page)
 {
     return page->used + (page->in_full ? page->park_bias : 0);
+}
+
+/* sample_left while every allocation must take the slow path (failure injection, an interval
+ * change, lum_empty_heap for good): far below anything a drawn point leaves (a point passed
+ * leaves at most one allocation's size below 0), and far enough above INT64_MIN that
+ * allocations counted against it before the slow path resets it cannot wrap it. */
+#define LUM_SAMPLE_FORCED (INT64_MIN / 2)
+/* sample_left with sampling off: a point 8 EiB of allocations away, in effect never (the
+ * sample path draws again there, and finds sampling off again). */
+#define LUM_SAMPLE_OFF INT64_MAX
+
+/* Outside malloc's fast path a drawn point leaves sample_left at -1 or more (every path that
+ * counts bytes asks the sampler first); the fast path takes at most one small block's size
+ * more off before lum_malloc_sample looks.  INT32_MIN: a bound far from both that fits in an
+ * instruction's immediate. */
+static inline bool lum_sample_forced(int64_t left)
+{
+    return left < INT32_MIN;
+}
+
+/* The thread allocated `bytes` more: its exact counter and its sampling countdown, the latter
+ * in unsigned arithmetic so that no run of counts is undefined behaviour (with sampling off
+ * it only goes down from INT64_MAX, 8 EiB away from wrapping). */
+static inline void lum_heap_count_alloc(struct lum_heap *heap, uint64_t bytes)
+{
+    heap->tc.alloc_bytes += bytes;
+    heap->sample_left = (int64_t)((uint64_t)heap->sample_left - bytes);
 }
 
 static inline void lum_heap_set_current(struct lum_heap *heap, unsigned cls, struct lum_page *page)
@@ -481,7 +512,7 @@ static inline __attribute__((always_inline)) lum_block *lum_sampled_pop_locked(u
 static inline void lum_sampled_count(struct lum_heap *heap, const struct lum_page *page)
 {
     heap->tc.alloc_count++;
-    heap->tc.alloc_bytes += page->block_size;
+    lum_heap_count_alloc(heap, page->block_size);
     heap->tc.sampled_count++;
 }
 

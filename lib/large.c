@@ -326,7 +326,7 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     if (zero && reused > offset) memset(l->user, 0, size < reused - offset ? size : reused - offset);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable);
     heap->tc.alloc_count++;
-    heap->tc.alloc_bytes += usable;
+    lum_heap_count_alloc(heap, usable);
     heap->tc.large_count++;
     heap->tc.large_bytes += usable;
     lum_on_large_alloc(&heap->tc, l->user, size, usable);
@@ -518,7 +518,7 @@ void *lum_large_realloc(void *p, size_t size)
         tc->free_count++;
         tc->free_bytes += old_usable;
         tc->alloc_count++;
-        tc->alloc_bytes += usable;
+        lum_heap_count_alloc(heap, usable);
         tc->large_count++;
         tc->large_bytes += usable;
     }

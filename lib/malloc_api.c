@@ -30,10 +30,13 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size)
     {
         unsigned cls = page->cls;
         lum_block *b = heap->cache[cls];
-        uint64_t bytes = heap->tc.alloc_bytes + page->block_size;
+        uint32_t bs = page->block_size;
+        /* The sampling countdown's subtraction is its test (lum_malloc_sample gives the bytes
+         * back where it does not sample); the exact counter moves only with a block handed
+         * out, so a reader in another process never sees one that was not. */
         if (LUM_LIKELY(b != NULL)) {
-            if (LUM_UNLIKELY(bytes >= heap->next_sample)) return lum_malloc_sample(size);
-            heap->tc.alloc_bytes = bytes;
+            if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size);
+            heap->tc.alloc_bytes += bs;
             heap->cache[cls] = b->next;
             heap->cache_room[cls]++;
             heap->tc.alloc_count++;
@@ -43,8 +46,8 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size)
          * first: lum_malloc_slow also samples. */
         b = page->free;
         if (LUM_UNLIKELY(b == NULL)) return lum_malloc_slow(size, 0);
-        if (LUM_UNLIKELY(bytes >= heap->next_sample)) return lum_malloc_sample(size);
-        heap->tc.alloc_bytes = bytes;
+        if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size);
+        heap->tc.alloc_bytes += bs;
         page->free = lum_free_next(page, b);
         lum_block_handed_out(b);
         page->used++;
