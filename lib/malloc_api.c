@@ -15,7 +15,18 @@
 
 #define ALIAS(name) __attribute__((alias(name), visibility("default")))
 
-static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size)
+/* GCC 12 keeps the heap pointer in %rax, where its TLS load put it, and the block in another
+ * register, which cost a mov before each ret of malloc's fast path.  The block bound to %rax
+ * where it is returned has the allocator give the heap another register: an empty asm, no
+ * instruction (20 instead of 21 on the cache path, and the page path returns by itself).
+ * malloc's only (`in_rax`): calloc, whose block goes on to memset, gains two movs from it. */
+#if defined(__x86_64__)
+#define IN_RETURN_REG(b) __asm__("" : "+a"(b))
+#else
+#define IN_RETURN_REG(b) ((void)0)
+#endif
+
+static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size, bool in_rax)
 {
     struct lum_heap *heap = lum_tls_heap;
     struct lum_page *page;
@@ -40,6 +51,7 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size)
             heap->cache[cls] = b->next;
             heap->cache_room[cls]++;
             heap->tc.alloc_count++;
+            if (in_rax) IN_RETURN_REG(b);
             return b;
         }
         /* The two tests each have their own way out, at no cost here.  An exhausted page
@@ -52,13 +64,14 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size)
         lum_block_handed_out(b);
         page->used++;
         heap->tc.alloc_count++;
+        if (in_rax) IN_RETURN_REG(b);
         return b;
     }
 }
 
 LUM_EXPORT void *lum_malloc(size_t size)
 {
-    return alloc_small_fast(size);
+    return alloc_small_fast(size, true);
 }
 
 void lum_page_empty(struct lum_heap *heap, struct lum_page *page);
@@ -132,7 +145,7 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
         void *p = lum_large_alloc(heap, bytes, 0, true, true);
         return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
     }
-    void *p = alloc_small_fast(bytes);
+    void *p = alloc_small_fast(bytes, false);
     if (LUM_LIKELY(p != NULL)) memset(p, 0, bytes);
     return p;
 }
