@@ -26,8 +26,22 @@ struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
 #define E8(x) x, x, x, x, x, x, x, x
 #define E96(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x)
 #define E65(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), x
-struct lum_heap lum_empty_heap = { .direct = { E65(&lum_empty_page) }, .current = { E96(&lum_empty_page) },
-                                   .sample_left = LUM_SAMPLE_FORCED };
+/* The heap of a thread that has none yet (or no longer): what malloc's and free's fast paths
+ * read of it, and nothing more.  Every other path checks for it before it reads a heap (it is
+ * only ever compared against), so the object is the fast fields alone, under the name the rest
+ * of the library declares as a whole struct lum_heap: 2.3 KiB of .data instead of 6.1, and the
+ * library's written data and .bss one 4 KiB page fewer in every process (4 -> 3). */
+struct lum_heap_fast { LUM_HEAP_FAST_FIELDS };
+#define SAME_OFFSET(f) _Static_assert(offsetof(struct lum_heap_fast, f) == offsetof(struct lum_heap, f), #f)
+SAME_OFFSET(cache);
+SAME_OFFSET(cache_room);
+SAME_OFFSET(direct);
+SAME_OFFSET(current);
+SAME_OFFSET(tc);
+SAME_OFFSET(sample_left);
+struct lum_heap_fast lum_empty_heap_fast __asm__("lum_empty_heap") = {
+    .direct = { E65(&lum_empty_page) }, .current = { E96(&lum_empty_page) },
+    .sample_left = LUM_SAMPLE_FORCED };
 
 __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec"))) = &lum_empty_heap;
 /* Set once this thread's heap has been torn down: later frees (other TLS destructors) must not

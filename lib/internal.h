@@ -180,8 +180,18 @@ struct lum_page_list { struct lum_page *head, *tail; };
 
 #define LUM_DIRECT_SLOTS (LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1)
 
+/* The fields malloc's and free's fast paths read: first in struct lum_heap (their comments
+ * are there), and all that lum_empty_heap has (heap.c). */
+#define LUM_HEAP_FAST_FIELDS \
+    lum_block *cache[LUM_CLASSES + 1]; \
+    int8_t cache_room[LUM_CLASSES]; \
+    struct lum_page *direct[LUM_DIRECT_SLOTS]; \
+    struct lum_page *current[LUM_CLASSES]; \
+    struct lum_thread_counters_v1 tc; \
+    int64_t sample_left;
+
 struct lum_heap {
-    /* Blocks this thread freed into its own pages, per class, handed out again before any
+    /* cache: blocks this thread freed into its own pages, per class, handed out again before any
      * page's list, last freed first (lum_cache_max bounds each class).  A page's own list
      * recycles only that page's blocks, so where frees land on other pages of the class than
      * the current one (any queue-like lifetime) malloc handed out blocks freed long ago, out of
@@ -189,22 +199,18 @@ struct lum_heap {
      * used.  Slot LUM_CLASSES is lum_empty_page's class and stays empty.  cache_room counts
      * down from lum_cache_max (one test on the free path, no table); free decrements it first
      * and tests the sign, so it reads -1 for a moment when the cache is full. */
-    lum_block *cache[LUM_CLASSES + 1];
-    int8_t cache_room[LUM_CLASSES];
-    /* current[] by (size + 15) / 16 for sizes up to 1 KiB: malloc's fast path skips the class
-     * table (mimalloc's "direct pages"); kept in step with current[] by lum_heap_set_current */
-    struct lum_page *direct[LUM_DIRECT_SLOTS];
-    struct lum_page *current[LUM_CLASSES]; /* never NULL: lum_empty_page when there is none */
-    struct lum_thread_counters_v1 tc;
-    /* The bytes this thread may still allocate before the sampler's next point on its stream
-     * of allocated (usable) bytes: an allocation whose block would take it below 0 holds the
-     * point, and is sampled.  Every move of tc.alloc_bytes moves it the other way
+    /* direct: current[] by (size + 15) / 16 for sizes up to 1 KiB: malloc's fast path skips
+     * the class table (mimalloc's "direct pages"); kept in step with current[] by
+     * lum_heap_set_current.  current[] is never NULL: lum_empty_page when there is none. */
+    /* sample_left: the bytes this thread may still allocate before the sampler's next point on
+     * its stream of allocated (usable) bytes: an allocation whose block would take it below 0
+     * holds the point, and is sampled.  Every move of tc.alloc_bytes moves it the other way
      * (lum_heap_count_alloc).  A countdown beside the exact counter, not a point on it, so
      * that malloc's fast path subtracts in memory and branches on the sign (GCC will not
      * branch on "<= 0" straight from a subtraction in memory): one instruction less than
      * adding to the counter and comparing with a point.  Special values: LUM_SAMPLE_FORCED,
      * LUM_SAMPLE_OFF. */
-    int64_t sample_left;
+    LUM_HEAP_FAST_FIELDS
     _Atomic(lum_block *) inbox; /* blocks freed by other threads, drained by the owner */
     uint64_t rng;
     /* lum_sample_factor of each class's size at interval wf_interval, 0 until asked: per
