@@ -28,10 +28,9 @@ struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
 #define E65(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), x
 /* The heap of a thread that has none yet (or no longer): what malloc's and free's fast paths
  * read of it, and nothing more.  Every other path checks for it before it reads a heap (it is
- * only ever compared against), so the object is the fast fields alone, under the name the rest
- * of the library declares as a whole struct lum_heap: 2.3 KiB of .data instead of 6.1, and the
- * library's written data and .bss one 4 KiB page fewer in every process (4 -> 3). */
-struct lum_heap_fast { LUM_HEAP_FAST_FIELDS };
+ * only ever compared against), so the object is the fast fields alone: 2.3 KiB of .data
+ * instead of 6.1, and the library's written data and .bss one 4 KiB page fewer in every
+ * process (4 -> 3). */
 #define SAME_OFFSET(f) _Static_assert(offsetof(struct lum_heap_fast, f) == offsetof(struct lum_heap, f), #f)
 SAME_OFFSET(cache);
 SAME_OFFSET(cache_room);
@@ -39,7 +38,7 @@ SAME_OFFSET(direct);
 SAME_OFFSET(current);
 SAME_OFFSET(tc);
 SAME_OFFSET(sample_left);
-struct lum_heap_fast lum_empty_heap_fast __asm__("lum_empty_heap") = {
+struct lum_heap_fast lum_empty_heap_fast = {
     .direct = { E65(&lum_empty_page) }, .current = { E96(&lum_empty_page) },
     .sample_left = LUM_SAMPLE_FORCED };
 

@@ -243,7 +243,12 @@ struct lum_heap {
 extern LUM_HIDDEN struct lum_page lum_empty_page;
 extern LUM_HIDDEN struct lum_page lum_large_sentinel;
 extern LUM_HIDDEN struct lum_page lum_invalid_sentinel;
-extern LUM_HIDDEN struct lum_heap lum_empty_heap;
+/* The heap of a thread that has none yet (or no longer) holds the fast fields alone (heap.c):
+ * seen as a struct lum_heap, whose first fields they are, by a cast, and only ever compared
+ * against before any other field is read. */
+struct lum_heap_fast { LUM_HEAP_FAST_FIELDS };
+extern LUM_HIDDEN struct lum_heap_fast lum_empty_heap_fast;
+#define lum_empty_heap (*(struct lum_heap *)&lum_empty_heap_fast)
 extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec")));
 
 /* ---- size classes (size_class.c) ---- */
