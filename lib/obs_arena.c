@@ -15,13 +15,6 @@
 pthread_mutex_t lum_obs_arena_lock = PTHREAD_MUTEX_INITIALIZER;
 #define arena_lock lum_obs_arena_lock
 static char *arena_cur, *arena_end;
-/* Room left in front of the last array of a page or more (ARRAY_GAP bytes), filled by the small
- * allocations that follow.  Such an array (a sampled page's record slots, 12 KiB) is touched
- * from its start, a few slots deep, and the small things (unwind rules, stacks) would otherwise
- * go behind it, pages further on: with the gap, a program with a few samples live keeps them
- * and the array's used slots on one page (bench churn: the arena 2 pages -> 1). */
-#define ARRAY_GAP 2048
-static char *gap_cur, *gap_end;
 
 void *lum_obs_pages(size_t size)
 {
@@ -41,14 +34,7 @@ void *lum_obs_alloc(size_t size)
     if (size > ARENA_CHUNK / 4)
         return lum_obs_pages(size); /* big tables get their own mapping: no arena waste */
     pthread_mutex_lock(&arena_lock);
-    if (size < 4096 && (size_t)(gap_end - gap_cur) >= size) {
-        void *p = gap_cur;
-        gap_cur += size;
-        pthread_mutex_unlock(&arena_lock);
-        return p;
-    }
-    size_t gap = size >= 4096 && gap_cur == gap_end ? ARRAY_GAP : 0;
-    if ((size_t)(arena_end - arena_cur) < size + gap) {
+    if ((size_t)(arena_end - arena_cur) < size) {
         char *c = lum_obs_pages(ARENA_CHUNK);
         if (!c) {
             pthread_mutex_unlock(&arena_lock);
@@ -56,10 +42,6 @@ void *lum_obs_alloc(size_t size)
         }
         arena_cur = c;
         arena_end = c + ARENA_CHUNK;
-    }
-    if (gap) {
-        gap_cur = arena_cur;
-        gap_end = arena_cur += gap;
     }
     void *p = arena_cur;
     arena_cur += size;

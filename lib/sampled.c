@@ -61,12 +61,7 @@ static struct lum_sample_rec *recs_get(unsigned cls, uint32_t capacity)
         ((struct lum_sample_rec *)r)->requested = 0;
         return r;
     }
-    /* From the profiler's arena, packed behind its stacks and unwind rules, not from
-     * lum_meta_alloc, which starts a block of a page or more on a page of its own: a program
-     * with a few samples live touches the array's first slots only, and they share the arena's
-     * first page (bench churn, cachescratch, threadchurn: one 4 KiB page less resident).  The
-     * arrays are never given back (recs_free recycles them), as nothing in the arena is. */
-    return lum_obs_alloc((size_t)capacity * sizeof(struct lum_sample_rec));
+    return lum_meta_alloc((size_t)capacity * sizeof(struct lum_sample_rec));
 }
 
 /* Gives back a sampled page with its record slots; under lum_sampled_lock. */
