@@ -86,11 +86,8 @@ int main(void)
 EOF
 cc -O1 -o "$work/prog" "$work/prog.c" -lpthread
 
-# default options (sampling on): no LUMALLOC_* variable, as an option given runs option code
-unset $(env | sed -n 's/^\(LUMALLOC_[A-Z_]*\)=.*/\1/p')
-rc=0
-out=$(LD_PRELOAD="$lib" "$work/prog") || rc=$?
-echo "$out"
+. "$(dirname "$0")/run_with_defaults.inc"
+run_with_defaults "$lib" "$work/prog"
 case $rc in
     0) ;;
     3) fail "liblumalloc.so is not mapped as three executable mappings (hot, warm, cold)" ;;
