@@ -955,9 +955,8 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size)
      * first use's too. */
     if (LUM_UNLIKELY(lum_sample_forced(left))) return lum_malloc_slow(size, 0);
     unsigned cls = lum_size_class(size);
-    /* left >= 0: no point inside the block after all (a check only).  A size to warn about:
-     * large_warn - 1 wraps to SIZE_MAX when it is 0 (off), one test for both. */
-    if (LUM_UNLIKELY(left >= 0 || lum_fail_armed || size > lum_opt.large_warn - 1)) goto give_back;
+    /* left >= 0: no point inside the block after all (a check only) */
+    if (LUM_UNLIKELY(left >= 0 || lum_fail_armed || lum_warns_large(size))) goto give_back;
     /* take_sample's work, its checks done above; the next point is drawn from where the
      * counter will stand after the sampled block (the ordinary block's charge is dropped) */
     unsigned scls = lum_sampled_class(cls);
@@ -1013,7 +1012,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
      * pthread_create), and that nested malloc must find this heap consistent. */
     lum_background_poll();
 
-    if (LUM_UNLIKELY(lum_opt.large_warn && size >= lum_opt.large_warn && size < lum_opt.large_threshold))
+    if (LUM_UNLIKELY(lum_warns_large(size) && size < lum_opt.large_threshold))
         lum_on_large_warn(size); /* the large path warns by itself */
     if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
         void *p = lum_large_alloc(heap, size, alignment, false, !lum_fail_armed);
@@ -1026,7 +1025,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
          * instructions less a sample).  Its way back here is closed: the checks that send it
          * back hold, and a failed sampled page moves the next point on. */
         if (!alignment && heap == lum_tls_heap && !lum_sample_forced(heap->sample_left) &&
-            !(lum_opt.large_warn && size >= lum_opt.large_warn)) {
+            !lum_warns_large(size)) {
             heap->sample_left -= (int64_t)lum_class_size[cls]; /* as the fast path enters it */
             return lum_malloc_sample(size);
         }
@@ -1045,7 +1044,6 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
     page->used++;
-    heap->tc.alloc_count++;
     lum_heap_count_alloc(heap, page->block_size);
     return b;
 }

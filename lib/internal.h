@@ -315,11 +315,13 @@ static inline bool lum_sample_forced(int64_t left)
     return left < INT32_MIN;
 }
 
-/* The thread allocated `bytes` more: its exact counter and its sampling countdown, the latter
- * in unsigned arithmetic so that no run of counts is undefined behaviour (with sampling off
- * it only goes down from INT64_MAX, 8 EiB away from wrapping). */
+/* The thread handed out a block of `bytes` (outside malloc's fast path, which does the same
+ * inline): its exact counters and its sampling countdown, the latter in unsigned arithmetic so
+ * that no run of counts is undefined behaviour (with sampling off it only goes down from
+ * INT64_MAX, 8 EiB away from wrapping). */
 static inline void lum_heap_count_alloc(struct lum_heap *heap, uint64_t bytes)
 {
+    heap->tc.alloc_count++;
     heap->tc.alloc_bytes += bytes;
     heap->sample_left = (int64_t)((uint64_t)heap->sample_left - bytes);
 }
@@ -522,7 +524,6 @@ static inline __attribute__((always_inline)) lum_block *lum_sampled_pop_locked(u
 
 static inline void lum_sampled_count(struct lum_heap *heap, const struct lum_page *page)
 {
-    heap->tc.alloc_count++;
     lum_heap_count_alloc(heap, page->block_size);
     heap->tc.sampled_count++;
 }

@@ -325,7 +325,6 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
      * not necessarily ever written (a memset of it would fault it all in) */
     if (zero && reused > offset) memset(l->user, 0, size < reused - offset ? size : reused - offset);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable);
-    heap->tc.alloc_count++;
     lum_heap_count_alloc(heap, usable);
     heap->tc.large_count++;
     heap->tc.large_bytes += usable;
@@ -517,7 +516,6 @@ void *lum_large_realloc(void *p, size_t size)
     if (tc) {
         tc->free_count++;
         tc->free_bytes += old_usable;
-        tc->alloc_count++;
         lum_heap_count_alloc(heap, usable);
         tc->large_count++;
         tc->large_bytes += usable;

@@ -78,7 +78,7 @@ LUM_COLD_TEXT static uint32_t stack_and_warn(size_t requested, bool warning, uin
 void lum_on_large_alloc(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable)
 {
     bool probe = LUM_PROBE_ON(large_alloc);
-    bool warning = lum_opt.large_warn && requested >= lum_opt.large_warn;
+    bool warning = lum_warns_large(requested);
     if (!probe && !warning)
         return;
     uint64_t frames[LUM_MAX_FRAMES], id;
@@ -93,7 +93,7 @@ void lum_on_large_alloc(struct lum_thread_counters_v1 *tc, void *ptr, size_t req
 
 void lum_on_large_warn(size_t requested)
 {
-    if (!lum_opt.large_warn || requested < lum_opt.large_warn)
+    if (!lum_warns_large(requested))
         return;
     uint64_t frames[LUM_MAX_FRAMES], id;
     stack_and_warn(requested, true, (uintptr_t)__builtin_return_address(0), frames, &id);

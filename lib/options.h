@@ -37,6 +37,13 @@ struct lum_options {
 
 extern LUM_HIDDEN struct lum_options lum_opt;
 
+/* A request at or above LUMALLOC_LARGE_WARN, which is 0 when off: large_warn - 1 wraps to the
+ * largest value then, so one compare answers both. */
+static inline bool lum_warns_large(uint64_t requested)
+{
+    return requested > lum_opt.large_warn - 1;
+}
+
 /* Reads LUMALLOC_* from the environment.  Runs during bootstrap: must not allocate.  A bad
  * value is reported once per option on stderr (write(2)) and the default is kept.  May be
  * called again (tests): it re-reads the environment. */

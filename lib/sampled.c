@@ -140,7 +140,6 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
     page->used++;
     if (!page->free) lum_sampled_emptied(page, cls);
     lum_unlock(&lum_sampled_lock);
-    heap->tc.alloc_count++;
     lum_heap_count_alloc(heap, page->block_size);
     *rec = lum_sampled_rec(page, b);
     return b;
