@@ -25,7 +25,6 @@ struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
 
 #define E8(x) x, x, x, x, x, x, x, x
 #define E96(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x)
-#define E65(x) E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), E8(x), x
 /* The heap of a thread that has none yet (or no longer): what malloc's and free's fast paths
  * read of it, and nothing more.  Every other path checks for it before it reads a heap (it is
  * only ever compared against), so the object is the fast fields alone: 2.3 KiB of .data
@@ -34,12 +33,13 @@ struct lum_page lum_invalid_sentinel = { .kind = LUM_PAGE_INVALID };
 #define SAME_OFFSET(f) _Static_assert(offsetof(struct lum_heap_fast, f) == offsetof(struct lum_heap, f), #f)
 SAME_OFFSET(cache);
 SAME_OFFSET(cache_room);
-SAME_OFFSET(direct);
+SAME_OFFSET(slot_class);
+SAME_OFFSET(class_size);
 SAME_OFFSET(current);
 SAME_OFFSET(tc);
 SAME_OFFSET(sample_left);
 struct lum_heap_fast lum_empty_heap_fast = {
-    .direct = { E65(&lum_empty_page) }, .current = { E96(&lum_empty_page) },
+    .current = { E96(&lum_empty_page) },
     .sample_left = LUM_SAMPLE_FORCED };
 
 __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec"))) = &lum_empty_heap;
@@ -213,7 +213,11 @@ static struct lum_heap *heap_create(void)
     }
     /* A pooled record comes back as lum_heap_abandon left it, its lists and caches emptied
      * already: the 96-class pass again was ~2,700 instructions a thread (bench threadchurn). */
-    if (!reused) heap_forget_pages(heap);
+    if (!reused) {
+        heap_forget_pages(heap);
+        memcpy(heap->slot_class, lum_small_class, sizeof heap->slot_class);
+        memcpy(heap->class_size, lum_class_size, sizeof heap->class_size);
+    }
     heap->tid = (uint32_t)syscall(SYS_gettid);
     heap->tc.tid = heap->tid;
     heap->tc.state = LUM_THREAD_LIVE;

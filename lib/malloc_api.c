@@ -29,44 +29,42 @@
 static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size, bool in_rax)
 {
     struct lum_heap *heap = lum_tls_heap;
-    struct lum_page *page;
+    unsigned cls;
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
-        page = heap->direct[(size + LUM_ALIGN - 1) / LUM_ALIGN];
+        cls = heap->slot_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
     else if (size <= LUM_MEDIUM_TABLE_MAX && size < lum_fast_limit_get())
-        page = heap->current[lum_medium_class[(size + LUM_MEDIUM_STEP - 1) / LUM_MEDIUM_STEP]];
+        cls = lum_medium_class[(size + LUM_MEDIUM_STEP - 1) / LUM_MEDIUM_STEP];
     else if (size < lum_fast_limit_get())
-        page = heap->current[lum_size_class(size)];
+        cls = lum_size_class(size);
     else
         return lum_malloc_slow(size, 0);
-    {
-        unsigned cls = page->cls;
-        lum_block *b = heap->cache[cls];
-        uint32_t bs = page->block_size;
-        /* The sampling countdown's subtraction is its test (lum_malloc_sample gives the bytes
-         * back where it does not sample); the exact counter moves only with a block handed
-         * out, so a reader in another process never sees one that was not. */
-        if (LUM_LIKELY(b != NULL)) {
-            if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size);
-            heap->tc.alloc_bytes += bs;
-            heap->cache[cls] = b->next;
-            heap->cache_room[cls]++;
-            heap->tc.alloc_count++;
-            if (in_rax) IN_RETURN_REG(b);
-            return b;
-        }
-        /* The two tests each have their own way out, at no cost here.  An exhausted page
-         * first: lum_malloc_slow also samples. */
-        b = page->free;
-        if (LUM_UNLIKELY(b == NULL)) return lum_malloc_slow(size, 0);
+    lum_block *b = heap->cache[cls];
+    uint32_t bs = heap->class_size[cls];
+    /* The sampling countdown's subtraction is its test (lum_malloc_sample gives the bytes back
+     * where it does not sample); the exact counter moves only with a block handed out, so a
+     * reader in another process never sees one that was not. */
+    if (LUM_LIKELY(b != NULL)) {
         if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size);
         heap->tc.alloc_bytes += bs;
-        page->free = lum_free_next(page, b);
-        lum_block_handed_out(b);
-        page->used++;
+        heap->cache[cls] = b->next;
+        heap->cache_room[cls]++;
         heap->tc.alloc_count++;
         if (in_rax) IN_RETURN_REG(b);
         return b;
     }
+    /* The two tests each have their own way out, at no cost here.  An exhausted page first:
+     * lum_malloc_slow also samples. */
+    struct lum_page *page = heap->current[cls];
+    b = page->free;
+    if (LUM_UNLIKELY(b == NULL)) return lum_malloc_slow(size, 0);
+    if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size);
+    heap->tc.alloc_bytes += bs;
+    page->free = lum_free_next(page, b);
+    lum_block_handed_out(b);
+    page->used++;
+    heap->tc.alloc_count++;
+    if (in_rax) IN_RETURN_REG(b);
+    return b;
 }
 
 LUM_EXPORT void *lum_malloc(size_t size)
