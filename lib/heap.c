@@ -269,8 +269,9 @@ static void push_atomic(_Atomic(lum_block *) *list, lum_block *b)
 /* A block whose page this thread does not own.  It goes on the page's own thread_free list (one
  * CAS on a line the owner seldom touches; the owner collects the list when it next looks for
  * room in that page), to the owner's inbox when the page is parked full, or stays on the page
- * while nobody owns it. */
-static void free_remote(struct lum_page *page, lum_block *b)
+ * while nobody owns it.  Inline: free_foreign's call of it, with the registers it saved, was
+ * a tenth of a remote free's instructions (callgrind, bench xthread: -5.7% inlined). */
+static inline __attribute__((always_inline)) void free_remote(struct lum_page *page, lum_block *b)
 {
     struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
     lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
