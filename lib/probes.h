@@ -6,6 +6,7 @@
 
 #define _SDT_HAS_SEMAPHORES 1
 #include <sys/sdt.h>
+#include "hidden.h"
 /* sdt.h's 1-byte nop at each probe site, on purpose.  A 5-byte one lets kernels with optimized
  * uprobes (x86-64, 6.16+) patch in a call to a trampoline instead of trapping (~1.0 against
  * ~1.27 us a hit), but on 6.18 a child forked while a tracer is attached inherits that call
@@ -16,11 +17,17 @@
     X(sample) X(sample_free) X(large_alloc) X(large_free) X(alloc_failure) \
     X(thread_start) X(thread_exit) X(purge) X(pressure) X(sample_batch)
 
-#define LUM_SEM_DECL(name) extern volatile unsigned short lumalloc_##name##_semaphore;
+#define LUM_SEM_DECL(name) extern LUM_HIDDEN volatile unsigned short lumalloc_##name##_semaphore;
 LUM_PROBE_LIST(LUM_SEM_DECL)
 #undef LUM_SEM_DECL
 
-#define LUM_PROBE_ON(name) __builtin_expect(lumalloc_##name##_semaphore != 0, 0)
+/* A relaxed atomic load rather than the volatile read: as fresh a value, but GCC reads a
+ * volatile through a register it first loads with the address (lea, movzwl, test: 3
+ * instructions where cmpw is 1). */
+#define LUM_SEM_READ(name) __atomic_load_n((unsigned short *)&lumalloc_##name##_semaphore, __ATOMIC_RELAXED)
+#define LUM_PROBE_ON(name) __builtin_expect(LUM_SEM_READ(name) != 0, 0)
+/* Either of two, or-ed: one branch. */
+#define LUM_PROBE_EITHER_ON(a, b) __builtin_expect((LUM_SEM_READ(a) | LUM_SEM_READ(b)) != 0, 0)
 
 /* Casts keep the argument widths of the contract whatever the caller's types. */
 #define LUM_U64(x) ((uint64_t)(uintptr_t)(x))
