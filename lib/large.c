@@ -254,7 +254,6 @@ static size_t cache_take_next(uint8_t *addr, size_t need, uint64_t origin)
 }
 
 /* Maps size bytes whose start is 4 MiB-aligned and whose byte at offset is alignment-aligned. */
-/* Maps size bytes whose start is 4 MiB-aligned and whose byte at offset is alignment-aligned. */
 static uint8_t *map_for(size_t size, size_t offset, size_t alignment)
 {
     if (alignment <= LUM_SEGMENT_SIZE) return lum_os_map_aligned(size, LUM_SEGMENT_SIZE);
@@ -291,7 +290,9 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     uint8_t *base = NULL;
     uint64_t origin = 0;
     size_t reused = 0; /* bytes from base that held data: calloc zeroes their part */
-    if (offset == LUM_LARGE_HEADER && (base = cache_take(&map_size, &origin, &reused, 0, 0)) != NULL) {
+    /* A cached range comes 4 MiB-aligned (cache_take), so its byte at offset has any alignment
+     * up to that: posix_memalign'd buffers (64 KiB, 2 MiB for huge pages) are reused too. */
+    if (alignment <= LUM_SEGMENT_SIZE && (base = cache_take(&map_size, &origin, &reused, 0, 0)) != NULL) {
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l); /* a range cut from a cached one has none */
         usable = map_size - offset - TRAILER;
@@ -368,11 +369,10 @@ void lum_large_free(void *p)
     lum_count_global(&lumalloc_registry.global.large_live_bytes, -(int64_t)l->usable);
     uint8_t *base = l->map_base;
     size_t map_size = l->map_size;
-    if ((size_t)((uint8_t *)p - base) == LUM_LARGE_HEADER) {
-        l->cached = 1; /* stays while the range keeps its head: a second free is caught */
-        if (cache_put(base, map_size, l->origin)) return;
-        l->cached = 0;
-    }
+    /* whatever the block's alignment: the range is reused from its 4 MiB-aligned start */
+    l->cached = 1; /* stays while the range keeps its head: a second free is caught */
+    if (cache_put(base, map_size, l->origin)) return;
+    l->cached = 0;
     unmap_range(base, map_size);
 }
 

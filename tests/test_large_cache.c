@@ -2,7 +2,8 @@
  * been: a larger block grows a cached mapping (its pages serve again), and a new segment lets
  * the cache go (its memory can never become pages).  What realloc cuts off a block serves the
  * next one; a block grown by realloc moves into a cached range large enough; and the cache
- * gives way before fresh memory would raise the resident total over live memory's peak. */
+ * gives way before fresh memory would raise the resident total over live memory's peak.  Aligned
+ * blocks are cached too. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -143,6 +144,35 @@ static void the_cache_gives_way_at_a_new_peak(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+/* Aligned large blocks are cached and served from the cache like any other, aligned: a
+ * program that recycles posix_memalign'd buffers maps nothing new.  Above a segment's
+ * alignment they get a mapping of their own, still aligned. */
+static void aligned_blocks_reuse_cached_ranges(void **state)
+{
+    (void)state;
+    lum_purge();
+    for (size_t align = 8192; align <= (size_t)4 << 20; align <<= 2) {
+        void *a = NULL, *b = NULL;
+        assert_int_equal(posix_memalign(&a, align, 1 << 20), 0);
+        assert_int_equal((uintptr_t)a % align, 0);
+        memset(a, 1, 1 << 20);
+        free(a);
+        lum_stats_snapshot(&s1);
+        assert_int_equal(posix_memalign(&b, align, 1 << 20), 0);
+        assert_int_equal((uintptr_t)b % align, 0);
+        lum_stats_snapshot(&s2);
+        assert_true(s2.mapped <= s1.mapped);
+        memset(b, 2, 1 << 20);
+        free(b);
+    }
+    void *c = NULL;
+    assert_int_equal(posix_memalign(&c, (size_t)8 << 20, 1 << 20), 0);
+    assert_int_equal((uintptr_t)c % ((size_t)8 << 20), 0);
+    memset(c, 3, 1 << 20);
+    free(c);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -151,6 +181,7 @@ int main(void)
         cmocka_unit_test(a_shrunk_tail_serves_the_next_block),
         cmocka_unit_test(growth_moves_into_a_cached_range),
         cmocka_unit_test(the_cache_gives_way_at_a_new_peak),
+        cmocka_unit_test(aligned_blocks_reuse_cached_ranges),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
