@@ -201,7 +201,7 @@ struct lum_heap {
      * down from lum_cache_max (one test on the free path, no table); free decrements it first
      * and tests the sign, so it reads -1 for a moment when the cache is full. */
     /* slot_class and class_size: lum_small_class and lum_class_size, copied into every record
-     * (lum_heap_init_classes) so that malloc's fast path finds a size's class and the class's
+     * (heap_create) so that malloc's fast path finds a size's class and the class's
      * block size at an offset from the heap pointer it holds already, where the shared tables
      * would cost a load of their address each, and a page pointer per slot (mimalloc's "direct
      * pages", what this replaced) a dependent load more before the cache: malloc went from 20

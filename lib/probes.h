@@ -17,17 +17,17 @@
     X(sample) X(sample_free) X(large_alloc) X(large_free) X(alloc_failure) \
     X(thread_start) X(thread_exit) X(purge) X(pressure) X(sample_batch)
 
+/* Hidden (tracers find them by the stapsdt notes' addresses, not by symbol): a test reads the
+ * semaphore off %rip, where a default-visibility declaration had the compiler take its address
+ * from the GOT first (a lea once the linker relaxes it), an instruction more a test. */
 #define LUM_SEM_DECL(name) extern LUM_HIDDEN volatile unsigned short lumalloc_##name##_semaphore;
 LUM_PROBE_LIST(LUM_SEM_DECL)
 #undef LUM_SEM_DECL
 
-/* A relaxed atomic load rather than the volatile read: as fresh a value, but GCC reads a
- * volatile through a register it first loads with the address (lea, movzwl, test: 3
- * instructions where cmpw is 1). */
-#define LUM_SEM_READ(name) __atomic_load_n((unsigned short *)&lumalloc_##name##_semaphore, __ATOMIC_RELAXED)
-#define LUM_PROBE_ON(name) __builtin_expect(LUM_SEM_READ(name) != 0, 0)
+#define LUM_PROBE_ON(name) __builtin_expect(lumalloc_##name##_semaphore != 0, 0)
 /* Either of two, or-ed: one branch. */
-#define LUM_PROBE_EITHER_ON(a, b) __builtin_expect((LUM_SEM_READ(a) | LUM_SEM_READ(b)) != 0, 0)
+#define LUM_PROBE_EITHER_ON(a, b) \
+    __builtin_expect((lumalloc_##a##_semaphore | lumalloc_##b##_semaphore) != 0, 0)
 
 /* Casts keep the argument widths of the contract whatever the caller's types. */
 #define LUM_U64(x) ((uint64_t)(uintptr_t)(x))
