@@ -951,15 +951,13 @@ static LUM_NOINLINE bool sample_locked_out(struct lum_thread_counters_v1 *tc, co
  * sample), anything unusual (first use, failure injection, its re-arming, a size to warn
  * about) through it.  Both callers have taken the block's size off sample_left already (the
  * fast path's subtraction is its test); a way to lum_malloc_slow gives it back. */
-LUM_NOINLINE void *lum_malloc_sample(size_t size)
+LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigned cls)
 {
-    struct lum_heap *heap = lum_tls_heap;
     int64_t left = heap->sample_left;
     /* Forced: lum_malloc_slow sets sample_left anew, and lum_empty_heap's is LUM_SAMPLE_FORCED
      * for good (lum_heap_force_slow leaves it alone, nothing charges it): that check is the
      * first use's too. */
     if (LUM_UNLIKELY(lum_sample_forced(left))) return lum_malloc_slow(size, 0);
-    unsigned cls = lum_size_class(size);
     /* left >= 0: no point inside the block after all (a check only) */
     if (LUM_UNLIKELY(left >= 0 || lum_fail_armed || lum_warns_large(size))) goto give_back;
     /* take_sample's work, its checks done above; the next point is drawn from where the
@@ -1032,7 +1030,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         if (!alignment && heap == lum_tls_heap && !lum_sample_forced(heap->sample_left) &&
             !lum_warns_large(size)) {
             heap->sample_left -= (int64_t)lum_class_size[cls]; /* as the fast path enters it */
-            return lum_malloc_sample(size);
+            return lum_malloc_sample(size, heap, cls);
         }
         void *p = sample_alloc(heap, size, cls);
         if (p) return p;

@@ -454,8 +454,9 @@ uint32_t lum_page_collect(struct lum_page *page);
 
 /* ---- heap.c ---- */
 void *lum_malloc_slow(size_t size, size_t alignment);
-/* malloc's fast path when the allocation reaches the thread's next sample point. */
-void *lum_malloc_sample(size_t size);
+/* malloc's fast path when the allocation reaches the thread's next sample point: heap is the
+ * thread's, cls size's class (passed, not looked up again: ~8 instructions a sample). */
+void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigned cls);
 void lum_free_slow(void *p, struct lum_page *page);
 struct lum_heap *lum_heap_get(void);
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b);

@@ -29,7 +29,10 @@
 static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size, bool in_rax)
 {
     struct lum_heap *heap = lum_tls_heap;
-    unsigned cls;
+    /* 64-bit, and in the third argument's register: it indexes the tables as it is and goes to
+     * lum_malloc_sample with heap and size where they are (as unsigned, GCC copied it into
+     * another register first, on the fast path). */
+    size_t cls;
     if (LUM_LIKELY(size <= LUM_SMALL_TABLE_MAX))
         cls = heap->slot_class[(size + LUM_ALIGN - 1) / LUM_ALIGN];
     else if (size <= LUM_MEDIUM_TABLE_MAX && size < lum_fast_limit_get())
@@ -44,7 +47,7 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size,
      * where it does not sample); the exact counter moves only with a block handed out, so a
      * reader in another process never sees one that was not. */
     if (LUM_LIKELY(b != NULL)) {
-        if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size);
+        if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size, heap, cls);
         heap->tc.alloc_bytes += bs;
         heap->cache[cls] = b->next;
         heap->cache_room[cls]++;
@@ -57,7 +60,7 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size,
     struct lum_page *page = heap->current[cls];
     b = page->free;
     if (LUM_UNLIKELY(b == NULL)) return lum_malloc_slow(size, 0);
-    if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size);
+    if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size, heap, cls);
     heap->tc.alloc_bytes += bs;
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
