@@ -223,6 +223,17 @@ LUM_COLD_TEXT void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_
     }
 }
 
+/* lum_fail_armed counted every thread's armed injector, and only the forking thread lives on
+ * in the child: left as it was, it stayed non-zero for good, and every allocation of the child
+ * went down the slow path unsampled (test_fork_storm: 3 children in 119 had no sample).  The
+ * global injector and this thread's are all that remain; no other thread can arm or disarm
+ * meanwhile, the child being single-threaded while its fork handlers run. */
+void lum_failure_after_fork_child(void)
+{
+    int armed = (__atomic_load_n(&global_nth, __ATOMIC_RELAXED) != 0) + ft.armed;
+    __atomic_store_n(&lum_fail_armed, armed, __ATOMIC_SEQ_CST);
+}
+
 void lum_failure_init(void)
 {
     if (lum_opt.fail_nth)

@@ -149,6 +149,8 @@ void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alig
                      bool injected, const uint64_t *frames, uint32_t depth);
 bool lum_fail_in_critical(void);
 void lum_failure_init(void);
+/* In a fork child: lum_fail_armed counts only the injectors that survived. */
+void lum_failure_after_fork_child(void);
 
 /* ---- thread list (observe.c): counters blocks seen by lum_on_thread_start ---- */
 /* Calls fn for each known thread counters block (registry list if the core exports it). */

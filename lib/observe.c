@@ -121,6 +121,7 @@ static void fork_child(void)
     lum_lock_reset(&lum_prof_lock);
     /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
     pthread_mutex_init(&lum_unwind_rules_lock, NULL);
+    lum_failure_after_fork_child();
 }
 
 /* A constructor, not lum_observe_init: pthread_atfork may allocate, and lum_observe_init runs

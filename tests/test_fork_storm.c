@@ -447,8 +447,55 @@ static void test_fork_storm(void **state)
     close(devnull);
 }
 
+/* The storm's finding, made deterministic: a fork while another thread's failure injector is
+ * armed.  The child must sample (the count of armed injectors counted the vanished thread's,
+ * which kept every allocation of the child on the unsampled slow path). */
+static atomic_int armed_state; /* 1 armed, 2 may disarm */
+
+static void *arm_and_wait(void *arg)
+{
+    (void)arg;
+    lum_fail_after(1u << 30);
+    atomic_store(&armed_state, 1);
+    while (atomic_load(&armed_state) != 2)
+        nap_us(100);
+    lum_fail_cancel();
+    return NULL;
+}
+
+static void test_fork_while_other_thread_armed(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", UNDER_TSAN ? "off" : "256"), 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, arm_and_wait, NULL), 0);
+    while (atomic_load(&armed_state) != 1)
+        nap_us(100);
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(60);
+        struct lum_prof_stats before, after;
+        lum_prof_get_stats(&before);
+        for (int i = 0; i < 4000; i++)
+            lum_free(lum_malloc(100 + (size_t)(i & 1023)));
+        lum_prof_get_stats(&after);
+        /* and the child's own injector still works */
+        lum_fail_after(0);
+        bool injected = lum_malloc(10) == NULL;
+        _exit(UNDER_TSAN || after.samples > before.samples ? (injected ? 0 : 2) : 1);
+    }
+    atomic_store(&armed_state, 2);
+    pthread_join(t, NULL);
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+    assert_int_equal(lum_options_set("sample_interval", "512k"), 0);
+}
+
 int main(void)
 {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_fork_storm)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_fork_while_other_thread_armed),
+                                       cmocka_unit_test(test_fork_storm)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
