@@ -38,7 +38,8 @@
 /* Far above what a child needs even on a loaded 2-core machine (a few ms): only a deadlock
  * gets here, so the verdict is not a timing one. */
 #define CHILD_DEADLINE_MS 15000
-#define LARGE_WARN "2m"
+/* over every size a child allocates: each child would warn again for its own call sites */
+#define LARGE_WARN "4m"
 
 static atomic_int stop;
 static atomic_int fork_iteration;
@@ -137,7 +138,8 @@ static void *xconsumer(void *arg)
 }
 
 /* Large blocks through the cache: grown and shrunk in place or moved, freed into the cache,
- * taken again; some over the warning size (unwinding, the warn lock, the symboliser). */
+ * taken again; some over the warning size (unwinding, the warn lock, the symboliser: a warning
+ * on stderr for each of this function's call sites, once). */
 static void *large_churn(void *arg)
 {
     (void)arg;
@@ -307,7 +309,7 @@ static void child_main(void)
     lum_prof_get_stats(&after);
     /* ~2 MB allocated at a 256-byte mean interval: thousands of samples expected, so none means
      * sampling is off in the child */
-    if (after.samples <= before.samples)
+    if (!UNDER_TSAN && after.samples <= before.samples)
         _exit(14);
     FILE *null = fdopen(dup(devnull), "w");
     if (!null || lum_prof_write_folded(null, LUM_PROF_CUMULATIVE) != 0)
@@ -393,10 +395,6 @@ static void test_fork_storm(void **state)
     assert_int_equal(lum_options_set("background_purge", "on"), 0);
     lum_set_diagnostics_fd(devnull);
     lum_set_diagnostics_mode(LUM_DIAGNOSTICS_ALL);
-    /* the large-allocation warnings go to stderr, once per site: keep them out of the log */
-    int saved_err = dup(2);
-    dup2(devnull, 2);
-
     void *(*const fns[])(void *) = {small_churn, small_churn, xproducer, xconsumer,
                                     large_churn, spawner, maintenance};
     enum { NT = sizeof fns / sizeof fns[0] };
@@ -432,8 +430,6 @@ static void test_fork_storm(void **state)
     atomic_store(&stop, 1);
     for (int i = 0; i < NT; i++)
         pthread_join(t[i], NULL);
-    dup2(saved_err, 2);
-    close(saved_err);
     signal(SIGALRM, SIG_DFL);
     printf("fork storm: %d forks in %.1f s budget, %d failed\n", forks, seconds, failed);
     assert_int_equal(failed, 0);
