@@ -751,6 +751,7 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
     *out = (struct lum_cfi_rule){0};
     if (ra < 2)
         return LUM_CFI_NONE;
+    lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     dl_iterate_phdr(find_cb, &f);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
@@ -771,6 +772,7 @@ uint64_t lum_cfi_unloads(bool wait)
         if (pthread_rwlock_tryrdlock(&lum_unwind_fork_lock))
             return UINT64_MAX;
     } else {
+        lum_lock_order_check(&lum_unwind_fork_lock);
         pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     }
     dl_iterate_phdr(subs_cb, &subs);

@@ -162,6 +162,7 @@ static bool lookup_loaded(const struct elf_file *f, uintptr_t base, const char *
 {
     struct same_image s = {f, base, lname, false};
     /* like the unwinder's: a fork then never finds the loader's lock held by this thread */
+    lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     dl_iterate_phdr(same_image_cb, &s);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);

@@ -26,6 +26,7 @@ static void parent(void)
 static void child(void)
 {
     for (size_t i = 0; i < NLOCKS; i++) atomic_store(&fork_locks[i]->state, 0);
+    lum_lock_order_forget(); /* observe.c's child handler, next, resets the rest */
     lum_background_after_fork_child(); /* first: releases below must not wake the parent's */
     lum_heaps_after_fork_child();
 }

@@ -84,6 +84,7 @@ static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
 static void locate_self(void)
 {
     /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
+    lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
         __atomic_store_n(&lum_self_state, 2, __ATOMIC_RELEASE);
