@@ -9,10 +9,17 @@
 #    copied with the standard names (malloc, free, ...) made local, and programs written against
 #    the lum_* API are linked with that copy: lumalloc's code runs instrumented, and every
 #    cross-thread hand-off of a block must be ordered by the allocator's own synchronisation.  The
-#    programs: tests/test_stress.c, tests/test_large_ranges.c, and a first use of the allocator
-#    from two threads at once.
+#    programs: tests/test_stress.c, tests/test_large_ranges.c, a first use of the allocator
+#    from two threads at once, and tests/integration/tsan_readers.c: three threads allocate and
+#    free (small, medium, large; some cross-thread frees; injected failures of their own) while
+#    a fourth calls every public API that reads other threads' state (statistics, mallinfo2,
+#    malloc_info/malloc_stats, the diagnostics report, the profiler's reports and dump, the heap
+#    check, the options) and arms and disarms the process-wide failure injector.
 #    Sampling is off there (LUMALLOC_SAMPLE_INTERVAL=0): libunwind's per-thread cache destructor
-#    crashes under TSan at thread exit, which is not the allocator's doing.  Any race report fails
+#    crashes under TSan at thread exit, which is not the allocator's doing.  tsan_readers runs a
+#    second time with sampling on and LUMALLOC_PROF=off: samples are then not unwound (sampler.c
+#    unwinds only for the profiler or an attached tracer), so libunwind never runs, and the
+#    sampled pages' paths and counters run against the readers.  Any race report fails
 #    the test (TSAN_OPTIONS=halt_on_error=0 so that one run lists every race, one line per distinct
 #    report; the exit status is 66 all the same).  test_threads and test_stats call malloc, which
 #    is TSan's in such a build, so they run under UBSan only.
@@ -106,6 +113,7 @@ C
 tsan_cc "$dir/test_stress_tsan" "$src/tests/test_stress.c"
 tsan_cc "$dir/first_use_tsan" "$dir/first_use.c"
 tsan_cc "$dir/test_large_ranges_tsan" "$src/tests/test_large_ranges.c"
+tsan_cc "$dir/tsan_readers" "$src/tests/integration/tsan_readers.c"
 export LUMALLOC_SAMPLE_INTERVAL=0
 # halt_on_error=0: every race of the run is listed (the exit status is still 66 after a report)
 TSAN_OPTIONS=halt_on_error=0:second_deadlock_stack=1 run_test "TSan test_stress" 300 "$dir/test_stress_tsan"
@@ -113,5 +121,10 @@ TSAN_OPTIONS=halt_on_error=0 run_test "TSan test_large_ranges" 300 "$dir/test_la
 for i in 1 2 3; do
   TSAN_OPTIONS=halt_on_error=0 run_test "TSan first use from two threads ($i)" 60 "$dir/first_use_tsan"
 done
+for i in 1 2; do
+  TSAN_OPTIONS=halt_on_error=0 run_test "TSan readers against allocating threads ($i)" 300 "$dir/tsan_readers"
+done
+LUMALLOC_SAMPLE_INTERVAL=64k LUMALLOC_PROF=off TSAN_OPTIONS=halt_on_error=0 \
+  run_test "TSan readers, sampling on, profiler off" 300 "$dir/tsan_readers"
 [ "$failed" = 0 ] || fail "$failed sanitizer runs failed"
 echo "sanitizers: all clean"
