@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#include "counter.h"
 #include "obs_internal.h"
 #include "options.h"
 #include "lumalloc_failure.h"
@@ -132,9 +133,9 @@ void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alig
         lum_buf_printf(&b,
                        "  process: mapped %llu, resident %llu, metadata %llu, retained %llu, "
                        "large live %llu bytes\n",
-                       (unsigned long long)g->mapped_bytes, (unsigned long long)g->resident_bytes,
-                       (unsigned long long)g->metadata_bytes, (unsigned long long)g->retained_bytes,
-                       (unsigned long long)g->large_live_bytes);
+                       (unsigned long long)LUM_PEEK(g->mapped_bytes), (unsigned long long)LUM_PEEK(g->resident_bytes),
+                       (unsigned long long)LUM_PEEK(g->metadata_bytes), (unsigned long long)LUM_PEEK(g->retained_bytes),
+                       (unsigned long long)LUM_PEEK(g->large_live_bytes));
     }
     struct top_site top[TOP_SITES];
     int ntop;

@@ -158,7 +158,7 @@ static lum_block *cache_take(struct lum_heap *heap, unsigned c)
 {
     lum_block *b = heap->cache[c];
     heap->cache[c] = NULL;
-    heap->cache_room[c] = (int8_t)lum_cache_max[c];
+    LUM_OWN_SET(heap->cache_room[c], (int8_t)lum_cache_max[c]);
     return b;
 }
 
@@ -180,6 +180,23 @@ static void heap_forget_pages(struct lum_heap *heap)
     if (heap->remote_collected) heap->remote_collected = 0;
 }
 
+static void tc_clear(struct lum_thread_counters_v1 *tc)
+{
+    _Static_assert(offsetof(struct lum_thread_counters_v1, next) == 0 &&
+                       sizeof *tc == 8 + 4 + 4 + 9 * 8, "tc_clear clears every field but the link");
+    LUM_OWN_SET(tc->tid, 0);
+    LUM_OWN_SET(tc->state, 0);
+    LUM_OWN_SET(tc->alloc_count, 0);
+    LUM_OWN_SET(tc->alloc_bytes, 0);
+    LUM_OWN_SET(tc->free_count, 0);
+    LUM_OWN_SET(tc->free_bytes, 0);
+    LUM_OWN_SET(tc->large_count, 0);
+    LUM_OWN_SET(tc->large_bytes, 0);
+    LUM_OWN_SET(tc->failures, 0);
+    LUM_OWN_SET(tc->sampled_count, 0);
+    LUM_OWN_SET(tc->sampled_bytes, 0);
+}
+
 static struct lum_heap *heap_create(void)
 {
     struct lum_heap *heap;
@@ -193,9 +210,10 @@ static struct lum_heap *heap_create(void)
         lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)heap->tc.alloc_bytes);
         lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)heap->tc.free_bytes);
         /* Everything but the link: readers walk the list without the lock (tools, through
-         * process_vm_readv), and a link zeroed for a moment would cut it short for them. */
-        _Static_assert(offsetof(struct lum_thread_counters_v1, next) == 0, "the link leads");
-        memset((char *)&heap->tc + sizeof heap->tc.next, 0, sizeof heap->tc - sizeof heap->tc.next);
+         * process_vm_readv, and lum_threads_foreach), and a link zeroed for a moment would cut
+         * it short for them.  Field by field, as the owner writes them (counter.h), for those
+         * readers. */
+        tc_clear(&heap->tc);
     }
     lum_unlock(&lum_heaps_lock);
     bool reused = heap != NULL;
@@ -219,8 +237,8 @@ static struct lum_heap *heap_create(void)
         memcpy(heap->class_size, lum_class_size, sizeof heap->class_size);
     }
     heap->tid = (uint32_t)syscall(SYS_gettid);
-    heap->tc.tid = heap->tid;
-    heap->tc.state = LUM_THREAD_LIVE;
+    LUM_OWN_SET(heap->tc.tid, heap->tid);
+    LUM_OWN_SET(heap->tc.state, LUM_THREAD_LIVE);
     heap->rng = (uint64_t)(uintptr_t)heap ^ ((uint64_t)heap->tid << 32) ^
                 (__atomic_add_fetch(&rng_seed_counter, 0x9e3779b97f4a7c15ULL, __ATOMIC_RELAXED));
     if (!heap->rng) heap->rng = 1;
@@ -497,11 +515,11 @@ static void abandoned_release_stale(void)
 
 static void page_unfull(struct lum_heap *heap, struct lum_page *page)
 {
-    page->used = lum_page_live(page);
+    LUM_OWN_SET(page->used, lum_page_live(page));
     page_unmark_full(page);
     lum_list_remove(&heap->full[page->cls], page);
     lum_list_push_back(&heap->avail[page->cls], page);
-    page->in_full = 0;
+    LUM_OWN_SET(page->in_full, 0);
     lum_page_set_fast(page, heap);
 }
 
@@ -537,7 +555,7 @@ static void page_retire_as(struct lum_heap *heap, struct lum_page *page, bool al
     }
     lum_list_remove(page->in_full ? &heap->full[cls] : &heap->avail[cls], page);
     lum_page_set_fast(page, NULL);
-    page->in_full = 0;
+    LUM_OWN_SET(page->in_full, 0);
     page->next = page->prev = NULL;
     /* A page of a class this heap does not allocate from (one it adopted by freeing into it)
      * goes back where a thread that needs the class will look first. */
@@ -587,7 +605,7 @@ void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block
 {
     lum_page_push_free(page, b);
     if (page->in_full) page_unfull(heap, page);
-    if (--page->used == 0) page_retire(heap, page);
+    if (LUM_OWN_SUB(page->used, 1) == 0) page_retire(heap, page);
 }
 
 /* Returns every cached block to its page (thread exit, explicit purge), so pages can empty. */
@@ -645,7 +663,7 @@ static void adopt_locked(struct lum_heap *heap, struct lum_page *page, bool fron
 {
     abandoned_unlink(page);
     atomic_store_explicit(&page->owner, heap, memory_order_release);
-    page->in_full = 0;
+    LUM_OWN_SET(page->in_full, 0);
     if (front) lum_list_push_front(&heap->avail[page->cls], page);
     else lum_list_push_back(&heap->avail[page->cls], page);
     /* Adopted by a free, a page keeps the free path slow until it becomes current: on the fast
@@ -720,7 +738,7 @@ static bool free_into_abandoned(struct lum_heap *heap, struct lum_page *page, lu
     }
     lum_page_collect(page);
     lum_page_push_free(page, b);
-    if (--page->used != 0) {
+    if (LUM_OWN_SUB(page->used, 1) != 0) {
         lum_unlock(&lum_abandoned_lock);
         return true;
     }
@@ -755,11 +773,11 @@ static bool page_park_full(struct lum_heap *heap, struct lum_page *page)
     }
     lum_list_remove(&heap->avail[page->cls], page);
     lum_list_push_back(&heap->full[page->cls], page);
-    page->in_full = 1;
+    LUM_OWN_SET(page->in_full, 1);
     /* all blocks are carved (page_has_room failed) and none is free: used is every block */
     uint32_t at = page_unpark_at(page);
-    page->park_bias = page->used > at ? page->used - at : 0;
-    page->used -= page->park_bias;
+    LUM_OWN_SET(page->park_bias, page->used > at ? page->used - at : 0);
+    LUM_OWN_SUB(page->used, page->park_bias);
     return true;
 }
 
@@ -891,7 +909,7 @@ static unsigned class_for_alignment(size_t size, size_t alignment)
 
 void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err)
 {
-    if (heap) heap->tc.failures++;
+    if (heap) LUM_OWN_ADD(heap->tc.failures, 1);
     lum_on_alloc_failure(heap ? &heap->tc : NULL, size, alignment, err);
     errno = err;
     return NULL;
@@ -1046,7 +1064,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     lum_block *b = page->free;
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
-    page->used++;
+    LUM_OWN_ADD(page->used, 1);
     lum_heap_count_alloc(heap, page->block_size);
     return b;
 }
@@ -1074,8 +1092,8 @@ static LUM_NOINLINE void free_foreign(void *p, struct lum_page *page)
     struct lum_heap *heap = lum_tls_heap;
     if (heap == &lum_empty_heap && !lum_tls_exited) heap = lum_heap_get();
     if (heap && heap != &lum_empty_heap) {
-        heap->tc.free_count++;
-        heap->tc.free_bytes += page->block_size;
+        LUM_OWN_ADD(heap->tc.free_count, 1);
+        LUM_OWN_ADD(heap->tc.free_bytes, page->block_size);
         struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
         if (owner == heap) { /* our page, adopted by a free (see free_into_abandoned) */
             lum_heap_local_free(heap, page, p);
@@ -1120,8 +1138,8 @@ static void page_recount(struct lum_page *page)
         uint32_t idx = (uint32_t)(((uintptr_t)b - (uintptr_t)page->start) / page->block_size);
         if (idx >= top && idx < page->capacity) top = idx + 1;
     }
-    page->carved = top;
-    page->used = n <= top ? top - n : 0;
+    LUM_OWN_SET(page->carved, top);
+    LUM_OWN_SET(page->used, n <= top ? top - n : 0);
 }
 
 /* An exited thread's empty pages are kept, free lists and all, for the next thread that needs
@@ -1137,10 +1155,10 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
         /* unconditionally: a fork child's dead thread may have stopped between marking a page
          * and moving it to the full list */
         page_unmark_full(page);
-        page->used = lum_page_live(page);
+        LUM_OWN_SET(page->used, lum_page_live(page));
         lum_page_collect(page);
         lum_page_set_fast(page, NULL);
-        page->in_full = 0;
+        LUM_OWN_SET(page->in_full, 0);
         page->retained = 0;
         page->next = page->prev = NULL;
         if (!abandon_page(page, cls, now)) lum_page_release(page, false);
@@ -1154,7 +1172,7 @@ static void abandon_list(struct lum_page_list *list, unsigned cls, uint64_t now)
  * of threads that did not survive with heap_forget_pages, as their lists may be torn. */
 void lum_heap_abandon(struct lum_heap *heap)
 {
-    heap->tc.state = LUM_THREAD_EXITED;
+    LUM_OWN_SET(heap->tc.state, LUM_THREAD_EXITED);
     lum_on_thread_exit(&heap->tc); /* before the record can be reused */
     /* Under the heap-list lock (first in fork's order), so a fork sees the heap either whole
      * or fully abandoned, never half of each. */
@@ -1319,7 +1337,7 @@ LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
             struct lum_page *page = chain;
             chain = page->next;
             page->next = page->prev = NULL;
-            page->in_full = 0;
+            LUM_OWN_SET(page->in_full, 0);
             page->retained = 0;
             lum_page_set_fast(page, NULL);
             page_recount(page);
@@ -1331,7 +1349,7 @@ LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) {
         if (h == me) continue;
         if (h->alive == LUM_HEAP_DEAD) {
-            h->tc.state = LUM_THREAD_EXITED;
+            LUM_OWN_SET(h->tc.state, LUM_THREAD_EXITED);
             lum_on_thread_exit(&h->tc);
             heap_forget_pages(h); /* its lists may be torn: its pages were taken from the segments */
             h->alive = 0;
@@ -1342,5 +1360,8 @@ LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
         h->pooled = true;
     }
     if (any_dead) __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
-    if (me != &lum_empty_heap) me->tid = me->tc.tid = (uint32_t)syscall(SYS_gettid);
+    if (me != &lum_empty_heap) {
+        me->tid = (uint32_t)syscall(SYS_gettid);
+        LUM_OWN_SET(me->tc.tid, me->tid);
+    }
 }

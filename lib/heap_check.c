@@ -57,7 +57,7 @@ static void check_segment(struct lum_segment *seg, void *arg)
             if (seg->slice_page[i + j] != page) report(c, "span slice points elsewhere", page);
         if (page->block_size != lum_class_size[page->cls]) report(c, "block size does not match class", page);
         if (page->start != lum_seg_base(seg) + (size_t)i * LUM_SLICE_SIZE) report(c, "page start wrong", page);
-        if (page->carved > page->capacity) report(c, "carved beyond capacity", page);
+        if (LUM_PEEK(page->carved) > page->capacity) report(c, "carved beyond capacity", page); /* the owner's */
         struct lum_heap *owner = atomic_load(&page->owner);
         if (page->kind == LUM_PAGE_SMALL && owner == c->me) check_free_list(c, page);
         if (page->kind == LUM_PAGE_SMALL && lum_page_fast(page) && lum_page_fast(page) != owner)

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <pthread.h>
 #include "cold_text.h"
+#include "counter.h"
 #include "hidden.h"
 #include "lock.h"
 #include "lumalloc_probes.h"
@@ -327,8 +328,8 @@ static inline bool lum_sample_forced(int64_t left)
  * INT64_MAX, 8 EiB away from wrapping). */
 static inline void lum_heap_count_alloc(struct lum_heap *heap, uint64_t bytes)
 {
-    heap->tc.alloc_count++;
-    heap->tc.alloc_bytes += bytes;
+    LUM_OWN_ADD(heap->tc.alloc_count, 1);
+    LUM_OWN_ADD(heap->tc.alloc_bytes, bytes);
     heap->sample_left = (int64_t)((uint64_t)heap->sample_left - bytes);
 }
 
@@ -516,7 +517,7 @@ static inline __attribute__((always_inline)) lum_block *lum_sampled_pop_locked(u
     }
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
-    page->used++;
+    LUM_OWN_ADD(page->used, 1);
     if (LUM_UNLIKELY(!page->free)) lum_sampled_emptied(page, scls);
     *pagep = page;
     return b;
@@ -525,7 +526,7 @@ static inline __attribute__((always_inline)) lum_block *lum_sampled_pop_locked(u
 static inline void lum_sampled_count(struct lum_heap *heap, const struct lum_page *page)
 {
     lum_heap_count_alloc(heap, page->block_size);
-    heap->tc.sampled_count++;
+    LUM_OWN_ADD(heap->tc.sampled_count, 1);
 }
 
 /* ---- background.c ---- */

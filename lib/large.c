@@ -327,11 +327,11 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     if (zero && reused > offset) memset(l->user, 0, size < reused - offset ? size : reused - offset);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable);
     lum_heap_count_alloc(heap, usable);
-    heap->tc.large_count++;
-    heap->tc.large_bytes += usable;
+    LUM_OWN_ADD(heap->tc.large_count, 1);
+    LUM_OWN_ADD(heap->tc.large_bytes, usable);
     lum_on_large_alloc(&heap->tc, l->user, size, usable);
     if (sampled) {
-        heap->tc.sampled_count++;
+        LUM_OWN_ADD(heap->tc.sampled_count, 1);
         lum_on_sample(&heap->tc, l->user, size, usable);
     }
     return l->user;
@@ -363,8 +363,8 @@ void lum_large_free(void *p)
     if (l->sampled) lum_on_sample_free(p, l->usable);
     lum_on_large_free(p, l->usable);
     if (heap != &lum_empty_heap) {
-        heap->tc.free_count++;
-        heap->tc.free_bytes += l->usable;
+        LUM_OWN_ADD(heap->tc.free_count, 1);
+        LUM_OWN_ADD(heap->tc.free_bytes, l->usable);
     }
     lum_count_global(&lumalloc_registry.global.large_live_bytes, -(int64_t)l->usable);
     uint8_t *base = l->map_base;
@@ -514,11 +514,11 @@ void *lum_large_realloc(void *p, size_t size)
      * not) like any allocation of its size, decided before the counters move. */
     bool sample_new = tc && lum_heap_take_sample(heap, usable, usable);
     if (tc) {
-        tc->free_count++;
-        tc->free_bytes += old_usable;
+        LUM_OWN_ADD(tc->free_count, 1);
+        LUM_OWN_ADD(tc->free_bytes, old_usable);
         lum_heap_count_alloc(heap, usable);
-        tc->large_count++;
-        tc->large_bytes += usable;
+        LUM_OWN_ADD(tc->large_count, 1);
+        LUM_OWN_ADD(tc->large_bytes, usable);
     }
     l->map_base = base;
     l->map_size = map_size;
@@ -530,7 +530,7 @@ void *lum_large_realloc(void *p, size_t size)
         lum_on_large_alloc(tc, l->user, size, usable);
         if (sample_new) {
             l->sampled = 1;
-            tc->sampled_count++;
+            LUM_OWN_ADD(tc->sampled_count, 1);
             lum_on_sample(tc, l->user, size, usable);
         }
     }

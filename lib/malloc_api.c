@@ -48,10 +48,10 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size,
      * reader in another process never sees one that was not. */
     if (LUM_LIKELY(b != NULL)) {
         if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size, heap, cls);
-        heap->tc.alloc_bytes += bs;
+        LUM_OWN_ADD(heap->tc.alloc_bytes, bs);
         heap->cache[cls] = b->next;
-        heap->cache_room[cls]++;
-        heap->tc.alloc_count++;
+        LUM_OWN_ADD(heap->cache_room[cls], 1);
+        LUM_OWN_ADD(heap->tc.alloc_count, 1);
         if (in_rax) IN_RETURN_REG(b);
         return b;
     }
@@ -61,11 +61,11 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size,
     b = page->free;
     if (LUM_UNLIKELY(b == NULL)) return lum_malloc_slow(size, 0);
     if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size, heap, cls);
-    heap->tc.alloc_bytes += bs;
+    LUM_OWN_ADD(heap->tc.alloc_bytes, bs);
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
-    page->used++;
-    heap->tc.alloc_count++;
+    LUM_OWN_ADD(page->used, 1);
+    LUM_OWN_ADD(heap->tc.alloc_count, 1);
     if (in_rax) IN_RETURN_REG(b);
     return b;
 }
@@ -82,21 +82,21 @@ static inline void free_fast(void *p)
     struct lum_page *page = lum_page_of(p);
     struct lum_heap *heap = lum_tls_heap;
     if (LUM_LIKELY(lum_page_fast_is(page, heap))) {
-        heap->tc.free_count++;
-        heap->tc.free_bytes += page->block_size;
+        LUM_OWN_ADD(heap->tc.free_count, 1);
+        LUM_OWN_ADD(heap->tc.free_bytes, page->block_size);
 #if !LUM_HARDENED /* the cache's links are plain: hardened builds keep every free on its page */
         unsigned cls = page->cls;
         /* Decrement first: the borrow out of 0 is the test, one instruction fewer than a
          * compare before the decrement. */
-        if (LUM_LIKELY(--heap->cache_room[cls] >= 0)) {
+        if (LUM_LIKELY(LUM_OWN_SUB(heap->cache_room[cls], 1) >= 0)) {
             ((lum_block *)p)->next = heap->cache[cls];
             heap->cache[cls] = p;
             return;
         }
-        heap->cache_room[cls] = 0;
+        LUM_OWN_SET(heap->cache_room[cls], 0);
 #endif
         lum_page_push_free(page, p);
-        if (LUM_UNLIKELY(--page->used == 0)) lum_page_empty(heap, page);
+        if (LUM_UNLIKELY(LUM_OWN_SUB(page->used, 1) == 0)) lum_page_empty(heap, page);
         return;
     }
     lum_free_slow(p, page);
@@ -279,20 +279,21 @@ LUM_EXPORT struct mallinfo2 lum_mallinfo2(void)
     struct mallinfo2 mi;
     memset(&mi, 0, sizeof mi);
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
-    uint64_t alloc = g->exited_alloc_bytes, freed = g->exited_free_bytes;
+    uint64_t alloc = LUM_PEEK(g->exited_alloc_bytes), freed = LUM_PEEK(g->exited_free_bytes);
     lum_lock(&lum_heaps_lock);
     for (struct lum_thread_counters_v1 *tc = (void *)(uintptr_t)lumalloc_registry.threads_head; tc;
          tc = (void *)(uintptr_t)tc->next) {
-        alloc += tc->alloc_bytes;
-        freed += tc->free_bytes;
+        alloc += LUM_PEEK(tc->alloc_bytes); /* the owners' counters: counter.h */
+        freed += LUM_PEEK(tc->free_bytes);
     }
     lum_unlock(&lum_heaps_lock);
     size_t live = alloc > freed ? (size_t)(alloc - freed) : 0;
-    mi.arena = g->mapped_bytes;
-    mi.hblkhd = g->large_live_bytes;
+    uint64_t resident = LUM_PEEK(g->resident_bytes);
+    mi.arena = LUM_PEEK(g->mapped_bytes);
+    mi.hblkhd = LUM_PEEK(g->large_live_bytes);
     mi.uordblks = live;
-    mi.fordblks = g->resident_bytes > live ? g->resident_bytes - live : 0;
-    mi.keepcost = g->retained_bytes;
+    mi.fordblks = resident > live ? resident - live : 0;
+    mi.keepcost = LUM_PEEK(g->retained_bytes);
     return mi;
 }
 
@@ -340,9 +341,9 @@ LUM_EXPORT int lum_malloc_info(int options, FILE *fp)
                 "<system type=\"current\" size=\"%llu\"/>\n"
                 "</malloc>\n",
             LUMALLOC_VERSION_MAJOR, LUMALLOC_VERSION_MINOR, mi.uordblks,
-            (unsigned long long)g->mapped_bytes, (unsigned long long)g->resident_bytes,
-            (unsigned long long)g->retained_bytes, (unsigned long long)g->large_live_bytes,
-            (unsigned long long)g->mapped_bytes);
+            (unsigned long long)LUM_PEEK(g->mapped_bytes), (unsigned long long)LUM_PEEK(g->resident_bytes),
+            (unsigned long long)LUM_PEEK(g->retained_bytes), (unsigned long long)LUM_PEEK(g->large_live_bytes),
+            (unsigned long long)LUM_PEEK(g->mapped_bytes));
     return 0;
 }
 

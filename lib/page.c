@@ -35,7 +35,7 @@ bool lum_page_refill(struct lum_page *page)
     ((lum_block *)p)->next = page->free;
     page->free = (lum_block *)first;
 #endif
-    page->carved += n;
+    LUM_OWN_ADD(page->carved, n);
     return true;
 }
 
@@ -56,6 +56,6 @@ uint32_t lum_page_collect(struct lum_page *page)
         list = next;
         n++;
     }
-    page->used -= n;
+    LUM_OWN_SUB(page->used, n);
     return n;
 }

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <string.h>
 #include <unistd.h>
+#include "counter.h"
 #include "obs_internal.h"
 #include "options.h"
 #include "lumalloc_prof.h"
@@ -152,9 +153,10 @@ static void text_sites(struct lum_buf *b, struct lum_snap *sn, struct lum_symcac
     }
 }
 
-static void thread_line(const struct lum_thread_counters_v1 *tc, void *arg)
+static void thread_line(const struct lum_thread_counters_v1 *live, void *arg)
 {
     struct lum_buf *b = arg;
+    const struct lum_thread_counters_v1 c = lum_tc_peek(live), *tc = &c; /* counter.h */
     lum_buf_printf(b, "%8u %-6s %12llu %15llu %12llu %15llu %8llu %14llu %6llu %8llu %15llu\n",
                    tc->tid, tc->state == LUM_THREAD_LIVE ? "live" : "exited",
                    (unsigned long long)tc->alloc_count, (unsigned long long)tc->alloc_bytes,

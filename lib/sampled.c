@@ -137,7 +137,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
     lum_block *b = page->free;
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
-    page->used++;
+    LUM_OWN_ADD(page->used, 1);
     if (!page->free) lum_sampled_emptied(page, cls);
     lum_unlock(&lum_sampled_lock);
     lum_heap_count_alloc(heap, page->block_size);
@@ -148,7 +148,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
 void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_rec **rec)
 {
     lum_block *b = sampled_pop(heap, scls, true, rec);
-    if (b) heap->tc.sampled_count++;
+    if (b) LUM_OWN_ADD(heap->tc.sampled_count, 1);
     return b;
 }
 
@@ -202,15 +202,15 @@ void lum_sampled_free(void *p, struct lum_page *page)
         rec = NULL;
     }
     if (heap != &lum_empty_heap) {
-        heap->tc.free_count++;
-        heap->tc.free_bytes += page->block_size;
+        LUM_OWN_ADD(heap->tc.free_count, 1);
+        LUM_OWN_ADD(heap->tc.free_bytes, page->block_size);
     }
     lum_lock(&lum_sampled_lock);
     /* the record's share of its stack's figures goes under the lock the page needs anyway */
     if (rec) lum_sample_free_locked(rec);
     unsigned cls = page->cls;
     lum_page_push_free(page, p);
-    if (--page->used == 0) {
+    if (LUM_OWN_SUB(page->used, 1) == 0) {
         if (lum_sampled_pages[cls].head != page) {
             lum_list_remove(&lum_sampled_pages[cls], page);
             keep_empty(cls, page);

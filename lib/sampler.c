@@ -141,7 +141,7 @@ static inline __attribute__((always_inline)) void on_sample(struct lum_thread_co
     }
     uint64_t wb = lum_sample_bytes(factor, s);
     if (tc)
-        tc->sampled_bytes += wb;
+        LUM_OWN_ADD(tc->sampled_bytes, wb);
 
     uint32_t depth = 0;
     uint64_t same = 0;

@@ -6,6 +6,7 @@
  * and a second lock (~60 instructions a sample).  Anything else goes through them. */
 #ifndef LUM_SAMPLER_FAST_H
 #define LUM_SAMPLER_FAST_H
+#include "counter.h"
 #include "obs_internal.h"
 #include "options.h"
 #include "probes.h"
@@ -104,7 +105,7 @@ static inline __attribute__((always_inline)) bool lum_sample_locked(struct lum_t
         r->d = d, r->same = same, r->wb = wb;
         return false;
     }
-    tc->sampled_bytes += wb;
+    LUM_OWN_ADD(tc->sampled_bytes, wb);
     __atomic_store_n(&lum_prof_samples, lum_prof_samples + 1, __ATOMIC_RELAXED);
     lum_stack_add_sample(st, wb, factor);
     lum_records.slot_live++;
@@ -124,7 +125,7 @@ static inline __attribute__((always_inline)) void lum_sample_rest(struct lum_sam
                                                                   struct lum_sample_rec *rec)
 {
     if (r->d >= 0) {
-        tc->sampled_bytes += r->wb;
+        LUM_OWN_ADD(tc->sampled_bytes, r->wb);
         lum_sample_commit(tc, ptr, requested, usable, r->wb, factor, r->frames, (uint32_t)r->d, r->same, rec);
     } else if (r->d == -1 || at) {
         lum_sample_walk(tc, ptr, requested, usable, at, factor, rec, r->d != -1, r->frames);

@@ -296,10 +296,10 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     page->kind = (uint8_t)kind;
     page->block_size = lum_class_size[cls];
     page->capacity = (uint32_t)(((size_t)n * LUM_SLICE_SIZE) / page->block_size);
-    page->carved = 0;
+    LUM_OWN_SET(page->carved, 0);
     page->free = NULL;
-    page->used = 0;
-    page->in_full = 0;
+    LUM_OWN_SET(page->used, 0);
+    LUM_OWN_SET(page->in_full, 0);
     page->retained = 0;
     page->abandoned = 0;
     lum_page_set_fast(page, NULL);
@@ -407,7 +407,7 @@ void lum_page_uncarve(struct lum_page *page)
     note_depth(page);
     /* a span it took over from an earlier page of its class goes too (its own slices: no lock) */
     size_t touched = resident_span(seg, idx, page);
-    page->carved = 0;
+    LUM_OWN_SET(page->carved, 0);
     page->free = NULL;
     if (!touched || lum_opt.thp) return;
     return_pages(page->start, touched);

@@ -1,6 +1,7 @@
 /* Statistics snapshot.  Segment figures are read under the segment lock, thread counters under
- * the heap-list lock; page "used" counts belong to their owners and are read racily (exact when
- * the owners are quiet), which keeps every allocation and free free of any stats cost. */
+ * the heap-list lock; the counters and page "used" counts belong to their owners and are read
+ * racily (exact when the owners are quiet; see counter.h), which keeps every allocation and free
+ * free of any stats cost. */
 #include <stdio.h>
 #include <string.h>
 #include "internal.h"
@@ -31,7 +32,7 @@ static void add_segment(struct lum_segment *seg, void *arg)
 static void add_thread(struct lum_heap *h, void *arg)
 {
     struct lum_stats *s = arg;
-    const struct lum_thread_counters_v1 *tc = &h->tc;
+    const struct lum_thread_counters_v1 c = lum_tc_peek(&h->tc), *tc = &c;
     s->allocated += tc->alloc_bytes - tc->free_bytes; /* wraps back for cross-thread pairs */
     for (unsigned c = 0; c < LUM_CLASSES; c++) { /* freed, though their pages count them used */
         int8_t room = __atomic_load_n(&h->cache_room[c], __ATOMIC_RELAXED);
@@ -59,16 +60,16 @@ LUM_EXPORT void lum_stats_snapshot(struct lum_stats *s)
     lum_segments_for_each(add_segment, s);
     lum_heaps_for_each(add_thread, s);
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
-    s->allocated += g->exited_alloc_bytes - g->exited_free_bytes;
+    s->allocated += LUM_PEEK(g->exited_alloc_bytes) - LUM_PEEK(g->exited_free_bytes);
     s->large_live = __atomic_load_n(&g->large_live_bytes, __ATOMIC_RELAXED);
     s->active += s->large_live;
     s->mapped = __atomic_load_n(&g->mapped_bytes, __ATOMIC_RELAXED);
     s->resident = __atomic_load_n(&g->resident_bytes, __ATOMIC_RELAXED);
     s->retained = __atomic_load_n(&g->retained_bytes, __ATOMIC_RELAXED);
     s->metadata = __atomic_load_n(&g->metadata_bytes, __ATOMIC_RELAXED);
-    s->purged_total = g->purged_bytes;
-    s->purge_events = g->purge_events;
-    s->pressure_events = g->pressure_events;
+    s->purged_total = LUM_PEEK(g->purged_bytes);
+    s->purge_events = LUM_PEEK(g->purge_events);
+    s->pressure_events = LUM_PEEK(g->pressure_events);
     lum_lock(&lum_abandoned_lock);
     for (unsigned c = 0; c < LUM_CLASSES; c++)
         for (struct lum_page *p = lum_abandoned[c].head; p; p = p->next) s->abandoned_pages++;
