@@ -122,7 +122,7 @@ static inline __attribute__((always_inline)) int64_t next_point(struct lum_heap 
  * allocation on the slow path. */
 static inline __attribute__((always_inline)) int64_t next_sample_after(struct lum_heap *heap, uint64_t after)
 {
-    if (lum_fail_armed) return LUM_SAMPLE_FORCED;
+    if (lum_fail_is_armed()) return LUM_SAMPLE_FORCED;
     if (after >= SAMPLE_AFTER_MAX) return LUM_SAMPLE_OFF;
     return next_point(heap, after);
 }
@@ -977,7 +977,7 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
      * first use's too. */
     if (LUM_UNLIKELY(lum_sample_forced(left))) return lum_malloc_slow(size, 0);
     /* left >= 0: no point inside the block after all (a check only) */
-    if (LUM_UNLIKELY(left >= 0 || lum_fail_armed || lum_warns_large(size))) goto give_back;
+    if (LUM_UNLIKELY(left >= 0 || lum_fail_is_armed() || lum_warns_large(size))) goto give_back;
     /* take_sample's work, its checks done above; the next point is drawn from where the
      * counter will stand after the sampled block (the ordinary block's charge is dropped) */
     unsigned scls = lum_sampled_class(cls);
@@ -1025,7 +1025,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         return lum_alloc_failed(heap, size, alignment, ENOMEM);
     if (alignment <= LUM_ALIGN) alignment = 0;
 
-    if (LUM_UNLIKELY(lum_fail_armed)) {
+    if (LUM_UNLIKELY(lum_fail_is_armed())) {
         heap->sample_left = LUM_SAMPLE_FORCED;
         if (lum_fail_should_inject(size)) return lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
@@ -1036,11 +1036,11 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (LUM_UNLIKELY(lum_warns_large(size) && size < lum_opt.large_threshold))
         lum_on_large_warn(size); /* the large path warns by itself */
     if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
-        void *p = lum_large_alloc(heap, size, alignment, false, !lum_fail_armed);
+        void *p = lum_large_alloc(heap, size, alignment, false, !lum_fail_is_armed());
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
-    if (!lum_fail_armed && heap->sample_left < (int64_t)lum_class_size[cls]) {
+    if (!lum_fail_is_armed() && heap->sample_left < (int64_t)lum_class_size[cls]) {
         /* A tail call: reached from malloc (its exhausted page), lum_malloc_sample walks from
          * malloc's caller, where the unwinder's memo holds, instead of from here (~250
          * instructions less a sample).  Its way back here is closed: the checks that send it

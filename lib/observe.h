@@ -73,8 +73,23 @@ void lum_on_large_free(void *ptr, size_t usable);
 void lum_on_large_warn(size_t requested);
 
 /* Failure injection: true when this allocation must fail.  Called by the core on the slow path
- * only while lum_fail_armed is non-zero (the core then sends every allocation down it). */
+ * only while lum_fail_armed is non-zero (the core then sends every allocation down it).
+ * Changed by any thread (failure.c, atomic read-modify-writes); read with lum_fail_is_armed: an
+ * allocation racing with an arm or a disarm may go either way, which the injector's contract
+ * allows (other threads join at their next slow-path allocation).  The read is the volatile
+ * one, an aligned 4-byte load (atomic on x86-64), in ordinary builds: GCC keeps other loads
+ * from moving across a relaxed atomic load, and in calloc that reloaded the TLS heap pointer
+ * after it (a longer calloc).  Under ThreadSanitizer it is the relaxed atomic load, so that
+ * TSan sees the protocol (see counter.h for the same reasoning on counters). */
 extern LUM_HIDDEN volatile int lum_fail_armed;
+static inline int lum_fail_is_armed(void)
+{
+#ifdef __SANITIZE_THREAD__
+    return __atomic_load_n(&lum_fail_armed, __ATOMIC_RELAXED);
+#else
+    return lum_fail_armed;
+#endif
+}
 bool lum_fail_should_inject(size_t size);
 
 /* An allocation is about to return NULL with errno = err.  Probe, diagnostics, abort. */
