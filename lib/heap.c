@@ -963,9 +963,11 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
     /* take_sample's work, its checks done above; the next point is drawn from where the
      * counter will stand after the sampled block (the ordinary block's charge is dropped) */
     unsigned scls = lum_sampled_class(cls);
-    heap->sample_left = next_point(heap, lum_class_size[scls]);
+    /* the sizes from the heap's copy of the table, on lines malloc's fast path keeps in cache:
+     * lum_class_size's lines are out of L1 by the next sample */
+    heap->sample_left = next_point(heap, heap->class_size[scls]);
     double f = sample_factor(heap, cls);
-    size_t usable = lum_class_size[cls];
+    size_t usable = heap->class_size[cls];
     struct lum_sample_rec *rec;
     struct lum_sample_rest rest;
     struct lum_page *page;

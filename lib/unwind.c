@@ -40,7 +40,8 @@
  * prefers readers. */
 pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
 
-uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+uint64_t lum_unwind_ns;
+LUM_SAMPLE_DATA uint64_t lum_unwind_count, lum_unwind_frames;
 /* Serialises additions to the rule cache; reset in fork children by observe.c. */
 pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -185,7 +186,7 @@ static struct rtab *rtab;
  * learnt in: a walk looks up only rules of the generation it started in, and a rebuilt table
  * keeps only those. */
 static uint64_t rules_unloads; /* lum_cfi_unloads() when lum_rules_gen last moved */
-uint32_t lum_rules_gen;
+LUM_SAMPLE_DATA uint32_t lum_rules_gen;
 
 static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
 {
