@@ -964,6 +964,17 @@ static LUM_NOINLINE bool sample_locked_out(struct lum_thread_counters_v1 *tc, co
     return done;
 }
 
+/* lum_sampled_class(cls) from the tables malloc's fast path reads (the heap's copies, and
+ * lum_medium_class for 2 to 16 KiB), whose lines are in cache: lum_sampled_memo's are not at the
+ * next sample.  The sampled class is the class of the power of two at or above the class's size,
+ * 256 bytes at least (sampled.c): every such power is a class of its own. */
+static inline __attribute__((always_inline)) unsigned sampled_class_hot(const struct lum_heap *heap, unsigned cls)
+{
+    uint32_t s = heap->class_size[cls];
+    size_t p = s <= 256 ? 256 : (size_t)1 << (64 - __builtin_clzll((uint64_t)s - 1));
+    return p <= LUM_SMALL_TABLE_MAX ? heap->slot_class[p / LUM_ALIGN] : lum_size_class(p);
+}
+
 /* malloc's fast path found the next sample point inside this allocation's block: the common
  * case without lum_malloc_slow's checks and register saves (a few dozen instructions a
  * sample), anything unusual (first use, failure injection, its re-arming, a size to warn
@@ -980,10 +991,12 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
     if (LUM_UNLIKELY(left >= 0 || lum_fail_is_armed() || lum_warns_large(size))) goto give_back;
     /* take_sample's work, its checks done above; the next point is drawn from where the
      * counter will stand after the sampled block (the ordinary block's charge is dropped) */
-    unsigned scls = lum_sampled_class(cls);
-    heap->sample_left = next_point(heap, lum_class_size[scls]);
+    unsigned scls = sampled_class_hot(heap, cls);
+    /* the sizes from the heap's copy of the table, on lines malloc's fast path keeps in cache:
+     * lum_class_size's lines are out of L1 by the next sample */
+    heap->sample_left = next_point(heap, heap->class_size[scls]);
     double f = sample_factor(heap, cls);
-    size_t usable = lum_class_size[cls];
+    size_t usable = heap->class_size[cls];
     struct lum_sample_rec *rec;
     struct lum_sample_rest rest;
     struct lum_page *page;

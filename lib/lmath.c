@@ -80,7 +80,7 @@ double lum_expm1_neg(double x)
  * low bits are its weak ones. */
 #define ZR 7.69711747013104972   /* where the tail starts */
 #define ZV 3.949659822581572e-3  /* every layer's area (scripts/gen_zig_tables.py) */
-/* The tables (lum_zig_k, lum_zig_w) are constants from scripts/gen_zig_tables.py
+/* The tables (lum_zig) are constants from scripts/gen_zig_tables.py
  * (lib/zig_tables.c): built by the first draw, they cost a short run ~2 instructions a sample
  * (bench ring's quick run).  The layers' heights exp(-x_i) are computed where the wedge test
  * needs them (one draw in ~45), one exp() more there, rather than read from a third 2 KiB
@@ -102,15 +102,15 @@ double lum_exp_variate_slow(uint64_t *rng, uint64_t r)
     for (;;) {
         uint64_t j = (r >> 3) & (((uint64_t)1 << 53) - 1);
         unsigned i = (unsigned)(r >> 56);
-        double x = (double)j * lum_zig_w[i];
-        if (j < lum_zig_k[i])
+        double x = (double)j * lum_zig[i].w;
+        if (j < lum_zig[i].k)
             return x;
         if (i == 0) /* the tail beyond ZR is ZR plus an exponential, by memorylessness */
             return ZR - lum_log(uniform01(rng));
         /* the wedge of layer i lies between heights exp(-x_i) and exp(-x_{i-1}), which the
-         * tables were built from as exp(-x_{i-1}) = exp(-x_i) + ZV / x_i (x_i is lum_zig_w[i]
+         * tables were built from as exp(-x_{i-1}) = exp(-x_i) + ZV / x_i (x_i is lum_zig[i].w
          * * 2^53 exactly; the top layer's x_0 is 0, its height 1) */
-        double xi = (double)((uint64_t)1 << 53) * lum_zig_w[i];
+        double xi = (double)((uint64_t)1 << 53) * lum_zig[i].w;
         double lo = exp_neg(xi), hi = i > 1 ? lo + ZV / xi : 1;
         if (lo + uniform01(rng) * (hi - lo) < exp_neg(x))
             return x;

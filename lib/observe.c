@@ -10,7 +10,10 @@
 #include "options.h"
 #include "probes.h"
 
-__thread int lum_obs_busy LUM_TLS;
+/* In .tdata, after lum_tls_heap (the only initialised thread-local): on the line of the TLS
+ * block that malloc's fast path keeps in cache, not on .tbss's first line, which the sampling
+ * path would touch for it alone (lum_memo, 64-aligned, starts .tbss on a line of its own). */
+__thread int lum_obs_busy LUM_TLS __attribute__((section(".tdata.lum_obs_busy")));
 
 /* The core's registry (heap.c): thread counters blocks are chained from threads_head.  Weak so
  * that unit tests of this side link without the core. */

@@ -24,8 +24,9 @@ static inline int64_t lum_sampler_draw(uint64_t *rng)
     if (!t)
         return INT64_MAX;
     double v = lum_exp_variate(rng) * (double)t;
-    /* keeps the countdown far from overflow when a tiny uniform draw gives a huge interval */
-    if (v >= (double)((int64_t)1 << 62))
+    /* keeps the countdown far from overflow when a tiny uniform draw gives a huge interval
+     * (v >= 2^62, whose bits are 0x43d0000000000000: lum_double_imm) */
+    if (v >= lum_double_imm(0x43d0000000000000ULL))
         return (int64_t)1 << 62;
     return (int64_t)v;
 }

@@ -12,7 +12,7 @@
 #define MAX_BITS 24
 
 uint64_t lum_records_dropped;
-struct lum_records lum_records;
+LUM_SAMPLE_DATA struct lum_records lum_records;
 
 /* Moves every record to a table of 2^nb buckets; keeps the old one if mmap fails. */
 static void rehash(unsigned nb)

@@ -8,7 +8,7 @@
 #include "probes.h"
 #include "sampler_fast.h"
 
-lum_lock_t lum_sampled_lock;
+LUM_SAMPLE_DATA lum_lock_t lum_sampled_lock;
 struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Emptied pages kept off the list for the class's next new pages: where sampled blocks live a
  * while (bench ring), pages fill and empty in turn, and making and releasing one costs ~800

@@ -14,7 +14,7 @@
 #include "sampler_fast.h"
 #include "unwind_memo.h"
 
-uint64_t lum_prof_samples, lum_prof_sample_frees;
+LUM_SAMPLE_DATA uint64_t lum_prof_samples, lum_prof_sample_frees;
 
 int64_t lum_sampler_next_interval(uint64_t *rng)
 {

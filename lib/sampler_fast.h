@@ -29,7 +29,7 @@ void lum_sample_walk(struct lum_thread_counters_v1 *tc, void *ptr, size_t reques
  * rounded; well below 2^63, so a signed conversion does. */
 static inline uint64_t lum_sample_bytes(double factor, uint64_t s)
 {
-    return (uint64_t)(int64_t)(factor * (double)(int64_t)s + 0.5);
+    return (uint64_t)(int64_t)(factor * (double)(int64_t)s + lum_double_imm(0x3fe0000000000000ULL) /* 0.5 */);
 }
 
 /* Under lum_sampled_lock (see obs_internal.h). */

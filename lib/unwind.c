@@ -40,7 +40,8 @@
  * prefers readers. */
 pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
 
-uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+uint64_t lum_unwind_ns;
+LUM_SAMPLE_DATA uint64_t lum_unwind_count, lum_unwind_frames;
 /* Serialises additions to the rule cache; reset in fork children by observe.c. */
 pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -185,7 +186,7 @@ static struct rtab *rtab;
  * learnt in: a walk looks up only rules of the generation it started in, and a rebuilt table
  * keeps only those. */
 static uint64_t rules_unloads; /* lum_cfi_unloads() when lum_rules_gen last moved */
-uint32_t lum_rules_gen;
+LUM_SAMPLE_DATA uint32_t lum_rules_gen;
 
 static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
 {
@@ -391,7 +392,8 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
 }
 
 /* The memo (unwind_memo.h): recorded by rules_walk, its hit read inline by the sampler too. */
-__thread struct lum_walk_memo lum_memo LUM_TLS;
+/* 64-aligned: the layout of struct lum_walk_memo counts its lines from here */
+__thread struct lum_walk_memo lum_memo LUM_TLS __attribute__((aligned(64)));
 
 uint64_t lum_unwind_timed_begin(uint32_t n)
 {
@@ -409,16 +411,46 @@ void lum_unwind_timed_end(uint64_t t0)
     __atomic_fetch_add(&lum_unwind_ns, (now_ns() - t0) * LUM_TIME_EVERY, __ATOMIC_RELAXED);
 }
 
-bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp)
+#if defined(__x86_64__)
+/* Loads of this thread's lum_memo at offset off, as %fs:(tpoff + off): GCC forms a pointer to a
+ * thread-local array it indexes in a loop, reading the thread pointer at %fs:0 first (the TCB's
+ * line, which nothing else on malloc's paths reads: a cache miss a sample). */
+#define MEMO_AT(type, suffix, scale, tpoff, off, i)                                                  \
+    ({                                                                                             \
+        type v_;                                                                                   \
+        __asm__("mov" suffix " %%fs:%c3(%1,%2," #scale "), %0"                                     \
+                : "=r"(v_)                                                                         \
+                : "r"(tpoff), "r"((uintptr_t)(i)), "i"(off));                                      \
+        v_;                                                                                        \
+    })
+bool lum_memo_holds_at(uintptr_t sp)
 {
-    for (uint32_t i = 0; i < m->nret; i++)
-        if (*(const uintptr_t *)(sp + m->roff[i]) != m->frames[i + 1])
+    uintptr_t t;
+    __asm__("movq lum_memo@gottpoff(%%rip), %0" : "=r"(t));
+    const uint32_t nret = lum_memo.nret, nb = lum_memo.nb;
+    for (uint32_t i = 0; i < nret; i++)
+        if (*(const uintptr_t *)(sp + MEMO_AT(uint32_t, "l", 4, t, offsetof(struct lum_walk_memo, roff), i)) !=
+            MEMO_AT(uint64_t, "q", 8, t, offsetof(struct lum_walk_memo, frames) + 8, i))
             return false;
-    for (uint32_t i = 0; i < m->nb; i++)
-        if (*(const uintptr_t *)(sp + m->boff[i]) != m->bval[i])
+    for (uint32_t i = 0; i < nb; i++)
+        if (*(const uintptr_t *)(sp + MEMO_AT(uint32_t, "l", 4, t, offsetof(struct lum_walk_memo, boff), i)) !=
+            MEMO_AT(uint64_t, "q", 8, t, offsetof(struct lum_walk_memo, bval), i))
             return false;
     return true;
 }
+#undef MEMO_AT
+#else
+bool lum_memo_holds_at(uintptr_t sp)
+{
+    for (uint32_t i = 0; i < lum_memo.nret; i++)
+        if (*(const uintptr_t *)(sp + lum_memo.roff[i]) != lum_memo.frames[i + 1])
+            return false;
+    for (uint32_t i = 0; i < lum_memo.nb; i++)
+        if (*(const uintptr_t *)(sp + lum_memo.boff[i]) != lum_memo.bval[i])
+            return false;
+    return true;
+}
+#endif
 
 /* Walks from the frame (ip, sp, bp) with cached rules only, into out[] (at most max frames).
  * With skip_self, the leading frames inside lumalloc (R_SELF) are walked but not stored.  The

@@ -31,24 +31,30 @@
 struct lum_walk_memo {
     /* The thread's unwinding state, with the memo: one thread-local block, so that the
      * sampling path reaches all of it from one address (each thread-local of its own cost a
-     * load of its offset). */
+     * load of its offset).  Laid out for a hit (lum_unwind_memo_at), whose lines are out of
+     * cache at every sample: what it reads and writes in the first two lines (the block is
+     * 64-aligned, see unwind.c), roff[] from there on, so that a stack of up to 11 return
+     * addresses reads its offsets there too, and frames[1..6] on one line; what only a walk
+     * reads (stack_lo, stack_hi, top) last.  Five lines a hit before, three now. */
     uint64_t seq;                   /* bumped at each recording: names the memo's frames */
-    uint64_t hits;                  /* walks taken from the memo (for tests) */
-    uintptr_t stack_lo, stack_hi;   /* stack pages this thread has found readable (stack_reach);
-                                     * a move of the run drops the memo (stack_from) */
-    uint32_t unwinds;               /* walks so far: one in LUM_TIME_EVERY is timed */
     /* The sampler's: the stack this thread last recorded, and the unwinder's name for its
      * frames (seq when they were the memo's, else 0); read and written by this thread only. */
     struct lum_stack *last_stack;
     uint64_t last_same;
-    uintptr_t ip, sp, bp, top; /* the key frame; top: the highest CFA the walk reached */
+    uintptr_t ip, sp, bp;      /* the key frame */
     uint64_t key;              /* lum_memo_key of the walk's generation and max; 0: no memo */
-    uint32_t d, nret, nb;      /* d frames; nret return-address and nb rbp slots read */
+    uint32_t unwinds;          /* walks so far: one in LUM_TIME_EVERY is timed */
+    uint32_t d;                /* d frames */
+    uint64_t hits;             /* walks taken from the memo (for tests) */
+    uint32_t nret, nb;         /* nret return-address and nb rbp slots read */
     uint8_t busy, uses_bp;
     uint32_t roff[MEMO_FRAMES];      /* frames[i + 1] (0 for i + 1 == d) was read at sp + roff[i] */
+    uint64_t frames[MEMO_FRAMES + 1];
     uint32_t boff[MEMO_RBP];         /* a saved rbp bval[i] was read at sp + boff[i] */
     uintptr_t bval[MEMO_RBP];
-    uint64_t frames[MEMO_FRAMES + 1];
+    uintptr_t stack_lo, stack_hi;   /* stack pages this thread has found readable (stack_reach);
+                                     * a move of the run drops the memo (stack_from) */
+    uintptr_t top;                  /* the highest CFA the walk reached */
 };
 
 /* A walk's generation, max and kind (self: lumalloc's own leading frames skipped, which only
@@ -83,8 +89,10 @@ uint64_t lum_unwind_timed_begin(uint32_t n);
 void lum_unwind_timed_end(uint64_t t0);
 /* lum_memo_holds without the copy, out of line, for lum_unwind_memo_at: inlined into the
  * sampling path, where every register is taken, its loops spilled and reloaded each word (~15
- * instructions more a sample than the call). */
-bool lum_memo_holds_at(const struct lum_walk_memo *m, uintptr_t sp);
+ * instructions more a sample than the call).  This thread's lum_memo, addressed off %fs in
+ * there: passing its address made the caller read the thread pointer (%fs:0, the TCB's line,
+ * which nothing else on malloc's paths reads: a cache miss a sample). */
+bool lum_memo_holds_at(uintptr_t sp);
 
 extern __thread struct lum_walk_memo lum_memo LUM_TLS;
 extern LUM_HIDDEN uint32_t lum_rules_gen;
@@ -117,7 +125,7 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     /* The words the walk read are still on this thread's stack run: the run only grows while
      * the memo stands (stack_from drops it when the run moves). */
     if (m->key == lum_memo_key(__atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE), max, true) && m->ip == at[1] &&
-        m->sp == sp && (!m->uses_bp || m->bp == at[0]) && lum_memo_holds_at(m, sp)) {
+        m->sp == sp && (!m->uses_bp || m->bp == at[0]) && lum_memo_holds_at(sp)) {
         d = (int)m->d;
         /* The frames are copied out only for a caller that will read them: not when they are
          * those it names by want (the sampler's last stack, see commit in sampler.c), the
