@@ -231,7 +231,8 @@ LUM_EXPORT int lum_background_running(void)
 
 size_t lum_dirty_limit(size_t dirty)
 {
-    uint64_t resident = __atomic_load_n(&lumalloc_registry.global.resident_bytes, __ATOMIC_RELAXED);
+    /* the coarse figure this was tuned with (whole slices for pages): lum_committed_bytes */
+    uint64_t resident = __atomic_load_n(&lum_committed_bytes, __ATOMIC_RELAXED);
     size_t live = resident > dirty ? (size_t)(resident - dirty) : 0;
     return live / 8 > LUM_DIRTY_FLOOR ? live / 8 : LUM_DIRTY_FLOOR;
 }

@@ -425,6 +425,10 @@ void *lum_os_map(size_t size);
 void *lum_os_map_aligned(size_t size, size_t alignment);
 void lum_os_unmap(void *p, size_t size, size_t resident);
 void lum_os_account(int64_t mapped, int64_t resident);
+void lum_os_account_slices(int64_t resident, int64_t committed);
+/* resident_bytes as it was before pages counted only what they carved: whole slices from when a
+ * page takes them (os.c).  The dirty limit and the large cache weigh live memory with it. */
+extern LUM_HIDDEN size_t lum_committed_bytes;
 void lum_os_name(void *p, size_t size, const char *name);
 void lum_os_populate(void *p, size_t size);
 void *lum_os_remap(void *old, size_t old_size, size_t new_size, int flags, void *new_addr);
@@ -445,6 +449,7 @@ extern LUM_HIDDEN lum_lock_t lum_segment_lock;
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind);
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
+void lum_page_touch(struct lum_page *page, size_t end);
 size_t lum_segments_purge(bool all, uint32_t reason);
 size_t lum_segments_purge_excess(size_t target);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);

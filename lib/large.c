@@ -117,7 +117,8 @@ static size_t live_high;
 static void make_room(size_t fresh, size_t leaving)
 {
     size_t cached = __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED);
-    uint64_t resident = __atomic_load_n(&lumalloc_registry.global.resident_bytes, __ATOMIC_RELAXED);
+    /* the coarse figure this was tuned with (whole slices for pages): lum_committed_bytes */
+    uint64_t resident = __atomic_load_n(&lum_committed_bytes, __ATOMIC_RELAXED);
     size_t live = resident > cached ? (size_t)(resident - cached) : 0;
     size_t after = live + fresh, high = __atomic_load_n(&live_high, __ATOMIC_RELAXED);
     /* live is read from two figures other threads move meanwhile: a range taken out of the

@@ -57,14 +57,37 @@ void *lum_os_map_aligned(size_t size, size_t alignment)
 }
 
 /* The accounting model: mapping adds address space (mapped, and retained until touched);
- * memory becomes resident when lumalloc hands it out (a slice to a page, a large block, a
- * metadata chunk) and goes back to retained when purged.  resident is thus lumalloc's share of
- * RSS as an upper bound, without counting address space nobody has touched. */
+ * memory becomes resident when lumalloc touches it or hands it out, and goes back to retained
+ * when purged.  A large block or a metadata chunk counts whole when handed out (the program or
+ * the metadata writes it); a page of a size class counts what it has carved, 4 KiB at a time
+ * (segment.c, lum_page_touch).  resident is thus lumalloc's share of RSS to 4 KiB granularity
+ * for segment memory, without counting address space nobody has touched.
+ *
+ * lum_committed_bytes is the older, coarser figure the heuristics were tuned with (the dirty
+ * limit, the large cache's room): a page's slices count whole from when a thread takes it, as
+ * resident_bytes did before it tracked carving.  It moves with resident everywhere but for the
+ * slices of pages (lum_os_account_slices).  Relaxed atomics; read racily. */
+size_t lum_committed_bytes;
+
 void lum_os_account(int64_t mapped, int64_t resident)
 {
     if (mapped) lum_count_global(&lumalloc_registry.global.mapped_bytes, mapped);
-    if (resident) lum_count_global(&lumalloc_registry.global.resident_bytes, resident);
+    if (resident) {
+        lum_count_global(&lumalloc_registry.global.resident_bytes, resident);
+        __atomic_add_fetch(&lum_committed_bytes, (size_t)resident, __ATOMIC_RELAXED);
+    }
     if (mapped - resident) lum_count_global(&lumalloc_registry.global.retained_bytes, mapped - resident);
+}
+
+/* Slices of pages: resident moves by what was touched or given back (retained the other way),
+ * committed by whole slices taken or purged. */
+void lum_os_account_slices(int64_t resident, int64_t committed)
+{
+    if (resident) {
+        lum_count_global(&lumalloc_registry.global.resident_bytes, resident);
+        lum_count_global(&lumalloc_registry.global.retained_bytes, -resident);
+    }
+    if (committed) __atomic_add_fetch(&lum_committed_bytes, (size_t)committed, __ATOMIC_RELAXED);
 }
 
 void lum_os_unmap(void *p, size_t size, size_t resident)

@@ -14,6 +14,9 @@ bool lum_page_refill(struct lum_page *page)
     if (n > page->capacity - page->carved) n = page->capacity - page->carved;
     size_t bs = page->block_size;
     uint8_t *first = page->start + (size_t)page->carved * bs;
+    /* resident counts what the carve touches, first: a thread stopped here in a fork child has
+     * its blocks counted (heap.c, page_recount) */
+    lum_page_touch(page, (size_t)(page->carved + n) * bs);
 #if LUM_HARDENED
     /* randomised slot order: the next block handed out is not the neighbour of the last */
     uint32_t order[CARVE_BYTES / LUM_ALIGN];

@@ -29,9 +29,13 @@ static size_t span_bytes(const struct lum_segment *seg, unsigned idx, unsigned n
 
 #define ALL_SLICES (~(uint64_t)1) /* slice 0 is the header, never free */
 
-static size_t purge_locked(bool all, uint64_t now, size_t *unmapped);
-static size_t purge_excess_locked(size_t target, uint64_t now, size_t *unmapped);
-static size_t account_purge(size_t madvised, size_t unmapped, uint32_t reason);
+/* A purge's outcome: madvised, whole slices (what committed and purged_bytes count); spans, the
+ * part of them resident (what their records held); unmapped, segments settled whole. */
+struct purge_out { size_t madvised, spans, unmapped; };
+
+static void purge_locked(bool all, uint64_t now, struct purge_out *out);
+static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *out);
+static size_t account_purge(const struct purge_out *out, uint32_t reason);
 
 static void segment_init(struct lum_segment *seg)
 {
@@ -51,9 +55,13 @@ static void segment_unmap(struct lum_segment *seg)
 #if LUM_HARDENED
     lum_hardened_own((uintptr_t)lum_seg_base(seg), false);
 #endif
-    size_t resident = lum_seg_header_bytes(seg->colour) +
-                      (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
+    /* read before the header goes with the mapping: resident is what the slices record
+     * touched, committed their whole slices (os.c) */
+    size_t header = lum_seg_header_bytes(seg->colour);
+    size_t resident = header + span_bytes(seg, 1, LUM_SLICES - 1);
+    size_t committed = header + (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
     lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE, resident);
+    lum_os_account_slices(0, -(int64_t)(committed - resident));
 }
 
 static struct lum_segment *segment_new(void)
@@ -85,7 +93,8 @@ static void segment_remove(struct lum_segment *seg)
     if (seg->next) seg->next->prev = seg->prev;
 }
 
-/* Unmaps a wholly free segment, settling the accounting of its purged slices. */
+/* Unmaps a wholly free segment, settling the accounting of its slices (segment_unmap); gives
+ * the bytes given back as purged_bytes counts them: the header and every slice not purged. */
 static size_t segment_release(struct lum_segment *seg)
 {
     size_t resident = (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE +
@@ -149,11 +158,56 @@ static size_t class_depth_bytes(unsigned tag)
     return (size_t)(pages ? pages : 1) * 4096;
 }
 
-/* Records that slices idx..idx+n-1 hold bytes resident from their start. */
-static void set_span(struct lum_segment *seg, unsigned idx, unsigned n, size_t bytes)
+/* Trims the spans recorded for slices idx..idx+n-1 to at most bytes from their start (what is
+ * beyond is being returned); gives the bytes the records lost, which leave resident.  Never
+ * raises a record: what was not touched is not resident.  The slices' owner (a page's, or the
+ * lock holder's for free ones) writes; statistics read in-use slices racily (counter.h). */
+static size_t trim_span(struct lum_segment *seg, unsigned idx, unsigned n, size_t bytes)
 {
-    for (unsigned i = 0; i < n; i++, bytes = bytes > LUM_SLICE_SIZE ? bytes - LUM_SLICE_SIZE : 0)
-        seg->slice_touched[idx + i] = (uint8_t)(bytes >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (bytes + 4095) / 4096);
+    size_t lost = 0;
+    for (unsigned i = 0; i < n; i++, bytes = bytes > LUM_SLICE_SIZE ? bytes - LUM_SLICE_SIZE : 0) {
+        unsigned keep = bytes >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (unsigned)((bytes + 4095) / 4096);
+        unsigned had = seg->slice_touched[idx + i];
+        if (had <= keep) continue;
+        lost += (size_t)(had - keep) * 4096;
+        LUM_OWN_SET(seg->slice_touched[idx + i], (uint8_t)keep);
+    }
+    return lost;
+}
+
+/* A page's carve reaches end (bytes from its start) before the blocks are linked: the slices it
+ * reaches record the 4 KiB pages up to end, and what they had not recorded becomes resident (a
+ * page fault's worth, paid beside it).  Their records thus always cover the page's carve (and
+ * any span it took over), which is what it holds resident.  In huge-page mode they are whole
+ * from the start (lum_page_alloc).  The page's owner (or the lock standing in for it) calls,
+ * with no segment lock. */
+void lum_page_touch(struct lum_page *page, size_t end)
+{
+    struct lum_segment *seg = lum_segment_of(page->start);
+    unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
+    size_t from = (size_t)page->carved * page->block_size;
+    size_t added = 0;
+    for (size_t i = from >> LUM_SLICE_SHIFT; i <= (end - 1) >> LUM_SLICE_SHIFT && i < page->slices; i++) {
+        size_t in = end - i * LUM_SLICE_SIZE;
+        unsigned pages = in >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (unsigned)((in + 4095) / 4096);
+        unsigned had = seg->slice_touched[idx + i];
+        if (pages <= had) continue;
+        added += (size_t)(pages - had) * 4096;
+        LUM_OWN_SET(seg->slice_touched[idx + i], (uint8_t)pages);
+    }
+    if (added) lum_os_account_slices((int64_t)added, 0);
+}
+
+/* Huge-page mode: the slices of a page taken are resident whole (a huge page backs them), and
+ * their records say so; gives the bytes the records gained.  Caller holds lum_segment_lock. */
+static size_t fill_span(struct lum_segment *seg, unsigned idx, unsigned n)
+{
+    size_t added = 0;
+    for (unsigned i = 0; i < n; i++) {
+        added += (size_t)(LUM_SLICE_SIZE / 4096 - seg->slice_touched[idx + i]) * 4096;
+        LUM_OWN_SET(seg->slice_touched[idx + i], (uint8_t)(LUM_SLICE_SIZE / 4096));
+    }
+    return added;
 }
 
 /* The next page on a run of slices carves lazily from its start, and finds resident whatever
@@ -169,19 +223,21 @@ static void set_span(struct lum_segment *seg, unsigned idx, unsigned n, size_t b
  * once (python with PYTHONMALLOC=malloc: 93% of those pages within ~50 ms).  Spans are kept
  * only when a class empties page after page (class_run); a page released now and then returns
  * its span at once (note_span), as it would sit idle (bench ring, fragment, larson: +0.2-0.5
- * MiB peak RSS when every span was kept).  The slices stay counted resident either way
- * (figures stay an upper bound), and decay purges free ones whole.  Not in huge-page mode,
- * where it would split the huge page.  tag: the class of an ordinary page, LUM_CLASSES for any
- * other kind.  Caller holds lum_segment_lock. */
-static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag, size_t *keep)
+ * MiB peak RSS when every span was kept).  What is returned leaves resident (*lost: the bytes
+ * the slices' records lose), and decay purges free slices whole.  Not in huge-page mode, where
+ * it would split the huge page.  tag: the class of an ordinary page, LUM_CLASSES for any other
+ * kind.  Caller holds lum_segment_lock. */
+static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag, size_t *keep,
+                           size_t *lost)
 {
     size_t end = recorded_span(seg, idx, n);
     bool same = true;
     for (unsigned i = 0; i < n; i++)
         if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != LUM_CLASSES;
     *keep = class_depth_bytes(tag);
+    *lost = 0;
     if (same || end <= *keep || lum_opt.thp) return 0;
-    set_span(seg, idx, n, *keep);
+    *lost = trim_span(seg, idx, n, *keep);
     return end - *keep;
 }
 
@@ -194,24 +250,24 @@ static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, un
  * lum_segment_lock, read before it (a stale count only moves one decision). */
 static uint8_t class_run[LUM_CLASSES];
 
-/* Notes the span a page carved on its slices for the next page on them (inherit_span), or
- * (keep false) gives the bytes past its first 4 KiB to return at once (0: none; not in
- * huge-page mode, where it would split the huge page).  Called before the slices are free. */
-static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_page *page, bool keep)
+/* Notes the span a page carved on its slices for the next page on them (inherit_span): its
+ * records already cover its carve (lum_page_touch); or (keep false) gives the bytes past its
+ * first 4 KiB to return at once (0: none), and in *lost what leaves resident with them.  Not
+ * in huge-page mode, where it would split the huge page (the slices stay resident whole).
+ * Called before the slices are free. */
+static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_page *page, bool keep,
+                        size_t *lost)
 {
-    size_t touched = (size_t)page->carved * page->block_size;
-    uint8_t tag = page->kind == LUM_PAGE_SMALL ? page->cls : LUM_CLASSES;
-    if (!keep || lum_opt.thp) {
+    *lost = 0;
+    if (lum_opt.thp) return 0;
+    if (!keep) {
         /* the slices may hold an older span (kept for a class that did not come back) */
-        touched = resident_span(seg, idx, page);
-        set_span(seg, idx, page->slices, 4096);
-        return touched > 4096 && !lum_opt.thp ? touched - 4096 : 0;
+        size_t touched = resident_span(seg, idx, page);
+        *lost = trim_span(seg, idx, page->slices, 4096);
+        return touched > 4096 ? touched - 4096 : 0;
     }
-    for (unsigned i = 0; i < page->slices; i++, touched = touched > LUM_SLICE_SIZE ? touched - LUM_SLICE_SIZE : 0) {
-        size_t pages = touched >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (touched + 4095) / 4096;
-        if (pages > seg->slice_touched[idx + i]) seg->slice_touched[idx + i] = (uint8_t)pages;
-        seg->slice_cls[idx + i] = tag;
-    }
+    uint8_t tag = page->kind == LUM_PAGE_SMALL ? page->cls : LUM_CLASSES;
+    for (unsigned i = 0; i < page->slices; i++) seg->slice_cls[idx + i] = tag;
     return 0;
 }
 
@@ -254,37 +310,37 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         seg = best;
         idx = best_idx;
     }
-    size_t limit_purged = 0, limit_unmapped = 0;
+    struct purge_out limit_out = {0, 0, 0};
     bool mapped_new = false;
     if (idx < 0) {
         /* Free slices exist but no run fits: before mapping more, give them back if they
          * outgrew the live heap (see lum_dirty_limit). */
         size_t limit = lum_dirty_limit(lum_segments_dirty_bytes());
         if (lum_segments_dirty_resident() > limit)
-            limit_purged = purge_excess_locked(limit / 2, lum_now_ms(), &limit_unmapped);
+            purge_excess_locked(limit / 2, lum_now_ms(), &limit_out);
         seg = segment_new();
         mapped_new = true;
         if (!seg) {
             lum_unlock(&lum_segment_lock);
-            account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
+            account_purge(&limit_out, LUM_PURGE_LIMIT);
             return NULL;
         }
         idx = find_run(seg->free_slices, n);
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
     __atomic_sub_fetch(&dirty_resident, span_bytes(seg, (unsigned)idx, n), __ATOMIC_RELAXED);
-    size_t keep = 0;
-    size_t tail = inherit_span(seg, (unsigned)idx, n, kind == LUM_PAGE_SMALL ? cls : LUM_CLASSES, &keep);
+    size_t keep = 0, lost = 0;
+    size_t tail = inherit_span(seg, (unsigned)idx, n, kind == LUM_PAGE_SMALL ? cls : LUM_CLASSES, &keep, &lost);
     if (kind == LUM_PAGE_SMALL) __atomic_store_n(&class_run[cls], 0, __ATOMIC_RELAXED);
     __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     seg->free_slices &= ~mask;
     seg->empty_since_ms = 0;
+    /* Purged slices count in committed whole again (os.c); resident grows only as the page
+     * carves (lum_page_touch), but for a huge page, resident whole at once. */
     uint64_t refaulted = seg->purged_slices & mask;
-    if (refaulted) {
-        seg->purged_slices &= ~mask;
-        int64_t bytes = (int64_t)__builtin_popcountll(refaulted) * (int64_t)LUM_SLICE_SIZE;
-        lum_os_account(0, bytes);
-    }
+    seg->purged_slices &= ~mask;
+    int64_t gained = lum_opt.thp ? (int64_t)fill_span(seg, (unsigned)idx, n) : 0;
+    lum_os_account_slices(gained - (int64_t)lost, (int64_t)__builtin_popcountll(refaulted) * (int64_t)LUM_SLICE_SIZE);
     /* Filled in before the slices point at it and before the lock goes: a fork child (whose
      * prepare handler holds this lock) finds every page in a segment whole. */
     struct lum_page *page = &seg->pages[idx];
@@ -311,7 +367,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     lum_unlock(&lum_segment_lock);
     /* nobody carves the page before it is returned: its span can go back outside the lock */
     if (tail) return_pages(page->start + keep, tail);
-    account_purge(limit_purged, limit_unmapped, LUM_PURGE_LIMIT);
+    account_purge(&limit_out, LUM_PURGE_LIMIT);
     /* Freed large blocks can never become pages: with a segment mapped anyway, keeping them
      * would hold both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them
      * at its peak).  A large block asked for later grows whatever the cache then has.  (Keeping
@@ -325,16 +381,15 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
 /* Returns free, not yet purged slices that have been free for min_age ms (0: all of them) to
  * the OS, in as few madvise calls as the runs allow, and unmaps segments that have been wholly
  * free as long.  Caller holds lum_segment_lock. */
-static size_t purge_older_locked(uint64_t min_age, uint64_t now, size_t *unmapped)
+static void purge_older_locked(uint64_t min_age, uint64_t now, struct purge_out *out)
 {
-    size_t released = 0;
     struct lum_segment *seg = segments;
     while (seg) {
         struct lum_segment *next = seg->next;
         if (seg->free_slices == ALL_SLICES &&
             now - seg->empty_since_ms >= min_age) {
             /* a wholly free segment is unmapped whole: one call, and no header left behind */
-            *unmapped += segment_release(seg);
+            out->unmapped += segment_release(seg);
             seg = next;
             continue;
         }
@@ -354,20 +409,21 @@ static size_t purge_older_locked(uint64_t min_age, uint64_t now, size_t *unmappe
             return_pages(lum_seg_base(seg) + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE);
             uint64_t mask = (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
             seg->purged_slices |= mask;
-            __atomic_sub_fetch(&dirty_resident, span_bytes(seg, (unsigned)start, (unsigned)len), __ATOMIC_RELAXED);
+            size_t spans = span_bytes(seg, (unsigned)start, (unsigned)len);
+            __atomic_sub_fetch(&dirty_resident, spans, __ATOMIC_RELAXED);
             memset(seg->slice_touched + start, 0, (size_t)len);
             candidates &= ~mask;
-            released += (size_t)len * LUM_SLICE_SIZE;
+            out->madvised += (size_t)len * LUM_SLICE_SIZE;
+            out->spans += spans;
             __atomic_sub_fetch(&dirty_bytes, (size_t)len * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
         }
         seg = next;
     }
-    return released;
 }
 
-static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
+static void purge_locked(bool all, uint64_t now, struct purge_out *out)
 {
-    return purge_older_locked(all ? 0 : lum_opt.decay_ms, now, unmapped);
+    purge_older_locked(all ? 0 : lum_opt.decay_ms, now, out);
 }
 
 /* Over the dirty limit: free slices go back oldest first, those decay would take anyway first,
@@ -375,25 +431,26 @@ static size_t purge_locked(bool all, uint64_t now, size_t *unmapped)
  * youngest were freed by a phase that is likely to fill them again: purging them all (as this
  * did) madvised ~2.6k pages in a python3 run (PYTHONMALLOC=malloc), over half of them faulted
  * in again within 100 ms.  Caller holds lum_segment_lock. */
-static size_t purge_excess_locked(size_t target, uint64_t now, size_t *unmapped)
+static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *out)
 {
-    size_t released = 0;
     for (uint64_t age = lum_opt.decay_ms;; age /= 2) {
-        released += purge_older_locked(age, now, unmapped);
-        if (lum_segments_dirty_resident() <= target || !age) return released;
+        purge_older_locked(age, now, out);
+        if (lum_segments_dirty_resident() <= target || !age) return;
     }
 }
 
-/* madvised bytes stay mapped (resident -> retained); unmapped ones were settled by
- * segment_release.  Returns all that left RSS. */
-static size_t account_purge(size_t madvised, size_t unmapped, uint32_t reason)
+/* madvised slices stay mapped: their spans go from resident to retained, and the slices leave
+ * committed whole; unmapped segments were settled by segment_release.  Returns the bytes given
+ * back (whole slices and segments; purged_bytes counts the same). */
+static size_t account_purge(const struct purge_out *out, uint32_t reason)
 {
-    if (!madvised && !unmapped) return 0;
-    lum_os_account(0, -(int64_t)madvised);
-    lum_count_global(&lumalloc_registry.global.purged_bytes, (int64_t)(madvised + unmapped));
+    size_t given = out->madvised + out->unmapped;
+    if (!given) return 0;
+    lum_os_account_slices(-(int64_t)out->spans, -(int64_t)out->madvised);
+    lum_count_global(&lumalloc_registry.global.purged_bytes, (int64_t)given);
     lum_count_global(&lumalloc_registry.global.purge_events, 1);
-    lum_on_purge(madvised + unmapped, reason);
-    return madvised + unmapped;
+    lum_on_purge(given, reason);
+    return given;
 }
 
 /* An empty page kept for its class gives back the memory its blocks touched and carves afresh
@@ -411,7 +468,7 @@ void lum_page_uncarve(struct lum_page *page)
     page->free = NULL;
     if (!touched || lum_opt.thp) return;
     return_pages(page->start, touched);
-    memset(seg->slice_touched + idx, 0, page->slices);
+    lum_os_account_slices(-(int64_t)trim_span(seg, idx, page->slices, 0), 0);
 }
 
 void lum_page_release(struct lum_page *page, bool may_keep_span)
@@ -420,15 +477,16 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     unsigned n = page->slices;
     uint64_t now = lum_now_ms();
-    size_t released = 0, unmapped = 0;
+    struct purge_out out = {0, 0, 0};
     /* Before the slices are free: no page can be carving them while their span goes back, and
      * their entries are nobody else's to touch until then. */
     bool small = page->kind == LUM_PAGE_SMALL;
     unsigned cls = page->cls;
     note_depth(page);
     bool keep = may_keep_span && small && __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER;
-    size_t tail = note_span(seg, idx, page, keep);
+    size_t lost = 0, tail = note_span(seg, idx, page, keep, &lost);
     if (tail) return_pages(page->start + 4096, tail);
+    if (lost) lum_os_account_slices(-(int64_t)lost, 0);
     lum_lock(&lum_segment_lock);
     if (small && class_run[cls] < UINT8_MAX) __atomic_store_n(&class_run[cls], class_run[cls] + 1, __ATOMIC_RELAXED);
     for (unsigned i = 0; i < n; i++) {
@@ -448,10 +506,10 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
     /* Decay runs on the allocator's own activity; the optional purger thread covers idle time. */
     if (lum_opt.decay_ms && now - last_purge_ms >= (lum_opt.decay_ms / 4 ? lum_opt.decay_ms / 4 : 1)) {
         last_purge_ms = now;
-        released = purge_locked(false, now, &unmapped);
+        purge_locked(false, now, &out);
     }
     lum_unlock(&lum_segment_lock);
-    account_purge(released, unmapped, LUM_PURGE_DECAY);
+    account_purge(&out, LUM_PURGE_DECAY);
     lum_background_note_dirty();
 }
 
@@ -511,20 +569,20 @@ size_t lum_segments_purge(bool all, uint32_t reason)
     lum_lock(&lum_segment_lock);
     uint64_t now = lum_now_ms();
     last_purge_ms = now;
-    size_t unmapped = 0;
-    size_t released = purge_locked(all, now, &unmapped);
+    struct purge_out out = {0, 0, 0};
+    purge_locked(all, now, &out);
     lum_unlock(&lum_segment_lock);
-    return account_purge(released, unmapped, reason);
+    return account_purge(&out, reason);
 }
 
 /* The dirty limit's purge for a large block about to be mapped (lum_dirty_limit_check). */
 size_t lum_segments_purge_excess(size_t target)
 {
     lum_lock(&lum_segment_lock);
-    size_t unmapped = 0;
-    size_t released = purge_excess_locked(target, lum_now_ms(), &unmapped);
+    struct purge_out out = {0, 0, 0};
+    purge_excess_locked(target, lum_now_ms(), &out);
     lum_unlock(&lum_segment_lock);
-    return account_purge(released, unmapped, LUM_PURGE_LIMIT);
+    return account_purge(&out, LUM_PURGE_LIMIT);
 }
 
 LUM_COLD_TEXT void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg)

@@ -24,7 +24,9 @@ static void add_segment(struct lum_segment *seg, void *arg)
         uint32_t used = __atomic_load_n(&page->used, __ATOMIC_RELAXED) +
                         (__atomic_load_n(&page->in_full, __ATOMIC_RELAXED) ? __atomic_load_n(&page->park_bias, __ATOMIC_RELAXED) : 0);
         c->live_blocks += used;
-        if (used) s->active += (uint64_t)page->slices * LUM_SLICE_SIZE;
+        /* what its slices record touched (the owner raises it as it carves: counter.h) */
+        if (used)
+            for (unsigned j = 0; j < page->slices; j++) s->active += (uint64_t)LUM_PEEK(seg->slice_touched[i + j]) * 4096;
         i += page->slices ? page->slices : 1;
     }
 }
