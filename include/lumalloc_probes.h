@@ -178,11 +178,15 @@ struct lum_batch_rec_v1 {
 /* Process-wide figures.  Updated with relaxed atomics on slow paths. */
 struct lum_global_counters_v1 {
     uint64_t mapped_bytes;     /* bytes mapped from the OS (segments + large blocks + metadata) */
-    uint64_t resident_bytes;   /* mapped minus purged: an upper bound of lumalloc's RSS */
+    /* what lumalloc touched and has not purged: a size class's page counts the 4 KiB pages
+     * it carved (not its whole span), large blocks and metadata count whole once handed out;
+     * lumalloc's share of RSS to 4 KiB (an upper bound only with LUMALLOC_THP=on, where a
+     * page's slices count whole) */
+    uint64_t resident_bytes;
     uint64_t metadata_bytes;   /* internal metadata mappings */
     uint64_t retained_bytes;   /* purged but still mapped (virtual only) */
     uint64_t large_live_bytes; /* usable bytes of live large blocks */
-    uint64_t purged_bytes;     /* total bytes ever purged */
+    uint64_t purged_bytes;     /* total bytes ever purged (whole slices and segments given back) */
     uint64_t purge_events;
     uint64_t pressure_events;  /* PSI triggers handled */
     uint64_t exited_alloc_bytes; /* counters folded in from threads whose records were reused */

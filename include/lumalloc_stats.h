@@ -31,8 +31,10 @@ struct lum_thread_stats {
 struct lum_stats {
     uint64_t epoch;        /* bumps with every snapshot */
     uint64_t allocated;    /* usable bytes of live allocations (sum over threads) */
-    uint64_t active;       /* bytes of pages holding live blocks, plus large blocks */
-    uint64_t resident;     /* mapped minus purged: an upper bound of lumalloc's RSS share */
+    uint64_t active;       /* what pages holding live blocks carved (4 KiB pages), plus large
+                            * blocks */
+    uint64_t resident;     /* touched and not purged: lumalloc's share of RSS to 4 KiB (pages
+                            * count what they carved; see lumalloc_probes.h) */
     uint64_t mapped;       /* bytes mapped from the OS */
     uint64_t retained;     /* purged but still mapped (address space only) */
     uint64_t metadata;     /* internal metadata mappings */

@@ -126,7 +126,10 @@ struct lum_segment {
     /* Per slice, while it is resident: how many of its 4 KiB pages some page ever carved into
      * (0-16), and the class of the last ordinary page on it (LUM_CLASSES: none or another
      * kind).  A released page leaves its carved span resident for the next page of its class
-     * on these slices; a page of another class has it returned first (segment.c). */
+     * on these slices; a page of another class has it returned first (segment.c).  A page in
+     * use raises its slices' counts as it carves (lum_page_touch, the owner alone, no lock;
+     * statistics read them with LUM_PEEK): resident_bytes is the sum of these counts over all
+     * segments' slices, plus headers, large blocks and metadata (huge-page mode: whole slices). */
     uint8_t slice_touched[LUM_SLICES];
     uint8_t slice_cls[LUM_SLICES];
     struct lum_segment *next, *prev;

@@ -14,7 +14,8 @@
  *   active            sum of LIVE over all threads (incl. folded-in exited ones)
  *   frag              1 - active/min(resident, RSS): the share of the allocator's resident
  *                     memory that holds no live block (free slots, partially used pages,
- *                     metadata); resident is an upper bound, so the process's RSS caps it
+ *                     metadata); resident is lumalloc's share of RSS to 4 KiB, and the
+ *                     process's RSS caps it, as a guard
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -390,12 +391,12 @@ static void process_totals(struct tstate *s, int64_t *active, double *frag)
     for (size_t i = 0; i < s->ncur; i++)
         a += (int64_t)(s->cur[i].c.alloc_bytes - s->cur[i].c.free_bytes);
     *active = a;
-    /* registry.global.resident is an upper bound (as jemalloc's stats.resident is): a page of
-     * a size class counts all its slices from the moment a thread takes it, though it carves
-     * and faults in 4 KiB at a time.  With a few threads touching many classes that bound can
-     * be several times the whole process's RSS (the demo: 14 MiB against 3.8 MiB), and a frag
-     * figure against it would read 97% where the heap is small.  The process's RSS bounds the
-     * allocator's share too, so the tighter of the two is used. */
+    /* registry.global.resident is what lumalloc touched, to 4 KiB: a page of a size class
+     * counts the pages it carved, not its slices (it did once, and with a few threads touching
+     * many classes read several times the whole process's RSS: the demo, 14 MiB against 3.8
+     * MiB, frag 97% where the heap is small).  It stays within RSS now but for a race between
+     * the two reads (or LUMALLOC_THP=on, where a page's slices count whole); the tighter of
+     * the two is used as a guard. */
     uint64_t resident = s->reg.global.resident_bytes;
     if (s->rss && s->rss < resident) resident = s->rss;
     double f = 0;
