@@ -394,9 +394,10 @@ static void process_totals(struct tstate *s, int64_t *active, double *frag)
     /* registry.global.resident is what lumalloc touched, to 4 KiB: a page of a size class
      * counts the pages it carved, not its slices (it did once, and with a few threads touching
      * many classes read several times the whole process's RSS: the demo, 14 MiB against 3.8
-     * MiB, frag 97% where the heap is small).  It stays within RSS now but for a race between
-     * the two reads (or LUMALLOC_THP=on, where a page's slices count whole); the tighter of
-     * the two is used as a guard. */
+     * MiB, frag 97% where the heap is small).  It can still pass the RSS: a large block counts
+     * whole once handed out (and while cached after its free), written or not, a page's slices
+     * count whole with LUMALLOC_THP=on, and the two are read at different moments; so the
+     * tighter of the two is used. */
     uint64_t resident = s->reg.global.resident_bytes;
     if (s->rss && s->rss < resident) resident = s->rss;
     double f = 0;
