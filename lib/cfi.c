@@ -745,6 +745,28 @@ static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
     return 1;
 }
 
+#if defined(__SANITIZE_THREAD__)
+void __tsan_acquire(void *addr);
+void __tsan_release(void *addr);
+static char loader_lock_order;
+
+/* The object cache above is shared on the strength of the loader's lock, which glibc's
+ * dl_iterate_phdr holds across its callbacks; ThreadSanitizer sees dl_iterate_phdr but not that
+ * internal lock, and would report every lookup of one thread against another's.  Each callback
+ * acquires at entry and releases at exit what the lock orders (nothing is emitted outside TSan
+ * builds). */
+static int find_cb_ordered(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    __tsan_acquire(&loader_lock_order);
+    int r = find_cb(info, size, arg);
+    __tsan_release(&loader_lock_order);
+    return r;
+}
+#define FIND_CB find_cb_ordered
+#else
+#define FIND_CB find_cb
+#endif
+
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
 {
     struct find f = {.ra = ra, .out = out, .result = LUM_CFI_NONE, .first = true};
@@ -753,7 +775,7 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
         return LUM_CFI_NONE;
     lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
-    dl_iterate_phdr(find_cb, &f);
+    dl_iterate_phdr(FIND_CB, &f);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
     return f.result;
 }

@@ -15,11 +15,13 @@
 #    a fourth calls every public API that reads other threads' state (statistics, mallinfo2,
 #    malloc_info/malloc_stats, the diagnostics report, the profiler's reports and dump, the heap
 #    check, the options) and arms and disarms the process-wide failure injector.
-#    Sampling is off there (LUMALLOC_SAMPLE_INTERVAL=0): libunwind's per-thread cache destructor
-#    crashes under TSan at thread exit, which is not the allocator's doing.  tsan_readers runs a
-#    second time with sampling on and LUMALLOC_PROF=off: samples are then not unwound (sampler.c
-#    unwinds only for the profiler or an attached tracer), so libunwind never runs, and the
-#    sampled pages' paths and counters run against the readers.  Any race report fails
+#    Sampling runs with the profiler on (LUMALLOC_SAMPLE_INTERVAL=64k: a sample every few dozen
+#    allocations, each unwound by lib/unwind.c and recorded in the profile tables) in test_stress,
+#    test_large_ranges and one tsan_readers run, so the sampler, the unwinder's per-thread memo,
+#    the profile tables and the sampled pages run against every other thread and the readers;
+#    tsan_readers also runs with sampling off and with LUMALLOC_PROF=off (samples taken, not
+#    unwound).  The library does not use libunwind (only a -DLUM_UNWIND_VERIFY build does), so
+#    the programs are not linked with it.  Any race report fails
 #    the test (TSAN_OPTIONS=halt_on_error=0 so that one run lists every race, one line per distinct
 #    report; the exit status is 66 all the same).  test_threads and test_stats call malloc, which
 #    is TSan's in such a build, so they run under UBSan only.
@@ -86,7 +88,7 @@ fi
 tsan_cc() { # output, sources...
   local out=$1; shift
   gcc -std=gnu11 -O1 -g -fsanitize=thread -fno-omit-frame-pointer -I"$src/include" -I"$src/lib" "$@" \
-    "$dir/liblumalloc_lum_only.a" $(pkg-config --libs cmocka libunwind) -lpthread -lm -o "$out" \
+    "$dir/liblumalloc_lum_only.a" $(pkg-config --libs cmocka) -lpthread -lm -o "$out" \
     || fail "TSan compile of $out"
 }
 cat > "$dir/first_use.c" <<'C'
@@ -114,17 +116,17 @@ tsan_cc "$dir/test_stress_tsan" "$src/tests/test_stress.c"
 tsan_cc "$dir/first_use_tsan" "$dir/first_use.c"
 tsan_cc "$dir/test_large_ranges_tsan" "$src/tests/test_large_ranges.c"
 tsan_cc "$dir/tsan_readers" "$src/tests/integration/tsan_readers.c"
-export LUMALLOC_SAMPLE_INTERVAL=0
 # halt_on_error=0: every race of the run is listed (the exit status is still 66 after a report)
-TSAN_OPTIONS=halt_on_error=0:second_deadlock_stack=1 run_test "TSan test_stress" 300 "$dir/test_stress_tsan"
-TSAN_OPTIONS=halt_on_error=0 run_test "TSan test_large_ranges" 300 "$dir/test_large_ranges_tsan"
+export LUMALLOC_SAMPLE_INTERVAL=64k
+TSAN_OPTIONS=halt_on_error=0:second_deadlock_stack=1 run_test "TSan test_stress, sampling and profiler on" 300 "$dir/test_stress_tsan"
+TSAN_OPTIONS=halt_on_error=0 run_test "TSan test_large_ranges, sampling and profiler on" 300 "$dir/test_large_ranges_tsan"
 for i in 1 2 3; do
-  TSAN_OPTIONS=halt_on_error=0 run_test "TSan first use from two threads ($i)" 60 "$dir/first_use_tsan"
+  TSAN_OPTIONS=halt_on_error=0 run_test "TSan first use from two threads, sampling on ($i)" 60 "$dir/first_use_tsan"
 done
-for i in 1 2; do
-  TSAN_OPTIONS=halt_on_error=0 run_test "TSan readers against allocating threads ($i)" 300 "$dir/tsan_readers"
-done
-LUMALLOC_SAMPLE_INTERVAL=64k LUMALLOC_PROF=off TSAN_OPTIONS=halt_on_error=0 \
+TSAN_OPTIONS=halt_on_error=0 run_test "TSan readers against allocating threads, sampling and profiler on" 300 "$dir/tsan_readers"
+LUMALLOC_PROF=off TSAN_OPTIONS=halt_on_error=0 \
   run_test "TSan readers, sampling on, profiler off" 300 "$dir/tsan_readers"
+LUMALLOC_SAMPLE_INTERVAL=0 TSAN_OPTIONS=halt_on_error=0 \
+  run_test "TSan readers, sampling off" 300 "$dir/tsan_readers"
 [ "$failed" = 0 ] || fail "$failed sanitizer runs failed"
 echo "sanitizers: all clean"
