@@ -48,23 +48,22 @@
 
 #define LUM_PEEK(lv) __atomic_load_n(&(lv), __ATOMIC_RELAXED)
 
+/* Every field of a thread's counters block but its link (`next`, which leads): the fields its
+ * owner writes through LUM_OWN_*.  One list for the readers and the record's reset (heap.c),
+ * checked against the struct's size there. */
+#define LUM_TC_FIELDS(X)                                                                          \
+    X(tid) X(state) X(alloc_count) X(alloc_bytes) X(free_count) X(free_bytes) X(large_count)     \
+    X(large_bytes) X(failures) X(sampled_count) X(sampled_bytes)
+
 /* A thread's counters as another thread reads them: field by field (each one whole; together
  * they are as consistent as the owner's progress between two loads allows). */
 static inline struct lum_thread_counters_v1 lum_tc_peek(const struct lum_thread_counters_v1 *tc)
 {
     struct lum_thread_counters_v1 c;
     c.next = LUM_PEEK(tc->next);
-    c.tid = LUM_PEEK(tc->tid);
-    c.state = LUM_PEEK(tc->state);
-    c.alloc_count = LUM_PEEK(tc->alloc_count);
-    c.alloc_bytes = LUM_PEEK(tc->alloc_bytes);
-    c.free_count = LUM_PEEK(tc->free_count);
-    c.free_bytes = LUM_PEEK(tc->free_bytes);
-    c.large_count = LUM_PEEK(tc->large_count);
-    c.large_bytes = LUM_PEEK(tc->large_bytes);
-    c.failures = LUM_PEEK(tc->failures);
-    c.sampled_count = LUM_PEEK(tc->sampled_count);
-    c.sampled_bytes = LUM_PEEK(tc->sampled_bytes);
+#define LUM_TC_PEEK_FIELD(f) c.f = LUM_PEEK(tc->f);
+    LUM_TC_FIELDS(LUM_TC_PEEK_FIELD)
+#undef LUM_TC_PEEK_FIELD
     return c;
 }
 

@@ -184,17 +184,9 @@ static void tc_clear(struct lum_thread_counters_v1 *tc)
 {
     _Static_assert(offsetof(struct lum_thread_counters_v1, next) == 0 &&
                        sizeof *tc == 8 + 4 + 4 + 9 * 8, "tc_clear clears every field but the link");
-    LUM_OWN_SET(tc->tid, 0);
-    LUM_OWN_SET(tc->state, 0);
-    LUM_OWN_SET(tc->alloc_count, 0);
-    LUM_OWN_SET(tc->alloc_bytes, 0);
-    LUM_OWN_SET(tc->free_count, 0);
-    LUM_OWN_SET(tc->free_bytes, 0);
-    LUM_OWN_SET(tc->large_count, 0);
-    LUM_OWN_SET(tc->large_bytes, 0);
-    LUM_OWN_SET(tc->failures, 0);
-    LUM_OWN_SET(tc->sampled_count, 0);
-    LUM_OWN_SET(tc->sampled_bytes, 0);
+#define TC_CLEAR_FIELD(f) LUM_OWN_SET(tc->f, 0);
+    LUM_TC_FIELDS(TC_CLEAR_FIELD)
+#undef TC_CLEAR_FIELD
 }
 
 static struct lum_heap *heap_create(void)
@@ -966,12 +958,10 @@ static LUM_NOINLINE bool sample_locked_out(struct lum_thread_counters_v1 *tc, co
 
 /* lum_sampled_class(cls) from the tables malloc's fast path reads (the heap's copies, and
  * lum_medium_class for 2 to 16 KiB), whose lines are in cache: lum_sampled_memo's are not at the
- * next sample.  The sampled class is the class of the power of two at or above the class's size,
- * 256 bytes at least (sampled.c): every such power is a class of its own. */
+ * next sample. */
 static inline __attribute__((always_inline)) unsigned sampled_class_hot(const struct lum_heap *heap, unsigned cls)
 {
-    uint32_t s = heap->class_size[cls];
-    size_t p = s <= 256 ? 256 : (size_t)1 << (64 - __builtin_clzll((uint64_t)s - 1));
+    size_t p = lum_sampled_size(heap->class_size[cls]);
     return p <= LUM_SMALL_TABLE_MAX ? heap->slot_class[p / LUM_ALIGN] : lum_size_class(p);
 }
 

@@ -362,6 +362,16 @@ static inline uint8_t *lum_seg_base(const struct lum_segment *seg)
     return (uint8_t *)seg - LUM_HEADER_OFFSET;
 }
 
+/* Resident bytes the records of slices idx..idx+n-1 hold (slice_touched).  Relaxed loads: a
+ * page in use raises its slices' records without the segment lock (lum_page_touch), and the
+ * statistics read them while it carves. */
+static inline size_t lum_span_bytes(const struct lum_segment *seg, unsigned idx, unsigned n)
+{
+    size_t pages = 0;
+    for (unsigned i = 0; i < n; i++) pages += LUM_PEEK(seg->slice_touched[idx + i]);
+    return pages * 4096;
+}
+
 #if LUM_HARDENED
 bool lum_hardened_owned(uintptr_t base);
 #endif
@@ -493,6 +503,13 @@ void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_
 static inline struct lum_sample_rec *lum_sampled_rec(const struct lum_page *page, const void *p)
 {
     return page->recs + (((uintptr_t)p - (uintptr_t)page->start) >> __builtin_ctz(page->block_size));
+}
+/* The size a sampled block of a class of block size s takes: the power of two at or above
+ * it, 256 bytes at least (sampled.c says why); every such power is a class of its own.  The
+ * sampled class is that size's class. */
+static inline size_t lum_sampled_size(size_t s)
+{
+    return s <= 256 ? 256 : (size_t)1 << (64 - __builtin_clzll((uint64_t)s - 1));
 }
 /* The sampling path asks on every sample: remembered per class (as class + 1, 0 = not yet
  * known; racing threads store the same value). */

@@ -21,8 +21,7 @@ uint64_t lum_large_warnings;
 static bool first_time(uint64_t id)
 {
     bool fresh = false;
-    pthread_mutex_lock(&warn_lock);
-    lum_lock_order_acquired(&warn_lock, true);
+    lum_mutex_lock(&warn_lock);
     if (!warned)
         warned = lum_obs_alloc(WARNED_SLOTS * sizeof *warned);
     if (warned && nwarned < WARNED_SLOTS / 2) {
@@ -35,8 +34,7 @@ static bool first_time(uint64_t id)
             fresh = true;
         }
     }
-    lum_lock_order_released(&warn_lock);
-    pthread_mutex_unlock(&warn_lock);
+    lum_mutex_unlock(&warn_lock);
     return fresh;
 }
 

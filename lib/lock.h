@@ -3,6 +3,7 @@
  * ~55 instructions a lock/unlock pair were a tenth of a sample's cost). */
 #ifndef LUM_LOCK_H
 #define LUM_LOCK_H
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 
@@ -28,6 +29,19 @@ static inline void lum_lock_order_released(const void *lock) { (void)lock; }
 static inline void lum_lock_order_check(const void *lock) { (void)lock; }
 static inline void lum_lock_order_forget(void) {}
 #endif
+
+/* The observability side's pthread mutexes that fork's prepare handlers take, with the same
+ * order check. */
+static inline void lum_mutex_lock(pthread_mutex_t *m)
+{
+    pthread_mutex_lock(m);
+    lum_lock_order_acquired(m, true);
+}
+static inline void lum_mutex_unlock(pthread_mutex_t *m)
+{
+    lum_lock_order_released(m);
+    pthread_mutex_unlock(m);
+}
 
 static inline void lum_lock(lum_lock_t *l)
 {

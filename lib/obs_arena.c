@@ -33,13 +33,11 @@ void *lum_obs_alloc(size_t size)
     size = (size + 15) & ~(size_t)15;
     if (size > ARENA_CHUNK / 4)
         return lum_obs_pages(size); /* big tables get their own mapping: no arena waste */
-    pthread_mutex_lock(&arena_lock);
-    lum_lock_order_acquired(&arena_lock, true);
+    lum_mutex_lock(&arena_lock);
     if ((size_t)(arena_end - arena_cur) < size) {
         char *c = lum_obs_pages(ARENA_CHUNK);
         if (!c) {
-            lum_lock_order_released(&arena_lock);
-            pthread_mutex_unlock(&arena_lock);
+            lum_mutex_unlock(&arena_lock);
             return NULL;
         }
         arena_cur = c;
@@ -47,8 +45,7 @@ void *lum_obs_alloc(size_t size)
     }
     void *p = arena_cur;
     arena_cur += size;
-    lum_lock_order_released(&arena_lock);
-    pthread_mutex_unlock(&arena_lock);
+    lum_mutex_unlock(&arena_lock);
     return p; /* fresh anonymous pages are zero */
 }
 

@@ -105,18 +105,14 @@ static void fork_prepare(void)
     lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_wrlock(&lum_unwind_fork_lock);
     lum_lock(&lum_prof_lock);
-    pthread_mutex_lock(&lum_warn_lock);
-    lum_lock_order_acquired(&lum_warn_lock, true);
-    pthread_mutex_lock(&lum_obs_arena_lock);
-    lum_lock_order_acquired(&lum_obs_arena_lock, true);
+    lum_mutex_lock(&lum_warn_lock);
+    lum_mutex_lock(&lum_obs_arena_lock);
 }
 
 static void fork_parent(void)
 {
-    lum_lock_order_released(&lum_obs_arena_lock);
-    pthread_mutex_unlock(&lum_obs_arena_lock);
-    lum_lock_order_released(&lum_warn_lock);
-    pthread_mutex_unlock(&lum_warn_lock);
+    lum_mutex_unlock(&lum_obs_arena_lock);
+    lum_mutex_unlock(&lum_warn_lock);
     lum_unlock(&lum_prof_lock);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }

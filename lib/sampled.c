@@ -43,8 +43,7 @@ static void spare_push(unsigned cls, struct lum_page *p)
  * sizes share the 256-byte page: a program of small objects touches one OS page for its
  * samples instead of one for each of 16, 32, 64, 128 and 256 (bench churn: 20 -> 4 KiB), and
  * at most 240 bytes of slack a live sample.  A power of two at or above an aligned class's
- * size is a multiple of its alignment too. */
-#define SAMPLED_MIN_CLASS 15 /* 256 bytes */
+ * size is a multiple of its alignment too.  The rule: lum_sampled_size (internal.h). */
 
 uint8_t lum_sampled_memo[LUM_CLASSES];
 
@@ -75,8 +74,7 @@ static void sampled_page_release(struct lum_page *page)
 
 unsigned lum_sampled_class_slow(unsigned cls)
 {
-    unsigned c;
-    for (c = cls < SAMPLED_MIN_CLASS ? SAMPLED_MIN_CLASS : cls; lum_class_size[c] & (lum_class_size[c] - 1); c++) {}
+    unsigned c = lum_size_class(lum_sampled_size(lum_class_size[cls]));
     __atomic_store_n(&lum_sampled_memo[cls], (uint8_t)(c + 1), __ATOMIC_RELAXED);
     return c;
 }

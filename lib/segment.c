@@ -19,14 +19,6 @@ static size_t dirty_bytes;
  * trimmed slice.  What the dirty limit weighs: sixteen trimmed slices count 64 KiB, not 1 MiB. */
 static size_t dirty_resident;
 
-/* Resident bytes the spans of slices idx..idx+n-1 record. */
-static size_t span_bytes(const struct lum_segment *seg, unsigned idx, unsigned n)
-{
-    size_t pages = 0;
-    for (unsigned i = 0; i < n; i++) pages += seg->slice_touched[idx + i];
-    return pages * 4096;
-}
-
 #define ALL_SLICES (~(uint64_t)1) /* slice 0 is the header, never free */
 
 /* A purge's outcome: madvised, whole slices (what committed and purged_bytes count); spans, the
@@ -58,7 +50,7 @@ static void segment_unmap(struct lum_segment *seg)
     /* read before the header goes with the mapping: resident is what the slices record
      * touched, committed their whole slices (os.c) */
     size_t header = lum_seg_header_bytes(seg->colour);
-    size_t resident = header + span_bytes(seg, 1, LUM_SLICES - 1);
+    size_t resident = header + lum_span_bytes(seg, 1, LUM_SLICES - 1);
     size_t committed = header + (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
     lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE, resident);
     lum_os_account_slices(0, -(int64_t)(committed - resident));
@@ -100,7 +92,7 @@ static size_t segment_release(struct lum_segment *seg)
     size_t resident = (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE +
                       lum_seg_header_bytes(seg->colour);
     __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
-    __atomic_sub_fetch(&dirty_resident, span_bytes(seg, 1, LUM_SLICES - 1), __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&dirty_resident, lum_span_bytes(seg, 1, LUM_SLICES - 1), __ATOMIC_RELAXED);
     segment_remove(seg);
     segment_unmap(seg);
     return resident;
@@ -328,7 +320,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         idx = find_run(seg->free_slices, n);
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
-    __atomic_sub_fetch(&dirty_resident, span_bytes(seg, (unsigned)idx, n), __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&dirty_resident, lum_span_bytes(seg, (unsigned)idx, n), __ATOMIC_RELAXED);
     size_t keep = 0, lost = 0;
     size_t tail = inherit_span(seg, (unsigned)idx, n, kind == LUM_PAGE_SMALL ? cls : LUM_CLASSES, &keep, &lost);
     if (kind == LUM_PAGE_SMALL) __atomic_store_n(&class_run[cls], 0, __ATOMIC_RELAXED);
@@ -409,9 +401,8 @@ static void purge_older_locked(uint64_t min_age, uint64_t now, struct purge_out 
             return_pages(lum_seg_base(seg) + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE);
             uint64_t mask = (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
             seg->purged_slices |= mask;
-            size_t spans = span_bytes(seg, (unsigned)start, (unsigned)len);
+            size_t spans = trim_span(seg, (unsigned)start, (unsigned)len, 0);
             __atomic_sub_fetch(&dirty_resident, spans, __ATOMIC_RELAXED);
-            memset(seg->slice_touched + start, 0, (size_t)len);
             candidates &= ~mask;
             out->madvised += (size_t)len * LUM_SLICE_SIZE;
             out->spans += spans;
@@ -496,7 +487,7 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
     seg->free_slices |= mask;
     __atomic_add_fetch(&dirty_bytes, (size_t)n * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&dirty_resident, span_bytes(seg, idx, n), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&dirty_resident, lum_span_bytes(seg, idx, n), __ATOMIC_RELAXED);
     page->slices = 0;
     page->kind = LUM_PAGE_SMALL;
     atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);

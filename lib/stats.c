@@ -25,8 +25,7 @@ static void add_segment(struct lum_segment *seg, void *arg)
                         (__atomic_load_n(&page->in_full, __ATOMIC_RELAXED) ? __atomic_load_n(&page->park_bias, __ATOMIC_RELAXED) : 0);
         c->live_blocks += used;
         /* what its slices record touched (the owner raises it as it carves: counter.h) */
-        if (used)
-            for (unsigned j = 0; j < page->slices; j++) s->active += (uint64_t)LUM_PEEK(seg->slice_touched[i + j]) * 4096;
+        if (used) s->active += lum_span_bytes(seg, i, page->slices);
         i += page->slices ? page->slices : 1;
     }
 }
