@@ -17,13 +17,18 @@
 const char *tc_prog = "lumalloc-tool";
 int tc_verbose;
 
+static void vwarn(const char *fmt, va_list ap)
+{
+    fprintf(stderr, "%s: ", tc_prog);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+}
+
 void tc_die(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: ", tc_prog);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vwarn(fmt, ap);
     va_end(ap);
     exit(1);
 }
@@ -55,9 +60,7 @@ void tc_warn(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: ", tc_prog);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vwarn(fmt, ap);
     va_end(ap);
 }
 
