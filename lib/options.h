@@ -21,7 +21,7 @@ struct lum_options {
     enum lum_prof_fmt prof_format; /* LUMALLOC_PROF_FORMAT: dump format (auto: by extension) */
     uint64_t large_threshold;   /* LUMALLOC_LARGE_THRESHOLD: own mapping at/above (256k) */
     uint64_t large_warn;        /* LUMALLOC_LARGE_WARN: warn once per site at/above (0 = off) */
-    uint64_t large_cache;       /* LUMALLOC_LARGE_CACHE: bytes of freed large mappings kept (64m) */
+    uint64_t large_cache;       /* LUMALLOC_LARGE_CACHE: bytes of freed large mappings kept (128m) */
     uint64_t fail_nth;          /* LUMALLOC_FAIL_NTH: fail the N-th allocation (0 = off) */
     enum lum_diag_mode diag;    /* LUMALLOC_DIAG: report on failure none/critical/all (critical) */
     bool abort_on_failure;      /* LUMALLOC_ABORT_ON_FAILURE (off) */
