@@ -147,13 +147,15 @@ def check_alloctop(truth_path, top_path, exit_only=False):
     if not procs:
         return
     p = procs[0]
-    for key in ("rss", "mapped", "resident", "active", "fragmentation"):
+    for key in ("rss", "rss_anon", "mapped", "resident", "active", "fragmentation"):
         check(key in p, "process field %s present" % key)
-    if all(k in p for k in ("rss", "resident", "active", "fragmentation")):
-        bound = min(p["resident"], p["rss"]) if p["rss"] else p["resident"]
+    if all(k in p for k in ("rss", "rss_anon", "resident", "active", "fragmentation")):
+        check(0 < p["rss_anon"] <= p["rss"], "anonymous RSS %d within RSS %d" % (p["rss_anon"], p["rss"]))
+        cap = p["rss_anon"] or p["rss"]
+        bound = min(p["resident"], cap) if cap else p["resident"]
         want = min(1.0, max(0.0, 1 - p["active"] / bound)) if bound else 0.0
         check(abs(p["fragmentation"] - want) < 1e-3,
-              "fragmentation %.4f is 1 - active/min(resident, rss) = %.4f" % (p["fragmentation"], want))
+              "fragmentation %.4f is 1 - active/min(resident, anonymous rss) = %.4f" % (p["fragmentation"], want))
     check(all(v == 0 for v in final["lost"].values()), "no lost events: %s" % final["lost"])
     by_tid = {t["tid"]: t for t in p["threads"]}
     for wt in truth["threads"]:

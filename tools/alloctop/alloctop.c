@@ -12,10 +12,11 @@
  *                     thread that frees what others allocated)
  *   LARGE, FAIL       large-path allocations and failed allocations since the thread started
  *   active            sum of LIVE over all threads (incl. folded-in exited ones)
- *   frag              1 - active/min(resident, RSS): the share of the allocator's resident
- *                     memory that holds no live block (free slots, partially used pages,
- *                     metadata); resident is lumalloc's share of RSS to 4 KiB, and the
- *                     process's RSS caps it, as a guard
+ *   frag              1 - active/min(resident, anonymous RSS): the share of the allocator's
+ *                     resident memory that holds no live block (free slots, partially used
+ *                     pages, metadata); resident is lumalloc's share of RSS to 4 KiB, and the
+ *                     process's anonymous RSS (all of an allocator's memory is anonymous)
+ *                     caps it, as a guard
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -64,7 +65,7 @@ struct tstate {
     struct tc_thread *cur, *prev;
     size_t ncur, nprev;
     double t_cur, t_prev;
-    uint64_t rss;
+    uint64_t rss, rss_anon;
     struct comm_entry *comms;
     size_t ncomms;
     double last_snapshot, first_seen;
@@ -299,7 +300,7 @@ static void sample_target(struct tstate *s)
         s->t_prev = 0;
     s->reg = reg;
     s->have_reg = true;
-    s->rss = tc_read_rss(s->t.pid);
+    s->rss = tc_read_rss(s->t.pid, &s->rss_anon);
     char c[64];
     if (tc_read_comm(s->t.pid, s->t.pid, c, sizeof(c)) == 0)
         snprintf(s->comm, sizeof(s->comm), "%.16s", c);
@@ -397,9 +398,12 @@ static void process_totals(struct tstate *s, int64_t *active, double *frag)
      * MiB, frag 97% where the heap is small).  It can still pass the RSS: a large block counts
      * whole once handed out (and while cached after its free), written or not, a page's slices
      * count whole with LUMALLOC_THP=on, and the two are read at different moments; so the
-     * tighter of the two is used. */
+     * tighter of the two is used.  Of the RSS, only its anonymous part: the program's and the
+     * libraries' text and read-only data are file-backed, and counted in, they made a small
+     * heap look fragmented (the demo: 1.6 MiB of its 3.6 MiB RSS file-backed, frag 93% -> 88%). */
+    uint64_t cap = s->rss_anon ? s->rss_anon : s->rss;
     uint64_t resident = s->reg.global.resident_bytes;
-    if (s->rss && s->rss < resident) resident = s->rss;
+    if (cap && cap < resident) resident = cap;
     double f = 0;
     if (resident)
         f = 1.0 - (double)a / (double)resident;
@@ -499,10 +503,11 @@ static void print_json(bool final)
         first = false;
         tc_json_str(stdout, s->comm);
         const struct lum_global_counters_v1 *g = &s->reg.global;
-        printf(",\"alive\":%s,\"rss\":%llu,\"mapped\":%llu,\"resident\":%llu,\"active\":%lld,\"metadata\":%llu,"
+        printf(",\"alive\":%s,\"rss\":%llu,\"rss_anon\":%llu,\"mapped\":%llu,\"resident\":%llu,\"active\":%lld,\"metadata\":%llu,"
                "\"retained\":%llu,\"large_live\":%llu,\"fragmentation\":%.4f,\"sample_interval\":%llu,"
                "\"threads\":[",
-               s->t.alive ? "true" : "false", (unsigned long long)s->rss, (unsigned long long)g->mapped_bytes,
+               s->t.alive ? "true" : "false", (unsigned long long)s->rss, (unsigned long long)s->rss_anon,
+               (unsigned long long)g->mapped_bytes,
                (unsigned long long)g->resident_bytes, (long long)active, (unsigned long long)g->metadata_bytes,
                (unsigned long long)g->retained_bytes, (unsigned long long)g->large_live_bytes, frag,
                (unsigned long long)s->reg.sample_interval);
@@ -579,9 +584,9 @@ static void print_table(bool final)
         double frag;
         process_totals(s, &active, &frag);
         const struct lum_global_counters_v1 *g = &s->reg.global;
-        printf("\nPID %d (%s)%s  RSS %s  mapped %s  resident %s  active %s  frag %.1f%%  threads %zu\n",
+        printf("\nPID %d (%s)%s  RSS %s (anon %s)  mapped %s  resident %s  active %s  frag %.1f%%  threads %zu\n",
                (int)s->t.pid, s->comm, s->t.alive ? "" : " [exited]", hsize((double)s->rss, b1, sizeof(b1)),
-               hsize((double)g->mapped_bytes, b2, sizeof(b2)), hsize((double)g->resident_bytes, b3, sizeof(b3)),
+               hsize((double)s->rss_anon, b5, sizeof(b5)), hsize((double)g->mapped_bytes, b2, sizeof(b2)), hsize((double)g->resident_bytes, b3, sizeof(b3)),
                hsize((double)active, b4, sizeof(b4)), frag * 100, s->ncur);
         printf("%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
                "LARGE", "FAIL", "SAMPLES");

@@ -78,15 +78,24 @@ int tc_read_comm(pid_t pid, pid_t tid, char *buf, size_t n)
     return 0;
 }
 
-uint64_t tc_read_rss(pid_t pid)
+uint64_t tc_read_rss(pid_t pid, uint64_t *anon)
 {
     char path[64];
     snprintf(path, sizeof(path), "/proc/%d/statm", (int)pid);
+    if (anon)
+        *anon = 0;
     FILE *f = fopen(path, "re");
     if (!f)
         return 0;
-    unsigned long long size, rss;
-    int ok = fscanf(f, "%llu %llu", &size, &rss) == 2;
+    unsigned long long size, rss, shared;
+    int n = fscanf(f, "%llu %llu %llu", &size, &rss, &shared);
     fclose(f);
-    return ok ? rss * (uint64_t)sysconf(_SC_PAGESIZE) : 0;
+    if (n < 2)
+        return 0;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    /* statm's third field is the file-backed and shmem part: the rest is anonymous memory,
+     * where all of an allocator's memory is */
+    if (anon && n == 3 && shared <= rss)
+        *anon = (rss - shared) * page;
+    return rss * page;
 }

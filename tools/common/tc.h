@@ -42,7 +42,8 @@ struct tc_map {
 int tc_read_maps(pid_t pid, struct tc_map **out, size_t *n); /* -errno */
 bool tc_pid_alive(pid_t pid);
 int tc_read_comm(pid_t pid, pid_t tid, char *buf, size_t n);
-uint64_t tc_read_rss(pid_t pid); /* bytes, 0 if unknown */
+/* bytes, 0 if unknown; *anon (if given): its anonymous part (RSS less file-backed and shmem) */
+uint64_t tc_read_rss(pid_t pid, uint64_t *anon);
 
 /* ---- ELF --------------------------------------------------------------------------------------- */
 int tc_elf_symbol(const char *path, const char *name, uint64_t *value); /* 0 if found */
