@@ -515,13 +515,6 @@ static void page_unfull(struct lum_heap *heap, struct lum_page *page)
     lum_page_set_fast(page, heap);
 }
 
-/* Empty pages a heap keeps for blocks over 16 KiB keep nothing resident: such a page holds a
- * few blocks, carved one at a time, and kept carved it held up to 256 KiB that no other class
- * could use (bench python, PYTHONMALLOC=malloc: ~290 KiB at the peak in the 24-64 KiB classes).
- * The next block of the class is written by the program anyway, faulting its pages back in.
- * Not the current page that empties (lum_page_empty): that one is refilled next. */
-#define LUM_UNCARVE_OVER ((uint32_t)16 << 10)
-
 static void retained_forget(struct lum_heap *heap, struct lum_page *page)
 {
     if (!page->retained) return;
@@ -535,14 +528,18 @@ static void page_retire_as(struct lum_heap *heap, struct lum_page *page, bool al
 {
     unsigned cls = page->cls;
     /* A ring of live objects empties pages in turn and needs a fresh one just after: keep a
-     * couple per class instead of a trip through the segment lock each time. */
+     * couple per class instead of a trip through the segment lock each time.  Kept with what
+     * their blocks touched, whatever the size: the pages of blocks over 16 KiB were uncarved
+     * here (it saved ~290 KiB of python3's peak RSS with PYTHONMALLOC=malloc), and a FIFO ring
+     * of such blocks then faulted its memory in again at every page: bench/src/pairs at 32 KiB
+     * took 3.8 s for 2M steps, 1.56M page faults, where tcmalloc took 0.01 s (0.13 s and 47k
+     * faults since).  LUM_RETAIN_EMPTY_BYTES bounds what a heap keeps this way. */
     size_t bytes = (size_t)page->slices * LUM_SLICE_SIZE;
     if (!page->in_full && allocating && heap->retained_count[cls] < LUM_RETAIN_EMPTY_PER_CLASS &&
         heap->retained_bytes + bytes <= LUM_RETAIN_EMPTY_BYTES) {
         page->retained = 1;
         heap->retained_count[cls]++;
         heap->retained_bytes += bytes;
-        if (page->block_size > LUM_UNCARVE_OVER) lum_page_uncarve(page);
         return;
     }
     lum_list_remove(page->in_full ? &heap->full[cls] : &heap->avail[cls], page);
