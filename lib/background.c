@@ -94,6 +94,7 @@ static uint64_t psi_total_us(void)
 static size_t release_everything(uint32_t reason)
 {
     size_t released = lum_large_cache_purge();
+    lum_sampled_purge(true);
     released += lum_abandoned_reclaim(true);
     released += lum_segments_purge(true, reason);
     return released;
@@ -142,6 +143,7 @@ static void *bg_main(void *arg)
         /* decay: what has been free for decay_ms goes back; look again while any is left */
         atomic_store(&dirty, 0);
         lum_abandoned_reclaim(false); /* pages of exited threads emptied since, or unused */
+        lum_sampled_purge(false);
         lum_segments_purge(false, LUM_PURGE_DECAY);
         lum_large_cache_decay();
         lum_segments_collapse();

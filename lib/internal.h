@@ -105,6 +105,7 @@ struct __attribute__((aligned(32))) lum_page {
          * not counted in used, so that the free fast path's `--used == 0` fires when the page
          * has gathered enough free blocks to be worth taking back (heap.c, page_park_full). */
         uint32_t park_bias;
+        uint64_t emptied_ms;          /* a sampled page: when it last emptied (sampled.c) */
     };
     /* A sampled page's record slots, one a block (sampled.c); NULL on other pages. */
     struct lum_sample_rec *recs;
@@ -521,6 +522,8 @@ static inline unsigned lum_sampled_class(unsigned cls)
     return c ? c - 1 : lum_sampled_class_slow(cls);
 }
 void lum_sampled_free(void *p, struct lum_page *page);
+/* Empty sampled pages of big blocks give back their memory: all, or those empty long enough. */
+size_t lum_sampled_purge(bool all);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 extern LUM_HIDDEN struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Under lum_sampled_lock: page, the head of class cls's list, handed out its last free block. */

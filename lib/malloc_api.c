@@ -263,6 +263,7 @@ LUM_EXPORT size_t lum_purge(void)
 {
     if (lum_tls_heap != &lum_empty_heap) lum_heap_cache_flush(lum_tls_heap); /* its pages may empty */
     size_t released = lum_large_cache_purge();
+    lum_sampled_purge(true);
     lum_abandoned_reclaim(true);
     released += lum_segments_purge(true, LUM_PURGE_EXPLICIT);
     return released;
