@@ -523,7 +523,7 @@ static inline unsigned lum_sampled_class(unsigned cls)
 }
 void lum_sampled_free(void *p, struct lum_page *page);
 /* Empty sampled pages of big blocks give back their memory: all, or those empty long enough. */
-size_t lum_sampled_purge(bool all);
+void lum_sampled_purge(bool all);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
 extern LUM_HIDDEN struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Under lum_sampled_lock: page, the head of class cls's list, handed out its last free block. */

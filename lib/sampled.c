@@ -193,31 +193,27 @@ static void emptied_kept(struct lum_page *page)
     if (!due_get()) due_set(page->emptied_ms + SAMPLED_UNCARVE_DELAY_MS);
 }
 
-static size_t uncarve_if_stale(struct lum_page *page, uint64_t now, bool all)
+/* A page of a class from SAMPLED_UNCARVE_MIN, if it is empty and carved. */
+static void uncarve_if_stale(struct lum_page *page, uint64_t now, bool all)
 {
-    if (!page || page->used || !page->carved || page->block_size < SAMPLED_UNCARVE_MIN) return 0;
+    if (!page || page->used || !page->carved) return;
     uint64_t due = page->emptied_ms + SAMPLED_UNCARVE_DELAY_MS;
-    if (all || now >= due) {
-        size_t bytes = (size_t)page->carved * page->block_size;
+    if (all || now >= due)
         lum_page_uncarve(page);
-        return bytes;
-    }
-    if (!due_get() || due < due_get()) due_set(due);
-    return 0;
+    else if (!due_get() || due < due_get())
+        due_set(due);
 }
 
 /* The empty pages (heads and spares: no other sampled page is empty) whose time has come, or
- * all (a purge); under lum_sampled_lock.  Returns about what was carved. */
-static size_t uncarve_stale_locked(uint64_t now, bool all)
+ * all (a purge); under lum_sampled_lock. */
+static void uncarve_stale_locked(uint64_t now, bool all)
 {
-    size_t bytes = 0;
     due_set(0);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         if (lum_class_size[c] < SAMPLED_UNCARVE_MIN) continue;
-        bytes += uncarve_if_stale(lum_sampled_pages[c].head, now, all);
-        for (struct lum_page *p = spare[c]; p; p = p->next) bytes += uncarve_if_stale(p, now, all);
+        uncarve_if_stale(lum_sampled_pages[c].head, now, all);
+        for (struct lum_page *p = spare[c]; p; p = p->next) uncarve_if_stale(p, now, all);
     }
-    return bytes;
 }
 
 static inline void uncarve_stale_maybe(void)
@@ -228,13 +224,12 @@ static inline void uncarve_stale_maybe(void)
     }
 }
 
-size_t lum_sampled_purge(bool all)
+void lum_sampled_purge(bool all)
 {
-    if (!due_get()) return 0; /* a hint: looked at again under the lock */
+    if (!due_get()) return; /* a hint: looked at again under the lock */
     lum_lock(&lum_sampled_lock);
-    size_t bytes = due_get() ? uncarve_stale_locked(lum_now_ms(), all) : 0;
+    if (due_get()) uncarve_stale_locked(lum_now_ms(), all);
     lum_unlock(&lum_sampled_lock);
-    return bytes;
 }
 
 /* An empty page off the list: the spare when the class has no empty page, else released (a
