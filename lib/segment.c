@@ -129,24 +129,38 @@ static size_t resident_span(const struct lum_segment *seg, unsigned idx, const s
     return ((touched > end ? touched : end) + 4095) & ~(size_t)4095;
 }
 
+#define SPAN_TAG_NONE LUM_CLASSES
+#define SPAN_TAGS (2 * LUM_CLASSES + 1)
+_Static_assert(SPAN_TAGS <= UINT8_MAX + 1, "a span tag fits a slice's byte (slice_cls)");
+
 /* Per class: how deep (4 KiB pages, saturating) its last page given back or uncarved had
  * carved, so that a page of the class taking over another class's span keeps as much of it as
  * the class is likely to carve again.  Written without the lock (one racy byte: a stale depth
  * only moves one decision). */
-static uint8_t class_depth[LUM_CLASSES];
+static uint8_t class_depth[SPAN_TAGS];
+
+/* Whose span a slice holds: an ordinary page's class, a sampled page's class after those (its
+ * blocks are as big, and a sampled page of the class takes it over as it is), or
+ * SPAN_TAG_NONE for any other kind. */
+static unsigned span_tag(unsigned cls, enum lum_page_kind kind)
+{
+    if (kind == LUM_PAGE_SMALL) return cls;
+    return kind == LUM_PAGE_SAMPLED ? SPAN_TAG_NONE + 1 + cls : SPAN_TAG_NONE;
+}
 
 static void note_depth(const struct lum_page *page)
 {
-    if (page->kind != LUM_PAGE_SMALL || !page->carved) return; /* uncarved: told already */
+    unsigned tag = span_tag(page->cls, (enum lum_page_kind)page->kind);
+    if (tag == SPAN_TAG_NONE || !page->carved) return; /* uncarved: told already */
     size_t pages = ((size_t)page->carved * page->block_size + 4095) / 4096;
-    __atomic_store_n(&class_depth[page->cls], (uint8_t)(pages > UINT8_MAX ? UINT8_MAX : pages), __ATOMIC_RELAXED);
+    __atomic_store_n(&class_depth[tag], (uint8_t)(pages > UINT8_MAX ? UINT8_MAX : pages), __ATOMIC_RELAXED);
 }
 
-/* What a page of class tag (LUM_CLASSES: no class) keeps of a span it takes over: what the
- * class last carved, at least the first 4 KiB. */
+/* What a page of span tag keeps of a span it takes over: what the class last carved, at least
+ * the first 4 KiB. */
 static size_t class_depth_bytes(unsigned tag)
 {
-    unsigned pages = tag < LUM_CLASSES ? __atomic_load_n(&class_depth[tag], __ATOMIC_RELAXED) : 0;
+    unsigned pages = tag != SPAN_TAG_NONE ? __atomic_load_n(&class_depth[tag], __ATOMIC_RELAXED) : 0;
     return (size_t)(pages ? pages : 1) * 4096;
 }
 
@@ -213,19 +227,19 @@ static size_t fill_span(struct lum_segment *seg, unsigned idx, unsigned n)
  * least 4 KiB) and gets the rest returned; this gives the bytes to madvise from *keep on (0:
  * none).  Returning all past the first 4 KiB, as this did, had most of it faulted in again at
  * once (python with PYTHONMALLOC=malloc: 93% of those pages within ~50 ms).  Spans are kept
- * only when a class empties page after page (class_run); a page released now and then returns
- * its span at once (note_span), as it would sit idle (bench ring, fragment, larson: +0.2-0.5
+ * when a class empties page after page (class_run) or its blocks are over 16 KiB (see
+ * lum_page_release); a page released now and then returns its span at once (note_span), as it
+ * would sit idle (bench ring, fragment, larson: +0.2-0.5
  * MiB peak RSS when every span was kept).  What is returned leaves resident (*lost: the bytes
  * the slices' records lose), and decay purges free slices whole.  Not in huge-page mode, where
- * it would split the huge page.  tag: the class of an ordinary page, LUM_CLASSES for any other
- * kind.  Caller holds lum_segment_lock. */
+ * it would split the huge page.  tag: span_tag's.  Caller holds lum_segment_lock. */
 static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag, size_t *keep,
                            size_t *lost)
 {
     size_t end = recorded_span(seg, idx, n);
     bool same = true;
     for (unsigned i = 0; i < n; i++)
-        if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != LUM_CLASSES;
+        if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != SPAN_TAG_NONE;
     *keep = class_depth_bytes(tag);
     *lost = 0;
     if (same || end <= *keep || lum_opt.thp) return 0;
@@ -258,7 +272,7 @@ static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_
         *lost = trim_span(seg, idx, page->slices, 4096);
         return touched > 4096 ? touched - 4096 : 0;
     }
-    uint8_t tag = page->kind == LUM_PAGE_SMALL ? page->cls : LUM_CLASSES;
+    uint8_t tag = (uint8_t)span_tag(page->cls, (enum lum_page_kind)page->kind);
     for (unsigned i = 0; i < page->slices; i++) seg->slice_cls[idx + i] = tag;
     return 0;
 }
@@ -279,6 +293,23 @@ static unsigned page_slices(unsigned cls, enum lum_page_kind kind)
     return want > n ? (unsigned)want : n;
 }
 
+/* Blocks over 16 KiB: their spans stay when their pages go back (lum_page_release). */
+static bool big_span(unsigned cls)
+{
+    return lum_class_size[cls] > LUM_MEDIUM_TABLE_MAX;
+}
+
+/* Of the slices in candidates, those holding a span of tag (resident). */
+static uint64_t span_mask(const struct lum_segment *seg, uint64_t candidates, unsigned tag)
+{
+    uint64_t mask = 0;
+    for (uint64_t c = candidates; c; c &= c - 1) {
+        unsigned i = (unsigned)__builtin_ctzll(c);
+        if (seg->slice_cls[i] == tag && seg->slice_touched[i]) mask |= (uint64_t)1 << i;
+    }
+    return mask;
+}
+
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
 {
     unsigned n = page_slices(cls, kind);
@@ -288,14 +319,16 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     /* Pack densely (as TCMalloc's Temeraire does for huge pages): take the fullest segment that
      * fits, so emptier ones drain and go back whole; and prefer slices still resident, which
      * cost no page faults. */
-    for (int pass = 0; pass < 2 && idx < 0; pass++) {
+    unsigned tag = span_tag(cls, kind);
+    for (int pass = big_span(cls) ? -1 : 0; pass < 2 && idx < 0; pass++) {
         unsigned best_free = 65;
         struct lum_segment *best = NULL;
         int best_idx = -1;
         for (struct lum_segment *s = segments; s; s = s->next) {
             unsigned nfree = (unsigned)__builtin_popcountll(s->free_slices);
             if (nfree < n || nfree >= best_free) continue;
-            uint64_t candidates = pass == 0 ? s->free_slices & ~s->purged_slices : s->free_slices;
+            uint64_t candidates = pass <= 0 ? s->free_slices & ~s->purged_slices : s->free_slices;
+            if (pass < 0) candidates = span_mask(s, candidates, tag);
             int at = find_run(candidates, n);
             if (at >= 0) { best = s; best_idx = at; best_free = nfree; }
         }
@@ -322,7 +355,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
     __atomic_sub_fetch(&dirty_resident, lum_span_bytes(seg, (unsigned)idx, n), __ATOMIC_RELAXED);
     size_t keep = 0, lost = 0;
-    size_t tail = inherit_span(seg, (unsigned)idx, n, kind == LUM_PAGE_SMALL ? cls : LUM_CLASSES, &keep, &lost);
+    size_t tail = inherit_span(seg, (unsigned)idx, n, tag, &keep, &lost);
     if (kind == LUM_PAGE_SMALL) __atomic_store_n(&class_run[cls], 0, __ATOMIC_RELAXED);
     __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     seg->free_slices &= ~mask;
@@ -474,7 +507,17 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
     bool small = page->kind == LUM_PAGE_SMALL;
     unsigned cls = page->cls;
     note_depth(page);
-    bool keep = may_keep_span && small && __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER;
+    /* A page of blocks over 16 KiB holds 4-6 of them: a ring of such buffers empties a page and
+     * takes one again at every small swing in how many it holds live, and sampling makes the
+     * swings (a sampled block lives on a sampled page), so the span returned at once here was
+     * faulted in again soon after, whole.  With default sampling a ring of 256 blocks of 250 KB,
+     * each written, ran 2.2x as long as sampling off (595k page faults in 200k steps, each peer
+     * ~16k): now 1.1-1.2x, 22k faults.  Kept, as for a run of releases, the class's next page
+     * (or the sampled class's) takes the span as it is (lum_page_alloc looks for it first), and
+     * decay or the dirty limit returns what stays free.  What it costs: python3's peak RSS
+     * +0.4-0.5 MiB (~1.5%), spans of big blocks it does not take again within its run. */
+    bool keep = big_span(cls) || (may_keep_span && small &&
+                        __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER);
     size_t lost = 0, tail = note_span(seg, idx, page, keep, &lost);
     if (tail) return_pages(page->start + 4096, tail);
     if (lost) lum_os_account_slices(-(int64_t)lost, 0);
