@@ -465,7 +465,7 @@ void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 void lum_page_touch(struct lum_page *page, size_t end);
 size_t lum_segments_purge(bool all, uint32_t reason);
-size_t lum_segments_purge_excess(size_t target);
+size_t lum_segments_purge_excess(size_t target, uint64_t min_age);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);
 
 /* ---- page.c ---- */
@@ -583,6 +583,7 @@ size_t lum_segments_dirty_resident(void);
 void lum_segments_collapse(void);
 void lum_dirty_limit_check(bool large);
 size_t lum_dirty_limit(size_t dirty);
+uint64_t lum_dirty_min_age(size_t dirty, size_t limit);
 
 /* ---- large.c ---- */
 extern LUM_HIDDEN lum_lock_t lum_large_lock;
@@ -591,6 +592,7 @@ void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);
 size_t lum_large_usable(const void *p);
 size_t lum_large_cache_purge(void);
+size_t lum_large_cache_purge_idle(uint64_t min_age);
 size_t lum_large_cache_decay(void);
 /* freed mappings kept resident: what lum_dirty_limit_check(false) looks at (its floor) */
 extern LUM_HIDDEN size_t lum_large_cached;
@@ -603,6 +605,8 @@ static inline size_t lum_large_cache_bytes(void)
 /* 2 MiB, not 4: python3's large blocks kept that much more in the cache at its peak (bench
  * python 34.1 -> 31.9 MiB, for +20% minor faults, 10.2k -> 12.2k; no other row moved). */
 #define LUM_DIRTY_FLOOR ((size_t)2 << 20)
+#define LUM_DIRTY_HOT_MS 10 /* freed memory this recent stays over the dirty limit... */
+#define LUM_DIRTY_HARD 4     /* ...unless it is over this many times the limit (lum_dirty_min_age) */
 
 /* ---- counters ---- */
 static inline void lum_count_global(uint64_t *field, int64_t delta)

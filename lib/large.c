@@ -379,24 +379,19 @@ void lum_large_free(void *p)
 
 size_t lum_large_cache_purge(void)
 {
-    struct piece all[CACHE_SLOTS];
-    lum_lock(&lum_large_lock);
-    size_t bytes = lum_large_cached;
-    unsigned n = evict_locked(0, all);
-    lum_unlock(&lum_large_lock);
-    unmap_pieces(all, n);
-    return bytes;
+    return lum_large_cache_purge_idle(0);
 }
 
-/* Unmaps cached ranges that have waited longer than the decay time (oldest are first). */
-size_t lum_large_cache_decay(void)
+/* Unmaps the cached ranges freed min_age ms ago or longer (the oldest are first); gives their
+ * bytes. */
+size_t lum_large_cache_purge_idle(uint64_t min_age)
 {
     struct piece old[CACHE_SLOTS];
     unsigned n = 0;
-    uint64_t now = lum_now_ms();
+    uint64_t now = min_age ? lum_now_ms() : 0;
     size_t bytes = 0;
     lum_lock(&lum_large_lock);
-    while (npieces && now - pieces[0].freed_ms >= lum_opt.decay_ms) {
+    while (npieces && (!min_age || now - pieces[0].freed_ms >= min_age)) {
         bytes += pieces[0].len;
         old[n++] = pieces[0];
         piece_remove(0);
@@ -404,6 +399,12 @@ size_t lum_large_cache_decay(void)
     lum_unlock(&lum_large_lock);
     unmap_pieces(old, n);
     return bytes;
+}
+
+/* Unmaps cached ranges that have waited longer than the decay time (oldest are first). */
+size_t lum_large_cache_decay(void)
+{
+    return lum_large_cache_purge_idle(lum_opt.decay_ms);
 }
 
 /* Grows or shrinks a large block in place or by moving its pages; NULL means "copy instead". */

@@ -26,7 +26,7 @@ static size_t dirty_resident;
 struct purge_out { size_t madvised, spans, unmapped; };
 
 static void purge_locked(bool all, uint64_t now, struct purge_out *out);
-static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *out);
+static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *out, uint64_t min_age);
 static size_t account_purge(const struct purge_out *out, uint32_t reason);
 
 static void segment_init(struct lum_segment *seg)
@@ -340,9 +340,9 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     if (idx < 0) {
         /* Free slices exist but no run fits: before mapping more, give them back if they
          * outgrew the live heap (see lum_dirty_limit). */
-        size_t limit = lum_dirty_limit(lum_segments_dirty_bytes());
-        if (lum_segments_dirty_resident() > limit)
-            purge_excess_locked(limit / 2, lum_now_ms(), &limit_out);
+        size_t limit = lum_dirty_limit(lum_segments_dirty_bytes()), dirty = lum_segments_dirty_resident();
+        if (dirty > limit)
+            purge_excess_locked(limit / 2, lum_now_ms(), &limit_out, lum_dirty_min_age(dirty, limit));
         seg = segment_new();
         mapped_new = true;
         if (!seg) {
@@ -455,11 +455,12 @@ static void purge_locked(bool all, uint64_t now, struct purge_out *out)
  * youngest were freed by a phase that is likely to fill them again: purging them all (as this
  * did) madvised ~2.6k pages in a python3 run (PYTHONMALLOC=malloc), over half of them faulted
  * in again within 100 ms.  Caller holds lum_segment_lock. */
-static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *out)
+static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *out, uint64_t min_age)
 {
     for (uint64_t age = lum_opt.decay_ms;; age /= 2) {
+        if (age < min_age) age = min_age;
         purge_older_locked(age, now, out);
-        if (lum_segments_dirty_resident() <= target || !age) return;
+        if (lum_segments_dirty_resident() <= target || age <= min_age) return;
     }
 }
 
@@ -610,11 +611,11 @@ size_t lum_segments_purge(bool all, uint32_t reason)
 }
 
 /* The dirty limit's purge for a large block about to be mapped (lum_dirty_limit_check). */
-size_t lum_segments_purge_excess(size_t target)
+size_t lum_segments_purge_excess(size_t target, uint64_t min_age)
 {
     lum_lock(&lum_segment_lock);
     struct purge_out out = {0, 0, 0};
-    purge_excess_locked(target, lum_now_ms(), &out);
+    purge_excess_locked(target, lum_now_ms(), &out, min_age);
     lum_unlock(&lum_segment_lock);
     return account_purge(&out, LUM_PURGE_LIMIT);
 }
