@@ -216,6 +216,36 @@ static size_t fill_span(struct lum_segment *seg, unsigned idx, unsigned n)
     return added;
 }
 
+/* Blocks over 16 KiB: their spans stay when their pages go back (lum_page_release). */
+static bool big_span(unsigned cls)
+{
+    return lum_class_size[cls] > LUM_MEDIUM_TABLE_MAX;
+}
+
+/* Whether a page of a big class going back keeps its span, by how its class used the spans
+ * it kept: each one a page of the class took over earns SPAN_CREDIT_REUSE more kept (up to
+ * SPAN_CREDIT_MAX), and with no credit one release in 8 keeps its span to try again.  A ring
+ * of buffers takes back nearly every span it keeps; python3 took back few of its big classes'
+ * spans, and keeping them all raised its peak RSS 0.5 MiB (of 30): this keeps one in 8 of
+ * those, and ringw at 150 KB faults 20k times in 200k steps instead of 13k.  Per span tag:
+ * span_credit, span_probe (releases since one was kept).  Racy bytes, as class_run's. */
+#define SPAN_CREDIT_MAX 32
+#define SPAN_CREDIT_REUSE 4u
+static uint8_t span_credit[SPAN_TAGS], span_probe[SPAN_TAGS];
+
+static bool keep_big_span(unsigned tag, unsigned cls)
+{
+    if (!big_span(cls)) return false;
+    uint8_t credit = __atomic_load_n(&span_credit[tag], __ATOMIC_RELAXED);
+    if (credit) {
+        __atomic_store_n(&span_credit[tag], (uint8_t)(credit - 1), __ATOMIC_RELAXED);
+        return true;
+    }
+    uint8_t probe = __atomic_load_n(&span_probe[tag], __ATOMIC_RELAXED);
+    __atomic_store_n(&span_probe[tag], (uint8_t)(probe + 1 < 8 ? probe + 1 : 0), __ATOMIC_RELAXED);
+    return probe + 1 >= 8;
+}
+
 /* The next page on a run of slices carves lazily from its start, and finds resident whatever
  * the pages before it carved there.  A page of the same class is likely to carve as deep: it
  * takes that span as it is, and faults none of it in again (bench sqlite: a phase frees ~500
@@ -242,6 +272,10 @@ static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, un
         if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != SPAN_TAG_NONE;
     *keep = class_depth_bytes(tag);
     *lost = 0;
+    if (same && end && tag != SPAN_TAG_NONE) {
+        unsigned credit = __atomic_load_n(&span_credit[tag], __ATOMIC_RELAXED) + SPAN_CREDIT_REUSE;
+        __atomic_store_n(&span_credit[tag], (uint8_t)(credit > SPAN_CREDIT_MAX ? SPAN_CREDIT_MAX : credit), __ATOMIC_RELAXED);
+    }
     if (same || end <= *keep || lum_opt.thp) return 0;
     *lost = trim_span(seg, idx, n, *keep);
     return end - *keep;
@@ -291,12 +325,6 @@ static unsigned page_slices(unsigned cls, enum lum_page_kind kind)
     size_t want = ((size_t)SAMPLED_PAGE_BLOCKS * lum_class_size[cls] + LUM_SLICE_SIZE - 1) / LUM_SLICE_SIZE;
     if (want > SAMPLED_PAGE_SLICES_MAX) want = SAMPLED_PAGE_SLICES_MAX;
     return want > n ? (unsigned)want : n;
-}
-
-/* Blocks over 16 KiB: their spans stay when their pages go back (lum_page_release). */
-static bool big_span(unsigned cls)
-{
-    return lum_class_size[cls] > LUM_MEDIUM_TABLE_MAX;
 }
 
 /* Of the slices in candidates, those holding a span of tag (resident). */
@@ -513,11 +541,11 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
      * swings (a sampled block lives on a sampled page), so the span returned at once here was
      * faulted in again soon after, whole.  With default sampling a ring of 256 blocks of 250 KB,
      * each written, ran 2.2x as long as sampling off (595k page faults in 200k steps, each peer
-     * ~16k): now 1.1-1.2x, 22k faults.  Kept, as for a run of releases, the class's next page
-     * (or the sampled class's) takes the span as it is (lum_page_alloc looks for it first), and
-     * decay or the dirty limit returns what stays free.  What it costs: python3's peak RSS
-     * +0.4-0.5 MiB (~1.5%), spans of big blocks it does not take again within its run. */
-    bool keep = big_span(cls) || (may_keep_span && small &&
+     * ~16k): now 1.0-1.1x, 25-38k faults.  Kept, as for a run of releases, the class's next
+     * page (or the sampled class's) takes the span as it is (lum_page_alloc looks for it
+     * first), and decay or the dirty limit returns what stays free; keep_big_span keeps them
+     * while the class takes them back. */
+    bool keep = keep_big_span(span_tag(cls, (enum lum_page_kind)page->kind), cls) || (may_keep_span && small &&
                         __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER);
     size_t lost = 0, tail = note_span(seg, idx, page, keep, &lost);
     if (tail) return_pages(page->start + 4096, tail);
