@@ -99,4 +99,31 @@ static inline void touch(void *p, size_t n, unsigned char v) {
   c[0] = v;
   if (n > 64) c[n - 1] = v;
 }
+
+/* A ring of live blocks, the oldest freed first: each step frees one and allocates another of
+ * next_size(&seed, arg) bytes, then writes it whole or, as a program touching a record would,
+ * its first and last cache line (touch).  Times the steps and prints the report. */
+static inline __attribute__((always_inline)) void ring_run(long ops, long live, uint64_t seed,
+                                                           size_t (*next_size)(uint64_t *, size_t),
+                                                           size_t arg, int write_whole) {
+  void **ring = calloc((size_t)live, sizeof(void *));
+  unsigned long long check = 0;
+  bench_gate();
+  double t0 = bench_start();
+  for (long i = 0; i < ops; i++) {
+    long k = i % live;
+    if (ring[k]) {
+      check += ((unsigned char *)ring[k])[0];
+      free(ring[k]);
+    }
+    size_t sz = next_size(&seed, arg);
+    ring[k] = malloc(sz);
+    if (write_whole) memset(ring[k], (int)i, sz);
+    else touch(ring[k], sz, (unsigned char)i);
+  }
+  for (long k = 0; k < live; k++) free(ring[k]);
+  free(ring);
+  bench_report(t0, check);
+}
+
 #endif

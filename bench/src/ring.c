@@ -7,23 +7,6 @@ int main(int argc, char **argv) {
   long ops = arg_long(argc, argv, 1, 10000000L);
   long live = arg_long(argc, argv, 2, 20000);
   size_t maxsz = (size_t)arg_long(argc, argv, 3, 16384);
-  uint64_t s = 12345;
-  void **ring = calloc((size_t)live, sizeof(void *));
-  unsigned long long check = 0;
-  bench_gate();
-  double t0 = bench_start();
-  for (long i = 0; i < ops; i++) {
-    long k = i % live;
-    if (ring[k]) {
-      check += ((unsigned char *)ring[k])[0];
-      free(ring[k]);
-    }
-    size_t sz = size_mixed(&s, maxsz);
-    ring[k] = malloc(sz);
-    touch(ring[k], sz, (unsigned char)i);
-  }
-  for (long k = 0; k < live; k++) free(ring[k]);
-  free(ring);
-  bench_report(t0, check);
+  ring_run(ops, live, 12345, size_mixed, maxsz, 0);
   return 0;
 }
