@@ -242,18 +242,22 @@ size_t lum_dirty_limit(size_t dirty)
 /* What of the memory over the limit may stay: what was freed in the last LUM_DIRTY_HOT_MS, as
  * long as the freed memory is under LUM_DIRTY_HARD times the limit.  A ring of buffers whose
  * count swings frees memory and takes it again within milliseconds, and over the limit every
- * fresh mapping emptied the large cache and purged the free spans, to be faulted in again:
- * bench buffers (256 buffers of 16-256 KiB, each written) took 0.34 s and 80k faults where
- * the peers took 0.10-0.14 s and ~10k; 0.13-0.15 s and 20k now, at +3 MiB of peak RSS (of
- * 43).  A program that changes shape (small blocks freed, large ones taken) frees far more
- * than that, at once, and still has all of it given back. */
+ * fresh large mapping emptied the large cache and purged the free spans, to be faulted in
+ * again: bench buffers (256 buffers of 16-256 KiB, each written) took 0.34 s and 80k faults
+ * where the peers took 0.10-0.14 s and ~10k; 0.13-0.15 s and 20k now, at +3 MiB of peak RSS
+ * (of 43).  A program that changes shape (small blocks freed, large ones taken) frees far
+ * more than that, at once, and still has all of it given back.  The ages are lum_now_ms's,
+ * a coarse clock (4 ms ticks at HZ=250): the window is 2-3 of its ticks. */
 uint64_t lum_dirty_min_age(size_t dirty, size_t limit)
 {
-    return dirty > limit * LUM_DIRTY_HARD ? 0 : LUM_DIRTY_HOT_MS;
+    if (dirty > limit * LUM_DIRTY_HARD) return 0;
+    /* never longer than decay would keep it (a decay time under the window; 0: at once) */
+    return lum_opt.decay_ms < LUM_DIRTY_HOT_MS ? lum_opt.decay_ms : LUM_DIRTY_HOT_MS;
 }
 
 /* Before new memory is mapped: for a large block (large == true) neither the cache (nothing in
- * it fitted) nor free slices can serve, so both go if over the limit; for a page, free slices
+ * it fitted) nor free slices can serve, so what of both is older than lum_dirty_min_age goes
+ * if over the limit; for a page, free slices
  * are about to be reused, so only the cache goes (segment.c checks itself before mapping a
  * new segment). */
 void lum_dirty_limit_check(bool large)

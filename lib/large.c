@@ -388,9 +388,10 @@ size_t lum_large_cache_purge_idle(uint64_t min_age)
 {
     struct piece old[CACHE_SLOTS];
     unsigned n = 0;
-    uint64_t now = min_age ? lum_now_ms() : 0;
     size_t bytes = 0;
     lum_lock(&lum_large_lock);
+    /* under the lock: a range cached meanwhile by another thread is not from the future */
+    uint64_t now = min_age ? lum_now_ms() : 0;
     while (npieces && (!min_age || now - pieces[0].freed_ms >= min_age)) {
         bytes += pieces[0].len;
         old[n++] = pieces[0];

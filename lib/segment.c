@@ -133,10 +133,10 @@ static size_t resident_span(const struct lum_segment *seg, unsigned idx, const s
 #define SPAN_TAGS (2 * LUM_CLASSES + 1)
 _Static_assert(SPAN_TAGS <= UINT8_MAX + 1, "a span tag fits a slice's byte (slice_cls)");
 
-/* Per class: how deep (4 KiB pages, saturating) its last page given back or uncarved had
- * carved, so that a page of the class taking over another class's span keeps as much of it as
- * the class is likely to carve again.  Written without the lock (one racy byte: a stale depth
- * only moves one decision). */
+/* Per span tag (a class, ordinary or sampled): how deep (4 KiB pages, saturating) its last
+ * page given back or uncarved had carved, so that a page of the class taking over another
+ * class's span keeps as much of it as the class is likely to carve again.  Written without the
+ * lock (one racy byte: a stale depth only moves one decision). */
 static uint8_t class_depth[SPAN_TAGS];
 
 /* Whose span a slice holds: an ordinary page's class, a sampled page's class after those (its
@@ -227,7 +227,8 @@ static bool big_span(unsigned cls)
  * SPAN_CREDIT_MAX), and with no credit one release in 8 keeps its span to try again.  A ring
  * of buffers takes back nearly every span it keeps; python3 took back few of its big classes'
  * spans, and keeping them all raised its peak RSS 0.5 MiB (of 30): this keeps one in 8 of
- * those, and ringw at 150 KB faults 20k times in 200k steps instead of 13k.  Per span tag:
+ * those, and a ring of 256 buffers of 150 KB, each written (the loop of bench/src/buffers.c),
+ * faults 20k times in 200k steps instead of 13k.  Per span tag:
  * span_credit, span_probe (releases since one was kept).  Racy bytes, as class_run's. */
 #define SPAN_CREDIT_MAX 32
 #define SPAN_CREDIT_REUSE 4u
@@ -304,6 +305,8 @@ static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_
         /* the slices may hold an older span (kept for a class that did not come back) */
         size_t touched = resident_span(seg, idx, page);
         *lost = trim_span(seg, idx, page->slices, 4096);
+        /* what stays is no class's span (span_run would credit a class for it) */
+        for (unsigned i = 0; i < page->slices; i++) seg->slice_cls[idx + i] = SPAN_TAG_NONE;
         return touched > 4096 ? touched - 4096 : 0;
     }
     uint8_t tag = (uint8_t)span_tag(page->cls, (enum lum_page_kind)page->kind);
@@ -327,15 +330,21 @@ static unsigned page_slices(unsigned cls, enum lum_page_kind kind)
     return want > n ? (unsigned)want : n;
 }
 
-/* Of the slices in candidates, those holding a span of tag (resident). */
-static uint64_t span_mask(const struct lum_segment *seg, uint64_t candidates, unsigned tag)
+/* Where a run of n of the slices in candidates starts on a span of tag: its first slice holds
+ * the span, the others hold it too or nothing (a page need not carve its last slices: 4 blocks
+ * of 114688 B fill 7 of 8, 6 of 163840 B 15 of 16); -1: none. */
+static int span_run(const struct lum_segment *seg, uint64_t candidates, unsigned tag, unsigned n)
 {
-    uint64_t mask = 0;
+    uint64_t tagged = 0, blank = 0;
     for (uint64_t c = candidates; c; c &= c - 1) {
         unsigned i = (unsigned)__builtin_ctzll(c);
-        if (seg->slice_cls[i] == tag && seg->slice_touched[i]) mask |= (uint64_t)1 << i;
+        if (!seg->slice_touched[i]) blank |= (uint64_t)1 << i;
+        else if (seg->slice_cls[i] == tag) tagged |= (uint64_t)1 << i;
     }
-    return mask;
+    uint64_t fits = tagged | blank, x = fits;
+    for (unsigned i = 1; i < n && x; i++) x &= fits >> i;
+    x &= tagged;
+    return x ? __builtin_ctzll(x) : -1;
 }
 
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
@@ -348,7 +357,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
      * fits, so emptier ones drain and go back whole; and prefer slices still resident, which
      * cost no page faults. */
     unsigned tag = span_tag(cls, kind);
-    for (int pass = big_span(cls) ? -1 : 0; pass < 2 && idx < 0; pass++) {
+    for (int pass = big_span(cls) && !lum_opt.thp ? -1 : 0; pass < 2 && idx < 0; pass++) {
         unsigned best_free = 65;
         struct lum_segment *best = NULL;
         int best_idx = -1;
@@ -356,8 +365,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
             unsigned nfree = (unsigned)__builtin_popcountll(s->free_slices);
             if (nfree < n || nfree >= best_free) continue;
             uint64_t candidates = pass <= 0 ? s->free_slices & ~s->purged_slices : s->free_slices;
-            if (pass < 0) candidates = span_mask(s, candidates, tag);
-            int at = find_run(candidates, n);
+            int at = pass < 0 ? span_run(s, candidates, tag, n) : find_run(candidates, n);
             if (at >= 0) { best = s; best_idx = at; best_free = nfree; }
         }
         seg = best;
@@ -479,10 +487,11 @@ static void purge_locked(bool all, uint64_t now, struct purge_out *out)
 }
 
 /* Over the dirty limit: free slices go back oldest first, those decay would take anyway first,
- * then ever younger ones (halving the age), until what stays is within half the limit.  The
- * youngest were freed by a phase that is likely to fill them again: purging them all (as this
- * did) madvised ~2.6k pages in a python3 run (PYTHONMALLOC=malloc), over half of them faulted
- * in again within 100 ms.  Caller holds lum_segment_lock. */
+ * then ever younger ones (halving the age), until what stays is within target (half the
+ * limit) or the age reaches min_age (lum_dirty_min_age: those freed since stay).  The youngest
+ * were freed by a phase that is likely to fill them again: purging them all (as this did)
+ * madvised ~2.6k pages in a python3 run (PYTHONMALLOC=malloc), over half of them faulted in
+ * again within 100 ms.  Caller holds lum_segment_lock. */
 static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *out, uint64_t min_age)
 {
     for (uint64_t age = lum_opt.decay_ms;; age /= 2) {
@@ -545,8 +554,9 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
      * page (or the sampled class's) takes the span as it is (lum_page_alloc looks for it
      * first), and decay or the dirty limit returns what stays free; keep_big_span keeps them
      * while the class takes them back. */
-    bool keep = keep_big_span(span_tag(cls, (enum lum_page_kind)page->kind), cls) || (may_keep_span && small &&
-                        __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER);
+    bool keep = ((may_keep_span || page->kind == LUM_PAGE_SAMPLED) && page->carved && !lum_opt.thp &&
+                 keep_big_span(span_tag(cls, (enum lum_page_kind)page->kind), cls)) ||
+                (may_keep_span && small && __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER);
     size_t lost = 0, tail = note_span(seg, idx, page, keep, &lost);
     if (tail) return_pages(page->start + 4096, tail);
     if (lost) lum_os_account_slices(-(int64_t)lost, 0);

@@ -216,7 +216,7 @@ static void emptied_big_spare_page_keeps_its_memory(void **state)
 
 /* A ring of 150 KB buffers, written whole, under default sampling (a 512 KiB mean interval:
  * about a quarter of blocks this big are sampled).  A sampled block lives on a sampled page,
- * so the ring's ordinary pages (three blocks each) empty and are taken again as the count of
+ * so the ring's ordinary pages (six blocks each) empty and are taken again as the count of
  * live sampled blocks swings, and the sampled pages likewise.  The spans of pages of blocks
  * over 16 KiB stay resident for the class's next page while it takes them back (segment.c,
  * keep_big_span): 0.05-0.5 faults a step.  Returned at once, as they were, 5.2-5.5 of the 37

@@ -289,6 +289,7 @@ static void recent_frees_stay_over_the_dirty_limit(void **state)
     assert_non_null(large);
     memset(large, 1, 1 << 20);
     /* ~5 MiB of spans: over the limit (its floor, 2 MiB, in this small process), under 4x */
+    uint64_t t0 = lum_now_ms();
     size_t added = free_big_blocks(128);
     free(large);
     size_t dirty = lum_segments_dirty_resident(), cached = lum_large_cache_bytes();
@@ -298,8 +299,19 @@ static void recent_frees_stay_over_the_dirty_limit(void **state)
     assert_true(dirty + cached > limit && dirty + cached <= limit * LUM_DIRTY_HARD);
     assert_true(cached >= 1 << 20);
     lum_dirty_limit_check(true);
-    assert_int_equal(lum_segments_dirty_resident(), dirty);
-    assert_int_equal(lum_large_cache_bytes(), cached);
+    /* What this test freed stays (free slices freed earlier may go).  The ages are read off a
+     * coarse clock: the check must come a tick short of the window after the frees to count
+     * (a loaded machine may delay it past; then there is nothing to assert). */
+    struct timespec tick;
+    clock_getres(CLOCK_MONOTONIC_COARSE, &tick);
+    uint64_t waited = lum_now_ms() - t0, tick_ms = (uint64_t)tick.tv_nsec / 1000000 + 1;
+    if (waited + tick_ms < LUM_DIRTY_HOT_MS) {
+        assert_true(lum_segments_dirty_resident() >= added);
+        assert_true(lum_large_cache_bytes() >= 1 << 20);
+    } else {
+        printf("# the check came %llu ms after the frees (clock tick %llu ms): not asserted\n",
+               (unsigned long long)waited, (unsigned long long)tick_ms);
+    }
     struct timespec nap = {0, 3 * LUM_DIRTY_HOT_MS * 1000 * 1000};
     nanosleep(&nap, NULL);
     lum_dirty_limit_check(true);
