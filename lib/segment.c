@@ -228,7 +228,7 @@ static bool big_span(unsigned cls)
  * of buffers takes back nearly every span it keeps; python3 took back few of its big classes'
  * spans, and keeping them all raised its peak RSS 0.5 MiB (of 30): this keeps one in 8 of
  * those, and a ring of 256 buffers of 150 KB, each written (the loop of bench/src/buffers.c),
- * faults 20k times in 200k steps instead of 13k.  Per span tag:
+ * faults 16-20k times in 200k steps instead of 13k.  Per span tag:
  * span_credit, span_probe (releases since one was kept).  Racy bytes, as class_run's. */
 #define SPAN_CREDIT_MAX 32
 #define SPAN_CREDIT_REUSE 4u
