@@ -257,9 +257,8 @@ uint64_t lum_dirty_min_age(size_t dirty, size_t limit)
 
 /* Before new memory is mapped: for a large block (large == true) neither the cache (nothing in
  * it fitted) nor free slices can serve, so what of both is older than lum_dirty_min_age goes
- * if over the limit; for a page, free slices
- * are about to be reused, so only the cache goes (segment.c checks itself before mapping a
- * new segment). */
+ * if over the limit; for a page, free slices are about to be reused, so only the cache goes
+ * (segment.c checks itself before mapping a new segment). */
 void lum_dirty_limit_check(bool large)
 {
     size_t seg_dirty = large ? lum_segments_dirty_resident() : 0, cached = lum_large_cache_bytes();

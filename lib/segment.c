@@ -148,6 +148,15 @@ static unsigned span_tag(unsigned cls, enum lum_page_kind kind)
     return kind == LUM_PAGE_SAMPLED ? SPAN_TAG_NONE + 1 + cls : SPAN_TAG_NONE;
 }
 
+/* A span tag of blocks over 16 KiB: their spans may stay when their pages go back
+ * (span_kept). */
+static bool big_span(unsigned tag)
+{
+    if (tag == SPAN_TAG_NONE) return false;
+    unsigned cls = tag < SPAN_TAG_NONE ? tag : tag - SPAN_TAG_NONE - 1;
+    return lum_class_size[cls] > LUM_MEDIUM_TABLE_MAX;
+}
+
 static void note_depth(const struct lum_page *page)
 {
     unsigned tag = span_tag(page->cls, (enum lum_page_kind)page->kind);
@@ -216,12 +225,6 @@ static size_t fill_span(struct lum_segment *seg, unsigned idx, unsigned n)
     return added;
 }
 
-/* Blocks over 16 KiB: their spans stay when their pages go back (lum_page_release). */
-static bool big_span(unsigned cls)
-{
-    return lum_class_size[cls] > LUM_MEDIUM_TABLE_MAX;
-}
-
 /* Whether a page of a big class going back keeps its span, by how its class used the spans
  * it kept: each one a page of the class took over earns SPAN_CREDIT_REUSE more kept (up to
  * SPAN_CREDIT_MAX), and with no credit one release in 8 keeps its span to try again.  A ring
@@ -234,9 +237,8 @@ static bool big_span(unsigned cls)
 #define SPAN_CREDIT_REUSE 4u
 static uint8_t span_credit[SPAN_TAGS], span_probe[SPAN_TAGS];
 
-static bool keep_big_span(unsigned tag, unsigned cls)
+static bool keep_big_span(unsigned tag)
 {
-    if (!big_span(cls)) return false;
     uint8_t credit = __atomic_load_n(&span_credit[tag], __ATOMIC_RELAXED);
     if (credit) {
         __atomic_store_n(&span_credit[tag], (uint8_t)(credit - 1), __ATOMIC_RELAXED);
@@ -258,10 +260,9 @@ static bool keep_big_span(unsigned tag, unsigned cls)
  * least 4 KiB) and gets the rest returned; this gives the bytes to madvise from *keep on (0:
  * none).  Returning all past the first 4 KiB, as this did, had most of it faulted in again at
  * once (python with PYTHONMALLOC=malloc: 93% of those pages within ~50 ms).  Spans are kept
- * when a class empties page after page (class_run) or its blocks are over 16 KiB (see
- * lum_page_release); a page released now and then returns its span at once (note_span), as it
- * would sit idle (bench ring, fragment, larson: +0.2-0.5
- * MiB peak RSS when every span was kept).  What is returned leaves resident (*lost: the bytes
+ * when a class empties page after page (class_run) or its blocks are over 16 KiB (span_kept);
+ * a page released now and then returns its span at once (note_span), as it would sit idle
+ * (bench ring, fragment, larson: +0.2-0.5 MiB peak RSS when every span was kept).  What is returned leaves resident (*lost: the bytes
  * the slices' records lose), and decay purges free slices whole.  Not in huge-page mode, where
  * it would split the huge page.  tag: span_tag's.  Caller holds lum_segment_lock. */
 static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag, size_t *keep,
@@ -273,7 +274,7 @@ static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, un
         if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != SPAN_TAG_NONE;
     *keep = class_depth_bytes(tag);
     *lost = 0;
-    if (same && end && tag != SPAN_TAG_NONE) {
+    if (same && end && big_span(tag)) {
         unsigned credit = __atomic_load_n(&span_credit[tag], __ATOMIC_RELAXED) + SPAN_CREDIT_REUSE;
         __atomic_store_n(&span_credit[tag], (uint8_t)(credit > SPAN_CREDIT_MAX ? SPAN_CREDIT_MAX : credit), __ATOMIC_RELAXED);
     }
@@ -357,7 +358,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
      * fits, so emptier ones drain and go back whole; and prefer slices still resident, which
      * cost no page faults. */
     unsigned tag = span_tag(cls, kind);
-    for (int pass = big_span(cls) && !lum_opt.thp ? -1 : 0; pass < 2 && idx < 0; pass++) {
+    for (int pass = big_span(tag) && !lum_opt.thp ? -1 : 0; pass < 2 && idx < 0; pass++) {
         unsigned best_free = 65;
         struct lum_segment *best = NULL;
         int best_idx = -1;
@@ -533,6 +534,27 @@ void lum_page_uncarve(struct lum_page *page)
     lum_os_account_slices(-(int64_t)trim_span(seg, idx, page->slices, 0), 0);
 }
 
+/* Whether a page going back keeps its span for the next page of its class (may_keep_span: its
+ * heap allocates the class).  A class emptying page after page keeps them (class_run).  A page
+ * of blocks over 16 KiB holds 4-6 of them: a ring of such buffers empties a page and takes one
+ * again at every small swing in how many it holds live, and sampling makes the swings (a
+ * sampled block lives on a sampled page), so the span returned at once was faulted in again
+ * soon after, whole.  With default sampling a ring of 256 blocks of 250 KB, each written, ran
+ * 2.2x as long as sampling off (595k page faults in 200k steps, each peer ~16k): now 1.0-1.1x,
+ * 25-38k faults.  Kept, the class's next page (or the sampled class's) takes the span as it is
+ * (lum_page_alloc looks for it first), and decay or the dirty limit returns what stays free;
+ * keep_big_span keeps them while the class takes them back. */
+static bool span_kept(const struct lum_page *page, bool may_keep_span)
+{
+    /* sampled pages go back from the sampler, which takes their class again at its next sample */
+    bool sampled = page->kind == LUM_PAGE_SAMPLED;
+    unsigned tag = span_tag(page->cls, (enum lum_page_kind)page->kind);
+    if ((may_keep_span || sampled) && page->carved && !lum_opt.thp && big_span(tag) && keep_big_span(tag))
+        return true;
+    return may_keep_span && page->kind == LUM_PAGE_SMALL &&
+           __atomic_load_n(&class_run[page->cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER;
+}
+
 void lum_page_release(struct lum_page *page, bool may_keep_span)
 {
     struct lum_segment *seg = lum_segment_of(page->start);
@@ -545,18 +567,7 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
     bool small = page->kind == LUM_PAGE_SMALL;
     unsigned cls = page->cls;
     note_depth(page);
-    /* A page of blocks over 16 KiB holds 4-6 of them: a ring of such buffers empties a page and
-     * takes one again at every small swing in how many it holds live, and sampling makes the
-     * swings (a sampled block lives on a sampled page), so the span returned at once here was
-     * faulted in again soon after, whole.  With default sampling a ring of 256 blocks of 250 KB,
-     * each written, ran 2.2x as long as sampling off (595k page faults in 200k steps, each peer
-     * ~16k): now 1.0-1.1x, 25-38k faults.  Kept, as for a run of releases, the class's next
-     * page (or the sampled class's) takes the span as it is (lum_page_alloc looks for it
-     * first), and decay or the dirty limit returns what stays free; keep_big_span keeps them
-     * while the class takes them back. */
-    bool keep = ((may_keep_span || page->kind == LUM_PAGE_SAMPLED) && page->carved && !lum_opt.thp &&
-                 keep_big_span(span_tag(cls, (enum lum_page_kind)page->kind), cls)) ||
-                (may_keep_span && small && __atomic_load_n(&class_run[cls], __ATOMIC_RELAXED) >= LUM_KEEP_SPAN_AFTER);
+    bool keep = span_kept(page, may_keep_span);
     size_t lost = 0, tail = note_span(seg, idx, page, keep, &lost);
     if (tail) return_pages(page->start + 4096, tail);
     if (lost) lum_os_account_slices(-(int64_t)lost, 0);
