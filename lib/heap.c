@@ -436,7 +436,8 @@ static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
     }
     atomic_store_explicit(&page->owner, NULL, memory_order_release);
     abandoned_file(page, cls, empty);
-    page->abandoned_ms = now;
+    /* shares its word with park_bias, which a statistics snapshot may still be reading */
+    __atomic_store_n(&page->abandoned_ms, now, __ATOMIC_RELAXED);
     lum_unlock(&lum_abandoned_lock);
     return true;
 }

@@ -189,7 +189,7 @@ static inline void due_set(uint64_t t) { __atomic_store_n(&uncarve_due, t, __ATO
 static void emptied_kept(struct lum_page *page)
 {
     if (page->block_size < SAMPLED_UNCARVE_MIN || !page->carved) return;
-    page->emptied_ms = lum_now_ms();
+    __atomic_store_n(&page->emptied_ms, lum_now_ms(), __ATOMIC_RELAXED); /* as abandoned_ms */
     if (!due_get()) due_set(page->emptied_ms + SAMPLED_UNCARVE_DELAY_MS);
 }
 
