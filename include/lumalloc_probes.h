@@ -28,7 +28,7 @@
  *
  *   large_alloc   (u64 ptr, u64 requested_size, u64 usable_size, u64 frames_addr, u32 depth,
  *                  u64 stack_id, u64 thread_counters_addr)
- *       An allocation at or above the large threshold (LUMALLOC_LARGE_THRESHOLD): its own mapping.
+ *       An allocation above the large threshold (LUMALLOC_LARGE_THRESHOLD): its own mapping.
  *
  *   large_free    (u64 ptr, u64 usable_size)
  *
@@ -204,7 +204,7 @@ struct lum_registry_v1 {
     uint64_t threads_head;     /* address of the first lum_thread_counters_v1, or 0 */
     uint64_t generation;       /* bumped whenever the thread list changes */
     uint64_t sample_interval;  /* mean sampling interval in bytes (0: off) */
-    uint64_t large_threshold;  /* bytes at/above which allocations take the large path */
+    uint64_t large_threshold;  /* bytes above which allocations take the large path */
     struct lum_global_counters_v1 global;
 };
 

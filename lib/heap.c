@@ -85,10 +85,10 @@ void lum_global_init(void)
         atomic_store(&lum_initialized, 1);
         lum_options_init();
         lumalloc_registry.sample_interval = lum_opt.sample_interval;
-        if (lum_opt.large_threshold > LUM_SMALL_MAX + 1) lum_opt.large_threshold = LUM_SMALL_MAX + 1;
-        if (lum_opt.large_threshold < LUM_SMALL_TABLE_MAX + 1) lum_opt.large_threshold = LUM_SMALL_TABLE_MAX + 1;
+        if (lum_opt.large_threshold > LUM_SMALL_MAX) lum_opt.large_threshold = LUM_SMALL_MAX;
+        if (lum_opt.large_threshold < LUM_SMALL_TABLE_MAX) lum_opt.large_threshold = LUM_SMALL_TABLE_MAX;
         lumalloc_registry.large_threshold = lum_opt.large_threshold;
-        size_t fast_limit = lum_opt.large_threshold;
+        size_t fast_limit = lum_opt.large_threshold + 1;
         if (lum_opt.large_warn && lum_opt.large_warn < fast_limit) fast_limit = lum_opt.large_warn;
         __atomic_store_n(&lum_fast_limit, fast_limit, __ATOMIC_RELAXED);
         pthread_key_create(&heap_key, heap_teardown);
@@ -1034,9 +1034,9 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
      * pthread_create), and that nested malloc must find this heap consistent. */
     lum_background_poll();
 
-    if (LUM_UNLIKELY(lum_warns_large(size) && size < lum_opt.large_threshold))
+    if (LUM_UNLIKELY(lum_warns_large(size) && size <= lum_opt.large_threshold))
         lum_on_large_warn(size); /* the large path warns by itself */
-    if (size >= lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
+    if (size > lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
         void *p = lum_large_alloc(heap, size, alignment, false, !lum_fail_is_armed());
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }

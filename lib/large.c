@@ -419,7 +419,7 @@ void *lum_large_realloc(void *p, size_t size)
         return p;
     }
     /* Hardened blocks carry guard pages that mremap would have to move too: copy instead. */
-    if (LUM_HARDENED || offset != LUM_LARGE_HEADER || size < lum_opt.large_threshold)
+    if (LUM_HARDENED || offset != LUM_LARGE_HEADER || size <= lum_opt.large_threshold)
         return NULL;
     size_t usable = page_round(size);
     if (usable < size) return NULL;

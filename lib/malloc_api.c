@@ -139,7 +139,7 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
         return lum_alloc_failed(heap, SIZE_MAX, 0, ENOMEM);
     }
     struct lum_heap *heap = lum_tls_heap;
-    if (bytes >= lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_is_armed() &&
+    if (bytes > lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_is_armed() &&
         heap != &lum_empty_heap) {
         /* fresh mappings are already zero: only a recycled one is cleared */
         lum_background_maybe_start();

@@ -61,7 +61,7 @@ static const char desc_prof_format[] LUM_COLD_RODATA =
 static const char desc_prof_signal[] LUM_COLD_RODATA =
     "signal that dumps the profile, e.g. USR2 (off: none)";
 static const char desc_large_threshold[] LUM_COLD_RODATA =
-    "allocations at or above this size get their own mapping";
+    "allocations larger than this get their own mapping";
 static const char desc_large_warn[] LUM_COLD_RODATA =
     "warn once per call site, with its stack, at or above this size (off: never)";
 static const char desc_large_cache[] LUM_COLD_RODATA =

@@ -19,7 +19,7 @@ struct lum_options {
     const char *prof_dump;      /* LUMALLOC_PROF_DUMP: path written at exit (unset) */
     int prof_signal;            /* LUMALLOC_PROF_SIGNAL: signal that dumps the profile (0 = none) */
     enum lum_prof_fmt prof_format; /* LUMALLOC_PROF_FORMAT: dump format (auto: by extension) */
-    uint64_t large_threshold;   /* LUMALLOC_LARGE_THRESHOLD: own mapping at/above (256k) */
+    uint64_t large_threshold;   /* LUMALLOC_LARGE_THRESHOLD: own mapping above (256k) */
     uint64_t large_warn;        /* LUMALLOC_LARGE_WARN: warn once per site at/above (0 = off) */
     uint64_t large_cache;       /* LUMALLOC_LARGE_CACHE: bytes of freed large mappings kept (128m) */
     uint64_t fail_nth;          /* LUMALLOC_FAIL_NTH: fail the N-th allocation (0 = off) */

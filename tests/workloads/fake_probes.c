@@ -243,7 +243,7 @@ static void on_alloc(void *p, size_t req, size_t align)
     tc->alloc_bytes += usable;
     __atomic_fetch_add(&lumalloc_registry.global.resident_bytes, usable, __ATOMIC_RELAXED);
     __atomic_fetch_add(&lumalloc_registry.global.mapped_bytes, usable, __ATOMIC_RELAXED);
-    if (usable >= large_threshold) {
+    if (usable > large_threshold) {
         tc->large_count++;
         tc->large_bytes += usable;
         __atomic_fetch_add(&lumalloc_registry.global.large_live_bytes, usable, __ATOMIC_RELAXED);
@@ -287,7 +287,7 @@ static void on_free(void *p)
     tc->free_bytes += usable;
     __atomic_fetch_sub(&lumalloc_registry.global.resident_bytes, usable, __ATOMIC_RELAXED);
     __atomic_fetch_sub(&lumalloc_registry.global.mapped_bytes, usable, __ATOMIC_RELAXED);
-    if (usable >= large_threshold) {
+    if (usable > large_threshold) {
         __atomic_fetch_sub(&lumalloc_registry.global.large_live_bytes, usable, __ATOMIC_RELAXED);
         if (lumalloc_large_free_semaphore)
             DTRACE_PROBE2(lumalloc, large_free, (uint64_t)(uintptr_t)p, (uint64_t)usable);
