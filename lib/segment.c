@@ -129,6 +129,15 @@ static size_t resident_span(const struct lum_segment *seg, unsigned idx, const s
     return ((touched > end ? touched : end) + 4095) & ~(size_t)4095;
 }
 
+/* Blocks over 64 KiB have a page each (scripts/gen_size_classes.py): a sampled page of their
+ * class is one of its ordinary pages, but for its kind, and shares its spans (span_tag).  Apart,
+ * the sampled pages' spans went back without the credit their class earned (keep_big_span):
+ * with default sampling, bench buffers faulted 22k times, 10k with sampling off. */
+static bool one_block_pages(unsigned cls)
+{
+    return lum_class_size[cls] > LUM_SLICE_SIZE;
+}
+
 #define SPAN_TAG_NONE LUM_CLASSES
 #define SPAN_TAGS (2 * LUM_CLASSES + 1)
 _Static_assert(SPAN_TAGS <= UINT8_MAX + 1, "a span tag fits a slice's byte (slice_cls)");
@@ -144,7 +153,7 @@ static uint8_t class_depth[SPAN_TAGS];
  * SPAN_TAG_NONE for any other kind. */
 static unsigned span_tag(unsigned cls, enum lum_page_kind kind)
 {
-    if (kind == LUM_PAGE_SMALL) return cls;
+    if (kind == LUM_PAGE_SMALL || (kind == LUM_PAGE_SAMPLED && one_block_pages(cls))) return cls;
     return kind == LUM_PAGE_SAMPLED ? SPAN_TAG_NONE + 1 + cls : SPAN_TAG_NONE;
 }
 
@@ -225,14 +234,14 @@ static size_t fill_span(struct lum_segment *seg, unsigned idx, unsigned n)
     return added;
 }
 
-/* Whether a page of a big class going back keeps its span, by how its class used the spans
- * it kept: each one a page of the class took over earns SPAN_CREDIT_REUSE more kept (up to
+/* Whether a page of a big class going back keeps its span, by how the spans it kept were used:
+ * each one a page of big blocks took over whole earns SPAN_CREDIT_REUSE more kept (up to
  * SPAN_CREDIT_MAX), and with no credit one release in 8 keeps its span to try again.  A ring
  * of buffers takes back nearly every span it keeps; python3 took back few of its big classes'
- * spans, and keeping them all raised its peak RSS 0.5 MiB (of 30): this keeps one in 8 of
- * those, and a ring of 256 buffers of 150 KB, each written (the loop of bench/src/buffers.c),
- * faults 16-20k times in 200k steps instead of 13k.  Per span tag:
- * span_credit, span_probe (releases since one was kept).  Racy bytes, as class_run's. */
+ * spans, and keeping them all raised its peak RSS 0.5-0.7 MiB (of 30): this keeps one in 8 of
+ * those, and a ring of 256 buffers of 16-256 KiB, each written (bench/src/buffers.c), faults
+ * 12k times in 200k steps, 10k keeping all, mimalloc 9.6k.  Per span tag: span_credit,
+ * span_probe (releases since one was kept).  Racy bytes, as class_run's. */
 #define SPAN_CREDIT_MAX 32
 #define SPAN_CREDIT_REUSE 4u
 static uint8_t span_credit[SPAN_TAGS], span_probe[SPAN_TAGS];
@@ -270,15 +279,26 @@ static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, un
 {
     size_t end = recorded_span(seg, idx, n);
     bool same = true;
+    unsigned giver = SPAN_TAG_NONE;
     for (unsigned i = 0; i < n; i++)
-        if (seg->slice_touched[idx + i]) same &= seg->slice_cls[idx + i] == tag && tag != SPAN_TAG_NONE;
+        if (seg->slice_touched[idx + i]) {
+            same &= seg->slice_cls[idx + i] == tag && tag != SPAN_TAG_NONE;
+            if (giver == SPAN_TAG_NONE) giver = seg->slice_cls[idx + i];
+        }
     *keep = class_depth_bytes(tag);
     *lost = 0;
-    if (same && end && big_span(tag)) {
-        unsigned credit = __atomic_load_n(&span_credit[tag], __ATOMIC_RELAXED) + SPAN_CREDIT_REUSE;
-        __atomic_store_n(&span_credit[tag], (uint8_t)(credit > SPAN_CREDIT_MAX ? SPAN_CREDIT_MAX : credit), __ATOMIC_RELAXED);
+    /* the class that kept the span earns credit when a page of big blocks, of any class, takes
+     * it over whole (one of blocks over 64 KiB takes a span of another class's as often as of
+     * its own) */
+    if (end && big_span(tag) && big_span(giver)) {
+        unsigned credit = __atomic_load_n(&span_credit[giver], __ATOMIC_RELAXED) + SPAN_CREDIT_REUSE;
+        __atomic_store_n(&span_credit[giver], (uint8_t)(credit > SPAN_CREDIT_MAX ? SPAN_CREDIT_MAX : credit), __ATOMIC_RELAXED);
     }
-    if (same || end <= *keep || lum_opt.thp) return 0;
+    /* A page of blocks over 16 KiB has its blocks written whole, as a rule: what it keeps past
+     * its class's depth is its slices' slack, and trimmed, the next page of a bigger class
+     * faulted it in again (bench buffers, 200k steps, sampling off: 19.9k page faults, 12.8k
+     * kept; mimalloc 9.6k).  Its span goes back whole when its page does (span_kept). */
+    if (same || end <= *keep || lum_opt.thp || big_span(tag)) return 0;
     *lost = trim_span(seg, idx, n, *keep);
     return end - *keep;
 }
@@ -325,15 +345,15 @@ static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_
 static unsigned page_slices(unsigned cls, enum lum_page_kind kind)
 {
     unsigned n = lum_class_slices[cls];
-    if (kind != LUM_PAGE_SAMPLED) return n;
+    if (kind != LUM_PAGE_SAMPLED || one_block_pages(cls)) return n;
     size_t want = ((size_t)SAMPLED_PAGE_BLOCKS * lum_class_size[cls] + LUM_SLICE_SIZE - 1) / LUM_SLICE_SIZE;
     if (want > SAMPLED_PAGE_SLICES_MAX) want = SAMPLED_PAGE_SLICES_MAX;
     return want > n ? (unsigned)want : n;
 }
 
 /* Where a run of n of the slices in candidates starts on a span of tag: its first slice holds
- * the span, the others hold it too or nothing (a page need not carve its last slices: 4 blocks
- * of 114688 B fill 7 of 8, 6 of 163840 B 15 of 16); -1: none. */
+ * the span, the others hold it too or nothing (a page need not carve its last slices: a block of
+ * 81920 B touches 20 of its page's 32 pages); -1: none. */
 static int span_run(const struct lum_segment *seg, uint64_t candidates, unsigned tag, unsigned n)
 {
     uint64_t tagged = 0, blank = 0;
@@ -390,6 +410,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
         idx = find_run(seg->free_slices, n);
     }
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
+    bool cold = mapped_new || (mask & seg->purged_slices);
     __atomic_sub_fetch(&dirty_resident, lum_span_bytes(seg, (unsigned)idx, n), __ATOMIC_RELAXED);
     size_t keep = 0, lost = 0;
     size_t tail = inherit_span(seg, (unsigned)idx, n, tag, &keep, &lost);
@@ -430,13 +451,15 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     /* nobody carves the page before it is returned: its span can go back outside the lock */
     if (tail) return_pages(page->start + keep, tail);
     account_purge(&limit_out, LUM_PURGE_LIMIT);
-    /* Freed large blocks can never become pages: with a segment mapped anyway, keeping them
-     * would hold both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them
-     * at its peak).  A large block asked for later grows whatever the cache then has.  (Keeping
+    /* Freed large blocks can never become pages: with memory that was not resident taken
+     * anyway (a new segment, or free slices purged or never touched), keeping them would hold
+     * both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them at its peak;
+     * checked at new segments only, 1.5 MiB once pages of big blocks took fewer slices).  A
+     * large block asked for later grows whatever the cache then has.  (Keeping
      * them up to the dirty limit instead saved python with PYTHONMALLOC=malloc 1.3k of its 15k
      * page faults, but redis-server, whose rehashed tables never fit again, peaked 1 MiB
      * higher; keeping those freed over 50 or 200 ms ago, the same.) */
-    if (mapped_new && lum_large_cache_bytes()) lum_large_cache_purge();
+    if (cold && lum_large_cache_bytes()) lum_large_cache_purge();
     return page;
 }
 
@@ -536,14 +559,14 @@ void lum_page_uncarve(struct lum_page *page)
 
 /* Whether a page going back keeps its span for the next page of its class (may_keep_span: its
  * heap allocates the class).  A class emptying page after page keeps them (class_run).  A page
- * of blocks over 16 KiB holds 4-6 of them: a ring of such buffers empties a page and takes one
- * again at every small swing in how many it holds live, and sampling makes the swings (a
- * sampled block lives on a sampled page), so the span returned at once was faulted in again
- * soon after, whole.  With default sampling a ring of 256 blocks of 250 KB, each written, ran
- * 2.2x as long as sampling off (595k page faults in 200k steps, each peer ~16k): now 1.0-1.1x,
- * 25-38k faults.  Kept, the class's next page (or the sampled class's) takes the span as it is
- * (lum_page_alloc looks for it first), and decay or the dirty limit returns what stays free;
- * keep_big_span keeps them while the class takes them back. */
+ * of blocks over 16 KiB holds a few of them, over 64 KiB one: a ring of such buffers empties a
+ * page and takes one again at every swing in how many it holds live, and sampling makes the
+ * swings (a sampled block lives on a sampled page), so the span returned at once was faulted
+ * in again soon after, whole.  With default sampling a ring of 256 blocks of 250 KB, each
+ * written, ran 2.2x as long as sampling off (595k page faults in 200k steps, each peer ~16k):
+ * now 1.0-1.1x.  Kept, the class's next page (or the sampled class's) takes the span as it is
+ * (lum_page_alloc looks for it first), or any page of big blocks does, and decay or the dirty
+ * limit returns what stays free; keep_big_span keeps them while they are taken back. */
 static bool span_kept(const struct lum_page *page, bool may_keep_span)
 {
     /* sampled pages go back from the sampler, which takes their class again at its next sample */

@@ -3,7 +3,8 @@
  * 4224), 8 in 2-4 KiB and 8-16 KiB, 4 per doubling above (2 in 32-64 KiB).  A page spans one or
  * two slices when that leaves at most 1/32 over, else the fewest slices (1, 2, 4, 8 or 16)
  * that hold 4 blocks with at most 1/8 over: small spans keep free slices reusable by every
- * class.  Static data: malloc may run before any constructor. */
+ * class.  Blocks over 64 KiB have a page each.  Static data: malloc may run before any
+ * constructor. */
 #include "internal.h"
 
 const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1] = {
@@ -77,7 +78,7 @@ const uint8_t lum_class_slices[LUM_CLASSES] = {
      1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,
      1,  1,  1,  1,  1,  2,  1,  1,  1,  2,  1,  2,  1,  1,  1,  1,
      1,  1,  1,  2,  1,  1,  2,  1,  1,  1,  1,  1,  2,  1,  2,  2,
-     1,  1,  2,  2,  2,  2,  4,  4,  8,  8,  8,  8, 16, 16, 16, 16,
+     1,  1,  2,  2,  2,  2,  4,  4,  2,  2,  2,  2,  3,  3,  4,  4,
 };
 
 /* How many freed blocks a heap keeps per class (see struct lum_heap's cache): 16, and at most

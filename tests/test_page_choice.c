@@ -250,6 +250,37 @@ static void ring_of_big_blocks_under_sampling_keeps_its_spans(void **state)
     for (int i = 0; i < RING; i++) free(ring[i]);
 }
 
+/* A ring of I/O buffers of 64-256 KiB, each written whole, under default sampling (the loop of
+ * bench/src/buffers.c).  Blocks over 64 KiB have a page each, and a freed one's span serves
+ * the next page of any big class as it is: once the ring has gone round, what a step writes
+ * was written before: 0.01-0.03 faults a step.  On pages of 4-6 blocks, each class held the
+ * pages its count of live blocks had swung up to, and their 0.5-1 MiB spans fitted no other
+ * class's page, nor did the 256 KiB blocks' own mappings: 0.45-1.15 faults a step. */
+static void ring_of_mixed_buffers_reuses_freed_spans(void **state)
+{
+    (void)state;
+    enum { RING = 64, WARM = 20 * RING, STEPS = 4000 };
+    static const size_t sizes[] = {65537, 100000, 131072, 200000, 262144};
+    static char *ring[RING];
+    assert_int_equal(lum_options_set("sample_interval", "512k"), 0);
+    uint64_t x = 88172645463325252ull;
+    long f0 = 0, pages = 0;
+    for (int i = 0; i < WARM + STEPS; i++) {
+        if (i == WARM) f0 = minor_faults();
+        if (i >= RING) free(ring[i % RING]);
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        size_t size = sizes[x % (sizeof sizes / sizeof sizes[0])];
+        assert_non_null(ring[i % RING] = p_malloc(size));
+        memset(ring[i % RING], i, size);
+        if (i >= WARM) pages += (long)((size + 4095) / 4096);
+    }
+    long faults = minor_faults() - f0;
+    printf("# a ring of %d buffers of 64-256 KiB: %ld page faults in %d steps (%.2f a step, of "
+           "%.1f pages written)\n", RING, faults, STEPS, (double)faults / STEPS, (double)pages / STEPS);
+    assert_true(faults < STEPS / 8);
+    for (int i = 0; i < RING; i++) free(ring[i]);
+}
+
 /* Pages of one class emptied by another thread's frees go back to their segment when the
  * owner needs a page for another class (the scan runs once the owner has collected a slice's
  * worth of such frees), instead of staying resident for a class that may not need them. */
@@ -306,6 +337,7 @@ int main(void)
         cmocka_unit_test(emptied_sampled_page_keeps_memory_under_128k),
         cmocka_unit_test(emptied_big_spare_page_keeps_its_memory),
         cmocka_unit_test(ring_of_big_blocks_under_sampling_keeps_its_spans),
+        cmocka_unit_test(ring_of_mixed_buffers_reuses_freed_spans),
         cmocka_unit_test(remotely_emptied_pages_go_back_for_other_classes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
