@@ -121,6 +121,8 @@ struct lum_segment {
     uint32_t purged_dirty;      /* pages freed since the last purge pass (decay bookkeeping) */
     uint64_t free_slices;       /* bit i: slice i is not part of any page */
     uint64_t purged_slices;     /* bit i: slice i was returned to the OS and is not resident */
+    /* on the cache line of the two above: lum_page_alloc reads all three of every segment */
+    struct lum_segment *next, *prev;
     uint64_t freed_at_ms[LUM_SLICES]; /* when a free slice was freed (decay) */
     uint64_t empty_since_ms;    /* when the segment last became wholly free (0: it is not) */
     uint32_t collapsed;         /* MADV_COLLAPSE done (huge-page mode) */
@@ -134,7 +136,6 @@ struct lum_segment {
      * segments' slices, plus headers, large blocks and metadata (huge-page mode: whole slices). */
     uint8_t slice_touched[LUM_SLICES];
     uint8_t slice_cls[LUM_SLICES];
-    struct lum_segment *next, *prev;
     /* The page structs, further into slice 0 by the segment's colour (segment.c). */
     struct lum_page *pages;
     uint32_t colour;

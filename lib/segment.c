@@ -21,6 +21,16 @@ static size_t dirty_resident;
 
 #define ALL_SLICES (~(uint64_t)1) /* slice 0 is the header, never free */
 
+/* The bits set in x (__builtin_popcountll is a call into libgcc on baseline x86-64). */
+static inline unsigned popcount64(uint64_t x)
+{
+    x -= (x >> 1) & 0x5555555555555555ull;
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0full;
+    return (unsigned)((x * 0x0101010101010101ull) >> 56);
+}
+
+
 /* A purge's outcome: madvised, whole slices (what committed and purged_bytes count); spans, the
  * part of them resident (what their records held); unmapped, segments settled whole. */
 struct purge_out { size_t madvised, spans, unmapped; };
@@ -51,7 +61,7 @@ static void segment_unmap(struct lum_segment *seg)
      * touched, committed their whole slices (os.c) */
     size_t header = lum_seg_header_bytes(seg->colour);
     size_t resident = header + lum_span_bytes(seg, 1, LUM_SLICES - 1);
-    size_t committed = header + (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
+    size_t committed = header + (size_t)popcount64(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE;
     lum_os_unmap(lum_seg_base(seg), LUM_SEGMENT_SIZE, resident);
     lum_os_account_slices(0, -(int64_t)(committed - resident));
 }
@@ -89,9 +99,9 @@ static void segment_remove(struct lum_segment *seg)
  * the bytes given back as purged_bytes counts them: the header and every slice not purged. */
 static size_t segment_release(struct lum_segment *seg)
 {
-    size_t resident = (size_t)__builtin_popcountll(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE +
+    size_t resident = (size_t)popcount64(~seg->purged_slices & ALL_SLICES) * LUM_SLICE_SIZE +
                       lum_seg_header_bytes(seg->colour);
-    __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&dirty_bytes, (size_t)popcount64(seg->free_slices & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     __atomic_sub_fetch(&dirty_resident, lum_span_bytes(seg, 1, LUM_SLICES - 1), __ATOMIC_RELAXED);
     segment_remove(seg);
     segment_unmap(seg);
@@ -356,16 +366,49 @@ static unsigned page_slices(unsigned cls, enum lum_page_kind kind)
  * 81920 B touches 20 of its page's 32 pages); -1: none. */
 static int span_run(const struct lum_segment *seg, uint64_t candidates, unsigned tag, unsigned n)
 {
-    uint64_t tagged = 0, blank = 0;
-    for (uint64_t c = candidates; c; c &= c - 1) {
-        unsigned i = (unsigned)__builtin_ctzll(c);
-        if (!seg->slice_touched[i]) blank |= (uint64_t)1 << i;
-        else if (seg->slice_cls[i] == tag) tagged |= (uint64_t)1 << i;
+    /* the runs of n candidates first: the per-slice records are read only where one starts */
+    uint64_t starts = candidates;
+    for (unsigned i = 1; i < n && starts; i++) starts &= candidates >> i;
+    for (; starts; starts &= starts - 1) {
+        unsigned at = (unsigned)__builtin_ctzll(starts), i = 0;
+        if (!seg->slice_touched[at] || seg->slice_cls[at] != tag) continue;
+        while (++i < n && (!seg->slice_touched[at + i] || seg->slice_cls[at + i] == tag)) {}
+        if (i == n) return (int)at;
     }
-    uint64_t fits = tagged | blank, x = fits;
-    for (unsigned i = 1; i < n && x; i++) x &= fits >> i;
-    x &= tagged;
-    return x ? __builtin_ctzll(x) : -1;
+    return -1;
+}
+
+/* Where a page of n slices goes: the fullest segment with a run on a span of tag's (by_span),
+ * else the fullest with a run of resident free slices, else of any free slices; the run's
+ * first slice, *out its segment (-1 and NULL: none fits).  One walk over the segments for all
+ * three: their headers share their cache sets (4 MiB apart), and a walk a choice, with
+ * __builtin_popcountll a libgcc call, was 6% of bench buffers' time (a page for every block
+ * over 64 KiB).  Caller holds lum_segment_lock. */
+static int choose_run(unsigned n, unsigned tag, bool by_span, struct lum_segment **out)
+{
+    enum { BY_SPAN, RESIDENT, ANY, CHOICES };
+    unsigned best_free[CHOICES] = {65, 65, 65};
+    struct lum_segment *best[CHOICES] = {NULL, NULL, NULL};
+    int best_idx[CHOICES] = {-1, -1, -1};
+    unsigned first = by_span ? BY_SPAN : RESIDENT, found = CHOICES;
+    for (struct lum_segment *s = segments; s; s = s->next) {
+        uint64_t free = s->free_slices;
+        unsigned nfree = popcount64(free);
+        if (nfree < n) continue;
+        uint64_t resident = free & ~s->purged_slices;
+        /* a choice after one already found cannot win */
+        for (unsigned c = first; c < CHOICES && c <= found; c++) {
+            if (nfree >= best_free[c]) continue;
+            int at = c == BY_SPAN ? span_run(s, resident, tag, n) : find_run(c == RESIDENT ? resident : free, n);
+            if (at < 0) continue;
+            best[c] = s;
+            best_idx[c] = at;
+            best_free[c] = nfree;
+            if (c < found) found = c;
+        }
+    }
+    *out = found < CHOICES ? best[found] : NULL;
+    return found < CHOICES ? best_idx[found] : -1;
 }
 
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
@@ -378,20 +421,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
      * fits, so emptier ones drain and go back whole; and prefer slices still resident, which
      * cost no page faults. */
     unsigned tag = span_tag(cls, kind);
-    for (int pass = big_span(tag) && !lum_opt.thp ? -1 : 0; pass < 2 && idx < 0; pass++) {
-        unsigned best_free = 65;
-        struct lum_segment *best = NULL;
-        int best_idx = -1;
-        for (struct lum_segment *s = segments; s; s = s->next) {
-            unsigned nfree = (unsigned)__builtin_popcountll(s->free_slices);
-            if (nfree < n || nfree >= best_free) continue;
-            uint64_t candidates = pass <= 0 ? s->free_slices & ~s->purged_slices : s->free_slices;
-            int at = pass < 0 ? span_run(s, candidates, tag, n) : find_run(candidates, n);
-            if (at >= 0) { best = s; best_idx = at; best_free = nfree; }
-        }
-        seg = best;
-        idx = best_idx;
-    }
+    idx = choose_run(n, tag, big_span(tag) && !lum_opt.thp, &seg);
     struct purge_out limit_out = {0, 0, 0};
     bool mapped_new = false;
     if (idx < 0) {
@@ -415,7 +445,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     size_t keep = 0, lost = 0;
     size_t tail = inherit_span(seg, (unsigned)idx, n, tag, &keep, &lost);
     if (kind == LUM_PAGE_SMALL) __atomic_store_n(&class_run[cls], 0, __ATOMIC_RELAXED);
-    __atomic_sub_fetch(&dirty_bytes, (size_t)__builtin_popcountll(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&dirty_bytes, (size_t)popcount64(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     seg->free_slices &= ~mask;
     seg->empty_since_ms = 0;
     /* Purged slices count in committed whole again (os.c); resident grows only as the page
@@ -423,7 +453,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind)
     uint64_t refaulted = seg->purged_slices & mask;
     seg->purged_slices &= ~mask;
     int64_t gained = lum_opt.thp ? (int64_t)fill_span(seg, (unsigned)idx, n) : 0;
-    lum_os_account_slices(gained - (int64_t)lost, (int64_t)__builtin_popcountll(refaulted) * (int64_t)LUM_SLICE_SIZE);
+    lum_os_account_slices(gained - (int64_t)lost, (int64_t)popcount64(refaulted) * (int64_t)LUM_SLICE_SIZE);
     /* Filled in before the slices point at it and before the lock goes: a fork child (whose
      * prepare handler holds this lock) finds every page in a segment whole. */
     struct lum_page *page = &seg->pages[idx];
@@ -636,7 +666,7 @@ void lum_segments_collapse(void)
     lum_lock(&lum_segment_lock);
     for (struct lum_segment *seg = segments; seg && n < 16; seg = seg->next) {
         /* a collapse faults in free slices too: skip segments with purged ones */
-        if (seg->collapsed || __builtin_popcountll(seg->free_slices) > LUM_SLICES / 8 ||
+        if (seg->collapsed || popcount64(seg->free_slices) > LUM_SLICES / 8 ||
             (seg->free_slices & seg->purged_slices))
             continue;
         seg->collapsed = 1;
