@@ -571,9 +571,12 @@ static void page_retire(struct lum_heap *heap, struct lum_page *page)
  * (two 40 KB blocks a round: 20 faults and a madvise call a round, glibc none). */
 LUM_NOINLINE void lum_page_empty(struct lum_heap *heap, struct lum_page *page)
 {
-    if (page->in_full && page->park_bias) {
+    if (page->in_full) {
+        /* a page of one block (over 64 KiB) parks with no bias: its free empties it, and it is
+         * retired as any other empty page, kept for the class's next block or given back */
+        bool bias = page->park_bias != 0;
         page_unfull(heap, page);
-        return;
+        if (bias) return;
     }
     unsigned cls = page->cls;
     if (page->slices > 1 && heap->current[cls] == page) {

@@ -128,9 +128,10 @@ struct lum_segment {
     uint32_t collapsed;         /* MADV_COLLAPSE done (huge-page mode) */
     /* Per slice, while it is resident: how many of its 4 KiB pages some page ever carved into
      * (0-16), and the span tag of the last page that kept its span on it (segment.c,
-     * span_tag: an ordinary class, LUM_CLASSES + 1 + a sampled class, LUM_CLASSES none).  A
-     * released page leaves its carved span resident for the next page of its class on these
-     * slices; a page of another class has it returned first (segment.c).  A page in
+     * span_tag: an ordinary class, LUM_CLASSES + 1 + a sampled class of 64 KiB or less,
+     * LUM_CLASSES none).  A released page leaves its carved span resident for the next page of
+     * its class on these slices; a page of another class has what its class does not carve
+     * returned first, unless its blocks are over 16 KiB (segment.c, inherit_span).  A page in
      * use raises its slices' counts as it carves (lum_page_touch, the owner alone, no lock;
      * statistics read them with LUM_PEEK): resident_bytes is the sum of these counts over all
      * segments' slices, plus headers, large blocks and metadata (huge-page mode: whole slices). */

@@ -108,7 +108,9 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
     struct lum_page *page, *first = NULL;
     while ((page = lum_sampled_pages[cls].head) != NULL && page != first) {
         if (page->free || lum_page_refill(page)) break;
-        if (!page->next) {
+        /* a page of one block (over 64 KiB): every other page of the list is full too (an
+         * emptied one leaves it, keep_empty), one for each live sample of the class */
+        if (!page->next || page->capacity == 1) {
             page = NULL;
             break;
         }

@@ -159,8 +159,8 @@ _Static_assert(SPAN_TAGS <= UINT8_MAX + 1, "a span tag fits a slice's byte (slic
 static uint8_t class_depth[SPAN_TAGS];
 
 /* Whose span a slice holds: an ordinary page's class, a sampled page's class after those (its
- * blocks are as big, and a sampled page of the class takes it over as it is), or
- * SPAN_TAG_NONE for any other kind. */
+ * blocks are as big, and a sampled page of the class takes it over as it is; over 64 KiB the
+ * class itself, one_block_pages), or SPAN_TAG_NONE for any other kind. */
 static unsigned span_tag(unsigned cls, enum lum_page_kind kind)
 {
     if (kind == LUM_PAGE_SMALL || (kind == LUM_PAGE_SAMPLED && one_block_pages(cls))) return cls;
@@ -276,8 +276,8 @@ static bool keep_big_span(unsigned tag)
  * while the classes that carve deep take fresh slices, so the touched part of every slice that
  * changed hands crept to the whole span (larson: each generation of threads recycles the last
  * one's pages across classes): it keeps as much as its class carved last time (class_depth, at
- * least 4 KiB) and gets the rest returned; this gives the bytes to madvise from *keep on (0:
- * none).  Returning all past the first 4 KiB, as this did, had most of it faulted in again at
+ * least 4 KiB) and gets the rest returned (but a page of an ordinary class over 16 KiB keeps
+ * it all, see below); this gives the bytes to madvise from *keep on (0: none).  Returning all past the first 4 KiB, as this did, had most of it faulted in again at
  * once (python with PYTHONMALLOC=malloc: 93% of those pages within ~50 ms).  Spans are kept
  * when a class empties page after page (class_run) or its blocks are over 16 KiB (span_kept);
  * a page released now and then returns its span at once (note_span), as it would sit idle
@@ -297,9 +297,9 @@ static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, un
         }
     *keep = class_depth_bytes(tag);
     *lost = 0;
-    /* the class that kept the span earns credit when a page of big blocks, of any class, takes
-     * it over whole (one of blocks over 64 KiB takes a span of another class's as often as of
-     * its own) */
+    /* the class that kept the span (its first slice's) earns credit when a page of big
+     * blocks, of any class, takes it over (one of blocks over 64 KiB takes a span of another
+     * class's as often as of its own), as a whole or in part */
     if (end && big_span(tag) && big_span(giver)) {
         unsigned credit = __atomic_load_n(&span_credit[giver], __ATOMIC_RELAXED) + SPAN_CREDIT_REUSE;
         __atomic_store_n(&span_credit[giver], (uint8_t)(credit > SPAN_CREDIT_MAX ? SPAN_CREDIT_MAX : credit), __ATOMIC_RELAXED);
@@ -307,8 +307,9 @@ static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, un
     /* A page of blocks over 16 KiB has its blocks written whole, as a rule: what it keeps past
      * its class's depth is its slices' slack, and trimmed, the next page of a bigger class
      * faulted it in again (bench buffers, 200k steps, sampling off: 19.9k page faults, 12.8k
-     * kept; mimalloc 9.6k).  Its span goes back whole when its page does (span_kept). */
-    if (same || end <= *keep || lum_opt.thp || big_span(tag)) return 0;
+     * kept; mimalloc 9.6k).  Its span goes back whole when its page does (span_kept).  Not a
+     * sampled page of 16-64 KiB blocks: it holds a sample or two on up to 4 slices. */
+    if (same || end <= *keep || lum_opt.thp || (big_span(tag) && tag < SPAN_TAG_NONE)) return 0;
     *lost = trim_span(seg, idx, n, *keep);
     return end - *keep;
 }
@@ -348,7 +349,8 @@ static size_t note_span(struct lum_segment *seg, unsigned idx, const struct lum_
 /* Sampled pages of big classes span more slices than their class's pages: at 64 KiB a 16 KiB
  * class's page held four blocks, and a program whose samples of it live a while (bench ring)
  * filled, turned and emptied one every few samples (~50 instructions a sample).  16 blocks a
- * page, up to 4 slices; carved lazily, so what no block uses stays untouched. */
+ * page, up to 4 slices; carved lazily, so what no block uses stays untouched.  Over 64 KiB,
+ * one block a page, as the class's own (one_block_pages). */
 #define SAMPLED_PAGE_BLOCKS 16
 #define SAMPLED_PAGE_SLICES_MAX 4
 

@@ -281,6 +281,30 @@ static void ring_of_mixed_buffers_reuses_freed_spans(void **state)
     for (int i = 0; i < RING; i++) free(ring[i]);
 }
 
+/* A page of one block (over 64 KiB) is full once its block is out, and parks with nothing to
+ * wait for: its block's free empties it, and it is kept for the class's next block like any
+ * emptied page, not sent back to its segment at every free (a trip through the segment lock
+ * and a walk over the segments, a third of lumalloc's own instructions in bench buffers). */
+static void emptied_one_block_page_is_kept_for_its_class(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    const size_t size = 120000;
+    char *a = p_malloc(size), *b = p_malloc(size);
+    struct lum_page *pa = lum_page_of(a);
+    assert_int_equal(pa->capacity, 1);
+    assert_ptr_not_equal(pa, lum_page_of(b));
+    free(a);
+    printf("# an emptied page of one %zu B block: %s\n", size,
+           !pa->slices ? "back to its segment" : pa->retained ? "kept by its heap" : "on its heap's lists");
+    assert_true(pa->slices && pa->retained);
+    char *c = p_malloc(size);
+    assert_ptr_equal(c, a);
+    free(b);
+    free(c);
+    lum_options_set("sample_interval", "512k");
+}
+
 /* Pages of one class emptied by another thread's frees go back to their segment when the
  * owner needs a page for another class (the scan runs once the owner has collected a slice's
  * worth of such frees), instead of staying resident for a class that may not need them. */
@@ -338,6 +362,7 @@ int main(void)
         cmocka_unit_test(emptied_big_spare_page_keeps_its_memory),
         cmocka_unit_test(ring_of_big_blocks_under_sampling_keeps_its_spans),
         cmocka_unit_test(ring_of_mixed_buffers_reuses_freed_spans),
+        cmocka_unit_test(emptied_one_block_page_is_kept_for_its_class),
         cmocka_unit_test(remotely_emptied_pages_go_back_for_other_classes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
