@@ -30,7 +30,6 @@ static inline unsigned popcount64(uint64_t x)
     return (unsigned)((x * 0x0101010101010101ull) >> 56);
 }
 
-
 /* A purge's outcome: madvised, whole slices (what committed and purged_bytes count); spans, the
  * part of them resident (what their records held); unmapped, segments settled whole. */
 struct purge_out { size_t madvised, spans, unmapped; };
@@ -245,7 +244,7 @@ static size_t fill_span(struct lum_segment *seg, unsigned idx, unsigned n)
 }
 
 /* Whether a page of a big class going back keeps its span, by how the spans it kept were used:
- * each one a page of big blocks took over whole earns SPAN_CREDIT_REUSE more kept (up to
+ * each one a page of big blocks took over earns SPAN_CREDIT_REUSE more kept (up to
  * SPAN_CREDIT_MAX), and with no credit one release in 8 keeps its span to try again.  A ring
  * of buffers takes back nearly every span it keeps; python3 took back few of its big classes'
  * spans, and keeping them all raised its peak RSS 0.5-0.7 MiB (of 30): this keeps one in 8 of
@@ -255,6 +254,13 @@ static size_t fill_span(struct lum_segment *seg, unsigned idx, unsigned n)
 #define SPAN_CREDIT_MAX 32
 #define SPAN_CREDIT_REUSE 4u
 static uint8_t span_credit[SPAN_TAGS], span_probe[SPAN_TAGS];
+
+/* A span kept for tag was taken over by a page of big blocks. */
+static void credit_big_span(unsigned tag)
+{
+    unsigned credit = __atomic_load_n(&span_credit[tag], __ATOMIC_RELAXED) + SPAN_CREDIT_REUSE;
+    __atomic_store_n(&span_credit[tag], (uint8_t)(credit > SPAN_CREDIT_MAX ? SPAN_CREDIT_MAX : credit), __ATOMIC_RELAXED);
+}
 
 static bool keep_big_span(unsigned tag)
 {
@@ -277,12 +283,13 @@ static bool keep_big_span(unsigned tag)
  * changed hands crept to the whole span (larson: each generation of threads recycles the last
  * one's pages across classes): it keeps as much as its class carved last time (class_depth, at
  * least 4 KiB) and gets the rest returned (but a page of an ordinary class over 16 KiB keeps
- * it all, see below); this gives the bytes to madvise from *keep on (0: none).  Returning all past the first 4 KiB, as this did, had most of it faulted in again at
- * once (python with PYTHONMALLOC=malloc: 93% of those pages within ~50 ms).  Spans are kept
- * when a class empties page after page (class_run) or its blocks are over 16 KiB (span_kept);
- * a page released now and then returns its span at once (note_span), as it would sit idle
- * (bench ring, fragment, larson: +0.2-0.5 MiB peak RSS when every span was kept).  What is returned leaves resident (*lost: the bytes
- * the slices' records lose), and decay purges free slices whole.  Not in huge-page mode, where
+ * it all, see below); this gives the bytes to madvise from *keep on (0: none).  Returning all
+ * past the first 4 KiB, as this did, had most of it faulted in again at once (python with
+ * PYTHONMALLOC=malloc: 93% of those pages within ~50 ms).  Spans are kept when a class empties
+ * page after page (class_run) or its blocks are over 16 KiB (span_kept); a page released now
+ * and then returns its span at once (note_span), as it would sit idle (bench ring, fragment,
+ * larson: +0.2-0.5 MiB peak RSS when every span was kept).  What is returned leaves resident
+ * (*lost: the bytes the slices' records lose), and decay purges free slices whole.  Not in huge-page mode, where
  * it would split the huge page.  tag: span_tag's.  Caller holds lum_segment_lock. */
 static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag, size_t *keep,
                            size_t *lost)
@@ -300,10 +307,7 @@ static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, un
     /* the class that kept the span (its first slice's) earns credit when a page of big
      * blocks, of any class, takes it over (one of blocks over 64 KiB takes a span of another
      * class's as often as of its own), as a whole or in part */
-    if (end && big_span(tag) && big_span(giver)) {
-        unsigned credit = __atomic_load_n(&span_credit[giver], __ATOMIC_RELAXED) + SPAN_CREDIT_REUSE;
-        __atomic_store_n(&span_credit[giver], (uint8_t)(credit > SPAN_CREDIT_MAX ? SPAN_CREDIT_MAX : credit), __ATOMIC_RELAXED);
-    }
+    if (end && big_span(tag) && big_span(giver)) credit_big_span(giver);
     /* A page of blocks over 16 KiB has its blocks written whole, as a rule: what it keeps past
      * its class's depth is its slices' slack, and trimmed, the next page of a bigger class
      * faulted it in again (bench buffers, 200k steps, sampling off: 19.9k page faults, 12.8k
