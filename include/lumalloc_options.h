@@ -22,8 +22,10 @@ void lum_options_print_json(FILE *f);
 
 /* Sets an option at run time, by name ("sample_interval") or variable
  * ("LUMALLOC_SAMPLE_INTERVAL").  Returns 0, -ENOENT for an unknown name, -EINVAL for a bad value
- * (nothing changed).  Options the allocator reads only at start-up (large_threshold, thp, psi,
- * prof_signal) take effect for new work only, or not at all. */
+ * (nothing changed).  large_threshold and large_warn take effect at once, in every thread;
+ * fail_nth arms (0 or off: disarms) as lum_fail_nth does, counting from now.
+ * Options the allocator reads only at start-up (thp, psi, prof_signal) take effect for new work
+ * only, or not at all. */
 int lum_options_set(const char *name, const char *value);
 
 /* Current value of an option in its text form.  0 or -ENOENT. */

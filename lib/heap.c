@@ -39,7 +39,7 @@ SAME_OFFSET(current);
 SAME_OFFSET(tc);
 SAME_OFFSET(sample_left);
 struct lum_heap_fast lum_empty_heap_fast = {
-    .current = { E96(&lum_empty_page) },
+    .current = { E96(&lum_empty_page), &lum_empty_page },
     .sample_left = LUM_SAMPLE_FORCED };
 
 __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec"))) = &lum_empty_heap;
@@ -71,6 +71,45 @@ static void forward_pooled_inbox(struct lum_heap *heap);
 /* Set while this thread holds lum_heaps_lock and may free blocks on (abandonment, reclaim). */
 static __thread int holding_heaps_lock __attribute__((tls_model("initial-exec")));
 void lum_fork_install(void);
+/* A heap's size slots, as lum_small_class, but those holding sizes at or above warn (the large
+ * warning's threshold; 0: off) go to LUM_SLOW_CLASS, whose tests send them to lum_malloc_slow,
+ * which warns.  The fast path's slots are its own tests: a threshold check there would cost
+ * every small allocation two instructions for an option that is almost always off or far above
+ * 1 KiB (sizes above are checked against lum_fast_limit).  A slot's sizes below the threshold
+ * take the slow path too, and are served there as usual.  Relaxed stores: the owner's fast path
+ * may be reading them (lum_size_limits_apply). */
+static void heap_slot_classes(struct lum_heap *heap, uint64_t warn)
+{
+    for (unsigned i = 0; i < LUM_DIRECT_SLOTS; i++) {
+        uint8_t c = warn && (uint64_t)i * LUM_ALIGN >= warn ? LUM_SLOW_CLASS : lum_small_class[i];
+        __atomic_store_n(&heap->slot_class[i], c, __ATOMIC_RELAXED);
+    }
+}
+
+/* Whether some heap's slots send sizes to the slow path for the large warning. */
+static bool slow_slots_set;
+
+/* Puts LUMALLOC_LARGE_THRESHOLD and LUMALLOC_LARGE_WARN into effect, at initialisation and
+ * whenever lum_options_set changes either while threads allocate: the threshold clamped to the
+ * sizes pages serve and published for the tools, and the sizes that leave the fast path (at and
+ * above the warning's threshold, or over the large one).  A thread in the middle of a malloc
+ * may still serve one block by the old rule. */
+void lum_size_limits_apply(void)
+{
+    if (lum_opt.large_threshold > LUM_SMALL_MAX) lum_opt.large_threshold = LUM_SMALL_MAX;
+    if (lum_opt.large_threshold < LUM_SMALL_TABLE_MAX) lum_opt.large_threshold = LUM_SMALL_TABLE_MAX;
+    __atomic_store_n(&lumalloc_registry.large_threshold, lum_opt.large_threshold, __ATOMIC_RELAXED);
+    size_t fast_limit = lum_opt.large_threshold + 1;
+    if (lum_opt.large_warn && lum_opt.large_warn < fast_limit) fast_limit = lum_opt.large_warn;
+    __atomic_store_n(&lum_fast_limit, fast_limit, __ATOMIC_RELAXED);
+    bool small_warn = lum_opt.large_warn && lum_opt.large_warn <= LUM_SMALL_TABLE_MAX;
+    if (!small_warn && !slow_slots_set) return;
+    lum_lock(&lum_heaps_lock);
+    for (struct lum_heap *h = all_heaps; h; h = h->next_all) heap_slot_classes(h, lum_opt.large_warn);
+    slow_slots_set = small_warn;
+    lum_unlock(&lum_heaps_lock);
+}
+
 /* Set while this thread initialises: its own nested allocations go ahead with the defaults,
  * while other threads wait for initialisation to finish. */
 static __thread int lum_tls_initializing __attribute__((tls_model("initial-exec")));
@@ -85,12 +124,7 @@ void lum_global_init(void)
         atomic_store(&lum_initialized, 1);
         lum_options_init();
         lumalloc_registry.sample_interval = lum_opt.sample_interval;
-        if (lum_opt.large_threshold > LUM_SMALL_MAX) lum_opt.large_threshold = LUM_SMALL_MAX;
-        if (lum_opt.large_threshold < LUM_SMALL_TABLE_MAX) lum_opt.large_threshold = LUM_SMALL_TABLE_MAX;
-        lumalloc_registry.large_threshold = lum_opt.large_threshold;
-        size_t fast_limit = lum_opt.large_threshold + 1;
-        if (lum_opt.large_warn && lum_opt.large_warn < fast_limit) fast_limit = lum_opt.large_warn;
-        __atomic_store_n(&lum_fast_limit, fast_limit, __ATOMIC_RELAXED);
+        lum_size_limits_apply();
         pthread_key_create(&heap_key, heap_teardown);
         lum_fork_install();
         atomic_store(&lum_initialized, 2);
@@ -165,6 +199,7 @@ static lum_block *cache_take(struct lum_heap *heap, unsigned c)
 /* Empties a heap record's page lists (a fresh record, or a dead thread's in a fork child). */
 static void heap_forget_pages(struct lum_heap *heap)
 {
+    lum_heap_set_current(heap, LUM_SLOW_CLASS, &lum_empty_page);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         lum_heap_set_current(heap, c, &lum_empty_page);
         /* written only when set: a fresh record's lists of big classes and full lists stay
@@ -225,8 +260,9 @@ static struct lum_heap *heap_create(void)
      * already: the 96-class pass again was ~2,700 instructions a thread (bench threadchurn). */
     if (!reused) {
         heap_forget_pages(heap);
-        memcpy(heap->slot_class, lum_small_class, sizeof heap->slot_class);
-        memcpy(heap->class_size, lum_class_size, sizeof heap->class_size);
+        heap_slot_classes(heap, lum_opt.large_warn);
+        memcpy(heap->class_size, lum_class_size, sizeof lum_class_size);
+        heap->class_size[LUM_SLOW_CLASS] = 0;
     }
     heap->tid = (uint32_t)syscall(SYS_gettid);
     LUM_OWN_SET(heap->tc.tid, heap->tid);
@@ -963,7 +999,8 @@ static LUM_NOINLINE bool sample_locked_out(struct lum_thread_counters_v1 *tc, co
 static inline __attribute__((always_inline)) unsigned sampled_class_hot(const struct lum_heap *heap, unsigned cls)
 {
     size_t p = lum_sampled_size(heap->class_size[cls]);
-    return p <= LUM_SMALL_TABLE_MAX ? heap->slot_class[p / LUM_ALIGN] : lum_size_class(p);
+    unsigned c = p <= LUM_SMALL_TABLE_MAX ? heap->slot_class[p / LUM_ALIGN] : lum_size_class(p);
+    return LUM_LIKELY(c != LUM_SLOW_CLASS) ? c : lum_size_class(p); /* heap_slot_classes */
 }
 
 /* malloc's fast path found the next sample point inside this allocation's block: the common

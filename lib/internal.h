@@ -187,6 +187,7 @@ struct lum_large {
 struct lum_page_list { struct lum_page *head, *tail; };
 
 #define LUM_DIRECT_SLOTS (LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1)
+#define LUM_SLOW_CLASS LUM_CLASSES /* no class: see struct lum_heap's slot_class */
 
 /* The fields malloc's and free's fast paths read: first in struct lum_heap (their comments
  * are there), and all that lum_empty_heap has (heap.c). */
@@ -194,8 +195,8 @@ struct lum_page_list { struct lum_page *head, *tail; };
     lum_block *cache[LUM_CLASSES + 1]; \
     int8_t cache_room[LUM_CLASSES]; \
     uint8_t slot_class[LUM_DIRECT_SLOTS]; \
-    uint32_t class_size[LUM_CLASSES]; \
-    struct lum_page *current[LUM_CLASSES]; \
+    uint32_t class_size[LUM_CLASSES + 1]; \
+    struct lum_page *current[LUM_CLASSES + 1]; \
     struct lum_thread_counters_v1 tc; \
     int64_t sample_left;
 
@@ -215,7 +216,9 @@ struct lum_heap {
      * pages", what this replaced) a dependent load more before the cache: malloc went from 20
      * instructions to 19.  lum_empty_heap's are zero: class 0, whose cache there is empty and
      * whose current page is lum_empty_page.  current[] is never NULL: lum_empty_page when there
-     * is none. */
+     * is none.  Class LUM_CLASSES (LUM_SLOW_CLASS) is no class: its cache is always empty, its
+     * size 0 and its page lum_empty_page, so that a size slot_class maps to it takes the slow
+     * path from the fast path's own tests (the large warning below 1 KiB, lum_size_limits_apply). */
     /* sample_left: the bytes this thread may still allocate before the sampler's next point on
      * its stream of allocated (usable) bytes: an allocation whose block would take it below 0
      * holds the point, and is sampled.  Every move of tc.alloc_bytes moves it the other way
@@ -487,7 +490,9 @@ void lum_heap_cache_flush(struct lum_heap *heap);
 void lum_global_init(void);
 extern LUM_HIDDEN _Atomic int lum_initialized;
 extern LUM_HIDDEN size_t lum_fast_limit;
-/* Set once at initialisation while other threads may already allocate: relaxed (a plain load). */
+void lum_size_limits_apply(void);
+/* Set at initialisation and by lum_options_set, while other threads allocate: relaxed (a plain
+ * load). */
 static inline size_t lum_fast_limit_get(void) { return __atomic_load_n(&lum_fast_limit, __ATOMIC_RELAXED); }
 void lum_heap_force_slow(void);
 bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance);

@@ -18,6 +18,8 @@
 extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
 /* The core re-draws a thread's next sample point (weak: unit tests of this side link without it). */
 void lum_heap_force_slow(void) __attribute__((weak));
+void lum_size_limits_apply(void) __attribute__((weak)); /* the same, for the size limits */
+void lum_fail_nth(uint64_t n) __attribute__((weak));
 
 struct lum_options lum_opt = {
     .sample_interval = 512 * 1024, .prof_depth = 32, .prof = true,
@@ -437,6 +439,13 @@ LUM_EXPORT int lum_options_set(const char *name, const char *value)
         if (lum_heap_force_slow)
             lum_heap_force_slow();
     }
+    /* as LUMALLOC_FAIL_NTH at start-up, counting from now (lumalloc_failure.h) */
+    if (o->off == offsetof(struct lum_options, fail_nth) && lum_fail_nth)
+        lum_fail_nth(lum_opt.fail_nth);
+    /* which sizes malloc's fast path serves */
+    if ((o->off == offsetof(struct lum_options, large_threshold) ||
+         o->off == offsetof(struct lum_options, large_warn)) && lum_size_limits_apply)
+        lum_size_limits_apply();
     return 0;
 }
 

@@ -119,18 +119,43 @@ static void test_fail_after(void **state)
     assert_int_equal(lum_fail_armed, 0);
 }
 
+/* With the 2nd allocation from now armed to fail: only it fails, with ENOMEM, and the
+ * injection disarms itself. */
+static void assert_second_allocation_fails(void)
+{
+    void *a = malloc(64);
+    errno = 0;
+    void *b = malloc(64);
+    int err = errno;
+    void *c = malloc(64);
+    assert_non_null(a);
+    assert_null(b);
+    assert_int_equal(err, ENOMEM);
+    assert_non_null(c);
+    free(a);
+    free(c);
+    assert_int_equal(lum_fail_armed, 0);
+}
+
 static void test_fail_nth_process_wide(void **state)
 {
     (void)state;
     lum_fail_nth(2);
-    void *a = malloc(64);
-    void *b = malloc(64);
-    void *c = malloc(64);
-    assert_non_null(a);
-    assert_null(b);
-    assert_non_null(c);
-    free(a);
-    free(c);
+    assert_second_allocation_fails();
+}
+
+/* LUMALLOC_FAIL_NTH set while the program runs arms the injection as lum_fail_nth does. */
+static void test_fail_nth_option_set_at_run_time(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("fail_nth", "2"), 0);
+    assert_second_allocation_fails();
+    /* and off disarms it before it fires */
+    assert_int_equal(lum_options_set("fail_nth", "1"), 0);
+    assert_int_equal(lum_options_set("fail_nth", "off"), 0);
+    sink = malloc(64);
+    assert_non_null(sink);
+    free(sink);
     assert_int_equal(lum_fail_armed, 0);
 }
 
@@ -288,6 +313,7 @@ int main(void)
         cmocka_unit_test(test_with_allocation_failures_list),
         cmocka_unit_test(test_fail_after),
         cmocka_unit_test(test_fail_nth_process_wide),
+        cmocka_unit_test(test_fail_nth_option_set_at_run_time),
         cmocka_unit_test(test_suppress),
         cmocka_unit_test(test_diagnostics_critical_scope),
         cmocka_unit_test(test_producer_may_allocate),

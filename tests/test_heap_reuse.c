@@ -70,7 +70,11 @@ static void assert_forgotten(const struct lum_heap *h, int skip_cls)
     }
     /* not reset but kept: malloc's fast path reads its classes there */
     assert_memory_equal(h->slot_class, lum_small_class, sizeof h->slot_class);
-    assert_memory_equal(h->class_size, lum_class_size, sizeof h->class_size);
+    assert_memory_equal(h->class_size, lum_class_size, sizeof lum_class_size);
+    /* the slow class, where no size goes while the large warning is off */
+    assert_int_equal(h->class_size[LUM_SLOW_CLASS], 0);
+    assert_ptr_equal(h->current[LUM_SLOW_CLASS], &lum_empty_page);
+    assert_null(h->cache[LUM_SLOW_CLASS]);
     if (skip_cls < 0) assert_int_equal(h->retained_bytes, 0);
     assert_null(h->empty_big);
 }
