@@ -96,17 +96,19 @@ static bool slow_slots_set;
  * may still serve one block by the old rule. */
 void lum_size_limits_apply(void)
 {
-    if (lum_opt.large_threshold > LUM_SMALL_MAX) lum_opt.large_threshold = LUM_SMALL_MAX;
-    if (lum_opt.large_threshold < LUM_SMALL_TABLE_MAX) lum_opt.large_threshold = LUM_SMALL_TABLE_MAX;
+    /* under the lock that heap_create links a new record with (its slots made there), and one
+     * change at a time: what the last one leaves is what lum_opt holds */
+    lum_lock(&lum_heaps_lock);
+    lum_opt.large_threshold = lum_large_threshold_clamp(lum_opt.large_threshold);
     __atomic_store_n(&lumalloc_registry.large_threshold, lum_opt.large_threshold, __ATOMIC_RELAXED);
     size_t fast_limit = lum_opt.large_threshold + 1;
     if (lum_opt.large_warn && lum_opt.large_warn < fast_limit) fast_limit = lum_opt.large_warn;
     __atomic_store_n(&lum_fast_limit, fast_limit, __ATOMIC_RELAXED);
     bool small_warn = lum_opt.large_warn && lum_opt.large_warn <= LUM_SMALL_TABLE_MAX;
-    if (!small_warn && !slow_slots_set) return;
-    lum_lock(&lum_heaps_lock);
-    for (struct lum_heap *h = all_heaps; h; h = h->next_all) heap_slot_classes(h, lum_opt.large_warn);
-    slow_slots_set = small_warn;
+    if (small_warn || slow_slots_set) {
+        for (struct lum_heap *h = all_heaps; h; h = h->next_all) heap_slot_classes(h, lum_opt.large_warn);
+        slow_slots_set = small_warn;
+    }
     lum_unlock(&lum_heaps_lock);
 }
 
@@ -243,26 +245,28 @@ static struct lum_heap *heap_create(void)
         tc_clear(&heap->tc);
     }
     lum_unlock(&lum_heaps_lock);
-    bool reused = heap != NULL;
-    if (heap) forward_inbox(heap); /* frees that reached it after its thread left */
-    if (!heap) {
+    if (heap) {
+        forward_inbox(heap); /* frees that reached it after its thread left */
+    } else {
         heap = lum_meta_alloc(sizeof *heap);
         if (!heap) return NULL;
+        /* Whole before it is linked: a fork child pools every linked record whose thread is
+         * gone, as it finds it.  A pooled record comes back as lum_heap_abandon left it, its
+         * lists and caches emptied already: the 96-class pass again was ~2,700 instructions a
+         * thread (bench threadchurn). */
+        heap_forget_pages(heap);
+        memcpy(heap->class_size, lum_class_size, sizeof lum_class_size);
+        heap->class_size[LUM_SLOW_CLASS] = 0;
         lum_lock(&lum_heaps_lock);
+        /* under the lock, so that a change of the large warning (lum_size_limits_apply) finds
+         * the record in the list or is in lum_opt already */
+        heap_slot_classes(heap, lum_opt.large_warn);
         heap->next_all = all_heaps;
         heap->tc.next = all_heaps ? (uint64_t)(uintptr_t)&all_heaps->tc : 0;
         all_heaps = heap;
         /* release: a reader walking without the lock must find the link already written */
         __atomic_store_n(&lumalloc_registry.threads_head, (uint64_t)(uintptr_t)&heap->tc, __ATOMIC_RELEASE);
         lum_unlock(&lum_heaps_lock);
-    }
-    /* A pooled record comes back as lum_heap_abandon left it, its lists and caches emptied
-     * already: the 96-class pass again was ~2,700 instructions a thread (bench threadchurn). */
-    if (!reused) {
-        heap_forget_pages(heap);
-        heap_slot_classes(heap, lum_opt.large_warn);
-        memcpy(heap->class_size, lum_class_size, sizeof lum_class_size);
-        heap->class_size[LUM_SLOW_CLASS] = 0;
     }
     heap->tid = (uint32_t)syscall(SYS_gettid);
     LUM_OWN_SET(heap->tc.tid, heap->tid);

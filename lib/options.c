@@ -425,6 +425,8 @@ LUM_EXPORT int lum_options_set(const char *name, const char *value)
     struct lum_options tmp = lum_opt;
     if (!apply(o, value, &tmp))
         return -EINVAL;
+    /* clamped before other threads can see it (lum_size_limits_apply clamps the variable's) */
+    tmp.large_threshold = lum_large_threshold_clamp(tmp.large_threshold);
     memcpy((char *)&lum_opt + o->off, (char *)&tmp + o->off,
            o->type == T_PATH ? sizeof(char *) : o->type == T_BOOL ? sizeof(bool)
            : o->type == T_SIGNAL ? sizeof(int) : o->width);

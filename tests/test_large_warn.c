@@ -166,7 +166,8 @@ static void test_threshold_set_at_run_time_reaches_the_fast_path(void **state)
     assert_int_equal(warnings_from(site_600, 600, 3, out, sizeof out), 1);
     assert_int_equal(count(out, "large allocation of 600 bytes (warning threshold 512)"), 1);
     assert_int_equal(warnings_from(site_256, 256, 3, out, sizeof out), 0);
-    assert_int_equal(warnings_from(run_thread, 0, 1, out, sizeof out), 2);
+    warnings_from(run_thread, 0, 1, out, sizeof out); /* (glibc's thread set-up may warn too) */
+    assert_int_equal(count(out, "large allocation of 600 bytes"), 2);
 
     /* off again: the slots are the size classes again, and nothing warns */
     assert_int_equal(lum_options_set("large_warn", "off"), 0);
