@@ -90,8 +90,8 @@ static void heap_slot_classes(struct lum_heap *heap, uint64_t warn)
 static bool slow_slots_set;
 
 /* Puts LUMALLOC_LARGE_THRESHOLD and LUMALLOC_LARGE_WARN into effect, at initialisation and
- * whenever lum_options_set changes either while threads allocate: the threshold clamped to the
- * sizes pages serve and published for the tools, and the sizes that leave the fast path (at and
+ * whenever lum_options_set changes either while threads allocate: the threshold (clamped as it
+ * is parsed, options.c) published for the tools, and the sizes that leave the fast path (at and
  * above the warning's threshold, or over the large one).  A thread in the middle of a malloc
  * may still serve one block by the old rule. */
 void lum_size_limits_apply(void)
@@ -99,7 +99,6 @@ void lum_size_limits_apply(void)
     /* under the lock that heap_create links a new record with (its slots made there), and one
      * change at a time: what the last one leaves is what lum_opt holds */
     lum_lock(&lum_heaps_lock);
-    lum_opt.large_threshold = lum_large_threshold_clamp(lum_opt.large_threshold);
     __atomic_store_n(&lumalloc_registry.large_threshold, lum_opt.large_threshold, __ATOMIC_RELAXED);
     size_t fast_limit = lum_opt.large_threshold + 1;
     if (lum_opt.large_warn && lum_opt.large_warn < fast_limit) fast_limit = lum_opt.large_warn;

@@ -491,11 +491,6 @@ void lum_global_init(void);
 extern LUM_HIDDEN _Atomic int lum_initialized;
 extern LUM_HIDDEN size_t lum_fast_limit;
 void lum_size_limits_apply(void);
-/* LUMALLOC_LARGE_THRESHOLD within the sizes pages serve (the small table's at least) */
-static inline uint64_t lum_large_threshold_clamp(uint64_t t)
-{
-    return t > LUM_SMALL_MAX ? LUM_SMALL_MAX : t < LUM_SMALL_TABLE_MAX ? LUM_SMALL_TABLE_MAX : t;
-}
 /* Set at initialisation and by lum_options_set, while other threads allocate: relaxed (a plain
  * load). */
 static inline size_t lum_fast_limit_get(void) { return __atomic_load_n(&lum_fast_limit, __ATOMIC_RELAXED); }

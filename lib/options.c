@@ -276,6 +276,10 @@ LUM_COLD_TEXT static bool apply(const struct opt *o, const char *text, struct lu
     case T_SIZE:
         if (!parse_size(text, o->zero_is_off, &v) || (o->max && v > o->max))
             return false;
+        /* documented clamp, not an error: pages serve sizes up to LUM_SMALL_MAX, and 1 KiB and
+         * less never leave malloc's size slots for the large path */
+        if (o->off == offsetof(struct lum_options, large_threshold))
+            v = v > LUM_SMALL_MAX ? LUM_SMALL_MAX : v < LUM_SMALL_TABLE_MAX ? LUM_SMALL_TABLE_MAX : v;
         store_uint(field, o->width, v);
         return true;
     case T_UINT: {
@@ -425,8 +429,6 @@ LUM_EXPORT int lum_options_set(const char *name, const char *value)
     struct lum_options tmp = lum_opt;
     if (!apply(o, value, &tmp))
         return -EINVAL;
-    /* clamped before other threads can see it (lum_size_limits_apply clamps the variable's) */
-    tmp.large_threshold = lum_large_threshold_clamp(tmp.large_threshold);
     memcpy((char *)&lum_opt + o->off, (char *)&tmp + o->off,
            o->type == T_PATH ? sizeof(char *) : o->type == T_BOOL ? sizeof(bool)
            : o->type == T_SIGNAL ? sizeof(int) : o->width);
