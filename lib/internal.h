@@ -59,6 +59,7 @@
 #define LUM_RETAIN_EMPTY_BYTES ((size_t)1 << 20)
 #define LUM_KEEP_SPAN_AFTER 4         /* pages of a class released in a row before spans are kept */
 #define LUM_CACHE_BLOCKS 16            /* most blocks a heap's cache keeps per class */
+#define LUM_ORDER_MIN_FREE 64         /* free blocks for a page's list to be put in address order */
 
 typedef struct lum_block { struct lum_block *next; } lum_block;
 
@@ -477,6 +478,7 @@ void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);
 /* ---- page.c ---- */
 bool lum_page_refill(struct lum_page *page);
 uint32_t lum_page_collect(struct lum_page *page);
+void lum_page_order_free(struct lum_page *page);
 
 /* ---- heap.c ---- */
 void *lum_malloc_slow(size_t size, size_t alignment);
