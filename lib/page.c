@@ -62,11 +62,16 @@ void lum_page_order_free(struct lum_page *page)
     memset(bits, 0, words * sizeof bits[0]);
     uint8_t *start = page->start;
     size_t bs = page->block_size;
-    /* offset / bs as a multiplication: exact while offset * (2^32 mod bs) stays below 2^32, and
-     * a page's offsets are below 4 MiB */
+    /* offset / bs as a multiplication, exact for a multiple of bs below 4 GiB (a page's
+     * blocks are within 4 MiB) */
     uint64_t inverse = ((uint64_t)1 << 32) / bs + 1;
+    size_t carved_bytes = (size_t)page->carved * bs;
     for (lum_block *b = page->free; b; b = b->next) {
-        uint32_t i = (uint32_t)(((uint64_t)((uint8_t *)b - start) * inverse) >> 32);
+        size_t offset = (size_t)((uintptr_t)b - (uintptr_t)start);
+        uint64_t i = offset < carved_bytes ? (offset * inverse) >> 32 : UINT64_MAX;
+        /* a list a stray write damaged: left as it is (nothing has changed yet), and nothing
+         * written outside bits */
+        if (i >= page->carved) return;
         bits[i / 64] |= (uint64_t)1 << (i % 64);
     }
     lum_block *head = NULL;

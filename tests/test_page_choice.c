@@ -354,52 +354,6 @@ static void remotely_emptied_pages_go_back_for_other_classes(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
-/* A page that has live blocks and many free ones, in the order they were freed (any order),
- * hands them out again in address order once it is the thread's current page again: objects
- * allocated one after another lie side by side, as they do in a fresh page. */
-static void recycled_page_hands_out_its_free_blocks_in_address_order(void **state)
-{
-    (void)state;
-    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
-    const size_t size = 80; /* its class is unused so far */
-    int n = fill_until_new_page(size);
-    struct lum_page *full = lum_page_of(blocks[0]);
-    /* every other block of the full page, freed in a shuffled order */
-    static void *freed[MAXB];
-    int nf = 0;
-    for (int i = 0; i < n - 1; i += 2) freed[nf++] = blocks[i];
-    assert_true(nf >= 2 * LUM_ORDER_MIN_FREE);
-    uint64_t r = 0x9e3779b97f4a7c15u;
-    for (int i = nf - 1; i > 0; i--) {
-        r = r * 6364136223846793005u + 1442695040888963407u;
-        int j = (int)((r >> 33) % (uint64_t)(i + 1));
-        void *t = freed[i];
-        freed[i] = freed[j];
-        freed[j] = t;
-    }
-    for (int i = 0; i < nf; i++) free(freed[i]);
-    /* the first frees went to the thread's cache, which hands them out first (last freed first);
-     * the rest, after the current page's carve, from the full page */
-    unsigned cached = lum_cache_max[lum_size_class(size)];
-    static void *again[MAXB];
-    int m = 0, on_full = 0, ascending = 0;
-    uintptr_t last = 0;
-    for (int i = 0; i < 2 * nf && m < MAXB; i++) {
-        void *p = again[m++] = p_malloc(size);
-        if (lum_page_of(p) != full || ++on_full <= (int)cached) continue;
-        ascending += (uintptr_t)p > last;
-        last = (uintptr_t)p;
-    }
-    printf("# %d blocks freed in a shuffled order came back from their page, %d of the %d after the "
-           "cache's %u in ascending order\n", on_full, ascending, on_full - (int)cached, cached);
-    assert_int_equal(on_full, nf);
-    assert_int_equal(ascending, nf - (int)cached);
-    for (int i = 0; i < m; i++) free(again[i]);
-    for (int i = 1; i < n; i += 2) free(blocks[i]);
-    if (!((n - 1) & 1)) free(blocks[n - 1]);
-    lum_options_set("sample_interval", "512k");
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -410,7 +364,6 @@ int main(void)
         cmocka_unit_test(ring_of_mixed_buffers_reuses_freed_spans),
         cmocka_unit_test(emptied_one_block_page_is_kept_for_its_class),
         cmocka_unit_test(remotely_emptied_pages_go_back_for_other_classes),
-        cmocka_unit_test(recycled_page_hands_out_its_free_blocks_in_address_order),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
