@@ -68,12 +68,18 @@ void lum_page_order_free(struct lum_page *page)
     size_t carved_bytes = (size_t)page->carved * bs;
     for (lum_block *b = page->free; b; b = b->next) {
         size_t offset = (size_t)((uintptr_t)b - (uintptr_t)start);
-        uint64_t i = offset < carved_bytes ? (offset * inverse) >> 32 : UINT64_MAX;
-        /* a list a stray write damaged: left as it is (nothing has changed yet), and nothing
-         * written outside bits */
-        if (i >= page->carved) return;
-        bits[i / 64] |= (uint64_t)1 << (i % 64);
+        uint64_t i = offset < carved_bytes ? (offset * inverse) >> 32 : UINT64_MAX, bit = (uint64_t)1 << (i % 64);
+        /* A list a stray write or a double free damaged (a link out of the page, a block met
+         * twice: a loop) is left as it is, nothing changed yet: the walk ends, and nothing is
+         * written outside bits. */
+        if (i >= page->carved || (bits[i / 64] & bit)) return;
+        bits[i / 64] |= bit;
     }
+    /* From here the blocks' links are rewritten in place.  A fork child that copies the page
+     * meanwhile follows the old links from the old head until it meets a block already
+     * relinked, then the new ones: a list without loops or repeats, only shorter.  It counts
+     * what it lacks as live, so at most one page's free blocks leak there, and none is handed
+     * out twice. */
     lum_block *head = NULL;
     /* pushed from the highest address down, so the list runs upwards */
     for (uint32_t w = words; w-- > 0;) {

@@ -1,6 +1,6 @@
 /* The order a page hands its free blocks out in: address order once it is its heap's current
  * page again (lum_page_order_free), whatever order they were freed in.
- * Its own process: the first test counts on its class having no pages from elsewhere. */
+ */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -35,12 +35,25 @@ static void shuffle(void **v, int n)
     }
 }
 
-/* Allocates size-byte blocks until one lands on a new page; returns how many were allocated
- * (blocks[0..n)), the last being the first block of the new page. */
-static int fill_until_new_page(size_t size)
+/* Fills a page that was fresh when its first block was taken: size-byte blocks until one
+ * starts a new page (those before go to before[], never freed: they hold whatever pages the
+ * class had), then that page's blocks into blocks[]; returns how many (the last one starts the
+ * next page).  So the page of blocks[0] is all this test's, whatever the process did before. */
+static void *before[MAXB];
+static int fill_fresh_page(size_t size)
 {
-    int n = 0;
-    blocks[n++] = p_malloc(size);
+    int nb = 0;
+    before[nb++] = p_malloc(size);
+    for (;;) {
+        assert_true(nb < MAXB);
+        void *p = p_malloc(size);
+        if (lum_page_of(p) != lum_page_of(before[nb - 1])) {
+            blocks[0] = p;
+            break;
+        }
+        before[nb++] = p;
+    }
+    int n = 1;
     while (n < MAXB) {
         blocks[n] = p_malloc(size);
         if (lum_page_of(blocks[n]) != lum_page_of(blocks[n - 1])) return n + 1;
@@ -57,9 +70,10 @@ static void recycled_page_hands_out_its_free_blocks_in_address_order(void **stat
 {
     (void)state;
     assert_int_equal(lum_options_set("sample_interval", "0"), 0);
-    const size_t size = 80; /* its class is unused so far */
-    int n = fill_until_new_page(size);
+    const size_t size = 80;
+    int n = fill_fresh_page(size);
     struct lum_page *full = lum_page_of(blocks[0]);
+    assert_ptr_equal(blocks[0], full->start);
     /* every other block of the full page, freed in a shuffled order */
     static void *freed[MAXB];
     int nf = 0;
@@ -73,7 +87,7 @@ static void recycled_page_hands_out_its_free_blocks_in_address_order(void **stat
     static void *again[MAXB];
     int m = 0, on_full = 0, ascending = 0;
     uintptr_t last = 0;
-    for (int i = 0; i < 2 * nf && m < MAXB; i++) {
+    while (on_full < nf && m < MAXB) {
         void *p = again[m++] = p_malloc(size);
         if (lum_page_of(p) != full || ++on_full <= (int)cached) continue;
         ascending += (uintptr_t)p > last;
@@ -171,12 +185,35 @@ static void damaged_free_list_is_left_as_it_is(void **state)
     free(area);
 }
 
+/* A list with a loop in it (a block freed twice) is left as it is: the walk ends. */
+static void looped_free_list_is_left_as_it_is(void **state)
+{
+    (void)state;
+    const uint32_t bs = 48, carved = 1365;
+    uint8_t *area = aligned_alloc(64, (size_t)bs * carved);
+    assert_non_null(area);
+    for (int loop = 1; loop <= 3; loop += 2) {
+        uint32_t idx[] = {900, 12, 400, 77};
+        craft(area, bs, carved, idx, 4);
+        lum_block *last = (lum_block *)(area + (size_t)77 * bs);
+        lum_block *back = loop == 1 ? last : (lum_block *)(area + (size_t)12 * bs); /* 1 or 3 blocks round */
+        last->next = back;
+        lum_block *before_head = crafted.free;
+        lum_page_order_free(&crafted);
+        assert_ptr_equal(crafted.free, before_head);
+        assert_ptr_equal(last->next, back);
+        assert_ptr_equal(((lum_block *)(area + (size_t)900 * bs))->next, area + (size_t)12 * bs);
+    }
+    free(area);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(recycled_page_hands_out_its_free_blocks_in_address_order),
         cmocka_unit_test(free_list_is_put_in_address_order),
         cmocka_unit_test(damaged_free_list_is_left_as_it_is),
+        cmocka_unit_test(looped_free_list_is_left_as_it_is),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
