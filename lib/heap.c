@@ -868,6 +868,7 @@ static void heap_release_idle(struct lum_heap *heap, unsigned cls)
 /* The current page for cls has nothing left: find the next page with room. */
 static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsigned cls)
 {
+    bool adopted = false; /* the page found came off the abandoned lists */
     struct lum_page *page = heap->current[cls];
     if (page != &lum_empty_page) {
         if (page->free || heap_collect(heap, page)) return page;
@@ -902,12 +903,18 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
     while ((page = heap->avail[cls].head) != NULL)
         if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
     while ((page = adopt_abandoned(heap, cls, false)) != NULL)
-        if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
+        if (page_has_room(heap, page) || !page_park_full(heap, page)) {
+            adopted = true;
+            goto found;
+        }
     if ((page = heap_unpark_any(heap, cls)) != NULL) goto found;
     /* denser abandoned pages before fresh memory, once this heap has a page of the class */
     if (heap->full[cls].head || heap->avail[cls].head)
         while ((page = adopt_abandoned(heap, cls, true)) != NULL)
-            if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
+            if (page_has_room(heap, page) || !page_park_full(heap, page)) {
+                adopted = true;
+                goto found;
+            }
     lum_abandoned_decay();
     heap_release_idle(heap, cls);
     page = lum_page_alloc(cls, LUM_PAGE_SMALL);
@@ -920,12 +927,13 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
     lum_list_push_front(&heap->avail[cls], page);
     lum_page_refill(page);
 found:
-    /* Only a page with live blocks and a run of free blocks worth the walk (page.c): sorting
-     * every page a thread went on to cost bench threadchurn, whose short-lived threads take a
-     * few blocks from each page, 37% more instructions, this 3.6%; empty pages, sorted or
-     * carved again from their start, made no difference to python3 (they are few there) and
-     * cost threadchurn 14%. */
-    if (page->used && page->carved - page->used >= LUM_ORDER_MIN_FREE) lum_page_order_free(page);
+    /* Only a page of this heap's own with live blocks and a run of free blocks worth the walk
+     * (page.c).  Pages adopted from threads that exited feed short-lived threads that take a
+     * few blocks from each (bench threadchurn: sorting them was 11% of its instructions, every
+     * page it went on to 37%); they are sorted when they come back as its own.  Empty pages,
+     * sorted or carved again from their start, made no difference to python3 (few are reused
+     * there) and cost threadchurn 14%. */
+    if (!adopted && page->used && page->carved - page->used >= LUM_ORDER_MIN_FREE) lum_page_order_free(page);
     lum_page_set_fast(page, heap); /* one adopted by a free had it clear (adopt_locked) */
     retained_forget(heap, page);
     if (heap->avail[cls].head != page) {
