@@ -49,9 +49,8 @@ bool lum_page_refill(struct lum_page *page)
  * a cache line and often a TLB entry apart each.  jemalloc hands a slab's lowest free region
  * out first and keeps that order by construction.  Here the list is put in address order once,
  * when the page becomes its heap's current page again: python3 with PYTHONMALLOC=malloc (bench
- * python-malloc, scale 0.3) takes 340-360 ms of user time instead of 440 (jemalloc 365-405),
- * and the bench's other workloads run 0.1-0.5% more instructions.  ~35 instructions a free
- * block, so only for a page worth it (heap_next_page).  Not in hardened builds, whose
+ * python-malloc, scale 0.3) takes 300-360 ms of user time instead of 380-440 (jemalloc
+ * 340-405).  ~35 instructions a free block, so only for a page worth it (heap_next_page).  Not in hardened builds, whose
  * lists are randomised on purpose. */
 void lum_page_order_free(struct lum_page *page)
 {

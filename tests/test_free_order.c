@@ -74,10 +74,12 @@ static void recycled_page_hands_out_its_free_blocks_in_address_order(void **stat
     int n = fill_fresh_page(size);
     struct lum_page *full = lum_page_of(blocks[0]);
     assert_ptr_equal(blocks[0], full->start);
-    /* every other block of the full page, freed in a shuffled order */
+    /* two blocks in three of the full page, freed in a shuffled order (a page is sorted when
+     * half of it or more is free) */
     static void *freed[MAXB];
     int nf = 0;
-    for (int i = 0; i < n - 1; i += 2) freed[nf++] = blocks[i];
+    for (int i = 0; i < n - 1; i++)
+        if (i % 3) freed[nf++] = blocks[i];
     assert_true(nf >= 2 * LUM_ORDER_MIN_FREE);
     shuffle(freed, nf);
     for (int i = 0; i < nf; i++) free(freed[i]);
@@ -98,8 +100,8 @@ static void recycled_page_hands_out_its_free_blocks_in_address_order(void **stat
     assert_int_equal(on_full, nf);
     assert_int_equal(ascending, nf - (int)cached);
     for (int i = 0; i < m; i++) free(again[i]);
-    for (int i = 1; i < n; i += 2) free(blocks[i]);
-    if (!((n - 1) & 1)) free(blocks[n - 1]);
+    for (int i = 0; i < n - 1; i += 3) free(blocks[i]);
+    free(blocks[n - 1]);
     lum_options_set("sample_interval", "512k");
 }
 
