@@ -12,6 +12,7 @@
 #include <cmocka.h>
 #include "internal.h"
 #include "lumalloc_options.h"
+#include "test_support.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
 
@@ -21,8 +22,7 @@ static void *blocks[MAXB];
 static uint64_t rng = 0x9e3779b97f4a7c15u;
 static unsigned next_random(unsigned below)
 {
-    rng = rng * 6364136223846793005u + 1442695040888963407u;
-    return (unsigned)((rng >> 33) % below);
+    return (unsigned)(xorshift(&rng) % below);
 }
 
 static void shuffle(void **v, int n)
@@ -42,25 +42,10 @@ static void shuffle(void **v, int n)
 static void *before[MAXB];
 static int fill_fresh_page(size_t size)
 {
-    int nb = 0;
-    before[nb++] = p_malloc(size);
-    for (;;) {
-        assert_true(nb < MAXB);
-        void *p = p_malloc(size);
-        if (lum_page_of(p) != lum_page_of(before[nb - 1])) {
-            blocks[0] = p;
-            break;
-        }
-        before[nb++] = p;
-    }
-    int n = 1;
-    while (n < MAXB) {
-        blocks[n] = p_malloc(size);
-        if (lum_page_of(blocks[n]) != lum_page_of(blocks[n - 1])) return n + 1;
-        n++;
-    }
-    fail_msg("no new page after %d blocks", MAXB);
-    return 0;
+    int nb = fill_until_new_page_in(blocks, MAXB, p_malloc, size, 0);
+    memcpy(before, blocks, (size_t)(nb - 1) * sizeof blocks[0]);
+    blocks[0] = blocks[nb - 1];
+    return fill_until_new_page_in(blocks, MAXB, p_malloc, size, 1);
 }
 
 /* A page that has live blocks and many free ones, in the order they were freed (any order),

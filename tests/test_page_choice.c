@@ -17,6 +17,7 @@
 #include "internal.h"
 #include "lumalloc.h"
 #include "lumalloc_options.h"
+#include "test_support.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
 
@@ -27,15 +28,7 @@ static void *blocks[MAXB];
  * (blocks[0..n)), the last being the first block of the new page. */
 static int fill_until_new_page(size_t size)
 {
-    int n = 0;
-    blocks[n++] = p_malloc(size);
-    while (n < MAXB) {
-        blocks[n] = p_malloc(size);
-        if (lum_page_of(blocks[n]) != lum_page_of(blocks[n - 1])) return n + 1;
-        n++;
-    }
-    fail_msg("no new page after %d blocks", MAXB);
-    return 0;
+    return fill_until_new_page_in(blocks, MAXB, p_malloc, size, 0);
 }
 
 struct frees { void **list; int n; };

@@ -55,4 +55,22 @@ static inline int run_child(void (*fn)(void), char *err, size_t errlen)
     waitpid(pid, &status, 0);
     return WIFSIGNALED(status) ? WTERMSIG(status) : -WEXITSTATUS(status);
 }
+#ifdef LUM_INTERNAL_H
+/* Allocates size-byte blocks with alloc into v[from..max) until one lands on another page than
+ * v[from - 1] (from 0: the first is allocated too); returns how many v holds then, the last the
+ * first block of the new page (a failed assertion with no new page by max). */
+static inline int fill_until_new_page_in(void **v, int max, void *(*alloc)(size_t), size_t size, int from)
+{
+    int n = from;
+    if (n == 0) v[n++] = alloc(size);
+    while (n < max) {
+        v[n] = alloc(size);
+        if (lum_page_of(v[n]) != lum_page_of(v[n - 1])) return n + 1;
+        n++;
+    }
+    fail_msg("no new page after %d blocks", max);
+    return 0;
+}
+#endif
+
 #endif
