@@ -50,8 +50,8 @@ bool lum_page_refill(struct lum_page *page)
  * out first and keeps that order by construction.  Here the list is put in address order once,
  * when the page becomes its heap's current page again: python3 with PYTHONMALLOC=malloc (bench
  * python-malloc, scale 0.3) takes 300-360 ms of user time instead of 380-440 (jemalloc
- * 340-405).  ~35 instructions a free block, so only for a page worth it (heap_next_page).  Not in hardened builds, whose
- * lists are randomised on purpose. */
+ * 340-405).  ~35 instructions a free block, so only for a page worth it (heap_next_page).
+ * Not in hardened builds, whose lists are randomised on purpose. */
 void lum_page_order_free(struct lum_page *page)
 {
 #if !LUM_HARDENED
@@ -67,7 +67,8 @@ void lum_page_order_free(struct lum_page *page)
     size_t carved_bytes = (size_t)page->carved * bs;
     for (lum_block *b = page->free; b; b = b->next) {
         size_t offset = (size_t)((uintptr_t)b - (uintptr_t)start);
-        uint64_t i = offset < carved_bytes ? (offset * inverse) >> 32 : UINT64_MAX, bit = (uint64_t)1 << (i % 64);
+        uint64_t i = offset < carved_bytes ? (offset * inverse) >> 32 : UINT64_MAX;
+        uint64_t bit = (uint64_t)1 << (i % 64);
         /* A list a stray write or a double free damaged (a link out of the page, a block met
          * twice: a loop) is left as it is, nothing changed yet: the walk ends, and nothing is
          * written outside bits. */

@@ -1,6 +1,5 @@
 /* The order a page hands its free blocks out in: address order once it is its heap's current
- * page again (lum_page_order_free), whatever order they were freed in.
- */
+ * page again (lum_page_order_free), whatever order they were freed in. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
