@@ -86,9 +86,6 @@ static void heap_slot_classes(struct lum_heap *heap, uint64_t warn)
     }
 }
 
-/* Whether some heap's slots send sizes to the slow path for the large warning. */
-static bool slow_slots_set;
-
 /* Puts LUMALLOC_LARGE_THRESHOLD and LUMALLOC_LARGE_WARN into effect, at initialisation and
  * whenever lum_options_set changes either while threads allocate: the threshold (clamped as it
  * is parsed, options.c) published for the tools, and the sizes that leave the fast path (at and
@@ -103,11 +100,9 @@ void lum_size_limits_apply(void)
     size_t fast_limit = lum_opt.large_threshold + 1;
     if (lum_opt.large_warn && lum_opt.large_warn < fast_limit) fast_limit = lum_opt.large_warn;
     __atomic_store_n(&lum_fast_limit, fast_limit, __ATOMIC_RELAXED);
-    bool small_warn = lum_opt.large_warn && lum_opt.large_warn <= LUM_SMALL_TABLE_MAX;
-    if (small_warn || slow_slots_set) {
-        for (struct lum_heap *h = all_heaps; h; h = h->next_all) heap_slot_classes(h, lum_opt.large_warn);
-        slow_slots_set = small_warn;
-    }
+    /* every record, whatever the change: it is rare, and so no record keeps slots an earlier
+     * warning set */
+    for (struct lum_heap *h = all_heaps; h; h = h->next_all) heap_slot_classes(h, lum_opt.large_warn);
     lum_unlock(&lum_heaps_lock);
 }
 

@@ -43,6 +43,22 @@ struct opt {
     const char *desc;
 };
 
+/* Documented clamps, not errors: a valid value outside [lo, hi] is brought to the nearer end. */
+static const struct { size_t off; uint64_t lo, hi; } clamps[] = {
+    {offsetof(struct lum_options, prof_depth), 0, LUM_MAX_FRAMES},
+    /* pages serve sizes up to LUM_SMALL_MAX, and 1 KiB and less never leave malloc's size
+     * slots for the large path */
+    {offsetof(struct lum_options, large_threshold), LUM_SMALL_TABLE_MAX, LUM_SMALL_MAX},
+};
+
+LUM_COLD_TEXT static uint64_t clamped(const struct opt *o, uint64_t v)
+{
+    for (size_t i = 0; i < sizeof clamps / sizeof clamps[0]; i++)
+        if (clamps[i].off == o->off)
+            return v < clamps[i].lo ? clamps[i].lo : v > clamps[i].hi ? clamps[i].hi : v;
+    return v;
+}
+
 static const char *const diag_words[] = {"none", "critical", "all", NULL};
 static const char *const purge_words[] = {"dontneed", "free", NULL};
 static const char *const fmt_words[] = {"auto", "text", "folded", "folded-alloc", "pprof", NULL};
@@ -276,11 +292,7 @@ LUM_COLD_TEXT static bool apply(const struct opt *o, const char *text, struct lu
     case T_SIZE:
         if (!parse_size(text, o->zero_is_off, &v) || (o->max && v > o->max))
             return false;
-        /* documented clamp, not an error: pages serve sizes up to LUM_SMALL_MAX, and 1 KiB and
-         * less never leave malloc's size slots for the large path */
-        if (o->off == offsetof(struct lum_options, large_threshold))
-            v = v > LUM_SMALL_MAX ? LUM_SMALL_MAX : v < LUM_SMALL_TABLE_MAX ? LUM_SMALL_TABLE_MAX : v;
-        store_uint(field, o->width, v);
+        store_uint(field, o->width, clamped(o, v));
         return true;
     case T_UINT: {
         const char *e;
@@ -290,9 +302,7 @@ LUM_COLD_TEXT static bool apply(const struct opt *o, const char *text, struct lu
             return false;
         if ((o->max && v > o->max) || (o->width < 8 && v >> (o->width * 8)))
             return false;
-        if (o->off == offsetof(struct lum_options, prof_depth) && v > LUM_MAX_FRAMES)
-            v = LUM_MAX_FRAMES; /* documented clamp, not an error */
-        store_uint(field, o->width, v);
+        store_uint(field, o->width, clamped(o, v));
         return true;
     }
     case T_BOOL: {

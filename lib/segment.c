@@ -289,8 +289,9 @@ static bool keep_big_span(unsigned tag)
  * page after page (class_run) or its blocks are over 16 KiB (span_kept); a page released now
  * and then returns its span at once (note_span), as it would sit idle (bench ring, fragment,
  * larson: +0.2-0.5 MiB peak RSS when every span was kept).  What is returned leaves resident
- * (*lost: the bytes the slices' records lose), and decay purges free slices whole.  Not in huge-page mode, where
- * it would split the huge page.  tag: span_tag's.  Caller holds lum_segment_lock. */
+ * (*lost: the bytes the slices' records lose), and decay purges free slices whole.  Not in
+ * huge-page mode, where it would split the huge page.  tag: span_tag's.  Caller holds
+ * lum_segment_lock. */
 static size_t inherit_span(struct lum_segment *seg, unsigned idx, unsigned n, unsigned tag, size_t *keep,
                            size_t *lost)
 {
