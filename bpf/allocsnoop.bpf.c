@@ -30,7 +30,8 @@ static __always_inline bool wanted(u32 kind, u64 size)
 {
     if (!(kind_mask & (1u << kind)))
         return false;
-    return size >= min_size;
+    /* -m filters allocations by size; thread, purge and pressure events carry none */
+    return kind > SNOOP_FAILURE || size >= min_size;
 }
 
 /* Processes seen so far: the first event of a process wakes the reader at once, so that it

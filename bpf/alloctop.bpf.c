@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
-/* alloctop: aggregate in the kernel.  Per-thread event counts and per-site sample weights go to
- * hash maps read once per interval; a site's frames are copied once, the first time its stack id
- * is seen.  Every event that cannot be stored is counted in `lost`. */
+/* alloctop: aggregate in the kernel.  Per-site sample weights go to a hash map read once per
+ * interval; a site's frames are copied once, the first time its stack id is seen.  Every event
+ * that cannot be stored is counted in `lost`. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
@@ -15,13 +15,6 @@
 #endif
 
 char LICENSE[] SEC("license") = "GPL";
-
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, TOP_MAX_THREADS);
-    __type(key, struct top_thread_key);
-    __type(value, struct top_thread_val);
-} threads SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -51,22 +44,6 @@ struct {
 
 #define LUM_BPF_LOST_MAX TOP_LOST_MAX
 #include "common.bpf.h"
-
-static __always_inline struct top_thread_val *thread_val(void)
-{
-    u64 pt = bpf_get_current_pid_tgid();
-    struct top_thread_key k = {.pid = pt >> 32, .tid = (u32)pt};
-    struct top_thread_val *v = bpf_map_lookup_elem(&threads, &k);
-    if (v)
-        return v;
-    struct top_thread_val zero = {};
-    long err = bpf_map_update_elem(&threads, &k, &zero, BPF_NOEXIST);
-    if (err && err != -EEXIST) {
-        count_lost(TOP_LOST_THREADS_FULL);
-        return 0;
-    }
-    return bpf_map_lookup_elem(&threads, &k);
-}
 
 SEC("usdt")
 int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u32 depth, u64 stack_id, u64 tc)
@@ -103,28 +80,6 @@ int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u3
     }
     __sync_fetch_and_add(&sv->count, 1);
     __sync_fetch_and_add(&sv->weight, weight);
-    return 0;
-}
-
-SEC("usdt")
-int BPF_USDT(on_large_alloc, u64 ptr, u64 req, u64 usable, u64 frames, u32 depth, u64 stack_id, u64 tc)
-{
-    maybe_hold();
-    struct top_thread_val *tv = thread_val();
-    if (tv) {
-        __sync_fetch_and_add(&tv->large, 1);
-        __sync_fetch_and_add(&tv->large_bytes, usable);
-    }
-    return 0;
-}
-
-SEC("usdt")
-int BPF_USDT(on_alloc_failure, u64 req, u64 align, u32 err, u64 frames, u32 depth, u64 stack_id, u64 tc)
-{
-    maybe_hold();
-    struct top_thread_val *tv = thread_val();
-    if (tv)
-        __sync_fetch_and_add(&tv->failures, 1);
     return 0;
 }
 

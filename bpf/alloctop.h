@@ -1,23 +1,13 @@
 /* Kernel -> user maps and records of alloctop (bpf/alloctop.bpf.c -> tools/alloctop).
- * alloctop aggregates in the kernel: per-thread event counts and per-site sample weights live
- * in hash maps that user space reads once per interval; only thread lifecycle goes through the
- * ring buffer.  Exact per-thread byte counts come from the registry, not from here. */
+ * alloctop aggregates in the kernel: per-site sample weights live in a hash map that user space
+ * reads once per interval; only thread lifecycle goes through the ring buffer.  Every per-thread
+ * figure (bytes, counts, large allocations, failures) comes from the registry, not from here. */
 #ifndef LUMALLOC_BPF_ALLOCTOP_H
 #define LUMALLOC_BPF_ALLOCTOP_H
 #ifndef __bpf__
 #include <stdint.h>
 #endif
 #include "lumalloc_probes.h"
-
-struct top_thread_key {
-    uint32_t pid, tid;
-};
-
-struct top_thread_val {
-    uint64_t samples, sample_bytes; /* unused (the registry has exact per-thread sample counts) */
-    uint64_t large, large_bytes;    /* `large_alloc` events */
-    uint64_t failures;              /* `alloc_failure` events */
-};
 
 struct top_site_key {
     uint32_t pid, pad;
@@ -63,12 +53,10 @@ enum top_lost {
     TOP_LOST_RINGBUF,      /* thread event dropped: ring buffer full */
     TOP_LOST_SITES_FULL,   /* sample not attributed to a site: sites map full */
     TOP_LOST_STACKS_FULL,  /* stack frames not stored: stacks map full */
-    TOP_LOST_THREADS_FULL, /* event not counted per thread: threads map full */
     TOP_LOST_MAX
 };
 
 #define TOP_MAX_SITES 16384
 #define TOP_MAX_STACKS 8192
-#define TOP_MAX_THREADS 8192
 
 #endif

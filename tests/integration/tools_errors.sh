@@ -12,6 +12,11 @@ expect_err() { # expect_err PATTERN CMD...
     echo "ok   $*: $out"
 }
 for tool in "$ALLOCTOP" "$ALLOCSNOOP"; do
+    expect_err "no target" "$tool"
+    expect_err "unknown option '--bogus'" "$tool" --bogus
+    expect_err "unknown option -Z" "$tool" -Z
+    expect_err "option -p needs a value" "$tool" -p
+    expect_err "give only one" "$tool" -p 1 -c /bin/true
     expect_err "no such process" "$tool" -p 999999999
     sleep 30 & SP=$!; BG_PIDS=$SP
     expect_err "does not use lumalloc.*LD_PRELOAD" "$tool" -p "$SP"
@@ -20,6 +25,19 @@ for tool in "$ALLOCTOP" "$ALLOCSNOOP"; do
     expect_err "command not found" "$tool" -c "/nonexistent/cmd"
     expect_err "need root" setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all "$tool" -p 1
 done
+# Numbers are checked whole (atof took "nan" as a number and "1x" as 1).
+expect_err "invalid interval 'nan'" "$ALLOCTOP" -p 1 nan
+expect_err "invalid interval '0'" "$ALLOCTOP" -p 1 0
+expect_err "invalid count 'abc'" "$ALLOCTOP" -p 1 1 abc
+expect_err "unexpected argument '3'" "$ALLOCTOP" -p 1 1 2 3
+expect_err "invalid row count '-5'" "$ALLOCTOP" -r -5 -p 1
+expect_err "invalid duration 'nan'" "$ALLOCSNOOP" -d nan -p 1
+expect_err "invalid size '1e30'" "$ALLOCSNOOP" -m 1e30 -p 1
+expect_err "invalid size '10kx'" "$ALLOCSNOOP" -m 10kx -p 1
+expect_err "invalid leak report size 'abc'" "$ALLOCSNOOP" --leaks abc -p 1
+expect_err "invalid ring buffer size" "$ALLOCSNOOP" --ringbuf-kib 4194304 -p 1
+# A report file that cannot be written is an error before tracing starts, not after.
+expect_err "cannot write /nonexistent/dir/x.folded" "$ALLOCSNOOP" -p 1 --folded /nonexistent/dir/x.folded
 # Capabilities without ptrace rights over another user's process.
 LD_PRELOAD=$LIB "$WORKLOAD" -d 5000 -m 1 -o /dev/null & WP=$!; BG_PIDS=$WP
 sleep 0.2

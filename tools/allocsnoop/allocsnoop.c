@@ -88,7 +88,8 @@ static void usage(FILE *f)
             "                           (its maps are gone): use -c for short-lived commands\n"
             "      --preload PATH       LD_PRELOAD this liblumalloc.so into CMD (default: $LUMALLOC_LIB)\n"
             "  -e, --events LIST        sample,sample_free,large,large_free,failure,thread,purge,pressure\n"
-            "  -m, --min-size BYTES     only events of at least this size\n"
+            "  -m, --min-size BYTES     only allocation events (samples, large, failures, their frees)\n"
+            "                           of at least this size; thread/purge/pressure events all pass\n"
             "  -d, --duration SECONDS   stop after this long (default: until the targets exit or ^C)\n"
             "  -U, --stacks             print each event's symbolised stack\n"
             "  -q, --quiet              no per-event lines, reports only\n"
@@ -136,7 +137,7 @@ static uint64_t parse_size(const char *s)
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (end == s || errno || v < 0)
+    if (end == s || errno || !isfinite(v) || v < 0)
         tc_die("invalid size '%s'", s);
     switch (*end) {
     case 'k': case 'K': v *= 1024; break;
@@ -145,7 +146,21 @@ static uint64_t parse_size(const char *s)
     case 0: break;
     default: tc_die("invalid size '%s'", s);
     }
+    if (end[0] && end[1])
+        tc_die("invalid size '%s'", s);
+    if (v >= 0x1p62)
+        tc_die("invalid size '%s' (larger than any allocation)", s);
     return (uint64_t)v;
+}
+
+/* --folded/--pprof: a path that cannot be written is an error before tracing, not after it. */
+static const char *check_writable(const char *path)
+{
+    FILE *f = tc_open_report(path);
+    if (!f)
+        tc_die("cannot write %s: %s", path, strerror(errno));
+    fclose(f);
+    return path;
 }
 
 static int target_index(pid_t pid)
@@ -555,8 +570,10 @@ static int cmp_site(const void *a, const void *b)
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
-static void reports(struct allocsnoop_bpf *skel)
+/* Returns 1 when a report file could not be written, else 0. */
+static int reports(struct allocsnoop_bpf *skel)
 {
+    int failed = 0;
     uint64_t lost[SNOOP_LOST_MAX];
     lost_counts(skel, lost);
     /* A batch the target's memory would not give up, or records it could not be parsed into. */
@@ -696,14 +713,19 @@ static void reports(struct allocsnoop_bpf *skel)
             ps[i].values[3] = llround(stacks[i].inuse_space);
         }
         int r;
-        if (opt.folded && (r = tc_write_folded(opt.folded, sym, ps, nstacks, 1)))
+        if (opt.folded && (r = tc_write_folded(opt.folded, sym, ps, nstacks, 1))) {
             tc_warn("cannot write %s: %s", opt.folded, strerror(-r));
+            failed = 1;
+        }
         int64_t period = 0;
-        if (opt.pprof && (r = tc_write_pprof(opt.pprof, sym, ps, nstacks, (int64_t)(elapsed * 1e9), period)))
+        if (opt.pprof && (r = tc_write_pprof(opt.pprof, sym, ps, nstacks, (int64_t)(elapsed * 1e9), period))) {
             tc_warn("cannot write %s: %s", opt.pprof, strerror(-r));
+            failed = 1;
+        }
         free(ps);
     }
     fflush(stdout);
+    return failed;
 }
 
 static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
@@ -770,7 +792,8 @@ int main(int argc, char **argv)
         {"ringbuf-kib", required_argument, 0, OPT_RINGBUF}, {"no-batch", no_argument, 0, OPT_NOBATCH},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     int c;
-    while ((c = getopt_long(argc, argv, "p:c:b:B:e:m:d:Uqjvh", lopts, NULL)) != -1) {
+    opterr = 0; /* tc_usage_error says it in one line */
+    while ((c = getopt_long(argc, argv, ":p:c:b:B:e:m:d:Uqjvh", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
@@ -779,34 +802,29 @@ int main(int argc, char **argv)
         case OPT_PRELOAD: preload = optarg; break;
         case 'e': opt.kinds = parse_kinds(optarg); break;
         case 'm': opt.min_size = parse_size(optarg); break;
-        case 'd':
-            opt.duration = atof(optarg);
-            if (opt.duration <= 0)
-                tc_die("invalid duration '%s'", optarg);
-            break;
+        case 'd': opt.duration = tc_parse_double("duration", optarg, 0.001, 1e9); break;
         case 'U': opt.stacks_out = true; break;
         case 'q': opt.quiet = true; break;
         case 'j': opt.json = true; break;
-        case OPT_FOLDED: opt.folded = optarg; break;
-        case OPT_PPROF: opt.pprof = optarg; break;
-        case OPT_LEAKS: opt.leaks = atoi(optarg); break;
+        case OPT_FOLDED: opt.folded = check_writable(optarg); break;
+        case OPT_PPROF: opt.pprof = check_writable(optarg); break;
+        case OPT_LEAKS: opt.leaks = (int)tc_parse_long("leak report size", optarg, 0, 1000000); break;
         case OPT_ALLFRAMES: opt.all_frames = true; break;
         case OPT_RINGBUF:
             /* Power of two, at least a page: the kernel's rule for ring buffers. */
-            ringbuf_kib = atol(optarg);
-            if (ringbuf_kib < 4 || (ringbuf_kib & (ringbuf_kib - 1)))
-                tc_die("--ringbuf-kib must be a power of two >= 4");
+            ringbuf_kib = tc_parse_long("ring buffer size", optarg, 4, 1 << 20);
+            if (ringbuf_kib & (ringbuf_kib - 1))
+                tc_die("--ringbuf-kib must be a power of two from 4 to 1048576");
             break;
         case OPT_NOBATCH: opt.no_batch = true; break;
         case 'v': tc_verbose++; break;
         case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        default: tc_usage_error(c, argv);
         }
     }
-    if (optind < argc || (!!npids + !!command + !!binary_path) != 1) {
-        usage(stderr);
-        return 2;
-    }
+    if (optind < argc)
+        tc_die("unexpected argument '%s' (see --help)", argv[optind]);
+    tc_need_one_target(npids, command, binary_path);
     tc_check_environment();
     static char binary_real[PATH_MAX];
     if (binary_path) {
@@ -842,6 +860,12 @@ int main(int argc, char **argv)
     skel->rodata->wakeup_bytes = bpf_map__max_entries(skel->maps.events) / 4;
     if (allocsnoop_bpf__load(skel))
         tc_die("cannot load the BPF programs: %s", strerror(errno));
+    /* The clock starts before the probes are attached: an event that fires in between is
+     * stamped with its time since then, not with 0. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    start_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    t_start = tc_now();
     for (int i = 0; i < ntargets; i++)
         attach_target(skel, &targets[i]);
     struct ring_buffer *rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
@@ -851,10 +875,6 @@ int main(int argc, char **argv)
     signal(SIGTERM, on_signal);
     signal(SIGPIPE, SIG_IGN);
 
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    start_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-    t_start = tc_now();
     if (command) {
         tc_hold_arm(&targets[ntargets - 1], bpf_map__fd(skel->maps.hold));
         skel->bss->hold_active = 1;
@@ -872,6 +892,11 @@ int main(int argc, char **argv)
         int r = ring_buffer__poll(rb, 100);
         if (r < 0 && r != -EINTR)
             break;
+        /* ring_buffer__poll reads only a ring that woke it, and sample events do not wake the
+         * reader until the ring is a quarter full: without this, a live trace showed them in
+         * bursts seconds apart (every 4 MiB of events), and `| head` waited as long. */
+        if (r == 0)
+            ring_buffer__consume(rb);
         if (npend > pend_head)
             pend_release(mono_ns(), false);
         if (opt.duration && tc_now() - t_start >= opt.duration)
@@ -891,20 +916,23 @@ int main(int argc, char **argv)
             pend_release(0, true);
             break;
         }
-        fflush(stdout);
+        if (tc_stdout_failed())
+            break; /* the reader is gone (| head): stop, detaching the probes */
     }
     ring_buffer__consume(rb);
     pend_release(0, true);
     t_end = tc_now();
     /* Reports first: unregistering a uprobe waits for RCU grace periods (~0.1 s per probe on
      * this kind of machine), the user should not wait for that to see the results. */
-    reports(skel);
+    int report_failed = tc_stdout_failed() ? 0 : reports(skel);
     for (int i = 0; i < ntargets; i++)
         tc_detach(&targets[i]);
     int status = 0;
     for (int i = 0; i < ntargets; i++)
-        if (targets[i].launched && !targets[i].alive && WIFEXITED(targets[i].exit_status))
-            status = WEXITSTATUS(targets[i].exit_status);
+        if (targets[i].launched && !targets[i].alive)
+            status = tc_exit_status(targets[i].exit_status);
+    if (report_failed && !status)
+        status = 1;
     ring_buffer__free(rb);
     allocsnoop_bpf__destroy(skel);
     tc_sym_free(sym);

@@ -259,10 +259,15 @@ static void attach_target(struct tstate *s)
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_start, "thread_start", true) == 0;
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_exit, "thread_exit", true) == 0;
     set_sample_probe(s, opt.sites);
-    if (!ok && !s->sample_link)
-        tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)s->t.pid, s->t.probe_path);
-    tc_attach_usdt(&s->t, skel->progs.on_large_alloc, "large_alloc", true);
-    tc_attach_usdt(&s->t, skel->progs.on_alloc_failure, "alloc_failure", true);
+    if (!ok && !s->sample_link) {
+        int e = errno;
+        if (s->t.pid > 0 && !tc_pid_alive(s->t.pid))
+            tc_die("pid %d exited while alloctop was attaching", (int)s->t.pid);
+        tc_die("cannot attach to the lumalloc probes of pid %d (%s): %s", (int)s->t.pid, s->t.probe_path,
+               strerror(e));
+    }
+    /* Large allocations and failures are counted per thread in the registry: no probe here,
+     * each would cost the target a uprobe hit for figures it already has. */
 }
 
 /* Read the registry; the previous reading becomes the base of the rates. */
@@ -548,9 +553,9 @@ static void print_json(bool final)
         }
         printf("}");
     }
-    printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu,\"threads_full\":%llu}}\n",
+    printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu}}\n",
            (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
-           (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_THREADS_FULL]);
+           (unsigned long long)lost[TOP_LOST_STACKS_FULL]);
     fflush(stdout);
 }
 
@@ -570,9 +575,9 @@ static void print_table(bool final)
     printf("alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
            tm.tm_sec, opt.interval, sort_names[opt.sort], (unsigned long long)lsum, final ? "  (final)" : "");
     if (lsum)
-        printf("  lost: ringbuf %llu, sites map full %llu, stacks map full %llu, threads map full %llu\n",
-               (unsigned long long)lost[0], (unsigned long long)lost[1], (unsigned long long)lost[2],
-               (unsigned long long)lost[3]);
+        printf("  lost: ringbuf %llu, sites map full %llu, stacks map full %llu\n",
+               (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
+               (unsigned long long)lost[TOP_LOST_STACKS_FULL]);
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
@@ -742,7 +747,8 @@ int main(int argc, char **argv)
         {"verbose", no_argument, 0, 'v'},         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
-    while ((c = getopt_long(argc, argv, "p:c:B:s:r:CbjSvh", lopts, NULL)) != -1) {
+    opterr = 0; /* tc_usage_error says it in one line */
+    while ((c = getopt_long(argc, argv, ":p:c:B:s:r:CbjSvh", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
@@ -758,7 +764,7 @@ int main(int argc, char **argv)
             opt.sort = (enum sort_key)k;
             break;
         }
-        case 'r': opt.rows = atoi(optarg); break;
+        case 'r': opt.rows = (int)tc_parse_long("row count", optarg, 1, 1000000); break;
         case 'C': opt.no_clear = true; break;
         case 'b': opt.batch = true; break;
         case 'j': opt.json = true; break;
@@ -766,20 +772,16 @@ int main(int argc, char **argv)
         case OPT_NOBPF: opt.no_bpf = true; break;
         case 'v': tc_verbose++; break;
         case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        default: tc_usage_error(c, argv);
         }
     }
-    if (optind < argc) {
-        opt.interval = atof(argv[optind++]);
-        if (opt.interval <= 0)
-            tc_die("invalid interval '%s'", argv[optind - 1]);
-    }
     if (optind < argc)
-        opt.count = atol(argv[optind++]);
-    if (optind < argc || (!!npids + !!command + !!binary_path) != 1) {
-        usage(stderr);
-        return 2;
-    }
+        opt.interval = tc_parse_double("interval", argv[optind++], 0.01, 86400);
+    if (optind < argc)
+        opt.count = tc_parse_long("count", argv[optind++], 1, LONG_MAX);
+    if (optind < argc)
+        tc_die("unexpected argument '%s' (see --help)", argv[optind]);
+    tc_need_one_target(npids, command, binary_path);
     static char binary_real[PATH_MAX];
     if (binary_path) {
         tc_resolve_probed_binary(binary_path, binary_real);
@@ -901,6 +903,8 @@ int main(int argc, char **argv)
             }
             if (redraw && !stop)
                 report(false);
+            if (redraw && tc_stdout_failed())
+                break;
         }
         bool any_alive = false, any_died = false;
         for (int i = 0; i < ntargets; i++) {
@@ -923,6 +927,8 @@ int main(int argc, char **argv)
             for (int i = 0; i < ntargets; i++)
                 sample_target(&targets[i]);
             report(false);
+            if (tc_stdout_failed())
+                break; /* the reader is gone (| head): stop, detaching the probes */
             if (binary_path)
                 drop_reported_dead();
             done++;
@@ -938,10 +944,16 @@ int main(int argc, char **argv)
     restore_tty();
     if (rb)
         ring_buffer__consume(rb); /* exit-time registry readings */
-    /* Final report from the last readings (symbolised from the snapshots if the target is
-     * gone; exact exit-time figures when the BPF exit hook caught the exit). */
-    if (!count_reached)
+    /* Final report from a fresh reading of the targets still running (the last interval's
+     * would show rates of the interval before, or none at all before the first), symbolised
+     * from the snapshots if the target is gone; exact exit-time figures when the BPF exit hook
+     * caught the exit. */
+    if (!count_reached && !tc_stdout_failed()) {
+        for (int i = 0; i < ntargets; i++)
+            if (targets[i].t.alive && tc_pid_alive(targets[i].t.pid) && tc_now() - targets[i].t_cur >= 0.1)
+                sample_target(&targets[i]);
         report(true);
+    }
     int status = 0;
     for (int i = 0; i < ntargets; i++) {
         if (targets[i].t.launched && targets[i].t.alive) {
@@ -949,8 +961,8 @@ int main(int argc, char **argv)
         }
         tc_detach(&targets[i].t);
         bpf_link__destroy(targets[i].sample_link);
-        if (targets[i].t.launched && !targets[i].t.alive && WIFEXITED(targets[i].t.exit_status))
-            status = WEXITSTATUS(targets[i].t.exit_status);
+        if (targets[i].t.launched && !targets[i].t.alive)
+            status = tc_exit_status(targets[i].t.exit_status);
         free(targets[i].cur);
         free(targets[i].prev);
         free(targets[i].comms);

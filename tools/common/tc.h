@@ -30,8 +30,25 @@ void tc_check_environment(void);
 void tc_libbpf_quiet(void);
 double tc_now(void); /* CLOCK_MONOTONIC seconds */
 void tc_json_str(FILE *f, const char *s);
-/* Parse "1,2" lists into pids; returns count appended (max cap). Dies on garbage. */
+/* Parse "1,2" lists into pids; returns count appended (max cap). Dies on garbage.  A thread ID
+ * becomes its process's ID (with a warning), and a PID already listed is not added again: each
+ * would attach the probes twice and count every event twice. */
 int tc_parse_pids(const char *arg, pid_t *pids, int n, int cap);
+/* A number option or argument, whole string, finite, in [min, max]: else one line naming
+ * `what` and exit 1 (atof took "nan" and "abc" as numbers). */
+double tc_parse_double(const char *what, const char *s, double min, double max);
+long tc_parse_long(const char *what, const char *s, long min, long max);
+/* getopt_long (with opterr = 0 and a ':' first in optstring) returned c for a bad option or a
+ * missing value: one line naming it, exit 1. */
+__attribute__((noreturn)) void tc_usage_error(int c, char **argv);
+/* Exactly one of -p, -c, -B: else one line and exit 1. */
+void tc_need_one_target(int npids, const char *command, const char *binary);
+/* fflush(stdout); true once a write has failed (a reader such as `head` went away: SIGPIPE is
+ * ignored so that the probes are detached on the way out, so the tool must stop by itself). */
+bool tc_stdout_failed(void);
+/* A -c command's wait status as the tool's exit status: its code, or 128 + the signal that
+ * killed it, as a shell reports it. */
+int tc_exit_status(int wait_status);
 
 /* ---- /proc ----------------------------------------------------------------------------------- */
 struct tc_map {

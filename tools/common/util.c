@@ -1,11 +1,14 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <math.h>
 #include <errno.h>
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/capability.h>
@@ -122,6 +125,22 @@ void tc_json_str(FILE *f, const char *s)
     fputc('"', f);
 }
 
+/* The process a thread belongs to (Tgid in /proc/PID/status), or 0 if unknown (no such task). */
+static pid_t tgid_of(pid_t tid)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)tid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    long tgid = 0;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "Tgid: %ld", &tgid) == 1)
+            break;
+    fclose(f);
+    return (pid_t)tgid;
+}
+
 int tc_parse_pids(const char *arg, pid_t *pids, int n, int cap)
 {
     int added = 0;
@@ -132,10 +151,76 @@ int tc_parse_pids(const char *arg, pid_t *pids, int n, int cap)
         long v = strtol(p, &end, 10);
         if (end == p || errno || v <= 0 || v > 0x3fffffff || (*end && *end != ','))
             tc_die("invalid PID list '%s'", arg);
+        pid_t tgid = tgid_of((pid_t)v);
+        if (tgid > 0 && tgid != (pid_t)v) {
+            tc_warn("%ld is a thread of process %d: watching process %d", v, (int)tgid, (int)tgid);
+            v = tgid;
+        }
+        bool dup = false;
+        for (int i = 0; i < n + added && !dup; i++)
+            dup = pids[i] == (pid_t)v;
+        p = *end ? end + 1 : end;
+        if (dup)
+            continue;
         if (n + added >= cap)
             tc_die("too many PIDs (max %d)", cap);
         pids[n + added++] = (pid_t)v;
-        p = *end ? end + 1 : end;
     }
     return added;
+}
+
+double tc_parse_double(const char *what, const char *s, double min, double max)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || errno || !isfinite(v) || v < min || v > max)
+        tc_die("invalid %s '%s' (a number from %g to %g)", what, s, min, max);
+    return v;
+}
+
+long tc_parse_long(const char *what, const char *s, long min, long max)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < min || v > max)
+        tc_die("invalid %s '%s' (a whole number from %ld to %ld)", what, s, min, max);
+    return v;
+}
+
+bool tc_stdout_failed(void)
+{
+    return fflush(stdout) == EOF || ferror(stdout);
+}
+
+int tc_exit_status(int wait_status)
+{
+    if (WIFEXITED(wait_status))
+        return WEXITSTATUS(wait_status);
+    if (WIFSIGNALED(wait_status))
+        return 128 + WTERMSIG(wait_status);
+    return 1;
+}
+
+void tc_usage_error(int c, char **argv)
+{
+    const char *arg = argv[optind - 1];
+    if (c == ':') {
+        if (optopt)
+            tc_die("option -%c needs a value (see --help)", optopt);
+        tc_die("option '%s' needs a value (see --help)", arg);
+    }
+    if (optopt)
+        tc_die("unknown option -%c (see --help)", optopt);
+    tc_die("unknown option '%s' (see --help)", arg);
+}
+
+void tc_need_one_target(int npids, const char *command, const char *binary)
+{
+    int n = !!npids + !!command + !!binary;
+    if (n == 0)
+        tc_die("no target: give -p PID, -c 'CMD' or -B PATH (see --help)");
+    if (n > 1)
+        tc_die("-p, -c and -B each name the targets: give only one of them");
 }
