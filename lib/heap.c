@@ -1150,9 +1150,8 @@ static LUM_NOINLINE void free_foreign(void *p, struct lum_page *page)
 {
     struct lum_heap *heap = lum_tls_heap;
     if (heap == &lum_empty_heap && !lum_tls_exited) heap = lum_heap_get();
+    lum_count_free(heap, page->block_size);
     if (heap && heap != &lum_empty_heap) {
-        LUM_OWN_ADD(heap->tc.free_count, 1);
-        LUM_OWN_ADD(heap->tc.free_bytes, page->block_size);
         struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
         if (owner == heap) { /* our page, adopted by a free (see free_into_abandoned) */
             lum_heap_local_free(heap, page, p);
@@ -1321,10 +1320,14 @@ void lum_abandoned_decay(void)
     lum_abandoned_reclaim(false);
 }
 
-LUM_COLD_TEXT void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg)
+LUM_COLD_TEXT void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2])
 {
     lum_lock(&lum_heaps_lock);
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) fn(h, arg);
+    if (exited) {
+        exited[0] = LUM_PEEK(lumalloc_registry.global.exited_alloc_bytes);
+        exited[1] = LUM_PEEK(lumalloc_registry.global.exited_free_bytes);
+    }
     lum_unlock(&lum_heaps_lock);
 }
 

@@ -503,7 +503,10 @@ extern struct lum_registry_v1 lumalloc_registry;
 extern LUM_HIDDEN lum_lock_t lum_heaps_lock;
 extern LUM_HIDDEN lum_lock_t lum_abandoned_lock;
 extern LUM_HIDDEN struct lum_page_list lum_abandoned[LUM_CLASSES];
-void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg);
+/* fn on every heap record under lum_heaps_lock; exited (if not NULL) gets the exited threads'
+ * alloc and free bytes read under the same lock, which heap_create folds a reused record's into:
+ * read outside it, a fold in between counted that record twice or not at all. */
+void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2]);
 void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err);
 
 /* ---- sampled.c ---- */
@@ -622,6 +625,20 @@ static inline size_t lum_large_cache_bytes(void)
 static inline void lum_count_global(uint64_t *field, int64_t delta)
 {
     __atomic_fetch_add(field, (uint64_t)delta, __ATOMIC_RELAXED);
+}
+
+/* A free's bytes: to the thread's counters, or, for a thread without a heap (one whose heap was
+ * torn down: pthread-key destructors that run after lumalloc's, glibc's __libc_thread_freeres),
+ * to the process's exited threads' total, or live bytes (mallinfo2, lum_stats) would grow for
+ * good with every such free. */
+static inline void lum_count_free(struct lum_heap *heap, uint64_t bytes)
+{
+    if (heap && heap != &lum_empty_heap) {
+        LUM_OWN_ADD(heap->tc.free_count, 1);
+        LUM_OWN_ADD(heap->tc.free_bytes, bytes);
+    } else {
+        lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)bytes);
+    }
 }
 
 /* ---- list helpers ---- */

@@ -363,10 +363,7 @@ void lum_large_free(void *p)
     struct lum_heap *heap = lum_tls_heap;
     if (l->sampled) lum_on_sample_free(p, l->usable);
     lum_on_large_free(p, l->usable);
-    if (heap != &lum_empty_heap) {
-        LUM_OWN_ADD(heap->tc.free_count, 1);
-        LUM_OWN_ADD(heap->tc.free_bytes, l->usable);
-    }
+    lum_count_free(heap, l->usable);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, -(int64_t)l->usable);
     uint8_t *base = l->map_base;
     size_t map_size = l->map_size;

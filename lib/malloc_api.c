@@ -280,8 +280,9 @@ LUM_EXPORT struct mallinfo2 lum_mallinfo2(void)
     struct mallinfo2 mi;
     memset(&mi, 0, sizeof mi);
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
-    uint64_t alloc = LUM_PEEK(g->exited_alloc_bytes), freed = LUM_PEEK(g->exited_free_bytes);
     lum_lock(&lum_heaps_lock);
+    /* under the lock heap_create folds a reused record's figures into these with */
+    uint64_t alloc = LUM_PEEK(g->exited_alloc_bytes), freed = LUM_PEEK(g->exited_free_bytes);
     for (struct lum_thread_counters_v1 *tc = (void *)(uintptr_t)lumalloc_registry.threads_head; tc;
          tc = (void *)(uintptr_t)tc->next) {
         alloc += LUM_PEEK(tc->alloc_bytes); /* the owners' counters: counter.h */

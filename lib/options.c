@@ -99,7 +99,8 @@ static const char desc_psi[] LUM_COLD_RODATA =
     "release free memory at once on a /proc/pressure/memory trigger";
 static const char desc_thp[] LUM_COLD_RODATA = "MADV_HUGEPAGE on segments";
 static const char desc_harden[] LUM_COLD_RODATA =
-    "runtime hardening checks (double free, foreign pointers)";
+    "abort on a free lumalloc can tell is invalid (a large block freed twice, an address in its "
+    "segments that no allocation returned); the full checks are liblumalloc-hardened.so";
 static const char desc_verbose[] LUM_COLD_RODATA = "print the options on stderr at start-up";
 static const char desc_unwind_files[] LUM_COLD_RODATA =
     "read unwind tables from the objects' files (off: through their mappings, no open at a sample)";

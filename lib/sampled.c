@@ -260,10 +260,7 @@ void lum_sampled_free(void *p, struct lum_page *page)
         if (rec) lum_on_sample_free_rec(p, rec);
         rec = NULL;
     }
-    if (heap != &lum_empty_heap) {
-        LUM_OWN_ADD(heap->tc.free_count, 1);
-        LUM_OWN_ADD(heap->tc.free_bytes, page->block_size);
-    }
+    lum_count_free(heap, page->block_size);
     lum_lock(&lum_sampled_lock);
     /* the record's share of its stack's figures goes under the lock the page needs anyway */
     if (rec) lum_sample_free_locked(rec);

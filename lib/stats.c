@@ -59,9 +59,10 @@ LUM_EXPORT void lum_stats_snapshot(struct lum_stats *s)
     memset(s, 0, sizeof *s);
     for (unsigned c = 0; c < LUM_CLASSES; c++) s->classes[c].block_size = lum_class_size[c];
     lum_segments_for_each(add_segment, s);
-    lum_heaps_for_each(add_thread, s);
+    uint64_t exited[2];
+    lum_heaps_for_each(add_thread, s, exited);
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
-    s->allocated += LUM_PEEK(g->exited_alloc_bytes) - LUM_PEEK(g->exited_free_bytes);
+    s->allocated += exited[0] - exited[1];
     s->large_live = __atomic_load_n(&g->large_live_bytes, __ATOMIC_RELAXED);
     s->active += s->large_live;
     s->mapped = __atomic_load_n(&g->mapped_bytes, __ATOMIC_RELAXED);

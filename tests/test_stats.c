@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include <malloc.h>
+#include <pthread.h>
 #include "lumalloc.h"
 #include "lumalloc_stats.h"
 
@@ -74,6 +76,43 @@ static void largest_class_is_on_pages_one_byte_more_is_large(void **state)
     free(on_page);
 }
 
+/* A pthread-key destructor created after lumalloc's runs when the thread's heap is gone: its
+ * frees still count (in the exited threads' total), or every such thread left its bytes "live"
+ * in mallinfo2 and lum_stats for good (1000 threads freeing 1000 B each: +1 MB). */
+static pthread_key_t late_key;
+static void late_free(void *p) { free(p); }
+static void *set_late_block(void *arg)
+{
+    (void)arg;
+    pthread_setspecific(late_key, p_malloc(1000));
+    return NULL;
+}
+
+static void frees_after_the_heap_is_gone_count(void **state)
+{
+    (void)state;
+    free(p_malloc(1)); /* lumalloc's key first */
+    assert_int_equal(pthread_key_create(&late_key, late_free), 0);
+    for (int i = 0; i < 8; i++) { /* the first threads' own start-up allocations */
+        pthread_t t;
+        pthread_create(&t, NULL, set_late_block, NULL);
+        pthread_join(t, NULL);
+    }
+    lum_stats_snapshot(&a);
+    struct mallinfo2 m0 = mallinfo2();
+    for (int i = 0; i < 200; i++) {
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, set_late_block, NULL), 0);
+        pthread_join(t, NULL);
+    }
+    struct mallinfo2 m1 = mallinfo2();
+    lum_stats_snapshot(&b);
+    /* each block was freed by its destructor: nothing of the 200 KB may remain live */
+    assert_true(m1.uordblks - m0.uordblks < 4096);
+    assert_true(b.allocated - a.allocated < 4096);
+    pthread_key_delete(late_key);
+}
+
 static void text_and_json_outputs(void **state)
 {
     (void)state;
@@ -110,6 +149,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(snapshot_follows_allocations),
         cmocka_unit_test(largest_class_is_on_pages_one_byte_more_is_large),
+        cmocka_unit_test(frees_after_the_heap_is_gone_count),
         cmocka_unit_test(text_and_json_outputs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
