@@ -787,16 +787,11 @@ static int subs_cb(struct dl_phdr_info *info, size_t size, void *arg)
     return 1;
 }
 
-uint64_t lum_cfi_unloads(bool wait)
+uint64_t lum_cfi_unloads(void)
 {
     uint64_t subs = 0;
-    if (!wait) {
-        if (pthread_rwlock_tryrdlock(&lum_unwind_fork_lock))
-            return UINT64_MAX;
-    } else {
-        lum_lock_order_check(&lum_unwind_fork_lock);
-        pthread_rwlock_rdlock(&lum_unwind_fork_lock);
-    }
+    lum_lock_order_check(&lum_unwind_fork_lock);
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     dl_iterate_phdr(subs_cb, &subs);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
     return subs;
@@ -810,9 +805,8 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
     return LUM_CFI_NONE;
 }
 
-uint64_t lum_cfi_unloads(bool wait)
+uint64_t lum_cfi_unloads(void)
 {
-    (void)wait;
     return 0;
 }
 

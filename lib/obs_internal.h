@@ -80,9 +80,9 @@ struct lum_cfi_rule {
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
 /* How many objects the loader has unloaded so far (dlclose): code addresses may mean other
  * code once it moves.  One dl_iterate_phdr callback, under lum_unwind_fork_lock; no malloc.
- * With wait false, UINT64_MAX when the lock is not to be had at once (a fork's prepare holds
- * it, and may be waiting for a lock the caller holds). */
-uint64_t lum_cfi_unloads(bool wait);
+ * It waits for the loader's lock: never call it holding a lock a free can take (a dlclose frees
+ * under the loader's lock). */
+uint64_t lum_cfi_unloads(void);
 extern LUM_HIDDEN uint64_t lum_cfi_object_scans;
 /* Read the tables from the objects' files where they can (default); false: always through
  * the mapping (tests that damage the tables in memory).  lum_cfi_file_lookups counts the

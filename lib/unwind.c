@@ -199,10 +199,10 @@ static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
  * LUM_UNLOAD_EVERY per thread, and before every walk that derives rules, when it is cheap next
  * to the walk.  The count is stored after the generation moves, so a thread that sees the new count
  * also sees the new generation (two threads may both move it: a harmless extra step). */
-static uint32_t rules_generation_look(bool wait)
+static uint32_t rules_generation_look(void)
 {
-    uint64_t u = lum_cfi_unloads(wait);
-    if (u != UINT64_MAX && u != __atomic_load_n(&rules_unloads, __ATOMIC_ACQUIRE)) {
+    uint64_t u = lum_cfi_unloads();
+    if (u != __atomic_load_n(&rules_unloads, __ATOMIC_ACQUIRE)) {
         __atomic_fetch_add(&lum_rules_gen, 1, __ATOMIC_RELEASE);
         __atomic_store_n(&rules_unloads, u, __ATOMIC_RELEASE);
     }
@@ -213,7 +213,7 @@ static uint32_t rules_generation(bool probe)
 {
     if (!probe)
         return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
-    return rules_generation_look(true);
+    return rules_generation_look();
 }
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
@@ -395,14 +395,9 @@ static inline int rule_step(const struct rule *r, uintptr_t *ip, uintptr_t *sp, 
 /* 64-aligned: the layout of struct lum_walk_memo counts its lines from here */
 __thread struct lum_walk_memo lum_memo LUM_TLS __attribute__((aligned(64)));
 
-uint64_t lum_unwind_timed_begin(uint32_t n)
+uint64_t lum_unwind_timed_begin(void)
 {
     uint64_t t0 = now_ns();
-    /* The sampler's memo check runs under lum_sampled_lock, which a fork's prepare handler
-     * takes after lum_unwind_fork_lock: waiting for the latter here would deadlock with it.
-     * A look the lock refuses is left to the next one. */
-    if (n % LUM_UNLOAD_EVERY == 0)
-        rules_generation_look(false);
     return t0 ? t0 : 1;
 }
 

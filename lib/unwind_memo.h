@@ -82,10 +82,9 @@ static inline __attribute__((always_inline)) bool lum_memo_holds(const struct lu
     return true;
 }
 
-/* For lum_unwind_memo_at's timed unwinds (one in LUM_TIME_EVERY): the start time, for the
- * unwind n of the thread, after a look at the loader's unload count when n is one in
- * LUM_UNLOAD_EVERY (rules_generation in unwind.c); the time taken, scaled. */
-uint64_t lum_unwind_timed_begin(uint32_t n);
+/* For lum_unwind_memo_at's timed unwinds (one in LUM_TIME_EVERY): the start time; the time
+ * taken, scaled. */
+uint64_t lum_unwind_timed_begin(void);
 void lum_unwind_timed_end(uint64_t t0);
 /* lum_memo_holds without the copy, out of line, for lum_unwind_memo_at: inlined into the
  * sampling path, where every register is taken, its loops spilled and reloaded each word (~15
@@ -111,13 +110,15 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
     struct lum_walk_memo *m = &lum_memo;
-    if (m->busy)
+    /* The walk that looks at the loader's unload count (one in LUM_UNLOAD_EVERY) is left to
+     * lum_unwind_from: the sampler calls this under lum_sampled_lock, and the look waits for
+     * the loader's lock, which a dlclose holds while it frees (a sampled block's free waits for
+     * lum_sampled_lock): a deadlock, one sample in 64 with a thread in dlopen/dlclose. */
+    if (m->busy || __builtin_expect(n % LUM_UNLOAD_EVERY == 0, 0))
         return -1;
-    /* A timed one may look at the loader's unload count first: a moved generation fails the
-     * check below, and the walk learns the new rules. */
     uint64_t t0 = 0;
     if (__builtin_expect(n % LUM_TIME_EVERY == 0, 0))
-        t0 = lum_unwind_timed_begin(n);
+        t0 = lum_unwind_timed_begin();
     m->busy = 1;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     uintptr_t sp = (uintptr_t)(at + 2);
