@@ -28,6 +28,7 @@
 #include <fcntl.h>
 #include <link.h>
 #include <stddef.h>
+#include <sys/stat.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include "obs_internal.h"
@@ -181,11 +182,15 @@ static int src_open(const struct obj *o)
 {
     if (!o->path || !lum_cfi_read_files || !lum_opt.unwind_files)
         return -1;
-    long fd = sys4(SYS_openat, AT_FDCWD, (long)o->path, O_RDONLY | O_CLOEXEC, 0);
+    /* Not blocking, and a regular file only: the path is the loader's name for the object, and
+     * a plugin loaded from /proc/self/fd/N names whatever N is now (a FIFO without a writer
+     * blocked the sampling thread in open for good). */
+    long fd = sys4(SYS_openat, AT_FDCWD, (long)o->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, 0);
     if (fd < 0)
         return -1;
+    struct stat st;
     uint8_t note[96];
-    if (o->note_len > sizeof note || !file_read((int)fd, note, o->note_len, o->note_off) ||
+    if (sys4(SYS_fstat, fd, (long)&st, 0, 0) != 0 || !S_ISREG(st.st_mode) || o->note_len > sizeof note || !file_read((int)fd, note, o->note_len, o->note_off) ||
         memcmp(note, o->note, o->note_len) != 0) {
         sys4(SYS_close, fd, 0, 0, 0);
         return -1;

@@ -39,7 +39,7 @@ static pthread_mutex_t files_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static bool map_file(const char *path, struct elf_file *f)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY); /* see src_open in cfi.c */
     if (fd < 0)
         return false;
     struct stat st;

@@ -158,6 +158,24 @@ static void test_files_off(void **state)
     dlclose(h);
 }
 
+/* The path now names a FIFO (a plugin loaded from /proc/self/fd/N whose N was closed and
+ * reused): opened as the file, it blocked the walk, and with it malloc, for good. */
+static void test_path_now_a_fifo(void **state)
+{
+    (void)state;
+    char path[96];
+    void *h = load("libf.so", path, sizeof path);
+    check_rules(h, true);
+    assert_int_equal(unlink(path), 0);
+    assert_int_equal(mkfifo(path, 0600), 0);
+    int fds = open_fds();
+    alarm(30); /* a blocked open never returns: SIGALRM ends the test */
+    check_rules(h, false);
+    alarm(0);
+    assert_int_equal(open_fds(), fds);
+    dlclose(h);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -167,7 +185,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "libd.so", "new"};
+    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "libd.so", "libf.so", "new"};
     char p[96];
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", dir, names[i]);
@@ -185,6 +203,7 @@ int main(void)
         cmocka_unit_test(test_short_file_known),
         cmocka_unit_test(test_short_file_first),
         cmocka_unit_test(test_files_off),
+        cmocka_unit_test(test_path_now_a_fifo),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
