@@ -14,7 +14,6 @@
  * once.  The cache is only tried (trylock): a report that finds it busy, or a fork child whose
  * parent forked in the middle of a report, maps and unmaps the file for each lookup instead. */
 #define _GNU_SOURCE 1
-#include <dlfcn.h>
 #include <elf.h>
 #include <fcntl.h>
 #include <link.h>
@@ -156,9 +155,10 @@ static bool lookup(const struct elf_file *f, uintptr_t rel, char *name, size_t l
     return true;
 }
 
-/* The lookup in f, when f is the file of the object loaded at base under the name lname. */
+/* The lookup in f, when f is the file of the object loaded at base under the name lname (*same,
+ * if not NULL: whether it is). */
 static bool lookup_loaded(const struct elf_file *f, uintptr_t base, const char *lname, uintptr_t rel, char *name,
-                          size_t len, uint64_t *off)
+                          size_t len, uint64_t *off, bool *same)
 {
     struct same_image s = {f, base, lname, false};
     /* like the unwinder's: a fork then never finds the loader's lock held by this thread */
@@ -166,46 +166,96 @@ static bool lookup_loaded(const struct elf_file *f, uintptr_t base, const char *
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     dl_iterate_phdr(same_image_cb, &s);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    if (same)
+        *same = s.same;
     return s.same && lookup(f, rel, name, len, off);
+}
+
+/* The object whose loaded segments hold addr: its load bias and its loader's name, copied
+ * while the loader's lock holds it (dladdr1's link_map, read after dladdr1 returned, could be
+ * freed by a dlclose meanwhile). */
+struct object_at {
+    uintptr_t addr, base;
+    char name[sizeof files[0].path];
+    bool found, name_too_long;
+};
+
+static int object_at_cb(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    (void)size;
+    struct object_at *o = arg;
+    for (unsigned j = 0; j < info->dlpi_phnum; j++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[j];
+        uintptr_t lo = info->dlpi_addr + ph->p_vaddr;
+        if (ph->p_type != PT_LOAD || o->addr < lo || o->addr - lo >= ph->p_memsz)
+            continue;
+        const char *n = info->dlpi_name ? info->dlpi_name : "";
+        size_t l = strlen(n);
+        o->name_too_long = l >= sizeof o->name;
+        if (!o->name_too_long)
+            memcpy(o->name, n, l + 1);
+        o->base = info->dlpi_addr;
+        o->found = true;
+        return 1;
+    }
+    return 0;
 }
 
 bool lum_elf_proc_name(uintptr_t addr, char *name, size_t len, uint64_t *off)
 {
-    Dl_info di;
-    struct link_map *lm = NULL;
-    if (!len || !dladdr1((void *)addr, &di, (void **)&lm, RTLD_DL_LINKMAP) || !lm)
+    if (!len)
         return false;
-    const char *lname = lm->l_name ? lm->l_name : "";
+    struct object_at o = {.addr = addr};
+    lum_lock_order_check(&lum_unwind_fork_lock);
+    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
+    dl_iterate_phdr(object_at_cb, &o);
+    pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    if (!o.found || o.name_too_long)
+        return false;
+    const char *lname = o.name;
     /* the executable's own entry has no name: its file is /proc/self/exe */
-    const char *path = lm->l_name && lm->l_name[0] ? lm->l_name : "/proc/self/exe";
-    if (strlen(path) >= sizeof files[0].path)
-        return false;
-    uintptr_t rel = addr - lm->l_addr;
+    const char *path = o.name[0] ? o.name : "/proc/self/exe";
+    uintptr_t rel = addr - o.base;
     if (pthread_mutex_trylock(&files_lock)) {
         struct elf_file f;
         if (!map_file(path, &f))
             return false;
-        bool ok = lookup_loaded(&f, lm->l_addr, lname, rel, name, len, off);
+        bool ok = lookup_loaded(&f, o.base, lname, rel, name, len, off, NULL);
         munmap((void *)f.data, f.size);
         return ok;
     }
     struct elf_file *f = NULL;
     for (unsigned i = 0; i < FILES; i++)
-        if (files[i].data && files[i].base == lm->l_addr && !strcmp(files[i].path, path))
+        if (files[i].data && files[i].base == o.base && !strcmp(files[i].path, path))
             f = &files[i];
-    if (!f) {
+    if (f) {
+        bool same;
+        bool ok = lookup_loaded(f, o.base, lname, rel, name, len, off, &same);
+        if (same) {
+            pthread_mutex_unlock(&files_lock);
+            return ok;
+        }
+        /* Another build than the one mapped when the entry was made (the library was replaced
+         * and loaded again at the same address): the file is mapped again. */
+        munmap((void *)f->data, f->size);
+        f->data = NULL;
+        if (map_file(path, f))
+            f->base = o.base;
+        else
+            f = NULL;
+    } else {
         f = &files[next_file++ % FILES];
         if (f->data)
             munmap((void *)f->data, f->size);
         f->data = NULL;
         if (map_file(path, f)) {
-            f->base = lm->l_addr;
+            f->base = o.base;
             strcpy(f->path, path);
         } else {
             f = NULL;
         }
     }
-    bool ok = f && lookup_loaded(f, lm->l_addr, lname, rel, name, len, off);
+    bool ok = f && lookup_loaded(f, o.base, lname, rel, name, len, off, NULL);
     pthread_mutex_unlock(&files_lock);
     return ok;
 }
