@@ -335,6 +335,24 @@ static bool parse_cie(const struct src *s, const uint8_t *p, uint8_t *buf, struc
     return !r.bad;
 }
 
+/* The CFA program's factored operands, v times the CIE's factor: a product that does not fit is
+ * a malformed table (r->bad), not undefined behaviour a file controls. */
+static inline uint64_t code_factored(struct rd *r, uint64_t v, uint64_t align)
+{
+    uint64_t p;
+    if (__builtin_mul_overflow(v, align, &p))
+        r->bad = true;
+    return p;
+}
+
+static inline int64_t data_factored(struct rd *r, int64_t v, int64_t align)
+{
+    int64_t p;
+    if (__builtin_mul_overflow(v, align, &p))
+        r->bad = true;
+    return p;
+}
+
 /* Runs the CFA program in r while its location stays at or below pc; initial is the state
  * after the CIE's instructions (for DW_CFA_restore), NULL while running those.  false when
  * the program is malformed or needs more than the remember stack holds. */
@@ -348,8 +366,8 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
         uint64_t reg = 0, adv = 0;
         int64_t off = 0;
         switch (op >> 6) {
-        case 1: adv = (op & 0x3f) * c->code_align; goto advance;
-        case 2: reg = op & 0x3f; off = (int64_t)rd_uleb(r) * c->data_align; goto offset;
+        case 1: adv = code_factored(r, op & 0x3f, c->code_align); goto advance;
+        case 2: reg = op & 0x3f; off = data_factored(r, (int64_t)rd_uleb(r), c->data_align); goto offset;
         case 3: reg = op & 0x3f; goto restore;
         default: break;
         }
@@ -362,12 +380,18 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
             loc = nl;
             break;
         }
-        case 0x02: adv = rd_u8(r) * c->code_align; goto advance;
-        case 0x03: adv = rd_u16(r) * c->code_align; goto advance;
-        case 0x04: adv = rd_u32(r) * c->code_align; goto advance;
-        case 0x05: reg = rd_uleb(r); off = (int64_t)rd_uleb(r) * c->data_align; goto offset;
-        case 0x11: reg = rd_uleb(r); off = rd_sleb(r) * c->data_align; goto offset;
-        case 0x2f: reg = rd_uleb(r); off = -(int64_t)rd_uleb(r) * c->data_align; goto offset;
+        case 0x02: adv = code_factored(r, rd_u8(r), c->code_align); goto advance;
+        case 0x03: adv = code_factored(r, rd_u16(r), c->code_align); goto advance;
+        case 0x04: adv = code_factored(r, rd_u32(r), c->code_align); goto advance;
+        case 0x05: reg = rd_uleb(r); off = data_factored(r, (int64_t)rd_uleb(r), c->data_align); goto offset;
+        case 0x11: reg = rd_uleb(r); off = data_factored(r, rd_sleb(r), c->data_align); goto offset;
+        case 0x2f: /* GNU_negative_offset_extended */
+            reg = rd_uleb(r);
+            off = data_factored(r, (int64_t)rd_uleb(r), c->data_align);
+            if (off == INT64_MIN)
+                r->bad = true;
+            off = r->bad ? 0 : -off;
+            goto offset;
         case 0x06: reg = rd_uleb(r); goto restore;
         case 0x07: /* undefined */
         case 0x08: /* same_value */
@@ -415,12 +439,12 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
             break;
         case 0x12: /* def_cfa_sf */
             s->cfa_reg = rd_uleb(r);
-            s->cfa_off = rd_sleb(r) * c->data_align;
+            s->cfa_off = data_factored(r, rd_sleb(r), c->data_align);
             s->cfa_expr = false;
             break;
         case 0x0d: s->cfa_reg = rd_uleb(r); s->cfa_expr = false; break;
         case 0x0e: s->cfa_off = (int64_t)rd_uleb(r); break;
-        case 0x13: s->cfa_off = rd_sleb(r) * c->data_align; break;
+        case 0x13: s->cfa_off = data_factored(r, rd_sleb(r), c->data_align); break;
         case 0x0f: { /* def_cfa_expression */
             uint64_t n = rd_uleb(r);
             if (!rd_has(r, n))
@@ -434,7 +458,7 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
         }
         continue;
     advance:
-        if (loc + adv > pc)
+        if (r->bad || adv > pc - loc) /* loc <= pc here: no sum to wrap */
             return !r->bad;
         loc += adv;
         continue;
