@@ -507,6 +507,7 @@ extern LUM_HIDDEN struct lum_page_list lum_abandoned[LUM_CLASSES];
  * alloc and free bytes read under the same lock, which heap_create folds a reused record's into:
  * read outside it, a fold in between counted that record twice or not at all. */
 void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2]);
+void lum_heap_release_empty(struct lum_heap *heap);
 void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err);
 
 /* ---- sampled.c ---- */

@@ -261,7 +261,10 @@ LUM_EXPORT void *lum_pvalloc(size_t size)
 
 LUM_EXPORT size_t lum_purge(void)
 {
-    if (lum_tls_heap != &lum_empty_heap) lum_heap_cache_flush(lum_tls_heap); /* its pages may empty */
+    if (lum_tls_heap != &lum_empty_heap) {
+        lum_heap_cache_flush(lum_tls_heap); /* its pages may empty */
+        lum_heap_release_empty(lum_tls_heap);
+    }
     size_t released = lum_large_cache_purge();
     lum_sampled_purge(true);
     lum_abandoned_reclaim(true);
