@@ -99,3 +99,18 @@ uint64_t tc_read_rss(pid_t pid, uint64_t *anon)
         *anon = (rss - shared) * page;
     return rss * page;
 }
+
+pid_t tc_tgid_of(pid_t tid)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)tid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    long tgid = 0;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "Tgid: %ld", &tgid) == 1)
+            break;
+    fclose(f);
+    return (pid_t)tgid;
+}

@@ -58,6 +58,8 @@ struct tc_map {
 };
 int tc_read_maps(pid_t pid, struct tc_map **out, size_t *n); /* -errno */
 bool tc_pid_alive(pid_t pid);
+/* The process a thread belongs to (Tgid in /proc/TID/status), or 0 if unknown (no such task). */
+pid_t tc_tgid_of(pid_t tid);
 int tc_read_comm(pid_t pid, pid_t tid, char *buf, size_t n);
 /* bytes, 0 if unknown; *anon (if given): its anonymous part (RSS less file-backed and shmem) */
 uint64_t tc_read_rss(pid_t pid, uint64_t *anon);

@@ -125,22 +125,6 @@ void tc_json_str(FILE *f, const char *s)
     fputc('"', f);
 }
 
-/* The process a thread belongs to (Tgid in /proc/PID/status), or 0 if unknown (no such task). */
-static pid_t tgid_of(pid_t tid)
-{
-    char path[64], line[256];
-    snprintf(path, sizeof(path), "/proc/%d/status", (int)tid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return 0;
-    long tgid = 0;
-    while (fgets(line, sizeof(line), f))
-        if (sscanf(line, "Tgid: %ld", &tgid) == 1)
-            break;
-    fclose(f);
-    return (pid_t)tgid;
-}
-
 int tc_parse_pids(const char *arg, pid_t *pids, int n, int cap)
 {
     int added = 0;
@@ -151,7 +135,7 @@ int tc_parse_pids(const char *arg, pid_t *pids, int n, int cap)
         long v = strtol(p, &end, 10);
         if (end == p || errno || v <= 0 || v > 0x3fffffff || (*end && *end != ','))
             tc_die("invalid PID list '%s'", arg);
-        pid_t tgid = tgid_of((pid_t)v);
+        pid_t tgid = tc_tgid_of((pid_t)v);
         if (tgid > 0 && tgid != (pid_t)v) {
             tc_warn("%ld is a thread of process %d: watching process %d", v, (int)tgid, (int)tgid);
             v = tgid;
