@@ -3,7 +3,12 @@
  * failure with an application-supplied section, and abort-on-failure.
  *
  * Injected failures look like real ones to the program (NULL, errno = ENOMEM), fire the
- * `alloc_failure` probe and count in the thread's `failures`, but never abort. */
+ * `alloc_failure` probe and count in the thread's `failures`, but never abort.
+ *
+ * While any injector is armed (either kind, in any thread), every allocation of every thread
+ * takes the slow path, where the injector counts it, and none is sampled: the profile has no
+ * samples from that time, and allocations cost about twice as much.  A thread's own injector
+ * (lum_fail_after) is cancelled when the thread exits. */
 #ifndef LUMALLOC_FAILURE_H
 #define LUMALLOC_FAILURE_H
 

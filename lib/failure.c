@@ -24,7 +24,6 @@ LUM_SAMPLE_DATA volatile int lum_fail_armed;
 
 static uint64_t global_nth;   /* fail when global_count reaches this (0: disarmed) */
 static uint64_t global_count;
-static bool abort_on_failure_set, abort_on_failure_val;
 
 struct fail_tls {
     uint64_t count;     /* allocation points seen while armed */
@@ -50,15 +49,18 @@ static void arm_dec(void)
 
 LUM_EXPORT void lum_fail_nth(uint64_t n)
 {
-    uint64_t old = __atomic_exchange_n(&global_nth, 0, __ATOMIC_SEQ_CST);
-    if (old)
-        arm_dec();
-    if (!n)
-        return;
+    /* One exchange, its result deciding the count: as disarm, reset and re-arm, two callers at
+     * once could both arm and leave lum_fail_armed up for good (every allocation on the slow
+     * path, no sample taken, for the rest of the process).  An injection that fires meanwhile
+     * takes the old nth by compare-and-swap: either it or this exchange disarms it, not both. */
     __atomic_store_n(&global_count, 0, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&global_nth, n, __ATOMIC_SEQ_CST);
-    arm_inc();
-    lum_heap_force_slow();
+    uint64_t old = __atomic_exchange_n(&global_nth, n, __ATOMIC_SEQ_CST);
+    if (old && !n)
+        arm_dec();
+    else if (!old && n)
+        arm_inc();
+    if (n)
+        lum_heap_force_slow();
 }
 
 LUM_EXPORT void lum_fail_after(uint64_t n)
@@ -172,16 +174,16 @@ bool lum_fail_in_critical(void)
     return ft.critical > 0;
 }
 
+/* One setting, the option's: lum_options_set("abort_on_failure", ...) and this agree whichever
+ * came last (a shadow copy here once won over the option for good). */
 LUM_EXPORT void lum_set_abort_on_failure(bool on)
 {
-    abort_on_failure_val = on;
-    abort_on_failure_set = true;
     lum_opt.abort_on_failure = on;
 }
 
 LUM_EXPORT bool lum_get_abort_on_failure(void)
 {
-    return abort_on_failure_set ? abort_on_failure_val : lum_opt.abort_on_failure;
+    return lum_opt.abort_on_failure;
 }
 
 LUM_COLD_TEXT void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err)

@@ -193,10 +193,8 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
 LUM_EXPORT void *lum_reallocarray(void *p, size_t count, size_t size)
 {
     size_t bytes;
-    if (__builtin_mul_overflow(count, size, &bytes)) {
-        errno = ENOMEM;
-        return NULL;
-    }
+    if (__builtin_mul_overflow(count, size, &bytes)) /* a failure like any other: report, abort */
+        return lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
     return lum_realloc(p, bytes);
 }
 
@@ -252,10 +250,8 @@ LUM_EXPORT void *lum_pvalloc(size_t size)
 {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t rounded = (size + page - 1) & ~(page - 1);
-    if (rounded < size) {
-        errno = ENOMEM;
-        return NULL;
-    }
+    if (rounded < size)
+        return lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
     return aligned(page, rounded ? rounded : page);
 }
 

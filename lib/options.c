@@ -241,9 +241,12 @@ static bool parse_signal(const char *s, int *out)
     uint64_t v;
     const char *e;
     if (parse_u64(s, &v, &e)) {
-        /* SIGKILL/SIGSTOP cannot be caught; synchronous fault signals must not be hijacked. */
-        if (*e || v > 64 || v == SIGKILL || v == SIGSTOP || v == SIGSEGV || v == SIGBUS ||
-            v == SIGFPE || v == SIGILL || v == SIGABRT || v == SIGTRAP)
+        /* SIGKILL/SIGSTOP cannot be caught; synchronous fault signals must not be hijacked;
+         * glibc keeps the numbers between the classic signals and SIGRTMIN (32, 33) for
+         * itself and refuses a handler there. */
+        if (*e || v > (uint64_t)SIGRTMAX || (v >= 32 && v < (uint64_t)SIGRTMIN) || v == SIGKILL ||
+            v == SIGSTOP || v == SIGSEGV || v == SIGBUS || v == SIGFPE || v == SIGILL || v == SIGABRT ||
+            v == SIGTRAP)
             return false;
         *out = (int)v;
         return true;

@@ -123,7 +123,10 @@ void lum_prof_dump_init(void)
     sa.sa_handler = on_signal;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    sigaction(lum_opt.prof_signal, &sa, NULL);
+    if (sigaction(lum_opt.prof_signal, &sa, NULL) != 0) {
+        static const char msg[] = "lumalloc: LUMALLOC_PROF_SIGNAL: the signal takes no handler; no dumps on it\n";
+        lum_write_all(2, msg, sizeof msg - 1);
+    }
 }
 
 __attribute__((constructor)) static void dumper_ctor(void)

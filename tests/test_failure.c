@@ -3,6 +3,7 @@
  * diagnostics report with the application's producer, abort-on-failure, suppression. */
 #define _GNU_SOURCE 1
 #include <errno.h>
+#include <malloc.h>
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -14,10 +15,12 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/wait.h>
+#include <pthread.h>
 #include <cmocka.h>
 #include "observe.h"
 #include "options.h"
 #include "lumalloc_failure.h"
+#include "lumalloc_options.h"
 
 /* Opaque to the optimiser: malloc/free pairs must really happen. */
 static void *volatile sink;
@@ -307,6 +310,86 @@ static void test_abort_on_failure(void **state)
     assert_int_equal(errno, ENOMEM);
 }
 
+/* An injector armed by a thread that exits without cancelling it dies with the thread: left
+ * armed, every other thread's allocations took the slow path, unsampled, for good. */
+static void *arm_and_exit(void *arg)
+{
+    (void)arg;
+    lum_fail_after(1000);
+    sink = malloc(16);
+    free(sink);
+    return NULL;
+}
+
+static void test_thread_exit_disarms(void **state)
+{
+    (void)state;
+    pthread_t t;
+    pthread_create(&t, NULL, arm_and_exit, NULL);
+    pthread_join(t, NULL);
+    assert_int_equal(lum_fail_armed, 0);
+}
+
+/* Two threads arming the process-wide injector at once leave one injector armed, and its
+ * cancel none (each once armed its own count). */
+static void *arm_nth_many(void *arg)
+{
+    for (int i = 0; i < 20000; i++)
+        lum_fail_nth((uint64_t)(uintptr_t)arg + (uint64_t)i * 1000000u);
+    return NULL;
+}
+
+static void test_fail_nth_concurrent(void **state)
+{
+    (void)state;
+    pthread_t a, b;
+    pthread_create(&a, NULL, arm_nth_many, (void *)(uintptr_t)1000000001u);
+    pthread_create(&b, NULL, arm_nth_many, (void *)(uintptr_t)1000000002u);
+    pthread_join(a, NULL);
+    pthread_join(b, NULL);
+    assert_int_equal(lum_fail_armed, 1);
+    lum_fail_nth(0);
+    assert_int_equal(lum_fail_armed, 0);
+}
+
+/* lum_set_abort_on_failure and the option are one setting, whichever came last. */
+static void test_abort_on_failure_one_setting(void **state)
+{
+    (void)state;
+    lum_set_abort_on_failure(false);
+    assert_int_equal(lum_options_set("abort_on_failure", "on"), 0);
+    assert_true(lum_get_abort_on_failure());
+    lum_set_abort_on_failure(false);
+    char v[16];
+    assert_int_equal(lum_options_get("abort_on_failure", v, sizeof v), 0);
+    assert_string_equal(v, "off");
+}
+
+/* Every impossible size is a failure: reported, and aborting with abort-on-failure (reallocarray
+ * and pvalloc returned NULL past both). */
+static void test_overflow_is_a_failure(void **state)
+{
+    (void)state;
+    void *(*volatile p_reallocarray)(void *, size_t, size_t) = reallocarray;
+    void *(*volatile p_pvalloc)(size_t) = pvalloc;
+    for (int which = 0; which < 2; which++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            int devnull = open("/dev/null", O_WRONLY);
+            dup2(devnull, 2);
+            lum_set_abort_on_failure(true);
+            sink = which ? p_pvalloc(SIZE_MAX - 100) : p_reallocarray(NULL, SIZE_MAX / 2, 4);
+            _exit(sink ? 4 : 5);
+        }
+        int st;
+        assert_int_equal(waitpid(pid, &st, 0), pid);
+        assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT);
+    }
+    errno = 0;
+    assert_null(p_reallocarray(NULL, SIZE_MAX / 2, 4));
+    assert_int_equal(errno, ENOMEM);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -318,6 +401,10 @@ int main(void)
         cmocka_unit_test(test_diagnostics_critical_scope),
         cmocka_unit_test(test_producer_may_allocate),
         cmocka_unit_test(test_abort_on_failure),
+        cmocka_unit_test(test_thread_exit_disarms),
+        cmocka_unit_test(test_fail_nth_concurrent),
+        cmocka_unit_test(test_abort_on_failure_one_setting),
+        cmocka_unit_test(test_overflow_is_a_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

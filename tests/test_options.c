@@ -100,6 +100,10 @@ static void test_sizes_and_words(void **state)
     assert_int_equal(lum_opt.prof_signal, SIGRTMIN + 2);
     assert_int_equal(lum_options_set("prof_signal", "9"), -EINVAL); /* SIGKILL */
     assert_int_equal(lum_options_set("prof_signal", "SEGV"), -EINVAL);
+    /* glibc's own (32, 33: sigaction refuses them, the option was accepted and did nothing) */
+    assert_int_equal(lum_options_set("prof_signal", "32"), -EINVAL);
+    assert_int_equal(lum_options_set("prof_signal", "33"), -EINVAL);
+    assert_int_equal(lum_options_set("prof_signal", "65"), -EINVAL);
     assert_int_equal(lum_options_set("prof_signal", "off"), 0);
     assert_int_equal(lum_opt.prof_signal, 0);
 
