@@ -343,23 +343,35 @@ size_t lum_large_usable(const void *p)
     return header_of(p)->usable;
 }
 
+/* p names a live large block: false for a block already in the cache, or an address inside
+ * one, which the hardened library and LUMALLOC_HARDEN report and abort on (a realloc of a freed
+ * block handed the same memory to two owners). */
+static bool large_live(const struct lum_large *l, const void *p, bool realloc)
+{
+    if (LUM_LIKELY(!l->cached && p == l->user))
+        return true;
+    if (lum_opt.harden || LUM_HARDENED) {
+#if LUM_HARDENED
+        lum_hardened_fail(l->cached ? (realloc ? "realloc of a freed block" : "double free of")
+                                    : (realloc ? "invalid realloc (not the start of a block) at"
+                                               : "invalid free (not the start of a block) at"),
+                          p, l->usable);
+#else
+        lum_write_err(l->cached ? (realloc ? "lumalloc: realloc of a freed large block\n"
+                                           : "lumalloc: double free of a large block\n")
+                                : (realloc ? "lumalloc: invalid realloc inside a large block\n"
+                                           : "lumalloc: invalid free inside a large block\n"));
+        abort();
+#endif
+    }
+    return false;
+}
+
 void lum_large_free(void *p)
 {
     struct lum_large *l = header_of(p);
-    if (LUM_UNLIKELY(l->cached || p != l->user)) {
-        /* a block already in the cache, or an address inside a large block */
-        if (lum_opt.harden || LUM_HARDENED) {
-#if LUM_HARDENED
-            lum_hardened_fail(l->cached ? "double free of" : "invalid free (not the start of a block) at",
-                              p, l->usable);
-#else
-            lum_write_err(l->cached ? "lumalloc: double free of a large block\n"
-                                    : "lumalloc: invalid free inside a large block\n");
-            abort();
-#endif
-        }
+    if (LUM_UNLIKELY(!large_live(l, p, false)))
         return;
-    }
     struct lum_heap *heap = lum_tls_heap;
     if (l->sampled) lum_on_sample_free(p, l->usable);
     lum_on_large_free(p, l->usable);
@@ -409,6 +421,8 @@ size_t lum_large_cache_decay(void)
 void *lum_large_realloc(void *p, size_t size)
 {
     struct lum_large *l = header_of(p);
+    if (LUM_UNLIKELY(!large_live(l, p, true)))
+        return NULL;
     uint8_t *base = l->map_base;
     size_t offset = (size_t)((uint8_t *)p - base);
     if (size <= l->usable && size >= l->usable / 2) {
@@ -506,8 +520,11 @@ void *lum_large_realloc(void *p, size_t size)
     int64_t delta = (int64_t)map_size - (int64_t)l->map_size;
     /* A block grows when it is full, so its new part will be written too: faulted in by one
      * call it costs ~2.3 us a page, one fault at a time ~3.0 (this VM).  realloc_grow 1g 1m:
-     * sys 0.74 -> 0.57 s; bench large 0.34 -> 0.29 s. */
-    if (delta >= (int64_t)PIECE_MIN && !copy_to) lum_os_populate(base + l->map_size, (size_t)delta);
+     * sys 0.74 -> 0.57 s; bench large 0.34 -> 0.29 s.  At most as much as the block had: a
+     * program that reserves capacity (1 MiB to 512 MiB) keeps the rest lazy, as with glibc,
+     * instead of 512 MiB resident at once. */
+    if (delta >= (int64_t)PIECE_MIN && !copy_to)
+        lum_os_populate(base + l->map_size, (size_t)delta < l->map_size ? (size_t)delta : l->map_size);
     lum_os_account(delta, delta);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable - (int64_t)old_usable);
     /* For the profiler a realloc is a free and an allocation: the new block is sampled (or

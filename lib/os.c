@@ -26,6 +26,14 @@ void *lum_os_map(size_t size)
  * instead of an over-sized map and two trims. */
 static _Atomic uintptr_t aligned_hint;
 
+/* The hint after a mapping that ends at end: the next segment boundary, which suits every
+ * alignment asked here (the end of a large block, rarely aligned, cost every next mapping an
+ * mmap and a munmap at the hint before the over-sized map). */
+static inline uintptr_t next_hint(uintptr_t end)
+{
+    return (end + LUM_SEGMENT_MASK) & ~(uintptr_t)LUM_SEGMENT_MASK;
+}
+
 void *lum_os_map_aligned(size_t size, size_t alignment)
 {
     uintptr_t hint = atomic_load_explicit(&aligned_hint, memory_order_relaxed);
@@ -34,7 +42,7 @@ void *lum_os_map_aligned(size_t size, size_t alignment)
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
         if (p != MAP_FAILED) {
             if (((uintptr_t)p & (alignment - 1)) == 0) {
-                atomic_store_explicit(&aligned_hint, (uintptr_t)p + size, memory_order_relaxed);
+                atomic_store_explicit(&aligned_hint, next_hint((uintptr_t)p + size), memory_order_relaxed);
                 lum_os_account((int64_t)size, 0);
                 return p;
             }
@@ -51,7 +59,7 @@ void *lum_os_map_aligned(size_t size, size_t alignment)
     size_t tail = (size_t)((raw + over) - (aligned + size));
     if (tail) munmap(aligned + size, tail);
     if (alignment <= LUM_SEGMENT_SIZE)
-        atomic_store_explicit(&aligned_hint, (uintptr_t)aligned + size, memory_order_relaxed);
+        atomic_store_explicit(&aligned_hint, next_hint((uintptr_t)aligned + size), memory_order_relaxed);
     lum_os_account((int64_t)size, 0);
     return aligned;
 }

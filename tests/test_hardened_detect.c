@@ -62,6 +62,15 @@ static void do_large_double_free(void)
     p_free(p);
 }
 
+/* realloc of a freed large block: it handed the block's memory out again beside its new owner */
+static void do_large_realloc_after_free(void)
+{
+    char *p = p_malloc(1 << 20);
+    p_free(p);
+    char *q = realloc(p, 2 << 20);
+    printf("%p\n", (void *)q);
+}
+
 static void do_overrun_large(void)
 {
     char *p = p_malloc(300000);
@@ -83,6 +92,7 @@ static void interior_free_is_detected(void **s) { (void)s; expect(do_interior_fr
 static void foreign_free_is_detected(void **s) { (void)s; expect(do_foreign_free, SIGABRT, "no allocation returned"); }
 static void free_list_corruption_is_detected(void **s) { (void)s; expect(do_use_after_free_write, SIGABRT, "free list corrupted"); }
 static void large_double_free_is_detected(void **s) { (void)s; expect(do_large_double_free, SIGABRT, "double free of"); }
+static void large_realloc_after_free_is_detected(void **s) { (void)s; expect(do_large_realloc_after_free, SIGABRT, "realloc of a freed block"); }
 static void guard_page_stops_overrun(void **s) { (void)s; expect(do_overrun_large, SIGSEGV, NULL); }
 
 static void slot_order_is_randomised(void **state)
@@ -129,6 +139,7 @@ int main(void)
         cmocka_unit_test(foreign_free_is_detected),
         cmocka_unit_test(free_list_corruption_is_detected),
         cmocka_unit_test(large_double_free_is_detected),
+        cmocka_unit_test(large_realloc_after_free_is_detected),
         cmocka_unit_test(guard_page_stops_overrun),
         cmocka_unit_test(slot_order_is_randomised),
         cmocka_unit_test(ordinary_use_is_undisturbed),

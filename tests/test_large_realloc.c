@@ -1,6 +1,7 @@
 /* Large blocks and residency: a fresh block is left to fault in page by page (nothing says
  * it will all be written), while the part realloc adds to a block is populated at once (a
- * block grows when it is full, so its new part will be written too). */
+ * block grows when it is full, so its new part will be written too), up to the size the block
+ * had: a program that reserves capacity (1 MiB to 512 MiB) keeps the rest lazy. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -52,11 +53,28 @@ static void growth_is_populated(void **state)
     unsigned char *a = p_malloc(1 << 20);
     assert_non_null(a);
     for (size_t i = 0; i < 1 << 20; i++) a[i] = (unsigned char)(i * 13);
-    unsigned char *b = p_realloc(a, 4 << 20);
+    unsigned char *b = p_realloc(a, 2 << 20);
     assert_non_null(b);
-    size_t added = (3 << 20) - 4096; /* the new part, whole pages */
+    size_t added = (1 << 20) - 4096; /* the new part, whole pages */
     assert_int_equal(resident_pages(b + (1 << 20), added), added / 4096);
     for (size_t i = 0; i < 1 << 20; i++) assert_int_equal(b[i], (unsigned char)(i * 13));
+    free(b);
+}
+
+static void growth_far_beyond_the_block_stays_lazy(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned char *a = p_malloc(1 << 20);
+    assert_non_null(a);
+    memset(a, 7, 1 << 20);
+    unsigned char *b = p_realloc(a, 8 << 20);
+    assert_non_null(b);
+    /* what follows the old size: populated up to the old size (and the header's page), no more */
+    size_t resident = resident_pages(b + (1 << 20), (7 << 20) - 4096);
+    assert_true(resident <= ((1 << 20) + 8192) / 4096);
+    assert_true(resident > 0);
+    assert_int_equal(b[(1 << 20) - 1], 7);
     free(b);
 }
 
@@ -65,6 +83,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(a_fresh_block_is_not_populated),
         cmocka_unit_test(growth_is_populated),
+        cmocka_unit_test(growth_far_beyond_the_block_stays_lazy),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -82,6 +82,39 @@ static int setup(void **state)
  * and pages still in use by the heap's current pages. */
 #define MARGIN_KIB (24 * 1024)
 
+/* LUMALLOC_DECAY_MS=0 is "at once", as its description says: freed pages go back as the
+ * program goes on (it turned the allocator's own purging off; only the background thread,
+ * which starts once 64 MiB are mapped, purged).  First of the tests: nothing mapped that
+ * would start that thread. */
+static void decay_zero_purges_at_once(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("decay_ms", "0"), 0);
+    static struct lum_stats a, b;
+    enum { N = 30000 };
+    static void *v[N];
+    for (int i = 0; i < N; i++) {
+        v[i] = p_malloc(1000);
+        memset(v[i], 1, 1000);
+    }
+    lum_stats_snapshot(&a);
+    for (int i = 0; i < N; i++) free(v[i]);
+    /* The program goes on, releasing pages (what runs the purge) after the 10 ms in which
+     * freed memory stays for reuse (LUM_DIRTY_HOT_MS); a second at most on a busy machine. */
+    for (int i = 0; i < 500; i++) {
+        usleep(2000);
+        void *w[64];
+        for (int k = 0; k < 64; k++) w[k] = p_malloc(70000);
+        for (int k = 0; k < 64; k++) free(w[k]);
+        lum_stats_snapshot(&b);
+        if (b.purged_total - a.purged_total > (16 << 20)) break;
+    }
+    printf("# decay 0: %llu KiB purged as 29 MiB were freed\n",
+           (unsigned long long)(b.purged_total - a.purged_total) / 1024);
+    assert_true(b.purged_total - a.purged_total > (16 << 20));
+    assert_int_equal(lum_options_set("decay_ms", "1000"), 0);
+}
+
 static void idle_rss_returns_within_decay(void **state)
 {
     (void)state;
@@ -220,6 +253,7 @@ static void mappings_are_named(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(decay_zero_purges_at_once),
         cmocka_unit_test(mappings_are_named),
         cmocka_unit_test(idle_rss_returns_within_decay),
         cmocka_unit_test(pressure_releases_at_once),
