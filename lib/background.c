@@ -100,6 +100,21 @@ static size_t release_everything(uint32_t reason)
     return released;
 }
 
+/* The thread's descriptors live high (from LUM_BG_FD_MIN, or as opened when the limit is lower):
+ * open() takes the lowest free number, so a program that closes descriptors it does not own
+ * (a closefrom(3) sweep, a double close) does not then find its own files behind ours.  At
+ * fd 3 and 4, the program's next files were written to by wake(), polled by the thread (a
+ * regular file is always readable: it spun) and closed in every fork child. */
+#define LUM_BG_FD_MIN 1000
+static int fd_high(int fd)
+{
+    if (fd < 0 || fd >= LUM_BG_FD_MIN) return fd;
+    int h = fcntl(fd, F_DUPFD_CLOEXEC, LUM_BG_FD_MIN);
+    if (h < 0) return fd;
+    close(fd);
+    return h;
+}
+
 static void *bg_main(void *arg)
 {
     (void)arg;
@@ -110,13 +125,19 @@ static void *bg_main(void *arg)
     uint64_t last_total = psi_fd >= 0 ? psi_total_us() : 0;
     for (;;) {
         struct pollfd fds[2] = { { .fd = wake_fd, .events = POLLIN }, { .fd = psi_fd, .events = POLLPRI } };
-        int timeout = -1;
+        int timeout = wake_fd >= 0 ? -1 : 1000; /* without a wake-up, look every second */
         if (atomic_load(&dirty)) {
             uint64_t half = lum_opt.decay_ms / 2;
             timeout = half < 10 ? 10 : half > 60000 ? 60000 : (int)half;
         }
         int n = poll(fds, psi_fd >= 0 ? 2 : 1, timeout);
         if (n < 0 && errno != EINTR) break;
+        /* A descriptor the program closed (a negative one poll skips): no longer ours to use. */
+        if (n > 0 && (fds[0].revents & POLLNVAL)) {
+            atomic_store(&lumalloc_bg_wake_fd, -1);
+            wake_fd = -1;
+        }
+        if (n > 0 && psi_fd >= 0 && (fds[1].revents & POLLNVAL)) __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED);
         if (n > 0 && (fds[0].revents & POLLIN)) {
             uint64_t v;
             if (read(wake_fd, &v, sizeof v) < 0) { /* nothing to do: a spurious wake */ }
@@ -134,10 +155,12 @@ static void *bg_main(void *arg)
             __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED);
         }
         if (pressure) {
+            /* Clean before the release: a free meanwhile marks it dirty again, and wakes the
+             * thread (cleared after, its memory waited for the next free, for good if none). */
+            atomic_store(&dirty, 0);
             size_t released = release_everything(LUM_PURGE_PRESSURE);
             lum_count_global(&lumalloc_registry.global.pressure_events, 1);
             lum_on_pressure(stall, released);
-            atomic_store(&dirty, 0);
             continue;
         }
         /* decay: what has been free for decay_ms goes back; look again while any is left */
@@ -158,9 +181,9 @@ static void bg_start(void)
 {
     int expected = 0;
     if (!atomic_compare_exchange_strong(&bg_state, &expected, 1)) return;
-    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    int fd = fd_high(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (fd < 0) { atomic_store(&bg_state, 2); return; }
-    psi_fd = lum_opt.psi ? open_psi_trigger() : -1;
+    psi_fd = lum_opt.psi ? fd_high(open_psi_trigger()) : -1;
     atomic_store(&lumalloc_bg_wake_fd, fd); /* read by bg_main; wake() waits for bg_running */
     pthread_attr_t attr;
     pthread_attr_init(&attr);

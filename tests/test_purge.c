@@ -12,6 +12,9 @@
 #include <time.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include "lumalloc.h"
@@ -211,6 +214,41 @@ static void purge_gives_back_the_callers_empty_pages(void **state)
     assert_int_equal(kept, 0);
 }
 
+/* The background thread's descriptors stay out of the program's way: a program that closes
+ * descriptors it does not own (a closefrom(3)-style sweep) and opens a file got that file
+ * written to by the thread's wake-ups, polled (it spun) and closed in fork children. */
+static void background_fds_stay_out_of_the_way(void **state)
+{
+    (void)state;
+    if (!(lum_background_running() & 1)) skip(); /* started by the bursts above */
+    DIR *d = opendir("/proc/self/fd");
+    assert_non_null(d);
+    struct dirent *e;
+    int low = 0;
+    while ((e = readdir(d))) {
+        char path[300], link[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+        ssize_t n = readlink(path, link, sizeof link - 1);
+        if (n <= 0) continue;
+        link[n] = 0;
+        if ((strstr(link, "eventfd") || strstr(link, "pressure")) && atoi(e->d_name) < 1000) low++;
+    }
+    closedir(d);
+    assert_int_equal(low, 0);
+    for (int fd = 3; fd < 64; fd++) close(fd); /* the sweep */
+    char name[] = "/tmp/test_purge.XXXXXX";
+    int fd = mkstemp(name);
+    assert_true(fd >= 0);
+    unlink(name);
+    free(p_malloc(3 << 20)); /* a large block to the cache: wakes the thread */
+    lum_memory_pressure();
+    usleep(100 * 1000);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    assert_int_equal(st.st_size, 0);
+    close(fd);
+}
+
 static void madv_free_mode_works(void **state)
 {
     (void)state;
@@ -260,6 +298,7 @@ int main(void)
         cmocka_unit_test(purge_on_demand),
         cmocka_unit_test(purge_gives_back_the_callers_empty_pages),
         cmocka_unit_test(madv_free_mode_works),
+        cmocka_unit_test(background_fds_stay_out_of_the_way),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
