@@ -151,6 +151,7 @@ bool lum_fail_in_critical(void);
 void lum_failure_init(void);
 /* In a fork child: lum_fail_armed counts only the injectors that survived. */
 void lum_failure_after_fork_child(void);
+void lum_prof_dump_after_fork_child(void);
 
 /* ---- thread list (observe.c): counters blocks seen by lum_on_thread_start ---- */
 /* Calls fn for each known thread counters block (registry list if the core exports it). */

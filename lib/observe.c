@@ -130,6 +130,7 @@ static void fork_child(void)
     /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
     pthread_mutex_init(&lum_unwind_rules_lock, NULL);
     lum_failure_after_fork_child();
+    lum_prof_dump_after_fork_child();
 }
 
 /* A constructor, not lum_observe_init: pthread_atfork may allocate, and lum_observe_init runs

@@ -73,7 +73,7 @@ static const char desc_prof[] LUM_COLD_RODATA =
     "unwind sampled allocations and keep in-process profiles";
 static const char desc_prof_depth[] LUM_COLD_RODATA = "frames unwound per sample (at most 64)";
 static const char desc_prof_dump[] LUM_COLD_RODATA =
-    "write the profile to this path at exit (format by extension)";
+    "write the profile to this path at exit (format by extension; %p: the process ID)";
 static const char desc_prof_format[] LUM_COLD_RODATA =
     "dump format: auto (.folded/.pb/.txt), text, folded, folded-alloc, pprof";
 static const char desc_prof_signal[] LUM_COLD_RODATA =

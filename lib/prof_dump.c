@@ -76,20 +76,54 @@ static void on_signal(int sig)
     errno = saved;
 }
 
-/* Signal dumps go to the dump path with a sequence number before the extension
- * (prof.folded -> prof.1.folded), or to lumalloc.<pid>.<n>.txt when no path is set. */
-static void signal_path(char *buf, size_t len, unsigned seq)
+/* The path a fork child inherited from its parent (set again in the child, it is another
+ * copy: options.c), so that the child's dump does not overwrite the parent's. */
+static const char *inherited_path;
+
+static void remember_inherited_path(void)
+{
+    inherited_path = lum_opt.prof_dump;
+}
+
+/* The dump path: the prof_dump option with %p as the process ID (%% a %); in a fork child that
+ * inherited it without %p, the child's ID before the extension; a signal dump's number (seq,
+ * 0 at exit) after that: prof.folded, prof.<pid>.folded, prof.<n>.folded, prof.<pid>.<n>.folded.
+ * No path set: lumalloc.<pid>.<n>.txt (signal dumps only).  Every process exec'd with the
+ * variable in its environment writes the same file unless it has %p. */
+static void dump_path(char *buf, size_t len, unsigned seq)
 {
     const char *p = lum_opt.prof_dump;
     if (!p) {
         snprintf(buf, len, "lumalloc.%d.%u.txt", (int)getpid(), seq);
         return;
     }
-    const char *dot = strrchr(p, '.');
+    char expanded[4100];
+    size_t n = 0;
+    bool has_pid = false;
+    for (const char *c = p; *c && n + 24 < sizeof expanded; c++) {
+        if (c[0] == '%' && c[1] == 'p') {
+            n += (size_t)snprintf(expanded + n, sizeof expanded - n, "%d", (int)getpid());
+            has_pid = true;
+            c++;
+        } else if (c[0] == '%' && c[1] == '%') {
+            expanded[n++] = '%';
+            c++;
+        } else {
+            expanded[n++] = *c;
+        }
+    }
+    expanded[n] = 0;
+    char suffix[48] = "";
+    size_t s = 0;
+    if (p == inherited_path && !has_pid)
+        s += (size_t)snprintf(suffix + s, sizeof suffix - s, ".%d", (int)getpid());
+    if (seq)
+        snprintf(suffix + s, sizeof suffix - s, ".%u", seq);
+    const char *dot = strrchr(expanded, '.');
     if (dot && !strchr(dot, '/'))
-        snprintf(buf, len, "%.*s.%u%s", (int)(dot - p), p, seq, dot);
+        snprintf(buf, len, "%.*s%s%s", (int)(dot - expanded), expanded, suffix, dot);
     else
-        snprintf(buf, len, "%s.%u", p, seq);
+        snprintf(buf, len, "%s%s", expanded, suffix);
 }
 
 LUM_COLD_TEXT static void *dumper(void *arg)
@@ -99,7 +133,7 @@ LUM_COLD_TEXT static void *dumper(void *arg)
         if (sem_wait(&dump_sem))
             continue; /* EINTR */
         char path[4200];
-        signal_path(path, sizeof path, ++dump_seq);
+        dump_path(path, sizeof path, ++dump_seq);
         int rc = lum_prof_dump(path, (enum lum_prof_format)lum_opt.prof_format);
         if (rc)
             dump_failed(path, rc);
@@ -149,9 +183,26 @@ __attribute__((destructor)) static void dump_at_exit(void)
 {
     if (!lum_opt.prof_dump)
         return;
-    int rc = lum_prof_dump(lum_opt.prof_dump, (enum lum_prof_format)lum_opt.prof_format);
+    char path[4200];
+    dump_path(path, sizeof path, 0);
+    int rc = lum_prof_dump(path, (enum lum_prof_format)lum_opt.prof_format);
     if (rc)
-        dump_failed(lum_opt.prof_dump, rc);
+        dump_failed(path, rc);
     else
         __atomic_fetch_add(&lum_prof_dumps, 1, __ATOMIC_RELAXED);
 }
+
+/* A fork child (from observe.c's fork handler, the last to run, with the allocator usable
+ * again): its dumps go to paths of its own, and it gets a dumper thread of its own for the
+ * signal (the parent's is not in the child: a signal there posted to nobody). */
+void lum_prof_dump_after_fork_child(void)
+{
+    remember_inherited_path();
+    if (!dumper_ready)
+        return;
+    dumper_ready = 0;
+    sem_init(&dump_sem, 0, 0);
+    if (lum_obs_thread_start(dumper, 256 * 1024, "lumalloc-dump") == 0)
+        dumper_ready = 1;
+}
+

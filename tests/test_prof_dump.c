@@ -86,6 +86,37 @@ static void test_dump_at_exit(void **state)
     assert_true(v > 700000 && v < 1300000); /* ~250 samples: sd ~6%, 5 sd */
 }
 
+/* The exit dump of a fork child that inherited the path goes to path.<pid>.ext, not over its
+ * parent's; %p in the path is the process ID.  (Every process wrote the one file, the last
+ * to exit winning: a short-lived child replaced its parent's profile.) */
+static void test_dump_paths_per_process(void **state)
+{
+    (void)state;
+    char path[64], child_path[80], pct[64], pct_path[80];
+    snprintf(path, sizeof path, "/tmp/lum_fork_%d.folded", (int)getpid());
+    snprintf(pct, sizeof pct, "/tmp/lum_pct_%%p_%d.txt", (int)getpid());
+    assert_int_equal(lum_options_set("prof_dump", path), 0);
+    pid_t pid = fork();
+    if (pid == 0)
+        exit(0); /* inherited path: its own file */
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    snprintf(child_path, sizeof child_path, "/tmp/lum_fork_%d.%d.folded", (int)getpid(), (int)pid);
+    assert_int_equal(access(child_path, F_OK), 0);
+    assert_int_equal(access(path, F_OK), -1); /* the parent's, written at its exit only */
+    unlink(child_path);
+    pid = fork();
+    if (pid == 0) {
+        lum_options_set("prof_dump", pct); /* set in the child: %p only */
+        exit(0);
+    }
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    snprintf(pct_path, sizeof pct_path, "/tmp/lum_pct_%d_%d.txt", (int)pid, (int)getpid());
+    assert_int_equal(access(pct_path, F_OK), 0);
+    unlink(pct_path);
+    assert_int_equal(lum_options_set("prof_dump", ""), 0);
+}
+
 static void test_dump_on_signal(void **state)
 {
     (void)state;
@@ -114,6 +145,26 @@ static void test_dump_on_signal(void **state)
     if (!strstr(s, "dump_site"))
         printf("# the dump:\n%s\n", s); /* what it named instead */
     assert_non_null(strstr(s, "dump_site"));
+    /* A fork child answers the signal too, to a path of its own (it had no dumper thread: the
+     * signal posted to nobody and no dump came). */
+    pid_t pid = fork();
+    if (pid == 0) {
+        lum_prof_get_stats(&before);
+        kill(getpid(), SIGUSR2);
+        for (int i = 0; i < 500; i++) {
+            lum_prof_get_stats(&after);
+            if (after.dumps > before.dumps)
+                break;
+            usleep(10000);
+        }
+        _exit(after.dumps > before.dumps ? 0 : 3);
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    snprintf(path, sizeof path, "/tmp/lum_sig_%d.%d.2.txt", (int)getppid(), (int)pid);
+    assert_int_equal(access(path, F_OK), 0);
+    unlink(path);
     lum_options_set("sample_interval", "512k");
 }
 
@@ -121,7 +172,8 @@ int main(int argc, char **argv)
 {
     (void)argc;
     if (!getenv("LUM_TEST_SIGNAL_CHILD")) {
-        const struct CMUnitTest tests[] = {cmocka_unit_test(test_dump_at_exit)};
+        const struct CMUnitTest tests[] = {cmocka_unit_test(test_dump_at_exit),
+                                           cmocka_unit_test(test_dump_paths_per_process)};
         int rc = cmocka_run_group_tests_name("exit", tests, NULL, NULL);
         /* The signal case, in a fresh process with the variables set at start-up. */
         char path[64];
