@@ -154,6 +154,18 @@ void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alig
         lum_buf_puts(&b, "  application diagnostics:\n");
     if (b.len)
         lum_write_all(diag_fd, b.data, b.len);
+    if (b.failed) {
+        /* No memory for the report (the address space or the map count ran out, which is
+         * what it is for): its first line at least, from the stack, and what is missing. */
+        char line[256];
+        int n = snprintf(line, sizeof line,
+                         "%slumalloc: allocation of %zu bytes failed: %s%s in thread %ld (report truncated: "
+                         "no memory for it)\n",
+                         b.len ? "\n" : "", size, errname(err), injected ? " (injected)" : "",
+                         (long)syscall(SYS_gettid));
+        if (n > 0)
+            lum_write_all(diag_fd, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+    }
     lum_buf_free(&b);
     if (p)
         p(producer_write, producer_arg);
