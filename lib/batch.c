@@ -110,6 +110,9 @@ bool lum_batch_add_sample(uint64_t ptr, uint64_t requested, uint64_t usable, uin
     return after_append(now);
 }
 
+/* Never starts the flusher (returns false): a free may come from inside glibc holding its
+ * thread-stack cache lock (pthread_join freeing a thread's TLS block), which pthread_create
+ * then waits for, for good.  The next sampled allocation starts it. */
 bool lum_batch_add_free(uint64_t ptr, uint64_t requested, uint64_t usable, uint64_t weight,
                         uint64_t stack_id)
 {
@@ -120,7 +123,9 @@ bool lum_batch_add_free(uint64_t ptr, uint64_t requested, uint64_t usable, uint6
     r->usable_size = usable;
     r->weight_bytes = weight;
     r->stack_id = stack_id;
-    return after_append(now);
+    if (batch_final || now - batch_first_ns >= (uint64_t)LUM_BATCH_MAX_AGE_MS * 1000000u)
+        flush_locked();
+    return false;
 }
 
 void lum_batch_sync(void)

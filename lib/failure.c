@@ -201,7 +201,7 @@ LUM_COLD_TEXT void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_
         lum_obs_busy = 1;
         depth = lum_unwind(frames, lum_opt.prof_depth, (uintptr_t)__builtin_return_address(0));
         lum_obs_busy = 0;
-        id = lum_stack_hash(frames, depth);
+        id = depth ? lum_stack_hash(frames, depth) : 0; /* no stack: 0, as the contract says */
     }
     if (probe) {
         lum_batch_before_probe();

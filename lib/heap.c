@@ -12,6 +12,7 @@
 #include "observe.h"
 #include "options.h"
 #include "sampler_fast.h"
+#include "lumalloc_failure.h"
 
 /* A heap record's first page holds the lists up to the 4 KiB class (56 in size_class.c): see
  * struct lum_heap's avail. */
@@ -1255,6 +1256,11 @@ void lum_heap_abandon(struct lum_heap *heap)
 {
     LUM_OWN_SET(heap->tc.state, LUM_THREAD_EXITED);
     lum_on_thread_exit(&heap->tc); /* before the record can be reused */
+    /* The thread's own injector (lum_fail_after) dies with it: left armed, it kept every other
+     * thread's allocations on the slow path, unsampled, for good.  Here, on the exiting
+     * thread, not in lum_on_thread_exit, which a fork child also calls for the threads that
+     * did not survive (it cancelled the surviving thread's). */
+    lum_fail_cancel();
     /* Under the heap-list lock (first in fork's order), so a fork sees the heap either whole
      * or fully abandoned, never half of each. */
     lum_lock(&lum_heaps_lock);

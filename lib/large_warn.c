@@ -67,7 +67,7 @@ LUM_COLD_TEXT static uint32_t stack_and_warn(size_t requested, bool warning, uin
     lum_obs_busy = 1;
     if (lum_opt.prof_depth || warning) {
         depth = lum_unwind(frames, lum_opt.prof_depth ? lum_opt.prof_depth : 16, hook_ret);
-        *id = lum_stack_hash(frames, depth);
+        *id = depth ? lum_stack_hash(frames, depth) : 0; /* no stack: 0, as the contract says */
     }
     if (warning && first_time(*id))
         warn(requested, frames, depth);

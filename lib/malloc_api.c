@@ -210,7 +210,7 @@ LUM_EXPORT void *lum_memalign(size_t alignment, size_t size)
 {
     /* glibc rounds a non-power-of-two alignment up rather than failing */
     if (!is_pow2(alignment)) {
-        if (alignment > ((size_t)1 << 62)) { errno = EINVAL; return NULL; }
+        if (alignment > ((size_t)1 << 62)) return lum_alloc_failed(lum_heap_get(), size, alignment, EINVAL);
         size_t a = 1;
         while (a < alignment) a <<= 1;
         alignment = a;
@@ -234,10 +234,8 @@ LUM_EXPORT int lum_posix_memalign(void **out, size_t alignment, size_t size)
 
 LUM_EXPORT void *lum_aligned_alloc(size_t alignment, size_t size)
 {
-    if (!is_pow2(alignment)) {
-        errno = EINVAL;
-        return NULL;
-    }
+    if (!is_pow2(alignment)) /* a failure (probe, report), as the contract counts EINVAL */
+        return lum_alloc_failed(lum_heap_get(), size, alignment, EINVAL);
     return aligned(alignment, size);
 }
 

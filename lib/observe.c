@@ -9,7 +9,6 @@
 #include "observe.h"
 #include "options.h"
 #include "probes.h"
-#include "lumalloc_failure.h"
 
 /* In .tdata, after lum_tls_heap (the only initialised thread-local): on the line of the TLS
  * block that malloc's fast path keeps in cache, not on .tbss's first line, which the sampling
@@ -36,9 +35,7 @@ void lum_on_thread_start(struct lum_thread_counters_v1 *tc)
 
 void lum_on_thread_exit(struct lum_thread_counters_v1 *tc)
 {
-    /* A thread's own injector (lum_fail_after) dies with it: left armed, it kept every other
-     * thread's allocations on the slow path, unsampled, for good. */
-    lum_fail_cancel();
+
     /* Whatever thread_exit's semaphore: a thread pool winding down may be the last activity
      * for a while, and its samples should not wait for the flusher. */
     lum_batch_before_probe();

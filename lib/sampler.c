@@ -77,8 +77,8 @@ static inline __attribute__((always_inline)) void commit(void *ptr, size_t reque
         id = st->id; /* the unwinder vouches that these are lum_memo.last_stack's frames */
     else if (st && depth && st->depth == depth && same_frames(st->frames, frames, depth))
         id = st->id;
-    else
-        st = NULL, id = lum_stack_hash(frames, depth);
+    else /* no stack taken: stack_id 0, as the probe contract says */
+        st = NULL, id = depth ? lum_stack_hash(frames, depth) : 0;
 
     lum_lock(&lum_prof_lock);
     if (lum_opt.prof) {

@@ -177,6 +177,27 @@ static void test_records_complete_in_order(void **state)
     assert_int_equal(nfrees, frees);
 }
 
+/* No stack taken (LUMALLOC_PROF_DEPTH=0): depth 0 and stack_id 0, in the samples and their
+ * frees, as the contract says (it was the hash of no frames). */
+static void test_no_stack_is_stack_id_0(void **state)
+{
+    (void)state;
+    reset(false);
+    assert_int_equal(lum_options_set("prof_depth", "0"), 0);
+    for (int i = 0; i < 50; i++) {
+        sink = malloc(100);
+        free(sink);
+    }
+    assert_int_equal(lum_options_set("prof_depth", "32"), 0);
+    lum_batch_sync();
+    assert_false(bad_batch);
+    assert_true(nseen >= 50);
+    for (uint32_t i = 0; i < nseen; i++) {
+        assert_int_equal(seen[i].depth, 0);
+        assert_int_equal(seen[i].stack_id, 0);
+    }
+}
+
 static void test_nothing_without_semaphore(void **state)
 {
     (void)state;
@@ -323,6 +344,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_records_complete_in_order),
+        cmocka_unit_test(test_no_stack_is_stack_id_0),
         cmocka_unit_test(test_nothing_without_semaphore),
         cmocka_unit_test(test_old_records_go_with_next_event),
         cmocka_unit_test(test_thread_exit_flushes),

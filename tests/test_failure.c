@@ -21,6 +21,7 @@
 #include "options.h"
 #include "lumalloc_failure.h"
 #include "lumalloc_options.h"
+#include "lumalloc_stats.h"
 
 /* Opaque to the optimiser: malloc/free pairs must really happen. */
 static void *volatile sink;
@@ -330,6 +331,55 @@ static void test_thread_exit_disarms(void **state)
     assert_int_equal(lum_fail_armed, 0);
 }
 
+/* In a fork child, the surviving thread's injector stays armed: the child ends the records of
+ * the threads that did not survive, and that once cancelled the injector of the one that did. */
+static void *wait_forever(void *arg)
+{
+    (void)arg;
+    sink = malloc(16); /* a heap of its own, whose record the child tears down */
+    free(sink);
+    for (;;) pause();
+    return NULL;
+}
+
+static void test_fork_keeps_the_forking_threads_injector(void **state)
+{
+    (void)state;
+    pthread_t t;
+    pthread_create(&t, NULL, wait_forever, NULL);
+    usleep(20000);
+    lum_fail_after(0);
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(malloc(24) == NULL && lum_fail_fired() ? 0 : 3);
+    lum_fail_cancel();
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+    pthread_cancel(t);
+    pthread_join(t, NULL);
+}
+
+/* Bad alignments are failures like any other (probe, count, report): aligned_alloc(3, 64)
+ * returned NULL past them. */
+static void test_bad_alignment_is_a_failure(void **state)
+{
+    (void)state;
+    static struct lum_stats a, b;
+    uint32_t me = (uint32_t)gettid();
+    lum_stats_snapshot(&a);
+    void *(*volatile p_aligned_alloc)(size_t, size_t) = aligned_alloc;
+    errno = 0;
+    assert_null(p_aligned_alloc(3, 64));
+    assert_int_equal(errno, EINVAL);
+    lum_stats_snapshot(&b);
+    uint64_t fa = 0, fb = 0;
+    for (unsigned i = 0; i < a.nthreads; i++) if (a.threads[i].tid == me) fa = a.threads[i].failures;
+    for (unsigned i = 0; i < b.nthreads; i++) if (b.threads[i].tid == me) fb = b.threads[i].failures;
+    assert_int_equal(fb - fa, 1);
+}
+
 /* Two threads arming the process-wide injector at once leave one injector armed, and its
  * cancel none (each once armed its own count). */
 static void *arm_nth_many(void *arg)
@@ -403,6 +453,8 @@ int main(void)
         cmocka_unit_test(test_abort_on_failure),
         cmocka_unit_test(test_thread_exit_disarms),
         cmocka_unit_test(test_fail_nth_concurrent),
+        cmocka_unit_test(test_fork_keeps_the_forking_threads_injector),
+        cmocka_unit_test(test_bad_alignment_is_a_failure),
         cmocka_unit_test(test_abort_on_failure_one_setting),
         cmocka_unit_test(test_overflow_is_a_failure),
     };
