@@ -81,6 +81,9 @@
  *   - A large allocation that is also sampled fires large_alloc then sample.
  *   - thread_counters_addr points to the thread's struct lum_thread_counters_v1; sampled_bytes
  *     there already includes this sample's weight when `sample` fires.
+ *   - usable_size in `sample` and `sample_free` is the usable size of the block an unsampled
+ *     allocation of that size gets (its size class): a sampled block sits on a page of its own
+ *     class, at least as large, which malloc_usable_size and the thread's counters report.
  *   - sample_batch: the library fires it when the next record would not fit, when the oldest
  *     waiting record is older than LUM_BATCH_MAX_AGE_MS at the next sampled event, from a
  *     background thread (`lumalloc-batch`, running only while the semaphore is set) every
@@ -88,7 +91,10 @@
  *     process exit (exit() or return from main; a process killed by a signal or _exit()
  *     loses at most the last LUM_BATCH_FLUSH_MS of records), and before any other probe fires
  *     (large_alloc, large_free, alloc_failure, thread_start, thread_exit, purge, pressure), so
- *     a tracer attached to sample_batch and those probes sees one process's events in order.
+ *     a tracer attached to sample_batch and those probes sees one process's events in order,
+ *     with one exception: that flush only tries the lock, so while another thread holds it
+ *     (flushing, or recording a sample) such a probe may fire before records written just
+ *     before it, which then come in the next batch (a record's ts_ns puts it in place).
  *     A fork child starts with an empty buffer (the parent's records are the parent's).
  *     The firing thread may be any thread (records carry their own tid).
  *   - Record timestamps are CLOCK_MONOTONIC nanoseconds, the clock of bpf_ktime_get_ns().
@@ -202,7 +208,11 @@ struct lum_registry_v1 {
     uint32_t version;          /* LUM_PROBES_VERSION */
     uint32_t counters_size;    /* sizeof(struct lum_thread_counters_v1) */
     uint64_t threads_head;     /* address of the first lum_thread_counters_v1, or 0 */
-    uint64_t generation;       /* bumped whenever the thread list changes */
+    uint64_t generation;       /* bumped whenever the thread list changes, and before and
+                                * after a record is reused (its figures folded into the
+                                * exited_* totals, its fields cleared: tid 0 and state 0 for a
+                                * moment); a walk that reads it unchanged before and after saw
+                                * no such change half done */
     uint64_t sample_interval;  /* mean sampling interval in bytes (0: off) */
     uint64_t large_threshold;  /* bytes above which allocations take the large path */
     struct lum_global_counters_v1 global;

@@ -230,7 +230,10 @@ static struct lum_heap *heap_create(void)
         heap_pool = heap->next_pool;
         heap->pooled = false;
         /* The record is reused: fold its final figures into the process totals, and clear
-         * them, in one step under the lock (readers sum both under it). */
+         * them, in one step under the lock (readers sum both under it).  The generation moves
+         * before as well as after: a reader in another process that sees it unchanged across
+         * its walk saw no record half folded (it moved only after). */
+        __atomic_add_fetch(&lumalloc_registry.generation, 1, __ATOMIC_RELEASE);
         lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)heap->tc.alloc_bytes);
         lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)heap->tc.free_bytes);
         /* Everything but the link: readers walk the list without the lock (tools, through
