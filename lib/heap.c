@@ -1262,8 +1262,9 @@ void lum_heap_abandon(struct lum_heap *heap)
     /* The thread's own injector (lum_fail_after) dies with it: left armed, it kept every other
      * thread's allocations on the slow path, unsampled, for good.  Here, on the exiting
      * thread, not in lum_on_thread_exit, which a fork child also calls for the threads that
-     * did not survive (it cancelled the surviving thread's). */
-    lum_fail_cancel();
+     * did not survive (it cancelled the surviving thread's).  Only when one is armed: the call
+     * is in the warm text, which a program that only allocates small blocks never faults in. */
+    if (LUM_UNLIKELY(lum_fail_is_armed())) lum_fail_cancel();
     /* Under the heap-list lock (first in fork's order), so a fork sees the heap either whole
      * or fully abandoned, never half of each. */
     lum_lock(&lum_heaps_lock);
