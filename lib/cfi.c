@@ -190,7 +190,8 @@ static int src_open(const struct obj *o)
         return -1;
     struct stat st;
     uint8_t note[96];
-    if (sys4(SYS_fstat, fd, (long)&st, 0, 0) != 0 || !S_ISREG(st.st_mode) || o->note_len > sizeof note || !file_read((int)fd, note, o->note_len, o->note_off) ||
+    if (sys4(SYS_fstat, fd, (long)&st, 0, 0) != 0 || !S_ISREG(st.st_mode) || o->note_len > sizeof note ||
+        !file_read((int)fd, note, o->note_len, o->note_off) ||
         memcmp(note, o->note, o->note_len) != 0) {
         sys4(SYS_close, fd, 0, 0, 0);
         return -1;
