@@ -133,10 +133,15 @@ static __always_inline int emit(u32 kind, u64 ptr, u64 size, u64 usable, u64 wei
 
 /* Arguments through lum_usdt_args() (common.bpf.h): one spec lookup, one register copy and one
  * read of the stack-passed arguments per event instead of libbpf's two or three helper calls per
- * argument.  On a failed fetch the arguments are zero, as with BPF_USDT(). */
+ * argument.  An event whose arguments cannot be fetched is counted lost, not sent with zeros
+ * (a batch's, with zero records, was dropped uncounted). */
 #define ARGS(n)                                                                                    \
     u64 a[n];                                                                                      \
-    lum_usdt_args(ctx, a, n)
+    if (lum_usdt_args(ctx, a, n)) {                                                                \
+        maybe_hold();                                                                              \
+        count_lost(SNOOP_LOST_ARGS);                                                               \
+        return 0;                                                                                  \
+    }
 
 SEC("usdt")
 int on_sample(struct pt_regs *ctx)

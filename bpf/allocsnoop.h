@@ -25,6 +25,7 @@ enum snoop_lost {
     SNOOP_LOST_RINGBUF, /* bpf_ringbuf_reserve failed: ring buffer full */
     SNOOP_LOST_STACK,   /* frames could not be read from the target (event kept, depth 0) */
     SNOOP_LOST_BATCH,   /* records of a sample_batch that could not be read from the target */
+    SNOOP_LOST_ARGS,    /* events whose probe arguments could not be fetched */
     SNOOP_LOST_MAX
 };
 

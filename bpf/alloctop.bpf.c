@@ -61,8 +61,10 @@ int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u3
             return 0;
         }
         sv = bpf_map_lookup_elem(&sites, &k);
-        if (!sv)
+        if (!sv) { /* deleted meanwhile (the map is only read): never silent */
+            count_lost(TOP_LOST_SITES_FULL);
             return 0;
+        }
         /* First sighting of this stack: keep its frames. */
         if (stack_id && frames && depth) {
             u32 zk = 0;
@@ -74,6 +76,8 @@ int BPF_USDT(on_sample, u64 ptr, u64 req, u64 usable, u64 weight, u64 frames, u3
                     err = bpf_map_update_elem(&stacks, &k, st, BPF_NOEXIST);
                     if (err && err != -EEXIST)
                         count_lost(TOP_LOST_STACKS_FULL);
+                } else {
+                    count_lost(TOP_LOST_STACKS_FULL); /* unreadable: the site shows no stack */
                 }
             }
         }
@@ -149,19 +153,23 @@ int BPF_PROG(on_do_exit, struct task_struct *task, bool group_dead)
     f->truncated = 0;
     if (bpf_probe_read_user(&f->reg, sizeof(f->reg), (void *)addr)) {
         bpf_ringbuf_discard(f, 0);
+        count_lost(TOP_LOST_FINAL);
         return 0;
     }
     u64 a = f->reg.threads_head;
+    bool short_read = false;
     for (int i = 0; i < TOP_FINAL_MAX_THREADS; i++) {
         if (!a)
             break;
         f->threads[i].addr = a;
-        if (bpf_probe_read_user(&f->threads[i].c, sizeof(f->threads[i].c), (void *)a))
+        if (bpf_probe_read_user(&f->threads[i].c, sizeof(f->threads[i].c), (void *)a)) {
+            short_read = true; /* the threads after it are missing: say so */
             break;
+        }
         f->nthreads = i + 1;
         a = f->threads[i].c.next;
     }
-    f->truncated = f->nthreads == TOP_FINAL_MAX_THREADS && a;
+    f->truncated = (f->nthreads == TOP_FINAL_MAX_THREADS && a) || short_read;
     bpf_ringbuf_submit(f, BPF_RB_FORCE_WAKEUP);
     return 0;
 }

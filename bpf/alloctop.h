@@ -44,7 +44,8 @@ struct top_final_thread {
 struct top_final {
     uint64_t ts_ns;
     uint32_t pid, nthreads;
-    uint32_t kind, truncated; /* kind = TOP_FINAL; truncated: more threads than fit */
+    uint32_t kind, truncated; /* kind = TOP_FINAL; truncated: more threads than fit, or one
+                               * could not be read (those after it are missing) */
     struct lum_registry_v1 reg;
     struct top_final_thread threads[TOP_FINAL_MAX_THREADS];
 };
@@ -52,7 +53,8 @@ struct top_final {
 enum top_lost {
     TOP_LOST_RINGBUF,      /* thread event dropped: ring buffer full */
     TOP_LOST_SITES_FULL,   /* sample not attributed to a site: sites map full */
-    TOP_LOST_STACKS_FULL,  /* stack frames not stored: stacks map full */
+    TOP_LOST_STACKS_FULL,  /* stack frames not stored: stacks map full, or unreadable */
+    TOP_LOST_FINAL,        /* the exit-time registry reading could not be read */
     TOP_LOST_MAX
 };
 

@@ -626,9 +626,10 @@ static int reports(struct allocsnoop_bpf *skel)
         printf("{\"type\":\"summary\",\"duration\":%.3f,\"events\":{", elapsed);
         for (int k = 0; k < SNOOP_NKINDS; k++)
             printf("%s\"%s\":%llu", k ? "," : "", kind_names[k], (unsigned long long)counts[k]);
-        printf("},\"batches\":%llu,\"lost\":{\"ringbuf\":%llu,\"stack\":%llu,\"batch\":%llu}}\n",
+        printf("},\"batches\":%llu,\"lost\":{\"ringbuf\":%llu,\"stack\":%llu,\"batch\":%llu,\"args\":%llu}}\n",
                (unsigned long long)batches, (unsigned long long)lost[SNOOP_LOST_RINGBUF],
-               (unsigned long long)lost[SNOOP_LOST_STACK], (unsigned long long)lost_batch);
+               (unsigned long long)lost[SNOOP_LOST_STACK], (unsigned long long)lost_batch,
+               (unsigned long long)lost[SNOOP_LOST_ARGS]);
         for (size_t k = 0; k < nsites; k++) {
             printf("{\"type\":\"site\",\"pid\":%d,\"function\":", (int)sites[k].pid);
             tc_json_str(stdout, sites[k].name);
@@ -658,6 +659,8 @@ static int reports(struct allocsnoop_bpf *skel)
                (unsigned long long)lost[SNOOP_LOST_STACK]);
         if (lost_batch)
             printf(", batched records unreadable %llu", (unsigned long long)lost_batch);
+        if (lost[SNOOP_LOST_ARGS])
+            printf(", arguments unreadable %llu", (unsigned long long)lost[SNOOP_LOST_ARGS]);
         printf("\n");
         if (nsites) {
             printf("\nTop allocation sites (sampled bytes):\n");

@@ -200,8 +200,8 @@ static void apply_final(const struct top_final *f)
         s->have_reg = true;
         s->final_done = true;
         if (f->truncated)
-            tc_warn("pid %d: more than %d threads at exit, final figures cover the first %d", (int)f->pid,
-                    TOP_FINAL_MAX_THREADS, TOP_FINAL_MAX_THREADS);
+            tc_warn("pid %d: the exit-time reading covers only its first %u threads (more than %d, or "
+                    "one unreadable)", (int)f->pid, f->nthreads, TOP_FINAL_MAX_THREADS);
     }
 }
 
@@ -553,9 +553,9 @@ static void print_json(bool final)
         }
         printf("}");
     }
-    printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu}}\n",
+    printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu,\"final\":%llu}}\n",
            (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
-           (unsigned long long)lost[TOP_LOST_STACKS_FULL]);
+           (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL]);
     fflush(stdout);
 }
 
@@ -575,9 +575,9 @@ static void print_table(bool final)
     printf("alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
            tm.tm_sec, opt.interval, sort_names[opt.sort], (unsigned long long)lsum, final ? "  (final)" : "");
     if (lsum)
-        printf("  lost: ringbuf %llu, sites map full %llu, stacks map full %llu\n",
+        printf("  lost: ringbuf %llu, sites map full %llu, stacks not stored %llu, exit readings %llu\n",
                (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
-               (unsigned long long)lost[TOP_LOST_STACKS_FULL]);
+               (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL]);
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
