@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -247,6 +248,10 @@ void tc_launch_prepare(struct tc_target *t, const char *cmdline, const char *pre
     if (c == 0) {
         close(go_pipe[1]);
         close(err_pipe[0]);
+        /* The tool holds the command stopped at its first event while it looks at it; killed
+         * then (SIGKILL runs no atexit), it would leave it stopped for good: its death sends
+         * the SIGCONT instead (a running command ignores it). */
+        prctl(PR_SET_PDEATHSIG, SIGCONT);
         char b;
         if (read(go_pipe[0], &b, 1) != 1)
             _exit(126); /* the tool went away before letting us run */
