@@ -133,14 +133,17 @@ int tc_write_pprof(const char *path, struct tc_symbolizer *sym, const struct tc_
                 const struct tc_frame *fr = tc_sym_resolve(sym, s->pid, s->frames[d]);
                 const char *name = tc_frame_str(fr, tmp, sizeof(tmp));
                 uint64_t sidx = intern(&st, name);
-                uint64_t *fid = tc_map64_put(&funcs, sidx + 1, &created);
+                /* a function is its name in its module: two modules' same-named functions
+                 * (static helpers, plugins) are two, each with its own filename */
+                uint64_t midx = fr->module ? intern(&st, fr->module) : 0;
+                uint64_t *fid = tc_map64_put(&funcs, tc_hash64(sidx + 1, midx) | 1, &created);
                 if (created) {
                     *fid = ++nfunc;
                     f_varint(&m, 1, *fid);
                     f_varint(&m, 2, sidx);
                     f_varint(&m, 3, sidx);
                     if (fr->module)
-                        f_varint(&m, 4, intern(&st, fr->module));
+                        f_varint(&m, 4, midx);
                     f_msg(&funcbuf, 5, &m);
                 }
                 f_varint(&sub, 1, *fid);
