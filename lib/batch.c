@@ -84,10 +84,16 @@ static struct lum_batch_rec_v1 *append(uint16_t kind, uint32_t depth, uint64_t *
     return r;
 }
 
-static bool after_append(uint64_t now)
+/* The batch goes out at once at exit, or when its oldest record is LUM_BATCH_MAX_AGE_MS old. */
+static void flush_if_due(uint64_t now)
 {
     if (batch_final || now - batch_first_ns >= (uint64_t)LUM_BATCH_MAX_AGE_MS * 1000000u)
         flush_locked();
+}
+
+static bool after_append(uint64_t now)
+{
+    flush_if_due(now);
     if (flusher_state || lum_batch_test_no_flusher || !__atomic_load_n(&batch_ready, __ATOMIC_RELAXED))
         return false;
     flusher_state = 1;
@@ -123,8 +129,7 @@ bool lum_batch_add_free(uint64_t ptr, uint64_t requested, uint64_t usable, uint6
     r->usable_size = usable;
     r->weight_bytes = weight;
     r->stack_id = stack_id;
-    if (batch_final || now - batch_first_ns >= (uint64_t)LUM_BATCH_MAX_AGE_MS * 1000000u)
-        flush_locked();
+    flush_if_due(now);
     return false;
 }
 

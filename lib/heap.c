@@ -837,6 +837,14 @@ static struct lum_page *heap_unpark_any(struct lum_heap *heap, unsigned cls)
 /* Pages of other classes looked at before a new page is mapped. */
 #define LUM_IDLE_LOOK 64
 
+/* An empty page of the heap's avail list for cls back to its segment. */
+static void avail_page_release(struct lum_heap *heap, unsigned cls, struct lum_page *page)
+{
+    lum_list_remove(&heap->avail[cls], page);
+    lum_page_set_fast(page, NULL);
+    lum_page_release(page, false);
+}
+
 /* Before a page for cls is mapped: the empty pages of other classes go back to their segments,
  * so that the heap's memory follows what it holds live rather than the sum of each class's own
  * peak.  These are pages emptied by other threads' frees: nobody counts those as they arrive,
@@ -854,11 +862,8 @@ static void heap_release_idle(struct lum_heap *heap, unsigned cls)
         while (q && looked < LUM_IDLE_LOOK) {
             struct lum_page *next = q->next;
             looked++;
-            if (q != heap->current[c] && !q->retained && (heap_collect(heap, q), q->used == 0)) {
-                lum_list_remove(&heap->avail[c], q);
-                lum_page_set_fast(q, NULL);
-                lum_page_release(q, false);
-            }
+            if (q != heap->current[c] && !q->retained && (heap_collect(heap, q), q->used == 0))
+                avail_page_release(heap, c, q);
             q = next;
         }
     }
@@ -878,9 +883,7 @@ void lum_heap_release_empty(struct lum_heap *heap)
                 if (heap->current[c] == q) lum_heap_set_current(heap, c, &lum_empty_page);
                 if (heap->empty_big == q) heap->empty_big = NULL;
                 retained_forget(heap, q);
-                lum_list_remove(&heap->avail[c], q);
-                lum_page_set_fast(q, NULL);
-                lum_page_release(q, false);
+                avail_page_release(heap, c, q);
             }
             q = next;
         }
