@@ -28,4 +28,25 @@ grep -q "lumtest::Pool<double>::fill(unsigned long)" "$TMP/c.txt" ||
 grep -q "lumtest::Widget::churn(unsigned long);lumtest::Pool<double>::fill(unsigned long)" "$TMP/cxx.folded" ||
     fail "folded stacks lack the demangled caller chain"
 grep -q "_ZN" "$TMP/cxx.folded" && fail "mangled names left in folded output"
+echo "== a plugin loaded again elsewhere, and rebuilt in place ($MODE)"
+# The same file at a new address, then a new build at the old path: each frame is named from
+# the file mapped there when the event came (the rebuilt plugin's frames are not the old
+# file's symbols at the same offsets).
+mkdir "$TMP/plug"
+cp "$HERE/../workloads/reload_plugin.c" "$TMP/plug/"
+printf '%s\n' '#include <stdint.h>' '#include <stdlib.h>' \
+    '__attribute__((noinline)) void *plug_fail(void) { void *p = malloc(SIZE_MAX / 2); __asm__ volatile("" ::: "memory"); return p; }' \
+    > "$TMP/plug/v1.c"
+printf '%s\n' '#include <stdint.h>' '#include <stdlib.h>' \
+    '__attribute__((noinline)) void *plug_v2_inner(void) { void *p = malloc(SIZE_MAX / 2); __asm__ volatile("" ::: "memory"); return p; }' \
+    '__attribute__((noinline)) void *plug_fail(void) { void *p = plug_v2_inner(); __asm__ volatile("" ::: "memory"); return p; }' \
+    > "$TMP/plug/v2.c"
+cc -O1 -g -shared -fPIC "$TMP/plug/v1.c" -o "$TMP/plug/libplug.so" &&
+    cc -O1 -g -shared -fPIC "$TMP/plug/v2.c" -o "$TMP/plug/libplug.new.so" &&
+    cc -O1 -g "$TMP/plug/reload_plugin.c" -o "$TMP/plug/reload" -ldl || fail "building the plugin test"
+"$ALLOCSNOOP" -c "$TMP/plug/reload $TMP/plug/libplug.so $TMP/plug/libplug.new.so" --preload "$LIB" -U -e failure \
+    > "$TMP/plug.txt" 2>&1 || { cat "$TMP/plug.txt"; fail "allocsnoop (plugin reloads)"; }
+grep -A1 "alloc_failure" "$TMP/plug.txt" | grep "#0" | awk '{print $2}' | tr '\n' ' ' > "$TMP/plug.top"
+[ "$(cat "$TMP/plug.top")" = "plug_fail plug_fail plug_v2_inner " ] ||
+    { cat "$TMP/plug.txt"; fail "plugin frames after reloads: $(cat "$TMP/plug.top") (want plug_fail plug_fail plug_v2_inner)"; }
 echo "PASS"

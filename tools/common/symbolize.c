@@ -14,11 +14,25 @@
 
 #include "tc.h"
 
+/* A module as reported to dwfl.  A file unloaded (dlclose) and loaded again at another
+ * address, or replaced on disk and loaded again (a new inode), is a module of its own; where
+ * such modules' ranges overlap, an address is the one mapped last (dwfl would answer with the
+ * first reported, and name a reloaded plugin's frames after the old file's symbols). */
+struct loaded {
+    char *path;
+    uint64_t base;  /* an executable mapping's start less its file offset */
+    uint64_t inode;
+    uint64_t low, high;
+    uint64_t seen;  /* the last snapshot that found it mapped */
+    Dwfl_Module *mod;
+};
+
 struct pidsym {
     pid_t pid;
     Dwfl *dwfl;
-    char **paths; /* reported module paths */
-    size_t npaths;
+    struct loaded *loaded;
+    size_t nloaded;
+    uint64_t snapshots;
     char *alloc_module;
     double last_snapshot;
     struct tc_map64 cache; /* addr -> index+1 into frames */
@@ -48,9 +62,9 @@ void tc_sym_free(struct tc_symbolizer *s)
     for (size_t i = 0; i < s->np; i++) {
         if (s->p[i].dwfl)
             dwfl_end(s->p[i].dwfl);
-        for (size_t k = 0; k < s->p[i].npaths; k++)
-            free(s->p[i].paths[k]);
-        free(s->p[i].paths);
+        for (size_t k = 0; k < s->p[i].nloaded; k++)
+            free(s->p[i].loaded[k].path);
+        free(s->p[i].loaded);
         free(s->p[i].alloc_module);
         tc_map64_free(&s->p[i].cache);
     }
@@ -79,12 +93,25 @@ static struct pidsym *get_pid(struct tc_symbolizer *s, pid_t pid, bool create)
     return p;
 }
 
-static bool reported(struct pidsym *p, const char *path)
+static struct loaded *reported(struct pidsym *p, const struct tc_map *map)
 {
-    for (size_t i = 0; i < p->npaths; i++)
-        if (strcmp(p->paths[i], path) == 0)
-            return true;
-    return false;
+    for (size_t i = 0; i < p->nloaded; i++) {
+        struct loaded *l = &p->loaded[i];
+        if (l->base == map->start - map->offset && l->inode == map->inode && strcmp(l->path, map->path) == 0)
+            return l;
+    }
+    return NULL;
+}
+
+static struct loaded *module_at(struct pidsym *p, uint64_t pc)
+{
+    struct loaded *best = NULL;
+    for (size_t i = 0; i < p->nloaded; i++) {
+        struct loaded *l = &p->loaded[i];
+        if (pc >= l->low && pc < l->high && (!best || l->seen > best->seen))
+            best = l;
+    }
+    return best;
 }
 
 void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_module)
@@ -108,11 +135,17 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
     size_t n;
     if (tc_read_maps(pid, &maps, &n))
         return;
+    uint64_t seen = ++p->snapshots;
     dwfl_report_begin_add(p->dwfl);
     for (size_t i = 0; i < n; i++) {
         const char *path = maps[i].path;
-        if (path[0] != '/' || maps[i].perms[2] != 'x' || reported(p, path))
+        if (path[0] != '/' || maps[i].perms[2] != 'x')
             continue;
+        struct loaded *known = reported(p, &maps[i]);
+        if (known) {
+            known->seen = seen;
+            continue;
+        }
         /* Through the process's root first (containers), then map_files (deleted files). */
         char rooted[PATH_MAX + 32];
         snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)pid, path);
@@ -142,11 +175,17 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
                 tc_warn("dwfl_report_elf %s: %s", path, dwfl_errmsg(-1));
             continue;
         }
-        char **np = realloc(p->paths, (p->npaths + 1) * sizeof(*np));
-        if (np) {
-            p->paths = np;
-            p->paths[p->npaths++] = strdup(path);
-        }
+        struct loaded l = {strdup(path), maps[i].start - maps[i].offset, maps[i].inode, 0, 0, seen, m};
+        Dwarf_Addr low, high;
+        dwfl_module_info(m, NULL, &low, &high, NULL, NULL, NULL, NULL);
+        l.low = low, l.high = high;
+        struct loaded *nl = realloc(p->loaded, (p->nloaded + 1) * sizeof(*nl));
+        if (nl)
+            p->loaded = nl;
+        if (nl && l.path)
+            p->loaded[p->nloaded++] = l;
+        else
+            free(l.path);
     }
     dwfl_report_end(p->dwfl, NULL, NULL);
     free(maps);
@@ -177,18 +216,22 @@ const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64
     if (ci)
         return &s->frames[*ci - 1];
     Dwarf_Addr pc = addr ? addr - 1 : 0;
-    Dwfl_Module *m = dwfl_addrmodule(p->dwfl, pc);
+    struct loaded *l = module_at(p, pc);
     bool alive = false;
-    if (!m && (alive = tc_pid_alive(pid)) && tc_now() - p->last_snapshot > 0.01) {
-        /* A library loaded since the last snapshot. */
+    /* Nothing there (a library loaded since, or code outside any file: throttled), or only a
+     * file the last snapshot no longer found mapped (another may have been loaded over it:
+     * not throttled, as a name given here stays with the address). */
+    if ((!l || l->seen != p->snapshots) && (alive = tc_pid_alive(pid)) &&
+        (l || tc_now() - p->last_snapshot > 0.01)) {
         tc_sym_snapshot(s, pid, NULL);
-        m = dwfl_addrmodule(p->dwfl, pc);
+        l = module_at(p, pc);
     }
-    if (!m && alive) {
+    if (!l && alive) {
         /* Not cached: a later snapshot may still find the module. */
         static struct tc_frame unknown_now = {"[unknown]", NULL, 0, false};
         return &unknown_now;
     }
+    Dwfl_Module *m = l ? l->mod : NULL;
     struct tc_frame f = {NULL, NULL, 0, false};
     if (m) {
         Dwarf_Addr low;
