@@ -115,10 +115,10 @@ static int read_mem(pid_t pid, uint64_t addr, void *buf, size_t len)
     return (size_t)r == len ? 0 : -EFAULT;
 }
 
-int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads, size_t *n)
+/* One walk of the thread list: the registry header, then each counters block. */
+static int registry_walk(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads,
+                         size_t *cap, size_t *n)
 {
-    if (!t->registry_addr)
-        return -ENOENT;
     int r = read_mem(t->pid, t->registry_addr, reg, sizeof(*reg));
     if (r)
         return r;
@@ -127,19 +127,20 @@ int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, str
     if (reg->magic != LUM_REGISTRY_MAGIC || reg->version != LUM_PROBES_VERSION ||
         reg->counters_size < sizeof(struct lum_thread_counters_v1))
         return -EPROTO;
-    size_t len = 0, cap = *n;
+    size_t len = 0;
     uint64_t a = reg->threads_head;
     /* Bounded walk: a list caught mid-update must not loop forever. */
     for (int guard = 0; a && guard < 100000; guard++) {
         struct lum_thread_counters_v1 c;
         if (read_mem(t->pid, a, &c, sizeof(c)))
             break;
-        if (len == cap || !*threads) {
-            cap = cap ? cap * 2 : 64;
-            struct tc_thread *nt = realloc(*threads, cap * sizeof(**threads));
+        if (len == *cap || !*threads) {
+            size_t nc = *cap ? *cap * 2 : 64;
+            struct tc_thread *nt = realloc(*threads, nc * sizeof(**threads));
             if (!nt)
                 return -ENOMEM;
             *threads = nt;
+            *cap = nc;
         }
         (*threads)[len].addr = a;
         (*threads)[len].c = c;
@@ -148,6 +149,26 @@ int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, str
     }
     *n = len;
     return 0;
+}
+
+int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads, size_t *n)
+{
+    if (!t->registry_addr)
+        return -ENOENT;
+    size_t cap = *threads ? *n : 0;
+    /* A thread list that changed during the walk (a thread created, or an exited thread's
+     * record folded into the exited totals and reused) may have been read half done: its
+     * figures counted twice or not at all.  The registry's generation says so; walk again. */
+    for (int attempt = 0;; attempt++) {
+        int r = registry_walk(t, reg, threads, &cap, n);
+        if (r)
+            return r;
+        uint64_t generation;
+        if (read_mem(t->pid, t->registry_addr + offsetof(struct lum_registry_v1, generation), &generation,
+                     sizeof(generation)) ||
+            generation == reg->generation || attempt == 8)
+            return 0;
+    }
 }
 
 static bool find_in_path(const char *cmd, char *out, size_t outlen)
