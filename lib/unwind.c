@@ -167,6 +167,7 @@ struct rule {
 struct rtab {
     uint32_t shift;  /* 64 - log2(slots) */
     uint32_t used;   /* under rules_lock */
+    uint32_t epoch;  /* the generations its rules were learnt in: gen >> 16 (rule keys hold the rest) */
     struct rule e[];
 };
 /* Starts at 64 slots (1 KiB: with the first stacks and records, one page of the arena): a
@@ -184,7 +185,9 @@ static struct rtab *rtab;
  * 2^47; only code mapped above it on a 5-level-paging machine, by an explicit hint, could share
  * a key with another generation's) hold the generation of the loader's unload count it was
  * learnt in: a walk looks up only rules of the generation it started in, and a rebuilt table
- * keeps only those. */
+ * keeps only those.  The table holds one epoch of 65536 generations (a process that loads and
+ * unloads libraries in a loop gets there): a walk uses it only in that epoch, and the first rules
+ * of the next start a table of their own, so that a tag that came round again never matches. */
 static uint64_t rules_unloads; /* lum_cfi_unloads() when lum_rules_gen last moved */
 LUM_SAMPLE_DATA uint32_t lum_rules_gen;
 
@@ -237,12 +240,21 @@ static void rule_put(struct rtab *t, const struct rule *r)
     t->used++;
 }
 
-static struct rtab *rtab_new(uint32_t bits)
+static struct rtab *rtab_new(uint32_t bits, uint32_t gen)
 {
     struct rtab *t = lum_obs_alloc(sizeof *t + ((size_t)1 << bits) * sizeof(struct rule));
-    if (t)
+    if (t) {
         t->shift = 64 - bits;
+        t->epoch = gen >> 16;
+    }
     return t;
+}
+
+/* The rule table, if it holds generation gen's rules. */
+static inline const struct rtab *rtab_for(uint32_t gen)
+{
+    const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
+    return t && t->epoch == gen >> 16 ? t : NULL;
 }
 
 /* Adds rules learnt by one walk of generation gen.  A busy lock just skips the learning. */
@@ -251,7 +263,9 @@ static void rules_learn(const struct rule *nr, int n, uint32_t gen)
     if (!n || pthread_mutex_trylock(&lum_unwind_rules_lock))
         return;
     struct rtab *t = rtab;
-    if (!t && !(t = rtab_new(RTAB_MIN_BITS)))
+    if (t && t->epoch > gen >> 16)
+        goto out; /* a walk that began before the epoch moved: its rules are of no more use */
+    if ((!t || t->epoch != gen >> 16) && !(t = rtab_new(RTAB_MIN_BITS, gen)))
         goto out;
     for (int i = 0; i < n; i++) {
         uint32_t bits = 64 - t->shift;
@@ -263,7 +277,7 @@ static void rules_learn(const struct rule *nr, int n, uint32_t gen)
             uint32_t nb = bits;
             while (live * 2 > ((size_t)1 << nb))
                 nb++;
-            struct rtab *g = nb <= RTAB_MAX_BITS ? rtab_new(nb) : NULL;
+            struct rtab *g = nb <= RTAB_MAX_BITS ? rtab_new(nb, gen) : NULL;
             if (!g)
                 break;
             for (size_t j = 0; j < ((size_t)1 << bits); j++)
@@ -455,7 +469,7 @@ bool lum_memo_holds_at(uintptr_t sp)
 static int rules_walk(uintptr_t ip, uintptr_t sp, uintptr_t bp, uint64_t *out, uint32_t max,
                       bool skip_self, uint32_t *walked, uint32_t gen, uint64_t *seq)
 {
-    const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
+    const struct rtab *t = rtab_for(gen);
     const uintptr_t top = lum_memo.stack_hi;
     if (!t || sp >= top || sp < lum_memo.stack_lo)
         return -1;
@@ -610,7 +624,7 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
     *walked = 0;
     if (!stack_from(sp))
         return 0;
-    const struct rtab *t = __atomic_load_n(&rtab, __ATOMIC_ACQUIRE);
+    const struct rtab *t = rtab_for(gen);
     struct rules_view v = {0};
     if (t)
         v = (struct rules_view){t->e, t->shift, SIZE_MAX >> t->shift};

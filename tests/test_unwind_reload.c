@@ -15,6 +15,7 @@
 #include <string.h>
 #include <cmocka.h>
 #include "obs_internal.h"
+#include "unwind_memo.h"
 
 #define WALKS_TO_NOTICE 64
 
@@ -47,9 +48,10 @@ static __attribute__((noinline, optimize("O0"))) uintptr_t through(const char *p
     return (uintptr_t)plug;
 }
 
-static __attribute__((optimize("O0"))) void test_reload_same_address(void **state)
+/* gen_skip: generations the rule cache is moved on by between a and b, as if as many libraries
+ * had been unloaded meanwhile (the walks through b move it once more). */
+static __attribute__((optimize("O0"))) void reload_same_address(uint32_t gen_skip)
 {
-    (void)state;
     uint64_t a[LUM_MAX_FRAMES], b[LUM_MAX_FRAMES];
     uint32_t na = 0, nb = 0;
     uintptr_t pa = 0, pb = 0;
@@ -60,8 +62,11 @@ static __attribute__((optimize("O0"))) void test_reload_same_address(void **stat
     uint64_t *outs[2] = {a, b};
     uint32_t *ns[2] = {&na, &nb};
     uintptr_t ps[2] = {0, 1};
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
+        if (i == 1)
+            __atomic_fetch_add(&lum_rules_gen, gen_skip, __ATOMIC_RELEASE);
         ps[i] = through(paths[i], outs[i], ns[i], walks[i]);
+    }
     pa = ps[0], pb = ps[1];
     if (pa != pb)
         skip(); /* not mapped at the same address: nothing to show */
@@ -76,10 +81,25 @@ static __attribute__((optimize("O0"))) void test_reload_same_address(void **stat
     assert_memory_equal(a, b, na * sizeof *a);
 }
 
+static void test_reload_same_address(void **state)
+{
+    (void)state;
+    reload_same_address(0);
+}
+
+/* Rule keys hold a generation's low 16 bits: 65536 generations later a's rules carry the tag
+ * of the walks through b. */
+static void test_reload_same_address_tag_wrapped(void **state)
+{
+    (void)state;
+    reload_same_address(0xffff);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reload_same_address),
+        cmocka_unit_test(test_reload_same_address_tag_wrapped),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
