@@ -3,6 +3,7 @@
  * stay resident in a bounded cache of address ranges; growth by realloc moves page tables
  * with mremap instead of copying bytes, unless a cached range can take the block. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -114,7 +115,7 @@ static size_t live_high;
  * where the next fresh blocks would have served from ranges freed on the way there.  leaving:
  * live bytes about to be cached (a block realloc copies out of), resident meanwhile but no
  * part of the live memory's mark. */
-static void make_room(size_t fresh, size_t leaving)
+static size_t make_room(size_t fresh, size_t leaving)
 {
     size_t cached = __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED);
     /* the coarse figure this was tuned with (whole slices for pages): lum_committed_bytes */
@@ -126,12 +127,23 @@ static void make_room(size_t fresh, size_t leaving)
      * than leaving; unchecked, the mark wrapped to ~2^64 and high + LUM_DIRTY_FLOOR below
      * back to a few MiB, so that every later make_room emptied the cache */
     size_t mark = after > leaving ? after - leaving : 0;
-    if (mark > high) __atomic_store_n(&live_high, high = mark, __ATOMIC_RELAXED);
-    if (after > high + LUM_DIRTY_FLOOR) {
+    if (mark > high) high = mark;
+    if (after > high + LUM_DIRTY_FLOOR)
         cache_trim(0);
-        return;
+    else if (cached > high + LUM_DIRTY_FLOOR - after)
+        cache_trim(high + LUM_DIRTY_FLOOR - after);
+    return mark;
+}
+
+/* Raises the mark to what make_room measured, once the memory it made room for is mapped: a
+ * request the kernel refused (malloc(1 << 50)) would have left the mark there for good, and
+ * the cache untrimmed from then on. */
+static void note_live_high(size_t mark)
+{
+    size_t high = __atomic_load_n(&live_high, __ATOMIC_RELAXED);
+    while (mark > high && !__atomic_compare_exchange_n(&live_high, &high, mark, true, __ATOMIC_RELAXED,
+                                                       __ATOMIC_RELAXED)) {
     }
-    if (cached > high + LUM_DIRTY_FLOOR - after) cache_trim(high + LUM_DIRTY_FLOOR - after);
 }
 
 /* Moves len bytes at src into a fresh 4 MiB-aligned mapping of map_size bytes (map_size >=
@@ -216,14 +228,23 @@ static uint8_t *cache_take(size_t *map_size, uint64_t *origin, size_t *reused, s
         *origin = got.origin;
         return got.addr;
     }
-    if (how == GROW) make_room(want - got.len, leaving);
-    if (how == GROW && seg_aligned(got.addr) && lum_os_remap(got.addr, got.len, want, 0, NULL) != MAP_FAILED) {
-        lum_os_account((int64_t)(want - got.len), (int64_t)(want - got.len));
-        *origin = got.origin;
-        return got.addr;
+    size_t mark = how == GROW ? make_room(want - got.len, leaving) : 0;
+    if (how == GROW && seg_aligned(got.addr)) {
+        if (lum_os_remap(got.addr, got.len, want, 0, NULL) != MAP_FAILED) {
+            note_live_high(mark);
+            lum_os_account((int64_t)(want - got.len), (int64_t)(want - got.len));
+            *origin = got.origin;
+            return got.addr;
+        }
+        if (errno == EFAULT) {
+            /* the range spans mappings (part of it madvised or locked): a move would fail too */
+            unmap_range(got.addr, got.len);
+            return NULL;
+        }
     }
     uint8_t *dst = move_range(got.addr, got.len, how == GROW ? want : got.len);
     if (!dst) return NULL;
+    note_live_high(mark);
     *map_size = how == GROW ? want : got.len;
     *origin = new_origin();
     return dst;
@@ -293,15 +314,18 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     size_t reused = 0; /* bytes from base that held data: calloc zeroes their part */
     /* A cached range comes 4 MiB-aligned (cache_take), so its byte at offset has any alignment
      * up to that: posix_memalign'd buffers (64 KiB, 2 MiB for huge pages) are reused too. */
+    int caller_errno = errno; /* the hint mmap's EEXIST and the like are no news to the caller */
     if (alignment <= LUM_SEGMENT_SIZE && (base = cache_take(&map_size, &origin, &reused, 0, 0)) != NULL) {
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l); /* a range cut from a cached one has none */
         usable = map_size - offset - TRAILER;
     } else {
+        reused = 0; /* a cached range that could not be moved into place set it */
         lum_dirty_limit_check(true);
-        make_room(map_size, 0);
+        size_t mark = make_room(map_size, 0);
         base = map_for(map_size, offset, alignment);
         if (!base) return NULL;
+        note_live_high(mark);
         origin = new_origin();
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l);
@@ -335,6 +359,7 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
         LUM_OWN_ADD(heap->tc.sampled_count, 1);
         lum_on_sample(&heap->tc, l->user, size, usable);
     }
+    errno = caller_errno;
     return l->user;
 }
 
@@ -469,9 +494,19 @@ void *lum_large_realloc(void *p, size_t size)
             }
         }
     }
+    int caller_errno = errno;
+    size_t mark = 0;
     if (moved == MAP_FAILED) {
-        if (map_size > l->map_size) make_room(map_size - l->map_size, 0);
+        if (map_size > l->map_size) mark = make_room(map_size - l->map_size, 0);
         moved = lum_os_remap(base, l->map_size, map_size, 0, NULL);
+        /* EFAULT: the block spans mappings (part of it madvised or locked), and a move would
+         * fail the same way, after kernels before 6.11 had unmapped the destination: the
+         * unmap of the reservation that follows could then hit another thread's new mapping
+         * there.  Copied instead. */
+        if (moved == MAP_FAILED && errno == EFAULT) {
+            errno = caller_errno;
+            return NULL;
+        }
     }
     if (moved == MAP_FAILED) {
         /* Reserve an aligned destination, then let the kernel move the page tables there. */
@@ -515,6 +550,7 @@ void *lum_large_realloc(void *p, size_t size)
         l->cached = 1;
         if (!cache_put(base, old_map, old_origin)) unmap_range(base, old_map);
     }
+    note_live_high(mark);
     base = moved;
     l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
     int64_t delta = (int64_t)map_size - (int64_t)l->map_size;
@@ -551,5 +587,6 @@ void *lum_large_realloc(void *p, size_t size)
             lum_on_sample(tc, l->user, size, usable);
         }
     }
+    errno = caller_errno;
     return l->user;
 }

@@ -109,9 +109,11 @@ void lum_os_name(void *p, size_t size, const char *name)
 {
     static int unsupported;
     if (unsupported) return;
+    int caller_errno = errno; /* a name is a nicety: its failure is no news to malloc's caller */
     if (prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)p, size, (unsigned long)name) != 0
         && errno == EINVAL)
         unsupported = 1;
+    errno = caller_errno;
 }
 
 #if defined(__SANITIZE_THREAD__)

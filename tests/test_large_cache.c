@@ -4,12 +4,14 @@
  * next one; a block grown by realloc moves into a cached range large enough; and the cache
  * gives way before fresh memory would raise the resident total over live memory's peak.  Aligned
  * blocks are cached too. */
+#include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <cmocka.h>
 #include "lumalloc.h"
 #include "lumalloc_options.h"
@@ -173,6 +175,87 @@ static void aligned_blocks_reuse_cached_ranges(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+/* A request the kernel refuses is no peak: after a failed malloc and realloc of 1 PiB the
+ * cache still gives way to fresh memory (the mark was raised before the mapping was tried,
+ * and the cache was never trimmed again: 60 MiB more at the peak in the reviewer's program). */
+static void a_refused_request_is_no_peak(void **state)
+{
+    (void)state;
+    lum_purge();
+    assert_null(p_malloc((size_t)1 << 50));
+    /* over the earlier tests' peak (the_cache_gives_way_at_a_new_peak: 40 MiB) */
+    unsigned char *a = p_malloc(24 << 20), *b = p_malloc(24 << 20);
+    assert_non_null(a);
+    assert_non_null(b);
+    memset(a, 1, 24 << 20);
+    memset(b, 2, 24 << 20);
+    assert_null(p_realloc(b, (size_t)1 << 50));
+    free(a);
+    lum_stats_snapshot(&s1);
+    unsigned char *c = p_realloc(b, 64 << 20);
+    assert_non_null(c);
+    lum_stats_snapshot(&s2);
+    /* 40 MiB of new memory; the cached 24 MiB gave way but for the floor (2 MiB) */
+    assert_true(s2.resident <= s1.resident + (18 << 20) + 4096);
+    for (size_t i = 0; i < 24 << 20; i += 4093) assert_int_equal(c[i], 2);
+    free(c);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+static size_t resident_bytes(const void *p, size_t n)
+{
+    static unsigned char vec[(32 << 20) / 4096];
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095;
+    size_t pages = (n + ((uintptr_t)p - a) + 4095) / 4096;
+    assert_true(pages <= sizeof vec);
+    assert_int_equal(mincore((void *)a, pages * 4096, vec), 0);
+    size_t c = 0;
+    for (size_t i = 0; i < pages; i++) c += vec[i] & 1;
+    return c * 4096;
+}
+
+/* A cached range that cannot serve (part of it madvised: two mappings, which mremap will not
+ * grow or move) leaves calloc fresh memory, which is zero already: not written (the range's
+ * size of it was, faulting it all in). */
+static void calloc_leaves_fresh_memory_untouched(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned char *a = p_malloc(16 << 20);
+    assert_non_null(a);
+    memset(a, 1, 16 << 20);
+    assert_int_equal(madvise(a + (4 << 20), 4096, MADV_NOHUGEPAGE), 0);
+    free(a);
+    unsigned char *c = calloc(1, 20 << 20);
+    assert_non_null(c);
+    assert_true(resident_bytes(c, 20 << 20) < (1 << 20));
+    for (size_t i = 0; i < 20 << 20; i += 4093) assert_int_equal(c[i], 0);
+    free(c);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+/* The syscalls behind a large block (a mapping hint the kernel declines, an in-place mremap
+ * before a move, naming the mapping) leave the caller's errno alone when the call succeeds. */
+static void success_leaves_errno_alone(void **state)
+{
+    (void)state;
+    void *keep[6];
+    for (int i = 0; i < 6; i++) {
+        errno = 0;
+        keep[i] = p_malloc((size_t)(1 + i) << 20);
+        assert_non_null(keep[i]);
+        assert_int_equal(errno, 0);
+    }
+    for (int i = 0; i < 6; i++) {
+        errno = 0;
+        void *q = p_realloc(keep[i], (size_t)(20 + i) << 20);
+        assert_non_null(q);
+        assert_int_equal(errno, 0);
+        keep[i] = q;
+    }
+    for (int i = 0; i < 6; i++) free(keep[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -182,6 +265,9 @@ int main(void)
         cmocka_unit_test(growth_moves_into_a_cached_range),
         cmocka_unit_test(the_cache_gives_way_at_a_new_peak),
         cmocka_unit_test(aligned_blocks_reuse_cached_ranges),
+        cmocka_unit_test(a_refused_request_is_no_peak),
+        cmocka_unit_test(calloc_leaves_fresh_memory_untouched),
+        cmocka_unit_test(success_leaves_errno_alone),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
