@@ -38,13 +38,19 @@ int lum_malloc_info(int options, FILE *fp); /* glibc-style XML with lumalloc's f
 void free_sized(void *ptr, size_t size);
 void free_aligned_sized(void *ptr, size_t alignment, size_t size);
 
-/* Returns every free page and cached mapping to the OS now; returns the bytes released. */
+/* Returns free memory to the OS now: the calling thread's empty pages and cached blocks, every
+ * free slice and empty segment, the cached large mappings and the pages exited threads left.
+ * Other live threads' pages are theirs (their fast paths use them without a lock): what they
+ * hold free goes back as they release it, and a thread that stays idle keeps its own (its
+ * current page of each size class it used, and up to 1 MiB of empty pages).  Returns the bytes
+ * released. */
 size_t lum_purge(void);
 
-/* Behaves as if the kernel had reported memory pressure: every cache and free page goes back to
- * the OS now (on the background thread if it runs).  For tests, and for programs with pressure
- * signals of their own (cgroup v1 memory.pressure_level, an orchestrator's hint).  Returns the
- * bytes released when done synchronously, 0 when handed to the background thread. */
+/* Behaves as if the kernel had reported memory pressure: what lum_purge() releases, bar the
+ * calling thread's own pages, goes back to the OS now (on the background thread if it runs).
+ * For tests, and for programs with pressure signals of their own (cgroup v1
+ * memory.pressure_level, an orchestrator's hint).  Returns the bytes released when done
+ * synchronously, 0 when handed to the background thread. */
 size_t lum_memory_pressure(void);
 
 /* Non-zero once the background thread (decay and PSI) is running: bit 0 running, bit 1 a PSI

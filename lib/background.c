@@ -55,10 +55,13 @@ static void choose_psi_path(void)
             }
         }
     }
+    /* "/": the host's root group, or a container's own group seen through its cgroup
+     * namespace; the root has no memory.pressure (the system-wide file below serves), a
+     * container's does */
     const char *roots[] = { "/sys/fs/cgroup", "/sys/fs/cgroup/unified" };
-    if (cg[0] && strcmp(cg, "/") != 0)
+    if (cg[0])
         for (size_t i = 0; i < 2; i++) {
-            snprintf(psi_path, sizeof psi_path, "%s%s/memory.pressure", roots[i], cg);
+            snprintf(psi_path, sizeof psi_path, "%s%s/memory.pressure", roots[i], strcmp(cg, "/") ? cg : "");
             if (access(psi_path, W_OK) == 0) return;
         }
     snprintf(psi_path, sizeof psi_path, "/proc/pressure/memory");
@@ -95,7 +98,7 @@ static size_t release_everything(uint32_t reason)
 {
     size_t released = lum_large_cache_purge();
     lum_sampled_purge(true);
-    released += lum_abandoned_reclaim(true);
+    lum_abandoned_reclaim(true); /* to the segments' free slices: the purge below counts them */
     released += lum_segments_purge(true, reason);
     return released;
 }
@@ -190,7 +193,14 @@ static void bg_start(void)
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 64 * 1024);
     pthread_t t;
-    if (pthread_create(&t, &attr, bg_main, NULL) != 0) {
+    int err = pthread_create(&t, &attr, bg_main, NULL);
+    /* glibc puts static TLS inside the stack: with 64 KiB of it a 64 KiB stack is EINVAL */
+    if (err == EINVAL) err = pthread_create(&t, NULL, bg_main, NULL);
+    if (err != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "lumalloc: no background thread (pthread_create: %s): freed memory decays "
+                 "only as the program allocates, and memory pressure goes unheard\n", strerror(err));
+        lum_write_err(msg);
         /* never started: state 2 keeps wake() away from fd before it is closed */
         atomic_store(&bg_state, 2);
         atomic_store(&lumalloc_bg_wake_fd, -1);

@@ -96,7 +96,7 @@ static const char desc_purge[] LUM_COLD_RODATA =
     "how pages are returned: dontneed (MADV_DONTNEED) or free (MADV_FREE)";
 static const char desc_background_purge[] LUM_COLD_RODATA = "purge from a background thread";
 static const char desc_psi[] LUM_COLD_RODATA =
-    "release free memory at once on a /proc/pressure/memory trigger";
+    "release free memory at once on a /proc/pressure/memory trigger (all but live threads' own pages)";
 static const char desc_thp[] LUM_COLD_RODATA = "MADV_HUGEPAGE on segments";
 static const char desc_harden[] LUM_COLD_RODATA =
     "abort on a free lumalloc can tell is invalid (a large block freed twice, an address in its "

@@ -648,8 +648,10 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
      * threads (or a ring of objects) that empty it and fill it again pay no page faults. */
     if (seg->free_slices == ALL_SLICES) seg->empty_since_ms = now;
     /* Decay runs on the allocator's own activity; the optional purger thread covers idle time.
-     * A decay of 0 is "at once", as everywhere else (it once turned this purge off). */
-    if (now - last_purge_ms >= (lum_opt.decay_ms / 4 ? lum_opt.decay_ms / 4 : 1)) {
+     * A decay of 0 is "at once", as everywhere else (it once turned this purge off, and
+     * then let one pass a millisecond: of the coarse clock's 4 ms ticks, what was freed after
+     * the first release of a tick stayed). */
+    if (!lum_opt.decay_ms || now - last_purge_ms >= lum_opt.decay_ms / 4) {
         last_purge_ms = now;
         purge_locked(false, now, &out);
     }

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <dirent.h>
@@ -102,6 +103,18 @@ static void decay_zero_purges_at_once(void **state)
     }
     lum_stats_snapshot(&a);
     for (int i = 0; i < N; i++) free(v[i]);
+    lum_stats_snapshot(&b);
+    /* at once: by the frees themselves, with nothing after them (a purge a millisecond, on a
+     * clock of 4 ms ticks, left what was freed after a tick's first release) */
+    printf("# decay 0: %llu KiB purged by the frees of 29 MiB\n",
+           (unsigned long long)(b.purged_total - a.purged_total) / 1024);
+    assert_true(b.purged_total - a.purged_total > (24 << 20));
+    lum_stats_snapshot(&a);
+    for (int i = 0; i < N; i++) {
+        v[i] = p_malloc(1000);
+        memset(v[i], 1, 1000);
+    }
+    for (int i = 0; i < N; i++) free(v[i]);
     /* The program goes on, releasing pages (what runs the purge) after the 10 ms in which
      * freed memory stays for reuse (LUM_DIRTY_HOT_MS); a second at most on a busy machine. */
     for (int i = 0; i < 500; i++) {
@@ -116,6 +129,43 @@ static void decay_zero_purges_at_once(void **state)
            (unsigned long long)(b.purged_total - a.purged_total) / 1024);
     assert_true(b.purged_total - a.purged_total > (16 << 20));
     assert_int_equal(lum_options_set("decay_ms", "1000"), 0);
+}
+
+static void *leave_empty_pages(void *arg)
+{
+    (void)arg;
+    enum { N = 40 };
+    static __thread void *p[N][64];
+    for (int c = 0; c < N; c++)
+        for (int i = 0; i < 64; i++) {
+            p[c][i] = p_malloc(1024 + (size_t)c * 512);
+            memset(p[c][i], 1, 1024 + (size_t)c * 512);
+        }
+    for (int c = 0; c < N; c++)
+        for (int i = 0; i < 64; i++) free(p[c][i]);
+    return NULL;
+}
+
+/* What lum_memory_pressure() says it released is what the statistics count as purged (the
+ * pages exited threads left were counted twice: once given back to their segments, once
+ * purged).  Before the background thread starts: the call does the work itself. */
+static void pressure_counts_what_it_releases(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_background_running(), 0);
+    for (int k = 0; k < 4; k++) {
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, leave_empty_pages, NULL), 0);
+        pthread_join(t, NULL);
+    }
+    static struct lum_stats a, b;
+    lum_stats_snapshot(&a);
+    size_t released = lum_memory_pressure();
+    lum_stats_snapshot(&b);
+    printf("# pressure: %zu bytes released, %llu purged\n", released,
+           (unsigned long long)(b.purged_total - a.purged_total));
+    assert_true(released > (1 << 20));
+    assert_int_equal(released, b.purged_total - a.purged_total);
 }
 
 static void idle_rss_returns_within_decay(void **state)
@@ -291,6 +341,7 @@ static void mappings_are_named(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(pressure_counts_what_it_releases),
         cmocka_unit_test(decay_zero_purges_at_once),
         cmocka_unit_test(mappings_are_named),
         cmocka_unit_test(idle_rss_returns_within_decay),
