@@ -287,10 +287,13 @@ LUM_EXPORT struct mallinfo2 lum_mallinfo2(void)
     }
     lum_unlock(&lum_heaps_lock);
     size_t live = alloc > freed ? (size_t)(alloc - freed) : 0;
-    uint64_t resident = LUM_PEEK(g->resident_bytes);
-    mi.arena = LUM_PEEK(g->mapped_bytes);
-    mi.hblkhd = LUM_PEEK(g->large_live_bytes);
-    mi.uordblks = live;
+    uint64_t resident = LUM_PEEK(g->resident_bytes), mapped = LUM_PEEK(g->mapped_bytes);
+    size_t large = LUM_PEEK(g->large_live_bytes);
+    /* glibc's fields: large blocks (its mmapped chunks) in hblkhd only, so that programs that
+     * add uordblks and hblkhd (or arena and hblkhd) count them once */
+    mi.arena = mapped > large ? mapped - large : 0;
+    mi.hblkhd = large;
+    mi.uordblks = live > large ? live - large : 0;
     mi.fordblks = resident > live ? resident - live : 0;
     mi.keepcost = LUM_PEEK(g->retained_bytes);
     return mi;

@@ -144,6 +144,29 @@ static void text_and_json_outputs(void **state)
     free(buf);
 }
 
+/* mallinfo2 with glibc's meanings: large blocks (glibc's mmapped chunks) in hblkhd alone, so
+ * that uordblks + hblkhd, the figure programs add up, counts them once (it counted 100 MiB of
+ * large blocks as 200). */
+static void mallinfo2_counts_large_blocks_once(void **state)
+{
+    (void)state;
+    struct mallinfo2 m0 = mallinfo2();
+    enum { N = 8 };
+    void *big[N];
+    for (int i = 0; i < N; i++) {
+        big[i] = p_malloc(2 << 20);
+        assert_non_null(big[i]);
+        memset(big[i], 1, 2 << 20);
+    }
+    struct mallinfo2 m1 = mallinfo2();
+    size_t added = (size_t)N << 21;
+    assert_true(m1.hblkhd - m0.hblkhd >= added);
+    assert_true(m1.hblkhd - m0.hblkhd < added + (N << 16));
+    assert_true(m1.uordblks - m0.uordblks < (64 << 10)); /* the small blocks' own figure */
+    assert_true(m1.arena - m0.arena < (1 << 20));
+    for (int i = 0; i < N; i++) free(big[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -151,6 +174,7 @@ int main(void)
         cmocka_unit_test(largest_class_is_on_pages_one_byte_more_is_large),
         cmocka_unit_test(frees_after_the_heap_is_gone_count),
         cmocka_unit_test(text_and_json_outputs),
+        cmocka_unit_test(mallinfo2_counts_large_blocks_once),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
