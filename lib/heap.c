@@ -707,13 +707,12 @@ static void adopt_locked(struct lum_heap *heap, struct lum_page *page)
  * belongs to a heap but sits on no list.
  * An empty page first (the newest: the most likely still cached); then, unless `any`, a page
  * with live blocks only when they fill at most half of it.  The blocks of a denser page are
- * somebody's data, often about to be freed by the thread that took it over, which then takes
- * the page with them (free_into_abandoned): its frees stay local and its holes refill at once.
- * Taken by the first thread to need the class instead, every one of those frees went to that
- * thread's pages as a remote free, to wait there until it came round to the page, while the
- * freeing thread carved fresh memory (larson, where each generation of threads frees what the
- * last one left: 1.3-1.6 MiB of freed blocks waited at the peak, and the pages in use crept by
- * a generation's holes; peak RSS 17.6 -> 14.7 MiB).  Denser pages, if they have any room
+ * somebody's data, often about to be freed by the thread that took them over: freed in place
+ * while the page stays ownerless (free_into_abandoned), they leave it for a later look here.
+ * Taken by the first thread to need the class, every one of those frees went to that thread's
+ * pages as a remote free, to wait there until it came round to the page (larson, where each
+ * generation of threads frees what the last one left: 1.3-1.6 MiB of freed blocks waited at
+ * the peak, and the pages in use crept by a generation's holes).  Denser pages, if they have any room
  * (`any`), are taken only by a thread that already has a page of the class and would otherwise
  * map a new one: data nobody frees keeps its holes in use at the cost of one page per class and
  * thread. */
