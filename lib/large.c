@@ -77,7 +77,8 @@ static void unmap_pieces(const struct piece *p, unsigned n)
  * cache may hold. */
 static bool cache_put(uint8_t *addr, size_t len, uint64_t origin)
 {
-    if (len > lum_opt.large_cache / 2) return false;
+    /* LUMALLOC_DECAY_MS=0: free memory goes back at once, a large block's too */
+    if (len > lum_opt.large_cache / 2 || !lum_opt.decay_ms) return false;
     struct piece evict[CACHE_SLOTS];
     unsigned n = 0;
     lum_lock(&lum_large_lock);
