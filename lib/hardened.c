@@ -108,9 +108,14 @@ void lum_hardened_fail(const char *what, const void *p, size_t size)
 
 void lum_hardened_check_free(const struct lum_page *page, const void *p)
 {
+    lum_hardened_check_block(page, p, "invalid free (not the start of a block) at", "double free of");
+}
+
+void lum_hardened_check_block(const struct lum_page *page, const void *p, const char *interior, const char *freed)
+{
     uintptr_t off = (uintptr_t)p - (uintptr_t)page->start;
     if (off % page->block_size || off >= (uintptr_t)page->carved * page->block_size)
-        lum_hardened_fail("invalid free (not the start of a block) at", p, page->block_size);
+        lum_hardened_fail(interior, p, page->block_size);
     /* A free block's first word decodes to NULL or to a block of the same page; ordinary data
      * almost never does, so only then is the free list walked to confirm. */
     uintptr_t v = (uintptr_t)((const lum_block *)p)->next ^ page->key ^ ((uintptr_t)p >> 4);
@@ -118,7 +123,7 @@ void lum_hardened_check_free(const struct lum_page *page, const void *p)
     if (v == 0 || (voff < (uintptr_t)page->slices * LUM_SLICE_SIZE && voff % page->block_size == 0)) {
         uint32_t n = 0;
         for (const lum_block *b = page->free; b && n <= page->capacity; b = lum_free_next(page, b), n++)
-            if (b == p) lum_hardened_fail("double free of", p, page->block_size);
+            if (b == p) lum_hardened_fail(freed, p, page->block_size);
     }
 }
 

@@ -412,6 +412,9 @@ static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, 
     b->next = (lum_block *)((uintptr_t)next ^ page->key ^ ((uintptr_t)b >> 4));
 }
 void lum_hardened_check_free(const struct lum_page *page, const void *p);
+/* p is the start of a block of page that is not on its free list; else fails with the message
+ * interior or freed. */
+void lum_hardened_check_block(const struct lum_page *page, const void *p, const char *interior, const char *freed);
 /* A block handed out must not keep its encoded next pointer: the double-free filter would take
  * it for a free block (and walk the free list) at every free of a block whose owner never
  * writes its first word. */

@@ -398,6 +398,12 @@ void lum_large_free(void *p)
     struct lum_large *l = header_of(p);
     if (LUM_UNLIKELY(!large_live(l, p, false)))
         return;
+    /* Claimed here, not just tested: two threads freeing the block at once both passed the test
+     * above, and its range went into the cache twice (two later blocks on one memory). */
+    if (LUM_UNLIKELY(__atomic_exchange_n(&l->cached, 1, __ATOMIC_ACQ_REL))) {
+        large_live(l, p, false); /* reports the double free where checks are on */
+        return;
+    }
     struct lum_heap *heap = lum_tls_heap;
     if (l->sampled) lum_on_sample_free(p, l->usable);
     lum_on_large_free(p, l->usable);
@@ -405,8 +411,8 @@ void lum_large_free(void *p)
     lum_count_global(&lumalloc_registry.global.large_live_bytes, -(int64_t)l->usable);
     uint8_t *base = l->map_base;
     size_t map_size = l->map_size;
-    /* whatever the block's alignment: the range is reused from its 4 MiB-aligned start */
-    l->cached = 1; /* stays while the range keeps its head: a second free is caught */
+    /* whatever the block's alignment: the range is reused from its 4 MiB-aligned start;
+     * cached (set above) stays while the range keeps its head: a second free is caught */
     if (cache_put(base, map_size, l->origin)) return;
     l->cached = 0;
     unmap_range(base, map_size);

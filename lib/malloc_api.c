@@ -161,6 +161,12 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
     }
     struct lum_page *page = lum_page_of(p);
     size_t old, want = size;
+#if LUM_HARDENED
+    /* before the block is kept or copied from: a freed one kept in place had two owners */
+    if (page->kind == LUM_PAGE_INVALID) lum_hardened_fail("realloc of an address no allocation returned:", p, 0);
+    if (page->kind != LUM_PAGE_LARGE)
+        lum_hardened_check_block(page, p, "invalid realloc (not the start of a block) at", "realloc of a freed block");
+#endif
     if (page->kind == LUM_PAGE_LARGE) {
         if (size <= PTRDIFF_MAX) {
             void *q = lum_large_realloc(p, size);

@@ -18,6 +18,7 @@
 
 static void *(*volatile p_malloc)(size_t) = malloc;
 static void (*volatile p_free)(void *) = free;
+static void *(*volatile p_realloc)(void *, size_t) = realloc;
 
 static char *victim;
 
@@ -71,6 +72,24 @@ static void do_large_realloc_after_free(void)
     printf("%p\n", (void *)q);
 }
 
+/* realloc of a freed small block to a size its block holds: it was kept in place and handed
+ * out again beside its new owner */
+static void do_small_realloc_after_free(void)
+{
+    char *p = p_malloc(64);
+    p_free(p);
+    char *q = p_realloc(p, 48);
+    char *r = p_malloc(64);
+    printf("%p %p\n", (void *)q, (void *)r);
+}
+
+static void do_interior_realloc(void)
+{
+    char *p = p_malloc(64);
+    char *q = p_realloc(p + 16, 40);
+    printf("%p\n", (void *)q);
+}
+
 static void do_overrun_large(void)
 {
     char *p = p_malloc(300000);
@@ -93,6 +112,8 @@ static void foreign_free_is_detected(void **s) { (void)s; expect(do_foreign_free
 static void free_list_corruption_is_detected(void **s) { (void)s; expect(do_use_after_free_write, SIGABRT, "free list corrupted"); }
 static void large_double_free_is_detected(void **s) { (void)s; expect(do_large_double_free, SIGABRT, "double free of"); }
 static void large_realloc_after_free_is_detected(void **s) { (void)s; expect(do_large_realloc_after_free, SIGABRT, "realloc of a freed block"); }
+static void small_realloc_after_free_is_detected(void **s) { (void)s; expect(do_small_realloc_after_free, SIGABRT, "realloc of a freed block"); }
+static void interior_realloc_is_detected(void **s) { (void)s; expect(do_interior_realloc, SIGABRT, "invalid realloc"); }
 static void guard_page_stops_overrun(void **s) { (void)s; expect(do_overrun_large, SIGSEGV, NULL); }
 
 static void slot_order_is_randomised(void **state)
@@ -140,6 +161,8 @@ int main(void)
         cmocka_unit_test(free_list_corruption_is_detected),
         cmocka_unit_test(large_double_free_is_detected),
         cmocka_unit_test(large_realloc_after_free_is_detected),
+        cmocka_unit_test(small_realloc_after_free_is_detected),
+        cmocka_unit_test(interior_realloc_is_detected),
         cmocka_unit_test(guard_page_stops_overrun),
         cmocka_unit_test(slot_order_is_randomised),
         cmocka_unit_test(ordinary_use_is_undisturbed),
