@@ -301,7 +301,7 @@ static void push_atomic(_Atomic(lum_block *) *list, lum_block *b)
 {
     lum_block *head = atomic_load_explicit(list, memory_order_relaxed);
     do {
-        b->next = head;
+        lum_remote_set_next(b, head);
     } while (!atomic_compare_exchange_weak_explicit(list, &head, b, memory_order_release,
                                                     memory_order_relaxed));
 }
@@ -344,7 +344,7 @@ static inline __attribute__((always_inline)) void free_remote(struct lum_page *p
             }
             head = NULL;
         }
-        b->next = head;
+        lum_remote_set_next(b, head);
         if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, b, memory_order_release,
                                                   memory_order_relaxed))
             break;
@@ -374,7 +374,7 @@ static void page_unmark_full(struct lum_page *page)
 static void forward_blocks(lum_block *b)
 {
     while (b) {
-        lum_block *next = b->next;
+        lum_block *next = lum_remote_next(b);
         free_remote(lum_page_of(b), b);
         b = next;
     }
@@ -657,7 +657,7 @@ static void drain_inbox(struct lum_heap *heap)
     if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
     lum_block *b = atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire);
     while (b) {
-        lum_block *next = b->next;
+        lum_block *next = lum_remote_next(b);
         struct lum_page *page = lum_page_of(b);
         if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap)
             lum_heap_local_free(heap, page, b);

@@ -433,6 +433,35 @@ static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, 
 }
 #endif
 
+/* Links of the lists other threads push blocks onto (a page's thread_free, a heap's inbox).
+ * Hardened: encoded with the key of the page of the block holding the link, as a page's own
+ * lists are, and checked when followed to be a carved block of a page of blocks; plain, a
+ * write into a block freed by another thread sent the owner to an address of the writer's
+ * choosing (a live block handed out twice, stores into the program's globals). */
+#if LUM_HARDENED
+static inline void lum_remote_set_next(lum_block *b, lum_block *next)
+{
+    lum_free_set_next(lum_page_of(b), b, next);
+}
+static inline lum_block *lum_remote_next(const lum_block *b)
+{
+    const struct lum_page *page = lum_page_of(b);
+    uintptr_t v = (uintptr_t)b->next ^ page->key ^ ((uintptr_t)b >> 4);
+    if (v) {
+        const struct lum_page *to = lum_page_of((const void *)v);
+        uintptr_t off = v - (uintptr_t)to->start;
+        if ((to->kind != LUM_PAGE_SMALL && to->kind != LUM_PAGE_SAMPLED) || !to->block_size ||
+            off % to->block_size || off >= (uintptr_t)to->carved * to->block_size)
+            lum_hardened_fail("free list corrupted (a block freed by another thread was written to) near", b,
+                              page->block_size);
+    }
+    return (lum_block *)v;
+}
+#else
+static inline void lum_remote_set_next(lum_block *b, lum_block *next) { b->next = next; }
+static inline lum_block *lum_remote_next(const lum_block *b) { return b->next; }
+#endif
+
 /* Returns block b to its page's free list (the owner, or the sampled-page lock, holds the page). */
 static inline void lum_page_push_free(struct lum_page *page, lum_block *b)
 {

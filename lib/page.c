@@ -103,9 +103,9 @@ uint32_t lum_page_collect(struct lum_page *page)
     if ((uintptr_t)atomic_load_explicit(&page->thread_free, memory_order_relaxed) <= 1) return 0;
     lum_block *list = atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
     uint32_t n = 0;
-    /* thread_free is linked plainly (pushed by other threads); re-link onto the page list */
+    /* thread_free is linked as other threads push (lum_remote_set_next); re-link onto the page list */
     while (list) {
-        lum_block *next = list->next;
+        lum_block *next = lum_remote_next(list);
 #if LUM_HARDENED
         lum_hardened_check_free(page, list);
 #endif

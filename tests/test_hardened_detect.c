@@ -1,6 +1,7 @@
 /* The hardened library catches what corrupts heaps: each detection is shown to fire (in a child
  * process, with its message checked) and ordinary use to be undisturbed. */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -90,6 +91,30 @@ static void do_interior_realloc(void)
     printf("%p\n", (void *)q);
 }
 
+static void *free_it(void *p)
+{
+    p_free(p);
+    return NULL;
+}
+
+/* A write into a block another thread freed (it waits on its page's list of remote frees):
+ * its link pointed the owner at a live block of the page, which malloc handed out a second
+ * time. */
+static void do_write_after_remote_free(void)
+{
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    char *v[64];
+    for (int i = 0; i < 64; i++) v[i] = calloc(1, 64);
+    for (int i = 10; i <= 20; i += 10) {
+        pthread_t t;
+        pthread_create(&t, NULL, free_it, v[i]);
+        pthread_join(t, NULL);
+    }
+    *(uintptr_t *)v[20] = (uintptr_t)v[30]; /* a live block's address */
+    for (int i = 0; i < 4096; i++)
+        if (p_malloc(64) == v[30]) printf("the live block handed out again\n");
+}
+
 static void do_overrun_large(void)
 {
     char *p = p_malloc(300000);
@@ -114,6 +139,7 @@ static void large_double_free_is_detected(void **s) { (void)s; expect(do_large_d
 static void large_realloc_after_free_is_detected(void **s) { (void)s; expect(do_large_realloc_after_free, SIGABRT, "realloc of a freed block"); }
 static void small_realloc_after_free_is_detected(void **s) { (void)s; expect(do_small_realloc_after_free, SIGABRT, "realloc of a freed block"); }
 static void interior_realloc_is_detected(void **s) { (void)s; expect(do_interior_realloc, SIGABRT, "invalid realloc"); }
+static void write_after_remote_free_is_detected(void **s) { (void)s; expect(do_write_after_remote_free, SIGABRT, "free list corrupted"); }
 static void guard_page_stops_overrun(void **s) { (void)s; expect(do_overrun_large, SIGSEGV, NULL); }
 
 static void slot_order_is_randomised(void **state)
@@ -163,6 +189,7 @@ int main(void)
         cmocka_unit_test(large_realloc_after_free_is_detected),
         cmocka_unit_test(small_realloc_after_free_is_detected),
         cmocka_unit_test(interior_realloc_is_detected),
+        cmocka_unit_test(write_after_remote_free_is_detected),
         cmocka_unit_test(guard_page_stops_overrun),
         cmocka_unit_test(slot_order_is_randomised),
         cmocka_unit_test(ordinary_use_is_undisturbed),
