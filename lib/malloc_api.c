@@ -113,21 +113,37 @@ LUM_EXPORT size_t lum_malloc_usable_size(const void *p)
     struct lum_page *page = lum_page_of(p);
     if (page->kind == LUM_PAGE_LARGE) return lum_large_usable(p);
     if (page->kind == LUM_PAGE_INVALID) return 0;
+#if LUM_HARDENED
+    lum_hardened_check_block(page, p, "malloc_usable_size of an address inside a block:",
+                             "malloc_usable_size of a freed block");
+#endif
     return page->block_size;
 }
 
-/* free_sized / free_aligned_sized (C23): the size is a promise we could check in hardened mode;
- * lookup by address is as cheap as trusting it. */
+/* free_sized / free_aligned_sized (C23): lookup by address is as cheap as trusting the size;
+ * the hardened library checks it against the block (no more than it holds: an aligned or a
+ * sampled block, or one realloc left in place, may hold more than was asked for). */
+static inline void check_size(const void *p, size_t size)
+{
+#if LUM_HARDENED
+    if (p && size > lum_malloc_usable_size(p))
+        lum_hardened_fail("free_sized with a size larger than the block at", p, lum_malloc_usable_size(p));
+#else
+    (void)p;
+    (void)size;
+#endif
+}
+
 LUM_EXPORT void lum_free_sized(void *p, size_t size)
 {
-    (void)size;
+    check_size(p, size);
     lum_free(p);
 }
 
 LUM_EXPORT void lum_free_aligned_sized(void *p, size_t alignment, size_t size)
 {
     (void)alignment;
-    (void)size;
+    check_size(p, size);
     lum_free(p);
 }
 

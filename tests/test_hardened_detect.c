@@ -115,6 +115,21 @@ static void do_write_after_remote_free(void)
         if (p_malloc(64) == v[30]) printf("the live block handed out again\n");
 }
 
+static void do_free_sized_too_large(void)
+{
+    char *p = p_malloc(64);
+    free_sized(p, 100000);
+}
+
+static void do_usable_size_of_freed(void)
+{
+    char *p = p_malloc(64);
+    char *q = p_malloc(64);
+    p_free(p);
+    p_free(q);
+    printf("%zu\n", malloc_usable_size(p));
+}
+
 static void do_overrun_large(void)
 {
     char *p = p_malloc(300000);
@@ -140,6 +155,8 @@ static void large_realloc_after_free_is_detected(void **s) { (void)s; expect(do_
 static void small_realloc_after_free_is_detected(void **s) { (void)s; expect(do_small_realloc_after_free, SIGABRT, "realloc of a freed block"); }
 static void interior_realloc_is_detected(void **s) { (void)s; expect(do_interior_realloc, SIGABRT, "invalid realloc"); }
 static void write_after_remote_free_is_detected(void **s) { (void)s; expect(do_write_after_remote_free, SIGABRT, "free list corrupted"); }
+static void free_sized_too_large_is_detected(void **s) { (void)s; expect(do_free_sized_too_large, SIGABRT, "free_sized with a size larger"); }
+static void usable_size_of_freed_is_detected(void **s) { (void)s; expect(do_usable_size_of_freed, SIGABRT, "malloc_usable_size of a freed block"); }
 static void guard_page_stops_overrun(void **s) { (void)s; expect(do_overrun_large, SIGSEGV, NULL); }
 
 static void slot_order_is_randomised(void **state)
@@ -190,6 +207,8 @@ int main(void)
         cmocka_unit_test(small_realloc_after_free_is_detected),
         cmocka_unit_test(interior_realloc_is_detected),
         cmocka_unit_test(write_after_remote_free_is_detected),
+        cmocka_unit_test(free_sized_too_large_is_detected),
+        cmocka_unit_test(usable_size_of_freed_is_detected),
         cmocka_unit_test(guard_page_stops_overrun),
         cmocka_unit_test(slot_order_is_randomised),
         cmocka_unit_test(ordinary_use_is_undisturbed),
