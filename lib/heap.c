@@ -712,10 +712,10 @@ static void adopt_locked(struct lum_heap *heap, struct lum_page *page)
  * Taken by the first thread to need the class, every one of those frees went to that thread's
  * pages as a remote free, to wait there until it came round to the page (larson, where each
  * generation of threads frees what the last one left: 1.3-1.6 MiB of freed blocks waited at
- * the peak, and the pages in use crept by a generation's holes).  Denser pages, if they have any room
- * (`any`), are taken only by a thread that already has a page of the class and would otherwise
- * map a new one: data nobody frees keeps its holes in use at the cost of one page per class and
- * thread. */
+ * the peak, and the pages in use crept by a generation's holes).  Denser pages, if they have
+ * any room (`any`), are taken only by a thread that already has a page of the class and would
+ * otherwise map a new one: data nobody frees keeps its holes in use at the cost of one page per
+ * class and thread. */
 static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls, bool any)
 {
     /* unlocked peek: a stale answer only delays adoption to the next slow path */
@@ -741,7 +741,7 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls, boo
 
 /* A free into a page nobody owns (its thread exited): in place, under the lock that guards
  * ownerless pages; the page stays abandoned until a thread needs room in its class
- * (abandoned_take).  It was once taken over by a freeing thread that allocates the class
+ * (adopt_abandoned).  It was once taken over by a freeing thread that allocates the class
  * (mimalloc's reclaim-on-free), to collect what others free there when it next looked for
  * room; but a thread served by its cache and current page never looks, and the page's other
  * blocks, freed by other threads, waited on its thread_free for as long as the thread lived:
