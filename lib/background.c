@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include "internal.h"
 #include "lumalloc.h"
@@ -31,6 +32,13 @@ static _Atomic int bg_running;    /* the thread exists: wake() may write to its 
  * thread can never hit a descriptor number the application has reused. */
 static _Atomic int lumalloc_bg_wake_fd = -1;
 static int psi_fd = -1;           /* owned by the background thread once it runs */
+/* Who our descriptors are: a program that closes every descriptor it did not open (a daemon's
+ * closefrom(3)) and then gets the same numbers back (1000 open files, a dup2) had the thread
+ * write counters into its files and sockets, read its data away, close its descriptors and
+ * spin on a regular file.  A descriptor is used only after it is checked to be ours still. */
+static uint64_t wake_fd_id;       /* the eventfd's "eventfd-id" (fdinfo), 0 if the kernel has none */
+static dev_t psi_dev;
+static ino_t psi_ino;
 static _Atomic int dirty;         /* free memory not yet purged since the thread last looked */
 static _Atomic int pressure_requested;
 static char psi_path[256];
@@ -103,6 +111,32 @@ static size_t release_everything(uint32_t reason)
     return released;
 }
 
+/* Whether fd is our eventfd: its fdinfo names an eventfd, with our id where the kernel gives
+ * one (raw reads: this runs inside free()). */
+static bool wake_fd_ours(int fd, uint64_t *id_out)
+{
+    char path[48], buf[512];
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0) return false;
+    ssize_t n = read(f, buf, sizeof buf - 1);
+    close(f);
+    if (n <= 0) return false;
+    buf[n] = 0;
+    if (!strstr(buf, "eventfd-count:")) return false;
+    const char *id = strstr(buf, "eventfd-id:");
+    uint64_t v = id ? strtoull(id + 11, NULL, 10) : 0;
+    if (id_out) *id_out = v;
+    return id_out || v == wake_fd_id;
+}
+
+/* Whether psi_fd is the pressure file we opened. */
+static bool psi_fd_ours(int fd)
+{
+    struct stat st;
+    return fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == psi_dev && st.st_ino == psi_ino;
+}
+
 /* The thread's descriptors live high (from LUM_BG_FD_MIN, or as opened when the limit is lower):
  * open() takes the lowest free number, so a program that closes descriptors it does not own
  * (a closefrom(3) sweep, a double close) does not then find its own files behind ours.  At
@@ -127,8 +161,11 @@ static void *bg_main(void *arg)
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* never steal the application's signals */
     uint64_t last_total = psi_fd >= 0 ? psi_total_us() : 0;
     for (;;) {
+        wake_fd = atomic_load(&lumalloc_bg_wake_fd); /* -1 once wake() found it was not ours */
         struct pollfd fds[2] = { { .fd = wake_fd, .events = POLLIN }, { .fd = psi_fd, .events = POLLPRI } };
-        int timeout = wake_fd >= 0 ? -1 : 1000; /* without a wake-up, look every second */
+        /* without a wake-up, look every second; with one, still every 10 s: a poll started on
+         * our eventfd sleeps on, unwoken, once the program has closed it */
+        int timeout = wake_fd >= 0 ? 10000 : 1000;
         if (atomic_load(&dirty)) {
             uint64_t half = lum_opt.decay_ms / 2;
             timeout = half < 10 ? 10 : half > 60000 ? 60000 : (int)half;
@@ -143,7 +180,14 @@ static void *bg_main(void *arg)
         if (n > 0 && psi_fd >= 0 && (fds[1].revents & POLLNVAL)) __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED);
         if (n > 0 && (fds[0].revents & POLLIN)) {
             uint64_t v;
-            if (read(wake_fd, &v, sizeof v) < 0) { /* nothing to do: a spurious wake */ }
+            if (!wake_fd_ours(wake_fd, NULL)) {
+                atomic_store(&lumalloc_bg_wake_fd, -1);
+                wake_fd = -1;
+            } else if (read(wake_fd, &v, sizeof v) < 0) { /* nothing to do: a spurious wake */ }
+        }
+        if (n > 0 && psi_fd >= 0 && (fds[1].revents & (POLLPRI | POLLERR | POLLHUP)) && !psi_fd_ours(psi_fd)) {
+            __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED); /* the program's now: left alone */
+            fds[1].revents = 0;
         }
         bool pressure = atomic_exchange(&pressure_requested, 0);
         uint64_t stall = 0;
@@ -187,6 +231,12 @@ static void bg_start(void)
     int fd = fd_high(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (fd < 0) { atomic_store(&bg_state, 2); return; }
     psi_fd = lum_opt.psi ? fd_high(open_psi_trigger()) : -1;
+    struct stat st;
+    if (psi_fd >= 0 && fstat(psi_fd, &st) == 0) {
+        psi_dev = st.st_dev;
+        psi_ino = st.st_ino;
+    }
+    if (!wake_fd_ours(fd, &wake_fd_id)) wake_fd_id = 0;
     atomic_store(&lumalloc_bg_wake_fd, fd); /* read by bg_main; wake() waits for bg_running */
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -228,7 +278,12 @@ static void wake(void)
     if (!atomic_load_explicit(&bg_running, memory_order_acquire)) return;
     int fd = atomic_load_explicit(&lumalloc_bg_wake_fd, memory_order_relaxed);
     uint64_t one = 1;
-    if (fd >= 0 && write(fd, &one, sizeof one) < 0) { /* counter full: the thread is awake anyway */ }
+    if (fd < 0) return;
+    if (!wake_fd_ours(fd, NULL)) {
+        atomic_store(&lumalloc_bg_wake_fd, -1); /* the thread looks every second from now on */
+        return;
+    }
+    if (write(fd, &one, sizeof one) < 0) { /* counter full: the thread is awake anyway */ }
 }
 
 /* Free memory appeared that decay should return later: wake the thread once per clean state. */
@@ -309,8 +364,8 @@ void lum_background_after_fork_child(void)
 {
     /* whatever the parent's thread was doing (even half started), the child has none */
     int fd = atomic_exchange(&lumalloc_bg_wake_fd, -1);
-    if (fd >= 0) close(fd);
-    if (psi_fd >= 0) close(psi_fd);
+    if (fd >= 0 && wake_fd_ours(fd, NULL)) close(fd);
+    if (psi_fd_ours(psi_fd)) close(psi_fd);
     psi_fd = -1;
     atomic_store(&bg_running, 0);
     atomic_store(&dirty, 0);

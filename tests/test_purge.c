@@ -16,6 +16,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include "lumalloc.h"
@@ -305,6 +306,44 @@ static void background_fds_stay_out_of_the_way(void **state)
     assert_int_equal(fstat(fd, &st), 0);
     assert_int_equal(st.st_size, 0);
     close(fd);
+    /* A sweep that closes the thread's own descriptors too (closefrom(3)), then the program's
+     * descriptors at the same numbers: a socket where the eventfd was, a file where the
+     * pressure trigger was.  The thread wrote its counters into them, read the socket's data
+     * away and closed the file when it saw the socket's peer go. */
+    for (int i = 3; i < 4096; i++) close(i);
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    char fname[] = "/tmp/test_purge.XXXXXX";
+    int file = mkstemp(fname);
+    assert_true(file >= 0);
+    unlink(fname);
+    assert_int_equal(dup2(sv[0], 1000), 1000);
+    assert_int_equal(dup2(file, 1001), 1001);
+    close(sv[0]);
+    close(file);
+    long sent = 0, got = 0;
+    char buf[4096];
+    for (int r = 0; r < 20; r++) {
+        sent += write(sv[1], "0123456789abcdef", 16);
+        void *v[40];
+        for (int i = 0; i < 40; i++) v[i] = p_malloc(1 << 20);
+        for (int i = 0; i < 40; i++) free(v[i]); /* dirty memory: wakes the thread */
+        usleep(10 * 1000);
+        ssize_t m;
+        while ((m = recv(1000, buf, sizeof buf, MSG_DONTWAIT)) > 0) got += m;
+    }
+    lum_memory_pressure();
+    usleep(50 * 1000);
+    printf("# descriptors reused after a sweep: %ld bytes sent, %ld received\n", sent, got);
+    assert_int_equal(got, sent);
+    assert_int_equal(recv(sv[1], buf, sizeof buf, MSG_DONTWAIT), -1); /* nothing came back */
+    assert_int_equal(fstat(1001, &st), 0);
+    assert_int_equal(st.st_size, 0);
+    close(sv[1]); /* the peer goes */
+    usleep(50 * 1000);
+    assert_int_equal(fcntl(1001, F_GETFD) >= 0, 1);
+    close(1000);
+    close(1001);
 }
 
 static void madv_free_mode_works(void **state)
