@@ -189,6 +189,11 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
             if (q) return q;
         }
         old = lum_large_usable(p);
+        /* Copied (always, in the hardened library: mremap cannot move its guard pages), growth
+         * by small steps copied the whole block at every step: an 8 MiB buffer grown 4 KiB at a
+         * time took 3 s, awk on a 30 MB line 44 s.  Half as much again leaves room for the
+         * next steps, the room untouched (not resident) until written. */
+        if (size > old && size - old < old / 2) want = old + old / 2;
     } else {
         old = page->block_size;
         /* same class, or shrinking by less than half: stay put */
