@@ -82,6 +82,26 @@ static bool cache_put(uint8_t *addr, size_t len, uint64_t origin)
     struct piece evict[CACHE_SLOTS];
     unsigned n = 0;
     lum_lock(&lum_large_lock);
+#if !LUM_HARDENED
+    /* A range that touches a cached range of its mapping joins it: the block a cached range
+     * served from its head goes back beside the rest it left.  Kept apart, the pieces only
+     * shrank, and a block larger than each grew the largest with new memory: one temporary
+     * buffer of 256 KiB-5 MB at a time, written whole, faulted 117 pages a buffer (glibc 2, as
+     * its heap coalesces). */
+    for (unsigned i = 0; i < npieces; i++) {
+        struct piece *q = &pieces[i];
+        if (q->origin != origin || (q->addr + q->len != addr && addr + len != q->addr)) continue;
+        if (q->addr < addr) addr = q->addr;
+        len += q->len;
+        piece_remove(i);
+        i = (unsigned)-1; /* the joined range may touch another */
+    }
+    if (len > lum_opt.large_cache) {
+        lum_unlock(&lum_large_lock);
+        unmap_range(addr, len);
+        return true;
+    }
+#endif
     if (lum_large_cached + len > lum_opt.large_cache)
         n = evict_locked(lum_opt.large_cache - len, evict);
     if (npieces == CACHE_SLOTS) {
@@ -205,7 +225,10 @@ static uint8_t *cache_take(size_t *map_size, uint64_t *origin, size_t *reused, s
         struct piece *p = &pieces[fit_aligned >= 0 ? fit_aligned : fit];
         got = *p;
         how = fit_aligned >= 0 ? IN_PLACE : MOVE;
-        if (p->len - want >= PIECE_MIN) {
+        /* cut only a range of twice the block or more: a little more room for a block is a
+         * range kept whole for the next, larger one (what comes back joins what stayed, see
+         * cache_put; a cut in two that then served a larger block grew one with new memory) */
+        if (p->len - want >= PIECE_MIN && p->len - want >= want) {
             got.len = want;
             __atomic_sub_fetch(&lum_large_cached, want, __ATOMIC_RELAXED);
             p->len -= want;

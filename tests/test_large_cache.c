@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <cmocka.h>
 #include "lumalloc.h"
 #include "lumalloc_options.h"
@@ -234,6 +235,39 @@ static void calloc_leaves_fresh_memory_untouched(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+static long minor_faults(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_minflt;
+}
+
+/* One temporary buffer at a time, of a size that varies (256 KiB to 5 MB), written whole: a
+ * block served from a cached range's head goes back beside the rest it left and joins it, so
+ * the cache keeps a range as large as the largest buffer.  Kept apart, the pieces only shrank
+ * and larger buffers grew one with new memory: 117 faults a buffer, glibc 2. */
+static void varying_temporary_buffers_reuse_their_memory(void **state)
+{
+    (void)state;
+    lum_purge();
+    unsigned x = 1;
+    void *v = NULL;
+    long before = 0;
+    for (int i = 0; i < 400; i++) {
+        if (i == 100) before = minor_faults(); /* after the first hundred: the cache has grown */
+        x = x * 1103515245 + 12345;
+        size_t n = 262145 + (x >> 4) % (5000000 - 262145);
+        free(v);
+        v = p_malloc(n);
+        assert_non_null(v);
+        memset(v, 1, n);
+    }
+    long faults = minor_faults() - before;
+    printf("# 300 buffers of 256 KiB-5 MB, one at a time: %ld page faults\n", faults);
+    free(v);
+    assert_true(faults < 3000); /* ~190k pages written */
+}
+
 /* The syscalls behind a large block (a mapping hint the kernel declines, an in-place mremap
  * before a move, naming the mapping) leave the caller's errno alone when the call succeeds. */
 static void success_leaves_errno_alone(void **state)
@@ -268,6 +302,7 @@ int main(void)
         cmocka_unit_test(a_refused_request_is_no_peak),
         cmocka_unit_test(calloc_leaves_fresh_memory_untouched),
         cmocka_unit_test(success_leaves_errno_alone),
+        cmocka_unit_test(varying_temporary_buffers_reuse_their_memory),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
