@@ -1,9 +1,9 @@
 /* The background thread: returns decayed memory while the program is idle, and releases every
  * cache at once when the kernel reports memory pressure (a PSI trigger).
  *
- * It starts lazily, the first time lumalloc has mapped LUM_BG_START_BYTES: short-lived and
- * small processes never get a thread, and nothing is started while both LUMALLOC_PSI and
- * LUMALLOC_BACKGROUND_PURGE are off. */
+ * It starts lazily, the first time lumalloc has mapped LUM_BG_START_BYTES or has
+ * LUM_BG_START_LARGE in large blocks: short-lived and small processes never get a thread, and
+ * nothing is started while both LUMALLOC_PSI and LUMALLOC_BACKGROUND_PURGE are off. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -265,11 +265,11 @@ static void bg_start(void)
 }
 
 /* From the malloc slow path: cheap unless this is the moment to start. */
-void lum_background_maybe_start(void)
+void lum_background_maybe_start(size_t more_large)
 {
     if (LUM_LIKELY(atomic_load_explicit(&bg_state, memory_order_relaxed) != 0)) return;
     if (!lum_opt.psi && !lum_opt.background_purge) return;
-    if (__atomic_load_n(&lumalloc_registry.global.mapped_bytes, __ATOMIC_RELAXED) < LUM_BG_START_BYTES) return;
+    if (!lum_background_due(more_large)) return;
     bg_start();
 }
 

@@ -604,15 +604,27 @@ static inline void lum_sampled_count(struct lum_heap *heap, const struct lum_pag
 }
 
 /* ---- background.c ---- */
-void lum_background_maybe_start(void);
-/* lumalloc starts the background thread once it has mapped this much */
+void lum_background_maybe_start(size_t more_large);
+/* lumalloc starts the background thread once it has mapped this much, or has this much in
+ * large blocks, live (about to be freed) or cached (freed blocks' mappings, which only the
+ * thread's decay empties while the program maps nothing new: python3 that had read a 25 MB
+ * file kept 56 MiB resident for good).  malloc's slow path and the large path look. */
 #define LUM_BG_START_BYTES ((uint64_t)64 << 20)
-/* For the malloc slow path: below the start threshold (most processes, all their lives) one
- * load instead of a call that reads three variables. */
+#define LUM_BG_START_LARGE ((uint64_t)16 << 20)
+/* freed mappings kept resident: what lum_dirty_limit_check(false) looks at (its floor) */
+extern LUM_HIDDEN size_t lum_large_cached;
+static inline bool lum_background_due(size_t more_large)
+{
+    return __atomic_load_n(&lumalloc_registry.global.mapped_bytes, __ATOMIC_RELAXED) >= LUM_BG_START_BYTES ||
+           __atomic_load_n(&lumalloc_registry.global.large_live_bytes, __ATOMIC_RELAXED) +
+                   __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) + more_large >= LUM_BG_START_LARGE;
+}
+/* For the malloc slow path: below the start thresholds (most processes, all their lives) two
+ * loads instead of a call that reads four variables. */
 static inline void lum_background_poll(void)
 {
-    if (LUM_UNLIKELY(__atomic_load_n(&lumalloc_registry.global.mapped_bytes, __ATOMIC_RELAXED) >= LUM_BG_START_BYTES))
-        lum_background_maybe_start();
+    if (LUM_UNLIKELY(lum_background_due(0)))
+        lum_background_maybe_start(0);
 }
 void lum_background_note_dirty(void);
 void lum_background_after_fork_child(void);
@@ -640,8 +652,6 @@ size_t lum_large_usable(const void *p);
 size_t lum_large_cache_purge(void);
 size_t lum_large_cache_purge_idle(uint64_t min_age);
 size_t lum_large_cache_decay(void);
-/* freed mappings kept resident: what lum_dirty_limit_check(false) looks at (its floor) */
-extern LUM_HIDDEN size_t lum_large_cached;
 /* Inline: the segment path reads it, and nothing else of large.c's runs in a program without
  * large blocks (its text is warm, lib/CMakeLists.txt). */
 static inline size_t lum_large_cache_bytes(void)

@@ -342,6 +342,7 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     /* A cached range comes 4 MiB-aligned (cache_take), so its byte at offset has any alignment
      * up to that: posix_memalign'd buffers (64 KiB, 2 MiB for huge pages) are reused too. */
     int caller_errno = errno; /* the hint mmap's EEXIST and the like are no news to the caller */
+    lum_background_maybe_start(usable); /* before anything is touched: it may allocate */
     if (alignment <= LUM_SEGMENT_SIZE && (base = cache_take(&map_size, &origin, &reused, 0, 0)) != NULL) {
         l = (struct lum_large *)(base + LUM_HEADER_OFFSET);
         header_init(l); /* a range cut from a cached one has none */

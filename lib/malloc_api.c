@@ -158,7 +158,6 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
     if (bytes > lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_is_armed() &&
         heap != &lum_empty_heap) {
         /* fresh mappings are already zero: only a recycled one is cleared */
-        lum_background_maybe_start();
         void *p = lum_large_alloc(heap, bytes, 0, true, true);
         return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
     }
