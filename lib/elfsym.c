@@ -120,7 +120,7 @@ static bool lookup(const struct elf_file *f, uintptr_t rel, char *name, size_t l
     if (memcmp(eh->e_ident, ELFMAG, SELFMAG) || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
         eh->e_shentsize != sizeof(ElfW(Shdr)) || !in_file(f, eh->e_shoff, (uint64_t)eh->e_shnum * sizeof(ElfW(Shdr))))
         return false;
-    uint64_t best = UINT64_MAX;
+    uint64_t best = UINT64_MAX, best_size = 0;
     const char *best_name = NULL;
     size_t best_max = 0;
     for (unsigned i = 0; i < eh->e_shnum; i++) {
@@ -140,11 +140,14 @@ static bool lookup(const struct elf_file *f, uintptr_t rel, char *name, size_t l
                 sym[k].st_value > rel || rel - sym[k].st_value >= best || sym[k].st_name >= str->sh_size)
                 continue;
             best = rel - sym[k].st_value;
+            best_size = sym[k].st_size;
             best_name = strtab + sym[k].st_name;
             best_max = str->sh_size - sym[k].st_name;
         }
     }
-    if (!best_name || !best_max || !best_name[0])
+    /* past the closest function's end: code no symbol names (a stripped object's local
+     * function), not that function's */
+    if (!best_name || !best_max || !best_name[0] || (best_size && best >= best_size))
         return false;
     size_t l = strnlen(best_name, best_max);
     if (l >= len)
