@@ -61,21 +61,29 @@ static void growth_is_populated(void **state)
     free(b);
 }
 
+/* Grows a written block of from bytes to to bytes; asserts that some but at most `most`
+ * bytes (and the header's page) of what follows the old size are resident. */
+static void grow_and_check_ahead(size_t from, size_t to, size_t most)
+{
+    lum_purge();
+    unsigned char *a = p_malloc(from);
+    assert_non_null(a);
+    memset(a, 7, from);
+    unsigned char *b = p_realloc(a, to);
+    assert_non_null(b);
+    size_t resident = resident_pages(b + from, to - from - 4096);
+    assert_true(resident > 0);
+    assert_true(resident <= (most + 8192) / 4096);
+    assert_int_equal(b[from - 1], 7);
+    free(b);
+}
+
+/* A program that reserves capacity: what follows the old size is populated up to the old size,
+ * no more. */
 static void growth_far_beyond_the_block_stays_lazy(void **state)
 {
     (void)state;
-    lum_purge();
-    unsigned char *a = p_malloc(1 << 20);
-    assert_non_null(a);
-    memset(a, 7, 1 << 20);
-    unsigned char *b = p_realloc(a, 8 << 20);
-    assert_non_null(b);
-    /* what follows the old size: populated up to the old size (and the header's page), no more */
-    size_t resident = resident_pages(b + (1 << 20), (7 << 20) - 4096);
-    assert_true(resident <= ((1 << 20) + 8192) / 4096);
-    assert_true(resident > 0);
-    assert_int_equal(b[(1 << 20) - 1], 7);
-    free(b);
+    grow_and_check_ahead(1 << 20, 8 << 20, 1 << 20);
 }
 
 /* A buffer that doubles when full is written up to somewhere in its new half: populated whole,
@@ -83,17 +91,7 @@ static void growth_far_beyond_the_block_stays_lazy(void **state)
 static void doubling_populates_a_little_ahead(void **state)
 {
     (void)state;
-    lum_purge();
-    unsigned char *a = p_malloc(8 << 20);
-    assert_non_null(a);
-    memset(a, 7, 8 << 20);
-    unsigned char *b = p_realloc(a, 16 << 20);
-    assert_non_null(b);
-    size_t resident = resident_pages(b + (8 << 20), (8 << 20) - 4096);
-    assert_true(resident > 0);
-    assert_true(resident <= ((2 << 20) + 8192) / 4096);
-    assert_int_equal(b[(8 << 20) - 1], 7);
-    free(b);
+    grow_and_check_ahead(8 << 20, 16 << 20, 2 << 20);
 }
 
 int main(void)
