@@ -111,9 +111,9 @@ static size_t release_everything(uint32_t reason)
     return released;
 }
 
-/* Whether fd is our eventfd: its fdinfo names an eventfd, with our id where the kernel gives
- * one (raw reads: this runs inside free()). */
-static bool wake_fd_ours(int fd, uint64_t *id_out)
+/* Whether fd is an eventfd, by its fdinfo; *id: its "eventfd-id", 0 where the kernel gives
+ * none (plain reads and no allocation: this runs inside free()). */
+static bool eventfd_id(int fd, uint64_t *id)
 {
     char path[48], buf[512];
     snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
@@ -124,10 +124,16 @@ static bool wake_fd_ours(int fd, uint64_t *id_out)
     if (n <= 0) return false;
     buf[n] = 0;
     if (!strstr(buf, "eventfd-count:")) return false;
-    const char *id = strstr(buf, "eventfd-id:");
-    uint64_t v = id ? strtoull(id + 11, NULL, 10) : 0;
-    if (id_out) *id_out = v;
-    return id_out || v == wake_fd_id;
+    const char *at = strstr(buf, "eventfd-id:");
+    *id = at ? strtoull(at + 11, NULL, 10) : 0;
+    return true;
+}
+
+/* Whether fd is still our eventfd (by its id where the kernel gives one, else any eventfd). */
+static bool wake_fd_ours(int fd)
+{
+    uint64_t id;
+    return eventfd_id(fd, &id) && id == wake_fd_id;
 }
 
 /* Whether psi_fd is the pressure file we opened. */
@@ -180,7 +186,7 @@ static void *bg_main(void *arg)
         if (n > 0 && psi_fd >= 0 && (fds[1].revents & POLLNVAL)) __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED);
         if (n > 0 && (fds[0].revents & POLLIN)) {
             uint64_t v;
-            if (!wake_fd_ours(wake_fd, NULL)) {
+            if (!wake_fd_ours(wake_fd)) {
                 atomic_store(&lumalloc_bg_wake_fd, -1);
                 wake_fd = -1;
             } else if (read(wake_fd, &v, sizeof v) < 0) { /* nothing to do: a spurious wake */ }
@@ -236,7 +242,7 @@ static void bg_start(void)
         psi_dev = st.st_dev;
         psi_ino = st.st_ino;
     }
-    if (!wake_fd_ours(fd, &wake_fd_id)) wake_fd_id = 0;
+    if (!eventfd_id(fd, &wake_fd_id)) wake_fd_id = 0;
     atomic_store(&lumalloc_bg_wake_fd, fd); /* read by bg_main; wake() waits for bg_running */
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -279,7 +285,7 @@ static void wake(void)
     int fd = atomic_load_explicit(&lumalloc_bg_wake_fd, memory_order_relaxed);
     uint64_t one = 1;
     if (fd < 0) return;
-    if (!wake_fd_ours(fd, NULL)) {
+    if (!wake_fd_ours(fd)) {
         atomic_store(&lumalloc_bg_wake_fd, -1); /* the thread looks every second from now on */
         return;
     }
@@ -364,7 +370,7 @@ void lum_background_after_fork_child(void)
 {
     /* whatever the parent's thread was doing (even half started), the child has none */
     int fd = atomic_exchange(&lumalloc_bg_wake_fd, -1);
-    if (fd >= 0 && wake_fd_ours(fd, NULL)) close(fd);
+    if (fd >= 0 && wake_fd_ours(fd)) close(fd);
     if (psi_fd_ours(psi_fd)) close(psi_fd);
     psi_fd = -1;
     atomic_store(&bg_running, 0);

@@ -297,11 +297,12 @@ struct lum_heap *lum_heap_get(void)
 
 /* ---- cross-thread frees ---- */
 
-static void push_atomic(_Atomic(lum_block *) *list, lum_block *b)
+/* Pushes b, a block of page, onto list (an inbox). */
+static void push_atomic(_Atomic(lum_block *) *list, const struct lum_page *page, lum_block *b)
 {
     lum_block *head = atomic_load_explicit(list, memory_order_relaxed);
     do {
-        lum_remote_set_next(b, head);
+        lum_remote_set_next(page, b, head);
     } while (!atomic_compare_exchange_weak_explicit(list, &head, b, memory_order_release,
                                                     memory_order_relaxed));
 }
@@ -332,7 +333,7 @@ static inline __attribute__((always_inline)) void free_remote(struct lum_page *p
              * hands since the load above; a stale owner's inbox forwards, see drain_inbox) */
             owner = atomic_load_explicit(&page->owner, memory_order_acquire);
             if (owner) {
-                push_atomic(&owner->inbox, b);
+                push_atomic(&owner->inbox, page, b);
                 /* The owner may be exiting: it clears alive and then drains its inbox a last
                  * time.  With a full fence on each side, either that drain sees this block or
                  * this load sees alive clear and the block is sent on here; otherwise it would
@@ -344,7 +345,7 @@ static inline __attribute__((always_inline)) void free_remote(struct lum_page *p
             }
             head = NULL;
         }
-        lum_remote_set_next(b, head);
+        lum_remote_set_next(page, b, head);
         if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, b, memory_order_release,
                                                   memory_order_relaxed))
             break;
@@ -1092,9 +1093,10 @@ give_back: /* the charge was the page's block_size, its class's size */
     return lum_malloc_slow(size, 0);
 }
 
+static void *late_alloc(size_t size, size_t alignment);
+
 /* Everything malloc's fast path does not handle: first use, sampling, failure injection,
  * large and aligned requests, exhausted pages. */
-static void *late_alloc(size_t size, size_t alignment);
 LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
 {
     struct lum_heap *heap = lum_tls_heap;

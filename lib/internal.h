@@ -439,9 +439,9 @@ static inline void lum_free_set_next(const struct lum_page *page, lum_block *b, 
  * write into a block freed by another thread sent the owner to an address of the writer's
  * choosing (a live block handed out twice, stores into the program's globals). */
 #if LUM_HARDENED
-static inline void lum_remote_set_next(lum_block *b, lum_block *next)
+static inline void lum_remote_set_next(const struct lum_page *page, lum_block *b, lum_block *next)
 {
-    lum_free_set_next(lum_page_of(b), b, next);
+    lum_free_set_next(page, b, next);
 }
 static inline lum_block *lum_remote_next(const lum_block *b)
 {
@@ -458,7 +458,11 @@ static inline lum_block *lum_remote_next(const lum_block *b)
     return (lum_block *)v;
 }
 #else
-static inline void lum_remote_set_next(lum_block *b, lum_block *next) { b->next = next; }
+static inline void lum_remote_set_next(const struct lum_page *page, lum_block *b, lum_block *next)
+{
+    (void)page;
+    b->next = next;
+}
 static inline lum_block *lum_remote_next(const lum_block *b) { return b->next; }
 #endif
 

@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <cmocka.h>
+#include "test_support.h"
 #include "lumalloc.h"
 #include "lumalloc_options.h"
 #include "lumalloc_stats.h"
@@ -201,18 +202,6 @@ static void a_refused_request_is_no_peak(void **state)
     for (size_t i = 0; i < 24 << 20; i += 4093) assert_int_equal(c[i], 2);
     free(c);
     assert_int_equal(lum_heap_check(1), 0);
-}
-
-static size_t resident_bytes(const void *p, size_t n)
-{
-    static unsigned char vec[(32 << 20) / 4096];
-    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095;
-    size_t pages = (n + ((uintptr_t)p - a) + 4095) / 4096;
-    assert_true(pages <= sizeof vec);
-    assert_int_equal(mincore((void *)a, pages * 4096, vec), 0);
-    size_t c = 0;
-    for (size_t i = 0; i < pages; i++) c += vec[i] & 1;
-    return c * 4096;
 }
 
 /* A cached range that cannot serve (part of it madvised: two mappings, which mremap will not

@@ -76,17 +76,6 @@ static void remote_frees_are_reused_before_fresh_carving(void **state)
     lum_options_set("sample_interval", "512k");
 }
 
-static size_t resident_bytes(const void *p, size_t len)
-{
-    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095, e = ((uintptr_t)p + len + 4095) & ~(uintptr_t)4095;
-    static unsigned char vec[1024];
-    assert_true((e - a) / 4096 <= sizeof vec);
-    assert_int_equal(mincore((void *)a, e - a, vec), 0);
-    size_t n = 0;
-    for (size_t i = 0; i < (e - a) / 4096; i++) n += vec[i] & 1;
-    return n * 4096;
-}
-
 /* A block of the size that the sampler took (the interval is set to 1 byte: the next one is). */
 static char *sampled_block(size_t size)
 {

@@ -1,10 +1,12 @@
 /* What several unit tests share: whether they run under ThreadSanitizer, a cheap random
- * sequence, and a child process whose stderr is read back.  Include after cmocka.h. */
+ * sequence, a child process whose stderr is read back, and what of a range is resident.
+ * Include after cmocka.h. */
 #ifndef LUM_TEST_SUPPORT_H
 #define LUM_TEST_SUPPORT_H
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -72,5 +74,17 @@ static inline int fill_until_new_page_in(void **v, int max, void *(*alloc)(size_
     return 0;
 }
 #endif
+
+/* Resident bytes of the 4 KiB pages [p, p + len) touches (mincore), for ranges up to 32 MiB. */
+static inline size_t resident_bytes(const void *p, size_t len)
+{
+    static unsigned char vec[(32 << 20) / 4096];
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095, e = ((uintptr_t)p + len + 4095) & ~(uintptr_t)4095;
+    assert_true((e - a) / 4096 <= sizeof vec);
+    assert_int_equal(mincore((void *)a, e - a, vec), 0);
+    size_t n = 0;
+    for (size_t i = 0; i < (e - a) / 4096; i++) n += vec[i] & 1;
+    return n * 4096;
+}
 
 #endif
