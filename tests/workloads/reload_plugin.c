@@ -13,7 +13,8 @@ static void *fail_in(const char *path) {
   Dl_info di;
   dladdr((void *)f, &di);
   f();
-  usleep(200000);
+  /* loaded long enough for a tracer that lags (a loaded machine) to read the mappings */
+  usleep(1000000);
   dlclose(h);
   return di.dli_fbase;
 }
