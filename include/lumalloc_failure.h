@@ -23,7 +23,8 @@ extern "C" {
 /* Process-wide: the n-th allocation from now (1 = the next one), in any thread, fails; once.
  * 0 disarms.  LUMALLOC_FAIL_NTH=n does this at start-up (counting from the first allocation).
  * When armed at run time, the calling thread counts at once; other threads join the count at
- * their next slow-path allocation (at most one sampling interval later). */
+ * their next slow-path allocation (at most one sampling interval or 4 MiB of their
+ * allocations later, whichever is less; with sampling off, 4 MiB). */
 void lum_fail_nth(uint64_t n);
 
 /* Calling thread: n allocations succeed, then the next one fails; once.  Disarms itself. */

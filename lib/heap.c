@@ -141,12 +141,22 @@ void lum_global_init(void)
 
 /* sample_left for a point drawn `after` bytes (below SAMPLE_AFTER_MAX) from where the counter
  * stands (the allocation being made will count them): the point itself is the byte no
- * allocation may reach unsampled.  LUM_SAMPLE_OFF when sampling is off. */
+ * allocation may reach unsampled; or where to draw again (LUM_SAMPLE_RECHECK). */
 static inline __attribute__((always_inline)) int64_t next_point(struct lum_heap *heap, uint64_t after)
 {
-    int64_t interval = lum_sampler_draw(&heap->rng);
-    if (interval == INT64_MAX) return LUM_SAMPLE_OFF;
+    /* the epoch first: an interval changed in between makes this point stale, never one drawn
+     * with the old interval current */
+    heap->sample_epoch = __atomic_load_n(&lum_sample_epoch, __ATOMIC_ACQUIRE);
+    int64_t interval = lum_sampler_draw(&heap->rng); /* INT64_MAX: sampling off */
+    heap->sample_recheck = interval > LUM_SAMPLE_RECHECK;
+    if (heap->sample_recheck) interval = LUM_SAMPLE_RECHECK;
     return interval + (int64_t)after - 1;
+}
+
+/* Whether the point in sample_left is not one to sample at (see lum_sample_epoch). */
+static inline bool point_stale(const struct lum_heap *heap)
+{
+    return heap->sample_recheck | (heap->sample_epoch != __atomic_load_n(&lum_sample_epoch, __ATOMIC_RELAXED));
 }
 
 /* next_point for any size, or LUM_SAMPLE_FORCED while failure injection needs every
@@ -163,6 +173,14 @@ void lum_heap_force_slow(void)
     if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->sample_left = LUM_SAMPLE_FORCED;
 }
 
+uint32_t lum_sample_epoch;
+
+void lum_heap_interval_changed(void)
+{
+    __atomic_fetch_add(&lum_sample_epoch, 1, __ATOMIC_RELEASE);
+    lum_heap_force_slow();
+}
+
 /* Decides whether an allocation whose ordinary block is `window` bytes is sampled: it is when
  * the next sample point falls inside it (probability 1 - exp(-window / interval), which the
  * sampler's weight inverts).  A sampled block may be larger (`advance`, the bytes the counter
@@ -175,6 +193,10 @@ static inline bool take_sample(struct lum_heap *heap, size_t window, size_t adva
         return false;
     }
     if (left >= 0 && (uint64_t)left >= window) return false;
+    if (LUM_UNLIKELY(point_stale(heap))) {
+        heap->sample_left = next_sample_after(heap, window);
+        return false;
+    }
     heap->sample_left = next_sample_after(heap, advance);
     return true;
 }
@@ -977,7 +999,7 @@ static unsigned class_for_alignment(size_t size, size_t alignment)
 void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err)
 {
     if (heap) LUM_OWN_ADD(heap->tc.failures, 1);
-    lum_on_alloc_failure(heap ? &heap->tc : NULL, size, alignment, err);
+    lum_on_alloc_failure(heap ? &heap->tc : NULL, lum_requested(heap, size), alignment, err);
     errno = err;
     return NULL;
 }
@@ -1014,7 +1036,7 @@ static LUM_NOINLINE void *sample_alloc(struct lum_heap *heap, size_t size, unsig
     if (!take_sample(heap, lum_class_size[cls], lum_class_size[scls])) return NULL;
     struct lum_sample_rec *rec;
     void *p = lum_sampled_alloc(heap, scls, &rec);
-    if (p) record_sample(heap, p, size, cls, rec);
+    if (p) record_sample(heap, p, lum_requested(heap, size), cls, rec);
     return p;
 }
 
@@ -1054,7 +1076,8 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
      * first use's too. */
     if (LUM_UNLIKELY(lum_sample_forced(left))) return lum_malloc_slow(size, 0);
     /* left >= 0: no point inside the block after all (a check only) */
-    if (LUM_UNLIKELY(left >= 0 || lum_fail_is_armed() || lum_warns_large(size))) goto give_back;
+    if (LUM_UNLIKELY(left >= 0 || lum_fail_is_armed() || lum_warns_large(size) || point_stale(heap)))
+        goto give_back;
     /* take_sample's work, its checks done above; the next point is drawn from where the
      * counter will stand after the sampled block (the ordinary block's charge is dropped) */
     unsigned scls = sampled_class_hot(heap, cls);
@@ -1073,20 +1096,21 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
      * figures are no longer needed: earlier, GCC kept it on the stack. */
     const uintptr_t *fp = __builtin_frame_address(0);
     if (fp[1] != (uintptr_t)__builtin_return_address(0)) fp = NULL;
+    size_t asked = lum_requested(heap, size);
     void *p = lum_sampled_pop_locked(scls, &page);
     if (LUM_LIKELY(p != NULL)) {
         /* the sample recorded under the lock the block was taken under (sampler_fast.h) */
         rec = lum_sampled_rec(page, p);
-        bool done = lum_sample_locked(&heap->tc, fp, size, usable, f, rec, &rest);
+        bool done = lum_sample_locked(&heap->tc, fp, asked, usable, f, rec, &rest);
         lum_unlock(&lum_sampled_lock);
         lum_sampled_count(heap, page);
         if (LUM_LIKELY(done)) return p;
     } else if ((p = lum_sampled_alloc(heap, scls, &rec)) != NULL) {
-        if (sample_locked_out(&heap->tc, fp, size, usable, f, rec, &rest)) return p;
+        if (sample_locked_out(&heap->tc, fp, asked, usable, f, rec, &rest)) return p;
     } else {
         return lum_malloc_slow(size, 0);
     }
-    lum_sample_rest(&rest, &heap->tc, p, size, usable, fp, f, rec);
+    lum_sample_rest(&rest, &heap->tc, p, asked, usable, fp, f, rec);
     return p;
 give_back: /* the charge was the page's block_size, its class's size */
     heap->sample_left = left + (int64_t)lum_class_size[cls];
@@ -1109,6 +1133,9 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (LUM_UNLIKELY(size > PTRDIFF_MAX || alignment > ((size_t)1 << 40)))
         return lum_alloc_failed(heap, size, alignment, ENOMEM);
     if (alignment <= LUM_ALIGN) alignment = 0;
+    /* no sample at a stale point: a fresh one from here */
+    if (LUM_UNLIKELY(point_stale(heap)) && !lum_sample_forced(heap->sample_left))
+        heap->sample_left = next_sample_after(heap, 0);
 
     if (LUM_UNLIKELY(lum_fail_is_armed())) {
         heap->sample_left = LUM_SAMPLE_FORCED;

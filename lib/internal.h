@@ -231,6 +231,7 @@ struct lum_heap {
     LUM_HEAP_FAST_FIELDS
     _Atomic(lum_block *) inbox; /* blocks freed by other threads, drained by the owner */
     uint64_t rng;
+    uint32_t sample_epoch; /* lum_sample_epoch when the point in sample_left was drawn */
     /* lum_sample_factor of each class's size at interval wf_interval, 0 until asked: per
      * thread, so no lock or race when the interval changes (the table is then cleared). */
     uint64_t wf_interval;
@@ -241,6 +242,7 @@ struct lum_heap {
     uint8_t alive;
     bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
     uint8_t empty_big_cls;      /* empty_big's class, checked before the page is read */
+    bool sample_recheck; /* sample_left is no point, only where to draw again (LUM_SAMPLE_RECHECK) */
     uint8_t retained_count[LUM_CLASSES];
     size_t retained_bytes;
     size_t remote_collected; /* bytes of other threads' frees collected since heap_release_idle looked */
@@ -256,6 +258,11 @@ struct lum_heap {
     /* The emptied current page of > 1 slice kept (lum_page_empty): with the lists of those
      * classes (blocks of 10 KiB and up), on the second page. */
     struct lum_page *empty_big;
+    /* realloc allocates more than it was asked for, to grow in place next time (lum_realloc):
+     * while it does, an allocation of pad_want bytes is one of pad_asked for samples, warnings
+     * and failure reports (lum_requested).  Matched on the size, so that an allocation nested
+     * in between (a signal handler's) is taken at its own. */
+    size_t pad_want, pad_asked;
 };
 
 extern LUM_HIDDEN struct lum_page lum_empty_page;
@@ -268,6 +275,12 @@ struct lum_heap_fast { LUM_HEAP_FAST_FIELDS };
 extern LUM_HIDDEN struct lum_heap_fast lum_empty_heap_fast;
 #define lum_empty_heap (*(struct lum_heap *)&lum_empty_heap_fast)
 extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-exec")));
+
+/* What the program asked for, for an allocation of size bytes (see pad_want). */
+static inline size_t lum_requested(const struct lum_heap *heap, size_t size)
+{
+    return heap && heap != &lum_empty_heap && heap->pad_want == size && size ? heap->pad_asked : size;
+}
 
 /* ---- size classes (size_class.c) ---- */
 extern LUM_HIDDEN const uint8_t lum_small_class[LUM_SMALL_TABLE_MAX / LUM_ALIGN + 1];
@@ -320,9 +333,19 @@ static inline uint32_t lum_page_live(const struct lum_page *page)
  * leaves at most one allocation's size below 0), and far enough above INT64_MIN that
  * allocations counted against it before the slow path resets it cannot wrap it. */
 #define LUM_SAMPLE_FORCED (INT64_MIN / 2)
-/* sample_left with sampling off: a point 8 EiB of allocations away, in effect never (the
- * sample path draws again there, and finds sampling off again). */
+/* sample_left for an allocation too large to take a point after it: in effect never. */
 #define LUM_SAMPLE_OFF INT64_MAX
+/* No countdown runs longer than LUM_SAMPLE_RECHECK bytes: a point drawn further away (or none,
+ * with sampling off) stops there with sample_recheck set, and is drawn again from there (no
+ * bias: the exponential distribution is memoryless).  So a thread that never leaves its fast
+ * path still sees, within 4 MiB of its allocations, an interval changed at run time or failure
+ * injection armed by another thread; it costs a slow-path visit per 4 MiB, none at 512 KiB
+ * but one time in 3000. */
+#define LUM_SAMPLE_RECHECK ((int64_t)4 << 20)
+/* Moved when the sampling interval changes (lum_heap_interval_changed): a point drawn before is
+ * not taken, and its thread draws again at the next point or slow-path visit, so that a
+ * sample's weight is always that of the interval its point was drawn with. */
+extern LUM_HIDDEN uint32_t lum_sample_epoch;
 
 /* Outside malloc's fast path a drawn point leaves sample_left at -1 or more (every path that
  * counts bytes asks the sampler first); the fast path takes at most one small block's size
@@ -533,6 +556,7 @@ void lum_size_limits_apply(void);
  * load). */
 static inline size_t lum_fast_limit_get(void) { return __atomic_load_n(&lum_fast_limit, __ATOMIC_RELAXED); }
 void lum_heap_force_slow(void);
+void lum_heap_interval_changed(void);
 bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance);
 void lum_heap_abandon(struct lum_heap *heap);
 extern struct lum_registry_v1 lumalloc_registry;

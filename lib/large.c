@@ -370,7 +370,8 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     l->map_base = base;
     l->map_size = map_size;
     l->usable = usable;
-    l->requested = size;
+    size_t asked = lum_requested(heap, size);
+    l->requested = asked;
     l->user = base + offset;
     l->sampled = sampled;
     l->cached = 0;
@@ -382,10 +383,10 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
     lum_heap_count_alloc(heap, usable);
     LUM_OWN_ADD(heap->tc.large_count, 1);
     LUM_OWN_ADD(heap->tc.large_bytes, usable);
-    lum_on_large_alloc(&heap->tc, l->user, size, usable);
+    lum_on_large_alloc(&heap->tc, l->user, asked, usable);
     if (sampled) {
         LUM_OWN_ADD(heap->tc.sampled_count, 1);
-        lum_on_sample(&heap->tc, l->user, size, usable);
+        lum_on_sample(&heap->tc, l->user, asked, usable);
     }
     errno = caller_errno;
     return l->user;

@@ -17,7 +17,7 @@
 
 extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
 /* The core re-draws a thread's next sample point (weak: unit tests of this side link without it). */
-void lum_heap_force_slow(void) __attribute__((weak));
+void lum_heap_interval_changed(void) __attribute__((weak));
 void lum_size_limits_apply(void) __attribute__((weak)); /* the same, for the size limits */
 void lum_fail_nth(uint64_t n) __attribute__((weak));
 
@@ -451,11 +451,11 @@ LUM_EXPORT int lum_options_set(const char *name, const char *value)
         if (&lumalloc_registry)
             __atomic_store_n(&lumalloc_registry.sample_interval, lum_opt.sample_interval,
                              __ATOMIC_RELAXED);
-        /* The calling thread's next sample point was drawn with the old interval (at 512k it
-         * is past 2 MiB one time in 50): draw it again with the new one.  Other threads
-         * change over at their next sample. */
-        if (lum_heap_force_slow)
-            lum_heap_force_slow();
+        /* Every thread's next sample point was drawn with the old interval: the calling
+         * thread draws again at its next allocation, the others at their next point (at most
+         * LUM_SAMPLE_RECHECK away) or slow-path visit, none of them sampling at the old one. */
+        if (lum_heap_interval_changed)
+            lum_heap_interval_changed();
     }
     /* as LUMALLOC_FAIL_NTH at start-up, counting from now (lumalloc_failure.h) */
     if (o->off == offsetof(struct lum_options, fail_nth) && lum_fail_nth)

@@ -123,6 +123,33 @@ static void test_fail_after(void **state)
     assert_int_equal(lum_fail_armed, 0);
 }
 
+/* A large block grown by realloc is an allocation to the injector: mremap may move it or map
+ * more, and a program's realloc error path must be reachable.  Shrinking asks for nothing. */
+static void test_fail_large_realloc(void **state)
+{
+    (void)state;
+    char *p = malloc(1 << 20);
+    assert_non_null(p);
+    memset(p, 7, 1 << 20);
+    lum_fail_after(0);
+    errno = 0;
+    char *q = realloc(p, 4 << 20);
+    assert_null(q);
+    assert_int_equal(errno, ENOMEM);
+    assert_true(lum_fail_fired());
+    if (!q) q = p; /* the old block, untouched */
+    assert_int_equal(q[(1 << 20) - 1], 7);
+    lum_fail_after(0);
+    q = realloc(q, 512 << 10);
+    assert_ptr_not_equal(q, NULL);
+    assert_int_equal(lum_fail_armed, 1); /* not counted */
+    lum_fail_cancel();
+    q = realloc(q, 4 << 20);
+    assert_non_null(q);
+    assert_int_equal(q[(512 << 10) - 1], 7);
+    free(q);
+}
+
 /* With the 2nd allocation from now armed to fail: only it fails, with ENOMEM, and the
  * injection disarms itself. */
 static void assert_second_allocation_fails(void)
@@ -445,6 +472,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_with_allocation_failures_list),
         cmocka_unit_test(test_fail_after),
+        cmocka_unit_test(test_fail_large_realloc),
         cmocka_unit_test(test_fail_nth_process_wide),
         cmocka_unit_test(test_fail_nth_option_set_at_run_time),
         cmocka_unit_test(test_suppress),

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
@@ -81,10 +82,59 @@ static void every_block_sampled_still_fits(void **state)
     assert_int_equal(heap->tc.alloc_bytes - heap->tc.free_bytes, live0);
 }
 
+/* A sampled block grows and shrinks in place exactly where its ordinary class's block would:
+ * the profile assumes sampled and unsampled blocks move alike.  Kept wherever it fit its bigger
+ * sampled class, it stayed where its unsampled siblings moved and were sampled again, and the
+ * in-use figures counted those blocks twice. */
+static void sampled_block_moves_as_its_class_would(void **state)
+{
+    (void)state;
+    assert_int_equal(lum_options_set("sample_interval", "1"), 0);
+    unsigned char *p = NULL;
+    for (int i = 0; i < 1000 && !p; i++) {
+        unsigned char *x = malloc(300);
+        assert_non_null(x);
+        if (lum_page_of(x)->kind == LUM_PAGE_SAMPLED) p = x;
+        else free(x);
+    }
+    assert_non_null(p);
+    size_t own = lum_class_size[lum_size_class(300)];
+    assert_true(malloc_usable_size(p) > own); /* room to stay, which an ordinary block lacks */
+    fill(p, 300, 9);
+    uintptr_t at = (uintptr_t)p;
+    unsigned char *q = realloc(p, own); /* within its own class: stays */
+    assert_int_equal((uintptr_t)q, at);
+    q = realloc(q, own + 1); /* past it, though the sampled block could hold it: moves */
+    assert_non_null(q);
+    assert_int_not_equal((uintptr_t)q, at);
+    assert_true(holds(q, 300, 9));
+    free(q);
+
+    /* realloc pads growth (lum_realloc): the sample shows the size asked for, not the padding */
+    size_t grow = lum_class_size[lum_size_class(2000)] + 1;
+    bool seen = false;
+    for (int i = 0; i < 1000 && !seen; i++) {
+        p = malloc(2000);
+        assert_non_null(p);
+        q = realloc(p, grow);
+        assert_non_null(q);
+        struct lum_page *page = lum_page_of(q);
+        if (page->kind == LUM_PAGE_SAMPLED) {
+            seen = true;
+            assert_true(lum_sampled_rec(page, q)->usable > lum_class_size[lum_size_class(grow)]); /* padded */
+            assert_int_equal(lum_sampled_rec(page, q)->requested, grow);
+        }
+        free(q);
+    }
+    assert_true(seen);
+    lum_options_set("sample_interval", "512k");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(every_block_sampled_still_fits),
+        cmocka_unit_test(sampled_block_moves_as_its_class_would),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
