@@ -21,6 +21,10 @@ uint64_t lum_large_warnings;
 static bool first_time(uint64_t id)
 {
     bool fresh = false;
+    /* 0 marks a free slot: the sites without a stack (id 0) share key 1, or each of their
+     * warnings took a slot, warned every time, and filled the table, silencing every site */
+    if (!id)
+        id = 1;
     lum_mutex_lock(&warn_lock);
     if (!warned)
         warned = lum_obs_alloc(WARNED_SLOTS * sizeof *warned);
