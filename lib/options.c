@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
+#include <sys/auxv.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -406,6 +407,12 @@ static void print_options_fd(int fd);
 
 void lum_options_init(void)
 {
+    /* A setuid or setgid program (or one with file capabilities) runs with its caller's
+     * environment: LUMALLOC_PROF_DUMP would have it create or truncate any file as its owner,
+     * LUMALLOC_PROF_SIGNAL write them on demand.  As glibc does with its malloc tunables, the
+     * variables are ignored there; lum_options_set still works. */
+    if (getauxval(AT_SECURE))
+        return;
     for (size_t i = 0; i < NOPT; i++) {
         const char *v = getenv(table[i].env);
         if (!v)

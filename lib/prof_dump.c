@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <semaphore.h>
 #include <signal.h>
+#include <sys/auxv.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -167,7 +168,7 @@ __attribute__((constructor)) static void dumper_ctor(void)
 {
     /* The allocator may not have bootstrapped yet (no malloc before this constructor): read
      * the options now; lum_options_init is idempotent. */
-    if (!lum_opt.prof_signal && !getenv("LUMALLOC_PROF_SIGNAL"))
+    if (!lum_opt.prof_signal && (!getenv("LUMALLOC_PROF_SIGNAL") || getauxval(AT_SECURE)))
         return;
     if (!lum_opt.prof_signal)
         lum_options_init();
