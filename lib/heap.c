@@ -317,6 +317,11 @@ struct lum_heap *lum_heap_get(void)
     return heap;
 }
 
+struct lum_heap *lum_heap_get_unless_exited(void)
+{
+    return lum_tls_heap == &lum_empty_heap && lum_tls_exited ? NULL : lum_heap_get();
+}
+
 /* ---- cross-thread frees ---- */
 
 /* Pushes b, a block of page, onto list (an inbox). */

@@ -556,6 +556,9 @@ void lum_size_limits_apply(void);
  * load). */
 static inline size_t lum_fast_limit_get(void) { return __atomic_load_n(&lum_fast_limit, __ATOMIC_RELAXED); }
 void lum_heap_force_slow(void);
+/* lum_heap_get, or NULL after the thread's heap was torn down (its last key destructors: a heap
+ * made then would never be torn down; lum_malloc_slow serves those itself). */
+struct lum_heap *lum_heap_get_unless_exited(void);
 void lum_heap_interval_changed(void);
 bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance);
 void lum_heap_abandon(struct lum_heap *heap);

@@ -155,11 +155,21 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
         return lum_alloc_failed(heap, SIZE_MAX, 0, ENOMEM);
     }
     struct lum_heap *heap = lum_tls_heap;
-    if (bytes > lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_is_armed() &&
-        heap != &lum_empty_heap) {
-        /* fresh mappings are already zero: only a recycled one is cleared */
-        void *p = lum_large_alloc(heap, bytes, 0, true, true);
-        return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
+    if (bytes > lum_opt.large_threshold && bytes <= PTRDIFF_MAX) {
+        /* A thread's (or the process's) first allocation: its heap first, or the slow path
+         * mapped the block and the memset below faulted all of it in (calloc(1, 2 GiB): 2 GiB
+         * resident, glibc 1 MiB) */
+        if (heap == &lum_empty_heap) heap = lum_heap_get_unless_exited();
+        if (heap && heap != &lum_empty_heap) {
+            bool armed = lum_fail_is_armed();
+            if (LUM_UNLIKELY(armed)) { /* as lum_malloc_slow: counted, and the thread kept slow */
+                heap->sample_left = LUM_SAMPLE_FORCED;
+                if (lum_fail_should_inject(bytes)) return lum_alloc_failed(heap, bytes, 0, ENOMEM);
+            }
+            /* fresh mappings are already zero: only a recycled one is cleared */
+            void *p = lum_large_alloc(heap, bytes, 0, true, !armed);
+            return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
+        }
     }
     void *p = alloc_small_fast(bytes, false);
     if (LUM_LIKELY(p != NULL)) memset(p, 0, bytes);
