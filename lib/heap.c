@@ -12,6 +12,7 @@
 #include "observe.h"
 #include "options.h"
 #include "sampler_fast.h"
+#include "lumalloc.h"
 #include "lumalloc_failure.h"
 
 /* A heap record's first page holds the lists up to the 4 KiB class (56 in size_class.c): see
@@ -315,6 +316,16 @@ struct lum_heap *lum_heap_get(void)
     if (atomic_load(&lum_initialized) == 2) pthread_setspecific(heap_key, heap);
     lum_on_thread_start(&heap->tc);
     return heap;
+}
+
+/* A mapping failed (an address-space limit, overcommit off, memory gone): before the caller
+ * fails, everything free goes back, wholly free segments unmapped (decay would have kept them
+ * for LUMALLOC_DECAY_MS: under `ulimit -v`, 200 MB freed and then malloc(3 MiB) failed where
+ * glibc's succeeded).  Whether any came back, and the mapping is worth another try.  Called
+ * with no lock held. */
+bool lum_release_for_retry(void)
+{
+    return lum_purge() > 0;
 }
 
 struct lum_heap *lum_heap_get_unless_exited(void)
@@ -1153,7 +1164,12 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (LUM_UNLIKELY(lum_warns_large(size) && size <= lum_opt.large_threshold))
         lum_on_large_warn(size); /* the large path warns by itself */
     if (size > lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
+        int err = errno; /* a success after the retry leaves it as it was, as any success */
         void *p = lum_large_alloc(heap, size, alignment, false, !lum_fail_is_armed());
+        if (LUM_UNLIKELY(!p) && lum_release_for_retry()) {
+            errno = err;
+            p = lum_large_alloc(heap, size, alignment, false, !lum_fail_is_armed());
+        }
         return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
     }
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
@@ -1174,9 +1190,17 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     /* may need a new page: before, not during (the check is on the large cache alone) */
     if (!page->free && LUM_UNLIKELY(__atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) > LUM_DIRTY_FLOOR))
         lum_dirty_limit_check(false);
-    if (!page->free && !(page = heap_next_page(heap, cls))) {
-        void *p = lum_sampled_take_unsampled(heap, cls);
-        return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
+    int err;
+    if (!page->free && (err = errno, !(page = heap_next_page(heap, cls)))) {
+        if (lum_release_for_retry()) { /* the cache flushed back may have filled the current page */
+            errno = err;
+            page = heap->current[cls];
+            if (!page->free) page = heap_next_page(heap, cls);
+        }
+        if (!page) {
+            void *p = lum_sampled_take_unsampled(heap, cls);
+            return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
+        }
     }
     lum_block *b = page->free;
     page->free = lum_free_next(page, b);

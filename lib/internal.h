@@ -559,6 +559,7 @@ void lum_heap_force_slow(void);
 /* lum_heap_get, or NULL after the thread's heap was torn down (its last key destructors: a heap
  * made then would never be torn down; lum_malloc_slow serves those itself). */
 struct lum_heap *lum_heap_get_unless_exited(void);
+bool lum_release_for_retry(void);
 void lum_heap_interval_changed(void);
 bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance);
 void lum_heap_abandon(struct lum_heap *heap);

@@ -167,7 +167,12 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
                 if (lum_fail_should_inject(bytes)) return lum_alloc_failed(heap, bytes, 0, ENOMEM);
             }
             /* fresh mappings are already zero: only a recycled one is cleared */
+            int err = errno;
             void *p = lum_large_alloc(heap, bytes, 0, true, !armed);
+            if (LUM_UNLIKELY(!p) && lum_release_for_retry()) {
+                errno = err;
+                p = lum_large_alloc(heap, bytes, 0, true, !armed);
+            }
             return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
         }
     }
