@@ -325,8 +325,8 @@ static bool readable(uintptr_t a)
 
 extern void *__libc_stack_end __attribute__((weak)); /* ld.so's: the initial rsp, at argc */
 
-/* Where glibc's struct pthread (the TCB, at %fs:0) may hold its stack block: stackblock at
- * 0x690 in 2.36, 0x6a0 .. 0x6b0 is the latest it has been. */
+/* How far into glibc's struct pthread (the TCB, at %fs:0) its stack block is looked for: the
+ * words are at 0x690 of its 0x940 bytes in 2.36, and the bound leaves room for them to move. */
 #define TCB_SCAN 0xa00u
 
 /* This thread's own stack, once a thread: its TLS is set up afresh for a thread that reuses an
@@ -339,14 +339,16 @@ extern void *__libc_stack_end __attribute__((weak)); /* ld.so's: the initial rsp
  * its stack is the kernel's, up to a page above argc (__libc_stack_end), down to RLIMIT_STACK
  * (at most 1 GiB taken); between the two only pages found readable from the top down join the
  * run, and the kernel keeps other mappings a guard gap away from its bottom.  Found neither way
- * (another libc; a thread from a bare clone, whose %fs is its parent's): no stack is the
- * thread's own, and every walk checks its pages. */
+ * (no such words, no __libc_stack_end): no stack is the thread's own, and every walk checks its
+ * pages.  A thread that is not the main one but finds no block takes the main thread's stack,
+ * which it never runs on: the same. */
 static bool home_scan(uintptr_t tcb, uintptr_t from, uintptr_t end)
 {
     for (const uintptr_t *w = (const uintptr_t *)from; (uintptr_t)(w + 3) <= end; w++) {
         uintptr_t b = w[0], s = w[1], g = w[2];
+        /* the block holds the TCB and these very words, and ends at most 64 KiB above */
         if (b && !(b & 15) && s >= (16u << 10) && s < ((uintptr_t)1 << 40) && b < tcb && tcb - b < s &&
-            b + s - tcb <= (64u << 10) && !(g & (PAGE - 1)) && g < tcb - b) {
+            b + s >= (uintptr_t)(w + 3) && b + s - tcb <= (64u << 10) && !(g & (PAGE - 1)) && g < tcb - b) {
             lum_memo.home_lo = b + g;
             lum_memo.home_hi = tcb;
             return true;
