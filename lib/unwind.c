@@ -14,16 +14,19 @@
  *   trampolines, CFA by expression, rbp kept in a register, no tables at all) are cached as
  *   "ends here": the stack is cut short there, and costs nothing more the next time.
  *
- * Every address read is checked to lie on this thread's stack, between the frame being
- * unwound and the top of a range of stack pages this thread has checked to be readable (one
- * syscall a new page, see stack_reach): a wrong rule can cut a stack short but never read wild
- * memory.  The sampler starts the walk in its caller (lum_unwind_from), lum_unwind in its own;
+ * Every address read lies between the frame being unwound and a top known to be readable: on
+ * the thread's own stack, the stack's top (its pages checked once, one syscall a page, see
+ * stack_from); on any other (a coroutine's, an alternate signal stack), the highest page this
+ * walk checked, every walk again.  A wrong rule can cut a stack short, or off the thread's own
+ * stack read the memory mapped above as frames, but never read unmapped memory (short of
+ * another thread unmapping it in the middle of a walk).  The sampler starts the walk in its caller (lum_unwind_from), lum_unwind in its own;
  * every frame's code address is then a return address.  Building with -DLUM_UNWIND_VERIFY
  * checks every walk against libunwind's on stderr (the library then links libunwind). */
 #define _GNU_SOURCE 1
 #include <link.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -292,14 +295,17 @@ out:
     pthread_mutex_unlock(&lum_unwind_rules_lock);
 }
 
-/* Stack pages this thread has found readable: [lum_memo.stack_lo, lum_memo.stack_hi), one
- * contiguous run that a walk started in.  A walk must start in it and may read only between its frame and the top;
- * a thread that moves to another stack (coroutines, an alternate signal stack) starts outside
- * it, and the run moves there. */
+/* The stack run: [lum_memo.stack_lo, lum_memo.stack_hi), the part of this thread's own stack
+ * (home_find) checked readable, from its top down to the deepest walk's start.  A thread's own
+ * stack stays mapped while the thread runs, so the run is trusted from then on: a walk starting
+ * in it reads only between its frame and the top with no check, and the memo of such a walk
+ * stays good.  Any other stack (a coroutine's, stacks from mmap or the heap, an alternate signal
+ * stack) may be unmapped, or another mapping put in its place, between two walks, and what lies
+ * above it is whatever the program mapped next (the next stack of a pool): a walk there checks
+ * every page it reads, each time, and neither the run nor the memo keeps anything of it. */
 #define PAGE 4096u
-/* at most this many pages checked by one walk, and this far below the run it may grow down */
+/* at most this many pages checked by one walk */
 #define REACH_PAGES 1024u
-#define GROW_DOWN (256u << 10)
 
 /* Whether the 8 bytes at a can be read, without touching them: rt_sigprocmask copies the new
  * set from user memory before it looks at `how`, so an invalid how fails with EFAULT on memory
@@ -317,43 +323,111 @@ static bool readable(uintptr_t a)
     return ret == -22; /* EINVAL */
 }
 
-/* Makes sp the start of a walk: in the run, or the run grows down to it, or moves to it. */
-static bool stack_from(uintptr_t sp)
+extern void *__libc_stack_end __attribute__((weak)); /* ld.so's: the initial rsp, at argc */
+
+/* How far into glibc's struct pthread (the TCB, at %fs:0) its stack block is looked for: the
+ * words are at 0x690 of its 0x940 bytes in 2.36, and the bound leaves room for them to move. */
+#define TCB_SCAN 0xa00u
+
+/* This thread's own stack, once a thread: its TLS is set up afresh for a thread that reuses an
+ * exited one's cached stack.  pthread_getattr_np allocates (and reads /proc/self/maps for the
+ * main thread), so neither is usable here.  glibc puts the struct pthread at the top of a
+ * thread's stack block, its own or the program's (pthread_attr_setstack), and keeps the block
+ * there as the words stackblock, stackblock_size, guardsize, in a layout that moves between
+ * releases: found by what they must be (a block around the TCB, whose top is at most 64 KiB
+ * above it), the stack is [stackblock + guardsize, TCB).  The main thread's stackblock is NULL:
+ * its stack is the kernel's, up to a page above argc (__libc_stack_end), down to RLIMIT_STACK
+ * (at most 1 GiB taken); between the two only pages found readable from the top down join the
+ * run, and the kernel keeps other mappings a guard gap away from its bottom.  Found neither way
+ * (no such words, no __libc_stack_end): no stack is the thread's own, and every walk checks its
+ * pages.  A thread that is not the main one but finds no block takes the main thread's stack,
+ * which it never runs on: the same. */
+static bool home_scan(uintptr_t tcb, uintptr_t from, uintptr_t end)
 {
-    uintptr_t lo = lum_memo.stack_lo, page = sp & ~(uintptr_t)(PAGE - 1);
-    if (sp >= lo && sp < lum_memo.stack_hi)
-        return true;
-    if (sp < lo && lo - page <= GROW_DOWN) {
-        uintptr_t a = lo;
-        while (a > page && readable(a - PAGE))
-            a -= PAGE;
-        if (a == page) {
-            lum_memo.stack_lo = page;
+    for (const uintptr_t *w = (const uintptr_t *)from; (uintptr_t)(w + 3) <= end; w++) {
+        uintptr_t b = w[0], s = w[1], g = w[2];
+        /* the block holds the TCB and these very words, and ends at most 64 KiB above */
+        if (b && !(b & 15) && s >= (16u << 10) && s < ((uintptr_t)1 << 40) && b < tcb && tcb - b < s &&
+            b + s >= (uintptr_t)(w + 3) && b + s - tcb <= (64u << 10) && !(g & (PAGE - 1)) && g < tcb - b) {
+            lum_memo.home_lo = b + g;
+            lum_memo.home_hi = tcb;
             return true;
         }
     }
-    if (!readable(page))
-        return false;
-    /* The memo's words lie in the old run, which may not be mapped any more (a coroutine's
-     * freed stack): the memo goes, so that its check needs no look at the run. */
-    lum_memo.key = 0;
-    lum_memo.stack_lo = page;
-    lum_memo.stack_hi = page + PAGE;
-    return true;
+    return false;
 }
 
-/* Grows the run up to cover [.., end), checking each new page; *budget bounds the syscalls
- * one walk makes. */
-static bool stack_reach(uintptr_t end, unsigned *budget)
+static void home_find(void)
 {
-    uintptr_t hi = lum_memo.stack_hi;
+    lum_memo.home_known = 1;
+    uintptr_t tcb;
+    __asm__("movq %%fs:0, %0" : "=r"(tcb));
+    /* the TCB's page is mapped (%fs:0 was just read there); the next only if found so, and
+     * looked at only when needed: a glibc thread's TCB ends at the top of its block */
+    uintptr_t end = (tcb | (PAGE - 1)) + 1;
+    if (home_scan(tcb, tcb, end) ||
+        (end - tcb < TCB_SCAN && readable(end) && home_scan(tcb, end - 16, tcb + TCB_SCAN)))
+        goto found;
+    if (!&__libc_stack_end || !__libc_stack_end)
+        return;
+    uintptr_t top = ((uintptr_t)__libc_stack_end + 8 + PAGE - 1) & ~(uintptr_t)(PAGE - 1);
+    struct rlimit rl;
+    uintptr_t depth = (uintptr_t)1 << 30;
+    if (!getrlimit(RLIMIT_STACK, &rl) && rl.rlim_cur < depth)
+        depth = (uintptr_t)rl.rlim_cur;
+    lum_memo.home_lo = top > depth ? top - depth : PAGE;
+    lum_memo.home_hi = top;
+found:
+    /* the run: the top's page, read above (the TCB's) or holding argc */
+    lum_memo.stack_hi = lum_memo.home_hi;
+    lum_memo.stack_lo = lum_memo.home_hi & ~(uintptr_t)(PAGE - 1);
+}
+
+/* Makes sp the start of a walk, whose reads are then bounded by *top: in the stack run (*home
+ * set; the run grows down to sp when the pages between are readable, at most *budget checks),
+ * or else in a run of this walk's own, its page (sp is the caller's frame: the thread runs on
+ * it), grown by stack_reach as the walk reads higher. */
+static void stack_from(uintptr_t sp, bool *home, uintptr_t *top, unsigned *budget)
+{
+    uintptr_t page = sp & ~(uintptr_t)(PAGE - 1);
+    *home = true;
+    *top = lum_memo.stack_hi;
+    if (sp >= lum_memo.stack_lo && sp < lum_memo.stack_hi)
+        return;
+    if (!lum_memo.home_known) {
+        home_find();
+        *top = lum_memo.stack_hi;
+        if (sp >= lum_memo.stack_lo && sp < lum_memo.stack_hi)
+            return;
+    }
+    if (sp >= lum_memo.home_lo && sp < lum_memo.home_hi) {
+        /* pages checked stay in the run even when the budget ends first: the next walk
+         * goes on from there */
+        uintptr_t a = lum_memo.stack_lo;
+        while (a > page && *budget && readable(a - PAGE)) {
+            --*budget;
+            a -= PAGE;
+        }
+        lum_memo.stack_lo = a;
+        if (a <= page)
+            return;
+    }
+    *home = false;
+    *top = page + PAGE;
+}
+
+/* Grows a walk's own run up to cover [.., end), checking each new page; *budget bounds the
+ * syscalls one walk makes. */
+static bool stack_reach(uintptr_t *top, uintptr_t end, unsigned *budget)
+{
+    uintptr_t hi = *top;
     while (hi < end) {
         if (!*budget || !readable(hi))
             break;
         --*budget;
         hi += PAGE;
     }
-    lum_memo.stack_hi = hi;
+    *top = hi;
     return hi >= end;
 }
 
@@ -622,8 +696,9 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
     const uintptr_t lo = skip_self ? __atomic_load_n(&self_lo, __ATOMIC_RELAXED) : 0,
                     hi = skip_self ? __atomic_load_n(&self_hi, __ATOMIC_RELAXED) : 0;
     *walked = 0;
-    if (!stack_from(sp))
-        return 0;
+    bool home;
+    uintptr_t top;
+    stack_from(sp, &home, &top, &budget);
     const struct rtab *t = rtab_for(gen);
     struct rules_view v = {0};
     if (t)
@@ -653,9 +728,10 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
         if (r->flags & R_LAST)
             break;
         uintptr_t cfa = rule_cfa(r, sp, bp);
-        if (cfa < sp + 8 || (cfa > lum_memo.stack_hi && !stack_reach(cfa, &budget)))
+        /* the stack run ends at the top of the thread's stack: nothing above it is read */
+        if (cfa < sp + 8 || (cfa > top && (home || !stack_reach(&top, cfa, &budget))))
             break;
-        if (rule_step(r, &ip, &sp, &bp, lum_memo.stack_hi) <= 0)
+        if (rule_step(r, &ip, &sp, &bp, top) <= 0)
             break;
     }
     rules_learn(nr, nn, gen);

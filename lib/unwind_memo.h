@@ -52,9 +52,11 @@ struct lum_walk_memo {
     uint64_t frames[MEMO_FRAMES + 1];
     uint32_t boff[MEMO_RBP];         /* a saved rbp bval[i] was read at sp + boff[i] */
     uintptr_t bval[MEMO_RBP];
-    uintptr_t stack_lo, stack_hi;   /* stack pages this thread has found readable (stack_reach);
-                                     * a move of the run drops the memo (stack_from) */
+    uintptr_t stack_lo, stack_hi;   /* the part of the thread's own stack found readable, up to
+                                     * its top (stack_from); never anything else */
     uintptr_t top;                  /* the highest CFA the walk reached */
+    uintptr_t home_lo, home_hi;     /* the thread's own stack (home_find); 0, 0: not known */
+    uint8_t home_known;             /* home_find has looked */
 };
 
 /* A walk's generation, max and kind (self: lumalloc's own leading frames skipped, which only
@@ -123,8 +125,9 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     uintptr_t sp = (uintptr_t)(at + 2);
     int d = -1;
-    /* The words the walk read are still on this thread's stack run: the run only grows while
-     * the memo stands (stack_from drops it when the run moves). */
+    /* The words the walk read lie in this thread's own stack, which stays mapped while the
+     * thread runs: only walks on it are recorded (rules_walk starts only in the stack run, which
+     * never leaves it, see stack_from). */
     if (m->key == lum_memo_key(__atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE), max, true) && m->ip == at[1] &&
         m->sp == sp && (!m->uses_bp || m->bp == at[0]) && lum_memo_holds_at(sp)) {
         d = (int)m->d;
