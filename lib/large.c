@@ -610,6 +610,12 @@ void *lum_large_realloc(void *p, size_t size)
         lum_heap_count_alloc(heap, usable);
         LUM_OWN_ADD(tc->large_count, 1);
         LUM_OWN_ADD(tc->large_bytes, usable);
+    } else {
+        /* No heap (a key destructor after lumalloc's teardown): the later free of the block
+         * counts its new size (lum_count_free), so the move counts here too, or allocated
+         * (lum_stats, mallinfo2) is off by the growth for good, wrapping below zero. */
+        lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)old_usable);
+        lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)usable);
     }
     l->map_base = base;
     l->map_size = map_size;

@@ -113,6 +113,46 @@ static void frees_after_the_heap_is_gone_count(void **state)
     pthread_key_delete(late_key);
 }
 
+/* A late destructor that grows a large block: realloc moves it with no heap to count in, and
+ * the free after counts its new size, so allocated wrapped to ~2^64 (1 MiB -> 8 MiB: -7 MiB)
+ * unless the move counts in the exited threads' totals as frees there do. */
+static void *volatile late_block;
+static void late_grow(void *p)
+{
+    (void)p;
+    late_block = realloc(late_block, 8 << 20);
+}
+static void *set_late_grow(void *arg)
+{
+    (void)arg;
+    pthread_setspecific(late_key, (void *)1);
+    free(p_malloc(10));
+    return NULL;
+}
+
+static void large_realloc_after_the_heap_is_gone_counts(void **state)
+{
+    (void)state;
+    free(p_malloc(1)); /* lumalloc's key first */
+    assert_int_equal(pthread_key_create(&late_key, late_grow), 0);
+    lum_stats_snapshot(&a);
+    late_block = p_malloc(1 << 20);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, set_late_grow, NULL), 0);
+    pthread_join(t, NULL);
+    assert_non_null(late_block);
+    assert_true(malloc_usable_size(late_block) >= 8 << 20);
+    lum_stats_snapshot(&b);
+    int64_t grown = (int64_t)(b.allocated - a.allocated);
+    assert_true(grown >= (int64_t)malloc_usable_size(late_block));
+    assert_true(grown < (int64_t)malloc_usable_size(late_block) + 4096);
+    free(late_block);
+    lum_stats_snapshot(&b);
+    assert_true((int64_t)(b.allocated - a.allocated) < 4096);
+    assert_true((int64_t)(b.allocated - a.allocated) > -4096);
+    pthread_key_delete(late_key);
+}
+
 static void text_and_json_outputs(void **state)
 {
     (void)state;
@@ -173,6 +213,7 @@ int main(void)
         cmocka_unit_test(snapshot_follows_allocations),
         cmocka_unit_test(largest_class_is_on_pages_one_byte_more_is_large),
         cmocka_unit_test(frees_after_the_heap_is_gone_count),
+        cmocka_unit_test(large_realloc_after_the_heap_is_gone_counts),
         cmocka_unit_test(text_and_json_outputs),
         cmocka_unit_test(mallinfo2_counts_large_blocks_once),
     };
