@@ -42,7 +42,10 @@ struct lum_stats {
     uint64_t purged_total, purge_events, pressure_events;
     uint64_t segments, abandoned_pages;
     struct lum_class_stats classes[LUM_STATS_CLASSES];
-    uint32_t nthreads;     /* entries filled in threads[] (live first) */
+    uint32_t nthreads;     /* entries filled in threads[]: live threads first, then exited
+                            * ones (records are reused, so exited ones are the process's peak
+                            * thread count less the live); with more than
+                            * LUM_STATS_MAX_THREADS records, exited ones are left out first */
     struct lum_thread_stats threads[LUM_STATS_MAX_THREADS];
 };
 

@@ -30,19 +30,33 @@ static void add_segment(struct lum_segment *seg, void *arg)
     }
 }
 
+/* The thread walk's state: live records fill threads[] from the front, exited ones from the
+ * back, so that past LUM_STATS_MAX_THREADS records exited threads make way for live ones
+ * (truncated in list order, 300 exited threads left no room for the live ones). */
+struct thread_walk {
+    struct lum_stats *s;
+    uint32_t nlive, nexited;
+};
+
 static void add_thread(struct lum_heap *h, void *arg)
 {
-    struct lum_stats *s = arg;
+    struct thread_walk *w = arg;
+    struct lum_stats *s = w->s;
     const struct lum_thread_counters_v1 c = lum_tc_peek(&h->tc), *tc = &c;
     s->allocated += tc->alloc_bytes - tc->free_bytes; /* wraps back for cross-thread pairs */
     for (unsigned c = 0; c < LUM_CLASSES; c++) { /* freed, though their pages count them used */
         int8_t room = __atomic_load_n(&h->cache_room[c], __ATOMIC_RELAXED);
         s->classes[c].live_blocks -= (uint64_t)(lum_cache_max[c] - (room < 0 ? 0 : room));
     }
-    if (s->nthreads >= LUM_STATS_MAX_THREADS) return;
-    struct lum_thread_stats *t = &s->threads[s->nthreads++];
+    bool live = tc->state == LUM_THREAD_LIVE;
+    if (w->nlive + w->nexited >= LUM_STATS_MAX_THREADS) {
+        if (!live || !w->nexited) return;
+        w->nexited--; /* the exited record kept last makes way */
+    }
+    struct lum_thread_stats *t = live ? &s->threads[w->nlive++]
+                                      : &s->threads[LUM_STATS_MAX_THREADS - ++w->nexited];
     t->tid = tc->tid;
-    t->live = tc->state == LUM_THREAD_LIVE;
+    t->live = live;
     t->alloc_count = tc->alloc_count;
     t->alloc_bytes = tc->alloc_bytes;
     t->free_count = tc->free_count;
@@ -54,13 +68,29 @@ static void add_thread(struct lum_heap *h, void *arg)
     t->sampled_bytes = tc->sampled_bytes;
 }
 
+/* Moves the exited records, kept at the back in reverse, behind the live ones in list order. */
+static void close_threads(struct thread_walk *w)
+{
+    struct lum_stats *s = w->s;
+    struct lum_thread_stats *first = &s->threads[LUM_STATS_MAX_THREADS - w->nexited];
+    for (uint32_t i = 0, j = w->nexited; i + 1 < j; i++, j--) {
+        struct lum_thread_stats t = first[i];
+        first[i] = first[j - 1];
+        first[j - 1] = t;
+    }
+    memmove(&s->threads[w->nlive], first, w->nexited * sizeof *first);
+    s->nthreads = w->nlive + w->nexited;
+}
+
 LUM_EXPORT void lum_stats_snapshot(struct lum_stats *s)
 {
     memset(s, 0, sizeof *s);
     for (unsigned c = 0; c < LUM_CLASSES; c++) s->classes[c].block_size = lum_class_size[c];
     lum_segments_for_each(add_segment, s);
     uint64_t exited[2];
-    lum_heaps_for_each(add_thread, s, exited);
+    struct thread_walk walk = { s, 0, 0 };
+    lum_heaps_for_each(add_thread, &walk, exited);
+    close_threads(&walk);
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
     s->allocated += exited[0] - exited[1];
     s->large_live = __atomic_load_n(&g->large_live_bytes, __ATOMIC_RELAXED);
@@ -76,13 +106,6 @@ LUM_EXPORT void lum_stats_snapshot(struct lum_stats *s)
     for (unsigned c = 0; c < LUM_CLASSES; c++)
         for (struct lum_page *p = lum_abandoned[c].head; p; p = p->next) s->abandoned_pages++;
     lum_unlock(&lum_abandoned_lock);
-    /* live threads first: that is who a reader looks for */
-    for (uint32_t i = 0, j = 0; i < s->nthreads; i++)
-        if (s->threads[i].live) {
-            struct lum_thread_stats t = s->threads[i];
-            s->threads[i] = s->threads[j];
-            s->threads[j++] = t;
-        }
     s->epoch = __atomic_add_fetch(&stats_epoch, 1, __ATOMIC_RELAXED);
 }
 

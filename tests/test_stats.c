@@ -1,6 +1,8 @@
 /* The statistics snapshot: figures that follow what the program did, and outputs that parse. */
+#define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -9,6 +11,8 @@
 #include <cmocka.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include "lumalloc.h"
 #include "lumalloc_stats.h"
 
@@ -153,6 +157,49 @@ static void large_realloc_after_the_heap_is_gone_counts(void **state)
     pthread_key_delete(late_key);
 }
 
+/* More heap records than threads[] holds, all but this thread's exited: the live ones are
+ * the ones kept (cut in list order, newest first, 300 exited threads filled all 256 entries
+ * and this thread was missing). */
+static pthread_barrier_t many_barrier;
+static void *touch_and_wait(void *arg)
+{
+    (void)arg;
+    free(p_malloc(100));
+    pthread_barrier_wait(&many_barrier);
+    return NULL;
+}
+
+static void live_threads_are_kept_past_the_cap(void **state)
+{
+    (void)state;
+    enum { N = LUM_STATS_MAX_THREADS + 44 };
+    static pthread_t t[N];
+    free(p_malloc(1));
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 << 10);
+    pthread_barrier_init(&many_barrier, NULL, N + 1);
+    for (int i = 0; i < N; i++) assert_int_equal(pthread_create(&t[i], &attr, touch_and_wait, NULL), 0);
+    pthread_barrier_wait(&many_barrier);
+    for (int i = 0; i < N; i++) pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&many_barrier);
+    pthread_attr_destroy(&attr);
+    lum_stats_snapshot(&a);
+    assert_int_equal(a.nthreads, LUM_STATS_MAX_THREADS);
+    uint32_t me = (uint32_t)syscall(SYS_gettid);
+    bool found = false, exited_seen = false;
+    for (uint32_t i = 0; i < a.nthreads; i++) {
+        if (a.threads[i].live) {
+            assert_false(exited_seen); /* live first */
+            found |= a.threads[i].tid == me;
+        } else {
+            exited_seen = true;
+        }
+    }
+    assert_true(found);
+    assert_true(exited_seen);
+}
+
 static void text_and_json_outputs(void **state)
 {
     (void)state;
@@ -214,6 +261,7 @@ int main(void)
         cmocka_unit_test(largest_class_is_on_pages_one_byte_more_is_large),
         cmocka_unit_test(frees_after_the_heap_is_gone_count),
         cmocka_unit_test(large_realloc_after_the_heap_is_gone_counts),
+        cmocka_unit_test(live_threads_are_kept_past_the_cap),
         cmocka_unit_test(text_and_json_outputs),
         cmocka_unit_test(mallinfo2_counts_large_blocks_once),
     };
