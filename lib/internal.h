@@ -649,6 +649,9 @@ uint64_t lum_dirty_min_age(size_t dirty, size_t limit);
 
 /* ---- large.c ---- */
 extern LUM_HIDDEN lum_lock_t lum_large_lock;
+/* Live large blocks: one atomic beside large_live_bytes's on the large path, for mallinfo2's
+ * hblks (glibc's count of mmapped chunks). */
+extern LUM_HIDDEN size_t lum_large_live_blocks;
 void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool may_sample);
 void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);

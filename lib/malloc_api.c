@@ -319,6 +319,7 @@ LUM_EXPORT struct mallinfo2 lum_mallinfo2(void)
      * add uordblks and hblkhd (or arena and hblkhd) count them once */
     mi.arena = mapped > large ? mapped - large : 0;
     mi.hblkhd = large;
+    mi.hblks = __atomic_load_n(&lum_large_live_blocks, __ATOMIC_RELAXED);
     mi.uordblks = live > large ? live - large : 0;
     mi.fordblks = resident > live ? resident - live : 0;
     mi.keepcost = LUM_PEEK(g->retained_bytes);
@@ -342,6 +343,7 @@ LUM_EXPORT struct mallinfo lum_mallinfo(void)
     memset(&mi, 0, sizeof mi);
 #define SAT(x) ((x) > (size_t)INT32_MAX ? INT32_MAX : (int)(x))
     mi.arena = SAT(m2.arena);
+    mi.hblks = SAT(m2.hblks);
     mi.hblkhd = SAT(m2.hblkhd);
     mi.uordblks = SAT(m2.uordblks);
     mi.fordblks = SAT(m2.fordblks);
@@ -360,17 +362,19 @@ LUM_EXPORT int lum_malloc_info(int options, FILE *fp)
     }
     struct mallinfo2 mi = lum_mallinfo2();
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+    /* allocated is every live block: mallinfo2 keeps the large ones apart, in hblkhd, for
+     * glibc's meanings (uordblks alone left a program's 10 MiB block out) */
     fprintf(fp, "<malloc version=\"lumalloc-%d.%d\">\n"
                 "<total type=\"allocated\" size=\"%zu\"/>\n"
                 "<total type=\"mapped\" size=\"%llu\"/>\n"
                 "<total type=\"resident\" size=\"%llu\"/>\n"
                 "<total type=\"retained\" size=\"%llu\"/>\n"
-                "<total type=\"large\" size=\"%llu\"/>\n"
+                "<total type=\"large\" count=\"%zu\" size=\"%zu\"/>\n"
                 "<system type=\"current\" size=\"%llu\"/>\n"
                 "</malloc>\n",
-            LUMALLOC_VERSION_MAJOR, LUMALLOC_VERSION_MINOR, mi.uordblks,
+            LUMALLOC_VERSION_MAJOR, LUMALLOC_VERSION_MINOR, mi.uordblks + mi.hblkhd,
             (unsigned long long)LUM_PEEK(g->mapped_bytes), (unsigned long long)LUM_PEEK(g->resident_bytes),
-            (unsigned long long)LUM_PEEK(g->retained_bytes), (unsigned long long)LUM_PEEK(g->large_live_bytes),
+            (unsigned long long)LUM_PEEK(g->retained_bytes), mi.hblks, mi.hblkhd,
             (unsigned long long)LUM_PEEK(g->mapped_bytes));
     return 0;
 }

@@ -251,7 +251,44 @@ static void mallinfo2_counts_large_blocks_once(void **state)
     assert_true(m1.hblkhd - m0.hblkhd < added + (N << 16));
     assert_true(m1.uordblks - m0.uordblks < (64 << 10)); /* the small blocks' own figure */
     assert_true(m1.arena - m0.arena < (1 << 20));
+    assert_int_equal(m1.hblks - m0.hblks, N); /* glibc's count of mmapped chunks (was 0) */
     for (int i = 0; i < N; i++) free(big[i]);
+    assert_int_equal(mallinfo2().hblks, m0.hblks);
+}
+
+/* The XML "allocated" is every live block, large ones too (it printed uordblks, which leaves
+ * them to hblkhd: 5120 bytes with a 10 MiB block live). */
+static unsigned long long info_total(const char *type, const char *attr)
+{
+    char *xml = NULL, key[64];
+    size_t len = 0;
+    FILE *f = open_memstream(&xml, &len);
+    assert_int_equal(malloc_info(0, f), 0);
+    fclose(f);
+    snprintf(key, sizeof key, "<total type=\"%s\"", type);
+    const char *e = strstr(xml, key);
+    assert_non_null(e);
+    snprintf(key, sizeof key, " %s=\"", attr);
+    const char *v = strstr(e, key);
+    assert_non_null(v);
+    assert_true(v < strchr(e, '\n'));
+    unsigned long long n = strtoull(v + strlen(key), NULL, 10);
+    free(xml);
+    return n;
+}
+
+static void malloc_info_counts_large_blocks(void **state)
+{
+    (void)state;
+    unsigned long long before = info_total("allocated", "size");
+    void *big = p_malloc(10 << 20);
+    assert_non_null(big);
+    unsigned long long after = info_total("allocated", "size");
+    assert_true(after - before >= malloc_usable_size(big));
+    assert_true(after - before < malloc_usable_size(big) + (64 << 10));
+    unsigned long long count = info_total("large", "count");
+    free(big);
+    assert_int_equal(count - info_total("large", "count"), 1);
 }
 
 int main(void)
@@ -264,6 +301,7 @@ int main(void)
         cmocka_unit_test(live_threads_are_kept_past_the_cap),
         cmocka_unit_test(text_and_json_outputs),
         cmocka_unit_test(mallinfo2_counts_large_blocks_once),
+        cmocka_unit_test(malloc_info_counts_large_blocks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
