@@ -147,13 +147,20 @@ LUM_EXPORT void lum_free_aligned_sized(void *p, size_t alignment, size_t size)
     lum_free(p);
 }
 
+/* count * size overflowed: a failure like any other (probe, count, report, abort), the report
+ * naming both (the SIZE_MAX passed on names no request). */
+static LUM_NOINLINE void *overflowed(size_t count, size_t size)
+{
+    lum_diag_note_overflow(count, size);
+    void *p = lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
+    lum_diag_note_overflow(0, 0);
+    return p;
+}
+
 LUM_EXPORT void *lum_calloc(size_t count, size_t size)
 {
     size_t bytes;
-    if (LUM_UNLIKELY(__builtin_mul_overflow(count, size, &bytes))) {
-        struct lum_heap *heap = lum_heap_get();
-        return lum_alloc_failed(heap, SIZE_MAX, 0, ENOMEM);
-    }
+    if (LUM_UNLIKELY(__builtin_mul_overflow(count, size, &bytes))) return overflowed(count, size);
     struct lum_heap *heap = lum_tls_heap;
     if (bytes > lum_opt.large_threshold && bytes <= PTRDIFF_MAX && !lum_fail_is_armed() &&
         heap != &lum_empty_heap) {
@@ -219,8 +226,7 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
 LUM_EXPORT void *lum_reallocarray(void *p, size_t count, size_t size)
 {
     size_t bytes;
-    if (__builtin_mul_overflow(count, size, &bytes)) /* a failure like any other: report, abort */
-        return lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
+    if (__builtin_mul_overflow(count, size, &bytes)) return overflowed(count, size);
     return lum_realloc(p, bytes);
 }
 
@@ -246,8 +252,14 @@ LUM_EXPORT void *lum_memalign(size_t alignment, size_t size)
 
 LUM_EXPORT int lum_posix_memalign(void **out, size_t alignment, size_t size)
 {
-    if (!is_pow2(alignment) || alignment % sizeof(void *)) return EINVAL;
     int saved = errno;
+    if (!is_pow2(alignment) || alignment % sizeof(void *)) {
+        /* a failure like aligned_alloc's (probe, count, report), but errno as it was: glibc's
+         * posix_memalign only returns the error */
+        lum_alloc_failed(lum_heap_get(), size, alignment, EINVAL);
+        errno = saved;
+        return EINVAL;
+    }
     void *p = aligned(alignment, size);
     if (!p) {
         int err = errno;
@@ -274,8 +286,8 @@ LUM_EXPORT void *lum_pvalloc(size_t size)
 {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t rounded = (size + page - 1) & ~(page - 1);
-    if (rounded < size)
-        return lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
+    if (rounded < size) /* reported as asked */
+        return lum_alloc_failed(lum_heap_get(), size, page, ENOMEM);
     return aligned(page, rounded ? rounded : page);
 }
 
