@@ -66,8 +66,10 @@ void lum_set_diagnostics_producer(lum_diagnostics_producer producer, void *arg);
 /* Where the report goes (default 2, stderr). */
 void lum_set_diagnostics_fd(int fd);
 
-/* Writes the report now, as it would be on a failure of `size` bytes (for tests and for
- * applications that want it on their own triggers). */
+/* Writes the report now, as a failure's (stack, thread and process figures, sampled sites, the
+ * application's section), for tests and for applications that want it on their own triggers.
+ * Its first line says it was requested, not that an allocation failed, and gives `size` as
+ * passed. */
 void lum_diagnostics_report(size_t size);
 
 /* abort() on a (non-injected) allocation failure; LUMALLOC_ABORT_ON_FAILURE. */

@@ -34,8 +34,9 @@
  *
  *   alloc_failure (u64 requested_size, u64 alignment, u32 error, u64 frames_addr, u32 depth,
  *                  u64 stack_id, u64 thread_counters_addr)
- *       An allocation returned NULL (error is the errno set: ENOMEM or EINVAL), including
- *       injected failures.
+ *       An allocation failed (NULL, or an error from posix_memalign, which leaves errno
+ *       alone): error is ENOMEM or EINVAL; injected failures included.  requested_size is
+ *       SIZE_MAX where calloc's or reallocarray's count * size overflowed.
  *
  *   thread_start  (u32 tid, u64 thread_counters_addr)
  *   thread_exit   (u32 tid, u64 thread_counters_addr)

@@ -18,7 +18,9 @@ struct lum_class_stats {
     uint32_t block_size;
     uint32_t pages;        /* pages of this class in use */
     uint64_t blocks;       /* blocks those pages can hold */
-    uint64_t live_blocks;  /* blocks handed out (owner-updated: exact when threads are quiet) */
+    uint64_t live_blocks;  /* blocks handed out and not freed (a block another thread freed
+                            * counts freed at once, though its page's owner has not taken it
+                            * back yet); never more than blocks */
 };
 
 struct lum_thread_stats {
@@ -42,11 +44,20 @@ struct lum_stats {
     uint64_t purged_total, purge_events, pressure_events;
     uint64_t segments, abandoned_pages;
     struct lum_class_stats classes[LUM_STATS_CLASSES];
-    uint32_t nthreads;     /* entries filled in threads[] (live first) */
+    uint32_t nthreads;     /* entries filled in threads[]: live threads first, then exited
+                            * ones (records are reused, so exited ones are the process's peak
+                            * thread count less the live); with more than
+                            * LUM_STATS_MAX_THREADS records, exited ones are left out first */
     struct lum_thread_stats threads[LUM_STATS_MAX_THREADS];
 };
 
-/* Fills *out with one snapshot: all figures are read under the allocator's locks in one pass. */
+/* Fills *out with one snapshot, taken in one pass under the allocator's locks (no thread starts
+ * or exits during it).  Exact when no thread allocates or frees meanwhile.  Otherwise the
+ * figures that threads move as they allocate and free (allocated, active, resident, the
+ * classes' live_blocks, the threads' counters) are read from those threads' counters without
+ * stopping them, each at a slightly different moment: a class's live_blocks never exceeds its
+ * blocks, but active <= resident <= mapped and allocated <= active, which hold when threads are
+ * quiet, may be off by what was allocated or freed during the snapshot. */
 void lum_stats_snapshot(struct lum_stats *out);
 void lum_stats_print(FILE *f, const struct lum_stats *s);      /* human-readable */
 void lum_stats_print_json(FILE *f, const struct lum_stats *s); /* one JSON object, one line */

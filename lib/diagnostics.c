@@ -104,18 +104,49 @@ static const char *errname(int err)
     }
 }
 
-void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err,
-                     bool injected, const uint64_t *frames, uint32_t depth)
+/* The request an overflowing count * size stood for, while its failure is reported. */
+static __thread struct {
+    size_t count, size;
+} overflow LUM_TLS;
+
+void lum_diag_note_overflow(size_t count, size_t size)
+{
+    overflow.count = count;
+    overflow.size = size;
+}
+
+/* What was asked: "allocation of N bytes", with the count and size that overflowed where
+ * calloc or reallocarray multiplied them (the SIZE_MAX they pass stands for no real size). */
+static void put_request(struct lum_buf *b, size_t size, size_t alignment)
+{
+    if (overflow.count)
+        lum_buf_printf(b, "allocation of %zu x %zu bytes (more than SIZE_MAX)", overflow.count, overflow.size);
+    else
+        lum_buf_printf(b, "allocation of %zu bytes", size);
+    if (alignment)
+        lum_buf_printf(b, " (alignment %zu)", alignment);
+}
+
+/* on_request: lum_diagnostics_report, where nothing failed and tc, err and injected mean
+ * nothing; the rest of the report is a failure's. */
+static void report(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err,
+                   bool injected, const uint64_t *frames, uint32_t depth, bool on_request)
 {
     int saved_errno = errno, was_busy = lum_obs_busy;
     lum_obs_busy = 1; /* dladdr and vsnprintf must not sample or be failed */
     struct lum_buf b = {0};
-    lum_buf_printf(&b, "lumalloc: allocation of %zu bytes", size);
-    if (alignment)
-        lum_buf_printf(&b, " (alignment %zu)", alignment);
-    lum_buf_printf(&b, " failed: %s%s in thread %ld%s\n", errname(err),
-                   injected ? " (injected)" : "", (long)syscall(SYS_gettid),
-                   lum_fail_in_critical() ? ", inside a critical allocation scope" : "");
+    long tid = (long)syscall(SYS_gettid);
+    if (on_request) {
+        /* not "failed": a reader (or a log scanner) takes that line for a real failure */
+        lum_buf_printf(&b, "lumalloc: diagnostics report requested in thread %ld (no allocation "
+                           "failed; size given: %zu)\n", tid, size);
+    } else {
+        lum_buf_puts(&b, "lumalloc: ");
+        put_request(&b, size, alignment);
+        lum_buf_printf(&b, " failed: %s%s in thread %ld%s\n", errname(err),
+                       injected ? " (injected)" : "", tid,
+                       lum_fail_in_critical() ? ", inside a critical allocation scope" : "");
+    }
     if (depth) {
         lum_buf_puts(&b, "  stack:\n");
         put_frames(&b, frames, depth, "    ");
@@ -157,12 +188,17 @@ void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alig
     if (b.failed) {
         /* No memory for the report (the address space or the map count ran out, which is
          * what it is for): its first line at least, from the stack, and what is missing. */
-        char line[256];
-        int n = snprintf(line, sizeof line,
-                         "%slumalloc: allocation of %zu bytes failed: %s%s in thread %ld (report truncated: "
-                         "no memory for it)\n",
-                         b.len ? "\n" : "", size, errname(err), injected ? " (injected)" : "",
-                         (long)syscall(SYS_gettid));
+        char line[256], what[128];
+        if (on_request)
+            snprintf(what, sizeof what, "diagnostics report requested");
+        else if (overflow.count)
+            snprintf(what, sizeof what, "allocation of %zu x %zu bytes failed: %s%s", overflow.count,
+                     overflow.size, errname(err), injected ? " (injected)" : "");
+        else
+            snprintf(what, sizeof what, "allocation of %zu bytes failed: %s%s", size, errname(err),
+                     injected ? " (injected)" : "");
+        int n = snprintf(line, sizeof line, "%slumalloc: %s in thread %ld (report truncated: no memory for it)\n",
+                         b.len ? "\n" : "", what, tid);
         if (n > 0)
             lum_write_all(diag_fd, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
     }
@@ -173,7 +209,42 @@ void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alig
     errno = saved_errno;
 }
 
+void lum_diag_report(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err,
+                     bool injected, const uint64_t *frames, uint32_t depth)
+{
+    report(tc, size, alignment, err, injected, frames, depth, false);
+}
+
+struct find_self {
+    uint32_t tid;
+    struct lum_thread_counters_v1 *tc;
+};
+
+static void find_self(const struct lum_thread_counters_v1 *tc, void *arg)
+{
+    struct find_self *f = arg;
+    if (!f->tc && LUM_PEEK(tc->tid) == f->tid && LUM_PEEK(tc->state) == LUM_THREAD_LIVE)
+        f->tc = (struct lum_thread_counters_v1 *)tc;
+}
+
+/* Not inlined (LUM_COLD_TEXT): the return into lum_diagnostics_report is where the unwinder,
+ * when it does not know lumalloc's own range, drops our frames up to. */
+static LUM_COLD_TEXT void report_on_request(size_t size)
+{
+    /* the stack and the thread's figures, as a failure's report has them */
+    uint64_t frames[LUM_MAX_FRAMES];
+    uint32_t depth = 0;
+    if (!lum_obs_busy && lum_opt.prof_depth) {
+        lum_obs_busy = 1;
+        depth = lum_unwind(frames, lum_opt.prof_depth, (uintptr_t)__builtin_return_address(0));
+        lum_obs_busy = 0;
+    }
+    struct find_self f = { (uint32_t)syscall(SYS_gettid), NULL };
+    lum_threads_foreach(find_self, &f);
+    report(f.tc, size, 0, 0, false, frames, depth, true);
+}
+
 LUM_EXPORT void lum_diagnostics_report(size_t size)
 {
-    lum_diag_report(NULL, size, 0, ENOMEM, false, NULL, 0);
+    report_on_request(size);
 }

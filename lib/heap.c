@@ -440,6 +440,76 @@ static void forward_pooled_inbox(struct lum_heap *heap)
     forward_blocks(b);
 }
 
+/* ---- pending cross-thread frees, for statistics ---- */
+
+/* A page's used counts the blocks other threads freed into it until its owner collects them,
+ * which an idle owner never does: statistics take each such list off (which makes its blocks
+ * theirs to read), count it and put it back.  Only under lum_heaps_lock, so that no owner is
+ * between its last drain and its record's pooling (lum_heap_abandon): blocks put back then
+ * would wait in a pooled record. */
+
+/* Puts a list taken off page's thread_free back, as free_remote puts one block: to the owner's
+ * inbox if the owner parked the page full meanwhile (the mark says it will not look again). */
+static LUM_COLD_TEXT void remote_put_back(struct lum_page *page, lum_block *first, lum_block *last)
+{
+    lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+    for (;;) {
+        if (head == LUM_TF_FULL) {
+            if (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head, NULL, memory_order_acq_rel,
+                                                       memory_order_relaxed))
+                continue;
+            struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
+            if (owner) {
+                /* alive: an exit would need the lock the caller holds */
+                lum_block *ih = atomic_load_explicit(&owner->inbox, memory_order_relaxed);
+                do {
+                    lum_remote_set_next(page, last, ih);
+                } while (!atomic_compare_exchange_weak_explicit(&owner->inbox, &ih, first, memory_order_release,
+                                                                memory_order_relaxed));
+                return;
+            }
+            head = NULL;
+        }
+        lum_remote_set_next(page, last, head);
+        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, first, memory_order_release,
+                                                  memory_order_relaxed))
+            return;
+    }
+}
+
+LUM_COLD_TEXT uint32_t lum_page_remote_pending(struct lum_page *page)
+{
+    lum_block *list = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+    /* a CAS, not an exchange: the owner's full mark, set since the load, must stay */
+    do {
+        if ((uintptr_t)list <= 1) return 0;
+    } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &list, NULL, memory_order_acquire,
+                                                    memory_order_relaxed));
+    uint32_t n = 1;
+    lum_block *last = list;
+    for (lum_block *next; (next = lum_remote_next(last)) != NULL; last = next) n++;
+    remote_put_back(page, list, last);
+    return n;
+}
+
+LUM_COLD_TEXT void lum_heap_inbox_pages(struct lum_heap *heap, void (*fn)(struct lum_page *, void *), void *arg)
+{
+    if (heap->pooled || !atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
+    lum_block *list = atomic_exchange_explicit(&heap->inbox, NULL, memory_order_acquire);
+    if (!list) return;
+    lum_block *last = list;
+    for (lum_block *b = list; b; b = lum_remote_next(b)) {
+        fn(lum_page_of(b), arg);
+        last = b;
+    }
+    struct lum_page *page = lum_page_of(last);
+    lum_block *head = atomic_load_explicit(&heap->inbox, memory_order_relaxed);
+    do {
+        lum_remote_set_next(page, last, head);
+    } while (!atomic_compare_exchange_weak_explicit(&heap->inbox, &head, list, memory_order_release,
+                                                    memory_order_relaxed));
+}
+
 /* Empty pages of exited threads kept on the abandoned lists, counted by the bytes carved in
  * them (about what they hold resident).  Under lum_abandoned_lock. */
 static size_t abandoned_empty_bytes;
@@ -1423,14 +1493,19 @@ void lum_abandoned_decay(void)
     lum_abandoned_reclaim(false);
 }
 
-LUM_COLD_TEXT void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2])
+LUM_COLD_TEXT void lum_heaps_for_each_locked(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2])
 {
-    lum_lock(&lum_heaps_lock);
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) fn(h, arg);
     if (exited) {
         exited[0] = LUM_PEEK(lumalloc_registry.global.exited_alloc_bytes);
         exited[1] = LUM_PEEK(lumalloc_registry.global.exited_free_bytes);
     }
+}
+
+LUM_COLD_TEXT void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2])
+{
+    lum_lock(&lum_heaps_lock);
+    lum_heaps_for_each_locked(fn, arg, exited);
     lum_unlock(&lum_heaps_lock);
 }
 

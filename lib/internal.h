@@ -533,6 +533,8 @@ void lum_page_touch(struct lum_page *page, size_t end);
 size_t lum_segments_purge(bool all, uint32_t reason);
 size_t lum_segments_purge_excess(size_t target, uint64_t min_age);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);
+/* The same, then after(arg) still under the segment lock. */
+void lum_segments_for_each_then(void (*fn)(struct lum_segment *, void *), void (*after)(void *), void *arg);
 
 /* ---- page.c ---- */
 bool lum_page_refill(struct lum_page *page);
@@ -571,6 +573,13 @@ extern LUM_HIDDEN struct lum_page_list lum_abandoned[LUM_CLASSES];
  * alloc and free bytes read under the same lock, which heap_create folds a reused record's into:
  * read outside it, a fold in between counted that record twice or not at all. */
 void lum_heaps_for_each(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2]);
+/* The same with lum_heaps_lock held by the caller. */
+void lum_heaps_for_each_locked(void (*fn)(struct lum_heap *, void *), void *arg, uint64_t exited[2]);
+/* Blocks other threads freed into page and its owner has not collected (on its thread_free
+ * list), and fn on the page of each block waiting in heap's inbox (a live heap's).  Both take
+ * the list off to read it and put it back, with lum_heaps_lock held (heap.c). */
+uint32_t lum_page_remote_pending(struct lum_page *page);
+void lum_heap_inbox_pages(struct lum_heap *heap, void (*fn)(struct lum_page *, void *), void *arg);
 void lum_heap_release_empty(struct lum_heap *heap);
 void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int err);
 
@@ -677,6 +686,9 @@ uint64_t lum_dirty_min_age(size_t dirty, size_t limit);
 
 /* ---- large.c ---- */
 extern LUM_HIDDEN lum_lock_t lum_large_lock;
+/* Live large blocks: one atomic beside large_live_bytes's on the large path, for mallinfo2's
+ * hblks (glibc's count of mmapped chunks). */
+extern LUM_HIDDEN size_t lum_large_live_blocks;
 void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool zero, bool may_sample);
 void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);

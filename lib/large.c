@@ -13,6 +13,7 @@
 
 lum_lock_t lum_large_lock;
 size_t lum_large_cached; /* bytes in the cache (internal.h) */
+size_t lum_large_live_blocks; /* mallinfo2's hblks (internal.h) */
 
 /* The cache holds freed address ranges, still resident, rather than whole mappings, with
  * their records here rather than in a header: a block that realloc shrinks leaves its tail
@@ -380,6 +381,7 @@ void *lum_large_alloc(struct lum_heap *heap, size_t size, size_t alignment, bool
      * not necessarily ever written (a memset of it would fault it all in) */
     if (zero && reused > offset) memset(l->user, 0, size < reused - offset ? size : reused - offset);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, (int64_t)usable);
+    __atomic_add_fetch(&lum_large_live_blocks, 1, __ATOMIC_RELAXED);
     lum_heap_count_alloc(heap, usable);
     LUM_OWN_ADD(heap->tc.large_count, 1);
     LUM_OWN_ADD(heap->tc.large_bytes, usable);
@@ -437,6 +439,7 @@ void lum_large_free(void *p)
     lum_on_large_free(p, l->usable);
     lum_count_free(heap, l->usable);
     lum_count_global(&lumalloc_registry.global.large_live_bytes, -(int64_t)l->usable);
+    __atomic_sub_fetch(&lum_large_live_blocks, 1, __ATOMIC_RELAXED);
     uint8_t *base = l->map_base;
     size_t map_size = l->map_size;
     /* whatever the block's alignment: the range is reused from its 4 MiB-aligned start;
@@ -611,6 +614,12 @@ void *lum_large_realloc(void *p, size_t size)
         lum_heap_count_alloc(heap, usable);
         LUM_OWN_ADD(tc->large_count, 1);
         LUM_OWN_ADD(tc->large_bytes, usable);
+    } else {
+        /* No heap (a key destructor after lumalloc's teardown): the later free of the block
+         * counts its new size (lum_count_free), so the move counts here too, or allocated
+         * (lum_stats, mallinfo2) is off by the growth for good, wrapping below zero. */
+        lum_count_global(&lumalloc_registry.global.exited_free_bytes, (int64_t)old_usable);
+        lum_count_global(&lumalloc_registry.global.exited_alloc_bytes, (int64_t)usable);
     }
     l->map_base = base;
     l->map_size = map_size;

@@ -147,13 +147,20 @@ LUM_EXPORT void lum_free_aligned_sized(void *p, size_t alignment, size_t size)
     lum_free(p);
 }
 
+/* count * size overflowed: a failure like any other (probe, count, report, abort), the report
+ * naming both (the SIZE_MAX passed on names no request). */
+static LUM_NOINLINE void *overflowed(size_t count, size_t size)
+{
+    lum_diag_note_overflow(count, size);
+    void *p = lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
+    lum_diag_note_overflow(0, 0);
+    return p;
+}
+
 LUM_EXPORT void *lum_calloc(size_t count, size_t size)
 {
     size_t bytes;
-    if (LUM_UNLIKELY(__builtin_mul_overflow(count, size, &bytes))) {
-        struct lum_heap *heap = lum_heap_get();
-        return lum_alloc_failed(heap, SIZE_MAX, 0, ENOMEM);
-    }
+    if (LUM_UNLIKELY(__builtin_mul_overflow(count, size, &bytes))) return overflowed(count, size);
     struct lum_heap *heap = lum_tls_heap;
     if (bytes > lum_opt.large_threshold && bytes <= PTRDIFF_MAX) {
         /* A thread's (or the process's) first allocation: its heap first, or the slow path
@@ -261,8 +268,7 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
 LUM_EXPORT void *lum_reallocarray(void *p, size_t count, size_t size)
 {
     size_t bytes;
-    if (__builtin_mul_overflow(count, size, &bytes)) /* a failure like any other: report, abort */
-        return lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
+    if (__builtin_mul_overflow(count, size, &bytes)) return overflowed(count, size);
     return lum_realloc(p, bytes);
 }
 
@@ -288,8 +294,14 @@ LUM_EXPORT void *lum_memalign(size_t alignment, size_t size)
 
 LUM_EXPORT int lum_posix_memalign(void **out, size_t alignment, size_t size)
 {
-    if (!is_pow2(alignment) || alignment % sizeof(void *)) return EINVAL;
     int saved = errno;
+    if (!is_pow2(alignment) || alignment % sizeof(void *)) {
+        /* a failure like aligned_alloc's (probe, count, report), but errno as it was: glibc's
+         * posix_memalign only returns the error */
+        lum_alloc_failed(lum_heap_get(), size, alignment, EINVAL);
+        errno = saved;
+        return EINVAL;
+    }
     void *p = aligned(alignment, size);
     if (!p) {
         int err = errno;
@@ -316,8 +328,8 @@ LUM_EXPORT void *lum_pvalloc(size_t size)
 {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t rounded = (size + page - 1) & ~(page - 1);
-    if (rounded < size)
-        return lum_alloc_failed(lum_heap_get(), SIZE_MAX, 0, ENOMEM);
+    if (rounded < size) /* reported as asked */
+        return lum_alloc_failed(lum_heap_get(), size, page, ENOMEM);
     return aligned(page, rounded ? rounded : page);
 }
 
@@ -361,6 +373,7 @@ LUM_EXPORT struct mallinfo2 lum_mallinfo2(void)
      * add uordblks and hblkhd (or arena and hblkhd) count them once */
     mi.arena = mapped > large ? mapped - large : 0;
     mi.hblkhd = large;
+    mi.hblks = __atomic_load_n(&lum_large_live_blocks, __ATOMIC_RELAXED);
     mi.uordblks = live > large ? live - large : 0;
     mi.fordblks = resident > live ? resident - live : 0;
     mi.keepcost = LUM_PEEK(g->retained_bytes);
@@ -384,6 +397,7 @@ LUM_EXPORT struct mallinfo lum_mallinfo(void)
     memset(&mi, 0, sizeof mi);
 #define SAT(x) ((x) > (size_t)INT32_MAX ? INT32_MAX : (int)(x))
     mi.arena = SAT(m2.arena);
+    mi.hblks = SAT(m2.hblks);
     mi.hblkhd = SAT(m2.hblkhd);
     mi.uordblks = SAT(m2.uordblks);
     mi.fordblks = SAT(m2.fordblks);
@@ -402,17 +416,19 @@ LUM_EXPORT int lum_malloc_info(int options, FILE *fp)
     }
     struct mallinfo2 mi = lum_mallinfo2();
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+    /* allocated is every live block: mallinfo2 keeps the large ones apart, in hblkhd, for
+     * glibc's meanings (uordblks alone left a program's 10 MiB block out) */
     fprintf(fp, "<malloc version=\"lumalloc-%d.%d\">\n"
                 "<total type=\"allocated\" size=\"%zu\"/>\n"
                 "<total type=\"mapped\" size=\"%llu\"/>\n"
                 "<total type=\"resident\" size=\"%llu\"/>\n"
                 "<total type=\"retained\" size=\"%llu\"/>\n"
-                "<total type=\"large\" size=\"%llu\"/>\n"
+                "<total type=\"large\" count=\"%zu\" size=\"%zu\"/>\n"
                 "<system type=\"current\" size=\"%llu\"/>\n"
                 "</malloc>\n",
-            LUMALLOC_VERSION_MAJOR, LUMALLOC_VERSION_MINOR, mi.uordblks,
+            LUMALLOC_VERSION_MAJOR, LUMALLOC_VERSION_MINOR, mi.uordblks + mi.hblkhd,
             (unsigned long long)LUM_PEEK(g->mapped_bytes), (unsigned long long)LUM_PEEK(g->resident_bytes),
-            (unsigned long long)LUM_PEEK(g->retained_bytes), (unsigned long long)LUM_PEEK(g->large_live_bytes),
+            (unsigned long long)LUM_PEEK(g->retained_bytes), mi.hblks, mi.hblkhd,
             (unsigned long long)LUM_PEEK(g->mapped_bytes));
     return 0;
 }

@@ -95,6 +95,9 @@ bool lum_fail_should_inject(size_t size);
 
 /* An allocation is about to return NULL with errno = err.  Probe, diagnostics, abort. */
 void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t alignment, int err);
+/* Set (count, size) before the lum_on_alloc_failure of a count * size that overflowed, (0, 0)
+ * after: the report then says what was asked, not SIZE_MAX (which the probe still gets). */
+void lum_diag_note_overflow(size_t count, size_t size);
 
 void lum_on_thread_start(struct lum_thread_counters_v1 *tc);
 void lum_on_thread_exit(struct lum_thread_counters_v1 *tc);

@@ -219,16 +219,23 @@ void lum_page_touch(struct lum_page *page, size_t end)
     struct lum_segment *seg = lum_segment_of(page->start);
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     size_t from = (size_t)page->carved * page->block_size;
-    size_t added = 0;
-    for (size_t i = from >> LUM_SLICE_SHIFT; i <= (end - 1) >> LUM_SLICE_SHIFT && i < page->slices; i++) {
+    size_t first = from >> LUM_SLICE_SHIFT, last = (end - 1) >> LUM_SLICE_SHIFT, added = 0;
+    if (last >= page->slices) last = (size_t)page->slices - 1;
+    unsigned want[LUM_SLICES];
+    for (size_t i = first; i <= last; i++) {
         size_t in = end - i * LUM_SLICE_SIZE;
-        unsigned pages = in >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (unsigned)((in + 4095) / 4096);
+        want[i] = in >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (unsigned)((in + 4095) / 4096);
         unsigned had = seg->slice_touched[idx + i];
-        if (pages <= had) continue;
-        added += (size_t)(pages - had) * 4096;
-        LUM_OWN_SET(seg->slice_touched[idx + i], (uint8_t)pages);
+        if (want[i] > had) added += (size_t)(want[i] - had) * 4096;
     }
-    if (added) lum_os_account_slices((int64_t)added, 0);
+    if (!added) return;
+    /* resident first, the records after (release): a statistics snapshot that reads a raised
+     * record reads resident after it (stats.c), and finds it raised too, so that its active is
+     * not above its resident for bytes counted in one and not yet in the other */
+    lum_os_account_slices((int64_t)added, 0);
+    for (size_t i = first; i <= last; i++)
+        if (want[i] > seg->slice_touched[idx + i])
+            __atomic_store_n(&seg->slice_touched[idx + i], (uint8_t)want[i], __ATOMIC_RELEASE);
 }
 
 /* Huge-page mode: the slices of a page taken are resident whole (a huge page backs them), and
@@ -741,9 +748,15 @@ size_t lum_segments_purge_excess(size_t target, uint64_t min_age)
     return account_purge(&out, LUM_PURGE_LIMIT);
 }
 
-LUM_COLD_TEXT void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg)
+LUM_COLD_TEXT void lum_segments_for_each_then(void (*fn)(struct lum_segment *, void *), void (*after)(void *), void *arg)
 {
     lum_lock(&lum_segment_lock);
     for (struct lum_segment *seg = segments; seg; seg = seg->next) fn(seg, arg);
+    if (after) after(arg);
     lum_unlock(&lum_segment_lock);
+}
+
+LUM_COLD_TEXT void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg)
+{
+    lum_segments_for_each_then(fn, NULL, arg);
 }

@@ -1,7 +1,9 @@
-/* Statistics snapshot.  Segment figures are read under the segment lock, thread counters under
- * the heap-list lock; the counters and page "used" counts belong to their owners and are read
- * racily (exact when the owners are quiet; see counter.h), which keeps every allocation and free
- * free of any stats cost. */
+/* Statistics snapshot.  One pass under the heap-list lock (no thread starts or exits meanwhile),
+ * the segment walk and the process figures inside it under the segment lock; the counters and
+ * page "used" counts belong to their owners and are read racily (exact when the owners are
+ * quiet; see counter.h), which keeps every allocation and free free of any stats cost.  Blocks
+ * other threads freed and the owner has not collected are counted here, off their lists, which
+ * costs the snapshot a walk of those lists instead. */
 #include <stdio.h>
 #include <string.h>
 #include "internal.h"
@@ -11,9 +13,67 @@ _Static_assert(LUM_STATS_CLASSES == LUM_CLASSES, "stats and allocator classes ag
 
 static uint64_t stats_epoch;
 
+struct snap {
+    struct lum_stats *s;
+    /* the pages of blocks waiting in owners' inboxes (one entry a block), sorted */
+    uintptr_t *inbox;
+    size_t ninbox, cap;
+};
+
+static void inbox_count(struct lum_page *page, void *arg)
+{
+    (void)page;
+    ((struct snap *)arg)->ninbox++;
+}
+
+static void inbox_note(struct lum_page *page, void *arg)
+{
+    struct snap *sn = arg;
+    if (sn->ninbox < sn->cap) sn->inbox[sn->ninbox++] = (uintptr_t)page;
+}
+
+static void heap_inbox_count(struct lum_heap *h, void *arg) { lum_heap_inbox_pages(h, inbox_count, arg); }
+static void heap_inbox_note(struct lum_heap *h, void *arg) { lum_heap_inbox_pages(h, inbox_note, arg); }
+
+/* Heapsort: no libc qsort, which may allocate (this runs inside the allocator, under its locks). */
+static void sift(uintptr_t *a, size_t i, size_t n)
+{
+    for (size_t c; (c = 2 * i + 1) < n; i = c) {
+        if (c + 1 < n && a[c + 1] > a[c]) c++;
+        if (a[i] >= a[c]) return;
+        uintptr_t t = a[i];
+        a[i] = a[c];
+        a[c] = t;
+    }
+}
+
+static void sort_pages(uintptr_t *a, size_t n)
+{
+    for (size_t i = n / 2; i-- > 0;) sift(a, i, n);
+    for (size_t end = n; end-- > 1;) {
+        uintptr_t t = a[0];
+        a[0] = a[end];
+        a[end] = t;
+        sift(a, 0, end);
+    }
+}
+
+static uint32_t inbox_blocks_of(const struct snap *sn, const struct lum_page *page)
+{
+    size_t lo = 0, hi = sn->ninbox;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (sn->inbox[mid] < (uintptr_t)page) lo = mid + 1; else hi = mid;
+    }
+    uint32_t n = 0;
+    while (lo < sn->ninbox && sn->inbox[lo++] == (uintptr_t)page) n++;
+    return n;
+}
+
 static void add_segment(struct lum_segment *seg, void *arg)
 {
-    struct lum_stats *s = arg;
+    struct snap *sn = arg;
+    struct lum_stats *s = sn->s;
     s->segments++;
     for (unsigned i = 1; i < LUM_SLICES;) {
         struct lum_page *page = seg->slice_page[i];
@@ -21,28 +81,68 @@ static void add_segment(struct lum_segment *seg, void *arg)
         struct lum_class_stats *c = &s->classes[page->cls];
         c->pages++;
         c->blocks += page->capacity;
-        uint32_t used = __atomic_load_n(&page->used, __ATOMIC_RELAXED) +
-                        (__atomic_load_n(&page->in_full, __ATOMIC_RELAXED) ? __atomic_load_n(&page->park_bias, __ATOMIC_RELAXED) : 0);
-        c->live_blocks += used;
+        int64_t live = (int64_t)__atomic_load_n(&page->used, __ATOMIC_RELAXED) +
+                       (__atomic_load_n(&page->in_full, __ATOMIC_RELAXED) ? __atomic_load_n(&page->park_bias, __ATOMIC_RELAXED) : 0);
+        /* freed by other threads, though used counts them until the owner collects them (an
+         * idle owner: for good) */
+        if (page->kind == LUM_PAGE_SMALL)
+            live -= (int64_t)lum_page_remote_pending(page) + inbox_blocks_of(sn, page);
+        /* The three fields above are read apart while the owner changes them (page_unfull
+         * restores used before in_full clears): a page caught in between counted park_bias
+         * twice, and its class more live blocks than its pages hold.  A page holds no fewer
+         * than none and no more than all. */
+        if (live < 0) live = 0;
+        if (live > (int64_t)page->capacity) live = page->capacity;
+        c->live_blocks += (uint64_t)live;
         /* what its slices record touched (the owner raises it as it carves: counter.h) */
-        if (used) s->active += lum_span_bytes(seg, i, page->slices);
+        if (live) s->active += lum_span_bytes(seg, i, page->slices);
         i += page->slices ? page->slices : 1;
     }
 }
 
+/* Still under the segment lock, after the walk: resident goes down there (slices purged,
+ * pages released) and up by the owners' carving, which accounts it before it raises the
+ * slices' records (lum_page_touch): read after them, it covers every touched count read. */
+static void read_globals(void *arg)
+{
+    struct lum_stats *s = ((struct snap *)arg)->s;
+    const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    /* large blocks are accounted resident before they count live */
+    s->large_live = __atomic_load_n(&g->large_live_bytes, __ATOMIC_ACQUIRE);
+    s->mapped = __atomic_load_n(&g->mapped_bytes, __ATOMIC_RELAXED);
+    s->resident = __atomic_load_n(&g->resident_bytes, __ATOMIC_RELAXED);
+    s->retained = __atomic_load_n(&g->retained_bytes, __ATOMIC_RELAXED);
+    s->metadata = __atomic_load_n(&g->metadata_bytes, __ATOMIC_RELAXED);
+}
+
+/* The thread walk's state: live records fill threads[] from the front, exited ones from the
+ * back, so that past LUM_STATS_MAX_THREADS records exited threads make way for live ones
+ * (truncated in list order, 300 exited threads left no room for the live ones). */
+struct thread_walk {
+    struct lum_stats *s;
+    uint32_t nlive, nexited;
+};
+
 static void add_thread(struct lum_heap *h, void *arg)
 {
-    struct lum_stats *s = arg;
+    struct thread_walk *w = arg;
+    struct lum_stats *s = w->s;
     const struct lum_thread_counters_v1 c = lum_tc_peek(&h->tc), *tc = &c;
     s->allocated += tc->alloc_bytes - tc->free_bytes; /* wraps back for cross-thread pairs */
     for (unsigned c = 0; c < LUM_CLASSES; c++) { /* freed, though their pages count them used */
         int8_t room = __atomic_load_n(&h->cache_room[c], __ATOMIC_RELAXED);
         s->classes[c].live_blocks -= (uint64_t)(lum_cache_max[c] - (room < 0 ? 0 : room));
     }
-    if (s->nthreads >= LUM_STATS_MAX_THREADS) return;
-    struct lum_thread_stats *t = &s->threads[s->nthreads++];
+    bool live = tc->state == LUM_THREAD_LIVE;
+    if (w->nlive + w->nexited >= LUM_STATS_MAX_THREADS) {
+        if (!live || !w->nexited) return;
+        w->nexited--; /* the exited record kept last makes way */
+    }
+    struct lum_thread_stats *t = live ? &s->threads[w->nlive++]
+                                      : &s->threads[LUM_STATS_MAX_THREADS - ++w->nexited];
     t->tid = tc->tid;
-    t->live = tc->state == LUM_THREAD_LIVE;
+    t->live = live;
     t->alloc_count = tc->alloc_count;
     t->alloc_bytes = tc->alloc_bytes;
     t->free_count = tc->free_count;
@@ -54,21 +154,53 @@ static void add_thread(struct lum_heap *h, void *arg)
     t->sampled_bytes = tc->sampled_bytes;
 }
 
+/* Moves the exited records, kept at the back in reverse, behind the live ones in list order. */
+static void close_threads(struct thread_walk *w)
+{
+    struct lum_stats *s = w->s;
+    struct lum_thread_stats *first = &s->threads[LUM_STATS_MAX_THREADS - w->nexited];
+    for (uint32_t i = 0, j = w->nexited; i + 1 < j; i++, j--) {
+        struct lum_thread_stats t = first[i];
+        first[i] = first[j - 1];
+        first[j - 1] = t;
+    }
+    memmove(&s->threads[w->nlive], first, w->nexited * sizeof *first);
+    s->nthreads = w->nlive + w->nexited;
+}
+
 LUM_EXPORT void lum_stats_snapshot(struct lum_stats *s)
 {
     memset(s, 0, sizeof *s);
     for (unsigned c = 0; c < LUM_CLASSES; c++) s->classes[c].block_size = lum_class_size[c];
-    lum_segments_for_each(add_segment, s);
+    struct snap sn = { s, NULL, 0, 0 };
     uint64_t exited[2];
-    lum_heaps_for_each(add_thread, s, exited);
+    struct thread_walk walk = { s, 0, 0 };
+    lum_lock(&lum_heaps_lock);
+    /* Counted, then noted: what arrives in between is left out (exact when quiet). */
+    lum_heaps_for_each_locked(heap_inbox_count, &sn, NULL);
+    size_t bytes = 0;
+    if (sn.ninbox) {
+        sn.cap = sn.ninbox + sn.ninbox / 4 + 64;
+        bytes = sn.cap * sizeof *sn.inbox;
+        sn.inbox = lum_meta_alloc(bytes);
+        sn.ninbox = 0;
+        if (sn.inbox) {
+            lum_heaps_for_each_locked(heap_inbox_note, &sn, NULL);
+            sort_pages(sn.inbox, sn.ninbox);
+        }
+    }
+    lum_segments_for_each_then(add_segment, read_globals, &sn);
+    lum_heaps_for_each_locked(add_thread, &walk, exited);
+    lum_unlock(&lum_heaps_lock);
+    if (sn.inbox) lum_meta_free(sn.inbox, bytes);
+    close_threads(&walk);
     const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
     s->allocated += exited[0] - exited[1];
-    s->large_live = __atomic_load_n(&g->large_live_bytes, __ATOMIC_RELAXED);
     s->active += s->large_live;
-    s->mapped = __atomic_load_n(&g->mapped_bytes, __ATOMIC_RELAXED);
-    s->resident = __atomic_load_n(&g->resident_bytes, __ATOMIC_RELAXED);
-    s->retained = __atomic_load_n(&g->retained_bytes, __ATOMIC_RELAXED);
-    s->metadata = __atomic_load_n(&g->metadata_bytes, __ATOMIC_RELAXED);
+    /* The owners' caches, subtracted by add_thread, were read after their pages: a block taken
+     * from its page and cached since is subtracted though its page did not count it. */
+    for (unsigned c = 0; c < LUM_CLASSES; c++)
+        if ((int64_t)s->classes[c].live_blocks < 0) s->classes[c].live_blocks = 0;
     s->purged_total = LUM_PEEK(g->purged_bytes);
     s->purge_events = LUM_PEEK(g->purge_events);
     s->pressure_events = LUM_PEEK(g->pressure_events);
@@ -76,13 +208,6 @@ LUM_EXPORT void lum_stats_snapshot(struct lum_stats *s)
     for (unsigned c = 0; c < LUM_CLASSES; c++)
         for (struct lum_page *p = lum_abandoned[c].head; p; p = p->next) s->abandoned_pages++;
     lum_unlock(&lum_abandoned_lock);
-    /* live threads first: that is who a reader looks for */
-    for (uint32_t i = 0, j = 0; i < s->nthreads; i++)
-        if (s->threads[i].live) {
-            struct lum_thread_stats t = s->threads[i];
-            s->threads[i] = s->threads[j];
-            s->threads[j++] = t;
-        }
     s->epoch = __atomic_add_fetch(&stats_epoch, 1, __ATOMIC_RELAXED);
 }
 

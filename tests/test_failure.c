@@ -276,9 +276,16 @@ static void test_diagnostics_critical_scope(void **state)
     lum_critical_scope_leave();
     assert_string_equal(read_fd(fd), "");
 
-    /* On demand. */
+    /* On demand: the whole report, but not a failure's first line (it read "allocation of 999
+     * bytes failed", with neither stack nor thread figures) */
     lum_diagnostics_report(999);
-    assert_non_null(strstr(read_fd(fd), "allocation of 999 bytes failed"));
+    rep = read_fd(fd);
+    assert_non_null(strstr(rep, "lumalloc: diagnostics report requested in thread"));
+    assert_non_null(strstr(rep, "size given: 999"));
+    assert_null(strstr(rep, "failed:"));
+    assert_non_null(strstr(rep, "stack:"));
+    assert_non_null(strstr(rep, "thread:"));
+    assert_non_null(strstr(rep, "process:"));
     lum_set_diagnostics_mode(LUM_DIAGNOSTICS_CRITICAL);
     lum_set_diagnostics_producer(NULL, NULL);
     lum_set_diagnostics_fd(2);
@@ -407,6 +414,63 @@ static void test_bad_alignment_is_a_failure(void **state)
     assert_int_equal(fb - fa, 1);
 }
 
+/* posix_memalign's bad alignment is one too (it returned EINVAL past probe, count and report,
+ * where aligned_alloc had all three), errno left alone as glibc does. */
+static void test_posix_memalign_bad_alignment_is_a_failure(void **state)
+{
+    (void)state;
+    static struct lum_stats a, b;
+    uint32_t me = (uint32_t)gettid();
+    int fd = capture_fd();
+    lum_set_diagnostics_fd(fd);
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_ALL);
+    lum_stats_snapshot(&a);
+    int (*volatile p_posix_memalign)(void **, size_t, size_t) = posix_memalign;
+    void *p = &p;
+    errno = ERANGE;
+    assert_int_equal(p_posix_memalign(&p, 24, 100), EINVAL);
+    assert_int_equal(errno, ERANGE);
+    assert_ptr_equal(p, &p); /* untouched */
+    lum_stats_snapshot(&b);
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_CRITICAL);
+    lum_set_diagnostics_fd(2);
+    uint64_t fa = 0, fb = 0;
+    for (unsigned i = 0; i < a.nthreads; i++) if (a.threads[i].tid == me) fa = a.threads[i].failures;
+    for (unsigned i = 0; i < b.nthreads; i++) if (b.threads[i].tid == me) fb = b.threads[i].failures;
+    assert_int_equal(fb - fa, 1);
+    assert_non_null(strstr(read_fd(fd), "allocation of 100 bytes (alignment 24) failed: EINVAL"));
+    close(fd);
+}
+
+/* An overflowing count * size is reported as asked (it read "allocation of
+ * 18446744073709551615 bytes", a size nobody asked for). */
+static void test_overflow_report_names_the_request(void **state)
+{
+    (void)state;
+    void *(*volatile p_calloc)(size_t, size_t) = calloc;
+    void *(*volatile p_reallocarray)(void *, size_t, size_t) = reallocarray;
+    int fd = capture_fd();
+    lum_set_diagnostics_fd(fd);
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_ALL);
+    errno = 0;
+    assert_null(p_calloc((size_t)1 << 40, (size_t)3 << 30));
+    assert_int_equal(errno, ENOMEM);
+    char *rep = read_fd(fd);
+    assert_non_null(strstr(rep, "allocation of 1099511627776 x 3221225472 bytes (more than SIZE_MAX) failed: ENOMEM"));
+    assert_null(strstr(rep, "18446744073709551615"));
+    reset_fd(fd);
+    assert_null(p_reallocarray(NULL, SIZE_MAX / 2, 4));
+    assert_non_null(strstr(read_fd(fd), "allocation of 9223372036854775807 x 4 bytes (more than SIZE_MAX)"));
+    /* the next failure is reported with its own size */
+    reset_fd(fd);
+    lum_fail_after(0);
+    assert_null(malloc(77));
+    assert_non_null(strstr(read_fd(fd), "allocation of 77 bytes failed"));
+    lum_set_diagnostics_mode(LUM_DIAGNOSTICS_CRITICAL);
+    lum_set_diagnostics_fd(2);
+    close(fd);
+}
+
 /* Two threads arming the process-wide injector at once leave one injector armed, and its
  * cancel none (each once armed its own count). */
 static void *arm_nth_many(void *arg)
@@ -483,6 +547,8 @@ int main(void)
         cmocka_unit_test(test_fail_nth_concurrent),
         cmocka_unit_test(test_fork_keeps_the_forking_threads_injector),
         cmocka_unit_test(test_bad_alignment_is_a_failure),
+        cmocka_unit_test(test_posix_memalign_bad_alignment_is_a_failure),
+        cmocka_unit_test(test_overflow_report_names_the_request),
         cmocka_unit_test(test_abort_on_failure_one_setting),
         cmocka_unit_test(test_overflow_is_a_failure),
     };

@@ -1,14 +1,21 @@
 /* The statistics snapshot: figures that follow what the program did, and outputs that parse. */
+#define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <cmocka.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <semaphore.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include "lumalloc.h"
 #include "lumalloc_stats.h"
 
@@ -113,6 +120,182 @@ static void frees_after_the_heap_is_gone_count(void **state)
     pthread_key_delete(late_key);
 }
 
+/* A late destructor that grows a large block: realloc moves it with no heap to count in, and
+ * the free after counts its new size, so allocated wrapped to ~2^64 (1 MiB -> 8 MiB: -7 MiB)
+ * unless the move counts in the exited threads' totals as frees there do. */
+static void *volatile late_block;
+static void late_grow(void *p)
+{
+    (void)p;
+    late_block = realloc(late_block, 8 << 20);
+}
+static void *set_late_grow(void *arg)
+{
+    (void)arg;
+    pthread_setspecific(late_key, (void *)1);
+    free(p_malloc(10));
+    return NULL;
+}
+
+static void large_realloc_after_the_heap_is_gone_counts(void **state)
+{
+    (void)state;
+    free(p_malloc(1)); /* lumalloc's key first */
+    assert_int_equal(pthread_key_create(&late_key, late_grow), 0);
+    lum_stats_snapshot(&a);
+    late_block = p_malloc(1 << 20);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, set_late_grow, NULL), 0);
+    pthread_join(t, NULL);
+    assert_non_null(late_block);
+    assert_true(malloc_usable_size(late_block) >= 8 << 20);
+    lum_stats_snapshot(&b);
+    int64_t grown = (int64_t)(b.allocated - a.allocated);
+    assert_true(grown >= (int64_t)malloc_usable_size(late_block));
+    assert_true(grown < (int64_t)malloc_usable_size(late_block) + 4096);
+    free(late_block);
+    lum_stats_snapshot(&b);
+    assert_true((int64_t)(b.allocated - a.allocated) < 4096);
+    assert_true((int64_t)(b.allocated - a.allocated) > -4096);
+    pthread_key_delete(late_key);
+}
+
+/* More heap records than threads[] holds, all but this thread's exited: the live ones are
+ * the ones kept (cut in list order, newest first, 300 exited threads filled all 256 entries
+ * and this thread was missing). */
+static pthread_barrier_t many_barrier;
+static void *touch_and_wait(void *arg)
+{
+    (void)arg;
+    free(p_malloc(100));
+    pthread_barrier_wait(&many_barrier);
+    return NULL;
+}
+
+static void live_threads_are_kept_past_the_cap(void **state)
+{
+    (void)state;
+    enum { N = LUM_STATS_MAX_THREADS + 44 };
+    static pthread_t t[N];
+    free(p_malloc(1));
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 << 10);
+    pthread_barrier_init(&many_barrier, NULL, N + 1);
+    for (int i = 0; i < N; i++) assert_int_equal(pthread_create(&t[i], &attr, touch_and_wait, NULL), 0);
+    pthread_barrier_wait(&many_barrier);
+    for (int i = 0; i < N; i++) pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&many_barrier);
+    pthread_attr_destroy(&attr);
+    lum_stats_snapshot(&a);
+    assert_int_equal(a.nthreads, LUM_STATS_MAX_THREADS);
+    uint32_t me = (uint32_t)syscall(SYS_gettid);
+    bool found = false, exited_seen = false;
+    for (uint32_t i = 0; i < a.nthreads; i++) {
+        if (a.threads[i].live) {
+            assert_false(exited_seen); /* live first */
+            found |= a.threads[i].tid == me;
+        } else {
+            exited_seen = true;
+        }
+    }
+    assert_true(found);
+    assert_true(exited_seen);
+}
+
+/* Blocks freed by another thread than their page's owner wait on the page (or in the owner's
+ * inbox) until the owner collects them, which an idle owner never does: the snapshot counts
+ * them freed (an idle owner's 5000 blocks of 1000 B, all freed by this thread, stayed 4995
+ * "live" in their class and 5 MB in active, while allocated said 288 bytes). */
+enum { REMOTE_N = 5000 };
+static void *remote_blocks[REMOTE_N];
+static sem_t remote_allocated, remote_done;
+static void *allocate_and_idle(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < REMOTE_N; i++) remote_blocks[i] = p_malloc(1000);
+    sem_post(&remote_allocated);
+    sem_wait(&remote_done);
+    return NULL;
+}
+
+static unsigned class_of(const struct lum_stats *s, uint32_t size)
+{
+    unsigned c = 0;
+    while (s->classes[c].block_size < size) c++;
+    return c;
+}
+
+static void frees_by_other_threads_count_while_the_owner_idles(void **state)
+{
+    (void)state;
+    sem_init(&remote_allocated, 0, 0);
+    sem_init(&remote_done, 0, 0);
+    lum_stats_snapshot(&a);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, allocate_and_idle, NULL), 0);
+    sem_wait(&remote_allocated);
+    lum_stats_snapshot(&b);
+    unsigned c = class_of(&b, 1000);
+    assert_true(b.classes[c].live_blocks - a.classes[c].live_blocks >= REMOTE_N - 300); /* sampled ones elsewhere */
+    for (int i = 0; i < REMOTE_N; i++) free(remote_blocks[i]);
+    lum_stats_snapshot(&b);
+    printf("# class %u: live %llu before, %llu after; active %llu before, %llu after\n", b.classes[c].block_size,
+           (unsigned long long)a.classes[c].live_blocks, (unsigned long long)b.classes[c].live_blocks,
+           (unsigned long long)a.active, (unsigned long long)b.active);
+    assert_true(b.classes[c].live_blocks <= a.classes[c].live_blocks + 16);
+    assert_true(b.active < a.active + (256 << 10));
+    assert_true((int64_t)(b.allocated - a.allocated) < 64 << 10);
+    /* taken off their lists and put back: the owner still collects them */
+    sem_post(&remote_done);
+    pthread_join(t, NULL);
+    lum_stats_snapshot(&b);
+    assert_true(b.classes[c].live_blocks <= a.classes[c].live_blocks + 16);
+    assert_int_equal(lum_heap_check(1), 0);
+    sem_destroy(&remote_allocated);
+    sem_destroy(&remote_done);
+}
+
+/* A class never holds more live blocks than its pages have: a page's used, in_full and
+ * park_bias are read apart while the owner parks and unparks it, and a page caught in between
+ * counted park_bias twice (48 KiB blocks, one thread reallocating 64 of them: ~1 snapshot in
+ * 1000 had a class over its blocks). */
+static atomic_int churn_stop;
+static void *churn_48k(void *arg)
+{
+    void *v[64] = {0};
+    unsigned r = (unsigned)(uintptr_t)arg;
+    while (!atomic_load_explicit(&churn_stop, memory_order_relaxed)) {
+        r = r * 1103515245 + 12345;
+        unsigned i = (r >> 8) % 64;
+        free(v[i]);
+        v[i] = p_malloc(49152);
+    }
+    for (int i = 0; i < 64; i++) free(v[i]);
+    return NULL;
+}
+
+static void classes_hold_no_more_than_their_blocks_under_churn(void **state)
+{
+    (void)state;
+    atomic_store(&churn_stop, 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, churn_48k, (void *)1), 0);
+    unsigned long n = 0, over = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do {
+        lum_stats_snapshot(&a);
+        n++;
+        for (unsigned c = 0; c < LUM_STATS_CLASSES; c++) over += a.classes[c].live_blocks > a.classes[c].blocks;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+    } while ((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000 < 1000);
+    atomic_store(&churn_stop, 1);
+    pthread_join(t, NULL);
+    printf("# %lu snapshots, %lu classes over their blocks\n", n, over);
+    assert_int_equal(over, 0);
+}
+
 static void text_and_json_outputs(void **state)
 {
     (void)state;
@@ -150,6 +333,9 @@ static void text_and_json_outputs(void **state)
 static void mallinfo2_counts_large_blocks_once(void **state)
 {
     (void)state;
+    /* blocks taken from cached ranges (earlier tests' large blocks) would move the cache's
+     * mapped bytes out of arena: arena would shrink, not stay */
+    lum_purge();
     struct mallinfo2 m0 = mallinfo2();
     enum { N = 8 };
     void *big[N];
@@ -164,7 +350,44 @@ static void mallinfo2_counts_large_blocks_once(void **state)
     assert_true(m1.hblkhd - m0.hblkhd < added + (N << 16));
     assert_true(m1.uordblks - m0.uordblks < (64 << 10)); /* the small blocks' own figure */
     assert_true(m1.arena - m0.arena < (1 << 20));
+    assert_int_equal(m1.hblks - m0.hblks, N); /* glibc's count of mmapped chunks (was 0) */
     for (int i = 0; i < N; i++) free(big[i]);
+    assert_int_equal(mallinfo2().hblks, m0.hblks);
+}
+
+/* The XML "allocated" is every live block, large ones too (it printed uordblks, which leaves
+ * them to hblkhd: 5120 bytes with a 10 MiB block live). */
+static unsigned long long info_total(const char *type, const char *attr)
+{
+    char *xml = NULL, key[64];
+    size_t len = 0;
+    FILE *f = open_memstream(&xml, &len);
+    assert_int_equal(malloc_info(0, f), 0);
+    fclose(f);
+    snprintf(key, sizeof key, "<total type=\"%s\"", type);
+    const char *e = strstr(xml, key);
+    assert_non_null(e);
+    snprintf(key, sizeof key, " %s=\"", attr);
+    const char *v = strstr(e, key);
+    assert_non_null(v);
+    assert_true(v < strchr(e, '\n'));
+    unsigned long long n = strtoull(v + strlen(key), NULL, 10);
+    free(xml);
+    return n;
+}
+
+static void malloc_info_counts_large_blocks(void **state)
+{
+    (void)state;
+    unsigned long long before = info_total("allocated", "size");
+    void *big = p_malloc(10 << 20);
+    assert_non_null(big);
+    unsigned long long after = info_total("allocated", "size");
+    assert_true(after - before >= malloc_usable_size(big));
+    assert_true(after - before < malloc_usable_size(big) + (64 << 10));
+    unsigned long long count = info_total("large", "count");
+    free(big);
+    assert_int_equal(count - info_total("large", "count"), 1);
 }
 
 int main(void)
@@ -173,8 +396,13 @@ int main(void)
         cmocka_unit_test(snapshot_follows_allocations),
         cmocka_unit_test(largest_class_is_on_pages_one_byte_more_is_large),
         cmocka_unit_test(frees_after_the_heap_is_gone_count),
+        cmocka_unit_test(large_realloc_after_the_heap_is_gone_counts),
+        cmocka_unit_test(live_threads_are_kept_past_the_cap),
+        cmocka_unit_test(frees_by_other_threads_count_while_the_owner_idles),
+        cmocka_unit_test(classes_hold_no_more_than_their_blocks_under_churn),
         cmocka_unit_test(text_and_json_outputs),
         cmocka_unit_test(mallinfo2_counts_large_blocks_once),
+        cmocka_unit_test(malloc_info_counts_large_blocks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
