@@ -76,13 +76,25 @@ struct lum_cfi_rule {
 #define LUM_CFI_LAST 0  /* the outermost frame (return address undefined) */
 #define LUM_CFI_NONE -1 /* no rule of that form: no tables, signal frame, expressions */
 /* The rule of the frame whose code address is the return address ra (looked up at ra - 1).
- * Takes lum_unwind_fork_lock for reading and the loader's lock; no malloc. */
+ * Takes lum_unwind_fork_lock for reading and lum_cfi_lock; no malloc.  Where glibc has
+ * _dl_find_object (>= 2.35), never the loader's lock; else dl_iterate_phdr's, and in a fork
+ * child no rule is derived (LUM_CFI_NONE). */
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
-/* How many objects the loader has unloaded so far (dlclose): code addresses may mean other
- * code once it moves.  One dl_iterate_phdr callback, under lum_unwind_fork_lock; no malloc.
- * It waits for the loader's lock: never call it holding a lock a free can take (a dlclose frees
- * under the loader's lock). */
+/* A count that moves when an object that rules were derived from is unloaded (or replaced by
+ * another at its address): code addresses may mean other code once it moves.  With
+ * _dl_find_object, a few lock-free lookups (lum_cfi_lock tried, never waited for); else the
+ * loader's unload count, by a dl_iterate_phdr callback that waits for the loader's lock (never
+ * call it then holding a lock a free can take: a dlclose frees under the loader's lock), and
+ * in a fork child the last count seen. */
 uint64_t lum_cfi_unloads(void);
+/* The program headers of the object holding pc, by _dl_find_object (no loader lock): false
+ * when there is no such object or no _dl_find_object. */
+struct dl_phdr_info;
+bool lum_cfi_object_info(uintptr_t pc, struct dl_phdr_info *info);
+/* The object cache's lock (fork's prepare handler takes it), and the fork child's reset. */
+extern LUM_HIDDEN lum_lock_t lum_cfi_lock;
+extern LUM_HIDDEN bool lum_cfi_forked;
+void lum_cfi_after_fork_child(void);
 extern LUM_HIDDEN uint64_t lum_cfi_object_scans;
 /* Read the tables from the objects' files where they can (default); false: always through
  * the mapping (tests that damage the tables in memory).  lum_cfi_file_lookups counts the
