@@ -146,10 +146,12 @@ extern LUM_HIDDEN uint64_t lum_records_dropped;
 double lum_sample_weight(uint64_t size, uint64_t interval);
 extern LUM_HIDDEN uint64_t lum_prof_samples, lum_prof_sample_frees;
 
-/* ---- symbolisation (symbolize.c): only outside the allocator ---- */
+/* ---- symbolisation (symbolize.c): outside the allocator, or with LUM_SYM_INSIDE ---- */
 #define LUM_SYM_OFFSET 1 /* "func+0x1a" rather than "func" */
 #define LUM_SYM_DEEP 2   /* may read the object's ELF symbol tables (slower, opens files) */
 #define LUM_SYM_MODULE 4 /* append " (libfoo.so)" */
+#define LUM_SYM_INSIDE 8 /* inside malloc: no loader lock (no dladdr, no DEEP); exported names
+                          * by _dl_find_object and .dynsym, else object+offset, else the address */
 /* Writes a function name (or "module+0xoff", or "0xaddr") for the code address addr. */
 void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags);
 /* The closest function at or below addr by its object's .symtab/.dynsym (elfsym.c). */
