@@ -2,9 +2,11 @@
  * dlopen and dlclose hold) inside malloc.  glibc does not reset that lock in a fork child: a
  * child forked while another thread was inside dl_iterate_phdr hung at its first sample that
  * derived a rule.  And a program's dl_iterate_phdr callback that takes a mutex deadlocked with a
- * thread sampling while it held that mutex.  Each case runs in a child of its own with an alarm,
+ * thread sampling while it held that mutex.  Nor may the large-allocation warning wait for the
+ * loader's other lock (dladdr's), which dlopen holds across constructors.  Each case runs in a child of its own with an alarm,
  * so that a hang fails the test instead of hanging it. */
 #define _GNU_SOURCE 1
+#include <dlfcn.h>
 #include <link.h>
 #include <pthread.h>
 #include <semaphore.h>
@@ -137,11 +139,62 @@ static void sample_holding_what_a_callback_waits_for(void **state)
     assert_int_equal(child_status(pid), 0);
 }
 
+static int go_pipe[2], ready_pipe[2];
+
+static void *open_ctor_wait(void *arg)
+{
+    (void)arg;
+    return dlopen(CTOR_WAIT_PATH, RTLD_NOW | RTLD_LOCAL);
+}
+
+static __attribute__((noinline)) void *large_here(void)
+{
+    void *p = malloc(8u << 20);
+    __asm__ volatile("" ::"r"(p) : "memory");
+    return p;
+}
+
+/* A dlopen runs a constructor that waits for this thread, which warns about a large allocation
+ * first: the warning's names must not wait for the loader. */
+static void warning_while_a_constructor_waits(void **state)
+{
+    (void)state;
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(20);
+        char ready[16], go[16];
+        if (pipe(go_pipe) || pipe(ready_pipe))
+            _exit(4);
+        snprintf(ready, sizeof ready, "%d", ready_pipe[1]);
+        snprintf(go, sizeof go, "%d", go_pipe[0]);
+        setenv("LUM_TEST_CTOR_READY", ready, 1);
+        setenv("LUM_TEST_CTOR_GO", go, 1);
+        assert_int_equal(lum_options_set("large_warn", "1m"), 0);
+        pthread_t b;
+        if (pthread_create(&b, NULL, open_ctor_wait, NULL))
+            _exit(4);
+        char c;
+        if (read(ready_pipe[0], &c, 1) != 1)
+            _exit(5);
+        void *p = large_here();
+        if (write(go_pipe[1], &c, 1) != 1)
+            _exit(6);
+        void *h = NULL;
+        pthread_join(b, &h);
+        free(p);
+        struct lum_prof_stats st;
+        lum_prof_get_stats(&st);
+        _exit(h && st.large_warnings > 0 ? 0 : 2);
+    }
+    assert_int_equal(child_status(pid), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(fork_while_in_dl_iterate_phdr),
         cmocka_unit_test(sample_holding_what_a_callback_waits_for),
+        cmocka_unit_test(warning_while_a_constructor_waits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
