@@ -878,19 +878,30 @@ static bool dlfo_info(uintptr_t pc, struct dl_find_object *fo, struct dl_phdr_in
 /* What tells one load of an object from another at the same address, whose link_map may well
  * be the freed one's memory again and whose layout may be the same (a plugin rebuilt and
  * reloaded): its build-id (when its note lies in the header's page, which is mapped whatever
- * the object) and the start of its .eh_frame_hdr, hashed. */
+ * the object) and the start of its .eh_frame_hdr, hashed a word at a time (a look hashes every
+ * object rules came from: byte by byte it was 10 times the cost of the old look). */
 static uint64_t fingerprint(uintptr_t map_lo, uint32_t note_rel, uint32_t note_len, const void *eh)
 {
     uint64_t h = 0xcbf29ce484222325ULL;
-    if (note_len && note_rel + note_len <= 4096)
-        for (uint32_t i = 0; i < note_len; i++)
-            h = (h ^ ((const uint8_t *)map_lo)[note_rel + i]) * 0x100000001b3ULL;
-    if (eh) {
-        size_t n = 4096 - ((uintptr_t)eh & 4095);
-        if (n > 64)
-            n = 64;
-        for (size_t i = 0; i < n; i++)
-            h = (h ^ ((const uint8_t *)eh)[i]) * 0x100000001b3ULL;
+    if (note_len && note_rel + note_len <= 4096) {
+        const uint8_t *p = (const uint8_t *)map_lo + note_rel;
+        uint64_t w;
+        uint32_t i = 0;
+        for (; i + 8 <= note_len; i += 8) {
+            memcpy(&w, p + i, 8);
+            h = (h ^ w) * 0x100000001b3ULL;
+        }
+        if (i < note_len) { /* a note's length is a multiple of 4 */
+            uint32_t t;
+            memcpy(&t, p + i, 4);
+            h = (h ^ t) * 0x100000001b3ULL;
+        }
+    }
+    /* 16 bytes: version, encodings, the .eh_frame pointer and the FDE count, all in the page */
+    if (eh && 4096 - ((uintptr_t)eh & 4095) >= 16) {
+        uint64_t e[2];
+        memcpy(e, eh, sizeof e);
+        h = ((h ^ e[0]) * 0x100000001b3ULL ^ e[1]) * 0x100000001b3ULL;
     }
     return h;
 }
