@@ -33,6 +33,7 @@
 #include <fcntl.h>
 #include <link.h>
 #include <stddef.h>
+#include <sys/auxv.h>
 #include <sys/stat.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -841,6 +842,22 @@ static int find_cb_ordered(struct dl_phdr_info *info, size_t size, void *arg)
  * that a static link without it still works (dl_iterate_phdr then, as before). */
 #pragma weak _dl_find_object
 
+/* Whether the index can be asked: it is there, and the program has a dynamic loader (in a
+ * static executable, glibc's _dl_find_object faulted on a sample taken while libc started, and
+ * names no ELF header later: such programs read the program headers by dl_iterate_phdr, as
+ * before).  A program started as an argument of ld.so has no AT_BASE either, and takes that
+ * path too. */
+bool lum_cfi_index_usable(void)
+{
+    static int state; /* 0: not yet known, 1: usable, -1: not */
+    int s = __atomic_load_n(&state, __ATOMIC_RELAXED);
+    if (!s) {
+        s = _dl_find_object && getauxval(AT_BASE) ? 1 : -1;
+        __atomic_store_n(&state, s, __ATOMIC_RELAXED);
+    }
+    return s > 0;
+}
+
 /* The object holding pc by the index: what the index says of it in *fo, and its program
  * headers as dl_iterate_phdr would give them, read from its ELF header at the start of its
  * mapping.  The object is not locked in place: pc is a return address on this thread's stack,
@@ -949,7 +966,7 @@ static bool same_object(const struct obj *o, const struct dl_find_object *fo)
 /* lum_cfi_rule through the index: false when there is none to use. */
 static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
 {
-    if (!_dl_find_object)
+    if (!lum_cfi_index_usable())
         return false;
     uintptr_t pc = ra - 1;
     struct dl_find_object fo;
@@ -997,7 +1014,7 @@ static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
 /* One look: whether every object in the seen set is still the one the index named. */
 static bool unloads_by_index(uint64_t *count)
 {
-    if (!_dl_find_object)
+    if (!lum_cfi_index_usable())
         return false;
     /* busy: another thread is looking or learning, and the count it leaves will do */
     if (lum_trylock(&lum_cfi_lock)) {
@@ -1025,7 +1042,7 @@ bool lum_cfi_object_info(uintptr_t pc, struct dl_phdr_info *info)
 {
 #ifdef DLFO_EH_SEGMENT_TYPE
     struct dl_find_object fo;
-    return _dl_find_object && dlfo_info(pc, &fo, info);
+    return lum_cfi_index_usable() && dlfo_info(pc, &fo, info);
 #else
     (void)pc, (void)info;
     return false;
@@ -1033,6 +1050,11 @@ bool lum_cfi_object_info(uintptr_t pc, struct dl_phdr_info *info)
 }
 
 #ifndef DLFO_EH_SEGMENT_TYPE
+bool lum_cfi_index_usable(void)
+{
+    return false;
+}
+
 static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
 {
     (void)ra, (void)out, (void)res;
@@ -1107,6 +1129,11 @@ uint64_t lum_cfi_unloads(void)
 bool lum_cfi_object_info(uintptr_t pc, struct dl_phdr_info *info)
 {
     (void)pc, (void)info;
+    return false;
+}
+
+bool lum_cfi_index_usable(void)
+{
     return false;
 }
 

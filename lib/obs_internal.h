@@ -87,6 +87,8 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
  * call it then holding a lock a free can take: a dlclose frees under the loader's lock), and
  * in a fork child the last count seen. */
 uint64_t lum_cfi_unloads(void);
+/* Whether glibc's _dl_find_object is there to ask (and the program dynamically loaded). */
+bool lum_cfi_index_usable(void);
 /* The program headers of the object holding pc, by _dl_find_object (no loader lock): false
  * when there is no such object or no _dl_find_object. */
 struct dl_phdr_info;

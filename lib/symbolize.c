@@ -116,7 +116,7 @@ static bool symbolize_inside(uintptr_t addr, char *buf, size_t len, unsigned fla
 {
 #ifdef DLFO_EH_SEGMENT_TYPE
     struct dl_find_object fo;
-    if (!_dl_find_object || _dl_find_object((void *)addr, &fo) != 0 || !fo.dlfo_link_map)
+    if (!lum_cfi_index_usable() || _dl_find_object((void *)addr, &fo) != 0 || !fo.dlfo_link_map)
         return false;
     const struct link_map *lm = fo.dlfo_link_map;
     uintptr_t lo = (uintptr_t)fo.dlfo_map_start, hi = (uintptr_t)fo.dlfo_map_end;
