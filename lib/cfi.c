@@ -3,16 +3,20 @@
  * The sampler's walk (unwind.c) knows one kind of frame: CFA = rsp + k or rbp + k, the return
  * address at CFA - 8, rbp saved at CFA + off or unchanged, or outermost.  This reads the same
  * facts off the object's own tables, as an exception unwinder would: the object holding the pc
- * (dl_iterate_phdr), its .eh_frame_hdr binary-search table, the FDE and its CIE, and the CFA
+ * (_dl_find_object), its .eh_frame_hdr binary-search table, the FDE and its CIE, and the CFA
  * program run up to the pc.  Whatever does not fit that rule (signal trampolines, CFA or
  * registers given by expressions, rbp kept in another register) ends the walk there: a frame
  * the walk cannot follow makes a shorter stack, never a wrong read.
  *
- * No malloc, no locks of its own: everything runs inside dl_iterate_phdr's callback, under the
- * loader's lock, so an object cannot be unmapped while its tables are read and the small cache
- * of objects below (which makes a miss cost one callback, not a walk over every object) is only
- * touched by one thread at a time.  Every read of the tables is checked against the bounds of
- * the segment that holds them.
+ * No malloc, and not the loader's lock: the object holding the pc comes from the loader's
+ * lock-free index (_dl_find_object, glibc >= 2.35), its program headers from its ELF header, and
+ * a small cache of objects (which makes a miss cost one lookup, not a read of headers) has a
+ * lock of its own.  Waiting for the loader's lock inside malloc hung fork children (glibc does
+ * not reset it in the child, and any thread of the parent's may have held it) and deadlocked
+ * against a dl_iterate_phdr callback taking a mutex an allocating thread held.  Where there is
+ * no index, everything runs inside dl_iterate_phdr's callback as before, and a fork child
+ * derives no rules.  Every read of the tables is checked against the bounds of the segment
+ * that holds them.
  *
  * The tables are read from the object's file (pread) rather than through its mapping when the
  * file is known to be the one mapped (same build-id): a lookup reads a few scattered bytes, but
@@ -24,10 +28,12 @@
  * mapping. */
 #define _GNU_SOURCE 1
 #include <elf.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <link.h>
 #include <stddef.h>
+#include <sys/auxv.h>
 #include <sys/stat.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -133,6 +139,10 @@ struct obj {
     const uint8_t *note;
     uint64_t note_off;
     uint32_t note_len;
+    /* The object as the loader's index (_dl_find_object) named it when the entry was made:
+     * its mapping, link_map and .eh_frame_hdr (all 0 through dl_iterate_phdr). */
+    uintptr_t map_lo, map_hi;
+    const void *lm, *eh;
 };
 
 /* Where lookups read the tables: a file descriptor of the object's file, or -1 (the mapping). */
@@ -657,13 +667,22 @@ static bool has_textrel(struct dl_phdr_info *info)
     return false;
 }
 
-/* Objects seen by earlier lookups, valid while the loader's add and remove counts are those of
- * gen_adds and gen_subs.  Only touched inside dl_iterate_phdr's callback. */
+/* Objects seen by earlier lookups.  Found through the loader's index (see lum_cfi_rule), an
+ * entry names the object as the index did (map_lo, lm, eh), which each lookup compares, and the
+ * cache has a lock of its own, lum_cfi_lock, never held across anything that waits.  Found
+ * through dl_iterate_phdr (a glibc without the index), the entries are valid while the loader's
+ * add and remove counts are those of gen_adds and gen_subs, and only touched inside its
+ * callback. */
 #define OBJS 32
 static struct obj objs[OBJS];
 static unsigned nobjs, next_obj;
 static unsigned long long gen_adds, gen_subs;
-uint64_t lum_cfi_object_scans; /* lookups that walked the loader's list (tests) */
+uint64_t lum_cfi_object_scans; /* lookups that read an object's headers (tests) */
+/* Taken by fork's prepare handler (observe.c): a child finds the cache and the seen set whole. */
+lum_lock_t lum_cfi_lock = LUM_LOCK_INIT;
+/* Set in a fork child: see lum_cfi_rule. */
+bool lum_cfi_forked;
+#define forked lum_cfi_forked
 
 struct find {
     uintptr_t ra;
@@ -680,26 +699,10 @@ static const struct obj *cached_obj(uintptr_t pc)
     return NULL;
 }
 
-static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
+/* The tables of the object info describes, into *out, when pc lies in one of its executable
+ * segments. */
+static bool obj_of(struct dl_phdr_info *info, uintptr_t pc, struct obj *out)
 {
-    struct find *f = arg;
-    uintptr_t pc = f->ra - 1;
-    if (f->first) {
-        f->first = false;
-        if (size < offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ||
-            info->dlpi_adds != gen_adds || info->dlpi_subs != gen_subs) {
-            /* dlopen or dlclose since: addresses may mean other objects now */
-            nobjs = next_obj = 0;
-            gen_adds = size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ? info->dlpi_adds : 0;
-            gen_subs = size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ? info->dlpi_subs : 0;
-        }
-        const struct obj *o = cached_obj(pc);
-        if (o) {
-            f->result = o->hdr ? rule_in(o, f->ra, f->out) : LUM_CFI_NONE;
-            return 1;
-        }
-        __atomic_fetch_add(&lum_cfi_object_scans, 1, __ATOMIC_RELAXED);
-    }
     struct obj o = {.text_lo = UINTPTR_MAX};
     bool mine = false;
     const ElfW(Phdr) *eh = NULL;
@@ -718,7 +721,7 @@ static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
             o.text_hi = b;
     }
     if (!mine)
-        return 0;
+        return false;
     if (eh) {
         uintptr_t hdr = info->dlpi_addr + eh->p_vaddr;
         const ElfW(Phdr) *hseg = NULL;
@@ -768,10 +771,43 @@ static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
             }
         }
     }
-    /* remembered even without tables: the next lookup in it is as cheap */
+    *out = o;
+    return true;
+}
+
+/* Remembered even without tables: the next lookup in it is as cheap. */
+static const struct obj *obj_remember(const struct obj *o)
+{
     unsigned slot = nobjs < OBJS ? nobjs++ : (next_obj++ % OBJS);
-    objs[slot] = o;
-    f->result = o.hdr ? rule_in(&objs[slot], f->ra, f->out) : LUM_CFI_NONE;
+    objs[slot] = *o;
+    return &objs[slot];
+}
+
+static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    struct find *f = arg;
+    uintptr_t pc = f->ra - 1;
+    if (f->first) {
+        f->first = false;
+        if (size < offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ||
+            info->dlpi_adds != gen_adds || info->dlpi_subs != gen_subs) {
+            /* dlopen or dlclose since: addresses may mean other objects now */
+            nobjs = next_obj = 0;
+            gen_adds = size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ? info->dlpi_adds : 0;
+            gen_subs = size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs ? info->dlpi_subs : 0;
+        }
+        const struct obj *o = cached_obj(pc);
+        if (o) {
+            f->result = o->hdr ? rule_in(o, f->ra, f->out) : LUM_CFI_NONE;
+            return 1;
+        }
+        __atomic_fetch_add(&lum_cfi_object_scans, 1, __ATOMIC_RELAXED);
+    }
+    struct obj o;
+    if (!obj_of(info, pc, &o))
+        return 0;
+    const struct obj *c = obj_remember(&o);
+    f->result = c->hdr ? rule_in(c, f->ra, f->out) : LUM_CFI_NONE;
     return 1;
 }
 
@@ -797,6 +833,241 @@ static int find_cb_ordered(struct dl_phdr_info *info, size_t size, void *arg)
 #define FIND_CB find_cb
 #endif
 
+#ifdef DLFO_EH_SEGMENT_TYPE
+/* The loader's lock-free index of objects (glibc >= 2.35, the one libgcc's unwinder finds FDEs
+ * with).  dl_iterate_phdr takes the loader's lock, which must not be waited for inside malloc:
+ * glibc does not reset it in a fork child, so a child forked while another thread was in
+ * dlopen, dlclose or dl_iterate_phdr hung at its first sample; and a program whose
+ * dl_iterate_phdr callback takes a mutex that an allocating thread holds deadlocked.  Weak, so
+ * that a static link without it still works (dl_iterate_phdr then, as before). */
+#pragma weak _dl_find_object
+
+/* Whether the index can be asked: it is there, and the program has a dynamic loader (in a
+ * static executable, glibc's _dl_find_object faulted on a sample taken while libc started, and
+ * names no ELF header later: such programs read the program headers by dl_iterate_phdr, as
+ * before).  A program started as an argument of ld.so has no AT_BASE either, and takes that
+ * path too. */
+bool lum_cfi_index_usable(void)
+{
+    static int state; /* 0: not yet known, 1: usable, -1: not */
+    int s = __atomic_load_n(&state, __ATOMIC_RELAXED);
+    if (!s) {
+        s = _dl_find_object && getauxval(AT_BASE) ? 1 : -1;
+        __atomic_store_n(&state, s, __ATOMIC_RELAXED);
+    }
+    return s > 0;
+}
+
+/* The object holding pc by the index: what the index says of it in *fo, and its program
+ * headers as dl_iterate_phdr would give them, read from its ELF header at the start of its
+ * mapping.  The object is not locked in place: pc is a return address on this thread's stack,
+ * in code it runs, which a dlclose does not unmap from under it (as for libgcc's unwinder).
+ * false when the index has no object at pc or the header there does not describe it. */
+static bool dlfo_info(uintptr_t pc, struct dl_find_object *fo, struct dl_phdr_info *info)
+{
+    if (_dl_find_object((void *)pc, fo) != 0 || !fo->dlfo_link_map)
+        return false;
+    uintptr_t lo = (uintptr_t)fo->dlfo_map_start, hi = (uintptr_t)fo->dlfo_map_end;
+    if (hi <= lo || hi - lo < sizeof(ElfW(Ehdr)))
+        return false;
+    const ElfW(Ehdr) *eh = (const ElfW(Ehdr) *)lo;
+    if (memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0 || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
+        eh->e_phentsize != sizeof(ElfW(Phdr)) || !eh->e_phnum || eh->e_phnum == PN_XNUM ||
+        eh->e_phoff > hi - lo || eh->e_phnum > (hi - lo - eh->e_phoff) / sizeof(ElfW(Phdr)))
+        return false;
+    const ElfW(Phdr) *ph = (const ElfW(Phdr) *)(lo + eh->e_phoff);
+    const struct link_map *lm = fo->dlfo_link_map;
+    for (int i = 0; i < eh->e_phnum; i++) {
+        if (ph[i].p_type != PT_LOAD)
+            continue;
+        /* the first load segment maps the file's start, headers included, at lo */
+        if (ph[i].p_offset > eh->e_phoff ||
+            eh->e_phoff + eh->e_phnum * sizeof *ph > ph[i].p_offset + ph[i].p_filesz ||
+            ((lm->l_addr + ph[i].p_vaddr - ph[i].p_offset) & ~(uintptr_t)4095) != lo)
+            return false;
+        *info = (struct dl_phdr_info){.dlpi_addr = lm->l_addr, .dlpi_name = lm->l_name, .dlpi_phdr = ph,
+                                      .dlpi_phnum = eh->e_phnum};
+        return true;
+    }
+    return false;
+}
+
+/* What tells one load of an object from another at the same address, whose link_map may well
+ * be the freed one's memory again and whose layout may be the same (a plugin rebuilt and
+ * reloaded): its build-id (when its note lies in the header's page, which is mapped whatever
+ * the object) and the start of its .eh_frame_hdr, hashed a word at a time (a look hashes every
+ * object rules came from: byte by byte it was 10 times the cost of the old look). */
+static uint64_t fingerprint(uintptr_t map_lo, uint32_t note_rel, uint32_t note_len, const void *eh)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    if (note_len && note_rel + note_len <= 4096) {
+        const uint8_t *p = (const uint8_t *)map_lo + note_rel;
+        uint64_t w;
+        uint32_t i = 0;
+        for (; i + 8 <= note_len; i += 8) {
+            memcpy(&w, p + i, 8);
+            h = (h ^ w) * 0x100000001b3ULL;
+        }
+        if (i < note_len) { /* a note's length is a multiple of 4 */
+            uint32_t t;
+            memcpy(&t, p + i, 4);
+            h = (h ^ t) * 0x100000001b3ULL;
+        }
+    }
+    /* 16 bytes: version, encodings, the .eh_frame pointer and the FDE count, all in the page */
+    if (eh && 4096 - ((uintptr_t)eh & 4095) >= 16) {
+        uint64_t e[2];
+        memcpy(e, eh, sizeof e);
+        h = ((h ^ e[0]) * 0x100000001b3ULL ^ e[1]) * 0x100000001b3ULL;
+    }
+    return h;
+}
+
+/* Objects rules have been derived from since the generation last moved, as the index named
+ * them: lum_cfi_unloads asks the index again, and an object that is no longer the same moves
+ * the count, so that no rule learnt from one object is used in another mapped where it was.
+ * Under lum_cfi_lock.  Full, the count moves and the set starts again: a program sampled
+ * through more objects than this re-derives its rules once per fill. */
+#define SEEN 64
+static struct seen {
+    uintptr_t map_lo, map_hi;
+    const void *lm, *eh;
+    uint64_t print;
+    uint32_t note_rel, note_len;
+} seen[SEEN];
+static unsigned nseen;
+static uint64_t seen_changes;
+
+static void seen_note(const struct dl_find_object *fo, const struct obj *o)
+{
+    uintptr_t lo = (uintptr_t)fo->dlfo_map_start;
+    for (unsigned i = 0; i < nseen; i++)
+        if (seen[i].map_lo == lo && seen[i].lm == fo->dlfo_link_map && seen[i].eh == fo->dlfo_eh_frame)
+            return;
+    if (nseen == SEEN) {
+        nseen = 0;
+        __atomic_store_n(&seen_changes, seen_changes + 1, __ATOMIC_RELEASE);
+    }
+    struct seen *e = &seen[nseen++];
+    *e = (struct seen){lo, (uintptr_t)fo->dlfo_map_end, fo->dlfo_link_map, fo->dlfo_eh_frame, 0, 0, 0};
+    if (o->note && (uintptr_t)o->note >= lo && (uintptr_t)o->note - lo + o->note_len <= 4096) {
+        e->note_rel = (uint32_t)((uintptr_t)o->note - lo);
+        e->note_len = o->note_len;
+    }
+    e->print = fingerprint(lo, e->note_rel, e->note_len, e->eh);
+}
+
+static bool same_object(const struct obj *o, const struct dl_find_object *fo)
+{
+    return o->map_lo == (uintptr_t)fo->dlfo_map_start && o->map_hi == (uintptr_t)fo->dlfo_map_end &&
+           o->lm == fo->dlfo_link_map && o->eh == fo->dlfo_eh_frame;
+}
+
+/* lum_cfi_rule through the index: false when there is none to use. */
+static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
+{
+    if (!lum_cfi_index_usable())
+        return false;
+    uintptr_t pc = ra - 1;
+    struct dl_find_object fo;
+    struct dl_phdr_info info;
+    *res = LUM_CFI_NONE;
+    if (!dlfo_info(pc, &fo, &info)) {
+        /* No object there (code made at run time, a wrong return address), or no index yet:
+         * an allocation while the loader starts, before it builds one, when no other thread
+         * can be in the loader; the index then does not know this library either. */
+        struct dl_find_object me;
+        return _dl_find_object((void *)(uintptr_t)&rule_by_index, &me) == 0 || forked;
+    }
+    struct obj o;
+    bool have = false;
+    lum_lock(&lum_cfi_lock);
+    const struct obj *c = cached_obj(pc);
+    if (c && same_object(c, &fo))
+        o = *c, have = true;
+    lum_unlock(&lum_cfi_lock);
+    if (!have) {
+        __atomic_fetch_add(&lum_cfi_object_scans, 1, __ATOMIC_RELAXED);
+        if (!obj_of(&info, pc, &o))
+            return true; /* in its mapping, not in its code */
+        o.map_lo = (uintptr_t)fo.dlfo_map_start;
+        o.map_hi = (uintptr_t)fo.dlfo_map_end;
+        o.lm = fo.dlfo_link_map;
+        o.eh = fo.dlfo_eh_frame;
+    }
+    lum_lock(&lum_cfi_lock);
+    if (!have) {
+        /* an entry for the code of an object since unloaded is replaced */
+        struct obj *old = (struct obj *)cached_obj(pc);
+        if (old)
+            *old = o;
+        else
+            obj_remember(&o);
+    }
+    seen_note(&fo, &o);
+    lum_unlock(&lum_cfi_lock);
+    /* read from the copy: the cache entry may be replaced meanwhile */
+    *res = o.hdr ? rule_in(&o, ra, out) : LUM_CFI_NONE;
+    return true;
+}
+
+/* One look: whether every object in the seen set is still the one the index named. */
+static bool unloads_by_index(uint64_t *count)
+{
+    if (!lum_cfi_index_usable())
+        return false;
+    /* busy: another thread is looking or learning, and the count it leaves will do */
+    if (lum_trylock(&lum_cfi_lock)) {
+        bool changed = false;
+        for (unsigned i = 0; i < nseen && !changed; i++) {
+            struct dl_find_object fo;
+            const struct seen *e = &seen[i];
+            changed = _dl_find_object((void *)e->map_lo, &fo) != 0 ||
+                      (uintptr_t)fo.dlfo_map_start != e->map_lo || (uintptr_t)fo.dlfo_map_end != e->map_hi ||
+                      fo.dlfo_link_map != e->lm || fo.dlfo_eh_frame != e->eh ||
+                      fingerprint(e->map_lo, e->note_rel, e->note_len, e->eh) != e->print;
+        }
+        if (changed) {
+            nseen = 0;
+            __atomic_store_n(&seen_changes, seen_changes + 1, __ATOMIC_RELEASE);
+        }
+        lum_unlock(&lum_cfi_lock);
+    }
+    *count = __atomic_load_n(&seen_changes, __ATOMIC_ACQUIRE);
+    return true;
+}
+#endif
+
+bool lum_cfi_object_info(uintptr_t pc, struct dl_phdr_info *info)
+{
+#ifdef DLFO_EH_SEGMENT_TYPE
+    struct dl_find_object fo;
+    return lum_cfi_index_usable() && dlfo_info(pc, &fo, info);
+#else
+    (void)pc, (void)info;
+    return false;
+#endif
+}
+
+#ifndef DLFO_EH_SEGMENT_TYPE
+bool lum_cfi_index_usable(void)
+{
+    return false;
+}
+
+static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
+{
+    (void)ra, (void)out, (void)res;
+    return false;
+}
+
+static bool unloads_by_index(uint64_t *count)
+{
+    (void)count;
+    return false;
+}
+#endif
+
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
 {
     struct find f = {.ra = ra, .out = out, .result = LUM_CFI_NONE, .first = true};
@@ -805,7 +1076,10 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
         return LUM_CFI_NONE;
     lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
-    dl_iterate_phdr(FIND_CB, &f);
+    /* Without the index, a fork child derives no rules: the loader's lock may be held for
+     * good by a thread of the parent's (the cached rules still walk). */
+    if (!rule_by_index(ra, out, &f.result) && !forked)
+        dl_iterate_phdr(FIND_CB, &f);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
     return f.result;
 }
@@ -819,12 +1093,24 @@ static int subs_cb(struct dl_phdr_info *info, size_t size, void *arg)
 
 uint64_t lum_cfi_unloads(void)
 {
+    static uint64_t last;
     uint64_t subs = 0;
+    if (unloads_by_index(&subs))
+        return subs;
+    if (forked)
+        return __atomic_load_n(&last, __ATOMIC_RELAXED);
     lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     dl_iterate_phdr(subs_cb, &subs);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    __atomic_store_n(&last, subs, __ATOMIC_RELAXED);
     return subs;
+}
+
+void lum_cfi_after_fork_child(void)
+{
+    lum_lock_reset(&lum_cfi_lock);
+    forked = true;
 }
 
 #else
@@ -838,6 +1124,25 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
 uint64_t lum_cfi_unloads(void)
 {
     return 0;
+}
+
+bool lum_cfi_object_info(uintptr_t pc, struct dl_phdr_info *info)
+{
+    (void)pc, (void)info;
+    return false;
+}
+
+bool lum_cfi_index_usable(void)
+{
+    return false;
+}
+
+lum_lock_t lum_cfi_lock = LUM_LOCK_INIT;
+bool lum_cfi_forked;
+
+void lum_cfi_after_fork_child(void)
+{
+    lum_cfi_forked = true;
 }
 
 #endif

@@ -90,7 +90,7 @@ static void put_frames(struct lum_buf *b, const uint64_t *frames, uint32_t depth
     char name[320];
     for (uint32_t i = 0; i < depth; i++) {
         /* Return addresses: symbolise the call instruction (addr - 1). */
-        lum_symbolize((uintptr_t)frames[i] - 1, name, sizeof name, LUM_SYM_OFFSET | LUM_SYM_MODULE);
+        lum_symbolize((uintptr_t)frames[i] - 1, name, sizeof name, LUM_SYM_OFFSET | LUM_SYM_MODULE | LUM_SYM_INSIDE);
         lum_buf_printf(b, "%s#%-2u 0x%016llx %s\n", ind, i, (unsigned long long)frames[i], name);
     }
 }
@@ -133,7 +133,7 @@ static void report(struct lum_thread_counters_v1 *tc, size_t size, size_t alignm
                    bool injected, const uint64_t *frames, uint32_t depth, bool on_request)
 {
     int saved_errno = errno, was_busy = lum_obs_busy;
-    lum_obs_busy = 1; /* dladdr and vsnprintf must not sample or be failed */
+    lum_obs_busy = 1; /* symbolising and vsnprintf must not sample or be failed */
     struct lum_buf b = {0};
     long tid = (long)syscall(SYS_gettid);
     if (on_request) {

@@ -1,7 +1,8 @@
 /* Large allocations: the large_alloc/large_free probes and the large-allocation warning, printed
  * once per call site (stack hash) with its symbolised stack, like Seastar's large allocation
  * warning.  Runs inside malloc, so the report is built in an mmap buffer and written with
- * write(2); symbols come from dladdr only (no ELF reading inside the allocator). */
+ * write(2); symbols come from the loader's index and .dynsym only (LUM_SYM_INSIDE: no loader
+ * lock, no ELF reading inside the allocator). */
 #include <stdio.h>
 #include "batch.h"
 #include "obs_internal.h"
@@ -49,7 +50,7 @@ LUM_COLD_TEXT static void warn(size_t requested, const uint64_t *frames, uint32_
     lum_buf_printf(&b, "lumalloc: large allocation of %zu bytes (warning threshold %llu) at:\n",
                    requested, (unsigned long long)lum_opt.large_warn);
     for (uint32_t i = 0; i < depth; i++) {
-        lum_symbolize((uintptr_t)frames[i] - 1, name, sizeof name, LUM_SYM_OFFSET | LUM_SYM_MODULE);
+        lum_symbolize((uintptr_t)frames[i] - 1, name, sizeof name, LUM_SYM_OFFSET | LUM_SYM_MODULE | LUM_SYM_INSIDE);
         lum_buf_printf(&b, "  #%-2u 0x%016llx %s\n", i, (unsigned long long)frames[i], name);
     }
     if (!depth)

@@ -35,7 +35,7 @@ void lum_unlock_wake(lum_lock_t *l)
  * the profiler. */
 #define W __attribute__((weak, visibility("hidden")))
 extern pthread_rwlock_t lum_unwind_fork_lock W;
-extern lum_lock_t lum_prof_lock W, lum_heaps_lock W, lum_abandoned_lock W, lum_sampled_lock W,
+extern lum_lock_t lum_cfi_lock W, lum_prof_lock W, lum_heaps_lock W, lum_abandoned_lock W, lum_sampled_lock W,
     lum_large_lock W, lum_segment_lock W, lum_meta_lock W;
 extern pthread_mutex_t lum_warn_lock W, lum_obs_arena_lock W;
 
@@ -43,7 +43,7 @@ extern pthread_mutex_t lum_warn_lock W, lum_obs_arena_lock W;
 static const void *rank_of(const void *lock, unsigned *rank)
 {
     const void *const order[] = {
-        &lum_unwind_fork_lock, &lum_prof_lock, &lum_warn_lock, &lum_obs_arena_lock,
+        &lum_unwind_fork_lock, &lum_cfi_lock, &lum_prof_lock, &lum_warn_lock, &lum_obs_arena_lock,
         &lum_heaps_lock, &lum_abandoned_lock, &lum_sampled_lock, &lum_large_lock,
         &lum_segment_lock, &lum_meta_lock,
     };

@@ -76,13 +76,27 @@ struct lum_cfi_rule {
 #define LUM_CFI_LAST 0  /* the outermost frame (return address undefined) */
 #define LUM_CFI_NONE -1 /* no rule of that form: no tables, signal frame, expressions */
 /* The rule of the frame whose code address is the return address ra (looked up at ra - 1).
- * Takes lum_unwind_fork_lock for reading and the loader's lock; no malloc. */
+ * Takes lum_unwind_fork_lock for reading and lum_cfi_lock; no malloc.  Where glibc has
+ * _dl_find_object (>= 2.35), never the loader's lock; else dl_iterate_phdr's, and in a fork
+ * child no rule is derived (LUM_CFI_NONE). */
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
-/* How many objects the loader has unloaded so far (dlclose): code addresses may mean other
- * code once it moves.  One dl_iterate_phdr callback, under lum_unwind_fork_lock; no malloc.
- * It waits for the loader's lock: never call it holding a lock a free can take (a dlclose frees
- * under the loader's lock). */
+/* A count that moves when an object that rules were derived from is unloaded (or replaced by
+ * another at its address): code addresses may mean other code once it moves.  With
+ * _dl_find_object, a few lock-free lookups (lum_cfi_lock tried, never waited for); else the
+ * loader's unload count, by a dl_iterate_phdr callback that waits for the loader's lock (never
+ * call it then holding a lock a free can take: a dlclose frees under the loader's lock), and
+ * in a fork child the last count seen. */
 uint64_t lum_cfi_unloads(void);
+/* Whether glibc's _dl_find_object is there to ask (and the program dynamically loaded). */
+bool lum_cfi_index_usable(void);
+/* The program headers of the object holding pc, by _dl_find_object (no loader lock): false
+ * when there is no such object or no _dl_find_object. */
+struct dl_phdr_info;
+bool lum_cfi_object_info(uintptr_t pc, struct dl_phdr_info *info);
+/* The object cache's lock (fork's prepare handler takes it), and the fork child's reset. */
+extern LUM_HIDDEN lum_lock_t lum_cfi_lock;
+extern LUM_HIDDEN bool lum_cfi_forked;
+void lum_cfi_after_fork_child(void);
 extern LUM_HIDDEN uint64_t lum_cfi_object_scans;
 /* Read the tables from the objects' files where they can (default); false: always through
  * the mapping (tests that damage the tables in memory).  lum_cfi_file_lookups counts the
@@ -134,10 +148,12 @@ extern LUM_HIDDEN uint64_t lum_records_dropped;
 double lum_sample_weight(uint64_t size, uint64_t interval);
 extern LUM_HIDDEN uint64_t lum_prof_samples, lum_prof_sample_frees;
 
-/* ---- symbolisation (symbolize.c): only outside the allocator ---- */
+/* ---- symbolisation (symbolize.c): outside the allocator, or with LUM_SYM_INSIDE ---- */
 #define LUM_SYM_OFFSET 1 /* "func+0x1a" rather than "func" */
 #define LUM_SYM_DEEP 2   /* may read the object's ELF symbol tables (slower, opens files) */
 #define LUM_SYM_MODULE 4 /* append " (libfoo.so)" */
+#define LUM_SYM_INSIDE 8 /* inside malloc: no loader lock (no dladdr, no DEEP); exported names
+                          * by _dl_find_object and .dynsym, else object+offset, else the address */
 /* Writes a function name (or "module+0xoff", or "0xaddr") for the code address addr. */
 void lum_symbolize(uintptr_t addr, char *buf, size_t len, unsigned flags);
 /* The closest function at or below addr by its object's .symtab/.dynsym (elfsym.c). */

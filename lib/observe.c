@@ -101,10 +101,12 @@ extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
 
 static void fork_prepare(void)
 {
-    /* A walking thread holds the unwind lock around dl_iterate_phdr: the unwind lock comes
-     * first, before any lock such a thread could go on to take. */
+    /* A thread deriving rules holds the unwind lock (see lum_unwind_fork_lock): it comes
+     * first, before any lock such a thread could go on to take; the unwinder's object cache
+     * next (a walk's look at unloads takes it without the unwind lock). */
     lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_wrlock(&lum_unwind_fork_lock);
+    lum_lock(&lum_cfi_lock);
     lum_lock(&lum_prof_lock);
     lum_mutex_lock(&lum_warn_lock);
     lum_mutex_lock(&lum_obs_arena_lock);
@@ -115,6 +117,7 @@ static void fork_parent(void)
     lum_mutex_unlock(&lum_obs_arena_lock);
     lum_mutex_unlock(&lum_warn_lock);
     lum_unlock(&lum_prof_lock);
+    lum_unlock(&lum_cfi_lock);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
@@ -123,6 +126,7 @@ static void fork_child(void)
     pthread_mutex_init(&lum_obs_arena_lock, NULL);
     pthread_mutex_init(&lum_warn_lock, NULL);
     pthread_rwlock_init(&lum_unwind_fork_lock, NULL);
+    lum_cfi_after_fork_child();
     lum_lock_reset(&lum_prof_lock);
     /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
     pthread_mutex_init(&lum_unwind_rules_lock, NULL);

@@ -37,10 +37,13 @@
 #include <libunwind.h>
 #endif
 
-/* Held for reading while this library is inside dl_iterate_phdr, for writing by fork's prepare
- * handler (observe.c): the loader's lock, which glibc does not reset in a fork child, is then
- * never held by a walking thread at a fork.  Recursive read locks are fine: glibc's default
- * prefers readers. */
+/* Held for reading while this library derives rules (cfi.c) or looks itself up, for writing by
+ * fork's prepare handler (observe.c): no walking thread is half-way through the object cache,
+ * or holds the file it reads tables from open, at a fork.  Without _dl_find_object, walks take
+ * the loader's lock inside dl_iterate_phdr under it; that only keeps this library's walkers
+ * from holding the loader's lock at a fork (glibc does not reset it in the child), not the
+ * program's other threads, which is why a fork child then never calls dl_iterate_phdr from
+ * here.  Recursive read locks are fine: glibc's default prefers readers. */
 pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 uint64_t lum_unwind_ns;
@@ -87,11 +90,17 @@ static int find_self(struct dl_phdr_info *info, size_t size, void *arg)
 
 static void locate_self(void)
 {
-    /* dl_iterate_phdr takes the loader's recursive lock and does not allocate: usable here. */
+    struct dl_phdr_info info;
     lum_lock_order_check(&lum_unwind_fork_lock);
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
-    if (!dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self))
+    /* The loader's index, not its lock (see cfi.c); dl_iterate_phdr where there is no index,
+     * but not in a fork child (the generic skipping then). */
+    if (lum_cfi_object_info((uintptr_t)&locate_self, &info)) {
+        if (!find_self(&info, sizeof info, (void *)(uintptr_t)&locate_self))
+            __atomic_store_n(&lum_self_state, 2, __ATOMIC_RELEASE);
+    } else if (lum_cfi_forked || !dl_iterate_phdr(find_self, (void *)(uintptr_t)&locate_self)) {
         __atomic_store_n(&lum_self_state, 2, __ATOMIC_RELEASE);
+    }
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
 }
 
@@ -199,11 +208,12 @@ static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
     return (uint64_t)ip ^ ((uint64_t)(gen & 0xffffu) << 48);
 }
 
-/* The generation for a walk starting now, after a look at the loader's unload count (probe) or
- * as the last look left it.  A look costs one dl_iterate_phdr callback, ~370 instructions with
- * its locks (ring: +0.8 % instructions when every sample looks), so walks look one in
- * LUM_UNLOAD_EVERY per thread, and before every walk that derives rules, when it is cheap next
- * to the walk.  The count is stored after the generation moves, so a thread that sees the new count
+/* The generation for a walk starting now, after a look at unloads (probe: lum_cfi_unloads,
+ * which asks the loader's index again about each object rules were derived from) or as the last
+ * look left it.  A look costs a _dl_find_object per such object (before the index, one
+ * dl_iterate_phdr callback, ~370 instructions with its locks: ring +0.8 % instructions when
+ * every sample looked), so walks look one in LUM_UNLOAD_EVERY per thread, and before every walk
+ * that derives rules, when it is cheap next to the walk.  The count is stored after the generation moves, so a thread that sees the new count
  * also sees the new generation (two threads may both move it: a harmless extra step). */
 static uint32_t rules_generation_look(void)
 {

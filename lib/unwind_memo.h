@@ -11,9 +11,10 @@
 /* Unwinding cost is timed on one unwind in LUM_TIME_EVERY per thread (and scaled): a
  * clock_gettime pair cost more than a cached walk. */
 #define LUM_TIME_EVERY 16
-/* One unwind in LUM_UNLOAD_EVERY per thread, a timed one, looks at the loader's unload count
- * (see rules_generation in unwind.c): a look is ~330 instructions with dl_iterate_phdr's locks,
- * ~20 a sample at one in 16 (ring), ~5 at one in 64.  A multiple of LUM_TIME_EVERY. */
+/* One unwind in LUM_UNLOAD_EVERY per thread, a timed one, looks whether the objects rules came
+ * from are still loaded (see rules_generation_look in unwind.c): a look is a _dl_find_object and
+ * a hash per such object, ~320 instructions on ring (callgrind; dl_iterate_phdr's look was
+ * ~230 there), ~5 a sample at one in 64.  A multiple of LUM_TIME_EVERY. */
 #define LUM_UNLOAD_EVERY 64
 
 /* The last cached walk of this thread from its first stored frame on: a sample's stack is
@@ -112,10 +113,10 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
     struct lum_walk_memo *m = &lum_memo;
-    /* The walk that looks at the loader's unload count (one in LUM_UNLOAD_EVERY) is left to
-     * lum_unwind_from: the sampler calls this under lum_sampled_lock, and the look waits for
-     * the loader's lock, which a dlclose holds while it frees (a sampled block's free waits for
-     * lum_sampled_lock): a deadlock, one sample in 64 with a thread in dlopen/dlclose. */
+    /* The walk that looks at unloads (one in LUM_UNLOAD_EVERY) is left to lum_unwind_from,
+     * which times it.  (Without _dl_find_object the look waits for the loader's lock, which a
+     * dlclose holds while it frees: never from here, should this be called under a lock a
+     * free takes.) */
     if (m->busy || __builtin_expect(n % LUM_UNLOAD_EVERY == 0, 0))
         return -1;
     uint64_t t0 = 0;

@@ -32,10 +32,35 @@ static void local_code_is_not_named_after_an_export(void **state)
     dlclose(h);
 }
 
+/* Inside malloc (LUM_SYM_INSIDE) the names come from the loader's index and the object's
+ * .dynsym, not from dladdr (which waits for the loader's lock): the same names. */
+static void inside_names_as_dladdr(void **state)
+{
+    (void)state;
+    void *h = dlopen(SYM_PLUG_PATH, RTLD_NOW | RTLD_LOCAL);
+    assert_non_null(h);
+    void *(*local_address)(void) = (void *(*)(void))dlsym(h, "sym_plug_local_address");
+    assert_non_null(local_address);
+    const uintptr_t addrs[] = {
+        (uintptr_t)dlsym(h, "sym_plug_exported") + 2, (uintptr_t)local_address() + 2,
+        (uintptr_t)dlsym(RTLD_DEFAULT, "fprintf") + 3, (uintptr_t)dlsym(RTLD_DEFAULT, "qsort"),
+        (uintptr_t)dlsym(RTLD_DEFAULT, "pthread_create") + 1,
+    };
+    for (size_t i = 0; i < sizeof addrs / sizeof addrs[0]; i++) {
+        char by_dladdr[256], inside[256];
+        lum_symbolize(addrs[i], by_dladdr, sizeof by_dladdr, LUM_SYM_OFFSET | LUM_SYM_MODULE);
+        lum_symbolize(addrs[i], inside, sizeof inside, LUM_SYM_OFFSET | LUM_SYM_MODULE | LUM_SYM_INSIDE);
+        printf("# %s | %s\n", by_dladdr, inside);
+        assert_string_equal(inside, by_dladdr);
+    }
+    dlclose(h);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(local_code_is_not_named_after_an_export),
+        cmocka_unit_test(inside_names_as_dladdr),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
