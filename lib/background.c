@@ -253,10 +253,14 @@ static void bg_start(void)
     /* glibc puts static TLS inside the stack: with 64 KiB of it a 64 KiB stack is EINVAL */
     if (err == EINVAL) err = pthread_create(&t, NULL, bg_main, NULL);
     if (err != 0) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "lumalloc: no background thread (pthread_create: %s): freed memory decays "
-                 "only as the program allocates, and memory pressure goes unheard\n", strerror(err));
-        lum_write_err(msg);
+        /* EPERM: a sandbox that forbids threads (seccomp on clone), the program's policy, not a
+         * fault: nothing on its stderr, which glibc's malloc would not write either */
+        if (err != EPERM || lum_opt.verbose) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "lumalloc: no background thread (pthread_create: %s): freed memory decays "
+                     "only as the program allocates, and memory pressure goes unheard\n", strerror(err));
+            lum_write_err(msg);
+        }
         /* never started: state 2 keeps wake() away from fd before it is closed */
         atomic_store(&bg_state, 2);
         atomic_store(&lumalloc_bg_wake_fd, -1);
@@ -366,8 +370,18 @@ void lum_dirty_limit_check(bool large)
 }
 
 /* A fork child has no background thread: let it start its own when it needs one. */
+uint64_t lum_bg_start_bytes = LUM_BG_START_BYTES, lum_bg_start_large = LUM_BG_START_LARGE;
+
 void lum_background_after_fork_child(void)
 {
+    /* A child starts its own thread only once it has grown by the thresholds itself: most fork
+     * children exec or exit soon, and one with a second thread can no longer unshare a user
+     * namespace (EINVAL) or rely on being single-threaded; the parent's figures made every
+     * child of a large process start one at its first slow-path allocation. */
+    const struct lum_global_counters_v1 *g = &lumalloc_registry.global;
+    lum_bg_start_bytes = __atomic_load_n(&g->mapped_bytes, __ATOMIC_RELAXED) + LUM_BG_START_BYTES;
+    lum_bg_start_large = __atomic_load_n(&g->large_live_bytes, __ATOMIC_RELAXED) +
+                         __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) + LUM_BG_START_LARGE;
     /* whatever the parent's thread was doing (even half started), the child has none */
     int fd = atomic_exchange(&lumalloc_bg_wake_fd, -1);
     if (fd >= 0 && wake_fd_ours(fd)) close(fd);

@@ -652,13 +652,16 @@ void lum_background_maybe_start(size_t more_large);
  * file kept 56 MiB resident for good).  malloc's slow path and the large path look. */
 #define LUM_BG_START_BYTES ((uint64_t)64 << 20)
 #define LUM_BG_START_LARGE ((uint64_t)16 << 20)
+/* The thresholds in force: those, or in a fork child those above what it inherited (see
+ * lum_background_after_fork_child). */
+extern LUM_HIDDEN uint64_t lum_bg_start_bytes, lum_bg_start_large;
 /* freed mappings kept resident: what lum_dirty_limit_check(false) looks at (its floor) */
 extern LUM_HIDDEN size_t lum_large_cached;
 static inline bool lum_background_due(size_t more_large)
 {
-    return __atomic_load_n(&lumalloc_registry.global.mapped_bytes, __ATOMIC_RELAXED) >= LUM_BG_START_BYTES ||
+    return __atomic_load_n(&lumalloc_registry.global.mapped_bytes, __ATOMIC_RELAXED) >= lum_bg_start_bytes ||
            __atomic_load_n(&lumalloc_registry.global.large_live_bytes, __ATOMIC_RELAXED) +
-                   __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) + more_large >= LUM_BG_START_LARGE;
+                   __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) + more_large >= lum_bg_start_large;
 }
 /* For the malloc slow path: below the start thresholds (most processes, all their lives) two
  * loads instead of a call that reads four variables. */
