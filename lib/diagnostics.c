@@ -115,6 +115,13 @@ void lum_diag_note_overflow(size_t count, size_t size)
     overflow.size = size;
 }
 
+bool lum_diag_overflow(size_t *count, size_t *size)
+{
+    *count = overflow.count;
+    *size = overflow.size;
+    return overflow.count != 0;
+}
+
 /* What was asked: "allocation of N bytes", with the count and size that overflowed where
  * calloc or reallocarray multiplied them (the SIZE_MAX they pass stands for no real size). */
 static void put_request(struct lum_buf *b, size_t size, size_t alignment)

@@ -215,10 +215,15 @@ LUM_COLD_TEXT void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_
     }
     /* Injected failures are the test's own doing: aborting on them would end every sweep. */
     if (lum_get_abort_on_failure() && !injected) {
-        char msg[160];
-        int n = snprintf(msg, sizeof msg,
-                         "lumalloc: allocation of %zu bytes failed (errno %d): aborting "
-                         "(abort_on_failure)\n", size, err);
+        char msg[200];
+        size_t count, each;
+        int n = lum_diag_overflow(&count, &each)
+                    ? snprintf(msg, sizeof msg,
+                               "lumalloc: allocation of %zu x %zu bytes (more than SIZE_MAX) failed (errno %d): "
+                               "aborting (abort_on_failure)\n", count, each, err)
+                    : snprintf(msg, sizeof msg,
+                               "lumalloc: allocation of %zu bytes failed (errno %d): aborting "
+                               "(abort_on_failure)\n", size, err);
         if (n > 0)
             lum_write_all(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
         abort();

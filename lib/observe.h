@@ -98,6 +98,8 @@ void lum_on_alloc_failure(struct lum_thread_counters_v1 *tc, size_t size, size_t
 /* Set (count, size) before the lum_on_alloc_failure of a count * size that overflowed, (0, 0)
  * after: the report then says what was asked, not SIZE_MAX (which the probe still gets). */
 void lum_diag_note_overflow(size_t count, size_t size);
+/* The (count, size) noted for the failure being reported, if any. */
+bool lum_diag_overflow(size_t *count, size_t *size);
 
 void lum_on_thread_start(struct lum_thread_counters_v1 *tc);
 void lum_on_thread_exit(struct lum_thread_counters_v1 *tc);

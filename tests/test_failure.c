@@ -345,6 +345,33 @@ static void test_abort_on_failure(void **state)
     assert_int_equal(errno, ENOMEM);
 }
 
+/* Abort on failure says what was asked when calloc's count x size overflowed, as the report
+ * does ("allocation of 18446744073709551615 bytes" before). */
+static void test_abort_message_of_an_overflow(void **state)
+{
+    (void)state;
+    int pipefd[2];
+    assert_int_equal(pipe(pipefd), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(pipefd[1], 2);
+        lum_set_abort_on_failure(true);
+        volatile size_t count = SIZE_MAX / 2;
+        sink = calloc(count, 4);
+        _exit(3);
+    }
+    close(pipefd[1]);
+    char buf[1024] = {0};
+    size_t got = 0;
+    for (ssize_t n; got < sizeof buf - 1 && (n = read(pipefd[0], buf + got, sizeof buf - 1 - got)) > 0;)
+        got += (size_t)n;
+    close(pipefd[0]);
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFSIGNALED(st));
+    assert_non_null(strstr(buf, "allocation of 9223372036854775807 x 4 bytes (more than SIZE_MAX) failed (errno 12): aborting"));
+}
+
 /* An injector armed by a thread that exits without cancelling it dies with the thread: left
  * armed, every other thread's allocations took the slow path, unsampled, for good. */
 static void *arm_and_exit(void *arg)
@@ -543,6 +570,7 @@ int main(void)
         cmocka_unit_test(test_diagnostics_critical_scope),
         cmocka_unit_test(test_producer_may_allocate),
         cmocka_unit_test(test_abort_on_failure),
+        cmocka_unit_test(test_abort_message_of_an_overflow),
         cmocka_unit_test(test_thread_exit_disarms),
         cmocka_unit_test(test_fail_nth_concurrent),
         cmocka_unit_test(test_fork_keeps_the_forking_threads_injector),
