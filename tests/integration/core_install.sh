@@ -25,11 +25,19 @@ project(use C)
 find_package(lumalloc REQUIRED)
 add_executable(use $work/use.c)
 target_link_libraries(use lumalloc::lumalloc)
+# a fully static program: the archive's target asks for the .eh_frame index the unwinder reads,
+# which gcc leaves out of -static links
+add_executable(use_static_exe $work/use.c)
+target_link_libraries(use_static_exe lumalloc::lumalloc_static)
+target_link_options(use_static_exe PRIVATE -static)
 C
 cmake -S "$work/cm" -B "$work/cm/b" -DCMAKE_PREFIX_PATH="$work/prefix" > /dev/null
 make -C "$work/cm/b" > /dev/null
 [ "$(LD_LIBRARY_PATH=$work/prefix/lib "$work/cm/b/use")" = 1 ] || { echo "FAIL: find_package consumer"; exit 1; }
-echo "ok: find_package(lumalloc)"
+[ "$("$work/cm/b/use_static_exe")" = 1 ] || { echo "FAIL: static find_package consumer"; exit 1; }
+readelf -lW "$work/cm/b/use_static_exe" | grep -q GNU_EH_FRAME ||
+  { echo "FAIL: a -static consumer of lumalloc::lumalloc_static has no PT_GNU_EH_FRAME (one-frame stacks)"; exit 1; }
+echo "ok: find_package(lumalloc), shared and -static"
 export PKG_CONFIG_PATH=$work/prefix/lib/pkgconfig
 gcc -o "$work/use_pc" "$work/use.c" $(pkg-config --cflags --libs lumalloc)
 [ "$(LD_LIBRARY_PATH=$work/prefix/lib "$work/use_pc")" = 1 ] || { echo "FAIL: pkg-config consumer"; exit 1; }
@@ -37,6 +45,9 @@ gcc -o "$work/use_pc" "$work/use.c" $(pkg-config --cflags --libs lumalloc)
 gcc -o "$work/use_static" "$work/use.c" $(pkg-config --cflags lumalloc) "$work/prefix/lib/liblumalloc.a" \
   -lm -lpthread -ldl
 [ "$("$work/use_static")" = 1 ] || { echo "FAIL: static consumer"; exit 1; }
+gcc -static -o "$work/use_pc_static" "$work/use.c" $(pkg-config --cflags --libs --static lumalloc | sed 's/-llumalloc/-l:liblumalloc.a/')
+readelf -lW "$work/use_pc_static" | grep -q GNU_EH_FRAME ||
+  { echo "FAIL: pkg-config --static gives no --eh-frame-hdr"; exit 1; }
 echo "ok: pkg-config, shared and static"
 # every installed header stands alone, in C and (a service written in C++ includes them too) C++
 for h in "$work"/prefix/include/lumalloc*.h; do
