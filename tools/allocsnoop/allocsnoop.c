@@ -195,7 +195,7 @@ static void maybe_snapshot(pid_t pid)
     }
     double now = tc_now();
     if (tc_hold_ready(&targets[i])) {
-        tc_sym_snapshot(sym, pid, targets[i].probe_path);
+        tc_sym_snapshot(sym, pid, tc_target_file(&targets[i]));
         last_snap[i] = now;
         tc_hold_release(&targets[i]);
         return;
@@ -205,7 +205,7 @@ static void maybe_snapshot(pid_t pid)
     if (now - last_snap[i] < every || !targets[i].alive)
         return;
     last_snap[i] = now;
-    tc_sym_snapshot(sym, pid, targets[i].probe_path);
+    tc_sym_snapshot(sym, pid, tc_target_file(&targets[i]));
 }
 
 static uint32_t stack_of(const struct snoop_event *e)
@@ -768,11 +768,11 @@ static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
         bool required = probes[i].kind == SNOOP_SAMPLE && !batched;
         if (tc_attach_usdt(t, progs[i], probes[i].probe, !required) == 0)
             attached++;
-        else if (required)
-            tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)t->pid, t->probe_path);
+        else if (required && !t->reattach)
+            tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)t->pid, tc_target_file(t));
     }
-    if (!attached)
-        tc_die("none of the requested lumalloc probes exist in %s", t->probe_path);
+    if (!attached && !t->reattach)
+        tc_die("none of the requested lumalloc probes exist in %s", tc_target_file(t));
 }
 
 int main(int argc, char **argv)
@@ -885,7 +885,7 @@ int main(int argc, char **argv)
     }
     for (int i = 0; i < ntargets; i++)
         if (!targets[i].launched && targets[i].pid > 0) {
-            tc_sym_snapshot(sym, targets[i].pid, targets[i].probe_path);
+            tc_sym_snapshot(sym, targets[i].pid, tc_target_file(&targets[i]));
             last_snap[i] = tc_now();
         }
     if (!opt.quiet && !opt.json)
@@ -912,6 +912,13 @@ int main(int argc, char **argv)
             }
             maybe_snapshot(targets[i].pid);
             tc_target_poll(&targets[i]);
+            if (tc_target_moved(&targets[i])) {
+                /* Events between the thread's exit and now are lost; a failure (the process
+                 * exiting, or the new thread too) is retried at the next poll. */
+                tc_detach(&targets[i]);
+                targets[i].reattach = true;
+                attach_target(skel, &targets[i]);
+            }
             any_alive |= targets[i].alive;
         }
         if (!any_alive) {
@@ -928,8 +935,10 @@ int main(int argc, char **argv)
     /* Reports first: unregistering a uprobe waits for RCU grace periods (~0.1 s per probe on
      * this kind of machine), the user should not wait for that to see the results. */
     int report_failed = tc_stdout_failed() ? 0 : reports(skel);
-    for (int i = 0; i < ntargets; i++)
+    for (int i = 0; i < ntargets; i++) {
         tc_detach(&targets[i]);
+        tc_target_close(&targets[i]);
+    }
     int status = 0;
     for (int i = 0; i < ntargets; i++)
         if (targets[i].launched && !targets[i].alive)

@@ -27,6 +27,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -78,6 +80,8 @@ struct tstate {
 static struct tstate targets[MAX_TARGETS];
 static int ntargets;
 static const char *binary_path; /* -b */
+static dev_t binary_dev;         /* -b: the file the probes are on */
+static ino_t binary_ino;
 static struct tstate bin_state;  /* -b: the attachment to the file (pid -1) */
 static struct alloctop_bpf *skel;
 static struct bpf_link *exit_link;
@@ -244,10 +248,10 @@ static void set_sample_probe(struct tstate *s, bool on)
         s->sample_link = NULL;
         return;
     }
-    s->sample_link = bpf_program__attach_usdt(skel->progs.on_sample, s->t.pid, s->t.probe_path, "lumalloc",
-                                              "sample", NULL);
-    if (!s->sample_link)
-        tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", s->t.probe_path, (int)s->t.pid,
+    s->sample_link = bpf_program__attach_usdt(skel->progs.on_sample, tc_attach_pid(&s->t), s->t.probe_path,
+                                              "lumalloc", "sample", NULL);
+    if (!s->sample_link && !s->t.reattach)
+        tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", tc_target_file(&s->t), (int)s->t.pid,
                strerror(errno));
 }
 
@@ -259,11 +263,11 @@ static void attach_target(struct tstate *s)
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_start, "thread_start", true) == 0;
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_exit, "thread_exit", true) == 0;
     set_sample_probe(s, opt.sites);
-    if (!ok && !s->sample_link) {
+    if (!ok && !s->sample_link && !s->t.reattach) {
         int e = errno;
         if (s->t.pid > 0 && !tc_pid_alive(s->t.pid))
             tc_die("pid %d exited while alloctop was attaching", (int)s->t.pid);
-        tc_die("cannot attach to the lumalloc probes of pid %d (%s): %s", (int)s->t.pid, s->t.probe_path,
+        tc_die("cannot attach to the lumalloc probes of pid %d (%s): %s", (int)s->t.pid, tc_target_file(&s->t),
                strerror(e));
     }
     /* Large allocations and failures are counted per thread in the registry: no probe here,
@@ -313,7 +317,7 @@ static void sample_target(struct tstate *s)
         if (s->cur[i].c.state == LUM_THREAD_LIVE)
             remember_comm(s, (pid_t)s->cur[i].c.tid);
     if (sym && s->t_cur - s->last_snapshot > (s->t_cur - s->first_seen < 2.0 ? 0.2 : 2.0)) {
-        tc_sym_snapshot(sym, s->t.pid, s->t.probe_path);
+        tc_sym_snapshot(sym, s->t.pid, tc_target_file(&s->t));
         s->last_snapshot = s->t_cur;
     }
 }
@@ -328,7 +332,7 @@ static void locate_early(struct tstate *s)
     s->located = true;
     s->first_seen = tc_now();
     if (sym) {
-        tc_sym_snapshot(sym, s->t.pid, s->t.probe_path);
+        tc_sym_snapshot(sym, s->t.pid, tc_target_file(&s->t));
         s->last_snapshot = tc_now();
     }
     sample_target(s);
@@ -684,11 +688,15 @@ static void discover_binary(void)
         FILE *f = fopen(path, "re");
         if (!f)
             continue;
+        /* By device and inode, as the uprobes are: the path may be another file in a
+         * container's mount namespace, and a process started before an upgrade maps the old
+         * file under the same name (" (deleted)"), which the probes are not on. */
         bool uses = false;
-        size_t blen = strlen(binary_path);
         while (!uses && fgets(line, sizeof(line), f)) {
-            char *p = strchr(line, '/');
-            uses = p && !strncmp(p, binary_path, blen) && (p[blen] == '\n' || p[blen] == 0);
+            unsigned maj, min;
+            unsigned long long ino;
+            uses = sscanf(line, "%*x-%*x %*s %*x %x:%x %llu", &maj, &min, &ino) == 3 && ino == binary_ino &&
+                   makedev(maj, min) == binary_dev;
         }
         fclose(f);
         if (!uses)
@@ -719,6 +727,7 @@ static void drop_reported_dead(void)
             free(s->cur);
             free(s->prev);
             free(s->comms);
+            tc_target_close(&s->t);
             continue;
         }
         if (!s->t.alive)
@@ -786,6 +795,11 @@ int main(int argc, char **argv)
     if (binary_path) {
         tc_resolve_probed_binary(binary_path, binary_real);
         binary_path = binary_real;
+        struct stat st;
+        if (stat(binary_real, &st))
+            tc_die("cannot stat %s: %s", binary_real, strerror(errno));
+        binary_dev = st.st_dev;
+        binary_ino = st.st_ino;
         bin_state.t.pid = -1;
         bin_state.t.alive = true;
         snprintf(bin_state.t.probe_path, sizeof(bin_state.t.probe_path), "%s", binary_real);
@@ -809,7 +823,7 @@ int main(int argc, char **argv)
         if (tc_target_locate(&s->t, err, sizeof(err)))
             tc_die("%s", err);
         if (!s->t.registry_addr)
-            tc_die("%s does not export lumalloc_registry (library too old?)", s->t.probe_path);
+            tc_die("%s does not export lumalloc_registry (library too old?)", tc_target_file(&s->t));
         s->located = true;
     }
     if (command) {
@@ -862,7 +876,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < ntargets; i++) {
         sample_target(&targets[i]); /* baseline for the first interval's rates */
         if (targets[i].located) {
-            tc_sym_snapshot(sym, targets[i].t.pid, targets[i].t.probe_path);
+            tc_sym_snapshot(sym, targets[i].t.pid, tc_target_file(&targets[i].t));
             targets[i].last_snapshot = tc_now();
         }
     }
@@ -917,6 +931,14 @@ int main(int argc, char **argv)
             }
             if (tc_target_poll(&targets[i].t))
                 any_died = true;
+            if (skel && !targets[i].via_binary && tc_target_moved(&targets[i].t)) {
+                /* a failure (the process exiting, or the new thread too) is retried next poll */
+                tc_detach(&targets[i].t);
+                bpf_link__destroy(targets[i].sample_link);
+                targets[i].sample_link = NULL;
+                targets[i].t.reattach = true;
+                attach_target(&targets[i]);
+            }
             any_alive |= targets[i].t.alive;
         }
         if (any_died && !any_alive && !binary_path)
@@ -966,6 +988,7 @@ int main(int argc, char **argv)
         free(targets[i].cur);
         free(targets[i].prev);
         free(targets[i].comms);
+        tc_target_close(&targets[i].t);
     }
     tc_detach(&bin_state.t);
     bpf_link__destroy(bin_state.sample_link);

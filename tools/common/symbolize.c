@@ -3,7 +3,7 @@
  * Why not dwfl_linux_proc_report: it reads /proc/PID/maps at the time of the call, and the
  * tools must keep resolving after the target exits.  Instead each snapshot reports the
  * process's ELF files with dwfl_report_elf at their load bias, opening the files while the
- * process is alive (through /proc/PID/map_files when the path is gone).  Separate debug info is
+ * process is alive (through /proc/PID/map_files, or a path checked to be the same file).  Separate debug info is
  * found by build id under /usr/lib/debug/.build-id (dwfl_standard_find_debuginfo). */
 #define _GNU_SOURCE
 #include <elfutils/libdwfl.h>
@@ -123,10 +123,13 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
         /* Probes in the executable itself (static link): the module says nothing about which
          * frames are the allocator's, only symbol names do. */
         char exe[64], target[PATH_MAX];
-        snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)pid);
+        pid_t task = tc_proc_task(pid);
+        snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)(task ? task : pid));
         ssize_t n = readlink(exe, target, sizeof(target) - 1);
-        if (n > 0)
+        if (n > 0) {
             target[n] = 0;
+            tc_strip_deleted(target);
+        }
         if (n > 0 && strcmp(target, alloc_module))
             p->alloc_module = strdup(alloc_module);
     }
@@ -146,24 +149,15 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
             known->seen = seen;
             continue;
         }
-        /* Through the process's root first (containers), then map_files (deleted files). */
-        char rooted[PATH_MAX + 32];
-        snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)pid, path);
-        int fd = open(rooted, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            char mf[128];
-            snprintf(mf, sizeof(mf), "/proc/%d/map_files/%llx-%llx", (int)pid, (unsigned long long)maps[i].start,
-                     (unsigned long long)maps[i].end);
-            fd = open(mf, O_RDONLY | O_CLOEXEC);
-        }
+        /* The mapped file itself, not whatever its path names now (an upgrade, a container's
+         * path that is another file on the host). */
+        int fd = tc_map_open(pid, &maps[i], NULL, 0);
         if (fd < 0)
             continue;
         uint64_t bias = 0;
         char fdpath[64];
         snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
-        if (tc_elf_load_bias(fdpath, path, maps, n, &bias)) {
+        if (tc_elf_load_bias(fdpath, &maps[i], maps, n, &bias)) {
             /* Fall back: executable mapping's start minus its file offset. */
             bias = maps[i].start - maps[i].offset;
         }

@@ -1,0 +1,99 @@
+/*
+ * Process shapes the tools must follow, for tools_targets.sh:
+ *   tools_shapes mainexit DELAY_MS SECS  two workers allocate for SECS s; the main thread leaves
+ *                                        with pthread_exit after DELAY_MS (the leader a zombie)
+ *   tools_shapes exec DELAY_MS SECS      two workers allocate; after DELAY_MS the process execs
+ *                                        itself as `plain SECS`
+ *   tools_shapes plain SECS              two workers allocate for SECS s
+ *   tools_shapes badname SECS            like plain, a worker's name cut inside a UTF-8 character
+ * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static double secs;
+static const char *prefix = "sh-w";
+static int bad_name;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+static void *worker(void *arg)
+{
+    char name[16];
+    int i = (int)(long)arg;
+    if (bad_name && i == 0)
+        /* 14 bytes of ASCII, then a 3-byte character the 15-byte comm cuts after its first byte */
+        memcpy(name, "sh-namexxxxxxx\xe2", 16);
+    else
+        snprintf(name, sizeof(name), "%s%d", prefix, i);
+    pthread_setname_np(pthread_self(), name);
+    double end = now() + secs;
+    while (now() < end) {
+        for (int k = 0; k < 400; k++) {
+            void *volatile p = malloc(1000 + (size_t)k * 8);
+            memset(p, 1, 64);
+            free(p);
+        }
+        sleep_ms(20);
+    }
+    return NULL;
+}
+
+static void start_workers(pthread_t t[2])
+{
+    for (long i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, worker, (void *)i);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s mainexit|exec DELAY_MS SECS | plain|badname SECS\n", argv[0]);
+        return 2;
+    }
+    pthread_t t[2];
+    if (!strcmp(argv[1], "plain") || !strcmp(argv[1], "badname")) {
+        secs = atof(argv[2]);
+        bad_name = !strcmp(argv[1], "badname");
+        if (getenv("TOOLS_SHAPES_EXECED"))
+            prefix = "sh-x";
+        start_workers(t);
+        pthread_join(t[0], NULL);
+        pthread_join(t[1], NULL);
+        return 0;
+    }
+    if (argc < 4)
+        return 2;
+    long delay = atol(argv[2]);
+    secs = atof(argv[3]);
+    if (!strcmp(argv[1], "mainexit")) {
+        start_workers(t);
+        sleep_ms(delay);
+        pthread_exit(NULL);
+    }
+    if (!strcmp(argv[1], "exec")) {
+        start_workers(t);
+        sleep_ms(delay);
+        setenv("TOOLS_SHAPES_EXECED", "1", 1);
+        execl("/proc/self/exe", argv[0], "plain", argv[3], (char *)NULL);
+        perror("exec");
+        return 1;
+    }
+    return 2;
+}
