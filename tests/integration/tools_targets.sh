@@ -1,7 +1,8 @@
 #!/bin/bash
 # Targets whose files or threads are not where a path or the PID says: the library (or static
 # executable) replaced on disk after start, a container whose library path is another file on
-# the host, a main thread that left with pthread_exit while the workers run.
+# the host, a main thread that left with pthread_exit while the workers run; a thread name that
+# is not UTF-8.
 source "$(dirname "$0")/tools_common.inc"
 if [ "$MODE" = static ]; then
     SHAPES=${SHAPES_STATIC:-}
@@ -127,6 +128,21 @@ ev = [json.loads(l) for l in open(sys.argv[2])]
 late = [e for e in ev if e.get("type") == "event" and e["event"] == "sample" and e["ts"] > 2.0]
 assert late, "allocsnoop: no samples after the leader left"
 print("ok   alloctop: 6 live intervals, allocsnoop: %d samples after 2 s" % len(late))
+PY
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+
+echo "== a thread name cut inside a UTF-8 character: --json stays UTF-8 ($MODE)"
+if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" badname 5 & else "$SHAPES" badname 5 & fi
+TP=$!
+BG_PIDS="$BG_PIDS $TP"
+sleep 0.3
+"$ALLOCTOP" -p "$TP" --json 0.3 1 > "$TMP/utf8.jsonl" 2> "$TMP/utf8.err" || { cat "$TMP/utf8.err"; fail "alloctop"; }
+python3 - "$TMP/utf8.jsonl" <<'PY' || fail "alloctop --json is not UTF-8"
+import json, sys
+o = json.loads(open(sys.argv[1], "rb").read().decode("utf-8"))
+names = [t["comm"] for t in o["processes"][0]["threads"]]
+assert "sh-namexxxxxxx\ufffd" in names, names
+print("ok   %s" % ascii(names))
 PY
 kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
 echo "PASS"
