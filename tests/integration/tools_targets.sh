@@ -131,6 +131,27 @@ print("ok   alloctop: 6 live intervals, allocsnoop: %d samples after 2 s" % len(
 PY
 kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
 
+echo "== the target execs itself while alloctop watches ($MODE)"
+if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" exec 1000 8 & else "$SHAPES" exec 1000 8 & fi
+TP=$!
+BG_PIDS="$BG_PIDS $TP"
+sleep 0.3
+"$ALLOCTOP" -p "$TP" --json 0.5 7 > "$TMP/exec.jsonl" 2> "$TMP/exec.err" || { cat "$TMP/exec.err"; fail "alloctop"; }
+python3 - "$TMP/exec.jsonl" <<'PY' || fail "alloctop after the target's exec"
+import json, sys
+objs = [json.loads(l) for l in open(sys.argv[1])]
+before = [t["comm"] for t in objs[0]["processes"][0]["threads"]]
+assert any(c.startswith("sh-w") for c in before), before
+last = objs[-1]["processes"][0]
+threads = {t["comm"]: t["alloc_bps"] for t in last["threads"]}
+# Before: the old image's threads, at their last rates, for good.
+assert not any(c.startswith("sh-w") for c in threads), threads
+new = [r for c, r in threads.items() if c.startswith("sh-x")]
+assert new and all(r > 0 for r in new), threads
+print("ok   after exec: %s" % sorted(threads))
+PY
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+
 echo "== a thread name cut inside a UTF-8 character: --json stays UTF-8 ($MODE)"
 if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" badname 5 & else "$SHAPES" badname 5 & fi
 TP=$!

@@ -274,17 +274,97 @@ static void attach_target(struct tstate *s)
      * each would cost the target a uprobe hit for figures it already has. */
 }
 
+static void attach_target(struct tstate *s);
+
+/* Keys of pid in the sites and stacks maps: a process gone (or exec'd) leaves them behind, and
+ * with -B over short-lived processes they filled the maps, so later processes got no sites. */
+static void drop_bpf_sites(pid_t pid)
+{
+    if (!skel)
+        return;
+    int sfd = bpf_map__fd(skel->maps.sites), stfd = bpf_map__fd(skel->maps.stacks);
+    struct top_site_key k, nk;
+    /* Deleting while walking restarts the walk at the key after a deleted one's successor:
+     * collect first. */
+    struct top_site_key *del = NULL;
+    size_t n = 0, cap = 0;
+    void *prevk = NULL;
+    while (bpf_map_get_next_key(sfd, prevk, &nk) == 0) {
+        k = nk;
+        prevk = &k;
+        if ((pid_t)k.pid != pid)
+            continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            struct top_site_key *nd = realloc(del, cap * sizeof(*nd));
+            if (!nd)
+                break;
+            del = nd;
+        }
+        del[n++] = k;
+    }
+    for (size_t i = 0; i < n; i++) {
+        bpf_map_delete_elem(sfd, &del[i]);
+        bpf_map_delete_elem(stfd, &del[i]);
+    }
+    free(del);
+}
+
+/* The process exec'd: what was read and located belongs to the old image (its registry address,
+ * its threads, its sites); the probes go on whatever file the new image maps. */
+static void follow_exec(struct tstate *s)
+{
+    free(s->cur);
+    free(s->prev);
+    s->cur = s->prev = NULL;
+    s->ncur = s->nprev = 0;
+    s->t_cur = s->t_prev = 0;
+    s->have_reg = s->located = false;
+    s->ncomms = 0;
+    s->t.registry_addr = 0;
+    if (skel) {
+        uint32_t pid = (uint32_t)s->t.pid;
+        bpf_map_delete_elem(bpf_map__fd(skel->maps.registries), &pid);
+    }
+    s->registered = false;
+    drop_bpf_sites(s->t.pid);
+    char err[512];
+    if (tc_target_locate(&s->t, err, sizeof(err)) || !s->t.registry_addr) {
+        tc_detach(&s->t);
+        bpf_link__destroy(s->sample_link);
+        s->sample_link = NULL;
+        return; /* not (yet) lumalloc: sample_target looks again */
+    }
+    s->located = true;
+    if (skel && !s->via_binary) {
+        tc_detach(&s->t);
+        bpf_link__destroy(s->sample_link);
+        s->sample_link = NULL;
+        s->t.reattach = true;
+        s->t.attach_task = 0;
+        attach_target(s);
+    }
+}
+
 /* Read the registry; the previous reading becomes the base of the rates. */
 static void sample_target(struct tstate *s)
 {
     if (!s->t.alive || s->final_done)
         return;
+    if (s->located && s->t.image) {
+        uint64_t image = tc_image_id(s->t.pid);
+        if (image && image != s->t.image)
+            follow_exec(s);
+    }
     if (!s->located) {
         char err[512];
-        if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr)
+        if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr) {
             s->located = true;
-        else
+            if (skel && !s->via_binary && s->t.reattach && !s->t.nlinks)
+                attach_target(s); /* exec'd into an image that maps lumalloc only now */
+        } else {
             return;
+        }
     }
     register_registry(s);
     struct lum_registry_v1 reg;

@@ -67,6 +67,41 @@ pid_t tc_proc_task(pid_t pid)
     return found;
 }
 
+uint64_t tc_image_id(pid_t pid)
+{
+    pid_t task = tc_proc_task(pid);
+    if (!task)
+        return 0;
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)task);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    /* After the comm: field 3 is the state; 26 startcode and 28 startstack are the address
+     * space's, laid out anew (randomised) by each exec. */
+    char *p = strrchr(buf, ')');
+    unsigned long long v[26] = {0};
+    int k = 0;
+    for (p = p ? p + 2 : NULL; p && *p && k < 26; k++) {
+        v[k] = strtoull(p, &p, 10);
+        while (*p && *p != ' ')
+            p++;
+        if (*p == ' ')
+            p++;
+    }
+    uint64_t h = k == 26 ? tc_hash64(v[23], v[25]) : 0;
+    struct stat st;
+    snprintf(path, sizeof(path), "/proc/%d/exe", (int)task);
+    if (stat(path, &st) == 0)
+        h = tc_hash64(tc_hash64(h, st.st_dev), st.st_ino);
+    return h | 1;
+}
+
 void tc_strip_deleted(char *path)
 {
     static const char suffix[] = " (deleted)";

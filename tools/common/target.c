@@ -104,6 +104,7 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
      * would die with the thread it goes through (a leader that left with pthread_exit), and
      * the path with the next upgrade.  libbpf and the kernel's uprobe lookup follow the link. */
     tc_target_close(t);
+    t->image = tc_image_id(t->pid);
     t->probe_fd = found_fd + 1;
     snprintf(t->probe_path, sizeof(t->probe_path), "/proc/self/fd/%d", found_fd);
     snprintf(t->map_path, sizeof(t->map_path), "%.4095s", found->path);

@@ -64,6 +64,8 @@ bool tc_pid_alive(pid_t pid);
  * live thread of it while its leader is a zombie; 0 when no thread is left. */
 pid_t tc_proc_task(pid_t pid);
 bool tc_task_alive(pid_t pid, pid_t tid); /* thread tid of process pid runs (not a zombie) */
+/* Changes when the process execs (its address space's layout and executable), 0 if gone. */
+uint64_t tc_image_id(pid_t pid);
 /* Removes a trailing " (deleted)" (maps lines, /proc/PID/exe). */
 void tc_strip_deleted(char *path);
 /* Opens the file mapping m of process pid maps: through /proc/PID/map_files, else through its
@@ -103,6 +105,7 @@ struct tc_target {
     bool reattach;                  /* attaching again: a failure is returned, not fatal */
     uint64_t registry_addr;  /* 0 until located */
     pid_t attach_task;       /* the thread the probes were attached through (tc_attach_pid) */
+    uint64_t image;          /* tc_image_id when located: another one means it exec'd since */
     struct bpf_link *links[16];
     int nlinks;
 };
