@@ -6,6 +6,7 @@
  *                                        itself as `plain SECS`
  *   tools_shapes plain SECS              two workers allocate for SECS s
  *   tools_shapes badname SECS            like plain, a worker's name cut inside a UTF-8 character
+ *   tools_shapes stacks N                allocations from N distinct stacks (N <= 4096), then exit
  * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
  */
 #define _GNU_SOURCE
@@ -55,6 +56,27 @@ static void *worker(void *arg)
     return NULL;
 }
 
+static void *volatile sink_a, *volatile sink_b;
+
+/* A path of d calls from one of two call sites each, chosen by the bits of k: 2^d stacks. */
+__attribute__((noinline)) static void *path(int d, unsigned k)
+{
+    void *p;
+    if (d == 0)
+        return malloc(3000);
+    /* distinct code around each call keeps the two call sites apart (no merging, no tail call) */
+    if (k & 1) {
+        __asm__ volatile("nop" ::: "memory");
+        p = path(d - 1, k >> 1);
+        sink_a = p;
+    } else {
+        __asm__ volatile("nop; nop" ::: "memory");
+        p = path(d - 1, k >> 1);
+        sink_b = p;
+    }
+    return p;
+}
+
 static void start_workers(pthread_t t[2])
 {
     for (long i = 0; i < 2; i++)
@@ -68,6 +90,13 @@ int main(int argc, char **argv)
         return 2;
     }
     pthread_t t[2];
+    if (!strcmp(argv[1], "stacks")) {
+        unsigned n = (unsigned)atoi(argv[2]);
+        for (int round = 0; round < 40; round++)
+            for (unsigned k = 0; k < n && k < 4096; k++)
+                free(path(12, k));
+        return 0;
+    }
     if (!strcmp(argv[1], "plain") || !strcmp(argv[1], "badname")) {
         secs = atof(argv[2]);
         bad_name = !strcmp(argv[1], "badname");

@@ -208,6 +208,40 @@ static void maybe_snapshot(pid_t pid)
     tc_sym_snapshot(sym, pid, tc_target_file(&targets[i]));
 }
 
+/* -b: a process gone for a second (its last batches and reordered events are in) has its
+ * stacks resolved now and its files closed: over many short-lived processes the open files ran
+ * the tool out of descriptors, and later processes were not symbolised. */
+static struct tc_map64 pid_dead; /* -b: pid -> ms since start when first seen gone */
+
+static void release_gone(void)
+{
+    uint64_t now_ms = (uint64_t)((tc_now() - t_start) * 1000) + 1;
+    pid_t gone[64];
+    int ngone = 0;
+    for (size_t i = 0; i < pid_snap.cap && ngone < 64; i++) {
+        pid_t pid = (pid_t)pid_snap.keys[i];
+        if (!pid || tc_pid_alive(pid))
+            continue;
+        bool created;
+        uint64_t *since = tc_map64_put(&pid_dead, (uint64_t)pid, &created);
+        if (!since)
+            continue;
+        if (created)
+            *since = now_ms;
+        else if (now_ms - *since >= 1000)
+            gone[ngone++] = pid;
+    }
+    for (int g = 0; g < ngone; g++) {
+        for (size_t i = 0; i < nstacks; i++)
+            if (stacks[i].pid == gone[g])
+                for (unsigned k = 0; k < stacks[i].depth; k++)
+                    tc_sym_resolve(sym, gone[g], stacks[i].frames[k]);
+        tc_sym_release(sym, gone[g]);
+        tc_map64_del(&pid_snap, (uint64_t)gone[g], NULL);
+        tc_map64_del(&pid_dead, (uint64_t)gone[g], NULL);
+    }
+}
+
 static uint32_t stack_of(const struct snoop_event *e)
 {
     uint64_t h = tc_hash64(0x5eed, (uint64_t)e->pid);
@@ -891,6 +925,7 @@ int main(int argc, char **argv)
     if (!opt.quiet && !opt.json)
         printf("%-12s %-7s %-7s %-13s %12s %-16s %s\n", "TIME(s)", "PID", "TID", "EVENT", "SIZE", "ADDR", "");
 
+    double last_release = tc_now();
     while (!stop) {
         int r = ring_buffer__poll(rb, 100);
         if (r < 0 && r != -EINTR)
@@ -904,6 +939,10 @@ int main(int argc, char **argv)
             pend_release(mono_ns(), false);
         if (opt.duration && tc_now() - t_start >= opt.duration)
             break;
+        if (binary_path && tc_now() - last_release >= 1.0) {
+            release_gone();
+            last_release = tc_now();
+        }
         bool any_alive = false;
         for (int i = 0; i < ntargets; i++) {
             if (targets[i].pid < 0) { /* -b: runs until -d or ^C */
@@ -956,6 +995,7 @@ int main(int argc, char **argv)
     tc_map64_free(&live_idx);
     tc_map64_free(&large_idx);
     tc_map64_free(&pid_snap);
+    tc_map64_free(&pid_dead);
     tc_map64_free(&batch_seen);
     free(pend);
     return status;

@@ -276,8 +276,11 @@ static void attach_target(struct tstate *s)
 
 static void attach_target(struct tstate *s);
 
-/* Keys of pid in the sites and stacks maps: a process gone (or exec'd) leaves them behind, and
- * with -B over short-lived processes they filled the maps, so later processes got no sites. */
+static bool is_target(pid_t pid);
+
+/* Keys of pid in the sites and stacks maps (pid -1: of every process gone that is not shown): a
+ * process gone (or exec'd) leaves them behind, and with -B over short-lived processes they filled
+ * the maps, so later processes got no sites. */
 static void drop_bpf_sites(pid_t pid)
 {
     if (!skel)
@@ -292,7 +295,8 @@ static void drop_bpf_sites(pid_t pid)
     while (bpf_map_get_next_key(sfd, prevk, &nk) == 0) {
         k = nk;
         prevk = &k;
-        if ((pid_t)k.pid != pid)
+        if (pid >= 0 ? (pid_t)k.pid != pid
+                     : is_target((pid_t)k.pid) || !(kill((pid_t)k.pid, 0) && errno == ESRCH))
             continue;
         if (n == cap) {
             cap = cap ? cap * 2 : 64;
@@ -797,6 +801,14 @@ static void discover_binary(void)
     closedir(d);
 }
 
+static bool is_target(pid_t pid)
+{
+    for (int i = 0; i < ntargets; i++)
+        if (targets[i].t.pid == pid)
+            return true;
+    return false;
+}
+
 /* -b: processes that exited and were reported once are dropped. */
 static void drop_reported_dead(void)
 {
@@ -804,6 +816,8 @@ static void drop_reported_dead(void)
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         if (s->via_binary && !s->t.alive && s->shown_dead) {
+            drop_bpf_sites(s->t.pid);
+            tc_sym_forget(sym, s->t.pid);
             free(s->cur);
             free(s->prev);
             free(s->comms);
@@ -1031,8 +1045,11 @@ int main(int argc, char **argv)
             report(false);
             if (tc_stdout_failed())
                 break; /* the reader is gone (| head): stop, detaching the probes */
-            if (binary_path)
+            if (binary_path) {
                 drop_reported_dead();
+                if (opt.sites)
+                    drop_bpf_sites(-1); /* also processes gone before they were found */
+            }
             done++;
             if (opt.count && done >= opt.count) {
                 count_reached = true; /* the last table was just printed: no separate final one */

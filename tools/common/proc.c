@@ -183,6 +183,14 @@ int tc_map_open(pid_t pid, const struct tc_map *m, char *path, size_t n)
     snprintf(buf, sizeof(buf), "/proc/%d/map_files/%llx-%llx", (int)task, (unsigned long long)m->start,
              (unsigned long long)m->end);
     int fd = open(buf, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
+        static bool warned;
+        if (!warned)
+            tc_warn("out of file descriptors (%s): some processes' files are not opened, their "
+                    "symbols are missing; raise `ulimit -n`", strerror(errno));
+        warned = true;
+        return -1;
+    }
     if (fd < 0) {
         /* The path in the process's mount namespace, then in ours: only if it still is the
          * mapped file (a container's path may name another file on the host). */

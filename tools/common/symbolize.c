@@ -35,6 +35,7 @@ struct pidsym {
     uint64_t snapshots;
     char *alloc_module;
     double last_snapshot;
+    bool released;         /* files closed (tc_sym_release): only cached answers are left */
     struct tc_map64 cache; /* addr -> index+1 into frames */
 };
 
@@ -73,6 +74,39 @@ void tc_sym_free(struct tc_symbolizer *s)
     free(s->frames);
     free(s->p);
     free(s);
+}
+
+static void pidsym_close(struct pidsym *p)
+{
+    if (p->dwfl)
+        dwfl_end(p->dwfl); /* closes the files reported to it */
+    p->dwfl = NULL;
+    for (size_t k = 0; k < p->nloaded; k++)
+        free(p->loaded[k].path);
+    free(p->loaded);
+    p->loaded = NULL;
+    p->nloaded = 0;
+}
+
+void tc_sym_release(struct tc_symbolizer *s, pid_t pid)
+{
+    for (size_t i = 0; i < s->np; i++)
+        if (s->p[i].pid == pid) {
+            pidsym_close(&s->p[i]);
+            s->p[i].released = true;
+        }
+}
+
+void tc_sym_forget(struct tc_symbolizer *s, pid_t pid)
+{
+    for (size_t i = 0; i < s->np; i++)
+        if (s->p[i].pid == pid) {
+            pidsym_close(&s->p[i]);
+            free(s->p[i].alloc_module);
+            tc_map64_free(&s->p[i].cache);
+            s->p[i] = s->p[--s->np];
+            return;
+        }
 }
 
 static struct pidsym *get_pid(struct tc_symbolizer *s, pid_t pid, bool create)
@@ -204,11 +238,13 @@ const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64
 {
     static struct tc_frame unknown = {"[unknown]", NULL, 0, false};
     struct pidsym *p = get_pid(s, pid, true);
-    if (!p || !p->dwfl)
+    if (!p)
         return &unknown;
     uint64_t *ci = tc_map64_get(&p->cache, addr ? addr : 1);
     if (ci)
         return &s->frames[*ci - 1];
+    if (!p->dwfl)
+        return &unknown;
     Dwarf_Addr pc = addr ? addr - 1 : 0;
     struct loaded *l = module_at(p, pc);
     bool alive = false;

@@ -162,6 +162,11 @@ void tc_sym_free(struct tc_symbolizer *s);
 /* Snapshot /proc/PID/maps and open its ELF files; later snapshots add new modules.  Call while
  * the process is alive; symbolisation keeps working after it exits. */
 void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_module);
+/* A process gone: close its files (a tool over many short-lived processes ran out of file
+ * descriptors); addresses resolved before still answer, others are "[unknown]". */
+void tc_sym_release(struct tc_symbolizer *s, pid_t pid);
+/* Release and forget everything of pid (nothing of it will be resolved again). */
+void tc_sym_forget(struct tc_symbolizer *s, pid_t pid);
 /* Resolve a return address (looked up at addr-1).  The result is cached and owned by s. */
 const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64_t addr);
 /* Format "name" or "[unknown] (module+0xoff)" into buf. */
