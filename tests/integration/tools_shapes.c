@@ -7,6 +7,8 @@
  *   tools_shapes plain SECS              two workers allocate for SECS s
  *   tools_shapes badname SECS            like plain, a worker's name cut inside a UTF-8 character
  *   tools_shapes stacks N                allocations from N distinct stacks (N <= 4096), then exit
+ *   tools_shapes many N SECS             N threads allocate and keep 64 KiB each, and are all
+ *                                        alive when the process exits after SECS s
  * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
  */
 #define _GNU_SOURCE
@@ -77,6 +79,16 @@ __attribute__((noinline)) static void *path(int d, unsigned k)
     return p;
 }
 
+static void *keeper(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 64; i++)
+        sink_a = malloc(1024);
+    for (;;)
+        pause();
+    return NULL;
+}
+
 static void start_workers(pthread_t t[2])
 {
     for (long i = 0; i < 2; i++)
@@ -96,6 +108,19 @@ int main(int argc, char **argv)
             for (unsigned k = 0; k < n && k < 4096; k++)
                 free(path(12, k));
         return 0;
+    }
+    if (!strcmp(argv[1], "many") && argc >= 4) {
+        int n = atoi(argv[2]);
+        secs = atof(argv[3]);
+        for (int i = 0; i < n; i++) {
+            pthread_t th;
+            if (pthread_create(&th, NULL, keeper, NULL)) {
+                perror("pthread_create");
+                return 1;
+            }
+        }
+        sleep_ms((long)(secs * 1000));
+        exit(0);
     }
     if (!strcmp(argv[1], "plain") || !strcmp(argv[1], "badname")) {
         secs = atof(argv[2]);

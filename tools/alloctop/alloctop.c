@@ -63,6 +63,8 @@ struct tstate {
     struct tc_target t;
     char comm[17];
     bool located, have_reg, final_done;
+    bool final_truncated; /* the exit-time reading missed threads: final_carried are older */
+    size_t final_carried;
     struct lum_registry_v1 reg;
     struct tc_thread *cur, *prev;
     size_t ncur, nprev;
@@ -190,22 +192,34 @@ static void apply_final(const struct top_final *f)
         struct tstate *s = &targets[i];
         if (s->t.pid != (pid_t)f->pid || f->reg.magic != LUM_REGISTRY_MAGIC)
             continue;
-        struct tc_thread *nt = calloc(f->nthreads ? f->nthreads : 1, sizeof(*nt));
+        uint32_t nf = f->nthreads < TOP_FINAL_MAX_THREADS ? f->nthreads : TOP_FINAL_MAX_THREADS;
+        struct tc_thread *nt = calloc(nf + s->ncur + 1, sizeof(*nt));
         if (!nt)
             return;
-        for (uint32_t k = 0; k < f->nthreads && k < TOP_FINAL_MAX_THREADS; k++) {
+        for (uint32_t k = 0; k < nf; k++) {
             nt[k].addr = f->threads[k].addr;
             nt[k].c = f->threads[k].c;
         }
+        size_t n = nf;
+        if (f->truncated) {
+            /* The exit-time reading stops at TOP_FINAL_MAX_THREADS threads: the others keep the
+             * last interval's figures (dropped silently before), and the report says so. */
+            for (size_t i = 0; i < s->ncur; i++) {
+                bool found = false;
+                for (uint32_t k = 0; k < nf && !found; k++)
+                    found = nt[k].addr == s->cur[i].addr && nt[k].c.tid == s->cur[i].c.tid;
+                if (!found)
+                    nt[n++] = s->cur[i];
+            }
+            s->final_carried = n - nf;
+            s->final_truncated = true;
+        }
         free(s->prev);
         s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
-        s->cur = nt, s->ncur = f->nthreads, s->t_cur = tc_now();
+        s->cur = nt, s->ncur = n, s->t_cur = tc_now();
         s->reg = f->reg;
         s->have_reg = true;
         s->final_done = true;
-        if (f->truncated)
-            tc_warn("pid %d: the exit-time reading covers only its first %u threads (more than %d, or "
-                    "one unreadable)", (int)f->pid, f->nthreads, TOP_FINAL_MAX_THREADS);
     }
 }
 
@@ -598,12 +612,12 @@ static void print_json(bool final)
         const struct lum_global_counters_v1 *g = &s->reg.global;
         printf(",\"alive\":%s,\"rss\":%llu,\"rss_anon\":%llu,\"mapped\":%llu,\"resident\":%llu,\"active\":%lld,\"metadata\":%llu,"
                "\"retained\":%llu,\"large_live\":%llu,\"fragmentation\":%.4f,\"sample_interval\":%llu,"
-               "\"threads\":[",
+               "\"truncated\":%s,\"threads\":[",
                s->t.alive ? "true" : "false", (unsigned long long)s->rss, (unsigned long long)s->rss_anon,
                (unsigned long long)g->mapped_bytes,
                (unsigned long long)g->resident_bytes, (long long)active, (unsigned long long)g->metadata_bytes,
                (unsigned long long)g->retained_bytes, (unsigned long long)g->large_live_bytes, frag,
-               (unsigned long long)s->reg.sample_interval);
+               (unsigned long long)s->reg.sample_interval, s->final_truncated ? "true" : "false");
         struct row *rows;
         size_t n = build_rows(s, &rows);
         for (size_t r = 0; r < n; r++) {
@@ -681,6 +695,9 @@ static void print_table(bool final)
                (int)s->t.pid, s->comm, s->t.alive ? "" : " [exited]", hsize((double)s->rss, b1, sizeof(b1)),
                hsize((double)s->rss_anon, b5, sizeof(b5)), hsize((double)g->mapped_bytes, b2, sizeof(b2)), hsize((double)g->resident_bytes, b3, sizeof(b3)),
                hsize((double)active, b4, sizeof(b4)), frag * 100, s->ncur);
+        if (s->final_truncated)
+            printf("  the exit-time reading stopped at %d threads: %zu threads show the last interval's figures\n",
+                   TOP_FINAL_MAX_THREADS, s->final_carried);
         printf("%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
                "LARGE", "FAIL", "SAMPLES");
         struct row *rows;
