@@ -60,6 +60,7 @@ static struct {
 static struct tc_target targets[MAX_TARGETS];
 static int ntargets;
 static struct tc_symbolizer *sym;
+static struct tc_tidmap tidmap; /* the library's thread IDs (a container's) -> ours */
 static struct stack_agg *stacks;
 static size_t nstacks, capstacks;
 static struct tc_map64 stack_idx; /* stack key -> index+1 */
@@ -393,7 +394,7 @@ static void process_event(struct snoop_event *e)
     double ts = start_ns && e->ts_ns > start_ns ? (double)(e->ts_ns - start_ns) * 1e-9 : 0;
     uint32_t tid = e->tid;
     if (e->kind == SNOOP_THREAD_START || e->kind == SNOOP_THREAD_EXIT)
-        tid = (uint32_t)e->arg2;
+        tid = (uint32_t)tc_host_tid(&tidmap, (pid_t)e->pid, (pid_t)e->arg2);
     if (opt.json) {
         printf("{\"type\":\"event\",\"ts\":%.6f,\"pid\":%u,\"tid\":%u,\"event\":\"%s\",\"size\":%llu,\"usable\":%llu,"
                "\"ptr\":\"0x%llx\",\"weight\":%llu",
@@ -530,7 +531,7 @@ static void handle_batch(const struct snoop_batch *b, size_t len)
             depth = 0;
         e.ts_ns = r.ts_ns;
         e.pid = b->pid;
-        e.tid = r.tid;
+        e.tid = (uint32_t)tc_host_tid(&tidmap, (pid_t)b->pid, (pid_t)r.tid); /* the library's: its namespace's */
         e.kind = kind;
         e.depth = depth;
         e.ptr = r.ptr;
@@ -996,6 +997,7 @@ int main(int argc, char **argv)
     tc_map64_free(&large_idx);
     tc_map64_free(&pid_snap);
     tc_map64_free(&pid_dead);
+    tc_tidmap_free(&tidmap);
     tc_map64_free(&batch_seen);
     free(pend);
     return status;

@@ -88,6 +88,7 @@ static struct tstate bin_state;  /* -b: the attachment to the file (pid -1) */
 static struct alloctop_bpf *skel;
 static struct bpf_link *exit_link;
 static struct tc_symbolizer *sym;
+static struct tc_tidmap tidmap; /* the library's thread IDs (a container's) -> ours */
 static volatile sig_atomic_t stop;
 static struct termios saved_tio;
 static bool tio_saved;
@@ -199,6 +200,7 @@ static void apply_final(const struct top_final *f)
         for (uint32_t k = 0; k < nf; k++) {
             nt[k].addr = f->threads[k].addr;
             nt[k].c = f->threads[k].c;
+            nt[k].c.tid = (uint32_t)tc_host_tid(&tidmap, s->t.pid, (pid_t)nt[k].c.tid);
         }
         size_t n = nf;
         if (f->truncated) {
@@ -238,7 +240,7 @@ static int handle_event(void *ctx, void *data, size_t len)
             char c[17];
             memcpy(c, e->comm, 16);
             c[16] = 0;
-            set_comm(&targets[i], (pid_t)e->tid, c);
+            set_comm(&targets[i], tc_host_tid(&tidmap, (pid_t)e->pid, (pid_t)e->tid), c);
         }
     return 0;
 }
@@ -400,6 +402,8 @@ static void sample_target(struct tstate *s)
         free(nt);
         return;
     }
+    for (size_t i = 0; i < nn; i++)
+        nt[i].c.tid = (uint32_t)tc_host_tid(&tidmap, s->t.pid, (pid_t)nt[i].c.tid);
     free(s->prev);
     s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
     s->cur = nt, s->ncur = nn, s->t_cur = tc_now();
@@ -1110,5 +1114,6 @@ int main(int argc, char **argv)
     bpf_link__destroy(exit_link);
     alloctop_bpf__destroy(skel);
     tc_sym_free(sym);
+    tc_tidmap_free(&tidmap);
     return status;
 }

@@ -267,3 +267,93 @@ pid_t tc_tgid_of(pid_t tid)
     fclose(f);
     return (pid_t)tgid;
 }
+
+/* NSpid of /proc/PID[/task/TID]/status: the ID in our namespace (first) and in the process's own
+ * (last); returns how many there are, 0 if unreadable. */
+static int read_nspid(const char *status_path, long *outer, long *inner)
+{
+    FILE *f = fopen(status_path, "re");
+    if (!f)
+        return 0;
+    char line[256];
+    int n = 0;
+    while (fgets(line, sizeof(line), f)) {
+        if (strncmp(line, "NSpid:", 6))
+            continue;
+        char *p = line + 6, *end;
+        for (;;) {
+            long v = strtol(p, &end, 10);
+            if (end == p)
+                break;
+            if (n++ == 0)
+                *outer = v;
+            *inner = v;
+            p = end;
+        }
+        break;
+    }
+    fclose(f);
+    return n;
+}
+
+pid_t tc_host_tid(struct tc_tidmap *tm, pid_t pid, pid_t tid)
+{
+    if (pid <= 0 || tid <= 0)
+        return tid;
+    uint64_t *ns = tc_map64_get(&tm->other_ns, (uint64_t)pid);
+    if (!ns) {
+        char path[64];
+        long outer = 0, inner = 0;
+        snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+        int n = read_nspid(path, &outer, &inner);
+        if (!n)
+            return tid;
+        ns = tc_map64_put(&tm->other_ns, (uint64_t)pid, NULL);
+        if (!ns)
+            return tid;
+        *ns = n > 1 ? 2 : 1;
+    }
+    if (*ns == 1)
+        return tid;
+    uint64_t key = (uint64_t)pid << 32 | (uint32_t)tid;
+    uint64_t *host = tc_map64_get(&tm->host, key);
+    if (host)
+        return (pid_t)*host;
+    /* Not seen yet: read every thread's NSpid again, at most twice a second per process. */
+    uint64_t now_ms = (uint64_t)(tc_now() * 1000) + 1;
+    bool created;
+    uint64_t *last = tc_map64_put(&tm->scanned, (uint64_t)pid, &created);
+    if (!last || (!created && now_ms - *last < 500))
+        return tid;
+    *last = now_ms;
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return tid;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        char *end;
+        long t = strtol(de->d_name, &end, 10);
+        if (*end || t <= 0)
+            continue;
+        char sp[96];
+        long outer = 0, inner = 0;
+        snprintf(sp, sizeof(sp), "/proc/%d/task/%ld/status", (int)pid, t);
+        if (read_nspid(sp, &outer, &inner) > 1) {
+            uint64_t *v = tc_map64_put(&tm->host, (uint64_t)pid << 32 | (uint32_t)inner, NULL);
+            if (v)
+                *v = (uint64_t)outer;
+        }
+    }
+    closedir(d);
+    host = tc_map64_get(&tm->host, key);
+    return host ? (pid_t)*host : tid;
+}
+
+void tc_tidmap_free(struct tc_tidmap *tm)
+{
+    tc_map64_free(&tm->host);
+    tc_map64_free(&tm->other_ns);
+    tc_map64_free(&tm->scanned);
+}

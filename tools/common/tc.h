@@ -188,6 +188,19 @@ bool tc_map64_del(struct tc_map64 *m, uint64_t key, uint64_t *val);
 void tc_map64_free(struct tc_map64 *m);
 uint64_t tc_hash64(uint64_t h, uint64_t v);
 
+/* ---- PID namespaces -------------------------------------------------------------------------- */
+/* The library reports thread IDs as its process sees them (gettid): in a container's PID
+ * namespace those are not ours.  Maps them through NSpid in /proc/PID/task/TID/status. */
+struct tc_tidmap {
+    struct tc_map64 host;     /* pid << 32 | namespace tid -> our tid */
+    struct tc_map64 other_ns; /* pid -> 1: in our namespace, 2: in another */
+    struct tc_map64 scanned;  /* pid -> ms of the last scan of its threads */
+};
+/* Our TID for thread `tid` as process pid numbers it; tid itself when the process is in our
+ * namespace, or when that thread is not found (exited before it was seen). */
+pid_t tc_host_tid(struct tc_tidmap *tm, pid_t pid, pid_t tid);
+void tc_tidmap_free(struct tc_tidmap *tm);
+
 /* ---- profiles ------------------------------------------------------------------------------- */
 /* A stack with its four pprof values: alloc_objects, alloc_space, inuse_objects, inuse_space. */
 struct tc_prof_stack {
