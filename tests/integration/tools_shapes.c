@@ -2,8 +2,8 @@
  * Process shapes the tools must follow, for tools_targets.sh:
  *   tools_shapes mainexit DELAY_MS SECS  two workers allocate for SECS s; the main thread leaves
  *                                        with pthread_exit after DELAY_MS (the leader a zombie)
- *   tools_shapes exec DELAY_MS SECS      two workers allocate; after DELAY_MS the process execs
- *                                        itself as `plain SECS`
+ *   tools_shapes exec DELAY_MS SECS      two workers allocate; after DELAY_MS the process keeps
+ *                                        8 MiB, then execs itself as `plain SECS`
  *   tools_shapes plain SECS              two workers allocate for SECS s
  *   tools_shapes badname SECS            like plain, a worker's name cut inside a UTF-8 character
  *   tools_shapes stacks N                allocations from N distinct stacks (N <= 4096), then exit
@@ -144,6 +144,8 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "exec")) {
         start_workers(t);
         sleep_ms(delay);
+        for (int i = 0; i < 8192; i++) /* 8 MiB the exec frees */
+            sink_a = malloc(1024);
         setenv("TOOLS_SHAPES_EXECED", "1", 1);
         execl("/proc/self/exe", argv[0], "plain", argv[3], (char *)NULL);
         perror("exec");

@@ -75,6 +75,7 @@ static uint64_t start_ns;
 static double t_start, t_end;
 static volatile sig_atomic_t stop;
 static double last_snap[MAX_TARGETS];
+static uint64_t image_seen[MAX_TARGETS]; /* tc_image_id at the last poll: another means an exec */
 
 static void on_signal(int sig) { (void)sig, stop = 1; }
 
@@ -353,6 +354,42 @@ static void track_large(const struct snoop_event *e)
         stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
         stacks[old >> 40].large_live_count--;
     }
+}
+
+/* The process exec'd: the old image's memory is gone, and its blocks with it; they were reported
+ * as still live at exit. */
+static void drop_live_of(pid_t pid)
+{
+    uint64_t *keys = malloc((live_idx.len + large_idx.len + 1) * sizeof(*keys));
+    if (!keys)
+        return;
+    size_t n = 0;
+    for (size_t i = 0; i < live_idx.cap; i++)
+        if (live_idx.keys[i] && stacks[lives[live_idx.vals[i] - 1].stack].pid == pid)
+            keys[n++] = live_idx.keys[i];
+    for (size_t k = 0; k < n; k++) {
+        uint64_t li;
+        if (!tc_map64_del(&live_idx, keys[k], &li))
+            continue;
+        struct live_rec *r = &lives[li - 1];
+        stacks[r->stack].inuse_space -= r->weight;
+        stacks[r->stack].inuse_objects -= r->objects;
+        stacks[r->stack].live_samples--;
+        r->next_free = free_live;
+        free_live = (uint32_t)(li - 1);
+    }
+    n = 0;
+    for (size_t i = 0; i < large_idx.cap; i++)
+        if (large_idx.keys[i] && stacks[large_idx.vals[i] >> 40].pid == pid)
+            keys[n++] = large_idx.keys[i];
+    for (size_t k = 0; k < n; k++) {
+        uint64_t old;
+        if (!tc_map64_del(&large_idx, keys[k], &old))
+            continue;
+        stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
+        stacks[old >> 40].large_live_count--;
+    }
+    free(keys);
 }
 
 static void print_stack_text(pid_t pid, const uint64_t *frames, unsigned depth, const char *indent, unsigned max)
@@ -952,6 +989,15 @@ int main(int argc, char **argv)
             }
             maybe_snapshot(targets[i].pid);
             tc_target_poll(&targets[i]);
+            uint64_t image = targets[i].alive ? tc_image_id(targets[i].pid) : 0;
+            if (image && image_seen[i] && image != image_seen[i] && !tc_hold_ready(&targets[i])) {
+                /* what came before the exec is in: place it, then forget the old image's blocks */
+                ring_buffer__consume(rb);
+                pend_release(0, true);
+                drop_live_of(targets[i].pid);
+            }
+            if (image)
+                image_seen[i] = image;
             if (tc_target_moved(&targets[i])) {
                 /* Events between the thread's exit and now are lost; a failure (the process
                  * exiting, or the new thread too) is retried at the next poll. */
