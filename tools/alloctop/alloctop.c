@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
@@ -665,11 +666,8 @@ static void print_json(bool final)
     fflush(stdout);
 }
 
-static void print_table(bool final)
+static void print_table_to(FILE *out, bool final)
 {
-    bool clear = !opt.batch && !opt.no_clear && !final;
-    if (clear)
-        fputs("\033[H\033[2J", stdout);
     uint64_t lost[TOP_LOST_MAX];
     lost_counts(lost);
     uint64_t lsum = 0;
@@ -678,31 +676,31 @@ static void print_table(bool final)
     time_t now = time(NULL);
     struct tm tm;
     localtime_r(&now, &tm);
-    printf("alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
+    fprintf(out, "alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
            tm.tm_sec, opt.interval, sort_names[opt.sort], (unsigned long long)lsum, final ? "  (final)" : "");
     if (lsum)
-        printf("  lost: ringbuf %llu, sites map full %llu, stacks not stored %llu, exit readings %llu\n",
+        fprintf(out, "  lost: ringbuf %llu, sites map full %llu, stacks not stored %llu, exit readings %llu\n",
                (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
                (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL]);
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
         if (!s->have_reg) {
-            printf("\nPID %d: waiting for lumalloc's registry...\n", (int)s->t.pid);
+            fprintf(out, "\nPID %d: waiting for lumalloc's registry...\n", (int)s->t.pid);
             continue;
         }
         int64_t active;
         double frag;
         process_totals(s, &active, &frag);
         const struct lum_global_counters_v1 *g = &s->reg.global;
-        printf("\nPID %d (%s)%s  RSS %s (anon %s)  mapped %s  resident %s  active %s  frag %.1f%%  threads %zu\n",
+        fprintf(out, "\nPID %d (%s)%s  RSS %s (anon %s)  mapped %s  resident %s  active %s  frag %.1f%%  threads %zu\n",
                (int)s->t.pid, s->comm, s->t.alive ? "" : " [exited]", hsize((double)s->rss, b1, sizeof(b1)),
                hsize((double)s->rss_anon, b5, sizeof(b5)), hsize((double)g->mapped_bytes, b2, sizeof(b2)), hsize((double)g->resident_bytes, b3, sizeof(b3)),
                hsize((double)active, b4, sizeof(b4)), frag * 100, s->ncur);
         if (s->final_truncated)
-            printf("  the exit-time reading stopped at %d threads: %zu threads show the last interval's figures\n",
+            fprintf(out, "  the exit-time reading stopped at %d threads: %zu threads show the last interval's figures\n",
                    TOP_FINAL_MAX_THREADS, s->final_carried);
-        printf("%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
+        fprintf(out, "%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
                "LARGE", "FAIL", "SAMPLES");
         struct row *rows;
         size_t n = build_rows(s, &rows);
@@ -710,35 +708,82 @@ static void print_table(bool final)
             const struct lum_thread_counters_v1 *c = rows[r].c;
             char cm[24];
             snprintf(cm, sizeof(cm), "%s%s", rows[r].comm, rows[r].exited ? "*" : "");
-            printf("%8d %-16.16s %9s %9s %9.0f %9s %6llu %5llu %7llu\n", (int)rows[r].tid, cm,
+            fprintf(out, "%8d %-16.16s %9s %9s %9.0f %9s %6llu %5llu %7llu\n", (int)rows[r].tid, cm,
                    hsize(rows[r].alloc_bps, b1, sizeof(b1)), hsize(rows[r].free_bps, b2, sizeof(b2)),
                    rows[r].allocs_ps, hsize((double)rows[r].live, b5, sizeof(b5)),
                    (unsigned long long)c->large_count, (unsigned long long)c->failures,
                    (unsigned long long)c->sampled_count);
         }
         if ((int)n > opt.rows)
-            printf("  ... %zu more threads\n", n - (size_t)opt.rows);
+            fprintf(out, "  ... %zu more threads\n", n - (size_t)opt.rows);
         free(rows);
         if (opt.sites) {
             struct site *sv;
             uint64_t total;
             size_t ns = collect_sites(s->t.pid, &sv, &total);
-            printf("  top allocation sites (sampled, since attach):\n  %6s %9s %7s  %s\n", "SHARE", "BYTES",
+            fprintf(out, "  top allocation sites (sampled, since attach):\n  %6s %9s %7s  %s\n", "SHARE", "BYTES",
                    "SAMPLES", "SITE <- CALLER");
             for (size_t k = 0; k < ns && (int)k < opt.site_rows; k++)
-                printf("  %5.1f%% %9s %7llu  %s%s%s\n", total ? 100.0 * (double)sv[k].weight / (double)total : 0,
+                fprintf(out, "  %5.1f%% %9s %7llu  %s%s%s\n", total ? 100.0 * (double)sv[k].weight / (double)total : 0,
                        hsize((double)sv[k].weight, b1, sizeof(b1)), (unsigned long long)sv[k].count, sv[k].name,
                        sv[k].caller[0] ? " <- " : "", sv[k].caller);
             if (!ns)
-                printf("  (no samples yet)\n");
+                fprintf(out, "  (no samples yet)\n");
             free(sv);
         }
     }
     if (!opt.batch && !final)
-        printf("\n(* exited)  keys: q quit  s sites  a/f/n/l/g/e/t sort\n");
+        fprintf(out, "\n(* exited)  keys: q quit  s sites  a/f/n/l/g/e/t sort\n");
     else
-        printf("\n");
+        fprintf(out, "\n");
+    fflush(out);
+}
+
+/* Columns a line takes (UTF-8 continuation bytes take none). */
+static size_t columns(const char *s, size_t len)
+{
+    size_t c = 0;
+    for (size_t i = 0; i < len; i++)
+        c += ((unsigned char)s[i] & 0xc0) != 0x80;
+    return c;
+}
+
+static void print_table(bool final)
+{
+    bool clear = !opt.batch && !opt.no_clear && !final;
+    struct winsize ws;
+    if (!clear || ioctl(1, TIOCGWINSZ, &ws) || !ws.ws_row || !ws.ws_col) {
+        if (clear)
+            fputs("\033[H\033[2J", stdout);
+        print_table_to(stdout, final);
+        return;
+    }
+    /* A frame that wraps or scrolls (demangled C++ sites are hundreds of columns) loses its top
+     * on every redraw: cut each line to the window's width, and the frame to its height. */
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&buf, &len);
+    if (!m) {
+        print_table_to(stdout, final);
+        return;
+    }
+    print_table_to(m, final);
+    fclose(m);
+    fputs("\033[H\033[2J", stdout);
+    const char *p = buf, *end = buf + len;
+    for (unsigned row = 0; p < end && row + 1 < ws.ws_row; row++) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p), k = n;
+        while (k && columns(p, k) > ws.ws_col)
+            k--;
+        while (k < n && k && ((unsigned char)p[k] & 0xc0) == 0x80)
+            k--; /* not inside a character */
+        fwrite(p, 1, k, stdout);
+        fputc('\n', stdout);
+        p = nl ? nl + 1 : end;
+    }
     fflush(stdout);
+    free(buf);
 }
 
 static void report(bool final)
