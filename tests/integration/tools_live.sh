@@ -2,7 +2,8 @@
 # The tools as an SRE uses them on a live service: events shown as they happen, not all at the
 # end; a reader that goes away (`| head`) stops the tool; a thread ID or a repeated PID means
 # the process, once; a -c command killed by a signal gives 128 + the signal; -m leaves the
-# events without a size alone; the final table after Ctrl-C has fresh rates.
+# events without a size alone; the final table after Ctrl-C has fresh rates; in a terminal the
+# table fits the window.
 source "$(dirname "$0")/tools_common.inc"
 
 start_workload() { # start_workload ARGS...: a paced workload in the background, its PID in $WPID
@@ -64,6 +65,35 @@ assert objs and objs[-1]["final"], "no final report"
 rates = [t["alloc_bps"] for p in objs[-1]["processes"] for t in p["threads"]]
 assert any(r > 0 for r in rates), rates
 print("ok   final report with rates %s" % [round(r) for r in rates if r > 0][:3])
+PY
+kill "$WPID" 2>/dev/null; wait "$WPID" 2>/dev/null
+
+echo "== in a terminal, alloctop's frame fits the window ($MODE)"
+start_workload -m 64 -p 400 -l 500
+python3 - "$ALLOCTOP" "$WPID" <<'PY' || fail "alloctop's frame does not fit a 20x60 terminal"
+import fcntl, os, pty, select, signal, struct, sys, termios, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], [sys.argv[1], "-p", sys.argv[2], "--sites", "0.5"])
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 60, 0, 0))
+os.kill(pid, signal.SIGWINCH)
+buf, t0 = b"", time.time()
+while time.time() - t0 < 2.5:
+    if select.select([fd], [], [], 0.2)[0]:
+        try: buf += os.read(fd, 65536)
+        except OSError: break
+os.write(fd, b"q")
+try:
+    while select.select([fd], [], [], 1)[0]:
+        buf += os.read(fd, 65536)
+except OSError: pass
+os.waitpid(pid, 0)
+frames = buf.split(b"\x1b[H\x1b[2J")
+assert len(frames) > 2, "no redraws"
+lines = frames[-2].decode(errors="replace").split("\r\n")
+# Before: the process line alone was ~110 columns, and the frame scrolled its top away.
+assert len(lines) <= 20 and max(len(l) for l in lines) <= 60, (len(lines), max(len(l) for l in lines))
+print("ok   %d lines, widest %d columns" % (len(lines), max(len(l) for l in lines)))
 PY
 kill "$WPID" 2>/dev/null; wait "$WPID" 2>/dev/null
 

@@ -1,6 +1,7 @@
 /* Unit checks of tools/common pieces that the integration tests exercise only indirectly:
  * the u64 hash map (randomised against a reference, with deletions: the live-sample table of
- * allocsnoop depends on backward-shift deletion being right) and frame formatting. */
+ * allocsnoop depends on backward-shift deletion being right), frame formatting, and JSON
+ * strings from bytes that are not UTF-8. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,10 +70,36 @@ static void frame_format(void)
     CHECK(tc_demangle("malloc") == NULL, "C name left alone");
 }
 
+static void json_utf8(void)
+{
+    static const struct {
+        const char *in, *out;
+    } cases[] = {
+        {"plain \"q\" \\ \n", "\"plain \\\"q\\\" \\\\ \\u000a\""},
+        {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\""},
+        {"cut\xe2\x82", "\"cut\\ufffd\\ufffd\""},      /* a comm cut inside a character */
+        {"cut\xe2", "\"cut\\ufffd\""},
+        {"\xff\xfe", "\"\\ufffd\\ufffd\""},
+        {"\xc0\xaf", "\"\\ufffd\\ufffd\""},              /* overlong '/' */
+        {"\xed\xa0\x80", "\"\\ufffd\\ufffd\\ufffd\""},  /* surrogate */
+        {"\xf4\x90\x80\x80", "\"\\ufffd\\ufffd\\ufffd\\ufffd\""}, /* past U+10FFFF */
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&buf, &len);
+        tc_json_str(f, cases[i].in);
+        fclose(f);
+        CHECK(!strcmp(buf, cases[i].out), "json case %zu: got %s", i, buf);
+        free(buf);
+    }
+}
+
 int main(void)
 {
     map64_random();
     frame_format();
+    json_utf8();
     printf(failures ? "%d failure(s)\n" : "PASS\n", failures);
     return failures != 0;
 }

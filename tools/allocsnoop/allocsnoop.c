@@ -60,6 +60,7 @@ static struct {
 static struct tc_target targets[MAX_TARGETS];
 static int ntargets;
 static struct tc_symbolizer *sym;
+static struct tc_tidmap tidmap; /* the library's thread IDs (a container's) -> ours */
 static struct stack_agg *stacks;
 static size_t nstacks, capstacks;
 static struct tc_map64 stack_idx; /* stack key -> index+1 */
@@ -74,6 +75,7 @@ static uint64_t start_ns;
 static double t_start, t_end;
 static volatile sig_atomic_t stop;
 static double last_snap[MAX_TARGETS];
+static uint64_t image_seen[MAX_TARGETS]; /* tc_image_id at the last poll: another means an exec */
 
 static void on_signal(int sig) { (void)sig, stop = 1; }
 
@@ -195,7 +197,7 @@ static void maybe_snapshot(pid_t pid)
     }
     double now = tc_now();
     if (tc_hold_ready(&targets[i])) {
-        tc_sym_snapshot(sym, pid, targets[i].probe_path);
+        tc_sym_snapshot(sym, pid, tc_target_file(&targets[i]));
         last_snap[i] = now;
         tc_hold_release(&targets[i]);
         return;
@@ -205,7 +207,41 @@ static void maybe_snapshot(pid_t pid)
     if (now - last_snap[i] < every || !targets[i].alive)
         return;
     last_snap[i] = now;
-    tc_sym_snapshot(sym, pid, targets[i].probe_path);
+    tc_sym_snapshot(sym, pid, tc_target_file(&targets[i]));
+}
+
+/* -b: a process gone for a second (its last batches and reordered events are in) has its
+ * stacks resolved now and its files closed: over many short-lived processes the open files ran
+ * the tool out of descriptors, and later processes were not symbolised. */
+static struct tc_map64 pid_dead; /* -b: pid -> ms since start when first seen gone */
+
+static void release_gone(void)
+{
+    uint64_t now_ms = (uint64_t)((tc_now() - t_start) * 1000) + 1;
+    pid_t gone[64];
+    int ngone = 0;
+    for (size_t i = 0; i < pid_snap.cap && ngone < 64; i++) {
+        pid_t pid = (pid_t)pid_snap.keys[i];
+        if (!pid || tc_pid_alive(pid))
+            continue;
+        bool created;
+        uint64_t *since = tc_map64_put(&pid_dead, (uint64_t)pid, &created);
+        if (!since)
+            continue;
+        if (created)
+            *since = now_ms;
+        else if (now_ms - *since >= 1000)
+            gone[ngone++] = pid;
+    }
+    for (int g = 0; g < ngone; g++) {
+        for (size_t i = 0; i < nstacks; i++)
+            if (stacks[i].pid == gone[g])
+                for (unsigned k = 0; k < stacks[i].depth; k++)
+                    tc_sym_resolve(sym, gone[g], stacks[i].frames[k]);
+        tc_sym_release(sym, gone[g]);
+        tc_map64_del(&pid_snap, (uint64_t)gone[g], NULL);
+        tc_map64_del(&pid_dead, (uint64_t)gone[g], NULL);
+    }
 }
 
 static uint32_t stack_of(const struct snoop_event *e)
@@ -320,6 +356,42 @@ static void track_large(const struct snoop_event *e)
     }
 }
 
+/* The process exec'd: the old image's memory is gone, and its blocks with it; they were reported
+ * as still live at exit. */
+static void drop_live_of(pid_t pid)
+{
+    uint64_t *keys = malloc((live_idx.len + large_idx.len + 1) * sizeof(*keys));
+    if (!keys)
+        return;
+    size_t n = 0;
+    for (size_t i = 0; i < live_idx.cap; i++)
+        if (live_idx.keys[i] && stacks[lives[live_idx.vals[i] - 1].stack].pid == pid)
+            keys[n++] = live_idx.keys[i];
+    for (size_t k = 0; k < n; k++) {
+        uint64_t li;
+        if (!tc_map64_del(&live_idx, keys[k], &li))
+            continue;
+        struct live_rec *r = &lives[li - 1];
+        stacks[r->stack].inuse_space -= r->weight;
+        stacks[r->stack].inuse_objects -= r->objects;
+        stacks[r->stack].live_samples--;
+        r->next_free = free_live;
+        free_live = (uint32_t)(li - 1);
+    }
+    n = 0;
+    for (size_t i = 0; i < large_idx.cap; i++)
+        if (large_idx.keys[i] && stacks[large_idx.vals[i] >> 40].pid == pid)
+            keys[n++] = large_idx.keys[i];
+    for (size_t k = 0; k < n; k++) {
+        uint64_t old;
+        if (!tc_map64_del(&large_idx, keys[k], &old))
+            continue;
+        stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
+        stacks[old >> 40].large_live_count--;
+    }
+    free(keys);
+}
+
 static void print_stack_text(pid_t pid, const uint64_t *frames, unsigned depth, const char *indent, unsigned max)
 {
     unsigned first = opt.all_frames ? 0 : tc_first_user_frame(sym, pid, frames, depth);
@@ -359,7 +431,7 @@ static void process_event(struct snoop_event *e)
     double ts = start_ns && e->ts_ns > start_ns ? (double)(e->ts_ns - start_ns) * 1e-9 : 0;
     uint32_t tid = e->tid;
     if (e->kind == SNOOP_THREAD_START || e->kind == SNOOP_THREAD_EXIT)
-        tid = (uint32_t)e->arg2;
+        tid = (uint32_t)tc_host_tid(&tidmap, (pid_t)e->pid, (pid_t)e->arg2);
     if (opt.json) {
         printf("{\"type\":\"event\",\"ts\":%.6f,\"pid\":%u,\"tid\":%u,\"event\":\"%s\",\"size\":%llu,\"usable\":%llu,"
                "\"ptr\":\"0x%llx\",\"weight\":%llu",
@@ -496,7 +568,7 @@ static void handle_batch(const struct snoop_batch *b, size_t len)
             depth = 0;
         e.ts_ns = r.ts_ns;
         e.pid = b->pid;
-        e.tid = r.tid;
+        e.tid = (uint32_t)tc_host_tid(&tidmap, (pid_t)b->pid, (pid_t)r.tid); /* the library's: its namespace's */
         e.kind = kind;
         e.depth = depth;
         e.ptr = r.ptr;
@@ -768,11 +840,11 @@ static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
         bool required = probes[i].kind == SNOOP_SAMPLE && !batched;
         if (tc_attach_usdt(t, progs[i], probes[i].probe, !required) == 0)
             attached++;
-        else if (required)
-            tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)t->pid, t->probe_path);
+        else if (required && !t->reattach)
+            tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)t->pid, tc_target_file(t));
     }
-    if (!attached)
-        tc_die("none of the requested lumalloc probes exist in %s", t->probe_path);
+    if (!attached && !t->reattach)
+        tc_die("none of the requested lumalloc probes exist in %s", tc_target_file(t));
 }
 
 int main(int argc, char **argv)
@@ -885,12 +957,13 @@ int main(int argc, char **argv)
     }
     for (int i = 0; i < ntargets; i++)
         if (!targets[i].launched && targets[i].pid > 0) {
-            tc_sym_snapshot(sym, targets[i].pid, targets[i].probe_path);
+            tc_sym_snapshot(sym, targets[i].pid, tc_target_file(&targets[i]));
             last_snap[i] = tc_now();
         }
     if (!opt.quiet && !opt.json)
         printf("%-12s %-7s %-7s %-13s %12s %-16s %s\n", "TIME(s)", "PID", "TID", "EVENT", "SIZE", "ADDR", "");
 
+    double last_release = tc_now();
     while (!stop) {
         int r = ring_buffer__poll(rb, 100);
         if (r < 0 && r != -EINTR)
@@ -904,6 +977,10 @@ int main(int argc, char **argv)
             pend_release(mono_ns(), false);
         if (opt.duration && tc_now() - t_start >= opt.duration)
             break;
+        if (binary_path && tc_now() - last_release >= 1.0) {
+            release_gone();
+            last_release = tc_now();
+        }
         bool any_alive = false;
         for (int i = 0; i < ntargets; i++) {
             if (targets[i].pid < 0) { /* -b: runs until -d or ^C */
@@ -912,6 +989,22 @@ int main(int argc, char **argv)
             }
             maybe_snapshot(targets[i].pid);
             tc_target_poll(&targets[i]);
+            uint64_t image = targets[i].alive ? tc_image_id(targets[i].pid) : 0;
+            if (image && image_seen[i] && image != image_seen[i] && !tc_hold_ready(&targets[i])) {
+                /* what came before the exec is in: place it, then forget the old image's blocks */
+                ring_buffer__consume(rb);
+                pend_release(0, true);
+                drop_live_of(targets[i].pid);
+            }
+            if (image)
+                image_seen[i] = image;
+            if (tc_target_moved(&targets[i])) {
+                /* Events between the thread's exit and now are lost; a failure (the process
+                 * exiting, or the new thread too) is retried at the next poll. */
+                tc_detach(&targets[i]);
+                targets[i].reattach = true;
+                attach_target(skel, &targets[i]);
+            }
             any_alive |= targets[i].alive;
         }
         if (!any_alive) {
@@ -928,8 +1021,10 @@ int main(int argc, char **argv)
     /* Reports first: unregistering a uprobe waits for RCU grace periods (~0.1 s per probe on
      * this kind of machine), the user should not wait for that to see the results. */
     int report_failed = tc_stdout_failed() ? 0 : reports(skel);
-    for (int i = 0; i < ntargets; i++)
+    for (int i = 0; i < ntargets; i++) {
         tc_detach(&targets[i]);
+        tc_target_close(&targets[i]);
+    }
     int status = 0;
     for (int i = 0; i < ntargets; i++)
         if (targets[i].launched && !targets[i].alive)
@@ -947,6 +1042,8 @@ int main(int argc, char **argv)
     tc_map64_free(&live_idx);
     tc_map64_free(&large_idx);
     tc_map64_free(&pid_snap);
+    tc_map64_free(&pid_dead);
+    tc_tidmap_free(&tidmap);
     tc_map64_free(&batch_seen);
     free(pend);
     return status;

@@ -27,6 +27,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -61,6 +64,8 @@ struct tstate {
     struct tc_target t;
     char comm[17];
     bool located, have_reg, final_done;
+    bool final_truncated; /* the exit-time reading missed threads: final_carried are older */
+    size_t final_carried;
     struct lum_registry_v1 reg;
     struct tc_thread *cur, *prev;
     size_t ncur, nprev;
@@ -78,10 +83,13 @@ struct tstate {
 static struct tstate targets[MAX_TARGETS];
 static int ntargets;
 static const char *binary_path; /* -b */
+static dev_t binary_dev;         /* -b: the file the probes are on */
+static ino_t binary_ino;
 static struct tstate bin_state;  /* -b: the attachment to the file (pid -1) */
 static struct alloctop_bpf *skel;
 static struct bpf_link *exit_link;
 static struct tc_symbolizer *sym;
+static struct tc_tidmap tidmap; /* the library's thread IDs (a container's) -> ours */
 static volatile sig_atomic_t stop;
 static struct termios saved_tio;
 static bool tio_saved;
@@ -186,22 +194,35 @@ static void apply_final(const struct top_final *f)
         struct tstate *s = &targets[i];
         if (s->t.pid != (pid_t)f->pid || f->reg.magic != LUM_REGISTRY_MAGIC)
             continue;
-        struct tc_thread *nt = calloc(f->nthreads ? f->nthreads : 1, sizeof(*nt));
+        uint32_t nf = f->nthreads < TOP_FINAL_MAX_THREADS ? f->nthreads : TOP_FINAL_MAX_THREADS;
+        struct tc_thread *nt = calloc(nf + s->ncur + 1, sizeof(*nt));
         if (!nt)
             return;
-        for (uint32_t k = 0; k < f->nthreads && k < TOP_FINAL_MAX_THREADS; k++) {
+        for (uint32_t k = 0; k < nf; k++) {
             nt[k].addr = f->threads[k].addr;
             nt[k].c = f->threads[k].c;
+            nt[k].c.tid = (uint32_t)tc_host_tid(&tidmap, s->t.pid, (pid_t)nt[k].c.tid);
+        }
+        size_t n = nf;
+        if (f->truncated) {
+            /* The exit-time reading stops at TOP_FINAL_MAX_THREADS threads: the others keep the
+             * last interval's figures (dropped silently before), and the report says so. */
+            for (size_t i = 0; i < s->ncur; i++) {
+                bool found = false;
+                for (uint32_t k = 0; k < nf && !found; k++)
+                    found = nt[k].addr == s->cur[i].addr && nt[k].c.tid == s->cur[i].c.tid;
+                if (!found)
+                    nt[n++] = s->cur[i];
+            }
+            s->final_carried = n - nf;
+            s->final_truncated = true;
         }
         free(s->prev);
         s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
-        s->cur = nt, s->ncur = f->nthreads, s->t_cur = tc_now();
+        s->cur = nt, s->ncur = n, s->t_cur = tc_now();
         s->reg = f->reg;
         s->have_reg = true;
         s->final_done = true;
-        if (f->truncated)
-            tc_warn("pid %d: the exit-time reading covers only its first %u threads (more than %d, or "
-                    "one unreadable)", (int)f->pid, f->nthreads, TOP_FINAL_MAX_THREADS);
     }
 }
 
@@ -220,7 +241,7 @@ static int handle_event(void *ctx, void *data, size_t len)
             char c[17];
             memcpy(c, e->comm, 16);
             c[16] = 0;
-            set_comm(&targets[i], (pid_t)e->tid, c);
+            set_comm(&targets[i], tc_host_tid(&tidmap, (pid_t)e->pid, (pid_t)e->tid), c);
         }
     return 0;
 }
@@ -244,10 +265,10 @@ static void set_sample_probe(struct tstate *s, bool on)
         s->sample_link = NULL;
         return;
     }
-    s->sample_link = bpf_program__attach_usdt(skel->progs.on_sample, s->t.pid, s->t.probe_path, "lumalloc",
-                                              "sample", NULL);
-    if (!s->sample_link)
-        tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", s->t.probe_path, (int)s->t.pid,
+    s->sample_link = bpf_program__attach_usdt(skel->progs.on_sample, tc_attach_pid(&s->t), s->t.probe_path,
+                                              "lumalloc", "sample", NULL);
+    if (!s->sample_link && !s->t.reattach)
+        tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", tc_target_file(&s->t), (int)s->t.pid,
                strerror(errno));
 }
 
@@ -259,15 +280,91 @@ static void attach_target(struct tstate *s)
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_start, "thread_start", true) == 0;
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_exit, "thread_exit", true) == 0;
     set_sample_probe(s, opt.sites);
-    if (!ok && !s->sample_link) {
+    if (!ok && !s->sample_link && !s->t.reattach) {
         int e = errno;
         if (s->t.pid > 0 && !tc_pid_alive(s->t.pid))
             tc_die("pid %d exited while alloctop was attaching", (int)s->t.pid);
-        tc_die("cannot attach to the lumalloc probes of pid %d (%s): %s", (int)s->t.pid, s->t.probe_path,
+        tc_die("cannot attach to the lumalloc probes of pid %d (%s): %s", (int)s->t.pid, tc_target_file(&s->t),
                strerror(e));
     }
     /* Large allocations and failures are counted per thread in the registry: no probe here,
      * each would cost the target a uprobe hit for figures it already has. */
+}
+
+static void attach_target(struct tstate *s);
+
+static bool is_target(pid_t pid);
+
+/* Keys of pid in the sites and stacks maps (pid -1: of every process gone that is not shown): a
+ * process gone (or exec'd) leaves them behind, and with -B over short-lived processes they filled
+ * the maps, so later processes got no sites. */
+static void drop_bpf_sites(pid_t pid)
+{
+    if (!skel)
+        return;
+    int sfd = bpf_map__fd(skel->maps.sites), stfd = bpf_map__fd(skel->maps.stacks);
+    struct top_site_key k, nk;
+    /* Deleting while walking restarts the walk at the key after a deleted one's successor:
+     * collect first. */
+    struct top_site_key *del = NULL;
+    size_t n = 0, cap = 0;
+    void *prevk = NULL;
+    while (bpf_map_get_next_key(sfd, prevk, &nk) == 0) {
+        k = nk;
+        prevk = &k;
+        if (pid >= 0 ? (pid_t)k.pid != pid
+                     : is_target((pid_t)k.pid) || !(kill((pid_t)k.pid, 0) && errno == ESRCH))
+            continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            struct top_site_key *nd = realloc(del, cap * sizeof(*nd));
+            if (!nd)
+                break;
+            del = nd;
+        }
+        del[n++] = k;
+    }
+    for (size_t i = 0; i < n; i++) {
+        bpf_map_delete_elem(sfd, &del[i]);
+        bpf_map_delete_elem(stfd, &del[i]);
+    }
+    free(del);
+}
+
+/* The process exec'd: what was read and located belongs to the old image (its registry address,
+ * its threads, its sites); the probes go on whatever file the new image maps. */
+static void follow_exec(struct tstate *s)
+{
+    free(s->cur);
+    free(s->prev);
+    s->cur = s->prev = NULL;
+    s->ncur = s->nprev = 0;
+    s->t_cur = s->t_prev = 0;
+    s->have_reg = s->located = false;
+    s->ncomms = 0;
+    s->t.registry_addr = 0;
+    if (skel) {
+        uint32_t pid = (uint32_t)s->t.pid;
+        bpf_map_delete_elem(bpf_map__fd(skel->maps.registries), &pid);
+    }
+    s->registered = false;
+    drop_bpf_sites(s->t.pid);
+    char err[512];
+    if (tc_target_locate(&s->t, err, sizeof(err)) || !s->t.registry_addr) {
+        tc_detach(&s->t);
+        bpf_link__destroy(s->sample_link);
+        s->sample_link = NULL;
+        return; /* not (yet) lumalloc: sample_target looks again */
+    }
+    s->located = true;
+    if (skel && !s->via_binary) {
+        tc_detach(&s->t);
+        bpf_link__destroy(s->sample_link);
+        s->sample_link = NULL;
+        s->t.reattach = true;
+        s->t.attach_task = 0;
+        attach_target(s);
+    }
 }
 
 /* Read the registry; the previous reading becomes the base of the rates. */
@@ -275,12 +372,20 @@ static void sample_target(struct tstate *s)
 {
     if (!s->t.alive || s->final_done)
         return;
+    if (s->located && s->t.image) {
+        uint64_t image = tc_image_id(s->t.pid);
+        if (image && image != s->t.image)
+            follow_exec(s);
+    }
     if (!s->located) {
         char err[512];
-        if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr)
+        if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr) {
             s->located = true;
-        else
+            if (skel && !s->via_binary && s->t.reattach && !s->t.nlinks)
+                attach_target(s); /* exec'd into an image that maps lumalloc only now */
+        } else {
             return;
+        }
     }
     register_registry(s);
     struct lum_registry_v1 reg;
@@ -298,6 +403,8 @@ static void sample_target(struct tstate *s)
         free(nt);
         return;
     }
+    for (size_t i = 0; i < nn; i++)
+        nt[i].c.tid = (uint32_t)tc_host_tid(&tidmap, s->t.pid, (pid_t)nt[i].c.tid);
     free(s->prev);
     s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
     s->cur = nt, s->ncur = nn, s->t_cur = tc_now();
@@ -313,7 +420,7 @@ static void sample_target(struct tstate *s)
         if (s->cur[i].c.state == LUM_THREAD_LIVE)
             remember_comm(s, (pid_t)s->cur[i].c.tid);
     if (sym && s->t_cur - s->last_snapshot > (s->t_cur - s->first_seen < 2.0 ? 0.2 : 2.0)) {
-        tc_sym_snapshot(sym, s->t.pid, s->t.probe_path);
+        tc_sym_snapshot(sym, s->t.pid, tc_target_file(&s->t));
         s->last_snapshot = s->t_cur;
     }
 }
@@ -328,7 +435,7 @@ static void locate_early(struct tstate *s)
     s->located = true;
     s->first_seen = tc_now();
     if (sym) {
-        tc_sym_snapshot(sym, s->t.pid, s->t.probe_path);
+        tc_sym_snapshot(sym, s->t.pid, tc_target_file(&s->t));
         s->last_snapshot = tc_now();
     }
     sample_target(s);
@@ -510,12 +617,12 @@ static void print_json(bool final)
         const struct lum_global_counters_v1 *g = &s->reg.global;
         printf(",\"alive\":%s,\"rss\":%llu,\"rss_anon\":%llu,\"mapped\":%llu,\"resident\":%llu,\"active\":%lld,\"metadata\":%llu,"
                "\"retained\":%llu,\"large_live\":%llu,\"fragmentation\":%.4f,\"sample_interval\":%llu,"
-               "\"threads\":[",
+               "\"truncated\":%s,\"threads\":[",
                s->t.alive ? "true" : "false", (unsigned long long)s->rss, (unsigned long long)s->rss_anon,
                (unsigned long long)g->mapped_bytes,
                (unsigned long long)g->resident_bytes, (long long)active, (unsigned long long)g->metadata_bytes,
                (unsigned long long)g->retained_bytes, (unsigned long long)g->large_live_bytes, frag,
-               (unsigned long long)s->reg.sample_interval);
+               (unsigned long long)s->reg.sample_interval, s->final_truncated ? "true" : "false");
         struct row *rows;
         size_t n = build_rows(s, &rows);
         for (size_t r = 0; r < n; r++) {
@@ -559,11 +666,8 @@ static void print_json(bool final)
     fflush(stdout);
 }
 
-static void print_table(bool final)
+static void print_table_to(FILE *out, bool final)
 {
-    bool clear = !opt.batch && !opt.no_clear && !final;
-    if (clear)
-        fputs("\033[H\033[2J", stdout);
     uint64_t lost[TOP_LOST_MAX];
     lost_counts(lost);
     uint64_t lsum = 0;
@@ -572,28 +676,31 @@ static void print_table(bool final)
     time_t now = time(NULL);
     struct tm tm;
     localtime_r(&now, &tm);
-    printf("alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
+    fprintf(out, "alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
            tm.tm_sec, opt.interval, sort_names[opt.sort], (unsigned long long)lsum, final ? "  (final)" : "");
     if (lsum)
-        printf("  lost: ringbuf %llu, sites map full %llu, stacks not stored %llu, exit readings %llu\n",
+        fprintf(out, "  lost: ringbuf %llu, sites map full %llu, stacks not stored %llu, exit readings %llu\n",
                (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
                (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL]);
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
         if (!s->have_reg) {
-            printf("\nPID %d: waiting for lumalloc's registry...\n", (int)s->t.pid);
+            fprintf(out, "\nPID %d: waiting for lumalloc's registry...\n", (int)s->t.pid);
             continue;
         }
         int64_t active;
         double frag;
         process_totals(s, &active, &frag);
         const struct lum_global_counters_v1 *g = &s->reg.global;
-        printf("\nPID %d (%s)%s  RSS %s (anon %s)  mapped %s  resident %s  active %s  frag %.1f%%  threads %zu\n",
+        fprintf(out, "\nPID %d (%s)%s  RSS %s (anon %s)  mapped %s  resident %s  active %s  frag %.1f%%  threads %zu\n",
                (int)s->t.pid, s->comm, s->t.alive ? "" : " [exited]", hsize((double)s->rss, b1, sizeof(b1)),
                hsize((double)s->rss_anon, b5, sizeof(b5)), hsize((double)g->mapped_bytes, b2, sizeof(b2)), hsize((double)g->resident_bytes, b3, sizeof(b3)),
                hsize((double)active, b4, sizeof(b4)), frag * 100, s->ncur);
-        printf("%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
+        if (s->final_truncated)
+            fprintf(out, "  the exit-time reading stopped at %d threads: %zu threads show the last interval's figures\n",
+                   TOP_FINAL_MAX_THREADS, s->final_carried);
+        fprintf(out, "%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
                "LARGE", "FAIL", "SAMPLES");
         struct row *rows;
         size_t n = build_rows(s, &rows);
@@ -601,35 +708,82 @@ static void print_table(bool final)
             const struct lum_thread_counters_v1 *c = rows[r].c;
             char cm[24];
             snprintf(cm, sizeof(cm), "%s%s", rows[r].comm, rows[r].exited ? "*" : "");
-            printf("%8d %-16.16s %9s %9s %9.0f %9s %6llu %5llu %7llu\n", (int)rows[r].tid, cm,
+            fprintf(out, "%8d %-16.16s %9s %9s %9.0f %9s %6llu %5llu %7llu\n", (int)rows[r].tid, cm,
                    hsize(rows[r].alloc_bps, b1, sizeof(b1)), hsize(rows[r].free_bps, b2, sizeof(b2)),
                    rows[r].allocs_ps, hsize((double)rows[r].live, b5, sizeof(b5)),
                    (unsigned long long)c->large_count, (unsigned long long)c->failures,
                    (unsigned long long)c->sampled_count);
         }
         if ((int)n > opt.rows)
-            printf("  ... %zu more threads\n", n - (size_t)opt.rows);
+            fprintf(out, "  ... %zu more threads\n", n - (size_t)opt.rows);
         free(rows);
         if (opt.sites) {
             struct site *sv;
             uint64_t total;
             size_t ns = collect_sites(s->t.pid, &sv, &total);
-            printf("  top allocation sites (sampled, since attach):\n  %6s %9s %7s  %s\n", "SHARE", "BYTES",
+            fprintf(out, "  top allocation sites (sampled, since attach):\n  %6s %9s %7s  %s\n", "SHARE", "BYTES",
                    "SAMPLES", "SITE <- CALLER");
             for (size_t k = 0; k < ns && (int)k < opt.site_rows; k++)
-                printf("  %5.1f%% %9s %7llu  %s%s%s\n", total ? 100.0 * (double)sv[k].weight / (double)total : 0,
+                fprintf(out, "  %5.1f%% %9s %7llu  %s%s%s\n", total ? 100.0 * (double)sv[k].weight / (double)total : 0,
                        hsize((double)sv[k].weight, b1, sizeof(b1)), (unsigned long long)sv[k].count, sv[k].name,
                        sv[k].caller[0] ? " <- " : "", sv[k].caller);
             if (!ns)
-                printf("  (no samples yet)\n");
+                fprintf(out, "  (no samples yet)\n");
             free(sv);
         }
     }
     if (!opt.batch && !final)
-        printf("\n(* exited)  keys: q quit  s sites  a/f/n/l/g/e/t sort\n");
+        fprintf(out, "\n(* exited)  keys: q quit  s sites  a/f/n/l/g/e/t sort\n");
     else
-        printf("\n");
+        fprintf(out, "\n");
+    fflush(out);
+}
+
+/* Columns a line takes (UTF-8 continuation bytes take none). */
+static size_t columns(const char *s, size_t len)
+{
+    size_t c = 0;
+    for (size_t i = 0; i < len; i++)
+        c += ((unsigned char)s[i] & 0xc0) != 0x80;
+    return c;
+}
+
+static void print_table(bool final)
+{
+    bool clear = !opt.batch && !opt.no_clear && !final;
+    struct winsize ws;
+    if (!clear || ioctl(1, TIOCGWINSZ, &ws) || !ws.ws_row || !ws.ws_col) {
+        if (clear)
+            fputs("\033[H\033[2J", stdout);
+        print_table_to(stdout, final);
+        return;
+    }
+    /* A frame that wraps or scrolls (demangled C++ sites are hundreds of columns) loses its top
+     * on every redraw: cut each line to the window's width, and the frame to its height. */
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&buf, &len);
+    if (!m) {
+        print_table_to(stdout, final);
+        return;
+    }
+    print_table_to(m, final);
+    fclose(m);
+    fputs("\033[H\033[2J", stdout);
+    const char *p = buf, *end = buf + len;
+    for (unsigned row = 0; p < end && row + 1 < ws.ws_row; row++) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p), k = n;
+        while (k && columns(p, k) > ws.ws_col)
+            k--;
+        while (k < n && k && ((unsigned char)p[k] & 0xc0) == 0x80)
+            k--; /* not inside a character */
+        fwrite(p, 1, k, stdout);
+        fputc('\n', stdout);
+        p = nl ? nl + 1 : end;
+    }
     fflush(stdout);
+    free(buf);
 }
 
 static void report(bool final)
@@ -684,11 +838,15 @@ static void discover_binary(void)
         FILE *f = fopen(path, "re");
         if (!f)
             continue;
+        /* By device and inode, as the uprobes are: the path may be another file in a
+         * container's mount namespace, and a process started before an upgrade maps the old
+         * file under the same name (" (deleted)"), which the probes are not on. */
         bool uses = false;
-        size_t blen = strlen(binary_path);
         while (!uses && fgets(line, sizeof(line), f)) {
-            char *p = strchr(line, '/');
-            uses = p && !strncmp(p, binary_path, blen) && (p[blen] == '\n' || p[blen] == 0);
+            unsigned maj, min;
+            unsigned long long ino;
+            uses = sscanf(line, "%*x-%*x %*s %*x %x:%x %llu", &maj, &min, &ino) == 3 && ino == binary_ino &&
+                   makedev(maj, min) == binary_dev;
         }
         fclose(f);
         if (!uses)
@@ -709,6 +867,14 @@ static void discover_binary(void)
     closedir(d);
 }
 
+static bool is_target(pid_t pid)
+{
+    for (int i = 0; i < ntargets; i++)
+        if (targets[i].t.pid == pid)
+            return true;
+    return false;
+}
+
 /* -b: processes that exited and were reported once are dropped. */
 static void drop_reported_dead(void)
 {
@@ -716,9 +882,12 @@ static void drop_reported_dead(void)
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         if (s->via_binary && !s->t.alive && s->shown_dead) {
+            drop_bpf_sites(s->t.pid);
+            tc_sym_forget(sym, s->t.pid);
             free(s->cur);
             free(s->prev);
             free(s->comms);
+            tc_target_close(&s->t);
             continue;
         }
         if (!s->t.alive)
@@ -786,6 +955,11 @@ int main(int argc, char **argv)
     if (binary_path) {
         tc_resolve_probed_binary(binary_path, binary_real);
         binary_path = binary_real;
+        struct stat st;
+        if (stat(binary_real, &st))
+            tc_die("cannot stat %s: %s", binary_real, strerror(errno));
+        binary_dev = st.st_dev;
+        binary_ino = st.st_ino;
         bin_state.t.pid = -1;
         bin_state.t.alive = true;
         snprintf(bin_state.t.probe_path, sizeof(bin_state.t.probe_path), "%s", binary_real);
@@ -809,7 +983,7 @@ int main(int argc, char **argv)
         if (tc_target_locate(&s->t, err, sizeof(err)))
             tc_die("%s", err);
         if (!s->t.registry_addr)
-            tc_die("%s does not export lumalloc_registry (library too old?)", s->t.probe_path);
+            tc_die("%s does not export lumalloc_registry (library too old?)", tc_target_file(&s->t));
         s->located = true;
     }
     if (command) {
@@ -862,7 +1036,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < ntargets; i++) {
         sample_target(&targets[i]); /* baseline for the first interval's rates */
         if (targets[i].located) {
-            tc_sym_snapshot(sym, targets[i].t.pid, targets[i].t.probe_path);
+            tc_sym_snapshot(sym, targets[i].t.pid, tc_target_file(&targets[i].t));
             targets[i].last_snapshot = tc_now();
         }
     }
@@ -917,6 +1091,14 @@ int main(int argc, char **argv)
             }
             if (tc_target_poll(&targets[i].t))
                 any_died = true;
+            if (skel && !targets[i].via_binary && tc_target_moved(&targets[i].t)) {
+                /* a failure (the process exiting, or the new thread too) is retried next poll */
+                tc_detach(&targets[i].t);
+                bpf_link__destroy(targets[i].sample_link);
+                targets[i].sample_link = NULL;
+                targets[i].t.reattach = true;
+                attach_target(&targets[i]);
+            }
             any_alive |= targets[i].t.alive;
         }
         if (any_died && !any_alive && !binary_path)
@@ -929,8 +1111,11 @@ int main(int argc, char **argv)
             report(false);
             if (tc_stdout_failed())
                 break; /* the reader is gone (| head): stop, detaching the probes */
-            if (binary_path)
+            if (binary_path) {
                 drop_reported_dead();
+                if (opt.sites)
+                    drop_bpf_sites(-1); /* also processes gone before they were found */
+            }
             done++;
             if (opt.count && done >= opt.count) {
                 count_reached = true; /* the last table was just printed: no separate final one */
@@ -966,6 +1151,7 @@ int main(int argc, char **argv)
         free(targets[i].cur);
         free(targets[i].prev);
         free(targets[i].comms);
+        tc_target_close(&targets[i].t);
     }
     tc_detach(&bin_state.t);
     bpf_link__destroy(bin_state.sample_link);
@@ -973,5 +1159,6 @@ int main(int argc, char **argv)
     bpf_link__destroy(exit_link);
     alloctop_bpf__destroy(skel);
     tc_sym_free(sym);
+    tc_tidmap_free(&tidmap);
     return status;
 }

@@ -119,7 +119,7 @@ bool tc_elf_is_dyn(const char *path)
     return dyn;
 }
 
-int tc_elf_load_bias(const char *path, const char *map_path, const struct tc_map *maps, size_t n, uint64_t *bias)
+int tc_elf_load_bias(const char *path, const struct tc_map *file, const struct tc_map *maps, size_t n, uint64_t *bias)
 {
     struct elf_handle h;
     if (elf_open(path, &h))
@@ -139,7 +139,7 @@ int tc_elf_load_bias(const char *path, const char *map_path, const struct tc_map
     /* A mapping of this file at file offset `off` maps the PT_LOAD segment containing that
      * offset; its vaddr for that offset plus the bias is the mapping's start. */
     for (size_t i = 0; i < n && r; i++) {
-        if (strcmp(maps[i].path, map_path))
+        if (maps[i].inode != file->inode || maps[i].dev != file->dev)
             continue;
         for (size_t k = 0; k < phnum; k++) {
             GElf_Phdr ph;

@@ -3,7 +3,7 @@
  * Why not dwfl_linux_proc_report: it reads /proc/PID/maps at the time of the call, and the
  * tools must keep resolving after the target exits.  Instead each snapshot reports the
  * process's ELF files with dwfl_report_elf at their load bias, opening the files while the
- * process is alive (through /proc/PID/map_files when the path is gone).  Separate debug info is
+ * process is alive (through /proc/PID/map_files, or a path checked to be the same file).  Separate debug info is
  * found by build id under /usr/lib/debug/.build-id (dwfl_standard_find_debuginfo). */
 #define _GNU_SOURCE
 #include <elfutils/libdwfl.h>
@@ -35,6 +35,7 @@ struct pidsym {
     uint64_t snapshots;
     char *alloc_module;
     double last_snapshot;
+    bool released;         /* files closed (tc_sym_release): only cached answers are left */
     struct tc_map64 cache; /* addr -> index+1 into frames */
 };
 
@@ -73,6 +74,39 @@ void tc_sym_free(struct tc_symbolizer *s)
     free(s->frames);
     free(s->p);
     free(s);
+}
+
+static void pidsym_close(struct pidsym *p)
+{
+    if (p->dwfl)
+        dwfl_end(p->dwfl); /* closes the files reported to it */
+    p->dwfl = NULL;
+    for (size_t k = 0; k < p->nloaded; k++)
+        free(p->loaded[k].path);
+    free(p->loaded);
+    p->loaded = NULL;
+    p->nloaded = 0;
+}
+
+void tc_sym_release(struct tc_symbolizer *s, pid_t pid)
+{
+    for (size_t i = 0; i < s->np; i++)
+        if (s->p[i].pid == pid) {
+            pidsym_close(&s->p[i]);
+            s->p[i].released = true;
+        }
+}
+
+void tc_sym_forget(struct tc_symbolizer *s, pid_t pid)
+{
+    for (size_t i = 0; i < s->np; i++)
+        if (s->p[i].pid == pid) {
+            pidsym_close(&s->p[i]);
+            free(s->p[i].alloc_module);
+            tc_map64_free(&s->p[i].cache);
+            s->p[i] = s->p[--s->np];
+            return;
+        }
 }
 
 static struct pidsym *get_pid(struct tc_symbolizer *s, pid_t pid, bool create)
@@ -123,10 +157,13 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
         /* Probes in the executable itself (static link): the module says nothing about which
          * frames are the allocator's, only symbol names do. */
         char exe[64], target[PATH_MAX];
-        snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)pid);
+        pid_t task = tc_proc_task(pid);
+        snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)(task ? task : pid));
         ssize_t n = readlink(exe, target, sizeof(target) - 1);
-        if (n > 0)
+        if (n > 0) {
             target[n] = 0;
+            tc_strip_deleted(target);
+        }
         if (n > 0 && strcmp(target, alloc_module))
             p->alloc_module = strdup(alloc_module);
     }
@@ -146,24 +183,15 @@ void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_modul
             known->seen = seen;
             continue;
         }
-        /* Through the process's root first (containers), then map_files (deleted files). */
-        char rooted[PATH_MAX + 32];
-        snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)pid, path);
-        int fd = open(rooted, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            char mf[128];
-            snprintf(mf, sizeof(mf), "/proc/%d/map_files/%llx-%llx", (int)pid, (unsigned long long)maps[i].start,
-                     (unsigned long long)maps[i].end);
-            fd = open(mf, O_RDONLY | O_CLOEXEC);
-        }
+        /* The mapped file itself, not whatever its path names now (an upgrade, a container's
+         * path that is another file on the host). */
+        int fd = tc_map_open(pid, &maps[i], NULL, 0);
         if (fd < 0)
             continue;
         uint64_t bias = 0;
         char fdpath[64];
         snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
-        if (tc_elf_load_bias(fdpath, path, maps, n, &bias)) {
+        if (tc_elf_load_bias(fdpath, &maps[i], maps, n, &bias)) {
             /* Fall back: executable mapping's start minus its file offset. */
             bias = maps[i].start - maps[i].offset;
         }
@@ -210,11 +238,13 @@ const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64
 {
     static struct tc_frame unknown = {"[unknown]", NULL, 0, false};
     struct pidsym *p = get_pid(s, pid, true);
-    if (!p || !p->dwfl)
+    if (!p)
         return &unknown;
     uint64_t *ci = tc_map64_get(&p->cache, addr ? addr : 1);
     if (ci)
         return &s->frames[*ci - 1];
+    if (!p->dwfl)
+        return &unknown;
     Dwarf_Addr pc = addr ? addr - 1 : 0;
     struct loaded *l = module_at(p, pc);
     bool alive = false;

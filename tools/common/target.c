@@ -67,20 +67,29 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
         return -1;
     }
     /* Prefer a library whose name says lumalloc, then any executable mapping that carries the
-     * lumalloc USDT notes (static link, or a test double). */
-    const char *found = NULL;
-    char rooted[PATH_MAX + 32];
+     * lumalloc USDT notes (static link, or a test double).  The files are opened as mapped
+     * (tc_map_open), never by a path alone: that may name the upgraded file that replaced the
+     * one mapped, or the host's file of a container's path, and the probes would be attached
+     * to a file the process does not run, silently. */
+    const struct tc_map *found = NULL;
+    int found_fd = -1;
     for (int pass = 0; pass < 2 && !found; pass++) {
         for (size_t i = 0; i < n && !found; i++) {
             if (maps[i].path[0] != '/' || maps[i].perms[2] != 'x')
                 continue;
             if (pass == 0 && !strstr(maps[i].path, "liblumalloc"))
                 continue;
-            /* Through /proc/PID/root: the process may live in another mount namespace (that
-             * needs ptrace access; fall back to our own view of the path). */
-            snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)t->pid, maps[i].path);
-            if (tc_elf_has_lumalloc_probes(rooted) || tc_elf_has_lumalloc_probes(maps[i].path))
-                found = maps[i].path;
+            int fd = tc_map_open(t->pid, &maps[i], NULL, 0);
+            if (fd < 0)
+                continue;
+            char fdpath[64];
+            snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
+            if (tc_elf_has_lumalloc_probes(fdpath)) {
+                found = &maps[i];
+                found_fd = fd;
+            } else {
+                close(fd);
+            }
         }
     }
     if (!found) {
@@ -91,12 +100,14 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
         free(maps);
         return -1;
     }
-    /* A process in another mount namespace (container): reach its files through its root. */
-    snprintf(rooted, sizeof(rooted), "/proc/%d/root%s", (int)t->pid, found);
-    if (access(found, R_OK) == 0 || access(rooted, R_OK) != 0)
-        snprintf(t->probe_path, sizeof(t->probe_path), "%s", found);
-    else
-        snprintf(t->probe_path, sizeof(t->probe_path), "/proc/%d/root%s", (int)t->pid, found);
+    /* The probes are attached through our own descriptor of the file: a /proc/PID/... name
+     * would die with the thread it goes through (a leader that left with pthread_exit), and
+     * the path with the next upgrade.  libbpf and the kernel's uprobe lookup follow the link. */
+    tc_target_close(t);
+    t->image = tc_image_id(t->pid);
+    t->probe_fd = found_fd + 1;
+    snprintf(t->probe_path, sizeof(t->probe_path), "/proc/self/fd/%d", found_fd);
+    snprintf(t->map_path, sizeof(t->map_path), "%.4095s", found->path);
     uint64_t sym, bias;
     t->registry_addr = 0;
     if (tc_elf_symbol(t->probe_path, "lumalloc_registry", &sym) == 0 &&
@@ -106,6 +117,7 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
     return 0;
 }
 
+/* pid: a live task of the target (tc_proc_task): a zombie leader has no memory to read. */
 static int read_mem(pid_t pid, uint64_t addr, void *buf, size_t len)
 {
     struct iovec l = {buf, len}, rm = {(void *)(uintptr_t)addr, len};
@@ -116,10 +128,10 @@ static int read_mem(pid_t pid, uint64_t addr, void *buf, size_t len)
 }
 
 /* One walk of the thread list: the registry header, then each counters block. */
-static int registry_walk(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads,
-                         size_t *cap, size_t *n)
+static int registry_walk(const struct tc_target *t, pid_t task, struct lum_registry_v1 *reg,
+                         struct tc_thread **threads, size_t *cap, size_t *n)
 {
-    int r = read_mem(t->pid, t->registry_addr, reg, sizeof(*reg));
+    int r = read_mem(task, t->registry_addr, reg, sizeof(*reg));
     if (r)
         return r;
     if (reg->magic == 0)
@@ -132,7 +144,7 @@ static int registry_walk(const struct tc_target *t, struct lum_registry_v1 *reg,
     /* Bounded walk: a list caught mid-update must not loop forever. */
     for (int guard = 0; a && guard < 100000; guard++) {
         struct lum_thread_counters_v1 c;
-        if (read_mem(t->pid, a, &c, sizeof(c)))
+        if (read_mem(task, a, &c, sizeof(c)))
             break;
         if (len == *cap || !*threads) {
             size_t nc = *cap ? *cap * 2 : 64;
@@ -156,15 +168,18 @@ int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, str
     if (!t->registry_addr)
         return -ENOENT;
     size_t cap = *threads ? *n : 0;
+    pid_t task = tc_proc_task(t->pid);
+    if (!task)
+        return -ESRCH;
     /* A thread list that changed during the walk (a thread created, or an exited thread's
      * record folded into the exited totals and reused) may have been read half done: its
      * figures counted twice or not at all.  The registry's generation says so; walk again. */
     for (int attempt = 0;; attempt++) {
-        int r = registry_walk(t, reg, threads, &cap, n);
+        int r = registry_walk(t, task, reg, threads, &cap, n);
         if (r)
             return r;
         uint64_t generation;
-        if (read_mem(t->pid, t->registry_addr + offsetof(struct lum_registry_v1, generation), &generation,
+        if (read_mem(task, t->registry_addr + offsetof(struct lum_registry_v1, generation), &generation,
                      sizeof(generation)) ||
             generation == reg->generation || attempt == 8)
             return 0;
@@ -259,6 +274,7 @@ void tc_launch_prepare(struct tc_target *t, const char *cmdline, const char *pre
     }
     if (!tc_elf_has_lumalloc_probes(t->probe_path))
         tc_die("%s has no lumalloc USDT probes (.note.stapsdt)", t->probe_path);
+    snprintf(t->map_path, sizeof(t->map_path), "%s", t->probe_path);
 
     if (pipe2(go_pipe, O_CLOEXEC) || pipe2(err_pipe, O_CLOEXEC))
         tc_die("pipe: %s", strerror(errno));
@@ -389,20 +405,55 @@ bool tc_target_poll(struct tc_target *t)
     return false;
 }
 
+pid_t tc_attach_pid(struct tc_target *t)
+{
+    if (t->pid <= 0)
+        return t->pid;
+    if (!t->attach_task) {
+        pid_t task = tc_proc_task(t->pid);
+        t->attach_task = task ? task : t->pid;
+    }
+    return t->attach_task;
+}
+
+bool tc_target_moved(struct tc_target *t)
+{
+    if (t->pid <= 0 || !t->attach_task || !t->alive)
+        return false;
+    if (tc_task_alive(t->pid, t->attach_task) || !tc_proc_task(t->pid))
+        return false;
+    /* The uprobes' filter is the attached task's mm, gone with that task: the process's other
+     * threads would run unprobed. */
+    t->attach_task = 0;
+    return true;
+}
+
 int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *probe, bool optional)
 {
     if (t->nlinks >= (int)(sizeof(t->links) / sizeof(t->links[0])))
         return -E2BIG;
-    struct bpf_link *l = bpf_program__attach_usdt(prog, t->pid, t->probe_path, "lumalloc", probe, NULL);
+    struct bpf_link *l = bpf_program__attach_usdt(prog, tc_attach_pid(t), t->probe_path, "lumalloc", probe, NULL);
     if (!l) {
         int e = errno;
-        if (!optional || e == EACCES || e == EPERM)
-            tc_die("cannot attach to lumalloc:%s in %s (pid %d): %s%s", probe, t->probe_path, (int)t->pid,
+        if ((!optional || e == EACCES || e == EPERM) && !t->reattach)
+            tc_die("cannot attach to lumalloc:%s in %s (pid %d): %s%s", probe, tc_target_file(t), (int)t->pid,
                    strerror(e), e == EACCES || e == EPERM ? " (run as root)" : "");
         return -e;
     }
     t->links[t->nlinks++] = l;
     return 0;
+}
+
+void tc_target_close(struct tc_target *t)
+{
+    if (t->probe_fd > 0)
+        close(t->probe_fd - 1);
+    t->probe_fd = 0;
+}
+
+const char *tc_target_file(const struct tc_target *t)
+{
+    return t->map_path[0] ? t->map_path : t->probe_path;
 }
 
 void tc_detach(struct tc_target *t)

@@ -52,12 +52,26 @@ int tc_exit_status(int wait_status);
 
 /* ---- /proc ----------------------------------------------------------------------------------- */
 struct tc_map {
-    uint64_t start, end, offset, inode;
+    uint64_t start, end, offset, inode, dev;
     char perms[5];
-    char path[PATH_MAX];
+    bool deleted; /* the maps line said " (deleted)": path no longer names this file */
+    char path[PATH_MAX]; /* as the process sees it, without " (deleted)" */
 };
 int tc_read_maps(pid_t pid, struct tc_map **out, size_t *n); /* -errno */
+/* Alive while any of its threads is: the leader may have left with pthread_exit. */
 bool tc_pid_alive(pid_t pid);
+/* An ID to use for /proc/ID/{maps,map_files,root,exe} and process_vm_readv: pid itself, or a
+ * live thread of it while its leader is a zombie; 0 when no thread is left. */
+pid_t tc_proc_task(pid_t pid);
+bool tc_task_alive(pid_t pid, pid_t tid); /* thread tid of process pid runs (not a zombie) */
+/* Changes when the process execs (its address space's layout and executable), 0 if gone. */
+uint64_t tc_image_id(pid_t pid);
+/* Removes a trailing " (deleted)" (maps lines, /proc/PID/exe). */
+void tc_strip_deleted(char *path);
+/* Opens the file mapping m of process pid maps: through /proc/PID/map_files, else through its
+ * path (in the process's mount namespace, then ours) if that still is the same dev/inode.  path
+ * (n bytes, may be NULL) receives a name for it that others (libbpf) can open.  fd or -1. */
+int tc_map_open(pid_t pid, const struct tc_map *m, char *path, size_t n);
 /* The process a thread belongs to (Tgid in /proc/TID/status), or 0 if unknown (no such task). */
 pid_t tc_tgid_of(pid_t tid);
 int tc_read_comm(pid_t pid, pid_t tid, char *buf, size_t n);
@@ -71,8 +85,9 @@ bool tc_elf_has_lumalloc_probes(const char *path);
  * is missing or has no lumalloc probes. */
 void tc_resolve_probed_binary(const char *path, char *real);
 bool tc_elf_is_dyn(const char *path);
-/* Load bias of the ELF file at `path` (opened), mapped as `map_path` in a process's mappings. */
-int tc_elf_load_bias(const char *path, const char *map_path, const struct tc_map *maps, size_t n, uint64_t *bias);
+/* Load bias of the ELF file at `path` (opened), mapped as `file` (the same dev/inode as it) in a
+ * process's mappings. */
+int tc_elf_load_bias(const char *path, const struct tc_map *file, const struct tc_map *maps, size_t n, uint64_t *bias);
 /* DT_NEEDED entry containing "lumalloc", if any. */
 bool tc_elf_needs(const char *path, const char *substr, char *out, size_t outlen);
 
@@ -83,8 +98,14 @@ struct tc_target {
     bool alive;
     bool held;               /* hold armed, not yet released */
     int exit_status;
-    char probe_path[PATH_MAX + 32]; /* liblumalloc.so or the executable holding the probes */
+    char probe_path[PATH_MAX + 32]; /* liblumalloc.so or the executable holding the probes, as we
+                                       open it (maybe /proc/PID/map_files/...) */
+    char map_path[PATH_MAX + 32];   /* the same file as the target's maps name it (symbols) */
+    int probe_fd;                   /* fd + 1 of the probed file when located, else 0 */
+    bool reattach;                  /* attaching again: a failure is returned, not fatal */
     uint64_t registry_addr;  /* 0 until located */
+    pid_t attach_task;       /* the thread the probes were attached through (tc_attach_pid) */
+    uint64_t image;          /* tc_image_id when located: another one means it exec'd since */
     struct bpf_link *links[16];
     int nlinks;
 };
@@ -117,6 +138,16 @@ bool tc_target_poll(struct tc_target *t);
  * Returns 0, or -errno (message printed unless optional). */
 int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *probe, bool optional);
 void tc_detach(struct tc_target *t);
+/* The pid to attach a target's probes with: a live thread of it (perf_event_open refuses a
+ * zombie leader, and a uprobe keeps to the mm of the task it was attached through). */
+pid_t tc_attach_pid(struct tc_target *t);
+/* True once the thread the probes were attached through has exited while the process lives on
+ * (its leader left with pthread_exit): the caller detaches and attaches again. */
+bool tc_target_moved(struct tc_target *t);
+/* Closes the located file (tc_target_locate keeps it open for the probes). */
+void tc_target_close(struct tc_target *t);
+/* The probed file's name for messages and symbols (map_path, else probe_path). */
+const char *tc_target_file(const struct tc_target *t);
 
 /* ---- symbols -------------------------------------------------------------------------------- */
 struct tc_symbolizer;
@@ -131,6 +162,11 @@ void tc_sym_free(struct tc_symbolizer *s);
 /* Snapshot /proc/PID/maps and open its ELF files; later snapshots add new modules.  Call while
  * the process is alive; symbolisation keeps working after it exits. */
 void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_module);
+/* A process gone: close its files (a tool over many short-lived processes ran out of file
+ * descriptors); addresses resolved before still answer, others are "[unknown]". */
+void tc_sym_release(struct tc_symbolizer *s, pid_t pid);
+/* Release and forget everything of pid (nothing of it will be resolved again). */
+void tc_sym_forget(struct tc_symbolizer *s, pid_t pid);
 /* Resolve a return address (looked up at addr-1).  The result is cached and owned by s. */
 const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64_t addr);
 /* Format "name" or "[unknown] (module+0xoff)" into buf. */
@@ -151,6 +187,19 @@ uint64_t *tc_map64_put(struct tc_map64 *m, uint64_t key, bool *created);
 bool tc_map64_del(struct tc_map64 *m, uint64_t key, uint64_t *val);
 void tc_map64_free(struct tc_map64 *m);
 uint64_t tc_hash64(uint64_t h, uint64_t v);
+
+/* ---- PID namespaces -------------------------------------------------------------------------- */
+/* The library reports thread IDs as its process sees them (gettid): in a container's PID
+ * namespace those are not ours.  Maps them through NSpid in /proc/PID/task/TID/status. */
+struct tc_tidmap {
+    struct tc_map64 host;     /* pid << 32 | namespace tid -> our tid */
+    struct tc_map64 other_ns; /* pid -> 1: in our namespace, 2: in another */
+    struct tc_map64 scanned;  /* pid -> ms of the last scan of its threads */
+};
+/* Our TID for thread `tid` as process pid numbers it; tid itself when the process is in our
+ * namespace, or when that thread is not found (exited before it was seen). */
+pid_t tc_host_tid(struct tc_tidmap *tm, pid_t pid, pid_t tid);
+void tc_tidmap_free(struct tc_tidmap *tm);
 
 /* ---- profiles ------------------------------------------------------------------------------- */
 /* A stack with its four pprof values: alloc_objects, alloc_space, inuse_objects, inuse_space. */

@@ -110,17 +110,63 @@ double tc_now(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Length of the well-formed UTF-8 sequence at s (RFC 3629: no overlong forms, surrogates or
+ * code points past U+10FFFF), or 0. */
+static int utf8_len(const unsigned char *s)
+{
+    unsigned char c = s[0];
+    int n;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (c >= 0xc2 && c <= 0xdf)
+        n = 2;
+    else if (c >= 0xe0 && c <= 0xef) {
+        n = 3;
+        if (c == 0xe0)
+            lo = 0xa0;
+        else if (c == 0xed)
+            hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        n = 4;
+        if (c == 0xf0)
+            lo = 0x90;
+        else if (c == 0xf4)
+            hi = 0x8f;
+    } else
+        return 0;
+    if (s[1] < lo || s[1] > hi)
+        return 0;
+    for (int i = 2; i < n; i++)
+        if (s[i] < 0x80 || s[i] > 0xbf)
+            return 0;
+    return n;
+}
+
 void tc_json_str(FILE *f, const char *s)
 {
     fputc('"', f);
-    for (; s && *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\')
-            fprintf(f, "\\%c", c);
-        else if (c < 0x20)
-            fprintf(f, "\\u%04x", c);
-        else
-            fputc(c, f);
+    for (const unsigned char *p = (const unsigned char *)s; p && *p;) {
+        unsigned char c = *p;
+        if (c < 0x80) {
+            if (c == '"' || c == '\\')
+                fprintf(f, "\\%c", c);
+            else if (c < 0x20)
+                fprintf(f, "\\u%04x", c);
+            else
+                fputc(c, f);
+            p++;
+            continue;
+        }
+        /* Thread names and paths are bytes: the kernel cuts a comm at 15 bytes, inside a
+         * character if need be.  JSON must be UTF-8, so a byte that starts no well-formed
+         * character becomes U+FFFD. */
+        int n = utf8_len(p);
+        if (n) {
+            fwrite(p, 1, (size_t)n, f);
+            p += n;
+        } else {
+            fputs("\\ufffd", f);
+            p++;
+        }
     }
     fputc('"', f);
 }

@@ -1,0 +1,155 @@
+/*
+ * Process shapes the tools must follow, for tools_targets.sh:
+ *   tools_shapes mainexit DELAY_MS SECS  two workers allocate for SECS s; the main thread leaves
+ *                                        with pthread_exit after DELAY_MS (the leader a zombie)
+ *   tools_shapes exec DELAY_MS SECS      two workers allocate; after DELAY_MS the process keeps
+ *                                        8 MiB, then execs itself as `plain SECS`
+ *   tools_shapes plain SECS              two workers allocate for SECS s
+ *   tools_shapes badname SECS            like plain, a worker's name cut inside a UTF-8 character
+ *   tools_shapes stacks N                allocations from N distinct stacks (N <= 4096), then exit
+ *   tools_shapes many N SECS             N threads allocate and keep 64 KiB each, and are all
+ *                                        alive when the process exits after SECS s
+ * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static double secs;
+static const char *prefix = "sh-w";
+static int bad_name;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+static void *worker(void *arg)
+{
+    char name[16];
+    int i = (int)(long)arg;
+    if (bad_name && i == 0)
+        /* 14 bytes of ASCII, then a 3-byte character the 15-byte comm cuts after its first byte */
+        memcpy(name, "sh-namexxxxxxx\xe2", 16);
+    else
+        snprintf(name, sizeof(name), "%s%d", prefix, i);
+    pthread_setname_np(pthread_self(), name);
+    double end = now() + secs;
+    while (now() < end) {
+        for (int k = 0; k < 400; k++) {
+            void *volatile p = malloc(1000 + (size_t)k * 8);
+            memset(p, 1, 64);
+            free(p);
+        }
+        sleep_ms(20);
+    }
+    return NULL;
+}
+
+static void *volatile sink_a, *volatile sink_b;
+
+/* A path of d calls from one of two call sites each, chosen by the bits of k: 2^d stacks. */
+__attribute__((noinline)) static void *path(int d, unsigned k)
+{
+    void *p;
+    if (d == 0)
+        return malloc(3000);
+    /* distinct code around each call keeps the two call sites apart (no merging, no tail call) */
+    if (k & 1) {
+        __asm__ volatile("nop" ::: "memory");
+        p = path(d - 1, k >> 1);
+        sink_a = p;
+    } else {
+        __asm__ volatile("nop; nop" ::: "memory");
+        p = path(d - 1, k >> 1);
+        sink_b = p;
+    }
+    return p;
+}
+
+static void *keeper(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 64; i++)
+        sink_a = malloc(1024);
+    for (;;)
+        pause();
+    return NULL;
+}
+
+static void start_workers(pthread_t t[2])
+{
+    for (long i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, worker, (void *)i);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s mainexit|exec DELAY_MS SECS | plain|badname SECS\n", argv[0]);
+        return 2;
+    }
+    pthread_t t[2];
+    if (!strcmp(argv[1], "stacks")) {
+        unsigned n = (unsigned)atoi(argv[2]);
+        for (int round = 0; round < 40; round++)
+            for (unsigned k = 0; k < n && k < 4096; k++)
+                free(path(12, k));
+        return 0;
+    }
+    if (!strcmp(argv[1], "many") && argc >= 4) {
+        int n = atoi(argv[2]);
+        secs = atof(argv[3]);
+        for (int i = 0; i < n; i++) {
+            pthread_t th;
+            if (pthread_create(&th, NULL, keeper, NULL)) {
+                perror("pthread_create");
+                return 1;
+            }
+        }
+        sleep_ms((long)(secs * 1000));
+        exit(0);
+    }
+    if (!strcmp(argv[1], "plain") || !strcmp(argv[1], "badname")) {
+        secs = atof(argv[2]);
+        bad_name = !strcmp(argv[1], "badname");
+        if (getenv("TOOLS_SHAPES_EXECED"))
+            prefix = "sh-x";
+        start_workers(t);
+        pthread_join(t[0], NULL);
+        pthread_join(t[1], NULL);
+        return 0;
+    }
+    if (argc < 4)
+        return 2;
+    long delay = atol(argv[2]);
+    secs = atof(argv[3]);
+    if (!strcmp(argv[1], "mainexit")) {
+        start_workers(t);
+        sleep_ms(delay);
+        pthread_exit(NULL);
+    }
+    if (!strcmp(argv[1], "exec")) {
+        start_workers(t);
+        sleep_ms(delay);
+        for (int i = 0; i < 8192; i++) /* 8 MiB the exec frees */
+            sink_a = malloc(1024);
+        setenv("TOOLS_SHAPES_EXECED", "1", 1);
+        execl("/proc/self/exe", argv[0], "plain", argv[3], (char *)NULL);
+        perror("exec");
+        return 1;
+    }
+    return 2;
+}

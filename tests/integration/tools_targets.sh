@@ -1,0 +1,221 @@
+#!/bin/bash
+# Targets whose files or threads are not where a path or the PID says: the library (or static
+# executable) replaced on disk after start, a container whose library path is another file on
+# the host, a main thread that left with pthread_exit while the workers run, a target that execs,
+# one in its own PID namespace; a thread name that is not UTF-8.
+source "$(dirname "$0")/tools_common.inc"
+if [ "$MODE" = static ]; then
+    SHAPES=${SHAPES_STATIC:-}
+    [ -x "$SHAPES" ] || skip "static shapes not built"
+fi
+[ -x "${SHAPES:-}" ] || fail "SHAPES not set (run through ctest)"
+
+# snoop_samples PID SECONDS: allocsnoop's sample count over that long (its exit status must be 0)
+snoop_samples() {
+    "$ALLOCSNOOP" -p "$1" -d "$2" -q --json > "$TMP/snoop.jsonl" 2> "$TMP/snoop.err" ||
+        { cat "$TMP/snoop.err"; fail "allocsnoop -p $1 exited non-zero"; }
+    python3 -c '
+import json, sys
+s = [json.loads(l) for l in open(sys.argv[1]) if "\"summary\"" in l][0]
+print(s["events"]["sample"])' "$TMP/snoop.jsonl"
+}
+# top_rates PID: alloctop's per-thread alloc rates over two intervals, checked non-zero
+top_check() {
+    "$ALLOCTOP" -p "$1" --json 0.5 2 > "$TMP/top.jsonl" 2> "$TMP/top.err" ||
+        { cat "$TMP/top.err"; fail "alloctop -p $1 exited non-zero"; }
+    python3 - "$TMP/top.jsonl" <<'PY' || fail "alloctop saw nothing of the target"
+import json, sys
+objs = [json.loads(l) for l in open(sys.argv[1])]
+p = objs[-1]["processes"][0]
+assert p["alive"], p
+rates = [t["alloc_bps"] for t in p["threads"] if t["comm"].startswith("sh-")]
+assert rates and all(r > 0 for r in rates), rates
+print("ok   alloctop: worker rates %s" % [round(r) for r in rates])
+PY
+}
+
+# run_copy DIR: copy of the probed file (library, or the executable when static) in DIR, and
+# the target started from it in the background ($TP); args after DIR go to the shapes program.
+run_copy() {
+    local dir=$1; shift
+    mkdir -p "$dir"
+    if [ -n "$LIB" ]; then
+        cp "$LIB" "$dir/liblumalloc.so.0"
+        PROBED=$dir/liblumalloc.so.0
+        LD_PRELOAD=$PROBED "$SHAPES" "$@" &
+    else
+        cp "$SHAPES" "$dir/shapes"
+        PROBED=$dir/shapes
+        "$PROBED" "$@" &
+    fi
+    TP=$!
+    BG_PIDS="$BG_PIDS $TP"
+}
+
+echo "== the probed file replaced on disk after the target started ($MODE)"
+run_copy "$TMP/upg" plain 8
+sleep 0.5
+cp "$PROBED" "$PROBED.new" && mv "$PROBED.new" "$PROBED" # an upgrade: a new inode at the path
+grep -q "$PROBED (deleted)" "/proc/$TP/maps" || fail "the old file is not shown deleted in maps"
+top_check "$TP"
+n=$(snoop_samples "$TP" 1.5)
+[ "$n" -gt 0 ] || fail "allocsnoop: no samples from a target whose file was replaced"
+echo "ok   allocsnoop: $n samples"
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+
+echo "== a container whose probed path is another file on the host ($MODE)"
+if ! unshare -m true 2>/dev/null; then
+    echo "skip (no mount namespaces)"
+else
+    mkdir -p "$TMP/ctr"
+    if [ -n "$LIB" ]; then
+        cp "$LIB" "$TMP/ctr/liblumalloc.so.0"   # the host's file at that path
+        cp "$LIB" "$TMP/ctr/inside.so"          # the container's, bind-mounted over it
+        unshare -m --propagation private sh -c \
+            "mount --bind '$TMP/ctr/inside.so' '$TMP/ctr/liblumalloc.so.0' &&
+             LD_PRELOAD='$TMP/ctr/liblumalloc.so.0' exec '$SHAPES' plain 8" &
+    else
+        cp "$SHAPES" "$TMP/ctr/shapes"
+        cp "$SHAPES" "$TMP/ctr/inside"
+        unshare -m --propagation private sh -c \
+            "mount --bind '$TMP/ctr/inside' '$TMP/ctr/shapes' && exec '$TMP/ctr/shapes' plain 8" &
+    fi
+    TP=$!
+    BG_PIDS="$BG_PIDS $TP"
+    sleep 0.5
+    top_check "$TP"
+    n=$(snoop_samples "$TP" 1.5)
+    # Before: the probes went on the host's file, which the container does not run: 0 events.
+    [ "$n" -gt 0 ] || fail "allocsnoop: no samples from the container's process"
+    echo "ok   allocsnoop: $n samples"
+    kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+fi
+
+echo "== the main thread left with pthread_exit, attached after ($MODE)"
+if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" mainexit 200 8 & else "$SHAPES" mainexit 200 8 & fi
+TP=$!
+BG_PIDS="$BG_PIDS $TP"
+sleep 0.6
+[ "$(awk '{print $3}' "/proc/$TP/stat")" = Z ] || fail "the leader is not a zombie: the check proves nothing"
+top_check "$TP"
+start=$(date +%s.%N)
+n=$(snoop_samples "$TP" 1.5)
+took=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+[ "$n" -gt 0 ] || fail "allocsnoop: no samples after the leader left"
+awk -v t="$took" 'BEGIN { exit !(t >= 1.4) }' || fail "allocsnoop stopped after ${took}s of -d 1.5"
+echo "ok   allocsnoop: $n samples over ${took}s"
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+
+echo "== the main thread leaves with pthread_exit while attached ($MODE)"
+if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" mainexit 1000 8 & else "$SHAPES" mainexit 1000 8 & fi
+TP=$!
+BG_PIDS="$BG_PIDS $TP"
+sleep 0.3
+"$ALLOCTOP" -p "$TP" --json 0.5 6 > "$TMP/me.jsonl" 2> "$TMP/me.err" &
+AP=$!
+"$ALLOCSNOOP" -p "$TP" -d 3 --json > "$TMP/me_snoop.jsonl" 2> "$TMP/me_snoop.err" ||
+    { cat "$TMP/me_snoop.err"; fail "allocsnoop exited non-zero"; }
+wait $AP || { cat "$TMP/me.err"; fail "alloctop exited non-zero"; }
+python3 - "$TMP/me.jsonl" "$TMP/me_snoop.jsonl" <<'PY' || fail "a tool stopped following the process when its leader left"
+import json, sys
+top = [json.loads(l) for l in open(sys.argv[1])]
+assert len(top) == 6 and not any(o["final"] for o in top), [o["final"] for o in top]
+last = top[-1]["processes"][0]
+assert last["alive"], "alloctop: process shown exited"
+rates = [t["alloc_bps"] for t in last["threads"] if t["comm"].startswith("sh-")]
+assert rates and all(r > 0 for r in rates), rates
+ev = [json.loads(l) for l in open(sys.argv[2])]
+late = [e for e in ev if e.get("type") == "event" and e["event"] == "sample" and e["ts"] > 2.0]
+assert late, "allocsnoop: no samples after the leader left"
+print("ok   alloctop: 6 live intervals, allocsnoop: %d samples after 2 s" % len(late))
+PY
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+
+echo "== the target execs itself while alloctop watches ($MODE)"
+if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" exec 1000 8 & else "$SHAPES" exec 1000 8 & fi
+TP=$!
+BG_PIDS="$BG_PIDS $TP"
+sleep 0.3
+"$ALLOCTOP" -p "$TP" --json 0.5 7 > "$TMP/exec.jsonl" 2> "$TMP/exec.err" || { cat "$TMP/exec.err"; fail "alloctop"; }
+python3 - "$TMP/exec.jsonl" <<'PY' || fail "alloctop after the target's exec"
+import json, sys
+objs = [json.loads(l) for l in open(sys.argv[1])]
+before = [t["comm"] for t in objs[0]["processes"][0]["threads"]]
+assert any(c.startswith("sh-w") for c in before), before
+last = objs[-1]["processes"][0]
+threads = {t["comm"]: t["alloc_bps"] for t in last["threads"]}
+# Before: the old image's threads, at their last rates, for good.
+assert not any(c.startswith("sh-w") for c in threads), threads
+new = [r for c, r in threads.items() if c.startswith("sh-x")]
+assert new and all(r > 0 for r in new), threads
+print("ok   after exec: %s" % sorted(threads))
+PY
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+
+echo "== the target execs itself while allocsnoop watches ($MODE)"
+# --no-batch: the library's batch of the last samples before the exec dies unpublished with the
+# old image, so batched, the kept blocks might not be seen at all.
+if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" exec 1000 4 & else "$SHAPES" exec 1000 4 & fi
+TP=$!
+BG_PIDS="$BG_PIDS $TP"
+sleep 0.3
+"$ALLOCSNOOP" -p "$TP" -q -d 2.5 --no-batch --json > "$TMP/exec_snoop.jsonl" 2> "$TMP/exec_snoop.err" ||
+    { cat "$TMP/exec_snoop.err"; fail "allocsnoop"; }
+python3 - "$TMP/exec_snoop.jsonl" <<'PY' || fail "allocsnoop after the target's exec"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+s = [o for o in rows if o["type"] == "summary"][0]
+assert s["events"]["sample"] > 100, s["events"]  # the 8 MiB kept were sampled
+live = sum(o["bytes"] for o in rows if o["type"] == "live")
+# Before: the 8 MiB the old image kept, reported live though the exec freed them.
+assert live < 2 << 20, "%d bytes reported live after the exec" % live
+print("ok   %d bytes live after exec, %d samples" % (live, s["events"]["sample"]))
+PY
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+
+echo "== a target in its own PID namespace: thread IDs as we see them ($MODE)"
+if ! unshare -fp --mount-proc true 2>/dev/null; then
+    echo "skip (no PID namespaces)"
+else
+    unshare -fp --mount-proc sh -c "${LIB:+LD_PRELOAD=$LIB }exec '$SHAPES' plain 6" &
+    UP=$!
+    BG_PIDS="$BG_PIDS $UP"
+    sleep 0.5
+    TP=$(pgrep -P "$UP")
+    [ -n "$TP" ] || fail "no target under unshare"
+    BG_PIDS="$BG_PIDS $TP"
+    ls "/proc/$TP/task" > "$TMP/ns.tids"
+    "$ALLOCTOP" -p "$TP" --json 0.3 2 > "$TMP/ns_top.jsonl" 2> "$TMP/ns_top.err" || { cat "$TMP/ns_top.err"; fail "alloctop"; }
+    "$ALLOCSNOOP" -p "$TP" -d 1 -e sample,thread --json > "$TMP/ns_snoop.jsonl" 2> "$TMP/ns_snoop.err" ||
+        { cat "$TMP/ns_snoop.err"; fail "allocsnoop"; }
+    python3 - "$TMP/ns.tids" "$TMP/ns_top.jsonl" "$TMP/ns_snoop.jsonl" <<'PY' || fail "namespace thread IDs"
+import json, sys
+tids = {int(x) for x in open(sys.argv[1])}
+top = [json.loads(l) for l in open(sys.argv[2])][-1]["processes"][0]["threads"]
+shown = {t["tid"]: t["comm"] for t in top}
+# Before: 1, 2, 3 (the namespace's), names "?".
+assert set(shown) <= tids, "alloctop: %s not among %s" % (shown, tids)
+assert sorted(c for c in shown.values() if c.startswith("sh-")) == ["sh-w0", "sh-w1"], shown
+ev = [json.loads(l) for l in open(sys.argv[3])]
+st = {e["tid"] for e in ev if e.get("type") == "event" and e["event"] == "sample"}
+assert st and st <= tids, "allocsnoop: sample tids %s not among %s" % (st, tids)
+print("ok   alloctop %s, allocsnoop sample tids %s" % (shown, sorted(st)))
+PY
+    kill "$TP" 2>/dev/null; wait "$UP" 2>/dev/null
+fi
+
+echo "== a thread name cut inside a UTF-8 character: --json stays UTF-8 ($MODE)"
+if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" badname 5 & else "$SHAPES" badname 5 & fi
+TP=$!
+BG_PIDS="$BG_PIDS $TP"
+sleep 0.3
+"$ALLOCTOP" -p "$TP" --json 0.3 1 > "$TMP/utf8.jsonl" 2> "$TMP/utf8.err" || { cat "$TMP/utf8.err"; fail "alloctop"; }
+python3 - "$TMP/utf8.jsonl" <<'PY' || fail "alloctop --json is not UTF-8"
+import json, sys
+o = json.loads(open(sys.argv[1], "rb").read().decode("utf-8"))
+names = [t["comm"] for t in o["processes"][0]["threads"]]
+assert "sh-namexxxxxxx\ufffd" in names, names
+print("ok   %s" % ascii(names))
+PY
+kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+echo "PASS"
