@@ -12,20 +12,27 @@
 
 #include "tc.h"
 
-/* A task's state letter from /proc/ID/stat (or /proc/PID/task/ID/stat), 0 if it is gone. */
-static char task_state(const char *stat_path)
+/* The fields of a stat file (/proc/ID/stat, /proc/PID/task/ID/stat) after the comm, from the
+ * state letter on, read into buf; NULL if the task is gone. */
+static char *stat_fields(const char *stat_path, char *buf, size_t size)
 {
-    char buf[512];
     int fd = open(stat_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+        return NULL;
+    ssize_t n = read(fd, buf, size - 1);
     close(fd);
     if (n <= 0)
-        return 0;
+        return NULL;
     buf[n] = 0;
     char *rp = strrchr(buf, ')');
-    return rp && rp[1] == ' ' ? rp[2] : 0;
+    return rp && rp[1] == ' ' ? rp + 2 : NULL;
+}
+
+/* A task's state letter, 0 if it is gone. */
+static char task_state(const char *stat_path)
+{
+    char buf[512], *f = stat_fields(stat_path, buf, sizeof buf);
+    return f ? f[0] : 0;
 }
 
 bool tc_task_alive(pid_t pid, pid_t tid)
@@ -74,20 +81,14 @@ uint64_t tc_image_id(pid_t pid)
         return 0;
     char path[64], buf[1024];
     snprintf(path, sizeof(path), "/proc/%d/stat", (int)task);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
     /* After the comm: field 3 is the state; 26 startcode and 28 startstack are the address
      * space's, laid out anew (randomised) by each exec. */
-    char *p = strrchr(buf, ')');
+    char *p = stat_fields(path, buf, sizeof buf);
+    if (!p)
+        return 0;
     unsigned long long v[26] = {0};
     int k = 0;
-    for (p = p ? p + 2 : NULL; p && *p && k < 26; k++) {
+    for (; *p && k < 26; k++) {
         v[k] = strtoull(p, &p, 10);
         while (*p && *p != ' ')
             p++;
