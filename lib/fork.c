@@ -1,5 +1,7 @@
 /* fork() in a multi-threaded process: every allocator lock is taken before the fork so the
- * child never inherits one held by a thread that no longer exists. */
+ * child never inherits one held by a thread that no longer exists.  Held for the fork
+ * (lock.h): another library's handlers that run after this prepare handler or before these
+ * parent/child handlers (registered before ours) allocate and free through them. */
 #include <pthread.h>
 #include "internal.h"
 
@@ -15,17 +17,17 @@ static lum_lock_t *const fork_locks[] = {
 
 static void prepare(void)
 {
-    for (size_t i = 0; i < NLOCKS; i++) lum_lock(fork_locks[i]);
+    for (size_t i = 0; i < NLOCKS; i++) lum_fork_lock(fork_locks[i]);
 }
 
 static void parent(void)
 {
-    for (size_t i = NLOCKS; i-- > 0;) lum_unlock(fork_locks[i]);
+    for (size_t i = NLOCKS; i-- > 0;) lum_fork_unlock(fork_locks[i]);
 }
 
 static void child(void)
 {
-    for (size_t i = 0; i < NLOCKS; i++) atomic_store(&fork_locks[i]->state, 0);
+    for (size_t i = 0; i < NLOCKS; i++) lum_fork_reset(fork_locks[i]);
     lum_lock_order_forget(); /* observe.c's child handler, next, resets the rest */
     lum_background_after_fork_child(); /* first: releases below must not wake the parent's */
     lum_heaps_after_fork_child();

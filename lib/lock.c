@@ -6,9 +6,14 @@
 #include <unistd.h>
 #include "lock.h"
 
-/* states: 0 free, 1 locked, 2 locked with waiters */
+/* state: 0 free, else locked; 2 set: maybe waiters; LUM_LOCK_FORK set: held for a fork */
 void lum_lock_slow(lum_lock_t *l)
 {
+    int s = atomic_load_explicit(&l->state, memory_order_relaxed);
+    /* a lock held for a fork only ever becomes this thread's in its own prepare handler: once
+     * here (not holding it), it never becomes ours while we wait */
+    if ((s & LUM_LOCK_FORK) && lum_fork_holds(l))
+        return;
     for (int spin = 0; spin < 100; spin++) {
         int expected = 0;
         if (atomic_compare_exchange_weak_explicit(&l->state, &expected, 1, memory_order_acquire,
@@ -16,14 +21,116 @@ void lum_lock_slow(lum_lock_t *l)
             return;
         __builtin_ia32_pause();
     }
-    while (atomic_exchange_explicit(&l->state, 2, memory_order_acquire) != 0)
-        syscall(SYS_futex, &l->state, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
+    /* Marks waiters without clearing LUM_LOCK_FORK (the exchange with 2 this replaced would:
+     * the forking thread's nested unlock would then have let go of the lock). */
+    for (;;) {
+        s = atomic_load_explicit(&l->state, memory_order_relaxed);
+        if (s == 0) {
+            if (atomic_compare_exchange_weak_explicit(&l->state, &s, 2, memory_order_acquire,
+                                                      memory_order_relaxed))
+                return;
+            continue;
+        }
+        if (!(s & 2) && !atomic_compare_exchange_weak_explicit(&l->state, &s, s | 2, memory_order_relaxed,
+                                                               memory_order_relaxed))
+            continue;
+        syscall(SYS_futex, &l->state, FUTEX_WAIT_PRIVATE, s | 2, NULL, NULL, 0);
+    }
 }
 
-/* lum_unlock found waiters */
-void lum_unlock_wake(lum_lock_t *l)
+/* lum_unlock found waiters, or a lock held for a fork (state: what it found) */
+void lum_unlock_slow(lum_lock_t *l, int state)
 {
+    if (state & LUM_LOCK_FORK)
+        return; /* the forking thread's nested unlock: fork's parent or child handler lets go */
+    /* ours: other threads can only have marked themselves waiting meanwhile */
+    atomic_store_explicit(&l->state, 0, memory_order_release);
     syscall(SYS_futex, &l->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+/* The locks this thread holds for a fork: at most the prepare handlers' dozen. */
+__thread unsigned lum_fork_nheld __attribute__((tls_model("initial-exec")));
+static __thread const void *fork_held[16] __attribute__((tls_model("initial-exec")));
+
+bool lum_fork_holds(const void *lock)
+{
+    for (unsigned i = 0; i < lum_fork_nheld; i++)
+        if (fork_held[i] == lock)
+            return true;
+    return false;
+}
+
+static void hold(const void *lock)
+{
+    if (lum_fork_nheld < sizeof fork_held / sizeof fork_held[0])
+        fork_held[lum_fork_nheld++] = lock;
+}
+
+void lum_fork_forget(const void *lock)
+{
+    for (unsigned i = 0; i < lum_fork_nheld; i++)
+        if (fork_held[i] == lock) {
+            fork_held[i] = fork_held[--lum_fork_nheld];
+            return;
+        }
+}
+
+void lum_fork_lock(lum_lock_t *l)
+{
+    lum_lock(l);
+    atomic_fetch_or_explicit(&l->state, LUM_LOCK_FORK, memory_order_relaxed);
+    hold(l);
+}
+
+void lum_fork_unlock(lum_lock_t *l)
+{
+    lum_fork_forget(l);
+    lum_lock_order_released(l);
+    if (atomic_exchange_explicit(&l->state, 0, memory_order_release) & 2)
+        syscall(SYS_futex, &l->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+void lum_fork_reset(lum_lock_t *l)
+{
+    lum_fork_forget(l);
+    lum_lock_reset(l);
+}
+
+void lum_fork_mutex_lock(pthread_mutex_t *m)
+{
+    lum_mutex_lock(m);
+    hold(m);
+}
+
+void lum_fork_mutex_unlock(pthread_mutex_t *m)
+{
+    lum_fork_forget(m);
+    lum_mutex_unlock(m);
+}
+
+void lum_fork_mutex_reset(pthread_mutex_t *m)
+{
+    lum_fork_forget(m);
+    pthread_mutex_init(m, NULL);
+}
+
+void lum_fork_wrlock(pthread_rwlock_t *rw)
+{
+    lum_lock_order_check(rw);
+    pthread_rwlock_wrlock(rw);
+    hold(rw);
+}
+
+void lum_fork_rwlock_unlock(pthread_rwlock_t *rw)
+{
+    lum_fork_forget(rw);
+    pthread_rwlock_unlock(rw);
+}
+
+void lum_fork_rwlock_reset(pthread_rwlock_t *rw)
+{
+    lum_fork_forget(rw);
+    pthread_rwlock_init(rw, NULL);
 }
 
 #ifdef LUM_LOCK_DEBUG
@@ -67,9 +174,19 @@ static void inversion(unsigned rank)
     abort();
 }
 
+/* A lock this thread holds for a fork is passed through (lock.h), not recorded. */
 void lum_lock_order_check(const void *lock)
 {
     unsigned r;
+    if (lum_fork_holds(lock)) {
+        /* only ever before a wait for the unwinder's read lock: the forking thread holds it
+         * for writing, and glibc would fail the read lock (EDEADLK), the unlock after it then
+         * letting go of fork's write lock.  observe.c's prepare handler sets lum_obs_busy so
+         * that the thread's allocations meanwhile do not unwind. */
+        static const char msg[] = "lumalloc: a read lock of the unwind lock by the thread in fork()\n";
+        if (write(2, msg, sizeof msg - 1) < 0) {}
+        abort();
+    }
     if (rank_of(lock, &r) && (held >> r))
         inversion(r);
 }
@@ -77,7 +194,7 @@ void lum_lock_order_check(const void *lock)
 void lum_lock_order_acquired(const void *lock, bool waited)
 {
     unsigned r;
-    if (!rank_of(lock, &r))
+    if (lum_fork_holds(lock) || !rank_of(lock, &r))
         return;
     if (waited && (held >> r))
         inversion(r);
@@ -87,7 +204,7 @@ void lum_lock_order_acquired(const void *lock, bool waited)
 void lum_lock_order_released(const void *lock)
 {
     unsigned r;
-    if (rank_of(lock, &r))
+    if (!lum_fork_holds(lock) && rank_of(lock, &r))
         held &= ~(1u << r);
 }
 

@@ -96,40 +96,53 @@ int lum_obs_thread_start(void *(*fn)(void *), size_t stack, const char *name)
 
 /* fork(): a child must not inherit our locks held by threads that do not exist there.  Our
  * locks are never held while calling into the core, and the core never holds its locks while
- * calling our hooks, so these handlers are independent of the core's own. */
+ * calling our hooks, so these handlers are independent of the core's own.  Held for the fork
+ * (lock.h): handlers of other libraries that run between our prepare and our parent/child
+ * handlers may allocate, and a sample of theirs goes through these locks. */
 extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
+/* The forking thread's lum_obs_busy before fork. */
+static int fork_was_busy;
 
 static void fork_prepare(void)
 {
     /* A thread deriving rules holds the unwind lock (see lum_unwind_fork_lock): it comes
      * first, before any lock such a thread could go on to take; the unwinder's object cache
      * next (a walk's look at unloads takes it without the unwind lock). */
-    lum_lock_order_check(&lum_unwind_fork_lock);
-    pthread_rwlock_wrlock(&lum_unwind_fork_lock);
-    lum_lock(&lum_cfi_lock);
-    lum_lock(&lum_prof_lock);
-    lum_mutex_lock(&lum_warn_lock);
-    lum_mutex_lock(&lum_obs_arena_lock);
+    lum_fork_wrlock(&lum_unwind_fork_lock);
+    /* The forking thread does not unwind (nor inject failures) until our parent/child handler:
+     * a sample or large warning of another library's handler meanwhile would read-lock the
+     * unwind lock this thread holds for writing (glibc fails that with EDEADLK, and the unlock
+     * after it would let go of the write lock).  Its samples are recorded without a stack, as
+     * in profiler code.  Saved under the write lock: one forking thread at a time. */
+    fork_was_busy = lum_obs_busy;
+    lum_obs_busy = 1;
+    lum_fork_lock(&lum_cfi_lock);
+    lum_fork_lock(&lum_prof_lock);
+    lum_fork_mutex_lock(&lum_warn_lock);
+    lum_fork_mutex_lock(&lum_obs_arena_lock);
 }
 
 static void fork_parent(void)
 {
-    lum_mutex_unlock(&lum_obs_arena_lock);
-    lum_mutex_unlock(&lum_warn_lock);
-    lum_unlock(&lum_prof_lock);
-    lum_unlock(&lum_cfi_lock);
-    pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    lum_fork_mutex_unlock(&lum_obs_arena_lock);
+    lum_fork_mutex_unlock(&lum_warn_lock);
+    lum_fork_unlock(&lum_prof_lock);
+    lum_fork_unlock(&lum_cfi_lock);
+    lum_fork_rwlock_unlock(&lum_unwind_fork_lock);
+    lum_obs_busy = fork_was_busy;
 }
 
 static void fork_child(void)
 {
-    pthread_mutex_init(&lum_obs_arena_lock, NULL);
-    pthread_mutex_init(&lum_warn_lock, NULL);
-    pthread_rwlock_init(&lum_unwind_fork_lock, NULL);
+    lum_fork_mutex_reset(&lum_obs_arena_lock);
+    lum_fork_mutex_reset(&lum_warn_lock);
+    lum_fork_rwlock_reset(&lum_unwind_fork_lock);
     lum_cfi_after_fork_child();
-    lum_lock_reset(&lum_prof_lock);
+    lum_fork_forget(&lum_cfi_lock); /* reset just now */
+    lum_fork_reset(&lum_prof_lock);
     /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
     pthread_mutex_init(&lum_unwind_rules_lock, NULL);
+    lum_obs_busy = fork_was_busy;
     lum_failure_after_fork_child();
     lum_prof_dump_after_fork_child();
 }
