@@ -91,11 +91,24 @@ static void flush_if_due(uint64_t now)
         flush_locked();
 }
 
+/* A fork child inherits the parent's raised semaphores in its copy of memory, though no tracer
+ * may follow it: the kernel takes its breakpoints out, and lowers the count, when a probe first
+ * fires there.  Until the child has published a batch and still sees sample_batch's semaphore
+ * set, it starts no flusher: one started at once made every child of a traced process
+ * multithreaded (unshare(CLONE_NEWUSER) then fails with EINVAL), for nothing. */
+static bool child_unverified;
+
 static bool after_append(uint64_t now)
 {
     flush_if_due(now);
     if (flusher_state || lum_batch_test_no_flusher || !__atomic_load_n(&batch_ready, __ATOMIC_RELAXED))
         return false;
+    if (child_unverified) {
+        flush_locked();
+        if (!LUM_PROBE_ON(sample_batch))
+            return false; /* nobody traces the child: the samples stop taking this path */
+        child_unverified = false;
+    }
     flusher_state = 1;
     return true;
 }
@@ -209,6 +222,7 @@ static void batch_fork_child(void)
     batch_used = 0;
     __atomic_store_n(&lum_batch_count, 0, __ATOMIC_RELAXED);
     flusher_state = 0;
+    child_unverified = true;
     my_tid = 0;
     self_pid = getpid();
 }

@@ -4,6 +4,7 @@
  * process, at thread exit, before another probe fires and at exit; a fork child never
  * publishes its parent's records. */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -340,6 +341,63 @@ static void test_exit_flush_and_fork(void **state)
     free(parents);
 }
 
+/* A fork child inherits the raised semaphore of a traced parent, which the kernel lowers when
+ * the probe first fires there if no tracer follows the child (emulated by the hook below).
+ * The child publishes before it starts a flusher, and starts none when the semaphore went
+ * down: it started one at once, and every child of a traced process had two threads
+ * (unshare(CLONE_NEWUSER) then fails). */
+static void untraced_child_hook(const void *buf, uint64_t bytes, uint32_t nrecords)
+{
+    (void)buf, (void)bytes, (void)nrecords;
+    lumalloc_sample_batch_semaphore = 0;
+}
+
+/* Threads of this process, from /proc/self/status (open and read: no allocation, which would
+ * sample). */
+static int task_count(void)
+{
+    char buf[4096];
+    int fd = open("/proc/self/status", O_RDONLY);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    const char *t = strstr(buf, "\nThreads:");
+    return t ? atoi(t + 9) : -1;
+}
+
+/* In a child: samples a few blocks (sampling every allocation), waits a little for a flusher
+ * to show up; exits with the number of threads. */
+static int child_threads(bool traced)
+{
+    if (!traced) lum_batch_test_hook = untraced_child_hook;
+    lum_batch_test_no_flusher = false;
+    for (int i = 0; i < 16; i++) {
+        sink = malloc(64);
+        free(sink);
+    }
+    for (int i = 0; i < 20 && task_count() < 2; i++) usleep(5000);
+    return task_count();
+}
+
+static void test_untraced_fork_child_starts_no_flusher(void **state)
+{
+    (void)state;
+    reset(false);
+    for (int traced = 0; traced <= 1; traced++) {
+        fflush(NULL);
+        pid_t c = fork();
+        assert_true(c >= 0);
+        if (c == 0) _exit(child_threads(traced));
+        int st;
+        assert_int_equal(waitpid(c, &st, 0), c);
+        assert_true(WIFEXITED(st));
+        /* untraced: alone; traced (the semaphore stays up): the flusher, which proves the check */
+        assert_int_equal(WEXITSTATUS(st), traced ? 2 : 1);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -350,6 +408,7 @@ int main(void)
         cmocka_unit_test(test_thread_exit_flushes),
         cmocka_unit_test(test_flushed_before_other_probe),
         cmocka_unit_test(test_exit_flush_and_fork),
+        cmocka_unit_test(test_untraced_fork_child_starts_no_flusher),
         cmocka_unit_test(test_idle_process_flushed), /* last: it leaves the flusher running */
     };
     return cmocka_run_group_tests(tests, setup, teardown);
