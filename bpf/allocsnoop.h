@@ -37,11 +37,12 @@ struct snoop_event {
     uint32_t kind;      /* enum snoop_kind */
     uint32_t depth;     /* valid entries in frames[] */
     uint64_t ptr;       /* address (sample*, large*), 0 otherwise */
-    uint64_t size;      /* requested size; purge: bytes; pressure: stall_us */
+    uint64_t size;      /* requested size; purge, pressure: bytes released */
     uint64_t usable;    /* usable size; pressure: bytes released */
     uint64_t weight;    /* sample weight in bytes (sample, sample_free) */
     uint64_t stack_id;  /* library's stack hash, 0 if none */
-    uint64_t arg;       /* failure: alignment; thread_*: counters address; purge: reason */
+    uint64_t arg;       /* failure: alignment; thread_*: counters address; purge: reason;
+                         * pressure: stall_us */
     uint64_t arg2;      /* failure: errno */
     uint64_t frames[LUM_MAX_FRAMES]; /* return addresses, innermost first */
 };

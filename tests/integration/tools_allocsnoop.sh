@@ -121,7 +121,7 @@ PY
 done
 
 echo "== lost events are counted, never silently dropped ($MODE)"
-LUMALLOC_SAMPLE_INTERVAL=1 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" --ringbuf-kib 4 -q --json \
+LUMALLOC_SAMPLE_INTERVAL=1 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" --ringbuf-kib 4 --no-batch -q --json \
     > "$TMP/lost.jsonl" 2>&1 || fail "allocsnoop --ringbuf-kib"
 python3 - "$TMP/lost.jsonl" <<'PY' || fail "lost events not reported"
 import json, sys

@@ -100,7 +100,7 @@ static void usage(FILE *f)
             "      --pprof FILE         pprof profile (uncompressed profile.proto)\n"
             "      --leaks N            stacks shown in the live/leak report (default 10)\n"
             "      --all-frames         keep the allocator's own frames in stack output\n"
-            "      --ringbuf-kib N      ring buffer size (default 16384 KiB)\n"
+            "      --ringbuf-kib N      ring buffer size (default 16384 KiB; at least 256 with batched samples)\n"
             "      --no-batch           per-event sample/sample_free probes even where the library has\n"
             "                           sample_batch (two probe hits per sampled block instead of ~1/300)\n"
             "  -v, --verbose            libbpf diagnostics\n");
@@ -439,6 +439,12 @@ static void process_event(struct snoop_event *e)
                (unsigned long long)e->ptr, (unsigned long long)e->weight);
         if (e->kind == SNOOP_FAILURE)
             printf(",\"alignment\":%llu,\"errno\":%llu", (unsigned long long)e->arg, (unsigned long long)e->arg2);
+        else if (e->kind == SNOOP_PURGE) /* LUM_PURGE_* */
+            printf(",\"reason\":%llu", (unsigned long long)e->arg);
+        else if (e->kind == SNOOP_PRESSURE)
+            printf(",\"stall_us\":%llu", (unsigned long long)e->arg);
+        else if (e->kind == SNOOP_THREAD_START || e->kind == SNOOP_THREAD_EXIT)
+            printf(",\"counters\":\"0x%llx\"", (unsigned long long)e->arg);
         if (opt.stacks_out && e->depth) {
             printf(",\"stack\":");
             print_stack_json((pid_t)e->pid, e->frames, e->depth);
@@ -899,6 +905,12 @@ int main(int argc, char **argv)
     }
     if (optind < argc)
         tc_die("unexpected argument '%s' (see --help)", argv[optind]);
+    /* A batch is up to LUM_BATCH_BYTES in one ring record: a ring of a few batches loses most
+     * of them while the reader drains it (64 KiB: 156 samples delivered of 38000) */
+    if (ringbuf_kib && ringbuf_kib < 4 * LUM_BATCH_BYTES / 1024 && !opt.no_batch &&
+        (opt.kinds & (1u << SNOOP_SAMPLE | 1u << SNOOP_SAMPLE_FREE)))
+        tc_die("--ringbuf-kib %ld is too small for batched samples (a batch is up to %d KiB): "
+               "at least %d, or add --no-batch", ringbuf_kib, LUM_BATCH_BYTES / 1024, 4 * LUM_BATCH_BYTES / 1024);
     tc_need_one_target(npids, command, binary_path);
     tc_check_environment();
     static char binary_real[PATH_MAX];
