@@ -41,7 +41,9 @@
  *   thread_start  (u32 tid, u64 thread_counters_addr)
  *   thread_exit   (u32 tid, u64 thread_counters_addr)
  *       A thread's heap is created / torn down.  thread_counters_addr points to its
- *       struct lum_thread_counters_v1, which stays readable (and final) after thread_exit.
+ *       struct lum_thread_counters_v1, which at thread_exit holds the thread's final figures:
+ *       read them in the handler.  The record stays mapped, but it is recycled for the next
+ *       thread that starts (whose thread_start gives the same address; its tid then changes).
  *
  *   purge         (u64 bytes, u32 reason)      reason: LUM_PURGE_*
  *   pressure      (u64 stall_us, u64 bytes_released)
@@ -69,11 +71,12 @@
  *     It points into the firing thread's stack: copy it inside the probe handler.  When
  *     lumalloc is a shared object (linked or LD_PRELOADed) its own frames are dropped, so
  *     frame 0 is the caller of malloc/calloc/...; when it is linked statically into the
- *     executable, the public entry point (malloc, ...) may appear as frame 0.
+ *     executable, the public entry point (malloc, ...) may appear as frame 0, and a large
+ *     block's stacks (large_alloc, and sample of a large block) may begin with one or two of
+ *     the allocator's own frames (lum_malloc_slow, lum_large_alloc): its code is not one range
+ *     there to skip (alloctop and allocsnoop skip them by name).
  *   - depth is 0 (and stack_id 0) when no stack was taken: nested inside profiler code,
- *     LUMALLOC_PROF_DEPTH=0, libunwind not loadable (said once on stderr), or, for a sample
- *     taken while sampling switched on at run time loads libunwind, the dynamic loader busy
- *     with another dlopen/dlclose or the load taking over 50 ms.
+ *     LUMALLOC_PROF_DEPTH=0, or not even the first frame could be unwound.
  *   - stack_id is the same 64-bit hash the in-process reports print (`stack 0x...`), so tracer
  *     output and lum_prof_write_text() can be joined.
  *   - sample_free fires only for allocations that were recorded as samples (the library keeps a
@@ -115,7 +118,7 @@
  *     bpftrace -p PID -e 'usdt:LIB:lumalloc:sample_batch { @records = hist(arg2); }'
  *   failed allocations with the caller:
  *     bpftrace -p PID -e 'usdt:LIB:lumalloc:alloc_failure {
- *                           printf("%d bytes, errno %d, from %s\n", arg0, arg2,
+ *                           printf("%lu bytes, errno %d, from %s\n", arg0, arg2,
  *                                  usym(*(uint64 *)arg3)); }'
  */
 #ifndef LUMALLOC_PROBES_H
