@@ -4,6 +4,7 @@
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <stdint.h>
 #include "lock.h"
 
 /* state: 0 free, else locked; 2 set: maybe waiters; LUM_LOCK_FORK set: held for a fork */
@@ -48,13 +49,20 @@ void lum_unlock_slow(lum_lock_t *l, int state)
     syscall(SYS_futex, &l->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
-/* The locks this thread holds for a fork: at most the prepare handlers' dozen. */
-__thread unsigned lum_fork_nheld __attribute__((tls_model("initial-exec")));
-static __thread const void *fork_held[16] __attribute__((tls_model("initial-exec")));
+/* The locks held for a fork, at most the prepare handlers' dozen, and the thread holding them.
+ * Process-wide, not thread-local: one fork's handlers hold every lock, so a second forking
+ * thread waits in its prepare until the first is done; and the library's static TLS is what a
+ * late dlopen of it has to fit in glibc's surplus (these 132 bytes of TLS made it fail). */
+unsigned lum_fork_nheld;
+static const void *fork_held[16];
+static uintptr_t fork_holder;
 
 bool lum_fork_holds(const void *lock)
 {
-    for (unsigned i = 0; i < lum_fork_nheld; i++)
+    unsigned n = __atomic_load_n(&lum_fork_nheld, __ATOMIC_ACQUIRE);
+    if (!n || __atomic_load_n(&fork_holder, __ATOMIC_RELAXED) != (uintptr_t)pthread_self())
+        return false;
+    for (unsigned i = 0; i < n; i++)
         if (fork_held[i] == lock)
             return true;
     return false;
@@ -62,15 +70,24 @@ bool lum_fork_holds(const void *lock)
 
 static void hold(const void *lock)
 {
-    if (lum_fork_nheld < sizeof fork_held / sizeof fork_held[0])
-        fork_held[lum_fork_nheld++] = lock;
+    unsigned n = lum_fork_nheld;
+    if (n >= sizeof fork_held / sizeof fork_held[0])
+        return;
+    if (!n)
+        __atomic_store_n(&fork_holder, (uintptr_t)pthread_self(), __ATOMIC_RELAXED);
+    fork_held[n] = lock;
+    __atomic_store_n(&lum_fork_nheld, n + 1, __ATOMIC_RELEASE);
 }
 
 void lum_fork_forget(const void *lock)
 {
-    for (unsigned i = 0; i < lum_fork_nheld; i++)
+    unsigned n = lum_fork_nheld;
+    for (unsigned i = 0; i < n; i++)
         if (fork_held[i] == lock) {
-            fork_held[i] = fork_held[--lum_fork_nheld];
+            fork_held[i] = fork_held[n - 1];
+            if (n == 1)
+                __atomic_store_n(&fork_holder, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&lum_fork_nheld, n - 1, __ATOMIC_RELEASE);
             return;
         }
 }

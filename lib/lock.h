@@ -27,8 +27,8 @@ void lum_lock_slow(lum_lock_t *l);
  * section (lum_batch_sync under a purge).  The pthread rwlock is not passed through: observe.c's
  * prepare sets lum_obs_busy, so the forking thread's allocations do not unwind. */
 #define LUM_LOCK_FORK 4
-/* The forking thread's count of locks held for the fork (0 in every other thread). */
-extern __thread unsigned lum_fork_nheld __attribute__((tls_model("initial-exec"), visibility("hidden")));
+/* The count of locks held for a fork in progress (0 outside one). */
+extern unsigned lum_fork_nheld __attribute__((visibility("hidden")));
 /* Whether this thread holds lock (a lum_lock_t, pthread mutex or rwlock) for a fork. */
 bool lum_fork_holds(const void *lock);
 /* Prepare: takes the lock and marks it held for the fork.  Parent: lets go of it.  Child:
@@ -69,14 +69,14 @@ static inline void lum_lock_order_forget(void) {}
  * order check. */
 static inline void lum_mutex_lock(pthread_mutex_t *m)
 {
-    if (__builtin_expect(lum_fork_nheld != 0, 0) && lum_fork_holds(m))
+    if (__builtin_expect(__atomic_load_n(&lum_fork_nheld, __ATOMIC_RELAXED) != 0, 0) && lum_fork_holds(m))
         return; /* the forking thread, from another library's handler: see above */
     pthread_mutex_lock(m);
     lum_lock_order_acquired(m, true);
 }
 static inline void lum_mutex_unlock(pthread_mutex_t *m)
 {
-    if (__builtin_expect(lum_fork_nheld != 0, 0) && lum_fork_holds(m))
+    if (__builtin_expect(__atomic_load_n(&lum_fork_nheld, __ATOMIC_RELAXED) != 0, 0) && lum_fork_holds(m))
         return;
     lum_lock_order_released(m);
     pthread_mutex_unlock(m);
