@@ -37,6 +37,8 @@
 #include <sys/stat.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include "obs_internal.h"
 #include "options.h"
 
@@ -842,17 +844,29 @@ static int find_cb_ordered(struct dl_phdr_info *info, size_t size, void *arg)
  * that a static link without it still works (dl_iterate_phdr then, as before). */
 #pragma weak _dl_find_object
 
+/* Whether the main program asks for a dynamic loader (PT_INTERP): started as an argument of
+ * ld.so it has one, though AT_BASE is 0 then; a static executable (static-pie too) has none. */
+static bool main_has_interp(void)
+{
+    const ElfW(Phdr) *ph = (const ElfW(Phdr) *)getauxval(AT_PHDR);
+    unsigned long n = getauxval(AT_PHNUM);
+    for (unsigned long i = 0; ph && i < n; i++)
+        if (ph[i].p_type == PT_INTERP)
+            return true;
+    return false;
+}
+
 /* Whether the index can be asked: it is there, and the program has a dynamic loader (in a
  * static executable, glibc's _dl_find_object faulted on a sample taken while libc started, and
  * names no ELF header later: such programs read the program headers by dl_iterate_phdr, as
- * before).  A program started as an argument of ld.so has no AT_BASE either, and takes that
- * path too. */
+ * before).  A program started as an argument of ld.so has no AT_BASE, but its PT_INTERP
+ * tells. */
 bool lum_cfi_index_usable(void)
 {
     static int state; /* 0: not yet known, 1: usable, -1: not */
     int s = __atomic_load_n(&state, __ATOMIC_RELAXED);
     if (!s) {
-        s = _dl_find_object && getauxval(AT_BASE) ? 1 : -1;
+        s = _dl_find_object && (getauxval(AT_BASE) || main_has_interp()) ? 1 : -1;
         __atomic_store_n(&state, s, __ATOMIC_RELAXED);
     }
     return s > 0;
@@ -897,30 +911,61 @@ static bool dlfo_info(uintptr_t pc, struct dl_find_object *fo, struct dl_phdr_in
  * reloaded): its build-id (when its note lies in the header's page, which is mapped whatever
  * the object) and the start of its .eh_frame_hdr, hashed a word at a time (a look hashes every
  * object rules came from: byte by byte it was 10 times the cost of the old look). */
+/* Copies n bytes at src that may be unmapped at any moment: the look runs with no loader lock,
+ * and another thread's dlclose can unmap an object between the index's answer and the read
+ * (SIGSEGV inside malloc, found in review).  The kernel's copy fails instead of faulting;
+ * false then.  Where the call is refused (a seccomp filter), a plain read, as before. */
+static bool copy_from_object(void *dst, const void *src, size_t n)
+{
+    struct iovec local = {dst, n}, remote = {(void *)src, n};
+    long r = syscall(SYS_process_vm_readv, (long)getpid(), &local, 1L, &remote, 1L, 0L);
+    if (r == (long)n)
+        return true;
+    if (r < 0 && (errno == ENOSYS || errno == EPERM)) {
+        memcpy(dst, src, n);
+        return true;
+    }
+    return false;
+}
+
+/* A hash of an object's build-id note and the head of its .eh_frame_hdr; 0 (which no hash of
+ * bytes read gives here: the | 1) when they could not be read, the object gone. */
 static uint64_t fingerprint(uintptr_t map_lo, uint32_t note_rel, uint32_t note_len, const void *eh)
 {
     uint64_t h = 0xcbf29ce484222325ULL;
+    int saved = errno;
     if (note_len && note_rel + note_len <= 4096) {
-        const uint8_t *p = (const uint8_t *)map_lo + note_rel;
+        /* a build-id note is 36 bytes (SHA-1); more than 64 are hashed as their first 64 */
+        uint8_t note[64];
+        if (note_len > sizeof note)
+            note_len = sizeof note;
+        if (!copy_from_object(note, (const uint8_t *)map_lo + note_rel, note_len)) {
+            errno = saved;
+            return 0;
+        }
         uint64_t w;
         uint32_t i = 0;
         for (; i + 8 <= note_len; i += 8) {
-            memcpy(&w, p + i, 8);
+            memcpy(&w, note + i, 8);
             h = (h ^ w) * 0x100000001b3ULL;
         }
         if (i < note_len) { /* a note's length is a multiple of 4 */
             uint32_t t;
-            memcpy(&t, p + i, 4);
+            memcpy(&t, note + i, 4);
             h = (h ^ t) * 0x100000001b3ULL;
         }
     }
     /* 16 bytes: version, encodings, the .eh_frame pointer and the FDE count, all in the page */
     if (eh && 4096 - ((uintptr_t)eh & 4095) >= 16) {
         uint64_t e[2];
-        memcpy(e, eh, sizeof e);
+        if (!copy_from_object(e, eh, sizeof e)) {
+            errno = saved;
+            return 0;
+        }
         h = ((h ^ e[0]) * 0x100000001b3ULL ^ e[1]) * 0x100000001b3ULL;
     }
-    return h;
+    errno = saved;
+    return h | 1;
 }
 
 /* Objects rules have been derived from since the generation last moved, as the index named
@@ -1142,6 +1187,7 @@ bool lum_cfi_forked;
 
 void lum_cfi_after_fork_child(void)
 {
+    lum_lock_reset(&lum_cfi_lock); /* fork's prepare took it here too */
     lum_cfi_forked = true;
 }
 
