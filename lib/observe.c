@@ -128,8 +128,10 @@ static void fork_parent(void)
     lum_fork_mutex_unlock(&lum_warn_lock);
     lum_fork_unlock(&lum_prof_lock);
     lum_fork_unlock(&lum_cfi_lock);
+    /* read before the write lock goes: another thread's fork may then save its own */
+    int was_busy = fork_was_busy;
     lum_fork_rwlock_unlock(&lum_unwind_fork_lock);
-    lum_obs_busy = fork_was_busy;
+    lum_obs_busy = was_busy;
 }
 
 static void fork_child(void)
