@@ -95,11 +95,17 @@ uint64_t tc_image_id(pid_t pid)
         if (*p == ' ')
             p++;
     }
-    uint64_t h = k == 26 ? tc_hash64(v[23], v[25]) : 0;
+    /* An exiting process has no address space left: the kernel gives 0 for both fields, and
+     * its exe no longer resolves.  That is no new image (taken for an exec, it dropped the
+     * leak report at exit): unknown, 0. */
+    if (k != 26 || !v[23] || !v[25])
+        return 0;
+    uint64_t h = tc_hash64(v[23], v[25]);
     struct stat st;
     snprintf(path, sizeof(path), "/proc/%d/exe", (int)task);
-    if (stat(path, &st) == 0)
-        h = tc_hash64(tc_hash64(h, st.st_dev), st.st_ino);
+    if (stat(path, &st) != 0)
+        return 0;
+    h = tc_hash64(tc_hash64(h, st.st_dev), st.st_ino);
     return h | 1;
 }
 
