@@ -4,6 +4,12 @@
 # the host, a main thread that left with pthread_exit while the workers run, a target that execs,
 # one in its own PID namespace; a thread name that is not UTF-8.
 source "$(dirname "$0")/tools_common.inc"
+# The shapes program in the background (preloaded in the modes that preload): its PID in TP.
+start_shapes() {
+    if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" "$@" & else "$SHAPES" "$@" & fi
+    TP=$!
+    BG_PIDS="$BG_PIDS $TP"
+}
 if [ "$MODE" = static ]; then
     SHAPES=${SHAPES_STATIC:-}
     [ -x "$SHAPES" ] || skip "static shapes not built"
@@ -92,9 +98,7 @@ else
 fi
 
 echo "== the main thread left with pthread_exit, attached after ($MODE)"
-if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" mainexit 200 8 & else "$SHAPES" mainexit 200 8 & fi
-TP=$!
-BG_PIDS="$BG_PIDS $TP"
+start_shapes mainexit 200 8
 sleep 0.6
 [ "$(awk '{print $3}' "/proc/$TP/stat")" = Z ] || fail "the leader is not a zombie: the check proves nothing"
 top_check "$TP"
@@ -107,9 +111,7 @@ echo "ok   allocsnoop: $n samples over ${took}s"
 kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
 
 echo "== the main thread leaves with pthread_exit while attached ($MODE)"
-if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" mainexit 1000 8 & else "$SHAPES" mainexit 1000 8 & fi
-TP=$!
-BG_PIDS="$BG_PIDS $TP"
+start_shapes mainexit 1000 8
 sleep 0.3
 "$ALLOCTOP" -p "$TP" --json 0.5 6 > "$TMP/me.jsonl" 2> "$TMP/me.err" &
 AP=$!
@@ -132,9 +134,7 @@ PY
 kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
 
 echo "== the target execs itself while alloctop watches ($MODE)"
-if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" exec 1000 8 & else "$SHAPES" exec 1000 8 & fi
-TP=$!
-BG_PIDS="$BG_PIDS $TP"
+start_shapes exec 1000 8
 sleep 0.3
 "$ALLOCTOP" -p "$TP" --json 0.5 7 > "$TMP/exec.jsonl" 2> "$TMP/exec.err" || { cat "$TMP/exec.err"; fail "alloctop"; }
 python3 - "$TMP/exec.jsonl" <<'PY' || fail "alloctop after the target's exec"
@@ -155,9 +155,7 @@ kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
 echo "== the target execs itself while allocsnoop watches ($MODE)"
 # --no-batch: the library's batch of the last samples before the exec dies unpublished with the
 # old image, so batched, the kept blocks might not be seen at all.
-if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" exec 1000 4 & else "$SHAPES" exec 1000 4 & fi
-TP=$!
-BG_PIDS="$BG_PIDS $TP"
+start_shapes exec 1000 4
 sleep 0.3
 "$ALLOCSNOOP" -p "$TP" -q -d 2.5 --no-batch --json > "$TMP/exec_snoop.jsonl" 2> "$TMP/exec_snoop.err" ||
     { cat "$TMP/exec_snoop.err"; fail "allocsnoop"; }
@@ -205,9 +203,7 @@ PY
 fi
 
 echo "== a thread name cut inside a UTF-8 character: --json stays UTF-8 ($MODE)"
-if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" badname 5 & else "$SHAPES" badname 5 & fi
-TP=$!
-BG_PIDS="$BG_PIDS $TP"
+start_shapes badname 5
 sleep 0.3
 "$ALLOCTOP" -p "$TP" --json 0.3 1 > "$TMP/utf8.jsonl" 2> "$TMP/utf8.err" || { cat "$TMP/utf8.err"; fail "alloctop"; }
 python3 - "$TMP/utf8.jsonl" <<'PY' || fail "alloctop --json is not UTF-8"
