@@ -19,8 +19,9 @@
  * stack_from); on any other (a coroutine's, an alternate signal stack), the highest page this
  * walk checked, every walk again.  A wrong rule can cut a stack short, or off the thread's own
  * stack read the memory mapped above as frames, but never read unmapped memory (short of
- * another thread unmapping it in the middle of a walk).  The sampler starts the walk in its caller (lum_unwind_from), lum_unwind in its own;
- * every frame's code address is then a return address.  Building with -DLUM_UNWIND_VERIFY
+ * another thread unmapping it in the middle of a walk).  The sampler starts the walk in its
+ * caller (lum_unwind_from), lum_unwind in its own; every frame's code address is then a return
+ * address.  Building with -DLUM_UNWIND_VERIFY
  * checks every walk against libunwind's on stderr (the library then links libunwind). */
 #define _GNU_SOURCE 1
 #include <link.h>
@@ -213,8 +214,9 @@ static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
  * look left it.  A look costs a _dl_find_object per such object (before the index, one
  * dl_iterate_phdr callback, ~370 instructions with its locks: ring +0.8 % instructions when
  * every sample looked), so walks look one in LUM_UNLOAD_EVERY per thread, and before every walk
- * that derives rules, when it is cheap next to the walk.  The count is stored after the generation moves, so a thread that sees the new count
- * also sees the new generation (two threads may both move it: a harmless extra step). */
+ * that derives rules, when it is cheap next to the walk.  The count is stored after the
+ * generation moves, so a thread that sees the new count also sees the new generation (two
+ * threads may both move it: a harmless extra step). */
 static uint32_t rules_generation_look(void)
 {
     uint64_t u = lum_cfi_unloads();
