@@ -335,14 +335,21 @@ struct lum_heap *lum_heap_get_unless_exited(void)
 
 /* ---- cross-thread frees ---- */
 
-/* Pushes b, a block of page, onto list (an inbox). */
-static void push_atomic(_Atomic(lum_block *) *list, const struct lum_page *page, lum_block *b)
+/* Pushes the chain first..last (last a block of page) onto list (an inbox). */
+static inline void push_chain_atomic(_Atomic(lum_block *) *list, const struct lum_page *page, lum_block *first,
+                                     lum_block *last)
 {
     lum_block *head = atomic_load_explicit(list, memory_order_relaxed);
     do {
-        lum_remote_set_next(page, b, head);
-    } while (!atomic_compare_exchange_weak_explicit(list, &head, b, memory_order_release,
+        lum_remote_set_next(page, last, head);
+    } while (!atomic_compare_exchange_weak_explicit(list, &head, first, memory_order_release,
                                                     memory_order_relaxed));
+}
+
+/* Pushes b, a block of page, onto list (an inbox). */
+static void push_atomic(_Atomic(lum_block *) *list, const struct lum_page *page, lum_block *b)
+{
+    push_chain_atomic(list, page, b, b);
 }
 
 /* A page's thread_free list carries this mark (and no blocks) while the page sits on its
@@ -459,13 +466,8 @@ static LUM_COLD_TEXT void remote_put_back(struct lum_page *page, lum_block *firs
                                                        memory_order_relaxed))
                 continue;
             struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
-            if (owner) {
-                /* alive: an exit would need the lock the caller holds */
-                lum_block *ih = atomic_load_explicit(&owner->inbox, memory_order_relaxed);
-                do {
-                    lum_remote_set_next(page, last, ih);
-                } while (!atomic_compare_exchange_weak_explicit(&owner->inbox, &ih, first, memory_order_release,
-                                                                memory_order_relaxed));
+            if (owner) { /* alive: an exit would need the lock the caller holds */
+                push_chain_atomic(&owner->inbox, page, first, last);
                 return;
             }
             head = NULL;
@@ -502,12 +504,7 @@ LUM_COLD_TEXT void lum_heap_inbox_pages(struct lum_heap *heap, void (*fn)(struct
         fn(lum_page_of(b), arg);
         last = b;
     }
-    struct lum_page *page = lum_page_of(last);
-    lum_block *head = atomic_load_explicit(&heap->inbox, memory_order_relaxed);
-    do {
-        lum_remote_set_next(page, last, head);
-    } while (!atomic_compare_exchange_weak_explicit(&heap->inbox, &head, list, memory_order_release,
-                                                    memory_order_relaxed));
+    push_chain_atomic(&heap->inbox, lum_page_of(last), list, last);
 }
 
 /* Empty pages of exited threads kept on the abandoned lists, counted by the bytes carved in
