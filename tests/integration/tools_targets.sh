@@ -25,6 +25,16 @@ import json, sys
 s = [json.loads(l) for l in open(sys.argv[1]) if "\"summary\"" in l][0]
 print(s["events"]["sample"])' "$TMP/snoop.jsonl"
 }
+# stop_target: the target in TP ended and reaped
+stop_target() { kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null; }
+# expect_samples WHAT: alloctop sees the target in TP, and allocsnoop samples from it
+expect_samples() {
+    top_check "$TP"
+    local n
+    n=$(snoop_samples "$TP" 1.5)
+    [ "$n" -gt 0 ] || fail "allocsnoop: no samples from $1"
+    echo "ok   allocsnoop: $n samples"
+}
 # top_rates PID: alloctop's per-thread alloc rates over two intervals, checked non-zero
 top_check() {
     "$ALLOCTOP" -p "$1" --json 0.5 2 > "$TMP/top.jsonl" 2> "$TMP/top.err" ||
@@ -63,11 +73,8 @@ run_copy "$TMP/upg" plain 8
 sleep 0.5
 cp "$PROBED" "$PROBED.new" && mv "$PROBED.new" "$PROBED" # an upgrade: a new inode at the path
 grep -q "$PROBED (deleted)" "/proc/$TP/maps" || fail "the old file is not shown deleted in maps"
-top_check "$TP"
-n=$(snoop_samples "$TP" 1.5)
-[ "$n" -gt 0 ] || fail "allocsnoop: no samples from a target whose file was replaced"
-echo "ok   allocsnoop: $n samples"
-kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+expect_samples "a target whose file was replaced"
+stop_target
 
 echo "== a container whose probed path is another file on the host ($MODE)"
 if ! unshare -m true 2>/dev/null; then
@@ -89,12 +96,9 @@ else
     TP=$!
     BG_PIDS="$BG_PIDS $TP"
     sleep 0.5
-    top_check "$TP"
-    n=$(snoop_samples "$TP" 1.5)
     # Before: the probes went on the host's file, which the container does not run: 0 events.
-    [ "$n" -gt 0 ] || fail "allocsnoop: no samples from the container's process"
-    echo "ok   allocsnoop: $n samples"
-    kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+    expect_samples "the container's process"
+    stop_target
 fi
 
 echo "== the main thread left with pthread_exit, attached after ($MODE)"
@@ -108,7 +112,7 @@ took=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
 [ "$n" -gt 0 ] || fail "allocsnoop: no samples after the leader left"
 awk -v t="$took" 'BEGIN { exit !(t >= 1.4) }' || fail "allocsnoop stopped after ${took}s of -d 1.5"
 echo "ok   allocsnoop: $n samples over ${took}s"
-kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+stop_target
 
 echo "== the main thread leaves with pthread_exit while attached ($MODE)"
 start_shapes mainexit 1000 8
@@ -131,7 +135,7 @@ late = [e for e in ev if e.get("type") == "event" and e["event"] == "sample" and
 assert late, "allocsnoop: no samples after the leader left"
 print("ok   alloctop: 6 live intervals, allocsnoop: %d samples after 2 s" % len(late))
 PY
-kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+stop_target
 
 echo "== the target execs itself while alloctop watches ($MODE)"
 start_shapes exec 1000 8
@@ -150,7 +154,7 @@ new = [r for c, r in threads.items() if c.startswith("sh-x")]
 assert new and all(r > 0 for r in new), threads
 print("ok   after exec: %s" % sorted(threads))
 PY
-kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+stop_target
 
 echo "== the target execs itself while allocsnoop watches ($MODE)"
 # --no-batch: the library's batch of the last samples before the exec dies unpublished with the
@@ -169,7 +173,7 @@ live = sum(o["bytes"] for o in rows if o["type"] == "live")
 assert live < 2 << 20, "%d bytes reported live after the exec" % live
 print("ok   %d bytes live after exec, %d samples" % (live, s["events"]["sample"]))
 PY
-kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+stop_target
 
 echo "== a target in its own PID namespace: thread IDs as we see them ($MODE)"
 if ! unshare -fp --mount-proc true 2>/dev/null; then
@@ -213,5 +217,5 @@ names = [t["comm"] for t in o["processes"][0]["threads"]]
 assert "sh-namexxxxxxx\ufffd" in names, names
 print("ok   %s" % ascii(names))
 PY
-kill "$TP" 2>/dev/null; wait "$TP" 2>/dev/null
+stop_target
 echo "PASS"
