@@ -346,11 +346,6 @@ static inline void push_chain_atomic(_Atomic(lum_block *) *list, const struct lu
                                                     memory_order_relaxed));
 }
 
-/* Pushes b, a block of page, onto list (an inbox). */
-static void push_atomic(_Atomic(lum_block *) *list, const struct lum_page *page, lum_block *b)
-{
-    push_chain_atomic(list, page, b, b);
-}
 
 /* A page's thread_free list carries this mark (and no blocks) while the page sits on its
  * owner's full list: the owner would not look at the page again by itself, so the first remote
@@ -360,12 +355,12 @@ static void push_atomic(_Atomic(lum_block *) *list, const struct lum_page *page,
  * delayed free). */
 #define LUM_TF_FULL ((lum_block *)(uintptr_t)1)
 
-/* A block whose page this thread does not own.  It goes on the page's own thread_free list (one
- * CAS on a line the owner seldom touches; the owner collects the list when it next looks for
- * room in that page), to the owner's inbox when the page is parked full, or stays on the page
- * while nobody owns it.  Inline: free_foreign's call of it, with the registers it saved, was
- * a tenth of a remote free's instructions (callgrind, bench xthread: -5.7% inlined). */
-static inline __attribute__((always_inline)) void free_remote(struct lum_page *page, lum_block *b)
+/* Pushes the chain first..last (blocks of page) where other threads' frees of page go: the
+ * page's own thread_free list, or the owner's inbox when the page is parked full.  A remote free
+ * (one block: free_remote) also sees to an exiting owner and to an ownerless page; statistics put
+ * a chain back with lum_heaps_lock held, so that no owner exits meanwhile. */
+static inline __attribute__((always_inline)) void push_to_page(struct lum_page *page, lum_block *first,
+                                                               lum_block *last, bool from_free)
 {
     struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
     lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
@@ -378,24 +373,36 @@ static inline __attribute__((always_inline)) void free_remote(struct lum_page *p
              * hands since the load above; a stale owner's inbox forwards, see drain_inbox) */
             owner = atomic_load_explicit(&page->owner, memory_order_acquire);
             if (owner) {
-                push_atomic(&owner->inbox, page, b);
+                push_chain_atomic(&owner->inbox, page, first, last);
                 /* The owner may be exiting: it clears alive and then drains its inbox a last
                  * time.  With a full fence on each side, either that drain sees this block or
                  * this load sees alive clear and the block is sent on here; otherwise it would
                  * wait in a pooled record, pinning its page, until a new thread reused it. */
-                atomic_thread_fence(memory_order_seq_cst);
-                if (!__atomic_load_n(&owner->alive, __ATOMIC_RELAXED) && !holding_heaps_lock)
-                    forward_pooled_inbox(owner);
+                if (from_free) {
+                    atomic_thread_fence(memory_order_seq_cst);
+                    if (!__atomic_load_n(&owner->alive, __ATOMIC_RELAXED) && !holding_heaps_lock)
+                        forward_pooled_inbox(owner);
+                }
                 return;
             }
             head = NULL;
         }
-        lum_remote_set_next(page, b, head);
-        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, b, memory_order_release,
+        lum_remote_set_next(page, last, head);
+        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, first, memory_order_release,
                                                   memory_order_relaxed))
             break;
     }
-    if (!owner) lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+    if (from_free && !owner) lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+}
+
+/* A block whose page this thread does not own.  It goes on the page's own thread_free list (one
+ * CAS on a line the owner seldom touches; the owner collects the list when it next looks for
+ * room in that page), to the owner's inbox when the page is parked full, or stays on the page
+ * while nobody owns it.  Inline: free_foreign's call of it, with the registers it saved, was
+ * a tenth of a remote free's instructions (callgrind, bench xthread: -5.7% inlined). */
+static inline __attribute__((always_inline)) void free_remote(struct lum_page *page, lum_block *b)
+{
+    push_to_page(page, b, b, true);
 }
 
 /* The owner parks a page with no room on its full list only if no remote free has arrived since
@@ -455,30 +462,6 @@ static void forward_pooled_inbox(struct lum_heap *heap)
  * between its last drain and its record's pooling (lum_heap_abandon): blocks put back then
  * would wait in a pooled record. */
 
-/* Puts a list taken off page's thread_free back, as free_remote puts one block: to the owner's
- * inbox if the owner parked the page full meanwhile (the mark says it will not look again). */
-static LUM_COLD_TEXT void remote_put_back(struct lum_page *page, lum_block *first, lum_block *last)
-{
-    lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-    for (;;) {
-        if (head == LUM_TF_FULL) {
-            if (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head, NULL, memory_order_acq_rel,
-                                                       memory_order_relaxed))
-                continue;
-            struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
-            if (owner) { /* alive: an exit would need the lock the caller holds */
-                push_chain_atomic(&owner->inbox, page, first, last);
-                return;
-            }
-            head = NULL;
-        }
-        lum_remote_set_next(page, last, head);
-        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, first, memory_order_release,
-                                                  memory_order_relaxed))
-            return;
-    }
-}
-
 LUM_COLD_TEXT uint32_t lum_page_remote_pending(struct lum_page *page)
 {
     lum_block *list = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
@@ -490,7 +473,7 @@ LUM_COLD_TEXT uint32_t lum_page_remote_pending(struct lum_page *page)
     uint32_t n = 1;
     lum_block *last = list;
     for (lum_block *next; (next = lum_remote_next(last)) != NULL; last = next) n++;
-    remote_put_back(page, list, last);
+    push_to_page(page, list, last, false); /* back, as free_remote would put them */
     return n;
 }
 
