@@ -145,6 +145,8 @@ struct obj {
      * its mapping, link_map and .eh_frame_hdr (all 0 through dl_iterate_phdr). */
     uintptr_t map_lo, map_hi;
     const void *lm, *eh;
+    /* its slot in objs[] (the probe cache's), or -1: none (found through dl_iterate_phdr) */
+    int slot;
 };
 
 /* Where lookups read the tables: a file descriptor of the object's file, or -1 (the mapping). */
@@ -153,8 +155,15 @@ struct src {
     int fd;
 };
 
+/* The same object, as two copies of its cache entry name it. */
+static bool obj_same(const struct obj *a, const struct obj *b)
+{
+    return a->text_lo == b->text_lo && a->text_hi == b->text_hi && a->hdr == b->hdr && a->map_lo == b->map_lo &&
+           a->lm == b->lm && a->eh == b->eh && a->path == b->path;
+}
+
 bool lum_cfi_read_files = true;
-uint64_t lum_cfi_file_lookups;
+uint64_t lum_cfi_file_lookups, lum_cfi_file_opens, lum_cfi_file_reads;
 
 /* Raw system calls: open and pread are cancellation points in libc (a cancelled thread must
  * not unwind out of malloc), and their wrappers would be more libc code to fault in. */
@@ -169,6 +178,7 @@ static long sys4(long n, long a, long b, long c, long d)
 /* The n bytes at offset off of the file fd into dst: false on an error or past the file's end. */
 static bool file_read(int fd, void *dst, size_t n, uint64_t off)
 {
+    __atomic_fetch_add(&lum_cfi_file_reads, 1, __ATOMIC_RELAXED);
     for (size_t done = 0; done < n;) {
         long r = sys4(SYS_pread64, fd, (long)((uint8_t *)dst + done), (long)(n - done), (long)(off + done));
         if (r == -EINTR)
@@ -208,7 +218,7 @@ static int src_open(const struct obj *o)
         sys4(SYS_close, fd, 0, 0, 0);
         return -1;
     }
-    __atomic_fetch_add(&lum_cfi_file_lookups, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&lum_cfi_file_opens, 1, __ATOMIC_RELAXED);
     return (int)fd;
 }
 
@@ -499,8 +509,31 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
     return !r->bad;
 }
 
-/* The FDE covering pc by the .eh_frame_hdr table: its record, or NULL. */
-static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
+/* The top of each object's search through its .eh_frame_hdr table, read from its file: the
+ * entries a binary search probes first are the same for every lookup in the object, and each
+ * was a pread of its own (bench python, 9811 entries: 8 before the last 64 came in one read,
+ * ~12 system calls a rule with the header, the FDE, the CIE and the file's open).  Kept for
+ * PROBE_LEVELS levels (255 entries, 1 KiB an object slot), filled as lookups read them, under
+ * lum_cfi_lock, and dropped with the slot's object. */
+#define PROBE_LEVELS 8
+#define PROBE_NODES (1u << PROBE_LEVELS) /* nodes 1 .. PROBE_NODES - 1: the root is 1 */
+#define OBJS 32
+static struct probe_cache {
+    const uint8_t *tab; /* the table and its entry count, as the file's header gave them; NULL:
+                         * the header not read yet */
+    uint64_t n;
+    uint64_t have[PROBE_NODES / 64];
+    int32_t start[PROBE_NODES];
+} probes[OBJS];
+static struct obj objs[OBJS];
+
+static inline bool probe_known(const struct probe_cache *c, unsigned node)
+{
+    return node < PROBE_NODES && (c->have[node / 64] >> (node % 64) & 1);
+}
+
+/* .eh_frame_hdr's search table of o through s: false when it has none we can search. */
+static bool hdr_table(const struct src *s, const uint8_t **tab, uint64_t *n)
 {
     const struct obj *o = s->o;
     /* the header: 4 bytes, then two pointers of at most 8 bytes each */
@@ -510,16 +543,49 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
     struct rd r = {head, head + hn, false, (intptr_t)(o->hdr - head)};
     uint8_t version = rd_u8(&r), ptr_enc = rd_u8(&r), cnt_enc = rd_u8(&r), tab_enc = rd_u8(&r);
     if (r.bad || version != 1)
-        return NULL;
+        return false;
     (void)rd_enc(&r, ptr_enc, (uintptr_t)o->hdr, o);
-    uint64_t n = rd_enc(&r, cnt_enc, (uintptr_t)o->hdr, o);
-    const uint8_t *tab = o->hdr + (r.p - head);
+    *n = rd_enc(&r, cnt_enc, (uintptr_t)o->hdr, o);
+    *tab = o->hdr + (r.p - head);
     /* the table is sorted pairs of datarel sdata4 (every linker writes that); anything else
      * would need a linear search through .eh_frame, which a sample cannot afford */
-    if (r.bad || tab_enc != 0x3b || !n || n > (uint64_t)(o->hdr_end - tab) / 8)
-        return NULL;
+    return !r.bad && tab_enc == 0x3b && *n && *n <= (uint64_t)(o->hdr_end - *tab) / 8;
+}
+
+/* The FDE covering pc by the .eh_frame_hdr table: its record, or NULL. */
+static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
+{
+    const struct obj *o = s->o;
     uintptr_t hdr = (uintptr_t)o->hdr;
-    size_t lo = 0, hi = (size_t)n;
+    const uint8_t *tab = NULL;
+    uint64_t n = 0;
+    size_t lo = 0, hi = 0;
+    unsigned node = 1; /* the search's place in the tree of probes */
+    /* the probe cache holds what the file said: the mapping is read as it is at each lookup
+     * (tests damage it in memory) */
+    bool cache = s->fd >= 0 && o->slot >= 0;
+    if (cache) {
+        lum_lock(&lum_cfi_lock);
+        const struct probe_cache *c = &probes[o->slot];
+        if (obj_same(&objs[o->slot], o) && c->tab) {
+            tab = c->tab, n = c->n, hi = (size_t)n;
+            while (hi - lo > 64 && probe_known(c, node)) {
+                size_t mid = lo + (hi - lo) / 2;
+                bool right = hdr + (uintptr_t)(intptr_t)c->start[node] <= pc;
+                right ? (lo = mid) : (hi = mid);
+                node = 2 * node + right;
+            }
+        }
+        lum_unlock(&lum_cfi_lock);
+    }
+    bool new_tab = !tab;
+    if (!tab) {
+        if (!hdr_table(s, &tab, &n))
+            return NULL;
+        hi = (size_t)n;
+    }
+    struct { unsigned node; int32_t start; } learnt[PROBE_LEVELS];
+    unsigned nl = 0;
     /* From the file, the last 64 entries come in one read: half the system calls. */
     int32_t chunk[2 * 64];
     size_t chunk_lo = SIZE_MAX;
@@ -530,14 +596,29 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
             src_read(s, tab + lo * 8, chunk, (hi - lo) * 8);
             chunk_lo = lo;
         }
-        if (chunk_lo != SIZE_MAX)
+        if (chunk_lo != SIZE_MAX) {
             start = chunk[2 * (mid - chunk_lo)];
-        else
+        } else {
             src_read(s, tab + mid * 8, &start, 4);
-        if (hdr + (uintptr_t)(intptr_t)start <= pc)
-            lo = mid;
-        else
-            hi = mid;
+            if (node < PROBE_NODES && nl < PROBE_LEVELS)
+                learnt[nl].node = node, learnt[nl++].start = start;
+        }
+        bool right = hdr + (uintptr_t)(intptr_t)start <= pc;
+        right ? (lo = mid) : (hi = mid);
+        node = 2 * node + right;
+    }
+    if (cache && (new_tab || nl)) {
+        lum_lock(&lum_cfi_lock);
+        struct probe_cache *c = &probes[o->slot];
+        if (obj_same(&objs[o->slot], o)) {
+            if (!c->tab)
+                c->tab = tab, c->n = n;
+            for (unsigned i = 0; i < nl && c->tab == tab && c->n == n; i++) {
+                c->start[learnt[i].node] = learnt[i].start;
+                c->have[learnt[i].node / 64] |= (uint64_t)1 << (learnt[i].node % 64);
+            }
+        }
+        lum_unlock(&lum_cfi_lock);
     }
     int32_t e[2];
     if (chunk_lo != SIZE_MAX)
@@ -606,12 +687,31 @@ static int rule_from(const struct src *sr, uintptr_t ra, struct lum_cfi_rule *ou
     return LUM_CFI_OK;
 }
 
-static int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out)
+void lum_cfi_files_close(struct lum_cfi_files *f)
 {
-    struct src s = {o, src_open(o)};
+    if (f->fd >= 0)
+        sys4(SYS_close, f->fd, 0, 0, 0);
+    *f = (struct lum_cfi_files)LUM_CFI_FILES_INIT;
+}
+
+/* The rule for ra in o, read through the file f holds for o, opened now if f holds another
+ * object's (f NULL: opened and closed for this lookup). */
+static int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out, struct lum_cfi_files *f)
+{
+    struct lum_cfi_files own = LUM_CFI_FILES_INIT;
+    if (!f)
+        f = &own;
+    if (f->text_lo != o->text_lo || f->hdr != o->hdr || f->lm != o->lm || f->map_lo != o->map_lo) {
+        lum_cfi_files_close(f);
+        f->fd = src_open(o);
+        f->text_lo = o->text_lo, f->hdr = o->hdr, f->lm = o->lm, f->map_lo = o->map_lo;
+    }
+    struct src s = {o, f->fd};
     int k = rule_from(&s, ra, out);
     if (s.fd >= 0)
-        sys4(SYS_close, s.fd, 0, 0, 0);
+        __atomic_fetch_add(&lum_cfi_file_lookups, 1, __ATOMIC_RELAXED);
+    if (f == &own)
+        lum_cfi_files_close(f);
     return k;
 }
 
@@ -675,8 +775,6 @@ static bool has_textrel(struct dl_phdr_info *info)
  * through dl_iterate_phdr (a glibc without the index), the entries are valid while the loader's
  * add and remove counts are those of gen_adds and gen_subs, and only touched inside its
  * callback. */
-#define OBJS 32
-static struct obj objs[OBJS];
 static unsigned nobjs, next_obj;
 static unsigned long long gen_adds, gen_subs;
 uint64_t lum_cfi_object_scans; /* lookups that read an object's headers (tests) */
@@ -689,6 +787,7 @@ bool lum_cfi_forked;
 struct find {
     uintptr_t ra;
     struct lum_cfi_rule *out;
+    struct lum_cfi_files *files;
     int result;
     bool first;
 };
@@ -705,7 +804,7 @@ static const struct obj *cached_obj(uintptr_t pc)
  * segments. */
 static bool obj_of(struct dl_phdr_info *info, uintptr_t pc, struct obj *out)
 {
-    struct obj o = {.text_lo = UINTPTR_MAX};
+    struct obj o = {.text_lo = UINTPTR_MAX, .slot = -1};
     bool mine = false;
     const ElfW(Phdr) *eh = NULL;
     for (int i = 0; i < info->dlpi_phnum; i++) {
@@ -777,12 +876,19 @@ static bool obj_of(struct dl_phdr_info *info, uintptr_t pc, struct obj *out)
     return true;
 }
 
+/* Into slot e (an object's there before is gone): the slot's probes are no longer its. */
+static struct obj *obj_put(struct obj *e, const struct obj *o)
+{
+    *e = *o;
+    probes[e - objs] = (struct probe_cache){0};
+    return e;
+}
+
 /* Remembered even without tables: the next lookup in it is as cheap. */
-static const struct obj *obj_remember(const struct obj *o)
+static struct obj *obj_remember(const struct obj *o)
 {
     unsigned slot = nobjs < OBJS ? nobjs++ : (next_obj++ % OBJS);
-    objs[slot] = *o;
-    return &objs[slot];
+    return obj_put(&objs[slot], o);
 }
 
 static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
@@ -800,7 +906,7 @@ static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
         }
         const struct obj *o = cached_obj(pc);
         if (o) {
-            f->result = o->hdr ? rule_in(o, f->ra, f->out) : LUM_CFI_NONE;
+            f->result = o->hdr ? rule_in(o, f->ra, f->out, f->files) : LUM_CFI_NONE;
             return 1;
         }
         __atomic_fetch_add(&lum_cfi_object_scans, 1, __ATOMIC_RELAXED);
@@ -809,7 +915,7 @@ static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
     if (!obj_of(info, pc, &o))
         return 0;
     const struct obj *c = obj_remember(&o);
-    f->result = c->hdr ? rule_in(c, f->ra, f->out) : LUM_CFI_NONE;
+    f->result = c->hdr ? rule_in(c, f->ra, f->out, f->files) : LUM_CFI_NONE;
     return 1;
 }
 
@@ -1009,7 +1115,7 @@ static bool same_object(const struct obj *o, const struct dl_find_object *fo)
 }
 
 /* lum_cfi_rule through the index: false when there is none to use. */
-static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
+static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res, struct lum_cfi_files *files)
 {
     if (!lum_cfi_index_usable())
         return false;
@@ -1044,15 +1150,13 @@ static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
     if (!have) {
         /* an entry for the code of an object since unloaded is replaced */
         struct obj *old = (struct obj *)cached_obj(pc);
-        if (old)
-            *old = o;
-        else
-            obj_remember(&o);
+        struct obj *e = old ? obj_put(old, &o) : obj_remember(&o);
+        e->slot = o.slot = (int)(e - objs); /* the probe cache is this path's only */
     }
     seen_note(&fo, &o);
     lum_unlock(&lum_cfi_lock);
     /* read from the copy: the cache entry may be replaced meanwhile */
-    *res = o.hdr ? rule_in(&o, ra, out) : LUM_CFI_NONE;
+    *res = o.hdr ? rule_in(&o, ra, out, files) : LUM_CFI_NONE;
     return true;
 }
 
@@ -1100,9 +1204,9 @@ bool lum_cfi_index_usable(void)
     return false;
 }
 
-static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res)
+static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res, struct lum_cfi_files *files)
 {
-    (void)ra, (void)out, (void)res;
+    (void)ra, (void)out, (void)res, (void)files;
     return false;
 }
 
@@ -1115,7 +1219,12 @@ static bool unloads_by_index(uint64_t *count)
 
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
 {
-    struct find f = {.ra = ra, .out = out, .result = LUM_CFI_NONE, .first = true};
+    return lum_cfi_rule_with(NULL, ra, out);
+}
+
+int lum_cfi_rule_with(struct lum_cfi_files *files, uintptr_t ra, struct lum_cfi_rule *out)
+{
+    struct find f = {.ra = ra, .out = out, .files = files, .result = LUM_CFI_NONE, .first = true};
     *out = (struct lum_cfi_rule){0};
     if (ra < 2)
         return LUM_CFI_NONE;
@@ -1123,7 +1232,7 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
     pthread_rwlock_rdlock(&lum_unwind_fork_lock);
     /* Without the index, a fork child derives no rules: the loader's lock may be held for
      * good by a thread of the parent's (the cached rules still walk). */
-    if (!rule_by_index(ra, out, &f.result) && !forked)
+    if (!rule_by_index(ra, out, &f.result, files) && !forked)
         dl_iterate_phdr(FIND_CB, &f);
     pthread_rwlock_unlock(&lum_unwind_fork_lock);
     return f.result;
@@ -1164,6 +1273,17 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out)
 {
     (void)ra, (void)out;
     return LUM_CFI_NONE;
+}
+
+int lum_cfi_rule_with(struct lum_cfi_files *files, uintptr_t ra, struct lum_cfi_rule *out)
+{
+    (void)files, (void)ra, (void)out;
+    return LUM_CFI_NONE;
+}
+
+void lum_cfi_files_close(struct lum_cfi_files *files)
+{
+    (void)files;
 }
 
 uint64_t lum_cfi_unloads(void)

@@ -80,6 +80,19 @@ struct lum_cfi_rule {
  * _dl_find_object (>= 2.35), never the loader's lock; else dl_iterate_phdr's, and in a fork
  * child no rule is derived (LUM_CFI_NONE). */
 int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
+/* The object file a walk's lookups read its tables from: the rules one walk derives in an
+ * object take one open of its file, not one each (bench python: a new stack derives a dozen in
+ * the interpreter's binary; an open, with its fstat, build-id read and close, costs ~4 us).
+ * Closed by lum_cfi_files_close when the walk ends: a descriptor kept for longer could take a
+ * number the program means to get (a daemon closes 0-2 and opens /dev/null as 0). */
+struct lum_cfi_files {
+    uintptr_t text_lo, map_lo;
+    const void *hdr, *lm;
+    int fd; /* -1: the mapping is read */
+};
+#define LUM_CFI_FILES_INIT {0, 0, NULL, NULL, -1}
+int lum_cfi_rule_with(struct lum_cfi_files *files, uintptr_t ra, struct lum_cfi_rule *out);
+void lum_cfi_files_close(struct lum_cfi_files *files);
 /* A count that moves when an object that rules were derived from is unloaded (or replaced by
  * another at its address): code addresses may mean other code once it moves.  With
  * _dl_find_object, a few lock-free lookups (lum_cfi_lock tried, never waited for); else the
@@ -100,9 +113,10 @@ void lum_cfi_after_fork_child(void);
 extern LUM_HIDDEN uint64_t lum_cfi_object_scans;
 /* Read the tables from the objects' files where they can (default); false: always through
  * the mapping (tests that damage the tables in memory).  lum_cfi_file_lookups counts the
- * times the file was used. */
+ * lookups that read the file, lum_cfi_file_opens and lum_cfi_file_reads its opens and reads
+ * (tests). */
 extern LUM_HIDDEN bool lum_cfi_read_files;
-extern LUM_HIDDEN uint64_t lum_cfi_file_lookups;
+extern LUM_HIDDEN uint64_t lum_cfi_file_lookups, lum_cfi_file_opens, lum_cfi_file_reads;
 
 /* ---- stack table (stacktab.c), all under lum_prof_lock ----
  * except the figures a sample or a sampled free changes (a stack's samples, alloc_* and live_*,

@@ -674,10 +674,10 @@ out:
 }
 
 /* The rule of ip from the call frame information, keyed for generation gen. */
-static struct rule rule_derive(uintptr_t ip, uint32_t gen)
+static struct rule rule_derive(uintptr_t ip, uint32_t gen, struct lum_cfi_files *files)
 {
     struct lum_cfi_rule c;
-    int k = lum_cfi_rule(ip, &c);
+    int k = lum_cfi_rule_with(files, ip, &c);
     unsigned self = lum_self_state == 1 && ip >= self_lo && ip < self_hi ? R_SELF : 0;
     struct rule r = {.ip = rule_key(ip, gen), .flags = (uint8_t)self};
     if (k != LUM_CFI_OK) {
@@ -702,6 +702,7 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
      * deeper in many a thread. */
     enum { LEARN = 16 };
     struct rule nr[LEARN];
+    struct lum_cfi_files files = LUM_CFI_FILES_INIT;
     int nn = 0, n = 0;
     unsigned budget = REACH_PAGES;
     int d = 0;
@@ -734,7 +735,7 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
                 rules_learn(nr, nn, gen);
                 nn = 0;
             }
-            nr[nn] = rule_derive(ip, gen);
+            nr[nn] = rule_derive(ip, gen, &files);
             r = &nr[nn++];
         }
         if (r->flags & R_LAST)
@@ -746,6 +747,7 @@ static __attribute__((noinline)) int full_walk(uintptr_t ip, uintptr_t sp, uintp
         if (rule_step(r, &ip, &sp, &bp, top) <= 0)
             break;
     }
+    lum_cfi_files_close(&files);
     rules_learn(nr, nn, gen);
     *walked = (uint32_t)n;
     return d;

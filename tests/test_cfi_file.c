@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <link.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -176,6 +177,107 @@ static void test_path_now_a_fifo(void **state)
     dlclose(h);
 }
 
+/* A walk's lookups (lum_cfi_rule_with) open an object's file once, whatever the number of rules
+ * they derive in it, and again only when they move to another object; the rules are those of
+ * lookups of their own, and no descriptor outlives lum_cfi_files_close. */
+static void test_walk_opens_once(void **state)
+{
+    (void)state;
+    char path[96];
+    void *h = load("libw.so", path, sizeof path);
+    /* both objects known to the reader (its first lookup in one reads its header) */
+    struct lum_cfi_rule first;
+    assert_int_equal(lum_cfi_rule((uintptr_t)dlsym(h, fns[0]) + 1, &first), LUM_CFI_OK);
+    assert_true(lum_cfi_rule((uintptr_t)&qsort + 1, &first) != LUM_CFI_NONE);
+    int fds = open_fds();
+    struct lum_cfi_files files = LUM_CFI_FILES_INIT;
+    uint64_t opens = lum_cfi_file_opens;
+    for (size_t i = 0; i < NFNS; i++) {
+        uintptr_t f = (uintptr_t)dlsym(h, fns[i]);
+        struct lum_cfi_rule r, own;
+        assert_int_equal(lum_cfi_rule_with(&files, f + 1, &r), LUM_CFI_OK);
+        uint64_t before = lum_cfi_file_opens;
+        assert_int_equal(lum_cfi_rule(f + 1, &own), LUM_CFI_OK);
+        assert_int_equal(lum_cfi_file_opens, before + 1); /* a lookup of its own: its own open */
+        opens++;
+        assert_int_equal(r.cfa_off, own.cfa_off);
+        assert_int_equal(r.rbp_off, own.rbp_off);
+        assert_int_equal(r.cfa_rbp, own.cfa_rbp);
+    }
+    assert_int_equal(lum_cfi_file_opens, opens + 1);
+    assert_int_equal(open_fds(), fds + 1); /* the walk's, until it ends */
+    /* to libc and back: one open each way */
+    struct lum_cfi_rule r;
+    assert_true(lum_cfi_rule_with(&files, (uintptr_t)&qsort + 1, &r) != LUM_CFI_NONE);
+    assert_int_equal(lum_cfi_rule_with(&files, (uintptr_t)dlsym(h, fns[0]) + 1, &r), LUM_CFI_OK);
+    assert_int_equal(lum_cfi_file_opens, opens + 3);
+    lum_cfi_files_close(&files);
+    assert_int_equal(open_fds(), fds);
+    dlclose(h);
+}
+
+static int cmp_uptr(const void *a, const void *b)
+{
+    uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static uintptr_t libc_pcs[1 << 13];
+static unsigned libc_npcs;
+
+static int libc_functions(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    (void)size, (void)arg;
+    if (!info->dlpi_name || !strstr(info->dlpi_name, "libc.so"))
+        return 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        if (info->dlpi_phdr[i].p_type != PT_GNU_EH_FRAME)
+            continue;
+        const uint8_t *hdr = (const uint8_t *)(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+        uint32_t count;
+        memcpy(&count, hdr + 8, 4);
+        const int32_t *tab = (const int32_t *)(hdr + 12);
+        for (uint32_t k = 0; k < count && libc_npcs < sizeof libc_pcs / sizeof *libc_pcs; k++)
+            libc_pcs[libc_npcs++] = (uintptr_t)hdr + (uintptr_t)(intptr_t)tab[2 * k] + 1;
+    }
+    return 1;
+}
+
+/* The top of the search through an object's table is kept (cfi.c, PROBE_LEVELS): libc's ~3700
+ * entries took 6 reads of a probe each, then the last 64 entries, the FDE and its CIE; once the
+ * top is known, a lookup reads the last three only.  The rules are the mapping's. */
+static void test_search_top_kept(void **state)
+{
+    (void)state;
+    dl_iterate_phdr(libc_functions, NULL);
+    assert_true(libc_npcs > 1024);
+    qsort(libc_pcs, libc_npcs, sizeof *libc_pcs, cmp_uptr);
+    struct lum_cfi_files files = LUM_CFI_FILES_INIT;
+    struct lum_cfi_rule r, m;
+    /* a first pass over every 7th function learns the top */
+    for (unsigned i = 0; i < libc_npcs; i += 7)
+        lum_cfi_rule_with(&files, libc_pcs[i], &r);
+    unsigned looked = 0;
+    uint64_t reads = lum_cfi_file_reads, lookups = lum_cfi_file_lookups;
+    for (unsigned i = 3; i < libc_npcs; i += 7, looked++) {
+        int k = lum_cfi_rule_with(&files, libc_pcs[i], &r);
+        lum_cfi_read_files = false;
+        int km = lum_cfi_rule(libc_pcs[i], &m);
+        lum_cfi_read_files = true;
+        assert_int_equal(k, km);
+        if (k == LUM_CFI_OK) {
+            assert_int_equal(r.cfa_off, m.cfa_off);
+            assert_int_equal(r.rbp_off, m.rbp_off);
+            assert_int_equal(r.cfa_rbp, m.cfa_rbp);
+        }
+    }
+    lum_cfi_files_close(&files);
+    assert_int_equal(lum_cfi_file_lookups - lookups, looked);
+    fprintf(stderr, "libc: %u lookups after the first pass, %.2f file reads each\n", looked,
+            (double)(lum_cfi_file_reads - reads) / looked);
+    assert_true(lum_cfi_file_reads - reads <= 3 * (uint64_t)looked);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -185,7 +287,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "libd.so", "libf.so", "new"};
+    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "libd.so", "libf.so", "libw.so", "new"};
     char p[96];
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", dir, names[i]);
@@ -204,6 +306,8 @@ int main(void)
         cmocka_unit_test(test_short_file_first),
         cmocka_unit_test(test_files_off),
         cmocka_unit_test(test_path_now_a_fifo),
+        cmocka_unit_test(test_walk_opens_once),
+        cmocka_unit_test(test_search_top_kept),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
