@@ -278,6 +278,51 @@ static void test_search_top_kept(void **state)
     assert_true(lum_cfi_file_reads - reads <= 3 * (uint64_t)looked);
 }
 
+/* Copies of the victim (each an object of its own, its build-id note at an address of its
+ * own), loaded and a rule derived in each: objects an unload look reads, past one batch. */
+#define COPIES 12
+static void *copies[COPIES];
+
+static void derive_in_copies(int n)
+{
+    for (int i = 0; i < n; i++) {
+        struct lum_cfi_rule r;
+        assert_int_equal(lum_cfi_rule((uintptr_t)dlsym(copies[i], fns[0]) + 1, &r), LUM_CFI_OK);
+    }
+}
+
+/* Whether the look's count stays put over many looks, and then moves once copy i is unloaded
+ * (a moved count starts the set of objects looked at anew). */
+static void unload_noticed(int i)
+{
+    uint64_t u = lum_cfi_unloads();
+    for (int k = 0; k < 100; k++)
+        assert_true(lum_cfi_unloads() == u);
+    dlclose(copies[i]);
+    uint64_t after = lum_cfi_unloads();
+    assert_true(after != u);
+    assert_true(lum_cfi_unloads() == after);
+}
+
+/* The look at unloads reads the objects rules came from in batches (cfi.c, PRINT_BATCH): with
+ * nothing unloaded its count stays put, look after look; an object unloaded in the last batch
+ * or the first moves it. */
+static void test_unloads_many_objects(void **state)
+{
+    (void)state;
+    for (int i = 0; i < COPIES; i++) {
+        char name[32], path[96];
+        snprintf(name, sizeof name, "libcopy%d.so", i);
+        copies[i] = load(name, path, sizeof path);
+    }
+    derive_in_copies(COPIES);
+    unload_noticed(COPIES - 1);
+    derive_in_copies(COPIES - 1);
+    unload_noticed(0);
+    for (int i = 1; i < COPIES - 1; i++)
+        dlclose(copies[i]);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -291,6 +336,10 @@ static int teardown(void **state)
     char p[96];
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+        unlink(p);
+    }
+    for (int i = 0; i < COPIES; i++) {
+        snprintf(p, sizeof p, "%s/libcopy%d.so", dir, i);
         unlink(p);
     }
     rmdir(dir);
@@ -308,6 +357,7 @@ int main(void)
         cmocka_unit_test(test_path_now_a_fifo),
         cmocka_unit_test(test_walk_opens_once),
         cmocka_unit_test(test_search_top_kept),
+        cmocka_unit_test(test_unloads_many_objects),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
