@@ -691,6 +691,8 @@ void lum_cfi_files_close(struct lum_cfi_files *f)
 {
     if (f->fd >= 0)
         sys4(SYS_close, f->fd, 0, 0, 0);
+    if (f->locked)
+        pthread_rwlock_unlock(&lum_unwind_fork_lock);
     *f = (struct lum_cfi_files)LUM_CFI_FILES_INIT;
 }
 
@@ -702,7 +704,8 @@ static int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out, 
     if (!f)
         f = &own;
     if (f->text_lo != o->text_lo || f->hdr != o->hdr || f->lm != o->lm || f->map_lo != o->map_lo) {
-        lum_cfi_files_close(f);
+        if (f->fd >= 0)
+            sys4(SYS_close, f->fd, 0, 0, 0);
         f->fd = src_open(o);
         f->text_lo = o->text_lo, f->hdr = o->hdr, f->lm = o->lm, f->map_lo = o->map_lo;
     }
@@ -1250,13 +1253,20 @@ int lum_cfi_rule_with(struct lum_cfi_files *files, uintptr_t ra, struct lum_cfi_
     *out = (struct lum_cfi_rule){0};
     if (ra < 2)
         return LUM_CFI_NONE;
-    lum_lock_order_check(&lum_unwind_fork_lock);
-    pthread_rwlock_rdlock(&lum_unwind_fork_lock);
+    /* A walk's lookups hold the lock from the first to lum_cfi_files_close: the file they
+     * keep open between them must not be a fork child's too (see lum_unwind_fork_lock). */
+    if (!files || !files->locked) {
+        lum_lock_order_check(&lum_unwind_fork_lock);
+        pthread_rwlock_rdlock(&lum_unwind_fork_lock);
+        if (files)
+            files->locked = true;
+    }
     /* Without the index, a fork child derives no rules: the loader's lock may be held for
      * good by a thread of the parent's (the cached rules still walk). */
     if (!rule_by_index(ra, out, &f.result, files) && !forked)
         dl_iterate_phdr(FIND_CB, &f);
-    pthread_rwlock_unlock(&lum_unwind_fork_lock);
+    if (!files)
+        pthread_rwlock_unlock(&lum_unwind_fork_lock);
     return f.result;
 }
 

@@ -84,13 +84,16 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
  * object take one open of its file, not one each (bench python: a new stack derives a dozen in
  * the interpreter's binary; an open, with its fstat, build-id read and close, costs ~4 us).
  * Closed by lum_cfi_files_close when the walk ends: a descriptor kept for longer could take a
- * number the program means to get (a daemon closes 0-2 and opens /dev/null as 0). */
+ * number the program means to get (a daemon closes 0-2 and opens /dev/null as 0).  The
+ * lookups hold lum_unwind_fork_lock for reading from the first to the close, so that no fork
+ * child inherits the descriptor. */
 struct lum_cfi_files {
     uintptr_t text_lo, map_lo;
     const void *hdr, *lm;
     int fd; /* -1: the mapping is read */
+    bool locked; /* lum_unwind_fork_lock held for reading */
 };
-#define LUM_CFI_FILES_INIT {0, 0, NULL, NULL, -1}
+#define LUM_CFI_FILES_INIT {0, 0, NULL, NULL, -1, false}
 int lum_cfi_rule_with(struct lum_cfi_files *files, uintptr_t ra, struct lum_cfi_rule *out);
 void lum_cfi_files_close(struct lum_cfi_files *files);
 /* A count that moves when an object that rules were derived from is unloaded (or replaced by
