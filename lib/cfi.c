@@ -149,10 +149,13 @@ struct obj {
     int slot;
 };
 
-/* Where lookups read the tables: a file descriptor of the object's file, or -1 (the mapping). */
+/* Where lookups read the tables: a file descriptor of the object's file, or -1 (the mapping),
+ * and the build the file holds (a hash of its build-id note, which src_open checked against the
+ * mapped object's). */
 struct src {
     const struct obj *o;
     int fd;
+    uint64_t build;
 };
 
 /* The same object, as two copies of its cache entry name it. */
@@ -200,7 +203,7 @@ static void src_read(const struct src *s, const uint8_t *a, void *dst, size_t n)
 }
 
 /* The object's file, opened for this lookup if it still holds the mapped build (else -1). */
-static int src_open(const struct obj *o)
+static int src_open(const struct obj *o, uint64_t *build)
 {
     if (!o->path || !lum_cfi_read_files || !lum_opt.unwind_files)
         return -1;
@@ -218,6 +221,10 @@ static int src_open(const struct obj *o)
         sys4(SYS_close, fd, 0, 0, 0);
         return -1;
     }
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (uint32_t i = 0; i < o->note_len; i++)
+        h = (h ^ note[i]) * 0x100000001b3ULL;
+    *build = h | 1;
     __atomic_fetch_add(&lum_cfi_file_opens, 1, __ATOMIC_RELAXED);
     return (int)fd;
 }
@@ -514,11 +521,17 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
  * was a pread of its own (bench python, 9811 entries: 8 before the last 64 came in one read,
  * ~12 system calls a rule with the header, the FDE, the CIE and the file's open).  Kept for
  * PROBE_LEVELS levels (255 entries, 1 KiB an object slot), filled as lookups read them, under
- * lum_cfi_lock, and dropped with the slot's object. */
+ * lum_cfi_lock, and dropped with the slot's object or when a lookup's file is another build.
+ * Only the index path (_dl_find_object) has slots for it. */
 #define PROBE_LEVELS 8
 #define PROBE_NODES (1u << PROBE_LEVELS) /* nodes 1 .. PROBE_NODES - 1: the root is 1 */
 #define OBJS 32
 static struct probe_cache {
+    /* The build they were read from (struct src): a slot's object can be another build at the
+     * same address, with the same link_map and layout (a plugin rebuilt and reloaded), which
+     * the object cache takes for the same object; its entries would send the search to the
+     * wrong window, and its rules would be "none" for good (found in review). */
+    uint64_t build;
     const uint8_t *tab; /* the table and its entry count, as the file's header gave them; NULL:
                          * the header not read yet */
     uint64_t n;
@@ -561,13 +574,14 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
     uint64_t n = 0;
     size_t lo = 0, hi = 0;
     unsigned node = 1; /* the search's place in the tree of probes */
-    /* the probe cache holds what the file said: the mapping is read as it is at each lookup
-     * (tests damage it in memory) */
+    /* only lookups that read the file (and the mapping where the file fell short: the same
+     * bytes, for a file of the mapped build) use the probe cache: without it, the mapping is
+     * read as it is at each lookup (tests damage it in memory) */
     bool cache = s->fd >= 0 && o->slot >= 0;
     if (cache) {
         lum_lock(&lum_cfi_lock);
         const struct probe_cache *c = &probes[o->slot];
-        if (obj_same(&objs[o->slot], o) && c->tab) {
+        if (obj_same(&objs[o->slot], o) && c->tab && c->build == s->build) {
             tab = c->tab, n = c->n, hi = (size_t)n;
             while (hi - lo > 64 && probe_known(c, node)) {
                 size_t mid = lo + (hi - lo) / 2;
@@ -611,6 +625,8 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
         lum_lock(&lum_cfi_lock);
         struct probe_cache *c = &probes[o->slot];
         if (obj_same(&objs[o->slot], o)) {
+            if (c->build != s->build)
+                *c = (struct probe_cache){.build = s->build};
             if (!c->tab)
                 c->tab = tab, c->n = n;
             for (unsigned i = 0; i < nl && c->tab == tab && c->n == n; i++) {
@@ -698,7 +714,8 @@ void lum_cfi_files_close(struct lum_cfi_files *f)
 
 /* The rule for ra in o, read through the file f holds for o, opened now if f holds another
  * object's (f NULL: opened and closed for this lookup). */
-static int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out, struct lum_cfi_files *f)
+static inline __attribute__((always_inline)) int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out,
+                                                         struct lum_cfi_files *f)
 {
     struct lum_cfi_files own = LUM_CFI_FILES_INIT;
     if (!f)
@@ -706,10 +723,10 @@ static int rule_in(const struct obj *o, uintptr_t ra, struct lum_cfi_rule *out, 
     if (f->text_lo != o->text_lo || f->hdr != o->hdr || f->lm != o->lm || f->map_lo != o->map_lo) {
         if (f->fd >= 0)
             sys4(SYS_close, f->fd, 0, 0, 0);
-        f->fd = src_open(o);
+        f->fd = src_open(o, &f->build);
         f->text_lo = o->text_lo, f->hdr = o->hdr, f->lm = o->lm, f->map_lo = o->map_lo;
     }
-    struct src s = {o, f->fd};
+    struct src s = {o, f->fd, f->build};
     int k = rule_from(&s, ra, out);
     if (s.fd >= 0)
         __atomic_fetch_add(&lum_cfi_file_lookups, 1, __ATOMIC_RELAXED);
@@ -853,7 +870,8 @@ static bool obj_of(struct dl_phdr_info *info, uintptr_t pc, struct obj *out)
         if (o.hdr) {
             uint8_t head[12];
             size_t hn = (size_t)(o.hdr_end - o.hdr) < sizeof head ? (size_t)(o.hdr_end - o.hdr) : sizeof head;
-            struct src s = {&o, src_open(&o)};
+            struct src s = {&o, -1, 0};
+            s.fd = src_open(&o, &s.build);
             src_read(&s, o.hdr, head, hn);
             if (s.fd >= 0)
                 sys4(SYS_close, s.fd, 0, 0, 0);

@@ -90,10 +90,11 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
 struct lum_cfi_files {
     uintptr_t text_lo, map_lo;
     const void *hdr, *lm;
-    int fd; /* -1: the mapping is read */
-    bool locked; /* lum_unwind_fork_lock held for reading */
+    uint64_t build; /* the file's build (cfi.c, struct src) */
+    int fd;         /* -1: the mapping is read */
+    bool locked;    /* lum_unwind_fork_lock held for reading */
 };
-#define LUM_CFI_FILES_INIT {0, 0, NULL, NULL, -1, false}
+#define LUM_CFI_FILES_INIT {0, 0, NULL, NULL, 0, -1, false}
 int lum_cfi_rule_with(struct lum_cfi_files *files, uintptr_t ra, struct lum_cfi_rule *out);
 void lum_cfi_files_close(struct lum_cfi_files *files);
 /* A count that moves when an object that rules were derived from is unloaded (or replaced by
