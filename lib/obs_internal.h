@@ -61,8 +61,11 @@ extern LUM_HIDDEN pthread_rwlock_t lum_unwind_fork_lock;
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
                          uintptr_t hook_ret, uint64_t *same);
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
-/* Cumulative unwinding cost, for lum_prof_get_stats. */
+/* Cumulative unwinding cost, for lum_prof_get_stats: the unwinds (and their frames) counted with
+ * atomic additions, plus those the core's sampling path took from the memo under
+ * lum_sampled_lock, counted there with plain ones (unwind_memo.h). */
 extern LUM_HIDDEN uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+extern LUM_HIDDEN uint64_t lum_unwind_hits_locked, lum_unwind_hit_frames_locked;
 
 /* ---- DWARF call frame information (cfi.c) ---- */
 /* How to get from a frame to its caller (x86-64): CFA = (rbp if cfa_rbp, else rsp) + cfa_off,

@@ -156,7 +156,7 @@ static inline __attribute__((always_inline)) void on_sample(struct lum_thread_co
          * frames in between walked.  hook_ret 0: no frame to drop up to, the walk starts
          * outside the hooks already. */
         if (at) {
-            int d = try_memo ? lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same, 0) : -1;
+            int d = try_memo ? lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same, 0, false) : -1;
             depth = d >= 0 ? (uint32_t)d
                            : lum_unwind_from(frames, lum_opt.prof_depth, at[1], (uintptr_t)(at + 2), at[0], 0, &same);
         } else

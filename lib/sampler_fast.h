@@ -98,7 +98,7 @@ static inline __attribute__((always_inline)) bool lum_sample_locked(struct lum_t
      * meanwhile would wait for the lock held here whatever it said.  The memo's own busy
      * keeps a handler's walk from rewriting it.  The frames are copied out only when they are
      * not the last stack's (last). */
-    int d = lum_unwind_memo_at(r->frames, lum_opt.prof_depth, at, &same, last);
+    int d = lum_unwind_memo_at(r->frames, lum_opt.prof_depth, at, &same, last, true);
     uint64_t s = requested ? requested : 1;
     uint64_t wb = lum_sample_bytes(factor, s);
     if (__builtin_expect(d <= 0 || same != last, 0)) {

@@ -48,7 +48,8 @@
 pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 uint64_t lum_unwind_ns;
-LUM_SAMPLE_DATA uint64_t lum_unwind_count, lum_unwind_frames;
+uint64_t lum_unwind_count, lum_unwind_frames;
+LUM_SAMPLE_DATA uint64_t lum_unwind_hits_locked, lum_unwind_hit_frames_locked;
 /* Serialises additions to the rule cache; reset in fork children by observe.c. */
 pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
 

@@ -106,9 +106,12 @@ extern LUM_HIDDEN int lum_self_state;
  * -1 when the memo does not hold: lum_unwind_from then does it all.  Only for a memo of a
  * walk that skipped lumalloc's own frames (its key says so: lumalloc a separate object, whose
  * memo's frames are the stored ones) and for a key frame outside lumalloc.  Busy first, as in rules_walk: a signal handler's walk must not
- * rewrite the memo under the checks. */
+ * rewrite the memo under the checks.  locked: the caller holds lum_sampled_lock, and the hit is
+ * counted in lum_unwind_hits_locked with plain additions: the two atomic ones were half the
+ * locked instructions of a sample (each also keeps the loads after it from starting before the
+ * stores before it are out). */
 static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at,
-                                                                    uint64_t *same, uint64_t want)
+                                                                    uint64_t *same, uint64_t want, bool locked)
 {
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
@@ -148,12 +151,18 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
         lum_unwind_timed_end(t0);
     lum_memo.unwinds = n + 1;
     lum_memo.hits++;
-    __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
+    if (locked) {
+        __atomic_store_n(&lum_unwind_hits_locked, lum_unwind_hits_locked + 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&lum_unwind_hit_frames_locked, lum_unwind_hit_frames_locked + (uint32_t)d,
+                         __ATOMIC_RELAXED);
+    } else {
+        __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
+    }
     *same = lum_memo.seq;
     return d;
 #else
-    (void)out, (void)max, (void)at, (void)same, (void)want;
+    (void)out, (void)max, (void)at, (void)same, (void)want, (void)locked;
     return -1;
 #endif
 }
