@@ -203,7 +203,7 @@ static struct rtab *rtab;
  * unloads libraries in a loop gets there): a walk uses it only in that epoch, and the first rules
  * of the next start a table of their own, so that a tag that came round again never matches. */
 static uint64_t rules_unloads; /* lum_cfi_unloads() when lum_rules_gen last moved */
-LUM_SAMPLE_DATA uint32_t lum_rules_gen;
+LUM_SAMPLE_DATA4 uint32_t lum_rules_gen;
 
 static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
 {
