@@ -53,6 +53,11 @@ uint8_t lum_sampled_memo[LUM_CLASSES];
  * free, so all its slots are empty.  A page keeps its array while it is the spare. */
 static void *recs_free[LUM_CLASSES];
 
+_Static_assert(sizeof(struct lum_sample_rec) <= (size_t)1 << LUM_SAMPLE_SLOT_SHIFT, "a record fits its slot");
+
+/* A page's slots, 64-aligned (LUM_SAMPLE_SLOT_SHIFT).  The metadata allocator puts blocks of a
+ * page or more on a page and others on 16 bytes: those get 48 bytes more to align in (never
+ * given back: a released page's array goes on recs_free, see sampled_page_release). */
 static struct lum_sample_rec *recs_get(unsigned cls, uint32_t capacity)
 {
     void *r = recs_free[cls];
@@ -61,7 +66,9 @@ static struct lum_sample_rec *recs_get(unsigned cls, uint32_t capacity)
         ((struct lum_sample_rec *)r)->requested = 0;
         return r;
     }
-    return lum_meta_alloc((size_t)capacity * sizeof(struct lum_sample_rec));
+    size_t size = (size_t)capacity << LUM_SAMPLE_SLOT_SHIFT;
+    uintptr_t a = (uintptr_t)lum_meta_alloc(size < 4096 ? size + 48 : size);
+    return a ? (struct lum_sample_rec *)((a + 63) & ~(uintptr_t)63) : NULL;
 }
 
 /* Gives back a sampled page with its record slots; under lum_sampled_lock. */
