@@ -20,7 +20,7 @@ void lum_heap_force_slow(void);
 
 /* Number of armed injectors (process-wide one + per-thread ones); the core routes every
  * allocation through lum_fail_should_inject while it is non-zero. */
-LUM_SAMPLE_DATA volatile int lum_fail_armed;
+LUM_SAMPLE_DATA4 volatile int lum_fail_armed;
 
 static uint64_t global_nth;   /* fail when global_count reaches this (0: disarmed) */
 static uint64_t global_count;

@@ -174,7 +174,7 @@ void lum_heap_force_slow(void)
     if (lum_tls_heap != &lum_empty_heap) lum_tls_heap->sample_left = LUM_SAMPLE_FORCED;
 }
 
-uint32_t lum_sample_epoch;
+LUM_SAMPLE_DATA4 uint32_t lum_sample_epoch;
 
 void lum_heap_interval_changed(void)
 {

@@ -9,9 +9,18 @@
 #define LUM_HIDDEN __attribute__((visibility("hidden")))
 /* On the definition of a variable every sample reads or writes (the sampled pages' lock, the
  * sample counters, the record table's slot count, the unwinder's counters and generation, the
- * failure-injection flag): lib/cold_text.ld gathers them in one 64-aligned output section, two
- * cache lines, where .bss had them on five lines among variables nothing else on the sampling
+ * failure-injection flag, the sampling interval's epoch, the sampled pages' uncarve_due, which
+ * every sampled free reads): lib/cold_text.ld gathers them in one 64-aligned output section, one
+ * cache line with LUM_SAMPLE_DATA_TAIL's first field (nm: 0x38 bytes), where .bss had them on five lines among variables nothing else on the sampling
  * path reads.  A sample comes every 512 KiB, so its lines are out of L1 each time: every line
  * it touches is a miss, and evicts a line of the ordinary paths (callgrind --cache-sim). */
 #define LUM_SAMPLE_DATA __attribute__((section(".data.lum_sample")))
+/* The same for the 4-byte variables, placed first so that no 8-byte one leaves a hole after
+ * one of them: with these 4-byte ones first the section fits one line. */
+#define LUM_SAMPLE_DATA4 __attribute__((section(".data.lum_sample.4")))
+/* The same, placed after every LUM_SAMPLE_DATA variable (lum_records, whose first field alone is
+ * the samples', defined aligned(8): GCC gives a 40-byte variable 32 by default, which put that
+ * field on the next line): with it, what a sample and a sampled free touch there is on one
+ * line, where the failure flag and the unwinder's atomic counters had a line of their own. */
+#define LUM_SAMPLE_DATA_TAIL __attribute__((section(".data.lum_sample.tail")))
 #endif

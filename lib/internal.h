@@ -232,6 +232,12 @@ struct lum_heap {
     _Atomic(lum_block *) inbox; /* blocks freed by other threads, drained by the owner */
     uint64_t rng;
     uint32_t sample_epoch; /* lum_sample_epoch when the point in sample_left was drawn */
+    /* The two flags every sample reads, on sample_left's line (in the hole beside
+     * sample_epoch): sample_recheck was with tid, and lum_requested read pad_want on the
+     * record's second page, two lines out of cache at each sample (bench ring, callgrind: ~0.9
+     * D1 misses a sample). */
+    bool sample_recheck; /* sample_left is no point, only where to draw again (LUM_SAMPLE_RECHECK) */
+    bool padding;        /* pad_want is set (see there) */
     /* lum_sample_factor of each class's size at interval wf_interval, 0 until asked: per
      * thread, so no lock or race when the interval changes (the table is then cleared). */
     uint64_t wf_interval;
@@ -242,7 +248,6 @@ struct lum_heap {
     uint8_t alive;
     bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
     uint8_t empty_big_cls;      /* empty_big's class, checked before the page is read */
-    bool sample_recheck; /* sample_left is no point, only where to draw again (LUM_SAMPLE_RECHECK) */
     uint8_t retained_count[LUM_CLASSES];
     size_t retained_bytes;
     size_t remote_collected; /* bytes of other threads' frees collected since heap_release_idle looked */
@@ -279,7 +284,8 @@ extern __thread struct lum_heap *lum_tls_heap __attribute__((tls_model("initial-
 /* What the program asked for, for an allocation of size bytes (see pad_want). */
 static inline size_t lum_requested(const struct lum_heap *heap, size_t size)
 {
-    return heap && heap != &lum_empty_heap && heap->pad_want == size && size ? heap->pad_asked : size;
+    return heap && heap != &lum_empty_heap && heap->padding && heap->pad_want == size && size ? heap->pad_asked
+                                                                                                : size;
 }
 
 /* ---- size classes (size_class.c) ---- */
@@ -587,10 +593,16 @@ void *lum_alloc_failed(struct lum_heap *heap, size_t size, size_t alignment, int
 extern LUM_HIDDEN lum_lock_t lum_sampled_lock;
 /* A block of sampled class scls (lum_sampled_class), counted; the caller records the sample. */
 void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_rec **rec);
+/* Bytes a sampled block's record slot takes (struct lum_sample_rec is 48), in 64-aligned arrays
+ * (sampled.c): a slot on one cache line, which a sample writes and its free reads, where 48-byte
+ * slots straddled two one time in two (bench ring under callgrind: -0.5 D1 misses a sample and
+ * -0.5 a sampled free). */
+#define LUM_SAMPLE_SLOT_SHIFT 6
 /* The record slot of block p of sampled page page (sampled blocks are powers of two). */
 static inline struct lum_sample_rec *lum_sampled_rec(const struct lum_page *page, const void *p)
 {
-    return page->recs + (((uintptr_t)p - (uintptr_t)page->start) >> __builtin_ctz(page->block_size));
+    uintptr_t i = ((uintptr_t)p - (uintptr_t)page->start) >> __builtin_ctz(page->block_size);
+    return (struct lum_sample_rec *)((uintptr_t)page->recs + (i << LUM_SAMPLE_SLOT_SHIFT));
 }
 /* The size a sampled block of a class of block size s takes: the power of two at or above
  * it, 256 bytes at least (sampled.c says why); every such power is a class of its own.  The

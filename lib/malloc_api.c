@@ -254,7 +254,9 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
         /* samples, warnings and failure reports show the size asked for, not the padding */
         heap->pad_want = want;
         heap->pad_asked = size;
+        heap->padding = true;
         q = lum_malloc(want);
+        heap->padding = false;
         heap->pad_want = heap->pad_asked = 0;
     } else {
         q = lum_malloc(want);

@@ -30,11 +30,17 @@ void lum_obs_free_pages(void *p, size_t size)
 
 void *lum_obs_alloc(size_t size)
 {
+    return lum_obs_alloc_aligned(size, 16);
+}
+
+void *lum_obs_alloc_aligned(size_t size, size_t align)
+{
     size = (size + 15) & ~(size_t)15;
     if (size > ARENA_CHUNK / 4)
         return lum_obs_pages(size); /* big tables get their own mapping: no arena waste */
     lum_mutex_lock(&arena_lock);
-    if ((size_t)(arena_end - arena_cur) < size) {
+    arena_cur += (size_t)-(uintptr_t)arena_cur & (align - 1); /* chunks are page-aligned */
+    if (arena_cur > arena_end || (size_t)(arena_end - arena_cur) < size) {
         char *c = lum_obs_pages(ARENA_CHUNK);
         if (!c) {
             lum_mutex_unlock(&arena_lock);

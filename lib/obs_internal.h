@@ -23,6 +23,8 @@ extern __thread int lum_obs_busy LUM_TLS;
 /* ---- mmap-backed internal memory (obs_arena.c) ---- */
 /* Zeroed, 16-byte aligned, never returned except through lum_obs_free_pages. */
 void *lum_obs_alloc(size_t size);
+/* The same, at an address that is a multiple of align (a power of two, at most 4096). */
+void *lum_obs_alloc_aligned(size_t size, size_t align);
 /* Page-granular buffers for reports (mmap/munmap directly). */
 void *lum_obs_pages(size_t size);
 void lum_obs_free_pages(void *p, size_t size);
@@ -61,8 +63,11 @@ extern LUM_HIDDEN pthread_rwlock_t lum_unwind_fork_lock;
 uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t sp, uintptr_t bp,
                          uintptr_t hook_ret, uint64_t *same);
 uint64_t lum_stack_hash(const uint64_t *frames, uint32_t depth);
-/* Cumulative unwinding cost, for lum_prof_get_stats. */
+/* Cumulative unwinding cost, for lum_prof_get_stats: the unwinds (and their frames) counted with
+ * atomic additions, plus those the core's sampling path took from the memo under
+ * lum_sampled_lock, counted there with plain ones (unwind_memo.h). */
 extern LUM_HIDDEN uint64_t lum_unwind_count, lum_unwind_ns, lum_unwind_frames;
+extern LUM_HIDDEN uint64_t lum_unwind_hits_locked, lum_unwind_hit_frames_locked;
 
 /* ---- DWARF call frame information (cfi.c) ---- */
 /* How to get from a frame to its caller (x86-64): CFA = (rbp if cfa_rbp, else rsp) + cfa_off,
@@ -130,17 +135,20 @@ extern LUM_HIDDEN uint64_t lum_cfi_file_lookups, lum_cfi_file_opens, lum_cfi_fil
  * Whoever holds lum_prof_lock takes lum_sampled_lock inside it, never the other way round: the
  * order fork's handlers take them in (ours run before the core's). */
 extern LUM_HIDDEN lum_lock_t lum_sampled_lock;
+/* The figures a sample and a sampled free change, and the id a sample reads, first, in a
+ * 64-aligned record (lum_stacktab_get): one line a sample and one a free, where they straddled
+ * two (bench ring under callgrind --cache-sim: ~1 D1 miss a sample and its free less). */
 struct lum_stack {
-    struct lum_stack *hnext;   /* hash chain */
-    struct lum_stack *anext;   /* list of all stacks, for reports */
-    uint64_t id;
-    uint32_t depth;
     uint64_t samples;          /* cumulative samples */
     uint64_t alloc_bytes;      /* sum of weights: estimated bytes allocated */
     double alloc_objects;      /* sum of weight/size: estimated objects allocated */
     uint64_t live_samples;
     int64_t live_bytes;
     double live_objects;
+    uint64_t id;
+    uint32_t depth;
+    struct lum_stack *hnext;   /* hash chain */
+    struct lum_stack *anext;   /* list of all stacks, for reports */
     uint64_t frames[];
 };
 extern LUM_HIDDEN lum_lock_t lum_prof_lock;

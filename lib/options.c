@@ -22,7 +22,9 @@ void lum_heap_interval_changed(void) __attribute__((weak));
 void lum_size_limits_apply(void) __attribute__((weak)); /* the same, for the size limits */
 void lum_fail_nth(uint64_t n) __attribute__((weak));
 
-struct lum_options lum_opt = {
+/* 64-aligned: the fields every sample reads (the first four) on one line wherever the linker
+ * puts it. */
+struct lum_options lum_opt __attribute__((aligned(64))) = {
     .sample_interval = 512 * 1024, .prof_depth = 32, .prof = true,
     .large_threshold = 256 * 1024, .large_cache = 128u << 20,
     .diag = LUM_DIAG_CRITICAL, .decay_ms = 1000, .purge_mode = LUM_PURGE_DONTNEED, .psi = true,

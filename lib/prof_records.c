@@ -12,7 +12,7 @@
 #define MAX_BITS 24
 
 uint64_t lum_records_dropped;
-LUM_SAMPLE_DATA struct lum_records lum_records;
+LUM_SAMPLE_DATA_TAIL struct lum_records lum_records __attribute__((aligned(8)));
 
 /* Moves every record to a table of 2^nb buckets; keeps the old one if mmap fails. */
 static void rehash(unsigned nb)

@@ -5,13 +5,16 @@
 #include "obs_internal.h"
 
 struct lum_records {
+    /* records in sampled blocks' slots (lum_sample_rec), not in the table: under
+     * lum_sampled_lock, like the slots (see obs_internal.h).  First: every sample and sampled
+     * free changes it, and the struct comes last in .data.lum_sample (LUM_SAMPLE_DATA_TAIL),
+     * so that it ends the line of the section's other variables and the rest of the struct,
+     * which no sample reads, goes on the next. */
+    uint64_t slot_live;
     struct lum_rec **buckets;
     unsigned bits;
     struct lum_rec *free_nodes;
     uint64_t live;
-    /* records in sampled blocks' slots (lum_sample_rec), not in the table: under
-     * lum_sampled_lock, like the slots (see obs_internal.h) */
-    uint64_t slot_live;
 };
 extern LUM_HIDDEN struct lum_records lum_records;
 /* First use, growth, no recycled node: out of line. */

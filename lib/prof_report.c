@@ -337,6 +337,8 @@ LUM_EXPORT void lum_prof_get_stats(struct lum_prof_stats *out)
     lum_lock(&lum_prof_lock);
     lum_lock(&lum_sampled_lock);
     out->live_samples = lum_records_live();
+    out->unwinds = lum_unwind_hits_locked;
+    out->unwind_frames = lum_unwind_hit_frames_locked;
     lum_unlock(&lum_sampled_lock);
     out->stacks = lum_stacktab_count();
     out->dropped_stacks = lum_stacktab_dropped;
@@ -344,9 +346,9 @@ LUM_EXPORT void lum_prof_get_stats(struct lum_prof_stats *out)
     lum_unlock(&lum_prof_lock);
     out->samples = __atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED);
     out->sample_frees = __atomic_load_n(&lum_prof_sample_frees, __ATOMIC_RELAXED);
-    out->unwinds = __atomic_load_n(&lum_unwind_count, __ATOMIC_RELAXED);
+    out->unwinds += __atomic_load_n(&lum_unwind_count, __ATOMIC_RELAXED);
     out->unwind_ns = __atomic_load_n(&lum_unwind_ns, __ATOMIC_RELAXED);
-    out->unwind_frames = __atomic_load_n(&lum_unwind_frames, __ATOMIC_RELAXED);
+    out->unwind_frames += __atomic_load_n(&lum_unwind_frames, __ATOMIC_RELAXED);
     out->large_warnings = __atomic_load_n(&lum_large_warnings, __ATOMIC_RELAXED);
     out->dumps = __atomic_load_n(&lum_prof_dumps, __ATOMIC_RELAXED);
 }

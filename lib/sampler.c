@@ -117,13 +117,6 @@ static inline __attribute__((always_inline)) void commit(void *ptr, size_t reque
                     LUM_U64(wb), LUM_U64(frames), LUM_U32(depth), LUM_U64(id), LUM_U64(tc));
 }
 
-void lum_sample_commit(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable, uint64_t wb,
-                       double objects, const uint64_t *frames, uint32_t depth, uint64_t same,
-                       struct lum_sample_rec *rec)
-{
-    commit(ptr, requested, usable, wb, objects, frames, depth, same, rec, false, false, tc);
-}
-
 /* try_memo: the unwinder's memo is still to be tried (lum_sample_locked has not). */
 static inline __attribute__((always_inline)) void on_sample(struct lum_thread_counters_v1 *tc, void *ptr,
                                                             size_t requested, size_t usable, const uintptr_t *at,
@@ -156,7 +149,7 @@ static inline __attribute__((always_inline)) void on_sample(struct lum_thread_co
          * frames in between walked.  hook_ret 0: no frame to drop up to, the walk starts
          * outside the hooks already. */
         if (at) {
-            int d = try_memo ? lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same, 0) : -1;
+            int d = try_memo ? lum_unwind_memo_at(frames, lum_opt.prof_depth, at, &same, 0, false) : -1;
             depth = d >= 0 ? (uint32_t)d
                            : lum_unwind_from(frames, lum_opt.prof_depth, at[1], (uintptr_t)(at + 2), at[0], 0, &same);
         } else
@@ -175,9 +168,9 @@ void lum_on_sample_at(struct lum_thread_counters_v1 *tc, void *ptr, size_t reque
 }
 
 void lum_sample_walk(struct lum_thread_counters_v1 *tc, void *ptr, size_t requested, size_t usable,
-                     const uintptr_t *at, double factor, struct lum_sample_rec *rec, bool try_memo,
-                     uint64_t *frames)
+                     const uintptr_t *at, double factor, struct lum_sample_rec *rec, bool try_memo)
 {
+    uint64_t frames[LUM_MAX_FRAMES];
     on_sample(tc, ptr, requested, usable, at, factor, rec, try_memo, frames);
 }
 

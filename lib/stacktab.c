@@ -70,7 +70,7 @@ struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint6
         lum_stacktab_dropped++;
         return NULL;
     }
-    struct lum_stack *s = lum_obs_alloc(sizeof *s + depth * sizeof *frames);
+    struct lum_stack *s = lum_obs_alloc_aligned(sizeof *s + depth * sizeof *frames, 64);
     if (!s) {
         lum_stacktab_dropped++;
         return NULL;

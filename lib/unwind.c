@@ -48,7 +48,8 @@
 pthread_rwlock_t lum_unwind_fork_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 uint64_t lum_unwind_ns;
-LUM_SAMPLE_DATA uint64_t lum_unwind_count, lum_unwind_frames;
+uint64_t lum_unwind_count, lum_unwind_frames;
+LUM_SAMPLE_DATA uint64_t lum_unwind_hits_locked, lum_unwind_hit_frames_locked;
 /* Serialises additions to the rule cache; reset in fork children by observe.c. */
 pthread_mutex_t lum_unwind_rules_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -202,7 +203,7 @@ static struct rtab *rtab;
  * unloads libraries in a loop gets there): a walk uses it only in that epoch, and the first rules
  * of the next start a table of their own, so that a tag that came round again never matches. */
 static uint64_t rules_unloads; /* lum_cfi_unloads() when lum_rules_gen last moved */
-LUM_SAMPLE_DATA uint32_t lum_rules_gen;
+LUM_SAMPLE_DATA4 uint32_t lum_rules_gen;
 
 static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
 {

@@ -103,12 +103,16 @@ extern LUM_HIDDEN int lum_self_state;
 /* The walk from the frame at (at[0] its caller's rbp, at[1] the return address, at + 2 the
  * caller's rsp) when this thread's memo still holds for it: its depth, the frames in out[]
  * (unless *same comes out as want, 0: always) and *same as lum_unwind_from sets it, counted (and one in LUM_TIME_EVERY timed) as an unwind.
- * -1 when the memo does not hold: lum_unwind_from then does it all.  Only for a memo of a
+ * -1 when the memo does not hold: lum_unwind_from then does it all.  out NULL: only a hit on
+ * want's frames (and more than none) is taken; any other hit is -2, not counted.  Only for a memo of a
  * walk that skipped lumalloc's own frames (its key says so: lumalloc a separate object, whose
  * memo's frames are the stored ones) and for a key frame outside lumalloc.  Busy first, as in rules_walk: a signal handler's walk must not
- * rewrite the memo under the checks. */
+ * rewrite the memo under the checks.  locked: the caller holds lum_sampled_lock, and the hit is
+ * counted in lum_unwind_hits_locked with plain additions: the two atomic ones were half the
+ * locked instructions of a sample (each also keeps the loads after it from starting before the
+ * stores before it are out). */
 static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *out, uint32_t max, const uintptr_t *at,
-                                                                    uint64_t *same, uint64_t want)
+                                                                    uint64_t *same, uint64_t want, bool locked)
 {
 #if defined(__x86_64__) && !defined(LUM_UNWIND_VERIFY)
     uint32_t n = lum_memo.unwinds;
@@ -136,24 +140,34 @@ static inline __attribute__((always_inline)) int lum_unwind_memo_at(uint64_t *ou
          * those it names by want (the sampler's last stack, see commit in sampler.c), the
          * common case.  Before busy is cleared: a signal handler's walk may record the memo
          * again after. */
-        if (m->seq != want)
+        if (!out) {
+            if (m->seq != want || d == 0)
+                d = -2; /* not counted: the caller tries again with a buffer */
+        } else if (m->seq != want) {
             for (uint32_t i = 0; i <= m->nret; i++)
                 out[i] = m->frames[i];
+        }
     }
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     m->busy = 0;
     if (d < 0)
-        return -1; /* lum_unwind_from walks (and, for a timed one, looks and times again) */
+        return d; /* -1: lum_unwind_from walks (and, for a timed one, looks and times again) */
     if (__builtin_expect(t0 != 0, 0))
         lum_unwind_timed_end(t0);
     lum_memo.unwinds = n + 1;
     lum_memo.hits++;
-    __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
+    if (locked) {
+        __atomic_store_n(&lum_unwind_hits_locked, lum_unwind_hits_locked + 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&lum_unwind_hit_frames_locked, lum_unwind_hit_frames_locked + (uint32_t)d,
+                         __ATOMIC_RELAXED);
+    } else {
+        __atomic_fetch_add(&lum_unwind_count, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&lum_unwind_frames, (uint32_t)d, __ATOMIC_RELAXED);
+    }
     *same = lum_memo.seq;
     return d;
 #else
-    (void)out, (void)max, (void)at, (void)same, (void)want;
+    (void)out, (void)max, (void)at, (void)same, (void)want, (void)locked;
     return -1;
 #endif
 }
