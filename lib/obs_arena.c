@@ -39,8 +39,10 @@ void *lum_obs_alloc_aligned(size_t size, size_t align)
     if (size > ARENA_CHUNK / 4)
         return lum_obs_pages(size); /* big tables get their own mapping: no arena waste */
     lum_mutex_lock(&arena_lock);
-    arena_cur += (size_t)-(uintptr_t)arena_cur & (align - 1); /* chunks are page-aligned */
-    if (arena_cur > arena_end || (size_t)(arena_end - arena_cur) < size) {
+    /* in integers: arena_cur is NULL before the first chunk, and the padding may pass the
+     * chunk's end (chunks are page-aligned, so a fresh one needs none) */
+    size_t pad = (size_t)-(uintptr_t)arena_cur & (align - 1);
+    if ((uintptr_t)arena_end - (uintptr_t)arena_cur < pad + size) {
         char *c = lum_obs_pages(ARENA_CHUNK);
         if (!c) {
             lum_mutex_unlock(&arena_lock);
@@ -48,6 +50,8 @@ void *lum_obs_alloc_aligned(size_t size, size_t align)
         }
         arena_cur = c;
         arena_end = c + ARENA_CHUNK;
+    } else {
+        arena_cur += pad;
     }
     void *p = arena_cur;
     arena_cur += size;
