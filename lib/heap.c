@@ -267,6 +267,10 @@ static struct lum_heap *heap_create(void)
     }
     lum_unlock(&lum_heaps_lock);
     if (heap) {
+        /* a fork child's pooled record is as its thread left it, maybe inside realloc's padded
+         * allocation (lum_realloc): its padding is not the new thread's */
+        heap->padding = false;
+        heap->pad_want = heap->pad_asked = 0;
         forward_inbox(heap); /* frees that reached it after its thread left */
     } else {
         heap = lum_meta_alloc(sizeof *heap);
