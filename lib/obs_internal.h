@@ -91,7 +91,9 @@ int lum_cfi_rule(uintptr_t ra, struct lum_cfi_rule *out);
  * Closed by lum_cfi_files_close when the walk ends: a descriptor kept for longer could take a
  * number the program means to get (a daemon closes 0-2 and opens /dev/null as 0).  The
  * lookups hold lum_unwind_fork_lock for reading from the first to the close, so that no fork
- * child inherits the descriptor. */
+ * child inherits the descriptor (a child made without the handlers, by _Fork or a raw clone,
+ * still may; a program thread's closefrom meanwhile can take the number away for the rest of
+ * the walk, as it could for one lookup before). */
 struct lum_cfi_files {
     uintptr_t text_lo, map_lo;
     const void *hdr, *lm;

@@ -471,7 +471,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "libd.so", "libf.so", "libw.so", "libk.so", "new"};
+    static const char *const names[] = {"liba.so", "libb.so", "libc1.so", "libc2.so", "libd.so", "libf.so", "libw.so", "libk.so", "liblayout.so", "new"};
     char p[96];
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", dir, names[i]);

@@ -16,6 +16,7 @@
 #include "internal.h"
 
 static pthread_barrier_t forked;
+static struct lum_heap *padded; /* the heap record of the thread caught inside realloc */
 
 /* A thread inside lum_realloc's padded allocation while the main thread forks. */
 static void *inside_padded_realloc(void *arg)
@@ -25,6 +26,7 @@ static void *inside_padded_realloc(void *arg)
     free(p);
     struct lum_heap *heap = lum_tls_heap;
     assert_true(heap != &lum_empty_heap);
+    padded = heap;
     heap->pad_want = 777;
     heap->pad_asked = 5;
     heap->padding = true;
@@ -39,7 +41,8 @@ static void *requested_777(void *arg)
 {
     void *volatile p = malloc(16); /* a heap record: the dead thread's, pooled by the fork child */
     free(p);
-    *(size_t *)arg = lum_tls_heap != &lum_empty_heap ? lum_requested(lum_tls_heap, 777) : 0;
+    /* the only record in the child's pool: if it were not this one, nothing would be tested */
+    *(size_t *)arg = lum_tls_heap == padded ? lum_requested(lum_tls_heap, 777) : 0;
     return NULL;
 }
 
@@ -57,7 +60,7 @@ static void test_child_thread_not_padded(void **state)
         pthread_t c;
         if (pthread_create(&c, NULL, requested_777, &req) || pthread_join(c, NULL))
             _exit(2);
-        _exit(req == 777 ? 0 : 1);
+        _exit(req == 777 ? 0 : req == 0 ? 3 : 1);
     }
     pthread_barrier_wait(&forked);
     pthread_join(t, NULL);
