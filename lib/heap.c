@@ -332,6 +332,17 @@ bool lum_release_for_retry(void)
     return lum_purge() > 0;
 }
 
+void *lum_large_alloc_or_fail(struct lum_heap *heap, size_t size, size_t alignment, bool zero)
+{
+    int err = errno;
+    void *p = lum_large_alloc(heap, size, alignment, zero, !lum_fail_is_armed());
+    if (LUM_UNLIKELY(!p) && lum_release_for_retry()) {
+        errno = err;
+        p = lum_large_alloc(heap, size, alignment, zero, !lum_fail_is_armed());
+    }
+    return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
+}
+
 struct lum_heap *lum_heap_get_unless_exited(void)
 {
     return lum_tls_heap == &lum_empty_heap && lum_tls_exited ? NULL : lum_heap_get();
@@ -1207,25 +1218,15 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (LUM_UNLIKELY(point_stale(heap)) && !lum_sample_forced(heap->sample_left))
         heap->sample_left = next_sample_after(heap, 0);
 
-    if (LUM_UNLIKELY(lum_fail_is_armed())) {
-        heap->sample_left = LUM_SAMPLE_FORCED;
-        if (lum_fail_should_inject(size)) return lum_alloc_failed(heap, size, alignment, ENOMEM);
-    }
+    if (LUM_UNLIKELY(lum_fail_injected(heap, size))) return lum_alloc_failed(heap, size, alignment, ENOMEM);
     /* Here, before any list is touched: starting the background thread allocates (glibc's
      * pthread_create), and that nested malloc must find this heap consistent. */
     lum_background_poll();
 
     if (LUM_UNLIKELY(lum_warns_large(size) && size <= lum_opt.large_threshold))
         lum_on_large_warn(size); /* the large path warns by itself */
-    if (size > lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE) {
-        int err = errno; /* a success after the retry leaves it as it was, as any success */
-        void *p = lum_large_alloc(heap, size, alignment, false, !lum_fail_is_armed());
-        if (LUM_UNLIKELY(!p) && lum_release_for_retry()) {
-            errno = err;
-            p = lum_large_alloc(heap, size, alignment, false, !lum_fail_is_armed());
-        }
-        return p ? p : lum_alloc_failed(heap, size, alignment, ENOMEM);
-    }
+    if (size > lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE)
+        return lum_large_alloc_or_fail(heap, size, alignment, false);
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
     if (!lum_fail_is_armed() && heap->sample_left < (int64_t)lum_class_size[cls]) {
         /* A tail call: reached from malloc (its exhausted page), lum_malloc_sample walks from

@@ -568,6 +568,18 @@ void lum_heap_force_slow(void);
  * made then would never be torn down; lum_malloc_slow serves those itself). */
 struct lum_heap *lum_heap_get_unless_exited(void);
 bool lum_release_for_retry(void);
+/* A large block of size bytes for heap (zero: cleared), mapped once more after
+ * lum_release_for_retry when the mapping fails, and the failure reported when that fails too;
+ * a success after the retry leaves errno as it was, as any success. */
+void *lum_large_alloc_or_fail(struct lum_heap *heap, size_t size, size_t alignment, bool zero);
+/* Whether the armed failure injector fails this allocation of size bytes (counted); while it is
+ * armed, the thread's allocations all come to the slow path, where it is asked. */
+static inline bool lum_fail_injected(struct lum_heap *heap, size_t size)
+{
+    if (LUM_LIKELY(!lum_fail_is_armed())) return false;
+    heap->sample_left = LUM_SAMPLE_FORCED;
+    return lum_fail_should_inject(size);
+}
 void lum_heap_interval_changed(void);
 bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance);
 void lum_heap_abandon(struct lum_heap *heap);

@@ -168,19 +168,9 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
          * resident, glibc 1 MiB) */
         if (heap == &lum_empty_heap) heap = lum_heap_get_unless_exited();
         if (heap && heap != &lum_empty_heap) {
-            bool armed = lum_fail_is_armed();
-            if (LUM_UNLIKELY(armed)) { /* as lum_malloc_slow: counted, and the thread kept slow */
-                heap->sample_left = LUM_SAMPLE_FORCED;
-                if (lum_fail_should_inject(bytes)) return lum_alloc_failed(heap, bytes, 0, ENOMEM);
-            }
+            if (LUM_UNLIKELY(lum_fail_injected(heap, bytes))) return lum_alloc_failed(heap, bytes, 0, ENOMEM);
             /* fresh mappings are already zero: only a recycled one is cleared */
-            int err = errno;
-            void *p = lum_large_alloc(heap, bytes, 0, true, !armed);
-            if (LUM_UNLIKELY(!p) && lum_release_for_retry()) {
-                errno = err;
-                p = lum_large_alloc(heap, bytes, 0, true, !armed);
-            }
-            return p ? p : lum_alloc_failed(heap, bytes, 0, ENOMEM);
+            return lum_large_alloc_or_fail(heap, bytes, 0, true);
         }
     }
     void *p = alloc_small_fast(bytes, false);
