@@ -1,5 +1,5 @@
 /* What several unit tests share: whether they run under ThreadSanitizer, a cheap random
- * sequence, a child process whose stderr is read back, and what of a range is resident.
+ * sequence, a coroutine on a stack of the test's own, a child process whose stderr is read back, and what of a range is resident.
  * Include after cmocka.h. */
 #ifndef LUM_TEST_SUPPORT_H
 #define LUM_TEST_SUPPORT_H
@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #if defined(__SANITIZE_THREAD__)
@@ -85,6 +86,18 @@ static inline size_t resident_bytes(const void *p, size_t len)
     size_t n = 0;
     for (size_t i = 0; i < (e - a) / 4096; i++) n += vec[i] & 1;
     return n * 4096;
+}
+
+/* Runs fn as a coroutine on stack (size bytes), as a coroutine library does: co and back are
+ * the coroutine's context and the caller's, which fn's return (or a swap to back) resumes. */
+static inline void run_on_stack(ucontext_t *co, ucontext_t *back, void *stack, size_t size, void (*fn)(void))
+{
+    assert_int_equal(getcontext(co), 0);
+    co->uc_stack.ss_sp = stack;
+    co->uc_stack.ss_size = size;
+    co->uc_link = back;
+    makecontext(co, fn, 0);
+    assert_int_equal(swapcontext(back, co), 0);
 }
 
 #endif

@@ -22,6 +22,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <cmocka.h>
+#include "test_support.h"
 #include "lumalloc_failure.h"
 #include "obs_internal.h"
 #include "unwind_memo.h"
@@ -409,12 +410,7 @@ static void test_memo_stack_switch(void **state)
     /* a coroutine on a stack of its own, later unmapped, as a coroutine library frees it */
     void *stack = mmap(NULL, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     assert_true(stack != MAP_FAILED);
-    assert_int_equal(getcontext(&co_ctx), 0);
-    co_ctx.uc_stack.ss_sp = stack;
-    co_ctx.uc_stack.ss_size = STACK;
-    co_ctx.uc_link = &co_main;
-    makecontext(&co_ctx, co_entry, 0);
-    assert_int_equal(swapcontext(&co_main, &co_ctx), 0);
+    run_on_stack(&co_ctx, &co_main, stack, STACK, co_entry);
     assert_true(memo_fp >= (uintptr_t)stack && memo_fp < (uintptr_t)stack + STACK);
     /* a stack that may be unmapped under it: the run stays the thread's own */
     assert_false(co_run_here);
@@ -437,10 +433,7 @@ static void test_memo_stack_switch(void **state)
     same_but_call_site(f[1], f[0], n[0]);
     /* the coroutine once more, its stack then unmapped: the next walk on the thread's stack
      * must not read the memo's words there (a fault, were it to) */
-    co_ctx.uc_stack.ss_sp = stack;
-    co_ctx.uc_stack.ss_size = STACK;
-    makecontext(&co_ctx, co_entry, 0);
-    assert_int_equal(swapcontext(&co_main, &co_ctx), 0);
+    run_on_stack(&co_ctx, &co_main, stack, STACK, co_entry);
     assert_int_equal(co_hit[0], 0);
     assert_int_equal(co_hit[2], 0);
     assert_false(co_run_here);

@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <cmocka.h>
+#include "test_support.h"
 #include "lumalloc_options.h"
 #include "obs_internal.h"
 #include "unwind_memo.h"
@@ -138,12 +139,7 @@ static NOINL void uc_body(void)
 static void uc_run(char *stack, int pad)
 {
     uc_pad = pad;
-    assert_int_equal(getcontext(&uc_co), 0);
-    uc_co.uc_stack.ss_sp = stack;
-    uc_co.uc_stack.ss_size = STACK;
-    uc_co.uc_link = &uc_main;
-    makecontext(&uc_co, uc_body, 0);
-    assert_int_equal(swapcontext(&uc_main, &uc_co), 0);
+    run_on_stack(&uc_co, &uc_main, stack, STACK, uc_body);
 }
 
 static void test_wrong_cfa(void **state)
