@@ -1035,12 +1035,11 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
             }
     lum_abandoned_decay();
     heap_release_idle(heap, cls);
-    page = lum_page_alloc(cls, LUM_PAGE_SMALL);
+    page = lum_page_alloc(cls, LUM_PAGE_SMALL, heap);
     if (!page) {
         lum_heap_set_current(heap, cls, &lum_empty_page);
         return NULL;
     }
-    atomic_store_explicit(&page->owner, heap, memory_order_release);
     lum_page_set_fast(page, heap);
     lum_list_push_front(&heap->avail[cls], page);
     lum_page_refill(page);
@@ -1539,8 +1538,8 @@ static void salvage_dead_cache(struct lum_heap *h)
  * update of their own page lists (those take no lock), and walking such a list can link a page
  * into two lists and hang the child.  So their pages are found from the segments' slice maps
  * instead, which change only under the segment lock that fork's prepare handler held, and are
- * recounted (a thread may have stopped mid-free) and abandoned one by one.  A page caught
- * between its allocation and its first owner has none and is lost: a few KiB at worst. */
+ * recounted (a thread may have stopped mid-free) and abandoned one by one.  A page has its
+ * owner from its allocation (lum_page_alloc). */
 LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
 {
     struct lum_heap *me = lum_tls_heap;

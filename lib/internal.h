@@ -532,7 +532,7 @@ void lum_meta_free(void *p, size_t size);
 
 /* ---- segment.c (global lock: lum_segment_lock) ---- */
 extern LUM_HIDDEN lum_lock_t lum_segment_lock;
-struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind);
+struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lum_heap *owner);
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 void lum_page_touch(struct lum_page *page, size_t end);

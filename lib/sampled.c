@@ -130,7 +130,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
         page = spare_pop(cls);
         lum_list_push_front(&lum_sampled_pages[cls], page);
         if (!page->free) lum_page_refill(page);
-    } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED)) != NULL) {
+    } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED, NULL)) != NULL) {
         if (!(page->recs = recs_get(cls, page->capacity))) {
             lum_page_release(page, false);
             page = NULL;
