@@ -522,8 +522,6 @@ static size_t page_carved_bytes(const struct lum_page *page)
     return (size_t)page->carved * page->block_size;
 }
 
-/* Puts a page its owner lets go of on the abandoned list; false (the caller releases it) for an
- * empty page over the bound. */
 static void abandoned_unlink(struct lum_page *page);
 
 /* The oldest empty abandoned page (empty ones sit at the tails of the class lists, oldest
@@ -554,25 +552,36 @@ static void abandoned_file(struct lum_page *page, unsigned cls, bool empty)
     page->abandoned = empty ? LUM_ABANDONED_EMPTY : LUM_ABANDONED_WITH_BLOCKS;
 }
 
-static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
+/* An empty page that carved nothing (lum_page_uncarve) holds no memory worth keeping, and
+ * would add nothing to abandoned_empty_bytes, by which decay decides whether to look at the
+ * lists at all: kept, it stayed there for good. */
+static bool not_worth_keeping(const struct lum_page *page)
+{
+    return page->used == 0 && page->carved == 0;
+}
+
+/* A fork child finds the pages of the threads that did not survive by their owner
+ * (lum_heaps_after_fork_child) and keeps the abandoned lists: a small page in a slice map with
+ * neither an owner nor a list is one nobody will ever use or release in the child.  So a page
+ * is without an owner only on an abandoned list, or in the hands of a thread that holds
+ * lum_abandoned_lock (which fork's prepare handler takes before lum_segment_lock) until the
+ * page is filed again or out of its slice map: an empty abandoned page that goes back does so
+ * under the lock, and a page its owner lets go of to its segment keeps its owner until
+ * lum_page_release clears it under the segment lock.  Taken outside both locks, those steps
+ * lost pages (an emptied abandoned page filed again, stale ones given back at a thread exit):
+ * 15 of the 39 such pages in 6000 children of test_fork_orphan_pages, the other 24 new pages
+ * (lum_page_alloc).
+ * Puts a page let go of on lum_abandoned[cls]; false for an empty page over the bound, with its
+ * owner as it was (the caller releases it, under the lock if it has none).  Caller holds
+ * lum_abandoned_lock. */
+static bool abandon_locked(struct lum_page *page, unsigned cls, uint64_t now)
 {
     bool empty = page->used == 0;
-    /* An empty page that carved nothing (lum_page_uncarve) holds no memory worth keeping, and
-     * would add nothing to abandoned_empty_bytes, by which decay decides whether to look at
-     * the lists at all: kept, it stayed there for good. */
-    if (empty && page->carved == 0) {
-        atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
-        return false;
-    }
-    lum_lock(&lum_abandoned_lock);
+    if (not_worth_keeping(page)) return false;
     /* over the bound, the oldest go first: they are the least likely to be wanted again */
     while (empty && abandoned_empty_bytes + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
         struct lum_page *old = oldest_empty_abandoned();
-        if (!old) {
-            lum_unlock(&lum_abandoned_lock);
-            atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
-            return false;
-        }
+        if (!old) return false;
         abandoned_unlink(old);
         lum_page_release(old, false);
     }
@@ -580,8 +589,18 @@ static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
     abandoned_file(page, cls, empty);
     /* shares its word with park_bias, which a statistics snapshot may still be reading */
     __atomic_store_n(&page->abandoned_ms, now, __ATOMIC_RELAXED);
-    lum_unlock(&lum_abandoned_lock);
     return true;
+}
+
+/* abandon_locked for a page its owner lets go of: false, the owner kept, when the caller is to
+ * release it. */
+static bool abandon_page(struct lum_page *page, unsigned cls, uint64_t now)
+{
+    if (not_worth_keeping(page)) return false; /* no lock for it */
+    lum_lock(&lum_abandoned_lock);
+    bool filed = abandon_locked(page, cls, now);
+    lum_unlock(&lum_abandoned_lock);
+    return filed;
 }
 
 /* Takes page off lum_abandoned[cls] (caller holds lum_abandoned_lock). */
@@ -638,7 +657,7 @@ static void abandoned_release_stale(void)
         rank[i]->next = stale;
         stale = rank[i];
     }
-    lum_unlock(&lum_abandoned_lock);
+    /* under the lock: off their lists, they have no owner (see abandon_locked) */
     while (stale) {
         struct lum_page *next = stale->next;
         stale->next = stale->prev = NULL;
@@ -646,6 +665,7 @@ static void abandoned_release_stale(void)
         lum_page_release(stale, false);
         stale = next;
     }
+    lum_unlock(&lum_abandoned_lock);
 }
 
 static void page_unfull(struct lum_heap *heap, struct lum_page *page)
@@ -859,17 +879,15 @@ static bool free_into_abandoned(struct lum_page *page, lum_block *b)
         lum_unlock(&lum_abandoned_lock);
         return false;
     }
-    unsigned cls = page->cls;
     lum_page_collect(page);
     lum_page_push_free(page, b);
-    if (LUM_OWN_SUB(page->used, 1) != 0) {
-        lum_unlock(&lum_abandoned_lock);
-        return true;
+    if (LUM_OWN_SUB(page->used, 1) == 0) {
+        /* now empty: filed again as an empty page, or released over the bound, the lock held
+         * throughout (see abandon_locked) */
+        abandoned_unlink(page);
+        if (!abandon_locked(page, page->cls, lum_now_ms())) lum_page_release(page, false);
     }
-    /* now empty: filed again as an empty page (or released over the bound) */
-    abandoned_unlink(page);
     lum_unlock(&lum_abandoned_lock);
-    if (!abandon_page(page, cls, lum_now_ms())) lum_page_release(page, false);
     return true;
 }
 
@@ -1538,8 +1556,10 @@ static void salvage_dead_cache(struct lum_heap *h)
  * update of their own page lists (those take no lock), and walking such a list can link a page
  * into two lists and hang the child.  So their pages are found from the segments' slice maps
  * instead, which change only under the segment lock that fork's prepare handler held, and are
- * recounted (a thread may have stopped mid-free) and abandoned one by one.  A page has its
- * owner from its allocation (lum_page_alloc). */
+ * recounted (a thread may have stopped mid-free) and abandoned one by one.  Every other small
+ * page there is the surviving thread's or on an abandoned list: a page is owned from its
+ * allocation (lum_page_alloc) until its release takes it out of the slice map, or abandoned
+ * (abandon_locked). */
 LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
 {
     struct lum_heap *me = lum_tls_heap;
