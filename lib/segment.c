@@ -640,14 +640,19 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
     note_depth(page);
     bool keep = span_kept(page, may_keep_span);
     size_t lost = 0, tail = note_span(seg, idx, page, keep, &lost);
-    /* The page is in the slice map (and owned) until the lock below, while its memory goes back
+    /* The page is in the slice map (and owned, unless the caller holds lum_abandoned_lock, or
+     * lum_sampled_lock for a sampled page) until the lock below, while its memory goes back
      * now: a fork child made in between (its prepare handler holds that lock, so a thread
      * waits here, in the window) finds it through the slice map (collect_dead_pages) and walked
      * a free list into zeroed memory (the hardened library aborted in 800 of 1169 children).
-     * Left empty and uncarved first, the page is one the child's page_recount releases. */
+     * Left empty and uncarved first, the page is one the child's page_recount releases.  The
+     * carve goes before the list: a child that finds the list still whole counts its blocks
+     * carved and free, where one that found the list gone and the carve left would count every
+     * block live, and keep the page with them for its life. */
+    LUM_OWN_SET(page->carved, 0);
+    atomic_signal_fence(memory_order_seq_cst);
     page->free = NULL;
     LUM_OWN_SET(page->used, 0);
-    LUM_OWN_SET(page->carved, 0);
     atomic_signal_fence(memory_order_seq_cst);
     if (tail) return_pages(page->start + 4096, tail);
     if (lost) lum_os_account_slices(-(int64_t)lost, 0);
