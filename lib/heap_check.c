@@ -1,6 +1,7 @@
 /* lum_heap_check: walks the allocator's metadata and checks its invariants.  Pages owned by
  * other running threads change under our feet, so their free lists are checked only for the
- * calling thread, abandoned pages and sampled pages; the slice maps of every segment always. */
+ * calling thread, abandoned pages and sampled pages; the slice maps of every segment always,
+ * and that every ordinary page in them has an owner or is abandoned. */
 #include <stdio.h>
 #include "internal.h"
 #include "lumalloc.h"
@@ -62,6 +63,9 @@ static void check_segment(struct lum_segment *seg, void *arg)
         if (page->kind == LUM_PAGE_SMALL && owner == c->me) check_free_list(c, page);
         if (page->kind == LUM_PAGE_SMALL && lum_page_fast(page) && lum_page_fast(page) != owner)
             report(c, "fast path owner differs from owner", page);
+        /* one nobody will ever use or release (heap.c, abandon_locked) */
+        if (page->kind == LUM_PAGE_SMALL && !owner && !page->abandoned)
+            report(c, "page with no owner on no abandoned list", page);
         i += page->slices;
     }
 }
@@ -76,15 +80,17 @@ void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), void *arg);
 LUM_EXPORT int lum_heap_check(int verbose)
 {
     struct check c = { 0, verbose, lum_tls_heap };
-    lum_segments_for_each(check_segment, &c);
-    lum_sampled_for_each(check_sampled, &c);
+    /* the slice maps with the abandoned lists held: a page goes without an owner between its
+     * lists only under their lock */
     lum_lock(&lum_abandoned_lock);
+    lum_segments_for_each(check_segment, &c);
     for (unsigned cls = 0; cls < LUM_CLASSES; cls++)
         for (struct lum_page *p = lum_abandoned[cls].head; p; p = p->next) {
             if (atomic_load(&p->owner)) report(&c, "abandoned page with an owner", p);
             if (p->cls != cls) report(&c, "abandoned page on the wrong class list", p);
         }
     lum_unlock(&lum_abandoned_lock);
+    lum_sampled_for_each(check_sampled, &c);
     struct lum_heap *me = lum_tls_heap;
     if (me != &lum_empty_heap)
         for (unsigned cls = 0; cls < LUM_CLASSES; cls++) {
