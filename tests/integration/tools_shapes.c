@@ -13,6 +13,8 @@
  *                                        SECS s later as many more, then the process exits at once
  *                                        (all alive); FILE gets "tid allocs bytes" per thread, as
  *                                        its registry record had them after its last allocation
+ *   tools_shapes execbatch N PATH        N allocations of 4321 bytes (kept), then at once
+ *                                        execv(PATH); if that fails, a normal exit
  * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
  */
 #define _GNU_SOURCE
@@ -180,6 +182,16 @@ int main(int argc, char **argv)
         }
         sleep_ms((long)(secs * 1000));
         exit(0);
+    }
+    if (!strcmp(argv[1], "execbatch")) {
+        /* what the start-up sampled is published (LUM_BATCH_FLUSH_MS) before ours are taken */
+        free(malloc(100));
+        sleep_ms(100);
+        int n = atoi(argv[2]);
+        for (int i = 0; i < n; i++)
+            sink_a = malloc(4321);
+        execv(argv[3], (char *[]){argv[3], NULL});
+        return 0;
     }
     if (!strcmp(argv[1], "final") && argc >= 5) {
         int n = atoi(argv[2]);
