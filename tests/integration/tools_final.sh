@@ -47,7 +47,7 @@ PY
 echo "== final report of 600 threads, each with its own final figures ($MODE)"
 # Before: the exit-time reading held 256 threads; the others showed the last interval's figures.
 "$ALLOCTOP" ${LIB:+--preload "$LIB"} --json -c "$SHAPES final 600 1.5 $TMP/truth600" 1 > "$TMP/f600.jsonl" 2> "$TMP/f600.err" ||
-    { cat "$TMP/f600.err"; fail "alloctop -c"; }
+    { rc=$?; cat "$TMP/f600.err"; fail "alloctop -c: status $rc"; }
 [ "$(wc -l < "$TMP/truth600")" = 600 ] && ! grep -q ' 0 0$' "$TMP/truth600" ||
     fail "the target did not write its figures"
 check_final "$TMP/f600.jsonl" "$TMP/truth600" 0 || fail "final report of 600 threads"
@@ -55,11 +55,11 @@ check_final "$TMP/f600.jsonl" "$TMP/truth600" 0 || fail "final report of 600 thr
 echo "== final report of more threads than the exit-time reading holds ($MODE)"
 # 4096 threads are read at exit; the others keep the last interval's figures, said once in the
 # report and counted as lost.
-"$ALLOCTOP" ${LIB:+--preload "$LIB"} --json -c "$SHAPES final 4200 1.5 $TMP/truth4200" 1 > "$TMP/f4200.jsonl" 2> "$TMP/f4200.err" ||
-    { cat "$TMP/f4200.err"; fail "alloctop -c"; }
+"$ALLOCTOP" ${LIB:+--preload "$LIB"} --json -c "$SHAPES final 4200 3 $TMP/truth4200" 1 > "$TMP/f4200.jsonl" 2> "$TMP/f4200.err" ||
+    { rc=$?; cat "$TMP/f4200.err"; fail "alloctop -c: status $rc"; }
 check_final "$TMP/f4200.jsonl" "$TMP/truth4200" 1 || fail "final report of 4200 threads"
-"$ALLOCTOP" ${LIB:+--preload "$LIB"} -b -r 1 -c "$SHAPES final 4200 1.5 $TMP/truth4200" 1 > "$TMP/f4200.txt" 2> "$TMP/f4200.err" ||
-    { cat "$TMP/f4200.err"; fail "alloctop -c"; }
+"$ALLOCTOP" ${LIB:+--preload "$LIB"} -b -r 1 -c "$SHAPES final 4200 3 $TMP/truth4200" 1 > "$TMP/f4200.txt" 2> "$TMP/f4200.err" ||
+    { rc=$?; cat "$TMP/f4200.err"; fail "alloctop -c: status $rc"; }
 n=$(sed -n '/(final)$/,$p' "$TMP/f4200.txt" | grep -c "the exit-time reading holds 4096 threads, 105 more were running")
 [ "$n" = 1 ] || { tail -20 "$TMP/f4200.txt"; fail "the final table does not say once that threads were past the reading ($n)"; }
 echo "ok   the final table says so once"

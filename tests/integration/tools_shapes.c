@@ -202,7 +202,8 @@ int main(int argc, char **argv)
         pthread_barrier_init(&final_done, NULL, (unsigned)n + 1);
         pthread_attr_t attr;
         pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, 64 << 10);
+        /* small, for 4000 threads, but room for a sample's unwinding (a CFI file read) */
+        pthread_attr_setstacksize(&attr, 256 << 10);
         for (int i = 0; i < n; i++) {
             pthread_t th;
             if (pthread_create(&th, &attr, final_worker, &final_threads[i])) {
