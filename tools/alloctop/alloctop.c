@@ -253,8 +253,8 @@ static void add_final(const struct top_final *f)
             s->nfin = 0;
             s->fin_next = 0;
             s->fin_gap = false;
-            s->fin_reg = f->reg;
         }
+        s->fin_reg = f->reg; /* in every record: the first may be the one the ring had no room for */
         s->fin_pending = true;
         if (f->chunk != s->fin_next)
             s->fin_gap = true;
