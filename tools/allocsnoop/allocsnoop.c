@@ -1170,6 +1170,9 @@ int main(int argc, char **argv)
     }
     ring_buffer__consume(rb);
     exec_lost_all();
+    if (tc_verbose && exec_dropped)
+        fprintf(stderr, "allocsnoop: %llu records taken at failed execs were left to the process\n",
+                (unsigned long long)exec_dropped);
     pend_release(0, true);
     t_end = tc_now();
     /* Reports first: unregistering a uprobe waits for RCU grace periods (~0.1 s per probe on
