@@ -234,16 +234,9 @@ int on_pressure(struct pt_regs *ctx)
         }                                                                                          \
     } while (0)
 
-SEC("usdt")
-int on_sample_batch(struct pt_regs *ctx)
+/* kind: SNOOP_BATCH or SNOOP_BATCH_EXEC.  0, or -1 with the records counted lost. */
+static __always_inline int send_batch(u32 kind, u64 buf, u64 bytes, u32 n)
 {
-    /* buf, bytes, nrecords */
-    ARGS(3);
-    maybe_hold();
-    u64 buf = a[0], bytes = a[1];
-    u32 n = (u32)a[2];
-    if (!n || !bytes)
-        return 0;
     if (bytes > LUM_BATCH_BYTES)
         bytes = LUM_BATCH_BYTES;
     struct snoop_batch *b = NULL;
@@ -262,12 +255,140 @@ int on_sample_batch(struct pt_regs *ctx)
         RESERVE_BATCH(LUM_BATCH_BYTES);
     if (!b) {
         count_lost_n(unreadable ? SNOOP_LOST_BATCH : SNOOP_LOST_RINGBUF, n);
-        return 0;
+        return -1;
     }
     u64 pt = stamp_header(&b->ts_ns, &b->pid, &b->tid);
-    b->kind = SNOOP_BATCH;
+    b->kind = kind;
     b->nrecords = n;
     b->bytes = bytes;
-    bpf_ringbuf_submit(b, wakeup_flags(SNOOP_SAMPLE, pt >> 32));
+    bpf_ringbuf_submit(b, kind == SNOOP_BATCH ? wakeup_flags(SNOOP_SAMPLE, pt >> 32) : 0);
+    return 0;
+}
+
+SEC("usdt")
+int on_sample_batch(struct pt_regs *ctx)
+{
+    /* buf, bytes, nrecords */
+    ARGS(3);
+    maybe_hold();
+    u64 buf = a[0], bytes = a[1];
+    u32 n = (u32)a[2];
+    if (!n || !bytes)
+        return 0;
+    send_batch(SNOOP_BATCH, buf, bytes, n);
+    return 0;
+}
+
+/* ---- execve: the records the library had not published yet ----
+ * A successful exec replaces the image without running exit handlers, so the batch waiting in
+ * the buffer would never be published.  It is read at the system call's entry, while the old
+ * image is still there (sched_process_exec comes after its memory is gone), and user space
+ * uses it only once SNOOP_EXEC_DONE says the exec succeeded.  The syscalls tracepoints (they
+ * need tracefs mounted to attach) rather than fentry on __x64_sys_execve, which kernels with
+ * function tracing locked down refuse; not raw_syscalls, which would run for every system
+ * call of every process. */
+
+/* pid -> address of its lumalloc_batch (struct lum_batch_info_v1), filled in by user space. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1024);
+    __type(key, u32);
+    __type(value, u64);
+} exec_watch SEC(".maps");
+
+/* Threads inside an execve whose records were sent: their verdict is awaited.  LRU: a thread
+ * killed by another thread's exec never gets one. */
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 1024);
+    __type(key, u32);
+    __type(value, u8);
+} exec_pending SEC(".maps");
+
+static __always_inline int exec_enter(void)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    u32 pid = pt >> 32, tid = (u32)pt;
+    u64 *ia = bpf_map_lookup_elem(&exec_watch, &pid);
+    if (!ia)
+        return 0;
+    struct lum_batch_info_v1 info;
+    u32 count = 0, used = 0, owner = 0;
+    if (bpf_probe_read_user(&info, sizeof(info), (void *)*ia) || info.magic != LUM_BATCH_INFO_MAGIC ||
+        bpf_probe_read_user(&count, sizeof(count), (void *)info.count_addr) || !count)
+        return 0;
+    /* a vfork() child shares its parent's buffer: those are the parent's records */
+    if (bpf_probe_read_user(&owner, sizeof(owner), (void *)info.pid_addr) || owner != pid ||
+        bpf_probe_read_user(&used, sizeof(used), (void *)info.used_addr) || !used)
+        return 0;
+    if (send_batch(SNOOP_BATCH_EXEC, info.buf_addr, used, count))
+        return 0;
+    u8 one = 1;
+    bpf_map_update_elem(&exec_pending, &tid, &one, BPF_ANY);
+    return 0;
+}
+
+static __always_inline void exec_done(u32 pid, u32 tid, long ret)
+{
+    if (bpf_map_delete_elem(&exec_pending, &tid))
+        return;
+    struct snoop_event *e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
+    if (!e) {
+        /* user space keeps the records: without a verdict it counts them lost */
+        count_lost(SNOOP_LOST_RINGBUF);
+        return;
+    }
+    __builtin_memset(e, 0, SNOOP_HDR_SIZE);
+    e->ts_ns = bpf_ktime_get_ns();
+    e->pid = pid;
+    e->tid = tid;
+    e->kind = SNOOP_EXEC_DONE;
+    e->arg = (u64)ret;
+    bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+}
+
+SEC("tracepoint/syscalls/sys_enter_execve")
+int on_execve(struct trace_event_raw_sys_enter *ctx)
+{
+    return exec_enter();
+}
+
+SEC("tracepoint/syscalls/sys_enter_execveat")
+int on_execveat(struct trace_event_raw_sys_enter *ctx)
+{
+    return exec_enter();
+}
+
+/* A failed exec: the process goes on, and publishes the records itself. */
+static __always_inline int exec_ret(long ret)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    if (ret < 0)
+        exec_done(pt >> 32, (u32)pt, ret);
+    return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_execve")
+int on_execve_ret(struct trace_event_raw_sys_exit *ctx)
+{
+    return exec_ret(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_execveat")
+int on_execveat_ret(struct trace_event_raw_sys_exit *ctx)
+{
+    return exec_ret(ctx->ret);
+}
+
+/* A successful exec (fires in the new image only): old_pid is the caller's thread id before a
+ * non-leader thread's exec made it the leader.  The watched address was the old image's. */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(on_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+{
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (!bpf_map_lookup_elem(&exec_watch, &pid))
+        return 0;
+    bpf_map_delete_elem(&exec_watch, &pid);
+    exec_done(pid, (u32)old_pid, 0);
     return 0;
 }

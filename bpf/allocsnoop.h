@@ -65,4 +65,12 @@ struct snoop_batch {
 
 #define SNOOP_BATCH_HDR_SIZE __builtin_offsetof(struct snoop_batch, data)
 
+/* An execve() of a traced process: the records waiting in the library's batch buffer at the
+ * system call's entry (struct snoop_batch, tid: the calling thread), to be used only if the
+ * exec succeeds, which SNOOP_EXEC_DONE says (struct snoop_event header: tid the calling thread's
+ * id before the exec, arg 0, or the error of a failed exec as a negative number).  A failed
+ * exec leaves the records to the process, which publishes them itself. */
+#define SNOOP_BATCH_EXEC 0x101
+#define SNOOP_EXEC_DONE 0x102
+
 #endif

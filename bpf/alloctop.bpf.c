@@ -39,7 +39,7 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
-    __uint(max_entries, 1 << 20);
+    __uint(max_entries, 2 << 20); /* room for a whole exit-time reading (~420 KiB) */
 } events SEC(".maps");
 
 #define LUM_BPF_LOST_MAX TOP_LOST_MAX
@@ -126,9 +126,90 @@ struct {
     __type(value, u64);
 } registries SEC(".maps");
 
+struct final_walk {
+    struct lum_registry_v1 reg;
+    u64 addr; /* the next thread's counters, 0 at the end of the list */
+    u64 ts_ns;
+    u32 pid;
+    u32 beyond;
+    bool short_read;
+};
+
+static long count_one(u32 i, void *arg)
+{
+    struct final_walk *w = arg;
+    u64 next = 0;
+    if (!w->addr || bpf_probe_read_user(&next, sizeof(next), (void *)w->addr))
+        return 1;
+    w->beyond++;
+    w->addr = next;
+    return 0;
+}
+
+/* Threads left in the list from w->addr on: their final figures are not sent, and that is
+ * counted, not silent.  Links only, 8 bytes a thread; bounded in case the list is cut while
+ * being walked (a cycle cannot form, records are only prepended). */
+static __always_inline void count_rest(struct final_walk *w)
+{
+    w->beyond = 0;
+    bpf_loop(TOP_FINAL_COUNT_MAX, count_one, w, 0);
+    if (w->beyond)
+        count_lost_n(TOP_LOST_FINAL_THREADS, w->beyond);
+}
+
+/* One record of the exit-time reading: the next TOP_FINAL_CHUNK threads of the list. */
+static long final_chunk(u32 idx, void *arg)
+{
+    struct final_walk *w = arg;
+    struct top_final *f = bpf_ringbuf_reserve(&events, sizeof(*f), 0);
+    if (!f) {
+        /* user space, without a `last` record, keeps the last interval's figures for the rest */
+        count_lost(TOP_LOST_RINGBUF);
+        count_rest(w);
+        return 1;
+    }
+    f->ts_ns = w->ts_ns;
+    f->pid = w->pid;
+    f->kind = TOP_FINAL;
+    f->chunk = idx;
+    f->nthreads = 0;
+    f->truncated = 0;
+    f->last = 0;
+    f->beyond = 0;
+    f->pad = 0;
+    __builtin_memcpy(&f->reg, &w->reg, sizeof(f->reg));
+    u64 a = w->addr;
+    for (int i = 0; i < TOP_FINAL_CHUNK; i++) {
+        if (!a)
+            break;
+        f->threads[i].addr = a;
+        if (bpf_probe_read_user(&f->threads[i].c, sizeof(f->threads[i].c), (void *)a)) {
+            w->short_read = true; /* the threads after it are missing: say so */
+            break;
+        }
+        f->nthreads = i + 1;
+        a = f->threads[i].c.next;
+    }
+    w->addr = a;
+    bool last = !a || w->short_read || idx + 1 >= TOP_FINAL_MAX_CHUNKS;
+    if (last) {
+        if (w->short_read)
+            count_lost(TOP_LOST_FINAL);
+        else if (a)
+            count_rest(w);
+        f->beyond = w->beyond;
+        f->truncated = w->short_read || a;
+        f->last = 1;
+    }
+    /* one wake-up for the whole reading */
+    bpf_ringbuf_submit(f, last ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+    return last;
+}
+
 /* Final registry reading.  Since Linux 6.16 sched_process_exit fires before exit_mm() and says
  * whether this is the last thread (group_dead): the process's memory is still mapped and every
- * counter is final.  The map entry is also the once-guard. */
+ * counter is final.  The map entry is also the once-guard.  Runs once per process exit, so the
+ * whole list is read here (up to TOP_FINAL_MAX_THREADS), in as many records as it takes. */
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(on_do_exit, struct task_struct *task, bool group_dead)
 {
@@ -141,35 +222,12 @@ int BPF_PROG(on_do_exit, struct task_struct *task, bool group_dead)
     u64 addr = *raddr;
     if (bpf_map_delete_elem(&registries, &pid))
         return 0; /* another thread got there first */
-    struct top_final *f = bpf_ringbuf_reserve(&events, sizeof(*f), 0);
-    if (!f) {
-        count_lost(TOP_LOST_RINGBUF);
-        return 0;
-    }
-    f->ts_ns = bpf_ktime_get_ns();
-    f->pid = pid;
-    f->kind = TOP_FINAL;
-    f->nthreads = 0;
-    f->truncated = 0;
-    if (bpf_probe_read_user(&f->reg, sizeof(f->reg), (void *)addr)) {
-        bpf_ringbuf_discard(f, 0);
+    struct final_walk w = {.ts_ns = bpf_ktime_get_ns(), .pid = pid};
+    if (bpf_probe_read_user(&w.reg, sizeof(w.reg), (void *)addr)) {
         count_lost(TOP_LOST_FINAL);
         return 0;
     }
-    u64 a = f->reg.threads_head;
-    bool short_read = false;
-    for (int i = 0; i < TOP_FINAL_MAX_THREADS; i++) {
-        if (!a)
-            break;
-        f->threads[i].addr = a;
-        if (bpf_probe_read_user(&f->threads[i].c, sizeof(f->threads[i].c), (void *)a)) {
-            short_read = true; /* the threads after it are missing: say so */
-            break;
-        }
-        f->nthreads = i + 1;
-        a = f->threads[i].c.next;
-    }
-    f->truncated = (f->nthreads == TOP_FINAL_MAX_THREADS && a) || short_read;
-    bpf_ringbuf_submit(f, BPF_RB_FORCE_WAKEUP);
+    w.addr = w.reg.threads_head;
+    bpf_loop(TOP_FINAL_MAX_CHUNKS, final_chunk, &w, 0);
     return 0;
 }

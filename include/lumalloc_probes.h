@@ -93,7 +93,9 @@
  *     background thread (`lumalloc-batch`, running only while the semaphore is set) every
  *     LUM_BATCH_FLUSH_MS so an idle process does not hold records, when a thread exits, at
  *     process exit (exit() or return from main; a process killed by a signal or _exit()
- *     loses at most the last LUM_BATCH_FLUSH_MS of records), and before any other probe fires
+ *     loses at most the last LUM_BATCH_FLUSH_MS of records; at a successful execve() the
+ *     records waiting are not published: a tracer takes them through `lumalloc_batch`, below),
+ *     and before any other probe fires
  *     (large_alloc, large_free, alloc_failure, thread_start, thread_exit, purge, pressure), so
  *     a tracer attached to sample_batch and those probes sees one process's events in order,
  *     with one exception: that flush only tries the lock, so while another thread holds it
@@ -181,6 +183,24 @@ struct lum_batch_rec_v1 {
     uint64_t stack_id;
 };
 #define LUM_BATCH_REC_SIZE 64 /* sizeof(struct lum_batch_rec_v1), frames excluded */
+
+/* Exported as the data symbol `lumalloc_batch` (added in version 1, additive: libraries before
+ * it lack the symbol): where sample_batch records wait until they are published.  For tracers
+ * that must take them where the process cannot publish them: execve() replaces the image
+ * without running exit handlers, so what waits there at a successful exec would be lost (the
+ * tools read it at the execve system call's entry, and use it only once the exec succeeded:
+ * after a failed one the process publishes the records itself).  The records are those of
+ * *pid_addr's process only: a vfork() child shares its parent's buffer. */
+#define LUM_BATCH_INFO_MAGIC 0x6c756d6261746368ULL /* "lumbatch" */
+struct lum_batch_info_v1 {
+    uint64_t magic;      /* LUM_BATCH_INFO_MAGIC */
+    uint32_t version;    /* LUM_PROBES_VERSION */
+    uint32_t size;       /* sizeof(struct lum_batch_info_v1) */
+    uint64_t buf_addr;   /* the buffer, LUM_BATCH_BYTES: records from its start */
+    uint64_t used_addr;  /* u32: bytes of records waiting */
+    uint64_t count_addr; /* u32: records waiting (0: none, whatever used says) */
+    uint64_t pid_addr;   /* u32: the process whose records wait */
+};
 
 #define LUM_THREAD_LIVE 1
 #define LUM_THREAD_EXITED 2

@@ -31,6 +31,18 @@ static uint64_t batch_first_ns;  /* timestamp of the oldest waiting record */
 static pid_t batch_pid;          /* the process whose records are waiting (see lum_batch_sync) */
 static pid_t self_pid;
 static bool batch_final;         /* past the exit flush: every record goes out at once */
+
+/* Where tracers find the waiting records (lumalloc_probes.h): addresses only, so that the
+ * paths that write them are the same as without it. */
+LUM_EXPORT __attribute__((used)) const struct lum_batch_info_v1 lumalloc_batch = {
+    .magic = LUM_BATCH_INFO_MAGIC,
+    .version = LUM_PROBES_VERSION,
+    .size = sizeof(struct lum_batch_info_v1),
+    .buf_addr = (uint64_t)(uintptr_t)batch_buf,
+    .used_addr = (uint64_t)(uintptr_t)&batch_used,
+    .count_addr = (uint64_t)(uintptr_t)&lum_batch_count,
+    .pid_addr = (uint64_t)(uintptr_t)&batch_pid,
+};
 /* The flusher thread: 0 none, 1 starting or running, 2 could not be started (not retried). */
 static int flusher_state;
 /* Our constructor has run, so libc is initialised: a tracer attached at exec sees samples from

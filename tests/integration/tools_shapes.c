@@ -9,15 +9,26 @@
  *   tools_shapes stacks N                allocations from N distinct stacks (N <= 4096), then exit
  *   tools_shapes many N SECS             N threads allocate and keep 64 KiB each, and are all
  *                                        alive when the process exits after SECS s
+ *   tools_shapes final N SECS FILE       N threads: thread i allocates i % 100 + 1 blocks of 100 bytes,
+ *                                        SECS s later as many more, then the process exits at once
+ *                                        (all alive); FILE gets "tid allocs bytes" per thread, as
+ *                                        its registry record had them after its last allocation
+ *   tools_shapes execbatch N PATH        N allocations of 4321 bytes (kept), then at once
+ *                                        execv(PATH); if that fails, a normal exit
  * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include "lumalloc_probes.h"
+
+/* Defined by a statically linked lumalloc; else looked up in the preloaded library. */
+extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
 
 static double secs;
 static const char *prefix = "sh-w";
@@ -89,6 +100,56 @@ static void *keeper(void *arg)
     return NULL;
 }
 
+/* final: the second round is allocated after alloctop's last interval reading, so only the
+ * exit-time reading sees it. */
+struct final_thread {
+    pid_t tid;
+    unsigned long long count, bytes;
+};
+static struct final_thread *final_threads;
+static pthread_barrier_t final_ready, final_go, final_done;
+
+static void final_round(int n)
+{
+    for (int k = 0; k < n; k++)
+        sink_a = malloc(100);
+}
+
+/* The thread's own counters, as the library has them (glibc may allocate on a thread too, once
+ * in a while: the program's own count is not the truth). */
+static void final_own_counters(struct final_thread *f)
+{
+    const struct lum_registry_v1 *reg = &lumalloc_registry;
+    if (!reg)
+        reg = dlsym(RTLD_DEFAULT, "lumalloc_registry");
+    if (!reg)
+        return;
+    for (uint64_t a = reg->threads_head; a; a = ((const struct lum_thread_counters_v1 *)(uintptr_t)a)->next) {
+        const struct lum_thread_counters_v1 *c = (const void *)(uintptr_t)a;
+        if (c->tid == (uint32_t)f->tid && c->state == LUM_THREAD_LIVE) {
+            f->count = c->alloc_count;
+            f->bytes = c->alloc_bytes;
+            return;
+        }
+    }
+}
+
+static void *final_worker(void *arg)
+{
+    struct final_thread *f = arg;
+    int n = (int)(f - final_threads) % 100 + 1;
+    f->tid = gettid();
+    final_round(n);
+    pthread_barrier_wait(&final_ready);
+    pthread_barrier_wait(&final_go);
+    final_round(n);
+    final_own_counters(f);
+    pthread_barrier_wait(&final_done);
+    for (;;)
+        pause();
+    return NULL;
+}
+
 static void start_workers(pthread_t t[2])
 {
     for (long i = 0; i < 2; i++)
@@ -120,6 +181,48 @@ int main(int argc, char **argv)
             }
         }
         sleep_ms((long)(secs * 1000));
+        exit(0);
+    }
+    if (!strcmp(argv[1], "execbatch")) {
+        /* what the start-up sampled is published (LUM_BATCH_FLUSH_MS) before ours are taken */
+        free(malloc(100));
+        sleep_ms(100);
+        int n = atoi(argv[2]);
+        for (int i = 0; i < n; i++)
+            sink_a = malloc(4321);
+        execv(argv[3], (char *[]){argv[3], NULL});
+        return 0;
+    }
+    if (!strcmp(argv[1], "final") && argc >= 5) {
+        int n = atoi(argv[2]);
+        secs = atof(argv[3]);
+        final_threads = calloc((size_t)n, sizeof(*final_threads));
+        pthread_barrier_init(&final_ready, NULL, (unsigned)n + 1);
+        pthread_barrier_init(&final_go, NULL, (unsigned)n + 1);
+        pthread_barrier_init(&final_done, NULL, (unsigned)n + 1);
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        /* small, for 4000 threads, but room for a sample's unwinding (a CFI file read) */
+        pthread_attr_setstacksize(&attr, 256 << 10);
+        for (int i = 0; i < n; i++) {
+            pthread_t th;
+            if (pthread_create(&th, &attr, final_worker, &final_threads[i])) {
+                perror("pthread_create");
+                return 1;
+            }
+        }
+        pthread_barrier_wait(&final_ready);
+        FILE *out = fopen(argv[4], "w");
+        if (!out) {
+            perror(argv[4]);
+            return 1;
+        }
+        sleep_ms((long)(secs * 1000));
+        pthread_barrier_wait(&final_go);
+        pthread_barrier_wait(&final_done);
+        for (int i = 0; i < n; i++)
+            fprintf(out, "%d %llu %llu\n", (int)final_threads[i].tid, final_threads[i].count, final_threads[i].bytes);
+        fclose(out);
         exit(0);
     }
     if (!strcmp(argv[1], "plain") || !strcmp(argv[1], "badname")) {

@@ -71,6 +71,10 @@ static struct tc_map64 live_idx; /* pid/ptr key -> live index+1 */
 static struct tc_map64 large_idx; /* pid/ptr key -> stack index << 40 | usable size */
 static uint64_t counts[SNOOP_NKINDS];
 static uint64_t batches, batch_malformed; /* sample_batch firings received; records unparsable */
+/* Records the library had not published when the process exec'd (taken at the execve's
+ * entry): used, and left to the process (its exec failed: it publishes them itself), and lost
+ * (the exec's outcome never came: the process died in it, or the ring was full). */
+static uint64_t exec_records, exec_dropped, exec_lost;
 static uint64_t start_ns;
 static double t_start, t_end;
 static volatile sig_atomic_t stop;
@@ -178,6 +182,24 @@ static int target_index(pid_t pid)
 static const char *binary_path;     /* -b: every process that maps this file */
 static struct tc_map64 pid_snap;    /* -b: pid -> time of its last snapshot (ms since start) */
 
+static int exec_watch_fd = -1; /* the BPF exec_watch map, if the exec programs are attached */
+
+/* Have the BPF side take the records waiting in pid's batch buffer at its execve entries
+ * (pid's current image: after an exec, again for the new one). */
+static void watch_exec(pid_t pid)
+{
+    if (exec_watch_fd < 0 || pid <= 0)
+        return;
+    struct tc_target t = {.pid = pid, .alive = true};
+    char err[512];
+    uint32_t k = (uint32_t)pid;
+    if (tc_target_locate(&t, err, sizeof(err)) == 0 && t.batch_addr)
+        bpf_map_update_elem(exec_watch_fd, &k, &t.batch_addr, BPF_ANY);
+    else
+        bpf_map_delete_elem(exec_watch_fd, &k);
+    tc_target_close(&t);
+}
+
 static void maybe_snapshot(pid_t pid)
 {
     int i = target_index(pid);
@@ -199,6 +221,7 @@ static void maybe_snapshot(pid_t pid)
     if (tc_hold_ready(&targets[i])) {
         tc_sym_snapshot(sym, pid, tc_target_file(&targets[i]));
         last_snap[i] = now;
+        watch_exec(pid);
         tc_hold_release(&targets[i]);
         return;
     }
@@ -543,9 +566,13 @@ static void note_batch_time(uint32_t pid, uint64_t ts)
 /* One sample_batch firing: its records become the events the per-event probes would have
  * sent, in the library's order.  Kind and size filters apply here (the BPF side copies the
  * batch whole). */
-static void handle_batch(const struct snoop_batch *b, size_t len)
+static struct tc_map64 rec_seen; /* pid -> timestamp of the newest batched record read + 1 */
+
+static void handle_batch(const struct snoop_batch *b, size_t len, bool at_exec)
 {
-    batches++;
+    if (!at_exec)
+        batches++;
+    uint64_t *newest = tc_map64_put(&rec_seen, (uint64_t)b->pid + 1, NULL);
     size_t bytes = len - SNOOP_BATCH_HDR_SIZE;
     if (b->bytes < bytes)
         bytes = b->bytes;
@@ -560,6 +587,13 @@ static void handle_batch(const struct snoop_batch *b, size_t len)
         seen++;
         const char *rec = p;
         p += r.size;
+        /* Records come out in the library's order: one at or before the newest already read was
+         * published by the process between the exec's entry and its point of no return. */
+        if (at_exec && newest && *newest && r.ts_ns < *newest)
+            continue;
+        if (newest && *newest < r.ts_ns + 1)
+            *newest = r.ts_ns + 1;
+        exec_records += at_exec;
         uint32_t kind;
         if (r.kind == LUM_BATCH_SAMPLE)
             kind = SNOOP_SAMPLE;
@@ -595,6 +629,64 @@ static void handle_batch(const struct snoop_batch *b, size_t len)
     pend_release(mono_ns(), false);
 }
 
+/* Batches taken at an execve's entry, waiting for its outcome. */
+struct exec_held {
+    uint32_t pid, tid;
+    size_t len;
+    struct snoop_batch *b;
+};
+static struct exec_held *held;
+static size_t nheld;
+
+static void exec_hold(const struct snoop_batch *b, size_t len)
+{
+    struct exec_held *nh = realloc(held, (nheld + 1) * sizeof(*nh));
+    void *copy = malloc(len);
+    if (!nh || !copy)
+        tc_die("out of memory");
+    held = nh;
+    memcpy(copy, b, len);
+    held[nheld++] = (struct exec_held){b->pid, b->tid, len, copy};
+}
+
+/* The exec of thread tid of pid succeeded (ret 0) or failed.  On success every batch of the
+ * process taken at an exec's entry is used, in the order they were taken (threads that called
+ * execve at the same time: the other calls never return), the records already published
+ * skipped; then the old image's blocks are gone. */
+static void exec_done(uint32_t pid, uint32_t tid, int64_t ret)
+{
+    size_t w = 0;
+    bool used = false;
+    for (size_t i = 0; i < nheld; i++) {
+        struct exec_held *h = &held[i];
+        if (h->pid == pid && (ret == 0 || h->tid == tid)) {
+            if (ret == 0) {
+                handle_batch(h->b, h->len, true);
+                used = true;
+            } else {
+                exec_dropped += h->b->nrecords;
+            }
+            free(h->b);
+            continue;
+        }
+        held[w++] = *h;
+    }
+    nheld = w;
+    if (used) {
+        pend_release(0, true);
+        drop_live_of((pid_t)pid);
+    }
+}
+
+static void exec_lost_all(void)
+{
+    for (size_t i = 0; i < nheld; i++) {
+        exec_lost += held[i].b->nrecords;
+        free(held[i].b);
+    }
+    nheld = 0;
+}
+
 static int handle_event(void *ctx, void *data, size_t len)
 {
     (void)ctx;
@@ -602,7 +694,15 @@ static int handle_event(void *ctx, void *data, size_t len)
         return 0;
     struct snoop_event *e = data;
     if (e->kind == SNOOP_BATCH && len >= SNOOP_BATCH_HDR_SIZE) {
-        handle_batch(data, len);
+        handle_batch(data, len, false);
+        return 0;
+    }
+    if (e->kind == SNOOP_BATCH_EXEC && len >= SNOOP_BATCH_HDR_SIZE) {
+        exec_hold(data, len);
+        return 0;
+    }
+    if (e->kind == SNOOP_EXEC_DONE) {
+        exec_done(e->pid, e->tid, (int64_t)e->arg);
         return 0;
     }
     if (e->kind >= SNOOP_NKINDS)
@@ -655,7 +755,7 @@ static int reports(struct allocsnoop_bpf *skel)
     uint64_t lost[SNOOP_LOST_MAX];
     lost_counts(skel, lost);
     /* A batch the target's memory would not give up, or records it could not be parsed into. */
-    uint64_t lost_batch = lost[SNOOP_LOST_BATCH] + batch_malformed;
+    uint64_t lost_batch = lost[SNOOP_LOST_BATCH] + batch_malformed + exec_lost;
     double elapsed = (t_end ? t_end : tc_now()) - t_start;
 
     /* Top sites: first frame outside the allocator. */
@@ -704,8 +804,8 @@ static int reports(struct allocsnoop_bpf *skel)
         printf("{\"type\":\"summary\",\"duration\":%.3f,\"events\":{", elapsed);
         for (int k = 0; k < SNOOP_NKINDS; k++)
             printf("%s\"%s\":%llu", k ? "," : "", kind_names[k], (unsigned long long)counts[k]);
-        printf("},\"batches\":%llu,\"lost\":{\"ringbuf\":%llu,\"stack\":%llu,\"batch\":%llu,\"args\":%llu}}\n",
-               (unsigned long long)batches, (unsigned long long)lost[SNOOP_LOST_RINGBUF],
+        printf("},\"batches\":%llu,\"exec_records\":%llu,\"lost\":{\"ringbuf\":%llu,\"stack\":%llu,\"batch\":%llu,\"args\":%llu}}\n",
+               (unsigned long long)batches, (unsigned long long)exec_records, (unsigned long long)lost[SNOOP_LOST_RINGBUF],
                (unsigned long long)lost[SNOOP_LOST_STACK], (unsigned long long)lost_batch,
                (unsigned long long)lost[SNOOP_LOST_ARGS]);
         for (size_t k = 0; k < nsites; k++) {
@@ -740,6 +840,9 @@ static int reports(struct allocsnoop_bpf *skel)
         if (lost[SNOOP_LOST_ARGS])
             printf(", arguments unreadable %llu", (unsigned long long)lost[SNOOP_LOST_ARGS]);
         printf("\n");
+        if (exec_records)
+            printf("batched records taken at an exec (the process could not publish them): %llu\n",
+                   (unsigned long long)exec_records);
         if (nsites) {
             printf("\nTop allocation sites (sampled bytes):\n");
             for (size_t k = 0; k < nsites && k < 15; k++)
@@ -939,24 +1042,59 @@ int main(int argc, char **argv)
         tc_launch_prepare(&targets[ntargets++], command, preload);
 
     sym = tc_sym_new();
-    struct allocsnoop_bpf *skel = allocsnoop_bpf__open();
+    struct allocsnoop_bpf *skel = NULL;
+    /* The exec programs serve the batched samples only; where they do not load or attach (no
+     * tracefs mounted), records waiting at an exec are lost as before. */
+    bool exec_progs = !opt.no_batch && (opt.kinds & (1u << SNOOP_SAMPLE | 1u << SNOOP_SAMPLE_FREE));
+    for (int attempt = 0; attempt < 2 && !skel; attempt++) {
+        skel = allocsnoop_bpf__open();
+        if (!skel)
+            tc_die("cannot open the BPF programs: %s", strerror(errno));
+        skel->rodata->kind_mask = opt.kinds;
+        skel->rodata->min_size = opt.min_size;
+        if (ringbuf_kib)
+            bpf_map__set_max_entries(skel->maps.events, (uint32_t)ringbuf_kib * 1024);
+        skel->rodata->wakeup_bytes = bpf_map__max_entries(skel->maps.events) / 4;
+        struct bpf_program *ep[] = {skel->progs.on_execve, skel->progs.on_execveat, skel->progs.on_execve_ret,
+                                    skel->progs.on_execveat_ret, skel->progs.on_exec};
+        for (size_t k = 0; k < sizeof(ep) / sizeof(ep[0]); k++)
+            bpf_program__set_autoload(ep[k], exec_progs);
+        if (allocsnoop_bpf__load(skel) == 0)
+            break;
+        int e = errno;
+        allocsnoop_bpf__destroy(skel);
+        skel = NULL;
+        if (!exec_progs)
+            tc_die("cannot load the BPF programs: %s", strerror(e));
+        if (tc_verbose)
+            tc_warn("records waiting at an exec will be lost: the exec programs do not load: %s", strerror(e));
+        exec_progs = false;
+    }
     if (!skel)
-        tc_die("cannot open the BPF programs: %s", strerror(errno));
-    skel->rodata->kind_mask = opt.kinds;
-    skel->rodata->min_size = opt.min_size;
-    if (ringbuf_kib)
-        bpf_map__set_max_entries(skel->maps.events, (uint32_t)ringbuf_kib * 1024);
-    skel->rodata->wakeup_bytes = bpf_map__max_entries(skel->maps.events) / 4;
-    if (allocsnoop_bpf__load(skel))
         tc_die("cannot load the BPF programs: %s", strerror(errno));
+    if (exec_progs && ntargets > (binary_path ? 1 : 0)) {
+        struct bpf_program *ep[] = {skel->progs.on_execve, skel->progs.on_execveat, skel->progs.on_execve_ret,
+                                    skel->progs.on_execveat_ret, skel->progs.on_exec};
+        bool ok = true;
+        for (size_t k = 0; k < sizeof(ep) / sizeof(ep[0]) && ok; k++)
+            ok = bpf_program__attach(ep[k]) != NULL; /* the skeleton's links go with it */
+        if (ok)
+            exec_watch_fd = bpf_map__fd(skel->maps.exec_watch);
+        else if (tc_verbose)
+            tc_warn("records waiting at an exec will be lost: cannot attach to the execve tracepoints (is "
+                    "tracefs mounted on /sys/kernel/tracing?): %s", strerror(errno));
+    }
     /* The clock starts before the probes are attached: an event that fires in between is
      * stamped with its time since then, not with 0. */
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     start_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
     t_start = tc_now();
-    for (int i = 0; i < ntargets; i++)
+    for (int i = 0; i < ntargets; i++) {
         attach_target(skel, &targets[i]);
+        if (!targets[i].launched)
+            watch_exec(targets[i].pid);
+    }
     struct ring_buffer *rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
     if (!rb)
         tc_die("cannot create the ring buffer: %s", strerror(errno));
@@ -1009,6 +1147,7 @@ int main(int argc, char **argv)
                 ring_buffer__consume(rb);
                 pend_release(0, true);
                 drop_live_of(targets[i].pid);
+                watch_exec(targets[i].pid);
             }
             if (image)
                 image_seen[i] = image;
@@ -1030,6 +1169,10 @@ int main(int argc, char **argv)
             break; /* the reader is gone (| head): stop, detaching the probes */
     }
     ring_buffer__consume(rb);
+    exec_lost_all();
+    if (tc_verbose && exec_dropped)
+        fprintf(stderr, "allocsnoop: %llu records taken at failed execs were left to the process\n",
+                (unsigned long long)exec_dropped);
     pend_release(0, true);
     t_end = tc_now();
     /* Reports first: unregistering a uprobe waits for RCU grace periods (~0.1 s per probe on
@@ -1059,6 +1202,8 @@ int main(int argc, char **argv)
     tc_map64_free(&pid_dead);
     tc_tidmap_free(&tidmap);
     tc_map64_free(&batch_seen);
+    tc_map64_free(&rec_seen);
+    free(held);
     free(pend);
     return status;
 }

@@ -66,6 +66,14 @@ struct tstate {
     bool located, have_reg, final_done;
     bool final_truncated; /* the exit-time reading missed threads: final_carried are older */
     size_t final_carried;
+    uint32_t final_beyond; /* threads past the reading's bound (TOP_FINAL_MAX_THREADS) */
+    /* the exit-time reading as its records come (struct top_final, one per TOP_FINAL_CHUNK
+     * threads), applied at its last record, or as far as it came once the process is gone */
+    struct tc_thread *fin;
+    size_t nfin;
+    uint32_t fin_next;    /* the record expected next */
+    bool fin_pending, fin_gap;
+    struct lum_registry_v1 fin_reg;
     struct lum_registry_v1 reg;
     struct tc_thread *cur, *prev;
     size_t ncur, nprev;
@@ -187,42 +195,85 @@ static void register_registry(struct tstate *s)
         s->registered = true;
 }
 
-/* The registry as the BPF side read it when the process began to exit: the exact last figures. */
-static void apply_final(const struct top_final *f)
+/* The registry as the BPF side read it when the process began to exit: the exact last figures.
+ * complete: its last record came and no record was missing. */
+static void apply_final(struct tstate *s, bool complete, uint32_t beyond)
+{
+    size_t nf = s->nfin;
+    struct tc_thread *nt = calloc(nf + s->ncur + 1, sizeof(*nt));
+    if (!nt)
+        return;
+    if (nf)
+        memcpy(nt, s->fin, nf * sizeof(*nt));
+    size_t n = nf;
+    if (!complete) {
+        /* Threads the exit-time reading does not hold (past its bound, in a record the ring
+         * had no room for, or after an unreadable one) keep the last interval's figures, and
+         * the report says so. */
+        for (size_t i = 0; i < s->ncur; i++) {
+            bool found = false;
+            for (size_t k = 0; k < nf && !found; k++)
+                found = nt[k].addr == s->cur[i].addr && nt[k].c.tid == s->cur[i].c.tid;
+            if (!found)
+                nt[n++] = s->cur[i];
+        }
+        s->final_carried = n - nf;
+        s->final_truncated = true;
+        s->final_beyond = beyond;
+    }
+    free(s->fin);
+    s->fin = NULL;
+    s->nfin = 0;
+    s->fin_pending = false;
+    free(s->prev);
+    s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
+    s->cur = nt, s->ncur = n, s->t_cur = tc_now();
+    s->reg = s->fin_reg;
+    s->have_reg = true;
+    s->final_done = true;
+}
+
+/* A reading whose last record never came (the ring had no room for it): what came is applied
+ * once the process is gone, the rest marked as older. */
+static void apply_final_partial(struct tstate *s)
+{
+    if (s->fin_pending && !s->final_done)
+        apply_final(s, false, 0);
+}
+
+static void add_final(const struct top_final *f)
 {
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
-        if (s->t.pid != (pid_t)f->pid || f->reg.magic != LUM_REGISTRY_MAGIC)
+        if (s->t.pid != (pid_t)f->pid || f->reg.magic != LUM_REGISTRY_MAGIC || s->final_done)
             continue;
-        uint32_t nf = f->nthreads < TOP_FINAL_MAX_THREADS ? f->nthreads : TOP_FINAL_MAX_THREADS;
-        struct tc_thread *nt = calloc(nf + s->ncur + 1, sizeof(*nt));
-        if (!nt)
-            return;
-        for (uint32_t k = 0; k < nf; k++) {
-            nt[k].addr = f->threads[k].addr;
-            nt[k].c = f->threads[k].c;
-            nt[k].c.tid = (uint32_t)tc_host_tid(&tidmap, s->t.pid, (pid_t)nt[k].c.tid);
+        if (f->chunk == 0) {
+            free(s->fin);
+            s->fin = NULL;
+            s->nfin = 0;
+            s->fin_next = 0;
+            s->fin_gap = false;
         }
-        size_t n = nf;
-        if (f->truncated) {
-            /* The exit-time reading stops at TOP_FINAL_MAX_THREADS threads: the others keep the
-             * last interval's figures (dropped silently before), and the report says so. */
-            for (size_t i = 0; i < s->ncur; i++) {
-                bool found = false;
-                for (uint32_t k = 0; k < nf && !found; k++)
-                    found = nt[k].addr == s->cur[i].addr && nt[k].c.tid == s->cur[i].c.tid;
-                if (!found)
-                    nt[n++] = s->cur[i];
+        s->fin_reg = f->reg; /* in every record: the first may be the one the ring had no room for */
+        s->fin_pending = true;
+        if (f->chunk != s->fin_next)
+            s->fin_gap = true;
+        s->fin_next = f->chunk + 1;
+        uint32_t nf = f->nthreads < TOP_FINAL_CHUNK ? f->nthreads : TOP_FINAL_CHUNK;
+        struct tc_thread *nt = realloc(s->fin, (s->nfin + nf + 1) * sizeof(*nt));
+        if (!nt) {
+            s->fin_gap = true;
+        } else {
+            s->fin = nt;
+            for (uint32_t k = 0; k < nf; k++) {
+                struct tc_thread *t = &s->fin[s->nfin++];
+                t->addr = f->threads[k].addr;
+                t->c = f->threads[k].c;
+                t->c.tid = (uint32_t)tc_host_tid(&tidmap, s->t.pid, (pid_t)t->c.tid);
             }
-            s->final_carried = n - nf;
-            s->final_truncated = true;
         }
-        free(s->prev);
-        s->prev = s->cur, s->nprev = s->ncur, s->t_prev = s->t_cur;
-        s->cur = nt, s->ncur = n, s->t_cur = tc_now();
-        s->reg = f->reg;
-        s->have_reg = true;
-        s->final_done = true;
+        if (f->last)
+            apply_final(s, !f->truncated && !s->fin_gap, f->beyond);
     }
 }
 
@@ -233,7 +284,7 @@ static int handle_event(void *ctx, void *data, size_t len)
         return 0;
     const struct top_event *e = data;
     if (e->kind == TOP_FINAL && len >= sizeof(struct top_final)) {
-        apply_final(data);
+        add_final(data);
         return 0;
     }
     for (int i = 0; i < ntargets; i++)
@@ -335,6 +386,10 @@ static void drop_bpf_sites(pid_t pid)
  * its threads, its sites); the probes go on whatever file the new image maps. */
 static void follow_exec(struct tstate *s)
 {
+    free(s->fin);
+    s->fin = NULL;
+    s->nfin = 0;
+    s->fin_pending = false;
     free(s->cur);
     free(s->prev);
     s->cur = s->prev = NULL;
@@ -370,6 +425,8 @@ static void follow_exec(struct tstate *s)
 /* Read the registry; the previous reading becomes the base of the rates. */
 static void sample_target(struct tstate *s)
 {
+    if (!s->t.alive)
+        apply_final_partial(s);
     if (!s->t.alive || s->final_done)
         return;
     if (s->located && s->t.image) {
@@ -660,9 +717,11 @@ static void print_json(bool final)
         }
         printf("}");
     }
-    printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu,\"final\":%llu}}\n",
+    printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu,\"final\":%llu,"
+           "\"final_threads\":%llu}}\n",
            (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
-           (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL]);
+           (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL],
+           (unsigned long long)lost[TOP_LOST_FINAL_THREADS]);
     fflush(stdout);
 }
 
@@ -679,9 +738,11 @@ static void print_table_to(FILE *out, bool final)
     fprintf(out, "alloctop %02d:%02d:%02d  interval %.1fs  sort %s  lost events %llu%s\n", tm.tm_hour, tm.tm_min,
            tm.tm_sec, opt.interval, sort_names[opt.sort], (unsigned long long)lsum, final ? "  (final)" : "");
     if (lsum)
-        fprintf(out, "  lost: ringbuf %llu, sites map full %llu, stacks not stored %llu, exit readings %llu\n",
+        fprintf(out, "  lost: ringbuf %llu, sites map full %llu, stacks not stored %llu, exit readings %llu, "
+                     "threads past the exit reading %llu\n",
                (unsigned long long)lost[TOP_LOST_RINGBUF], (unsigned long long)lost[TOP_LOST_SITES_FULL],
-               (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL]);
+               (unsigned long long)lost[TOP_LOST_STACKS_FULL], (unsigned long long)lost[TOP_LOST_FINAL],
+               (unsigned long long)lost[TOP_LOST_FINAL_THREADS]);
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
@@ -697,9 +758,13 @@ static void print_table_to(FILE *out, bool final)
                (int)s->t.pid, s->comm, s->t.alive ? "" : " [exited]", hsize((double)s->rss, b1, sizeof(b1)),
                hsize((double)s->rss_anon, b5, sizeof(b5)), hsize((double)g->mapped_bytes, b2, sizeof(b2)), hsize((double)g->resident_bytes, b3, sizeof(b3)),
                hsize((double)active, b4, sizeof(b4)), frag * 100, s->ncur);
-        if (s->final_truncated)
-            fprintf(out, "  the exit-time reading stopped at %d threads: %zu threads show the last interval's figures\n",
-                   TOP_FINAL_MAX_THREADS, s->final_carried);
+        if (s->final_truncated && s->final_beyond)
+            fprintf(out, "  the exit-time reading holds %d threads, %u more were running: %zu threads show the last "
+                         "interval's figures\n",
+                    TOP_FINAL_MAX_THREADS, s->final_beyond, s->final_carried);
+        else if (s->final_truncated)
+            fprintf(out, "  the exit-time reading is incomplete (see lost): %zu threads show the last interval's figures\n",
+                    s->final_carried);
         fprintf(out, "%8s %-16s %9s %9s %9s %9s %6s %5s %7s\n", "TID", "COMM", "ALLOC/s", "FREE/s", "ALLOCS/s", "LIVE",
                "LARGE", "FAIL", "SAMPLES");
         struct row *rows;
@@ -884,6 +949,7 @@ static void drop_reported_dead(void)
         if (s->via_binary && !s->t.alive && s->shown_dead) {
             drop_bpf_sites(s->t.pid);
             tc_sym_forget(sym, s->t.pid);
+            free(s->fin);
             free(s->cur);
             free(s->prev);
             free(s->comms);
@@ -1134,9 +1200,12 @@ int main(int argc, char **argv)
      * from the snapshots if the target is gone; exact exit-time figures when the BPF exit hook
      * caught the exit. */
     if (!count_reached && !tc_stdout_failed()) {
-        for (int i = 0; i < ntargets; i++)
+        for (int i = 0; i < ntargets; i++) {
             if (targets[i].t.alive && tc_pid_alive(targets[i].t.pid) && tc_now() - targets[i].t_cur >= 0.1)
                 sample_target(&targets[i]);
+            else if (!targets[i].t.alive)
+                apply_final_partial(&targets[i]);
+        }
         report(true);
     }
     int status = 0;
@@ -1148,6 +1217,7 @@ int main(int argc, char **argv)
         bpf_link__destroy(targets[i].sample_link);
         if (targets[i].t.launched && !targets[i].t.alive)
             status = tc_exit_status(targets[i].t.exit_status);
+        free(targets[i].fin);
         free(targets[i].cur);
         free(targets[i].prev);
         free(targets[i].comms);

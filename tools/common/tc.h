@@ -104,6 +104,7 @@ struct tc_target {
     int probe_fd;                   /* fd + 1 of the probed file when located, else 0 */
     bool reattach;                  /* attaching again: a failure is returned, not fatal */
     uint64_t registry_addr;  /* 0 until located */
+    uint64_t batch_addr;     /* lumalloc_batch (struct lum_batch_info_v1); 0: none, or an older library */
     pid_t attach_task;       /* the thread the probes were attached through (tc_attach_pid) */
     uint64_t image;          /* tc_image_id when located: another one means it exec'd since */
     struct bpf_link *links[16];

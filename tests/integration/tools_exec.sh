@@ -1,0 +1,51 @@
+#!/bin/bash
+# allocsnoop and an exec: the sampled records the library had not published when the process
+# exec'd are reported (taken at the execve's entry, used once the exec succeeded); a failed exec
+# duplicates none of them (the process publishes them itself).
+source "$(dirname "$0")/tools_common.inc"
+if [ "$MODE" = static ]; then
+    SHAPES=${SHAPES_STATIC:-}
+    [ -x "$SHAPES" ] || skip "static shapes not built"
+fi
+[ -x "${SHAPES:-}" ] || fail "SHAPES not set (run through ctest)"
+# allocsnoop attaches to the execve tracepoints through tracefs
+[ -d /sys/kernel/tracing/events/syscalls ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null ||
+    skip "tracefs not mounted and cannot be"
+[ -d /sys/kernel/tracing/events/syscalls/sys_enter_execve ] || skip "kernel without syscall tracepoints"
+# Every allocation sampled: the 20 of the target are all records.
+export LUMALLOC_SAMPLE_INTERVAL=1
+N=20
+
+run() { # NAME EXEC_PATH
+    "$ALLOCSNOOP" ${LIB:+--preload "$LIB"} --json -c "$SHAPES execbatch $N $2" > "$TMP/$1.jsonl" 2> "$TMP/$1.err" ||
+        { cat "$TMP/$1.err"; fail "allocsnoop -c ($1)"; }
+}
+count() { # NAME EXPECT_EXEC_RECORDS
+    python3 - "$TMP/$1.jsonl" "$N" "$2" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+n, want_exec = int(sys.argv[2]), sys.argv[3] == "1"
+ours = [r for r in rows if r.get("type") == "event" and r["event"] == "sample" and r["size"] == 4321]
+summ = [r for r in rows if r.get("type") == "summary"][-1]
+ptrs = {r["ptr"] for r in ours}
+assert len(ours) == n and len(ptrs) == n, "%d samples of the target's %d (%d addresses), summary %s" % (
+    len(ours), n, len(ptrs), summ)
+assert summ["lost"]["batch"] == 0 and summ["lost"]["ringbuf"] == 0, summ["lost"]
+if want_exec:
+    assert summ.get("exec_records", 0) >= 1, "none taken at the exec: %s" % summ
+else:
+    assert summ.get("exec_records", 0) == 0, "records taken at a failed exec were used: %s" % summ
+print("ok   %d samples, each once; %d records taken at an exec" % (len(ours), summ.get("exec_records", 0)))
+PY
+}
+
+echo "== the records waiting at an exec are reported ($MODE)"
+run exec /bin/true
+# the fake library publishes no batches: its samples come one probe each, none wait
+count exec $([ "$MODE" = fake ] && echo 0 || echo 1) || fail "records waiting at the exec"
+
+echo "== a failed exec duplicates none ($MODE)"
+run failed "$TMP/no-such-program"
+count failed 0 || fail "records of a failed exec"
+
+echo "PASS"
