@@ -113,6 +113,10 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
     if (tc_elf_symbol(t->probe_path, "lumalloc_registry", &sym) == 0 &&
         tc_elf_load_bias(t->probe_path, found, maps, n, &bias) == 0)
         t->registry_addr = sym + bias;
+    t->profile_addr = 0;
+    if (tc_elf_symbol(t->probe_path, "lumalloc_profile", &sym) == 0 &&
+        tc_elf_load_bias(t->probe_path, found, maps, n, &bias) == 0)
+        t->profile_addr = sym + bias;
     free(maps);
     return 0;
 }

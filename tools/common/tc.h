@@ -104,6 +104,7 @@ struct tc_target {
     int probe_fd;                   /* fd + 1 of the probed file when located, else 0 */
     bool reattach;                  /* attaching again: a failure is returned, not fatal */
     uint64_t registry_addr;  /* 0 until located */
+    uint64_t profile_addr;   /* lumalloc_profile (the in-process heap profile); 0 if none */
     pid_t attach_task;       /* the thread the probes were attached through (tc_attach_pid) */
     uint64_t image;          /* tc_image_id when located: another one means it exec'd since */
     struct bpf_link *links[16];
@@ -119,6 +120,17 @@ struct tc_thread {
 };
 int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads,
                      size_t *n);
+
+/* The in-process heap profile (include/lumalloc_probes.h), read without stopping the process:
+ * its header, and every stack record with its frames (malloc'd in *out, n of them).  0, or
+ * -ENOENT (a library without one), -EPROTO (not a profile this tool reads), -errno of the read
+ * (-EPERM: not allowed to read the process's memory). */
+struct tc_heap_stack {
+    struct lum_profile_stack_v1 rec;
+    uint64_t *frames; /* rec.depth of them (NULL when 0) */
+};
+int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n);
+void tc_profile_free(struct tc_heap_stack *v, size_t n);
 
 /* -c: fork the command stopped before exec; fills t->pid and t->probe_path (the library to
  * preload or the executable holding the probes).  tc_launch_go lets it exec. */

@@ -1,0 +1,77 @@
+#!/bin/bash
+# allocsnoop --heap: the live heap of a process read from lumalloc's own profile, with nothing
+# attached before: the leak and the large leaks found with their stacks and sizes, what was
+# allocated since start in the sites' true shares, folded (live bytes) and pprof agreeing; read
+# again while the process allocates hard; the process runs on undisturbed.
+source "$(dirname "$0")/tools_common.inc"
+
+if [ "$MODE" = fake ]; then
+    # A library without the profile (this stand-in, or a lumalloc from before it): one line.
+    LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -l 3000 -o /dev/null & P=$!
+    BG_PIDS=$P
+    sleep 0.5
+    out=$("$ALLOCSNOOP" --heap -p "$P" 2>&1 >/dev/null); rc=$?
+    [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] && printf '%s' "$out" | grep -q "no profile a tool can read" ||
+        fail "--heap on a library without a profile: rc $rc, '$out'"
+    echo "ok   $out"
+    exit 0
+fi
+
+wait_for() { # wait_for FILE: the workload writes its truth when its work is done
+    for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done
+    fail "no $1"
+}
+
+echo "== allocsnoop --heap of a process it never attached to ($MODE)"
+LD_PRELOAD=$LIB "$WORKLOAD" -m 16 -L 16 -G 2 -l 4000 -o "$TMP/truth.json" & P=$!
+BG_PIDS=$P
+wait_for "$TMP/truth.json"
+"$ALLOCSNOOP" --heap -p "$P" --json --folded "$TMP/heap.folded" --pprof "$TMP/heap.pb" > "$TMP/heap.jsonl" \
+    2> "$TMP/heap.err" || { cat "$TMP/heap.err"; fail "allocsnoop --heap exited $?"; }
+python3 "$HERE/tools_check.py" heap "$TMP/truth.json" "$TMP/heap.jsonl" "$TMP/heap.folded" "$TMP/heap.pb" ||
+    fail "allocsnoop --heap checks"
+# The text report names the leak under its heading, and a second reading of the idle process
+# gives the same live figures (reading changes nothing in it).
+"$ALLOCSNOOP" --heap -p "$P" > "$TMP/heap.txt" 2>&1 || fail "allocsnoop --heap (text)"
+grep -q "^Live heap now" "$TMP/heap.txt" && grep -q "#1  leak_site" "$TMP/heap.txt" ||
+    { cat "$TMP/heap.txt"; fail "text report"; }
+"$ALLOCSNOOP" --heap -p "$P" --json > "$TMP/heap2.jsonl" 2>&1 || fail "allocsnoop --heap again"
+cmp <(grep '"type":"live"' "$TMP/heap.jsonl") <(grep '"type":"live"' "$TMP/heap2.jsonl") ||
+    fail "a second reading of the idle process differs"
+echo "ok   text report; a second reading is the same"
+wait $P || fail "the workload exited $? after being read"
+
+echo "== allocsnoop --heap while the process allocates ($MODE)"
+LD_PRELOAD=$LIB "$WORKLOAD" -m 256 -p 100 -l 200 -o "$TMP/truth2.json" & P=$!
+BG_PIDS=$P
+sleep 0.2
+n=0
+while kill -0 "$P" 2>/dev/null && [ ! -s "$TMP/truth2.json" ] && [ $n -lt 40 ]; do
+    "$ALLOCSNOOP" --heap -p "$P" --json > "$TMP/busy.jsonl" 2> "$TMP/busy.err" || {
+        # the process may have finished between the check and the read
+        [ -s "$TMP/truth2.json" ] && break
+        cat "$TMP/busy.err"; fail "allocsnoop --heap of a busy process exited $?"
+    }
+    python3 - "$TMP/busy.jsonl" <<'PY' || fail "a reading of the busy process"
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+heap = [r for r in recs if r["type"] == "heap"]
+assert len(heap) == 1 and heap[0]["stacks"] > 0, heap
+assert any(r["type"] == "site" for r in recs), "no sites"
+PY
+    n=$((n + 1))
+done
+wait $P || fail "the busy workload exited $? after $n readings"
+[ $n -ge 3 ] || fail "only $n readings while it ran"
+echo "ok   $n readings while it allocated; it ran to the end"
+
+if [ "$MODE" = real ]; then
+    echo "== LUMALLOC_PROF=off: one line"
+    LUMALLOC_PROF=off LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -l 3000 -o /dev/null & P=$!
+    BG_PIDS=$P
+    sleep 0.5
+    out=$("$ALLOCSNOOP" --heap -p "$P" 2>&1 >/dev/null); rc=$?
+    [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] && printf '%s' "$out" | grep -q "LUMALLOC_PROF=off" ||
+        fail "--heap with LUMALLOC_PROF=off: rc $rc, '$out'"
+    echo "ok   $out"
+fi

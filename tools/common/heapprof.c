@@ -1,0 +1,94 @@
+/* The in-process heap profile of a running process (include/lumalloc_probes.h,
+ * `lumalloc_profile`), read with process_vm_readv: no probe, no stop, and everything sampled
+ * since the process started, where a tracer sees only what happens while it is attached. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include "tc.h"
+
+/* Bytes read, or -errno when none could be. */
+static ssize_t read_some(pid_t pid, uint64_t addr, void *buf, size_t len)
+{
+    struct iovec l = {buf, len}, rm = {(void *)(uintptr_t)addr, len};
+    ssize_t r = process_vm_readv(pid, &l, 1, &rm, 1, 0);
+    return r < 0 ? -errno : r;
+}
+
+int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    if (!t->profile_addr)
+        return -ENOENT;
+    pid_t task = tc_proc_task(t->pid);
+    if (!task)
+        return -ESRCH;
+    ssize_t r = read_some(task, t->profile_addr, hdr, sizeof(*hdr));
+    if (r < 0)
+        return (int)r;
+    if ((size_t)r != sizeof(*hdr))
+        return -EFAULT;
+    if (hdr->magic != LUM_PROFILE_MAGIC || hdr->version < 1 || hdr->stack_size < LUM_PROFILE_STACK_SIZE)
+        return -EPROTO;
+    /* A record and the most frames it can have, in one read: it may end short at the end of
+     * the library's metadata mapping, and only the frames the record has must be there. */
+    size_t want = hdr->stack_size + LUM_MAX_FRAMES * sizeof(uint64_t);
+    uint8_t *buf = malloc(want);
+    size_t cap = 0;
+    struct tc_heap_stack *v = NULL;
+    if (!buf)
+        return -ENOMEM;
+    /* Bounded: records are only ever added, so a walk that reads more than were there when it
+     * started (plus those made meanwhile) is reading something else. */
+    uint64_t limit = hdr->nstacks + 65536;
+    int err = 0;
+    for (uint64_t a = hdr->stacks; a && *n < limit; ) {
+        r = read_some(task, a, buf, want);
+        if (r < (ssize_t)hdr->stack_size) {
+            err = r < 0 ? (int)r : -EFAULT;
+            break;
+        }
+        struct lum_profile_stack_v1 rec;
+        memcpy(&rec, buf, sizeof(rec));
+        if (rec.depth > LUM_MAX_FRAMES || (size_t)r < hdr->stack_size + rec.depth * sizeof(uint64_t)) {
+            err = -EPROTO;
+            break;
+        }
+        if (*n == cap) {
+            cap = cap ? cap * 2 : 256;
+            struct tc_heap_stack *nv = realloc(v, cap * sizeof(*v));
+            if (!nv) {
+                err = -ENOMEM;
+                break;
+            }
+            v = nv;
+        }
+        uint64_t *frames = NULL;
+        if (rec.depth && !(frames = malloc(rec.depth * sizeof(uint64_t)))) {
+            err = -ENOMEM;
+            break;
+        }
+        if (rec.depth)
+            memcpy(frames, buf + hdr->stack_size, rec.depth * sizeof(uint64_t));
+        v[(*n)++] = (struct tc_heap_stack){rec, frames};
+        a = rec.older;
+    }
+    free(buf);
+    /* A walk cut short still gives what it read: the records are each whole. */
+    if (err && !*n) {
+        free(v);
+        return err;
+    }
+    *out = v;
+    return 0;
+}
+
+void tc_profile_free(struct tc_heap_stack *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(v[i].frames);
+    free(v);
+}
