@@ -5,15 +5,23 @@
 # again while the process allocates hard; the process runs on undisturbed.
 source "$(dirname "$0")/tools_common.inc"
 
-if [ "$MODE" = fake ]; then
-    # A library without the profile (this stand-in, or a lumalloc from before it): one line.
-    LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -l 3000 -o /dev/null & P=$!
+# expect_one_line PATTERN [VAR=VALUE...]: --heap of a workload started with those variables
+# fails with one line matching PATTERN.
+expect_one_line() {
+    local pat=$1 out rc P; shift
+    env "$@" LD_PRELOAD="$LIB" "$WORKLOAD" -m 2 -l 3000 -o /dev/null & P=$!
     BG_PIDS=$P
     sleep 0.5
     out=$("$ALLOCSNOOP" --heap -p "$P" 2>&1 >/dev/null); rc=$?
-    [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] && printf '%s' "$out" | grep -q "no profile a tool can read" ||
-        fail "--heap on a library without a profile: rc $rc, '$out'"
+    [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] && printf '%s' "$out" | grep -q "$pat" ||
+        fail "--heap ($*): rc $rc, '$out'"
     echo "ok   $out"
+    kill $P
+}
+
+if [ "$MODE" = fake ]; then
+    # A library without the profile (this stand-in, or a lumalloc from before it).
+    expect_one_line "no profile a tool can read"
     exit 0
 fi
 
@@ -67,11 +75,5 @@ echo "ok   $n readings while it allocated; it ran to the end"
 
 if [ "$MODE" = real ]; then
     echo "== LUMALLOC_PROF=off: one line"
-    LUMALLOC_PROF=off LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -l 3000 -o /dev/null & P=$!
-    BG_PIDS=$P
-    sleep 0.5
-    out=$("$ALLOCSNOOP" --heap -p "$P" 2>&1 >/dev/null); rc=$?
-    [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] && printf '%s' "$out" | grep -q "LUMALLOC_PROF=off" ||
-        fail "--heap with LUMALLOC_PROF=off: rc $rc, '$out'"
-    echo "ok   $out"
+    expect_one_line "LUMALLOC_PROF=off" LUMALLOC_PROF=off
 fi
