@@ -47,10 +47,34 @@ grep -q "^Live heap now" "$TMP/heap.txt" && grep -q "#1  leak_site" "$TMP/heap.t
 cmp <(grep '"type":"live"' "$TMP/heap.jsonl") <(grep '"type":"live"' "$TMP/heap2.jsonl") ||
     fail "a second reading of the idle process differs"
 echo "ok   text report; a second reading is the same"
+
+echo "== alloctop -H: the same profile by site, and its growth ($MODE)"
+# With the probes (default) and without any BPF (--no-bpf): the view needs none.
+"$ALLOCTOP" -p "$P" -H -j 0.3 2 > "$TMP/top.jsonl" 2> "$TMP/top.err" || { cat "$TMP/top.err"; fail "alloctop -H"; }
+"$ALLOCTOP" --no-bpf -p "$P" -H -j 0.3 2 > "$TMP/top_nobpf.jsonl" 2> "$TMP/top.err" ||
+    { cat "$TMP/top.err"; fail "alloctop --no-bpf -H"; }
+for f in top top_nobpf; do
+    python3 - "$TMP/truth.json" "$TMP/$f.jsonl" <<'PY' || fail "alloctop -H checks ($f)"
+import json, sys
+truth = json.load(open(sys.argv[1]))
+last = json.loads(open(sys.argv[2]).read().strip().split("\n")[-1])
+proc = [p for p in last["processes"] if p["pid"] == truth["pid"]][0]
+sites = proc["heap"]["sites"]
+leak = [s for s in sites if s["caller"] == "leak_site"]
+large = [s for s in sites if s["caller"] == "large_leak_site"]
+assert sites[0]["caller"] == "leak_site", "top live site %s" % sites[0]
+assert abs(leak[0]["live_bytes"] / truth["leak_bytes"] - 1) <= 0.25, (leak, truth["leak_bytes"])
+assert abs(large[0]["live_bytes"] / truth["large_leak_bytes"] - 1) <= 0.01, (large, truth["large_leak_bytes"])
+# the process is idle: nothing grew between the two readings
+assert all(s["growth_bps"] == 0 and s["alloc_bps"] == 0 for s in sites), sites
+print("ok   %s: leak_site %d live (truth %d), large_leak_site %d, no growth"
+      % (sys.argv[2].split("/")[-1], leak[0]["live_bytes"], truth["leak_bytes"], large[0]["live_bytes"]))
+PY
+done
 wait $P || fail "the workload exited $? after being read"
 
 echo "== allocsnoop --heap while the process allocates ($MODE)"
-LD_PRELOAD=$LIB "$WORKLOAD" -m 256 -p 100 -l 200 -o "$TMP/truth2.json" & P=$!
+LD_PRELOAD=$LIB "$WORKLOAD" -m 256 -p 300 -l 200 -o "$TMP/truth2.json" & P=$!
 BG_PIDS=$P
 sleep 0.2
 n=0

@@ -3,6 +3,7 @@
  * since the process started, where a tracer sees only what happens while it is attached. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -91,4 +92,59 @@ void tc_profile_free(struct tc_heap_stack *v, size_t n)
     for (size_t i = 0; i < n; i++)
         free(v[i].frames);
     free(v);
+}
+
+static int cmp_site_key(const void *a, const void *b)
+{
+    const struct tc_heap_site *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+    return c ? c : strcmp(x->caller, y->caller);
+}
+
+size_t tc_heap_sites(struct tc_symbolizer *sym, pid_t pid, const struct tc_heap_stack *v, size_t n,
+                     struct tc_heap_site **out)
+{
+    *out = NULL;
+    struct tc_heap_site *s = calloc(n ? n : 1, sizeof(*s));
+    if (!s)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct lum_profile_stack_v1 *r = &v[i].rec;
+        char tmp[PATH_MAX + 64];
+        snprintf(s[i].name, sizeof(s[i].name), "[no stack]");
+        if (r->depth) {
+            unsigned f = tc_first_user_frame(sym, pid, v[i].frames, r->depth);
+            snprintf(s[i].name, sizeof(s[i].name), "%s",
+                     tc_frame_str(tc_sym_resolve(sym, pid, v[i].frames[f]), tmp, sizeof(tmp)));
+            if (f + 1 < r->depth)
+                snprintf(s[i].caller, sizeof(s[i].caller), "%s",
+                         tc_frame_str(tc_sym_resolve(sym, pid, v[i].frames[f + 1]), tmp, sizeof(tmp)));
+        }
+        s[i].live = (double)r->live_bytes;
+        s[i].live_objects = r->live_objects;
+        s[i].alloc = (double)r->alloc_bytes;
+        s[i].samples = r->samples;
+        s[i].live_samples = r->live_samples;
+    }
+    /* sorted by site, then each run of one site summed into its first entry */
+    qsort(s, n, sizeof(*s), cmp_site_key);
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (m && !cmp_site_key(&s[m - 1], &s[i])) {
+            s[m - 1].live += s[i].live;
+            s[m - 1].live_objects += s[i].live_objects;
+            s[m - 1].alloc += s[i].alloc;
+            s[m - 1].samples += s[i].samples;
+            s[m - 1].live_samples += s[i].live_samples;
+        } else {
+            s[m++] = s[i];
+        }
+    }
+    *out = s;
+    return m;
+}
+
+const struct tc_heap_site *tc_heap_site_find(const struct tc_heap_site *sites, size_t n, const struct tc_heap_site *key)
+{
+    return bsearch(key, sites, n, sizeof(*sites), cmp_site_key);
 }

@@ -131,6 +131,17 @@ struct tc_heap_stack {
 };
 int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n);
 void tc_profile_free(struct tc_heap_stack *v, size_t n);
+struct tc_symbolizer;
+/* The records by allocation site (first frame outside the allocator) and its caller, summed;
+ * sorted by site (tc_heap_site_find), malloc'd in *out.  Returns how many. */
+struct tc_heap_site {
+    char name[256], caller[256];
+    double live, live_objects, alloc; /* estimated bytes and objects: live now, allocated since start */
+    uint64_t samples, live_samples;
+};
+size_t tc_heap_sites(struct tc_symbolizer *sym, pid_t pid, const struct tc_heap_stack *v, size_t n,
+                     struct tc_heap_site **out);
+const struct tc_heap_site *tc_heap_site_find(const struct tc_heap_site *sites, size_t n, const struct tc_heap_site *key);
 
 /* -c: fork the command stopped before exec; fills t->pid and t->probe_path (the library to
  * preload or the executable holding the probes).  tc_launch_go lets it exec. */
