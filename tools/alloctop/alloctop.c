@@ -382,6 +382,8 @@ static void read_heap(struct tstate *s)
     struct tc_heap_stack *v;
     size_t n;
     int r = tc_profile_read(&s->t, &hdr, &v, &n);
+    if (r == -ESRCH || r == -EFAULT)
+        return; /* gone (or going) with its memory: the final report keeps the last reading */
     if (!r && !hdr.enabled) {
         tc_profile_free(v, n);
         r = 1;
