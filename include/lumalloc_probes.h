@@ -234,11 +234,15 @@ struct lum_registry_v1 {
  * Records are never freed or moved, and a new one is complete before `stacks` names it (a
  * release store), so a walk started from one reading of `stacks` sees whole records, and at
  * most `nstacks` as read afterwards.  The figures change in place as samples come and go
- * (aligned u64s and doubles): a reading may catch one sample's update between two fields. */
+ * (aligned u64s and doubles): a reading may catch one sample's update between two fields.
+ * A reader accepts any version >= 1: later ones only append fields to struct lum_profile_v1
+ * and to the record before its frames (which start `stack_size` bytes in), and a record holds
+ * at most `max_depth` frames. */
 #define LUM_PROFILE_MAGIC 0x666f72706d756cULL /* "lumprof" */
 
 struct lum_profile_stack_v1 {
-    uint64_t samples;        /* samples taken from this stack since start (or the last reset) */
+    uint64_t samples;        /* samples taken from this stack since start, or since the last
+                              * lum_prof_reset() (which zeroes the three cumulative figures) */
     uint64_t alloc_bytes;    /* estimated bytes allocated: the sum of their weights */
     double alloc_objects;    /* estimated objects allocated: the sum of weight / requested size */
     uint64_t live_samples;   /* of those samples, the blocks not freed yet */
@@ -247,7 +251,7 @@ struct lum_profile_stack_v1 {
     uint64_t stack_id;       /* as `sample`'s stack_id */
     uint32_t depth;          /* frames that follow the record (0: the stack could not be taken) */
     uint32_t reserved;
-    uint64_t hash_next;      /* the library's own (its hash chain) */
+    uint64_t library_private; /* the library's own: not part of the contract */
     uint64_t older;          /* address of the record made before this one, or 0 */
     /* then `depth` u64 return addresses, innermost first, as `sample`'s frames */
 };

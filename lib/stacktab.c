@@ -32,7 +32,7 @@ PUB(live_bytes, live_bytes);
 PUB(live_objects, live_objects);
 PUB(id, stack_id);
 PUB(depth, depth);
-PUB(hnext, hash_next);
+PUB(hnext, library_private);
 PUB(anext, older);
 _Static_assert(offsetof(struct lum_stack, frames) == LUM_PROFILE_STACK_SIZE &&
                    sizeof(struct lum_profile_stack_v1) == LUM_PROFILE_STACK_SIZE,
@@ -108,10 +108,11 @@ struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint6
     s->hnext = *b;
     *b = s;
     s->anext = newest();
-    /* Published whole: reports walk the list under the same lock, but a tool reads it from
-     * outside at any moment (the contract: a record is complete before the list names it). */
-    __atomic_store_n(&lumalloc_profile.stacks, (uint64_t)(uintptr_t)s, __ATOMIC_RELEASE);
+    /* Published whole, and counted first: reports walk the list under the same lock, but a
+     * tool reads it from outside at any moment (the contract: a record is complete before the
+     * list names it, and the count read after a walk covers what the walk saw). */
     __atomic_store_n(&lumalloc_profile.nstacks, lumalloc_profile.nstacks + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&lumalloc_profile.stacks, (uint64_t)(uintptr_t)s, __ATOMIC_RELEASE);
     return s;
 }
 

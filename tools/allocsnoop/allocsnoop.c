@@ -855,70 +855,105 @@ static void add_profile_stack(pid_t pid, const struct tc_heap_stack *h)
 }
 
 /* --heap: each process's live heap and allocations by stack, as lumalloc's own profile there has
- * them (every sample since it started), read from its memory: no probe, no BPF, no stop. */
+ * them (every sample since it started), read from its memory: no probe, no BPF, no stop.  Every
+ * process is read before anything is printed: one that cannot be leaves no half report. */
+struct heap_read {
+    struct lum_profile_v1 hdr;
+    struct tc_heap_stack *v;
+    size_t n;
+    bool truncated;
+    uint64_t interval;
+    char comm[64];
+};
+
+static void heap_read_one(struct tc_target *t, struct heap_read *h)
+{
+    pid_t pid = t->pid;
+    char err[512], maps[64];
+    if (kill(pid, 0) && errno == ESRCH)
+        tc_die("no such process: %d", (int)pid);
+    snprintf(maps, sizeof(maps), "/proc/%d/maps", (int)pid);
+    if (access(maps, R_OK) && errno == EACCES)
+        tc_die("cannot read the memory of pid %d: %s (run as root, or with CAP_SYS_PTRACE)", (int)pid,
+               strerror(EACCES));
+    if (tc_target_locate(t, err, sizeof(err)))
+        tc_die("%s", err);
+    int r = tc_profile_read(t, &h->hdr, &h->v, &h->n, &h->truncated);
+    if (r == -ENOENT)
+        tc_die("pid %d: %s has no lumalloc_profile symbol (a lumalloc from before it, or a stripped "
+               "static executable); trace it with allocsnoop -p %d",
+               (int)pid, tc_target_file(t), (int)pid);
+    if (r == -EPERM || r == -EACCES)
+        tc_die("cannot read the memory of pid %d: %s (run as root, or with CAP_SYS_PTRACE)", (int)pid,
+               strerror(-r));
+    if (r == -EPROTO)
+        tc_die("pid %d: lumalloc's profile there is not in a format this allocsnoop reads", (int)pid);
+    if (r)
+        tc_die("cannot read lumalloc's profile in pid %d: %s", (int)pid, strerror(-r));
+    if (!h->hdr.enabled)
+        tc_die("pid %d keeps no in-process profile (LUMALLOC_PROF=off, or lumalloc has not started "
+               "there yet): trace it with allocsnoop -p %d", (int)pid, (int)pid);
+    struct lum_registry_v1 reg = {0};
+    struct tc_thread *threads = NULL;
+    size_t nthreads = 0;
+    tc_registry_read(t, &reg, &threads, &nthreads);
+    free(threads);
+    h->interval = reg.sample_interval;
+    snprintf(h->comm, sizeof(h->comm), "?");
+    tc_read_comm(pid, pid, h->comm, sizeof(h->comm));
+    tc_sym_snapshot(sym, pid, tc_target_file(t));
+}
+
 static int heap_main(int npids, const pid_t *pids, const char *command)
 {
     if (command || binary_path || !npids)
         tc_die("--heap reads processes that are running: give -p PID (not -c or -b)");
     sym = tc_sym_new();
+    struct heap_read *hr = calloc((size_t)npids, sizeof(*hr));
+    if (!hr)
+        tc_die("out of memory");
     for (int i = 0; i < npids; i++) {
         struct tc_target *t = &targets[ntargets++];
-        pid_t pid = pids[i];
-        t->pid = pid;
+        t->pid = pids[i];
         t->alive = true;
-        char err[512];
-        if (kill(pid, 0) && errno == ESRCH)
-            tc_die("no such process: %d", (int)pid);
-        if (tc_target_locate(t, err, sizeof(err)))
-            tc_die("%s", err);
-        struct lum_profile_v1 hdr;
-        struct tc_heap_stack *v;
-        size_t n;
-        int r = tc_profile_read(t, &hdr, &v, &n);
-        if (r == -ENOENT)
-            tc_die("pid %d: its lumalloc (%s) has no profile a tool can read (a version before it); "
-                   "trace it with allocsnoop -p %d", (int)pid, tc_target_file(t), (int)pid);
-        if (r == -EPERM || r == -EACCES)
-            tc_die("cannot read the memory of pid %d: %s (run as root, or with CAP_SYS_PTRACE)", (int)pid,
-                   strerror(-r));
-        if (r == -EPROTO)
-            tc_die("pid %d: lumalloc's profile there is not in a format this allocsnoop reads", (int)pid);
-        if (r)
-            tc_die("cannot read lumalloc's profile in pid %d: %s", (int)pid, strerror(-r));
-        if (!hdr.enabled)
-            tc_die("pid %d keeps no in-process profile (LUMALLOC_PROF=off, or lumalloc has not started "
-                   "there yet): trace it with allocsnoop -p %d", (int)pid, (int)pid);
-        struct lum_registry_v1 reg = {0};
-        struct tc_thread *threads = NULL;
-        size_t nthreads = 0;
-        tc_registry_read(t, &reg, &threads, &nthreads);
-        free(threads);
-        char comm[64] = "?";
-        tc_read_comm(pid, pid, comm, sizeof(comm));
-        tc_sym_snapshot(sym, pid, tc_target_file(t));
+        heap_read_one(t, &hr[i]);
+    }
+    for (int i = 0; i < npids; i++) {
+        struct heap_read *h = &hr[i];
+        pid_t pid = pids[i];
         double live = 0;
-        for (size_t k = 0; k < n; k++) {
-            add_profile_stack(pid, &v[k]);
-            live += (double)v[k].rec.live_bytes;
+        for (size_t k = 0; k < h->n; k++) {
+            add_profile_stack(pid, &h->v[k]);
+            live += (double)h->v[k].rec.live_bytes;
         }
-        tc_profile_free(v, n);
+        if (h->truncated)
+            tc_warn("warning: pid %d: the profile's list could not be read to its end (the process exiting, "
+                    "or a record this allocsnoop cannot read): %zu stacks shown",
+                    (int)pid, h->n);
         if (opt.json) {
             printf("{\"type\":\"heap\",\"pid\":%d,\"comm\":", (int)pid);
-            tc_json_str(stdout, comm);
-            printf(",\"sample_interval\":%llu,\"stacks\":%zu,\"dropped\":%llu,\"live_bytes\":%.0f}\n",
-                   (unsigned long long)reg.sample_interval, n, (unsigned long long)hdr.dropped, live);
+            tc_json_str(stdout, h->comm);
+            printf(",\"sample_interval\":%llu,\"stacks\":%zu,\"dropped\":%llu,\"live_bytes\":%.0f,"
+                   "\"truncated\":%s}\n",
+                   (unsigned long long)h->interval, h->n, (unsigned long long)h->hdr.dropped, live,
+                   h->truncated ? "true" : "false");
         } else {
             printf("=== allocsnoop --heap: pid %d (%s), lumalloc's in-process profile: every sample since "
                    "the process started\n",
-                   (int)pid, comm);
-            printf("sampling every %llu bytes on average%s; %zu stacks; live heap %.0f B (estimated)\n",
-                   (unsigned long long)reg.sample_interval, reg.sample_interval ? "" : " (off now)", n, live);
-            if (hdr.dropped)
+                   (int)pid, h->comm);
+            if (h->interval)
+                printf("sampling every %llu bytes on average", (unsigned long long)h->interval);
+            else
+                printf("sampling off now (LUMALLOC_SAMPLE_INTERVAL=0)");
+            printf("; %zu stacks recorded; live heap %.0f B (estimated)\n", h->n, live);
+            if (h->hdr.dropped)
                 printf("%llu samples are in no stack (the profile's table was full)\n",
-                       (unsigned long long)hdr.dropped);
+                       (unsigned long long)h->hdr.dropped);
         }
-        tc_target_close(t);
+        tc_profile_free(h->v, h->n);
+        tc_target_close(&targets[i]);
     }
+    free(hr);
     int failed = reports(NULL);
     tc_sym_free(sym);
     for (size_t i = 0; i < nstacks; i++)
@@ -1025,8 +1060,14 @@ int main(int argc, char **argv)
     }
     if (optind < argc)
         tc_die("unexpected argument '%s' (see --help)", argv[optind]);
-    if (opt.heap)
+    if (opt.heap) {
+        /* what a trace would filter or how long it would run: nothing of it applies to a reading */
+        if (opt.kinds != 0xffffffff || opt.min_size || opt.duration || opt.stacks_out || opt.quiet ||
+            opt.no_batch || ringbuf_kib)
+            tc_die("--heap takes -p, -j, --leaks, --folded, --pprof and --all-frames (not -e, -m, -d, -U, "
+                   "-q, --no-batch, --ringbuf-kib)");
         return heap_main(npids, pids, command);
+    }
     /* A batch is up to LUM_BATCH_BYTES in one ring record: a ring of a few batches loses most
      * of them while the reader drains it (64 KiB: 156 samples delivered of 38000).  Said, not
      * refused: the losses are counted and shown, and a tiny ring is how to test that. */

@@ -381,7 +381,8 @@ static void read_heap(struct tstate *s)
     struct lum_profile_v1 hdr;
     struct tc_heap_stack *v;
     size_t n;
-    int r = tc_profile_read(&s->t, &hdr, &v, &n);
+    bool cut; /* a reading cut short (the process exiting) shows what it read */
+    int r = tc_profile_read(&s->t, &hdr, &v, &n, &cut);
     if (r == -ESRCH || r == -EFAULT)
         return; /* gone (or going) with its memory: the final report keeps the last reading */
     if (!r && !hdr.enabled) {

@@ -3,6 +3,7 @@
  * since the process started, where a tracer sees only what happens while it is attached. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,10 +19,19 @@ static ssize_t read_some(pid_t pid, uint64_t addr, void *buf, size_t len)
     return r < 0 ? -errno : r;
 }
 
-int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n)
+/* Far more than the library keeps (MAX_STACKS in lib/stacktab.c, 2^20): a walk past this is not
+ * reading a profile.  The target's own counts are not trusted for the bound: a corrupt or
+ * hostile one would have the tool read (and hold) without end. */
+#define PROFILE_MAX_RECORDS ((1u << 20) + 4096)
+#define PROFILE_MAX_RECORD_HEAD 4096 /* stack_size beyond this is not a record's head */
+#define PROFILE_MAX_FRAMES 1024
+
+int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n,
+                    bool *truncated)
 {
     *out = NULL;
     *n = 0;
+    *truncated = false;
     if (!t->profile_addr)
         return -ENOENT;
     pid_t task = tc_proc_task(t->pid);
@@ -32,21 +42,26 @@ int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struc
         return (int)r;
     if ((size_t)r != sizeof(*hdr))
         return -EFAULT;
-    if (hdr->magic != LUM_PROFILE_MAGIC || hdr->version < 1 || hdr->stack_size < LUM_PROFILE_STACK_SIZE)
+    if (hdr->magic != LUM_PROFILE_MAGIC || hdr->version < 1 || hdr->stack_size < LUM_PROFILE_STACK_SIZE ||
+        hdr->stack_size > PROFILE_MAX_RECORD_HEAD || hdr->max_depth > PROFILE_MAX_FRAMES)
         return -EPROTO;
-    /* A record and the most frames it can have, in one read: it may end short at the end of
+    /* A record and the most frames one can have, in one read: it may end short at the end of
      * the library's metadata mapping, and only the frames the record has must be there. */
-    size_t want = hdr->stack_size + LUM_MAX_FRAMES * sizeof(uint64_t);
+    uint32_t max_frames = hdr->max_depth > LUM_MAX_FRAMES ? hdr->max_depth : LUM_MAX_FRAMES;
+    size_t want = hdr->stack_size + (size_t)max_frames * sizeof(uint64_t);
     uint8_t *buf = malloc(want);
     size_t cap = 0;
     struct tc_heap_stack *v = NULL;
+    struct tc_map64 seen = {0}; /* addresses walked: a cycle ends the walk */
     if (!buf)
         return -ENOMEM;
-    /* Bounded: records are only ever added, so a walk that reads more than were there when it
-     * started (plus those made meanwhile) is reading something else. */
-    uint64_t limit = hdr->nstacks + 65536;
     int err = 0;
-    for (uint64_t a = hdr->stacks; a && *n < limit; ) {
+    for (uint64_t a = hdr->stacks; a; ) {
+        bool created = false;
+        if (*n >= PROFILE_MAX_RECORDS || !tc_map64_put(&seen, a | 1, &created) || !created) {
+            err = -ELOOP;
+            break;
+        }
         r = read_some(task, a, buf, want);
         if (r < (ssize_t)hdr->stack_size) {
             err = r < 0 ? (int)r : -EFAULT;
@@ -54,7 +69,7 @@ int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struc
         }
         struct lum_profile_stack_v1 rec;
         memcpy(&rec, buf, sizeof(rec));
-        if (rec.depth > LUM_MAX_FRAMES || (size_t)r < hdr->stack_size + rec.depth * sizeof(uint64_t)) {
+        if (rec.depth > max_frames || (size_t)r < hdr->stack_size + rec.depth * sizeof(uint64_t)) {
             err = -EPROTO;
             break;
         }
@@ -78,11 +93,14 @@ int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struc
         a = rec.older;
     }
     free(buf);
-    /* A walk cut short still gives what it read: the records are each whole. */
+    tc_map64_free(&seen);
+    /* A walk cut short (the process exiting, a record this tool cannot read) still gives what it
+     * read, each record whole, and says so. */
     if (err && !*n) {
         free(v);
         return err;
     }
+    *truncated = err != 0;
     *out = v;
     return 0;
 }

@@ -123,13 +123,15 @@ int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, str
 
 /* The in-process heap profile (include/lumalloc_probes.h), read without stopping the process:
  * its header, and every stack record with its frames (malloc'd in *out, n of them).  0, or
- * -ENOENT (a library without one), -EPROTO (not a profile this tool reads), -errno of the read
- * (-EPERM: not allowed to read the process's memory). */
+ * -ENOENT (no lumalloc_profile symbol), -EPROTO (not a profile this tool reads), -errno of the
+ * read (-EPERM: not allowed to read the process's memory).  *truncated: the walk stopped early
+ * (the process exiting, a record it could not read, a cycle); the records read are whole. */
 struct tc_heap_stack {
     struct lum_profile_stack_v1 rec;
     uint64_t *frames; /* rec.depth of them (NULL when 0) */
 };
-int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n);
+int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n,
+                    bool *truncated);
 void tc_profile_free(struct tc_heap_stack *v, size_t n);
 struct tc_symbolizer;
 /* The records by allocation site (first frame outside the allocator) and its caller, summed;
