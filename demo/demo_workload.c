@@ -28,7 +28,7 @@ static void *worker(void *arg)
             r = r * 1103515245u + 12345u;
             free(ring[i & 63]);
             ring[i & 63] = (r & 1) ? parse_request(32 + r % 480) : build_response(64 + r % 4000);
-            if (i % 20000 == 0) cache_insert(256);
+            if (i % 5000 == 0) cache_insert(4096);
             if (i % 50000 == 0) free(load_blob(2u << 20));
         }
         usleep(1000);

@@ -242,4 +242,50 @@ struct lum_registry_v1 {
     struct lum_global_counters_v1 global;
 };
 
+
+/* ---- the in-process heap profile, read from outside ---- */
+/* With LUMALLOC_PROF=on (the default) the library keeps one record per distinct sampled stack
+ * for the life of the process: what was allocated from it and what of that is still live,
+ * estimated from every sample since the process started.  A tool reads it from a running
+ * process, without stopping it or having attached before (`allocsnoop --heap`): locate the
+ * data symbol `lumalloc_profile` as `lumalloc_registry` is located, read it with
+ * process_vm_readv, then walk `stacks` through each record's `older`.
+ *
+ * Records are never freed or moved, and a new one is complete before `stacks` names it (a
+ * release store), so a walk started from one reading of `stacks` sees whole records, and at
+ * most `nstacks` as read afterwards.  The figures change in place as samples come and go
+ * (aligned u64s and doubles): a reading may catch one sample's update between two fields.
+ * A reader accepts any version >= 1: later ones only append fields to struct lum_profile_v1
+ * and to the record before its frames (which start `stack_size` bytes in), and a record holds
+ * at most `max_depth` frames. */
+#define LUM_PROFILE_MAGIC 0x666f72706d756cULL /* "lumprof" */
+
+struct lum_profile_stack_v1 {
+    uint64_t samples;        /* samples taken from this stack since start, or since the last
+                              * lum_prof_reset() (which zeroes the three cumulative figures) */
+    uint64_t alloc_bytes;    /* estimated bytes allocated: the sum of their weights */
+    double alloc_objects;    /* estimated objects allocated: the sum of weight / requested size */
+    uint64_t live_samples;   /* of those samples, the blocks not freed yet */
+    int64_t live_bytes;      /* estimated bytes still allocated from this stack */
+    double live_objects;     /* estimated objects still allocated */
+    uint64_t stack_id;       /* as `sample`'s stack_id */
+    uint32_t depth;          /* frames that follow the record (0: the stack could not be taken) */
+    uint32_t reserved;
+    uint64_t library_private; /* the library's own: not part of the contract */
+    uint64_t older;          /* address of the record made before this one, or 0 */
+    /* then `depth` u64 return addresses, innermost first, as `sample`'s frames */
+};
+#define LUM_PROFILE_STACK_SIZE 80 /* sizeof(struct lum_profile_stack_v1), frames excluded */
+
+struct lum_profile_v1 {
+    uint64_t magic;          /* LUM_PROFILE_MAGIC */
+    uint32_t version;        /* 1 */
+    uint32_t stack_size;     /* LUM_PROFILE_STACK_SIZE: where a record's frames start */
+    uint64_t stacks;         /* address of the newest struct lum_profile_stack_v1, or 0 */
+    uint64_t nstacks;        /* records in the list */
+    uint64_t dropped;        /* samples no record holds (the table full, or out of memory) */
+    uint32_t enabled;        /* 1 while LUMALLOC_PROF is on: records are being kept */
+    uint32_t max_depth;      /* LUMALLOC_PROF_DEPTH */
+};
+
 #endif

@@ -156,9 +156,10 @@ struct lum_stack {
 extern LUM_HIDDEN lum_lock_t lum_prof_lock;
 /* Finds or inserts; NULL when the table or memory is exhausted (counted as dropped). */
 struct lum_stack *lum_stacktab_get(const uint64_t *frames, uint32_t depth, uint64_t id);
+/* The table's exported root (include/lumalloc_probes.h): head, count, dropped samples. */
+extern struct lum_profile_v1 lumalloc_profile;
 struct lum_stack *lum_stacktab_first(void);
 uint64_t lum_stacktab_count(void);
-extern LUM_HIDDEN uint64_t lum_stacktab_dropped;
 void lum_stacktab_reset_cumulative(void);
 
 /* ---- live sampled allocations (prof_records.c), all under lum_prof_lock ---- */

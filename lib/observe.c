@@ -21,6 +21,9 @@ extern struct lum_registry_v1 lumalloc_registry __attribute__((weak));
 
 void lum_observe_init(void)
 {
+    /* for tools reading the profile from outside: fixed at start-up, as these options are */
+    lumalloc_profile.enabled = lum_opt.prof;
+    lumalloc_profile.max_depth = lum_opt.prof_depth;
     lum_failure_init();
     lum_prof_dump_init();
 }

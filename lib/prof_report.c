@@ -341,7 +341,7 @@ LUM_EXPORT void lum_prof_get_stats(struct lum_prof_stats *out)
     out->unwind_frames = lum_unwind_hit_frames_locked;
     lum_unlock(&lum_sampled_lock);
     out->stacks = lum_stacktab_count();
-    out->dropped_stacks = lum_stacktab_dropped;
+    out->dropped_stacks = lumalloc_profile.dropped;
     out->dropped_records = lum_records_dropped;
     lum_unlock(&lum_prof_lock);
     out->samples = __atomic_load_n(&lum_prof_samples, __ATOMIC_RELAXED);

@@ -12,6 +12,8 @@ sleep 1
 if [ -x build/tools/alloctop/alloctop ]; then
   # a few refreshes; in a terminal it redraws like top, piped it prints one table per interval
   build/tools/alloctop/alloctop -p "$pid" 2 $(( seconds / 2 - 1 )) || true
+  # and what holds its memory, read from lumalloc's own profile (nothing attached): the leak
+  build/tools/allocsnoop/allocsnoop --heap -p "$pid" --leaks 2 || true
 else
   echo "demo: alloctop is not built (see tools/); showing the allocator's own report instead"
 fi

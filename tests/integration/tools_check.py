@@ -6,6 +6,9 @@
   tools_check.py allocsnoop TRUTH SNOOP_JSONL FOLDED PPROF
                                                      sites +-10%, leak found with its stack,
                                                      folded and pprof parse and agree
+  tools_check.py heap TRUTH HEAP_JSONL FOLDED PPROF  allocsnoop --heap: the leaks found with their sizes,
+                                                     allocated shares of the sites +-10%, folded
+                                                     (live bytes) and pprof agree
   tools_check.py pprof FILE                          parse a profile.proto, print a summary
 
 Shares are compared relatively: |measured/expected - 1| <= 10%.  Expected shares come from
@@ -266,6 +269,67 @@ def check_allocsnoop(truth_path, snoop_path, folded_path, pprof_path):
           % (leak_inuse, truth["leak_bytes"]))
 
 
+def check_heap(truth_path, heap_path, folded_path, pprof_path):
+    truth = json.load(open(truth_path))
+    pid = truth["pid"]
+    recs = [json.loads(l) for l in open(heap_path) if l.startswith("{")]
+    heap = [r for r in recs if r.get("type") == "heap"]
+    check(len(heap) == 1 and heap[0]["pid"] == pid, "one heap record for pid %d" % pid)
+    if heap:
+        check(heap[0]["dropped"] == 0 and heap[0]["stacks"] > 0, "stacks %d, none dropped" % heap[0]["stacks"])
+    # What was allocated since the process started: the sites' shares of the sampled bytes.
+    exp = expected_shares(truth)
+    sites = {r["function"]: r for r in recs if r.get("type") == "site" and r["pid"] == pid}
+    for s in SITES:
+        got = sites.get(s, {}).get("share", 0.0)
+        check(within(got, exp[s], 0.10), "site %s allocated share %.3f vs %.3f (+-10%%)" % (s, got, exp[s]))
+    # The live heap: the leak (4 KiB blocks, sampled) and the large leaks (3 MiB blocks: each is
+    # sampled for sure, its weight its size).  Nothing else of note is live.
+    live = [r for r in recs if r.get("type") == "live" and r["pid"] == pid]
+    leak = [r for r in live if "leak_site" in r["stack"] and "main" in r["stack"]]
+    large = [r for r in live if "large_leak_site" in r["stack"]]
+    check(len(leak) == 1, "one live stack through leak_site (got %d)" % len(leak))
+    if leak:
+        check(within(leak[0]["bytes"], truth["leak_bytes"], 0.25),
+              "leaked bytes %d ~ truth %d (+-25%%, sampled)" % (leak[0]["bytes"], truth["leak_bytes"]))
+    check(len(large) == 1, "one live stack through large_leak_site (got %d)" % len(large))
+    if large:
+        check(within(large[0]["bytes"], truth["large_leak_bytes"], 0.01),
+              "large leaks %d ~ truth %d (+-1%%)" % (large[0]["bytes"], truth["large_leak_bytes"]))
+    others = sum(r["bytes"] for r in live if r not in leak and r not in large)
+    check(others < 0.2 * truth["leak_bytes"], "little else live (%d bytes)" % others)
+    # Folded holds the live bytes: the leak's line carries the report's figure.
+    tot, leak_folded = 0, 0
+    for line in open(folded_path):
+        m = re.match(r"^(\S.*) (\d+)$", line.rstrip("\n"))
+        check(m is not None, "folded line parses: %r" % line) if m is None else None
+        if not m:
+            continue
+        tot += int(m.group(2))
+        if "leak_site" in m.group(1).split(";"):
+            leak_folded += int(m.group(2))
+    if leak:
+        check(abs(leak_folded - leak[0]["bytes"]) <= 1, "folded live bytes under leak_site %d == %d"
+              % (leak_folded, leak[0]["bytes"]))
+    try:
+        prof = parse_pprof(pprof_path)
+    except Exception as e:  # noqa: BLE001 - any parse error is a failure
+        check(False, "pprof parses: %s" % e)
+        return
+    inuse = sum(vals[3] for names, vals in pprof_stacks(prof))
+    check(abs(inuse - tot) <= max(2, tot * 0.001), "pprof inuse_space %d == folded total %d" % (inuse, tot))
+    pper = {s: 0 for s in SITES}
+    ptot = 0
+    for names, vals in pprof_stacks(prof):
+        ptot += vals[1]
+        st = site_of(names)
+        if st:
+            pper[st] += vals[1]
+    for s in SITES:
+        got = pper[s] / ptot if ptot else 0
+        check(within(got, exp[s], 0.10), "pprof %s alloc_space share %.3f vs %.3f" % (s, got, exp[s]))
+
+
 def main():
     if len(sys.argv) < 2:
         print(__doc__)
@@ -277,6 +341,8 @@ def main():
         check_alloctop(*sys.argv[2:4], exit_only=True)
     elif mode == "allocsnoop":
         check_allocsnoop(*sys.argv[2:6])
+    elif mode == "heap":
+        check_heap(*sys.argv[2:6])
     elif mode == "pprof":
         prof = parse_pprof(sys.argv[2])
         print("types", prof["types"], "samples", len(prof["sample"]), "locations", len(prof["location"]),

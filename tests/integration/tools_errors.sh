@@ -36,6 +36,10 @@ expect_err "invalid size '1e30'" "$ALLOCSNOOP" -m 1e30 -p 1
 expect_err "invalid size '10kx'" "$ALLOCSNOOP" -m 10kx -p 1
 expect_err "invalid leak report size 'abc'" "$ALLOCSNOOP" --leaks abc -p 1
 expect_err "invalid ring buffer size" "$ALLOCSNOOP" --ringbuf-kib 4194304 -p 1
+# --heap reads running processes, and takes none of a trace's options.
+expect_err "give -p PID" "$ALLOCSNOOP" --heap -c /bin/true
+expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -e sample -p 1
+expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -d 5 -p 1
 # A report file that cannot be written is an error before tracing starts, not after.
 expect_err "cannot write /nonexistent/dir/x.folded" "$ALLOCSNOOP" -p 1 --folded /nonexistent/dir/x.folded
 # Capabilities without ptrace rights over another user's process.

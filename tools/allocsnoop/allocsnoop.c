@@ -7,6 +7,9 @@
  * whose pointer is seen again in `sample_free` is no longer live.  Live bytes per stack at the
  * end are therefore an unbiased estimate of the bytes still allocated from that stack by
  * allocations made while allocsnoop was attached.
+ *
+ * --heap attaches nothing: it reads the library's own profile from the process's memory (every
+ * sample since the process started, include/lumalloc_probes.h) into the same reports.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -52,7 +55,7 @@ static struct {
     uint32_t kinds;
     uint64_t min_size;
     double duration;
-    bool stacks_out, quiet, json, all_frames, no_batch;
+    bool stacks_out, quiet, json, all_frames, no_batch, heap;
     const char *folded, *pprof;
     int leaks;
 } opt = {.kinds = 0xffffffff, .leaks = 10};
@@ -87,6 +90,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: allocsnoop [options] -p PID[,PID...] | -c 'CMD ARGS' | -b PATH\n"
+            "       allocsnoop --heap [-j] [--leaks N] [--folded F] [--pprof F] -p PID[,PID...]\n"
             "  -p, --pid PID[,PID...]   attach to running processes (repeatable)\n"
             "  -c, --command 'CMD ARGS' start CMD with the probes attached from its first instruction\n"
             "  -b, --binary PATH        every process that maps PATH (liblumalloc.so or a static executable);\n"
@@ -107,6 +111,10 @@ static void usage(FILE *f)
             "      --ringbuf-kib N      ring buffer size (default 16384 KiB; below 256 most batched samples are lost)\n"
             "      --no-batch           per-event sample/sample_free probes even where the library has\n"
             "                           sample_batch (two probe hits per sampled block instead of ~1/300)\n"
+            "  -H, --heap               the live heap now, by stack, as lumalloc's own profile has it in\n"
+            "                           each process (everything sampled since it started, not only\n"
+            "                           while attached): read from its memory, no probe attached, the\n"
+            "                           process not stopped; then --folded writes live bytes\n"
             "  -v, --verbose            libbpf diagnostics\n");
 }
 
@@ -748,12 +756,14 @@ static int cmp_site(const void *a, const void *b)
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
-/* Returns 1 when a report file could not be written, else 0. */
+/* Returns 1 when a report file could not be written, else 0.  skel NULL: --heap, whose figures
+ * are the processes' own profiles (heap_main printed what they are). */
 static int reports(struct allocsnoop_bpf *skel)
 {
     int failed = 0;
-    uint64_t lost[SNOOP_LOST_MAX];
-    lost_counts(skel, lost);
+    uint64_t lost[SNOOP_LOST_MAX] = {0};
+    if (skel)
+        lost_counts(skel, lost);
     /* A batch the target's memory would not give up, or records it could not be parsed into. */
     uint64_t lost_batch = lost[SNOOP_LOST_BATCH] + batch_malformed + exec_lost;
     double elapsed = (t_end ? t_end : tc_now()) - t_start;
@@ -801,13 +811,16 @@ static int reports(struct allocsnoop_bpf *skel)
         qsort(lorder, nlarge, sizeof(*lorder), cmp_large);
 
     if (opt.json) {
-        printf("{\"type\":\"summary\",\"duration\":%.3f,\"events\":{", elapsed);
-        for (int k = 0; k < SNOOP_NKINDS; k++)
-            printf("%s\"%s\":%llu", k ? "," : "", kind_names[k], (unsigned long long)counts[k]);
-        printf("},\"batches\":%llu,\"exec_records\":%llu,\"lost\":{\"ringbuf\":%llu,\"stack\":%llu,\"batch\":%llu,\"args\":%llu}}\n",
-               (unsigned long long)batches, (unsigned long long)exec_records, (unsigned long long)lost[SNOOP_LOST_RINGBUF],
-               (unsigned long long)lost[SNOOP_LOST_STACK], (unsigned long long)lost_batch,
-               (unsigned long long)lost[SNOOP_LOST_ARGS]);
+        if (skel) {
+            printf("{\"type\":\"summary\",\"duration\":%.3f,\"events\":{", elapsed);
+            for (int k = 0; k < SNOOP_NKINDS; k++)
+                printf("%s\"%s\":%llu", k ? "," : "", kind_names[k], (unsigned long long)counts[k]);
+            printf("},\"batches\":%llu,\"exec_records\":%llu,\"lost\":{\"ringbuf\":%llu,\"stack\":%llu,\"batch\":%llu,"
+                   "\"args\":%llu}}\n",
+                   (unsigned long long)batches, (unsigned long long)exec_records,
+                   (unsigned long long)lost[SNOOP_LOST_RINGBUF], (unsigned long long)lost[SNOOP_LOST_STACK],
+                   (unsigned long long)lost_batch, (unsigned long long)lost[SNOOP_LOST_ARGS]);
+        }
         for (size_t k = 0; k < nsites; k++) {
             printf("{\"type\":\"site\",\"pid\":%d,\"function\":", (int)sites[k].pid);
             tc_json_str(stdout, sites[k].name);
@@ -828,7 +841,7 @@ static int reports(struct allocsnoop_bpf *skel)
             print_stack_json(s->pid, s->frames, s->depth);
             printf("}\n");
         }
-    } else {
+    } else if (skel) {
         fprintf(stdout, "\n=== allocsnoop: %.1f s", elapsed);
         for (int k = 0; k < SNOOP_NKINDS; k++)
             if (counts[k])
@@ -843,8 +856,10 @@ static int reports(struct allocsnoop_bpf *skel)
         if (exec_records)
             printf("batched records taken at an exec (the process could not publish them): %llu\n",
                    (unsigned long long)exec_records);
+    }
+    if (!opt.json) {
         if (nsites) {
-            printf("\nTop allocation sites (sampled bytes):\n");
+            printf("\nTop allocation sites (sampled bytes%s):\n", skel ? "" : " since the process started");
             for (size_t k = 0; k < nsites && k < 15; k++)
                 printf("  %5.1f%%  %12.0f B  %10.0f objs  %7llu samples  %s (pid %d)\n",
                        total > 0 ? 100 * sites[k].bytes / total : 0, sites[k].bytes, sites[k].objects,
@@ -856,8 +871,9 @@ static int reports(struct allocsnoop_bpf *skel)
             double live_total = 0;
             for (size_t k = 0; k < nlive; k++)
                 live_total += stacks[order[k]].inuse_space;
-            printf("\nLive (not freed) bytes at exit, estimated from samples: %.0f B in %zu stacks\n", live_total,
-                   nlive);
+            printf(skel ? "\nLive (not freed) bytes at exit, estimated from samples: %.0f B in %zu stacks\n"
+                        : "\nLive heap now, estimated from samples: %.0f B in %zu stacks\n",
+                   live_total, nlive);
             for (size_t k = 0; k < nlive && (int)k < opt.leaks; k++) {
                 struct stack_agg *s = &stacks[order[k]];
                 printf("\n%.0f bytes in ~%.0f objects (%llu samples) still live, pid %d, allocated from:\n",
@@ -897,18 +913,156 @@ static int reports(struct allocsnoop_bpf *skel)
             ps[i].values[3] = llround(stacks[i].inuse_space);
         }
         int r;
-        if (opt.folded && (r = tc_write_folded(opt.folded, sym, ps, nstacks, 1))) {
+        /* --heap: what the flame graph is for there is what holds the memory now */
+        if (opt.folded && (r = tc_write_folded(opt.folded, sym, ps, nstacks, skel ? 1 : 3))) {
             tc_warn("cannot write %s: %s", opt.folded, strerror(-r));
             failed = 1;
         }
         int64_t period = 0;
-        if (opt.pprof && (r = tc_write_pprof(opt.pprof, sym, ps, nstacks, (int64_t)(elapsed * 1e9), period))) {
+        if (opt.pprof && (r = tc_write_pprof(opt.pprof, sym, ps, nstacks, skel ? (int64_t)(elapsed * 1e9) : 0, period))) {
             tc_warn("cannot write %s: %s", opt.pprof, strerror(-r));
             failed = 1;
         }
         free(ps);
     }
     fflush(stdout);
+    return failed;
+}
+
+/* One record of a process's own profile, as a stack of the reports. */
+static void add_profile_stack(pid_t pid, const struct tc_heap_stack *h)
+{
+    if (nstacks == capstacks) {
+        capstacks = capstacks ? capstacks * 2 : 256;
+        stacks = realloc(stacks, capstacks * sizeof(*stacks));
+        if (!stacks)
+            tc_die("out of memory");
+    }
+    const struct lum_profile_stack_v1 *r = &h->rec;
+    uint64_t *frames = NULL;
+    if (r->depth) {
+        if (!(frames = malloc(r->depth * sizeof(uint64_t))))
+            tc_die("out of memory");
+        memcpy(frames, h->frames, r->depth * sizeof(uint64_t));
+    }
+    stacks[nstacks++] = (struct stack_agg){
+        .pid = pid,
+        .depth = r->depth,
+        .frames = frames,
+        .alloc_objects = r->alloc_objects,
+        .alloc_space = (double)r->alloc_bytes,
+        .inuse_objects = r->live_objects,
+        .inuse_space = (double)r->live_bytes,
+        .samples = r->samples,
+        .live_samples = r->live_samples,
+    };
+}
+
+/* --heap: each process's live heap and allocations by stack, as lumalloc's own profile there has
+ * them (every sample since it started), read from its memory: no probe, no BPF, no stop.  Every
+ * process is read before anything is printed: one that cannot be leaves no half report. */
+struct heap_read {
+    struct lum_profile_v1 hdr;
+    struct tc_heap_stack *v;
+    size_t n;
+    bool truncated;
+    uint64_t interval;
+    char comm[64];
+};
+
+static void heap_read_one(struct tc_target *t, struct heap_read *h)
+{
+    pid_t pid = t->pid;
+    char err[512], maps[64];
+    if (kill(pid, 0) && errno == ESRCH)
+        tc_die("no such process: %d", (int)pid);
+    snprintf(maps, sizeof(maps), "/proc/%d/maps", (int)pid);
+    if (access(maps, R_OK) && errno == EACCES)
+        tc_die("cannot read the memory of pid %d: %s (run as root, or with CAP_SYS_PTRACE)", (int)pid,
+               strerror(EACCES));
+    if (tc_target_locate(t, err, sizeof(err)))
+        tc_die("%s", err);
+    int r = tc_profile_read(t, &h->hdr, &h->v, &h->n, &h->truncated);
+    if (r == -ENOENT)
+        tc_die("pid %d: %s has no lumalloc_profile symbol (a lumalloc from before it, or a stripped "
+               "static executable); trace it with allocsnoop -p %d",
+               (int)pid, tc_target_file(t), (int)pid);
+    if (r == -EPERM || r == -EACCES)
+        tc_die("cannot read the memory of pid %d: %s (run as root, or with CAP_SYS_PTRACE)", (int)pid,
+               strerror(-r));
+    if (r == -EPROTO)
+        tc_die("pid %d: lumalloc's profile there is not in a format this allocsnoop reads", (int)pid);
+    if (r)
+        tc_die("cannot read lumalloc's profile in pid %d: %s", (int)pid, strerror(-r));
+    if (!h->hdr.enabled)
+        tc_die("pid %d keeps no in-process profile (LUMALLOC_PROF=off, or lumalloc has not started "
+               "there yet): trace it with allocsnoop -p %d", (int)pid, (int)pid);
+    struct lum_registry_v1 reg = {0};
+    struct tc_thread *threads = NULL;
+    size_t nthreads = 0;
+    tc_registry_read(t, &reg, &threads, &nthreads);
+    free(threads);
+    h->interval = reg.sample_interval;
+    snprintf(h->comm, sizeof(h->comm), "?");
+    tc_read_comm(pid, pid, h->comm, sizeof(h->comm));
+    tc_sym_snapshot(sym, pid, tc_target_file(t));
+}
+
+static int heap_main(int npids, const pid_t *pids, const char *command)
+{
+    if (command || binary_path || !npids)
+        tc_die("--heap reads processes that are running: give -p PID (not -c or -b)");
+    sym = tc_sym_new();
+    struct heap_read *hr = calloc((size_t)npids, sizeof(*hr));
+    if (!hr)
+        tc_die("out of memory");
+    for (int i = 0; i < npids; i++) {
+        struct tc_target *t = &targets[ntargets++];
+        t->pid = pids[i];
+        t->alive = true;
+        heap_read_one(t, &hr[i]);
+    }
+    for (int i = 0; i < npids; i++) {
+        struct heap_read *h = &hr[i];
+        pid_t pid = pids[i];
+        double live = 0;
+        for (size_t k = 0; k < h->n; k++) {
+            add_profile_stack(pid, &h->v[k]);
+            live += (double)h->v[k].rec.live_bytes;
+        }
+        if (h->truncated)
+            tc_warn("warning: pid %d: the profile's list could not be read to its end (the process exiting, "
+                    "or a record this allocsnoop cannot read): %zu stacks shown",
+                    (int)pid, h->n);
+        if (opt.json) {
+            printf("{\"type\":\"heap\",\"pid\":%d,\"comm\":", (int)pid);
+            tc_json_str(stdout, h->comm);
+            printf(",\"sample_interval\":%llu,\"stacks\":%zu,\"dropped\":%llu,\"live_bytes\":%.0f,"
+                   "\"truncated\":%s}\n",
+                   (unsigned long long)h->interval, h->n, (unsigned long long)h->hdr.dropped, live,
+                   h->truncated ? "true" : "false");
+        } else {
+            printf("=== allocsnoop --heap: pid %d (%s), lumalloc's in-process profile: every sample since "
+                   "the process started\n",
+                   (int)pid, h->comm);
+            if (h->interval)
+                printf("sampling every %llu bytes on average", (unsigned long long)h->interval);
+            else
+                printf("sampling off now (LUMALLOC_SAMPLE_INTERVAL=0)");
+            printf("; %zu stacks recorded; live heap %.0f B (estimated)\n", h->n, live);
+            if (h->hdr.dropped)
+                printf("%llu samples are in no stack (the profile's table was full)\n",
+                       (unsigned long long)h->hdr.dropped);
+        }
+        tc_profile_free(h->v, h->n);
+        tc_target_close(&targets[i]);
+    }
+    free(hr);
+    int failed = reports(NULL);
+    tc_sym_free(sym);
+    for (size_t i = 0; i < nstacks; i++)
+        free(stacks[i].frames);
+    free(stacks);
     return failed;
 }
 
@@ -974,10 +1128,11 @@ int main(int argc, char **argv)
         {"pprof", required_argument, 0, OPT_PPROF}, {"leaks", required_argument, 0, OPT_LEAKS},
         {"all-frames", no_argument, 0, OPT_ALLFRAMES}, {"verbose", no_argument, 0, 'v'},
         {"ringbuf-kib", required_argument, 0, OPT_RINGBUF}, {"no-batch", no_argument, 0, OPT_NOBATCH},
+        {"heap", no_argument, 0, 'H'},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     int c;
     opterr = 0; /* tc_usage_error says it in one line */
-    while ((c = getopt_long(argc, argv, ":p:c:b:B:e:m:d:Uqjvh", lopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":p:c:b:B:e:m:d:UqjvhH", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
@@ -1001,6 +1156,7 @@ int main(int argc, char **argv)
                 tc_die("--ringbuf-kib must be a power of two from 4 to 1048576");
             break;
         case OPT_NOBATCH: opt.no_batch = true; break;
+        case 'H': opt.heap = true; break;
         case 'v': tc_verbose++; break;
         case 'h': usage(stdout); return 0;
         default: tc_usage_error(c, argv);
@@ -1008,6 +1164,14 @@ int main(int argc, char **argv)
     }
     if (optind < argc)
         tc_die("unexpected argument '%s' (see --help)", argv[optind]);
+    if (opt.heap) {
+        /* what a trace would filter or how long it would run: nothing of it applies to a reading */
+        if (opt.kinds != 0xffffffff || opt.min_size || opt.duration || opt.stacks_out || opt.quiet ||
+            opt.no_batch || ringbuf_kib)
+            tc_die("--heap takes -p, -j, --leaks, --folded, --pprof and --all-frames (not -e, -m, -d, -U, "
+                   "-q, --no-batch, --ringbuf-kib)");
+        return heap_main(npids, pids, command);
+    }
     /* A batch is up to LUM_BATCH_BYTES in one ring record: a ring of a few batches loses most
      * of them while the reader drains it (64 KiB: 156 samples delivered of 38000).  Said, not
      * refused: the losses are counted and shown, and a tiny ring is how to test that. */

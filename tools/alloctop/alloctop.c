@@ -86,6 +86,11 @@ struct tstate {
     bool registered; /* registry address handed to the BPF exit hook */
     bool via_binary; /* found by -b: the probes are attached to the file, not to this pid */
     bool shown_dead; /* reported once as exited (then dropped, with -b) */
+    /* -H: the process's own profile by site, this reading and the one before (sorted by site) */
+    struct tc_heap_site *heap, *heap_prev;
+    size_t nheap, nheap_prev;
+    double heap_t, heap_t_prev;
+    int heap_err; /* 0, or why there is no reading: -ENOENT no profile, -EPERM, 1 LUMALLOC_PROF=off */
 };
 
 static struct tstate targets[MAX_TARGETS];
@@ -107,7 +112,7 @@ static struct {
     long count;
     enum sort_key sort;
     int rows;
-    bool no_clear, batch, json, sites, no_bpf;
+    bool no_clear, batch, json, sites, no_bpf, heap;
     int site_rows;
 } opt = {.interval = 1.0, .rows = 20, .site_rows = 10};
 
@@ -134,10 +139,13 @@ static void usage(FILE *f)
             "  -j, --json               one JSON object per interval\n"
             "  -S, --sites              show the top allocation sites (key 's' toggles); attaches the\n"
             "                           frequent `sample` probe, the table alone does not\n"
+            "  -H, --heap               show the sites holding the most live memory, from lumalloc's own\n"
+            "                           profile in the process (every sample since it started), and how\n"
+            "                           fast each grows (key 'h' toggles); read from its memory, no probe\n"
             "      --no-bpf             registry counters only (no sites, no lost counts)\n"
             "  -v, --verbose            libbpf diagnostics\n"
             "interval in seconds (default 1), count intervals (default: until the targets exit)\n"
-            "keys: q quit, s sites, a/f/n/l/g/e/t sort by alloc/free/allocs/live/large/fail/tid\n");
+            "keys: q quit, s sites, h heap, a/f/n/l/g/e/t sort by alloc/free/allocs/live/large/fail/tid\n");
 }
 
 static const char *hsize(double v, char *buf, size_t n)
@@ -422,6 +430,74 @@ static void follow_exec(struct tstate *s)
     }
 }
 
+/* -H: a reading of the process's own profile, by site; the one before it stays for the growth. */
+static void read_heap(struct tstate *s)
+{
+    struct lum_profile_v1 hdr;
+    struct tc_heap_stack *v;
+    size_t n;
+    bool cut; /* a reading cut short (the process exiting) shows what it read */
+    int r = tc_profile_read(&s->t, &hdr, &v, &n, &cut);
+    if (r == -ESRCH || r == -EFAULT)
+        return; /* gone (or going) with its memory: the final report keeps the last reading */
+    if (!r && !hdr.enabled) {
+        tc_profile_free(v, n);
+        r = 1;
+    }
+    s->heap_err = r;
+    if (r)
+        return;
+    free(s->heap_prev);
+    s->heap_prev = s->heap, s->nheap_prev = s->nheap, s->heap_t_prev = s->heap_t;
+    s->nheap = tc_heap_sites(sym, s->t.pid, v, n, &s->heap);
+    s->heap_t = tc_now();
+    tc_profile_free(v, n);
+}
+
+/* The growth of site h (bytes a second, live and allocated) since the reading before. */
+static void heap_growth(const struct tstate *s, const struct tc_heap_site *h, double *live_ps, double *alloc_ps)
+{
+    *live_ps = *alloc_ps = 0;
+    double dt = s->heap_t - s->heap_t_prev;
+    if (!s->heap_prev || dt <= 0)
+        return;
+    const struct tc_heap_site *p = tc_heap_site_find(s->heap_prev, s->nheap_prev, h);
+    *live_ps = (h->live - (p ? p->live : 0)) / dt;
+    *alloc_ps = (h->alloc - (p ? p->alloc : 0)) / dt;
+}
+
+static const struct tc_heap_site *heap_sorted_sites;
+static int cmp_heap_live(const void *a, const void *b)
+{
+    double x = heap_sorted_sites[*(const uint32_t *)a].live, y = heap_sorted_sites[*(const uint32_t *)b].live;
+    return x < y ? 1 : (x > y ? -1 : 0);
+}
+
+/* The sites in order of live bytes (indexes into s->heap, malloc'd); its total in *live. */
+static uint32_t *heap_order(const struct tstate *s, double *live)
+{
+    uint32_t *o = malloc((s->nheap ? s->nheap : 1) * sizeof(*o));
+    *live = 0;
+    if (!o)
+        return NULL;
+    for (size_t i = 0; i < s->nheap; i++)
+        o[i] = (uint32_t)i, *live += s->heap[i].live;
+    heap_sorted_sites = s->heap;
+    qsort(o, s->nheap, sizeof(*o), cmp_heap_live);
+    return o;
+}
+
+static const char *heap_err_str(int err)
+{
+    if (err == 1)
+        return "no in-process profile (LUMALLOC_PROF=off)";
+    if (err == -ENOENT)
+        return "no in-process profile (a lumalloc from before it)";
+    if (err == -EPERM || err == -EACCES)
+        return "its memory cannot be read (needs root or CAP_SYS_PTRACE)";
+    return strerror(err < 0 ? -err : EIO);
+}
+
 /* Read the registry; the previous reading becomes the base of the rates. */
 static void sample_target(struct tstate *s)
 {
@@ -480,6 +556,8 @@ static void sample_target(struct tstate *s)
         tc_sym_snapshot(sym, s->t.pid, tc_target_file(&s->t));
         s->last_snapshot = s->t_cur;
     }
+    if (opt.heap)
+        read_heap(s);
 }
 
 /* Locate the registry and snapshot the mappings as soon as the library is mapped, so a
@@ -715,6 +793,29 @@ static void print_json(bool final)
             printf("]");
             free(sv);
         }
+        if (opt.heap && s->heap_err) {
+            printf(",\"heap\":{\"error\":");
+            tc_json_str(stdout, heap_err_str(s->heap_err));
+            printf("}");
+        } else if (opt.heap) {
+            double live;
+            uint32_t *o = heap_order(s, &live);
+            printf(",\"heap\":{\"live_bytes\":%.0f,\"sites\":[", live);
+            for (size_t k = 0; o && k < s->nheap && (int)k < opt.site_rows; k++) {
+                const struct tc_heap_site *h = &s->heap[o[k]];
+                double live_ps, alloc_ps;
+                heap_growth(s, h, &live_ps, &alloc_ps);
+                printf("%s{\"function\":", k ? "," : "");
+                tc_json_str(stdout, h->name);
+                printf(",\"caller\":");
+                tc_json_str(stdout, h->caller);
+                printf(",\"live_bytes\":%.0f,\"live_objects\":%.0f,\"growth_bps\":%.0f,\"alloc_bps\":%.0f,"
+                       "\"alloc_bytes\":%.0f,\"samples\":%llu}",
+                       h->live, h->live_objects, live_ps, alloc_ps, h->alloc, (unsigned long long)h->samples);
+            }
+            printf("]}");
+            free(o);
+        }
         printf("}");
     }
     printf("],\"lost\":{\"ringbuf\":%llu,\"sites_full\":%llu,\"stacks_full\":%llu,\"final\":%llu,"
@@ -796,9 +897,32 @@ static void print_table_to(FILE *out, bool final)
                 fprintf(out, "  (no samples yet)\n");
             free(sv);
         }
+        if (opt.heap && s->heap_err) {
+            fprintf(out, "  heap by site: %s\n", heap_err_str(s->heap_err));
+        } else if (opt.heap) {
+            double live;
+            uint32_t *o = heap_order(s, &live);
+            fprintf(out, "  heap by site (lumalloc's profile, since start: %s live):\n  %9s %9s %9s %7s  %s\n",
+                    hsize(live, b1, sizeof(b1)), "LIVE", "GROWTH/s", "ALLOC/s", "SAMPLES", "SITE <- CALLER");
+            size_t shown = 0;
+            for (size_t k = 0; o && k < s->nheap && (int)shown < opt.site_rows; k++) {
+                const struct tc_heap_site *h = &s->heap[o[k]];
+                double live_ps, alloc_ps;
+                heap_growth(s, h, &live_ps, &alloc_ps);
+                if (h->live <= 0 && live_ps == 0)
+                    continue; /* nothing of it live: the sites view shows what allocates */
+                fprintf(out, "  %9s %9s %9s %7llu  %s%s%s\n", hsize(h->live, b1, sizeof(b1)),
+                        hsize(live_ps, b2, sizeof(b2)), hsize(alloc_ps, b3, sizeof(b3)),
+                        (unsigned long long)h->samples, h->name, h->caller[0] ? " <- " : "", h->caller);
+                shown++;
+            }
+            if (!shown)
+                fprintf(out, "  (no live samples)\n");
+            free(o);
+        }
     }
     if (!opt.batch && !final)
-        fprintf(out, "\n(* exited)  keys: q quit  s sites  a/f/n/l/g/e/t sort\n");
+        fprintf(out, "\n(* exited)  keys: q quit  s sites  h heap  a/f/n/l/g/e/t sort\n");
     else
         fprintf(out, "\n");
     fflush(out);
@@ -869,6 +993,12 @@ static void handle_key(int ch)
             set_sample_probe(&targets[i], opt.sites);
         if (binary_path)
             set_sample_probe(&bin_state, opt.sites);
+        break;
+    case 'h':
+        opt.heap = !opt.heap;
+        for (int i = 0; i < ntargets; i++)
+            if (opt.heap && targets[i].have_reg)
+                read_heap(&targets[i]);
         break;
     case 'a': opt.sort = SORT_ALLOC; break;
     case 'f': opt.sort = SORT_FREE; break;
@@ -979,11 +1109,12 @@ int main(int argc, char **argv)
         {"rows", required_argument, 0, 'r'},      {"no-clear", no_argument, 0, 'C'},
         {"batch", no_argument, 0, 'b'},           {"json", no_argument, 0, 'j'},
         {"sites", no_argument, 0, 'S'},           {"no-bpf", no_argument, 0, OPT_NOBPF},
+        {"heap", no_argument, 0, 'H'},
         {"verbose", no_argument, 0, 'v'},         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     opterr = 0; /* tc_usage_error says it in one line */
-    while ((c = getopt_long(argc, argv, ":p:c:B:s:r:CbjSvh", lopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":p:c:B:s:r:CbjSHvh", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
@@ -1004,6 +1135,7 @@ int main(int argc, char **argv)
         case 'b': opt.batch = true; break;
         case 'j': opt.json = true; break;
         case 'S': opt.sites = true; break;
+        case 'H': opt.heap = true; break;
         case OPT_NOBPF: opt.no_bpf = true; break;
         case 'v': tc_verbose++; break;
         case 'h': usage(stdout); return 0;

@@ -109,12 +109,14 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
     snprintf(t->probe_path, sizeof(t->probe_path), "/proc/self/fd/%d", found_fd);
     snprintf(t->map_path, sizeof(t->map_path), "%.4095s", found->path);
     uint64_t sym, bias;
-    t->registry_addr = t->batch_addr = 0;
+    t->registry_addr = t->batch_addr = t->profile_addr = 0;
     if (tc_elf_load_bias(t->probe_path, found, maps, n, &bias) == 0) {
         if (tc_elf_symbol(t->probe_path, "lumalloc_registry", &sym) == 0)
             t->registry_addr = sym + bias;
         if (tc_elf_symbol(t->probe_path, "lumalloc_batch", &sym) == 0)
             t->batch_addr = sym + bias;
+        if (tc_elf_symbol(t->probe_path, "lumalloc_profile", &sym) == 0)
+            t->profile_addr = sym + bias;
     }
     free(maps);
     return 0;

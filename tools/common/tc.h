@@ -105,6 +105,7 @@ struct tc_target {
     bool reattach;                  /* attaching again: a failure is returned, not fatal */
     uint64_t registry_addr;  /* 0 until located */
     uint64_t batch_addr;     /* lumalloc_batch (struct lum_batch_info_v1); 0: none, or an older library */
+    uint64_t profile_addr;   /* lumalloc_profile (the in-process heap profile); 0 if none */
     pid_t attach_task;       /* the thread the probes were attached through (tc_attach_pid) */
     uint64_t image;          /* tc_image_id when located: another one means it exec'd since */
     struct bpf_link *links[16];
@@ -120,6 +121,30 @@ struct tc_thread {
 };
 int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, struct tc_thread **threads,
                      size_t *n);
+
+/* The in-process heap profile (include/lumalloc_probes.h), read without stopping the process:
+ * its header, and every stack record with its frames (malloc'd in *out, n of them).  0, or
+ * -ENOENT (no lumalloc_profile symbol), -EPROTO (not a profile this tool reads), -errno of the
+ * read (-EPERM: not allowed to read the process's memory).  *truncated: the walk stopped early
+ * (the process exiting, a record it could not read, a cycle); the records read are whole. */
+struct tc_heap_stack {
+    struct lum_profile_stack_v1 rec;
+    uint64_t *frames; /* rec.depth of them (NULL when 0) */
+};
+int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n,
+                    bool *truncated);
+void tc_profile_free(struct tc_heap_stack *v, size_t n);
+struct tc_symbolizer;
+/* The records by allocation site (first frame outside the allocator) and its caller, summed;
+ * sorted by site (tc_heap_site_find), malloc'd in *out.  Returns how many. */
+struct tc_heap_site {
+    char name[256], caller[256];
+    double live, live_objects, alloc; /* estimated bytes and objects: live now, allocated since start */
+    uint64_t samples, live_samples;
+};
+size_t tc_heap_sites(struct tc_symbolizer *sym, pid_t pid, const struct tc_heap_stack *v, size_t n,
+                     struct tc_heap_site **out);
+const struct tc_heap_site *tc_heap_site_find(const struct tc_heap_site *sites, size_t n, const struct tc_heap_site *key);
 
 /* -c: fork the command stopped before exec; fills t->pid and t->probe_path (the library to
  * preload or the executable holding the probes).  tc_launch_go lets it exec. */
