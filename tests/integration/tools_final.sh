@@ -30,10 +30,18 @@ stale = [(tid, got[tid]["alloc_count"], c) for tid, (c, b) in truth.items()
 lost = fin[-1]["lost"]
 if want_trunc:
     assert p["truncated"], "not marked truncated"
-    assert stale, "past the bound, every thread still has final figures?"
     # the oldest records are last in the list: the main thread's and the first workers'
     assert lost.get("final_threads") == len(p["threads"]) - 4096, "threads past the bound not counted: %s" % lost
-    assert len(stale) == lost["final_threads"] - 1, "%d threads with older figures, %s" % (len(stale), lost)
+    # Only those past the bound may show older figures.  How many do depends on whether the
+    # last interval's reading came before their second round: under two parallel runs on two
+    # cores, 31 and 2 of the 104 workers had done it already (the count was once exact).
+    assert len(stale) <= lost["final_threads"], "%d threads with older figures, %s" % (len(stale), lost)
+    # and they are among the first threads made (whose records are the oldest; a thread's record
+    # is made at its first allocation, so roughly in that order: twice as many allowed)
+    order = [int(l.split()[0]) for l in open(sys.argv[2])]
+    early = set(order[:2 * lost["final_threads"]])
+    late = [tid for tid, _, _ in stale if tid not in early]
+    assert not late, "threads inside the bound with older figures: %s" % late[:5]
     print("ok   %d threads: truncated, %d with the last interval's figures, lost %s" % (len(truth), len(stale), lost))
 else:
     assert not stale, "%d of %d threads without their final figures (tid, shown, final): %s" % (
