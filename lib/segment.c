@@ -598,7 +598,10 @@ void lum_page_uncarve(struct lum_page *page)
     note_depth(page);
     /* a span it took over from an earlier page of its class goes too (its own slices: no lock) */
     size_t touched = resident_span(seg, idx, page);
+    /* the carve before the list, as in lum_page_release: a fork child that finds the list
+     * still whole counts its blocks carved and free */
     LUM_OWN_SET(page->carved, 0);
+    atomic_signal_fence(memory_order_seq_cst);
     page->free = NULL;
     if (!touched || lum_opt.thp) return;
     return_pages(page->start, touched);
