@@ -196,6 +196,9 @@ struct lum_batch_info_v1 {
     uint64_t magic;      /* LUM_BATCH_INFO_MAGIC */
     uint32_t version;    /* LUM_PROBES_VERSION */
     uint32_t size;       /* sizeof(struct lum_batch_info_v1) */
+    /* Read from outside while the process runs: another thread may be writing a record the
+     * count already includes (counted before it is filled), so a reader checks each record's
+     * size and depth, and takes a record that fails them as malformed. */
     uint64_t buf_addr;   /* the buffer, LUM_BATCH_BYTES: records from its start */
     uint64_t used_addr;  /* u32: bytes of records waiting */
     uint64_t count_addr; /* u32: records waiting (0: none, whatever used says) */
@@ -258,7 +261,7 @@ struct lum_registry_v1 {
  * A reader accepts any version >= 1: later ones only append fields to struct lum_profile_v1
  * and to the record before its frames (which start `stack_size` bytes in), and a record holds
  * at most `max_depth` frames. */
-#define LUM_PROFILE_MAGIC 0x666f72706d756cULL /* "lumprof" */
+#define LUM_PROFILE_MAGIC 0x6c756d70726f6631ULL /* "lumprof1", written as LUM_REGISTRY_MAGIC is */
 
 struct lum_profile_stack_v1 {
     uint64_t samples;        /* samples taken from this stack since start, or since the last

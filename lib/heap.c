@@ -612,6 +612,14 @@ static void abandoned_unlink(struct lum_page *page)
     page->abandoned = 0;
 }
 
+/* Owns the stale pages an exiting thread gives back (abandoned_release_stale), from their list
+ * to their release: the uncarve and release, a madvise or two each, go outside
+ * lum_abandoned_lock (held through them, exits and page refills waited on each other: bench
+ * threadchurn ran 7% slower, with ~160 more page faults), and a fork child made meanwhile takes
+ * such pages as it takes a dead thread's (collect_dead_pages): never without an owner off the
+ * lists (see abandon_locked).  Not a heap anyone allocates from: no field of it is read. */
+static struct lum_heap stale_owner;
+
 /* At each thread exit: empty abandoned pages that no thread took through the last
  * LUM_STALE_EXITS exits go back, carve and slice, oldest first, down to LUM_STALE_KEEP bytes of
  * such pages.  Otherwise the pool of exited threads' pages grows to the most pages of each
@@ -626,14 +634,6 @@ static void abandoned_unlink(struct lum_page *page)
  * 32 KiB kept, ~0.13 faults an exit fewer, peak RSS +50-60 KiB).  Looked at every exit, so no
  * page over the bytes waits longer than the bound plus one; a kept page's age may wrap the
  * 16-bit clock, and it then waits again, within the same bytes (and decay's time limit). */
-/* Owns the stale pages an exiting thread gives back (abandoned_release_stale), from their list
- * to their release: the uncarve and release, a madvise or two each, go outside
- * lum_abandoned_lock (held through them, exits and page refills waited on each other: bench
- * threadchurn ran 7% slower, with ~160 more page faults), and a fork child made meanwhile takes
- * such pages as it takes a dead thread's (collect_dead_pages): never without an owner off the
- * lists (see abandon_locked).  Not a heap anyone allocates from: no field of it is read. */
-static struct lum_heap stale_owner;
-
 static void abandoned_release_stale(void)
 {
     struct lum_page *stale = NULL, *rank[LUM_STALE_RANK];
@@ -1567,8 +1567,9 @@ static void salvage_dead_cache(struct lum_heap *h)
  * instead, which change only under the segment lock that fork's prepare handler held, and are
  * recounted (a thread may have stopped mid-free) and abandoned one by one.  Every other small
  * page there is the surviving thread's or on an abandoned list: a page is owned from its
- * allocation (lum_page_alloc) until its release takes it out of the slice map, or abandoned
- * (abandon_locked). */
+ * allocation (lum_page_alloc) until its release takes it out of the slice map (stale pages an
+ * exiting thread gives back are stale_owner's meanwhile, taken here like a dead thread's), or
+ * abandoned (abandon_locked). */
 LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
 {
     struct lum_heap *me = lum_tls_heap;
@@ -1580,7 +1581,9 @@ LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
             any_dead = true;
         }
     }
-    if (any_dead) {
+    /* The slice maps are walked even with no other thread alive: the last one may have been
+     * giving back its stale pages (stale_owner's) outside the locks, its heap already pooled. */
+    {
         for (struct lum_heap *h = all_heaps; h; h = h->next_all)
             if (h->alive == LUM_HEAP_DEAD) salvage_dead_cache(h);
         struct lum_page *chain = NULL;

@@ -91,6 +91,7 @@ struct tstate {
     size_t nheap, nheap_prev;
     double heap_t, heap_t_prev;
     int heap_err; /* 0, or why there is no reading: -ENOENT no profile, -EPERM, 1 LUMALLOC_PROF=off */
+    bool heap_cut; /* the last reading was cut short */
 };
 
 static struct tstate targets[MAX_TARGETS];
@@ -262,7 +263,7 @@ static void add_final(const struct top_final *f)
             s->fin_next = 0;
             s->fin_gap = false;
         }
-        s->fin_reg = f->reg; /* in every record: the first may be the one the ring had no room for */
+        s->fin_reg = f->reg; /* in every record (the BPF side stops at a record it has no room for) */
         s->fin_pending = true;
         if (f->chunk != s->fin_next)
             s->fin_gap = true;
@@ -436,7 +437,7 @@ static void read_heap(struct tstate *s)
     struct lum_profile_v1 hdr;
     struct tc_heap_stack *v;
     size_t n;
-    bool cut; /* a reading cut short (the process exiting) shows what it read */
+    bool cut; /* a reading cut short (the process exiting): shown, but no base for growth */
     int r = tc_profile_read(&s->t, &hdr, &v, &n, &cut);
     if (r == -ESRCH || r == -EFAULT)
         return; /* gone (or going) with its memory: the final report keeps the last reading */
@@ -447,10 +448,17 @@ static void read_heap(struct tstate *s)
     s->heap_err = r;
     if (r)
         return;
-    free(s->heap_prev);
-    s->heap_prev = s->heap, s->nheap_prev = s->nheap, s->heap_t_prev = s->heap_t;
+    /* the reading before stays the base while the last one was cut short: the sites missing
+     * from that one would count whole as growth */
+    if (s->heap_cut) {
+        free(s->heap);
+    } else {
+        free(s->heap_prev);
+        s->heap_prev = s->heap, s->nheap_prev = s->nheap, s->heap_t_prev = s->heap_t;
+    }
     s->nheap = tc_heap_sites(sym, s->t.pid, v, n, &s->heap);
     s->heap_t = tc_now();
+    s->heap_cut = cut;
     tc_profile_free(v, n);
 }
 
@@ -490,7 +498,7 @@ static uint32_t *heap_order(const struct tstate *s, double *live)
 static const char *heap_err_str(int err)
 {
     if (err == 1)
-        return "no in-process profile (LUMALLOC_PROF=off)";
+        return "no in-process profile (LUMALLOC_PROF=off, or lumalloc not started there yet)";
     if (err == -ENOENT)
         return "no in-process profile (a lumalloc from before it)";
     if (err == -EPERM || err == -EACCES)
@@ -800,7 +808,8 @@ static void print_json(bool final)
         } else if (opt.heap) {
             double live;
             uint32_t *o = heap_order(s, &live);
-            printf(",\"heap\":{\"live_bytes\":%.0f,\"sites\":[", live);
+            printf(",\"heap\":{\"live_bytes\":%.0f,\"truncated\":%s,\"sites\":[", live,
+                   s->heap_cut ? "true" : "false");
             for (size_t k = 0; o && k < s->nheap && (int)k < opt.site_rows; k++) {
                 const struct tc_heap_site *h = &s->heap[o[k]];
                 double live_ps, alloc_ps;
