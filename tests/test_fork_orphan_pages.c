@@ -183,11 +183,7 @@ static void fork_while_pages_change_hands(void **state)
     nap_us(20000);
     int forks = 0, killed = 0, orphaned = 0, other = 0;
     for (; forks < FORKS; forks++) {
-        pid_t pid = fork();
-        if (pid == 0) _exit(child());
-        assert_true(pid > 0);
-        int status;
-        assert_int_equal(waitpid(pid, &status, 0), pid);
+        int status = fork_and_wait(child);
         if (WIFSIGNALED(status)) killed++;
         else if (WEXITSTATUS(status) == 3) orphaned++;
         else if (WEXITSTATUS(status) != 0) other++;

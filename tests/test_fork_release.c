@@ -18,6 +18,7 @@
 #include <cmocka.h>
 #include "lumalloc.h"
 #include "lumalloc_stats.h"
+#include "test_support.h"
 
 #define BS 768
 #define NB ((65536 / BS) * 6)
@@ -73,11 +74,7 @@ static void fork_while_pages_go_back(void **state)
     for (int i = 0; i < 2; i++) assert_int_equal(pthread_create(&t[i], NULL, fill_and_empty, (void *)(intptr_t)i), 0);
     int forks = 0, killed = 0, kept_live = 0;
     for (; forks < 600; forks++) {
-        pid_t pid = fork();
-        if (pid == 0) _exit(child());
-        assert_true(pid > 0);
-        int status;
-        assert_int_equal(waitpid(pid, &status, 0), pid);
+        int status = fork_and_wait(child);
         if (WIFSIGNALED(status)) killed++;
         else if (WEXITSTATUS(status) == 3) kept_live++;
         usleep(500);

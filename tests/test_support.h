@@ -58,6 +58,17 @@ static inline int run_child(void (*fn)(void), char *err, size_t errlen)
     waitpid(pid, &status, 0);
     return WIFSIGNALED(status) ? WTERMSIG(status) : -WEXITSTATUS(status);
 }
+/* Forks; the child exits with child()'s return, the parent waits for it: its wait status. */
+static inline int fork_and_wait(int (*child)(void))
+{
+    pid_t pid = fork();
+    if (pid == 0) _exit(child());
+    assert_true(pid > 0);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    return status;
+}
+
 #ifdef LUM_INTERNAL_H
 /* Allocates size-byte blocks with alloc into v[from..max) until one lands on another page than
  * v[from - 1] (from 0: the first is allocated too); returns how many v holds then, the last the
