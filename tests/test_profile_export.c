@@ -50,8 +50,10 @@ static void *writer(void *arg)
 {
     (void)arg;
     /* a new interval takes effect within 4 MiB of a thread's allocations */
-    for (int i = 0; i < 2048; i++)
-        free(malloc(4096));
+    for (int i = 0; i < 2048; i++) {
+        void *volatile p = malloc(4096); /* volatile: GCC drops a free(malloc()) pair */
+        free(p);
+    }
     /* The whole run takes a few ms, less than a time slice: on a CPU shared with the reader,
      * it went by while the reader waited its turn (1 new record seen of 4096).  A yield after
      * each stack lets the reader look at it then. */
