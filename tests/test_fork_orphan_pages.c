@@ -6,7 +6,8 @@
  * way back (emptied by a free and filed again, or stale at a thread exit).  A child made then
  * kept the page in its slice maps, used and nobody's, for its life.  Each child here checks
  * that every page in the slice maps is accounted for: its own heap's, on an abandoned list, or
- * a sampled page on the sampled lists; then runs the heap check.
+ * a sampled page on the sampled lists; then runs the heap check.  A second case forks while the
+ * only other thread exits (its stale pages, given back at its exit, once stayed in the child).
  * test_hardened_fork_orphan_pages.c builds this file against the hardened library. */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -199,10 +200,42 @@ static void fork_while_pages_change_hands(void **state)
     assert_int_equal(orphaned, 0);
 }
 
+/* The one other thread exiting while the main thread forks: its heap is pooled before it gives
+ * back its stale pages (stale_owner's until then, outside the locks), so the child has no dead
+ * thread to look for; it walked the slice maps only when it had one, and those pages stayed in
+ * its maps for good. */
+#define LAST_EXITS 1500
+
+static void fork_as_the_last_other_thread_exits(void **state)
+{
+    (void)state;
+    int forks = 0, killed = 0, orphaned = 0, other = 0;
+    for (uintptr_t i = 1; i <= LAST_EXITS; i++) {
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, short_lived, (void *)i), 0);
+        do {
+            int status = fork_and_wait(child);
+            forks++;
+            if (WIFSIGNALED(status)) killed++;
+            else if (WEXITSTATUS(status) == 3) orphaned++;
+            else if (WEXITSTATUS(status) != 0) other++;
+        } while (pthread_tryjoin_np(t, NULL) != 0);
+        /* the next thread's blocks go on to pages the reaper would have freed */
+        for (int k = 0; k < HANDOFF; k += 7) free(atomic_exchange(&handoff[k], NULL));
+    }
+    for (int i = 0; i < HANDOFF; i++) free(atomic_exchange(&handoff[i], NULL));
+    printf("# %d forks: %d children killed by a signal, %d with pages nobody has, %d failed otherwise\n",
+           forks, killed, orphaned, other);
+    assert_int_equal(killed, 0);
+    assert_int_equal(other, 0);
+    assert_int_equal(orphaned, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(fork_while_pages_change_hands),
+        cmocka_unit_test(fork_as_the_last_other_thread_exits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
