@@ -173,6 +173,27 @@ static int child(void)
     return lum_heap_check(1) != 0 ? 5 : 0;
 }
 
+/* How the children checked out. */
+struct children { int forks, killed, orphaned, other; };
+
+static void fork_one(struct children *c)
+{
+    int status = fork_and_wait(child);
+    c->forks++;
+    if (WIFSIGNALED(status)) c->killed++;
+    else if (WEXITSTATUS(status) == 3) c->orphaned++;
+    else if (WEXITSTATUS(status) != 0) c->other++;
+}
+
+static void all_children_clean(const struct children *c)
+{
+    printf("# %d forks: %d children killed by a signal, %d with pages nobody has, %d failed otherwise\n",
+           c->forks, c->killed, c->orphaned, c->other);
+    assert_int_equal(c->killed, 0);
+    assert_int_equal(c->other, 0);
+    assert_int_equal(c->orphaned, 0);
+}
+
 static void fork_while_pages_change_hands(void **state)
 {
     (void)state;
@@ -182,22 +203,15 @@ static void fork_while_pages_change_hands(void **state)
     assert_int_equal(pthread_create(&t[2], NULL, spawner, NULL), 0);
     assert_int_equal(pthread_create(&t[3], NULL, reaper, NULL), 0);
     nap_us(20000);
-    int forks = 0, killed = 0, orphaned = 0, other = 0;
-    for (; forks < FORKS; forks++) {
-        int status = fork_and_wait(child);
-        if (WIFSIGNALED(status)) killed++;
-        else if (WEXITSTATUS(status) == 3) orphaned++;
-        else if (WEXITSTATUS(status) != 0) other++;
-        nap_us(200 + (forks % 7) * 100);
+    struct children c = {0, 0, 0, 0};
+    while (c.forks < FORKS) {
+        fork_one(&c);
+        nap_us(200 + (c.forks % 7) * 100);
     }
     atomic_store(&stop, 1);
     for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
     for (int i = 0; i < HANDOFF; i++) free(atomic_exchange(&handoff[i], NULL));
-    printf("# %d forks: %d children killed by a signal, %d with pages nobody has, %d failed otherwise\n",
-           forks, killed, orphaned, other);
-    assert_int_equal(killed, 0);
-    assert_int_equal(other, 0);
-    assert_int_equal(orphaned, 0);
+    all_children_clean(&c);
 }
 
 /* The one other thread exiting while the main thread forks: its heap is pooled before it gives
@@ -209,26 +223,18 @@ static void fork_while_pages_change_hands(void **state)
 static void fork_as_the_last_other_thread_exits(void **state)
 {
     (void)state;
-    int forks = 0, killed = 0, orphaned = 0, other = 0;
+    struct children c = {0, 0, 0, 0};
     for (uintptr_t i = 1; i <= LAST_EXITS; i++) {
         pthread_t t;
         assert_int_equal(pthread_create(&t, NULL, short_lived, (void *)i), 0);
-        do {
-            int status = fork_and_wait(child);
-            forks++;
-            if (WIFSIGNALED(status)) killed++;
-            else if (WEXITSTATUS(status) == 3) orphaned++;
-            else if (WEXITSTATUS(status) != 0) other++;
-        } while (pthread_tryjoin_np(t, NULL) != 0);
+        do
+            fork_one(&c);
+        while (pthread_tryjoin_np(t, NULL) != 0);
         /* the next thread's blocks go on to pages the reaper would have freed */
         for (int k = 0; k < HANDOFF; k += 7) free(atomic_exchange(&handoff[k], NULL));
     }
     for (int i = 0; i < HANDOFF; i++) free(atomic_exchange(&handoff[i], NULL));
-    printf("# %d forks: %d children killed by a signal, %d with pages nobody has, %d failed otherwise\n",
-           forks, killed, orphaned, other);
-    assert_int_equal(killed, 0);
-    assert_int_equal(other, 0);
-    assert_int_equal(orphaned, 0);
+    all_children_clean(&c);
 }
 
 int main(void)
