@@ -976,27 +976,18 @@ static void heap_read_one(struct tc_target *t, struct heap_read *h)
     char err[512], maps[64];
     if (kill(pid, 0) && errno == ESRCH)
         tc_die("no such process: %d", (int)pid);
+    /* maps first: a process we may not read says so here, before tc_target_locate's less
+     * telling "cannot read /proc/N/maps" */
     snprintf(maps, sizeof(maps), "/proc/%d/maps", (int)pid);
-    if (access(maps, R_OK) && errno == EACCES)
-        tc_die("cannot read the memory of pid %d: %s (run as root, or with CAP_SYS_PTRACE)", (int)pid,
-               strerror(EACCES));
-    if (tc_target_locate(t, err, sizeof(err)))
+    int r = access(maps, R_OK) && errno == EACCES ? -EACCES : 0;
+    if (!r && tc_target_locate(t, err, sizeof(err)))
         tc_die("%s", err);
-    int r = tc_profile_read(t, &h->hdr, &h->v, &h->n, &h->truncated);
-    if (r == -ENOENT)
-        tc_die("pid %d: %s has no lumalloc_profile symbol (a lumalloc from before it, or a stripped "
-               "static executable); trace it with allocsnoop -p %d",
-               (int)pid, tc_target_file(t), (int)pid);
-    if (r == -EPERM || r == -EACCES)
-        tc_die("cannot read the memory of pid %d: %s (run as root, or with CAP_SYS_PTRACE)", (int)pid,
-               strerror(-r));
-    if (r == -EPROTO)
-        tc_die("pid %d: lumalloc's profile there is not in a format this allocsnoop reads", (int)pid);
+    if (!r)
+        r = tc_profile_read(t, &h->hdr, &h->v, &h->n, &h->truncated);
+    if (r == -ENOENT || r == -ENODATA)
+        tc_die("pid %d %s: trace it with allocsnoop -p %d", (int)pid, tc_profile_strerror(r), (int)pid);
     if (r)
-        tc_die("cannot read lumalloc's profile in pid %d: %s", (int)pid, strerror(-r));
-    if (!h->hdr.enabled)
-        tc_die("pid %d keeps no in-process profile (LUMALLOC_PROF=off, or lumalloc has not started "
-               "there yet): trace it with allocsnoop -p %d", (int)pid, (int)pid);
+        tc_die("pid %d: %s", (int)pid, tc_profile_strerror(r));
     struct lum_registry_v1 reg = {0};
     struct tc_thread *threads = NULL;
     size_t nthreads = 0;

@@ -90,7 +90,7 @@ struct tstate {
     struct tc_heap_site *heap, *heap_prev;
     size_t nheap, nheap_prev;
     double heap_t, heap_t_prev;
-    int heap_err; /* 0, or why there is no reading: -ENOENT no profile, -EPERM, 1 LUMALLOC_PROF=off */
+    int heap_err; /* 0, or why there is no reading (tc_profile_read's error) */
     bool heap_cut; /* the last reading was cut short */
 };
 
@@ -441,10 +441,6 @@ static void read_heap(struct tstate *s)
     int r = tc_profile_read(&s->t, &hdr, &v, &n, &cut);
     if (r == -ESRCH || r == -EFAULT)
         return; /* gone (or going) with its memory: the final report keeps the last reading */
-    if (!r && !hdr.enabled) {
-        tc_profile_free(v, n);
-        r = 1;
-    }
     s->heap_err = r;
     if (r)
         return;
@@ -493,17 +489,6 @@ static uint32_t *heap_order(const struct tstate *s, double *live)
     heap_sorted_sites = s->heap;
     qsort(o, s->nheap, sizeof(*o), cmp_heap_live);
     return o;
-}
-
-static const char *heap_err_str(int err)
-{
-    if (err == 1)
-        return "no in-process profile (LUMALLOC_PROF=off, or lumalloc not started there yet)";
-    if (err == -ENOENT)
-        return "no in-process profile (a lumalloc from before it)";
-    if (err == -EPERM || err == -EACCES)
-        return "its memory cannot be read (needs root or CAP_SYS_PTRACE)";
-    return strerror(err < 0 ? -err : EIO);
 }
 
 /* Read the registry; the previous reading becomes the base of the rates. */
@@ -704,12 +689,7 @@ static size_t collect_sites(pid_t pid, struct site **out, uint64_t *total)
         char nb[512] = "[no stack]", cb[512] = "";
         if (k.stack_id && bpf_map_lookup_elem(stfd, &k, &st) == 0 && st.depth) {
             unsigned d = st.depth > LUM_MAX_FRAMES ? LUM_MAX_FRAMES : st.depth;
-            unsigned f = tc_first_user_frame(sym, pid, st.frames, d);
-            char tmp[PATH_MAX + 64];
-            snprintf(nb, sizeof(nb), "%s", tc_frame_str(tc_sym_resolve(sym, pid, st.frames[f]), tmp, sizeof(tmp)));
-            if (f + 1 < d)
-                snprintf(cb, sizeof(cb), "%s",
-                         tc_frame_str(tc_sym_resolve(sym, pid, st.frames[f + 1]), tmp, sizeof(tmp)));
+            tc_site_names(sym, pid, st.frames, d, nb, sizeof(nb), cb, sizeof(cb));
         } else if (k.stack_id) {
             snprintf(nb, sizeof(nb), "[stack not stored]");
         }
@@ -803,7 +783,7 @@ static void print_json(bool final)
         }
         if (opt.heap && s->heap_err) {
             printf(",\"heap\":{\"error\":");
-            tc_json_str(stdout, heap_err_str(s->heap_err));
+            tc_json_str(stdout, tc_profile_strerror(s->heap_err));
             printf("}");
         } else if (opt.heap) {
             double live;
@@ -907,7 +887,7 @@ static void print_table_to(FILE *out, bool final)
             free(sv);
         }
         if (opt.heap && s->heap_err) {
-            fprintf(out, "  heap by site: %s\n", heap_err_str(s->heap_err));
+            fprintf(out, "  heap by site: the process %s\n", tc_profile_strerror(s->heap_err));
         } else if (opt.heap) {
             double live;
             uint32_t *o = heap_order(s, &live);

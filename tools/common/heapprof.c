@@ -7,17 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/uio.h>
 
 #include "tc.h"
-
-/* Bytes read, or -errno when none could be. */
-static ssize_t read_some(pid_t pid, uint64_t addr, void *buf, size_t len)
-{
-    struct iovec l = {buf, len}, rm = {(void *)(uintptr_t)addr, len};
-    ssize_t r = process_vm_readv(pid, &l, 1, &rm, 1, 0);
-    return r < 0 ? -errno : r;
-}
 
 /* Far more than the library keeps (MAX_STACKS in lib/stacktab.c, 2^20): a walk past this is not
  * reading a profile.  The target's own counts are not trusted for the bound: a corrupt or
@@ -37,7 +28,7 @@ int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struc
     pid_t task = tc_proc_task(t->pid);
     if (!task)
         return -ESRCH;
-    ssize_t r = read_some(task, t->profile_addr, hdr, sizeof(*hdr));
+    ssize_t r = tc_read_mem(task, t->profile_addr, hdr, sizeof(*hdr));
     if (r < 0)
         return (int)r;
     if ((size_t)r != sizeof(*hdr))
@@ -45,6 +36,8 @@ int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struc
     if (hdr->magic != LUM_PROFILE_MAGIC || hdr->version < 1 || hdr->stack_size < LUM_PROFILE_STACK_SIZE ||
         hdr->stack_size > PROFILE_MAX_RECORD_HEAD || hdr->max_depth > PROFILE_MAX_FRAMES)
         return -EPROTO;
+    if (!hdr->enabled)
+        return -ENODATA;
     /* A record and the most frames one can have, in one read: it may end short at the end of
      * the library's metadata mapping, and only the frames the record has must be there. */
     uint32_t max_frames = hdr->max_depth > LUM_MAX_FRAMES ? hdr->max_depth : LUM_MAX_FRAMES;
@@ -62,7 +55,7 @@ int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struc
             err = -ELOOP;
             break;
         }
-        r = read_some(task, a, buf, want);
+        r = tc_read_mem(task, a, buf, want);
         if (r < (ssize_t)hdr->stack_size) {
             err = r < 0 ? (int)r : -EFAULT;
             break;
@@ -105,6 +98,22 @@ int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struc
     return 0;
 }
 
+const char *tc_profile_strerror(int err)
+{
+    switch (err) {
+    case -ENOENT:
+        return "has no lumalloc_profile symbol (a lumalloc from before it, or a stripped static executable)";
+    case -ENODATA:
+        return "keeps no in-process profile (LUMALLOC_PROF=off, or lumalloc has not started there yet)";
+    case -EPERM:
+    case -EACCES:
+        return "its memory cannot be read (run as root, or with CAP_SYS_PTRACE)";
+    case -EPROTO:
+        return "its lumalloc profile is not in a format this tool reads";
+    }
+    return strerror(err < 0 ? -err : EIO);
+}
+
 void tc_profile_free(struct tc_heap_stack *v, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -128,16 +137,8 @@ size_t tc_heap_sites(struct tc_symbolizer *sym, pid_t pid, const struct tc_heap_
         return 0;
     for (size_t i = 0; i < n; i++) {
         const struct lum_profile_stack_v1 *r = &v[i].rec;
-        char tmp[PATH_MAX + 64];
-        snprintf(s[i].name, sizeof(s[i].name), "[no stack]");
-        if (r->depth) {
-            unsigned f = tc_first_user_frame(sym, pid, v[i].frames, r->depth);
-            snprintf(s[i].name, sizeof(s[i].name), "%s",
-                     tc_frame_str(tc_sym_resolve(sym, pid, v[i].frames[f]), tmp, sizeof(tmp)));
-            if (f + 1 < r->depth)
-                snprintf(s[i].caller, sizeof(s[i].caller), "%s",
-                         tc_frame_str(tc_sym_resolve(sym, pid, v[i].frames[f + 1]), tmp, sizeof(tmp)));
-        }
+        tc_site_names(sym, pid, v[i].frames, r->depth, s[i].name, sizeof(s[i].name), s[i].caller,
+                      sizeof(s[i].caller));
         s[i].live = (double)r->live_bytes;
         s[i].live_objects = r->live_objects;
         s[i].alloc = (double)r->alloc_bytes;

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "tc.h"
@@ -363,4 +364,11 @@ void tc_tidmap_free(struct tc_tidmap *tm)
     tc_map64_free(&tm->host);
     tc_map64_free(&tm->other_ns);
     tc_map64_free(&tm->scanned);
+}
+
+ssize_t tc_read_mem(pid_t pid, uint64_t addr, void *buf, size_t len)
+{
+    struct iovec l = {buf, len}, rm = {(void *)(uintptr_t)addr, len};
+    ssize_t r = process_vm_readv(pid, &l, 1, &rm, 1, 0);
+    return r < 0 ? -errno : r;
 }

@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <elfutils/libdwfl.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -326,4 +327,18 @@ unsigned tc_first_user_frame(struct tc_symbolizer *s, pid_t pid, const uint64_t 
     if (last < 0 || depth == 0)
         return 0;
     return (unsigned)last + 1 < depth ? (unsigned)last + 1 : depth - 1;
+}
+
+void tc_site_names(struct tc_symbolizer *s, pid_t pid, const uint64_t *frames, unsigned depth, char *name,
+                   size_t name_len, char *caller, size_t caller_len)
+{
+    char tmp[PATH_MAX + 64];
+    snprintf(name, name_len, "[no stack]");
+    caller[0] = 0;
+    if (!depth)
+        return;
+    unsigned f = tc_first_user_frame(s, pid, frames, depth);
+    snprintf(name, name_len, "%s", tc_frame_str(tc_sym_resolve(s, pid, frames[f]), tmp, sizeof(tmp)));
+    if (f + 1 < depth)
+        snprintf(caller, caller_len, "%s", tc_frame_str(tc_sym_resolve(s, pid, frames[f + 1]), tmp, sizeof(tmp)));
 }

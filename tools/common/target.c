@@ -125,10 +125,9 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
 /* pid: a live task of the target (tc_proc_task): a zombie leader has no memory to read. */
 static int read_mem(pid_t pid, uint64_t addr, void *buf, size_t len)
 {
-    struct iovec l = {buf, len}, rm = {(void *)(uintptr_t)addr, len};
-    ssize_t r = process_vm_readv(pid, &l, 1, &rm, 1, 0);
+    ssize_t r = tc_read_mem(pid, addr, buf, len);
     if (r < 0)
-        return -errno;
+        return (int)r;
     return (size_t)r == len ? 0 : -EFAULT;
 }
 

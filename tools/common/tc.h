@@ -75,6 +75,9 @@ int tc_map_open(pid_t pid, const struct tc_map *m, char *path, size_t n);
 /* The process a thread belongs to (Tgid in /proc/TID/status), or 0 if unknown (no such task). */
 pid_t tc_tgid_of(pid_t tid);
 int tc_read_comm(pid_t pid, pid_t tid, char *buf, size_t n);
+/* process_vm_readv of len bytes at addr in task pid (a live task: tc_proc_task): the bytes
+ * read (fewer at the end of a mapping), or -errno when none could be. */
+ssize_t tc_read_mem(pid_t pid, uint64_t addr, void *buf, size_t len);
 /* bytes, 0 if unknown; *anon (if given): its anonymous part (RSS less file-backed and shmem) */
 uint64_t tc_read_rss(pid_t pid, uint64_t *anon);
 
@@ -124,8 +127,9 @@ int tc_registry_read(const struct tc_target *t, struct lum_registry_v1 *reg, str
 
 /* The in-process heap profile (include/lumalloc_probes.h), read without stopping the process:
  * its header, and every stack record with its frames (malloc'd in *out, n of them).  0, or
- * -ENOENT (no lumalloc_profile symbol), -EPROTO (not a profile this tool reads), -errno of the
- * read (-EPERM: not allowed to read the process's memory).  *truncated: the walk stopped early
+ * -ENOENT (no lumalloc_profile symbol), -ENODATA (no profile kept: LUMALLOC_PROF=off, or not
+ * started), -EPROTO (not a profile this tool reads), -errno of the read (-EPERM: not allowed to
+ * read the process's memory).  *truncated: the walk stopped early
  * (the process exiting, a record it could not read, a cycle); the records read are whole. */
 struct tc_heap_stack {
     struct lum_profile_stack_v1 rec;
@@ -134,6 +138,8 @@ struct tc_heap_stack {
 int tc_profile_read(const struct tc_target *t, struct lum_profile_v1 *hdr, struct tc_heap_stack **out, size_t *n,
                     bool *truncated);
 void tc_profile_free(struct tc_heap_stack *v, size_t n);
+/* What a tc_profile_read error means, in words for "pid N: <this>". */
+const char *tc_profile_strerror(int err);
 struct tc_symbolizer;
 /* The records by allocation site (first frame outside the allocator) and its caller, summed;
  * sorted by site (tc_heap_site_find), malloc'd in *out.  Returns how many. */
@@ -199,6 +205,10 @@ const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64
 const char *tc_frame_str(const struct tc_frame *f, char *buf, size_t n);
 /* First frame outside the allocator (index), or 0. */
 unsigned tc_first_user_frame(struct tc_symbolizer *s, pid_t pid, const uint64_t *frames, unsigned depth);
+/* An allocation site: the first frame outside the allocator into name, the one that called it
+ * into caller ("" if none); "[no stack]" for depth 0. */
+void tc_site_names(struct tc_symbolizer *s, pid_t pid, const uint64_t *frames, unsigned depth, char *name,
+                   size_t name_len, char *caller, size_t caller_len);
 
 char *tc_demangle(const char *mangled); /* malloc'd, or NULL if not a C++ name */
 
