@@ -1579,28 +1579,25 @@ LUM_COLD_TEXT void lum_heaps_after_fork_child(void)
         if (h != me && h->alive) {
             h->alive = LUM_HEAP_DEAD;
             any_dead = true;
+            salvage_dead_cache(h);
         }
     }
     /* The slice maps are walked even with no other thread alive: the last one may have been
      * giving back its stale pages (stale_owner's) outside the locks, its heap already pooled. */
-    {
-        for (struct lum_heap *h = all_heaps; h; h = h->next_all)
-            if (h->alive == LUM_HEAP_DEAD) salvage_dead_cache(h);
-        struct lum_page *chain = NULL;
-        lum_segments_for_each(collect_dead_pages, &chain);
-        uint64_t now = lum_now_ms();
-        while (chain) {
-            struct lum_page *page = chain;
-            chain = page->next;
-            page->next = page->prev = NULL;
-            LUM_OWN_SET(page->in_full, 0);
-            page->retained = 0;
-            lum_page_set_fast(page, NULL);
-            page_recount(page);
-            page_unmark_full(page);
-            lum_page_collect(page);
-            if (!abandon_page(page, page->cls, now)) lum_page_release(page, false);
-        }
+    struct lum_page *chain = NULL;
+    lum_segments_for_each(collect_dead_pages, &chain);
+    uint64_t now = lum_now_ms();
+    while (chain) {
+        struct lum_page *page = chain;
+        chain = page->next;
+        page->next = page->prev = NULL;
+        LUM_OWN_SET(page->in_full, 0);
+        page->retained = 0;
+        lum_page_set_fast(page, NULL);
+        page_recount(page);
+        page_unmark_full(page);
+        lum_page_collect(page);
+        if (!abandon_page(page, page->cls, now)) lum_page_release(page, false);
     }
     for (struct lum_heap *h = all_heaps; h; h = h->next_all) {
         if (h == me) continue;
