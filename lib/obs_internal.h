@@ -109,8 +109,9 @@ void lum_cfi_files_close(struct lum_cfi_files *files);
  * _dl_find_object, a few lock-free lookups (lum_cfi_lock tried, never waited for); else the
  * loader's unload count, by a dl_iterate_phdr callback that waits for the loader's lock (never
  * call it then holding a lock a free can take: a dlclose frees under the loader's lock), and
- * in a fork child the last count seen. */
-uint64_t lum_cfi_unloads(void);
+ * in a fork child the last count seen.  Not thorough, a look with _dl_find_object compares the
+ * objects' bytes (a system call) only if the last look to do so was over 10 ms ago. */
+uint64_t lum_cfi_unloads(bool thorough);
 /* Whether glibc's _dl_find_object is there to ask (and the program dynamically loaded). */
 bool lum_cfi_index_usable(void);
 /* The program headers of the object holding pc, by _dl_find_object (no loader lock): false

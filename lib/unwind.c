@@ -215,12 +215,13 @@ static inline uint64_t rule_key(uintptr_t ip, uint32_t gen)
  * look left it.  A look costs a _dl_find_object per such object (before the index, one
  * dl_iterate_phdr callback, ~370 instructions with its locks: ring +0.8 % instructions when
  * every sample looked), so walks look one in LUM_UNLOAD_EVERY per thread, and before every walk
- * that derives rules, when it is cheap next to the walk.  The count is stored after the
+ * that derives rules, when it is cheap next to the walk (a thorough look there: it also compares
+ * the objects' bytes, which the periodic look does at most once in 10 ms).  The count is stored after the
  * generation moves, so a thread that sees the new count also sees the new generation (two
  * threads may both move it: a harmless extra step). */
-static uint32_t rules_generation_look(void)
+static uint32_t rules_generation_look(bool thorough)
 {
-    uint64_t u = lum_cfi_unloads();
+    uint64_t u = lum_cfi_unloads(thorough);
     if (u != __atomic_load_n(&rules_unloads, __ATOMIC_ACQUIRE)) {
         __atomic_fetch_add(&lum_rules_gen, 1, __ATOMIC_RELEASE);
         __atomic_store_n(&rules_unloads, u, __ATOMIC_RELEASE);
@@ -228,11 +229,12 @@ static uint32_t rules_generation_look(void)
     return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
 }
 
-static uint32_t rules_generation(bool probe)
+/* probe: 0, no look; 1, the periodic look; 2, a thorough one (before a walk that may derive) */
+static uint32_t rules_generation(int probe)
 {
     if (!probe)
         return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
-    return rules_generation_look();
+    return rules_generation_look(probe > 1);
 }
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
@@ -843,7 +845,7 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
     if (__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
         got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked, gen, &seq);
     if (got < 0)
-        seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, look ? gen : rules_generation(true));
+        seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, rules_generation(2));
     unwind_account(timed, t0, walked);
 #ifdef LUM_UNWIND_VERIFY
     verify(frames, (uint32_t)got, max, hook_ret);

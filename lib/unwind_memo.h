@@ -14,7 +14,9 @@
 /* One unwind in LUM_UNLOAD_EVERY per thread, a timed one, looks whether the objects rules came
  * from are still loaded (see rules_generation_look in unwind.c): a look is a _dl_find_object and
  * a hash per such object, ~320 instructions on ring (callgrind; dl_iterate_phdr's look was
- * ~230 there), ~5 a sample at one in 64.  A multiple of LUM_TIME_EVERY. */
+ * ~230 there), ~5 a sample at one in 64; the objects' bytes it hashes are read with a system
+ * call, which callgrind does not count, at most once in 10 ms (cfi.c, PRINTS_EVERY_MS).  A
+ * multiple of LUM_TIME_EVERY. */
 #define LUM_UNLOAD_EVERY 64
 
 /* The last cached walk of this thread from its first stored frame on: a sample's stack is
