@@ -120,6 +120,42 @@ print("ok   %s: %d events in order (%s), %d batches" % (sys.argv[2], len(ev), ki
 PY
 done
 
+echo "== allocsnoop --older: the live reports leave out blocks younger than that ($MODE)"
+# old_site keeps 8 MiB of 4 KiB blocks and a 3 MiB block; 1.5 s later young_site as much; 0.2 s
+# later the process exits.  With -o 1 only old_site's are left, each stack with its oldest age.
+shapes=$SHAPES; [ "$MODE" = static ] && shapes=${SHAPES_STATIC:-}
+for older in 0 1; do
+    "$ALLOCSNOOP" -c "$shapes aging 1.5" ${LIB:+--preload "$LIB"} -q --json -o $older \
+        > "$TMP/age.$older.jsonl" 2> "$TMP/age.err" || { cat "$TMP/age.err"; fail "allocsnoop -o $older"; }
+done
+python3 - "$TMP/age.0.jsonl" "$TMP/age.1.jsonl" <<'PY' || fail "--older"
+import json, sys
+def read(path):
+    rows = [json.loads(l) for l in open(path) if l.startswith("{")]
+    out = {}
+    for r in rows:
+        if r["type"] in ("live", "live_large"):
+            site = "old" if "old_site" in r["stack"] else "young" if "young_site" in r["stack"] else None
+            if site:
+                out.setdefault((r["type"], site), []).append(r)
+    return out
+every, older = read(sys.argv[1]), read(sys.argv[2])
+for t in ("live", "live_large"):
+    for site in ("old", "young"):
+        assert (t, site) in every, "no %s stack through %s_site without -o: %s" % (t, site, sorted(every))
+    assert (t, "young") not in older, "-o 1 kept young_site's %s: %s" % (t, older.get((t, "young")))
+    assert (t, "old") in older, "-o 1 lost old_site's %s" % t
+    for r in every[(t, "old")] + older[(t, "old")]:
+        assert r["oldest_s"] >= 1.4, r
+    for r in every[(t, "young")]:
+        assert r["oldest_s"] < 1.0, r
+large = older[("live_large", "old")]
+# usable sizes: the fake library's are glibc's (a page more for a mapped block)
+assert len(large) == 1 and large[0]["blocks"] == 1 and 3 << 20 <= large[0]["bytes"] <= (3 << 20) + 65536, large
+small = sum(r["bytes"] for r in older[("live", "old")] if r["bytes"] < 3 << 20 or r["samples"] > 1)
+print("ok   -o 1: old_site's %.1f MiB sampled and its 3 MiB block, young_site's left out" % (small / 2**20))
+PY
+
 echo "== lost events are counted, never silently dropped ($MODE)"
 LUMALLOC_SAMPLE_INTERVAL=1 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" --ringbuf-kib 4 -q --json \
     > "$TMP/lost.jsonl" 2>&1 || fail "allocsnoop --ringbuf-kib"

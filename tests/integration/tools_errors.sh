@@ -40,6 +40,8 @@ expect_err "invalid ring buffer size" "$ALLOCSNOOP" --ringbuf-kib 4194304 -p 1
 expect_err "give -p PID" "$ALLOCSNOOP" --heap -c /bin/true
 expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -e sample -p 1
 expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -d 5 -p 1
+expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -o 5 -p 1
+expect_err "invalid --older" "$ALLOCSNOOP" -o -1 -p 1
 # A report file that cannot be written is an error before tracing starts, not after.
 expect_err "cannot write /nonexistent/dir/x.folded" "$ALLOCSNOOP" -p 1 --folded /nonexistent/dir/x.folded
 # Capabilities without ptrace rights over another user's process.

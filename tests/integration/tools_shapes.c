@@ -15,6 +15,9 @@
  *                                        its registry record had them after its last allocation
  *   tools_shapes execbatch N PATH        N allocations of 4321 bytes (kept), then at once
  *                                        execv(PATH); if that fails, a normal exit
+ *   tools_shapes aging SECS              old_site keeps 8 MiB in 4 KiB blocks and one 3 MiB block,
+ *                                        SECS s later young_site as much, and 0.2 s later the
+ *                                        process exits
  * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
  */
 #define _GNU_SOURCE
@@ -150,6 +153,29 @@ static void *final_worker(void *arg)
     return NULL;
 }
 
+/* 8 MiB in 4 KiB blocks and one 3 MiB block, kept: noinline, so that each is its own site */
+static __attribute__((noinline)) void keep_from(void)
+{
+    for (int i = 0; i < 2048; i++) {
+        char *volatile p = malloc(4096);
+        p[0] = 1;
+    }
+    char *volatile big = malloc(3 << 20);
+    big[0] = 1;
+}
+
+static __attribute__((noinline, noipa)) void old_site(void)
+{
+    keep_from();
+    __asm__ volatile("" ::: "memory");
+}
+
+static __attribute__((noinline, noipa)) void young_site(void)
+{
+    keep_from();
+    __asm__ volatile("" ::: "memory");
+}
+
 static void start_workers(pthread_t t[2])
 {
     for (long i = 0; i < 2; i++)
@@ -182,6 +208,13 @@ int main(int argc, char **argv)
         }
         sleep_ms((long)(secs * 1000));
         exit(0);
+    }
+    if (!strcmp(argv[1], "aging")) {
+        old_site();
+        sleep_ms((long)(atof(argv[2]) * 1000));
+        young_site();
+        sleep_ms(200);
+        return 0;
     }
     if (!strcmp(argv[1], "execbatch")) {
         /* what the start-up sampled is published (LUM_BATCH_FLUSH_MS) before ours are taken */

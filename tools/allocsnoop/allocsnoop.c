@@ -44,12 +44,17 @@ struct stack_agg {
     double alloc_objects, alloc_space, inuse_objects, inuse_space;
     uint64_t samples, live_samples;
     uint64_t large_live_bytes, large_live_count; /* exact: large_alloc minus large_free */
+    /* the live reports' figures: the live ones, or with --older only those old enough */
+    double shown_space, shown_objects;
+    uint64_t shown_samples, shown_large_bytes, shown_large_count;
+    uint64_t oldest_ns, large_oldest_ns; /* when the oldest shown block was allocated (0: unknown) */
 };
 
 struct live_rec {
     uint32_t stack;  /* index into stacks */
     uint32_t next_free;
     double weight, objects;
+    uint64_t ts_ns;  /* allocated (CLOCK_MONOTONIC, the events' clock) */
 };
 
 static struct {
@@ -59,6 +64,7 @@ static struct {
     bool stacks_out, quiet, json, all_frames, no_batch, heap;
     const char *folded, *pprof;
     int leaks;
+    uint64_t older_ns; /* --older: the live reports leave out blocks younger than this */
 } opt = {.kinds = 0xffffffff, .leaks = 10};
 
 static struct tc_target targets[MAX_TARGETS];
@@ -73,6 +79,7 @@ static size_t nlives, caplives;
 static uint32_t free_live = UINT32_MAX;
 static struct tc_map64 live_idx; /* pid/ptr key -> live index+1 */
 static struct tc_map64 large_idx; /* pid/ptr key -> stack index << 40 | usable size */
+static struct tc_map64 large_ts;  /* pid/ptr key -> when that large block was allocated */
 static uint64_t counts[SNOOP_NKINDS];
 static uint64_t batches, batch_malformed; /* sample_batch firings received; records unparsable */
 /* Records the library had not published when the process exec'd (taken at the execve's
@@ -108,6 +115,8 @@ static void usage(FILE *f)
             "      --folded FILE        folded stacks (sampled bytes) for flame graphs\n"
             "      --pprof FILE         pprof profile (uncompressed profile.proto)\n"
             "      --leaks N            stacks shown in the live/leak report (default 10)\n"
+            "  -o, --older SECONDS      the live/leak report leaves out blocks allocated less than\n"
+            "                           SECONDS before it (memleak's -o): what is held, not churn\n"
             "      --all-frames         keep the allocator's own frames in stack output\n"
             "      --ringbuf-kib N      ring buffer size (default 16384 KiB; below 256 most batched samples are lost)\n"
             "      --no-batch           per-event sample/sample_free probes even where the library has\n"
@@ -338,7 +347,7 @@ static void track_sample(const struct snoop_event *e)
         }
         li = (uint32_t)nlives++;
     }
-    lives[li] = (struct live_rec){si, UINT32_MAX, w, objs};
+    lives[li] = (struct live_rec){si, UINT32_MAX, w, objs, e->ts_ns};
     uint64_t key = live_key(e->pid, e->ptr), old;
     if (tc_map64_del(&live_idx, key, &old)) {
         /* A sampled pointer reused without a sample_free seen (event lost): retire the old. */
@@ -382,9 +391,12 @@ static void track_large(const struct snoop_event *e)
         uint64_t *v = tc_map64_put(&large_idx, key, NULL);
         if (v)
             *v = (uint64_t)si << 40 | sz;
+        if ((v = tc_map64_put(&large_ts, key, NULL)))
+            *v = e->ts_ns;
     } else if (tc_map64_del(&large_idx, key, &old)) {
         stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
         stacks[old >> 40].large_live_count--;
+        tc_map64_del(&large_ts, key, NULL);
     }
 }
 
@@ -420,6 +432,7 @@ static void drop_live_of(pid_t pid)
             continue;
         stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
         stacks[old >> 40].large_live_count--;
+        tc_map64_del(&large_ts, keys[k], NULL);
     }
     free(keys);
 }
@@ -734,14 +747,69 @@ static void lost_counts(struct allocsnoop_bpf *skel, uint64_t out[SNOOP_LOST_MAX
 
 static int cmp_inuse(const void *a, const void *b)
 {
-    double x = stacks[*(const uint32_t *)a].inuse_space, y = stacks[*(const uint32_t *)b].inuse_space;
+    double x = stacks[*(const uint32_t *)a].shown_space, y = stacks[*(const uint32_t *)b].shown_space;
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
 static int cmp_large(const void *a, const void *b)
 {
-    uint64_t x = stacks[*(const uint32_t *)a].large_live_bytes, y = stacks[*(const uint32_t *)b].large_live_bytes;
+    uint64_t x = stacks[*(const uint32_t *)a].shown_large_bytes, y = stacks[*(const uint32_t *)b].shown_large_bytes;
     return x < y ? 1 : (x > y ? -1 : 0);
+}
+
+/* The live reports' figures for each stack, as of now: every live block, or with --older only
+ * those allocated at least that long ago (memleak's -o: what a program has held for a while,
+ * not the working set it is about to free), and when the oldest was allocated.  --heap's
+ * figures are the profile's own, with no times. */
+static void live_figures(bool traced, uint64_t now)
+{
+    for (size_t i = 0; i < nstacks; i++) {
+        struct stack_agg *s = &stacks[i];
+        bool all = !traced;
+        s->shown_space = all ? s->inuse_space : 0;
+        s->shown_objects = all ? s->inuse_objects : 0;
+        s->shown_samples = all ? s->live_samples : 0;
+        s->shown_large_bytes = all ? s->large_live_bytes : 0;
+        s->shown_large_count = all ? s->large_live_count : 0;
+        s->oldest_ns = s->large_oldest_ns = 0;
+    }
+    if (!traced)
+        return;
+    for (size_t i = 0; i < live_idx.cap; i++) {
+        if (!live_idx.keys[i])
+            continue;
+        const struct live_rec *r = &lives[live_idx.vals[i] - 1];
+        if (opt.older_ns && (r->ts_ns > now || now - r->ts_ns < opt.older_ns))
+            continue;
+        struct stack_agg *s = &stacks[r->stack];
+        s->shown_space += r->weight;
+        s->shown_objects += r->objects;
+        s->shown_samples++;
+        if (!s->oldest_ns || r->ts_ns < s->oldest_ns)
+            s->oldest_ns = r->ts_ns;
+    }
+    for (size_t i = 0; i < large_idx.cap; i++) {
+        if (!large_idx.keys[i])
+            continue;
+        uint64_t v = large_idx.vals[i], *ts = tc_map64_get(&large_ts, large_idx.keys[i]);
+        uint64_t t = ts ? *ts : 0;
+        if (opt.older_ns && (!t || t > now || now - t < opt.older_ns))
+            continue;
+        struct stack_agg *s = &stacks[v >> 40];
+        s->shown_large_bytes += v & ((1ull << 40) - 1);
+        s->shown_large_count++;
+        if (t && (!s->large_oldest_ns || t < s->large_oldest_ns))
+            s->large_oldest_ns = t;
+    }
+}
+
+/* " (oldest 12.3 s)" for a block allocated at t, or nothing when its time is not known */
+static const char *age_str(uint64_t t, uint64_t now, char *buf, size_t len)
+{
+    if (!t || t > now)
+        return "";
+    snprintf(buf, len, ", oldest %.1f s", (double)(now - t) * 1e-9);
+    return buf;
 }
 
 struct site_sum {
@@ -794,10 +862,13 @@ static int reports(struct allocsnoop_bpf *skel)
     if (nsites)
         qsort(sites, nsites, sizeof(*sites), cmp_site);
 
+    uint64_t now = mono_ns();
+    char age[48];
+    live_figures(skel != NULL, now);
     uint32_t *order = malloc((nstacks ? nstacks : 1) * sizeof(*order));
     size_t nlive = 0;
     for (size_t i = 0; i < nstacks && order; i++)
-        if (stacks[i].live_samples > 0)
+        if (stacks[i].shown_samples > 0)
             order[nlive++] = (uint32_t)i;
     if (nlive)
         qsort(order, nlive, sizeof(*order), cmp_inuse);
@@ -806,7 +877,7 @@ static int reports(struct allocsnoop_bpf *skel)
     uint32_t *lorder = malloc((nstacks ? nstacks : 1) * sizeof(*lorder));
     size_t nlarge = 0;
     for (size_t i = 0; i < nstacks && lorder; i++)
-        if (stacks[i].large_live_count > 0)
+        if (stacks[i].shown_large_count > 0)
             lorder[nlarge++] = (uint32_t)i;
     if (nlarge)
         qsort(lorder, nlarge, sizeof(*lorder), cmp_large);
@@ -830,15 +901,21 @@ static int reports(struct allocsnoop_bpf *skel)
         }
         for (size_t k = 0; leak_valid && k < nlive && (int)k < opt.leaks; k++) {
             struct stack_agg *s = &stacks[order[k]];
-            printf("{\"type\":\"live\",\"pid\":%d,\"bytes\":%.0f,\"objects\":%.0f,\"samples\":%llu,\"stack\":",
-                   (int)s->pid, s->inuse_space, s->inuse_objects, (unsigned long long)s->live_samples);
+            printf("{\"type\":\"live\",\"pid\":%d,\"bytes\":%.0f,\"objects\":%.0f,\"samples\":%llu,",
+                   (int)s->pid, s->shown_space, s->shown_objects, (unsigned long long)s->shown_samples);
+            if (s->oldest_ns && s->oldest_ns <= now)
+                printf("\"oldest_s\":%.3f,", (double)(now - s->oldest_ns) * 1e-9);
+            printf("\"stack\":");
             print_stack_json(s->pid, s->frames, s->depth);
             printf("}\n");
         }
         for (size_t k = 0; large_valid && k < nlarge && (int)k < opt.leaks; k++) {
             struct stack_agg *s = &stacks[lorder[k]];
-            printf("{\"type\":\"live_large\",\"pid\":%d,\"bytes\":%llu,\"blocks\":%llu,\"stack\":", (int)s->pid,
-                   (unsigned long long)s->large_live_bytes, (unsigned long long)s->large_live_count);
+            printf("{\"type\":\"live_large\",\"pid\":%d,\"bytes\":%llu,\"blocks\":%llu,", (int)s->pid,
+                   (unsigned long long)s->shown_large_bytes, (unsigned long long)s->shown_large_count);
+            if (s->large_oldest_ns && s->large_oldest_ns <= now)
+                printf("\"oldest_s\":%.3f,", (double)(now - s->large_oldest_ns) * 1e-9);
+            printf("\"stack\":");
             print_stack_json(s->pid, s->frames, s->depth);
             printf("}\n");
         }
@@ -871,14 +948,18 @@ static int reports(struct allocsnoop_bpf *skel)
         } else {
             double live_total = 0;
             for (size_t k = 0; k < nlive; k++)
-                live_total += stacks[order[k]].inuse_space;
-            printf(skel ? "\nLive (not freed) bytes at exit, estimated from samples: %.0f B in %zu stacks\n"
-                        : "\nLive heap now, estimated from samples: %.0f B in %zu stacks\n",
-                   live_total, nlive);
+                live_total += stacks[order[k]].shown_space;
+            char older[64] = "";
+            if (opt.older_ns)
+                snprintf(older, sizeof older, ", allocated over %.3g s before", (double)opt.older_ns * 1e-9);
+            printf(skel ? "\nLive (not freed) bytes at exit%s, estimated from samples: %.0f B in %zu stacks\n"
+                        : "\nLive heap now%s, estimated from samples: %.0f B in %zu stacks\n",
+                   older, live_total, nlive);
             for (size_t k = 0; k < nlive && (int)k < opt.leaks; k++) {
                 struct stack_agg *s = &stacks[order[k]];
-                printf("\n%.0f bytes in ~%.0f objects (%llu samples) still live, pid %d, allocated from:\n",
-                       s->inuse_space, s->inuse_objects, (unsigned long long)s->live_samples, (int)s->pid);
+                printf("\n%.0f bytes in ~%.0f objects (%llu samples%s) still live, pid %d, allocated from:\n",
+                       s->shown_space, s->shown_objects, (unsigned long long)s->shown_samples,
+                       age_str(s->oldest_ns, now, age, sizeof age), (int)s->pid);
                 print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
             }
         }
@@ -886,13 +967,15 @@ static int reports(struct allocsnoop_bpf *skel)
     if (!opt.json && large_valid && nlarge) {
         uint64_t lt = 0, lc = 0;
         for (size_t k = 0; k < nlarge; k++)
-            lt += stacks[lorder[k]].large_live_bytes, lc += stacks[lorder[k]].large_live_count;
-        printf("\nLive large blocks at exit (exact, allocated while attached): %llu B in %llu blocks\n",
-               (unsigned long long)lt, (unsigned long long)lc);
+            lt += stacks[lorder[k]].shown_large_bytes, lc += stacks[lorder[k]].shown_large_count;
+        printf("\nLive large blocks at exit (exact, allocated while attached%s): %llu B in %llu blocks\n",
+               opt.older_ns ? " and long enough ago" : "", (unsigned long long)lt, (unsigned long long)lc);
         for (size_t k = 0; k < nlarge && (int)k < opt.leaks; k++) {
             struct stack_agg *s = &stacks[lorder[k]];
-            printf("\n%llu bytes in %llu large blocks still live, pid %d, allocated from:\n",
-                   (unsigned long long)s->large_live_bytes, (unsigned long long)s->large_live_count, (int)s->pid);
+            const char *a = age_str(s->large_oldest_ns, now, age, sizeof age);
+            printf("\n%llu bytes in %llu large blocks%s%s%s still live, pid %d, allocated from:\n",
+                   (unsigned long long)s->shown_large_bytes, (unsigned long long)s->shown_large_count,
+                   *a ? " (" : "", *a ? a + 2 : "", *a ? ")" : "", (int)s->pid);
             print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
         }
     }
@@ -1124,11 +1207,11 @@ int main(int argc, char **argv)
         {"pprof", required_argument, 0, OPT_PPROF}, {"leaks", required_argument, 0, OPT_LEAKS},
         {"all-frames", no_argument, 0, OPT_ALLFRAMES}, {"verbose", no_argument, 0, 'v'},
         {"ringbuf-kib", required_argument, 0, OPT_RINGBUF}, {"no-batch", no_argument, 0, OPT_NOBATCH},
-        {"heap", no_argument, 0, 'H'},
+        {"heap", no_argument, 0, 'H'},             {"older", required_argument, 0, 'o'},
         {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
     int c;
     opterr = 0; /* tc_usage_error says it in one line */
-    while ((c = getopt_long(argc, argv, ":p:c:b:B:e:m:d:UqjvhH", lopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":p:c:b:B:e:m:d:o:UqjvhH", lopts, NULL)) != -1) {
         switch (c) {
         case 'p': npids += tc_parse_pids(optarg, pids, npids, MAX_TARGETS); break;
         case 'c': command = optarg; break;
@@ -1153,6 +1236,7 @@ int main(int argc, char **argv)
             break;
         case OPT_NOBATCH: opt.no_batch = true; break;
         case 'H': opt.heap = true; break;
+        case 'o': opt.older_ns = (uint64_t)(tc_parse_double("--older", optarg, 0, 1e7) * 1e9); break;
         case 'v': tc_verbose++; break;
         case 'h': usage(stdout); return 0;
         default: tc_usage_error(c, argv);
@@ -1163,8 +1247,8 @@ int main(int argc, char **argv)
     if (opt.heap) {
         /* what a trace would filter or how long it would run: nothing of it applies to a reading */
         if (opt.kinds != 0xffffffff || opt.min_size || opt.duration || opt.stacks_out || opt.quiet ||
-            opt.no_batch || ringbuf_kib)
-            tc_die("--heap takes -p, -j, --leaks, --folded, --pprof and --all-frames (not -e, -m, -d, -U, "
+            opt.no_batch || ringbuf_kib || opt.older_ns)
+            tc_die("--heap takes -p, -j, --leaks, --folded, --pprof and --all-frames (not -e, -m, -d, -o, -U, "
                    "-q, --no-batch, --ringbuf-kib)");
         return heap_main(npids, pids, command);
     }
