@@ -470,10 +470,10 @@ static void heap_growth(const struct tstate *s, const struct tc_heap_site *h, do
     *alloc_ps = (h->alloc - (p ? p->alloc : 0)) / dt;
 }
 
-static const struct tc_heap_site *heap_sorted_sites;
-static int cmp_heap_live(const void *a, const void *b)
+static int cmp_heap_live(const void *a, const void *b, void *sites)
 {
-    double x = heap_sorted_sites[*(const uint32_t *)a].live, y = heap_sorted_sites[*(const uint32_t *)b].live;
+    const struct tc_heap_site *h = sites;
+    double x = h[*(const uint32_t *)a].live, y = h[*(const uint32_t *)b].live;
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
@@ -486,8 +486,7 @@ static uint32_t *heap_order(const struct tstate *s, double *live)
         return NULL;
     for (size_t i = 0; i < s->nheap; i++)
         o[i] = (uint32_t)i, *live += s->heap[i].live;
-    heap_sorted_sites = s->heap;
-    qsort(o, s->nheap, sizeof(*o), cmp_heap_live);
+    qsort_r(o, s->nheap, sizeof(*o), cmp_heap_live, (void *)s->heap);
     return o;
 }
 
