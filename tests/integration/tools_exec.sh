@@ -51,4 +51,18 @@ echo "== a failed exec duplicates none ($MODE)"
 run failed "$TMP/no-such-program"
 count failed 0 || fail "records of a failed exec"
 
+if [ "$MODE" = real ]; then
+    echo "== -b: a process found by the library it maps has its records at an exec reported too"
+    # its first allocation's batch (published within 25 ms) names it to allocsnoop, which from
+    # then on takes what waits at its execve; the 20 come 1 s later, then the exec
+    "$ALLOCSNOOP" -b "$LIB" --json -d 5 > "$TMP/b.jsonl" 2> "$TMP/b.err" &
+    SN=$!
+    BG_PIDS=$SN
+    sleep 1.5
+    LD_PRELOAD=$LIB "$SHAPES" execbatch $N /bin/true 1000 || fail "execbatch under -b"
+    wait $SN || { cat "$TMP/b.err"; fail "allocsnoop -b"; }
+    BG_PIDS=
+    count b 1 || fail "-b: records waiting at the exec"
+fi
+
 echo "PASS"

@@ -13,8 +13,9 @@
  *                                        SECS s later as many more, then the process exits at once
  *                                        (all alive); FILE gets "tid allocs bytes" per thread, as
  *                                        its registry record had them after its last allocation
- *   tools_shapes execbatch N PATH        N allocations of 4321 bytes (kept), then at once
- *                                        execv(PATH); if that fails, a normal exit
+ *   tools_shapes execbatch N PATH [MS]   N allocations of 4321 bytes (kept), then at once
+ *                                        execv(PATH); if that fails, a normal exit.  MS (100):
+ *                                        how long after its first allocation it starts
  *   tools_shapes aging SECS              old_site keeps 8 MiB in 4 KiB blocks and one 3 MiB block,
  *                                        SECS s later young_site as much, and 0.2 s later the
  *                                        process exits
@@ -217,9 +218,11 @@ int main(int argc, char **argv)
         return 0;
     }
     if (!strcmp(argv[1], "execbatch")) {
-        /* what the start-up sampled is published (LUM_BATCH_FLUSH_MS) before ours are taken */
-        free(malloc(100));
-        sleep_ms(100);
+        /* what the start-up sampled is published (LUM_BATCH_FLUSH_MS) before ours are taken
+         * (through a volatile pointer: GCC drops a free(malloc(n)) pair) */
+        void *volatile first = malloc(100);
+        free(first);
+        sleep_ms(argc > 4 ? atol(argv[4]) : 100);
         int n = atoi(argv[2]);
         for (int i = 0; i < n; i++)
             sink_a = malloc(4321);

@@ -224,15 +224,20 @@ static void maybe_snapshot(pid_t pid)
     if (i < 0) {
         if (!binary_path || pid <= 0)
             return;
-        /* A process found through -b: snapshot on its first event, then once a second. */
+        /* A process found through -b: snapshot on its first event, then once a second; from
+         * its first event (and its first after an exec) its records waiting at an exec are
+         * taken too. */
         uint64_t now_ms = (uint64_t)((tc_now() - t_start) * 1000) + 1;
         bool created;
         uint64_t *last = tc_map64_put(&pid_snap, (uint64_t)pid, &created);
         if (!last || (!created && now_ms - *last < 1000))
             return;
         *last = now_ms;
-        if (tc_pid_alive(pid))
+        if (tc_pid_alive(pid)) {
             tc_sym_snapshot(sym, pid, binary_path);
+            if (created)
+                watch_exec(pid);
+        }
         return;
     }
     double now = tc_now();
@@ -694,9 +699,14 @@ static void exec_done(uint32_t pid, uint32_t tid, int64_t ret)
         held[w++] = *h;
     }
     nheld = w;
-    if (used) {
+    /* -b: no image poll looks at such a process (for -p and -c targets it drops their blocks);
+     * the new image, if it maps the file too, is watched from its first event */
+    bool found_by_b = ret == 0 && binary_path && target_index((pid_t)pid) < 0;
+    if (used || found_by_b) {
         pend_release(0, true);
         drop_live_of((pid_t)pid);
+        if (found_by_b)
+            tc_map64_del(&pid_snap, (uint64_t)pid, NULL);
     }
 }
 
@@ -1316,7 +1326,7 @@ int main(int argc, char **argv)
     }
     if (!skel)
         tc_die("cannot load the BPF programs: %s", strerror(errno));
-    if (exec_progs && ntargets > (binary_path ? 1 : 0)) {
+    if (exec_progs) {
         struct bpf_program *ep[] = {skel->progs.on_execve, skel->progs.on_execveat, skel->progs.on_execve_ret,
                                     skel->progs.on_execveat_ret, skel->progs.on_exec};
         bool ok = true;
