@@ -203,20 +203,30 @@ static struct tc_map64 pid_snap;    /* -b: pid -> time of its last snapshot (ms 
 static int exec_watch_fd = -1; /* the BPF exec_watch map, if the exec programs are attached */
 
 /* Have the BPF side take the records waiting in pid's batch buffer at its execve entries
- * (pid's current image: after an exec, again for the new one). */
-static void watch_exec(pid_t pid)
+ * (pid's current image: after an exec, again for the new one).  false: its batch buffer is not
+ * there (yet: a new image that has not loaded the library). */
+static bool watch_exec(pid_t pid)
 {
     if (exec_watch_fd < 0 || pid <= 0)
-        return;
+        return true;
     struct tc_target t = {.pid = pid, .alive = true};
     char err[512];
     uint32_t k = (uint32_t)pid;
-    if (tc_target_locate(&t, err, sizeof(err)) == 0 && t.batch_addr)
+    bool armed = tc_target_locate(&t, err, sizeof(err)) == 0 && t.batch_addr;
+    if (armed)
         bpf_map_update_elem(exec_watch_fd, &k, &t.batch_addr, BPF_ANY);
     else
         bpf_map_delete_elem(exec_watch_fd, &k);
     tc_target_close(&t);
+    return armed;
 }
+
+/* Targets whose new image is to be watched, tried at each poll until its buffer is found.  The
+ * image poll can see an exec's new image before sched_process_exec fires for it (the mm is
+ * switched first), and that tracepoint's program takes the pid out of exec_watch: so an exec
+ * seen done re-arms it too, else a second exec lost its waiting records.  Given up after 5 s
+ * (an image without the library: each try reads its maps). */
+static double watch_until[MAX_TARGETS]; /* tc_now() until which to try; 0: nothing pending */
 
 static void maybe_snapshot(pid_t pid)
 {
@@ -701,7 +711,10 @@ static void exec_done(uint32_t pid, uint32_t tid, int64_t ret)
     nheld = w;
     /* -b: no image poll looks at such a process (for -p and -c targets it drops their blocks);
      * the new image, if it maps the file too, is watched from its first event */
-    bool found_by_b = ret == 0 && binary_path && target_index((pid_t)pid) < 0;
+    int ti = target_index((pid_t)pid);
+    if (ret == 0 && ti >= 0)
+        watch_until[ti] = tc_now() + 5;
+    bool found_by_b = ret == 0 && binary_path && ti < 0;
     if (used || found_by_b) {
         pend_release(0, true);
         drop_live_of((pid_t)pid);
@@ -1401,8 +1414,10 @@ int main(int argc, char **argv)
                 ring_buffer__consume(rb);
                 pend_release(0, true);
                 drop_live_of(targets[i].pid);
-                watch_exec(targets[i].pid);
+                watch_until[i] = tc_now() + 5;
             }
+            if (watch_until[i] && (!targets[i].alive || tc_now() > watch_until[i] || watch_exec(targets[i].pid)))
+                watch_until[i] = 0;
             if (image)
                 image_seen[i] = image;
             if (tc_target_moved(&targets[i])) {
