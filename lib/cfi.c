@@ -146,7 +146,7 @@ struct obj {
      * its mapping, link_map and .eh_frame_hdr (all 0 through dl_iterate_phdr). */
     uintptr_t map_lo, map_hi;
     const void *lm, *eh;
-    /* its slot in objs[] (the probe cache's), or -1: none (found through dl_iterate_phdr) */
+    /* its slot in slots[] (the probe cache's), or -1: none (found through dl_iterate_phdr) */
     int slot;
 };
 
@@ -527,7 +527,7 @@ static bool run_cfa(struct rd *r, const struct cie *c, uintptr_t loc, uintptr_t 
 #define PROBE_LEVELS 8
 #define PROBE_NODES (1u << PROBE_LEVELS) /* nodes 1 .. PROBE_NODES - 1: the root is 1 */
 #define OBJS 32
-static struct probe_cache {
+struct probe_cache {
     /* The build they were read from (struct src): a slot's object can be another build at the
      * same address, with the same link_map and layout (a plugin rebuilt and reloaded), which
      * the object cache takes for the same object; its entries would send the search to the
@@ -537,9 +537,33 @@ static struct probe_cache {
                          * the header not read yet */
     uint64_t n;
     uint64_t have[PROBE_NODES / 64];
-    int32_t start[PROBE_NODES];
-} probes[OBJS];
-static struct obj objs[OBJS];
+    int32_t start[PROBE_NODES]; /* read only where have says: a reset leaves them be */
+};
+/* An object and its probes side by side: a program samples through a few objects, and the
+ * slots they fill are one run of memory, 1.2 KiB a slot (the probes in an array of their own
+ * had their first entries on a page of .bss apart from the objects': one page more in every
+ * sampling program). */
+static struct cfi_slot {
+    struct obj obj;
+    struct probe_cache probes;
+} slots[OBJS];
+
+static unsigned slot_of(const struct obj *e)
+{
+    _Static_assert(offsetof(struct cfi_slot, obj) == 0, "an entry's address is its slot's");
+    return (unsigned)((const struct cfi_slot *)(const void *)e - slots);
+}
+
+/* Empty, for the build given.  The starts stay as they were (probe_known tells which hold one):
+ * a slot's 1 KiB of them is written as lookups learn them, and no sooner (cleared whole, the
+ * third slot of a program sampled through three objects wrote a page of .bss more). */
+static void probe_reset(struct probe_cache *c, uint64_t build)
+{
+    c->build = build;
+    c->tab = NULL;
+    c->n = 0;
+    memset(c->have, 0, sizeof c->have);
+}
 
 static inline bool probe_known(const struct probe_cache *c, unsigned node)
 {
@@ -581,8 +605,8 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
     bool cache = s->fd >= 0 && o->slot >= 0;
     if (cache) {
         lum_lock(&lum_cfi_lock);
-        const struct probe_cache *c = &probes[o->slot];
-        if (obj_same(&objs[o->slot], o) && c->tab && c->build == s->build) {
+        const struct probe_cache *c = &slots[o->slot].probes;
+        if (obj_same(&slots[o->slot].obj, o) && c->tab && c->build == s->build) {
             tab = c->tab, n = c->n, hi = (size_t)n;
             while (hi - lo > 64 && probe_known(c, node)) {
                 size_t mid = lo + (hi - lo) / 2;
@@ -624,10 +648,10 @@ static const uint8_t *find_fde(const struct src *s, uintptr_t pc)
     }
     if (cache && (new_tab || nl)) {
         lum_lock(&lum_cfi_lock);
-        struct probe_cache *c = &probes[o->slot];
-        if (obj_same(&objs[o->slot], o)) {
+        struct probe_cache *c = &slots[o->slot].probes;
+        if (obj_same(&slots[o->slot].obj, o)) {
             if (c->build != s->build)
-                *c = (struct probe_cache){.build = s->build};
+                probe_reset(c, s->build);
             if (!c->tab)
                 c->tab = tab, c->n = n;
             for (unsigned i = 0; i < nl && c->tab == tab && c->n == n; i++) {
@@ -816,8 +840,8 @@ struct find {
 static const struct obj *cached_obj(uintptr_t pc)
 {
     for (unsigned i = 0; i < nobjs; i++)
-        if (pc >= objs[i].text_lo && pc < objs[i].text_hi)
-            return &objs[i];
+        if (pc >= slots[i].obj.text_lo && pc < slots[i].obj.text_hi)
+            return &slots[i].obj;
     return NULL;
 }
 
@@ -902,7 +926,7 @@ static bool obj_of(struct dl_phdr_info *info, uintptr_t pc, struct obj *out)
 static struct obj *obj_put(struct obj *e, const struct obj *o)
 {
     *e = *o;
-    probes[e - objs] = (struct probe_cache){0};
+    probe_reset(&slots[slot_of(e)].probes, 0);
     return e;
 }
 
@@ -910,7 +934,7 @@ static struct obj *obj_put(struct obj *e, const struct obj *o)
 static struct obj *obj_remember(const struct obj *o)
 {
     unsigned slot = nobjs < OBJS ? nobjs++ : (next_obj++ % OBJS);
-    return obj_put(&objs[slot], o);
+    return obj_put(&slots[slot].obj, o);
 }
 
 static int find_cb(struct dl_phdr_info *info, size_t size, void *arg)
@@ -1187,7 +1211,7 @@ static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res, stru
         /* an entry for the code of an object since unloaded is replaced */
         struct obj *old = (struct obj *)cached_obj(pc);
         struct obj *e = old ? obj_put(old, &o) : obj_remember(&o);
-        e->slot = o.slot = (int)(e - objs); /* the probe cache is this path's only */
+        e->slot = o.slot = (int)slot_of(e); /* the probe cache is this path's only */
     }
     seen_note(&fo, &o);
     lum_unlock(&lum_cfi_lock);
