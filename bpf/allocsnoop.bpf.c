@@ -328,9 +328,11 @@ static __always_inline int exec_enter(void)
     return 0;
 }
 
-static __always_inline void exec_done(u32 pid, u32 tid, long ret)
+/* always: said even when no records were taken at the call (a watched process's exec: user
+ * space drops the old image's blocks and watches the new image) */
+static __always_inline void exec_done(u32 pid, u32 tid, long ret, bool always)
 {
-    if (bpf_map_delete_elem(&exec_pending, &tid))
+    if (bpf_map_delete_elem(&exec_pending, &tid) && !always)
         return;
     struct snoop_event *e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
     if (!e) {
@@ -364,7 +366,7 @@ static __always_inline int exec_ret(long ret)
 {
     u64 pt = bpf_get_current_pid_tgid();
     if (ret < 0)
-        exec_done(pt >> 32, (u32)pt, ret);
+        exec_done(pt >> 32, (u32)pt, ret, false);
     return 0;
 }
 
@@ -389,6 +391,6 @@ int BPF_PROG(on_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm 
     if (!bpf_map_lookup_elem(&exec_watch, &pid))
         return 0;
     bpf_map_delete_elem(&exec_watch, &pid);
-    exec_done(pid, (u32)old_pid, 0);
+    exec_done(pid, (u32)old_pid, 0, true);
     return 0;
 }

@@ -1230,6 +1230,8 @@ static bool rule_by_index(uintptr_t ra, struct lum_cfi_rule *out, int *res, stru
  * reads them at every look, as before. */
 #define PRINTS_EVERY_MS 10
 static uint64_t prints_ms; /* when a look last read them; under lum_cfi_lock */
+/* a thorough look found the lock taken (by a look that may not read them): the next one does */
+static int prints_due;
 
 /* One look: whether every object in the seen set is still the one the index named (and, with
  * prints, still holds the bytes it held). */
@@ -1241,9 +1243,11 @@ static bool unloads_by_index(uint64_t *count, bool thorough)
     if (lum_trylock(&lum_cfi_lock)) {
         bool changed = false;
         uint64_t now = lum_now_ms();
-        bool prints = thorough || now - prints_ms >= PRINTS_EVERY_MS;
-        if (prints)
+        bool prints = thorough || __atomic_load_n(&prints_due, __ATOMIC_RELAXED) || now - prints_ms >= PRINTS_EVERY_MS;
+        if (prints) {
             prints_ms = now;
+            __atomic_store_n(&prints_due, 0, __ATOMIC_RELAXED);
+        }
         for (unsigned i = 0; i < nseen && !changed; i += PRINT_BATCH) {
             unsigned m = nseen - i < PRINT_BATCH ? nseen - i : PRINT_BATCH;
             const struct seen *e = &seen[i];
@@ -1267,6 +1271,8 @@ static bool unloads_by_index(uint64_t *count, bool thorough)
             __atomic_store_n(&seen_changes, seen_changes + 1, __ATOMIC_RELEASE);
         }
         lum_unlock(&lum_cfi_lock);
+    } else if (thorough) {
+        __atomic_store_n(&prints_due, 1, __ATOMIC_RELAXED);
     }
     *count = __atomic_load_n(&seen_changes, __ATOMIC_ACQUIRE);
     return true;

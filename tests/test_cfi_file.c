@@ -18,6 +18,7 @@
 #include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <time.h>
 #include <sys/wait.h>
 #include <pthread.h>
 #include <cmocka.h>
@@ -412,6 +413,48 @@ static void test_same_layout_reload(void **state)
     assert_int_equal(bad, 0);
 }
 
+/* The periodic look (not thorough) compares the objects' bytes at most once in 10 ms: another
+ * build of the same layout reloaded where the first was, with the same link_map (which only
+ * the bytes tell apart), moves the count at the first such look over 10 ms later (the coarse
+ * clock's tick added: 30 ms). */
+static void test_prints_every_10ms(void **state)
+{
+    (void)state;
+    char path[96];
+    snprintf(path, sizeof path, "%s/liblayout2.so", dir);
+    replace(CFI_LAYOUT_X, path, 0);
+    void *h = dlopen(path, RTLD_NOW);
+    assert_non_null(h);
+    struct link_map *lm;
+    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
+    uintptr_t base = lm->l_addr;
+    const void *lm_x = lm;
+    size_t name_len = strlen(lm->l_name) + 1;
+    /* an earlier test's unload noticed now (a moved count starts the set anew), then rules
+     * derived: the object is one a look reads */
+    (void)lum_cfi_unloads(true);
+    assert_int_equal(layout_mismatches(h), 0);
+    uint64_t before = lum_cfi_unloads(true);
+    dlclose(h);
+    void *hold = malloc(name_len);
+    replace(CFI_LAYOUT_Y, path, 0);
+    h = dlopen(path, RTLD_NOW);
+    assert_non_null(h);
+    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
+    bool same = lm->l_addr == base && (const void *)lm == lm_x;
+    free(hold);
+    if (same) {
+        struct timespec pause = {0, 30 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+    uint64_t after = lum_cfi_unloads(false);
+    dlclose(h);
+    unlink(path);
+    if (!same)
+        skip(); /* not where the first build was: the index tells them apart, nothing to show */
+    assert_true(after != before);
+}
+
 /* Copies of the victim (each an object of its own, its build-id note at an address of its
  * own), loaded and a rule derived in each: objects an unload look reads, past one batch. */
 #define COPIES 12
@@ -500,6 +543,7 @@ int main(void)
         cmocka_unit_test(test_walk_fd_not_forked),
         cmocka_unit_test(test_search_top_kept),
         cmocka_unit_test(test_same_layout_reload),
+        cmocka_unit_test(test_prints_every_10ms),
         cmocka_unit_test(test_unloads_many_objects),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -3,10 +3,11 @@
  * libcfi_plug_b.so have plug() at the same offset and the return address inside it at the same
  * offset, with frames of different sizes: walked through b after a, at the same address, the
  * stack must be b's, not one read with a's frame size.  Unloads are looked at by one walk in 64
- * a thread, and by walks that cannot be served from the cache (b's frame differs from a's:
- * the first walk through b), which alone compare the objects' bytes at every look (what tells
- * b from a here: same link_map, same layout); the periodic look does so at most once in 10 ms.
- * So the walk is right at the latest from the 64th walk after the reload on. */
+ * a thread, and by walks that cannot be served from the cache, which alone compare the
+ * objects' bytes at every look (what tells b from a here: same link_map, same layout); the
+ * periodic look does so at most once in 10 ms.  Here the first walk through b is such a walk
+ * (b's frame is not the one the cached walk read), so b's stack is right from the first walk
+ * that follows it; the 10 ms bound is test_cfi_file's (test_prints_every_10ms). */
 #define _GNU_SOURCE 1
 #include <dlfcn.h>
 #include <setjmp.h>

@@ -199,8 +199,10 @@ static int target_index(pid_t pid)
  * snapshotted can be resolved. */
 static const char *binary_path;     /* -b: every process that maps this file */
 static struct tc_map64 pid_snap;    /* -b: pid -> time of its last snapshot (ms since start) */
+static struct tc_map64 pid_execd;   /* -b: pids whose new image is to be snapshotted and watched */
 
 static int exec_watch_fd = -1; /* the BPF exec_watch map, if the exec programs are attached */
+static unsigned exec_watch_full; /* processes it had no room for */
 
 /* Have the BPF side take the records waiting in pid's batch buffer at its execve entries
  * (pid's current image: after an exec, again for the new one).  false: its batch buffer is not
@@ -213,9 +215,13 @@ static bool watch_exec(pid_t pid)
     char err[512];
     uint32_t k = (uint32_t)pid;
     bool armed = tc_target_locate(&t, err, sizeof(err)) == 0 && t.batch_addr;
-    if (armed)
-        bpf_map_update_elem(exec_watch_fd, &k, &t.batch_addr, BPF_ANY);
-    else
+    if (armed && bpf_map_update_elem(exec_watch_fd, &k, &t.batch_addr, BPF_ANY)) {
+        armed = false;
+        if (!exec_watch_full++)
+            tc_warn("records waiting at an exec will be lost for some processes: the exec watch is full (%s)",
+                    strerror(errno));
+    }
+    if (!armed)
         bpf_map_delete_elem(exec_watch_fd, &k);
     tc_target_close(&t);
     return armed;
@@ -227,6 +233,7 @@ static bool watch_exec(pid_t pid)
  * seen done re-arms it too, else a second exec lost its waiting records.  Given up after 5 s
  * (an image without the library: each try reads its maps). */
 static double watch_until[MAX_TARGETS]; /* tc_now() until which to try; 0: nothing pending */
+static double watch_tried[MAX_TARGETS];
 
 static void maybe_snapshot(pid_t pid)
 {
@@ -240,12 +247,13 @@ static void maybe_snapshot(pid_t pid)
         uint64_t now_ms = (uint64_t)((tc_now() - t_start) * 1000) + 1;
         bool created;
         uint64_t *last = tc_map64_put(&pid_snap, (uint64_t)pid, &created);
-        if (!last || (!created && now_ms - *last < 1000))
+        bool execd = tc_map64_del(&pid_execd, (uint64_t)pid, NULL);
+        if (!last || (!created && !execd && now_ms - *last < 1000))
             return;
         *last = now_ms;
         if (tc_pid_alive(pid)) {
             tc_sym_snapshot(sym, pid, binary_path);
-            if (created)
+            if (created || execd)
                 watch_exec(pid);
         }
         return;
@@ -297,6 +305,11 @@ static void release_gone(void)
         tc_sym_release(sym, gone[g]);
         tc_map64_del(&pid_snap, (uint64_t)gone[g], NULL);
         tc_map64_del(&pid_dead, (uint64_t)gone[g], NULL);
+        tc_map64_del(&pid_execd, (uint64_t)gone[g], NULL);
+        if (exec_watch_fd >= 0) {
+            uint32_t k = (uint32_t)gone[g];
+            bpf_map_delete_elem(exec_watch_fd, &k);
+        }
     }
 }
 
@@ -719,7 +732,7 @@ static void exec_done(uint32_t pid, uint32_t tid, int64_t ret)
         pend_release(0, true);
         drop_live_of((pid_t)pid);
         if (found_by_b)
-            tc_map64_del(&pid_snap, (uint64_t)pid, NULL);
+            tc_map64_put(&pid_execd, (uint64_t)pid, NULL);
     }
 }
 
@@ -885,7 +898,8 @@ static int reports(struct allocsnoop_bpf *skel)
     if (nsites)
         qsort(sites, nsites, sizeof(*sites), cmp_site);
 
-    uint64_t now = mono_ns();
+    /* ages as of when tracing stopped (a report of processes that exited is as of then) */
+    uint64_t now = t_end ? (uint64_t)(t_end * 1e9) : mono_ns();
     char age[48];
     live_figures(skel != NULL, now);
     uint32_t *order = malloc((nstacks ? nstacks : 1) * sizeof(*order));
@@ -1416,8 +1430,12 @@ int main(int argc, char **argv)
                 drop_live_of(targets[i].pid);
                 watch_until[i] = tc_now() + 5;
             }
-            if (watch_until[i] && (!targets[i].alive || tc_now() > watch_until[i] || watch_exec(targets[i].pid)))
-                watch_until[i] = 0;
+            /* a try reads the image's maps: a few a second (the poll returns at every event) */
+            if (watch_until[i] && tc_now() - watch_tried[i] >= 0.2) {
+                watch_tried[i] = tc_now();
+                if (!targets[i].alive || watch_tried[i] > watch_until[i] || watch_exec(targets[i].pid))
+                    watch_until[i] = 0;
+            }
             if (image)
                 image_seen[i] = image;
             if (tc_target_moved(&targets[i])) {
@@ -1467,7 +1485,9 @@ int main(int argc, char **argv)
     tc_map64_free(&stack_idx);
     tc_map64_free(&live_idx);
     tc_map64_free(&large_idx);
+    tc_map64_free(&large_ts);
     tc_map64_free(&pid_snap);
+    tc_map64_free(&pid_execd);
     tc_map64_free(&pid_dead);
     tc_tidmap_free(&tidmap);
     tc_map64_free(&batch_seen);
