@@ -973,7 +973,7 @@ bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t si
         return false;
     unsigned cls = lum_size_class(size);
     size_t bs = lum_class_size[cls];
-    if (cls <= old || heap->sample_left < (int64_t)bs ||
+    if (cls <= old || heap->current[cls]->free || heap->sample_left < (int64_t)bs ||
         atomic_load_explicit(&page->owner, memory_order_relaxed) != heap || lum_page_live(page) != 1 ||
         page->carved != 1 || page->retained || (uintptr_t)atomic_load_explicit(&page->thread_free, memory_order_relaxed) > 1)
         return false;
@@ -983,12 +983,8 @@ bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t si
     if (page->in_full) page_unmark_full(page);
     LUM_OWN_SET(page->used, 1);
     LUM_OWN_SET(page->in_full, 0);
-    if (heap->current[cls]->free) {
-        lum_list_push_back(&heap->avail[cls], page);
-    } else {
-        lum_list_push_front(&heap->avail[cls], page);
-        lum_heap_set_current(heap, cls, page);
-    }
+    lum_list_push_front(&heap->avail[cls], page);
+    lum_heap_set_current(heap, cls, page);
     lum_count_free(heap, lum_class_size[old]);
     lum_heap_count_alloc(heap, bs);
     return true;
