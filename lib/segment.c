@@ -517,7 +517,8 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
  * (realloc pads them by half: 48 -> 128 -> 192 -> 224 -> 256 KiB and back, a few times a
  * second in bench python); each step took a page elsewhere, faulted all of it in and gave the
  * old span back (its class had no span credit), ~150 page faults a chain.  In place, only what
- * the block adds is new, and no copy.  False (nothing changed) when the slices are not free.
+ * the block adds is new, and no copy.  False (nothing changed) when the slices are not free
+ * and resident (see below).
  * The caller owns the page and its one block; its fields change under the segment lock, like a
  * page's allocation, so that a fork child (whose prepare handler holds it) sees the page whole,
  * either class.  The resident records cover the bigger block at once, as a carve of it would
