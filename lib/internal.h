@@ -536,6 +536,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 void lum_page_touch(struct lum_page *page, size_t end);
+bool lum_page_grow(struct lum_page *page, unsigned cls);
 size_t lum_segments_purge(bool all, uint32_t reason);
 size_t lum_segments_purge_excess(size_t target, uint64_t min_age);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);
@@ -555,6 +556,7 @@ void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigned cls);
 void lum_free_slow(void *p, struct lum_page *page);
 struct lum_heap *lum_heap_get(void);
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b);
+bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t size);
 void lum_heap_cache_flush(struct lum_heap *heap);
 void lum_global_init(void);
 extern LUM_HIDDEN _Atomic int lum_initialized;

@@ -240,6 +240,10 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
     }
     void *q;
     struct lum_heap *heap = lum_tls_heap;
+    /* a block alone on its page (over 64 KiB) grows into the free slices after it, if any:
+     * no copy, and only what it adds is new memory (lum_heap_grow_block) */
+    if (size > old && old > LUM_SLICE_SIZE && heap != &lum_empty_heap && lum_heap_grow_block(heap, page, want))
+        return p;
     if (want != size && heap != &lum_empty_heap) {
         /* samples, warnings and failure reports show the size asked for, not the padding */
         heap->pad_want = want;
