@@ -13,9 +13,10 @@ fi
 BINARY=$(readlink -f "${LIB:-$SHAPES}")
 
 echo "== allocsnoop -b over many short-lived processes: files closed once they are gone ($MODE)"
-# 42 descriptors are the tool's own, each process's files ~4 more: without closing those of the
-# processes gone, the later ones could not be opened (no symbols).
-(ulimit -n 96; exec "$ALLOCSNOOP" -b "$BINARY" -q --json -d 12 --leaks 0 > "$TMP/fd.jsonl" 2> "$TMP/fd.err") &
+# ~58 descriptors are the tool's own (its exec programs among them), each process's files ~4
+# more: without closing those of the processes gone, the 24 would need ~96 more.  At 96 the
+# headroom was ~9 processes, and a loaded machine, which releases them later, ran out.
+(ulimit -n 128; exec "$ALLOCSNOOP" -b "$BINARY" -q --json -d 12 --leaks 0 > "$TMP/fd.jsonl" 2> "$TMP/fd.err") &
 SP=$!
 sleep 1.5
 : > "$TMP/fd.pids"

@@ -489,9 +489,14 @@ static void print_stack_json(pid_t pid, const uint64_t *frames, unsigned depth)
     fputc(']', stdout);
 }
 
+static struct tc_map64 pid_last_ts; /* pid -> time of its newest event: a process gone ends there */
+
 static void process_event(struct snoop_event *e)
 {
     counts[e->kind]++;
+    uint64_t *last_ts = tc_map64_put(&pid_last_ts, (uint64_t)e->pid + 1, NULL);
+    if (last_ts && *last_ts < e->ts_ns)
+        *last_ts = e->ts_ns;
     maybe_snapshot((pid_t)e->pid);
     if (e->kind == SNOOP_SAMPLE)
         track_sample(e);
@@ -793,11 +798,19 @@ static int cmp_large(const void *a, const void *b)
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
+/* When ages in pid's blocks are taken: now, or for a process gone, its last event (at its
+ * exit: the tool may see it gone a while later on a loaded machine, 1.7 s in a test). */
+static uint64_t age_ref(pid_t pid, uint64_t now)
+{
+    uint64_t *last = tc_map64_get(&pid_last_ts, (uint64_t)pid + 1);
+    return last && *last < now && !tc_pid_alive(pid) ? *last : now;
+}
+
 /* The live reports' figures for each stack, as of now: every live block, or with --older only
  * those allocated at least that long ago (memleak's -o: what a program has held for a while,
  * not the working set it is about to free), and when the oldest was allocated.  --heap's
- * figures are the profile's own, with no times. */
-static void live_figures(bool traced, uint64_t now)
+ * figures are the profile's own, with no times.  ref[i]: when stack i's ages are taken. */
+static void live_figures(bool traced, uint64_t now, uint64_t *ref)
 {
     for (size_t i = 0; i < nstacks; i++) {
         struct stack_agg *s = &stacks[i];
@@ -808,6 +821,8 @@ static void live_figures(bool traced, uint64_t now)
         s->shown_large_bytes = all ? s->large_live_bytes : 0;
         s->shown_large_count = all ? s->large_live_count : 0;
         s->oldest_ns = s->large_oldest_ns = 0;
+        /* stacks are per process: one look a process (its stacks are mostly in a row) */
+        ref[i] = i && s->pid == stacks[i - 1].pid ? ref[i - 1] : age_ref(s->pid, now);
     }
     if (!traced)
         return;
@@ -815,7 +830,8 @@ static void live_figures(bool traced, uint64_t now)
         if (!live_idx.keys[i])
             continue;
         const struct live_rec *r = &lives[live_idx.vals[i] - 1];
-        if (opt.older_ns && (r->ts_ns > now || now - r->ts_ns < opt.older_ns))
+        uint64_t at = ref[r->stack];
+        if (opt.older_ns && (r->ts_ns > at || at - r->ts_ns < opt.older_ns))
             continue;
         struct stack_agg *s = &stacks[r->stack];
         s->shown_space += r->weight;
@@ -828,8 +844,8 @@ static void live_figures(bool traced, uint64_t now)
         if (!large_idx.keys[i])
             continue;
         uint64_t v = large_idx.vals[i], *ts = tc_map64_get(&large_ts, large_idx.keys[i]);
-        uint64_t t = ts ? *ts : 0;
-        if (opt.older_ns && (!t || t > now || now - t < opt.older_ns))
+        uint64_t t = ts ? *ts : 0, at = ref[v >> 40];
+        if (opt.older_ns && (!t || t > at || at - t < opt.older_ns))
             continue;
         struct stack_agg *s = &stacks[v >> 40];
         s->shown_large_bytes += v & ((1ull << 40) - 1);
@@ -901,7 +917,10 @@ static int reports(struct allocsnoop_bpf *skel)
     /* ages as of when tracing stopped (a report of processes that exited is as of then) */
     uint64_t now = t_end ? (uint64_t)(t_end * 1e9) : mono_ns();
     char age[48];
-    live_figures(skel != NULL, now);
+    uint64_t *ref = calloc(nstacks ? nstacks : 1, sizeof(*ref));
+    if (!ref)
+        tc_die("out of memory");
+    live_figures(skel != NULL, now, ref);
     uint32_t *order = malloc((nstacks ? nstacks : 1) * sizeof(*order));
     size_t nlive = 0;
     for (size_t i = 0; i < nstacks && order; i++)
@@ -940,8 +959,9 @@ static int reports(struct allocsnoop_bpf *skel)
             struct stack_agg *s = &stacks[order[k]];
             printf("{\"type\":\"live\",\"pid\":%d,\"bytes\":%.0f,\"objects\":%.0f,\"samples\":%llu,",
                    (int)s->pid, s->shown_space, s->shown_objects, (unsigned long long)s->shown_samples);
-            if (s->oldest_ns && s->oldest_ns <= now)
-                printf("\"oldest_s\":%.3f,", (double)(now - s->oldest_ns) * 1e-9);
+            uint64_t at = ref[order[k]];
+            if (s->oldest_ns && s->oldest_ns <= at)
+                printf("\"oldest_s\":%.3f,", (double)(at - s->oldest_ns) * 1e-9);
             printf("\"stack\":");
             print_stack_json(s->pid, s->frames, s->depth);
             printf("}\n");
@@ -950,8 +970,9 @@ static int reports(struct allocsnoop_bpf *skel)
             struct stack_agg *s = &stacks[lorder[k]];
             printf("{\"type\":\"live_large\",\"pid\":%d,\"bytes\":%llu,\"blocks\":%llu,", (int)s->pid,
                    (unsigned long long)s->shown_large_bytes, (unsigned long long)s->shown_large_count);
-            if (s->large_oldest_ns && s->large_oldest_ns <= now)
-                printf("\"oldest_s\":%.3f,", (double)(now - s->large_oldest_ns) * 1e-9);
+            uint64_t at = ref[lorder[k]];
+            if (s->large_oldest_ns && s->large_oldest_ns <= at)
+                printf("\"oldest_s\":%.3f,", (double)(at - s->large_oldest_ns) * 1e-9);
             printf("\"stack\":");
             print_stack_json(s->pid, s->frames, s->depth);
             printf("}\n");
@@ -996,7 +1017,7 @@ static int reports(struct allocsnoop_bpf *skel)
                 struct stack_agg *s = &stacks[order[k]];
                 printf("\n%.0f bytes in ~%.0f objects (%llu samples%s) still live, pid %d, allocated from:\n",
                        s->shown_space, s->shown_objects, (unsigned long long)s->shown_samples,
-                       age_str(s->oldest_ns, now, age, sizeof age), (int)s->pid);
+                       age_str(s->oldest_ns, ref[order[k]], age, sizeof age), (int)s->pid);
                 print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
             }
         }
@@ -1009,13 +1030,14 @@ static int reports(struct allocsnoop_bpf *skel)
                opt.older_ns ? " and long enough ago" : "", (unsigned long long)lt, (unsigned long long)lc);
         for (size_t k = 0; k < nlarge && (int)k < opt.leaks; k++) {
             struct stack_agg *s = &stacks[lorder[k]];
-            const char *a = age_str(s->large_oldest_ns, now, age, sizeof age);
+            const char *a = age_str(s->large_oldest_ns, ref[lorder[k]], age, sizeof age);
             printf("\n%llu bytes in %llu large blocks%s%s%s still live, pid %d, allocated from:\n",
                    (unsigned long long)s->shown_large_bytes, (unsigned long long)s->shown_large_count,
                    *a ? " (" : "", *a ? a + 2 : "", *a ? ")" : "", (int)s->pid);
             print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
         }
     }
+    free(ref);
     free(lorder);
     free(order);
     free(sites);
@@ -1486,6 +1508,7 @@ int main(int argc, char **argv)
     tc_map64_free(&live_idx);
     tc_map64_free(&large_idx);
     tc_map64_free(&large_ts);
+    tc_map64_free(&pid_last_ts);
     tc_map64_free(&pid_snap);
     tc_map64_free(&pid_execd);
     tc_map64_free(&pid_dead);
