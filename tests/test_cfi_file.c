@@ -375,6 +375,39 @@ static unsigned layout_mismatches(void *h)
     return bad;
 }
 
+/* Layout X loaded at path (a copy of its file). */
+static void *load_x(const char *path)
+{
+    replace(CFI_LAYOUT_X, path, 0);
+    void *h = dlopen(path, RTLD_NOW);
+    assert_non_null(h);
+    return h;
+}
+
+/* h (layout X at path) closed, and layout Y loaded there, returned; *same: where X was, with
+ * X's link_map and name, as a plugin rebuilt and reloaded often is (else there is nothing to
+ * show: the index tells the two apart). */
+static void *reload_as_y(const char *path, void *h, bool *same)
+{
+    struct link_map *lm;
+    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
+    uintptr_t base = lm->l_addr;
+    const void *lm_x = lm;
+    const char *name_x = lm->l_name;
+    size_t name_len = strlen(name_x) + 1;
+    dlclose(h);
+    /* the block of the name's size a free let go of first goes here: the loader's next one is
+     * then the old name's (lumalloc's thread cache hands blocks back last in, first out) */
+    void *hold = malloc(name_len);
+    replace(CFI_LAYOUT_Y, path, 0);
+    h = dlopen(path, RTLD_NOW);
+    assert_non_null(h);
+    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
+    *same = lm->l_addr == base && (const void *)lm == lm_x && lm->l_name == name_x;
+    free(hold);
+    return h;
+}
+
 /* Another build loaded where one of the same layout was (a plugin rebuilt and reloaded): the
  * same address, link_map and name when the loader's freed blocks are taken again, which the
  * object cache takes for the same object.  The kept top of the first build's table search must
@@ -385,31 +418,15 @@ static void test_same_layout_reload(void **state)
     (void)state;
     char path[96];
     snprintf(path, sizeof path, "%s/liblayout.so", dir);
-    replace(CFI_LAYOUT_X, path, 0);
-    void *h = dlopen(path, RTLD_NOW);
-    assert_non_null(h);
-    struct link_map *lm;
-    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
-    uintptr_t base = lm->l_addr;
-    const void *lm_x = lm;
-    const char *name_x = lm->l_name;
-    size_t name_len = strlen(name_x) + 1;
+    void *h = load_x(path);
     assert_int_equal(layout_mismatches(h), 0);
-    dlclose(h);
-    /* the block of the name's size a free let go of first goes here: the loader's next one is
-     * then the old name's (lumalloc's thread cache hands blocks back last in, first out) */
-    void *hold = malloc(name_len);
-    replace(CFI_LAYOUT_Y, path, 0);
-    h = dlopen(path, RTLD_NOW);
-    assert_non_null(h);
-    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
-    bool same = lm->l_addr == base && (const void *)lm == lm_x && lm->l_name == name_x;
+    bool same;
+    h = reload_as_y(path, h, &same);
     unsigned bad = same ? layout_mismatches(h) : 0;
-    free(hold);
     dlclose(h);
     unlink(path);
     if (!same)
-        skip(); /* not where the first build was: nothing to show */
+        skip();
     assert_int_equal(bad, 0);
 }
 
@@ -422,27 +439,14 @@ static void test_prints_every_10ms(void **state)
     (void)state;
     char path[96];
     snprintf(path, sizeof path, "%s/liblayout2.so", dir);
-    replace(CFI_LAYOUT_X, path, 0);
-    void *h = dlopen(path, RTLD_NOW);
-    assert_non_null(h);
-    struct link_map *lm;
-    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
-    uintptr_t base = lm->l_addr;
-    const void *lm_x = lm;
-    size_t name_len = strlen(lm->l_name) + 1;
+    void *h = load_x(path);
     /* an earlier test's unload noticed now (a moved count starts the set anew), then rules
      * derived: the object is one a look reads */
     (void)lum_cfi_unloads(true);
     assert_int_equal(layout_mismatches(h), 0);
     uint64_t before = lum_cfi_unloads(true);
-    dlclose(h);
-    void *hold = malloc(name_len);
-    replace(CFI_LAYOUT_Y, path, 0);
-    h = dlopen(path, RTLD_NOW);
-    assert_non_null(h);
-    assert_int_equal(dlinfo(h, RTLD_DI_LINKMAP, &lm), 0);
-    bool same = lm->l_addr == base && (const void *)lm == lm_x;
-    free(hold);
+    bool same;
+    h = reload_as_y(path, h, &same);
     if (same) {
         struct timespec pause = {0, 30 * 1000000L};
         nanosleep(&pause, NULL);
@@ -451,7 +455,7 @@ static void test_prints_every_10ms(void **state)
     dlclose(h);
     unlink(path);
     if (!same)
-        skip(); /* not where the first build was: the index tells them apart, nothing to show */
+        skip();
     assert_true(after != before);
 }
 

@@ -25,14 +25,7 @@ cat > "$work/prog.c" <<'EOF'
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
-/* the page frame of the page at p: 0 absent, 1 present but unreadable frame (not root) */
-static uint64_t frame(int pm, uintptr_t p)
-{
-    uint64_t e = 0;
-    if (pread(pm, &e, 8, (off_t)(p / 4096 * 8)) != 8 || !(e >> 63)) return 0;
-    e &= ((uint64_t)1 << 55) - 1;
-    return e ? e : 1;
-}
+#include "page_frames.h"
 static uintptr_t bss_lo, bss_hi; /* the library's .bss past the file's last page */
 static int find_lib(struct dl_phdr_info *info, size_t size, void *arg)
 {
@@ -49,48 +42,29 @@ static int find_lib(struct dl_phdr_info *info, size_t size, void *arg)
 }
 static void *worker(void *arg)
 {
-    uint64_t s = (uintptr_t)arg * 0x9e3779b97f4a7c15ULL + 1;
-    void *keep[64] = {0};
-    unsigned long sum = 0;
-    for (int i = 0; i < 200000; i++) { /* ~100 MiB through small classes: ~200 samples */
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        int k = (int)(s & 63);
-        free(keep[k]);
-        size_t sz = 16 + (s >> 8) % 1008;
-        keep[k] = malloc(sz);
-        memset(keep[k], (int)i, sz);
-        sum += ((unsigned char *)keep[k])[0];
-    }
-    for (int k = 0; k < 64; k++) free(keep[k]);
-    return (void *)sum;
+    return (void *)churn_small((uintptr_t)arg, 0);
 }
 int main(void)
 {
-    for (int round = 0; round < 2; round++) { /* threads that start, sample and exit */
-        pthread_t t[2];
-        for (int i = 0; i < 2; i++)
-            if (pthread_create(&t[i], NULL, worker, (void *)(uintptr_t)(round * 2 + i + 1))) return 2;
-        for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
-    }
-    worker((void *)99);
+    if (run_rounds(2, 2, worker)) return 2; /* threads that start, sample and exit */
     dl_iterate_phdr(find_lib, NULL);
     int pm = open("/proc/self/pagemap", O_RDONLY);
     volatile char *z = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (!bss_lo || bss_hi <= bss_lo || pm < 0 || z == MAP_FAILED) return 3;
     (void)z[0]; /* maps the zero page */
-    uint64_t zero = frame(pm, (uintptr_t)z);
+    uint64_t zero = page_frame(pm, (uintptr_t)z);
     if (zero <= 1) return 4; /* frames unreadable: cannot tell the zero page */
     int written = 0;
     printf("bss pages written:");
     for (uintptr_t p = bss_lo; p < bss_hi; p += 4096) {
-        uint64_t f = frame(pm, p);
+        uint64_t f = page_frame(pm, p);
         if (f && f != zero) written++, printf(" +0x%lx", (unsigned long)(p - bss_lo));
     }
     printf(" (%d of %lu)\n", written, (unsigned long)((bss_hi - bss_lo) / 4096));
     return written <= 3 ? 0 : 5;
 }
 EOF
-cc -O1 -o "$work/prog" "$work/prog.c" -lpthread
+cc -O1 -I"$(dirname "$0")" -o "$work/prog" "$work/prog.c" -lpthread
 
 . "$(dirname "$0")/run_with_defaults.inc"
 run_with_defaults "$lib" "$work/prog"

@@ -26,14 +26,7 @@ cat > "$work/prog.c" <<'EOF'
 #include <sys/mman.h>
 #include <unistd.h>
 #include "lumalloc_probes.h"
-/* the page frame of the page at p: 0 absent, 1 present but unreadable frame (not root) */
-static uint64_t frame(int pm, uintptr_t p)
-{
-    uint64_t e = 0;
-    if (pread(pm, &e, 8, (off_t)(p / 4096 * 8)) != 8 || !(e >> 63)) return 0;
-    e &= ((uint64_t)1 << 55) - 1;
-    return e ? e : 1;
-}
+#include "page_frames.h"
 int main(void)
 {
     uint64_t s = 88172645463325252ULL;
@@ -58,14 +51,14 @@ int main(void)
     volatile char *z = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (pm < 0 || z == MAP_FAILED) return 3;
     (void)z[0]; /* maps the zero page */
-    uint64_t zero = frame(pm, (uintptr_t)z), f = frame(pm, second);
+    uint64_t zero = page_frame(pm, (uintptr_t)z), f = page_frame(pm, second);
     printf("heap record second page: frame %llu (zero page %llu)\n", (unsigned long long)f,
            (unsigned long long)zero);
     if (zero <= 1) return 4; /* frames unreadable: cannot tell the zero page */
     return f == 0 || f == zero ? 0 : 5;
 }
 EOF
-cc -O1 -I"$src/include" -o "$work/prog" "$work/prog.c" -ldl
+cc -O1 -I"$src/include" -I"$(dirname "$0")" -o "$work/prog" "$work/prog.c" -ldl
 
 . "$(dirname "$0")/run_with_defaults.inc"
 run_with_defaults "$lib" "$work/prog"

@@ -22,6 +22,7 @@ cat > "$work/prog.c" <<'EOF'
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include "page_frames.h"
 /* present pages of liblumalloc's n-th executable mapping (0 hot, 1 warm, 2 cold); -1: none */
 static long present(int n)
 {
@@ -47,30 +48,11 @@ static long present(int n)
 }
 static void *worker(void *arg)
 {
-    uint64_t s = (uintptr_t)arg * 0x9e3779b97f4a7c15ULL + 1;
-    void *keep[64] = {0};
-    unsigned long sum = 0;
-    for (int i = 0; i < 200000; i++) { /* ~100 MiB through small classes: ~200 samples */
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        int k = (int)(s & 63);
-        free(keep[k]);
-        size_t sz = 16 + (s >> 8) % 1008;
-        keep[k] = (s >> 40) & 1 ? calloc(1, sz) : malloc(sz);
-        memset(keep[k], (int)i, sz);
-        sum += ((unsigned char *)keep[k])[0];
-    }
-    for (int k = 0; k < 64; k++) free(keep[k]);
-    return (void *)sum;
+    return (void *)churn_small((uintptr_t)arg, 1);
 }
 int main(void)
 {
-    for (int round = 0; round < 3; round++) { /* threads that start, sample and exit */
-        pthread_t t[3];
-        for (int i = 0; i < 3; i++)
-            if (pthread_create(&t[i], NULL, worker, (void *)(uintptr_t)(round * 3 + i + 1))) return 2;
-        for (int i = 0; i < 3; i++) pthread_join(t[i], NULL);
-    }
-    worker((void *)99);
+    if (run_rounds(3, 3, worker)) return 2; /* threads that start, sample and exit */
     printf("hot %ld warm %ld cold %ld\n", present(0), present(1), present(2));
     fflush(stdout);
     if (present(0) <= 0 || present(1) < 0 || present(2) < 0) return 3; /* three mappings */
@@ -84,7 +66,7 @@ int main(void)
     return 0;
 }
 EOF
-cc -O1 -o "$work/prog" "$work/prog.c" -lpthread
+cc -O1 -I"$(dirname "$0")" -o "$work/prog" "$work/prog.c" -lpthread
 
 . "$(dirname "$0")/run_with_defaults.inc"
 run_with_defaults "$lib" "$work/prog"

@@ -292,10 +292,17 @@ static void release_gone(void)
         uint64_t *since = tc_map64_put(&pid_dead, (uint64_t)pid, &created);
         if (!since)
             continue;
-        if (created)
+        if (created) {
             *since = now_ms;
-        else if (now_ms - *since >= 1000)
+            /* its exec watch goes now: a process reusing the pid and exec'ing in the second
+             * before its release would be taken for it (its live blocks dropped) */
+            if (exec_watch_fd >= 0) {
+                uint32_t k = (uint32_t)pid;
+                bpf_map_delete_elem(exec_watch_fd, &k);
+            }
+        } else if (now_ms - *since >= 1000) {
             gone[ngone++] = pid;
+        }
     }
     for (int g = 0; g < ngone; g++) {
         for (size_t i = 0; i < nstacks; i++)
@@ -798,8 +805,9 @@ static int cmp_large(const void *a, const void *b)
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
-/* When ages in pid's blocks are taken: now, or for a process gone, its last event (at its
- * exit: the tool may see it gone a while later on a loaded machine, 1.7 s in a test). */
+/* When ages in pid's blocks are taken: now, or for a process gone, its last event (the tool
+ * may see it gone a while after its exit on a loaded machine, 1.7 s in a test; a process quiet
+ * before its exit has its blocks' ages understated by that quiet time). */
 static uint64_t age_ref(pid_t pid, uint64_t now)
 {
     uint64_t *last = tc_map64_get(&pid_last_ts, (uint64_t)pid + 1);
