@@ -543,7 +543,7 @@ bool lum_page_grow(struct lum_page *page, unsigned cls)
             return false;
         }
         __atomic_sub_fetch(&dirty_resident, lum_span_bytes(seg, idx + n, m - n), __ATOMIC_RELAXED);
-        __atomic_sub_fetch(&dirty_bytes, (size_t)popcount64(mask & ~seg->purged_slices) * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&dirty_bytes, (size_t)(m - n) * LUM_SLICE_SIZE, __ATOMIC_RELAXED); /* none purged */
         seg->free_slices &= ~mask;
         int64_t gained = lum_opt.thp ? (int64_t)fill_span(seg, idx + n, m - n) : 0;
         lum_os_account_slices(gained, 0);

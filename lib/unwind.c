@@ -229,12 +229,14 @@ static uint32_t rules_generation_look(bool thorough)
     return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
 }
 
-/* probe: 0, no look; 1, the periodic look; 2, a thorough one (before a walk that may derive) */
-static uint32_t rules_generation(int probe)
+/* the thorough look goes before a walk that may derive rules */
+enum unload_look { LOOK_NONE, LOOK_PERIODIC, LOOK_THOROUGH };
+
+static uint32_t rules_generation(enum unload_look look)
 {
-    if (!probe)
+    if (look == LOOK_NONE)
         return __atomic_load_n(&lum_rules_gen, __ATOMIC_ACQUIRE);
-    return rules_generation_look(probe > 1);
+    return rules_generation_look(look == LOOK_THOROUGH);
 }
 
 static inline size_t rule_slot(const struct rtab *t, uint64_t ip)
@@ -840,12 +842,12 @@ uint32_t lum_unwind_from(uint64_t *frames, uint32_t max, uintptr_t ip, uintptr_t
     uint32_t n = lum_memo.unwinds++;
     bool timed = n % LUM_TIME_EVERY == 0, look = n % LUM_UNLOAD_EVERY == 0;
     uint64_t t0 = timed ? now_ns() : 0;
-    uint32_t walked = 0, gen = rules_generation(look);
+    uint32_t walked = 0, gen = rules_generation(look ? LOOK_PERIODIC : LOOK_NONE);
     int got = -1;
     if (__atomic_load_n(&lum_self_state, __ATOMIC_ACQUIRE))
         got = cached_walk(ip, sp, bp, frames, max, hook_ret, &walked, gen, &seq);
     if (got < 0)
-        seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, rules_generation(2));
+        seq = 0, got = (int)full_unwind(frames, max, ip, sp, bp, hook_ret, &walked, rules_generation(LOOK_THOROUGH));
     unwind_account(timed, t0, walked);
 #ifdef LUM_UNWIND_VERIFY
     verify(frames, (uint32_t)got, max, hook_ret);

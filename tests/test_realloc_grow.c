@@ -17,6 +17,7 @@
 #include "lumalloc.h"
 #include "lumalloc_options.h"
 #include "lumalloc_stats.h"
+#include "test_support.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
 static void *(*volatile p_realloc)(void *, size_t) = realloc;
@@ -30,6 +31,15 @@ static void check(const unsigned char *p, size_t n)
 {
     for (size_t j = 0; j < n; j++)
         if (p[j] != (unsigned char)(j * 13 + 5)) fail_msg("byte %zu of %zu lost", j, n);
+}
+
+/* A block of n bytes (alone on its page: n is over 64 KiB), filled. */
+static unsigned char *filled_block(size_t n)
+{
+    unsigned char *p = p_malloc(n);
+    assert_non_null(p);
+    fill(p, 0, n);
+    return p;
 }
 
 static uint64_t allocated(void)
@@ -90,9 +100,7 @@ static void grows_in_place_and_counts_as_a_copy_would(void **state)
     prime();
     uint64_t before = allocated();
     size_t n = 70000;
-    unsigned char *p = p_malloc(n);
-    assert_non_null(p);
-    fill(p, 0, n);
+    unsigned char *p = filled_block(n);
     unsigned moves = grow(&p, &n);
     /* the slices after its page are free and resident (prime): no step moved it */
     assert_int_equal(moves, 0);
@@ -116,9 +124,7 @@ static void blocked_growth_moves(void **state)
     (void)state;
     /* a neighbour right after the block: the growth is copied, as before */
     size_t n = 70000;
-    unsigned char *p = p_malloc(n);
-    assert_non_null(p);
-    fill(p, 0, n);
+    unsigned char *p = filled_block(n);
     void *next = p_malloc(100000); /* its own page, on the slices after p's if they were free */
     assert_non_null(next);
     unsigned char *q = p_realloc(p, 200000);
@@ -160,9 +166,7 @@ static void grown_block_freed_by_another_thread(void **state)
     unsigned in_place = 0;
     for (int round = 0; round < 30; round++) {
         size_t n = 70000;
-        unsigned char *p = p_malloc(n);
-        assert_non_null(p);
-        fill(p, 0, n);
+        unsigned char *p = filled_block(n);
         unsigned steps = 0;
         for (size_t m = n; m < TOP; m += m / 4) steps++;
         in_place += steps - grow(&p, &n);
@@ -180,28 +184,29 @@ static void grown_block_freed_by_another_thread(void **state)
     if (held > 12) fail_msg("%u pages of blocks over 64 KiB held with none live (%u steps in place)", held, in_place);
 }
 
+static unsigned char *forked_block;
+static size_t forked_n;
+
+static int in_the_child(void)
+{
+    check(forked_block, forked_n);
+    unsigned char *q = realloc(forked_block, 150000); /* shrinks by less than half: stays */
+    if (q != forked_block || lum_heap_check(1)) return 2;
+    free(q);
+    void *r = malloc(forked_n);
+    memset(r, 3, forked_n);
+    free(r);
+    return lum_heap_check(1) ? 3 : 0;
+}
+
 static void grown_block_in_a_fork_child(void **state)
 {
     (void)state;
     size_t n = 70000;
-    unsigned char *p = p_malloc(n);
-    assert_non_null(p);
-    fill(p, 0, n);
+    unsigned char *p = filled_block(n);
     grow(&p, &n);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        check(p, n);
-        unsigned char *q = realloc(p, 150000); /* shrinks by less than half: stays */
-        if (q != p || lum_heap_check(1)) _exit(2);
-        free(q);
-        void *r = malloc(n);
-        memset(r, 3, n);
-        free(r);
-        _exit(lum_heap_check(1) ? 3 : 0);
-    }
-    int status = 0;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
+    forked_block = p, forked_n = n;
+    int status = fork_and_wait(in_the_child);
     assert_true(WIFEXITED(status));
     assert_int_equal(WEXITSTATUS(status), 0);
     check(p, n);

@@ -204,6 +204,13 @@ static struct tc_map64 pid_execd;   /* -b: pids whose new image is to be snapsho
 static int exec_watch_fd = -1; /* the BPF exec_watch map, if the exec programs are attached */
 static unsigned exec_watch_full; /* processes it had no room for */
 
+static void unwatch_exec(pid_t pid)
+{
+    uint32_t k = (uint32_t)pid;
+    if (exec_watch_fd >= 0)
+        bpf_map_delete_elem(exec_watch_fd, &k);
+}
+
 /* Have the BPF side take the records waiting in pid's batch buffer at its execve entries
  * (pid's current image: after an exec, again for the new one).  false: its batch buffer is not
  * there (yet: a new image that has not loaded the library). */
@@ -222,7 +229,7 @@ static bool watch_exec(pid_t pid)
                     strerror(errno));
     }
     if (!armed)
-        bpf_map_delete_elem(exec_watch_fd, &k);
+        unwatch_exec(pid);
     tc_target_close(&t);
     return armed;
 }
@@ -296,10 +303,7 @@ static void release_gone(void)
             *since = now_ms;
             /* its exec watch goes now: a process reusing the pid and exec'ing in the second
              * before its release would be taken for it (its live blocks dropped) */
-            if (exec_watch_fd >= 0) {
-                uint32_t k = (uint32_t)pid;
-                bpf_map_delete_elem(exec_watch_fd, &k);
-            }
+            unwatch_exec(pid);
         } else if (now_ms - *since >= 1000) {
             gone[ngone++] = pid;
         }
@@ -313,10 +317,6 @@ static void release_gone(void)
         tc_map64_del(&pid_snap, (uint64_t)gone[g], NULL);
         tc_map64_del(&pid_dead, (uint64_t)gone[g], NULL);
         tc_map64_del(&pid_execd, (uint64_t)gone[g], NULL);
-        if (exec_watch_fd >= 0) {
-            uint32_t k = (uint32_t)gone[g];
-            bpf_map_delete_elem(exec_watch_fd, &k);
-        }
     }
 }
 
@@ -830,7 +830,7 @@ static void live_figures(bool traced, uint64_t now, uint64_t *ref)
         s->shown_large_count = all ? s->large_live_count : 0;
         s->oldest_ns = s->large_oldest_ns = 0;
         /* stacks are per process: one look a process (its stacks are mostly in a row) */
-        ref[i] = i && s->pid == stacks[i - 1].pid ? ref[i - 1] : age_ref(s->pid, now);
+        ref[i] = all ? now : i && s->pid == stacks[i - 1].pid ? ref[i - 1] : age_ref(s->pid, now);
     }
     if (!traced)
         return;
@@ -863,12 +863,13 @@ static void live_figures(bool traced, uint64_t now, uint64_t *ref)
     }
 }
 
-/* " (oldest 12.3 s)" for a block allocated at t, or nothing when its time is not known */
-static const char *age_str(uint64_t t, uint64_t now, char *buf, size_t len)
+/* The age at `now` of a block allocated at t in fmt (one %f: seconds), or nothing when its time
+ * is not known. */
+static const char *age_str(const char *fmt, uint64_t t, uint64_t now, char *buf, size_t len)
 {
     if (!t || t > now)
         return "";
-    snprintf(buf, len, ", oldest %.1f s", (double)(now - t) * 1e-9);
+    snprintf(buf, len, fmt, (double)(now - t) * 1e-9);
     return buf;
 }
 
@@ -1025,7 +1026,7 @@ static int reports(struct allocsnoop_bpf *skel)
                 struct stack_agg *s = &stacks[order[k]];
                 printf("\n%.0f bytes in ~%.0f objects (%llu samples%s) still live, pid %d, allocated from:\n",
                        s->shown_space, s->shown_objects, (unsigned long long)s->shown_samples,
-                       age_str(s->oldest_ns, ref[order[k]], age, sizeof age), (int)s->pid);
+                       age_str(", oldest %.1f s", s->oldest_ns, ref[order[k]], age, sizeof age), (int)s->pid);
                 print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
             }
         }
@@ -1038,10 +1039,9 @@ static int reports(struct allocsnoop_bpf *skel)
                opt.older_ns ? " and long enough ago" : "", (unsigned long long)lt, (unsigned long long)lc);
         for (size_t k = 0; k < nlarge && (int)k < opt.leaks; k++) {
             struct stack_agg *s = &stacks[lorder[k]];
-            const char *a = age_str(s->large_oldest_ns, ref[lorder[k]], age, sizeof age);
-            printf("\n%llu bytes in %llu large blocks%s%s%s still live, pid %d, allocated from:\n",
+            printf("\n%llu bytes in %llu large blocks%s still live, pid %d, allocated from:\n",
                    (unsigned long long)s->shown_large_bytes, (unsigned long long)s->shown_large_count,
-                   *a ? " (" : "", *a ? a + 2 : "", *a ? ")" : "", (int)s->pid);
+                   age_str(" (oldest %.1f s)", s->large_oldest_ns, ref[lorder[k]], age, sizeof age), (int)s->pid);
             print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
         }
     }
