@@ -394,3 +394,40 @@ int BPF_PROG(on_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm 
     exec_done(pid, (u32)old_pid, 0, true);
     return 0;
 }
+
+/* ---- a traced process's exit: when its blocks stopped ageing ----
+ * Fires for every thread of every process that exits, so it does little: one load of the
+ * thread group's live count, and for a process's last thread one hash delete.
+ *
+ * The process is gone when its last thread is, whichever that is: the leader may have left
+ * first with pthread_exit (a zombie while the others run), so neither pid == tgid nor the
+ * leader's exit says it.  signal->live counts the group's threads that have not yet reached
+ * this point of do_exit (decremented before the tracepoint in every kernel; not the 6.x group_dead
+ * argument, which older kernels lack): 0 means this is the last thread, or one exiting alongside
+ * it, which the delete below lets through only once.  An exec is no exit: de_thread's killed
+ * threads leave the exec'ing one counted.
+ *
+ * Only processes in `seen` (they sent an event) are said: taking them out also lets a process
+ * that reuses the pid be seen anew, its first event waking the reader as any first event does. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(on_process_exit, struct task_struct *p)
+{
+    if (p->signal->live.counter)
+        return 0;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (bpf_map_delete_elem(&seen, &pid))
+        return 0;
+    if (seen_last == pid)
+        seen_last = 0;
+    struct snoop_event *e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
+    if (!e) {
+        /* user space ages its blocks at its last event instead */
+        count_lost(SNOOP_LOST_RINGBUF);
+        return 0;
+    }
+    __builtin_memset(e, 0, SNOOP_HDR_SIZE);
+    stamp_header(&e->ts_ns, &e->pid, &e->tid);
+    e->kind = SNOOP_PROCESS_EXIT;
+    bpf_ringbuf_submit(e, 0);
+    return 0;
+}

@@ -73,4 +73,8 @@ struct snoop_batch {
 #define SNOOP_BATCH_EXEC 0x101
 #define SNOOP_EXEC_DONE 0x102
 
+/* A traced process (one that sent an event) is gone: its last thread exited at ts_ns, and its
+ * memory went with it.  struct snoop_event header, tid: that thread; sent once a process. */
+#define SNOOP_PROCESS_EXIT 0x103
+
 #endif

@@ -116,7 +116,9 @@ static void usage(FILE *f)
             "      --pprof FILE         pprof profile (uncompressed profile.proto)\n"
             "      --leaks N            stacks shown in the live/leak report (default 10)\n"
             "  -o, --older SECONDS      the live/leak report leaves out blocks allocated less than\n"
-            "                           SECONDS before it (memleak's -o): what is held, not churn\n"
+            "                           SECONDS before it, or before the exit of a process gone\n"
+            "                           (memleak's -o): what is held, not churn (the report's\n"
+            "                           oldest ages are taken at the same moment)\n"
             "      --all-frames         keep the allocator's own frames in stack output\n"
             "      --ringbuf-kib N      ring buffer size (default 16384 KiB; below 256 most batched samples are lost)\n"
             "      --no-batch           per-event sample/sample_free probes even where the library has\n"
@@ -496,7 +498,15 @@ static void print_stack_json(pid_t pid, const uint64_t *frames, unsigned depth)
     fputc(']', stdout);
 }
 
-static struct tc_map64 pid_last_ts; /* pid -> time of its newest event: a process gone ends there */
+static struct tc_map64 pid_last_ts; /* pid -> time of its newest event */
+static struct tc_map64 pid_exit_ts; /* pid -> when its last thread exited (SNOOP_PROCESS_EXIT) */
+
+static void note_exit(uint32_t pid, uint64_t ts)
+{
+    uint64_t *v = tc_map64_put(&pid_exit_ts, (uint64_t)pid + 1, NULL);
+    if (v && *v < ts) /* the newest: a process that reused the pid exited after the first */
+        *v = ts;
+}
 
 static void process_event(struct snoop_event *e)
 {
@@ -775,6 +785,10 @@ static int handle_event(void *ctx, void *data, size_t len)
         exec_done(e->pid, e->tid, (int64_t)e->arg);
         return 0;
     }
+    if (e->kind == SNOOP_PROCESS_EXIT) {
+        note_exit(e->pid, e->ts_ns);
+        return 0;
+    }
     if (e->kind >= SNOOP_NKINDS)
         return 0;
     if (len < SNOOP_HDR_SIZE + e->depth * sizeof(uint64_t))
@@ -805,12 +819,20 @@ static int cmp_large(const void *a, const void *b)
     return x < y ? 1 : (x > y ? -1 : 0);
 }
 
-/* When ages in pid's blocks are taken: now, or for a process gone, its last event (the tool
- * may see it gone a while after its exit on a loaded machine, 1.7 s in a test; a process quiet
- * before its exit has its blocks' ages understated by that quiet time). */
+/* When ages in pid's blocks are taken: now while it lives; for a process gone, when its last
+ * thread exited (its memory went then), as the kernel said.  Where that is not known (the ring
+ * was full, the exit program does not load, or over 1024 processes sending events pushed it out
+ * of the BPF side's `seen`), its last event: the tool may see it gone a while after its exit on a
+ * loaded machine (1.7 s in a test), but a process quiet before its exit has its blocks' ages
+ * understated by that quiet time (tools_exit_age: 3 s old blocks shown 0.004 s old).  An exit
+ * older than the pid's last event was an earlier process's with that pid; a newer one says this
+ * process is gone even if another, untraced, has taken the pid since. */
 static uint64_t age_ref(pid_t pid, uint64_t now)
 {
     uint64_t *last = tc_map64_get(&pid_last_ts, (uint64_t)pid + 1);
+    uint64_t *gone = tc_map64_get(&pid_exit_ts, (uint64_t)pid + 1);
+    if (gone && (!last || *gone >= *last) && *gone < now)
+        return *gone;
     return last && *last < now && !tc_pid_alive(pid) ? *last : now;
 }
 
@@ -1357,6 +1379,9 @@ int main(int argc, char **argv)
     /* The exec programs serve the batched samples only; where they do not load or attach (no
      * tracefs mounted), records waiting at an exec are lost as before. */
     bool exec_progs = !opt.no_batch && (opt.kinds & (1u << SNOOP_SAMPLE | 1u << SNOOP_SAMPLE_FREE));
+    /* The exit program dates the exits of processes gone (their blocks' ages stop there); where
+     * it does not load or attach, their last events do, as before. */
+    bool exit_prog = true;
     for (int attempt = 0; attempt < 2 && !skel; attempt++) {
         skel = allocsnoop_bpf__open();
         if (!skel)
@@ -1370,16 +1395,18 @@ int main(int argc, char **argv)
                                     skel->progs.on_execveat_ret, skel->progs.on_exec};
         for (size_t k = 0; k < sizeof(ep) / sizeof(ep[0]); k++)
             bpf_program__set_autoload(ep[k], exec_progs);
+        bpf_program__set_autoload(skel->progs.on_process_exit, exit_prog);
         if (allocsnoop_bpf__load(skel) == 0)
             break;
         int e = errno;
         allocsnoop_bpf__destroy(skel);
         skel = NULL;
-        if (!exec_progs)
+        if (!exec_progs && !exit_prog)
             tc_die("cannot load the BPF programs: %s", strerror(e));
         if (tc_verbose)
-            tc_warn("records waiting at an exec will be lost: the exec programs do not load: %s", strerror(e));
-        exec_progs = false;
+            tc_warn("records waiting at an exec will be lost, and a process gone has its blocks aged at its last "
+                    "event: the exec and exit programs do not load: %s", strerror(e));
+        exec_progs = exit_prog = false;
     }
     if (!skel)
         tc_die("cannot load the BPF programs: %s", strerror(errno));
@@ -1395,6 +1422,11 @@ int main(int argc, char **argv)
             tc_warn("records waiting at an exec will be lost: cannot attach to the execve tracepoints (is "
                     "tracefs mounted on /sys/kernel/tracing?): %s", strerror(errno));
     }
+    /* before the probes: every process that sends an event has its exit seen */
+    if (exit_prog && !(skel->links.on_process_exit = bpf_program__attach(skel->progs.on_process_exit)) &&
+        tc_verbose)
+        tc_warn("a process gone will have its blocks aged at its last event: cannot attach to "
+                "sched_process_exit: %s", strerror(errno));
     /* The clock starts before the probes are attached: an event that fires in between is
      * stamped with its time since then, not with 0. */
     struct timespec ts;
@@ -1517,6 +1549,7 @@ int main(int argc, char **argv)
     tc_map64_free(&large_idx);
     tc_map64_free(&large_ts);
     tc_map64_free(&pid_last_ts);
+    tc_map64_free(&pid_exit_ts);
     tc_map64_free(&pid_snap);
     tc_map64_free(&pid_execd);
     tc_map64_free(&pid_dead);
