@@ -19,6 +19,10 @@
  *   tools_shapes aging SECS              old_site keeps 8 MiB in 4 KiB blocks and one 3 MiB block,
  *                                        SECS s later young_site as much, and 0.2 s later the
  *                                        process exits
+ *   tools_shapes idle SECS [leader]      old_site keeps its blocks, then the process does nothing
+ *                                        for SECS s and exits; with `leader` the main thread
+ *                                        leaves first (pthread_exit) and another thread exits the
+ *                                        process SECS s later
  * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
  */
 #define _GNU_SOURCE
@@ -177,6 +181,14 @@ static __attribute__((noinline, noipa)) void young_site(void)
     __asm__ volatile("" ::: "memory");
 }
 
+/* idle leader: the thread that outlives the main thread, then ends the process */
+static void *exit_later(void *arg)
+{
+    (void)arg;
+    sleep_ms((long)(secs * 1000));
+    exit(0);
+}
+
 static void start_workers(pthread_t t[2])
 {
     for (long i = 0; i < 2; i++)
@@ -215,6 +227,16 @@ int main(int argc, char **argv)
         sleep_ms((long)(atof(argv[2]) * 1000));
         young_site();
         sleep_ms(200);
+        return 0;
+    }
+    if (!strcmp(argv[1], "idle")) {
+        old_site();
+        secs = atof(argv[2]);
+        if (argc > 3 && !strcmp(argv[3], "leader")) {
+            pthread_create(&t[0], NULL, exit_later, NULL);
+            pthread_exit(NULL);
+        }
+        sleep_ms((long)(secs * 1000));
         return 0;
     }
     if (!strcmp(argv[1], "execbatch")) {
