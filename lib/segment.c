@@ -586,6 +586,10 @@ static size_t purge_slices_locked(struct lum_segment *seg, uint64_t candidates, 
     return held;
 }
 
+/* Segments a cold page looks at for fragments to give back (purge_fragments_locked): 128 MiB
+ * of heap, the newest first, where a ring of buffers like bench's churns. */
+#define FRAGMENT_WALK_MAX 32
+
 /* A page of n slices about to fault in want bytes (slices not resident: a new segment, or
  * purged ones) because no run of resident free slices fits it: the resident free slices in
  * runs too short for it go back instead, up to as much as it will hold, so that what is
@@ -599,7 +603,16 @@ static size_t purge_slices_locked(struct lum_segment *seg, uint64_t candidates, 
 static void purge_fragments_locked(unsigned n, size_t want, struct purge_out *out)
 {
     size_t got = 0;
-    for (struct lum_segment *seg = segments; seg && got < want; seg = seg->next) {
+    /* A growing heap of thousands of segments takes cold pages all the time, most often with
+     * no fragment anywhere: nothing resident free is the common answer, read from one counter.
+     * The walk is bounded too (each segment's header is a cache and TLB miss): a kept span
+     * longer than the page counts as resident free but is no fragment, and would otherwise
+     * have every cold page walk them all. */
+    if (!__atomic_load_n(&dirty_resident, __ATOMIC_RELAXED))
+        return;
+    unsigned looked = 0;
+    for (struct lum_segment *seg = segments; seg && got < want && looked < FRAGMENT_WALK_MAX;
+         seg = seg->next, looked++) {
         uint64_t free = seg->free_slices, resident = free & ~seg->purged_slices;
         if (!resident) continue;
         for (uint64_t runs = free; runs && got < want;) {
