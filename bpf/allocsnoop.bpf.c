@@ -415,10 +415,11 @@ int BPF_PROG(on_process_exit, struct task_struct *p)
     if (p->signal->live.counter)
         return 0;
     u32 pid = bpf_get_current_pid_tgid() >> 32;
-    if (bpf_map_delete_elem(&seen, &pid))
-        return 0;
+    /* before the delete, whatever it finds: a pid that comes back must look itself up again */
     if (seen_last == pid)
         seen_last = 0;
+    if (bpf_map_delete_elem(&seen, &pid))
+        return 0;
     struct snoop_event *e = bpf_ringbuf_reserve(&events, SNOOP_HDR_SIZE, 0);
     if (!e) {
         /* user space ages its blocks at its last event instead */

@@ -589,6 +589,9 @@ static size_t purge_slices_locked(struct lum_segment *seg, uint64_t candidates, 
 /* Segments a cold page looks at for fragments to give back (purge_fragments_locked): 128 MiB
  * of heap, the newest first, where a ring of buffers like bench's churns. */
 #define FRAGMENT_WALK_MAX 32
+/* ...and the runs it gives back, each a madvise under lum_segment_lock (and with
+ * MADV_DONTNEED in a threaded process, TLB shootdowns): what is left waits for decay. */
+#define FRAGMENT_CALLS_MAX 8
 
 /* A page of n slices about to fault in want bytes (slices not resident: a new segment, or
  * purged ones) because no run of resident free slices fits it: the resident free slices in
@@ -610,17 +613,22 @@ static void purge_fragments_locked(unsigned n, size_t want, struct purge_out *ou
      * have every cold page walk them all. */
     if (!__atomic_load_n(&dirty_resident, __ATOMIC_RELAXED))
         return;
-    unsigned looked = 0;
+    unsigned looked = 0, calls = 0;
     for (struct lum_segment *seg = segments; seg && got < want && looked < FRAGMENT_WALK_MAX;
          seg = seg->next, looked++) {
         uint64_t free = seg->free_slices, resident = free & ~seg->purged_slices;
         if (!resident) continue;
-        for (uint64_t runs = free; runs && got < want;) {
+        for (uint64_t runs = free; runs && got < want && calls < FRAGMENT_CALLS_MAX;) {
             unsigned start = (unsigned)__builtin_ctzll(runs);
             unsigned len = (unsigned)__builtin_ctzll(~(runs >> start));
             uint64_t run = (((uint64_t)1 << len) - 1) << start; /* len < 64: slice 0 is never free */
             runs &= ~run;
-            if (len < n && (resident & run)) got += purge_slices_locked(seg, resident & run, out);
+            /* a run whose spans hold nothing (an uncarved or trimmed page's) is not worth a
+             * system call under the lock: it gives nothing back */
+            if (len < n && (resident & run) && lum_span_bytes(seg, start, len)) {
+                got += purge_slices_locked(seg, resident & run, out);
+                calls++;
+            }
         }
     }
 }

@@ -1382,7 +1382,9 @@ int main(int argc, char **argv)
     /* The exit program dates the exits of processes gone (their blocks' ages stop there); where
      * it does not load or attach, their last events do, as before. */
     bool exit_prog = true;
-    for (int attempt = 0; attempt < 2 && !skel; attempt++) {
+    /* Without the exit program first, then without the exec programs too: one that does not
+     * load (an older verifier, a kernel without the tracepoint's BTF) costs only its own use. */
+    for (int attempt = 0; attempt < 3 && !skel; attempt++) {
         skel = allocsnoop_bpf__open();
         if (!skel)
             tc_die("cannot open the BPF programs: %s", strerror(errno));
@@ -1403,10 +1405,16 @@ int main(int argc, char **argv)
         skel = NULL;
         if (!exec_progs && !exit_prog)
             tc_die("cannot load the BPF programs: %s", strerror(e));
-        if (tc_verbose)
-            tc_warn("records waiting at an exec will be lost, and a process gone has its blocks aged at its last "
-                    "event: the exec and exit programs do not load: %s", strerror(e));
-        exec_progs = exit_prog = false;
+        if (exit_prog) {
+            if (tc_verbose)
+                tc_warn("a process gone will have its blocks aged at its last event: the exit program does not "
+                        "load: %s", strerror(e));
+            exit_prog = false;
+        } else {
+            if (tc_verbose)
+                tc_warn("records waiting at an exec will be lost: the exec programs do not load: %s", strerror(e));
+            exec_progs = false;
+        }
     }
     if (!skel)
         tc_die("cannot load the BPF programs: %s", strerror(errno));
