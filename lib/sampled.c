@@ -276,7 +276,16 @@ void lum_sampled_free(void *p, struct lum_page *page)
     unsigned cls = page->cls;
     lum_page_push_free(page, p);
     if (LUM_OWN_SUB(page->used, 1) == 0) {
-        if (lum_sampled_pages[cls].head != page) {
+        if (page->capacity == 1) {
+            /* A page of one block (over 64 KiB) goes back at once, its span kept resident
+             * (span_kept), where the class's ordinary pages, the next sampled one, and growth
+             * in place all take it.  Kept here as the class's spare and uncarved 20 ms later,
+             * its memory left the ordinary pages' reach and came back faulted in at the next
+             * sample of the size: python3 took 14% more page faults with default sampling
+             * (11.5k against 10.2k), 12.0k at 256k. */
+            lum_list_remove(&lum_sampled_pages[cls], page);
+            sampled_page_release(page);
+        } else if (lum_sampled_pages[cls].head != page) {
             lum_list_remove(&lum_sampled_pages[cls], page);
             keep_empty(cls, page);
         } else {

@@ -671,6 +671,9 @@ static bool span_kept(const struct lum_page *page, bool may_keep_span)
     /* sampled pages go back from the sampler, which takes their class again at its next sample */
     bool sampled = page->kind == LUM_PAGE_SAMPLED;
     unsigned tag = span_tag(page->cls, (enum lum_page_kind)page->kind);
+    /* a sampled page of one block goes back as soon as it empties (sampled.c): its span is
+     * what the class's next page, either kind, would fault in again; decay returns it if not */
+    if (sampled && one_block_pages(page->cls) && page->carved && !lum_opt.thp) return true;
     if ((may_keep_span || sampled) && page->carved && !lum_opt.thp && big_span(tag) && keep_big_span(tag))
         return true;
     return may_keep_span && page->kind == LUM_PAGE_SMALL &&
