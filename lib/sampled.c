@@ -161,6 +161,52 @@ void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_
     return b;
 }
 
+bool lum_sampled_adopt(struct lum_page *page)
+{
+    lum_lock(&lum_sampled_lock);
+    struct lum_sample_rec *recs = recs_get(page->cls, page->capacity);
+    if (recs) {
+        page->recs = recs;
+        /* as lum_page_alloc makes a sampled page: nobody's */
+        atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+        page->kind = LUM_PAGE_SAMPLED;
+        /* full: behind the pages with free blocks, as sampled_pop leaves them */
+        lum_list_push_back(&lum_sampled_pages[page->cls], page);
+    }
+    lum_unlock(&lum_sampled_lock);
+    return recs != NULL;
+}
+
+bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *owner)
+{
+    lum_lock(&lum_sampled_lock);
+    unsigned old = page->cls;
+    /* under the lock: the page is on its class's list, as everything reading it finds it */
+    if (!lum_page_grow(page, to)) {
+        lum_unlock(&lum_sampled_lock);
+        return false;
+    }
+    lum_list_remove(&lum_sampled_pages[old], page);
+    struct lum_sample_rec *recs = page->recs;
+    if (owner) {
+        page->recs = NULL;
+        page->kind = LUM_PAGE_SMALL;
+        atomic_store_explicit(&page->owner, owner, memory_order_relaxed);
+    } else {
+        lum_list_push_back(&lum_sampled_pages[to], page);
+    }
+    lum_unlock(&lum_sampled_lock);
+    /* the old sample ends, as the block's free would end it (probes included) */
+    lum_on_sample_free_rec(page->start, recs);
+    if (owner) {
+        lum_lock(&lum_sampled_lock);
+        *(void **)recs = recs_free[old];
+        recs_free[old] = recs;
+        lum_unlock(&lum_sampled_lock);
+    }
+    return true;
+}
+
 /* Near the memory limit a class may have free slots only on sampled pages: hand one out as an
  * ordinary (unsampled) block rather than fail.  Its free still passes through
  * lum_on_sample_free, which ignores addresses it has no sample for. */

@@ -523,7 +523,9 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
  * page's allocation, so that a fork child (whose prepare handler holds it) sees the page whole,
  * either class.  The resident records cover the bigger block at once, as a carve of it would
  * (lum_page_touch); the slices it takes keep the span they hold, as a page of blocks over 16
- * KiB takes one (inherit_span). */
+ * KiB takes one (inherit_span).  A sampled page's block (of a power-of-two class) may become
+ * one of a smaller class on the same slices, its ordinary class's (sampled.c's regrow): the
+ * page keeps its slices, and nothing changes but the class. */
 bool lum_page_grow(struct lum_page *page, unsigned cls)
 {
     struct lum_segment *seg = lum_segment_of(page->start);
