@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include "internal.h"
 #include "lumalloc.h"
@@ -67,6 +68,14 @@ static void prime(void)
     for (int i = 0; i < 16; i++) free(b[i]);
 }
 
+/* A point every KiB or so: every block over 64 KiB is sampled, but for the first allocation
+ * after the change, from which the next point is drawn. */
+static void sample_every_kib(void)
+{
+    assert_int_equal(lum_options_set("sample_interval", "1k"), 0);
+    free(p_malloc(64));
+}
+
 static bool sampled(const void *p)
 {
     return lum_page_of(p)->kind == LUM_PAGE_SAMPLED;
@@ -115,7 +124,7 @@ static unsigned grow(unsigned char **pp, size_t *np, size_t top, bool want_sampl
 static void sampled_steps_grow_in_place(void **state)
 {
     (void)state;
-    assert_int_equal(lum_options_set("sample_interval", "1k"), 0);
+    sample_every_kib();
     prime();
     uint64_t before = allocated(), res = resident();
     struct lum_prof_stats p0 = prof();
@@ -148,7 +157,7 @@ static void sampled_steps_grow_in_place(void **state)
 static void sampled_block_grows_into_an_ordinary_one(void **state)
 {
     (void)state;
-    assert_int_equal(lum_options_set("sample_interval", "1k"), 0);
+    sample_every_kib();
     prime();
     uint64_t before = allocated();
     struct lum_prof_stats p0 = prof();
@@ -178,6 +187,59 @@ static void sampled_block_grows_into_an_ordinary_one(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+/* Pages of the class of block size bs held (sampled or not). */
+static unsigned pages_of(size_t bs)
+{
+    lum_stats_snapshot(&stats);
+    unsigned n = 0;
+    for (unsigned c = 0; c < LUM_STATS_CLASSES; c++)
+        if (stats.classes[c].block_size == bs) n += stats.classes[c].pages;
+    return n;
+}
+
+/* A sampled page of one block goes back to its segment when its block is freed, where the
+ * class's ordinary pages and growth in place take its span (kept as the class's spare, it held
+ * its slices, and its memory came back faulted in at the next sample). */
+static void emptied_sampled_page_of_one_block_goes_back(void **state)
+{
+    (void)state;
+    sample_every_kib();
+    unsigned held = pages_of(256u << 10);
+    void *p = p_malloc(200000);
+    assert_non_null(p);
+    assert_true(sampled(p));
+    memset(p, 1, 200000);
+    assert_int_equal(pages_of(256u << 10), held + 1);
+    free(p);
+    assert_int_equal(pages_of(256u << 10), held);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
+/* An empty sampled page of several slices (blocks of 8-64 KiB) goes back once it has stayed
+ * empty a while: kept for good, such pages held slices no other page could take while they
+ * carved a block or two, and bench python's overflowed into a segment more. */
+static void idle_empty_sampled_pages_go_back(void **state)
+{
+    (void)state;
+    sample_every_kib();
+    size_t bs = 32u << 10; /* the sampled class of 20000 B blocks: 4 slices a page */
+    unsigned held = pages_of(bs);
+    void *b[3];
+    for (int i = 0; i < 3; i++) {
+        b[i] = p_malloc(20000);
+        assert_non_null(b[i]);
+        assert_true(sampled(b[i]));
+        memset(b[i], 2, 20000);
+    }
+    assert_true(pages_of(bs) > held);
+    for (int i = 0; i < 3; i++) free(b[i]);
+    /* past the delay, any sampled free looks */
+    usleep(60 * 1000);
+    free(p_malloc(100000));
+    assert_int_equal(pages_of(bs), held);
+    assert_int_equal(lum_heap_check(1), 0);
+}
+
 int main(void)
 {
     /* no purge between the priming and the chains */
@@ -185,6 +247,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(sampled_steps_grow_in_place),
         cmocka_unit_test(sampled_block_grows_into_an_ordinary_one),
+        cmocka_unit_test(emptied_sampled_page_of_one_block_goes_back),
+        cmocka_unit_test(idle_empty_sampled_pages_go_back),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
