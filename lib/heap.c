@@ -954,47 +954,81 @@ static struct lum_page *heap_unpark_any(struct lum_heap *heap, unsigned cls)
     return NULL;
 }
 
+static bool grow_sampled(struct lum_heap *heap, struct lum_page *page, unsigned cls, size_t asked);
+static bool regrow_sampled(struct lum_heap *heap, struct lum_page *page, size_t size, size_t asked);
+
+/* Whether a block of class from may grow in place into cls, as far as the heap goes: only
+ * where malloc would take a new page for it.  Blocks other threads freed count as free here,
+ * as malloc would find them: a buffer grown by one thread and freed by another left the
+ * class's current page empty with its block uncollected, the growth then made the grown page
+ * current, and the old one stayed empty on the avail list, out of decay's reach (30 such rounds
+ * held 34 pages, 9.2 MiB after a purge, where the copy held 6, 2.1 MiB; found in review).
+ * Parked pages' remote frees come through the inbox: none may wait there either. */
+static bool grow_may_take(struct lum_heap *heap, unsigned cls, unsigned from)
+{
+    if (cls > from && heap->current[cls] != &lum_empty_page) heap_collect(heap, heap->current[cls]);
+    return cls > from && !heap->current[cls]->free && !atomic_load_explicit(&heap->inbox, memory_order_relaxed);
+}
+
+/* A grown page, ordinary and off every list, made cls's current page of heap and counted. */
+static void grown_current(struct lum_heap *heap, struct lum_page *page, unsigned cls)
+{
+    lum_list_push_front(&heap->avail[cls], page);
+    lum_page_set_fast(page, heap);
+    lum_heap_set_current(heap, cls, page);
+    lum_heap_count_alloc(heap, lum_class_size[cls]);
+}
+
 /* realloc to size of a block alone on its page (over 64 KiB), grown in place into a bigger such
  * class (lum_page_grow): true when done.  Only the owner's page with that one block live, and
  * only where malloc would have taken a new page for it: not where the class's current page has
- * a free block (resident already: copying there faults nothing in), the block would be sampled
- * (sample_left), or the slow path has something else to do with the size (failure injection,
- * large-block warnings).  The page then becomes the new class's current page, as a page taken
- * for the block would: parked full at the class's next allocation, and when its block is freed,
- * retired or kept as the class's (lum_page_empty).  Left on no list of a class the heap
- * allocates, it went to the abandoned lists when it emptied, its memory with it (python3 with
- * PYTHONMALLOC=malloc peaked 2.7 MiB higher).  Counted as realloc's malloc and free of the two
- * sizes would be. */
-bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t size)
+ * a free block (resident already: copying there faults nothing in), or the slow path has
+ * something else to do with the size (failure injection, large-block warnings).  The page then
+ * becomes the new class's current page, as a page taken for the block would: parked full at
+ * the class's next allocation, and when its block is freed, retired or kept as the class's
+ * (lum_page_empty).  Left on no list of a class the heap allocates, it went to the abandoned
+ * lists when it emptied, its memory with it (python3 with PYTHONMALLOC=malloc peaked 2.7 MiB
+ * higher).  Counted as realloc's malloc and free of the two sizes would be.
+ * A grown block the next sample point falls in grows to its sampled class instead, and its
+ * page becomes a sampled page as it stands (grow_sampled).  Refused (a copy to a sampled page
+ * of a fresh span, the old span given back), every sampled step of CPython's growth chains
+ * faulted a whole block in: python3 took 14% more page faults with default sampling than
+ * without (bench python: 11.7k against 10.2k).  asked: the size the program asked for, which
+ * a sample records (size may be padded). */
+bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t size, size_t asked)
 {
-    unsigned old = page->cls;
-    if (page->kind != LUM_PAGE_SMALL || page->block_size <= LUM_SLICE_SIZE || size > LUM_SMALL_MAX ||
-        size > lum_opt.large_threshold || lum_fail_is_armed() || lum_warns_large(size))
+    if (page->block_size <= LUM_SLICE_SIZE || size > LUM_SMALL_MAX || size > lum_opt.large_threshold ||
+        lum_fail_is_armed() || lum_warns_large(size))
         return false;
+    if (page->kind == LUM_PAGE_SAMPLED) return regrow_sampled(heap, page, size, asked);
+    if (page->kind != LUM_PAGE_SMALL) return false;
+    unsigned old = page->cls;
     unsigned cls = lum_size_class(size);
     size_t bs = lum_class_size[cls];
-    /* Blocks other threads freed count as free here, as malloc would find them: a buffer grown
-     * by one thread and freed by another left the class's current page empty with its block
-     * uncollected, the growth then made the grown page current, and the old one stayed empty
-     * on the avail list, out of decay's reach (30 such rounds held 34 pages, 9.2 MiB after a
-     * purge, where the copy held 6, 2.1 MiB; found in review).  Parked pages' remote frees
-     * come through the inbox: none may wait there either. */
-    if (cls > old && heap->current[cls] != &lum_empty_page) heap_collect(heap, heap->current[cls]);
-    if (cls <= old || heap->current[cls]->free || atomic_load_explicit(&heap->inbox, memory_order_relaxed) ||
-        heap->sample_left < (int64_t)bs ||
+    if (!grow_may_take(heap, cls, old) ||
         atomic_load_explicit(&page->owner, memory_order_relaxed) != heap || lum_page_live(page) != 1 ||
         page->carved != 1 || page->retained || (uintptr_t)atomic_load_explicit(&page->thread_free, memory_order_relaxed) > 1)
         return false;
-    if (!lum_page_grow(page, cls)) return false;
+    /* the sample decision as malloc's slow path takes it (sample_alloc), undone if the page
+     * cannot grow: malloc then takes the same point */
+    int64_t left = heap->sample_left;
+    unsigned to = cls;
+    if (left < (int64_t)bs && take_sample(heap, bs, lum_class_size[to = lum_sampled_class(cls)])) {
+        if (!lum_page_grow(page, to)) {
+            heap->sample_left = left;
+            return false;
+        }
+    } else if (to = cls, !lum_page_grow(page, cls)) {
+        return false;
+    }
     if (heap->current[old] == page) lum_heap_set_current(heap, old, &lum_empty_page);
     lum_list_remove(page->in_full ? &heap->full[old] : &heap->avail[old], page);
     if (page->in_full) page_unmark_full(page);
     LUM_OWN_SET(page->used, 1);
     LUM_OWN_SET(page->in_full, 0);
-    lum_list_push_front(&heap->avail[cls], page);
-    lum_heap_set_current(heap, cls, page);
     lum_count_free(heap, lum_class_size[old]);
-    lum_heap_count_alloc(heap, bs);
+    if (to != cls) return grow_sampled(heap, page, cls, asked);
+    grown_current(heap, page, cls);
     return true;
 }
 
@@ -1189,6 +1223,54 @@ static LUM_NOINLINE void *sample_alloc(struct lum_heap *heap, size_t size, unsig
     void *p = lum_sampled_alloc(heap, scls, &rec);
     if (p) record_sample(heap, p, lum_requested(heap, size), cls, rec);
     return p;
+}
+
+/* lum_heap_grow_block's grown block, of class cls, with the sample point in it, grown to its
+ * sampled class: its page, off the heap's lists, becomes a sampled page with it (counted and
+ * recorded as sample_alloc's block would be).  Without a record array (no metadata memory)
+ * it stays an ordinary page of the bigger class, the sample dropped, as a failed sampled page
+ * drops one. */
+static LUM_NOINLINE bool grow_sampled(struct lum_heap *heap, struct lum_page *page, unsigned cls, size_t asked)
+{
+    lum_page_set_fast(page, NULL);
+    page->next = page->prev = NULL;
+    if (!lum_sampled_adopt(page)) {
+        grown_current(heap, page, page->cls);
+        return true;
+    }
+    lum_heap_count_alloc(heap, page->block_size);
+    LUM_OWN_ADD(heap->tc.sampled_count, 1);
+    record_sample(heap, page->start, asked, cls, lum_sampled_rec(page, page->start));
+    return true;
+}
+
+/* lum_heap_grow_block's growth of a sampled block alone on its page: in place, as its class's
+ * ordinary block would grow (its own class, the record's), the page's kind following the grown
+ * block's sample decision (lum_sampled_regrow).  Copied instead, a sample taken at the start of
+ * one of CPython's growth chains moved the chain to a fresh page at its next step (bench python:
+ * ~60 page faults a sample of 128-256 KiB). */
+static LUM_NOINLINE bool regrow_sampled(struct lum_heap *heap, struct lum_page *page, size_t size, size_t asked)
+{
+    uint64_t own = lum_sampled_rec(page, page->start)->usable; /* 0: taken unsampled */
+    if (page->capacity != 1 || page->used != 1 || !own) return false;
+    unsigned cls = lum_size_class(size);
+    size_t bs = lum_class_size[cls], had = page->block_size;
+    if (!grow_may_take(heap, cls, lum_size_class(own))) return false;
+    int64_t left = heap->sample_left;
+    bool sample = left < (int64_t)bs && take_sample(heap, bs, lum_class_size[lum_sampled_class(cls)]);
+    if (!lum_sampled_regrow(page, sample ? lum_sampled_class(cls) : cls, sample ? NULL : heap)) {
+        heap->sample_left = left;
+        return false;
+    }
+    lum_count_free(heap, had);
+    if (!sample) {
+        grown_current(heap, page, cls);
+        return true;
+    }
+    lum_heap_count_alloc(heap, page->block_size);
+    LUM_OWN_ADD(heap->tc.sampled_count, 1);
+    record_sample(heap, page->start, asked, cls, lum_sampled_rec(page, page->start));
+    return true;
 }
 
 /* lum_sample_locked under lum_sampled_lock, out of line for lum_malloc_sample's branch that

@@ -556,7 +556,7 @@ void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigned cls);
 void lum_free_slow(void *p, struct lum_page *page);
 struct lum_heap *lum_heap_get(void);
 void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block *b);
-bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t size);
+bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t size, size_t asked);
 void lum_heap_cache_flush(struct lum_heap *heap);
 void lum_global_init(void);
 extern LUM_HIDDEN _Atomic int lum_initialized;
@@ -638,6 +638,14 @@ void lum_sampled_free(void *p, struct lum_page *page);
 /* Empty sampled pages of big blocks give back their memory: all, or those empty long enough. */
 void lum_sampled_purge(bool all);
 void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls);
+/* An ordinary page of one block (over 64 KiB), off its heap's lists and fast path, becomes a
+ * sampled page as it stands (realloc's growth in place); false: no record array for it. */
+bool lum_sampled_adopt(struct lum_page *page);
+/* A sampled page of one block (over 64 KiB) whose block realloc grows in place to class to: it
+ * stays a sampled page (owner NULL: to is the new sample's class; the caller records it) or
+ * becomes owner's ordinary page, off every list; the old sample ends either way.  False, with
+ * nothing changed, when the page cannot grow (lum_page_grow). */
+bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *owner);
 extern LUM_HIDDEN struct lum_page_list lum_sampled_pages[LUM_CLASSES];
 /* Under lum_sampled_lock: page, the head of class cls's list, handed out its last free block. */
 void lum_sampled_emptied(struct lum_page *page, unsigned cls);

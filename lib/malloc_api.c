@@ -187,7 +187,7 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
         return NULL;
     }
     struct lum_page *page = lum_page_of(p);
-    size_t old, want = size;
+    size_t old, fit, want = size;
 #if LUM_HARDENED
     /* before the block is kept or copied from: a freed one kept in place had two owners */
     if (page->kind == LUM_PAGE_INVALID) lum_hardened_fail("realloc of an address no allocation returned:", p, 0);
@@ -209,13 +209,14 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
          * time took 3 s, awk on a 30 MB line 44 s.  Half as much again leaves room for the
          * next steps, the room untouched (not resident) until written. */
         if (size > old && size - old < old / 2) want = old + old / 2;
+        fit = old;
     } else {
         old = page->block_size;
         /* A sampled block sits in a bigger class than its own (lum_sampled_size), recorded as
          * `usable`: it stays or moves as that class's block would.  Kept wherever it fits, it
          * stayed where its unsampled siblings moved and were sampled again, and the profile
          * counted such blocks twice (in-use objects 2x the truth for malloc(300) grown to 500). */
-        size_t fit = old;
+        fit = old;
         unsigned fit_cls = page->cls;
         if (page->kind == LUM_PAGE_SAMPLED) {
             uint64_t own = lum_sampled_rec(page, p)->usable; /* 0: taken unsampled, no record */
@@ -242,7 +243,7 @@ LUM_EXPORT void *lum_realloc(void *p, size_t size)
     struct lum_heap *heap = lum_tls_heap;
     /* a block alone on its page (over 64 KiB) grows into the free slices after it, if any:
      * no copy, and only what it adds is new memory (lum_heap_grow_block) */
-    if (size > old && old > LUM_SLICE_SIZE && heap != &lum_empty_heap && lum_heap_grow_block(heap, page, want))
+    if (size > fit && old > LUM_SLICE_SIZE && heap != &lum_empty_heap && lum_heap_grow_block(heap, page, want, size))
         return p;
     if (want != size && heap != &lum_empty_heap) {
         /* samples, warnings and failure reports show the size asked for, not the padding */

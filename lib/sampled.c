@@ -15,12 +15,13 @@ struct lum_page_list lum_sampled_pages[LUM_CLASSES];
  * instructions.  A class keeps at most SAMPLED_EMPTY_MAX empty pages, head or spares (see
  * keep_empty): with one, ring still made and released a page every ~50 samples, as its classes'
  * live samples came and went by a page or two; two save ~4 instructions a sample with the
- * bigger sampled pages (segment.c), 10 with 64 KiB ones.  A big class's kept page is uncarved
- * (emptied_kept); a small class's keeps what it carved. */
+ * bigger sampled pages (segment.c), 10 with 64 KiB ones.  A kept page of more than one slice
+ * goes back once it has stayed empty a while (emptied_kept); one of a slice keeps what it
+ * carved. */
 #define SAMPLED_EMPTY_MAX 2
 static struct lum_page *spare[LUM_CLASSES]; /* linked through next */
 static uint8_t spare_n[LUM_CLASSES];
-static inline void uncarve_stale_maybe(void); /* see SAMPLED_UNCARVE_DELAY_MS */
+static inline void release_stale_maybe(void); /* see SAMPLED_RELEASE_DELAY_MS */
 
 static struct lum_page *spare_pop(unsigned cls)
 {
@@ -108,7 +109,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
                                                                    struct lum_sample_rec **rec)
 {
     lum_lock(&lum_sampled_lock);
-    uncarve_stale_maybe();
+    release_stale_maybe();
     /* Full pages at the head go to the back, behind the pages that have had frees since they
      * filled, so that the core's inline pop (lum_sampled_pop_locked, the head only) finds a
      * free block next time; first: the first page moved, where the turn ends. */
@@ -161,6 +162,52 @@ void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_
     return b;
 }
 
+bool lum_sampled_adopt(struct lum_page *page)
+{
+    lum_lock(&lum_sampled_lock);
+    struct lum_sample_rec *recs = recs_get(page->cls, page->capacity);
+    if (recs) {
+        page->recs = recs;
+        /* as lum_page_alloc makes a sampled page: nobody's */
+        atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+        page->kind = LUM_PAGE_SAMPLED;
+        /* full: behind the pages with free blocks, as sampled_pop leaves them */
+        lum_list_push_back(&lum_sampled_pages[page->cls], page);
+    }
+    lum_unlock(&lum_sampled_lock);
+    return recs != NULL;
+}
+
+bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *owner)
+{
+    lum_lock(&lum_sampled_lock);
+    unsigned old = page->cls;
+    /* under the lock: the page is on its class's list, as everything reading it finds it */
+    if (!lum_page_grow(page, to)) {
+        lum_unlock(&lum_sampled_lock);
+        return false;
+    }
+    lum_list_remove(&lum_sampled_pages[old], page);
+    struct lum_sample_rec *recs = page->recs;
+    if (owner) {
+        page->recs = NULL;
+        page->kind = LUM_PAGE_SMALL;
+        atomic_store_explicit(&page->owner, owner, memory_order_relaxed);
+    } else {
+        lum_list_push_back(&lum_sampled_pages[to], page);
+    }
+    lum_unlock(&lum_sampled_lock);
+    /* the old sample ends, as the block's free would end it (probes included) */
+    lum_on_sample_free_rec(page->start, recs);
+    if (owner) {
+        lum_lock(&lum_sampled_lock);
+        *(void **)recs = recs_free[old];
+        recs_free[old] = recs;
+        lum_unlock(&lum_sampled_lock);
+    }
+    return true;
+}
+
 /* Near the memory limit a class may have free slots only on sampled pages: hand one out as an
  * ordinary (unsampled) block rather than fail.  Its free still passes through
  * lum_on_sample_free, which ignores addresses it has no sample for. */
@@ -170,68 +217,78 @@ void *lum_sampled_take_unsampled(struct lum_heap *heap, unsigned cls)
     return sampled_pop(heap, lum_sampled_class(cls), false, &rec);
 }
 
-/* Sampled blocks this big leave nothing resident on their class's empty page: the page keeps
- * the one or few blocks a sample brings, and every other class of the program reuses their
- * memory as it is freed (bench python: 384 KiB of 128 and 256 KiB sampled blocks stayed resident
- * at the peak, unused).  Each empties its page about once per sample of its size (one in 5
- * allocations of 128 KiB at the default interval), and the OS pages come back with the next
- * write the program makes to the block anyway.  From 32 KiB, as this was, a ring of 16-32 KiB
- * blocks faulted a whole sampled page in again every few samples: bench/src/pairs at 20000 B,
- * 1M steps, 0.04 s and 16k faults with default sampling against 0.01 s and 364 without (now
- * 0.01 s, 1.4k).  One in 8 allocations of 64 KiB is sampled: what stays is that share. */
-#define SAMPLED_UNCARVE_MIN ((uint32_t)128 << 10)
-
-/* ...but not at once: a ring of such blocks (one in 5 of 128 KiB sampled, one in 2.5 of 256
- * KiB) empties a sampled page every few samples and needs it again a moment later, and
- * uncarved at each empty it faulted the page in again every time (bench/src/pairs at 70000 B,
- * 1M steps: 0.09 s, 27k faults, against 0.01 s with sampling off).  An empty page gives its
- * memory back once it has stayed empty this long, looked at on the sampled pages' own slow
- * paths (a sampled free, a new sampled page) and by every purge (lum_sampled_purge). */
-#define SAMPLED_UNCARVE_DELAY_MS 20
-/* The earliest time an empty page is to give its memory back; 0: none.  Written under
- * lum_sampled_lock; relaxed atomics because the purges read it first without the lock.  On the
- * lock's line (LUM_SAMPLE_DATA): in .bss it was a line of its own that every sampled free read
- * (0.8 D1 misses a sample on bench ring, callgrind). */
-LUM_SAMPLE_DATA static uint64_t uncarve_due;
-static inline uint64_t due_get(void) { return __atomic_load_n(&uncarve_due, __ATOMIC_RELAXED); }
-static inline void due_set(uint64_t t) { __atomic_store_n(&uncarve_due, t, __ATOMIC_RELAXED); }
+/* An empty page of more than one slice (classes of 8-64 KiB: SAMPLED_PAGE_BLOCKS blocks, up
+ * to 4 slices; those over 64 KiB go back at once, see lum_sampled_free) kept with its class
+ * holds its slices out of every other page's reach while it waits, though it carved only a
+ * block or two: bench python's empty sampled pages of 16, 32 and 64 KiB held 12 of its two
+ * segments' 126 slices, the heap overflowed into a third segment, and every page then taken on
+ * its never-touched slices emptied the large cache (lum_page_alloc), whose blocks came back
+ * faulted in: 4-5% more page faults than sampling off.  Such a page goes back once it has
+ * stayed empty SAMPLED_RELEASE_DELAY_MS: a ring of such blocks, which empties a page and needs
+ * it again a moment later, keeps it (bench/src/pairs at 10000 B, 1M steps, released at once:
+ * 1.6k page faults against 0.4k), and a class sampled now and then gives its slices back.
+ * (Until the pages over 64 KiB went back at once, this uncarved those instead: their memory
+ * then came back faulted in at the class's next sample, 14% more page faults in bench
+ * python.)  Looked at on the sampled pages' own slow paths (a sampled free, a new sampled
+ * page) and by every purge (lum_sampled_purge). */
+#define SAMPLED_RELEASE_DELAY_MS 20
+/* The earliest time an empty page is to go back; 0: none.  Written under lum_sampled_lock;
+ * relaxed atomics because the purges read it first without the lock.  On the lock's line
+ * (LUM_SAMPLE_DATA): in .bss it was a line of its own that every sampled free read (0.8 D1
+ * misses a sample on bench ring, callgrind). */
+LUM_SAMPLE_DATA static uint64_t release_due;
+static inline uint64_t due_get(void) { return __atomic_load_n(&release_due, __ATOMIC_RELAXED); }
+static inline void due_set(uint64_t t) { __atomic_store_n(&release_due, t, __ATOMIC_RELAXED); }
 
 /* A page that just became empty and stays with its class (head or spare). */
 static void emptied_kept(struct lum_page *page)
 {
-    if (page->block_size < SAMPLED_UNCARVE_MIN || !page->carved) return;
+    if (page->slices < 2) return;
     __atomic_store_n(&page->emptied_ms, lum_now_ms(), __ATOMIC_RELAXED); /* as abandoned_ms */
-    if (!due_get()) due_set(page->emptied_ms + SAMPLED_UNCARVE_DELAY_MS);
+    if (!due_get()) due_set(page->emptied_ms + SAMPLED_RELEASE_DELAY_MS);
 }
 
-/* A page of a class from SAMPLED_UNCARVE_MIN, if it is empty and carved. */
-static void uncarve_if_stale(struct lum_page *page, uint64_t now, bool all)
+/* Whether a kept page of more than one slice is to go back now: empty long enough, or all
+ * (a purge); else notes when it will be. */
+static bool stale(const struct lum_page *page, uint64_t now, bool all)
 {
-    if (!page || page->used || !page->carved) return;
-    uint64_t due = page->emptied_ms + SAMPLED_UNCARVE_DELAY_MS;
-    if (all || now >= due)
-        lum_page_uncarve(page);
-    else if (!due_get() || due < due_get())
-        due_set(due);
+    if (!page || page->used || page->slices < 2) return false;
+    uint64_t due = page->emptied_ms + SAMPLED_RELEASE_DELAY_MS;
+    if (all || now >= due) return true;
+    if (!due_get() || due < due_get()) due_set(due);
+    return false;
 }
 
 /* The empty pages (heads and spares: no other sampled page is empty) whose time has come, or
- * all (a purge); under lum_sampled_lock. */
-static void uncarve_stale_locked(uint64_t now, bool all)
+ * all (a purge), back to their segments; under lum_sampled_lock. */
+static void release_stale_locked(uint64_t now, bool all)
 {
     due_set(0);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        if (lum_class_size[c] < SAMPLED_UNCARVE_MIN) continue;
-        uncarve_if_stale(lum_sampled_pages[c].head, now, all);
-        for (struct lum_page *p = spare[c]; p; p = p->next) uncarve_if_stale(p, now, all);
+        struct lum_page *head = lum_sampled_pages[c].head;
+        if (stale(head, now, all)) {
+            lum_list_remove(&lum_sampled_pages[c], head);
+            sampled_page_release(head);
+        }
+        for (struct lum_page **at = &spare[c]; *at;) {
+            struct lum_page *p = *at;
+            if (!stale(p, now, all)) {
+                at = &p->next;
+                continue;
+            }
+            *at = p->next;
+            p->next = NULL;
+            spare_n[c]--;
+            sampled_page_release(p);
+        }
     }
 }
 
-static inline void uncarve_stale_maybe(void)
+static inline void release_stale_maybe(void)
 {
     if (LUM_UNLIKELY(due_get())) {
         uint64_t now = lum_now_ms();
-        if (now >= due_get()) uncarve_stale_locked(now, false);
+        if (now >= due_get()) release_stale_locked(now, false);
     }
 }
 
@@ -239,7 +296,7 @@ void lum_sampled_purge(bool all)
 {
     if (!due_get()) return; /* a hint: looked at again under the lock */
     lum_lock(&lum_sampled_lock);
-    if (due_get()) uncarve_stale_locked(lum_now_ms(), all);
+    if (due_get()) release_stale_locked(lum_now_ms(), all);
     lum_unlock(&lum_sampled_lock);
 }
 
@@ -276,7 +333,16 @@ void lum_sampled_free(void *p, struct lum_page *page)
     unsigned cls = page->cls;
     lum_page_push_free(page, p);
     if (LUM_OWN_SUB(page->used, 1) == 0) {
-        if (lum_sampled_pages[cls].head != page) {
+        if (page->capacity == 1) {
+            /* A page of one block (over 64 KiB) goes back at once, its span kept resident
+             * (span_kept), where the class's ordinary pages, the next sampled one, and growth
+             * in place all take it.  Kept here as the class's spare and uncarved 20 ms later,
+             * its memory left the ordinary pages' reach and came back faulted in at the next
+             * sample of the size: python3 took 14% more page faults with default sampling
+             * (11.5k against 10.2k), 12.0k at 256k. */
+            lum_list_remove(&lum_sampled_pages[cls], page);
+            sampled_page_release(page);
+        } else if (lum_sampled_pages[cls].head != page) {
             lum_list_remove(&lum_sampled_pages[cls], page);
             keep_empty(cls, page);
         } else {
@@ -287,7 +353,7 @@ void lum_sampled_free(void *p, struct lum_page *page)
             }
         }
     }
-    uncarve_stale_maybe();
+    release_stale_maybe();
     lum_unlock(&lum_sampled_lock);
 }
 

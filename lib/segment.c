@@ -527,7 +527,9 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
  * page's allocation, so that a fork child (whose prepare handler holds it) sees the page whole,
  * either class.  The resident records cover the bigger block at once, as a carve of it would
  * (lum_page_touch); the slices it takes keep the span they hold, as a page of blocks over 16
- * KiB takes one (inherit_span). */
+ * KiB takes one (inherit_span).  A sampled page's block (of a power-of-two class) may become
+ * one of a smaller class on the same slices, its ordinary class's (sampled.c's regrow): the
+ * page keeps its slices, and nothing changes but the class. */
 bool lum_page_grow(struct lum_page *page, unsigned cls)
 {
     struct lum_segment *seg = lum_segment_of(page->start);
@@ -732,6 +734,9 @@ static bool span_kept(const struct lum_page *page, bool may_keep_span)
     /* sampled pages go back from the sampler, which takes their class again at its next sample */
     bool sampled = page->kind == LUM_PAGE_SAMPLED;
     unsigned tag = span_tag(page->cls, (enum lum_page_kind)page->kind);
+    /* a sampled page of one block goes back as soon as it empties (sampled.c): its span is
+     * what the class's next page, either kind, would fault in again; decay returns it if not */
+    if (sampled && one_block_pages(page->cls) && page->carved && !lum_opt.thp) return true;
     if ((may_keep_span || sampled) && page->carved && !lum_opt.thp && big_span(tag) && keep_big_span(tag))
         return true;
     return may_keep_span && page->kind == LUM_PAGE_SMALL &&

@@ -1,8 +1,8 @@
 /* realloc of a block alone on its page (over 64 KiB) grown in place into the free slices after
  * it (lum_heap_grow_block): contents kept, the page's metadata whole for lum_heap_check, the
  * statistics counting what a copy would, and the block freed from another thread or in a fork
- * child afterwards.  Its own process, with sampling off (a sampled growth is copied), so that
- * the segment's free slices are where prime() left them. */
+ * child afterwards.  Its own process, with sampling off (sampled growth: test_realloc_grow_sampled),
+ * so that the segment's free slices are where prime() left them. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <setjmp.h>
