@@ -154,6 +154,29 @@ static inline __attribute__((always_inline)) int64_t next_point(struct lum_heap 
     return interval + (int64_t)after - 1;
 }
 
+/* The point with what next_point sets beside it, so that a sample taken and then undone (a
+ * growth in place that cannot grow, lum_heap_grow_block) leaves malloc the very point: the left
+ * bytes alone, put back beside a recheck flag or epoch of the next draw, made malloc's slow path
+ * find the point stale and draw again, and the sample was lost (every growth refused after a
+ * draw over LUM_SAMPLE_RECHECK: most of them at an 8 MiB interval). */
+struct sample_state {
+    int64_t left;
+    uint32_t epoch;
+    bool recheck;
+};
+
+static inline struct sample_state sample_state_save(const struct lum_heap *heap)
+{
+    return (struct sample_state){heap->sample_left, heap->sample_epoch, heap->sample_recheck};
+}
+
+static inline void sample_state_restore(struct lum_heap *heap, struct sample_state s)
+{
+    heap->sample_left = s.left;
+    heap->sample_epoch = s.epoch;
+    heap->sample_recheck = s.recheck;
+}
+
 /* Whether the point in sample_left is not one to sample at (see lum_sample_epoch). */
 static inline bool point_stale(const struct lum_heap *heap)
 {
@@ -1011,11 +1034,11 @@ bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t si
         return false;
     /* the sample decision as malloc's slow path takes it (sample_alloc), undone if the page
      * cannot grow: malloc then takes the same point */
-    int64_t left = heap->sample_left;
+    struct sample_state saved = sample_state_save(heap);
     unsigned to = cls;
-    if (left < (int64_t)bs && take_sample(heap, bs, lum_class_size[to = lum_sampled_class(cls)])) {
+    if (saved.left < (int64_t)bs && take_sample(heap, bs, lum_class_size[to = lum_sampled_class(cls)])) {
         if (!lum_page_grow(page, to)) {
-            heap->sample_left = left;
+            sample_state_restore(heap, saved);
             return false;
         }
     } else if (to = cls, !lum_page_grow(page, cls)) {
@@ -1256,10 +1279,11 @@ static LUM_NOINLINE bool regrow_sampled(struct lum_heap *heap, struct lum_page *
     unsigned cls = lum_size_class(size);
     size_t bs = lum_class_size[cls], had = page->block_size;
     if (!grow_may_take(heap, cls, lum_size_class(own))) return false;
-    int64_t left = heap->sample_left;
-    bool sample = left < (int64_t)bs && take_sample(heap, bs, lum_class_size[lum_sampled_class(cls)]);
+    struct sample_state saved = sample_state_save(heap);
+    bool sample = saved.left < (int64_t)bs && take_sample(heap, bs, lum_class_size[lum_sampled_class(cls)]);
     if (!lum_sampled_regrow(page, sample ? lum_sampled_class(cls) : cls, sample ? NULL : heap)) {
-        heap->sample_left = left;
+        /* a stale point take_sample drew again stays drawn: it was no point to sample at */
+        if (sample) sample_state_restore(heap, saved);
         return false;
     }
     lum_count_free(heap, had);

@@ -89,33 +89,39 @@ static char *sampled_block(size_t size)
     return NULL;
 }
 
-/* A sampled block of 128 KiB or more leaves nothing resident once its page has stayed empty a
- * moment (a ring needs it again at once; SAMPLED_UNCARVE_DELAY_MS): the page, kept empty for
- * the class's next sample, carves afresh.  A smaller one's page keeps its carved blocks. */
+/* A sampled block over 64 KiB (a page of its own) goes back to its segment at its free, its
+ * memory left resident for the next page to take its slices (span_kept): kept as the class's
+ * empty sampled page and uncarved 20 ms later, it held its slices out of the ordinary pages'
+ * reach and came back faulted in at the next sample (python3: 14% more page faults with default
+ * sampling).  A purge gives it back.  A smaller one's page keeps its carved blocks. */
 static void emptied_sampled_page_keeps_memory_under_128k(void **state)
 {
     (void)state;
     assert_int_equal(lum_options_set("sample_interval", "1"), 0); /* every allocation sampled */
     const size_t big = 100000, small = 2000;
     char *p = sampled_block(big), *q = sampled_block(small);
-    struct lum_page *bp = lum_page_of(p), *sp = lum_page_of(q);
+    struct lum_page *sp = lum_page_of(q);
     memset(p, 1, big);
     memset(q, 1, small);
     assert_true(resident_bytes(p, big) >= big);
     uintptr_t pa = (uintptr_t)p;
+    struct lum_segment *seg = lum_segment_of(p);
+    unsigned slice = (unsigned)((pa - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     free(p);
     free(q);
     size_t at_once = resident_bytes((void *)(pa + 4096), big - 4096);
-    /* later, at the next sampled free, it goes */
+    /* past the delay that empty pages of several blocks wait, at the next sampled free */
     usleep(50 * 1000);
     free(sampled_block(small));
     lum_options_set("sample_interval", "0");
     size_t left = resident_bytes((void *)(pa + 4096), big - 4096);
-    printf("# after the free: %zu bytes of the %zu B block resident at once, %zu 50 ms later (page "
-           "carved %u), small block's page carved %u\n", at_once, big, left, bp->carved, sp->carved);
+    bool slice_free = seg->free_slices >> slice & 1;
+    printf("# after the free: %zu bytes of the %zu B block resident at once, %zu 50 ms later (its "
+           "first slice %s), small block's page carved %u\n", at_once, big, left,
+           slice_free ? "free" : "taken again", sp->carved);
     assert_true(at_once >= big - 8192);
-    assert_int_equal(left, 0);
-    /* and at once on a purge */
+    assert_true(left >= big - 8192);
+    /* and gone on a purge */
     assert_int_equal(lum_options_set("sample_interval", "1"), 0);
     char *r = sampled_block(big);
     memset(r, 1, big);
@@ -126,7 +132,6 @@ static void emptied_sampled_page_keeps_memory_under_128k(void **state)
     size_t purged_left = resident_bytes((void *)(ra + 4096), big - 4096);
     printf("# a second one, after lum_purge(): %zu bytes resident\n", purged_left);
     assert_int_equal(purged_left, 0);
-    if (bp->slices && bp->kind == LUM_PAGE_SAMPLED) assert_int_equal(bp->carved, 0); /* kept, not released */
     assert_true(sp->carved > 0);
     /* under 128 KiB the page keeps the block's memory for the class's next sample: a ring of
      * 16-64 KiB buffers otherwise faulted a sampled page in again every few samples */
