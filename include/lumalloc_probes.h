@@ -141,6 +141,7 @@
 #define LUM_PURGE_EXPLICIT 2 /* lum_purge() / malloc_trim() */
 #define LUM_PURGE_PRESSURE 3 /* PSI memory-pressure trigger */
 #define LUM_PURGE_LIMIT 4    /* freed-but-resident memory outgrew the live heap */
+#define LUM_PURGE_FRAGMENT 5 /* free slices too few together for a page that faults memory in */
 
 /* Exact per-thread counters, updated only by the owning thread (plain stores: readers on
  * x86-64 see whole aligned u64s).  Bytes are usable bytes, as jemalloc's thread.allocated. */

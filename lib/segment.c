@@ -457,8 +457,9 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
     uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
     bool cold = mapped_new || (mask & seg->purged_slices);
     /* not in huge-page mode, where it would split huge pages */
+    struct purge_out fragment_out = {0, 0, 0};
     if (cold && !lum_opt.thp)
-        purge_fragments_locked(n, (size_t)popcount64(mask & seg->purged_slices) * LUM_SLICE_SIZE, &limit_out);
+        purge_fragments_locked(n, (size_t)popcount64(mask & seg->purged_slices) * LUM_SLICE_SIZE, &fragment_out);
     __atomic_sub_fetch(&dirty_resident, lum_span_bytes(seg, (unsigned)idx, n), __ATOMIC_RELAXED);
     size_t keep = 0, lost = 0;
     size_t tail = inherit_span(seg, (unsigned)idx, n, tag, &keep, &lost);
@@ -503,6 +504,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
     /* nobody carves the page before it is returned: its span can go back outside the lock */
     if (tail) return_pages(page->start + keep, tail);
     account_purge(&limit_out, LUM_PURGE_LIMIT);
+    account_purge(&fragment_out, LUM_PURGE_FRAGMENT);
     /* Freed large blocks can never become pages: with memory that was not resident taken
      * anyway (a new segment, or free slices purged or never touched), keeping them would hold
      * both resident until decay (bench python, PYTHONMALLOC=malloc: ~2 MiB of them at its peak;
