@@ -978,6 +978,7 @@ static struct lum_page *heap_unpark_any(struct lum_heap *heap, unsigned cls)
 }
 
 static bool grow_sampled(struct lum_heap *heap, struct lum_page *page, unsigned cls, size_t asked);
+static bool grow_takes_sample(struct lum_heap *heap, unsigned cls, struct sample_state *saved);
 static bool regrow_sampled(struct lum_heap *heap, struct lum_page *page, size_t size, size_t asked);
 
 /* Whether a block of class from may grow in place into cls, as far as the heap goes: only
@@ -1027,21 +1028,14 @@ bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t si
     if (page->kind != LUM_PAGE_SMALL) return false;
     unsigned old = page->cls;
     unsigned cls = lum_size_class(size);
-    size_t bs = lum_class_size[cls];
     if (!grow_may_take(heap, cls, old) ||
         atomic_load_explicit(&page->owner, memory_order_relaxed) != heap || lum_page_live(page) != 1 ||
         page->carved != 1 || page->retained || (uintptr_t)atomic_load_explicit(&page->thread_free, memory_order_relaxed) > 1)
         return false;
-    /* the sample decision as malloc's slow path takes it (sample_alloc), undone if the page
-     * cannot grow: malloc then takes the same point */
-    struct sample_state saved = sample_state_save(heap);
-    unsigned to = cls;
-    if (saved.left < (int64_t)bs && take_sample(heap, bs, lum_class_size[to = lum_sampled_class(cls)])) {
-        if (!lum_page_grow(page, to)) {
-            sample_state_restore(heap, saved);
-            return false;
-        }
-    } else if (to = cls, !lum_page_grow(page, cls)) {
+    struct sample_state saved;
+    bool sample = grow_takes_sample(heap, cls, &saved);
+    if (!lum_page_grow(page, sample ? lum_sampled_class(cls) : cls)) {
+        if (sample) sample_state_restore(heap, saved);
         return false;
     }
     if (heap->current[old] == page) lum_heap_set_current(heap, old, &lum_empty_page);
@@ -1050,7 +1044,7 @@ bool lum_heap_grow_block(struct lum_heap *heap, struct lum_page *page, size_t si
     LUM_OWN_SET(page->used, 1);
     LUM_OWN_SET(page->in_full, 0);
     lum_count_free(heap, lum_class_size[old]);
-    if (to != cls) return grow_sampled(heap, page, cls, asked);
+    if (sample) return grow_sampled(heap, page, cls, asked);
     grown_current(heap, page, cls);
     return true;
 }
@@ -1248,6 +1242,26 @@ static LUM_NOINLINE void *sample_alloc(struct lum_heap *heap, size_t size, unsig
     return p;
 }
 
+/* The sample decision for a block realloc grows in place into class cls, as malloc's slow path
+ * takes it (sample_alloc); saved: the point before it, for the caller to put back if the page
+ * cannot grow, so that malloc then takes the same point.  A bool, not "the class grown to is
+ * the sampled class": 128 and 256 KiB are their own sampled class, and growths into them that
+ * were sampled went unrecorded (the point moved on). */
+static bool grow_takes_sample(struct lum_heap *heap, unsigned cls, struct sample_state *saved)
+{
+    *saved = sample_state_save(heap);
+    size_t bs = lum_class_size[cls];
+    return saved->left < (int64_t)bs && take_sample(heap, bs, lum_class_size[lum_sampled_class(cls)]);
+}
+
+/* A grown block's page, a sampled page now: counted and recorded as sample_alloc's block would
+ * be, for class cls at the size the program asked for. */
+static void grown_sample_record(struct lum_heap *heap, struct lum_page *page, unsigned cls, size_t asked)
+{
+    lum_sampled_count(heap, page);
+    record_sample(heap, page->start, asked, cls, lum_sampled_rec(page, page->start));
+}
+
 /* lum_heap_grow_block's grown block, of class cls, with the sample point in it, grown to its
  * sampled class: its page, off the heap's lists, becomes a sampled page with it (counted and
  * recorded as sample_alloc's block would be).  Without a record array (no metadata memory)
@@ -1261,9 +1275,7 @@ static LUM_NOINLINE bool grow_sampled(struct lum_heap *heap, struct lum_page *pa
         grown_current(heap, page, page->cls);
         return true;
     }
-    lum_heap_count_alloc(heap, page->block_size);
-    LUM_OWN_ADD(heap->tc.sampled_count, 1);
-    record_sample(heap, page->start, asked, cls, lum_sampled_rec(page, page->start));
+    grown_sample_record(heap, page, cls, asked);
     return true;
 }
 
@@ -1277,10 +1289,10 @@ static LUM_NOINLINE bool regrow_sampled(struct lum_heap *heap, struct lum_page *
     uint64_t own = lum_sampled_rec(page, page->start)->usable; /* 0: taken unsampled */
     if (page->capacity != 1 || page->used != 1 || !own) return false;
     unsigned cls = lum_size_class(size);
-    size_t bs = lum_class_size[cls], had = page->block_size;
+    size_t had = page->block_size;
     if (!grow_may_take(heap, cls, lum_size_class(own))) return false;
-    struct sample_state saved = sample_state_save(heap);
-    bool sample = saved.left < (int64_t)bs && take_sample(heap, bs, lum_class_size[lum_sampled_class(cls)]);
+    struct sample_state saved;
+    bool sample = grow_takes_sample(heap, cls, &saved);
     if (!lum_sampled_regrow(page, sample ? lum_sampled_class(cls) : cls, sample ? NULL : heap)) {
         /* a stale point take_sample drew again stays drawn: it was no point to sample at */
         if (sample) sample_state_restore(heap, saved);
@@ -1291,9 +1303,7 @@ static LUM_NOINLINE bool regrow_sampled(struct lum_heap *heap, struct lum_page *
         grown_current(heap, page, cls);
         return true;
     }
-    lum_heap_count_alloc(heap, page->block_size);
-    LUM_OWN_ADD(heap->tc.sampled_count, 1);
-    record_sample(heap, page->start, asked, cls, lum_sampled_rec(page, page->start));
+    grown_sample_record(heap, page, cls, asked);
     return true;
 }
 

@@ -9,7 +9,7 @@
 #define LUM_HIDDEN __attribute__((visibility("hidden")))
 /* On the definition of a variable every sample reads or writes (the sampled pages' lock, the
  * sample counters, the record table's slot count, the unwinder's counters and generation, the
- * failure-injection flag, the sampling interval's epoch, the sampled pages' uncarve_due, which
+ * failure-injection flag, the sampling interval's epoch, the sampled pages' release_due, which
  * every sampled free reads): lib/cold_text.ld gathers them in one 64-aligned output section, one
  * cache line with LUM_SAMPLE_DATA_TAIL's first field (nm: 0x38 bytes), where .bss had them on five lines among variables nothing else on the sampling
  * path reads.  A sample comes every 512 KiB, so its lines are out of L1 each time: every line

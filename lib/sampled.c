@@ -72,11 +72,17 @@ static struct lum_sample_rec *recs_get(unsigned cls, uint32_t capacity)
     return a ? (struct lum_sample_rec *)((a + 63) & ~(uintptr_t)63) : NULL;
 }
 
+/* A record slot array for class cls's next page; under lum_sampled_lock. */
+static void recs_put(unsigned cls, struct lum_sample_rec *recs)
+{
+    *(void **)recs = recs_free[cls];
+    recs_free[cls] = recs;
+}
+
 /* Gives back a sampled page with its record slots; under lum_sampled_lock. */
 static void sampled_page_release(struct lum_page *page)
 {
-    *(void **)page->recs = recs_free[page->cls];
-    recs_free[page->cls] = page->recs;
+    recs_put(page->cls, page->recs);
     page->recs = NULL;
     lum_page_release(page, false);
 }
@@ -210,8 +216,7 @@ bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *own
     lum_on_sample_free_rec(page->start, recs);
     if (owner) {
         lum_lock(&lum_sampled_lock);
-        *(void **)recs = recs_free[old];
-        recs_free[old] = recs;
+        recs_put(old, recs);
         lum_unlock(&lum_sampled_lock);
     }
     return true;

@@ -618,7 +618,7 @@ static void purge_fragments_locked(unsigned n, size_t want, struct purge_out *ou
     if (!__atomic_load_n(&dirty_resident, __ATOMIC_RELAXED))
         return;
     unsigned looked = 0, calls = 0;
-    for (struct lum_segment *seg = segments; seg && got < want && looked < FRAGMENT_WALK_MAX;
+    for (struct lum_segment *seg = segments; seg && got < want && looked < FRAGMENT_WALK_MAX && calls < FRAGMENT_CALLS_MAX;
          seg = seg->next, looked++) {
         uint64_t free = seg->free_slices, resident = free & ~seg->purged_slices;
         if (!resident) continue;

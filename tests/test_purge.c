@@ -261,8 +261,8 @@ static void purge_gives_back_the_callers_empty_pages(void **state)
     lum_purge();
     lum_stats_snapshot(&s);
     /* One thread: a class without a live block (stdio's buffers are live) has no page left.
-     * Not the classes of sampled blocks (powers of two from 256 B): the sampled pages a class
-     * keeps empty are uncarved, they hold no memory (sampled.c). */
+     * Not the classes of sampled blocks (powers of two from 256 B): a class keeps an empty
+     * sampled page or two for its next samples (sampled.c, keep_empty). */
     unsigned kept = 0;
     for (unsigned c = 0; c < LUM_STATS_CLASSES; c++) {
         uint32_t bs = s.classes[c].block_size;

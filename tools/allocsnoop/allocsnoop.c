@@ -1382,9 +1382,17 @@ int main(int argc, char **argv)
     /* The exit program dates the exits of processes gone (their blocks' ages stop there); where
      * it does not load or attach, their last events do, as before. */
     bool exit_prog = true;
-    /* Without the exit program first, then without the exec programs too: one that does not
-     * load (an older verifier, a kernel without the tracepoint's BTF) costs only its own use. */
-    for (int attempt = 0; attempt < 3 && !skel; attempt++) {
+    /* Every optional program, then without the exit program, without the exec programs, and
+     * with neither: one that does not load (an older verifier, a kernel without the
+     * tracepoint's BTF) costs only its own use, whichever it is. */
+    const bool want_exec = exec_progs;
+    const bool tries[][2] = {{true, true}, {true, false}, {false, true}, {false, false}}; /* exec, exit */
+    int load_err = 0;
+    for (size_t attempt = 0; attempt < sizeof(tries) / sizeof(tries[0]) && !skel; attempt++) {
+        exec_progs = want_exec && tries[attempt][0];
+        exit_prog = tries[attempt][1];
+        if (!want_exec && !tries[attempt][0])
+            continue; /* the exec programs were never asked for: the first two tries were these */
         skel = allocsnoop_bpf__open();
         if (!skel)
             tc_die("cannot open the BPF programs: %s", strerror(errno));
@@ -1400,24 +1408,16 @@ int main(int argc, char **argv)
         bpf_program__set_autoload(skel->progs.on_process_exit, exit_prog);
         if (allocsnoop_bpf__load(skel) == 0)
             break;
-        int e = errno;
+        load_err = errno;
         allocsnoop_bpf__destroy(skel);
         skel = NULL;
-        if (!exec_progs && !exit_prog)
-            tc_die("cannot load the BPF programs: %s", strerror(e));
-        if (exit_prog) {
-            if (tc_verbose)
-                tc_warn("a process gone will have its blocks aged at its last event: the exit program does not "
-                        "load: %s", strerror(e));
-            exit_prog = false;
-        } else {
-            if (tc_verbose)
-                tc_warn("records waiting at an exec will be lost: the exec programs do not load: %s", strerror(e));
-            exec_progs = false;
-        }
     }
     if (!skel)
-        tc_die("cannot load the BPF programs: %s", strerror(errno));
+        tc_die("cannot load the BPF programs: %s", strerror(load_err));
+    if (tc_verbose && want_exec && !exec_progs)
+        tc_warn("records waiting at an exec will be lost: the exec programs do not load");
+    if (tc_verbose && !exit_prog)
+        tc_warn("a process gone will have its blocks aged at its last event: the exit program does not load");
     if (exec_progs) {
         struct bpf_program *ep[] = {skel->progs.on_execve, skel->progs.on_execveat, skel->progs.on_execve_ret,
                                     skel->progs.on_execveat_ret, skel->progs.on_exec};
