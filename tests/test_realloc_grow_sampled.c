@@ -81,6 +81,16 @@ static bool sampled(const void *p)
     return lum_page_of(p)->kind == LUM_PAGE_SAMPLED;
 }
 
+/* A block of n bytes, filled, on a sampled page or not as want_sampled says. */
+static unsigned char *filled_block(size_t n, bool want_sampled)
+{
+    unsigned char *p = p_malloc(n);
+    assert_non_null(p);
+    assert_int_equal(sampled(p), want_sampled);
+    fill(p, 0, n);
+    return p;
+}
+
 /* Grows p (n bytes, filled) by CPython's steps up to top, each step's block sampled or not as
  * want_sampled says; gives how many steps moved it, and in *grown how many needed a bigger
  * block (realloc pads growth: the others stay put). */
@@ -129,10 +139,7 @@ static void sampled_steps_grow_in_place(void **state)
     uint64_t before = allocated(), res = resident();
     struct lum_prof_stats p0 = prof();
     size_t n = 70000;
-    unsigned char *p = p_malloc(n);
-    assert_non_null(p);
-    assert_true(sampled(p));
-    fill(p, 0, n);
+    unsigned char *p = filled_block(n, true);
     unsigned steps;
     unsigned moves = grow(&p, &n, TOP, true, &steps);
     assert_true(steps >= 3);
@@ -162,10 +169,7 @@ static void sampled_block_grows_into_an_ordinary_one(void **state)
     uint64_t before = allocated();
     struct lum_prof_stats p0 = prof();
     size_t n = 70000;
-    unsigned char *p = p_malloc(n);
-    assert_non_null(p);
-    assert_true(sampled(p));
-    fill(p, 0, n);
+    unsigned char *p = filled_block(n, true);
     assert_int_equal(lum_options_set("sample_interval", "0"), 0);
     unsigned steps;
     unsigned moves = grow(&p, &n, TOP, false, &steps);
@@ -198,10 +202,7 @@ static void ordinary_block_grown_into_its_own_sampled_class(void **state)
     prime();
     /* 81920 B, two slices; grown to 128000 (no padding: the step is over half the block) the
      * page stays two slices, of the 128 KiB class */
-    unsigned char *p = p_malloc(70000);
-    assert_non_null(p);
-    assert_false(sampled(p));
-    fill(p, 0, 70000);
+    unsigned char *p = filled_block(70000, false);
     sample_every_kib();
     struct lum_prof_stats p0 = prof();
     unsigned char *q = p_realloc(p, 128000);
