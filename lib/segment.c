@@ -39,6 +39,21 @@ static void purge_excess_locked(size_t target, uint64_t now, struct purge_out *o
 static void purge_fragments_locked(unsigned n, size_t want, struct purge_out *out);
 static size_t account_purge(const struct purge_out *out, uint32_t reason);
 
+/* The bits of slices start .. start + len - 1 (len up to LUM_SLICES). */
+static inline uint64_t slices_mask(unsigned start, unsigned len)
+{
+    return (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
+}
+
+/* The first run of set bits in bits (not 0): its start and length.  Slice 0 (the header) is
+ * never free, so a run of free slices ends in a zero bit once shifted down. */
+static inline uint64_t first_run(uint64_t bits, unsigned *start, unsigned *len)
+{
+    *start = (unsigned)__builtin_ctzll(bits);
+    *len = (unsigned)__builtin_ctzll(~(bits >> *start));
+    return slices_mask(*start, *len);
+}
+
 static void segment_init(struct lum_segment *seg)
 {
     seg->kind = LUM_SEG_SMALL;
@@ -454,7 +469,7 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
         }
         idx = find_run(seg->free_slices, n);
     }
-    uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
+    uint64_t mask = slices_mask((unsigned)idx, n);
     bool cold = mapped_new || (mask & seg->purged_slices);
     /* not in huge-page mode, where it would split huge pages */
     struct purge_out fragment_out = {0, 0, 0};
@@ -540,7 +555,7 @@ bool lum_page_grow(struct lum_page *page, unsigned cls)
     if (idx + m > LUM_SLICES) return false;
     lum_lock(&lum_segment_lock);
     if (m > n) {
-        uint64_t mask = (((uint64_t)1 << (m - n)) - 1) << (idx + n);
+        uint64_t mask = slices_mask(idx + n, m - n);
         /* Only slices still resident: a page that would take purged ones comes from
          * lum_page_alloc, which looks for resident ones first and empties the large cache when
          * it takes memory that is not (a random realloc mix of 1000-300000 B on 3 threads
@@ -573,13 +588,11 @@ static size_t purge_slices_locked(struct lum_segment *seg, uint64_t candidates, 
 {
     size_t held = 0;
     while (candidates) {
-        int start = __builtin_ctzll(candidates);
-        /* slice 0 is never free, so the shifted run always ends in a zero bit */
-        int len = __builtin_ctzll(~(candidates >> start));
+        unsigned start, len;
+        uint64_t mask = first_run(candidates, &start, &len);
         return_pages(lum_seg_base(seg) + (size_t)start * LUM_SLICE_SIZE, (size_t)len * LUM_SLICE_SIZE);
-        uint64_t mask = (len == 64 ? ~(uint64_t)0 : (((uint64_t)1 << len) - 1)) << start;
         seg->purged_slices |= mask;
-        size_t spans = trim_span(seg, (unsigned)start, (unsigned)len, 0);
+        size_t spans = trim_span(seg, start, len, 0);
         __atomic_sub_fetch(&dirty_resident, spans, __ATOMIC_RELAXED);
         candidates &= ~mask;
         out->madvised += (size_t)len * LUM_SLICE_SIZE;
@@ -623,9 +636,8 @@ static void purge_fragments_locked(unsigned n, size_t want, struct purge_out *ou
         uint64_t free = seg->free_slices, resident = free & ~seg->purged_slices;
         if (!resident) continue;
         for (uint64_t runs = free; runs && got < want && calls < FRAGMENT_CALLS_MAX;) {
-            unsigned start = (unsigned)__builtin_ctzll(runs);
-            unsigned len = (unsigned)__builtin_ctzll(~(runs >> start));
-            uint64_t run = (((uint64_t)1 << len) - 1) << start; /* len < 64: slice 0 is never free */
+            unsigned start, len;
+            uint64_t run = first_run(runs, &start, &len);
             runs &= ~run;
             /* a run whose spans hold nothing (an uncarved or trimmed page's) is not worth a
              * system call under the lock: it gives nothing back */
@@ -781,7 +793,7 @@ void lum_page_release(struct lum_page *page, bool may_keep_span)
         seg->slice_page[idx + i] = &lum_invalid_sentinel;
         seg->freed_at_ms[idx + i] = now;
     }
-    uint64_t mask = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << idx;
+    uint64_t mask = slices_mask((unsigned)idx, n);
     seg->free_slices |= mask;
     __atomic_add_fetch(&dirty_bytes, (size_t)n * LUM_SLICE_SIZE, __ATOMIC_RELAXED);
     __atomic_add_fetch(&dirty_resident, lum_span_bytes(seg, idx, n), __ATOMIC_RELAXED);

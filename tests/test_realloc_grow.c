@@ -22,23 +22,12 @@
 static void *(*volatile p_malloc)(size_t) = malloc;
 static void *(*volatile p_realloc)(void *, size_t) = realloc;
 
-static void fill(unsigned char *p, size_t from, size_t to)
-{
-    for (size_t j = from; j < to; j++) p[j] = (unsigned char)(j * 13 + 5);
-}
-
-static void check(const unsigned char *p, size_t n)
-{
-    for (size_t j = 0; j < n; j++)
-        if (p[j] != (unsigned char)(j * 13 + 5)) fail_msg("byte %zu of %zu lost", j, n);
-}
-
 /* A block of n bytes (alone on its page: n is over 64 KiB), filled. */
 static unsigned char *filled_block(size_t n)
 {
     unsigned char *p = p_malloc(n);
     assert_non_null(p);
-    fill(p, 0, n);
+    fill_pattern(p, 0, n);
     return p;
 }
 
@@ -64,8 +53,8 @@ static unsigned grow(unsigned char **pp, size_t *np)
         unsigned char *q = p_realloc(p, m);
         assert_non_null(q);
         if (q != p) moves++;
-        check(q, n);
-        fill(q, n, m);
+        check_pattern(q, n);
+        fill_pattern(q, n, m);
         assert_true(malloc_usable_size(q) >= m);
         p = q;
         n = m;
@@ -112,7 +101,7 @@ static void grows_in_place_and_counts_as_a_copy_would(void **state)
     assert_non_null(other);
     assert_ptr_not_equal(other, p);
     memset(other, 1, n);
-    check(p, n);
+    check_pattern(p, n);
     free(p);
     free(other);
     assert_int_equal(allocated(), before);
@@ -129,7 +118,7 @@ static void blocked_growth_moves(void **state)
     assert_non_null(next);
     unsigned char *q = p_realloc(p, 200000);
     assert_non_null(q);
-    check(q, n);
+    check_pattern(q, n);
     if ((unsigned char *)next == p + 2 * 65536) assert_ptr_not_equal(q, p);
     free(next);
     free(q);
@@ -138,7 +127,7 @@ static void blocked_growth_moves(void **state)
 
 static void *free_it(void *arg)
 {
-    check(arg, TOP);
+    check_pattern(arg, TOP);
     free(arg);
     return NULL;
 }
@@ -189,7 +178,7 @@ static size_t forked_n;
 
 static int in_the_child(void)
 {
-    check(forked_block, forked_n);
+    check_pattern(forked_block, forked_n);
     unsigned char *q = realloc(forked_block, 150000); /* shrinks by less than half: stays */
     if (q != forked_block || lum_heap_check(1)) return 2;
     free(q);
@@ -209,7 +198,7 @@ static void grown_block_in_a_fork_child(void **state)
     int status = fork_and_wait(in_the_child);
     assert_true(WIFEXITED(status));
     assert_int_equal(WEXITSTATUS(status), 0);
-    check(p, n);
+    check_pattern(p, n);
     free(p);
 }
 

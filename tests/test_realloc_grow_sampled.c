@@ -20,20 +20,10 @@
 #include "lumalloc_options.h"
 #include "lumalloc_prof.h"
 #include "lumalloc_stats.h"
+#include "test_support.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
 static void *(*volatile p_realloc)(void *, size_t) = realloc;
-
-static void fill(unsigned char *p, size_t from, size_t to)
-{
-    for (size_t j = from; j < to; j++) p[j] = (unsigned char)(j * 13 + 5);
-}
-
-static void check(const unsigned char *p, size_t n)
-{
-    for (size_t j = 0; j < n; j++)
-        if (p[j] != (unsigned char)(j * 13 + 5)) fail_msg("byte %zu of %zu lost", j, n);
-}
 
 static struct lum_stats stats;
 
@@ -87,7 +77,7 @@ static unsigned char *filled_block(size_t n, bool want_sampled)
     unsigned char *p = p_malloc(n);
     assert_non_null(p);
     assert_int_equal(sampled(p), want_sampled);
-    fill(p, 0, n);
+    fill_pattern(p, 0, n);
     return p;
 }
 
@@ -108,8 +98,8 @@ static unsigned grow(unsigned char **pp, size_t *np, size_t top, bool want_sampl
         unsigned char *q = p_realloc(p, m);
         assert_non_null(q);
         if (q != p) moves++;
-        check(q, n);
-        fill(q, n, m);
+        check_pattern(q, n);
+        fill_pattern(q, n, m);
         assert_true(malloc_usable_size(q) >= m);
         assert_int_equal(sampled(q), want_sampled);
         if (want_sampled) {
@@ -184,7 +174,7 @@ static void sampled_block_grows_into_an_ordinary_one(void **state)
     unsigned char *other = p_malloc(n);
     assert_non_null(other);
     memset(other, 1, n);
-    check(p, n);
+    check_pattern(p, n);
     free(p);
     free(other);
     assert_int_equal(allocated(), before);
@@ -208,7 +198,7 @@ static void ordinary_block_grown_into_its_own_sampled_class(void **state)
     unsigned char *q = p_realloc(p, 128000);
     assert_ptr_equal(q, p);
     assert_true(sampled(q));
-    check(q, 70000);
+    check_pattern(q, 70000);
     struct lum_prof_stats p1 = prof();
     assert_int_equal(p1.samples - p0.samples, 1);
     assert_int_equal(p1.live_samples - p0.live_samples, 1);

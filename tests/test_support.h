@@ -111,4 +111,19 @@ static inline void run_on_stack(ucontext_t *co, ucontext_t *back, void *stack, s
     assert_int_equal(swapcontext(back, co), 0);
 }
 
+#ifdef fail_msg /* after cmocka.h */
+/* Bytes from..to-1 of p set to a pattern of their offset, which check_pattern finds again
+ * after a block moved or grew (realloc's tests). */
+static inline void fill_pattern(unsigned char *p, size_t from, size_t to)
+{
+    for (size_t j = from; j < to; j++) p[j] = (unsigned char)(j * 13 + 5);
+}
+
+static inline void check_pattern(const unsigned char *p, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        if (p[j] != (unsigned char)(j * 13 + 5)) fail_msg("byte %zu of %zu lost", j, n);
+}
+#endif
+
 #endif
