@@ -537,6 +537,9 @@ void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 void lum_page_touch(struct lum_page *page, size_t end);
 bool lum_page_grow(struct lum_page *page, unsigned cls);
+/* A page that stays where it is changes kind and owner (realloc's growth of sampled blocks):
+ * under lum_segment_lock, as every change of kind. */
+void lum_page_change_kind(struct lum_page *page, enum lum_page_kind kind, struct lum_heap *owner);
 size_t lum_segments_purge(bool all, uint32_t reason);
 size_t lum_segments_purge_excess(size_t target, uint64_t min_age);
 void lum_segments_for_each(void (*fn)(struct lum_segment *, void *), void *arg);

@@ -174,15 +174,8 @@ bool lum_sampled_adopt(struct lum_page *page)
     struct lum_sample_rec *recs = recs_get(page->cls, page->capacity);
     if (recs) {
         page->recs = recs;
-        /* as lum_page_alloc makes a sampled page: nobody's.  Under the segment lock, as
-         * everywhere a page's kind changes: the slice-map walkers (stats, lum_heap_check) read
-         * kind and owner under it, and an ordinary page without an owner outside it is one
-         * lum_heap_check reports.  The kind first, so that no walker sees an ordinary page
-         * without its owner. */
-        lum_lock(&lum_segment_lock);
-        page->kind = LUM_PAGE_SAMPLED;
-        atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
-        lum_unlock(&lum_segment_lock);
+        /* as lum_page_alloc makes a sampled page: nobody's */
+        lum_page_change_kind(page, LUM_PAGE_SAMPLED, NULL);
         /* full: behind the pages with free blocks, as sampled_pop leaves them */
         lum_list_push_back(&lum_sampled_pages[page->cls], page);
     }
@@ -203,11 +196,7 @@ bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *own
     struct lum_sample_rec *recs = page->recs;
     if (owner) {
         page->recs = NULL;
-        /* the owner before the kind, under the segment lock (see lum_sampled_adopt) */
-        lum_lock(&lum_segment_lock);
-        atomic_store_explicit(&page->owner, owner, memory_order_relaxed);
-        page->kind = LUM_PAGE_SMALL;
-        lum_unlock(&lum_segment_lock);
+        lum_page_change_kind(page, LUM_PAGE_SMALL, owner);
     } else {
         lum_list_push_back(&lum_sampled_pages[to], page);
     }

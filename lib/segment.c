@@ -603,6 +603,18 @@ static size_t purge_slices_locked(struct lum_segment *seg, uint64_t candidates, 
     return held;
 }
 
+void lum_page_change_kind(struct lum_page *page, enum lum_page_kind kind, struct lum_heap *owner)
+{
+    /* The slice-map walkers (stats, lum_heap_check) read kind and owner under the lock, and an
+     * ordinary page without an owner outside it is one lum_heap_check reports: the owner goes
+     * before an ordinary page's kind, after a sampled one's. */
+    lum_lock(&lum_segment_lock);
+    if (kind == LUM_PAGE_SMALL) atomic_store_explicit(&page->owner, owner, memory_order_relaxed);
+    page->kind = (uint8_t)kind;
+    if (kind != LUM_PAGE_SMALL) atomic_store_explicit(&page->owner, owner, memory_order_relaxed);
+    lum_unlock(&lum_segment_lock);
+}
+
 /* Segments a cold page looks at for fragments to give back (purge_fragments_locked): 128 MiB
  * of heap, the newest first, where a ring of buffers like bench's churns. */
 #define FRAGMENT_WALK_MAX 32
