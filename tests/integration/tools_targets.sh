@@ -138,9 +138,11 @@ PY
 stop_target
 
 echo "== the target execs itself while alloctop watches ($MODE)"
-start_shapes exec 1000 8
+# the exec 2.5 s in: alloctop's first reading must come before it, on a loaded machine too (1 s
+# was too short once beside the sanitizer builds under ctest -j2)
+start_shapes exec 2500 8
 sleep 0.3
-"$ALLOCTOP" -p "$TP" --json 0.5 7 > "$TMP/exec.jsonl" 2> "$TMP/exec.err" || { cat "$TMP/exec.err"; fail "alloctop"; }
+"$ALLOCTOP" -p "$TP" --json 0.5 10 > "$TMP/exec.jsonl" 2> "$TMP/exec.err" || { cat "$TMP/exec.err"; fail "alloctop"; }
 python3 - "$TMP/exec.jsonl" <<'PY' || fail "alloctop after the target's exec"
 import json, sys
 objs = [json.loads(l) for l in open(sys.argv[1])]
