@@ -35,10 +35,15 @@ static __always_inline bool wanted(u32 kind, u64 size)
 }
 
 /* Processes seen so far: the first event of a process wakes the reader at once, so that it
- * snapshots the process's mappings for symbolisation even if the process is short-lived. */
+ * snapshots the process's mappings for symbolisation even if the process is short-lived.
+ * Sized for -b on a host where thousands of processes map the library at once: a busy process
+ * is looked up only when another's event came between two of its own (seen_last), so its entry
+ * ages in the LRU whatever its rate, and once evicted its exit event (on_process_exit) is lost
+ * and its blocks are aged at its last event instead.  An LRU still, not a plain hash: without
+ * on_process_exit (a kernel lacking tp_btf) nothing deletes entries.  ~64 bytes an entry. */
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
-    __uint(max_entries, 1024);
+    __uint(max_entries, 16384);
     __type(key, u32);
     __type(value, u8);
 } seen SEC(".maps");
