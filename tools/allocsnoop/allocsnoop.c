@@ -359,6 +359,25 @@ static uint32_t stack_of(const struct snoop_event *e)
 
 static uint64_t live_key(uint32_t pid, uint64_t ptr) { return (ptr ^ ((uint64_t)pid << 47)) | 1; }
 
+/* pid -> its sampled and large blocks live: an exec (drop_live_of) scans every process's blocks
+ * only for a process that has some.  With -b over an exec-heavy host (a build), each exec of a
+ * process that had sent an event scanned all the others' blocks. */
+static struct tc_map64 pid_lives;
+static bool pid_lives_incomplete; /* a count could not be stored: every exec scans */
+
+static void pid_lives_add(uint32_t pid, int delta)
+{
+    uint64_t key = (uint64_t)pid + 1;
+    uint64_t *n = tc_map64_put(&pid_lives, key, NULL);
+    if (!n) {
+        pid_lives_incomplete = true;
+        return;
+    }
+    *n += (uint64_t)(int64_t)delta;
+    if (!*n)
+        tc_map64_del(&pid_lives, key, NULL);
+}
+
 static void track_sample(const struct snoop_event *e)
 {
     uint32_t si = stack_of(e);
@@ -371,6 +390,7 @@ static void track_sample(const struct snoop_event *e)
     s->inuse_space += w;
     s->inuse_objects += objs;
     s->live_samples++;
+    pid_lives_add(e->pid, 1);
     uint32_t li;
     if (free_live != UINT32_MAX) {
         li = free_live;
@@ -392,6 +412,7 @@ static void track_sample(const struct snoop_event *e)
         stacks[o->stack].inuse_space -= o->weight;
         stacks[o->stack].inuse_objects -= o->objects;
         stacks[o->stack].live_samples--;
+        pid_lives_add(e->pid, -1);
         o->next_free = free_live;
         free_live = (uint32_t)(old - 1);
     }
@@ -408,6 +429,7 @@ static void track_free(const struct snoop_event *e)
     s->inuse_space -= r->weight;
     s->inuse_objects -= r->objects;
     s->live_samples--;
+    pid_lives_add(e->pid, -1);
     r->next_free = free_live;
     free_live = (uint32_t)(li - 1);
 }
@@ -422,9 +444,11 @@ static void track_large(const struct snoop_event *e)
         if (tc_map64_del(&large_idx, key, &old)) { /* lost large_free: retire the old block */
             stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
             stacks[old >> 40].large_live_count--;
+            pid_lives_add(e->pid, -1);
         }
         stacks[si].large_live_bytes += sz;
         stacks[si].large_live_count++;
+        pid_lives_add(e->pid, 1);
         uint64_t *v = tc_map64_put(&large_idx, key, NULL);
         if (v)
             *v = (uint64_t)si << 40 | sz;
@@ -433,6 +457,7 @@ static void track_large(const struct snoop_event *e)
     } else if (tc_map64_del(&large_idx, key, &old)) {
         stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
         stacks[old >> 40].large_live_count--;
+        pid_lives_add(e->pid, -1);
         tc_map64_del(&large_ts, key, NULL);
     }
 }
@@ -441,6 +466,8 @@ static void track_large(const struct snoop_event *e)
  * as still live at exit. */
 static void drop_live_of(pid_t pid)
 {
+    if (!tc_map64_del(&pid_lives, (uint64_t)(uint32_t)pid + 1, NULL) && !pid_lives_incomplete)
+        return;
     uint64_t *keys = malloc((live_idx.len + large_idx.len + 1) * sizeof(*keys));
     if (!keys)
         return;
@@ -1563,6 +1590,7 @@ int main(int argc, char **argv)
     tc_map64_free(&pid_dead);
     tc_tidmap_free(&tidmap);
     tc_map64_free(&batch_seen);
+    tc_map64_free(&pid_lives);
     tc_map64_free(&rec_seen);
     free(held);
     free(pend);
