@@ -23,7 +23,10 @@ static struct lum_page *spare[LUM_SAMPLED_SLOTS]; /* linked through next */
 static uint8_t spare_n[LUM_SAMPLED_SLOTS];
 static inline void release_stale_maybe(void); /* see SAMPLED_RELEASE_DELAY_MS */
 
-/* The slot of sampled class cls in the arrays above and below (lum_sampled_slot). */
+/* The slot of sampled class cls in the arrays above and below (lum_sampled_slot).  Every
+ * sampled page is of a sampled class, so one slot's pages all have one capacity and their record
+ * arrays one size: realloc's growth in place grows a page to the sampled class before it makes
+ * the page sampled or keeps it so (heap.c: lum_heap_grow_block, regrow_sampled). */
 static inline unsigned slot_of(unsigned cls)
 {
     return lum_sampled_slot(lum_class_size[cls]);
