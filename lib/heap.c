@@ -1364,7 +1364,7 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
     const uintptr_t *fp = __builtin_frame_address(0);
     if (fp[1] != (uintptr_t)__builtin_return_address(0)) fp = NULL;
     size_t asked = lum_requested(heap, size);
-    void *p = lum_sampled_pop_locked(scls, &page);
+    void *p = lum_sampled_pop_locked(lum_sampled_slot(heap->class_size[scls]), &page);
     if (LUM_LIKELY(p != NULL)) {
         /* the sample recorded under the lock the block was taken under (sampler_fast.h) */
         rec = lum_sampled_rec(page, p);

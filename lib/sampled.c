@@ -9,7 +9,7 @@
 #include "sampler_fast.h"
 
 LUM_SAMPLE_DATA4 lum_lock_t lum_sampled_lock;
-struct lum_page_list lum_sampled_pages[LUM_CLASSES];
+struct lum_page_list lum_sampled_pages[LUM_SAMPLED_SLOTS];
 /* Emptied pages kept off the list for the class's next new pages: where sampled blocks live a
  * while (bench ring), pages fill and empty in turn, and making and releasing one costs ~800
  * instructions.  A class keeps at most SAMPLED_EMPTY_MAX empty pages, head or spares (see
@@ -19,24 +19,33 @@ struct lum_page_list lum_sampled_pages[LUM_CLASSES];
  * goes back once it has stayed empty a while (emptied_kept); one of a slice keeps what it
  * carved. */
 #define SAMPLED_EMPTY_MAX 2
-static struct lum_page *spare[LUM_CLASSES]; /* linked through next */
-static uint8_t spare_n[LUM_CLASSES];
+static struct lum_page *spare[LUM_SAMPLED_SLOTS]; /* linked through next */
+static uint8_t spare_n[LUM_SAMPLED_SLOTS];
 static inline void release_stale_maybe(void); /* see SAMPLED_RELEASE_DELAY_MS */
 
-static struct lum_page *spare_pop(unsigned cls)
+/* The slot of sampled class cls in the arrays above and below (lum_sampled_slot).  Every
+ * sampled page is of a sampled class, so one slot's pages all have one capacity and their record
+ * arrays one size: realloc's growth in place grows a page to the sampled class before it makes
+ * the page sampled or keeps it so (heap.c: lum_heap_grow_block, regrow_sampled). */
+static inline unsigned slot_of(unsigned cls)
 {
-    struct lum_page *p = spare[cls];
-    spare[cls] = p->next;
+    return lum_sampled_slot(lum_class_size[cls]);
+}
+
+static struct lum_page *spare_pop(unsigned slot)
+{
+    struct lum_page *p = spare[slot];
+    spare[slot] = p->next;
     p->next = NULL;
-    spare_n[cls]--;
+    spare_n[slot]--;
     return p;
 }
 
-static void spare_push(unsigned cls, struct lum_page *p)
+static void spare_push(unsigned slot, struct lum_page *p)
 {
-    p->next = spare[cls];
-    spare[cls] = p;
-    spare_n[cls]++;
+    p->next = spare[slot];
+    spare[slot] = p;
+    spare_n[slot]++;
 }
 
 /* Sampled blocks use the power-of-two classes only, and none under 256 bytes: at most 11
@@ -52,18 +61,18 @@ uint8_t lum_sampled_memo[LUM_CLASSES];
 /* Record slot arrays (lum_sample_rec, one a block) of released sampled pages, for the class's
  * next page, linked through their first word: a page is released only when all its blocks are
  * free, so all its slots are empty.  A page keeps its array while it is the spare. */
-static void *recs_free[LUM_CLASSES];
+static void *recs_free[LUM_SAMPLED_SLOTS];
 
 _Static_assert(sizeof(struct lum_sample_rec) <= (size_t)1 << LUM_SAMPLE_SLOT_SHIFT, "a record fits its slot");
 
 /* A page's slots, 64-aligned (LUM_SAMPLE_SLOT_SHIFT).  The metadata allocator puts blocks of a
  * page or more on a page and others on 16 bytes: those get 48 bytes more to align in (never
  * given back: a released page's array goes on recs_free, see sampled_page_release). */
-static struct lum_sample_rec *recs_get(unsigned cls, uint32_t capacity)
+static struct lum_sample_rec *recs_get(unsigned slot, uint32_t capacity)
 {
-    void *r = recs_free[cls];
+    void *r = recs_free[slot];
     if (r) {
-        recs_free[cls] = *(void **)r;
+        recs_free[slot] = *(void **)r;
         ((struct lum_sample_rec *)r)->requested = 0;
         return r;
     }
@@ -72,17 +81,17 @@ static struct lum_sample_rec *recs_get(unsigned cls, uint32_t capacity)
     return a ? (struct lum_sample_rec *)((a + 63) & ~(uintptr_t)63) : NULL;
 }
 
-/* A record slot array for class cls's next page; under lum_sampled_lock. */
-static void recs_put(unsigned cls, struct lum_sample_rec *recs)
+/* A record slot array for the next page of the class in slot; under lum_sampled_lock. */
+static void recs_put(unsigned slot, struct lum_sample_rec *recs)
 {
-    *(void **)recs = recs_free[cls];
-    recs_free[cls] = recs;
+    *(void **)recs = recs_free[slot];
+    recs_free[slot] = recs;
 }
 
 /* Gives back a sampled page with its record slots; under lum_sampled_lock. */
 static void sampled_page_release(struct lum_page *page)
 {
-    recs_put(page->cls, page->recs);
+    recs_put(slot_of(page->cls), page->recs);
     page->recs = NULL;
     lum_page_release(page, false);
 }
@@ -101,11 +110,11 @@ unsigned lum_sampled_class_slow(unsigned cls)
  * (ring, sampled blocks freed oldest first: two list moves a sample, ~25 instructions).  Left
  * there, its turn comes when the pages before it have filled, by when the oldest have had most
  * of their blocks freed, or all (then they are kept empty or released, see keep_empty). */
-void lum_sampled_emptied(struct lum_page *page, unsigned cls)
+void lum_sampled_emptied(struct lum_page *page, unsigned slot)
 {
     if (page->carved >= page->capacity && page->next) {
-        lum_list_remove(&lum_sampled_pages[cls], page);
-        lum_list_push_back(&lum_sampled_pages[cls], page);
+        lum_list_remove(&lum_sampled_pages[slot], page);
+        lum_list_push_back(&lum_sampled_pages[slot], page);
     }
 }
 
@@ -114,13 +123,14 @@ void lum_sampled_emptied(struct lum_page *page, unsigned cls)
 static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_heap *heap, unsigned cls, bool may_grow,
                                                                    struct lum_sample_rec **rec)
 {
+    unsigned slot = slot_of(cls);
     lum_lock(&lum_sampled_lock);
     release_stale_maybe();
     /* Full pages at the head go to the back, behind the pages that have had frees since they
      * filled, so that the core's inline pop (lum_sampled_pop_locked, the head only) finds a
      * free block next time; first: the first page moved, where the turn ends. */
     struct lum_page *page, *first = NULL;
-    while ((page = lum_sampled_pages[cls].head) != NULL && page != first) {
+    while ((page = lum_sampled_pages[slot].head) != NULL && page != first) {
         if (page->free || lum_page_refill(page)) break;
         /* a page of one block (over 64 KiB): every other page of the list is full too (an
          * emptied one leaves it, keep_empty), one for each live sample of the class */
@@ -128,21 +138,21 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
             page = NULL;
             break;
         }
-        lum_list_remove(&lum_sampled_pages[cls], page);
-        lum_list_push_back(&lum_sampled_pages[cls], page);
+        lum_list_remove(&lum_sampled_pages[slot], page);
+        lum_list_push_back(&lum_sampled_pages[slot], page);
         if (!first) first = page;
     }
     if (page == first) page = NULL;
-    if (!page && may_grow && spare[cls]) {
-        page = spare_pop(cls);
-        lum_list_push_front(&lum_sampled_pages[cls], page);
+    if (!page && may_grow && spare[slot]) {
+        page = spare_pop(slot);
+        lum_list_push_front(&lum_sampled_pages[slot], page);
         if (!page->free) lum_page_refill(page);
     } else if (!page && may_grow && (page = lum_page_alloc(cls, LUM_PAGE_SAMPLED, NULL)) != NULL) {
-        if (!(page->recs = recs_get(cls, page->capacity))) {
+        if (!(page->recs = recs_get(slot, page->capacity))) {
             lum_page_release(page, false);
             page = NULL;
         } else {
-            lum_list_push_front(&lum_sampled_pages[cls], page);
+            lum_list_push_front(&lum_sampled_pages[slot], page);
             lum_page_refill(page);
         }
     }
@@ -154,7 +164,7 @@ static inline __attribute__((always_inline)) lum_block *sampled_pop(struct lum_h
     page->free = lum_free_next(page, b);
     lum_block_handed_out(b);
     LUM_OWN_ADD(page->used, 1);
-    if (!page->free) lum_sampled_emptied(page, cls);
+    if (!page->free) lum_sampled_emptied(page, slot);
     lum_unlock(&lum_sampled_lock);
     lum_heap_count_alloc(heap, page->block_size);
     *rec = lum_sampled_rec(page, b);
@@ -171,13 +181,13 @@ void *lum_sampled_alloc(struct lum_heap *heap, unsigned scls, struct lum_sample_
 bool lum_sampled_adopt(struct lum_page *page)
 {
     lum_lock(&lum_sampled_lock);
-    struct lum_sample_rec *recs = recs_get(page->cls, page->capacity);
+    struct lum_sample_rec *recs = recs_get(slot_of(page->cls), page->capacity);
     if (recs) {
         page->recs = recs;
         /* as lum_page_alloc makes a sampled page: nobody's */
         lum_page_change_kind(page, LUM_PAGE_SAMPLED, NULL);
         /* full: behind the pages with free blocks, as sampled_pop leaves them */
-        lum_list_push_back(&lum_sampled_pages[page->cls], page);
+        lum_list_push_back(&lum_sampled_pages[slot_of(page->cls)], page);
     }
     lum_unlock(&lum_sampled_lock);
     return recs != NULL;
@@ -192,20 +202,20 @@ bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *own
         lum_unlock(&lum_sampled_lock);
         return false;
     }
-    lum_list_remove(&lum_sampled_pages[old], page);
+    lum_list_remove(&lum_sampled_pages[slot_of(old)], page);
     struct lum_sample_rec *recs = page->recs;
     if (owner) {
         page->recs = NULL;
         lum_page_change_kind(page, LUM_PAGE_SMALL, owner);
     } else {
-        lum_list_push_back(&lum_sampled_pages[to], page);
+        lum_list_push_back(&lum_sampled_pages[slot_of(to)], page);
     }
     lum_unlock(&lum_sampled_lock);
     /* the old sample ends, as the block's free would end it (probes included) */
     lum_on_sample_free_rec(page->start, recs);
     if (owner) {
         lum_lock(&lum_sampled_lock);
-        recs_put(old, recs);
+        recs_put(slot_of(old), recs);
         lum_unlock(&lum_sampled_lock);
     }
     return true;
@@ -267,7 +277,7 @@ static bool stale(const struct lum_page *page, uint64_t now, bool all)
 static void release_stale_locked(uint64_t now, bool all)
 {
     due_set(0);
-    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+    for (unsigned c = 0; c < LUM_SAMPLED_SLOTS; c++) {
         struct lum_page *head = lum_sampled_pages[c].head;
         if (stale(head, now, all)) {
             lum_list_remove(&lum_sampled_pages[c], head);
@@ -305,11 +315,11 @@ void lum_sampled_purge(bool all)
 
 /* An empty page off the list: the spare when the class has no empty page, else released (a
  * class keeps at most one empty page, as many as before the spare). */
-static void keep_empty(unsigned cls, struct lum_page *page)
+static void keep_empty(unsigned slot, struct lum_page *page)
 {
-    struct lum_page *head = lum_sampled_pages[cls].head;
-    if (spare_n[cls] + (head && head->used == 0) < SAMPLED_EMPTY_MAX) {
-        spare_push(cls, page);
+    struct lum_page *head = lum_sampled_pages[slot].head;
+    if (spare_n[slot] + (head && head->used == 0) < SAMPLED_EMPTY_MAX) {
+        spare_push(slot, page);
         emptied_kept(page);
     } else {
         sampled_page_release(page);
@@ -333,7 +343,7 @@ void lum_sampled_free(void *p, struct lum_page *page)
     lum_lock(&lum_sampled_lock);
     /* the record's share of its stack's figures goes under the lock the page needs anyway */
     if (rec) lum_sample_free_locked(rec);
-    unsigned cls = page->cls;
+    unsigned slot = lum_sampled_slot(page->block_size);
     lum_page_push_free(page, p);
     if (LUM_OWN_SUB(page->used, 1) == 0) {
         if (page->capacity == 1) {
@@ -343,16 +353,16 @@ void lum_sampled_free(void *p, struct lum_page *page)
              * its memory left the ordinary pages' reach and came back faulted in at the next
              * sample of the size: python3 took 14% more page faults with default sampling
              * (11.5k against 10.2k), 12.0k at 256k. */
-            lum_list_remove(&lum_sampled_pages[cls], page);
+            lum_list_remove(&lum_sampled_pages[slot], page);
             sampled_page_release(page);
-        } else if (lum_sampled_pages[cls].head != page) {
-            lum_list_remove(&lum_sampled_pages[cls], page);
-            keep_empty(cls, page);
+        } else if (lum_sampled_pages[slot].head != page) {
+            lum_list_remove(&lum_sampled_pages[slot], page);
+            keep_empty(slot, page);
         } else {
             emptied_kept(page);
-            if (spare_n[cls] + 1 > SAMPLED_EMPTY_MAX) {
+            if (spare_n[slot] + 1 > SAMPLED_EMPTY_MAX) {
                 /* the head is one of the class's empty pages now */
-                sampled_page_release(spare_pop(cls));
+                sampled_page_release(spare_pop(slot));
             }
         }
     }
@@ -363,7 +373,7 @@ void lum_sampled_free(void *p, struct lum_page *page)
 LUM_COLD_TEXT void lum_sampled_for_each(void (*fn)(struct lum_page *, void *), void *arg)
 {
     lum_lock(&lum_sampled_lock);
-    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+    for (unsigned c = 0; c < LUM_SAMPLED_SLOTS; c++) {
         for (struct lum_page *p = lum_sampled_pages[c].head; p; p = p->next) fn(p, arg);
         for (struct lum_page *p = spare[c]; p; p = p->next) fn(p, arg);
     }

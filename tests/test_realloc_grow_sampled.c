@@ -103,6 +103,10 @@ static unsigned grow(unsigned char **pp, size_t *np, size_t top, bool want_sampl
         assert_true(malloc_usable_size(q) >= m);
         assert_int_equal(sampled(q), want_sampled);
         if (want_sampled) {
+            /* a sampled class's page (a power of two): the sampled pages' lists, spares and
+             * record arrays go by sampled class (lib/sampled.c, slot_of) */
+            size_t bs = lum_page_of(q)->block_size;
+            assert_true(bs >= 256 && (bs & (bs - 1)) == 0);
             /* recorded at the size asked for, for its ordinary class's block */
             struct lum_sample_rec *rec = lum_sampled_rec(lum_page_of(q), q);
             if (m > fit) assert_int_equal(rec->requested, m);
@@ -198,6 +202,7 @@ static void ordinary_block_grown_into_its_own_sampled_class(void **state)
     unsigned char *q = p_realloc(p, 128000);
     assert_ptr_equal(q, p);
     assert_true(sampled(q));
+    assert_int_equal(lum_page_of(q)->block_size, 128u << 10); /* the sampled class's */
     check_pattern(q, 70000);
     struct lum_prof_stats p1 = prof();
     assert_int_equal(p1.samples - p0.samples, 1);
