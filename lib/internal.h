@@ -742,6 +742,9 @@ void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);
 size_t lum_large_usable(const void *p);
 size_t lum_large_cache_purge(void);
+/* Unmaps about bytes of the cache (a page is taking as much memory that was not resident): the
+ * tail of its largest range, or whole ranges, largest first. */
+void lum_large_cache_give(size_t bytes);
 size_t lum_large_cache_purge_idle(uint64_t min_age);
 size_t lum_large_cache_decay(void);
 /* Inline: the segment path reads it, and nothing else of large.c's runs in a program without
