@@ -535,7 +535,7 @@ extern LUM_HIDDEN lum_lock_t lum_segment_lock;
 struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lum_heap *owner);
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
-void lum_page_touch(struct lum_page *page, size_t end);
+size_t lum_page_touch(struct lum_page *page, size_t end);
 bool lum_page_grow(struct lum_page *page, unsigned cls);
 /* A page that stays where it is changes kind and owner (realloc's growth of sampled blocks):
  * under lum_segment_lock, as every change of kind. */
@@ -548,6 +548,14 @@ void lum_segments_for_each_then(void (*fn)(struct lum_segment *, void *), void (
 
 /* ---- page.c ---- */
 bool lum_page_refill(struct lum_page *page);
+/* The block the thread's last carve of a single block made from memory no block had used, and
+ * how many bytes from its start may hold data (past them it reads as zero): calloc clears only
+ * those of a block it gets from that carve (lum_page_refill says when it is one). */
+struct lum_fresh_carve {
+    void *block;
+    size_t dirty;
+};
+extern __thread struct lum_fresh_carve lum_tls_fresh __attribute__((tls_model("initial-exec")));
 uint32_t lum_page_collect(struct lum_page *page);
 void lum_page_order_free(struct lum_page *page);
 
@@ -747,6 +755,9 @@ void lum_large_free(void *p);
 void *lum_large_realloc(void *p, size_t size);
 size_t lum_large_usable(const void *p);
 size_t lum_large_cache_purge(void);
+/* Unmaps about bytes of the cache (a page is taking as much memory that was not resident): the
+ * tail of its largest range, or whole ranges, largest first. */
+void lum_large_cache_give(size_t bytes);
 size_t lum_large_cache_purge_idle(uint64_t min_age);
 size_t lum_large_cache_decay(void);
 /* Inline: the segment path reads it, and nothing else of large.c's runs in a program without

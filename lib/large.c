@@ -449,6 +449,36 @@ void lum_large_free(void *p)
     unmap_range(base, map_size);
 }
 
+void lum_large_cache_give(size_t bytes)
+{
+#if LUM_HARDENED
+    (void)bytes;
+    cache_trim(0); /* hardened ranges are whole mappings, guard pages and all: never cut */
+#else
+    struct piece out[CACHE_SLOTS];
+    unsigned n = 0;
+    lum_lock(&lum_large_lock);
+    while (bytes && npieces) {
+        unsigned big = 0;
+        for (unsigned i = 1; i < npieces; i++)
+            if (pieces[i].len > pieces[big].len) big = i;
+        struct piece *p = &pieces[big];
+        if (p->len >= bytes + PIECE_MIN) {
+            /* the tail goes: the head, 4 MiB-aligned, still serves a block in place */
+            p->len -= bytes;
+            __atomic_sub_fetch(&lum_large_cached, bytes, __ATOMIC_RELAXED);
+            out[n++] = (struct piece){ p->addr + p->len, bytes, 0, 0 };
+            break;
+        }
+        bytes = bytes > p->len ? bytes - p->len : 0;
+        out[n++] = *p;
+        piece_remove(big);
+    }
+    lum_unlock(&lum_large_lock);
+    unmap_pieces(out, n);
+#endif
+}
+
 size_t lum_large_cache_purge(void)
 {
     return lum_large_cache_purge_idle(0);

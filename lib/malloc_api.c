@@ -157,6 +157,22 @@ static LUM_NOINLINE void *overflowed(size_t count, size_t size)
     return p;
 }
 
+/* calloc of a block carved alone (4 KiB and up): when the allocation carved it from memory
+ * no block had used, only the bytes that may hold data are cleared (lum_page_refill): the rest
+ * stays untouched, not resident, as glibc's calloc leaves fresh memory.  Any other block (one
+ * freed before, the heap's, a sampled one) is cleared whole. */
+static LUM_NOINLINE void *calloc_fresh(size_t bytes)
+{
+    lum_tls_fresh.block = NULL; /* a carve before this allocation says nothing about its block */
+    void *p = alloc_small_fast(bytes, false);
+    if (LUM_UNLIKELY(p == NULL)) return NULL;
+    size_t clear = bytes;
+    if (p == lum_tls_fresh.block && lum_tls_fresh.dirty < bytes) clear = lum_tls_fresh.dirty;
+    lum_tls_fresh.block = NULL;
+    memset(p, 0, clear);
+    return p;
+}
+
 LUM_EXPORT void *lum_calloc(size_t count, size_t size)
 {
     size_t bytes;
@@ -173,6 +189,7 @@ LUM_EXPORT void *lum_calloc(size_t count, size_t size)
             return lum_large_alloc_or_fail(heap, bytes, 0, true);
         }
     }
+    if (bytes >= 4096) return calloc_fresh(bytes);
     void *p = alloc_small_fast(bytes, false);
     if (LUM_LIKELY(p != NULL)) memset(p, 0, bytes);
     return p;
