@@ -536,6 +536,11 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 size_t lum_page_touch(struct lum_page *page, size_t end);
+/* Set for good once a page given back may have kept its bytes (MADV_FREE, or a MADV_DONTNEED
+ * that failed): from then on memory past the slices' records is not known to be zero, and
+ * calloc clears every block whole (lum_page_refill).  The slices change hands under
+ * lum_segment_lock after the purge that sets it, so a carve on them reads it set. */
+extern LUM_HIDDEN bool lum_purge_kept_bytes;
 bool lum_page_grow(struct lum_page *page, unsigned cls);
 /* A page that stays where it is changes kind and owner (realloc's growth of sampled blocks):
  * under lum_segment_lock, as every change of kind. */

@@ -2,7 +2,6 @@
  * collecting blocks freed while the page had no owner. */
 #include <string.h>
 #include "internal.h"
-#include "options.h"
 
 __thread struct lum_fresh_carve lum_tls_fresh __attribute__((tls_model("initial-exec")));
 
@@ -28,9 +27,10 @@ bool lum_page_refill(struct lum_page *page)
      * the memory was mapped or given back with MADV_DONTNEED, and is zero but for the link
      * written below.  Python 3.11 callocs 128 and 256 KiB at start-up and uses little of them:
      * cleared whole, 96 pages resident for good (glibc's calloc knows fresh memory too).  Not
-     * where purging is MADV_FREE (a page it gave back may come back with its old bytes), nor
-     * for a page the thread does not own (a sampled page's blocks are popped by any thread). */
-    if (n == 1 && lum_opt.purge_mode == LUM_PURGE_DONTNEED &&
+     * once any page given back may have kept its bytes (lum_purge_kept_bytes: MADV_FREE, or
+     * a locked process's failed MADV_DONTNEED), nor for a page the thread does not own (a
+     * sampled page's blocks are popped by any thread). */
+    if (n == 1 && !__atomic_load_n(&lum_purge_kept_bytes, __ATOMIC_RELAXED) &&
         atomic_load_explicit(&page->owner, memory_order_relaxed) == lum_tls_heap) {
         lum_tls_fresh.block = first;
         lum_tls_fresh.dirty = recorded > from + sizeof(lum_block) ? recorded - from : sizeof(lum_block);

@@ -131,10 +131,19 @@ static int find_run(uint64_t free, unsigned n)
     return x ? __builtin_ctzll(x) : -1;
 }
 
-/* Gives pages back the configured way (LUMALLOC_PURGE); their slices stay mapped. */
+bool lum_purge_kept_bytes;
+
+/* Gives pages back the configured way (LUMALLOC_PURGE); their slices stay mapped.  Their
+ * records are trimmed whatever the outcome (what is resident is then only misreported), but
+ * calloc must no longer take trimmed memory for zero (lum_purge_kept_bytes): MADV_FREE may
+ * leave the old bytes, and MADV_DONTNEED fails on a locked mapping (a process under
+ * mlockall(MCL_FUTURE): every purge fails, with EINVAL). */
 static void return_pages(void *p, size_t len)
 {
-    madvise(p, len, lum_opt.purge_mode == LUM_PURGE_FREE ? MADV_FREE : MADV_DONTNEED);
+    bool lazy = lum_opt.purge_mode == LUM_PURGE_FREE;
+    if ((madvise(p, len, lazy ? MADV_FREE : MADV_DONTNEED) != 0 || lazy) &&
+        !__atomic_load_n(&lum_purge_kept_bytes, __ATOMIC_RELAXED))
+        __atomic_store_n(&lum_purge_kept_bytes, true, __ATOMIC_RELAXED);
 }
 
 /* Where the span recorded for slices idx..idx+n-1 ends, in bytes from their start (0: none). */

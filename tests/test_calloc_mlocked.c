@@ -1,0 +1,89 @@
+/* calloc in a process that locked its memory (mlockall: latency-sensitive services do): every
+ * MADV_DONTNEED then fails (EINVAL on a locked mapping), so memory lumalloc gives back keeps
+ * its bytes.  calloc must not take such memory for zero: its blocks are cleared whole, as where
+ * purging is MADV_FREE.  Before: the slices' records were trimmed as if the purge had worked,
+ * and a calloc carved on them cleared only the free list's link (0xa5 bytes read back). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <cmocka.h>
+#include "lumalloc.h"
+#include "lumalloc_options.h"
+
+static void *(*volatile p_malloc)(size_t) = malloc;
+static void *(*volatile p_calloc)(size_t, size_t) = calloc;
+static void (*volatile p_free)(void *) = free;
+
+static const size_t sizes[] = { 4096, 5000, 20000, 60000, 100000, 131072, 200000, 262144 };
+#define NSIZES (sizeof sizes / sizeof sizes[0])
+
+static void assert_zero(const unsigned char *p, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        if (p[j]) fail_msg("calloc(%zu): byte %zu is %#x", n, j, p[j]);
+}
+
+/* In a thread of its own, so that its heap has no page yet: blocks written whole and freed,
+ * their memory "given back" (a purge that fails), then calloc'd again. */
+static void *write_free_purge_calloc(void *arg)
+{
+    size_t size = *(const size_t *)arg;
+    enum { N = 8 };
+    unsigned char *held[N];
+    for (int k = 0; k < N; k++) {
+        held[k] = p_malloc(size);
+        assert_non_null(held[k]);
+        memset(held[k], 0xa5, size);
+    }
+    for (int k = 0; k < N; k++) p_free(held[k]);
+    lum_purge();
+    for (int k = 0; k < N; k++) {
+        held[k] = p_calloc(1, size);
+        assert_non_null(held[k]);
+        assert_zero(held[k], size);
+    }
+    for (int k = 0; k < N; k++) p_free(held[k]);
+    return NULL;
+}
+
+static void calloc_clears_what_a_failed_purge_left(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NSIZES; i++) {
+        pthread_t th;
+        assert_int_equal(pthread_create(&th, NULL, write_free_purge_calloc, (void *)&sizes[i]), 0);
+        assert_int_equal(pthread_join(th, NULL), 0);
+    }
+}
+
+static int lock_everything(void **state)
+{
+    (void)state;
+    /* no sample moves a block to a sampled page (cleared whole there) */
+    if (lum_options_set("sample_interval", "0") != 0) return -1;
+    struct rlimit r = {RLIM_INFINITY, RLIM_INFINITY};
+    setrlimit(RLIMIT_MEMLOCK, &r); /* root may raise it; others keep theirs */
+    if (mlockall(MCL_CURRENT | MCL_FUTURE) != 0) {
+        const char *ci = getenv("CI");
+        print_message("%s: mlockall: %s\n", ci && !strcmp(ci, "true") ? "fail" : "skip", strerror(errno));
+        /* 77: ctest's SKIP_RETURN_CODE for this test (tests/CMakeLists.txt); CI runs as root */
+        exit(ci && !strcmp(ci, "true") ? 1 : 77);
+    }
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(calloc_clears_what_a_failed_purge_left),
+    };
+    return cmocka_run_group_tests(tests, lock_everything, NULL);
+}
