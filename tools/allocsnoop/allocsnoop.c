@@ -357,20 +357,31 @@ static uint32_t stack_of(const struct snoop_event *e)
     return (uint32_t)(nstacks - 1);
 }
 
-static uint64_t live_key(uint32_t pid, uint64_t ptr) { return (ptr ^ ((uint64_t)pid << 47)) | 1; }
+/* A block's key: its address (below 2^47, 16-aligned) with the pid's low 17 bits above it and
+ * its next 4 in the alignment's zero bits, so that two processes' blocks at one address (fork
+ * children share their parent's layout) differ unless their pids do by a multiple of 2^21.
+ * With the pid's low 17 bits alone, pids 131072 apart collided (pid_max is 4194304 under
+ * systemd), and one process's block retired the other's.  Never 0: no block is at 0. */
+static uint64_t live_key(uint32_t pid, uint64_t ptr)
+{
+    return (ptr ^ ((uint64_t)pid << 47)) ^ ((pid >> 17) & 15);
+}
 
-/* pid -> its sampled and large blocks live: an exec (drop_live_of) scans every process's blocks
- * only for a process that has some.  With -b over an exec-heavy host (a build), each exec of a
- * process that had sent an event scanned all the others' blocks. */
+/* pid -> its sampled and large blocks live (by the pid of the block's stack, which is what
+ * drop_live_of scans for): an exec scans every process's blocks only for a process that has
+ * some.  With -b over an exec-heavy host (a build), each exec of a process that had sent an
+ * event scanned all the others' blocks. */
 static struct tc_map64 pid_lives;
-static bool pid_lives_incomplete; /* a count could not be stored: every exec scans */
+static bool pid_lives_incomplete; /* a count was lost: every exec scans */
 
 static void pid_lives_add(uint32_t pid, int delta)
 {
     uint64_t key = (uint64_t)pid + 1;
     uint64_t *n = tc_map64_put(&pid_lives, key, NULL);
-    if (!n) {
-        pid_lives_incomplete = true;
+    if (!n || (delta < 0 && *n < (uint64_t)-delta)) {
+        pid_lives_incomplete = true; /* out of memory, or a count that drifted: scan */
+        if (n && !*n)
+            tc_map64_del(&pid_lives, key, NULL);
         return;
     }
     *n += (uint64_t)(int64_t)delta;
@@ -390,7 +401,7 @@ static void track_sample(const struct snoop_event *e)
     s->inuse_space += w;
     s->inuse_objects += objs;
     s->live_samples++;
-    pid_lives_add(e->pid, 1);
+    pid_lives_add(s->pid, 1);
     uint32_t li;
     if (free_live != UINT32_MAX) {
         li = free_live;
@@ -412,7 +423,7 @@ static void track_sample(const struct snoop_event *e)
         stacks[o->stack].inuse_space -= o->weight;
         stacks[o->stack].inuse_objects -= o->objects;
         stacks[o->stack].live_samples--;
-        pid_lives_add(e->pid, -1);
+        pid_lives_add(stacks[o->stack].pid, -1);
         o->next_free = free_live;
         free_live = (uint32_t)(old - 1);
     }
@@ -429,7 +440,7 @@ static void track_free(const struct snoop_event *e)
     s->inuse_space -= r->weight;
     s->inuse_objects -= r->objects;
     s->live_samples--;
-    pid_lives_add(e->pid, -1);
+    pid_lives_add(s->pid, -1);
     r->next_free = free_live;
     free_live = (uint32_t)(li - 1);
 }
@@ -444,11 +455,11 @@ static void track_large(const struct snoop_event *e)
         if (tc_map64_del(&large_idx, key, &old)) { /* lost large_free: retire the old block */
             stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
             stacks[old >> 40].large_live_count--;
-            pid_lives_add(e->pid, -1);
+            pid_lives_add(stacks[old >> 40].pid, -1);
         }
         stacks[si].large_live_bytes += sz;
         stacks[si].large_live_count++;
-        pid_lives_add(e->pid, 1);
+        pid_lives_add(stacks[si].pid, 1);
         uint64_t *v = tc_map64_put(&large_idx, key, NULL);
         if (v)
             *v = (uint64_t)si << 40 | sz;
@@ -457,7 +468,7 @@ static void track_large(const struct snoop_event *e)
     } else if (tc_map64_del(&large_idx, key, &old)) {
         stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
         stacks[old >> 40].large_live_count--;
-        pid_lives_add(e->pid, -1);
+        pid_lives_add(stacks[old >> 40].pid, -1);
         tc_map64_del(&large_ts, key, NULL);
     }
 }
@@ -466,11 +477,12 @@ static void track_large(const struct snoop_event *e)
  * as still live at exit. */
 static void drop_live_of(pid_t pid)
 {
-    if (!tc_map64_del(&pid_lives, (uint64_t)(uint32_t)pid + 1, NULL) && !pid_lives_incomplete)
+    if (!tc_map64_get(&pid_lives, (uint64_t)(uint32_t)pid + 1) && !pid_lives_incomplete)
         return;
     uint64_t *keys = malloc((live_idx.len + large_idx.len + 1) * sizeof(*keys));
     if (!keys)
-        return;
+        return; /* the count stays: the next exec scans again */
+    tc_map64_del(&pid_lives, (uint64_t)(uint32_t)pid + 1, NULL);
     size_t n = 0;
     for (size_t i = 0; i < live_idx.cap; i++)
         if (live_idx.keys[i] && stacks[lives[live_idx.vals[i] - 1].stack].pid == pid)
