@@ -664,7 +664,7 @@ bool lum_sampled_adopt(struct lum_page *page);
 bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *owner);
 /* The sampled classes are the powers of two from 256 bytes to LUM_SMALL_MAX (lum_sampled_size):
  * their pages' lists, spares and record arrays are kept by slot, 11 of them, not by class (96),
- * which took 4.6 KiB of .bss where 0.5 KiB do: with the 2.8 KiB less, the unwinder's caches
+ * which took 3.1 KiB of .bss where 0.4 KiB do: with the 2.8 KiB less, the unwinder's caches
  * (lib/CMakeLists.txt, LUMALLOC_LATE_BSS) start early enough that a program sampled through two
  * objects writes their first entries on the page before, one page of .bss less (bench churn,
  * cachescratch, threadchurn: 4 -> 3 pages written past the relro page). */
