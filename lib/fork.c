@@ -17,12 +17,14 @@ static lum_lock_t *const fork_locks[] = {
 
 static void prepare(void)
 {
+    __atomic_fetch_or(&lum_zero_distrust, LUM_DISTRUST_FORK, __ATOMIC_SEQ_CST);
     for (size_t i = 0; i < NLOCKS; i++) lum_fork_lock(fork_locks[i]);
 }
 
 static void parent(void)
 {
     for (size_t i = NLOCKS; i-- > 0;) lum_fork_unlock(fork_locks[i]);
+    __atomic_fetch_and(&lum_zero_distrust, (uint8_t)~LUM_DISTRUST_FORK, __ATOMIC_RELAXED);
 }
 
 static void child(void)
@@ -31,6 +33,8 @@ static void child(void)
     lum_lock_order_forget(); /* observe.c's child handler, next, resets the rest */
     lum_background_after_fork_child(); /* first: releases below must not wake the parent's */
     lum_heaps_after_fork_child();
+    /* after the releases above, which trim records, before the child's own allocations */
+    __atomic_fetch_or(&lum_zero_distrust, LUM_DISTRUST_KEPT, __ATOMIC_RELAXED);
 }
 
 void lum_fork_install(void)

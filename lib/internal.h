@@ -536,11 +536,16 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
 void lum_page_release(struct lum_page *page, bool may_keep_span);
 void lum_page_uncarve(struct lum_page *page);
 size_t lum_page_touch(struct lum_page *page, size_t end);
-/* Set for good once a page given back may have kept its bytes (MADV_FREE, or a MADV_DONTNEED
- * that failed): from then on memory past the slices' records is not known to be zero, and
- * calloc clears every block whole (lum_page_refill).  The slices change hands under
- * lum_segment_lock after the purge that sets it, so a carve on them reads it set. */
-extern LUM_HIDDEN bool lum_purge_kept_bytes;
+/* Whether memory past the slices' records may hold bytes (lum_page_refill: calloc then clears
+ * every block whole).  LUM_DISTRUST_KEPT, for good: a page given back may have kept its bytes
+ * (MADV_FREE; a MADV_DONTNEED that failed, as on a locked mapping; or one that said it worked
+ * and did not, as under qemu-user, which the first purge probes), or this is a fork child (a
+ * thread may have lowered records whose madvise had not run when the memory was copied).
+ * LUM_DISTRUST_FORK, from fork's prepare to its parent handler: the child's atfork handlers
+ * registered before lumalloc's may allocate before its own sets the first.  The slices change
+ * hands under lum_segment_lock after the purge that sets it, so a carve on them reads it set. */
+enum { LUM_DISTRUST_KEPT = 1, LUM_DISTRUST_FORK = 2 };
+extern LUM_HIDDEN uint8_t lum_zero_distrust;
 bool lum_page_grow(struct lum_page *page, unsigned cls);
 /* A page that stays where it is changes kind and owner (realloc's growth of sampled blocks):
  * under lum_segment_lock, as every change of kind. */

@@ -27,10 +27,10 @@ bool lum_page_refill(struct lum_page *page)
      * the memory was mapped or given back with MADV_DONTNEED, and is zero but for the link
      * written below.  Python 3.11 callocs 128 and 256 KiB at start-up and uses little of them:
      * cleared whole, 96 pages resident for good (glibc's calloc knows fresh memory too).  Not
-     * once any page given back may have kept its bytes (lum_purge_kept_bytes: MADV_FREE, or
-     * a locked process's failed MADV_DONTNEED), nor for a page the thread does not own (a
+     * once any page given back may have kept its bytes, nor in a fork child
+     * (lum_zero_distrust), nor for a page the thread does not own (a
      * sampled page's blocks are popped by any thread). */
-    if (n == 1 && !__atomic_load_n(&lum_purge_kept_bytes, __ATOMIC_RELAXED) &&
+    if (n == 1 && !__atomic_load_n(&lum_zero_distrust, __ATOMIC_RELAXED) &&
         atomic_load_explicit(&page->owner, memory_order_relaxed) == lum_tls_heap) {
         lum_tls_fresh.block = first;
         lum_tls_fresh.dirty = recorded > from + sizeof(lum_block) ? recorded - from : sizeof(lum_block);

@@ -131,19 +131,37 @@ static int find_run(uint64_t free, unsigned n)
     return x ? __builtin_ctzll(x) : -1;
 }
 
-bool lum_purge_kept_bytes;
+uint8_t lum_zero_distrust;
+
+/* Whether MADV_DONTNEED zeroes what it gives back, tried once on a page of our own: qemu-user
+ * (amd64 containers on arm64 hosts) has answered success and done nothing, and jemalloc probes
+ * for it the same way (opt_trust_madvise). */
+static int dontneed_known; /* 0: not tried, 1: zeroes, 2: does not (racy: two tries agree) */
+
+static __attribute__((noinline)) bool dontneed_zeroes(void)
+{
+    volatile char *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return false; /* not known: distrusted, for good */
+    p[0] = 1;
+    bool zeroes = madvise((void *)p, 4096, MADV_DONTNEED) == 0 && p[0] == 0;
+    munmap((void *)p, 4096);
+    __atomic_store_n(&dontneed_known, zeroes ? 1 : 2, __ATOMIC_RELAXED);
+    return zeroes;
+}
 
 /* Gives pages back the configured way (LUMALLOC_PURGE); their slices stay mapped.  Their
  * records are trimmed whatever the outcome (what is resident is then only misreported), but
- * calloc must no longer take trimmed memory for zero (lum_purge_kept_bytes): MADV_FREE may
- * leave the old bytes, and MADV_DONTNEED fails on a locked mapping (a process under
- * mlockall(MCL_FUTURE): every purge fails, with EINVAL). */
+ * calloc must no longer take trimmed memory for zero (lum_zero_distrust) where it may not be:
+ * MADV_FREE may leave the old bytes, and MADV_DONTNEED fails on a locked mapping (a process
+ * under mlockall(MCL_FUTURE): every purge fails, with EINVAL) or may not work at all. */
 static void return_pages(void *p, size_t len)
 {
     bool lazy = lum_opt.purge_mode == LUM_PURGE_FREE;
-    if ((madvise(p, len, lazy ? MADV_FREE : MADV_DONTNEED) != 0 || lazy) &&
-        !__atomic_load_n(&lum_purge_kept_bytes, __ATOMIC_RELAXED))
-        __atomic_store_n(&lum_purge_kept_bytes, true, __ATOMIC_RELAXED);
+    int known = __atomic_load_n(&dontneed_known, __ATOMIC_RELAXED);
+    bool zeroed = madvise(p, len, lazy ? MADV_FREE : MADV_DONTNEED) == 0 && !lazy &&
+                  (known ? known == 1 : dontneed_zeroes());
+    if (!zeroed && !(__atomic_load_n(&lum_zero_distrust, __ATOMIC_RELAXED) & LUM_DISTRUST_KEPT))
+        __atomic_fetch_or(&lum_zero_distrust, LUM_DISTRUST_KEPT, __ATOMIC_RELAXED);
 }
 
 /* Where the span recorded for slices idx..idx+n-1 ends, in bytes from their start (0: none). */
@@ -609,10 +627,10 @@ bool lum_page_grow(struct lum_page *page, unsigned cls)
     if (m > n) {
         uint64_t mask = slices_mask(idx + n, m - n);
         /* Only slices still resident: a page that would take purged ones comes from
-         * lum_page_alloc, which looks for resident ones first and empties the large cache when
-         * it takes memory that is not (a random realloc mix of 1000-300000 B on 3 threads
-         * faulted 1.7x as often, its large blocks mapped afresh, when a growth here took
-         * purged slices and emptied the large cache as that does). */
+         * lum_page_alloc, which looks for resident ones first and takes as much out of the large
+         * cache when it takes memory that is not (a random realloc mix of 1000-300000 B on 3
+         * threads faulted 1.7x as often, its large blocks mapped afresh, when a growth here took
+         * purged slices and emptied the large cache as lum_page_alloc then did). */
         if ((seg->free_slices & ~seg->purged_slices & mask) != mask) {
             lum_unlock(&lum_segment_lock);
             return false;

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include <string.h>
@@ -172,12 +173,41 @@ static void block_on_written_slices_cleared(void **state)
     }
 }
 
+/* A fork child takes no memory for zero, as a thread of the parent may have lowered records
+ * whose madvise had not run when fork copied the memory: its calloc clears the block whole.
+ * The parent, once fork returns, trusts them again. */
+static void fork_child_clears_whole(void **state)
+{
+    (void)state;
+    enum { SIZE = 262144 }; /* a one-block page, 64 pages */
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        lum_purge();
+        unsigned char *p = p_calloc(1, SIZE);
+        int ok = p != NULL && resident_pages(p, SIZE) == SIZE / 4096;
+        for (size_t j = 0; ok && j < SIZE; j++) ok = p[j] == 0;
+        _exit(ok ? 0 : 1);
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    lum_purge();
+    unsigned char *p = p_calloc(1, SIZE);
+    assert_non_null(p);
+    assert_true(resident_pages(p, SIZE) <= 1);
+    assert_zero(p, SIZE);
+    p_free(p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(fresh_page_block_left_untouched, sampling_off),
         cmocka_unit_test_setup(recycled_block_cleared, sampling_off),
         cmocka_unit_test_setup(block_on_written_slices_cleared, sampling_off),
+        cmocka_unit_test_setup(fork_child_clears_whole, sampling_off),
         cmocka_unit_test(first_allocation_of_a_thread),
         cmocka_unit_test(with_failure_injection_armed),
         cmocka_unit_test(injected_failure_still_fails),
