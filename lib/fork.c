@@ -17,14 +17,16 @@ static lum_lock_t *const fork_locks[] = {
 
 static void prepare(void)
 {
-    __atomic_fetch_or(&lum_zero_distrust, LUM_DISTRUST_FORK, __ATOMIC_SEQ_CST);
     for (size_t i = 0; i < NLOCKS; i++) lum_fork_lock(fork_locks[i]);
+    /* under the locks: a fork of another thread, waiting for them, finds it set in its turn
+     * (cleared before the first fork's parent handler released them, it would not be) */
+    __atomic_fetch_or(&lum_zero_distrust, LUM_DISTRUST_FORK, __ATOMIC_SEQ_CST);
 }
 
 static void parent(void)
 {
-    for (size_t i = NLOCKS; i-- > 0;) lum_fork_unlock(fork_locks[i]);
     __atomic_fetch_and(&lum_zero_distrust, (uint8_t)~LUM_DISTRUST_FORK, __ATOMIC_RELAXED);
+    for (size_t i = NLOCKS; i-- > 0;) lum_fork_unlock(fork_locks[i]);
 }
 
 static void child(void)

@@ -541,8 +541,9 @@ size_t lum_page_touch(struct lum_page *page, size_t end);
  * (MADV_FREE; a MADV_DONTNEED that failed, as on a locked mapping; or one that said it worked
  * and did not, as under qemu-user, which the first purge probes), or this is a fork child (a
  * thread may have lowered records whose madvise had not run when the memory was copied).
- * LUM_DISTRUST_FORK, from fork's prepare to its parent handler: the child's atfork handlers
- * registered before lumalloc's may allocate before its own sets the first.  The slices change
+ * LUM_DISTRUST_FORK, while fork holds the allocator's locks (set in its prepare handler, cleared
+ * in the parent's; a child keeps it): the child's atfork handlers registered before lumalloc's
+ * may allocate before its own sets the first.  The slices change
  * hands under lum_segment_lock after the purge that sets it, so a carve on them reads it set. */
 enum { LUM_DISTRUST_KEPT = 1, LUM_DISTRUST_FORK = 2 };
 extern LUM_HIDDEN uint8_t lum_zero_distrust;
@@ -672,7 +673,7 @@ bool lum_sampled_regrow(struct lum_page *page, unsigned to, struct lum_heap *own
  * which took 3.1 KiB of .bss where 0.4 KiB do: with the 2.8 KiB less, the unwinder's caches
  * (lib/CMakeLists.txt, LUMALLOC_LATE_BSS) start early enough that a program sampled through two
  * objects writes their first entries on the page before, one page of .bss less (bench churn,
- * cachescratch, threadchurn: 4 -> 3 pages written past the relro page). */
+ * cachescratch, threadchurn: 3 -> 2 pages written past .data's page). */
 #define LUM_SAMPLED_SLOTS 11
 _Static_assert(LUM_SMALL_MAX == (size_t)256 << 10, "slots for the powers of two from 2^8 to 2^18");
 /* The slot of the sampled class whose blocks are block_size bytes. */

@@ -464,7 +464,7 @@ void lum_large_cache_give(size_t bytes)
             if (pieces[i].len > pieces[big].len) big = i;
         struct piece *p = &pieces[big];
         if (p->len >= bytes + PIECE_MIN) {
-            /* the tail goes: the head, 4 MiB-aligned, still serves a block in place */
+            /* the tail goes: the head stays where it is, and still serves a block in place */
             p->len -= bytes;
             __atomic_sub_fetch(&lum_large_cached, bytes, __ATOMIC_RELAXED);
             out[n++] = (struct piece){ p->addr + p->len, bytes, 0, 0 };

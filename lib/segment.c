@@ -141,7 +141,11 @@ static int dontneed_known; /* 0: not tried, 1: zeroes, 2: does not (racy: two tr
 static __attribute__((noinline)) bool dontneed_zeroes(void)
 {
     volatile char *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return false; /* not known: distrusted, for good */
+    if (p == MAP_FAILED) {
+        /* not known: distrusted for good, and not tried again at every purge */
+        __atomic_store_n(&dontneed_known, 2, __ATOMIC_RELAXED);
+        return false;
+    }
     p[0] = 1;
     bool zeroes = madvise((void *)p, 4096, MADV_DONTNEED) == 0 && p[0] == 0;
     munmap((void *)p, 4096);
@@ -153,15 +157,18 @@ static __attribute__((noinline)) bool dontneed_zeroes(void)
  * records are trimmed whatever the outcome (what is resident is then only misreported), but
  * calloc must no longer take trimmed memory for zero (lum_zero_distrust) where it may not be:
  * MADV_FREE may leave the old bytes, and MADV_DONTNEED fails on a locked mapping (a process
- * under mlockall(MCL_FUTURE): every purge fails, with EINVAL) or may not work at all. */
+ * under mlockall(MCL_FUTURE): every purge fails, with EINVAL) or may not work at all.  errno
+ * is the program's: free() may end here, and must not change it (POSIX.1-2024; glibc keeps it). */
 static void return_pages(void *p, size_t len)
 {
+    int saved_errno = errno;
     bool lazy = lum_opt.purge_mode == LUM_PURGE_FREE;
     int known = __atomic_load_n(&dontneed_known, __ATOMIC_RELAXED);
     bool zeroed = madvise(p, len, lazy ? MADV_FREE : MADV_DONTNEED) == 0 && !lazy &&
                   (known ? known == 1 : dontneed_zeroes());
     if (!zeroed && !(__atomic_load_n(&lum_zero_distrust, __ATOMIC_RELAXED) & LUM_DISTRUST_KEPT))
         __atomic_fetch_or(&lum_zero_distrust, LUM_DISTRUST_KEPT, __ATOMIC_RELAXED);
+    errno = saved_errno;
 }
 
 /* Where the span recorded for slices idx..idx+n-1 ends, in bytes from their start (0: none). */
@@ -516,7 +523,8 @@ struct lum_page *lum_page_alloc(unsigned cls, enum lum_page_kind kind, struct lu
     lum_lock(&lum_segment_lock);
     /* Pack densely (as TCMalloc's Temeraire does for huge pages): take the fullest segment that
      * fits, so emptier ones drain and go back whole; and prefer slices still resident, which
-     * cost no page faults. */
+     * cost no page faults, there the shortest run that fits first and fullness only between
+     * runs as short (choose_run). */
     unsigned tag = span_tag(cls, kind);
     idx = choose_run(n, tag, big_span(tag) && !lum_opt.thp, &seg);
     struct purge_out limit_out = {0, 0, 0};

@@ -114,6 +114,14 @@ int main(int argc, char **argv)
     if (light) return present(SAMPLE) ? 11 : 0;
     if (present(HOT) > 6 || present(SAMPLE) > 7) return 8;
     if (present(SAMPLE) <= 0) return 12;
+    /* callocs of page-sized blocks (lazy clearing) and pages of one block going back (the
+     * first purge probes MADV_DONTNEED) are hot too */
+    for (int i = 0; i < 8; i++) {
+        char *volatile c = calloc(1, 8192), *volatile d = calloc(1, 100000 + 20000 * (size_t)i); /* one-block pages, not large blocks (warm) */
+        if (!c || !d || c[8191] || d[99999]) return 13;
+        free(c);
+        free(d);
+    }
     if (present(WARM) != 0) return 4;
     if (present(COLD) != 0) return 5;
     char *volatile p = malloc(100);
@@ -138,6 +146,7 @@ check() {
         8) fail "more than 6 pages of hot or 7 of sample text: code small programs never run belongs in the warm text, code only a sample runs in the sample text (lib/CMakeLists.txt)" ;;
         10) fail "a program that allocates nothing faulted text other than the hot text in" ;;
         11) fail "with sampling off, malloc/calloc/free in threads faulted the sample text in" ;;
+        13) fail "calloc of page-sized blocks returned memory that is not zero" ;;
         12) fail "with sampling on, nothing faulted the sample text in: the check cannot see it" ;;
         *) fail "the program failed ($rc)" ;;
     esac
