@@ -18,6 +18,7 @@
 #include <cmocka.h>
 #include <string.h>
 #include "lumalloc.h"
+#include "test_support.h"
 #include "lumalloc_failure.h"
 #include "lumalloc_options.h"
 
@@ -85,12 +86,6 @@ static void (*volatile p_free)(void *) = free;
 /* Sizes carved one block at a time, from pages of one slice to one-block pages of four. */
 static const size_t page_sizes[] = { 4096, 5000, 20000, 60000, 100000, 131072, 200000, 262144 };
 #define NSIZES (sizeof page_sizes / sizeof page_sizes[0])
-
-static void assert_zero(const unsigned char *p, size_t n)
-{
-    for (size_t j = 0; j < n; j++)
-        if (p[j]) fail_msg("calloc(%zu): byte %zu is %#x", n, j, p[j]);
-}
 
 /* No sample moves a block to a sampled page (cleared whole there). */
 static int sampling_off(void **state)

@@ -16,6 +16,7 @@
 #include <sys/resource.h>
 #include <cmocka.h>
 #include "lumalloc.h"
+#include "test_support.h"
 #include "lumalloc_options.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
@@ -24,12 +25,6 @@ static void (*volatile p_free)(void *) = free;
 
 static const size_t sizes[] = { 4096, 5000, 20000, 60000, 100000, 131072, 200000, 262144 };
 #define NSIZES (sizeof sizes / sizeof sizes[0])
-
-static void assert_zero(const unsigned char *p, size_t n)
-{
-    for (size_t j = 0; j < n; j++)
-        if (p[j]) fail_msg("calloc(%zu): byte %zu is %#x", n, j, p[j]);
-}
 
 /* In a thread of its own, so that its heap has no page yet: blocks written whole and freed,
  * their memory "given back" (a purge that fails), then calloc'd again. */

@@ -124,6 +124,13 @@ static inline void check_pattern(const unsigned char *p, size_t n)
     for (size_t j = 0; j < n; j++)
         if (p[j] != (unsigned char)(j * 13 + 5)) fail_msg("byte %zu of %zu lost", j, n);
 }
+
+/* What calloc(1, n) gave: every byte zero. */
+static inline void assert_zero(const unsigned char *p, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        if (p[j]) fail_msg("calloc(%zu): byte %zu is %#x", n, j, p[j]);
+}
 #endif
 
 #endif
