@@ -272,15 +272,16 @@ size_t lum_page_touch(struct lum_page *page, size_t end)
     struct lum_segment *seg = lum_segment_of(page->start);
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     size_t from = (size_t)page->carved * page->block_size;
-    size_t first = from >> LUM_SLICE_SHIFT, last = (end - 1) >> LUM_SLICE_SHIFT, added = 0, recorded = 0;
+    size_t first = from >> LUM_SLICE_SHIFT, last = (end - 1) >> LUM_SLICE_SHIFT, added = 0;
     if (last >= page->slices) last = (size_t)page->slices - 1;
+    size_t recorded = recorded_span(seg, idx + (unsigned)first, (unsigned)(last + 1 - first));
+    if (recorded) recorded += first * LUM_SLICE_SIZE;
     unsigned want[LUM_SLICES];
     for (size_t i = first; i <= last; i++) {
         size_t in = end - i * LUM_SLICE_SIZE;
         want[i] = in >= LUM_SLICE_SIZE ? LUM_SLICE_SIZE / 4096 : (unsigned)((in + 4095) / 4096);
         unsigned had = seg->slice_touched[idx + i];
         if (want[i] > had) added += (size_t)(want[i] - had) * 4096;
-        if (had) recorded = i * LUM_SLICE_SIZE + (size_t)had * 4096;
     }
     if (!added) return recorded;
     /* resident first, the records after (release): a statistics snapshot that reads a raised

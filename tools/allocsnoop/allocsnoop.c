@@ -377,11 +377,9 @@ static bool pid_lives_incomplete; /* a count was lost: every exec scans */
 static void pid_lives_add(uint32_t pid, int delta)
 {
     uint64_t key = (uint64_t)pid + 1;
-    uint64_t *n = tc_map64_put(&pid_lives, key, NULL);
+    uint64_t *n = delta > 0 ? tc_map64_put(&pid_lives, key, NULL) : tc_map64_get(&pid_lives, key);
     if (!n || (delta < 0 && *n < (uint64_t)-delta)) {
         pid_lives_incomplete = true; /* out of memory, or a count that drifted: scan */
-        if (n && !*n)
-            tc_map64_del(&pid_lives, key, NULL);
         return;
     }
     *n += (uint64_t)(int64_t)delta;
