@@ -7,7 +7,12 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sched.h>
-#define QCAP 256
+/* Batches in flight per pair.  Small, so that peak RSS measures what the allocator keeps, not
+ * how far the scheduler let a producer run ahead: at 256 (~7 MiB of blocks per pair) the same
+ * allocator's peak came out anywhere from 3 to 19 MiB (mimalloc 3.7-19.2, lumalloc 2.8-18.8 in
+ * ten runs each), and one median or the other decided the RSS geomean.  At 16 the spread is
+ * 0.3-0.9 MiB and the ratio of wall times is unchanged. */
+#define QCAP 16
 struct queue {
   _Alignas(64) _Atomic unsigned long head;
   _Alignas(64) _Atomic unsigned long tail;
