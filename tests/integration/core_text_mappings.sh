@@ -8,9 +8,10 @@
 #  - a program that allocates nothing (start-up and exit alone, /bin/true) faults in the hot
 #    text only;
 #  - a program that only mallocs, callocs and frees small blocks, in threads, with sampling
-#    off, faults nothing in the sample text either (the option itself runs warm code), as long
-#    as no thread allocates 4 MiB: there a thread's count looks again, through the sampler's
-#    entry (lum_malloc_sample), and a program that allocates that much samples by default;
+#    off, faults nothing in the sample text either (the option itself runs warm code), also
+#    when its threads allocate more than 4 MiB each: a thread's count then
+#    looks again through the sampler's entry (lum_malloc_sample), whose checks are hot text, as
+#    are those of every thread's first malloc (before, both faulted the sample text in);
 #  - the same with sampling on faults the sample text in, and nothing in the warm and cold
 #    mappings (/proc/self/pagemap: no page present); a realloc then faults the warm one in,
 #    and the cold one stays out.
@@ -82,13 +83,13 @@ static void *worker(void *arg)
 {
     return (void *)churn_small((uintptr_t)arg, 1);
 }
-/* ~1 MiB of small blocks, malloc and calloc, 32 live: with sampling off a thread's count runs
+/* ~6 MiB of small blocks, malloc and calloc, 32 live: with sampling off a thread's count runs
  * 4 MiB before it looks again (LUM_SAMPLE_RECHECK), through the sampler's entry */
 static void *light_worker(void *arg)
 {
     void *keep[32] = {0};
     unsigned long sum = 0;
-    for (unsigned i = 0; i < 2000; i++) {
+    for (unsigned i = 0; i < 12000; i++) {
         unsigned k = (i * 7 + (unsigned)(uintptr_t)arg) & 31;
         size_t sz = 16 + (i * 131) % 1008;
         free(keep[k]);
