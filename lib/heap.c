@@ -1330,18 +1330,18 @@ static inline __attribute__((always_inline)) unsigned sampled_class_hot(const st
     return LUM_LIKELY(c != LUM_SLOW_CLASS) ? c : lum_size_class(p); /* heap_slot_classes */
 }
 
+static LUM_NOINLINE void *malloc_sample_point(size_t size, struct lum_heap *heap, unsigned cls);
+
 /* malloc's fast path found the next sample point inside this allocation's block: the common
  * case without lum_malloc_slow's checks and register saves (a few dozen instructions a
  * sample), anything unusual (first use, failure injection, its re-arming, a size to warn
  * about) through it.  Both callers have taken the block's size off sample_left already (the
- * fast path's subtraction is its test); a way to lum_malloc_slow gives it back. */
-static LUM_NOINLINE void *malloc_sample_point(size_t size, struct lum_heap *heap, unsigned cls);
-
-/* The checks before a sample, in the hot text: every thread's first malloc comes here (its
+ * fast path's subtraction is its test); a way to lum_malloc_slow gives it back.  The checks
+ * before a sample, here in the hot text: every thread's first malloc comes here (its
  * empty heap's point is forced), and so does each 4 MiB of a thread's allocations with sampling
  * off, and neither takes a sample.  With them in the sample text, a program that never samples
- * made that whole mapping resident (bench churn with sampling off: 7 pages).  A sample pays a
- * jump more. */
+ * made that whole mapping resident (bench churn with sampling off: 7 pages); the sample is
+ * malloc_sample_point's, in the sample text (a jump more). */
 LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigned cls)
 {
     int64_t left = heap->sample_left;
