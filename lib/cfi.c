@@ -203,6 +203,30 @@ static void src_read(const struct src *s, const uint8_t *a, void *dst, size_t n)
         memcpy(dst, a, n);
 }
 
+/* memcmp(a, b, n) == 0, strnlen and strchr(s, c) != NULL for the few bytes a sample's first walk
+ * through an object compares (a build-id note, an augmentation string, a path): libc's run in
+ * its vector versions near the end of its text, whose 64 KiB windows a program may never touch
+ * (-Os kept even memcmp's 4-byte compares calls).  Inline: dlfo_info runs at start-up, hot. */
+static inline __attribute__((always_inline)) bool same_bytes(const void *a, const void *b, size_t n)
+{
+    const uint8_t *x = a, *y = b;
+    for (size_t i = 0; i < n; i++)
+        if (x[i] != y[i]) return false;
+    return true;
+}
+static inline __attribute__((always_inline)) size_t bounded_len(const char *s, size_t max)
+{
+    size_t n = 0;
+    while (n < max && s[n]) n++;
+    return n;
+}
+static inline __attribute__((always_inline)) bool has_char(const char *s, char c)
+{
+    for (; *s; s++)
+        if (*s == c) return true;
+    return false;
+}
+
 /* The object's file, opened for this lookup if it still holds the mapped build (else -1). */
 static int src_open(const struct obj *o, uint64_t *build)
 {
@@ -217,8 +241,7 @@ static int src_open(const struct obj *o, uint64_t *build)
     struct stat st;
     uint8_t note[96];
     if (sys4(SYS_fstat, fd, (long)&st, 0, 0) != 0 || !S_ISREG(st.st_mode) || o->note_len > sizeof note ||
-        !file_read((int)fd, note, o->note_len, o->note_off) ||
-        memcmp(note, o->note, o->note_len) != 0) {
+        !file_read((int)fd, note, o->note_len, o->note_off) || !same_bytes(note, o->note, o->note_len)) {
         sys4(SYS_close, fd, 0, 0, 0);
         return -1;
     }
@@ -326,7 +349,7 @@ static bool parse_cie(const struct src *s, const uint8_t *p, uint8_t *buf, struc
     if (version != 1 && version != 3)
         return false;
     const char *aug = (const char *)r.p;
-    size_t alen = strnlen(aug, (size_t)(r.end - r.p));
+    size_t alen = bounded_len(aug, (size_t)(r.end - r.p));
     if (!rd_has(&r, alen + 1))
         return false;
     r.p += alen + 1;
@@ -787,7 +810,7 @@ static void find_note(struct dl_phdr_info *info, struct obj *o)
             if (nh.n_namesz > 64 || nh.n_descsz > 64 || len > (size_t)(end - p))
                 break;
             if (nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 && nh.n_descsz >= 8 &&
-                memcmp(p + sizeof nh, "GNU", 4) == 0) {
+                same_bytes(p + sizeof nh, "GNU", 4)) {
                 o->note = p;
                 o->note_len = (uint32_t)len;
                 o->note_off = ph->p_offset + (uint64_t)(p - (const uint8_t *)(info->dlpi_addr + ph->p_vaddr));
@@ -885,7 +908,7 @@ static bool obj_of(struct dl_phdr_info *info, uintptr_t pc, struct obj *out)
          * offset (and both tables lie in it: checked below).  The main program's entry has no
          * name. */
         const char *path = info->dlpi_name && info->dlpi_name[0] ? info->dlpi_name : "/proc/self/exe";
-        if (o.hdr && !(hseg->p_flags & PF_W) && strchr(path, '/') && !has_textrel(info)) {
+        if (o.hdr && !(hseg->p_flags & PF_W) && has_char(path, '/') && !has_textrel(info)) {
             find_note(info, &o);
             if (o.note) {
                 o.path = path;
@@ -1037,7 +1060,7 @@ static bool dlfo_info(uintptr_t pc, struct dl_find_object *fo, struct dl_phdr_in
     if (hi <= lo || hi - lo < sizeof(ElfW(Ehdr)))
         return false;
     const ElfW(Ehdr) *eh = (const ElfW(Ehdr) *)lo;
-    if (memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0 || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
+    if (!same_bytes(eh->e_ident, ELFMAG, SELFMAG) || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
         eh->e_phentsize != sizeof(ElfW(Phdr)) || !eh->e_phnum || eh->e_phnum == PN_XNUM ||
         eh->e_phoff > hi - lo || eh->e_phnum > (hi - lo - eh->e_phoff) / sizeof(ElfW(Phdr)))
         return false;

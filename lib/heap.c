@@ -1330,11 +1330,18 @@ static inline __attribute__((always_inline)) unsigned sampled_class_hot(const st
     return LUM_LIKELY(c != LUM_SLOW_CLASS) ? c : lum_size_class(p); /* heap_slot_classes */
 }
 
+static LUM_NOINLINE void *malloc_sample_point(size_t size, struct lum_heap *heap, unsigned cls);
+
 /* malloc's fast path found the next sample point inside this allocation's block: the common
  * case without lum_malloc_slow's checks and register saves (a few dozen instructions a
  * sample), anything unusual (first use, failure injection, its re-arming, a size to warn
  * about) through it.  Both callers have taken the block's size off sample_left already (the
- * fast path's subtraction is its test); a way to lum_malloc_slow gives it back. */
+ * fast path's subtraction is its test); a way to lum_malloc_slow gives it back.  The checks
+ * before a sample, here in the hot text: every thread's first malloc comes here (its
+ * empty heap's point is forced), and so does each 4 MiB of a thread's allocations with sampling
+ * off, and neither takes a sample.  With them in the sample text, a program that never samples
+ * made that whole mapping resident (bench churn with sampling off: 7 pages); the sample is
+ * malloc_sample_point's, in the sample text (a jump more). */
 LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigned cls)
 {
     int64_t left = heap->sample_left;
@@ -1343,8 +1350,16 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
      * first use's too. */
     if (LUM_UNLIKELY(lum_sample_forced(left))) return lum_malloc_slow(size, 0);
     /* left >= 0: no point inside the block after all (a check only) */
-    if (LUM_UNLIKELY(left >= 0 || lum_fail_is_armed() || lum_warns_large(size) || point_stale(heap)))
-        goto give_back;
+    if (LUM_UNLIKELY(left >= 0 || lum_fail_is_armed() || lum_warns_large(size) || point_stale(heap))) {
+        /* the charge was the page's block_size, its class's size */
+        heap->sample_left = left + (int64_t)lum_class_size[cls];
+        return lum_malloc_slow(size, 0);
+    }
+    return malloc_sample_point(size, heap, cls);
+}
+
+static LUM_NOINLINE void *malloc_sample_point(size_t size, struct lum_heap *heap, unsigned cls)
+{
     /* take_sample's work, its checks done above; the next point is drawn from where the
      * counter will stand after the sampled block (the ordinary block's charge is dropped) */
     unsigned scls = sampled_class_hot(heap, cls);
@@ -1379,9 +1394,6 @@ LUM_NOINLINE void *lum_malloc_sample(size_t size, struct lum_heap *heap, unsigne
     }
     lum_sample_rest(&rest, &heap->tc, p, asked, usable, fp, f, rec);
     return p;
-give_back: /* the charge was the page's block_size, its class's size */
-    heap->sample_left = left + (int64_t)lum_class_size[cls];
-    return lum_malloc_slow(size, 0);
 }
 
 static void *late_alloc(size_t size, size_t alignment);

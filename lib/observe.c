@@ -102,7 +102,8 @@ int lum_obs_thread_start(void *(*fn)(void *), size_t stack, const char *name)
  * calling our hooks, so these handlers are independent of the core's own.  Held for the fork
  * (lock.h): handlers of other libraries that run between our prepare and our parent/child
  * handlers may allocate, and a sample of theirs goes through these locks. */
-extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock, lum_unwind_rules_lock;
+extern pthread_mutex_t lum_obs_arena_lock, lum_warn_lock;
+extern lum_lock_t lum_unwind_rules_lock;
 /* The forking thread's lum_obs_busy before fork. */
 static int fork_was_busy;
 
@@ -146,7 +147,7 @@ static void fork_child(void)
     lum_fork_forget(&lum_cfi_lock); /* reset just now */
     lum_fork_reset(&lum_prof_lock);
     /* only ever trylocked (a busy lock skips learning), so not taken in fork_prepare */
-    pthread_mutex_init(&lum_unwind_rules_lock, NULL);
+    lum_lock_reset(&lum_unwind_rules_lock);
     lum_obs_busy = fork_was_busy;
     lum_failure_after_fork_child();
     lum_prof_dump_after_fork_child();

@@ -53,7 +53,7 @@ LUM_COLD_TEXT LUM_EXPORT int lum_prof_dump(const char *path, enum lum_prof_forma
     return rc;
 }
 
-static void dump_failed(const char *path, int rc)
+LUM_COLD_TEXT static void dump_failed(const char *path, int rc)
 {
     char msg[512];
     int n = snprintf(msg, sizeof msg, "lumalloc: cannot write the profile to %s: %s\n", path,
@@ -91,7 +91,7 @@ static void remember_inherited_path(void)
  * 0 at exit) after that: prof.folded, prof.<pid>.folded, prof.<n>.folded, prof.<pid>.<n>.folded.
  * No path set: lumalloc.<pid>.<n>.txt (signal dumps only).  Every process exec'd with the
  * variable in its environment writes the same file unless it has %p. */
-static void dump_path(char *buf, size_t len, unsigned seq)
+LUM_COLD_TEXT static void dump_path(char *buf, size_t len, unsigned seq)
 {
     const char *p = lum_opt.prof_dump;
     if (!p) {

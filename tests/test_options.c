@@ -106,6 +106,24 @@ static void test_sizes_and_words(void **state)
     assert_int_equal(lum_options_set("prof_signal", "65"), -EINVAL);
     assert_int_equal(lum_options_set("prof_signal", "off"), 0);
     assert_int_equal(lum_opt.prof_signal, 0);
+    /* words compare without regard to ASCII case, whole (options.c's own compare, not libc's) */
+    assert_int_equal(lum_options_set("prof_signal", "sigusr1"), 0);
+    assert_int_equal(lum_opt.prof_signal, SIGUSR1);
+    assert_int_equal(lum_options_set("prof_signal", "rtMin+1"), 0);
+    assert_int_equal(lum_opt.prof_signal, SIGRTMIN + 1);
+    assert_int_equal(lum_options_set("prof_signal", "SI"), -EINVAL);
+    assert_int_equal(lum_options_set("prof_signal", "usr"), -EINVAL);
+    assert_int_equal(lum_options_set("prof_signal", "usr1x"), -EINVAL);
+    assert_int_equal(lum_options_set("prof_signal", "Disabled"), 0);
+    assert_int_equal(lum_opt.prof_signal, 0);
+    assert_int_equal(lum_options_set("sample_interval", "OFFx"), -EINVAL);
+    assert_int_equal(lum_options_set("sample_interval", "NoNe"), 0);
+    assert_int_equal(lum_opt.sample_interval, 0);
+    assert_int_equal(lum_options_set("sample_interval", "512k"), 0);
+    assert_int_equal(lum_options_set("prof_format", "PPROF"), 0);
+    assert_int_equal(lum_opt.prof_format, LUM_FMT_PPROF);
+    assert_int_equal(lum_options_set("prof_format", "pprofx"), -EINVAL);
+    assert_int_equal(lum_options_set("prof_format", "auto"), 0);
 
     assert_int_equal(lum_options_set("prof_depth", "1000"), 0);
     assert_int_equal(lum_opt.prof_depth, 64); /* clamped to LUM_MAX_FRAMES */
