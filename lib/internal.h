@@ -93,7 +93,12 @@ struct __attribute__((aligned(32))) lum_page {
     uint8_t retained;           /* empty, kept by its heap for reuse (counted in retained_*) */
     uint8_t abandoned;          /* LUM_ABANDONED_*: on lum_abandoned[cls] (under lum_abandoned_lock) */
     uint8_t slices;             /* span length; 0 when the page struct is not in use */
-    uint16_t abandoned_exits;   /* thread exits so far when it was filed as empty abandoned */
+    union {
+        uint16_t abandoned_exits; /* thread exits so far when it was filed as empty abandoned */
+        /* Abandoned with live blocks: the tag (heap.c, heap_tag) of the thread that last freed a
+         * block into it, 0 for none yet; that thread adopts it first (adopt_abandoned). */
+        uint16_t freed_by;
+    };
     uint32_t capacity;          /* blocks the span can hold */
     uint32_t carved;            /* blocks carved from the span so far (the rest is untouched) */
     uint8_t *start;
