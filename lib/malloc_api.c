@@ -421,8 +421,9 @@ LUM_EXPORT struct mallinfo lum_mallinfo(void)
 }
 
 /* malloc_info: glibc writes XML; lumalloc writes the same element structure with its own
- * figures (options must be 0, as in glibc). */
-LUM_EXPORT int lum_malloc_info(int options, FILE *fp)
+ * figures (options must be 0, as in glibc).  Cold text: a report, whose messages are cold already
+ * (and room in the warm text's 8 pages). */
+LUM_COLD_TEXT LUM_EXPORT int lum_malloc_info(int options, FILE *fp)
 {
     if (options != 0) {
         errno = EINVAL;
