@@ -1146,9 +1146,28 @@ void lum_heap_release_empty(struct lum_heap *heap)
 }
 
 /* The current page for cls has nothing left: find the next page with room. */
+/* Whether heap_next_page looks at the abandoned pages in place of a carve of page: it has room
+ * to carve, and the class has abandoned pages (adopt_abandoned's peek, here: a call that found
+ * nothing cost bench ring 0.2% more instructions). */
+static inline bool may_adopt_before_carve(const struct lum_page *page, unsigned cls)
+{
+    return page->carved < page->capacity && __atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED);
+}
+
+/* An abandoned page adopted, with a free block (see heap_next_page), or NULL.  It has room: not
+ * `any`, adopt_abandoned takes only a page with fewer blocks in use than it holds, once it has
+ * collected the page's remote frees; if none is on its free list, a carve is left. */
+static LUM_NOINLINE struct lum_page *adopt_with_room(struct lum_heap *heap, unsigned cls)
+{
+    struct lum_page *a = adopt_abandoned(heap, cls, false);
+    if (a && !a->free) lum_page_refill(a);
+    return a;
+}
+
 static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsigned cls)
 {
     bool adopted = false; /* the page found came off the abandoned lists */
+    struct lum_page *a;
     struct lum_page *page = heap->current[cls];
     if (page != &lum_empty_page) {
         if (page->free || heap_collect(heap, page)) return page;
@@ -1163,8 +1182,8 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
          * over 2 KiB, carved one at a time, where the look would cost every slow path
          * (ring +1.9%).  Other threads' frees count too, collected first: a producer whose
          * blocks all die on a consumer thread otherwise carved every page to its end while the
-         * pages behind it held the freed blocks (bench xthread: 1.6 MiB more carved at the
-         * peak, peak RSS 20.0 -> 19.0 MiB). */
+         * pages behind it held the freed blocks (bench xthread with its queue of 256 batches:
+         * 1.6 MiB more carved at the peak, peak RSS 20.0 -> 19.0 MiB). */
         uint32_t carve = page->block_size >= 4096 ? 1 : 4096 / page->block_size;
         struct lum_page *q = carve > 1 ? page->next : NULL;
         for (unsigned i = 0; q && i < 4; q = q->next, i++) {
@@ -1182,14 +1201,16 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
          * first pages of each class to the end while the previous generation's pages they were
          * emptying waited to be half empty: peak RSS 16.1 -> 14.8 MiB (with the freed_by mark;
          * 17.5 -> 15.7 without it); only before a carve of this page, 15.3, the avail list's
-         * pages then carving 4 KiB at each page switch. */
-        if (__atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED)) { /* adopt_abandoned's peek */
-            struct lum_page *a = adopt_abandoned(heap, cls, false);
-            if (a && page_has_room(heap, a)) {
-                page = a;
-                adopted = true;
-                goto found;
-            }
+         * pages then carving 4 KiB at each page switch.  Only in place of a carve: a page
+         * with nothing left to carve goes the way below (parked, its remote frees sent to the
+         * inbox; the avail list's pages looked at), or a thread fed abandoned pages without end
+         * (short-lived producers, consumers that allocate) left each full page it switched from
+         * unparked on its avail list, where other threads' frees waited for a look that the
+         * next adoption always came before (found in review). */
+        if (may_adopt_before_carve(page, cls) && (a = adopt_with_room(heap, cls)) != NULL) {
+            page = a;
+            adopted = true;
+            goto found;
         }
         if (lum_page_refill(page)) return page;
         if (!page_park_full(heap, page)) return page;
@@ -1197,8 +1218,16 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
     } else {
         drain_inbox(heap);
     }
-    while ((page = heap->avail[cls].head) != NULL)
-        if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
+    while ((page = heap->avail[cls].head) != NULL) {
+        if (page->free || heap_collect(heap, page)) goto found;
+        /* in place of a carve here too, its remote frees just collected (see above) */
+        if (may_adopt_before_carve(page, cls) && (a = adopt_with_room(heap, cls)) != NULL) {
+            page = a;
+            adopted = true;
+            goto found;
+        }
+        if (lum_page_refill(page) || !page_park_full(heap, page)) goto found;
+    }
     while ((page = adopt_abandoned(heap, cls, false)) != NULL)
         if (page_has_room(heap, page) || !page_park_full(heap, page)) {
             adopted = true;

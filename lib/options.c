@@ -9,7 +9,6 @@
 #include <sys/auxv.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <unistd.h>
 #include "internal.h"
 #include "options.h"

@@ -21,6 +21,7 @@
 #include "test_support.h"
 #include "lumalloc_options.h"
 #include "calloc_after_purge.h"
+#include "internal.h"
 
 static volatile int dontneed_calls;
 
@@ -38,6 +39,9 @@ static void purges_reached_this_madvise(void **state)
     (void)state;
     /* else the test proves nothing: the library's purges went some other way */
     assert_true(dontneed_calls > 0);
+    /* and what made calloc clear was the probe's answer (nothing else distrusts here: no
+     * fork, no MADV_FREE, no failed madvise) */
+    assert_true(__atomic_load_n(&lum_zero_distrust, __ATOMIC_RELAXED) & LUM_DISTRUST_KEPT);
 }
 
 static int dontneed_purging_unsampled(void **state)

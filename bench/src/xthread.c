@@ -9,9 +9,11 @@
 #include <sched.h>
 /* Batches in flight per pair.  Small, so that peak RSS measures what the allocator keeps, not
  * how far the scheduler let a producer run ahead: at 256 (~7 MiB of blocks per pair) the same
- * allocator's peak came out anywhere from 3 to 19 MiB (mimalloc 3.7-19.2, lumalloc 2.8-18.8 in
- * ten runs each), and one median or the other decided the RSS geomean.  At 16 the spread is
- * 0.3-0.9 MiB and the ratio of wall times is unchanged. */
+ * allocator's peak came out anywhere from 3 to 19 MiB (ten runs each: mimalloc 3.7-19.2,
+ * lumalloc 3.4-18.8), and one median or the other decided the RSS geomean.  At 16 (~0.5 MiB a
+ * pair) each allocator's runs lie within 1 MiB (glibc 3.0-3.4, mimalloc 3.6-4.2, lumalloc
+ * 2.9-3.9), and on a quiet machine the ratio of wall times is about the same (lumalloc/mimalloc
+ * 0.57 against 0.54); with other jobs running, every allocator waits on its consumer more. */
 #define QCAP 16
 struct queue {
   _Alignas(64) _Atomic unsigned long head;
