@@ -913,9 +913,12 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls, boo
  * adopt_abandoned looks, and that thread takes it, dense or not, when it next needs room in the
  * class.  It is most likely the one that took over the page's data (larson: each generation
  * frees what the last one left), so its frees into the page become local ones, and its new
- * blocks fill the holes they leave instead of fresh memory: larson's peak RSS 17.5 -> 14.8 MiB
- * with the adoption before a carve (heap_next_page).  Taken when it needs room, not at the free
- * (see below), it is a page the thread is about to allocate from, and so looks at.  Out of
+ * blocks fill the holes they leave instead of a new page (larson's peak RSS 17.5 -> 16.1 MiB).
+ * Taken when it needs room, not at the free (see below), it is a page the thread is about to
+ * allocate from, and so looks at.  Taken also before the thread carved further into its own
+ * pages, it took larson to 14.7 MiB, but the pages it passed over, left on its avail list with
+ * room, were looked at again only once the abandoned pages ran out: other threads' frees into
+ * them could wait without end (found in review; not kept).  Out of
  * line: inlined in free_foreign, it cost every remote free two more saved registers; the
  * freeing thread's heap is read here (free_foreign's, in lum_tls_heap), not passed, for the
  * same reason. */
@@ -1146,28 +1149,9 @@ void lum_heap_release_empty(struct lum_heap *heap)
 }
 
 /* The current page for cls has nothing left: find the next page with room. */
-/* Whether heap_next_page looks at the abandoned pages in place of a carve of page: it has room
- * to carve, and the class has abandoned pages (adopt_abandoned's peek, here: a call that found
- * nothing cost bench ring 0.2% more instructions). */
-static inline bool may_adopt_before_carve(const struct lum_page *page, unsigned cls)
-{
-    return page->carved < page->capacity && __atomic_load_n(&lum_abandoned[cls].head, __ATOMIC_RELAXED);
-}
-
-/* An abandoned page adopted, with a free block (see heap_next_page), or NULL.  It has room: not
- * `any`, adopt_abandoned takes only a page with fewer blocks in use than it holds, once it has
- * collected the page's remote frees; if none is on its free list, a carve is left. */
-static LUM_NOINLINE struct lum_page *adopt_with_room(struct lum_heap *heap, unsigned cls)
-{
-    struct lum_page *a = adopt_abandoned(heap, cls, false);
-    if (a && !a->free) lum_page_refill(a);
-    return a;
-}
-
 static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsigned cls)
 {
     bool adopted = false; /* the page found came off the abandoned lists */
-    struct lum_page *a;
     struct lum_page *page = heap->current[cls];
     if (page != &lum_empty_page) {
         if (page->free || heap_collect(heap, page)) return page;
@@ -1193,41 +1177,14 @@ static LUM_NOINLINE struct lum_page *heap_next_page(struct lum_heap *heap, unsig
                 goto found;
             }
         }
-        /* Memory exited threads left resident before this page carves further or the avail
-         * list's pages do (the loop below refills the first with uncarved room): an empty
-         * abandoned page, one this thread frees into (abandoned_note_freer), one half empty.
-         * Only for a class with abandoned pages: the unlocked peek is here, as a call that
-         * found nothing cost bench ring 0.2% more instructions.  Larson's threads carved their
-         * first pages of each class to the end while the previous generation's pages they were
-         * emptying waited to be half empty: peak RSS 16.1 -> 14.8 MiB (with the freed_by mark;
-         * 17.5 -> 15.7 without it); only before a carve of this page, 15.3, the avail list's
-         * pages then carving 4 KiB at each page switch.  Only in place of a carve: a page
-         * with nothing left to carve goes the way below (parked, its remote frees sent to the
-         * inbox; the avail list's pages looked at), or a thread fed abandoned pages without end
-         * (short-lived producers, consumers that allocate) left each full page it switched from
-         * unparked on its avail list, where other threads' frees waited for a look that the
-         * next adoption always came before (found in review). */
-        if (may_adopt_before_carve(page, cls) && (a = adopt_with_room(heap, cls)) != NULL) {
-            page = a;
-            adopted = true;
-            goto found;
-        }
         if (lum_page_refill(page)) return page;
         if (!page_park_full(heap, page)) return page;
         lum_heap_set_current(heap, cls, &lum_empty_page);
     } else {
         drain_inbox(heap);
     }
-    while ((page = heap->avail[cls].head) != NULL) {
-        if (page->free || heap_collect(heap, page)) goto found;
-        /* in place of a carve here too, its remote frees just collected (see above) */
-        if (may_adopt_before_carve(page, cls) && (a = adopt_with_room(heap, cls)) != NULL) {
-            page = a;
-            adopted = true;
-            goto found;
-        }
-        if (lum_page_refill(page) || !page_park_full(heap, page)) goto found;
-    }
+    while ((page = heap->avail[cls].head) != NULL)
+        if (page_has_room(heap, page) || !page_park_full(heap, page)) goto found;
     while ((page = adopt_abandoned(heap, cls, false)) != NULL)
         if (page_has_room(heap, page) || !page_park_full(heap, page)) {
             adopted = true;
