@@ -881,9 +881,9 @@ static inline uint16_t heap_tag(const struct lum_heap *heap)
  * pages as a remote free, to wait there until it came round to the page (larson, where each
  * generation of threads frees what the last one left: 1.3-1.6 MiB of freed blocks waited at
  * the peak, and the pages in use crept by a generation's holes).  Denser pages, if they have
- * any room (`any`), are taken only by a thread that already has a page of the class and would
- * otherwise map a new one: data nobody frees keeps its holes in use at the cost of one page per
- * class and thread. */
+ * any room, are taken only by the thread that last freed into them (freed_by), or (`any`) by a
+ * thread that already has a page of the class and would otherwise map a new one: data nobody
+ * frees keeps its holes in use at the cost of one page per class and thread. */
 static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls, bool any)
 {
     /* unlocked peek: a stale answer only delays adoption to the next slow path */
@@ -913,13 +913,14 @@ static struct lum_page *adopt_abandoned(struct lum_heap *heap, unsigned cls, boo
  * adopt_abandoned looks, and that thread takes it, dense or not, when it next needs room in the
  * class.  It is most likely the one that took over the page's data (larson: each generation
  * frees what the last one left), so its frees into the page become local ones, and its new
- * blocks fill the holes they leave instead of a new page (larson's peak RSS 17.5 -> 16.1 MiB).
+ * blocks fill the holes they leave instead of a new page (larson's peak RSS 17.5 -> 16.1 MiB,
+ * medians of 9).
  * Taken when it needs room, not at the free (see below), it is a page the thread is about to
  * allocate from, and so looks at.  Taken also before the thread carved further into its own
  * pages, it took larson to 14.7 MiB, but the pages it passed over, left on its avail list with
  * room, were looked at again only once the abandoned pages ran out: other threads' frees into
- * them could wait without end (found in review; not kept).  Out of
- * line: inlined in free_foreign, it cost every remote free two more saved registers; the
+ * them could wait without end (found in review; not kept).  Out of line: inlined in
+ * free_foreign, it cost every remote free two more saved registers; the
  * freeing thread's heap is read here (free_foreign's, in lum_tls_heap), not passed, for the
  * same reason. */
 static LUM_NOINLINE void abandoned_note_freer(struct lum_page *page)
@@ -1414,7 +1415,8 @@ static LUM_NOINLINE void *malloc_sample_point(size_t size, struct lum_heap *heap
     struct lum_sample_rec *rec;
     struct lum_sample_rest rest;
     struct lum_page *page;
-    /* The walk starts in our caller: malloc jumps here (no frame of its own), so that is the
+    /* The walk starts in our caller: malloc jumps to lum_malloc_sample and it jumps here (tail
+     * calls, no frame of their own: checked in the disassembly), so that is the
      * program's code, and none of lumalloc's frames is walked.  __builtin_frame_address gives
      * this function a standard frame: the caller's rbp at fp[0], the return address at fp[1]
      * (checked, in case a compiler lays it out otherwise).  Taken here, where the class's

@@ -54,7 +54,7 @@ LUM_SAMPLE_DATA uint64_t lum_unwind_hits_locked, lum_unwind_hit_frames_locked;
  * not a pthread mutex: glibc's pthread_mutex_trylock dispatches on the mutex kind through a
  * jump table in libc's .rodata, and the first sample's read of it made a 64 KiB window of
  * libc's read-only data resident that the program never touches (bench churn: libc Rss
- * 1118 -> ~1060 KiB, mean of 16 runs). */
+ * 1118 -> 1072 KiB, mean of 16 runs). */
 lum_lock_t lum_unwind_rules_lock = LUM_LOCK_INIT;
 
 /* lumalloc's own executable range when it is a separate object (liblumalloc.so, LD_PRELOAD):
