@@ -66,8 +66,10 @@ echo "== alloctop interactive: clears the screen, 's' shows sites, 'q' quits ($M
 LD_PRELOAD=$LIB "$WORKLOAD" -d 300 -m 64 -p 150 -l 3000 -o /dev/null &
 WPID=$!
 BG_PIDS=$WPID
+wait_loaded "$WPID"
 (sleep 1.2; printf s; sleep 1.2; printf q) |
-    timeout 20 script -q -e -c "$ALLOCTOP -p $WPID 0.3" /dev/null > "$TMP/tty.txt" 2>&1 || fail "interactive alloctop"
+    timeout 20 script -q -e -c "$ALLOCTOP -p $WPID 0.3" /dev/null > "$TMP/tty.txt" 2>&1 ||
+    { rc=$?; tail -c 600 "$TMP/tty.txt" | tr '\033' '^'; echo; fail "interactive alloctop (exit $rc)"; }
 kill -0 "$WPID" 2>/dev/null || fail "alloctop did not quit on 'q' before the target exited"
 grep -q $'\033\[H\033\[2J' "$TMP/tty.txt" || fail "screen not cleared"
 grep -q "top allocation sites" "$TMP/tty.txt" || fail "'s' did not show the sites"
