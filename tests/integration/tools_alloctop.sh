@@ -13,6 +13,7 @@ echo "== alloctop -p ($MODE)"
 LD_PRELOAD=$LIB "$WORKLOAD" -d 1500 -m 128 -p 60 -l 1000 -o "$TMP/truth_p.json" &
 WPID=$!
 BG_PIDS=$WPID
+wait_loaded "$WPID"
 sleep 0.5
 "$ALLOCTOP" -p "$WPID" --json --sites 0.2 > "$TMP/top_p.jsonl" 2> "$TMP/top_p.err" ||
     { cat "$TMP/top_p.err"; fail "alloctop -p exited $?"; }
@@ -56,6 +57,7 @@ echo "== alloctop batch table ($MODE)"
 LD_PRELOAD=$LIB "$WORKLOAD" -d 600 -m 64 -l 600 -o /dev/null &
 WPID=$!
 BG_PIDS=$WPID
+wait_loaded "$WPID"
 sleep 0.3
 "$ALLOCTOP" -p "$WPID" -s live -r 5 --sites 0.25 3 > "$TMP/table.txt" 2>&1 || fail "alloctop table"
 wait "$WPID"

@@ -10,6 +10,7 @@ start_workload() { # start_workload ARGS...: a paced workload in the background,
     LD_PRELOAD=$LIB "$WORKLOAD" "$@" -o /dev/null &
     WPID=$!
     BG_PIDS="$BG_PIDS $WPID"
+    wait_loaded "$WPID"
     sleep 0.3
 }
 
