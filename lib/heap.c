@@ -929,13 +929,8 @@ static LUM_NOINLINE void abandoned_note_freer(struct lum_page *page)
     page->freed_by = heap_tag(lum_tls_heap);
     struct lum_page_list *list = &lum_abandoned[page->cls];
     if (list->head == page) return;
-    /* to the front: not the head, so it has a page before it */
-    page->prev->next = page->next;
-    if (page->next) page->next->prev = page->prev; else list->tail = page->prev;
-    page->prev = NULL;
-    page->next = list->head;
-    list->head->prev = page;
-    lum_list_set_head(list, page);
+    lum_list_remove(list, page);
+    lum_list_push_front(list, page);
 }
 
 /* A free into a page nobody owns (its thread exited): in place, under the lock that guards

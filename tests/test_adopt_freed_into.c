@@ -18,7 +18,7 @@
 #include "lumalloc_options.h"
 
 #define PAGES 4
-#define MAX_BLOCKS (PAGES * 128)
+#define MAX_BLOCKS (PAGES * 64)
 static void *(*volatile p_malloc)(size_t) = malloc;
 
 struct handover {
@@ -75,13 +75,13 @@ static void hand_over(struct handover *h)
     lum_options_set("sample_interval", "512k");
 }
 
-static struct handover first = {.size = 1024, .per_page = 64};
+static struct handover handover = {.size = 1024, .per_page = 64};
 
 static void heir_without_a_page_fills_the_holes(void **state)
 {
     (void)state;
-    hand_over(&first);
-    assert_int_equal(first.reused, first.freed);
+    hand_over(&handover);
+    assert_int_equal(handover.reused, handover.freed);
 }
 
 int main(void)
