@@ -148,8 +148,15 @@ static int registry_walk(const struct tc_target *t, pid_t task, struct lum_regis
     /* Bounded walk: a list caught mid-update must not loop forever. */
     for (int guard = 0; a && guard < 100000; guard++) {
         struct lum_thread_counters_v1 c;
-        if (read_mem(task, a, &c, sizeof(c)))
-            break;
+        /* A record that cannot be read ends the reading, not the list: records are never freed,
+         * so it means the task read through lost its address space (the process exiting: ESRCH
+         * from the 3644th of 4201 records, seen).  Taken as the whole list, the newest threads
+         * alone would replace the last complete reading, and alloctop's final report, which
+         * keeps that reading's figures for the threads past its exit-time bound (the oldest,
+         * at the list's end), would drop them. */
+        r = read_mem(task, a, &c, sizeof(c));
+        if (r)
+            return r;
         if (len == *cap || !*threads) {
             size_t nc = *cap ? *cap * 2 : 64;
             struct tc_thread *nt = realloc(*threads, nc * sizeof(**threads));

@@ -117,7 +117,8 @@ struct tc_target {
 
 /* Find the lumalloc probes and registry in a running process.  Returns 0, or -1 with a message. */
 int tc_target_locate(struct tc_target *t, char *err, size_t errlen);
-/* Read the registry header and the thread list.  threads is realloc'd. 0 or -errno. */
+/* Read the registry header and the thread list.  threads is realloc'd. 0 or -errno: a walk that
+ * could not follow the list to its end (the process exiting) is an error, never a shorter list. */
 struct tc_thread {
     uint64_t addr;
     struct lum_thread_counters_v1 c;
