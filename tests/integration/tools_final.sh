@@ -24,27 +24,20 @@ p = fin[-1]["processes"][0]
 assert not p["alive"], p["alive"]
 got = {t["tid"]: t for t in p["threads"]}
 missing = [tid for tid in truth if tid not in got]
-lost = fin[-1]["lost"]
-if want_trunc and missing:
-    # Past the exit-time reading's bound a thread shows the last interval's figures, so one no
-    # interval reading saw cannot be shown: the report counts it lost.  Once in CI under
-    # ctest -j2 all 104 workers past the bound were missing; why no interval reading held them
-    # is not known (an interval reading walks the whole list).  A thread some interval did read
-    # must still be there.
-    seen = {t["tid"] for o in rows if not o["final"] for q in o["processes"] for t in q["threads"]}
-    assert not [t for t in missing if t in seen], "threads seen in an interval missing from the final report"
-    assert len(missing) <= lost.get("final_threads", 0), "%d missing, lost %s" % (len(missing), lost)
-    print("ok   %d threads past the bound never read in an interval, counted lost" % len(missing))
-    for tid in missing:
-        del truth[tid]
-assert not missing or want_trunc, "%d of %d threads missing from the final report, e.g. %s" % (
-    len(missing), len(truth), missing[:5])
+# Every thread, past the exit-time reading's bound too: those show the last interval's figures,
+# and an interval reading comes while all are alive (3 s).  Once in CI under ctest -j2 the 104
+# workers past the bound were missing: an interval reading made while the process exited was
+# cut short (the task it read through lost its memory: ESRCH at its 3644th of 4201 records),
+# its newest threads taken for the whole list and kept for the final report (1 in 4 runs with
+# a 0.01 s interval).  A cut reading is now no reading (tools_unit_common registry_walk_cut).
+assert not missing, "%d of %d threads missing from the final report, e.g. %s" % (len(missing), len(truth), missing[:5])
 stale = [(tid, got[tid]["alloc_count"], c) for tid, (c, b) in truth.items()
          if got[tid]["alloc_count"] != c or got[tid]["alloc_bytes"] != b]
+lost = fin[-1]["lost"]
 if want_trunc:
     assert p["truncated"], "not marked truncated"
     # the oldest records are last in the list: the main thread's and the first workers'
-    assert lost.get("final_threads") == len(p["threads"]) + len(missing) - 4096, "threads past the bound not counted: %s" % lost
+    assert lost.get("final_threads") == len(p["threads"]) - 4096, "threads past the bound not counted: %s" % lost
     # Only those past the bound may show older figures.  How many do depends on whether the
     # last interval's reading came before their second round: under two parallel runs on two
     # cores, 31 and 2 of the 104 workers had done it already (the count was once exact).
