@@ -796,6 +796,43 @@ void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block
     if (LUM_OWN_SUB(page->used, 1) == 0) page_retire(heap, page);
 }
 
+/* The caches off for a thread dropping data (lum_heap_free_run_check): cached, the first blocks
+ * the run freed of each class keep their pages from emptying, and a thread that then goes idle
+ * keeps them resident for good, as no other thread may touch its caches (bench burst: ~400
+ * pages of 64 KiB, every block on them free, 24 MiB still resident after the decay time).  Each
+ * class's cached blocks go back to their pages and its cache stays off (room 0 and empty, so
+ * that each free goes to its page) until the class's next malloc, which the current page taken
+ * away sends to lum_malloc_slow to turn it on again.  A class whose current page is the kept
+ * empty one of many slices (empty_big) keeps both: its blocks are over 4 KiB, its cache short. */
+static LUM_NOINLINE void heap_caches_off(struct lum_heap *heap)
+{
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        if (!lum_cache_max[c] || heap->current[c] == heap->empty_big) continue;
+        lum_block *b = cache_take(heap, c);
+        LUM_OWN_SET(heap->cache_room[c], 0);
+        if (heap->current[c] != &lum_empty_page) lum_heap_set_current(heap, c, &lum_empty_page);
+        while (b) {
+            lum_block *next = b->next;
+            struct lum_page *page = lum_page_of(b);
+            lum_page_push_free(page, b);
+            if (LUM_OWN_SUB(page->used, 1) == 0) lum_page_empty(heap, page);
+            b = next;
+        }
+    }
+}
+
+/* One in 256 frees that found their class's cache full (or off): with no malloc since the one
+ * before, 256 earlier, the thread is dropping data, not churning it (no steady workload of
+ * bench's comes near: a malloc of any class in between is enough), and its caches go off. */
+LUM_NOINLINE void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page *page, void *p)
+{
+    uint64_t allocs = heap->tc.alloc_count;
+    if (allocs == heap->free_run_allocs) heap_caches_off(heap);
+    heap->free_run_allocs = allocs;
+    lum_page_push_free(page, p);
+    if (LUM_OWN_SUB(page->used, 1) == 0) lum_page_empty(heap, page);
+}
+
 /* Returns every cached block to its page (thread exit, explicit purge), so pages can empty. */
 void lum_heap_cache_flush(struct lum_heap *heap)
 {
@@ -1466,6 +1503,9 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
     if (size > lum_opt.large_threshold || size > LUM_SMALL_MAX || alignment > LUM_SLICE_SIZE)
         return lum_large_alloc_or_fail(heap, size, alignment, false);
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
+    /* the class's first malloc since a run of frees turned its cache off (heap_caches_off) */
+    if (LUM_UNLIKELY(heap->cache_room[cls] == 0) && !heap->cache[cls])
+        LUM_OWN_SET(heap->cache_room[cls], (int8_t)lum_cache_max[cls]);
     if (!lum_fail_is_armed() && heap->sample_left < (int64_t)lum_class_size[cls]) {
         /* A tail call: reached from malloc (its exhausted page), lum_malloc_sample walks from
          * malloc's caller, where the unwinder's memo holds, instead of from here (~250

@@ -256,6 +256,10 @@ struct lum_heap {
     uint8_t retained_count[LUM_CLASSES];
     size_t retained_bytes;
     size_t remote_collected; /* bytes of other threads' frees collected since heap_release_idle looked */
+    /* Frees past a full cache count down free_run_tick; at each 256th, free_run_allocs holds
+     * the malloc count at the one before (lum_heap_free_run_check). */
+    uint64_t free_run_allocs;
+    uint8_t free_run_tick;
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
     struct lum_heap *next_pool;
     /* Last, and the full lists at the very end: a record is 4 KiB-aligned (meta.c) and its

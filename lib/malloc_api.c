@@ -76,6 +76,7 @@ LUM_EXPORT void *lum_malloc(size_t size)
 }
 
 void lum_page_empty(struct lum_heap *heap, struct lum_page *page);
+void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page *page, void *p);
 
 static inline void free_fast(void *p)
 {
@@ -94,6 +95,11 @@ static inline void free_fast(void *p)
             return;
         }
         LUM_OWN_SET(heap->cache_room[cls], 0);
+        /* one in 256 frees past a full cache looks for a run of frees with no malloc */
+        if (LUM_UNLIKELY(LUM_OWN_SUB(heap->free_run_tick, 1) == 0)) {
+            lum_heap_free_run_check(heap, page, p);
+            return;
+        }
 #endif
         lum_page_push_free(page, p);
         if (LUM_UNLIKELY(LUM_OWN_SUB(page->used, 1) == 0)) lum_page_empty(heap, page);

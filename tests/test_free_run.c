@@ -1,0 +1,133 @@
+/* A thread that frees what it built, with no malloc in between, turns its caches off
+ * (lum_heap_free_run_check): the blocks it freed first would otherwise stay cached and keep
+ * their pages from emptying, resident for as long as the thread stays idle (bench burst: 24 MiB
+ * after the decay time).  A thread that mallocs between its frees keeps its caches, and a class's
+ * next malloc turns its cache on again.  Each case in a thread of its own: a fresh heap. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <cmocka.h>
+#include "lumalloc.h"
+#include "internal.h"
+
+static void *(*volatile p_malloc)(size_t) = malloc;
+
+#define NBLOCKS 20000
+static void *blocks[NBLOCKS];
+
+static size_t size_of(unsigned i)
+{
+    static const size_t sizes[] = {16, 40, 100, 256, 600, 1500, 3000, 7000};
+    return sizes[i % (sizeof sizes / sizeof sizes[0])];
+}
+
+/* Pages of the class with a live block: none may be left once everything was freed. */
+static unsigned pages_in_use(const struct lum_heap *h)
+{
+    unsigned n = 0;
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        for (const struct lum_page *p = h->avail[c].head; p; p = p->next) n += p->used != 0;
+        for (const struct lum_page *p = h->full[c].head; p; p = p->next) n += p->used != 0;
+    }
+    return n;
+}
+
+/* What the threads saw, asserted in the test's own thread (cmocka's failures jump out of it). */
+static struct {
+    unsigned cached_left, on_left, pages_used;
+    bool reenabled, cached_again, other_off;
+    unsigned churn_off_rounds;
+} seen;
+
+static void *teardown_thread(void *arg)
+{
+    (void)arg;
+    uint64_t s = 12345;
+    for (unsigned i = 0; i < NBLOCKS; i++) {
+        blocks[i] = p_malloc(size_of(i));
+        memset(blocks[i], 1, 16);
+    }
+    for (unsigned i = NBLOCKS - 1; i > 0; i--) { /* freed in random order, as a burst's */
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        unsigned j = (unsigned)((s >> 33) % (i + 1));
+        void *t = blocks[i];
+        blocks[i] = blocks[j];
+        blocks[j] = t;
+    }
+    for (unsigned i = 0; i < NBLOCKS; i++) free(blocks[i]);
+    struct lum_heap *h = lum_tls_heap;
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        if (!lum_cache_max[c]) continue;
+        seen.cached_left += h->cache[c] != NULL;
+        seen.on_left += h->cache_room[c] != 0;
+    }
+    seen.pages_used = pages_in_use(h);
+
+    /* the class's next malloc turns its cache on, and its next free is cached */
+    unsigned cls = lum_size_class(100);
+    void *p = p_malloc(100);
+    seen.reenabled = h->cache_room[cls] == (int8_t)lum_cache_max[cls];
+    free(p);
+    seen.cached_again = h->cache[cls] == p && h->cache_room[cls] == (int8_t)lum_cache_max[cls] - 1;
+    /* another class's stays off until its own malloc */
+    unsigned other = lum_size_class(600);
+    seen.other_off = h->cache_room[other] == 0 && !h->cache[other];
+    return NULL;
+}
+
+static void test_teardown_empties_pages(void **state)
+{
+    (void)state;
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, teardown_thread, NULL), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(seen.cached_left, 0);
+    assert_int_equal(seen.on_left, 0);
+    /* Before: every class kept the first 16 blocks it freed, each pinning its page. */
+    assert_int_equal(seen.pages_used, 0);
+    assert_true(seen.reenabled);
+    assert_true(seen.cached_again);
+    assert_true(seen.other_off);
+}
+
+/* Runs of 40 frees of one class (24 past its full cache each), a malloc between runs: ten
+ * thousand frees past a full cache, never 256 in a row without a malloc. */
+static void *churn_thread(void *arg)
+{
+    (void)arg;
+    static void *ring[40];
+    unsigned cls = lum_size_class(48);
+    for (unsigned i = 0; i < 40; i++) ring[i] = p_malloc(48);
+    struct lum_heap *h = lum_tls_heap;
+    for (unsigned round = 0; round < 500; round++) {
+        for (unsigned i = 0; i < 40; i++) free(ring[i]);
+        seen.churn_off_rounds += h->cache[cls] == NULL; /* the run's first 16 are cached: on */
+        for (unsigned i = 0; i < 40; i++) ring[i] = p_malloc(48);
+    }
+    for (unsigned i = 0; i < 40; i++) free(ring[i]);
+    return NULL;
+}
+
+static void test_churn_keeps_caches(void **state)
+{
+    (void)state;
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, churn_thread, NULL), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(seen.churn_off_rounds, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_teardown_empties_pages),
+        cmocka_unit_test(test_churn_keeps_caches),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
