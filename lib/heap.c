@@ -234,7 +234,7 @@ bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
 static lum_block *cache_take(struct lum_heap *heap, unsigned c)
 {
     lum_block *b = heap->cache[c];
-    heap->cache[c] = NULL;
+    LUM_OWN_SET(heap->cache[c], NULL);
     LUM_OWN_SET(heap->cache_room[c], (int8_t)lum_cache_max[c]);
     return b;
 }
@@ -751,8 +751,10 @@ static void page_retire_as(struct lum_heap *heap, struct lum_page *page, bool al
 
 static void page_retire(struct lum_heap *heap, struct lum_page *page)
 {
-    if (heap->current[page->cls] == page || page->retained) return; /* a ping-pong pattern's page */
-    page_retire_as(heap, page, heap->current[page->cls] != &lum_empty_page);
+    unsigned cls = page->cls;
+    if (heap->current[cls] == page || page->retained) return; /* a ping-pong pattern's page */
+    /* a class whose cache is off has no current page, and is still one this heap allocates */
+    page_retire_as(heap, page, heap->current[cls] != &lum_empty_page || lum_cache_off(heap, cls));
 }
 
 /* Called from the free fast path when a page's used count reaches 0: a parked page has gathered
@@ -800,24 +802,26 @@ void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block
  * the run freed of each class keep their pages from emptying, and a thread that then goes idle
  * keeps them resident for good, as no other thread may touch its caches (bench burst: ~400
  * pages of 64 KiB, every block on them free, 24 MiB still resident after the decay time).  Each
- * class's cached blocks go back to their pages and its cache stays off (room 0 and empty, so
- * that each free goes to its page) until the class's next malloc, which the current page taken
- * away sends to lum_malloc_slow to turn it on again.  A class whose current page is the kept
- * empty one of many slices (empty_big) keeps both: its blocks are over 4 KiB, its cache short. */
+ * class's cached blocks go back to their pages, one at a time (a fork meanwhile finds each
+ * cached or on its page), and its cache stays off (cache_off: each free goes to its page)
+ * until the class's next malloc, which the current page taken away sends to lum_malloc_slow to
+ * turn it on again.  A current page that is empty stays current (see below), and its class's
+ * cache comes back when that page is used up. */
 static LUM_NOINLINE void heap_caches_off(struct lum_heap *heap)
 {
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        if (!lum_cache_max[c] || heap->current[c] == heap->empty_big) continue;
-        lum_block *b = cache_take(heap, c);
-        LUM_OWN_SET(heap->cache_room[c], 0);
-        if (heap->current[c] != &lum_empty_page) lum_heap_set_current(heap, c, &lum_empty_page);
-        while (b) {
-            lum_block *next = b->next;
+        if (!lum_cache_max[c]) continue;
+        lum_block *b;
+        while ((b = heap->cache[c]) != NULL) {
+            LUM_OWN_SET(heap->cache[c], b->next);
             struct lum_page *page = lum_page_of(b);
             lum_page_push_free(page, b);
             if (LUM_OWN_SUB(page->used, 1) == 0) lum_page_empty(heap, page);
-            b = next;
         }
+        LUM_OWN_SET(heap->cache_room[c], 0);
+        /* an empty one stays: kept so when it emptied (page_retire, empty_big), and its carve,
+         * however shallow, is no depth for the class's next pages (segment.c: note_depth) */
+        if (heap->current[c]->used) lum_heap_set_current(heap, c, &lum_empty_page);
     }
 }
 
@@ -1504,8 +1508,7 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         return lum_large_alloc_or_fail(heap, size, alignment, false);
     unsigned cls = alignment ? class_for_alignment(size, alignment) : lum_size_class(size);
     /* the class's first malloc since a run of frees turned its cache off (heap_caches_off) */
-    if (LUM_UNLIKELY(heap->cache_room[cls] == 0) && !heap->cache[cls])
-        LUM_OWN_SET(heap->cache_room[cls], (int8_t)lum_cache_max[cls]);
+    if (LUM_UNLIKELY(lum_cache_off(heap, cls))) LUM_OWN_SET(heap->cache_room[cls], (int8_t)lum_cache_max[cls]);
     if (!lum_fail_is_armed() && heap->sample_left < (int64_t)lum_class_size[cls]) {
         /* A tail call: reached from malloc (its exhausted page), lum_malloc_sample walks from
          * malloc's caller, where the unwinder's memo holds, instead of from here (~250

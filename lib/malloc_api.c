@@ -49,7 +49,7 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size,
     if (LUM_LIKELY(b != NULL)) {
         if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size, heap, cls);
         LUM_OWN_ADD(heap->tc.alloc_bytes, bs);
-        heap->cache[cls] = b->next;
+        LUM_OWN_SET(heap->cache[cls], b->next);
         LUM_OWN_ADD(heap->cache_room[cls], 1);
         LUM_OWN_ADD(heap->tc.alloc_count, 1);
         if (in_rax) IN_RETURN_REG(b);
@@ -91,7 +91,7 @@ static inline void free_fast(void *p)
          * compare before the decrement. */
         if (LUM_LIKELY(LUM_OWN_SUB(heap->cache_room[cls], 1) >= 0)) {
             ((lum_block *)p)->next = heap->cache[cls];
-            heap->cache[cls] = p;
+            LUM_OWN_SET(heap->cache[cls], p);
             return;
         }
         LUM_OWN_SET(heap->cache_room[cls], 0);

@@ -462,7 +462,8 @@ static const struct opt *find(const char *name)
 }
 
 /* The options API (set, get, print) is cold text: a program calls it once or twice, if ever
- * (its bytes kept the warm text within 8 pages when heap_caches_off joined it). */
+ * (its bytes, and the failure injectors', kept the warm text within 8 pages when heap_caches_off
+ * joined it). */
 LUM_EXPORT LUM_COLD_TEXT int lum_options_set(const char *name, const char *value)
 {
     const struct opt *o = name ? find(name) : NULL;

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <cmocka.h>
 #include "lumalloc.h"
+#include "lumalloc_stats.h"
 #include "internal.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
@@ -23,11 +24,11 @@ static void *blocks[NBLOCKS];
 
 static size_t size_of(unsigned i)
 {
-    static const size_t sizes[] = {16, 40, 100, 256, 600, 1500, 3000, 7000};
+    static const size_t sizes[] = {16, 40, 100, 256, 600, 1500, 3000, 3328, 7000}; /* 3328: pages of 2 slices */
     return sizes[i % (sizeof sizes / sizeof sizes[0])];
 }
 
-/* Pages of the class with a live block: none may be left once everything was freed. */
+/* Pages with a block counted in use: none may be left once everything was freed. */
 static unsigned pages_in_use(const struct lum_heap *h)
 {
     unsigned n = 0;
@@ -38,9 +39,21 @@ static unsigned pages_in_use(const struct lum_heap *h)
     return n;
 }
 
+/* Empty pages the heap holds other than those it keeps on purpose (retained, current):
+ * nothing would ever retire them while the thread stays idle. */
+static unsigned pages_stranded(const struct lum_heap *h)
+{
+    unsigned n = 0;
+    for (unsigned c = 0; c < LUM_CLASSES; c++)
+        for (const struct lum_page *p = h->avail[c].head; p; p = p->next)
+            n += p->used == 0 && !p->retained && p != h->current[c];
+    return n;
+}
+
 /* What the threads saw, asserted in the test's own thread (cmocka's failures jump out of it). */
 static struct {
-    unsigned cached_left, on_left, pages_used;
+    unsigned cached_left, on_left, pages_used, pages_stranded, check_errors;
+    uint64_t stats_live;
     bool reenabled, cached_again, other_off;
     unsigned churn_off_rounds;
 } seen;
@@ -68,6 +81,12 @@ static void *teardown_thread(void *arg)
         seen.on_left += h->cache_room[c] != 0;
     }
     seen.pages_used = pages_in_use(h);
+    seen.pages_stranded = pages_stranded(h);
+    seen.check_errors = (unsigned)lum_heap_check(1);
+    /* statistics take an off cache for what it is, empty, not full (16 blocks each) */
+    static struct lum_stats st;
+    lum_stats_snapshot(&st);
+    for (unsigned c = 0; c < LUM_CLASSES; c++) seen.stats_live += st.classes[c].live_blocks;
 
     /* the class's next malloc turns its cache on, and its next free is cached */
     unsigned cls = lum_size_class(100);
@@ -91,6 +110,9 @@ static void test_teardown_empties_pages(void **state)
     assert_int_equal(seen.on_left, 0);
     /* Before: every class kept the first 16 blocks it freed, each pinning its page. */
     assert_int_equal(seen.pages_used, 0);
+    assert_int_equal(seen.pages_stranded, 0);
+    assert_int_equal(seen.check_errors, 0);
+    assert_true(seen.stats_live < 100); /* the test's own few; before: a wrapped count */
     assert_true(seen.reenabled);
     assert_true(seen.cached_again);
     assert_true(seen.other_off);
