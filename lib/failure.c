@@ -138,7 +138,7 @@ LUM_COLD_TEXT bool lum_fail_should_inject(size_t size)
     return false;
 }
 
-LUM_EXPORT unsigned long lum_with_allocation_failures(void (*fn)(void *), void *arg)
+LUM_EXPORT LUM_COLD_TEXT unsigned long lum_with_allocation_failures(void (*fn)(void *), void *arg)
 {
     unsigned long runs = 0;
     for (uint64_t i = 0;; i++) {

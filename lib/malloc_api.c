@@ -409,8 +409,9 @@ LUM_EXPORT int lum_mallopt(int param, int value)
     return 1;
 }
 
-/* The pre-2.33 mallinfo with int fields, saturated rather than wrapped. */
-LUM_EXPORT struct mallinfo lum_mallinfo(void)
+/* The pre-2.33 mallinfo with int fields, saturated rather than wrapped.  Cold text: deprecated
+ * since glibc 2.33, and mallinfo2, which monitoring code calls, stays warm. */
+LUM_EXPORT LUM_COLD_TEXT struct mallinfo lum_mallinfo(void)
 {
     struct mallinfo2 m2 = lum_mallinfo2();
     struct mallinfo mi;

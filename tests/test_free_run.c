@@ -56,6 +56,7 @@ static struct {
     uint64_t stats_live;
     bool reenabled, cached_again, other_off;
     unsigned churn_off_rounds;
+    bool empty_kept_retained, empty_reused, empty_reenabled;
 } seen;
 
 static void *teardown_thread(void *arg)
@@ -145,11 +146,45 @@ static void test_churn_keeps_caches(void **state)
     assert_int_equal(seen.churn_off_rounds, 0);
 }
 
+/* A class whose current page is empty when the caches go off (its last blocks were cached):
+ * the page is kept as a retained one and the class's next malloc takes it again, its cache on. */
+static void *empty_current_thread(void *arg)
+{
+    (void)arg;
+    enum { A = 200, B = 40, NB = 1200 };
+    static void *a[40], *b[NB];
+    for (unsigned i = 0; i < 40; i++) a[i] = p_malloc(A);
+    for (unsigned i = 0; i < NB; i++) b[i] = p_malloc(B);
+    struct lum_heap *h = lum_tls_heap;
+    unsigned ca = lum_size_class(A);
+    struct lum_page *pa = h->current[ca];
+    for (unsigned i = 0; i < 40; i++) free(a[i]); /* the first 16 cached: the page not empty */
+    for (unsigned i = 0; i < NB; i++) free(b[i]); /* hundreds past B's full cache, no malloc */
+    seen.empty_kept_retained = h->current[ca] == &lum_empty_page && pa->retained && pa->used == 0;
+    void *again = p_malloc(A);
+    seen.empty_reused = lum_page_of(again) == pa && h->current[ca] == pa;
+    seen.empty_reenabled = h->cache_room[ca] == (int8_t)lum_cache_max[ca];
+    free(again);
+    return NULL;
+}
+
+static void test_empty_current_page_kept(void **state)
+{
+    (void)state;
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, empty_current_thread, NULL), 0);
+    pthread_join(t, NULL);
+    assert_true(seen.empty_kept_retained);
+    assert_true(seen.empty_reused);
+    assert_true(seen.empty_reenabled);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_teardown_empties_pages),
         cmocka_unit_test(test_churn_keeps_caches),
+        cmocka_unit_test(test_empty_current_page_kept),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
