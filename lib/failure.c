@@ -47,7 +47,9 @@ static void arm_dec(void)
     __atomic_fetch_sub(&lum_fail_armed, 1, __ATOMIC_SEQ_CST);
 }
 
-LUM_EXPORT void lum_fail_nth(uint64_t n)
+/* The injectors' arming and reading: cold text, as is the injection itself
+ * (lum_fail_should_inject), which only a program testing its failure paths runs. */
+LUM_EXPORT LUM_COLD_TEXT void lum_fail_nth(uint64_t n)
 {
     /* One exchange, its result deciding the count: as disarm, reset and re-arm, two callers at
      * once could both arm and leave lum_fail_armed up for good (every allocation on the slow
@@ -63,7 +65,7 @@ LUM_EXPORT void lum_fail_nth(uint64_t n)
         lum_heap_force_slow();
 }
 
-LUM_EXPORT void lum_fail_after(uint64_t n)
+LUM_EXPORT LUM_COLD_TEXT void lum_fail_after(uint64_t n)
 {
     if (ft.armed)
         arm_dec();
@@ -77,7 +79,7 @@ LUM_EXPORT void lum_fail_after(uint64_t n)
     lum_heap_force_slow();
 }
 
-LUM_EXPORT void lum_fail_cancel(void)
+LUM_EXPORT LUM_COLD_TEXT void lum_fail_cancel(void)
 {
     if (ft.armed) {
         ft.armed = false;
@@ -85,12 +87,12 @@ LUM_EXPORT void lum_fail_cancel(void)
     }
 }
 
-LUM_EXPORT bool lum_fail_fired(void)
+LUM_EXPORT LUM_COLD_TEXT bool lum_fail_fired(void)
 {
     return ft.fired;
 }
 
-LUM_EXPORT uint64_t lum_fail_count(void)
+LUM_EXPORT LUM_COLD_TEXT uint64_t lum_fail_count(void)
 {
     return ft.count;
 }
@@ -136,7 +138,7 @@ LUM_COLD_TEXT bool lum_fail_should_inject(size_t size)
     return false;
 }
 
-LUM_EXPORT unsigned long lum_with_allocation_failures(void (*fn)(void *), void *arg)
+LUM_EXPORT LUM_COLD_TEXT unsigned long lum_with_allocation_failures(void (*fn)(void *), void *arg)
 {
     unsigned long runs = 0;
     for (uint64_t i = 0;; i++) {

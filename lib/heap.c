@@ -234,7 +234,7 @@ bool lum_heap_take_sample(struct lum_heap *heap, size_t window, size_t advance)
 static lum_block *cache_take(struct lum_heap *heap, unsigned c)
 {
     lum_block *b = heap->cache[c];
-    heap->cache[c] = NULL;
+    LUM_OWN_SET(heap->cache[c], NULL);
     LUM_OWN_SET(heap->cache_room[c], (int8_t)lum_cache_max[c]);
     return b;
 }
@@ -719,6 +719,21 @@ static void retained_forget(struct lum_heap *heap, struct lum_page *page)
     heap->retained_bytes -= (size_t)page->slices * LUM_SLICE_SIZE;
 }
 
+/* Keeps an empty page on its list for the class's next pages, within the heap's budget
+ * (LUM_RETAIN_EMPTY_PER_CLASS, LUM_RETAIN_EMPTY_BYTES): whether it did. */
+static bool page_retain(struct lum_heap *heap, struct lum_page *page)
+{
+    unsigned cls = page->cls;
+    size_t bytes = (size_t)page->slices * LUM_SLICE_SIZE;
+    if (page->in_full || heap->retained_count[cls] >= LUM_RETAIN_EMPTY_PER_CLASS ||
+        heap->retained_bytes + bytes > LUM_RETAIN_EMPTY_BYTES)
+        return false;
+    page->retained = 1;
+    heap->retained_count[cls]++;
+    heap->retained_bytes += bytes;
+    return true;
+}
+
 /* Keeps an empty page for reuse or gives it back; allocating: this heap allocates its class. */
 static void page_retire_as(struct lum_heap *heap, struct lum_page *page, bool allocating)
 {
@@ -730,14 +745,7 @@ static void page_retire_as(struct lum_heap *heap, struct lum_page *page, bool al
      * of such blocks then faulted its memory in again at every page: bench/src/pairs at 32 KiB
      * took 3.8 s for 2M steps, 1.56M page faults, where tcmalloc took 0.01 s (0.13 s and 47k
      * faults since).  LUM_RETAIN_EMPTY_BYTES bounds what a heap keeps this way. */
-    size_t bytes = (size_t)page->slices * LUM_SLICE_SIZE;
-    if (!page->in_full && allocating && heap->retained_count[cls] < LUM_RETAIN_EMPTY_PER_CLASS &&
-        heap->retained_bytes + bytes <= LUM_RETAIN_EMPTY_BYTES) {
-        page->retained = 1;
-        heap->retained_count[cls]++;
-        heap->retained_bytes += bytes;
-        return;
-    }
+    if (allocating && page_retain(heap, page)) return;
     lum_list_remove(page->in_full ? &heap->full[cls] : &heap->avail[cls], page);
     lum_page_set_fast(page, NULL);
     LUM_OWN_SET(page->in_full, 0);
@@ -751,8 +759,10 @@ static void page_retire_as(struct lum_heap *heap, struct lum_page *page, bool al
 
 static void page_retire(struct lum_heap *heap, struct lum_page *page)
 {
-    if (heap->current[page->cls] == page || page->retained) return; /* a ping-pong pattern's page */
-    page_retire_as(heap, page, heap->current[page->cls] != &lum_empty_page);
+    unsigned cls = page->cls;
+    if (heap->current[cls] == page || page->retained) return; /* a ping-pong pattern's page */
+    /* a class whose cache is off has no current page, and is still one this heap allocates */
+    page_retire_as(heap, page, heap->current[cls] != &lum_empty_page || lum_cache_off(heap, cls));
 }
 
 /* Called from the free fast path when a page's used count reaches 0: a parked page has gathered
@@ -796,7 +806,59 @@ void lum_heap_local_free(struct lum_heap *heap, struct lum_page *page, lum_block
     if (LUM_OWN_SUB(page->used, 1) == 0) page_retire(heap, page);
 }
 
-/* Returns every cached block to its page (thread exit, explicit purge), so pages can empty. */
+/* The caches off for a thread dropping data (lum_heap_free_run_check): cached, the first blocks
+ * the run freed of each class keep their pages from emptying, and a thread that then goes idle
+ * keeps them resident for good, as no other thread may touch its caches (bench burst: ~400
+ * pages of 64 KiB, every block on them free, 24 MiB still resident after the decay time).  Each
+ * class's cached blocks go back to their pages one at a time (a fork meanwhile finds at most
+ * the one in hand on no list, as one caught inside a free would), and its cache stays off
+ * (lum_cache_off: each free goes to its page) until the class's next malloc, which its current
+ * page taken away sends to lum_malloc_slow to turn it on again.  An empty current page (kept so
+ * when it emptied: page_retire, empty_big) is kept on as a retained page where the heap's budget
+ * allows, or else stays current, the cache off until it is used up: released here, its carve,
+ * however shallow, would be taken for the class's depth (segment.c: note_depth). */
+static LUM_NOINLINE void heap_caches_off(struct lum_heap *heap)
+{
+    for (unsigned c = 0; c < LUM_CLASSES; c++) {
+        if (!lum_cache_max[c]) continue;
+        lum_block *b;
+        while ((b = heap->cache[c]) != NULL) {
+            LUM_OWN_SET(heap->cache[c], b->next);
+            LUM_OWN_ADD(heap->cache_room[c], 1);
+            struct lum_page *page = lum_page_of(b);
+            lum_page_push_free(page, b);
+            if (LUM_OWN_SUB(page->used, 1) == 0) lum_page_empty(heap, page);
+        }
+        LUM_OWN_SET(heap->cache_room[c], 0);
+        struct lum_page *cur = heap->current[c];
+        if (cur == &lum_empty_page) continue;
+        if (!cur->used) {
+            if (cur == heap->empty_big) {
+                if (!page_retain(heap, cur)) continue;
+                heap->empty_big = NULL;
+            } else if (!page_retain(heap, cur)) {
+                continue;
+            }
+        }
+        lum_heap_set_current(heap, c, &lum_empty_page);
+    }
+}
+
+/* One in 256 frees that found their class's cache full (or off): with no malloc since the one
+ * before, 256 earlier, the thread is dropping data, not churning it (no steady workload of
+ * bench's comes near: a malloc of any class in between is enough), and its caches go off. */
+LUM_NOINLINE void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page *page, void *p)
+{
+    uint64_t allocs = heap->tc.alloc_count;
+    if (allocs == heap->free_run_allocs) heap_caches_off(heap);
+    heap->free_run_allocs = allocs;
+    lum_page_push_free(page, p);
+    if (LUM_OWN_SUB(page->used, 1) == 0) lum_page_empty(heap, page);
+}
+
+/* Returns every cached block to its page (thread exit, explicit purge), so pages can empty, and
+ * turns each cache on (a purge after a run of frees turned them off: the run's next check turns
+ * them off again). */
 void lum_heap_cache_flush(struct lum_heap *heap)
 {
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
@@ -1479,6 +1541,10 @@ LUM_NOINLINE void *lum_malloc_slow(size_t size, size_t alignment)
         void *p = sample_alloc(heap, size, cls);
         if (p) return p;
     }
+    /* the class's first block since a run of frees turned its cache off (heap_caches_off); not
+     * for a sample, which takes no page: a class with neither cache nor page counts as one this
+     * heap allocates (page_retire) only while its cache is off */
+    if (LUM_UNLIKELY(lum_cache_off(heap, cls))) LUM_OWN_SET(heap->cache_room[cls], (int8_t)lum_cache_max[cls]);
     struct lum_page *page = heap->current[cls];
     /* may need a new page: before, not during (the check is on the large cache alone) */
     if (!page->free && LUM_UNLIKELY(__atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) > LUM_DIRTY_FLOOR))

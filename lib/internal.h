@@ -254,8 +254,12 @@ struct lum_heap {
     bool pooled; /* in heap_pool: no thread has the record (under lum_heaps_lock) */
     uint8_t empty_big_cls;      /* empty_big's class, checked before the page is read */
     uint8_t retained_count[LUM_CLASSES];
+    uint8_t free_run_tick; /* see free_run_allocs */
     size_t retained_bytes;
     size_t remote_collected; /* bytes of other threads' frees collected since heap_release_idle looked */
+    /* Frees past a full cache count down free_run_tick; at each 256th, free_run_allocs holds
+     * the malloc count at the one before (lum_heap_free_run_check). */
+    uint64_t free_run_allocs;
     struct lum_heap *next_all;  /* every heap ever made (they are recycled, never unmapped) */
     struct lum_heap *next_pool;
     /* Last, and the full lists at the very end: a record is 4 KiB-aligned (meta.c) and its
@@ -381,6 +385,13 @@ static inline void lum_heap_count_alloc(struct lum_heap *heap, uint64_t bytes)
 static inline void lum_heap_set_current(struct lum_heap *heap, unsigned cls, struct lum_page *page)
 {
     heap->current[cls] = page;
+}
+
+/* A class's cache turned off by a run of frees (heap.c: heap_caches_off): no room and nothing in
+ * it, in a class that has one.  The owner's view; statistics read the two fields relaxed. */
+static inline bool lum_cache_off(const struct lum_heap *heap, unsigned cls)
+{
+    return heap->cache_room[cls] == 0 && !heap->cache[cls] && lum_cache_max[cls];
 }
 
 static inline void lum_heap_clear_current(struct lum_heap *heap)

@@ -49,7 +49,7 @@ static inline __attribute__((always_inline)) void *alloc_small_fast(size_t size,
     if (LUM_LIKELY(b != NULL)) {
         if (LUM_UNLIKELY((heap->sample_left -= bs) < 0)) return lum_malloc_sample(size, heap, cls);
         LUM_OWN_ADD(heap->tc.alloc_bytes, bs);
-        heap->cache[cls] = b->next;
+        LUM_OWN_SET(heap->cache[cls], b->next);
         LUM_OWN_ADD(heap->cache_room[cls], 1);
         LUM_OWN_ADD(heap->tc.alloc_count, 1);
         if (in_rax) IN_RETURN_REG(b);
@@ -76,6 +76,7 @@ LUM_EXPORT void *lum_malloc(size_t size)
 }
 
 void lum_page_empty(struct lum_heap *heap, struct lum_page *page);
+void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page *page, void *p);
 
 static inline void free_fast(void *p)
 {
@@ -90,10 +91,15 @@ static inline void free_fast(void *p)
          * compare before the decrement. */
         if (LUM_LIKELY(LUM_OWN_SUB(heap->cache_room[cls], 1) >= 0)) {
             ((lum_block *)p)->next = heap->cache[cls];
-            heap->cache[cls] = p;
+            LUM_OWN_SET(heap->cache[cls], p);
             return;
         }
         LUM_OWN_SET(heap->cache_room[cls], 0);
+        /* one in 256 frees past a full cache looks for a run of frees with no malloc */
+        if (LUM_UNLIKELY(LUM_OWN_SUB(heap->free_run_tick, 1) == 0)) {
+            lum_heap_free_run_check(heap, page, p);
+            return;
+        }
 #endif
         lum_page_push_free(page, p);
         if (LUM_UNLIKELY(LUM_OWN_SUB(page->used, 1) == 0)) lum_page_empty(heap, page);
@@ -403,8 +409,9 @@ LUM_EXPORT int lum_mallopt(int param, int value)
     return 1;
 }
 
-/* The pre-2.33 mallinfo with int fields, saturated rather than wrapped. */
-LUM_EXPORT struct mallinfo lum_mallinfo(void)
+/* The pre-2.33 mallinfo with int fields, saturated rather than wrapped.  Cold text: deprecated
+ * since glibc 2.33, and mallinfo2, which monitoring code calls, stays warm. */
+LUM_EXPORT LUM_COLD_TEXT struct mallinfo lum_mallinfo(void)
 {
     struct mallinfo2 m2 = lum_mallinfo2();
     struct mallinfo mi;

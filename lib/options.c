@@ -461,7 +461,10 @@ static const struct opt *find(const char *name)
     return NULL;
 }
 
-LUM_EXPORT int lum_options_set(const char *name, const char *value)
+/* The options API (set, get, print) is cold text: a program calls it once or twice, if ever
+ * (its bytes, and the failure injectors', kept the warm text within 8 pages when heap_caches_off
+ * joined it). */
+LUM_EXPORT LUM_COLD_TEXT int lum_options_set(const char *name, const char *value)
 {
     const struct opt *o = name ? find(name) : NULL;
     if (!o)
@@ -638,7 +641,7 @@ static void print_options_fd(int fd)
     lum_buf_free(&b);
 }
 
-LUM_EXPORT void lum_options_print(FILE *f)
+LUM_EXPORT LUM_COLD_TEXT void lum_options_print(FILE *f)
 {
     struct lum_buf b = {0};
     format_table(&b);
@@ -646,7 +649,7 @@ LUM_EXPORT void lum_options_print(FILE *f)
     lum_buf_free(&b);
 }
 
-LUM_EXPORT void lum_options_print_json(FILE *f)
+LUM_EXPORT LUM_COLD_TEXT void lum_options_print_json(FILE *f)
 {
     struct lum_buf b = {0};
     format_json(&b);
@@ -654,7 +657,7 @@ LUM_EXPORT void lum_options_print_json(FILE *f)
     lum_buf_free(&b);
 }
 
-LUM_EXPORT int lum_options_get(const char *name, char *buf, size_t len)
+LUM_EXPORT LUM_COLD_TEXT int lum_options_get(const char *name, char *buf, size_t len)
 {
     const struct opt *o = name ? find(name) : NULL;
     if (!o)

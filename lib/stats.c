@@ -132,6 +132,8 @@ static void add_thread(struct lum_heap *h, void *arg)
     s->allocated += tc->alloc_bytes - tc->free_bytes; /* wraps back for cross-thread pairs */
     for (unsigned c = 0; c < LUM_CLASSES; c++) { /* freed, though their pages count them used */
         int8_t room = __atomic_load_n(&h->cache_room[c], __ATOMIC_RELAXED);
+        /* no room and nothing cached: the cache is off (heap_caches_off), not full */
+        if (room <= 0 && !__atomic_load_n(&h->cache[c], __ATOMIC_RELAXED)) continue;
         s->classes[c].live_blocks -= (uint64_t)(lum_cache_max[c] - (room < 0 ? 0 : room));
     }
     bool live = tc->state == LUM_THREAD_LIVE;

@@ -239,8 +239,30 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 fill(s, 0);
             }
             break;
-        default: /* heap check, purge */
-            if (op & 64) lum_purge();
+        default: /* heap check, purge; or a burst freed with no malloc between */
+            if (op & 128) {
+                /* 300-1323 blocks of one size up to 4 KiB freed in a row: hundreds of frees past
+                 * a full cache with no malloc turn the thread's caches off (heap.c:
+                 * heap_caches_off), and the ops after turn them on again */
+                static void *burst[1324];
+                unsigned k = 300 + u8(&in) * 4, sz = 1 + u16(&in) % 4096, order = u8(&in);
+                unsigned m = 0;
+                while (m < k && (burst[m] = lum_malloc(sz)) != NULL) {
+                    ((unsigned char *)burst[m])[0] = (unsigned char)m;
+                    ((unsigned char *)burst[m])[sz - 1] = (unsigned char)m;
+                    m++;
+                }
+                for (unsigned j = 0; j < 2 * m; j++) { /* the second pass: what a stride missed */
+                    unsigned at = j >= m ? j - m : order & 1 ? m - 1 - j : order & 2 ? (j * 7919u) % m : j;
+                    unsigned char *b = burst[at];
+                    if (!b) continue;
+                    CHECK(b[0] == (unsigned char)at && b[sz - 1] == (unsigned char)at, "burst block %p overwritten", (void *)b);
+                    lum_free(b);
+                    burst[at] = NULL;
+                }
+            } else if (op & 64) {
+                lum_purge();
+            }
             CHECK(lum_heap_check(1) == 0, "heap check failed mid-input");
             break;
         }
