@@ -4,11 +4,23 @@
 # the host, a main thread that left with pthread_exit while the workers run, a target that execs,
 # one in its own PID namespace; a thread name that is not UTF-8.
 source "$(dirname "$0")/tools_common.inc"
-# The shapes program in the background (preloaded in the modes that preload): its PID in TP.
+# wait_shapes PID EXE [LIB]: the shapes program at PID runs EXE (with LIB mapped) and both its
+# workers are named: every case's check reads the workers ("sh-" threads), and the first reading
+# of some must already hold them.  Fails the test after 5 s (more under load: it counts polls).
+wait_shapes() {
+    wait_mapped "$@"
+    for _ in $(seq 100); do
+        [ "$(cat "/proc/$1/task/"*/comm 2>/dev/null | LC_ALL=C grep -ac '^sh-')" -ge 2 ] && return 0
+        sleep 0.05
+    done
+    fail "process $1: its two workers not named within 5 s (threads: $(cat "/proc/$1/task/"*/comm 2>/dev/null | tr '\n' ' '))"
+}
+# The shapes program in the background (preloaded in the modes that preload), ready: its PID in TP.
 start_shapes() {
     if [ -n "$LIB" ]; then LD_PRELOAD=$LIB "$SHAPES" "$@" & else "$SHAPES" "$@" & fi
     TP=$!
     BG_PIDS="$BG_PIDS $TP"
+    wait_shapes "$TP" "$SHAPES" "$LIB"
 }
 if [ "$MODE" = static ]; then
     SHAPES=${SHAPES_STATIC:-}
@@ -51,7 +63,8 @@ PY
 }
 
 # run_copy DIR: copy of the probed file (library, or the executable when static) in DIR, and
-# the target started from it in the background ($TP); args after DIR go to the shapes program.
+# the target started from it in the background ($TP), ready; args after DIR go to the shapes
+# program.
 run_copy() {
     local dir=$1; shift
     mkdir -p "$dir"
@@ -66,11 +79,11 @@ run_copy() {
     fi
     TP=$!
     BG_PIDS="$BG_PIDS $TP"
+    if [ -n "$LIB" ]; then wait_shapes "$TP" "$SHAPES" "$PROBED"; else wait_shapes "$TP" "$PROBED"; fi
 }
 
 echo "== the probed file replaced on disk after the target started ($MODE)"
 run_copy "$TMP/upg" plain 8
-sleep 0.5
 cp "$PROBED" "$PROBED.new" && mv "$PROBED.new" "$PROBED" # an upgrade: a new inode at the path
 grep -q "$PROBED (deleted)" "/proc/$TP/maps" || fail "the old file is not shown deleted in maps"
 expect_samples "a target whose file was replaced"
@@ -87,15 +100,17 @@ else
         unshare -m --propagation private sh -c \
             "mount --bind '$TMP/ctr/inside.so' '$TMP/ctr/liblumalloc.so.0' &&
              LD_PRELOAD='$TMP/ctr/liblumalloc.so.0' exec '$SHAPES' plain 8" &
+        ready=("$SHAPES" "$TMP/ctr/liblumalloc.so.0")
     else
         cp "$SHAPES" "$TMP/ctr/shapes"
         cp "$SHAPES" "$TMP/ctr/inside"
         unshare -m --propagation private sh -c \
             "mount --bind '$TMP/ctr/inside' '$TMP/ctr/shapes' && exec '$TMP/ctr/shapes' plain 8" &
+        ready=("$TMP/ctr/shapes")
     fi
     TP=$!
     BG_PIDS="$BG_PIDS $TP"
-    sleep 0.5
+    wait_shapes "$TP" "${ready[@]}"  # the paths as the container sees them
     # Before: the probes went on the host's file, which the container does not run: 0 events.
     expect_samples "the container's process"
     stop_target
@@ -103,7 +118,10 @@ fi
 
 echo "== the main thread left with pthread_exit, attached after ($MODE)"
 start_shapes mainexit 200 8
-sleep 0.6
+for _ in $(seq 100); do  # the leader leaves 0.2 s after starting the workers
+    [ "$(awk '{print $3}' "/proc/$TP/stat")" = Z ] && break
+    sleep 0.05
+done
 [ "$(awk '{print $3}' "/proc/$TP/stat")" = Z ] || fail "the leader is not a zombie: the check proves nothing"
 top_check "$TP"
 start=$(date +%s.%N)
@@ -115,25 +133,26 @@ echo "ok   allocsnoop: $n samples over ${took}s"
 stop_target
 
 echo "== the main thread leaves with pthread_exit while attached ($MODE)"
-start_shapes mainexit 1000 8
-sleep 0.3
-"$ALLOCTOP" -p "$TP" --json 0.5 6 > "$TMP/me.jsonl" 2> "$TMP/me.err" &
+# the leader leaves 2.5 s in: both tools must have attached before (1 s was too short once beside
+# two CPU hogs and the other agents' jobs: the leader left while allocsnoop was attaching)
+start_shapes mainexit 2500 12
+"$ALLOCTOP" -p "$TP" --json 0.5 10 > "$TMP/me.jsonl" 2> "$TMP/me.err" &
 AP=$!
-"$ALLOCSNOOP" -p "$TP" -d 3 --json > "$TMP/me_snoop.jsonl" 2> "$TMP/me_snoop.err" ||
+"$ALLOCSNOOP" -p "$TP" -d 5 --json > "$TMP/me_snoop.jsonl" 2> "$TMP/me_snoop.err" ||
     { cat "$TMP/me_snoop.err"; fail "allocsnoop exited non-zero"; }
 wait $AP || { cat "$TMP/me.err"; fail "alloctop exited non-zero"; }
 python3 - "$TMP/me.jsonl" "$TMP/me_snoop.jsonl" <<'PY' || fail "a tool stopped following the process when its leader left"
 import json, sys
 top = [json.loads(l) for l in open(sys.argv[1])]
-assert len(top) == 6 and not any(o["final"] for o in top), [o["final"] for o in top]
+assert len(top) == 10 and not any(o["final"] for o in top), [o["final"] for o in top]
 last = top[-1]["processes"][0]
 assert last["alive"], "alloctop: process shown exited"
 rates = [t["alloc_bps"] for t in last["threads"] if t["comm"].startswith("sh-")]
 assert rates and all(r > 0 for r in rates), rates
 ev = [json.loads(l) for l in open(sys.argv[2])]
-late = [e for e in ev if e.get("type") == "event" and e["event"] == "sample" and e["ts"] > 2.0]
+late = [e for e in ev if e.get("type") == "event" and e["event"] == "sample" and e["ts"] > 3.5]
 assert late, "allocsnoop: no samples after the leader left"
-print("ok   alloctop: 6 live intervals, allocsnoop: %d samples after 2 s" % len(late))
+print("ok   alloctop: 10 live intervals, allocsnoop: %d samples after 3.5 s" % len(late))
 PY
 stop_target
 
@@ -141,7 +160,6 @@ echo "== the target execs itself while alloctop watches ($MODE)"
 # the exec 2.5 s in: alloctop's first reading must come before it, on a loaded machine too (1 s
 # was too short once beside the sanitizer builds under ctest -j2)
 start_shapes exec 2500 8
-sleep 0.3
 "$ALLOCTOP" -p "$TP" --json 0.5 10 > "$TMP/exec.jsonl" 2> "$TMP/exec.err" || { cat "$TMP/exec.err"; fail "alloctop"; }
 python3 - "$TMP/exec.jsonl" <<'PY' || fail "alloctop after the target's exec"
 import json, sys
@@ -162,7 +180,6 @@ echo "== the target execs itself while allocsnoop watches ($MODE)"
 # --no-batch: the library's batch of the last samples before the exec dies unpublished with the
 # old image, so batched, the kept blocks might not be seen at all.
 start_shapes exec 1000 4
-sleep 0.3
 "$ALLOCSNOOP" -p "$TP" -q -d 2.5 --no-batch --json > "$TMP/exec_snoop.jsonl" 2> "$TMP/exec_snoop.err" ||
     { cat "$TMP/exec_snoop.err"; fail "allocsnoop"; }
 python3 - "$TMP/exec_snoop.jsonl" <<'PY' || fail "allocsnoop after the target's exec"
@@ -184,10 +201,14 @@ else
     unshare -fp --mount-proc sh -c "${LIB:+LD_PRELOAD=$LIB }exec '$SHAPES' plain 6" &
     UP=$!
     BG_PIDS="$BG_PIDS $UP"
-    sleep 0.5
-    TP=$(pgrep -P "$UP")
-    [ -n "$TP" ] || fail "no target under unshare"
+    TP=
+    for _ in $(seq 100); do  # unshare forks the shell only once it has made the namespace
+        TP=$(pgrep -P "$UP") && break
+        sleep 0.05
+    done
+    [ -n "$TP" ] || fail "no target under unshare within 5 s"
     BG_PIDS="$BG_PIDS $TP"
+    wait_shapes "$TP" "$SHAPES" "$LIB"
     ls "/proc/$TP/task" > "$TMP/ns.tids"
     "$ALLOCTOP" -p "$TP" --json 0.3 2 > "$TMP/ns_top.jsonl" 2> "$TMP/ns_top.err" || { cat "$TMP/ns_top.err"; fail "alloctop"; }
     "$ALLOCSNOOP" -p "$TP" -d 1 -e sample,thread --json > "$TMP/ns_snoop.jsonl" 2> "$TMP/ns_snoop.err" ||
@@ -210,7 +231,6 @@ fi
 
 echo "== a thread name cut inside a UTF-8 character: --json stays UTF-8 ($MODE)"
 start_shapes badname 5
-sleep 0.3
 "$ALLOCTOP" -p "$TP" --json 0.3 1 > "$TMP/utf8.jsonl" 2> "$TMP/utf8.err" || { cat "$TMP/utf8.err"; fail "alloctop"; }
 python3 - "$TMP/utf8.jsonl" <<'PY' || fail "alloctop --json is not UTF-8"
 import json, sys
