@@ -23,6 +23,10 @@
  *                                        for SECS s and exits; with `leader` the main thread
  *                                        leaves first (pthread_exit) and another thread exits the
  *                                        process SECS s later
+ *   tools_shapes relay SECS              the main thread leaves (pthread_exit) once "sh-a" and
+ *                                        "sh-w0" run and their TIDs are on stdout ("A W0\n");
+ *                                        sh-a exits when a byte comes on stdin, sh-w0 starts a
+ *                                        short-lived allocating thread every 20 ms for SECS s
  * Workers are named "sh-w0", "sh-w1" (after exec: "sh-x0", "sh-x1").
  */
 #define _GNU_SOURCE
@@ -189,6 +193,47 @@ static void *exit_later(void *arg)
     exit(0);
 }
 
+/* relay: the first thread after the leader (the one a tool attaches through) and its exit on
+ * demand; the spawner's threads fire thread_start and thread_exit. */
+static pid_t relay_tids[2];
+static pthread_barrier_t relay_named;
+
+static void *relay_short(void *arg)
+{
+    (void)arg;
+    void *volatile p = malloc(100);
+    free(p);
+    return NULL;
+}
+
+static void *relay_first(void *arg)
+{
+    (void)arg;
+    pthread_setname_np(pthread_self(), "sh-a");
+    relay_tids[0] = gettid();
+    pthread_barrier_wait(&relay_named);
+    char b;
+    if (read(0, &b, 1) < 0)
+        perror("read");
+    return NULL;
+}
+
+static void *relay_spawner(void *arg)
+{
+    (void)arg;
+    pthread_setname_np(pthread_self(), "sh-w0");
+    relay_tids[1] = gettid();
+    pthread_barrier_wait(&relay_named);
+    double end = now() + secs;
+    while (now() < end) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, relay_short, NULL) == 0)
+            pthread_join(th, NULL);
+        sleep_ms(20);
+    }
+    exit(0);
+}
+
 static void start_workers(pthread_t t[2])
 {
     for (long i = 0; i < 2; i++)
@@ -282,6 +327,16 @@ int main(int argc, char **argv)
             fprintf(out, "%d %llu %llu\n", (int)final_threads[i].tid, final_threads[i].count, final_threads[i].bytes);
         fclose(out);
         exit(0);
+    }
+    if (!strcmp(argv[1], "relay")) {
+        secs = atof(argv[2]);
+        pthread_barrier_init(&relay_named, NULL, 3);
+        pthread_create(&t[0], NULL, relay_first, NULL);
+        pthread_create(&t[1], NULL, relay_spawner, NULL);
+        pthread_barrier_wait(&relay_named);
+        printf("%d %d\n", (int)relay_tids[0], (int)relay_tids[1]);
+        fflush(stdout);
+        pthread_exit(NULL);
     }
     if (!strcmp(argv[1], "plain") || !strcmp(argv[1], "badname")) {
         secs = atof(argv[2]);

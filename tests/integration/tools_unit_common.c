@@ -1,14 +1,21 @@
 /* Unit checks of tools/common pieces that the integration tests exercise only indirectly:
  * the u64 hash map (randomised against a reference, with deletions: the live-sample table of
  * allocsnoop depends on backward-shift deletion being right), frame formatting, JSON strings
- * from bytes that are not UTF-8, and a registry walk that cannot reach the list's end. */
+ * from bytes that are not UTF-8, a registry walk that cannot reach the list's end, and (as root,
+ * through ctest: SHAPES and FAKELUM) attaching the probes after the thread chosen for it exited. */
+#define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
+#include <bpf/libbpf.h>
 
+#include "alloctop.h"
+#include "alloctop.skel.h"
 #include "tc.h"
 
 static int failures;
@@ -140,12 +147,135 @@ static void registry_walk_cut(void)
     free(threads);
 }
 
+static pid_t relay_pid;
+static int relay_starts, relay_exits;
+
+static int relay_event(void *ctx, void *data, size_t len)
+{
+    (void)ctx;
+    const struct top_event *e = data;
+    if (len >= sizeof(*e) && (pid_t)e->pid == relay_pid) {
+        relay_starts += e->kind == TOP_THREAD_START;
+        relay_exits += e->kind == TOP_THREAD_EXIT;
+    }
+    return 0;
+}
+
+/* Thread events of the relay process over up to `secs` (until both kinds came, if wait_both). */
+static void relay_count(struct ring_buffer *rb, double secs, bool wait_both)
+{
+    relay_starts = relay_exits = 0;
+    for (double end = tc_now() + secs; tc_now() < end && !(wait_both && relay_starts && relay_exits);)
+        ring_buffer__poll(rb, 50);
+}
+
+static bool task_gone(pid_t pid, pid_t tid)
+{
+    for (int i = 0; i < 200 && tc_task_alive(pid, tid); i++)
+        usleep(10000);
+    return !tc_task_alive(pid, tid);
+}
+
+/* The leader of the target left (pthread_exit), and the thread the probes are attached through
+ * exits between two probes' attaches: what a tool met under load ("cannot attach to
+ * lumalloc:sample ... (pid N): No such process", the process alive).  The second attach must go
+ * through another live thread, the first probe (bound to the exited thread: its uprobe filter is
+ * that task's mm, gone with it) must be reported for attaching again, and events must come. */
+static void attach_after_chosen_thread_exits(void)
+{
+    const char *shapes = getenv("SHAPES"), *fake = getenv("FAKELUM");
+    if (!shapes || !fake || geteuid() != 0) {
+        printf("skip attach_after_chosen_thread_exits: needs root and SHAPES, FAKELUM (ctest)\n");
+        return;
+    }
+    tc_libbpf_quiet();
+    int in[2], out[2];
+    if (pipe(in) || pipe(out)) {
+        CHECK(0, "pipe: %s", strerror(errno));
+        return;
+    }
+    relay_pid = fork();
+    if (relay_pid == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[1]);
+        close(out[0]);
+        setenv("LD_PRELOAD", fake, 1);
+        execl(shapes, shapes, "relay", "30", (char *)NULL);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    FILE *f = fdopen(out[0], "r");
+    int first = 0, spawner = 0;
+    CHECK(f && fscanf(f, "%d %d", &first, &spawner) == 2, "relay: no TIDs on its stdout");
+    for (int i = 0; i < 200 && tc_task_alive(relay_pid, relay_pid); i++)
+        usleep(10000); /* the leader leaves right after printing */
+    struct tc_target t = {.pid = relay_pid, .alive = true, .reattach = true};
+    char err[512] = "";
+    struct alloctop_bpf *skel = NULL;
+    struct ring_buffer *rb = NULL;
+    if (!first || tc_task_alive(relay_pid, relay_pid) || tc_target_locate(&t, err, sizeof(err))) {
+        CHECK(0, "relay %d: leader still there, or not located: %s", (int)relay_pid, err);
+        goto out;
+    }
+    CHECK(tc_attach_pid(&t) == first, "attach task %d, not the first thread %d", (int)tc_attach_pid(&t), first);
+    skel = alloctop_bpf__open_and_load();
+    rb = skel ? ring_buffer__new(bpf_map__fd(skel->maps.events), relay_event, NULL, NULL) : NULL;
+    if (!rb) {
+        CHECK(0, "alloctop's BPF programs: %s", strerror(errno));
+        goto out;
+    }
+    int r = tc_attach_usdt(&t, skel->progs.on_thread_start, "thread_start", true);
+    CHECK(r == 0, "thread_start through %d: %s", first, strerror(-r));
+    if (write(in[1], "x", 1) != 1 || !task_gone(relay_pid, first)) {
+        CHECK(0, "thread %d did not exit", first);
+        goto out;
+    }
+    ring_buffer__consume(rb); /* the events from before it exited */
+    r = tc_attach_usdt(&t, skel->progs.on_thread_exit, "thread_exit", true);
+    CHECK(r == 0, "thread_exit after thread %d exited: %s", first, strerror(-r));
+    CHECK(t.attach_task == spawner, "attached through %d, the live thread is %d", (int)t.attach_task, spawner);
+    relay_count(rb, 0.3, false);
+    printf("through an exited thread: %d thread_start events in 0.3 s (its uprobes' filter died with it)\n",
+           relay_starts);
+    CHECK(tc_target_moved(&t), "thread_start, attached through exited %d, not reported for attaching again", first);
+    tc_detach(&t);
+    CHECK(tc_attach_usdt(&t, skel->progs.on_thread_start, "thread_start", true) == 0 &&
+              tc_attach_usdt(&t, skel->progs.on_thread_exit, "thread_exit", true) == 0,
+          "attaching again through %d", spawner);
+    CHECK(!tc_target_moved(&t), "reported moved after attaching again");
+    relay_count(rb, 5, true);
+    CHECK(relay_starts && relay_exits, "after attaching again: %d thread_start, %d thread_exit events", relay_starts,
+          relay_exits);
+    tc_detach(&t);
+    /* the process gone: the failure is the process's, not an endless search for a thread */
+    kill(relay_pid, SIGKILL);
+    waitpid(relay_pid, NULL, 0);
+    relay_pid = 0;
+    r = tc_attach_usdt(&t, skel->progs.on_thread_start, "thread_start", true);
+    CHECK(r == -ESRCH, "attach to a dead process: %d (%s)", r, strerror(-r));
+out:
+    tc_detach(&t);
+    ring_buffer__free(rb);
+    alloctop_bpf__destroy(skel);
+    tc_target_close(&t);
+    if (relay_pid > 0) {
+        kill(relay_pid, SIGKILL);
+        waitpid(relay_pid, NULL, 0);
+    }
+    if (f)
+        fclose(f);
+    close(in[1]);
+}
+
 int main(void)
 {
     map64_random();
     frame_format();
     json_utf8();
     registry_walk_cut();
+    attach_after_chosen_thread_exits();
     printf(failures ? "%d failure(s)\n" : "PASS\n", failures);
     return failures != 0;
 }

@@ -1271,7 +1271,7 @@ static int heap_main(int npids, const pid_t *pids, const char *command)
     return failed;
 }
 
-static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
+static void attach_probes(struct allocsnoop_bpf *skel, struct tc_target *t)
 {
     static const struct {
         const char *probe;
@@ -1313,6 +1313,18 @@ static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
     }
     if (!attached && !t->reattach)
         tc_die("none of the requested lumalloc probes exist in %s", tc_target_file(t));
+}
+
+static void attach_target(struct allocsnoop_bpf *skel, struct tc_target *t)
+{
+    attach_probes(skel, t);
+    /* The thread attached through exited while we attached (the later probes went through
+     * another): the probes attached before it are dead, all are attached again, now. */
+    for (int again = 0; again < 4 && tc_target_moved(t); again++) {
+        tc_detach(t);
+        t->reattach = true;
+        attach_probes(skel, t);
+    }
 }
 
 int main(int argc, char **argv)

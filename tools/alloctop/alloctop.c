@@ -325,17 +325,14 @@ static void set_sample_probe(struct tstate *s, bool on)
         s->sample_link = NULL;
         return;
     }
-    s->sample_link = bpf_program__attach_usdt(skel->progs.on_sample, tc_attach_pid(&s->t), s->t.probe_path,
-                                              "lumalloc", "sample", NULL);
+    s->sample_link = tc_attach_usdt_link(&s->t, skel->progs.on_sample, "sample");
     if (!s->sample_link && !s->t.reattach)
         tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", tc_target_file(&s->t), (int)s->t.pid,
                strerror(errno));
 }
 
-static void attach_target(struct tstate *s)
+static void attach_probes(struct tstate *s)
 {
-    if (!skel)
-        return;
     int ok = 0;
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_start, "thread_start", true) == 0;
     ok += tc_attach_usdt(&s->t, skel->progs.on_thread_exit, "thread_exit", true) == 0;
@@ -349,6 +346,27 @@ static void attach_target(struct tstate *s)
     }
     /* Large allocations and failures are counted per thread in the registry: no probe here,
      * each would cost the target a uprobe hit for figures it already has. */
+}
+
+static void detach_target(struct tstate *s)
+{
+    tc_detach(&s->t);
+    bpf_link__destroy(s->sample_link);
+    s->sample_link = NULL;
+}
+
+static void attach_target(struct tstate *s)
+{
+    if (!skel)
+        return;
+    attach_probes(s);
+    /* The thread attached through exited while we attached (the later probes went through
+     * another): the probes attached before it are dead, all are attached again, now. */
+    for (int again = 0; again < 4 && tc_target_moved(&s->t); again++) {
+        detach_target(s);
+        s->t.reattach = true;
+        attach_probes(s);
+    }
 }
 
 static void attach_target(struct tstate *s);

@@ -429,21 +429,59 @@ pid_t tc_attach_pid(struct tc_target *t)
 
 bool tc_target_moved(struct tc_target *t)
 {
-    if (t->pid <= 0 || !t->attach_task || !t->alive)
+    if (t->pid <= 0 || !t->alive)
         return false;
-    if (tc_task_alive(t->pid, t->attach_task) || !tc_proc_task(t->pid))
+    /* with no link (every attach failed), the task tried: gone, the attach is tried again */
+    pid_t through = t->links_task ? t->links_task : t->attach_task;
+    if (!through || (through == t->attach_task && tc_task_alive(t->pid, through)))
         return false;
-    /* The uprobes' filter is the attached task's mm, gone with that task: the process's other
-     * threads would run unprobed. */
-    t->attach_task = 0;
+    if (!tc_proc_task(t->pid))
+        return false;
+    /* A uprobe attached through a task filters on that task's mm (the kernel compares
+     * event->hw.target->mm with the hitting task's), and an exited task has none: every hit in
+     * the process's other threads then removes the breakpoint.  Links made through a thread
+     * that has exited are dead, whichever thread the later ones went through.  (The PID is no
+     * process-wide filter either: it names the leader's task, refused once that is a zombie.) */
+    if (!tc_task_alive(t->pid, t->attach_task))
+        t->attach_task = 0;
     return true;
+}
+
+struct bpf_link *tc_attach_usdt_link(struct tc_target *t, struct bpf_program *prog, const char *probe)
+{
+    /* The task chosen may exit before or during the attach (perf_event_open: ESRCH; ENOENT from
+     * a /proc/TID a libbpf without BPF cookies reads the maps of): another live thread of the
+     * process serves as well.  Bounded: threads exiting one after the other, each as it is
+     * chosen, would otherwise keep us here. */
+    for (int attempt = 0;; attempt++) {
+        pid_t task = tc_attach_pid(t);
+        struct bpf_link *l = bpf_program__attach_usdt(prog, task, t->probe_path, "lumalloc", probe, NULL);
+        if (l) {
+            if (!t->links_task)
+                t->links_task = task;
+            return l;
+        }
+        int e = errno;
+        if ((e != ESRCH && e != ENOENT) || t->pid <= 0 || attempt == 8 || tc_task_alive(t->pid, task)) {
+            errno = e;
+            return NULL;
+        }
+        pid_t next = tc_proc_task(t->pid);
+        if (!next) {
+            errno = ESRCH; /* the process itself is gone */
+            return NULL;
+        }
+        /* The links made through the exited task before this one are dead: links_task still
+         * names it, so tc_target_moved says so. */
+        t->attach_task = next;
+    }
 }
 
 int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *probe, bool optional)
 {
     if (t->nlinks >= (int)(sizeof(t->links) / sizeof(t->links[0])))
         return -E2BIG;
-    struct bpf_link *l = bpf_program__attach_usdt(prog, tc_attach_pid(t), t->probe_path, "lumalloc", probe, NULL);
+    struct bpf_link *l = tc_attach_usdt_link(t, prog, probe);
     if (!l) {
         int e = errno;
         if ((!optional || e == EACCES || e == EPERM) && !t->reattach)
@@ -472,4 +510,5 @@ void tc_detach(struct tc_target *t)
     for (int i = 0; i < t->nlinks; i++)
         bpf_link__destroy(t->links[i]);
     t->nlinks = 0;
+    t->links_task = 0;
 }

@@ -109,7 +109,8 @@ struct tc_target {
     uint64_t registry_addr;  /* 0 until located */
     uint64_t batch_addr;     /* lumalloc_batch (struct lum_batch_info_v1); 0: none, or an older library */
     uint64_t profile_addr;   /* lumalloc_profile (the in-process heap profile); 0 if none */
-    pid_t attach_task;       /* the thread the probes were attached through (tc_attach_pid) */
+    pid_t attach_task;       /* the thread the next probes are attached through (tc_attach_pid) */
+    pid_t links_task;        /* the thread the first of the live links went through; 0: none */
     uint64_t image;          /* tc_image_id when located: another one means it exec'd since */
     struct bpf_link *links[16];
     int nlinks;
@@ -170,12 +171,20 @@ bool tc_target_poll(struct tc_target *t);
 /* USDT attach of one program to one probe of a target; optional probes may be missing.
  * Returns 0, or -errno (message printed unless optional). */
 int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *probe, bool optional);
+/* The same, for a link the caller keeps (and destroys) itself: NULL with errno.  When the thread
+ * attached through has exited, another live thread of the process is taken (ESRCH only once no
+ * thread is left); the links made before through the exited one are then reported by
+ * tc_target_moved. */
+struct bpf_link *tc_attach_usdt_link(struct tc_target *t, struct bpf_program *prog, const char *probe);
+/* Destroys the links of tc_attach_usdt (a caller's own links are the caller's to destroy, before
+ * tc_target_moved is asked again). */
 void tc_detach(struct tc_target *t);
 /* The pid to attach a target's probes with: a live thread of it (perf_event_open refuses a
  * zombie leader, and a uprobe keeps to the mm of the task it was attached through). */
 pid_t tc_attach_pid(struct tc_target *t);
 /* True once the thread the probes were attached through has exited while the process lives on
- * (its leader left with pthread_exit): the caller detaches and attaches again. */
+ * (its leader left with pthread_exit), before the attach or during it (the later probes then
+ * went through another thread): the caller detaches every link and attaches again. */
 bool tc_target_moved(struct tc_target *t);
 /* Closes the located file (tc_target_locate keeps it open for the probes). */
 void tc_target_close(struct tc_target *t);
