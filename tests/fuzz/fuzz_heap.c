@@ -239,8 +239,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 fill(s, 0);
             }
             break;
-        default: /* heap check, purge; or a burst freed with no malloc between */
-            if (op & 128) {
+        default: /* heap check, and a purge (op & 64) or a burst freed with no malloc between */
+            if ((op & 192) == 128) {
                 /* 300-1323 blocks of one size up to 4 KiB freed in a row: hundreds of frees past
                  * a full cache with no malloc turn the thread's caches off (heap.c:
                  * heap_caches_off), and the ops after turn them on again */
