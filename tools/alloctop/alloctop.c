@@ -543,6 +543,9 @@ static void sample_target(struct tstate *s)
         tc_die("cannot read the memory of pid %d (process_vm_readv: %s): needs CAP_SYS_PTRACE or the same user",
                (int)s->t.pid, strerror(-r));
     if (r != 0) {
+        /* the last complete reading stays (a list cut short by an exit is no reading) */
+        if (tc_verbose)
+            tc_warn("pid %d: thread list not read this interval (%s): the last one is shown", (int)s->t.pid, strerror(-r));
         free(nt);
         return;
     }
