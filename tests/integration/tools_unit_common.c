@@ -192,6 +192,10 @@ static bool in_ci(void)
 static void attach_after_chosen_thread_exits(void)
 {
     const char *shapes = getenv("SHAPES"), *fake = getenv("FAKELUM");
+    if (getenv("TOOLS_UNIT_NO_BPF")) { /* tools_valgrind: libbpf's bpf() calls are outside valgrind's model */
+        printf("skip attach_after_chosen_thread_exits: TOOLS_UNIT_NO_BPF\n");
+        return;
+    }
     if (!shapes || !fake || geteuid() != 0) {
         CHECK(!in_ci(), "attach_after_chosen_thread_exits needs root and SHAPES, FAKELUM (ctest), and CI=true");
         if (!in_ci()) printf("skip attach_after_chosen_thread_exits: needs root and SHAPES, FAKELUM (ctest)\n");
