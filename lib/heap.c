@@ -827,9 +827,7 @@ static LUM_NOINLINE void heap_caches_off(struct lum_heap *heap)
         while ((b = heap->cache[c]) != NULL) {
             LUM_OWN_SET(heap->cache[c], b->next);
             LUM_OWN_ADD(heap->cache_room[c], 1);
-            struct lum_page *page = lum_page_of(b);
-            lum_page_push_free(page, b);
-            if (LUM_OWN_SUB(page->used, 1) == 0) lum_page_empty(heap, page);
+            lum_page_free_own(heap, lum_page_of(b), b);
         }
         LUM_OWN_SET(heap->cache_room[c], 0);
         struct lum_page *cur = heap->current[c];
@@ -850,8 +848,7 @@ LUM_NOINLINE void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page
     uint64_t allocs = heap->tc.alloc_count;
     if (allocs == heap->free_run_allocs) heap_caches_off(heap);
     heap->free_run_allocs = allocs;
-    lum_page_push_free(page, p);
-    if (LUM_OWN_SUB(page->used, 1) == 0) lum_page_empty(heap, page);
+    lum_page_free_own(heap, page, p);
 }
 
 /* Returns every cached block to its page (thread exit, explicit purge), so pages can empty, and

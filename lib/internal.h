@@ -521,6 +521,16 @@ static inline void lum_page_push_free(struct lum_page *page, lum_block *b)
     page->free = b;
 }
 
+void lum_page_empty(struct lum_heap *heap, struct lum_page *page);
+
+/* A block of this heap's own page onto the page's list, not the cache (free past a full cache,
+ * a cache flushed): the page goes to lum_page_empty when that was its last block. */
+static inline void lum_page_free_own(struct lum_heap *heap, struct lum_page *page, lum_block *b)
+{
+    lum_page_push_free(page, b);
+    if (LUM_UNLIKELY(LUM_OWN_SUB(page->used, 1) == 0)) lum_page_empty(heap, page);
+}
+
 
 /* ---- os.c ---- */
 void *lum_os_map(size_t size);

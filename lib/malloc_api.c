@@ -75,7 +75,6 @@ LUM_EXPORT void *lum_malloc(size_t size)
     return alloc_small_fast(size, true);
 }
 
-void lum_page_empty(struct lum_heap *heap, struct lum_page *page);
 void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page *page, void *p);
 
 static inline void free_fast(void *p)
@@ -101,8 +100,7 @@ static inline void free_fast(void *p)
             return;
         }
 #endif
-        lum_page_push_free(page, p);
-        if (LUM_UNLIKELY(LUM_OWN_SUB(page->used, 1) == 0)) lum_page_empty(heap, page);
+        lum_page_free_own(heap, page, p);
         return;
     }
     lum_free_slow(p, page);

@@ -206,12 +206,18 @@ static void *relay_short(void *arg)
     return NULL;
 }
 
+/* A relay thread's name and TID, before the leader prints the TIDs and leaves. */
+static void relay_announce(const char *name, int slot)
+{
+    pthread_setname_np(pthread_self(), name);
+    relay_tids[slot] = gettid();
+    pthread_barrier_wait(&relay_named);
+}
+
 static void *relay_first(void *arg)
 {
     (void)arg;
-    pthread_setname_np(pthread_self(), "sh-a");
-    relay_tids[0] = gettid();
-    pthread_barrier_wait(&relay_named);
+    relay_announce("sh-a", 0);
     char b;
     if (read(0, &b, 1) < 0)
         perror("read");
@@ -221,9 +227,7 @@ static void *relay_first(void *arg)
 static void *relay_spawner(void *arg)
 {
     (void)arg;
-    pthread_setname_np(pthread_self(), "sh-w0");
-    relay_tids[1] = gettid();
-    pthread_barrier_wait(&relay_named);
+    relay_announce("sh-w0", 1);
     double end = now() + secs;
     while (now() < end) {
         pthread_t th;
