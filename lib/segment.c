@@ -272,6 +272,10 @@ size_t lum_page_touch(struct lum_page *page, size_t end)
     struct lum_segment *seg = lum_segment_of(page->start);
     unsigned idx = (unsigned)(((uintptr_t)page->start - (uintptr_t)lum_seg_base(seg)) >> LUM_SLICE_SHIFT);
     size_t from = (size_t)page->carved * page->block_size;
+    /* Nothing new to carve: a sampled block's page becoming its smaller ordinary class's on the
+     * same slices (lum_page_grow), whose records already cover the old, bigger block.  End
+     * counts as recorded, so nothing there is taken for fresh memory. */
+    if (end <= from) return end;
     size_t first = from >> LUM_SLICE_SHIFT, last = (end - 1) >> LUM_SLICE_SHIFT, added = 0;
     if (last >= page->slices) last = (size_t)page->slices - 1;
     size_t recorded = recorded_span(seg, idx + (unsigned)first, (unsigned)(last + 1 - first));

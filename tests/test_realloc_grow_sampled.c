@@ -185,6 +185,36 @@ static void sampled_block_grows_into_an_ordinary_one(void **state)
     assert_int_equal(lum_heap_check(1), 0);
 }
 
+/* A sampled block on its sampled class's page (256 KiB, 4 slices) whose growth is not sampled,
+ * into its ordinary class below that (192 KiB, 3 slices): the page keeps its slices and only
+ * the class changes.  realloc pads growth by half, which takes such a block to 256 KiB, but
+ * not where the padded size would pass the fast limit (a lowered large threshold or large
+ * warning): there the carve's records were brought up to an end below the old block's
+ * (lum_page_touch), a span of -1 slices, read until the process faulted. */
+static void sampled_block_into_a_smaller_class_on_its_slices(void **state)
+{
+    (void)state;
+    sample_every_kib();
+    prime();
+    assert_int_equal(lum_options_set("large_threshold", "200k"), 0);
+    uint64_t before = allocated();
+    unsigned char *p = filled_block(150000, true);
+    assert_int_equal(lum_page_of(p)->block_size, 256u << 10);
+    assert_int_equal(lum_options_set("sample_interval", "0"), 0);
+    unsigned char *q = p_realloc(p, 190000);
+    assert_ptr_equal(q, p);
+    assert_false(sampled(q));
+    assert_int_equal(lum_page_of(q)->block_size, 192u << 10);
+    check_pattern(q, 150000);
+    fill_pattern(q, 150000, 190000);
+    assert_int_equal(allocated() - before, malloc_usable_size(q));
+    assert_int_equal(lum_heap_check(1), 0);
+    free(q);
+    assert_int_equal(allocated(), before);
+    assert_int_equal(lum_heap_check(1), 0);
+    assert_int_equal(lum_options_set("large_threshold", "256k"), 0);
+}
+
 /* An ordinary block whose growth the sample point falls in becomes a sample where it stands,
  * into 128 and 256 KiB too, which are their own sampled class: growths into them took the
  * sample's point and then went on as ordinary pages, recorded nowhere (the profile under-
@@ -275,6 +305,7 @@ int main(void)
         cmocka_unit_test(sampled_steps_grow_in_place),
         cmocka_unit_test(sampled_block_grows_into_an_ordinary_one),
         cmocka_unit_test(ordinary_block_grown_into_its_own_sampled_class),
+        cmocka_unit_test(sampled_block_into_a_smaller_class_on_its_slices),
         cmocka_unit_test(emptied_sampled_page_of_one_block_goes_back),
         cmocka_unit_test(idle_empty_sampled_pages_go_back),
     };
