@@ -111,29 +111,39 @@ static size_t release_everything(uint32_t reason)
     return released;
 }
 
-/* Whether fd is an eventfd, by its fdinfo; *id: its "eventfd-id", 0 where the kernel gives
- * none (plain reads and no allocation: this runs inside free()). */
-static bool eventfd_id(int fd, uint64_t *id)
+/* Whether fd is an eventfd, by its fdinfo: 1 (and *id: its "eventfd-id", 0 where the kernel
+ * gives none), 0 when it is not, -1 when its fdinfo could not be read (the descriptor limit
+ * reached, no /proc): not known either way.  Plain reads and no allocation, and errno as it
+ * was: this runs inside free(). */
+static int eventfd_id(int fd, uint64_t *id)
 {
     char path[48], buf[512];
-    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
-    int f = open(path, O_RDONLY | O_CLOEXEC);
-    if (f < 0) return false;
-    ssize_t n = read(f, buf, sizeof buf - 1);
-    close(f);
-    if (n <= 0) return false;
-    buf[n] = 0;
-    if (!strstr(buf, "eventfd-count:")) return false;
-    const char *at = strstr(buf, "eventfd-id:");
-    *id = at ? strtoull(at + 11, NULL, 10) : 0;
-    return true;
+    int saved = errno, is = -1;
+    if (fcntl(fd, F_GETFD) < 0) {
+        is = 0; /* closed */
+    } else {
+        snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+        int f = open(path, O_RDONLY | O_CLOEXEC);
+        ssize_t n = f < 0 ? -1 : read(f, buf, sizeof buf - 1);
+        if (f >= 0) close(f);
+        if (n > 0) {
+            buf[n] = 0;
+            const char *at = strstr(buf, "eventfd-id:");
+            is = strstr(buf, "eventfd-count:") != NULL;
+            *id = at ? strtoull(at + 11, NULL, 10) : 0;
+        }
+    }
+    errno = saved;
+    return is;
 }
 
-/* Whether fd is still our eventfd (by its id where the kernel gives one, else any eventfd). */
-static bool wake_fd_ours(int fd)
+/* Whether fd is still our eventfd (by its id where the kernel gives one, else any eventfd): 1,
+ * 0, or -1 for not known (eventfd_id). */
+static int wake_fd_ours(int fd)
 {
-    uint64_t id;
-    return eventfd_id(fd, &id) && id == wake_fd_id;
+    uint64_t id = 0;
+    int is = eventfd_id(fd, &id);
+    return is <= 0 ? is : id == wake_fd_id;
 }
 
 /* Whether psi_fd is the pressure file we opened. */
@@ -166,9 +176,13 @@ static void *bg_main(void *arg)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* never steal the application's signals */
     uint64_t last_total = psi_fd >= 0 ? psi_total_us() : 0;
+    bool unread = false; /* the wake-up counter was set and could not be checked as ours */
     for (;;) {
         wake_fd = atomic_load(&lumalloc_bg_wake_fd); /* -1 once wake() found it was not ours */
-        struct pollfd fds[2] = { { .fd = wake_fd, .events = POLLIN }, { .fd = psi_fd, .events = POLLPRI } };
+        /* a negative descriptor is one poll skips */
+        struct pollfd fds[2] = { { .fd = unread ? -1 : wake_fd, .events = POLLIN },
+                                 { .fd = psi_fd, .events = POLLPRI } };
+        unread = false;
         /* without a wake-up, look every second; with one, still every 10 s: a poll started on
          * our eventfd sleeps on, unwoken, once the program has closed it */
         int timeout = wake_fd >= 0 ? 10000 : 1000;
@@ -186,9 +200,14 @@ static void *bg_main(void *arg)
         if (n > 0 && psi_fd >= 0 && (fds[1].revents & POLLNVAL)) __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED);
         if (n > 0 && (fds[0].revents & POLLIN)) {
             uint64_t v;
-            if (!wake_fd_ours(wake_fd)) {
+            int ours = wake_fd_ours(wake_fd);
+            if (ours == 0) {
                 atomic_store(&lumalloc_bg_wake_fd, -1);
                 wake_fd = -1;
+            } else if (ours < 0) {
+                /* not known (no descriptor left to read fdinfo with, say): left unread, and
+                 * left out of the next poll, which would otherwise return at once, unread */
+                unread = true;
             } else if (read(wake_fd, &v, sizeof v) < 0) { /* nothing to do: a spurious wake */ }
         }
         if (n > 0 && psi_fd >= 0 && (fds[1].revents & (POLLPRI | POLLERR | POLLHUP)) && !psi_fd_ours(psi_fd)) {
@@ -242,7 +261,7 @@ static void bg_start(void)
         psi_dev = st.st_dev;
         psi_ino = st.st_ino;
     }
-    if (!eventfd_id(fd, &wake_fd_id)) wake_fd_id = 0;
+    if (eventfd_id(fd, &wake_fd_id) != 1) wake_fd_id = 0;
     atomic_store(&lumalloc_bg_wake_fd, fd); /* read by bg_main; wake() waits for bg_running */
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -283,24 +302,34 @@ void lum_background_maybe_start(size_t more_large)
     bg_start();
 }
 
-static void wake(void)
+/* False when the thread could not be woken this time (see below). */
+static bool wake(void)
 {
-    if (!atomic_load_explicit(&bg_running, memory_order_acquire)) return;
+    if (!atomic_load_explicit(&bg_running, memory_order_acquire)) return true;
     int fd = atomic_load_explicit(&lumalloc_bg_wake_fd, memory_order_relaxed);
     uint64_t one = 1;
-    if (fd < 0) return;
-    if (!wake_fd_ours(fd)) {
+    if (fd < 0) return true;
+    int ours = wake_fd_ours(fd);
+    if (ours == 0) {
         atomic_store(&lumalloc_bg_wake_fd, -1); /* the thread looks every second from now on */
-        return;
+        return true;
     }
+    /* Not known (the program at its descriptor limit, no /proc): no wake this time, as a write
+     * to a descriptor the program reopened would land in its file. */
+    if (ours < 0) return false;
+    int saved = errno; /* free() keeps the program's errno */
     if (write(fd, &one, sizeof one) < 0) { /* counter full: the thread is awake anyway */ }
+    errno = saved;
+    return true;
 }
 
-/* Free memory appeared that decay should return later: wake the thread once per clean state. */
+/* Free memory appeared that decay should return later: wake the thread once per clean state.
+ * A wake that could not be made leaves the state clean, so that the next such free tries
+ * again: the thread, asleep for up to 10 s while clean, would not look before then. */
 void lum_background_note_dirty(void)
 {
     if (atomic_load_explicit(&dirty, memory_order_relaxed)) return;
-    if (atomic_exchange(&dirty, 1) == 0) wake();
+    if (atomic_exchange(&dirty, 1) == 0 && !wake()) atomic_store(&dirty, 0);
 }
 
 LUM_EXPORT size_t lum_memory_pressure(void)
@@ -384,7 +413,7 @@ void lum_background_after_fork_child(void)
                          __atomic_load_n(&lum_large_cached, __ATOMIC_RELAXED) + LUM_BG_START_LARGE;
     /* whatever the parent's thread was doing (even half started), the child has none */
     int fd = atomic_exchange(&lumalloc_bg_wake_fd, -1);
-    if (fd >= 0 && wake_fd_ours(fd)) close(fd);
+    if (fd >= 0 && wake_fd_ours(fd) == 1) close(fd);
     if (psi_fd_ours(psi_fd)) close(psi_fd);
     psi_fd = -1;
     atomic_store(&bg_running, 0);

@@ -124,7 +124,6 @@ struct lum_segment {
     /* Must stay first and identical in struct lum_large: free() indexes it blindly. */
     struct lum_page *slice_page[LUM_SLICES + 1];
     uint32_t kind;              /* LUM_SEG_SMALL or LUM_SEG_LARGE */
-    uint32_t purged_dirty;      /* pages freed since the last purge pass (decay bookkeeping) */
     uint64_t free_slices;       /* bit i: slice i is not part of any page */
     uint64_t purged_slices;     /* bit i: slice i was returned to the OS and is not resident */
     /* on the cache line of the two above: lum_page_alloc reads all three of every segment */
