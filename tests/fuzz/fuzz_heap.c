@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "lumalloc.h"
+#include "lumalloc_options.h"
 
 #define SLOTS 64
 #define LIVE_LIMIT (96u << 20) /* total requested bytes live at once */
@@ -126,8 +127,13 @@ static void expect_enomem(void *p, size_t n)
     CHECK(errno == ENOMEM, "impossible size %zu: errno %d, not ENOMEM", n, errno);
 }
 
+static int options_changed;
+static char initial_interval[32];
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    if (!initial_interval[0])
+        CHECK(lum_options_get("sample_interval", initial_interval, sizeof initial_interval) == 0, "sample_interval unreadable");
     struct in in = {data, size, 0};
     unsigned ops = 0;
     while (in.i < in.n && ops < 4096) {
@@ -239,8 +245,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 fill(s, 0);
             }
             break;
-        default: /* heap check, and a purge (op & 64) or a burst freed with no malloc between */
-            if ((op & 192) == 128) {
+        default: /* heap check, and a purge (op & 64), a burst freed with no malloc between
+                  * (op & 192 == 128), or options changed at run time (op & 192 == 192) */
+            if ((op & 192) == 192) {
+                /* where sizes leave the pages for the large path, and how often a block is
+                 * sampled: a sampled block realloc'd into a smaller class on its slices, which
+                 * realloc's padding hides at the default threshold, crashed at 200k */
+                static const char *const thresholds[] = {"64k", "128k", "200k", "256k", "1m"};
+                static const char *const intervals[] = {"0", "1k", "16k", "128k", "512k"};
+                unsigned v = u8(&in);
+                CHECK(lum_options_set("large_threshold", thresholds[v % 5]) == 0, "large_threshold refused");
+                CHECK(lum_options_set("sample_interval", intervals[v / 5 % 5]) == 0, "sample_interval refused");
+                options_changed = 1;
+            } else if ((op & 192) == 128) {
                 /* 300-1323 blocks of one size up to 4 KiB freed in a row: hundreds of frees past
                  * a full cache with no malloc turn the thread's caches off (heap.c:
                  * heap_caches_off), and the ops after turn them on again */
@@ -269,6 +286,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if ((ops & 63) == 0) CHECK(lum_heap_check(1) == 0, "periodic heap check failed");
     }
     for (int i = 0; i < SLOTS; i++) drop(&slots[i], (unsigned)i & 1);
+    if (options_changed) { /* each input starts from the same options */
+        CHECK(lum_options_set("large_threshold", "256k") == 0, "large_threshold refused");
+        CHECK(lum_options_set("sample_interval", initial_interval) == 0, "sample_interval refused");
+        options_changed = 0;
+    }
     CHECK(live == 0, "live byte accounting");
     CHECK(lum_heap_check(1) == 0, "heap check failed after the input");
     return 0;
