@@ -1183,9 +1183,13 @@ static void heap_release_idle(struct lum_heap *heap, unsigned cls)
 /* lum_purge, for the calling thread (the others' are theirs to touch): its empty pages go back,
  * the current ones and those kept for its next pages (retained) included, which held ~0.5 MiB
  * resident after a program freed everything and called malloc_trim.  Its cache is flushed
- * first, so that its pages can empty. */
+ * first, so that its pages can empty.  Its inbox is drained before the walk: it holds the first
+ * of other threads' frees into each of its parked pages, which takes the page off the full list
+ * that the walk leaves alone (a thread whose parked pages another thread emptied kept them all
+ * through malloc_trim: 125 of 126 pages, 8.8 MiB). */
 void lum_heap_release_empty(struct lum_heap *heap)
 {
+    drain_inbox(heap);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         struct lum_page *q = heap->avail[c].head;
         while (q) {
