@@ -393,6 +393,15 @@ static inline void push_chain_atomic(_Atomic(lum_block *) *list, const struct lu
  * delayed free). */
 #define LUM_TF_FULL ((lum_block *)(uintptr_t)1)
 
+/* What decay has to look at (lum_abandoned_idle): the bytes carved in the empty pages of exited
+ * threads kept on the abandoned lists (about what they hold resident; a multiple of 16, as every
+ * block size), and in bit 0 ABANDONED_FREED_INTO (abandoned_freed_into).  One word, so that
+ * decay's test on each slow path that maps a page stays one load; atomic adds, as the bit is
+ * set without lum_abandoned_lock, under which the bytes are counted. */
+static size_t abandoned_due;
+#define ABANDONED_FREED_INTO ((size_t)1)
+static void abandoned_freed_into(void);
+
 /* Pushes the chain first..last (blocks of page) where other threads' frees of page go: the
  * page's own thread_free list, or the owner's inbox when the page is parked full.  A remote free
  * (one block: free_remote) also sees to an exiting owner and to an ownerless page; statistics put
@@ -400,16 +409,15 @@ static inline void push_chain_atomic(_Atomic(lum_block *) *list, const struct lu
 static inline __attribute__((always_inline)) void push_to_page(struct lum_page *page, lum_block *first,
                                                                lum_block *last, bool from_free)
 {
-    struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
     lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
     for (;;) {
         if (head == LUM_TF_FULL) {
             if (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head, NULL, memory_order_acq_rel,
                                                        memory_order_relaxed))
                 continue;
-            /* the mark was the current owner's: look it up again (the page may have changed
-             * hands since the load above; a stale owner's inbox forwards, see drain_inbox) */
-            owner = atomic_load_explicit(&page->owner, memory_order_acquire);
+            /* the mark was the current owner's: look it up (a stale owner's inbox forwards, see
+             * drain_inbox) */
+            struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
             if (owner) {
                 push_chain_atomic(&owner->inbox, page, first, last);
                 /* The owner may be exiting: it clears alive and then drains its inbox a last
@@ -426,11 +434,21 @@ static inline __attribute__((always_inline)) void push_to_page(struct lum_page *
             head = NULL;
         }
         lum_remote_set_next(page, last, head);
-        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, first, memory_order_release,
+        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, first, memory_order_seq_cst,
                                                   memory_order_relaxed))
             break;
     }
-    if (from_free && !owner) lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+    /* The owner is read after the push, not before: an owner that abandons the page meanwhile
+     * may collect the page's list before this push lands, and collects once more after it has
+     * cleared the owner (abandon_locked), so that either that collect or this read sees the
+     * other.  Read before the push, as it was, an owner about to abandon the page let the page
+     * be filed as holding blocks that had all come back, where decay never looked. */
+    if (!atomic_load_explicit(&page->owner, memory_order_seq_cst)) {
+        if (from_free)
+            abandoned_freed_into();
+        else
+            __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELAXED);
+    }
 }
 
 /* A block whose page this thread does not own.  It goes on the page's own thread_free list (one
@@ -528,9 +546,20 @@ LUM_COLD_TEXT void lum_heap_inbox_pages(struct lum_heap *heap, void (*fn)(struct
     push_chain_atomic(&heap->inbox, lum_page_of(last), list, last);
 }
 
-/* Empty pages of exited threads kept on the abandoned lists, counted by the bytes carved in
- * them (about what they hold resident).  Under lum_abandoned_lock. */
-static size_t abandoned_empty_bytes;
+/* A remote free landed on an abandoned page's thread_free: a free from a thread whose heap was
+ * torn down (pthread-key destructors that run after lumalloc's, glibc's thread freeres), one
+ * that read the owner just before it abandoned the page, or one forwarded from an exited
+ * owner's inbox.  The page stays filed as holding blocks, so the bytes of empty pages do not
+ * move; the bit makes decay look (lum_abandoned_idle) and collect them (95 pages of such frees,
+ * all empty, stayed resident for as long as the process ran and allocated none of their
+ * class).  Out of line, in place of the call it wraps: the remote free's text no longer. */
+static LUM_NOINLINE void abandoned_freed_into(void)
+{
+    /* after the push's CAS (a full barrier on x86), so after the clear that the walk that
+     * missed the push made before it (lum_abandoned_reclaim) */
+    __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELAXED);
+    lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+}
 /* Thread exits so far (wrapping), under lum_abandoned_lock: the clock of abandoned_release_stale. */
 static uint16_t abandon_exits;
 #define LUM_STALE_EXITS 16
@@ -567,7 +596,7 @@ static void abandoned_file(struct lum_page *page, unsigned cls, bool empty)
 {
     if (empty) {
         page->abandoned_exits = abandon_exits;
-        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes + page_carved_bytes(page), __ATOMIC_RELAXED);
+        __atomic_fetch_add(&abandoned_due, page_carved_bytes(page), __ATOMIC_RELAXED);
         lum_list_push_back(&lum_abandoned[cls], page);
     } else {
         page->freed_by = 0;
@@ -577,7 +606,7 @@ static void abandoned_file(struct lum_page *page, unsigned cls, bool empty)
 }
 
 /* An empty page that carved nothing (lum_page_uncarve) holds no memory worth keeping, and
- * would add nothing to abandoned_empty_bytes, by which decay decides whether to look at the
+ * would add nothing to abandoned_due, by which decay decides whether to look at the
  * lists at all: kept, it stayed there for good. */
 static bool not_worth_keeping(const struct lum_page *page)
 {
@@ -603,13 +632,22 @@ static bool abandon_locked(struct lum_page *page, unsigned cls, uint64_t now)
     bool empty = page->used == 0;
     if (not_worth_keeping(page)) return false;
     /* over the bound, the oldest go first: they are the least likely to be wanted again */
-    while (empty && abandoned_empty_bytes + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
+    /* (abandoned_due's bit 0 counts as a byte: no matter to this bound) */
+    while (empty && __atomic_load_n(&abandoned_due, __ATOMIC_RELAXED) + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
         struct lum_page *old = oldest_empty_abandoned();
         if (!old) return false;
         abandoned_unlink(old);
         lum_page_release(old, false);
     }
-    atomic_store_explicit(&page->owner, NULL, memory_order_release);
+    atomic_store_explicit(&page->owner, NULL, memory_order_seq_cst);
+    if (!empty) {
+        /* A remote free that read the old owner may have pushed since the caller collected, and
+         * it reads the owner again after its push (push_to_page): this collect, after the store
+         * and a full fence, or that read sees the other.  A page it empties is filed as empty,
+         * over the bound or not (the bound is the next exits' and decay's to keep). */
+        atomic_thread_fence(memory_order_seq_cst);
+        empty = lum_page_collect(page) && page->used == 0;
+    }
     abandoned_file(page, cls, empty);
     /* shares its word with park_bias, which a statistics snapshot may still be reading */
     __atomic_store_n(&page->abandoned_ms, now, __ATOMIC_RELAXED);
@@ -632,7 +670,7 @@ static void abandoned_unlink(struct lum_page *page)
 {
     lum_list_remove(&lum_abandoned[page->cls], page);
     if (page->abandoned == LUM_ABANDONED_EMPTY)
-        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes - page_carved_bytes(page), __ATOMIC_RELAXED);
+        __atomic_fetch_sub(&abandoned_due, page_carved_bytes(page), __ATOMIC_RELAXED);
     page->abandoned = 0;
 }
 
@@ -1744,6 +1782,9 @@ size_t lum_abandoned_reclaim(bool all)
     holding_heaps_lock = 0;
     lum_unlock(&lum_heaps_lock);
     lum_lock(&lum_abandoned_lock);
+    /* before the walk, and fenced from its reads (a locked RMW): a free onto a page the walk has
+     * passed sets it again, for the next look */
+    __atomic_fetch_and(&abandoned_due, ~ABANDONED_FREED_INTO, __ATOMIC_SEQ_CST);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         struct lum_page *page = lum_abandoned[c].head;
         while (page) {
@@ -1765,10 +1806,11 @@ size_t lum_abandoned_reclaim(bool all)
     return bytes;
 }
 
-/* No empty abandoned page waits for its decay (the background thread may stop looking). */
+/* No empty abandoned page waits for its decay, nor any other thread's free onto an abandoned
+ * page for a look (the background thread may stop looking). */
 bool lum_abandoned_idle(void)
 {
-    return __atomic_load_n(&abandoned_empty_bytes, __ATOMIC_RELAXED) == 0;
+    return __atomic_load_n(&abandoned_due, __ATOMIC_RELAXED) == 0;
 }
 
 void lum_abandoned_decay(void)

@@ -1,7 +1,9 @@
 /* Pages that other threads' frees emptied while nobody was looking at them go back: a thread's
- * parked full pages at its own malloc_trim.  They stayed resident, empty, for as long as the
- * thread allocated nothing of their class.  Its own process: which pages sit where is the
- * point. */
+ * parked full pages at its own malloc_trim, and exited threads' pages that a thread with no
+ * heap left (a pthread-key destructor that runs after lumalloc's) freed into, at the next
+ * decay.  Both stayed resident, empty, for as long as the process lived or allocated nothing
+ * of their class.  Its own process: which pages sit where is the point, and no empty
+ * abandoned page left by another test may set decay going. */
 #define _GNU_SOURCE
 #include <malloc.h>
 #include <pthread.h>
@@ -13,9 +15,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include "internal.h"
 #include "lumalloc.h"
+#include "lumalloc_options.h"
 #include "lumalloc_stats.h"
 
 static void *(*volatile p_malloc)(size_t) = malloc;
@@ -101,9 +105,93 @@ static void trim_gives_back_pages_emptied_while_parked(void **state)
     assert_int_equal(trim_seen.check, 0);
 }
 
+/* ---- frees after the freeing thread's heap was torn down ---- */
+
+#define LATE_SIZE 3000 /* no other block of its class in this process */
+#define LATE_BLOCKS 2000
+#define OWN_BLOCKS 200
+static void *late_blocks[LATE_BLOCKS + OWN_BLOCKS];
+static pthread_key_t late_key;
+static struct {
+    int heapless; /* the destructor freed with no heap of its own */
+    int freed;
+} late_seen;
+
+static void *late_producer(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < LATE_BLOCKS; i++) {
+        late_blocks[i] = p_malloc(LATE_SIZE);
+        memset(late_blocks[i], 1, 64);
+    }
+    return NULL;
+}
+
+/* Runs in a later destructor round than lumalloc's own (heap_teardown) if need be: its key was
+ * made after lumalloc's, so it runs after it in the same round already. */
+static void late_free(void *arg)
+{
+    if (lum_tls_heap != &lum_empty_heap) {
+        pthread_setspecific(late_key, arg);
+        return;
+    }
+    late_seen.heapless = 1;
+    for (int i = 0; i < LATE_BLOCKS + OWN_BLOCKS; i++) {
+        free(late_blocks[i]);
+        late_seen.freed++;
+    }
+}
+
+/* Frees the producer's blocks, and its own, on its way out. */
+static void *late_consumer(void *arg)
+{
+    (void)arg;
+    for (int i = LATE_BLOCKS; i < LATE_BLOCKS + OWN_BLOCKS; i++) {
+        late_blocks[i] = p_malloc(LATE_SIZE);
+        memset(late_blocks[i], 1, 64);
+    }
+    pthread_setspecific(late_key, (void *)1);
+    return NULL;
+}
+
+/* An exited thread's pages, and the freeing thread's own abandoned a moment before at its
+ * teardown, emptied by frees from a key destructor that runs after lumalloc's: those frees
+ * land on the pages' thread_free lists, the pages stay filed as holding blocks, and decay,
+ * which looked only while empty abandoned pages waited, never came back for them (95 pages,
+ * 7 MiB, kept until a purge or a thread that allocated their class). */
+static void decay_gives_back_pages_freed_into_late(void **state)
+{
+    (void)state;
+    /* decay looks once a millisecond at most, and gives back every empty abandoned page it
+     * finds */
+    assert_int_equal(lum_options_set("decay_ms", "0"), 0);
+    assert_int_equal(pthread_key_create(&late_key, late_free), 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, late_producer, NULL), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(pthread_create(&t, NULL, late_consumer, NULL), 0);
+    pthread_join(t, NULL);
+    assert_true(late_seen.heapless);
+    assert_int_equal(late_seen.freed, LATE_BLOCKS + OWN_BLOCKS);
+    uint64_t pages, live;
+    class_figures(LATE_SIZE, &pages, &live);
+    printf("# after the late frees: pages %llu, live blocks %llu\n", (unsigned long long)pages,
+           (unsigned long long)live);
+    assert_int_equal(live, 0);
+    usleep(2000);
+    lum_abandoned_decay();
+    class_figures(LATE_SIZE, &pages, &live);
+    printf("# after decay: pages %llu, live blocks %llu\n", (unsigned long long)pages, (unsigned long long)live);
+    assert_int_equal(pages, 0);
+    assert_int_equal(lum_heap_check(1), 0);
+    assert_int_equal(lum_options_set("decay_ms", "1000"), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        /* first: no empty abandoned page of another case's yet */
+        cmocka_unit_test(decay_gives_back_pages_freed_into_late),
         cmocka_unit_test(trim_gives_back_pages_emptied_while_parked),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
