@@ -565,7 +565,8 @@ static uint16_t abandon_exits;
 #define LUM_STALE_EXITS 16
 /* Stale pages (see abandoned_release_stale) kept while they carve no more than this in all. */
 #define LUM_STALE_KEEP ((size_t)32 << 10)
-/* Stale pages ranked by age at one exit; older ones beyond go back whatever their bytes. */
+/* Stale pages ranked by age at one exit (the first LUM_STALE_RANK the walk finds); those it
+ * finds beyond them go back whatever their age or bytes. */
 #define LUM_STALE_RANK 32
 #define LUM_ABANDONED_EMPTY_MAX ((size_t)4 << 20)
 
@@ -1317,7 +1318,6 @@ found:
     if (!adopted && page->used && page->carved - page->used >= LUM_ORDER_MIN_FREE &&
         page->carved - page->used >= page->capacity / 2)
         lum_page_order_free(page);
-    lum_page_set_fast(page, heap); /* one adopted by a free had it clear (adopt_locked) */
     retained_forget(heap, page);
     if (heap->avail[cls].head != page) {
         lum_list_remove(&heap->avail[cls], page);
@@ -1631,7 +1631,9 @@ static LUM_NOINLINE void free_foreign(void *p, struct lum_page *page)
     lum_count_free(heap, page->block_size);
     if (heap && heap != &lum_empty_heap) {
         struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
-        if (owner == heap) { /* our page, its fast path closed (parked full, say) */
+        /* our page without its fast owner: only between the owner's own steps that set or
+         * clear the two apart (a new page's, a retired one's), so a signal handler's free */
+        if (owner == heap) {
             lum_heap_local_free(heap, page, p);
             return;
         }

@@ -103,7 +103,12 @@ struct __attribute__((aligned(32))) lum_page {
     uint32_t carved;            /* blocks carved from the span so far (the rest is untouched) */
     uint8_t *start;
     _Atomic(struct lum_heap *) owner; /* NULL while abandoned */
-    _Atomic(lum_block *) thread_free; /* frees that arrived while abandoned */
+    /* Blocks freed by threads other than the owner (while it is abandoned, only those that do
+     * not go onto its list in place under lum_abandoned_lock: frees from threads with no heap
+     * left, blocks forwarded from an exited owner's inbox, frees racing the abandonment; heap.c,
+     * free_foreign), collected by the owner, or under lum_abandoned_lock while abandoned;
+     * LUM_TF_FULL (heap.c) while it is parked on the owner's full list. */
+    _Atomic(lum_block *) thread_free;
     struct lum_page *next, *prev;     /* in the owner's per-class lists or a global list */
     union {
         uint64_t abandoned_ms;        /* when it went on the abandoned list (decay of empty ones) */
