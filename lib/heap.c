@@ -501,7 +501,11 @@ static void forward_inbox(struct lum_heap *heap)
  * the pool: once a new thread has it, its inbox holds blocks sent for that thread's parked pages,
  * which a forward would put back on those pages' lists behind the full mark.  An exiting owner
  * holds lum_heaps_lock from its last drain until the record is pooled, so a free that saw alive
- * clear finds it pooled here. */
+ * clear finds it pooled here, unless a new thread took the record in between; and a free that
+ * stalled between its push and its look at alive while the owner exited and a new thread took
+ * the record reads that thread's alive.  Either way its block waits in the new thread's inbox
+ * until that thread's next drain (a page switch, lum_purge, its exit), which sends it on to its
+ * page (drain_inbox): late, not lost. */
 static void forward_pooled_inbox(struct lum_heap *heap)
 {
     lum_lock(&lum_heaps_lock);
@@ -892,19 +896,25 @@ LUM_NOINLINE void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page
 
 /* Returns every cached block to its page (thread exit, explicit purge), so pages can empty, and
  * turns each cache on (a purge after a run of frees turned them off: the run's next check turns
- * them off again). */
+ * them off again).  One block at a time, as heap_caches_off: lum_purge runs it with no lock
+ * held, and a fork in another thread meanwhile found a whole class's chain taken off the cache
+ * and on no page (the child counted its blocks live for good, pinning their pages); now at most
+ * the one in hand, as any free caught half-way. */
 void lum_heap_cache_flush(struct lum_heap *heap)
 {
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        lum_block *b = cache_take(heap, c);
-        while (b) {
-            lum_block *next = b->next;
+        lum_block *b;
+        while ((b = heap->cache[c]) != NULL) {
+            LUM_OWN_SET(heap->cache[c], b->next);
             lum_heap_local_free(heap, lum_page_of(b), b);
-            b = next;
         }
+        LUM_OWN_SET(heap->cache_room[c], (int8_t)lum_cache_max[c]);
     }
 }
 
+/* The whole inbox in one exchange: a fork in another thread while the chain is in hand leaves
+ * the child its blocks on no list, counted live for good (a leak in the child alone, as for
+ * lum_page_collect's chain and forward_inbox's); a pop a block would cost a CAS each. */
 static void drain_inbox(struct lum_heap *heap)
 {
     if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
