@@ -409,6 +409,17 @@ static void abandoned_freed_into(void);
 static inline __attribute__((always_inline)) void push_to_page(struct lum_page *page, lum_block *first,
                                                                lum_block *last, bool from_free)
 {
+    /* The owner as it was before the push, and its count of pages let go of: once the push has
+     * landed, the page may be collected, emptied, released and its segment unmapped (with
+     * LUMALLOC_DECAY_MS=0 at once), so after it only the heap record, never unmapped, is read.
+     * The page is read again before the push (held by this block till then): one that changed
+     * hands in between counts as ownerless. */
+    struct lum_heap *was = atomic_load_explicit(&page->owner, memory_order_seq_cst);
+    uint16_t abandons = 0;
+    if (was) {
+        abandons = atomic_load_explicit(&was->abandons, memory_order_seq_cst);
+        if (atomic_load_explicit(&page->owner, memory_order_seq_cst) != was) was = NULL;
+    }
     lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
     for (;;) {
         if (head == LUM_TF_FULL) {
@@ -438,12 +449,13 @@ static inline __attribute__((always_inline)) void push_to_page(struct lum_page *
                                                   memory_order_relaxed))
             break;
     }
-    /* The owner is read after the push, not before: an owner that abandons the page meanwhile
-     * may collect the page's list before this push lands, and collects once more after it has
-     * cleared the owner (abandon_locked), so that either that collect or this read sees the
-     * other.  Read before the push, as it was, an owner about to abandon the page let the page
-     * be filed as holding blocks that had all come back, where decay never looked. */
-    if (!atomic_load_explicit(&page->owner, memory_order_seq_cst)) {
+    /* An owner that lets the page go meanwhile may collect the page's list before this push
+     * lands: it clears the page's owner, counts the page in its abandons, and collects once
+     * more (abandon_locked), so that either that collect sees this push or this read sees the
+     * count moved (or the owner gone, before the push).  With the owner read only before the
+     * push, as it was, a page was filed as holding blocks that had all come back, where decay
+     * never looked. */
+    if (!was || atomic_load_explicit(&was->abandons, memory_order_seq_cst) != abandons) {
         if (from_free)
             abandoned_freed_into();
         else
@@ -459,6 +471,13 @@ static inline __attribute__((always_inline)) void push_to_page(struct lum_page *
 static inline __attribute__((always_inline)) void free_remote(struct lum_page *page, lum_block *b)
 {
     push_to_page(page, b, b, true);
+}
+
+/* free_remote out of line, for a block the owner's drain finds is no longer its own (the page
+ * changed hands after the sender looked): seldom, so not worth a copy in the hot text. */
+static LUM_NOINLINE void forward_remote(struct lum_page *page, lum_block *b)
+{
+    free_remote(page, b);
 }
 
 /* The owner parks a page with no room on its full list only if no remote free has arrived since
@@ -644,12 +663,14 @@ static bool abandon_locked(struct lum_page *page, unsigned cls, uint64_t now)
         abandoned_unlink(old);
         lum_page_release(old, false);
     }
+    struct lum_heap *was = atomic_load_explicit(&page->owner, memory_order_relaxed);
     atomic_store_explicit(&page->owner, NULL, memory_order_seq_cst);
+    if (was) atomic_fetch_add_explicit(&was->abandons, 1, memory_order_seq_cst);
     if (!empty) {
         /* A remote free that read the old owner may have pushed since the caller collected, and
-         * it reads the owner again after its push (push_to_page): this collect, after the store
-         * and a full fence, or that read sees the other.  A page it empties is filed as empty,
-         * over the bound or not (the bound is the next exits' and decay's to keep). */
+         * it reads the owner's abandons after its push (push_to_page): this collect, after the
+         * count and a full fence, or that read sees the other.  A page it empties is filed as
+         * empty, over the bound or not (the bound is the next exits' and decay's to keep). */
         atomic_thread_fence(memory_order_seq_cst);
         empty = lum_page_collect(page) && page->used == 0;
     }
@@ -925,7 +946,7 @@ static void drain_inbox(struct lum_heap *heap)
         if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap)
             lum_heap_local_free(heap, page, b);
         else /* the page changed hands after the sender looked: forward it */
-            free_remote(page, b);
+            forward_remote(page, b);
         b = next;
     }
 }
