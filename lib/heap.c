@@ -393,6 +393,15 @@ static inline void push_chain_atomic(_Atomic(lum_block *) *list, const struct lu
  * delayed free). */
 #define LUM_TF_FULL ((lum_block *)(uintptr_t)1)
 
+/* What decay has to look at (lum_abandoned_idle): the bytes carved in the empty pages of exited
+ * threads kept on the abandoned lists (about what they hold resident; a multiple of 16, as every
+ * block size), and in bit 0 ABANDONED_FREED_INTO (abandoned_freed_into).  One word, so that
+ * decay's test on each slow path that maps a page stays one load; atomic adds, as the bit is
+ * set without lum_abandoned_lock, under which the bytes are counted. */
+static size_t abandoned_due;
+#define ABANDONED_FREED_INTO ((size_t)1)
+static void abandoned_freed_into(void);
+
 /* Pushes the chain first..last (blocks of page) where other threads' frees of page go: the
  * page's own thread_free list, or the owner's inbox when the page is parked full.  A remote free
  * (one block: free_remote) also sees to an exiting owner and to an ownerless page; statistics put
@@ -400,16 +409,26 @@ static inline void push_chain_atomic(_Atomic(lum_block *) *list, const struct lu
 static inline __attribute__((always_inline)) void push_to_page(struct lum_page *page, lum_block *first,
                                                                lum_block *last, bool from_free)
 {
-    struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
+    /* The owner as it was before the push, and its count of pages let go of: once the push has
+     * landed, the page may be collected, emptied, released and its segment unmapped (with
+     * LUMALLOC_DECAY_MS=0 at once), so after it only the heap record, never unmapped, is read.
+     * The page is read again before the push (held by this block till then): one that changed
+     * hands in between counts as ownerless. */
+    struct lum_heap *was = atomic_load_explicit(&page->owner, memory_order_seq_cst);
+    uint16_t abandons = 0;
+    if (was) {
+        abandons = atomic_load_explicit(&was->abandons, memory_order_seq_cst);
+        if (atomic_load_explicit(&page->owner, memory_order_seq_cst) != was) was = NULL;
+    }
     lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
     for (;;) {
         if (head == LUM_TF_FULL) {
             if (!atomic_compare_exchange_weak_explicit(&page->thread_free, &head, NULL, memory_order_acq_rel,
                                                        memory_order_relaxed))
                 continue;
-            /* the mark was the current owner's: look it up again (the page may have changed
-             * hands since the load above; a stale owner's inbox forwards, see drain_inbox) */
-            owner = atomic_load_explicit(&page->owner, memory_order_acquire);
+            /* the mark was the current owner's: look it up (a stale owner's inbox forwards, see
+             * drain_inbox) */
+            struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_acquire);
             if (owner) {
                 push_chain_atomic(&owner->inbox, page, first, last);
                 /* The owner may be exiting: it clears alive and then drains its inbox a last
@@ -426,11 +445,22 @@ static inline __attribute__((always_inline)) void push_to_page(struct lum_page *
             head = NULL;
         }
         lum_remote_set_next(page, last, head);
-        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, first, memory_order_release,
+        if (atomic_compare_exchange_weak_explicit(&page->thread_free, &head, first, memory_order_seq_cst,
                                                   memory_order_relaxed))
             break;
     }
-    if (from_free && !owner) lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+    /* An owner that lets the page go meanwhile may collect the page's list before this push
+     * lands: it clears the page's owner, counts the page in its abandons, and collects once
+     * more (abandon_locked), so that either that collect sees this push or this read sees the
+     * count moved (or the owner gone, before the push).  With the owner read only before the
+     * push, as it was, a page was filed as holding blocks that had all come back, where decay
+     * never looked. */
+    if (!was || atomic_load_explicit(&was->abandons, memory_order_seq_cst) != abandons) {
+        if (from_free)
+            abandoned_freed_into();
+        else
+            __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELAXED);
+    }
 }
 
 /* A block whose page this thread does not own.  It goes on the page's own thread_free list (one
@@ -441,6 +471,13 @@ static inline __attribute__((always_inline)) void push_to_page(struct lum_page *
 static inline __attribute__((always_inline)) void free_remote(struct lum_page *page, lum_block *b)
 {
     push_to_page(page, b, b, true);
+}
+
+/* free_remote out of line, for a block the owner's drain finds is no longer its own (the page
+ * changed hands after the sender looked): seldom, so not worth a copy in the hot text. */
+static LUM_NOINLINE void forward_remote(struct lum_page *page, lum_block *b)
+{
+    free_remote(page, b);
 }
 
 /* The owner parks a page with no room on its full list only if no remote free has arrived since
@@ -483,7 +520,11 @@ static void forward_inbox(struct lum_heap *heap)
  * the pool: once a new thread has it, its inbox holds blocks sent for that thread's parked pages,
  * which a forward would put back on those pages' lists behind the full mark.  An exiting owner
  * holds lum_heaps_lock from its last drain until the record is pooled, so a free that saw alive
- * clear finds it pooled here. */
+ * clear finds it pooled here, unless a new thread took the record in between; and a free that
+ * stalled between its push and its look at alive while the owner exited and a new thread took
+ * the record reads that thread's alive.  Either way its block waits in the new thread's inbox
+ * until that thread's next drain (a page switch, lum_purge, its exit), which sends it on to its
+ * page (drain_inbox): late, not lost. */
 static void forward_pooled_inbox(struct lum_heap *heap)
 {
     lum_lock(&lum_heaps_lock);
@@ -528,15 +569,27 @@ LUM_COLD_TEXT void lum_heap_inbox_pages(struct lum_heap *heap, void (*fn)(struct
     push_chain_atomic(&heap->inbox, lum_page_of(last), list, last);
 }
 
-/* Empty pages of exited threads kept on the abandoned lists, counted by the bytes carved in
- * them (about what they hold resident).  Under lum_abandoned_lock. */
-static size_t abandoned_empty_bytes;
+/* A remote free landed on an abandoned page's thread_free: a free from a thread whose heap was
+ * torn down (pthread-key destructors that run after lumalloc's, glibc's thread freeres), one
+ * that read the owner just before it abandoned the page, or one forwarded from an exited
+ * owner's inbox.  The page stays filed as holding blocks, so the bytes of empty pages do not
+ * move; the bit makes decay look (lum_abandoned_idle) and collect them (95 pages of such frees,
+ * all empty, stayed resident for as long as the process ran and allocated none of their
+ * class).  Out of line, in place of the call it wraps: the remote free's text no longer. */
+static LUM_NOINLINE void abandoned_freed_into(void)
+{
+    /* after the push's CAS (a full barrier on x86), so after the clear that the walk that
+     * missed the push made before it (lum_abandoned_reclaim) */
+    __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELAXED);
+    lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
+}
 /* Thread exits so far (wrapping), under lum_abandoned_lock: the clock of abandoned_release_stale. */
 static uint16_t abandon_exits;
 #define LUM_STALE_EXITS 16
 /* Stale pages (see abandoned_release_stale) kept while they carve no more than this in all. */
 #define LUM_STALE_KEEP ((size_t)32 << 10)
-/* Stale pages ranked by age at one exit; older ones beyond go back whatever their bytes. */
+/* Stale pages ranked by age at one exit (the first LUM_STALE_RANK the walk finds); those it
+ * finds beyond them go back whatever their age or bytes. */
 #define LUM_STALE_RANK 32
 #define LUM_ABANDONED_EMPTY_MAX ((size_t)4 << 20)
 
@@ -567,7 +620,7 @@ static void abandoned_file(struct lum_page *page, unsigned cls, bool empty)
 {
     if (empty) {
         page->abandoned_exits = abandon_exits;
-        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes + page_carved_bytes(page), __ATOMIC_RELAXED);
+        __atomic_fetch_add(&abandoned_due, page_carved_bytes(page), __ATOMIC_RELAXED);
         lum_list_push_back(&lum_abandoned[cls], page);
     } else {
         page->freed_by = 0;
@@ -577,7 +630,7 @@ static void abandoned_file(struct lum_page *page, unsigned cls, bool empty)
 }
 
 /* An empty page that carved nothing (lum_page_uncarve) holds no memory worth keeping, and
- * would add nothing to abandoned_empty_bytes, by which decay decides whether to look at the
+ * would add nothing to abandoned_due, by which decay decides whether to look at the
  * lists at all: kept, it stayed there for good. */
 static bool not_worth_keeping(const struct lum_page *page)
 {
@@ -603,13 +656,24 @@ static bool abandon_locked(struct lum_page *page, unsigned cls, uint64_t now)
     bool empty = page->used == 0;
     if (not_worth_keeping(page)) return false;
     /* over the bound, the oldest go first: they are the least likely to be wanted again */
-    while (empty && abandoned_empty_bytes + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
+    /* (abandoned_due's bit 0 counts as a byte: no matter to this bound) */
+    while (empty && __atomic_load_n(&abandoned_due, __ATOMIC_RELAXED) + page_carved_bytes(page) > LUM_ABANDONED_EMPTY_MAX) {
         struct lum_page *old = oldest_empty_abandoned();
         if (!old) return false;
         abandoned_unlink(old);
         lum_page_release(old, false);
     }
-    atomic_store_explicit(&page->owner, NULL, memory_order_release);
+    struct lum_heap *was = atomic_load_explicit(&page->owner, memory_order_relaxed);
+    atomic_store_explicit(&page->owner, NULL, memory_order_seq_cst);
+    if (was) atomic_fetch_add_explicit(&was->abandons, 1, memory_order_seq_cst);
+    if (!empty) {
+        /* A remote free that read the old owner may have pushed since the caller collected, and
+         * it reads the owner's abandons after its push (push_to_page): this collect, after the
+         * count and a full fence, or that read sees the other.  A page it empties is filed as
+         * empty, over the bound or not (the bound is the next exits' and decay's to keep). */
+        atomic_thread_fence(memory_order_seq_cst);
+        empty = lum_page_collect(page) && page->used == 0;
+    }
     abandoned_file(page, cls, empty);
     /* shares its word with park_bias, which a statistics snapshot may still be reading */
     __atomic_store_n(&page->abandoned_ms, now, __ATOMIC_RELAXED);
@@ -632,7 +696,7 @@ static void abandoned_unlink(struct lum_page *page)
 {
     lum_list_remove(&lum_abandoned[page->cls], page);
     if (page->abandoned == LUM_ABANDONED_EMPTY)
-        __atomic_store_n(&abandoned_empty_bytes, abandoned_empty_bytes - page_carved_bytes(page), __ATOMIC_RELAXED);
+        __atomic_fetch_sub(&abandoned_due, page_carved_bytes(page), __ATOMIC_RELAXED);
     page->abandoned = 0;
 }
 
@@ -853,19 +917,25 @@ LUM_NOINLINE void lum_heap_free_run_check(struct lum_heap *heap, struct lum_page
 
 /* Returns every cached block to its page (thread exit, explicit purge), so pages can empty, and
  * turns each cache on (a purge after a run of frees turned them off: the run's next check turns
- * them off again). */
+ * them off again).  One block at a time, as heap_caches_off: lum_purge runs it with no lock
+ * held, and a fork in another thread meanwhile found a whole class's chain taken off the cache
+ * and on no page (the child counted its blocks live for good, pinning their pages); now at most
+ * the one in hand, as any free caught half-way. */
 void lum_heap_cache_flush(struct lum_heap *heap)
 {
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
-        lum_block *b = cache_take(heap, c);
-        while (b) {
-            lum_block *next = b->next;
+        lum_block *b;
+        while ((b = heap->cache[c]) != NULL) {
+            LUM_OWN_SET(heap->cache[c], b->next);
             lum_heap_local_free(heap, lum_page_of(b), b);
-            b = next;
         }
+        LUM_OWN_SET(heap->cache_room[c], (int8_t)lum_cache_max[c]);
     }
 }
 
+/* The whole inbox in one exchange: a fork in another thread while the chain is in hand leaves
+ * the child its blocks on no list, counted live for good (a leak in the child alone, as for
+ * lum_page_collect's chain and forward_inbox's); a pop a block would cost a CAS each. */
 static void drain_inbox(struct lum_heap *heap)
 {
     if (!atomic_load_explicit(&heap->inbox, memory_order_relaxed)) return;
@@ -876,7 +946,7 @@ static void drain_inbox(struct lum_heap *heap)
         if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap)
             lum_heap_local_free(heap, page, b);
         else /* the page changed hands after the sender looked: forward it */
-            free_remote(page, b);
+            forward_remote(page, b);
         b = next;
     }
 }
@@ -1183,9 +1253,13 @@ static void heap_release_idle(struct lum_heap *heap, unsigned cls)
 /* lum_purge, for the calling thread (the others' are theirs to touch): its empty pages go back,
  * the current ones and those kept for its next pages (retained) included, which held ~0.5 MiB
  * resident after a program freed everything and called malloc_trim.  Its cache is flushed
- * first, so that its pages can empty. */
+ * first, so that its pages can empty.  Its inbox is drained before the walk: it holds the first
+ * of other threads' frees into each of its parked pages, which takes the page off the full list
+ * that the walk leaves alone (a thread whose parked pages another thread emptied kept them all
+ * through malloc_trim: 125 of 126 pages, 8.8 MiB). */
 void lum_heap_release_empty(struct lum_heap *heap)
 {
+    drain_inbox(heap);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         struct lum_page *q = heap->avail[c].head;
         while (q) {
@@ -1275,7 +1349,6 @@ found:
     if (!adopted && page->used && page->carved - page->used >= LUM_ORDER_MIN_FREE &&
         page->carved - page->used >= page->capacity / 2)
         lum_page_order_free(page);
-    lum_page_set_fast(page, heap); /* one adopted by a free had it clear (adopt_locked) */
     retained_forget(heap, page);
     if (heap->avail[cls].head != page) {
         lum_list_remove(&heap->avail[cls], page);
@@ -1589,7 +1662,9 @@ static LUM_NOINLINE void free_foreign(void *p, struct lum_page *page)
     lum_count_free(heap, page->block_size);
     if (heap && heap != &lum_empty_heap) {
         struct lum_heap *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
-        if (owner == heap) { /* our page, its fast path closed (parked full, say) */
+        /* our page without its fast owner: only between the owner's own steps that set or
+         * clear the two apart (a new page's, a retired one's), so a signal handler's free */
+        if (owner == heap) {
             lum_heap_local_free(heap, page, p);
             return;
         }
@@ -1740,6 +1815,9 @@ size_t lum_abandoned_reclaim(bool all)
     holding_heaps_lock = 0;
     lum_unlock(&lum_heaps_lock);
     lum_lock(&lum_abandoned_lock);
+    /* before the walk, and fenced from its reads (a locked RMW): a free onto a page the walk has
+     * passed sets it again, for the next look */
+    __atomic_fetch_and(&abandoned_due, ~ABANDONED_FREED_INTO, __ATOMIC_SEQ_CST);
     for (unsigned c = 0; c < LUM_CLASSES; c++) {
         struct lum_page *page = lum_abandoned[c].head;
         while (page) {
@@ -1761,10 +1839,11 @@ size_t lum_abandoned_reclaim(bool all)
     return bytes;
 }
 
-/* No empty abandoned page waits for its decay (the background thread may stop looking). */
+/* No empty abandoned page waits for its decay, nor any other thread's free onto an abandoned
+ * page for a look (the background thread may stop looking). */
 bool lum_abandoned_idle(void)
 {
-    return __atomic_load_n(&abandoned_empty_bytes, __ATOMIC_RELAXED) == 0;
+    return __atomic_load_n(&abandoned_due, __ATOMIC_RELAXED) == 0;
 }
 
 void lum_abandoned_decay(void)

@@ -103,7 +103,12 @@ struct __attribute__((aligned(32))) lum_page {
     uint32_t carved;            /* blocks carved from the span so far (the rest is untouched) */
     uint8_t *start;
     _Atomic(struct lum_heap *) owner; /* NULL while abandoned */
-    _Atomic(lum_block *) thread_free; /* frees that arrived while abandoned */
+    /* Blocks freed by threads other than the owner (while it is abandoned, only those that do
+     * not go onto its list in place under lum_abandoned_lock: frees from threads with no heap
+     * left, blocks forwarded from an exited owner's inbox, frees racing the abandonment; heap.c,
+     * free_foreign), collected by the owner, or under lum_abandoned_lock while abandoned;
+     * LUM_TF_FULL (heap.c) while it is parked on the owner's full list. */
+    _Atomic(lum_block *) thread_free;
     struct lum_page *next, *prev;     /* in the owner's per-class lists or a global list */
     union {
         uint64_t abandoned_ms;        /* when it went on the abandoned list (decay of empty ones) */
@@ -242,6 +247,10 @@ struct lum_heap {
      * D1 misses a sample). */
     bool sample_recheck; /* sample_left is no point, only where to draw again (LUM_SAMPLE_RECHECK) */
     bool padding;        /* pad_want is set (see there) */
+    /* Pages this heap has let go of onto the abandoned lists, counted (wrapping): a thread that
+     * frees into one of its pages reads it before and after its push (heap.c, push_to_page),
+     * where the page itself may be gone once the push has landed. */
+    _Atomic uint16_t abandons;
     /* lum_sample_factor of each class's size at interval wf_interval, 0 until asked: per
      * thread, so no lock or race when the interval changes (the table is then cleared). */
     uint64_t wf_interval;

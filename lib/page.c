@@ -1,5 +1,5 @@
 /* Per-page free lists: carving fresh blocks lazily (so an untouched page costs no RSS) and
- * collecting blocks freed while the page had no owner. */
+ * collecting the blocks other threads freed into the page (its thread_free list). */
 #include <string.h>
 #include "internal.h"
 
