@@ -400,6 +400,9 @@ static inline void push_chain_atomic(_Atomic(lum_block *) *list, const struct lu
  * set without lum_abandoned_lock, under which the bytes are counted. */
 static size_t abandoned_due;
 #define ABANDONED_FREED_INTO ((size_t)1)
+/* Pages let go of onto the abandoned lists so far (wrapping): read by a remote free around its
+ * push (push_to_page), moved by abandon_locked.  Read-mostly: on a line of its own. */
+static _Alignas(64) _Atomic uint32_t lum_abandons;
 static void abandoned_freed_into(void);
 
 /* Pushes the chain first..last (blocks of page) where other threads' frees of page go: the
@@ -409,17 +412,11 @@ static void abandoned_freed_into(void);
 static inline __attribute__((always_inline)) void push_to_page(struct lum_page *page, lum_block *first,
                                                                lum_block *last, bool from_free)
 {
-    /* The owner as it was before the push, and its count of pages let go of: once the push has
-     * landed, the page may be collected, emptied, released and its segment unmapped (with
-     * LUMALLOC_DECAY_MS=0 at once), so after it only the heap record, never unmapped, is read.
-     * The page is read again before the push (held by this block till then): one that changed
-     * hands in between counts as ownerless. */
-    struct lum_heap *was = atomic_load_explicit(&page->owner, memory_order_seq_cst);
-    uint16_t abandons = 0;
-    if (was) {
-        abandons = atomic_load_explicit(&was->abandons, memory_order_seq_cst);
-        if (atomic_load_explicit(&page->owner, memory_order_seq_cst) != was) was = NULL;
-    }
+    /* The count of pages let go of, then the owner, before the push: once the push has landed,
+     * the page may be collected, emptied, released and its segment unmapped (with
+     * LUMALLOC_DECAY_MS=0 at once), so after it only the count is read. */
+    uint32_t abandons = atomic_load_explicit(&lum_abandons, memory_order_seq_cst);
+    bool owned = atomic_load_explicit(&page->owner, memory_order_seq_cst) != NULL;
     lum_block *head = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
     for (;;) {
         if (head == LUM_TF_FULL) {
@@ -450,12 +447,13 @@ static inline __attribute__((always_inline)) void push_to_page(struct lum_page *
             break;
     }
     /* An owner that lets the page go meanwhile may collect the page's list before this push
-     * lands: it clears the page's owner, counts the page in its abandons, and collects once
+     * lands: it clears the page's owner, counts the page in lum_abandons, and collects once
      * more (abandon_locked), so that either that collect sees this push or this read sees the
-     * count moved (or the owner gone, before the push).  With the owner read only before the
-     * push, as it was, a page was filed as holding blocks that had all come back, where decay
-     * never looked. */
-    if (!was || atomic_load_explicit(&was->abandons, memory_order_seq_cst) != abandons) {
+     * count moved (or the owner read above saw it gone).  With the owner read only before the
+     * push and no count, a page was filed as holding blocks that had all come back, where
+     * decay never looked.  Any page let go of meanwhile moves the count: a look too many for
+     * decay at worst. */
+    if (!owned || atomic_load_explicit(&lum_abandons, memory_order_seq_cst) != abandons) {
         if (from_free)
             abandoned_freed_into();
         else
@@ -663,14 +661,13 @@ static bool abandon_locked(struct lum_page *page, unsigned cls, uint64_t now)
         abandoned_unlink(old);
         lum_page_release(old, false);
     }
-    struct lum_heap *was = atomic_load_explicit(&page->owner, memory_order_relaxed);
     atomic_store_explicit(&page->owner, NULL, memory_order_seq_cst);
-    if (was) atomic_fetch_add_explicit(&was->abandons, 1, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&lum_abandons, 1, memory_order_seq_cst);
     if (!empty) {
         /* A remote free that read the old owner may have pushed since the caller collected, and
-         * it reads the owner's abandons after its push (push_to_page): this collect, after the
-         * count and a full fence, or that read sees the other.  A page it empties is filed as
-         * empty, over the bound or not (the bound is the next exits' and decay's to keep). */
+         * it reads lum_abandons after its push (push_to_page): this collect, after the count
+         * and a full fence, or that read sees the other.  A page it empties is filed as empty,
+         * over the bound or not (the bound is the next exits' and decay's to keep). */
         atomic_thread_fence(memory_order_seq_cst);
         empty = lum_page_collect(page) && page->used == 0;
     }

@@ -247,10 +247,6 @@ struct lum_heap {
      * D1 misses a sample). */
     bool sample_recheck; /* sample_left is no point, only where to draw again (LUM_SAMPLE_RECHECK) */
     bool padding;        /* pad_want is set (see there) */
-    /* Pages this heap has let go of onto the abandoned lists, counted (wrapping): a thread that
-     * frees into one of its pages reads it before and after its push (heap.c, push_to_page),
-     * where the page itself may be gone once the push has landed. */
-    _Atomic uint16_t abandons;
     /* lum_sample_factor of each class's size at interval wf_interval, 0 until asked: per
      * thread, so no lock or race when the interval changes (the table is then cleared). */
     uint64_t wf_interval;
