@@ -37,6 +37,8 @@ static int psi_fd = -1;           /* owned by the background thread once it runs
  * write counters into its files and sockets, read its data away, close its descriptors and
  * spin on a regular file.  A descriptor is used only after it is checked to be ours still. */
 static uint64_t wake_fd_id;       /* the eventfd's "eventfd-id" (fdinfo), 0 if the kernel has none */
+static dev_t wake_dev;            /* its inode, by fstat: the one every anonymous-inode file shares */
+static ino_t wake_ino;
 static dev_t psi_dev;
 static ino_t psi_ino;
 static _Atomic int dirty;         /* free memory not yet purged since the thread last looked */
@@ -113,34 +115,41 @@ static size_t release_everything(uint32_t reason)
 
 /* Whether fd is an eventfd, by its fdinfo: 1 (and *id: its "eventfd-id", 0 where the kernel
  * gives none), 0 when it is not, -1 when its fdinfo could not be read (the descriptor limit
- * reached, no /proc): not known either way.  Plain reads and no allocation, and errno as it
+ * reached, no /proc, a descriptor closed): not known either way.  Plain reads and no allocation, and errno as it
  * was: this runs inside free(). */
 static int eventfd_id(int fd, uint64_t *id)
 {
     char path[48], buf[512];
     int saved = errno, is = -1;
-    if (fcntl(fd, F_GETFD) < 0) {
-        is = 0; /* closed */
-    } else {
-        snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
-        int f = open(path, O_RDONLY | O_CLOEXEC);
-        ssize_t n = f < 0 ? -1 : read(f, buf, sizeof buf - 1);
-        if (f >= 0) close(f);
-        if (n > 0) {
-            buf[n] = 0;
-            const char *at = strstr(buf, "eventfd-id:");
-            is = strstr(buf, "eventfd-count:") != NULL;
-            *id = at ? strtoull(at + 11, NULL, 10) : 0;
-        }
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = f < 0 ? -1 : read(f, buf, sizeof buf - 1);
+    if (f >= 0) close(f);
+    if (n > 0) {
+        buf[n] = 0;
+        const char *at = strstr(buf, "eventfd-id:");
+        is = strstr(buf, "eventfd-count:") != NULL;
+        *id = at ? strtoull(at + 11, NULL, 10) : 0;
     }
     errno = saved;
     return is;
 }
 
-/* Whether fd is still our eventfd (by its id where the kernel gives one, else any eventfd): 1,
- * 0, or -1 for not known (eventfd_id). */
+/* Whether fd is still our eventfd: 1, 0, or -1 for not known.  First by fstat, which needs no
+ * descriptor and no /proc: a closed descriptor, or any file but an anonymous-inode one (the
+ * program's files, sockets, pipes), is not ours.  Then by its fdinfo, where it can be read:
+ * an eventfd of our id (any eventfd, where the kernel gives no id).  Where it cannot (the
+ * descriptor limit reached, no /proc), not known: an anonymous-inode file at our descriptor
+ * number, ours unless the program closed ours and made an eventfd, epoll, timerfd or the like
+ * there, to which a write of a count is refused or at worst one spurious wake-up; reading one
+ * could take the program's count, which the thread therefore does not. */
 static int wake_fd_ours(int fd)
 {
+    struct stat st;
+    int saved = errno;
+    bool anon = fstat(fd, &st) == 0 && st.st_dev == wake_dev && st.st_ino == wake_ino;
+    errno = saved;
+    if (!anon) return 0;
     uint64_t id = 0;
     int is = eventfd_id(fd, &id);
     return is <= 0 ? is : id == wake_fd_id;
@@ -176,13 +185,9 @@ static void *bg_main(void *arg)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* never steal the application's signals */
     uint64_t last_total = psi_fd >= 0 ? psi_total_us() : 0;
-    bool unread = false; /* the wake-up counter was set and could not be checked as ours */
     for (;;) {
         wake_fd = atomic_load(&lumalloc_bg_wake_fd); /* -1 once wake() found it was not ours */
-        /* a negative descriptor is one poll skips */
-        struct pollfd fds[2] = { { .fd = unread ? -1 : wake_fd, .events = POLLIN },
-                                 { .fd = psi_fd, .events = POLLPRI } };
-        unread = false;
+        struct pollfd fds[2] = { { .fd = wake_fd, .events = POLLIN }, { .fd = psi_fd, .events = POLLPRI } };
         /* without a wake-up, look every second; with one, still every 10 s: a poll started on
          * our eventfd sleeps on, unwoken, once the program has closed it */
         int timeout = wake_fd >= 0 ? 10000 : 1000;
@@ -200,14 +205,11 @@ static void *bg_main(void *arg)
         if (n > 0 && psi_fd >= 0 && (fds[1].revents & POLLNVAL)) __atomic_store_n(&psi_fd, -1, __ATOMIC_RELAXED);
         if (n > 0 && (fds[0].revents & POLLIN)) {
             uint64_t v;
-            int ours = wake_fd_ours(wake_fd);
-            if (ours == 0) {
+            /* not known counts as not ours here: a read could take the count of an eventfd
+             * or timerfd the program made at this number; the thread then looks every second */
+            if (wake_fd_ours(wake_fd) != 1) {
                 atomic_store(&lumalloc_bg_wake_fd, -1);
                 wake_fd = -1;
-            } else if (ours < 0) {
-                /* not known (no descriptor left to read fdinfo with, say): left unread, and
-                 * left out of the next poll, which would otherwise return at once, unread */
-                unread = true;
             } else if (read(wake_fd, &v, sizeof v) < 0) { /* nothing to do: a spurious wake */ }
         }
         if (n > 0 && psi_fd >= 0 && (fds[1].revents & (POLLPRI | POLLERR | POLLHUP)) && !psi_fd_ours(psi_fd)) {
@@ -262,6 +264,10 @@ static void bg_start(void)
         psi_ino = st.st_ino;
     }
     if (eventfd_id(fd, &wake_fd_id) != 1) wake_fd_id = 0;
+    if (fstat(fd, &st) == 0) {
+        wake_dev = st.st_dev;
+        wake_ino = st.st_ino;
+    }
     atomic_store(&lumalloc_bg_wake_fd, fd); /* read by bg_main; wake() waits for bg_running */
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -302,34 +308,26 @@ void lum_background_maybe_start(size_t more_large)
     bg_start();
 }
 
-/* False when the thread could not be woken this time (see below). */
-static bool wake(void)
+static void wake(void)
 {
-    if (!atomic_load_explicit(&bg_running, memory_order_acquire)) return true;
+    if (!atomic_load_explicit(&bg_running, memory_order_acquire)) return;
     int fd = atomic_load_explicit(&lumalloc_bg_wake_fd, memory_order_relaxed);
     uint64_t one = 1;
-    if (fd < 0) return true;
-    int ours = wake_fd_ours(fd);
-    if (ours == 0) {
+    if (fd < 0) return;
+    if (wake_fd_ours(fd) == 0) {
         atomic_store(&lumalloc_bg_wake_fd, -1); /* the thread looks every second from now on */
-        return true;
+        return;
     }
-    /* Not known (the program at its descriptor limit, no /proc): no wake this time, as a write
-     * to a descriptor the program reopened would land in its file. */
-    if (ours < 0) return false;
     int saved = errno; /* free() keeps the program's errno */
     if (write(fd, &one, sizeof one) < 0) { /* counter full: the thread is awake anyway */ }
     errno = saved;
-    return true;
 }
 
-/* Free memory appeared that decay should return later: wake the thread once per clean state.
- * A wake that could not be made leaves the state clean, so that the next such free tries
- * again: the thread, asleep for up to 10 s while clean, would not look before then. */
+/* Free memory appeared that decay should return later: wake the thread once per clean state. */
 void lum_background_note_dirty(void)
 {
     if (atomic_load_explicit(&dirty, memory_order_relaxed)) return;
-    if (atomic_exchange(&dirty, 1) == 0 && !wake()) atomic_store(&dirty, 0);
+    if (atomic_exchange(&dirty, 1) == 0) wake();
 }
 
 LUM_EXPORT size_t lum_memory_pressure(void)

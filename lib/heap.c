@@ -457,7 +457,7 @@ static inline __attribute__((always_inline)) void push_to_page(struct lum_page *
         if (from_free)
             abandoned_freed_into();
         else
-            __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELAXED);
+            __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELEASE);
     }
 }
 
@@ -576,9 +576,9 @@ LUM_COLD_TEXT void lum_heap_inbox_pages(struct lum_heap *heap, void (*fn)(struct
  * class).  Out of line, in place of the call it wraps: the remote free's text no longer. */
 static LUM_NOINLINE void abandoned_freed_into(void)
 {
-    /* after the push's CAS (a full barrier on x86), so after the clear that the walk that
-     * missed the push made before it (lum_abandoned_reclaim) */
-    __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELAXED);
+    /* release: after the push (in C11 terms too, not only as x86's locked CAS orders it), so
+     * after the clear that a walk that missed the push made before it (lum_abandoned_reclaim) */
+    __atomic_fetch_or(&abandoned_due, ABANDONED_FREED_INTO, __ATOMIC_RELEASE);
     lum_background_note_dirty(); /* the page may now be empty: decay reclaims it */
 }
 /* Thread exits so far (wrapping), under lum_abandoned_lock: the clock of abandoned_release_stale. */
@@ -924,6 +924,7 @@ void lum_heap_cache_flush(struct lum_heap *heap)
         lum_block *b;
         while ((b = heap->cache[c]) != NULL) {
             LUM_OWN_SET(heap->cache[c], b->next);
+            LUM_OWN_ADD(heap->cache_room[c], 1); /* a statistics read meanwhile: not cached */
             lum_heap_local_free(heap, lum_page_of(b), b);
         }
         LUM_OWN_SET(heap->cache_room[c], (int8_t)lum_cache_max[c]);
