@@ -5,6 +5,7 @@
  * through ctest: SHAPES and FAKELUM) attaching the probes after the thread chosen for it exited. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -145,6 +146,37 @@ static void registry_walk_cut(void)
     r = tc_registry_read(&t, &got, &threads, &n);
     CHECK(r < 0, "a walk cut at its fourth record passed for a list of %zu threads (r %d)", n, r);
     free(threads);
+}
+
+/* A frame resolved in a process whose files were then closed (allocsnoop -b releases a process
+ * gone for a second) keeps its module's name: the name was dwfl's, freed with the process's Dwfl
+ * session, and the pprof string table and the "[unknown] (module+0x...)" frames read garbage. */
+static void module_name_outlives_release(void)
+{
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    CHECK(n > 0, "readlink /proc/self/exe");
+    if (n <= 0)
+        return;
+    exe[n] = 0;
+    struct tc_symbolizer *s = tc_sym_new();
+    tc_sym_snapshot(s, getpid(), NULL);
+    const struct tc_frame *f = tc_sym_resolve(s, getpid(), (uint64_t)(uintptr_t)&map64_random + 1);
+    CHECK(f->module && !strcmp(f->module, exe), "module before release: %s", f->module ? f->module : "(null)");
+    tc_sym_release(s, getpid());
+    /* what was freed is handed out again and overwritten */
+    enum { CHUNKS = 4096 };
+    static char *chunks[CHUNKS];
+    for (int i = 0; i < CHUNKS; i++)
+        if ((chunks[i] = malloc((size_t)n + 1 + (size_t)(i % 64))))
+            memset(chunks[i], 'X', (size_t)n + 1 + (size_t)(i % 64));
+    f = tc_sym_resolve(s, getpid(), (uint64_t)(uintptr_t)&map64_random + 1);
+    CHECK(f->module && !strncmp(f->module, exe, (size_t)n + 1), "module after release: %.64s",
+          f->module ? f->module : "(null)");
+    CHECK(!strcmp(f->name, "map64_random"), "name after release: %s", f->name);
+    for (int i = 0; i < CHUNKS; i++)
+        free(chunks[i]);
+    tc_sym_free(s);
 }
 
 static pid_t relay_pid;
@@ -292,6 +324,7 @@ int main(void)
     frame_format();
     json_utf8();
     registry_walk_cut();
+    module_name_outlives_release();
     attach_after_chosen_thread_exits();
     printf(failures ? "%d failure(s)\n" : "PASS\n", failures);
     return failures != 0;

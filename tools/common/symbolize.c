@@ -45,6 +45,11 @@ struct tc_symbolizer {
     size_t np;
     struct tc_frame *frames;
     size_t nframes, capframes;
+    /* Module paths the frames point to, owned here: dwfl_module_info's string belongs to the
+     * process's Dwfl, which tc_sym_release ends while its cached frames are still read. */
+    char **modnames;
+    size_t nmodnames;
+    struct tc_map64 modname_idx; /* hash of a path -> index+1 into modnames */
 };
 
 static char *debuginfo_path;
@@ -73,8 +78,44 @@ void tc_sym_free(struct tc_symbolizer *s)
     for (size_t i = 0; i < s->nframes; i++)
         free((char *)s->frames[i].name);
     free(s->frames);
+    for (size_t i = 0; i < s->nmodnames; i++)
+        free(s->modnames[i]);
+    free(s->modnames);
+    tc_map64_free(&s->modname_idx);
     free(s->p);
     free(s);
+}
+
+/* Our own copy of a module path, one per distinct path; NULL if out of memory. */
+static const char *intern_module(struct tc_symbolizer *s, const char *name)
+{
+    uint64_t h = 0x6d6f64;
+    for (const unsigned char *c = (const unsigned char *)name; *c; c++)
+        h = tc_hash64(h, *c);
+    /* another path with the same hash: the next key along */
+    for (;; h = tc_hash64(h, 1)) {
+        bool created;
+        uint64_t *slot = tc_map64_put(&s->modname_idx, h | 1, &created);
+        if (!slot)
+            return NULL;
+        if (!created) {
+            if (!strcmp(s->modnames[*slot - 1], name))
+                return s->modnames[*slot - 1];
+            continue;
+        }
+        char **nm = realloc(s->modnames, (s->nmodnames + 1) * sizeof(*nm));
+        char *copy = strdup(name);
+        if (nm)
+            s->modnames = nm;
+        if (!nm || !copy) {
+            free(copy);
+            tc_map64_del(&s->modname_idx, h | 1, NULL);
+            return NULL;
+        }
+        s->modnames[s->nmodnames++] = copy;
+        *slot = s->nmodnames;
+        return copy;
+    }
 }
 
 static void pidsym_close(struct pidsym *p)
@@ -267,7 +308,7 @@ const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64
     if (m) {
         Dwarf_Addr low;
         const char *mname = dwfl_module_info(m, NULL, &low, NULL, NULL, NULL, NULL, NULL);
-        f.module = mname;
+        f.module = mname ? intern_module(s, mname) : NULL;
         f.offset = addr - low;
         GElf_Off off;
         GElf_Sym sym;
