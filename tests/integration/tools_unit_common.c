@@ -163,14 +163,15 @@ static void module_name_outlives_release(void)
     tc_sym_snapshot(s, getpid(), NULL);
     const struct tc_frame *f = tc_sym_resolve(s, getpid(), (uint64_t)(uintptr_t)&map64_random + 1);
     CHECK(f->module && !strcmp(f->module, exe), "module before release: %s", f->module ? f->module : "(null)");
-    tc_sym_release(s, getpid());
+    pid_t key = tc_sym_retire(s, getpid());
+    CHECK(key < 0, "retired key %d", (int)key);
     /* what was freed is handed out again and overwritten */
     enum { CHUNKS = 4096 };
     static char *chunks[CHUNKS];
     for (int i = 0; i < CHUNKS; i++)
         if ((chunks[i] = malloc((size_t)n + 1 + (size_t)(i % 64))))
             memset(chunks[i], 'X', (size_t)n + 1 + (size_t)(i % 64));
-    f = tc_sym_resolve(s, getpid(), (uint64_t)(uintptr_t)&map64_random + 1);
+    f = tc_sym_resolve(s, key, (uint64_t)(uintptr_t)&map64_random + 1);
     CHECK(f->module && !strncmp(f->module, exe, (size_t)n + 1), "module after release: %.64s",
           f->module ? f->module : "(null)");
     CHECK(!strcmp(f->name, "map64_random"), "name after release: %s", f->name);

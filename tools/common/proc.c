@@ -75,6 +75,20 @@ pid_t tc_proc_task(pid_t pid)
     return found;
 }
 
+uint64_t tc_proc_start_time(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    char *p = stat_fields(path, buf, sizeof buf);
+    /* from the state (field 3) on: starttime is the 20th */
+    for (int k = 0; p && k < 19; k++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    return p ? strtoull(p, NULL, 10) : 0;
+}
+
 uint64_t tc_image_id(pid_t pid)
 {
     pid_t task = tc_proc_task(pid);

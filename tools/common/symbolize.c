@@ -36,7 +36,7 @@ struct pidsym {
     uint64_t snapshots;
     char *alloc_module;
     double last_snapshot;
-    bool released;         /* files closed (tc_sym_release): only cached answers are left */
+    bool released;         /* files closed (tc_sym_retire): only cached answers are left */
     struct tc_map64 cache; /* addr -> index+1 into frames */
 };
 
@@ -46,10 +46,11 @@ struct tc_symbolizer {
     struct tc_frame *frames;
     size_t nframes, capframes;
     /* Module paths the frames point to, owned here: dwfl_module_info's string belongs to the
-     * process's Dwfl, which tc_sym_release ends while its cached frames are still read. */
+     * process's Dwfl, which tc_sym_retire ends while its cached frames are still read. */
     char **modnames;
     size_t nmodnames;
     struct tc_map64 modname_idx; /* hash of a path -> index+1 into modnames */
+    uint32_t retired; /* processes retired (tc_sym_retire): their keys are -1, -2, ... */
 };
 
 static char *debuginfo_path;
@@ -130,13 +131,16 @@ static void pidsym_close(struct pidsym *p)
     p->nloaded = 0;
 }
 
-void tc_sym_release(struct tc_symbolizer *s, pid_t pid)
+pid_t tc_sym_retire(struct tc_symbolizer *s, pid_t pid)
 {
     for (size_t i = 0; i < s->np; i++)
         if (s->p[i].pid == pid) {
             pidsym_close(&s->p[i]);
             s->p[i].released = true;
+            s->p[i].pid = -(pid_t)++s->retired;
+            return s->p[i].pid;
         }
+    return -(pid_t)++s->retired; /* nothing of it cached: a key that answers "[unknown]" */
 }
 
 void tc_sym_forget(struct tc_symbolizer *s, pid_t pid)
@@ -156,7 +160,7 @@ static struct pidsym *get_pid(struct tc_symbolizer *s, pid_t pid, bool create)
     for (size_t i = 0; i < s->np; i++)
         if (s->p[i].pid == pid)
             return &s->p[i];
-    if (!create)
+    if (!create || pid <= 0) /* a retired key never gets a process back */
         return NULL;
     struct pidsym *np = realloc(s->p, (s->np + 1) * sizeof(*np));
     if (!np)

@@ -64,6 +64,9 @@ bool tc_pid_alive(pid_t pid);
  * live thread of it while its leader is a zombie; 0 when no thread is left. */
 pid_t tc_proc_task(pid_t pid);
 bool tc_task_alive(pid_t pid, pid_t tid); /* thread tid of process pid runs (not a zombie) */
+/* When the process started (field 22 of /proc/PID/stat, clock ticks since boot), 0 if gone:
+ * tells a process from a later one given the same PID. */
+uint64_t tc_proc_start_time(pid_t pid);
 /* Changes when the process execs (its address space's layout and executable), 0 if gone. */
 uint64_t tc_image_id(pid_t pid);
 /* Removes a trailing " (deleted)" (maps lines, /proc/PID/exe). */
@@ -205,8 +208,10 @@ void tc_sym_free(struct tc_symbolizer *s);
  * the process is alive; symbolisation keeps working after it exits. */
 void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_module);
 /* A process gone: close its files (a tool over many short-lived processes ran out of file
- * descriptors); addresses resolved before still answer, others are "[unknown]". */
-void tc_sym_release(struct tc_symbolizer *s, pid_t pid);
+ * descriptors) and move what was resolved of it to the key returned (negative: no process has
+ * it), where addresses resolved before still answer and others are "[unknown]".  pid itself is
+ * free for the next process to get that PID, which is symbolised afresh. */
+pid_t tc_sym_retire(struct tc_symbolizer *s, pid_t pid);
 /* Release and forget everything of pid (nothing of it will be resolved again). */
 void tc_sym_forget(struct tc_symbolizer *s, pid_t pid);
 /* Resolve a return address (looked up at addr-1).  The result is cached and owned by s. */
