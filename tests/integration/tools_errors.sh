@@ -44,6 +44,14 @@ expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -o 5 -p 1
 expect_err "invalid --older" "$ALLOCSNOOP" -o -1 -p 1
 # A report file that cannot be written is an error before tracing starts, not after.
 expect_err "cannot write /nonexistent/dir/x.folded" "$ALLOCSNOOP" -p 1 --folded /nonexistent/dir/x.folded
+expect_err "cannot write $TMP: Is a directory" "$ALLOCSNOOP" -p 1 --pprof "$TMP"
+# ... and leaves an earlier report alone: a mistyped PID cost the previous capture.
+echo previous > "$TMP/prev.pb"; echo previous > "$TMP/prev.folded"
+expect_err "no such process" "$ALLOCSNOOP" --pprof "$TMP/prev.pb" --folded "$TMP/prev.folded" -p 999999999
+[ "$(cat "$TMP/prev.pb")" = previous ] && [ "$(cat "$TMP/prev.folded")" = previous ] ||
+    fail "a failed run truncated the report files it was given"
+expect_err "no such process" "$ALLOCSNOOP" --pprof "$TMP/new.pb" -p 999999999
+[ ! -e "$TMP/new.pb" ] || fail "a failed run left an empty report file"
 # Capabilities without ptrace rights over another user's process.
 LD_PRELOAD=$LIB "$WORKLOAD" -d 5000 -m 1 -o /dev/null & WP=$!; BG_PIDS=$WP
 sleep 0.2

@@ -185,10 +185,9 @@ static uint64_t parse_size(const char *s)
 /* --folded/--pprof: a path that cannot be written is an error before tracing, not after it. */
 static const char *check_writable(const char *path)
 {
-    FILE *f = tc_open_report(path);
-    if (!f)
-        tc_die("cannot write %s: %s", path, strerror(errno));
-    fclose(f);
+    int r = tc_check_report_path(path);
+    if (r)
+        tc_die("cannot write %s: %s", path, strerror(-r));
     return path;
 }
 

@@ -22,6 +22,8 @@ __attribute__((format(printf, 1, 2))) void tc_warn(const char *fmt, ...);
 /* Opens a report file for writing: created 0644 under the invoking user's umask, so a report
  * is never world-writable whatever the umask (tools run as root). */
 FILE *tc_open_report(const char *path);
+/* Could a report be written at path?  0 or -errno; an existing file is left as it is. */
+int tc_check_report_path(const char *path);
 /* Sums a per-CPU array map's n counters over the possible CPUs into out[0..n). */
 void tc_sum_percpu(int map_fd, uint64_t *out, uint32_t n);
 /* Root or CAP_BPF+CAP_PERFMON(+CAP_SYS_PTRACE), BTF, uprobes: dies with the reason if missing. */

@@ -45,6 +45,27 @@ FILE *tc_open_report(const char *path)
     return f;
 }
 
+int tc_check_report_path(const char *path)
+{
+    /* Opened without O_TRUNC: the file is written over only once there is a report for it (a
+     * mistyped PID cost the previous capture).  O_NONBLOCK: a FIFO without a reader yet. */
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) {
+        close(fd);
+        return 0;
+    }
+    if (errno == ENXIO)
+        return 0;
+    if (errno != ENOENT)
+        return -errno;
+    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    close(fd);
+    unlink(path);
+    return 0;
+}
+
 void tc_sum_percpu(int map_fd, uint64_t *out, uint32_t n)
 {
     memset(out, 0, sizeof(uint64_t) * n);
