@@ -16,6 +16,11 @@ for tool in "$ALLOCTOP" "$ALLOCSNOOP"; do
     expect_err "unknown option '--bogus'" "$tool" --bogus
     expect_err "unknown option -Z" "$tool" -Z
     expect_err "option -p needs a value" "$tool" -p
+    # long options named as typed (a long-only option's number was printed as a byte)
+    expect_err "^[a-z]*: option '--preload' needs a value (see --help)$" "$tool" --preload
+    expect_err "^[a-z]*: option '--pid' needs a value (see --help)$" "$tool" --pid
+    expect_err "^[a-z]*: option '--help' takes no value (see --help)$" "$tool" --help=1
+    expect_err "^[a-z]*: unknown option '--bogus' (see --help)$" "$tool" --bogus=3
     expect_err "give only one" "$tool" -p 1 -c /bin/true
     expect_err "no such process" "$tool" -p 999999999
     sleep 30 & SP=$!; BG_PIDS=$SP
@@ -42,6 +47,11 @@ expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -e sample -p 1
 expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -d 5 -p 1
 expect_err "heap takes -p, -j" "$ALLOCSNOOP" --heap -o 5 -p 1
 expect_err "invalid --older" "$ALLOCSNOOP" -o -1 -p 1
+for o in --leaks --ringbuf-kib --pprof --folded; do
+    expect_err "^allocsnoop: option '$o' needs a value (see --help)$" "$ALLOCSNOOP" -p 1 "$o"
+done
+expect_err "^allocsnoop: option '--json' takes no value (see --help)$" "$ALLOCSNOOP" -p 1 --json=1
+expect_err "^alloctop: option '--no-bpf' takes no value (see --help)$" "$ALLOCTOP" -p 1 --no-bpf=3
 # A report file that cannot be written is an error before tracing starts, not after.
 expect_err "cannot write /nonexistent/dir/x.folded" "$ALLOCSNOOP" -p 1 --folded /nonexistent/dir/x.folded
 expect_err "cannot write $TMP: Is a directory" "$ALLOCSNOOP" -p 1 --pprof "$TMP"

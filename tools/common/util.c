@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <fcntl.h>
 #include <math.h>
 #include <errno.h>
@@ -256,13 +257,23 @@ int tc_exit_status(int wait_status)
 
 void tc_usage_error(int c, char **argv)
 {
+    /* A long option is named as typed, up to its '=': optopt is then its val (256 and up for a
+     * long-only option: printed with %c it was a control byte, or another option's letter). */
     const char *arg = argv[optind - 1];
+    if (arg && !strncmp(arg, "--", 2) && arg[2]) {
+        int len = (int)strcspn(arg, "=");
+        if (c == ':')
+            tc_die("option '%.*s' needs a value (see --help)", len, arg);
+        if (optopt && arg[len] == '=')
+            tc_die("option '%.*s' takes no value (see --help)", len, arg);
+        tc_die("unknown option '%.*s' (see --help)", len, arg);
+    }
     if (c == ':') {
-        if (optopt)
+        if (optopt > 0 && optopt < 128 && isgraph(optopt))
             tc_die("option -%c needs a value (see --help)", optopt);
         tc_die("option '%s' needs a value (see --help)", arg);
     }
-    if (optopt)
+    if (optopt > 0 && optopt < 128 && isgraph(optopt))
         tc_die("unknown option -%c (see --help)", optopt);
     tc_die("unknown option '%s' (see --help)", arg);
 }
