@@ -35,6 +35,8 @@ grep -q "large_alloc" "$TMP/ev.txt" || fail "no large_alloc event"
 grep -Eq "^ *[0-9.]+ +[0-9]+ +[0-9]+ +sample " "$TMP/ev.txt" && fail "sample events despite -e large,failure"
 grep -q "#[0-9]* *fail_site" "$TMP/ev.txt" || fail "failure stack does not name fail_site"
 grep -q "#[0-9]* *large_site" "$TMP/ev.txt" || fail "large stack does not name large_site"
+# nothing sampled with -e large,failure: no site ranked by sampled bytes ("0.0%  0 B ... 0 samples")
+grep -Eq " 0 samples " "$TMP/ev.txt" && { grep -A3 "Top allocation" "$TMP/ev.txt"; fail "sites with 0 samples listed"; }
 echo "== allocsnoop -b: every process mapping the library ($MODE)"
 "$ALLOCSNOOP" -b "${LIB:-$WORKLOAD}" -e failure -U -d 4 > "$TMP/bw.txt" 2>&1 &
 SN=$!

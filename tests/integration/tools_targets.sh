@@ -176,6 +176,21 @@ print("ok   after exec: %s" % sorted(threads))
 PY
 stop_target
 
+if [ -n "$LIB" ]; then
+    echo "== the target execs into a program without lumalloc ($MODE)"
+    # alloctop said "waiting for lumalloc's registry..." at every interval until the process exited
+    LD_PRELOAD=$LIB sh -c 'sleep 1; exec env -u LD_PRELOAD sleep 4' & EP=$!
+    BG_PIDS="$BG_PIDS $EP"
+    for _ in $(seq 100); do grep -qF "$(basename "$LIB")" "/proc/$EP/maps" 2>/dev/null && break; sleep 0.05; done
+    "$ALLOCTOP" -p "$EP" 0.5 6 > "$TMP/noexec.txt" 2> "$TMP/noexec.err" || { cat "$TMP/noexec.err"; fail "alloctop"; }
+    grep -q "^alloctop: pid $EP exec'd into .*sleep, which does not use lumalloc" "$TMP/noexec.err" ||
+        { cat "$TMP/noexec.err"; fail "no word that the new image has no lumalloc"; }
+    [ "$(grep "^PID $EP" "$TMP/noexec.txt" | tail -1 | grep -c "exec'd into .*sleep, which does not use lumalloc")" = 1 ] ||
+        { cat "$TMP/noexec.txt"; fail "the table does not say the new image has no lumalloc"; }
+    echo "ok   $(tail -1 "$TMP/noexec.err")"
+    kill "$EP" 2>/dev/null; wait "$EP" 2>/dev/null
+fi
+
 echo "== the target execs itself while allocsnoop watches ($MODE)"
 # --no-batch: the library's batch of the last samples before the exec dies unpublished with the
 # old image, so batched, the kept blocks might not be seen at all.

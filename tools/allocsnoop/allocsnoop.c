@@ -158,6 +158,8 @@ static uint32_t parse_kinds(const char *arg)
             tc_die("unknown event kind '%s'", t);
     }
     free(dup);
+    if (!m) /* '' or ',' traced nothing, then failed as if the library had no probes */
+        tc_die("no event kinds in -e '%s' (sample,sample_free,large,large_free,failure,thread,purge,pressure)", arg);
     return m;
 }
 
@@ -1000,6 +1002,8 @@ static int reports(struct allocsnoop_bpf *skel)
     double total = 0;
     for (size_t i = 0; i < nstacks && sites; i++) {
         struct stack_agg *s = &stacks[i];
+        if (!s->samples)
+            continue; /* only large blocks or failures from it: no sampled bytes to rank */
         const char *name = "[no stack]";
         if (s->depth) {
             unsigned f = tc_first_user_frame(sym, s->sym_pid, s->frames, s->depth);
@@ -1346,9 +1350,13 @@ static void attach_probes(struct allocsnoop_bpf *skel, struct tc_target *t)
         bool required = probes[i].kind == SNOOP_SAMPLE && !batched;
         if (tc_attach_usdt(t, progs[i], probes[i].probe, !required) == 0)
             attached++;
-        else if (required && !t->reattach)
+        else if (required && !t->reattach) {
+            tc_die_if_exited(t);
             tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)t->pid, tc_target_file(t));
+        }
     }
+    if (!attached && !t->reattach)
+        tc_die_if_exited(t);
     if (!attached && !t->reattach)
         tc_die("none of the requested lumalloc probes exist in %s", tc_target_file(t));
 }

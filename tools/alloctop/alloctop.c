@@ -86,6 +86,8 @@ struct tstate {
     bool registered; /* registry address handed to the BPF exit hook */
     bool via_binary; /* found by -b: the probes are attached to the file, not to this pid */
     bool shown_dead; /* reported once as exited (then dropped, with -b) */
+    bool execd;      /* has exec'd since it was first located */
+    char no_lumalloc[PATH_MAX + 64]; /* its new image does not use lumalloc: what to show instead */
     /* -H: the process's own profile by site, this reading and the one before (sorted by site) */
     struct tc_heap_site *heap, *heap_prev;
     size_t nheap, nheap_prev;
@@ -326,9 +328,13 @@ static void set_sample_probe(struct tstate *s, bool on)
         return;
     }
     s->sample_link = tc_attach_usdt_link(&s->t, skel->progs.on_sample, "sample");
-    if (!s->sample_link && !s->t.reattach)
+    if (!s->sample_link && !s->t.reattach) {
+        int e = errno;
+        tc_die_if_exited(&s->t);
+        errno = e;
         tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", tc_target_file(&s->t), (int)s->t.pid,
                strerror(errno));
+    }
 }
 
 static void attach_probes(struct tstate *s)
@@ -339,8 +345,7 @@ static void attach_probes(struct tstate *s)
     set_sample_probe(s, opt.sites);
     if (!ok && !s->sample_link && !s->t.reattach) {
         int e = errno;
-        if (s->t.pid > 0 && !tc_pid_alive(s->t.pid))
-            tc_die("pid %d exited while alloctop was attaching", (int)s->t.pid);
+        tc_die_if_exited(&s->t);
         tc_die("cannot attach to the lumalloc probes of pid %d (%s): %s", (int)s->t.pid, tc_target_file(&s->t),
                strerror(e));
     }
@@ -430,6 +435,7 @@ static void follow_exec(struct tstate *s)
         bpf_map_delete_elem(bpf_map__fd(skel->maps.registries), &pid);
     }
     s->registered = false;
+    s->execd = true;
     drop_bpf_sites(s->t.pid);
     char err[512];
     if (tc_target_locate(&s->t, err, sizeof(err)) || !s->t.registry_addr) {
@@ -508,6 +514,35 @@ static uint32_t *heap_order(const struct tstate *s, double *live)
     return o;
 }
 
+/* A process that exec'd into an image without lumalloc: said once, and in place of its table
+ * (it showed "waiting for lumalloc's registry..." at every interval until it exited).  Its
+ * libraries are all mapped a moment after the exec: before that, nothing is said. */
+static void note_no_lumalloc(struct tstate *s)
+{
+    if (!s->execd || s->no_lumalloc[0] || !s->t.alive)
+        return;
+    struct tc_map *maps;
+    size_t n;
+    if (tc_read_maps(s->t.pid, &maps, &n))
+        return;
+    bool libc = false;
+    for (size_t i = 0; i < n && !libc; i++)
+        libc = strstr(maps[i].path, "/libc.so") || strstr(maps[i].path, "/libc-");
+    free(maps);
+    char exe[64], path[PATH_MAX] = "";
+    pid_t task = tc_proc_task(s->t.pid);
+    snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)(task ? task : s->t.pid));
+    ssize_t len = readlink(exe, path, sizeof(path) - 1);
+    if (len <= 0)
+        return;
+    path[len] = 0;
+    /* a dynamic image still being loaded (no libc yet) may yet map lumalloc */
+    if (!libc && tc_elf_needs(path, "libc.so", exe, sizeof(exe)))
+        return;
+    snprintf(s->no_lumalloc, sizeof(s->no_lumalloc), "exec'd into %s, which does not use lumalloc", path);
+    tc_warn("pid %d %s: nothing to show of it unless it execs again", (int)s->t.pid, s->no_lumalloc);
+}
+
 /* Read the registry; the previous reading becomes the base of the rates. */
 static void sample_target(struct tstate *s)
 {
@@ -524,9 +559,11 @@ static void sample_target(struct tstate *s)
         char err[512];
         if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr) {
             s->located = true;
+            s->no_lumalloc[0] = 0;
             if (skel && !s->via_binary && s->t.reattach && !s->t.nlinks)
                 attach_target(s); /* exec'd into an image that maps lumalloc only now */
         } else {
+            note_no_lumalloc(s);
             return;
         }
     }
@@ -856,6 +893,10 @@ static void print_table_to(FILE *out, bool final)
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
+        if (!s->have_reg && s->no_lumalloc[0]) {
+            fprintf(out, "\nPID %d: %s\n", (int)s->t.pid, s->no_lumalloc);
+            continue;
+        }
         if (!s->have_reg) {
             fprintf(out, "\nPID %d: waiting for lumalloc's registry...\n", (int)s->t.pid);
             continue;

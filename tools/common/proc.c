@@ -75,6 +75,20 @@ pid_t tc_proc_task(pid_t pid)
     return found;
 }
 
+bool tc_is_kernel_thread(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    char *p = stat_fields(path, buf, sizeof buf);
+    /* from the state (field 3) on: flags is the 7th */
+    for (int k = 0; p && k < 6; k++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    return p && (strtoull(p, NULL, 10) & 0x00200000); /* PF_KTHREAD */
+}
+
 uint64_t tc_proc_start_time(pid_t pid)
 {
     char path[64], buf[1024];

@@ -93,10 +93,19 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
         }
     }
     if (!found) {
-        snprintf(err, errlen,
-                 "process %d does not use lumalloc (no liblumalloc.so or lumalloc probes mapped); "
-                 "start it with LD_PRELOAD=%s",
-                 (int)t->pid, suggest_lib());
+        char comm[64] = "?";
+        tc_read_comm(t->pid, t->pid, comm, sizeof(comm));
+        /* an exited process not yet reaped, or a kernel thread, maps nothing: not a matter of
+         * LD_PRELOAD */
+        if (!tc_proc_task(t->pid))
+            snprintf(err, errlen, "process %d has exited (a zombie its parent has not reaped yet)", (int)t->pid);
+        else if (tc_is_kernel_thread(t->pid))
+            snprintf(err, errlen, "process %d (%s) is a kernel thread: it cannot use lumalloc", (int)t->pid, comm);
+        else
+            snprintf(err, errlen,
+                     "process %d does not use lumalloc (no liblumalloc.so or lumalloc probes mapped); "
+                     "start it with LD_PRELOAD=%s",
+                     (int)t->pid, suggest_lib());
         free(maps);
         return -1;
     }
@@ -484,13 +493,21 @@ int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *pr
     struct bpf_link *l = tc_attach_usdt_link(t, prog, probe);
     if (!l) {
         int e = errno;
-        if ((!optional || e == EACCES || e == EPERM) && !t->reattach)
+        if ((!optional || e == EACCES || e == EPERM) && !t->reattach) {
+            tc_die_if_exited(t);
             tc_die("cannot attach to lumalloc:%s in %s (pid %d): %s%s", probe, tc_target_file(t), (int)t->pid,
                    strerror(e), e == EACCES || e == EPERM ? " (run as root)" : "");
+        }
         return -e;
     }
     t->links[t->nlinks++] = l;
     return 0;
+}
+
+void tc_die_if_exited(const struct tc_target *t)
+{
+    if (t->pid > 0 && !tc_pid_alive(t->pid))
+        tc_die("pid %d exited while %s was attaching", (int)t->pid, tc_prog);
 }
 
 void tc_target_close(struct tc_target *t)

@@ -66,6 +66,7 @@ bool tc_pid_alive(pid_t pid);
  * live thread of it while its leader is a zombie; 0 when no thread is left. */
 pid_t tc_proc_task(pid_t pid);
 bool tc_task_alive(pid_t pid, pid_t tid); /* thread tid of process pid runs (not a zombie) */
+bool tc_is_kernel_thread(pid_t pid);
 /* When the process started (field 22 of /proc/PID/stat, clock ticks since boot), 0 if gone:
  * tells a process from a later one given the same PID. */
 uint64_t tc_proc_start_time(pid_t pid);
@@ -191,6 +192,8 @@ pid_t tc_attach_pid(struct tc_target *t);
  * (its leader left with pthread_exit), before the attach or during it (the later probes then
  * went through another thread): the caller detaches every link and attaches again. */
 bool tc_target_moved(struct tc_target *t);
+/* When t's process has exited (while the probes were being attached): one line saying so, exit 1. */
+void tc_die_if_exited(const struct tc_target *t);
 /* Closes the located file (tc_target_locate keeps it open for the probes). */
 void tc_target_close(struct tc_target *t);
 /* The probed file's name for messages and symbols (map_path, else probe_path). */
