@@ -83,6 +83,23 @@ else
     echo "note: could not give a process PID $X again (ns_last_pid); PID reuse not checked"
 fi
 
+echo "== the tools stop when their reader is gone, the target idle ($MODE)"
+# The README: they detach and exit when the reader goes away.  Noticed only at a write, they ran
+# on while the target had nothing to say (allocsnoop: until it exited; alloctop: to its next table).
+LD_PRELOAD=$LIB "$WORKLOAD" -d 30000 -m 1 -o /dev/null & IP=$!
+BG_PIDS="$BG_PIDS $IP"
+wait_loaded "$IP"
+timeout 15 "$ALLOCSNOOP" -p "$IP" | head -1 > /dev/null
+rc=${PIPESTATUS[0]}
+[ "$rc" != 124 ] || fail "allocsnoop ran on for 15 s after its reader left, the target idle"
+# alloctop: the first table at 4 s; the next write would be at 8 s
+timeout 7 "$ALLOCTOP" -p "$IP" 4 | head -1 > /dev/null
+rc=${PIPESTATUS[0]}
+[ "$rc" != 124 ] || fail "alloctop ran on to its next table after its reader left"
+kill -0 "$IP" 2>/dev/null || fail "the idle target exited: nothing checked"
+kill "$IP"; wait "$IP" 2>/dev/null
+echo "ok   both stopped with their reader"
+
 echo "== allocsnoop --min-size ($MODE)"
 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" -e sample -m 3000 --json > "$TMP/ms.jsonl" 2>&1 ||
     fail "allocsnoop --min-size"

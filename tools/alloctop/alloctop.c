@@ -1351,6 +1351,8 @@ int main(int argc, char **argv)
         }
         if (any_died && !any_alive && !binary_path)
             break;
+        if (tc_stdout_failed())
+            break; /* the reader is gone (| head), between two tables too: stop, detaching the probes */
         if (tc_now() >= next) {
             if (binary_path)
                 discover_binary();

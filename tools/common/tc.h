@@ -45,8 +45,9 @@ long tc_parse_long(const char *what, const char *s, long min, long max);
 __attribute__((noreturn)) void tc_usage_error(int c, char **argv);
 /* Exactly one of -p, -c, -B: else one line and exit 1. */
 void tc_need_one_target(int npids, const char *command, const char *binary);
-/* fflush(stdout); true once a write has failed (a reader such as `head` went away: SIGPIPE is
- * ignored so that the probes are detached on the way out, so the tool must stop by itself). */
+/* fflush(stdout); true once a write has failed or stdout is a pipe whose reader has gone (a
+ * reader such as `head`: SIGPIPE is ignored so that the probes are detached on the way out, so
+ * the tool must stop by itself, with or without something to write). */
 bool tc_stdout_failed(void);
 /* A -c command's wait status as the tool's exit status: its code, or 128 + the signal that
  * killed it, as a shell reports it. */

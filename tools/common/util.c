@@ -2,6 +2,7 @@
 #include <ctype.h>
 #include <fcntl.h>
 #include <math.h>
+#include <poll.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdarg.h>
@@ -243,7 +244,12 @@ long tc_parse_long(const char *what, const char *s, long min, long max)
 
 bool tc_stdout_failed(void)
 {
-    return fflush(stdout) == EOF || ferror(stdout);
+    if (fflush(stdout) == EOF || ferror(stdout))
+        return true;
+    /* A pipe whose reader has gone reports POLLERR on its write end: seen without a write, so
+     * a tool with nothing to print (an idle target) stops too, its probes detached. */
+    struct pollfd p = {.fd = 1, .events = 0};
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLERR);
 }
 
 int tc_exit_status(int wait_status)
