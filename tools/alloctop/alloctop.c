@@ -84,8 +84,8 @@ struct tstate {
     double last_snapshot, first_seen;
     struct bpf_link *sample_link;
     bool registered; /* registry address handed to the BPF exit hook */
-    bool via_binary; /* found by -b: the probes are attached to the file, not to this pid */
-    bool shown_dead; /* reported once as exited (then dropped, with -b) */
+    bool via_binary; /* found by -B: the probes are attached to the file, not to this pid */
+    bool shown_dead; /* reported once as exited (then dropped, with -B) */
     bool execd;      /* has exec'd since it was first located */
     char no_lumalloc[PATH_MAX + 64]; /* its new image does not use lumalloc: what to show instead */
     /* -H: the process's own profile by site, this reading and the one before (sorted by site) */
@@ -98,10 +98,10 @@ struct tstate {
 
 static struct tstate targets[MAX_TARGETS];
 static int ntargets;
-static const char *binary_path; /* -b */
-static dev_t binary_dev;         /* -b: the file the probes are on */
+static const char *binary_path; /* -B */
+static dev_t binary_dev;         /* -B: the file the probes are on */
 static ino_t binary_ino;
-static struct tstate bin_state;  /* -b: the attachment to the file (pid -1) */
+static struct tstate bin_state;  /* -B: the attachment to the file (pid -1) */
 static struct alloctop_bpf *skel;
 static struct bpf_link *exit_link;
 static struct tc_symbolizer *sym;
@@ -1060,7 +1060,7 @@ static void handle_key(int ch)
     }
 }
 
-/* -b: processes that map the file, found in /proc; the uprobes already follow the file. */
+/* -B: processes that map the file, found in /proc; the uprobes already follow the file. */
 static void discover_binary(void)
 {
     DIR *d = opendir("/proc");
@@ -1120,7 +1120,7 @@ static bool is_target(pid_t pid)
     return false;
 }
 
-/* -b: processes that exited and were reported once are dropped. */
+/* -B: processes that exited and were reported once are dropped. */
 static void drop_reported_dead(void)
 {
     int w = 0;

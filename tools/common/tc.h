@@ -91,8 +91,8 @@ uint64_t tc_read_rss(pid_t pid, uint64_t *anon);
 /* ---- ELF --------------------------------------------------------------------------------------- */
 int tc_elf_symbol(const char *path, const char *name, uint64_t *value); /* 0 if found */
 bool tc_elf_has_lumalloc_probes(const char *path);
-/* -b PATH: its real path in `real` (PATH_MAX bytes), or a one-line error and exit when the file
- * is missing or has no lumalloc probes. */
+/* alloctop -B, allocsnoop -b PATH: its real path in `real` (PATH_MAX bytes), or a one-line
+ * error and exit when the file is missing or has no lumalloc probes. */
 void tc_resolve_probed_binary(const char *path, char *real);
 bool tc_elf_is_dyn(const char *path);
 /* Load bias of the ELF file at `path` (opened), mapped as `file` (the same dev/inode as it) in a
