@@ -87,7 +87,8 @@ struct tstate {
     bool via_binary; /* found by -B: the probes are attached to the file, not to this pid */
     bool shown_dead; /* reported once as exited (then dropped, with -B) */
     bool execd;      /* has exec'd since it was first located */
-    char no_lumalloc[PATH_MAX + 64]; /* its new image does not use lumalloc: what to show instead */
+    char why_nothing[PATH_MAX + 256]; /* why nothing of it is shown (an image without lumalloc, or
+                                       * stripped of its registry), or "" */
     /* -H: the process's own profile by site, this reading and the one before (sorted by site) */
     struct tc_heap_site *heap, *heap_prev;
     size_t nheap, nheap_prev;
@@ -517,9 +518,9 @@ static uint32_t *heap_order(const struct tstate *s, double *live)
 /* A process that exec'd into an image without lumalloc: said once, and in place of its table
  * (it showed "waiting for lumalloc's registry..." at every interval until it exited).  Its
  * libraries are all mapped a moment after the exec: before that, nothing is said. */
-static void note_no_lumalloc(struct tstate *s)
+static void note_why_nothing(struct tstate *s)
 {
-    if (!s->execd || s->no_lumalloc[0] || !s->t.alive)
+    if (!s->execd || s->why_nothing[0] || !s->t.alive)
         return;
     struct tc_map *maps;
     size_t n;
@@ -539,8 +540,18 @@ static void note_no_lumalloc(struct tstate *s)
     /* a dynamic image still being loaded (no libc yet) may yet map lumalloc */
     if (!libc && tc_elf_needs(path, "libc.so", exe, sizeof(exe)))
         return;
-    snprintf(s->no_lumalloc, sizeof(s->no_lumalloc), "exec'd into %s, which does not use lumalloc", path);
-    tc_warn("pid %d %s: nothing to show of it unless it execs again", (int)s->t.pid, s->no_lumalloc);
+    snprintf(s->why_nothing, sizeof(s->why_nothing), "exec'd into %s, which does not use lumalloc", path);
+    tc_warn("pid %d %s: nothing to show of it unless it execs again", (int)s->t.pid, s->why_nothing);
+}
+
+/* Probes found but no registry (a stripped executable: -c, -B, or after an exec): said once, and
+ * in place of its table, rather than "waiting for lumalloc's registry..." at every interval. */
+static void note_no_registry(struct tstate *s)
+{
+    if (s->why_nothing[0])
+        return;
+    tc_no_symbol_reason(&s->t, "lumalloc_registry", s->why_nothing, sizeof(s->why_nothing));
+    tc_warn("pid %d: %s", (int)s->t.pid, s->why_nothing);
 }
 
 /* Read the registry; the previous reading becomes the base of the rates. */
@@ -557,13 +568,17 @@ static void sample_target(struct tstate *s)
     }
     if (!s->located) {
         char err[512];
-        if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr) {
+        int lr = tc_target_locate(&s->t, err, sizeof(err));
+        if (lr == 0 && s->t.registry_addr) {
             s->located = true;
-            s->no_lumalloc[0] = 0;
+            s->why_nothing[0] = 0;
             if (skel && !s->via_binary && s->t.reattach && !s->t.nlinks)
                 attach_target(s); /* exec'd into an image that maps lumalloc only now */
         } else {
-            note_no_lumalloc(s);
+            if (lr == 0)
+                note_no_registry(s);
+            else
+                note_why_nothing(s);
             return;
         }
     }
@@ -615,8 +630,12 @@ static void sample_target(struct tstate *s)
 static void locate_early(struct tstate *s)
 {
     char err[512];
-    if (tc_target_locate(&s->t, err, sizeof(err)) || !s->t.registry_addr)
+    if (tc_target_locate(&s->t, err, sizeof(err)))
         return;
+    if (!s->t.registry_addr) {
+        note_no_registry(s);
+        return;
+    }
     s->located = true;
     s->first_seen = tc_now();
     if (sym) {
@@ -893,8 +912,8 @@ static void print_table_to(FILE *out, bool final)
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
-        if (!s->have_reg && s->no_lumalloc[0]) {
-            fprintf(out, "\nPID %d: %s\n", (int)s->t.pid, s->no_lumalloc);
+        if (!s->have_reg && s->why_nothing[0]) {
+            fprintf(out, "\nPID %d: %s\n", (int)s->t.pid, s->why_nothing);
             continue;
         }
         if (!s->have_reg) {
@@ -1231,7 +1250,7 @@ int main(int argc, char **argv)
         if (tc_target_locate(&s->t, err, sizeof(err)))
             tc_die("%s", err);
         if (!s->t.registry_addr)
-            tc_die("%s does not export lumalloc_registry (library too old?)", tc_target_file(&s->t));
+            tc_die("%s", tc_no_symbol_reason(&s->t, "lumalloc_registry", err, sizeof(err)));
         s->located = true;
     }
     if (command) {

@@ -73,6 +73,21 @@ int tc_elf_symbol(const char *path, const char *name, uint64_t *value)
     return r;
 }
 
+bool tc_elf_has_symtab(const char *path)
+{
+    struct elf_handle h;
+    if (elf_open(path, &h))
+        return false;
+    bool found = false;
+    Elf_Scn *scn = NULL;
+    while (!found && (scn = elf_nextscn(h.elf, scn))) {
+        GElf_Shdr sh;
+        found = gelf_getshdr(scn, &sh) && sh.sh_type == SHT_SYMTAB;
+    }
+    elf_close(&h);
+    return found;
+}
+
 bool tc_elf_has_lumalloc_probes(const char *path)
 {
     struct elf_handle h;

@@ -131,6 +131,21 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
     return 0;
 }
 
+const char *tc_no_symbol_reason(const struct tc_target *t, const char *what, char *buf, size_t n)
+{
+    /* liblumalloc.so exports them (.dynsym, which strip keeps) */
+    if (!strstr(tc_target_file(t), "liblumalloc") && !tc_elf_has_symtab(t->probe_path)) {
+        snprintf(buf, n,
+                 "%s is stripped: %s was in its symbol table; run a copy stripped with "
+                 "--keep-symbol=lumalloc_registry --keep-symbol=lumalloc_batch --keep-symbol=lumalloc_profile, "
+                 "or not stripped",
+                 tc_target_file(t), what);
+        return buf;
+    }
+    snprintf(buf, n, "%s does not export %s (a lumalloc from before it?)", tc_target_file(t), what);
+    return buf;
+}
+
 /* pid: a live task of the target (tc_proc_task): a zombie leader has no memory to read. */
 static int read_mem(pid_t pid, uint64_t addr, void *buf, size_t len)
 {

@@ -91,6 +91,7 @@ uint64_t tc_read_rss(pid_t pid, uint64_t *anon);
 /* ---- ELF --------------------------------------------------------------------------------------- */
 int tc_elf_symbol(const char *path, const char *name, uint64_t *value); /* 0 if found */
 bool tc_elf_has_lumalloc_probes(const char *path);
+bool tc_elf_has_symtab(const char *path);
 /* alloctop -B, allocsnoop -b PATH: its real path in `real` (PATH_MAX bytes), or a one-line
  * error and exit when the file is missing or has no lumalloc probes. */
 void tc_resolve_probed_binary(const char *path, char *real);
@@ -125,6 +126,10 @@ struct tc_target {
 
 /* Find the lumalloc probes and registry in a running process.  Returns 0, or -1 with a message. */
 int tc_target_locate(struct tc_target *t, char *err, size_t errlen);
+/* Why a located target has no registry_addr (or symbol `what`, e.g. lumalloc_profile), in one
+ * line for tc_die: a stripped executable (strip keeps the probe notes, not the symbol table the
+ * data symbols of a static link are in), or a library too old to export it. */
+const char *tc_no_symbol_reason(const struct tc_target *t, const char *what, char *buf, size_t n);
 /* Read the registry header and the thread list.  threads is realloc'd. 0 or -errno: a walk that
  * could not follow the list to its end (the process exiting) is an error, never a shorter list. */
 struct tc_thread {
