@@ -87,6 +87,13 @@ run_copy "$TMP/upg" plain 8
 cp "$PROBED" "$PROBED.new" && mv "$PROBED.new" "$PROBED" # an upgrade: a new inode at the path
 grep -q "$PROBED (deleted)" "/proc/$TP/maps" || fail "the old file is not shown deleted in maps"
 expect_samples "a target whose file was replaced"
+# -B/-b follow the file at the path now, which the target does not map: said, not silently empty
+OLDCOPY="warning: 1 process (pid $TP) maps an older, deleted $(readlink -f "$PROBED"), which the probes are not on: use -p PID"
+"$ALLOCTOP" -B "$PROBED" 0.3 1 > /dev/null 2> "$TMP/old_top.err" || { cat "$TMP/old_top.err"; fail "alloctop -B"; }
+grep -qF "alloctop: $OLDCOPY" "$TMP/old_top.err" || { cat "$TMP/old_top.err"; fail "alloctop -B: no word of the old file's process"; }
+"$ALLOCSNOOP" -b "$PROBED" -d 0.3 -q > /dev/null 2> "$TMP/old_snoop.err" || { cat "$TMP/old_snoop.err"; fail "allocsnoop -b"; }
+grep -qF "allocsnoop: $OLDCOPY" "$TMP/old_snoop.err" || { cat "$TMP/old_snoop.err"; fail "allocsnoop -b: no word of the old file's process"; }
+echo "ok   $(cat "$TMP/old_snoop.err")"
 stop_target
 
 echo "== a container whose probed path is another file on the host ($MODE)"

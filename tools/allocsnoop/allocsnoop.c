@@ -1454,6 +1454,7 @@ int main(int argc, char **argv)
     if (binary_path) {
         tc_resolve_probed_binary(binary_path, binary_real);
         binary_path = binary_real;
+        tc_warn_old_copy_users(binary_path);
         struct tc_target *t = &targets[ntargets++];
         t->pid = -1; /* all processes: the uprobes follow the file */
         t->alive = true;

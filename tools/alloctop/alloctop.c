@@ -1298,8 +1298,10 @@ int main(int argc, char **argv)
         tc_launch_go(&targets[ntargets - 1].t);
     }
 
-    if (binary_path)
+    if (binary_path) {
+        tc_warn_old_copy_users(binary_path);
         discover_binary();
+    }
     for (int i = 0; i < ntargets; i++) {
         sample_target(&targets[i]); /* baseline for the first interval's rates */
         if (targets[i].located) {

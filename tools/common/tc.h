@@ -73,6 +73,12 @@ bool tc_is_kernel_thread(pid_t pid);
 uint64_t tc_proc_start_time(pid_t pid);
 /* Changes when the process execs (its address space's layout and executable), 0 if gone. */
 uint64_t tc_image_id(pid_t pid);
+/* Processes (other than us) that map a file once at `path`, deleted since (an upgrade replaced
+ * it), not the file dev/ino there now; *example: one of them. */
+int tc_old_copy_users(const char *path, uint64_t dev, uint64_t ino, pid_t *example);
+/* -B/-b PATH: the probes follow the file now at path; a process started before an upgrade maps
+ * the old one, and would be missing with no word: one warning line naming how many and one. */
+void tc_warn_old_copy_users(const char *path);
 /* Removes a trailing " (deleted)" (maps lines, /proc/PID/exe). */
 void tc_strip_deleted(char *path);
 /* Opens the file mapping m of process pid maps: through /proc/PID/map_files, else through its
