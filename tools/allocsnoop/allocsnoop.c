@@ -1240,11 +1240,9 @@ static void heap_read_one(struct tc_target *t, struct heap_read *h)
         tc_die("%s", err);
     if (!r)
         r = tc_profile_read(t, &h->hdr, &h->v, &h->n, &h->truncated);
-    if (r == -ENOENT && !strstr(tc_no_symbol_reason(t, "lumalloc_profile", err, sizeof(err)), " is stripped:"))
-        tc_die("%s: trace pid %d with allocsnoop -p %d", err, (int)pid, (int)pid);
-    if (r == -ENOENT)
+    if (r == -ENOENT && strstr(tc_no_symbol_reason(t, "lumalloc_profile", err, sizeof(err)), " is stripped:"))
         tc_die("pid %d: %s", (int)pid, err);
-    if (r == -ENODATA)
+    if (r == -ENOENT || r == -ENODATA)
         tc_die("pid %d %s: trace it with allocsnoop -p %d", (int)pid, tc_profile_strerror(r), (int)pid);
     if (r)
         tc_die("pid %d: %s", (int)pid, tc_profile_strerror(r));
