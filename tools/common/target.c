@@ -97,7 +97,9 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
         tc_read_comm(t->pid, t->pid, comm, sizeof(comm));
         /* an exited process not yet reaped, or a kernel thread, maps nothing: not a matter of
          * LD_PRELOAD */
-        if (!tc_proc_task(t->pid))
+        if (!tc_proc_task(t->pid) && kill(t->pid, 0) && errno == ESRCH)
+            snprintf(err, errlen, "no such process: %d", (int)t->pid); /* gone since its maps were read */
+        else if (!tc_proc_task(t->pid))
             snprintf(err, errlen, "process %d has exited (a zombie its parent has not reaped yet)", (int)t->pid);
         else if (tc_is_kernel_thread(t->pid))
             snprintf(err, errlen, "process %d (%s) is a kernel thread: it cannot use lumalloc", (int)t->pid, comm);
