@@ -35,6 +35,8 @@ grep -q "large_alloc" "$TMP/ev.txt" || fail "no large_alloc event"
 grep -Eq "^ *[0-9.]+ +[0-9]+ +[0-9]+ +sample " "$TMP/ev.txt" && fail "sample events despite -e large,failure"
 grep -q "#[0-9]* *fail_site" "$TMP/ev.txt" || fail "failure stack does not name fail_site"
 grep -q "#[0-9]* *large_site" "$TMP/ev.txt" || fail "large stack does not name large_site"
+# nothing sampled with -e large,failure: no site ranked by sampled bytes ("0.0%  0 B ... 0 samples")
+grep -Eq " 0 samples " "$TMP/ev.txt" && { grep -A3 "Top allocation" "$TMP/ev.txt"; fail "sites with 0 samples listed"; }
 echo "== allocsnoop -b: every process mapping the library ($MODE)"
 "$ALLOCSNOOP" -b "${LIB:-$WORKLOAD}" -e failure -U -d 4 > "$TMP/bw.txt" 2>&1 &
 SN=$!
@@ -50,6 +52,53 @@ for q in $Q1 $Q2; do
     grep -q "^ *[0-9.]* *$q .*alloc_failure" "$TMP/bw.txt" || { cat "$TMP/bw.txt"; fail "-b: no failure from $q"; }
 done
 grep -q "#0 *fail_site" "$TMP/bw.txt" || fail "-b: stacks not symbolised"
+
+echo "== allocsnoop -b: a PID given to a later process ($MODE)"
+# The first process is released (gone over a second); the second, forced onto its PID through
+# ns_last_pid, was taken for it: never snapshotted, its sites "[unknown]" and merged into the
+# first's under the same pid.  Each must be its own, symbolised.
+"$ALLOCSNOOP" -b "${LIB:-$WORKLOAD}" --json -q > "$TMP/reuse.jsonl" 2> "$TMP/reuse.err" &
+SN=$!
+sleep 1.5
+LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -L 0 -l 300 -o /dev/null & X=$!
+wait $X
+sleep 2.5 # allocsnoop releases a process gone for a second, looking once a second
+Y=
+for _ in $(seq 20); do
+    echo $((X - 1)) > /proc/sys/kernel/ns_last_pid 2>/dev/null || break
+    LD_PRELOAD=$LIB "$WORKLOAD" -m 2 -L 0 -l 300 -o /dev/null & Y=$!
+    wait $Y
+    [ "$Y" = "$X" ] && break # else another process took the PID first: again
+done
+sleep 0.5
+kill -INT $SN; wait $SN || { cat "$TMP/reuse.err"; fail "allocsnoop -b (PID reuse)"; }
+if [ "$Y" = "$X" ]; then
+    n=$(grep -c "\"type\":\"site\",\"pid\":$X,\"function\":\"site_a\"" "$TMP/reuse.jsonl")
+    [ "$n" = 2 ] || { grep '"type":"site"' "$TMP/reuse.jsonl"; fail "-b: PID $X reused: site_a shown $n times, not once per process"; }
+    grep -q "\"type\":\"site\",\"pid\":$X,\"function\":\"\[unknown\]" "$TMP/reuse.jsonl" &&
+        { grep '"type":"site"' "$TMP/reuse.jsonl"; fail "-b: PID $X reused: the later process not symbolised"; }
+    echo "ok   -b: two processes with PID $X, each symbolised and shown apart"
+else
+    [ "${CI:-}" = true ] && fail "could not give a process PID $X again through ns_last_pid"
+    echo "note: could not give a process PID $X again (ns_last_pid); PID reuse not checked"
+fi
+
+echo "== the tools stop when their reader is gone, the target idle ($MODE)"
+# The README: they detach and exit when the reader goes away.  Noticed only at a write, they ran
+# on while the target had nothing to say (allocsnoop: until it exited; alloctop: to its next table).
+LD_PRELOAD=$LIB "$WORKLOAD" -d 30000 -m 1 -o /dev/null & IP=$!
+BG_PIDS="$BG_PIDS $IP"
+wait_loaded "$IP"
+timeout 15 "$ALLOCSNOOP" -p "$IP" | head -1 > /dev/null
+rc=${PIPESTATUS[0]}
+[ "$rc" != 124 ] || fail "allocsnoop ran on for 15 s after its reader left, the target idle"
+# alloctop: the first table at 4 s; the next write would be at 8 s
+timeout 7 "$ALLOCTOP" -p "$IP" 4 | head -1 > /dev/null
+rc=${PIPESTATUS[0]}
+[ "$rc" != 124 ] || fail "alloctop ran on to its next table after its reader left"
+kill -0 "$IP" 2>/dev/null || fail "the idle target exited: nothing checked"
+kill "$IP"; wait "$IP" 2>/dev/null
+echo "ok   both stopped with their reader"
 
 echo "== allocsnoop --min-size ($MODE)"
 "$ALLOCSNOOP" -c "$WORKLOAD -m 16 -o /dev/null" --preload "$LIB" -e sample -m 3000 --json > "$TMP/ms.jsonl" 2>&1 ||

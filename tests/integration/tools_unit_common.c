@@ -4,7 +4,10 @@
  * from bytes that are not UTF-8, a registry walk that cannot reach the list's end, and (as root,
  * through ctest: SHAPES and FAKELUM) attaching the probes after the thread chosen for it exited. */
 #define _GNU_SOURCE
+#include <elf.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,6 +150,140 @@ static void registry_walk_cut(void)
     free(threads);
 }
 
+/* A frame resolved in a process whose files were then closed (allocsnoop -b releases a process
+ * gone for a second) keeps its module's name: the name was dwfl's, freed with the process's Dwfl
+ * session, and the pprof string table and the "[unknown] (module+0x...)" frames read garbage. */
+static void module_name_outlives_release(void)
+{
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    CHECK(n > 0, "readlink /proc/self/exe");
+    if (n <= 0)
+        return;
+    exe[n] = 0;
+    struct tc_symbolizer *s = tc_sym_new();
+    tc_sym_snapshot(s, getpid(), NULL);
+    const struct tc_frame *f = tc_sym_resolve(s, getpid(), (uint64_t)(uintptr_t)&map64_random + 1);
+    CHECK(f->module && !strcmp(f->module, exe), "module before release: %s", f->module ? f->module : "(null)");
+    pid_t key = tc_sym_retire(s, getpid());
+    CHECK(key < 0, "retired key %d", (int)key);
+    /* what was freed is handed out again and overwritten */
+    enum { CHUNKS = 4096 };
+    static char *chunks[CHUNKS];
+    for (int i = 0; i < CHUNKS; i++)
+        if ((chunks[i] = malloc((size_t)n + 1 + (size_t)(i % 64))))
+            memset(chunks[i], 'X', (size_t)n + 1 + (size_t)(i % 64));
+    f = tc_sym_resolve(s, key, (uint64_t)(uintptr_t)&map64_random + 1);
+    CHECK(f->module && !strncmp(f->module, exe, (size_t)n + 1), "module after release: %.64s",
+          f->module ? f->module : "(null)");
+    CHECK(!strcmp(f->name, "map64_random"), "name after release: %s", f->name);
+    for (int i = 0; i < CHUNKS; i++)
+        free(chunks[i]);
+    tc_sym_free(s);
+}
+
+/* CI runs as root with BPF: a case that cannot run there fails rather than skips. */
+static bool in_ci(void)
+{
+    const char *ci = getenv("CI");
+    return ci && !strcmp(ci, "true");
+}
+
+/* The section called `name` in an ELF64 image held in memory, or NULL. */
+static Elf64_Shdr *find_section(char *img, size_t len, const char *name)
+{
+    Elf64_Ehdr *eh = (Elf64_Ehdr *)img;
+    if (len < sizeof(*eh) || eh->e_shoff + (uint64_t)eh->e_shnum * sizeof(Elf64_Shdr) > len ||
+        eh->e_shstrndx >= eh->e_shnum)
+        return NULL;
+    Elf64_Shdr *sh = (Elf64_Shdr *)(img + eh->e_shoff);
+    const char *names = img + sh[eh->e_shstrndx].sh_offset;
+    for (unsigned i = 0; i < eh->e_shnum; i++)
+        if (!strcmp(names + sh[i].sh_name, name))
+            return &sh[i];
+    return NULL;
+}
+
+/* A copy of the ELF file src in a temporary file, changed by edit; its path in out (64 bytes). */
+static bool elf_copy_edited(const char *src, char *out, bool (*edit)(char *img, size_t len))
+{
+    FILE *f = fopen(src, "rb");
+    if (!f)
+        return false;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    rewind(f);
+    char *img = len > 0 ? malloc((size_t)len) : NULL;
+    bool ok = img && fread(img, 1, (size_t)len, f) == (size_t)len && edit(img, (size_t)len);
+    fclose(f);
+    snprintf(out, 64, "/tmp/tools_unit_elf.XXXXXX");
+    int fd = ok ? mkstemp(out) : -1;
+    ok = fd >= 0 && write(fd, img, (size_t)len) == len;
+    if (fd >= 0)
+        close(fd);
+    free(img);
+    return ok;
+}
+
+static bool dynamic_entsize_zero(char *img, size_t len)
+{
+    Elf64_Shdr *sh = find_section(img, len, ".dynamic");
+    if (sh)
+        sh->sh_entsize = 0;
+    return sh != NULL;
+}
+
+/* The first probe note's descriptor cut just before the NUL that ends its provider
+ * ("lumalloc"): the string runs on past the note. */
+static bool provider_unterminated(char *img, size_t len)
+{
+    Elf64_Shdr *sh = find_section(img, len, ".note.stapsdt");
+    if (!sh || sh->sh_offset + sizeof(Elf64_Nhdr) > len)
+        return false;
+    Elf64_Nhdr *nh = (Elf64_Nhdr *)(img + sh->sh_offset);
+    const char *prov = (const char *)(nh + 1) + ((nh->n_namesz + 3) & ~3u) + 3 * 8;
+    if (strcmp(prov, "lumalloc"))
+        return false;
+    nh->n_descsz = 3 * 8 + (Elf64_Word)strlen("lumalloc");
+    return true;
+}
+
+/* ELF fields read from a file are checked before use: a .dynamic section with an entry size of
+ * 0 killed the tools with SIGFPE (tc_elf_needs divided by it), and a probe note's provider was
+ * compared with strcmp past the note's end. */
+static void elf_untrusted(void)
+{
+    char path[64];
+    if (!elf_copy_edited("/proc/self/exe", path, dynamic_entsize_zero)) {
+        CHECK(0, "cannot make a copy of our executable with a .dynamic entry size of 0");
+    } else {
+        fflush(stdout);
+        pid_t c = fork();
+        if (c == 0) {
+            char needed[256];
+            _exit(tc_elf_needs(path, "lumalloc", needed, sizeof(needed)) ? 1 : 0);
+        }
+        int st = 0;
+        waitpid(c, &st, 0);
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "tc_elf_needs on .dynamic with sh_entsize 0: %s %d",
+              WIFSIGNALED(st) ? "killed by signal" : "exit", WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+        unlink(path);
+    }
+    const char *fake = getenv("FAKELUM");
+    if (!fake) {
+        CHECK(!in_ci(), "elf_untrusted needs FAKELUM (ctest) under CI=true");
+        printf("skip elf_untrusted's probe note: needs FAKELUM (ctest)\n");
+        return;
+    }
+    CHECK(tc_elf_has_lumalloc_probes(fake), "%s has no lumalloc probes", fake);
+    if (!elf_copy_edited(fake, path, provider_unterminated)) {
+        CHECK(0, "cannot make a copy of %s with its first note's provider unterminated", fake);
+        return;
+    }
+    CHECK(!tc_elf_has_lumalloc_probes(path), "a provider running past its note taken for 'lumalloc'");
+    unlink(path);
+}
+
 static pid_t relay_pid;
 static int relay_starts, relay_exits;
 
@@ -175,13 +312,6 @@ static bool task_gone(pid_t pid, pid_t tid)
     for (int i = 0; i < 1000 && tc_task_alive(pid, tid); i++)
         usleep(10000);
     return !tc_task_alive(pid, tid);
-}
-
-/* CI runs as root with BPF: a case that cannot run there fails rather than skips. */
-static bool in_ci(void)
-{
-    const char *ci = getenv("CI");
-    return ci && !strcmp(ci, "true");
 }
 
 /* The leader of the target left (pthread_exit), and the thread the probes are attached through
@@ -292,6 +422,8 @@ int main(void)
     frame_format();
     json_utf8();
     registry_walk_cut();
+    module_name_outlives_release();
+    elf_untrusted();
     attach_after_chosen_thread_exits();
     printf(failures ? "%d failure(s)\n" : "PASS\n", failures);
     return failures != 0;

@@ -39,6 +39,9 @@ static const char *const kind_names[SNOOP_NKINDS] = {"sample",        "sample_fr
 
 struct stack_agg {
     pid_t pid;
+    /* the process's key in the symbolizer: pid, or once the process is released (-b), the key it
+     * was retired under, so that a later process given the same PID is told apart */
+    pid_t sym_pid;
     unsigned depth;
     uint64_t *frames;
     double alloc_objects, alloc_space, inuse_objects, inuse_space;
@@ -155,6 +158,8 @@ static uint32_t parse_kinds(const char *arg)
             tc_die("unknown event kind '%s'", t);
     }
     free(dup);
+    if (!m) /* '' or ',' traced nothing, then failed as if the library had no probes */
+        tc_die("no event kinds in -e '%s' (sample,sample_free,large,large_free,failure,thread,purge,pressure)", arg);
     return m;
 }
 
@@ -182,10 +187,9 @@ static uint64_t parse_size(const char *s)
 /* --folded/--pprof: a path that cannot be written is an error before tracing, not after it. */
 static const char *check_writable(const char *path)
 {
-    FILE *f = tc_open_report(path);
-    if (!f)
-        tc_die("cannot write %s: %s", path, strerror(errno));
-    fclose(f);
+    int r = tc_check_report_path(path);
+    if (r)
+        tc_die("cannot write %s: %s", path, strerror(-r));
     return path;
 }
 
@@ -202,6 +206,10 @@ static int target_index(pid_t pid)
 static const char *binary_path;     /* -b: every process that maps this file */
 static struct tc_map64 pid_snap;    /* -b: pid -> time of its last snapshot (ms since start) */
 static struct tc_map64 pid_execd;   /* -b: pids whose new image is to be snapshotted and watched */
+static struct tc_map64 pid_start; /* -b: pid -> its start time (tc_proc_start_time) when first snapshotted */
+static struct tc_map64 pid_gen;   /* -b: pid -> how many processes with that PID were released */
+static struct tc_map64 pid_lives; /* see pid_lives_add */
+static bool pid_lives_incomplete;
 
 static int exec_watch_fd = -1; /* the BPF exec_watch map, if the exec programs are attached */
 static unsigned exec_watch_full; /* processes it had no room for */
@@ -261,6 +269,11 @@ static void maybe_snapshot(pid_t pid)
             return;
         *last = now_ms;
         if (tc_pid_alive(pid)) {
+            if (created) {
+                uint64_t *start = tc_map64_put(&pid_start, (uint64_t)pid, NULL);
+                if (start)
+                    *start = tc_proc_start_time(pid);
+            }
             tc_sym_snapshot(sym, pid, binary_path);
             if (created || execd)
                 watch_exec(pid);
@@ -295,8 +308,17 @@ static void release_gone(void)
     int ngone = 0;
     for (size_t i = 0; i < pid_snap.cap && ngone < 64; i++) {
         pid_t pid = (pid_t)pid_snap.keys[i];
-        if (!pid || tc_pid_alive(pid))
+        if (!pid)
             continue;
+        if (tc_pid_alive(pid)) {
+            /* the PID taken by another process within the second: the one seen is gone */
+            uint64_t *start = tc_map64_get(&pid_start, (uint64_t)pid);
+            if (!start || !*start || *start == tc_proc_start_time(pid))
+                continue;
+            unwatch_exec(pid);
+            gone[ngone++] = pid;
+            continue;
+        }
         bool created;
         uint64_t *since = tc_map64_put(&pid_dead, (uint64_t)pid, &created);
         if (!since)
@@ -312,10 +334,26 @@ static void release_gone(void)
     }
     for (int g = 0; g < ngone; g++) {
         for (size_t i = 0; i < nstacks; i++)
-            if (stacks[i].pid == gone[g])
+            if (stacks[i].sym_pid == gone[g])
                 for (unsigned k = 0; k < stacks[i].depth; k++)
                     tc_sym_resolve(sym, gone[g], stacks[i].frames[k]);
-        tc_sym_release(sym, gone[g]);
+        pid_t key = tc_sym_retire(sym, gone[g]);
+        for (size_t i = 0; i < nstacks; i++)
+            if (stacks[i].sym_pid == gone[g])
+                stacks[i].sym_pid = key;
+        /* its live blocks stay counted under the key its stacks now have */
+        uint64_t lives_n;
+        if (tc_map64_del(&pid_lives, (uint64_t)(uint32_t)gone[g] + 1, &lives_n)) {
+            uint64_t *n = tc_map64_put(&pid_lives, (uint64_t)(uint32_t)key + 1, NULL);
+            if (n)
+                *n = lives_n;
+            else
+                pid_lives_incomplete = true;
+        }
+        uint64_t *gen = tc_map64_put(&pid_gen, (uint64_t)gone[g], NULL);
+        if (gen)
+            ++*gen;
+        tc_map64_del(&pid_start, (uint64_t)gone[g], NULL);
         tc_map64_del(&pid_snap, (uint64_t)gone[g], NULL);
         tc_map64_del(&pid_dead, (uint64_t)gone[g], NULL);
         tc_map64_del(&pid_execd, (uint64_t)gone[g], NULL);
@@ -325,6 +363,9 @@ static void release_gone(void)
 static uint32_t stack_of(const struct snoop_event *e)
 {
     uint64_t h = tc_hash64(0x5eed, (uint64_t)e->pid);
+    uint64_t *gen = binary_path ? tc_map64_get(&pid_gen, (uint64_t)e->pid) : NULL;
+    if (gen) /* not the stacks of an earlier process with this PID */
+        h = tc_hash64(h, *gen);
     if (e->depth)
         for (unsigned i = 0; i < e->depth; i++)
             h = tc_hash64(h, e->frames[i]);
@@ -345,7 +386,7 @@ static uint32_t stack_of(const struct snoop_event *e)
     }
     struct stack_agg *s = &stacks[nstacks];
     memset(s, 0, sizeof(*s));
-    s->pid = (pid_t)e->pid;
+    s->pid = s->sym_pid = (pid_t)e->pid;
     s->depth = e->depth;
     if (e->depth) {
         s->frames = malloc(e->depth * sizeof(uint64_t));
@@ -367,13 +408,11 @@ static uint64_t live_key(uint32_t pid, uint64_t ptr)
     return (ptr ^ ((uint64_t)pid << 47)) ^ ((pid >> 17) & 15);
 }
 
-/* pid -> its sampled and large blocks live (by the pid of the block's stack, which is what
- * drop_live_of scans for): an exec scans every process's blocks only for a process that has
- * some.  With -b over an exec-heavy host (a build), each exec of a process that had sent an
- * event scanned all the others' blocks. */
-static struct tc_map64 pid_lives;
-static bool pid_lives_incomplete; /* a count was lost: every exec scans */
-
+/* pid_lives: pid -> its sampled and large blocks live (by the sym_pid of the block's stack,
+ * which is what drop_live_of scans for): an exec scans every process's blocks only for a
+ * process that has some.  With -b over an exec-heavy host (a build), each exec of a process
+ * that had sent an event scanned all the others' blocks.  pid_lives_incomplete: a count was
+ * lost, every exec scans. */
 static void pid_lives_add(uint32_t pid, int delta)
 {
     uint64_t key = (uint64_t)pid + 1;
@@ -399,7 +438,7 @@ static void track_sample(const struct snoop_event *e)
     s->inuse_space += w;
     s->inuse_objects += objs;
     s->live_samples++;
-    pid_lives_add(s->pid, 1);
+    pid_lives_add(s->sym_pid, 1);
     uint32_t li;
     if (free_live != UINT32_MAX) {
         li = free_live;
@@ -421,7 +460,7 @@ static void track_sample(const struct snoop_event *e)
         stacks[o->stack].inuse_space -= o->weight;
         stacks[o->stack].inuse_objects -= o->objects;
         stacks[o->stack].live_samples--;
-        pid_lives_add(stacks[o->stack].pid, -1);
+        pid_lives_add(stacks[o->stack].sym_pid, -1);
         o->next_free = free_live;
         free_live = (uint32_t)(old - 1);
     }
@@ -438,7 +477,7 @@ static void track_free(const struct snoop_event *e)
     s->inuse_space -= r->weight;
     s->inuse_objects -= r->objects;
     s->live_samples--;
-    pid_lives_add(s->pid, -1);
+    pid_lives_add(s->sym_pid, -1);
     r->next_free = free_live;
     free_live = (uint32_t)(li - 1);
 }
@@ -453,11 +492,11 @@ static void track_large(const struct snoop_event *e)
         if (tc_map64_del(&large_idx, key, &old)) { /* lost large_free: retire the old block */
             stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
             stacks[old >> 40].large_live_count--;
-            pid_lives_add(stacks[old >> 40].pid, -1);
+            pid_lives_add(stacks[old >> 40].sym_pid, -1);
         }
         stacks[si].large_live_bytes += sz;
         stacks[si].large_live_count++;
-        pid_lives_add(stacks[si].pid, 1);
+        pid_lives_add(stacks[si].sym_pid, 1);
         uint64_t *v = tc_map64_put(&large_idx, key, NULL);
         if (v)
             *v = (uint64_t)si << 40 | sz;
@@ -466,7 +505,7 @@ static void track_large(const struct snoop_event *e)
     } else if (tc_map64_del(&large_idx, key, &old)) {
         stacks[old >> 40].large_live_bytes -= old & ((1ull << 40) - 1);
         stacks[old >> 40].large_live_count--;
-        pid_lives_add(stacks[old >> 40].pid, -1);
+        pid_lives_add(stacks[old >> 40].sym_pid, -1);
         tc_map64_del(&large_ts, key, NULL);
     }
 }
@@ -483,7 +522,7 @@ static void drop_live_of(pid_t pid)
     tc_map64_del(&pid_lives, (uint64_t)(uint32_t)pid + 1, NULL);
     size_t n = 0;
     for (size_t i = 0; i < live_idx.cap; i++)
-        if (live_idx.keys[i] && stacks[lives[live_idx.vals[i] - 1].stack].pid == pid)
+        if (live_idx.keys[i] && stacks[lives[live_idx.vals[i] - 1].stack].sym_pid == pid)
             keys[n++] = live_idx.keys[i];
     for (size_t k = 0; k < n; k++) {
         uint64_t li;
@@ -498,7 +537,7 @@ static void drop_live_of(pid_t pid)
     }
     n = 0;
     for (size_t i = 0; i < large_idx.cap; i++)
-        if (large_idx.keys[i] && stacks[large_idx.vals[i] >> 40].pid == pid)
+        if (large_idx.keys[i] && stacks[large_idx.vals[i] >> 40].sym_pid == pid)
             keys[n++] = large_idx.keys[i];
     for (size_t k = 0; k < n; k++) {
         uint64_t old;
@@ -934,7 +973,7 @@ static const char *age_str(const char *fmt, uint64_t t, uint64_t now, char *buf,
 
 struct site_sum {
     const char *name;
-    pid_t pid;
+    pid_t pid, sym_pid; /* two processes given the same PID are two sites */
     double bytes, objects;
     uint64_t samples;
 };
@@ -963,18 +1002,20 @@ static int reports(struct allocsnoop_bpf *skel)
     double total = 0;
     for (size_t i = 0; i < nstacks && sites; i++) {
         struct stack_agg *s = &stacks[i];
+        if (!s->samples)
+            continue; /* only large blocks or failures from it: no sampled bytes to rank */
         const char *name = "[no stack]";
         if (s->depth) {
-            unsigned f = tc_first_user_frame(sym, s->pid, s->frames, s->depth);
-            name = tc_sym_resolve(sym, s->pid, s->frames[f])->name;
+            unsigned f = tc_first_user_frame(sym, s->sym_pid, s->frames, s->depth);
+            name = tc_sym_resolve(sym, s->sym_pid, s->frames[f])->name;
         }
         total += s->alloc_space;
         size_t k;
         for (k = 0; k < nsites; k++)
-            if (sites[k].pid == s->pid && !strcmp(sites[k].name, name))
+            if (sites[k].sym_pid == s->sym_pid && !strcmp(sites[k].name, name))
                 break;
         if (k == nsites)
-            sites[nsites++] = (struct site_sum){name, s->pid, 0, 0, 0};
+            sites[nsites++] = (struct site_sum){name, s->pid, s->sym_pid, 0, 0, 0};
         sites[k].bytes += s->alloc_space;
         sites[k].objects += s->alloc_objects;
         sites[k].samples += s->samples;
@@ -1031,7 +1072,7 @@ static int reports(struct allocsnoop_bpf *skel)
             if (s->oldest_ns && s->oldest_ns <= at)
                 printf("\"oldest_s\":%.3f,", (double)(at - s->oldest_ns) * 1e-9);
             printf("\"stack\":");
-            print_stack_json(s->pid, s->frames, s->depth);
+            print_stack_json(s->sym_pid, s->frames, s->depth);
             printf("}\n");
         }
         for (size_t k = 0; large_valid && k < nlarge && (int)k < opt.leaks; k++) {
@@ -1042,7 +1083,7 @@ static int reports(struct allocsnoop_bpf *skel)
             if (s->large_oldest_ns && s->large_oldest_ns <= at)
                 printf("\"oldest_s\":%.3f,", (double)(at - s->large_oldest_ns) * 1e-9);
             printf("\"stack\":");
-            print_stack_json(s->pid, s->frames, s->depth);
+            print_stack_json(s->sym_pid, s->frames, s->depth);
             printf("}\n");
         }
     } else if (skel) {
@@ -1086,7 +1127,7 @@ static int reports(struct allocsnoop_bpf *skel)
                 printf("\n%.0f bytes in ~%.0f objects (%llu samples%s) still live, pid %d, allocated from:\n",
                        s->shown_space, s->shown_objects, (unsigned long long)s->shown_samples,
                        age_str(", oldest %.1f s", s->oldest_ns, ref[order[k]], age, sizeof age), (int)s->pid);
-                print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
+                print_stack_text(s->sym_pid, s->frames, s->depth, "    ", 16);
             }
         }
     }
@@ -1101,7 +1142,7 @@ static int reports(struct allocsnoop_bpf *skel)
             printf("\n%llu bytes in %llu large blocks%s still live, pid %d, allocated from:\n",
                    (unsigned long long)s->shown_large_bytes, (unsigned long long)s->shown_large_count,
                    age_str(" (oldest %.1f s)", s->large_oldest_ns, ref[lorder[k]], age, sizeof age), (int)s->pid);
-            print_stack_text(s->pid, s->frames, s->depth, "    ", 16);
+            print_stack_text(s->sym_pid, s->frames, s->depth, "    ", 16);
         }
     }
     free(ref);
@@ -1114,7 +1155,7 @@ static int reports(struct allocsnoop_bpf *skel)
         if (!ps)
             tc_die("out of memory");
         for (size_t i = 0; i < nstacks; i++) {
-            ps[i].pid = stacks[i].pid;
+            ps[i].pid = stacks[i].sym_pid;
             ps[i].depth = stacks[i].depth;
             ps[i].frames = stacks[i].frames;
             ps[i].values[0] = llround(stacks[i].alloc_objects);
@@ -1157,6 +1198,7 @@ static void add_profile_stack(pid_t pid, const struct tc_heap_stack *h)
     }
     stacks[nstacks++] = (struct stack_agg){
         .pid = pid,
+        .sym_pid = pid,
         .depth = r->depth,
         .frames = frames,
         .alloc_objects = r->alloc_objects,
@@ -1198,6 +1240,8 @@ static void heap_read_one(struct tc_target *t, struct heap_read *h)
         tc_die("%s", err);
     if (!r)
         r = tc_profile_read(t, &h->hdr, &h->v, &h->n, &h->truncated);
+    if (r == -ENOENT && strstr(tc_no_symbol_reason(t, "lumalloc_profile", err, sizeof(err)), " is stripped:"))
+        tc_die("pid %d: %s", (int)pid, err);
     if (r == -ENOENT || r == -ENODATA)
         tc_die("pid %d %s: trace it with allocsnoop -p %d", (int)pid, tc_profile_strerror(r), (int)pid);
     if (r)
@@ -1308,9 +1352,13 @@ static void attach_probes(struct allocsnoop_bpf *skel, struct tc_target *t)
         bool required = probes[i].kind == SNOOP_SAMPLE && !batched;
         if (tc_attach_usdt(t, progs[i], probes[i].probe, !required) == 0)
             attached++;
-        else if (required && !t->reattach)
+        else if (required && !t->reattach) {
+            tc_die_if_exited(t);
             tc_die("cannot attach to the lumalloc probes of pid %d (%s)", (int)t->pid, tc_target_file(t));
+        }
     }
+    if (!attached && !t->reattach)
+        tc_die_if_exited(t);
     if (!attached && !t->reattach)
         tc_die("none of the requested lumalloc probes exist in %s", tc_target_file(t));
 }
@@ -1404,6 +1452,7 @@ int main(int argc, char **argv)
     if (binary_path) {
         tc_resolve_probed_binary(binary_path, binary_real);
         binary_path = binary_real;
+        tc_warn_old_copy_users(binary_path);
         struct tc_target *t = &targets[ntargets++];
         t->pid = -1; /* all processes: the uprobes follow the file */
         t->alive = true;
@@ -1610,6 +1659,8 @@ int main(int argc, char **argv)
     tc_map64_free(&pid_snap);
     tc_map64_free(&pid_execd);
     tc_map64_free(&pid_dead);
+    tc_map64_free(&pid_start);
+    tc_map64_free(&pid_gen);
     tc_tidmap_free(&tidmap);
     tc_map64_free(&batch_seen);
     tc_map64_free(&pid_lives);

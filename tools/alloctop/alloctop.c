@@ -84,8 +84,11 @@ struct tstate {
     double last_snapshot, first_seen;
     struct bpf_link *sample_link;
     bool registered; /* registry address handed to the BPF exit hook */
-    bool via_binary; /* found by -b: the probes are attached to the file, not to this pid */
-    bool shown_dead; /* reported once as exited (then dropped, with -b) */
+    bool via_binary; /* found by -B: the probes are attached to the file, not to this pid */
+    bool shown_dead; /* reported once as exited (then dropped, with -B) */
+    bool execd;      /* has exec'd since it was first located */
+    char why_nothing[PATH_MAX + 256]; /* why nothing of it is shown (an image without lumalloc, or
+                                       * stripped of its registry), or "" */
     /* -H: the process's own profile by site, this reading and the one before (sorted by site) */
     struct tc_heap_site *heap, *heap_prev;
     size_t nheap, nheap_prev;
@@ -96,10 +99,10 @@ struct tstate {
 
 static struct tstate targets[MAX_TARGETS];
 static int ntargets;
-static const char *binary_path; /* -b */
-static dev_t binary_dev;         /* -b: the file the probes are on */
+static const char *binary_path; /* -B */
+static dev_t binary_dev;         /* -B: the file the probes are on */
 static ino_t binary_ino;
-static struct tstate bin_state;  /* -b: the attachment to the file (pid -1) */
+static struct tstate bin_state;  /* -B: the attachment to the file (pid -1) */
 static struct alloctop_bpf *skel;
 static struct bpf_link *exit_link;
 static struct tc_symbolizer *sym;
@@ -326,9 +329,13 @@ static void set_sample_probe(struct tstate *s, bool on)
         return;
     }
     s->sample_link = tc_attach_usdt_link(&s->t, skel->progs.on_sample, "sample");
-    if (!s->sample_link && !s->t.reattach)
+    if (!s->sample_link && !s->t.reattach) {
+        int e = errno;
+        tc_die_if_exited(&s->t);
+        errno = e;
         tc_die("cannot attach to lumalloc:sample in %s (pid %d): %s", tc_target_file(&s->t), (int)s->t.pid,
                strerror(errno));
+    }
 }
 
 static void attach_probes(struct tstate *s)
@@ -339,8 +346,7 @@ static void attach_probes(struct tstate *s)
     set_sample_probe(s, opt.sites);
     if (!ok && !s->sample_link && !s->t.reattach) {
         int e = errno;
-        if (s->t.pid > 0 && !tc_pid_alive(s->t.pid))
-            tc_die("pid %d exited while alloctop was attaching", (int)s->t.pid);
+        tc_die_if_exited(&s->t);
         tc_die("cannot attach to the lumalloc probes of pid %d (%s): %s", (int)s->t.pid, tc_target_file(&s->t),
                strerror(e));
     }
@@ -430,6 +436,7 @@ static void follow_exec(struct tstate *s)
         bpf_map_delete_elem(bpf_map__fd(skel->maps.registries), &pid);
     }
     s->registered = false;
+    s->execd = true;
     drop_bpf_sites(s->t.pid);
     char err[512];
     if (tc_target_locate(&s->t, err, sizeof(err)) || !s->t.registry_addr) {
@@ -508,6 +515,45 @@ static uint32_t *heap_order(const struct tstate *s, double *live)
     return o;
 }
 
+/* A process that exec'd into an image without lumalloc: said once, and in place of its table
+ * (it showed "waiting for lumalloc's registry..." at every interval until it exited).  Its
+ * libraries are all mapped a moment after the exec: before that, nothing is said. */
+static void note_why_nothing(struct tstate *s)
+{
+    if (!s->execd || s->why_nothing[0] || !s->t.alive)
+        return;
+    struct tc_map *maps;
+    size_t n;
+    if (tc_read_maps(s->t.pid, &maps, &n))
+        return;
+    bool libc = false;
+    for (size_t i = 0; i < n && !libc; i++)
+        libc = strstr(maps[i].path, "/libc.so") || strstr(maps[i].path, "/libc-");
+    free(maps);
+    char exe[64], path[PATH_MAX] = "";
+    pid_t task = tc_proc_task(s->t.pid);
+    snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)(task ? task : s->t.pid));
+    ssize_t len = readlink(exe, path, sizeof(path) - 1);
+    if (len <= 0)
+        return;
+    path[len] = 0;
+    /* a dynamic image still being loaded (no libc yet) may yet map lumalloc */
+    if (!libc && tc_elf_needs(path, "libc.so", exe, sizeof(exe)))
+        return;
+    snprintf(s->why_nothing, sizeof(s->why_nothing), "exec'd into %s, which does not use lumalloc", path);
+    tc_warn("pid %d %s: nothing to show of it unless it execs again", (int)s->t.pid, s->why_nothing);
+}
+
+/* Probes found but no registry (a stripped executable: -c, -B, or after an exec): said once, and
+ * in place of its table, rather than "waiting for lumalloc's registry..." at every interval. */
+static void note_no_registry(struct tstate *s)
+{
+    if (s->why_nothing[0])
+        return;
+    tc_no_symbol_reason(&s->t, "lumalloc_registry", s->why_nothing, sizeof(s->why_nothing));
+    tc_warn("pid %d: %s", (int)s->t.pid, s->why_nothing);
+}
+
 /* Read the registry; the previous reading becomes the base of the rates. */
 static void sample_target(struct tstate *s)
 {
@@ -522,11 +568,17 @@ static void sample_target(struct tstate *s)
     }
     if (!s->located) {
         char err[512];
-        if (tc_target_locate(&s->t, err, sizeof(err)) == 0 && s->t.registry_addr) {
+        int lr = tc_target_locate(&s->t, err, sizeof(err));
+        if (lr == 0 && s->t.registry_addr) {
             s->located = true;
+            s->why_nothing[0] = 0;
             if (skel && !s->via_binary && s->t.reattach && !s->t.nlinks)
                 attach_target(s); /* exec'd into an image that maps lumalloc only now */
         } else {
+            if (lr == 0)
+                note_no_registry(s);
+            else
+                note_why_nothing(s);
             return;
         }
     }
@@ -578,8 +630,12 @@ static void sample_target(struct tstate *s)
 static void locate_early(struct tstate *s)
 {
     char err[512];
-    if (tc_target_locate(&s->t, err, sizeof(err)) || !s->t.registry_addr)
+    if (tc_target_locate(&s->t, err, sizeof(err)))
         return;
+    if (!s->t.registry_addr) {
+        note_no_registry(s);
+        return;
+    }
     s->located = true;
     s->first_seen = tc_now();
     if (sym) {
@@ -856,6 +912,10 @@ static void print_table_to(FILE *out, bool final)
     for (int i = 0; i < ntargets; i++) {
         struct tstate *s = &targets[i];
         char b1[32], b2[32], b3[32], b4[32], b5[32];
+        if (!s->have_reg && s->why_nothing[0]) {
+            fprintf(out, "\nPID %d: %s\n", (int)s->t.pid, s->why_nothing);
+            continue;
+        }
         if (!s->have_reg) {
             fprintf(out, "\nPID %d: waiting for lumalloc's registry...\n", (int)s->t.pid);
             continue;
@@ -1019,7 +1079,7 @@ static void handle_key(int ch)
     }
 }
 
-/* -b: processes that map the file, found in /proc; the uprobes already follow the file. */
+/* -B: processes that map the file, found in /proc; the uprobes already follow the file. */
 static void discover_binary(void)
 {
     DIR *d = opendir("/proc");
@@ -1079,7 +1139,7 @@ static bool is_target(pid_t pid)
     return false;
 }
 
-/* -b: processes that exited and were reported once are dropped. */
+/* -B: processes that exited and were reported once are dropped. */
 static void drop_reported_dead(void)
 {
     int w = 0;
@@ -1190,7 +1250,7 @@ int main(int argc, char **argv)
         if (tc_target_locate(&s->t, err, sizeof(err)))
             tc_die("%s", err);
         if (!s->t.registry_addr)
-            tc_die("%s does not export lumalloc_registry (library too old?)", tc_target_file(&s->t));
+            tc_die("%s", tc_no_symbol_reason(&s->t, "lumalloc_registry", err, sizeof(err)));
         s->located = true;
     }
     if (command) {
@@ -1238,8 +1298,10 @@ int main(int argc, char **argv)
         tc_launch_go(&targets[ntargets - 1].t);
     }
 
-    if (binary_path)
+    if (binary_path) {
+        tc_warn_old_copy_users(binary_path);
         discover_binary();
+    }
     for (int i = 0; i < ntargets; i++) {
         sample_target(&targets[i]); /* baseline for the first interval's rates */
         if (targets[i].located) {
@@ -1310,6 +1372,8 @@ int main(int argc, char **argv)
         }
         if (any_died && !any_alive && !binary_path)
             break;
+        if (tc_stdout_failed())
+            break; /* the reader is gone (| head), between two tables too: stop, detaching the probes */
         if (tc_now() >= next) {
             if (binary_path)
                 discover_binary();

@@ -73,6 +73,21 @@ int tc_elf_symbol(const char *path, const char *name, uint64_t *value)
     return r;
 }
 
+bool tc_elf_has_symtab(const char *path)
+{
+    struct elf_handle h;
+    if (elf_open(path, &h))
+        return false;
+    bool found = false;
+    Elf_Scn *scn = NULL;
+    while (!found && (scn = elf_nextscn(h.elf, scn))) {
+        GElf_Shdr sh;
+        found = gelf_getshdr(scn, &sh) && sh.sh_type == SHT_SYMTAB;
+    }
+    elf_close(&h);
+    return found;
+}
+
 bool tc_elf_has_lumalloc_probes(const char *path)
 {
     struct elf_handle h;
@@ -96,8 +111,11 @@ bool tc_elf_has_lumalloc_probes(const char *path)
                 /* desc: pc, base, semaphore (3 addresses), then "provider\0name\0args\0". */
                 if (nh.n_type != 3 || nh.n_descsz < 3 * 8 + 1)
                     continue;
+                /* the provider must end inside the note: a file's bytes are not to be trusted */
                 const char *prov = (const char *)d->d_buf + desc_off + 3 * 8;
-                if (strcmp(prov, "lumalloc") == 0) {
+                size_t room = nh.n_descsz - 3 * 8;
+                if (desc_off + nh.n_descsz <= d->d_size && strnlen(prov, room) < room &&
+                    strcmp(prov, "lumalloc") == 0) {
                     found = true;
                     break;
                 }
@@ -168,8 +186,8 @@ bool tc_elf_needs(const char *path, const char *substr, char *out, size_t outlen
     Elf_Scn *scn = NULL;
     while (!found && (scn = elf_nextscn(h.elf, scn))) {
         GElf_Shdr sh;
-        if (!gelf_getshdr(scn, &sh) || sh.sh_type != SHT_DYNAMIC)
-            continue;
+        if (!gelf_getshdr(scn, &sh) || sh.sh_type != SHT_DYNAMIC || !sh.sh_entsize)
+            continue; /* an entry size of 0 (a damaged or crafted file) divided by zero */
         Elf_Data *d = elf_getdata(scn, NULL);
         for (size_t i = 0; d && i < sh.sh_size / sh.sh_entsize; i++) {
             GElf_Dyn dyn;

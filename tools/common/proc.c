@@ -75,6 +75,34 @@ pid_t tc_proc_task(pid_t pid)
     return found;
 }
 
+bool tc_is_kernel_thread(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    char *p = stat_fields(path, buf, sizeof buf);
+    /* from the state (field 3) on: flags is the 7th */
+    for (int k = 0; p && k < 6; k++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    return p && (strtoull(p, NULL, 10) & 0x00200000); /* PF_KTHREAD */
+}
+
+uint64_t tc_proc_start_time(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    char *p = stat_fields(path, buf, sizeof buf);
+    /* from the state (field 3) on: starttime is the 20th */
+    for (int k = 0; p && k < 19; k++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    return p ? strtoull(p, NULL, 10) : 0;
+}
+
 uint64_t tc_image_id(pid_t pid)
 {
     pid_t task = tc_proc_task(pid);
@@ -162,6 +190,54 @@ int tc_read_maps(pid_t pid, struct tc_map **out, size_t *n)
     *out = v;
     *n = len;
     return 0;
+}
+
+int tc_old_copy_users(const char *path, uint64_t dev, uint64_t ino, pid_t *example)
+{
+    DIR *d = opendir("/proc");
+    if (!d)
+        return 0;
+    int users = 0;
+    size_t plen = strlen(path);
+    char maps[64], line[PATH_MAX + 128];
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        char *end;
+        long pid = strtol(de->d_name, &end, 10);
+        if (*end || pid <= 0 || pid == getpid())
+            continue;
+        snprintf(maps, sizeof(maps), "/proc/%ld/maps", pid);
+        FILE *f = fopen(maps, "re");
+        if (!f)
+            continue;
+        bool old = false;
+        while (!old && fgets(line, sizeof(line), f)) {
+            unsigned maj, min;
+            unsigned long long inode;
+            int pos = 0;
+            if (sscanf(line, "%*x-%*x %*s %*x %x:%x %llu %n", &maj, &min, &inode, &pos) < 3 || !pos)
+                continue;
+            const char *p = line + pos;
+            old = !strncmp(p, path, plen) && !strcmp(p + plen, " (deleted)\n") &&
+                  !(inode == ino && makedev(maj, min) == dev);
+        }
+        fclose(f);
+        if (old && !users++ && example)
+            *example = (pid_t)pid;
+    }
+    closedir(d);
+    return users;
+}
+
+void tc_warn_old_copy_users(const char *path)
+{
+    struct stat st;
+    pid_t example = 0;
+    int n = stat(path, &st) ? 0 : tc_old_copy_users(path, st.st_dev, st.st_ino, &example);
+    if (n)
+        tc_warn("warning: %d process%s (pid %d%s) map%s an older, deleted %s, which the probes are not on: "
+                "use -p PID",
+                n, n > 1 ? "es" : "", (int)example, n > 1 ? ", ..." : "", n > 1 ? "" : "s", path);
 }
 
 bool tc_pid_alive(pid_t pid)

@@ -36,7 +36,7 @@ struct pidsym {
     uint64_t snapshots;
     char *alloc_module;
     double last_snapshot;
-    bool released;         /* files closed (tc_sym_release): only cached answers are left */
+    bool released;         /* files closed (tc_sym_retire): only cached answers are left */
     struct tc_map64 cache; /* addr -> index+1 into frames */
 };
 
@@ -45,6 +45,12 @@ struct tc_symbolizer {
     size_t np;
     struct tc_frame *frames;
     size_t nframes, capframes;
+    /* Module paths the frames point to, owned here: dwfl_module_info's string belongs to the
+     * process's Dwfl, which tc_sym_retire ends while its cached frames are still read. */
+    char **modnames;
+    size_t nmodnames;
+    struct tc_map64 modname_idx; /* hash of a path -> index+1 into modnames */
+    uint32_t retired; /* processes retired (tc_sym_retire): their keys are -1, -2, ... */
 };
 
 static char *debuginfo_path;
@@ -73,8 +79,44 @@ void tc_sym_free(struct tc_symbolizer *s)
     for (size_t i = 0; i < s->nframes; i++)
         free((char *)s->frames[i].name);
     free(s->frames);
+    for (size_t i = 0; i < s->nmodnames; i++)
+        free(s->modnames[i]);
+    free(s->modnames);
+    tc_map64_free(&s->modname_idx);
     free(s->p);
     free(s);
+}
+
+/* Our own copy of a module path, one per distinct path; NULL if out of memory. */
+static const char *intern_module(struct tc_symbolizer *s, const char *name)
+{
+    uint64_t h = 0x6d6f64;
+    for (const unsigned char *c = (const unsigned char *)name; *c; c++)
+        h = tc_hash64(h, *c);
+    /* another path with the same hash: the next key along */
+    for (;; h = tc_hash64(h, 1)) {
+        bool created;
+        uint64_t *slot = tc_map64_put(&s->modname_idx, h | 1, &created);
+        if (!slot)
+            return NULL;
+        if (!created) {
+            if (!strcmp(s->modnames[*slot - 1], name))
+                return s->modnames[*slot - 1];
+            continue;
+        }
+        char **nm = realloc(s->modnames, (s->nmodnames + 1) * sizeof(*nm));
+        char *copy = strdup(name);
+        if (nm)
+            s->modnames = nm;
+        if (!nm || !copy) {
+            free(copy);
+            tc_map64_del(&s->modname_idx, h | 1, NULL);
+            return NULL;
+        }
+        s->modnames[s->nmodnames++] = copy;
+        *slot = s->nmodnames;
+        return copy;
+    }
 }
 
 static void pidsym_close(struct pidsym *p)
@@ -89,13 +131,16 @@ static void pidsym_close(struct pidsym *p)
     p->nloaded = 0;
 }
 
-void tc_sym_release(struct tc_symbolizer *s, pid_t pid)
+pid_t tc_sym_retire(struct tc_symbolizer *s, pid_t pid)
 {
     for (size_t i = 0; i < s->np; i++)
         if (s->p[i].pid == pid) {
             pidsym_close(&s->p[i]);
             s->p[i].released = true;
+            s->p[i].pid = -(pid_t)++s->retired;
+            return s->p[i].pid;
         }
+    return -(pid_t)++s->retired; /* nothing of it cached: a key that answers "[unknown]" */
 }
 
 void tc_sym_forget(struct tc_symbolizer *s, pid_t pid)
@@ -115,7 +160,7 @@ static struct pidsym *get_pid(struct tc_symbolizer *s, pid_t pid, bool create)
     for (size_t i = 0; i < s->np; i++)
         if (s->p[i].pid == pid)
             return &s->p[i];
-    if (!create)
+    if (!create || pid <= 0) /* a retired key never gets a process back */
         return NULL;
     struct pidsym *np = realloc(s->p, (s->np + 1) * sizeof(*np));
     if (!np)
@@ -267,7 +312,7 @@ const struct tc_frame *tc_sym_resolve(struct tc_symbolizer *s, pid_t pid, uint64
     if (m) {
         Dwarf_Addr low;
         const char *mname = dwfl_module_info(m, NULL, &low, NULL, NULL, NULL, NULL, NULL);
-        f.module = mname;
+        f.module = mname ? intern_module(s, mname) : NULL;
         f.offset = addr - low;
         GElf_Off off;
         GElf_Sym sym;

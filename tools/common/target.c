@@ -93,10 +93,21 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
         }
     }
     if (!found) {
-        snprintf(err, errlen,
-                 "process %d does not use lumalloc (no liblumalloc.so or lumalloc probes mapped); "
-                 "start it with LD_PRELOAD=%s",
-                 (int)t->pid, suggest_lib());
+        char comm[64] = "?";
+        tc_read_comm(t->pid, t->pid, comm, sizeof(comm));
+        /* an exited process not yet reaped, or a kernel thread, maps nothing: not a matter of
+         * LD_PRELOAD */
+        if (!tc_proc_task(t->pid) && kill(t->pid, 0) && errno == ESRCH)
+            snprintf(err, errlen, "no such process: %d", (int)t->pid); /* gone since its maps were read */
+        else if (!tc_proc_task(t->pid))
+            snprintf(err, errlen, "process %d has exited (a zombie its parent has not reaped yet)", (int)t->pid);
+        else if (tc_is_kernel_thread(t->pid))
+            snprintf(err, errlen, "process %d (%s) is a kernel thread: it cannot use lumalloc", (int)t->pid, comm);
+        else
+            snprintf(err, errlen,
+                     "process %d does not use lumalloc (no liblumalloc.so or lumalloc probes mapped); "
+                     "start it with LD_PRELOAD=%s",
+                     (int)t->pid, suggest_lib());
         free(maps);
         return -1;
     }
@@ -120,6 +131,21 @@ int tc_target_locate(struct tc_target *t, char *err, size_t errlen)
     }
     free(maps);
     return 0;
+}
+
+const char *tc_no_symbol_reason(const struct tc_target *t, const char *what, char *buf, size_t n)
+{
+    /* liblumalloc.so exports them (.dynsym, which strip keeps) */
+    if (!strstr(tc_target_file(t), "liblumalloc") && !tc_elf_has_symtab(t->probe_path)) {
+        snprintf(buf, n,
+                 "%s is stripped: %s was in its symbol table; run a copy stripped with "
+                 "--keep-symbol=lumalloc_registry --keep-symbol=lumalloc_batch --keep-symbol=lumalloc_profile, "
+                 "or not stripped",
+                 tc_target_file(t), what);
+        return buf;
+    }
+    snprintf(buf, n, "%s does not export %s (a lumalloc from before it?)", tc_target_file(t), what);
+    return buf;
 }
 
 /* pid: a live task of the target (tc_proc_task): a zombie leader has no memory to read. */
@@ -484,13 +510,21 @@ int tc_attach_usdt(struct tc_target *t, struct bpf_program *prog, const char *pr
     struct bpf_link *l = tc_attach_usdt_link(t, prog, probe);
     if (!l) {
         int e = errno;
-        if ((!optional || e == EACCES || e == EPERM) && !t->reattach)
+        if ((!optional || e == EACCES || e == EPERM) && !t->reattach) {
+            tc_die_if_exited(t);
             tc_die("cannot attach to lumalloc:%s in %s (pid %d): %s%s", probe, tc_target_file(t), (int)t->pid,
                    strerror(e), e == EACCES || e == EPERM ? " (run as root)" : "");
+        }
         return -e;
     }
     t->links[t->nlinks++] = l;
     return 0;
+}
+
+void tc_die_if_exited(const struct tc_target *t)
+{
+    if (t->pid > 0 && !tc_pid_alive(t->pid))
+        tc_die("pid %d exited while %s was attaching", (int)t->pid, tc_prog);
 }
 
 void tc_target_close(struct tc_target *t)

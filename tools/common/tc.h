@@ -22,6 +22,8 @@ __attribute__((format(printf, 1, 2))) void tc_warn(const char *fmt, ...);
 /* Opens a report file for writing: created 0644 under the invoking user's umask, so a report
  * is never world-writable whatever the umask (tools run as root). */
 FILE *tc_open_report(const char *path);
+/* Could a report be written at path?  0 or -errno; an existing file is left as it is. */
+int tc_check_report_path(const char *path);
 /* Sums a per-CPU array map's n counters over the possible CPUs into out[0..n). */
 void tc_sum_percpu(int map_fd, uint64_t *out, uint32_t n);
 /* Root or CAP_BPF+CAP_PERFMON(+CAP_SYS_PTRACE), BTF, uprobes: dies with the reason if missing. */
@@ -43,8 +45,9 @@ long tc_parse_long(const char *what, const char *s, long min, long max);
 __attribute__((noreturn)) void tc_usage_error(int c, char **argv);
 /* Exactly one of -p, -c, -B: else one line and exit 1. */
 void tc_need_one_target(int npids, const char *command, const char *binary);
-/* fflush(stdout); true once a write has failed (a reader such as `head` went away: SIGPIPE is
- * ignored so that the probes are detached on the way out, so the tool must stop by itself). */
+/* fflush(stdout); true once a write has failed or stdout is a pipe whose reader has gone (a
+ * reader such as `head`: SIGPIPE is ignored so that the probes are detached on the way out, so
+ * the tool must stop by itself, with or without something to write). */
 bool tc_stdout_failed(void);
 /* A -c command's wait status as the tool's exit status: its code, or 128 + the signal that
  * killed it, as a shell reports it. */
@@ -64,8 +67,18 @@ bool tc_pid_alive(pid_t pid);
  * live thread of it while its leader is a zombie; 0 when no thread is left. */
 pid_t tc_proc_task(pid_t pid);
 bool tc_task_alive(pid_t pid, pid_t tid); /* thread tid of process pid runs (not a zombie) */
+bool tc_is_kernel_thread(pid_t pid);
+/* When the process started (field 22 of /proc/PID/stat, clock ticks since boot), 0 if gone:
+ * tells a process from a later one given the same PID. */
+uint64_t tc_proc_start_time(pid_t pid);
 /* Changes when the process execs (its address space's layout and executable), 0 if gone. */
 uint64_t tc_image_id(pid_t pid);
+/* Processes (other than us) that map a file once at `path`, deleted since (an upgrade replaced
+ * it), not the file dev/ino there now; *example: one of them. */
+int tc_old_copy_users(const char *path, uint64_t dev, uint64_t ino, pid_t *example);
+/* -B/-b PATH: the probes follow the file now at path; a process started before an upgrade maps
+ * the old one, and would be missing with no word: one warning line naming how many and one. */
+void tc_warn_old_copy_users(const char *path);
 /* Removes a trailing " (deleted)" (maps lines, /proc/PID/exe). */
 void tc_strip_deleted(char *path);
 /* Opens the file mapping m of process pid maps: through /proc/PID/map_files, else through its
@@ -84,8 +97,9 @@ uint64_t tc_read_rss(pid_t pid, uint64_t *anon);
 /* ---- ELF --------------------------------------------------------------------------------------- */
 int tc_elf_symbol(const char *path, const char *name, uint64_t *value); /* 0 if found */
 bool tc_elf_has_lumalloc_probes(const char *path);
-/* -b PATH: its real path in `real` (PATH_MAX bytes), or a one-line error and exit when the file
- * is missing or has no lumalloc probes. */
+bool tc_elf_has_symtab(const char *path);
+/* alloctop -B, allocsnoop -b PATH: its real path in `real` (PATH_MAX bytes), or a one-line
+ * error and exit when the file is missing or has no lumalloc probes. */
 void tc_resolve_probed_binary(const char *path, char *real);
 bool tc_elf_is_dyn(const char *path);
 /* Load bias of the ELF file at `path` (opened), mapped as `file` (the same dev/inode as it) in a
@@ -118,6 +132,10 @@ struct tc_target {
 
 /* Find the lumalloc probes and registry in a running process.  Returns 0, or -1 with a message. */
 int tc_target_locate(struct tc_target *t, char *err, size_t errlen);
+/* Why a located target has no registry_addr (or symbol `what`, e.g. lumalloc_profile), in one
+ * line for tc_die: a stripped executable (strip keeps the probe notes, not the symbol table the
+ * data symbols of a static link are in), or a library too old to export it. */
+const char *tc_no_symbol_reason(const struct tc_target *t, const char *what, char *buf, size_t n);
 /* Read the registry header and the thread list.  threads is realloc'd. 0 or -errno: a walk that
  * could not follow the list to its end (the process exiting) is an error, never a shorter list. */
 struct tc_thread {
@@ -186,6 +204,8 @@ pid_t tc_attach_pid(struct tc_target *t);
  * (its leader left with pthread_exit), before the attach or during it (the later probes then
  * went through another thread): the caller detaches every link and attaches again. */
 bool tc_target_moved(struct tc_target *t);
+/* When t's process has exited (while the probes were being attached): one line saying so, exit 1. */
+void tc_die_if_exited(const struct tc_target *t);
 /* Closes the located file (tc_target_locate keeps it open for the probes). */
 void tc_target_close(struct tc_target *t);
 /* The probed file's name for messages and symbols (map_path, else probe_path). */
@@ -205,8 +225,10 @@ void tc_sym_free(struct tc_symbolizer *s);
  * the process is alive; symbolisation keeps working after it exits. */
 void tc_sym_snapshot(struct tc_symbolizer *s, pid_t pid, const char *alloc_module);
 /* A process gone: close its files (a tool over many short-lived processes ran out of file
- * descriptors); addresses resolved before still answer, others are "[unknown]". */
-void tc_sym_release(struct tc_symbolizer *s, pid_t pid);
+ * descriptors) and move what was resolved of it to the key returned (negative: no process has
+ * it), where addresses resolved before still answer and others are "[unknown]".  pid itself is
+ * free for the next process to get that PID, which is symbolised afresh. */
+pid_t tc_sym_retire(struct tc_symbolizer *s, pid_t pid);
 /* Release and forget everything of pid (nothing of it will be resolved again). */
 void tc_sym_forget(struct tc_symbolizer *s, pid_t pid);
 /* Resolve a return address (looked up at addr-1).  The result is cached and owned by s. */

@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <fcntl.h>
 #include <math.h>
+#include <poll.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdarg.h>
@@ -43,6 +45,27 @@ FILE *tc_open_report(const char *path)
     FILE *f = fdopen(fd, "w");
     if (!f) close(fd);
     return f;
+}
+
+int tc_check_report_path(const char *path)
+{
+    /* Opened without O_TRUNC: the file is written over only once there is a report for it (a
+     * mistyped PID cost the previous capture).  O_NONBLOCK: a FIFO without a reader yet. */
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) {
+        close(fd);
+        return 0;
+    }
+    if (errno == ENXIO)
+        return 0;
+    if (errno != ENOENT)
+        return -errno;
+    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    close(fd);
+    unlink(path);
+    return 0;
 }
 
 void tc_sum_percpu(int map_fd, uint64_t *out, uint32_t n)
@@ -221,7 +244,12 @@ long tc_parse_long(const char *what, const char *s, long min, long max)
 
 bool tc_stdout_failed(void)
 {
-    return fflush(stdout) == EOF || ferror(stdout);
+    if (fflush(stdout) == EOF || ferror(stdout))
+        return true;
+    /* A pipe whose reader has gone reports POLLERR on its write end: seen without a write, so
+     * a tool with nothing to print (an idle target) stops too, its probes detached. */
+    struct pollfd p = {.fd = 1, .events = 0};
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLERR);
 }
 
 int tc_exit_status(int wait_status)
@@ -235,13 +263,23 @@ int tc_exit_status(int wait_status)
 
 void tc_usage_error(int c, char **argv)
 {
+    /* A long option is named as typed, up to its '=': optopt is then its val (256 and up for a
+     * long-only option: printed with %c it was a control byte, or another option's letter). */
     const char *arg = argv[optind - 1];
+    if (arg && !strncmp(arg, "--", 2) && arg[2]) {
+        int len = (int)strcspn(arg, "=");
+        if (c == ':')
+            tc_die("option '%.*s' needs a value (see --help)", len, arg);
+        if (optopt && arg[len] == '=')
+            tc_die("option '%.*s' takes no value (see --help)", len, arg);
+        tc_die("unknown option '%.*s' (see --help)", len, arg);
+    }
     if (c == ':') {
-        if (optopt)
+        if (optopt > 0 && optopt < 128 && isgraph(optopt))
             tc_die("option -%c needs a value (see --help)", optopt);
         tc_die("option '%s' needs a value (see --help)", arg);
     }
-    if (optopt)
+    if (optopt > 0 && optopt < 128 && isgraph(optopt))
         tc_die("unknown option -%c (see --help)", optopt);
     tc_die("unknown option '%s' (see --help)", arg);
 }
