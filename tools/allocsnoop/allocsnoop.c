@@ -313,7 +313,9 @@ static void release_gone(void)
         if (tc_pid_alive(pid)) {
             /* the PID taken by another process within the second: the one seen is gone */
             uint64_t *start = tc_map64_get(&pid_start, (uint64_t)pid);
-            if (!start || !*start || *start == tc_proc_start_time(pid))
+            /* 0: gone between the two reads, which the next look handles with its grace */
+            uint64_t now_start = start && *start ? tc_proc_start_time(pid) : 0;
+            if (!now_start || now_start == *start)
                 continue;
             unwatch_exec(pid);
             gone[ngone++] = pid;

@@ -36,12 +36,23 @@ static void elf_close(struct elf_handle *h)
     close(h->fd);
 }
 
+/* The next section after scn (NULL: the first) of the given type, its header in *sh; NULL
+ * when there is none.  A table's entry size is checked by its reader: a damaged or crafted
+ * file can give 0, which it divides by. */
+static Elf_Scn *next_section(Elf *elf, Elf_Scn *scn, Elf64_Word type, GElf_Shdr *sh)
+{
+    while ((scn = elf_nextscn(elf, scn)))
+        if (gelf_getshdr(scn, sh) && sh->sh_type == type)
+            return scn;
+    return NULL;
+}
+
 static int find_in_symtab(Elf *elf, Elf64_Word type, const char *name, uint64_t *value)
 {
     Elf_Scn *scn = NULL;
-    while ((scn = elf_nextscn(elf, scn))) {
-        GElf_Shdr sh;
-        if (!gelf_getshdr(scn, &sh) || sh.sh_type != type || !sh.sh_entsize)
+    GElf_Shdr sh;
+    while ((scn = next_section(elf, scn, type, &sh))) {
+        if (!sh.sh_entsize)
             continue;
         Elf_Data *d = elf_getdata(scn, NULL);
         if (!d)
@@ -78,12 +89,8 @@ bool tc_elf_has_symtab(const char *path)
     struct elf_handle h;
     if (elf_open(path, &h))
         return false;
-    bool found = false;
-    Elf_Scn *scn = NULL;
-    while (!found && (scn = elf_nextscn(h.elf, scn))) {
-        GElf_Shdr sh;
-        found = gelf_getshdr(scn, &sh) && sh.sh_type == SHT_SYMTAB;
-    }
+    GElf_Shdr sh;
+    bool found = next_section(h.elf, NULL, SHT_SYMTAB, &sh) != NULL;
     elf_close(&h);
     return found;
 }
@@ -97,10 +104,8 @@ bool tc_elf_has_lumalloc_probes(const char *path)
     bool found = false;
     if (elf_getshdrstrndx(h.elf, &shstrndx) == 0) {
         Elf_Scn *scn = NULL;
-        while (!found && (scn = elf_nextscn(h.elf, scn))) {
-            GElf_Shdr sh;
-            if (!gelf_getshdr(scn, &sh) || sh.sh_type != SHT_NOTE)
-                continue;
+        GElf_Shdr sh;
+        while (!found && (scn = next_section(h.elf, scn, SHT_NOTE, &sh))) {
             const char *sn = elf_strptr(h.elf, shstrndx, sh.sh_name);
             if (!sn || strcmp(sn, ".note.stapsdt"))
                 continue;
@@ -184,9 +189,9 @@ bool tc_elf_needs(const char *path, const char *substr, char *out, size_t outlen
         return false;
     bool found = false;
     Elf_Scn *scn = NULL;
-    while (!found && (scn = elf_nextscn(h.elf, scn))) {
-        GElf_Shdr sh;
-        if (!gelf_getshdr(scn, &sh) || sh.sh_type != SHT_DYNAMIC || !sh.sh_entsize)
+    GElf_Shdr sh;
+    while (!found && (scn = next_section(h.elf, scn, SHT_DYNAMIC, &sh))) {
+        if (!sh.sh_entsize)
             continue; /* an entry size of 0 (a damaged or crafted file) divided by zero */
         Elf_Data *d = elf_getdata(scn, NULL);
         for (size_t i = 0; d && i < sh.sh_size / sh.sh_entsize; i++) {

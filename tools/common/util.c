@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <math.h>
 #include <poll.h>
 #include <errno.h>
@@ -49,8 +50,13 @@ FILE *tc_open_report(const char *path)
 
 int tc_check_report_path(const char *path)
 {
+    /* Anything but a regular file (a FIFO, /dev/stdout, a terminal) is left alone until the
+     * report: an open and close here would end a FIFO's reader. */
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        return 0;
     /* Opened without O_TRUNC: the file is written over only once there is a report for it (a
-     * mistyped PID cost the previous capture).  O_NONBLOCK: a FIFO without a reader yet. */
+     * mistyped PID cost the previous capture). */
     int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd >= 0) {
         close(fd);
@@ -61,10 +67,18 @@ int tc_check_report_path(const char *path)
     if (errno != ENOENT)
         return -errno;
     fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+        close(fd);
+        unlink(path);
+        return 0;
+    }
+    if (errno != EEXIST)
+        return -errno;
+    /* a symbolic link to a file not made yet, which O_EXCL does not follow: made, empty */
+    fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0)
         return -errno;
     close(fd);
-    unlink(path);
     return 0;
 }
 
