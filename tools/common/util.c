@@ -53,6 +53,8 @@ int tc_check_report_path(const char *path)
     /* Anything but a regular file (a FIFO, /dev/stdout, a terminal) is left alone until the
      * report: an open and close here would end a FIFO's reader. */
     struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        return -EISDIR;
     if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
         return 0;
     /* Opened without O_TRUNC: the file is written over only once there is a report for it (a
