@@ -75,32 +75,29 @@ pid_t tc_proc_task(pid_t pid)
     return found;
 }
 
-bool tc_is_kernel_thread(pid_t pid)
+/* Field n of /proc/PID/stat (1-based as proc(5) numbers them; 3, the state, and on), as a
+ * number; 0 when the process is gone or the field is missing. */
+static uint64_t stat_number(pid_t pid, int n)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
     char *p = stat_fields(path, buf, sizeof buf);
-    /* from the state (field 3) on: flags is the 7th */
-    for (int k = 0; p && k < 6; k++) {
-        p = strchr(p, ' ');
-        if (p)
-            p++;
-    }
-    return p && (strtoull(p, NULL, 10) & 0x00200000); /* PF_KTHREAD */
-}
-
-uint64_t tc_proc_start_time(pid_t pid)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    char *p = stat_fields(path, buf, sizeof buf);
-    /* from the state (field 3) on: starttime is the 20th */
-    for (int k = 0; p && k < 19; k++) {
+    for (int k = 3; p && k < n; k++) {
         p = strchr(p, ' ');
         if (p)
             p++;
     }
     return p ? strtoull(p, NULL, 10) : 0;
+}
+
+bool tc_is_kernel_thread(pid_t pid)
+{
+    return stat_number(pid, 9) & 0x00200000; /* flags: PF_KTHREAD */
+}
+
+uint64_t tc_proc_start_time(pid_t pid)
+{
+    return stat_number(pid, 22); /* starttime */
 }
 
 uint64_t tc_image_id(pid_t pid)
